@@ -1,0 +1,13 @@
+//! The library the broker, the handlers and the load generator share.
+//!
+//! - [`uid`]: what a user id is, and its reply topics `<uid>_<name>`.
+//! - [`topics`]: topic names, filters, matching, shared subscriptions, and the
+//!   names on the wire (`JWT`, `handler`, the `user_id`/`client_id` properties).
+//! - [`claims`]: device token claims, and minting tokens (dev run, loadgen, tests).
+//! - [`tls`]: client-side TLS trusting a given CA.
+pub mod claims;
+pub mod tls;
+pub mod topics;
+pub mod uid;
+
+pub use uid::UserId;
