@@ -5,7 +5,9 @@
 //!   names on the wire (`JWT`, `handler`, the `user_id`/`client_id` properties).
 //! - [`claims`]: device token claims, and minting tokens (dev run, loadgen, tests).
 //! - [`tls`]: client-side TLS trusting a given CA.
+//! - [`envelope`]: the crypto of sync and publish (RSA-OAEP, RSA-PSS, AES-GCM).
 pub mod claims;
+pub mod envelope;
 pub mod tls;
 pub mod topics;
 pub mod uid;
