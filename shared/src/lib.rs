@@ -6,8 +6,10 @@
 //! - [`claims`]: device token claims, and minting tokens (dev run, loadgen, tests).
 //! - [`tls`]: client-side TLS trusting a given CA.
 //! - [`envelope`]: the crypto of sync and publish (RSA-OAEP, RSA-PSS, AES-GCM).
+//! - [`store`]: handler state on Redis or an embedded redb file (`store/SCHEMA.md`).
 pub mod claims;
 pub mod envelope;
+pub mod store;
 pub mod tls;
 pub mod topics;
 pub mod uid;
