@@ -6,9 +6,11 @@
 //! - [`claims`]: device token claims, and minting tokens (dev run, loadgen, tests).
 //! - [`tls`]: client-side TLS trusting a given CA.
 //! - [`envelope`]: the crypto of sync and publish (RSA-OAEP, RSA-PSS, AES-GCM).
+//! - [`sdk`]: the handler SDK (`Worker`, `Command`, `Reply`) for lambda-like handlers.
 //! - [`store`]: handler state on Redis or an embedded redb file (`store/SCHEMA.md`).
 pub mod claims;
 pub mod envelope;
+pub mod sdk;
 pub mod store;
 pub mod tls;
 pub mod topics;

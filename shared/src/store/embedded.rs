@@ -29,7 +29,7 @@ const CONTACTS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::n
 /// uid -> when the user was revoked, seconds since the epoch.
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 
-/// Expired nonces are swept once every this many `remember_nonce` calls.
+/// Expired nonces are swept once every this many `remember_nonce` calls (a power of two).
 const SWEEP_EVERY: u64 = 1024;
 
 /// The embedded store. Cheap to share behind an `Arc`.
@@ -152,7 +152,7 @@ impl Store for EmbeddedStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         let name = format!("{}\x1f{key_id}\x1f{}", uid.as_str(), b64_encode(nonce));
-        let sweep = self.nonce_calls.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == 0;
+        let sweep = self.nonce_calls.fetch_add(1, Ordering::Relaxed) & (SWEEP_EVERY - 1) == 0;
         self.blocking(move |db| {
             let now = now_millis();
             let expires = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
