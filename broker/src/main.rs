@@ -1,1 +1,167 @@
-fn main() {}
+//! The `broker` binary: reads configuration, binds the listeners, starts the
+//! broker and (by default) the built-in handlers in-process, prints what a
+//! newcomer needs, and shuts down gracefully on SIGTERM/SIGINT.
+
+use anyhow::Context;
+use broker::config::{Args, DevDefaults, ListenPlan};
+use broker::{Broker, Listeners};
+use clap::Parser;
+use std::process::ExitCode;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing() {
+    // rumqttd logs every subscription at info; keep it to warnings by default.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_tracing();
+    let args = Args::parse();
+    let (config, plan, dev) = match args.resolve() {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            eprintln!("broker: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config, plan, dev).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("broker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({variable}): is another process using it? choose another address"))
+}
+
+async fn run(config: broker::config::Config, plan: ListenPlan, dev: DevDefaults) -> anyhow::Result<()> {
+    let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
+        .context("TLS certificate (BROKER_TLS_CERT / BROKER_TLS_KEY)")?;
+    let mut listeners = Listeners {
+        tls: Some((bind(plan.tls_listen, "BROKER_TLS_LISTEN").await?, acceptor)),
+        ..Default::default()
+    };
+    if let Some(addr) = plan.tcp_listen {
+        listeners.tcp.push(bind(addr, "BROKER_TCP_LISTEN").await?);
+    }
+    // In-process handlers reach the gate over a loopback listener of their own.
+    let internal_addr = if plan.builtin_handlers {
+        let internal = bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), "internal handler listener").await?;
+        let addr = internal.local_addr()?;
+        listeners.tcp.push(internal);
+        Some(addr)
+    } else {
+        None
+    };
+    if let Some(addr) = plan.metrics_listen {
+        listeners.metrics = Some(bind(addr, "METRICS_LISTEN").await?);
+    }
+    let handler_key = config.handler_keys.first().map(|k| k.expose().to_owned());
+    let jwt_secret = config.jwt.hmac_secret.clone();
+    let running = Broker::start(config, listeners).await?;
+    let shutdown = running.shutdown_token();
+
+    let handlers = match (internal_addr, handler_key) {
+        (Some(addr), Some(key)) => {
+            let mut settings = handlers::Settings::from_env().context("built-in handlers configuration")?;
+            settings.broker_url = format!("mqtt://{addr}");
+            settings.broker_ca = None;
+            settings.handler_key = key;
+            Some(
+                handlers::spawn_builtin(settings, shutdown.child_token())
+                    .await
+                    .context("starting the built-in handlers")?,
+            )
+        }
+        _ => None,
+    };
+
+    print_banner(&plan, &dev, jwt_secret.as_deref(), handlers.is_some());
+
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        }
+    });
+    running.wait().await;
+    if let Some(handlers) = handlers {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handlers).await;
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Tells a newcomer how to talk to a development broker. Secrets and the demo
+/// token are printed only when the broker made them itself (development defaults).
+fn print_banner(plan: &ListenPlan, dev: &DevDefaults, jwt_secret: Option<&[u8]>, handlers: bool) {
+    let port = plan.tls_listen.port();
+    println!("MQTT broker listening: TLS on {}", plan.tls_listen);
+    if let Some(tcp) = plan.tcp_listen {
+        println!("                       plain TCP on {tcp}");
+    }
+    if handlers {
+        println!("built-in handlers: sync, publish, contacts (in-process)");
+    }
+    let Some(ca) = &dev.ca_file else {
+        return;
+    };
+    println!("development certificate authority: {}", ca.display());
+    if let Some(key) = &dev.handler_key {
+        println!("development handler key (username `handler`): {}", key.expose());
+    }
+    let (Some(_), Some(secret)) = (&dev.jwt_secret, jwt_secret) else {
+        return;
+    };
+    println!("development JWT secret (HS256): {}", String::from_utf8_lossy(secret));
+    let claims = shared::claims::DeviceClaims::new("demo", 24 * 3600);
+    let Ok(token) = claims.sign_hs256(secret) else {
+        return;
+    };
+    let ca = ca.display();
+    println!("demo device token for user `demo` (valid 24 h):\n  {token}");
+    println!("try it, in two terminals:");
+    println!(
+        "  mosquitto_sub -h localhost -p {port} --cafile {ca} -V mqttv5 -u JWT -P {token} -t demo_contact_list -v"
+    );
+    println!(
+        "  mosquitto_pub -h localhost -p {port} --cafile {ca} -V mqttv5 -u JWT -P {token} -t get_contact_list -m '{{}}'"
+    );
+}

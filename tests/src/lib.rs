@@ -1,1 +1,171 @@
-//! bootstrap
+//! Test harness for end-to-end tests: starts the real broker in-process on
+//! port 0 with a fresh certificate authority, TLS and plain listeners, mints
+//! device tokens, and opens real rumqttc clients (MQTT 5 and 3.1.1) that hand
+//! their events to the test through a channel.
+
+pub mod clients;
+
+use broker::config::{Config, Limits};
+use broker::secret::Secret;
+use broker::{Broker, Listeners, RunningBroker};
+use broker::auth::jwt::JwtSettings;
+use shared::claims::DeviceClaims;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Once;
+use tokio::net::TcpListener;
+
+pub use clients::{V4Client, V5Client};
+
+/// The HMAC secret test brokers verify device tokens with.
+pub const TEST_SECRET: &str = "test-secret-for-e2e-only";
+/// The handler key test brokers accept.
+pub const TEST_HANDLER_KEY: &str = "test-handler-key-0123456789";
+
+/// Knobs a test may turn before starting a broker.
+pub struct TestOptions {
+    pub command_topics: Vec<String>,
+    pub limits: Limits,
+    pub jwt: JwtSettings,
+    pub metrics: bool,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        TestOptions {
+            command_topics: vec![
+                "sync".into(),
+                "publish".into(),
+                "request_contact".into(),
+                "accept_contact".into(),
+                "get_contact_list".into(),
+            ],
+            limits: Limits {
+                // Tests open many connections from one address.
+                conn_rate_per_sec: 0.0,
+                ..Limits::default()
+            },
+            jwt: JwtSettings {
+                hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
+                public_key_files: Vec::new(),
+                jwks_url: None,
+                issuer: None,
+                audience: None,
+                leeway_secs: 5,
+                require_exp: true,
+            },
+            metrics: true,
+        }
+    }
+}
+
+/// A broker running inside the test process.
+pub struct TestBroker {
+    pub tls_addr: SocketAddr,
+    pub tcp_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub ca_file: PathBuf,
+    running: Option<RunningBroker>,
+    shutdown: tokio_util::sync::CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+/// Logs to the test output once per process, at `RUST_LOG` (default warn).
+pub fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+impl TestBroker {
+    pub async fn start() -> Self {
+        Self::start_with(TestOptions::default()).await
+    }
+
+    pub async fn start_with(options: TestOptions) -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = broker::dev_certs::make_certificate_files(dir.path()).expect("test certificate");
+        let acceptor = broker::tls::acceptor_from_files(&certs.cert_file, &certs.key_file).expect("acceptor");
+        let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+        let tls = TcpListener::bind(localhost).await.expect("bind tls");
+        let tcp = TcpListener::bind(localhost).await.expect("bind tcp");
+        let metrics = if options.metrics {
+            Some(TcpListener::bind(localhost).await.expect("bind metrics"))
+        } else {
+            None
+        };
+        let config = Config {
+            jwt: options.jwt,
+            handler_keys: vec![Secret::new(TEST_HANDLER_KEY)],
+            command_topics: options.command_topics,
+            limits: options.limits,
+        };
+        let running = Broker::start(
+            config,
+            Listeners {
+                tls: Some((tls, acceptor)),
+                tcp: vec![tcp],
+                metrics,
+            },
+        )
+        .await
+        .expect("broker starts");
+        TestBroker {
+            tls_addr: running.tls_addr.expect("tls addr"),
+            tcp_addr: running.tcp_addrs[0],
+            metrics_addr: running.metrics_addr,
+            ca_file: certs.ca_file,
+            shutdown: running.shutdown_token(),
+            running: Some(running),
+            _dir: dir,
+        }
+    }
+
+    /// A valid one-hour token for `uid`.
+    pub fn token(&self, uid: &str) -> String {
+        DeviceClaims::new(uid, 3600)
+            .sign_hs256(TEST_SECRET.as_bytes())
+            .expect("sign")
+    }
+
+    /// A token with the given claims, signed with the test secret.
+    pub fn token_with(&self, claims: &DeviceClaims) -> String {
+        claims.sign_hs256(TEST_SECRET.as_bytes()).expect("sign")
+    }
+
+    /// `/metrics` text from the operations endpoint.
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.expect("metrics enabled");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.expect("response");
+        body
+    }
+
+    /// Shuts the broker down and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Cancels the broker without waiting (for tests that watch clients react).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

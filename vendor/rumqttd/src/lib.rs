@@ -1,3 +1,5 @@
+#![allow(warnings)] // patched: vendored upstream code; its warnings are not ours to fix
+#![allow(clippy::all)]
 use std::fmt;
 use std::future::IntoFuture;
 use std::net::SocketAddr;

@@ -191,6 +191,29 @@ impl Publish {
         }
     }
 
+    /// QoS of this publish (patched: read access for embedding gates).
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    /// Packet identifier of this publish (0 for QoS 0).
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
+    /// Builds a publish with an explicit QoS and packet identifier
+    /// (patched: lets an embedding gate fire wills at their QoS).
+    pub fn with_qos<T: Into<Bytes>>(topic: T, payload: T, retain: bool, qos: QoS, pkid: u16) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            pkid,
+            retain,
+            topic: topic.into(),
+            payload: payload.into(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }

@@ -1,0 +1,169 @@
+//! Owns authorization: which topics a verified principal may publish to and
+//! subscribe to (DESIGN.md "Topics and who may use them"). Pure functions
+//! over `&Principal`, so no unverified path can reach them.
+
+use crate::auth::Principal;
+use crate::command_topics::CommandTopics;
+use shared::topics::{is_valid_filter, is_valid_topic_name, is_wildcard, split_shared};
+
+/// Why a publish or subscription is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// Syntactically not a topic name / filter.
+    Invalid,
+    /// Well-formed, but this principal may not use it.
+    NotAuthorized,
+}
+
+impl Denial {
+    /// Short label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Denial::Invalid => "invalid",
+            Denial::NotAuthorized => "not_authorized",
+        }
+    }
+}
+
+/// May `principal` publish to `topic`?
+pub fn may_publish(principal: &Principal, topic: &str, commands: &CommandTopics) -> Result<(), Denial> {
+    if !is_valid_topic_name(topic) {
+        return Err(Denial::Invalid);
+    }
+    match principal {
+        Principal::Handler(_) => {
+            if topic.starts_with("$SYS") {
+                Err(Denial::NotAuthorized)
+            } else {
+                Ok(())
+            }
+        }
+        Principal::Device(device) => {
+            // Command topics only; never `$...`, never a reply topic of its own
+            // (that would spoof a handler's answer to itself).
+            if topic.starts_with('$') || device.uid().owns_topic(topic) || !commands.is_command(topic) {
+                Err(Denial::NotAuthorized)
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// May `principal` subscribe to `filter`?
+pub fn may_subscribe(principal: &Principal, filter: &str, commands: &CommandTopics) -> Result<(), Denial> {
+    match principal {
+        Principal::Handler(_) => {
+            if let Some((_, inner)) = split_shared(filter) {
+                if is_valid_filter(inner) && !inner.starts_with('$') {
+                    return Ok(());
+                }
+                return Err(Denial::Invalid);
+            }
+            if !is_valid_filter(filter) {
+                return Err(Denial::Invalid);
+            }
+            // The router refuses `$` filters other than shared ones.
+            if filter.starts_with('$') {
+                return Err(Denial::NotAuthorized);
+            }
+            Ok(())
+        }
+        Principal::Device(device) => {
+            if !is_valid_filter(filter) {
+                return Err(Denial::Invalid);
+            }
+            // Literal topics under the device's own prefix, and never a
+            // command topic (a uid equal to a command's first word must not
+            // read everyone's commands).
+            if is_wildcard(filter)
+                || filter.starts_with('$')
+                || !device.uid().owns_topic(filter)
+                || commands.is_command(filter)
+            {
+                return Err(Denial::NotAuthorized);
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::auth::testing::{device, handler};
+
+    #[test]
+    fn device_publish_table() {
+        let commands = CommandTopics::new(["sync".to_owned(), "request_contact".to_owned()]);
+        commands.declare("$share/publish/publish");
+        let d = device("68946");
+        let cases = [
+            ("sync", Ok(())),
+            ("request_contact", Ok(())),
+            ("publish", Ok(())),
+            ("undeclared", Err(Denial::NotAuthorized)),
+            ("23412_contact_requested", Err(Denial::NotAuthorized)),
+            ("68946_sync", Err(Denial::NotAuthorized)),
+            ("$SYS/x", Err(Denial::NotAuthorized)),
+            ("sync/+", Err(Denial::Invalid)),
+            ("#", Err(Denial::Invalid)),
+            ("", Err(Denial::Invalid)),
+        ];
+        for (topic, want) in cases {
+            assert_eq!(may_publish(&d, topic, &commands), want, "{topic:?}");
+        }
+    }
+
+    #[test]
+    fn handler_publish_table() {
+        let commands = CommandTopics::new([]);
+        let h = handler();
+        assert_eq!(may_publish(&h, "23412_contact_requested", &commands), Ok(()));
+        assert_eq!(may_publish(&h, "anything/at/all", &commands), Ok(()));
+        assert_eq!(may_publish(&h, "$SYS/broker", &commands), Err(Denial::NotAuthorized));
+        assert_eq!(may_publish(&h, "a/#", &commands), Err(Denial::Invalid));
+    }
+
+    #[test]
+    fn device_subscribe_table() {
+        let commands = CommandTopics::new(["sync".to_owned(), "request_contact".to_owned()]);
+        let d = device("68946");
+        let cases = [
+            ("68946_contact_approved", Ok(())),
+            ("68946_sync", Ok(())),
+            ("68946_a/b", Ok(())),
+            ("23412_contact_requested", Err(Denial::NotAuthorized)),
+            ("6894_x", Err(Denial::NotAuthorized)),
+            ("68946_#", Err(Denial::NotAuthorized)),
+            ("68946_+", Err(Denial::Invalid)),
+            ("68946_/+", Err(Denial::NotAuthorized)),
+            ("#", Err(Denial::NotAuthorized)),
+            ("+", Err(Denial::NotAuthorized)),
+            ("$SYS/#", Err(Denial::NotAuthorized)),
+            ("$share/g/68946_x", Err(Denial::NotAuthorized)),
+            ("sync", Err(Denial::NotAuthorized)),
+            ("a/#/b", Err(Denial::Invalid)),
+        ];
+        for (filter, want) in cases {
+            assert_eq!(may_subscribe(&d, filter, &commands), want, "{filter:?}");
+        }
+        // A user whose id is a command's first word cannot read that command.
+        let request = device("request");
+        assert_eq!(may_subscribe(&request, "request_contact", &commands), Err(Denial::NotAuthorized));
+        assert_eq!(may_subscribe(&request, "request_contact_list", &commands), Ok(()));
+    }
+
+    #[test]
+    fn handler_subscribe_table() {
+        let commands = CommandTopics::new([]);
+        let h = handler();
+        for ok in ["#", "+", "sync", "$share/sync/sync", "$share/g/a/+", "+/x/#"] {
+            assert_eq!(may_subscribe(&h, ok, &commands), Ok(()), "{ok:?}");
+        }
+        assert_eq!(may_subscribe(&h, "$SYS/#", &commands), Err(Denial::NotAuthorized));
+        assert_eq!(may_subscribe(&h, "$share/g/$SYS/#", &commands), Err(Denial::Invalid));
+        assert_eq!(may_subscribe(&h, "a/#/b", &commands), Err(Denial::Invalid));
+        assert_eq!(may_subscribe(&h, "$share//x", &commands), Err(Denial::NotAuthorized));
+    }
+}

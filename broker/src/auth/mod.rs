@@ -1,0 +1,191 @@
+//! Authentication of CONNECT: decides from the username and password who a
+//! client is. Devices present `JWT` and a token ([`jwt`], keys from PEM files
+//! or [`jwks`]); handlers present `handler` and one of the configured keys.
+//! Only this module can build a [`Principal`], so every later decision
+//! (ACL, identity stamping) is made on verified identity.
+
+pub mod jwks;
+pub mod jwt;
+pub mod refusals;
+
+use crate::secret::Secret;
+use jwt::{JwtVerifier, TokenError};
+use refusals::RefusalCache;
+use shared::topics::{DEVICE_USERNAME, HANDLER_USERNAME};
+use shared::UserId;
+use std::time::Duration;
+
+/// A verified client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A device, proven by a token whose `sub` is `uid`.
+    Device(DeviceIdentity),
+    /// A handler, proven by a handler key.
+    Handler(HandlerIdentity),
+}
+
+/// Identity of a verified device. Fields are private: only `auth` makes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    uid: UserId,
+    expires_at: Option<u64>,
+}
+
+impl DeviceIdentity {
+    pub fn uid(&self) -> &UserId {
+        &self.uid
+    }
+
+    /// When the token expires (Unix seconds), if it says.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.expires_at
+    }
+}
+
+/// Identity of a verified handler (which key matched is not kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerIdentity {
+    _verified: (),
+}
+
+impl Principal {
+    /// The label metrics and logs use for this kind of client.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Principal::Device(_) => "device",
+            Principal::Handler(_) => "handler",
+        }
+    }
+}
+
+/// Why a CONNECT was refused; each maps to one CONNACK reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// MQTT 5 `0x86` / 3.1.1 code 4: the credentials do not prove anything.
+    BadCredentials(&'static str),
+    /// MQTT 5 `0x87` / 3.1.1 code 5: proven, but not allowed (expired, wrong audience, ...).
+    NotAuthorized(&'static str),
+    /// MQTT 5 `0x88` / 3.1.1 code 3: keys could not be fetched; try again later.
+    Unavailable(&'static str),
+}
+
+impl Refusal {
+    /// Short reason for the CONNACK reason string, logs and metrics label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::BadCredentials(r) | Refusal::NotAuthorized(r) | Refusal::Unavailable(r) => r,
+        }
+    }
+
+    fn from_token_error(e: &TokenError) -> Self {
+        let reason = e.reason();
+        match e {
+            TokenError::Malformed
+            | TokenError::AlgorithmNotAllowed
+            | TokenError::BadSignature
+            | TokenError::UnknownKey => Refusal::BadCredentials(reason),
+            TokenError::Expired
+            | TokenError::NotYetValid
+            | TokenError::MissingExpiry
+            | TokenError::WrongIssuer
+            | TokenError::WrongAudience
+            | TokenError::BadSubject(_) => Refusal::NotAuthorized(reason),
+            TokenError::KeysUnavailable => Refusal::Unavailable(reason),
+        }
+    }
+
+    /// Whether the same credentials would be refused again a moment later.
+    fn is_lasting(&self) -> bool {
+        !matches!(self, Refusal::Unavailable(_))
+    }
+}
+
+/// Decides CONNECTs.
+pub struct Authenticator {
+    jwt: JwtVerifier,
+    handler_keys: Vec<Secret>,
+    refusals: RefusalCache<Refusal>,
+}
+
+impl Authenticator {
+    pub fn new(jwt: JwtVerifier, handler_keys: Vec<Secret>, refusal_ttl: Duration) -> Self {
+        Authenticator {
+            jwt,
+            handler_keys,
+            refusals: RefusalCache::new(refusal_ttl),
+        }
+    }
+
+    /// Verifies a CONNECT's username and password.
+    pub async fn authenticate(
+        &self,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<Principal, Refusal> {
+        let (Some(username), Some(password)) = (username, password) else {
+            return Err(Refusal::BadCredentials(
+                "username and password required (JWT + token, or handler + key)",
+            ));
+        };
+        if let Some(refusal) = self.refusals.get(username, password) {
+            return Err(refusal);
+        }
+        let result = match username {
+            DEVICE_USERNAME => self.verify_device(password).await,
+            HANDLER_USERNAME => self.verify_handler(password),
+            _ => Err(Refusal::BadCredentials(
+                "unknown username: use JWT (device) or handler",
+            )),
+        };
+        if let Err(refusal) = &result {
+            if refusal.is_lasting() {
+                self.refusals.remember(username, password, refusal.clone());
+            }
+        }
+        result
+    }
+
+    async fn verify_device(&self, password: &[u8]) -> Result<Principal, Refusal> {
+        let token = std::str::from_utf8(password)
+            .map_err(|_| Refusal::BadCredentials("token is not UTF-8"))?;
+        let verified = self
+            .jwt
+            .verify(token)
+            .await
+            .map_err(|e| Refusal::from_token_error(&e))?;
+        Ok(Principal::Device(DeviceIdentity {
+            uid: verified.uid,
+            expires_at: verified.expires_at,
+        }))
+    }
+
+    fn verify_handler(&self, password: &[u8]) -> Result<Principal, Refusal> {
+        // Compare against every key so timing does not reveal which one is close.
+        let matched = self
+            .handler_keys
+            .iter()
+            .fold(false, |found, key| key.matches(password) | found);
+        if matched {
+            Ok(Principal::Handler(HandlerIdentity { _verified: () }))
+        } else {
+            Err(Refusal::BadCredentials("handler key not accepted"))
+        }
+    }
+}
+
+/// Principals for unit tests of the modules that consume them.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn device(uid: &str) -> Principal {
+        Principal::Device(DeviceIdentity {
+            uid: UserId::parse(uid).expect("test uid"),
+            expires_at: None,
+        })
+    }
+
+    pub fn handler() -> Principal {
+        Principal::Handler(HandlerIdentity { _verified: () })
+    }
+}

@@ -1,0 +1,314 @@
+//! Owns configuration: the environment variables and flags an operator sets
+//! (`Args`), their validation, and the development defaults the plain
+//! `cargo run` gets (`Args::resolve`), producing the typed [`Config`] the
+//! broker runs on. Refuses bad values with a message that says how to fix them.
+
+use crate::auth::jwt::JwtSettings;
+use crate::secret::Secret;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which built-in handlers run inside the broker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BuiltinHandlers {
+    /// sync, publish and contacts, connected over an internal loopback listener.
+    All,
+    /// The broker alone; handlers run as separate processes.
+    None,
+}
+
+/// Command-line flags; each mirrors the environment variable of the same meaning.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "broker", version, about = "MQTT broker with JWT-gated topic handlers")]
+pub struct Args {
+    /// MQTT over TLS listen address (MQTT 3.1.1 and 5). Default 127.0.0.1:8883.
+    #[arg(long, env = "BROKER_TLS_LISTEN")]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener. Unset: a development
+    /// certificate is made under BROKER_DEV_DIR (loopback listeners only).
+    #[arg(long, env = "BROKER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    #[arg(long, env = "BROKER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Plain MQTT listen address; unset means no plain listener.
+    #[arg(long, env = "BROKER_TCP_LISTEN")]
+    pub tcp_listen: Option<SocketAddr>,
+    /// HMAC secret (raw text) for HS256/384/512 device tokens.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Comma-separated PEM public key files (RSA, EC, Ed25519).
+    #[arg(long, env = "JWT_PUBLIC_KEYS", value_delimiter = ',')]
+    pub jwt_public_keys: Vec<PathBuf>,
+    /// JWKS URL to fetch verification keys from.
+    #[arg(long, env = "JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock leeway in seconds for exp/nbf, at connect and for the expiry disconnect.
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 5)]
+    pub jwt_leeway_secs: u64,
+    /// Whether tokens must carry `exp`.
+    #[arg(long, env = "JWT_REQUIRE_EXP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub jwt_require_exp: bool,
+    /// Comma-separated handler keys; any of them is accepted (rotation).
+    #[arg(long, env = "HANDLER_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub handler_keys: Vec<String>,
+    /// Comma-separated command topics devices may publish to, besides those
+    /// connected handlers subscribe to.
+    #[arg(long, env = "COMMAND_TOPICS", value_delimiter = ',')]
+    pub command_topics: Vec<String>,
+    /// Address of the HTTP endpoint with /metrics and /healthz; unset = off.
+    #[arg(long, env = "METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Built-in handlers to run in-process.
+    #[arg(long, env = "BROKER_HANDLERS", value_enum, default_value = "all")]
+    pub handlers: BuiltinHandlers,
+    /// Where development certificates and secrets are made when none are configured.
+    #[arg(long, env = "BROKER_DEV_DIR", default_value = "certs/dev")]
+    pub dev_dir: PathBuf,
+    /// New connections allowed per second from one IP address (0 = no limit).
+    #[arg(long, env = "BROKER_CONN_RATE", default_value_t = 20.0)]
+    pub conn_rate: f64,
+    /// Burst of new connections allowed from one IP address.
+    #[arg(long, env = "BROKER_CONN_BURST", default_value_t = 100)]
+    pub conn_burst: u32,
+    /// Most simultaneous client connections.
+    #[arg(long, env = "BROKER_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+    /// Seconds a client has to finish the TLS handshake.
+    #[arg(long, env = "BROKER_TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds a client has to send CONNECT after the socket (and TLS) is up.
+    #[arg(long, env = "BROKER_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
+    pub connect_timeout_secs: u64,
+    /// Largest MQTT packet accepted, in bytes.
+    #[arg(long, env = "BROKER_MAX_PACKET_SIZE", default_value_t = 256 * 1024)]
+    pub max_packet_size: usize,
+    /// Longest keep-alive granted, in seconds (also used when a client asks for 0).
+    #[arg(long, env = "BROKER_MAX_KEEP_ALIVE_SECS", default_value_t = 1200)]
+    pub max_keep_alive_secs: u16,
+    /// Seconds a refused password is remembered, so retries cost almost nothing.
+    #[arg(long, env = "BROKER_REFUSAL_CACHE_SECS", default_value_t = 10)]
+    pub refusal_cache_secs: u64,
+    /// Seconds to wait for sessions to close on SIGTERM/SIGINT.
+    #[arg(long, env = "BROKER_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Why the configuration was refused. Each message says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("BROKER_TLS_CERT and BROKER_TLS_KEY must be set together (PEM files): set both, or neither for a development certificate")]
+    HalfTls,
+    #[error("no TLS certificate is configured and {0} is not a loopback address: set BROKER_TLS_CERT and BROKER_TLS_KEY, or listen on 127.0.0.1 for development")]
+    DevCertOnPublicAddress(SocketAddr),
+    #[error("no way to verify device tokens is configured while listening on {0}: set JWT_SECRET, JWT_PUBLIC_KEYS or JWT_JWKS_URL (development defaults are only made for loopback listeners)")]
+    DevSecretOnPublicAddress(SocketAddr),
+    #[error("no HANDLER_KEYS configured while listening on {0}: set HANDLER_KEYS to one or more comma-separated keys of at least 16 characters")]
+    DevHandlerKeyOnPublicAddress(SocketAddr),
+    #[error("a handler key is shorter than 16 characters: use long random keys in HANDLER_KEYS (e.g. `openssl rand -hex 32`)")]
+    WeakHandlerKey,
+    #[error("JWT_SECRET is empty: set a long random secret or unset it")]
+    EmptySecret,
+    #[error("COMMAND_TOPICS entry {0:?} is not a valid topic name: use plain names without '+', '#', a leading '$', or an underscore-prefixed user id")]
+    BadCommandTopic(String),
+    #[error("BROKER_MAX_PACKET_SIZE must be between 1024 and 268435455 bytes (got {0})")]
+    BadPacketSize(usize),
+    #[error("BROKER_CONN_RATE must be 0 (no limit) or a positive number (got {0})")]
+    BadConnRate(f64),
+    #[error("BROKER_MAX_CONNECTIONS must be at least 1")]
+    NoConnections,
+    #[error("cannot prepare development files in {path}: {source}")]
+    DevFiles {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make a development certificate: {0}")]
+    DevCert(String),
+}
+
+/// Limits and deadlines of a running broker.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub conn_rate_per_sec: f64,
+    pub conn_burst: u32,
+    pub tls_handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_packet_size: usize,
+    pub max_keep_alive_secs: u16,
+    pub refusal_cache_ttl: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 50_000,
+            conn_rate_per_sec: 20.0,
+            conn_burst: 100,
+            tls_handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 256 * 1024,
+            max_keep_alive_secs: 1200,
+            refusal_cache_ttl: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the broker runs with, validated. (No `Debug`: it holds secrets.)
+pub struct Config {
+    pub jwt: JwtSettings,
+    pub handler_keys: Vec<Secret>,
+    pub command_topics: Vec<String>,
+    pub limits: Limits,
+}
+
+/// Where to listen and with which certificate, validated.
+#[derive(Debug, Clone)]
+pub struct ListenPlan {
+    pub tls_listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub tcp_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub builtin_handlers: bool,
+}
+
+/// What the development defaults made, so the start-up banner can print it.
+#[derive(Debug, Clone, Default)]
+pub struct DevDefaults {
+    pub ca_file: Option<PathBuf>,
+    pub jwt_secret: Option<Secret>,
+    pub handler_key: Option<Secret>,
+}
+
+/// Checks a command topic name from configuration.
+pub fn validate_command_topic(topic: &str) -> Result<(), ConfigError> {
+    if !shared::topics::is_valid_topic_name(topic) || topic.starts_with('$') {
+        return Err(ConfigError::BadCommandTopic(topic.to_owned()));
+    }
+    Ok(())
+}
+
+impl Args {
+    /// Validates the flags and environment, filling development defaults for
+    /// loopback-only runs (certificate, HMAC secret, handler key under `dev_dir`).
+    pub fn resolve(self) -> Result<(Config, ListenPlan, DevDefaults), ConfigError> {
+        let tls_listen = self
+            .tls_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8883)));
+        let loopback_only = tls_listen.ip().is_loopback()
+            && self.tcp_listen.is_none_or(|a| a.ip().is_loopback());
+        let mut dev = DevDefaults::default();
+
+        let (tls_cert, tls_key) = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (None, None) if loopback_only => {
+                let made = crate::dev_certs::ensure_dev_certificate(&self.dev_dir)?;
+                dev.ca_file = Some(made.ca_file.clone());
+                (made.cert_file, made.key_file)
+            }
+            (None, None) => return Err(ConfigError::DevCertOnPublicAddress(tls_listen)),
+            _ => return Err(ConfigError::HalfTls),
+        };
+
+        let mut jwt_secret = self.jwt_secret;
+        if jwt_secret.as_deref() == Some("") {
+            return Err(ConfigError::EmptySecret);
+        }
+        let no_key_source = jwt_secret.is_none()
+            && self.jwt_public_keys.is_empty()
+            && self.jwt_jwks_url.is_none();
+        let mut handler_keys: Vec<Secret> = self
+            .handler_keys
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .map(Secret::new)
+            .collect();
+        if no_key_source || handler_keys.is_empty() {
+            if !loopback_only {
+                return Err(if no_key_source {
+                    ConfigError::DevSecretOnPublicAddress(tls_listen)
+                } else {
+                    ConfigError::DevHandlerKeyOnPublicAddress(tls_listen)
+                });
+            }
+            let secrets = crate::dev_certs::ensure_dev_secrets(&self.dev_dir)?;
+            if no_key_source {
+                dev.jwt_secret = Some(secrets.jwt_secret.clone());
+                jwt_secret = Some(secrets.jwt_secret.expose().to_owned());
+            }
+            if handler_keys.is_empty() {
+                dev.handler_key = Some(secrets.handler_key.clone());
+                handler_keys.push(secrets.handler_key);
+            }
+        }
+        if handler_keys.iter().any(|k| k.expose().len() < 16) {
+            return Err(ConfigError::WeakHandlerKey);
+        }
+
+        let command_topics: Vec<String> = self
+            .command_topics
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        for topic in &command_topics {
+            validate_command_topic(topic)?;
+        }
+        if !(1024..=268_435_455).contains(&self.max_packet_size) {
+            return Err(ConfigError::BadPacketSize(self.max_packet_size));
+        }
+        if !(self.conn_rate >= 0.0 && self.conn_rate.is_finite()) {
+            return Err(ConfigError::BadConnRate(self.conn_rate));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::NoConnections);
+        }
+
+        let config = Config {
+            jwt: JwtSettings {
+                hmac_secret: jwt_secret.map(String::into_bytes),
+                public_key_files: self.jwt_public_keys,
+                jwks_url: self.jwt_jwks_url,
+                issuer: self.jwt_issuer,
+                audience: self.jwt_audience,
+                leeway_secs: self.jwt_leeway_secs,
+                require_exp: self.jwt_require_exp,
+            },
+            handler_keys,
+            command_topics,
+            limits: Limits {
+                max_connections: self.max_connections,
+                conn_rate_per_sec: self.conn_rate,
+                conn_burst: self.conn_burst.max(1),
+                tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_secs),
+                connect_timeout: Duration::from_secs(self.connect_timeout_secs),
+                max_packet_size: self.max_packet_size,
+                max_keep_alive_secs: self.max_keep_alive_secs.max(1),
+                refusal_cache_ttl: Duration::from_secs(self.refusal_cache_secs),
+                shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            },
+        };
+        let plan = ListenPlan {
+            tls_listen,
+            tls_cert,
+            tls_key,
+            tcp_listen: self.tcp_listen,
+            metrics_listen: self.metrics_listen,
+            builtin_handlers: self.handlers == BuiltinHandlers::All,
+        };
+        Ok((config, plan, dev))
+    }
+}

@@ -1,0 +1,652 @@
+//! Owns one client connection after the socket (and TLS) is up: the CONNECT
+//! deadline and decision, then the session loop that relays packets between
+//! the socket and the router through the ACL and identity stamping, keep-alive
+//! and token-expiry enforcement, wills on abnormal ends, takeover and shutdown.
+
+use crate::acl::{self, Denial};
+use crate::answers::{self, ConnectRefusal, ServerDisconnect};
+use crate::auth::Principal;
+use crate::codec::{sniff_version, Codec, CodecError, Version};
+use crate::gate::Gate;
+use crate::identity;
+use crate::router::{RouterRx, RouterTx};
+use crate::sessions::{device_session_id, handler_session_id, SessionClaim};
+use bytes::BytesMut;
+use futures::FutureExt;
+use rand::Rng;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
+    Packet, PingResp, PubComp, PubCompReason, Publish, QoS, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+/// Reads before CONNECT are small; sessions grow the buffer as needed.
+const INITIAL_BUFFER: usize = 4 * 1024;
+
+/// Serves one client until it leaves, is refused, or the broker shuts down.
+pub async fn serve<S>(stream: S, peer: SocketAddr, gate: Arc<Gate>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!(
+        "conn",
+        %peer,
+        kind = tracing::field::Empty,
+        uid = tracing::field::Empty,
+        client_id = tracing::field::Empty
+    );
+    async move {
+        let (reader, writer) = tokio::io::split(stream);
+        let mut wire = Wire {
+            reader,
+            writer,
+            read_buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            write_buf: BytesMut::with_capacity(INITIAL_BUFFER),
+        };
+        let first = tokio::time::timeout(
+            gate.limits.connect_timeout,
+            wire.read_connect(gate.limits.max_packet_size),
+        )
+        .await;
+        let (codec, packet) = match first {
+            Ok(Ok(found)) => found,
+            Ok(Err(ConnectReadError::Codec(CodecError::UnsupportedProtocol(level)))) => {
+                info!(level, "refused: unsupported protocol level");
+                gate.metrics.connect_refused("unsupported protocol");
+                let codec = Codec::new(Version::V4, gate.limits.max_packet_size);
+                let refusal = answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
+                let _ = wire.send_now(&codec, refusal).await;
+                return;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "closed before CONNECT");
+                gate.metrics.socket_dropped("not_mqtt");
+                return;
+            }
+            Err(_) => {
+                info!("no CONNECT before the deadline");
+                gate.metrics.socket_dropped("connect_timeout");
+                return;
+            }
+        };
+        let Some(session) = accept(&gate, &mut wire, codec, packet).await else {
+            return;
+        };
+        session.run(wire).await;
+    }
+    .instrument(span)
+    .await
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectReadError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The socket halves and their buffers.
+struct Wire<S> {
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite> Wire<S> {
+    async fn read_connect(&mut self, max_size: usize) -> Result<(Codec, Packet), ConnectReadError> {
+        loop {
+            if let Some(version) = sniff_version(&self.read_buf)? {
+                let codec = Codec::new(version, max_size);
+                if let Some(packet) = codec.decode(&mut self.read_buf)? {
+                    return Ok((codec, packet));
+                }
+            }
+            if self.reader.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ConnectReadError::Closed);
+            }
+        }
+    }
+
+    /// Encodes into the write buffer; a packet the codec cannot encode is
+    /// logged and skipped (it came from the router, not from this client).
+    fn queue(&mut self, codec: &Codec, packet: Packet) {
+        if let Err(e) = codec.encode(packet, &mut self.write_buf) {
+            warn!(error = %e, "could not encode an outgoing packet");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.write_buf.is_empty() {
+            return Ok(());
+        }
+        self.writer.write_all(&self.write_buf).await?;
+        self.writer.flush().await?;
+        self.write_buf.clear();
+        Ok(())
+    }
+
+    async fn send_now(&mut self, codec: &Codec, packet: Packet) -> std::io::Result<()> {
+        self.queue(codec, packet);
+        self.flush().await
+    }
+}
+
+/// Decides a CONNECT: authentication, client id, will, router session.
+/// Answers refusals itself and returns `None` for them.
+async fn accept<S: AsyncRead + AsyncWrite>(
+    gate: &Arc<Gate>,
+    wire: &mut Wire<S>,
+    codec: Codec,
+    packet: Packet,
+) -> Option<Session> {
+    let Packet::Connect(connect, _properties, will, _will_properties, login) = packet else {
+        gate.metrics.socket_dropped("not_mqtt");
+        return None;
+    };
+    let refuse = |refusal: ConnectRefusal| {
+        info!(reason = refusal.reason(), "connect refused");
+        gate.metrics.connect_refused(refusal.reason());
+        answers::connack_refusal(codec.version, &refusal)
+    };
+    let principal = match gate
+        .auth
+        .authenticate(
+            login.as_ref().map(|l| l.username.as_str()),
+            login.as_ref().map(|l| l.password.as_bytes()),
+        )
+        .await
+    {
+        Ok(principal) => principal,
+        Err(refusal) => {
+            let _ = wire.send_now(&codec, refuse(ConnectRefusal::Auth(refusal))).await;
+            return None;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("kind", principal.kind());
+    if let Principal::Device(device) = &principal {
+        span.record("uid", device.uid().as_str());
+    }
+
+    let assigned_client_id = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            let refusal = ConnectRefusal::ClientIdNotValid("an empty client id needs a clean session");
+            let _ = wire.send_now(&codec, refuse(refusal)).await;
+            return None;
+        }
+        Some(format!("auto-{:016x}", rand::thread_rng().gen::<u64>()))
+    } else {
+        None
+    };
+    let client_id = assigned_client_id.clone().unwrap_or(connect.client_id);
+    span.record("client_id", client_id.as_str());
+
+    if let Some(will) = &will {
+        let allowed = std::str::from_utf8(&will.topic)
+            .map_err(|_| Denial::Invalid)
+            .and_then(|topic| acl::may_publish(&principal, topic, &gate.commands));
+        if allowed.is_err() {
+            let _ = wire.send_now(&codec, refuse(ConnectRefusal::WillNotAllowed)).await;
+            return None;
+        }
+    }
+
+    // A keep-alive of 0 (none) or beyond the maximum gets the maximum.
+    let max_keep_alive = gate.limits.max_keep_alive_secs;
+    let granted_keep_alive = match connect.keep_alive {
+        0 => max_keep_alive,
+        asked => asked.min(max_keep_alive),
+    };
+
+    let session_id = match &principal {
+        Principal::Device(device) => device_session_id(device.uid(), &client_id),
+        Principal::Handler(_) => handler_session_id(&client_id),
+    };
+    let claim = gate.sessions.claim(session_id.clone()).await;
+    let link = match gate.router.connect(session_id, connect.clean_session).await {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(error = %e, "router refused the session");
+            let refusal = ConnectRefusal::Busy("the broker cannot take more sessions now");
+            let _ = wire.send_now(&codec, refuse(refusal)).await;
+            return None;
+        }
+    };
+
+    let connack_properties = match codec.version {
+        Version::V4 => None,
+        Version::V5 => Some(ConnAckProperties {
+            assigned_client_identifier: assigned_client_id,
+            server_keep_alive: (granted_keep_alive != connect.keep_alive).then_some(granted_keep_alive),
+            max_packet_size: u32::try_from(gate.limits.max_packet_size).ok(),
+            retain_available: Some(1),
+            shared_subscription_available: Some(1),
+            wildcard_subscription_available: Some(u8::from(matches!(principal, Principal::Handler(_)))),
+            subscription_identifiers_available: Some(0),
+            ..Default::default()
+        }),
+    };
+    let connack = Packet::ConnAck(
+        ConnAck {
+            session_present: link.session_present,
+            code: ConnectReturnCode::Success,
+        },
+        connack_properties,
+    );
+    if wire.send_now(&codec, connack).await.is_err() {
+        // Client gone before hearing yes: end the router session cleanly.
+        let mut tx = link.tx;
+        let _ = tx.send(normal_disconnect()).await;
+        return None;
+    }
+    gate.metrics.connection_opened(principal.kind());
+    info!(session_present = link.session_present, "connected");
+
+    let token_deadline = match &principal {
+        Principal::Device(device) => device.expires_at().map(|exp| {
+            let now = shared::claims::now_secs();
+            Instant::now() + Duration::from_secs((exp + gate.leeway_secs).saturating_sub(now))
+        }),
+        Principal::Handler(_) => None,
+    };
+    Some(Session {
+        gate: gate.clone(),
+        codec,
+        principal,
+        client_id,
+        clean_session: connect.clean_session,
+        keep_alive: Duration::from_secs(u64::from(granted_keep_alive)),
+        token_deadline,
+        will,
+        link_tx: link.tx,
+        link_rx: link.rx,
+        claim,
+        pending_subacks: HashMap::new(),
+        denied_qos2: HashSet::new(),
+        declared: Vec::new(),
+        next_will_pkid: 1,
+    })
+}
+
+fn normal_disconnect() -> Packet {
+    Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )
+}
+
+/// A SUBACK waiting for the router's answer to the allowed filters.
+struct PendingSubAck {
+    /// One code per filter in the client's order; `None` = the router's.
+    codes: Vec<Option<SubscribeReasonCode>>,
+    /// Filters sent to the router (handlers declare them as command topics).
+    forwarded: Vec<String>,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT; `with_will` for MQTT 5 reason 0x04.
+    ClientDisconnect { with_will: bool },
+    /// The socket closed or failed without DISCONNECT.
+    Abnormal(&'static str),
+    /// The server ends the session.
+    Server(ServerDisconnect),
+}
+
+/// A connected, authenticated client.
+struct Session {
+    gate: Arc<Gate>,
+    codec: Codec,
+    principal: Principal,
+    client_id: String,
+    clean_session: bool,
+    keep_alive: Duration,
+    token_deadline: Option<Instant>,
+    will: Option<LastWill>,
+    link_tx: RouterTx,
+    link_rx: RouterRx,
+    claim: SessionClaim,
+    pending_subacks: HashMap<u16, PendingSubAck>,
+    /// QoS 2 publishes refused under MQTT 3.1.1: their PUBREL is answered here.
+    denied_qos2: HashSet<u16>,
+    /// Handler filters declared as command topics, withdrawn at the end.
+    declared: Vec<String>,
+    next_will_pkid: u16,
+}
+
+impl Session {
+    async fn run<S: AsyncRead + AsyncWrite>(mut self, mut wire: Wire<S>) {
+        let end = self.relay(&mut wire).await;
+        let kind = self.principal.kind();
+        match end {
+            End::ClientDisconnect { with_will } => {
+                info!(with_will, "client disconnected");
+                if with_will {
+                    self.fire_will().await;
+                }
+                let _ = self.link_tx.send(normal_disconnect()).await;
+            }
+            End::Abnormal(why) => {
+                info!(reason = why, "connection lost");
+                self.fire_will().await;
+                let _ = self.link_tx.send(normal_disconnect()).await;
+            }
+            End::Server(why) => {
+                info!(reason = why.reason(), "server ends the session");
+                if let Some(packet) = answers::server_disconnect(self.codec.version, why) {
+                    wire.queue(&self.codec, packet);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), wire.flush()).await;
+                }
+                if why != ServerDisconnect::ShuttingDown {
+                    self.fire_will().await;
+                }
+                // A replaced session must not touch the router again: its
+                // successor now owns the client id there.
+                if why != ServerDisconnect::TakenOver {
+                    let _ = self.link_tx.send(normal_disconnect()).await;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), wire.writer.shutdown()).await;
+        if self.clean_session {
+            for filter in &self.declared {
+                self.gate.commands.withdraw(filter);
+            }
+        }
+        self.gate.metrics.connection_closed(kind);
+    }
+
+    /// Relays until the session ends, and says why.
+    async fn relay<S: AsyncRead + AsyncWrite>(&mut self, wire: &mut Wire<S>) -> End {
+        let gate = self.gate.clone();
+        let mut last_heard = Instant::now();
+        let never = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        loop {
+            // MQTT: the server may close after 1.5 keep-alive periods of silence.
+            let keep_alive_deadline = last_heard + self.keep_alive.mul_f32(1.5);
+            let token_deadline = self.token_deadline.unwrap_or(never);
+            tokio::select! {
+                biased;
+                _ = gate.shutdown.cancelled() => return End::Server(ServerDisconnect::ShuttingDown),
+                _ = self.claim.taken_over.cancelled() => return End::Server(ServerDisconnect::TakenOver),
+                _ = tokio::time::sleep_until(token_deadline) => return End::Server(ServerDisconnect::TokenExpired),
+                _ = tokio::time::sleep_until(keep_alive_deadline) => {
+                    return End::Server(ServerDisconnect::KeepAliveTimeout)
+                }
+                read = wire.reader.read_buf(&mut wire.read_buf) => {
+                    match read {
+                        Ok(0) => return End::Abnormal("peer closed the connection"),
+                        Err(_) => return End::Abnormal("read failed"),
+                        Ok(_) => last_heard = Instant::now(),
+                    }
+                    loop {
+                        match self.codec.decode(&mut wire.read_buf) {
+                            Ok(Some(packet)) => {
+                                if let Some(end) = self.from_client(packet, wire).await {
+                                    // Acknowledgements already queued still go out.
+                                    let _ = wire.flush().await;
+                                    return end;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(CodecError::TooLarge(limit)) => {
+                                info!(limit, "packet too large");
+                                return End::Server(ServerDisconnect::PacketTooLarge);
+                            }
+                            Err(e) => {
+                                info!(error = %e, "malformed packet");
+                                return End::Server(ServerDisconnect::Malformed);
+                            }
+                        }
+                    }
+                }
+                notification = self.link_rx.next() => {
+                    let Ok(first) = notification else {
+                        return End::Abnormal("router ended the session");
+                    };
+                    let mut pending = first;
+                    // Drain what the router has ready without waiting, then write once.
+                    loop {
+                        if let Some(notification) = pending {
+                            if let Some(end) = self.from_router(notification.into(), wire).await {
+                                return end;
+                            }
+                        }
+                        match self.link_rx.next().now_or_never() {
+                            Some(Ok(next)) => pending = next,
+                            Some(Err(_)) => return End::Abnormal("router ended the session"),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            if wire.flush().await.is_err() {
+                return End::Abnormal("write failed");
+            }
+        }
+    }
+
+    /// Handles one packet from the client; `Some` ends the session.
+    async fn from_client<S: AsyncRead + AsyncWrite>(&mut self, packet: Packet, wire: &mut Wire<S>) -> Option<End> {
+        match packet {
+            Packet::Publish(publish, properties) => self.client_publish(publish, properties, wire).await,
+            Packet::Subscribe(subscribe, _) => self.client_subscribe(subscribe, wire).await,
+            Packet::Unsubscribe(unsubscribe, properties) => {
+                // The router answers only filters it knew (and not at all after
+                // a session resumes), so the gate answers every UNSUBSCRIBE.
+                let count = unsubscribe.filters.len();
+                if matches!(self.principal, Principal::Handler(_)) {
+                    for filter in &unsubscribe.filters {
+                        if let Some(i) = self.declared.iter().position(|f| f == filter) {
+                            self.declared.swap_remove(i);
+                            self.gate.commands.withdraw(filter);
+                        }
+                    }
+                }
+                let pkid = unsubscribe.pkid;
+                self.to_router(Packet::Unsubscribe(unsubscribe, properties)).await?;
+                wire.queue(
+                    &self.codec,
+                    Packet::UnsubAck(
+                        UnsubAck {
+                            pkid,
+                            reasons: vec![UnsubAckReason::Success; count],
+                        },
+                        None,
+                    ),
+                );
+                None
+            }
+            Packet::PubRel(pubrel, properties) => {
+                if self.denied_qos2.remove(&pubrel.pkid) {
+                    wire.queue(
+                        &self.codec,
+                        Packet::PubComp(
+                            PubComp {
+                                pkid: pubrel.pkid,
+                                reason: PubCompReason::Success,
+                            },
+                            None,
+                        ),
+                    );
+                    return None;
+                }
+                self.to_router(Packet::PubRel(pubrel, properties)).await
+            }
+            packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => self.to_router(packet).await,
+            Packet::PingReq(_) => {
+                wire.queue(&self.codec, Packet::PingResp(PingResp));
+                None
+            }
+            Packet::Disconnect(disconnect, _) => Some(End::ClientDisconnect {
+                with_will: disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            }),
+            Packet::Connect(..) => {
+                info!("second CONNECT on one connection");
+                Some(End::Server(ServerDisconnect::ProtocolError))
+            }
+            other => {
+                info!(packet = ?std::mem::discriminant(&other), "packet a client may not send");
+                Some(End::Server(ServerDisconnect::ProtocolError))
+            }
+        }
+    }
+
+    async fn to_router(&mut self, packet: Packet) -> Option<End> {
+        match self.link_tx.send(packet).await {
+            Ok(_) => None,
+            Err(_) => Some(End::Abnormal("router link closed")),
+        }
+    }
+
+    async fn client_publish<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        mut publish: Publish,
+        properties: Option<rumqttd::protocol::PublishProperties>,
+        wire: &mut Wire<S>,
+    ) -> Option<End> {
+        let verdict = std::str::from_utf8(&publish.topic)
+            .map_err(|_| Denial::Invalid)
+            .and_then(|topic| acl::may_publish(&self.principal, topic, &self.gate.commands));
+        if let Err(denial) = verdict {
+            self.gate.metrics.denied("publish", denial.label());
+            info!(topic = %String::from_utf8_lossy(&publish.topic), reason = denial.label(), "publish denied");
+            let pkid = publish.pkid();
+            match publish.qos() {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => wire.queue(&self.codec, answers::puback_denial(self.codec.version, pkid, denial)),
+                QoS::ExactlyOnce => {
+                    if self.codec.version == Version::V4 {
+                        self.denied_qos2.insert(pkid);
+                    }
+                    wire.queue(&self.codec, answers::pubrec_denial(self.codec.version, pkid, denial));
+                }
+            }
+            return None;
+        }
+        let properties = match &self.principal {
+            Principal::Device(device) => {
+                // Devices never set retained messages; their identity is stamped.
+                publish.retain = false;
+                Some(identity::stamp(properties, device.uid(), &self.client_id))
+            }
+            Principal::Handler(_) => properties,
+        };
+        self.gate.metrics.message_in();
+        self.to_router(Packet::Publish(publish, properties)).await
+    }
+
+    async fn client_subscribe<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        mut subscribe: Subscribe,
+        wire: &mut Wire<S>,
+    ) -> Option<End> {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut allowed = Vec::with_capacity(subscribe.filters.len());
+        for filter in subscribe.filters.drain(..) {
+            match acl::may_subscribe(&self.principal, &filter.path, &self.gate.commands) {
+                Ok(()) => {
+                    codes.push(None);
+                    allowed.push(filter);
+                }
+                Err(denial) => {
+                    self.gate.metrics.denied("subscribe", denial.label());
+                    info!(filter = %filter.path, reason = denial.label(), "subscription denied");
+                    codes.push(Some(answers::suback_denial(self.codec.version, denial)));
+                }
+            }
+        }
+        let pkid = subscribe.pkid;
+        if allowed.is_empty() {
+            let return_codes = codes.into_iter().flatten().collect();
+            wire.queue(&self.codec, Packet::SubAck(SubAck { pkid, return_codes }, None));
+            return None;
+        }
+        let forwarded = allowed.iter().map(|f| f.path.clone()).collect();
+        self.pending_subacks.insert(pkid, PendingSubAck { codes, forwarded });
+        subscribe.filters = allowed;
+        self.to_router(Packet::Subscribe(subscribe, None)).await
+    }
+
+    /// Handles one packet the router has for this client; `Some` ends the session.
+    async fn from_router<S: AsyncRead + AsyncWrite>(&mut self, packet: Option<Packet>, wire: &mut Wire<S>) -> Option<End> {
+        match packet {
+            None => {
+                // The router paused this link after a burst: ask for more.
+                if self.link_rx.wake().await.is_err() {
+                    return Some(End::Abnormal("router link closed"));
+                }
+            }
+            Some(Packet::SubAck(suback, _)) => {
+                let merged = self.merge_suback(suback);
+                wire.queue(&self.codec, Packet::SubAck(merged, None));
+            }
+            // Answered by the gate itself (see `from_client`).
+            Some(Packet::UnsubAck(..)) => {}
+            Some(Packet::Disconnect(..)) => return Some(End::Abnormal("router ended the session")),
+            Some(packet @ Packet::Publish(..)) => {
+                self.gate.metrics.messages_out(1);
+                wire.queue(&self.codec, packet);
+            }
+            Some(packet) => wire.queue(&self.codec, packet),
+        }
+        None
+    }
+
+    /// Puts the router's codes for the forwarded filters back among the
+    /// gate's denials, in the order the client sent them.
+    fn merge_suback(&mut self, suback: SubAck) -> SubAck {
+        let Some(pending) = self.pending_subacks.remove(&suback.pkid) else {
+            return suback;
+        };
+        let mut from_router = suback.return_codes.into_iter();
+        let return_codes = pending
+            .codes
+            .into_iter()
+            .map(|code| code.unwrap_or_else(|| from_router.next().unwrap_or(SubscribeReasonCode::Unspecified)))
+            .collect::<Vec<_>>();
+        if matches!(self.principal, Principal::Handler(_)) {
+            for filter in pending.forwarded {
+                self.gate.commands.declare(&filter);
+                self.declared.push(filter);
+            }
+        }
+        SubAck {
+            pkid: suback.pkid,
+            return_codes,
+        }
+    }
+
+    /// Publishes the will, stamped like any publish of this client.
+    async fn fire_will(&mut self) {
+        let Some(will) = self.will.take() else {
+            return;
+        };
+        let (properties, retain) = match &self.principal {
+            Principal::Device(device) => (Some(identity::stamp(None, device.uid(), &self.client_id)), false),
+            Principal::Handler(_) => (None, will.retain),
+        };
+        // The router delivers at each subscription's QoS; a QoS 1/2 will
+        // also gets a packet id the router acknowledges to this (closing) link.
+        let pkid = if will.qos == QoS::AtMostOnce { 0 } else { self.next_will_pkid };
+        self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
+        let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, pkid);
+        info!("publishing will");
+        self.gate.metrics.message_in();
+        let _ = self.link_tx.send(Packet::Publish(publish, properties)).await;
+    }
+}

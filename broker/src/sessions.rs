@@ -1,0 +1,146 @@
+//! Owns client identity in the router: the namespaced router client id of
+//! each session (devices keyed by user, handlers apart, so no client can
+//! reach another's session), and session takeover: a second connection with
+//! the same id tells the first to end (MQTT 5 DISCONNECT 0x8E) and waits for it.
+
+use parking_lot::Mutex;
+use shared::UserId;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// How long a new connection waits for the session it replaces to close.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// The router client id of a device session: `D:<uid>:<escaped client id>`.
+pub fn device_session_id(uid: &UserId, client_id: &str) -> String {
+    format!("D:{}:{}", uid.as_str(), escape(client_id))
+}
+
+/// The router client id of a handler session: `H:<escaped client id>`.
+pub fn handler_session_id(client_id: &str) -> String {
+    format!("H:{}", escape(client_id))
+}
+
+/// Percent-escapes the characters the router refuses in client ids
+/// (`+ $ # /`) and `%` itself, so distinct ids stay distinct.
+fn escape(client_id: &str) -> String {
+    let mut out = String::with_capacity(client_id.len());
+    for c in client_id.chars() {
+        match c {
+            '%' | '+' | '$' | '#' | '/' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+struct Entry {
+    serial: u64,
+    kick: CancellationToken,
+    closed: oneshot::Receiver<()>,
+}
+
+/// Live sessions by router client id.
+#[derive(Default)]
+pub struct SessionRegistry {
+    next_serial: AtomicU64,
+    live: Mutex<HashMap<String, Entry>>,
+}
+
+/// Held by a live connection; dropping it releases the id and tells a
+/// waiting successor that this session is gone.
+pub struct SessionClaim {
+    registry: Arc<SessionRegistry>,
+    id: String,
+    serial: u64,
+    /// Cancelled when another connection takes this session over.
+    pub taken_over: CancellationToken,
+    _closed: oneshot::Sender<()>,
+}
+
+impl SessionRegistry {
+    /// Claims `id`, ending the connection that holds it first (if any).
+    pub async fn claim(self: &Arc<Self>, id: String) -> SessionClaim {
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let kick = CancellationToken::new();
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let previous = self.live.lock().insert(
+            id.clone(),
+            Entry {
+                serial,
+                kick: kick.clone(),
+                closed: closed_rx,
+            },
+        );
+        if let Some(previous) = previous {
+            previous.kick.cancel();
+            // Err means the sender was dropped: the old session is gone.
+            if tokio::time::timeout(TAKEOVER_WAIT, previous.closed).await.is_err() {
+                tracing::warn!(session = %id, "replaced session did not close in time");
+            }
+        }
+        SessionClaim {
+            registry: self.clone(),
+            id,
+            serial,
+            taken_over: kick,
+            _closed: closed_tx,
+        }
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.live.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for SessionClaim {
+    fn drop(&mut self) {
+        let mut live = self.registry.live.lock();
+        if live.get(&self.id).is_some_and(|e| e.serial == self.serial) {
+            live.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_namespaced_and_escaped() {
+        let u12 = UserId::parse("12").unwrap();
+        let u1 = UserId::parse("1").unwrap();
+        assert_eq!(device_session_id(&u12, "phone"), "D:12:phone");
+        assert_ne!(device_session_id(&u12, "phone"), device_session_id(&u1, "2:phone"));
+        assert_eq!(handler_session_id("h/1+#$%"), "H:h%2F1%2B%23%24%25");
+        assert!(!device_session_id(&u12, "a/b#").contains(['/', '#', '+', '$']));
+        assert_ne!(handler_session_id("a%2F"), handler_session_id("a/"));
+    }
+
+    #[tokio::test]
+    async fn second_claim_kicks_the_first_and_waits() {
+        let registry = Arc::new(SessionRegistry::default());
+        let first = registry.claim("D:1:c".into()).await;
+        let kicked = first.taken_over.clone();
+        let waiter = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.claim("D:1:c".into()).await }
+        });
+        kicked.cancelled().await;
+        drop(first);
+        let second = waiter.await.unwrap();
+        assert!(!second.taken_over.is_cancelled());
+        assert_eq!(registry.len(), 1);
+        drop(second);
+        assert!(registry.is_empty());
+    }
+}

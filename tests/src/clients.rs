@@ -1,0 +1,297 @@
+//! Real MQTT clients for tests (rumqttc, MQTT 5 and 3.1.1, over TLS or plain
+//! TCP) whose event loops run on their own task and report every event to
+//! the test through a channel, with helpers that wait for a packet kind.
+
+use rumqttc::v5;
+use rumqttc::v5::mqttbytes::v5 as p5;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long a helper waits for an expected packet.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// What a client's event loop reported.
+#[derive(Debug)]
+pub enum Seen<P, E> {
+    Packet(P),
+    Error(E),
+}
+
+fn tls_transport(ca_file: &Path) -> rumqttc::Transport {
+    let config = shared::tls::client_config_trusting(ca_file).expect("client tls");
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
+}
+
+/// Where and how a test client connects.
+#[derive(Clone)]
+pub struct Target<'a> {
+    pub addr: SocketAddr,
+    /// `Some` = TLS trusting this CA; `None` = plain TCP.
+    pub ca_file: Option<&'a Path>,
+}
+
+/// An MQTT 5 client.
+pub struct V5Client {
+    pub client: v5::AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Seen<p5::Packet, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl V5Client {
+    /// Connects with `username`/`password`; `configure` may adjust options.
+    pub fn connect(
+        target: Target<'_>,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        configure: impl FnOnce(&mut v5::MqttOptions),
+    ) -> Self {
+        let mut options = v5::MqttOptions::new(client_id, "127.0.0.1", target.addr.port());
+        options.set_credentials(username, password);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_outgoing_inflight_upper_limit(100);
+        if let Some(ca) = target.ca_file {
+            options.set_transport(tls_transport(ca));
+        }
+        configure(&mut options);
+        let (client, mut eventloop) = v5::AsyncClient::new(options, 100);
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(v5::Event::Incoming(packet)) => {
+                        if tx.send(Seen::Packet(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(v5::Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Seen::Error(e.to_string()));
+                        // A refused or closed client is done; don't reconnect.
+                        return;
+                    }
+                }
+            }
+        });
+        V5Client { client, events, task }
+    }
+
+    /// Waits for the next packet matching `pick`, skipping others.
+    pub async fn wait_for<T>(&mut self, what: &str, mut pick: impl FnMut(&p5::Packet) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Seen::Packet(packet))) => {
+                    if let Some(found) = pick(&packet) {
+                        return found;
+                    }
+                }
+                Ok(Some(Seen::Error(e))) => panic!("waiting for {what}: connection error: {e}"),
+                Ok(None) => panic!("waiting for {what}: event loop ended"),
+                Err(_) => panic!("waiting for {what}: timed out"),
+            }
+        }
+    }
+
+    /// Waits for CONNACK and returns it (success or refusal).
+    pub async fn connack(&mut self) -> Result<p5::ConnAck, String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Seen::Packet(p5::Packet::ConnAck(ack)))) => return Ok(ack),
+                Ok(Some(Seen::Packet(_))) => {}
+                Ok(Some(Seen::Error(e))) => return Err(e),
+                Ok(None) => return Err("event loop ended".into()),
+                Err(_) => return Err("timed out waiting for CONNACK".into()),
+            }
+        }
+    }
+
+    /// Waits for a successful CONNACK.
+    pub async fn connected(&mut self) -> p5::ConnAck {
+        match self.connack().await {
+            Ok(ack) if ack.code == p5::ConnectReturnCode::Success => ack,
+            other => panic!("expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn suback(&mut self) -> p5::SubAck {
+        self.wait_for("SUBACK", |p| match p {
+            p5::Packet::SubAck(ack) => Some(ack.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn puback(&mut self) -> p5::PubAck {
+        self.wait_for("PUBACK", |p| match p {
+            p5::Packet::PubAck(ack) => Some(ack.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn publish_received(&mut self) -> p5::Publish {
+        self.wait_for("PUBLISH", |p| match p {
+            p5::Packet::Publish(publish) => Some(publish.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Subscribes to one filter and returns its SUBACK reason.
+    pub async fn subscribe(&mut self, filter: &str, qos: v5::mqttbytes::QoS) -> p5::SubscribeReasonCode {
+        self.client.subscribe(filter, qos).await.expect("queue subscribe");
+        let ack = self.suback().await;
+        ack.return_codes[0]
+    }
+
+    /// Next event within `within`, if any (for asserting nothing arrives).
+    pub async fn next_within(&mut self, within: Duration) -> Option<Seen<p5::Packet, String>> {
+        tokio::time::timeout(within, self.events.recv()).await.ok().flatten()
+    }
+
+    /// Asserts that no PUBLISH arrives within `within`.
+    pub async fn assert_no_publish(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Seen::Packet(p5::Packet::Publish(publish)) = event {
+                panic!("unexpected publish on {:?}", publish.topic);
+            }
+        }
+    }
+
+    /// Waits until the connection ends and returns what ended it.
+    pub async fn closed(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Seen::Error(e))) => return e,
+                Ok(Some(Seen::Packet(p5::Packet::Disconnect(d)))) => return format!("DISCONNECT {:?}", d.reason_code),
+                Ok(Some(Seen::Packet(_))) => {}
+                Ok(None) => return "event loop ended".into(),
+                Err(_) => panic!("connection did not close"),
+            }
+        }
+    }
+}
+
+impl Drop for V5Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An MQTT 3.1.1 client.
+pub struct V4Client {
+    pub client: rumqttc::AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Seen<rumqttc::Packet, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl V4Client {
+    pub fn connect(
+        target: Target<'_>,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        configure: impl FnOnce(&mut rumqttc::MqttOptions),
+    ) -> Self {
+        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", target.addr.port());
+        options.set_credentials(username, password);
+        options.set_keep_alive(Duration::from_secs(30));
+        if let Some(ca) = target.ca_file {
+            options.set_transport(tls_transport(ca));
+        }
+        configure(&mut options);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(packet)) => {
+                        if tx.send(Seen::Packet(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(rumqttc::Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Seen::Error(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        V4Client { client, events, task }
+    }
+
+    pub async fn wait_for<T>(&mut self, what: &str, mut pick: impl FnMut(&rumqttc::Packet) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Seen::Packet(packet))) => {
+                    if let Some(found) = pick(&packet) {
+                        return found;
+                    }
+                }
+                Ok(Some(Seen::Error(e))) => panic!("waiting for {what}: connection error: {e}"),
+                Ok(None) => panic!("waiting for {what}: event loop ended"),
+                Err(_) => panic!("waiting for {what}: timed out"),
+            }
+        }
+    }
+
+    /// Waits for CONNACK; a refusal comes back as the client's error text.
+    pub async fn connack(&mut self) -> Result<rumqttc::ConnAck, String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Seen::Packet(rumqttc::Packet::ConnAck(ack)))) => return Ok(ack),
+                Ok(Some(Seen::Packet(_))) => {}
+                Ok(Some(Seen::Error(e))) => return Err(e),
+                Ok(None) => return Err("event loop ended".into()),
+                Err(_) => return Err("timed out waiting for CONNACK".into()),
+            }
+        }
+    }
+
+    pub async fn connected(&mut self) -> rumqttc::ConnAck {
+        match self.connack().await {
+            Ok(ack) if ack.code == rumqttc::ConnectReturnCode::Success => ack,
+            other => panic!("expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn suback(&mut self) -> rumqttc::SubAck {
+        self.wait_for("SUBACK", |p| match p {
+            rumqttc::Packet::SubAck(ack) => Some(ack.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn publish_received(&mut self) -> rumqttc::Publish {
+        self.wait_for("PUBLISH", |p| match p {
+            rumqttc::Packet::Publish(publish) => Some(publish.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn assert_no_publish(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Seen::Packet(rumqttc::Packet::Publish(publish)) = event {
+                panic!("unexpected publish on {}", publish.topic);
+            }
+        }
+    }
+}
+
+impl Drop for V4Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
