@@ -73,3 +73,6 @@ pub fn shutdown_on_signals() -> CancellationToken {
     });
     token
 }
+
+#[cfg(test)]
+mod tests;
