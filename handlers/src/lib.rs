@@ -1,1 +1,201 @@
-//! placeholder during bootstrap
+//! The built-in handlers, as a library the broker runs in-process
+//! (`BROKER_HANDLERS=all`) and as the binaries `sync-handler`,
+//! `publish-handler` and `contacts-handler`. Each is a [`shared::sdk::Worker`]
+//! over one shared state ([`Shared`]: settings, store, HTTP client).
+//!
+//! - [`settings`]: the environment (`BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`,
+//!   `REDIS_URL`, `DATA_DIR`, `PLATFORMS`, `GATEWAYS`), checked at start.
+//! - [`sync`]: RSA public key in, fresh AES-256 key stored, signed reply.
+//! - [`publish`]: AES-GCM envelope opened, replay refused, message POSTed
+//!   to the platform.
+//! - [`contacts`]: request, accept and list contacts.
+//!
+//! The path of a command: device → broker (stamps `user_id`) →
+//! `$share/<handler>/<topic>` → the SDK's poll loop → a task running the
+//! handler fn → store / HTTP → `Reply` → `<uid>_<name>` → device.
+//!
+//! In-process use: [`Settings::from_env`], override the broker fields, then
+//! [`spawn_builtin`] (or [`spawn_builtin_with_store`] to share one store
+//! with the broker).
+
+pub mod contacts;
+pub mod publish;
+pub mod settings;
+pub mod sync;
+
+pub use settings::{ConfigError, Platform, Settings};
+
+use shared::envelope::{EnvelopeError, ServerKey};
+use shared::sdk::{SdkConfig, SdkError, Worker};
+use shared::store::{Store, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Why the handlers could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("server RSA key: {0}")]
+    ServerKey(#[from] EnvelopeError),
+    #[error(transparent)]
+    Sdk(#[from] SdkError),
+    #[error("HTTP client: {0}")]
+    Http(String),
+}
+
+/// State shared by every handler of a process.
+pub struct Shared {
+    /// The configuration.
+    pub settings: Settings,
+    /// Where keys, nonces and contacts live.
+    pub store: Arc<dyn Store>,
+    /// The client `publish` forwards with (no redirects, connect timeout).
+    pub http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("settings", &self.settings)
+            .field("store", &self.store.kind())
+            .finish()
+    }
+}
+
+impl Shared {
+    /// Builds the shared state over an already opened store.
+    pub fn new(settings: Settings, store: Arc<dyn Store>) -> Result<Arc<Self>, Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(settings.publish_timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("mqtt-handlers/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Http(e.to_string()))?;
+        Ok(Arc::new(Shared {
+            settings,
+            store,
+            http,
+        }))
+    }
+
+    /// Opens the configured store (Redis if `REDIS_URL`, else the embedded
+    /// store in `DATA_DIR`) and builds the shared state.
+    pub fn open(settings: Settings) -> Result<Arc<Self>, Error> {
+        let store = open_store(&settings)?;
+        Self::new(settings, store)
+    }
+}
+
+/// Opens the store the settings name (without waiting for Redis).
+pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, Error> {
+    Ok(shared::store::open_blocking(
+        settings.redis_url.as_deref(),
+        &settings.data_dir,
+    )?)
+}
+
+/// Loads the server's RSA key from `DATA_DIR/server_key.pem`, generating it
+/// on first start.
+pub fn load_server_key(settings: &Settings) -> Result<ServerKey, Error> {
+    Ok(ServerKey::load_or_generate(&settings.server_key_path())?)
+}
+
+/// One of the built-in handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sync,
+    Publish,
+    Contacts,
+}
+
+/// The worker of one built-in handler.
+pub fn worker(
+    kind: Kind,
+    shared: Arc<Shared>,
+    server_key: Option<&ServerKey>,
+) -> Result<Worker, Error> {
+    Ok(match kind {
+        Kind::Sync => {
+            let key = match server_key {
+                Some(key) => key.clone(),
+                None => load_server_key(&shared.settings)?,
+            };
+            sync::worker(shared, key)
+        }
+        Kind::Publish => publish::worker(shared),
+        Kind::Contacts => contacts::worker(shared),
+    })
+}
+
+/// Runs one built-in handler until `shutdown` (what the binaries do).
+pub async fn run(kind: Kind, settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+    let sdk = settings.sdk_config()?;
+    let shared = Shared::open(settings)?;
+    tracing::info!(handler = ?kind, store = shared.store.kind(), "starting");
+    worker(kind, shared, None)?.run(sdk, shutdown).await?;
+    Ok(())
+}
+
+/// Opens the store once and runs `sync`, `publish` and `contacts` in this
+/// process until `shutdown`; the handle ends when all three have drained.
+/// Must be called inside a Tokio runtime. Configuration errors (including a
+/// missing `HANDLER_KEY`), an unusable store or server key are returned here.
+pub fn spawn_builtin(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, Error> {
+    settings.sdk_config()?;
+    let store = open_store(&settings)?;
+    spawn_builtin_with_store(settings, store, shutdown)
+}
+
+/// Like [`spawn_builtin`] over a store the caller opened (so the broker can
+/// share it, e.g. for revocation checks; the embedded store can be opened
+/// only once per process).
+pub fn spawn_builtin_with_store(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, Error> {
+    let sdk = settings.sdk_config()?;
+    let server_key = load_server_key(&settings)?;
+    let shared = Shared::new(settings, store)?;
+    tracing::info!(
+        store = shared.store.kind(),
+        "starting the built-in handlers"
+    );
+    let workers = [Kind::Sync, Kind::Publish, Kind::Contacts]
+        .into_iter()
+        .map(|kind| Ok((kind, worker(kind, Arc::clone(&shared), Some(&server_key))?)))
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(tokio::spawn(run_workers(workers, sdk, shutdown)))
+}
+
+async fn run_workers(workers: Vec<(Kind, Worker)>, sdk: SdkConfig, shutdown: CancellationToken) {
+    let tasks = workers.into_iter().map(|(kind, worker)| {
+        let (sdk, shutdown) = (sdk.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = worker.run(sdk, shutdown).await {
+                tracing::error!(handler = ?kind, %error, "handler stopped");
+            }
+        })
+    });
+    for task in tasks.collect::<Vec<_>>() {
+        let _ = task.await;
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`). For the binaries.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

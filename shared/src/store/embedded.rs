@@ -67,42 +67,45 @@ fn sorted_values(
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the database file at `path`, creating its directory.
-    /// Fails if another process holds it open.
+    /// Opens (or creates) the database file at `path`, creating its directory,
+    /// on the blocking pool. Fails if another process holds it open.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    StoreError::Config(format!(
-                        "cannot create DATA_DIR {}: {e}; set DATA_DIR to a writable directory",
-                        dir.display()
-                    ))
-                })?;
-            }
-            let db = Database::create(&path).map_err(|e| {
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path))
+            .await
+            .map_err(|e| StoreError::Embedded(e.to_string()))?
+    }
+
+    /// Like [`EmbeddedStore::open`], on the calling thread (for start-up code).
+    pub fn open_blocking(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
                 StoreError::Config(format!(
-                    "cannot open the embedded store {}: {e} (only one process may use it; \
-                     set REDIS_URL to share state between processes)",
-                    path.display()
+                    "cannot create DATA_DIR {}: {e}; set DATA_DIR to a writable directory",
+                    dir.display()
                 ))
             })?;
-            // Create every table once so readers never see a missing table.
-            let txn = db.begin_write().map_err(db_err)?;
-            txn.open_table(KEYS).map_err(db_err)?;
-            txn.open_table(NONCES).map_err(db_err)?;
-            txn.open_multimap_table(REQUESTS_IN).map_err(db_err)?;
-            txn.open_multimap_table(REQUESTS_OUT).map_err(db_err)?;
-            txn.open_multimap_table(CONTACTS).map_err(db_err)?;
-            txn.open_table(REVOKED).map_err(db_err)?;
-            txn.commit().map_err(db_err)?;
-            Ok(EmbeddedStore {
-                db: Arc::new(db),
-                nonce_calls: AtomicU64::new(0),
-            })
+        }
+        let db = Database::create(path).map_err(|e| {
+            StoreError::Config(format!(
+                "cannot open the embedded store {}: {e} (only one process may use it; \
+                 set REDIS_URL to share state between processes)",
+                path.display()
+            ))
+        })?;
+        // Create every table once so readers never see a missing table.
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.open_table(KEYS).map_err(db_err)?;
+        txn.open_table(NONCES).map_err(db_err)?;
+        txn.open_multimap_table(REQUESTS_IN).map_err(db_err)?;
+        txn.open_multimap_table(REQUESTS_OUT).map_err(db_err)?;
+        txn.open_multimap_table(CONTACTS).map_err(db_err)?;
+        txn.open_table(REVOKED).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            nonce_calls: AtomicU64::new(0),
         })
-        .await
-        .map_err(|e| StoreError::Embedded(e.to_string()))?
     }
 
     /// Runs `op` with the database on the blocking pool.

@@ -172,6 +172,20 @@ pub async fn open(redis_url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn St
     }
 }
 
+/// Like [`open`], on the calling thread and without contacting Redis (it is
+/// connected on first use): for start-up code that is not async.
+pub fn open_blocking(
+    redis_url: Option<&str>,
+    data_dir: &Path,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match redis_url {
+        Some(url) => Ok(Arc::new(RedisStore::new(url)?)),
+        None => Ok(Arc::new(EmbeddedStore::open_blocking(
+            &data_dir.join(EMBEDDED_FILE),
+        )?)),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod conformance {
     //! The same behaviour checks, run against each implementation.

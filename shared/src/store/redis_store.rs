@@ -70,22 +70,27 @@ fn key(kind: &str, uid: &str) -> String {
 }
 
 impl RedisStore {
-    /// Parses `url` (`redis://[:password@]host[:port][/db]`) and tries to
-    /// connect once; a Redis that is down is not an error here (the store
-    /// connects on first use), a malformed URL is.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// Parses `url` (`redis://[:password@]host[:port][/db]`) without
+    /// connecting: the store connects on first use.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|_| {
             StoreError::Config(
                 "REDIS_URL is not a valid Redis URL (expected redis://[:password@]host[:port][/db])"
                     .into(),
             )
         })?;
-        let store = RedisStore {
+        Ok(RedisStore {
             client,
             manager: OnceCell::new(),
             accept: redis::Script::new(ACCEPT_SCRIPT),
             delete: redis::Script::new(DELETE_SCRIPT),
-        };
+        })
+    }
+
+    /// Like [`RedisStore::new`], then tries to connect once; a Redis that is
+    /// down is only a warning (commands get 503 until it is back).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::new(url)?;
         if let Err(error) = store.ping().await {
             tracing::warn!(%error, "Redis is not reachable yet; commands will fail with 503 until it is");
         }

@@ -1,0 +1,90 @@
+//! Owns the `sync` handler (SMSWithoutBorders synchronization): a device
+//! sends its RSA public key; the handler makes a fresh AES-256 key, stores it
+//! as the user's only key, and replies on `<uid>_sync` with the key encrypted
+//! to the device (RSA-OAEP-SHA256), the key id, the server's public key, an
+//! RSA-PSS-SHA256 signature over the encrypted key, and the configured
+//! platforms and gateways.
+
+use crate::Shared;
+use rand::RngCore;
+use serde::Deserialize;
+use serde_json::json;
+use shared::envelope::{self, AesKey, ServerKey};
+use shared::sdk::{Command, HandlerError, Reply, Worker};
+use shared::store::KeyRecord;
+use std::sync::Arc;
+
+/// The `sync` command.
+#[derive(Debug, Deserialize)]
+pub struct SyncIn {
+    /// RSA 2048-4096 bit public key: base64 SPKI DER, or PEM.
+    pub public_key: String,
+}
+
+/// The worker serving `sync`.
+pub fn worker(shared: Arc<Shared>, server_key: ServerKey) -> Worker {
+    let server_key = Arc::new(server_key);
+    Worker::new("sync").on("sync", move |cmd: Command<SyncIn>| {
+        let (shared, server_key) = (Arc::clone(&shared), Arc::clone(&server_key));
+        async move { handle(&shared, &server_key, cmd).await }
+    })
+}
+
+/// A new random key id: 16 bytes as hex.
+fn new_key_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Handles one `sync` command.
+pub async fn handle(
+    shared: &Shared,
+    server_key: &ServerKey,
+    cmd: Command<SyncIn>,
+) -> Result<Reply, HandlerError> {
+    let key = AesKey::generate();
+    let signer = server_key.clone();
+    let public_key = cmd.body.public_key;
+    let secret = key.clone();
+    // RSA work is CPU-bound: keep it off the async workers.
+    let (encrypted, signature) = tokio::task::spawn_blocking(move || {
+        let device_key = envelope::parse_public_key(&public_key)?;
+        let encrypted = envelope::oaep_encrypt(&device_key, &secret.0)?;
+        let signature = signer.sign(&encrypted)?;
+        Ok::<_, envelope::EnvelopeError>((encrypted, signature))
+    })
+    .await
+    .map_err(|_| HandlerError::internal("internal error"))??;
+
+    let now = time::OffsetDateTime::now_utc();
+    let record = KeyRecord {
+        key_id: new_key_id(),
+        key,
+        issued_at: u64::try_from(now.unix_timestamp()).unwrap_or(0),
+    };
+    shared.store.put_key(&cmd.user_id, &record).await?;
+    tracing::info!(uid = %cmd.user_id, key_id = %record.key_id, "issued a new shared key");
+    let issued_at = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|_| HandlerError::internal("internal error"))?;
+    let platforms: Vec<&str> = shared
+        .settings
+        .platforms
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    Ok(Reply::json(
+        "sync",
+        json!({
+            "status": 200,
+            "key_id": record.key_id,
+            "encrypted_key": envelope::b64_encode(&encrypted),
+            "server_public_key": server_key.public_b64(),
+            "signature": envelope::b64_encode(&signature),
+            "platforms": platforms,
+            "gateways": shared.settings.gateways,
+            "issued_at": issued_at,
+        }),
+    ))
+}
