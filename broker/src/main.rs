@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use broker::config::{Args, DevDefaults, ListenPlan};
-use broker::{Broker, Listeners};
+use broker::{Broker, Listeners, RunningBroker};
 use clap::Parser;
 use std::process::ExitCode;
 use tokio::net::TcpListener;
@@ -90,7 +90,7 @@ async fn run(config: broker::config::Config, plan: ListenPlan, dev: DevDefaults)
         _ => None,
     };
 
-    print_banner(&plan, &dev, jwt_secret.as_deref(), handlers.is_some());
+    print_banner(&running, &dev, jwt_secret.as_deref(), handlers.is_some());
 
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -131,11 +131,18 @@ async fn wait_for_signal() {
 
 /// Tells a newcomer how to talk to a development broker. Secrets and the demo
 /// token are printed only when the broker made them itself (development defaults).
-fn print_banner(plan: &ListenPlan, dev: &DevDefaults, jwt_secret: Option<&[u8]>, handlers: bool) {
-    let port = plan.tls_listen.port();
-    println!("MQTT broker listening: TLS on {}", plan.tls_listen);
-    if let Some(tcp) = plan.tcp_listen {
+fn print_banner(running: &RunningBroker, dev: &DevDefaults, jwt_secret: Option<&[u8]>, handlers: bool) {
+    let Some(tls) = running.tls_addr else {
+        return;
+    };
+    let port = tls.port();
+    // The addresses actually bound (port 0 in configuration picks a free one).
+    println!("MQTT broker listening: TLS on {tls}");
+    if let Some(tcp) = running.tcp_addrs.first().filter(|_| running.tcp_addrs.len() > usize::from(handlers)) {
         println!("                       plain TCP on {tcp}");
+    }
+    if let Some(metrics) = running.metrics_addr {
+        println!("                       metrics on http://{metrics}/metrics");
     }
     if handlers {
         println!("built-in handlers: sync, publish, contacts (in-process)");
