@@ -94,6 +94,9 @@ struct RunArgs {
     /// Seconds of sending.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// At most this many publishes in all (the run still lasts --duration).
+    #[arg(long)]
+    messages: Option<u64>,
     /// Longest wait in seconds for outstanding replies after sending stops.
     #[arg(long, default_value_t = 5.0)]
     drain: f64,
@@ -227,6 +230,7 @@ impl RunArgs {
         cfg.command_topic = self.command_topic.clone();
         cfg.rate = self.rate;
         cfg.duration = secs(self.duration)?;
+        cfg.messages = self.messages;
         cfg.drain = secs(self.drain)?;
         cfg.connect_rate = self.connect_rate;
         cfg.connect_concurrency = self.connect_concurrency;

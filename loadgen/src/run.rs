@@ -76,6 +76,9 @@ pub struct RunConfig {
     pub rate: f64,
     /// How long publishes are scheduled.
     pub duration: Duration,
+    /// At most this many scheduled publishes in all (over shards); the run
+    /// still lasts `duration`. New users' first publishes come on top.
+    pub messages: Option<u64>,
     /// Longest wait for outstanding replies after sending stops.
     pub drain: Duration,
     /// New connections per second (over shards); 0 is unlimited.
@@ -114,6 +117,7 @@ impl RunConfig {
             command_topic: "echo".into(),
             rate: 1000.0,
             duration: Duration::from_secs(10),
+            messages: None,
             drain: Duration::from_secs(5),
             connect_rate: 2000.0,
             connect_concurrency: 256,
@@ -359,6 +363,10 @@ impl Shard {
             })
         };
 
+        let cap = cfg.messages.map(|m| {
+            let r = shard_range(m, cfg.shard, cfg.shards);
+            r.end - r.start
+        });
         let mut scheduled: u64 = 0;
         let mut rr: usize = 0;
         let mut ticker = tokio::time::interval(Duration::from_millis(1));
@@ -373,7 +381,10 @@ impl Shard {
             if elapsed >= duration || rate <= 0.0 {
                 break;
             }
-            let due = (rate * elapsed.as_secs_f64()) as u64;
+            let mut due = (rate * elapsed.as_secs_f64()) as u64;
+            if let Some(cap) = cap {
+                due = due.min(cap);
+            }
             'assign: while scheduled < due {
                 let n = self.slots.len();
                 for _ in 0..n {
