@@ -383,6 +383,9 @@ mod tests {
             .sdk_config()
             .unwrap_err()
             .to_string()
-            .contains("HANDLER_KEY"));
+            .contains("BROKER_CA"));
+        let s = from(&[("BROKER_URL", "mqtt://127.0.0.1:1883")]).unwrap();
+        let err = s.sdk_config().unwrap_err().to_string();
+        assert!(err.contains("HANDLER_KEY"), "{err}");
     }
 }
