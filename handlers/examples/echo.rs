@@ -1,0 +1,27 @@
+//! The smallest handler: answers `echo {"text": "..."}` on `<uid>_echo`.
+//! Run: BROKER_URL=mqtts://localhost:8883 BROKER_CA=certs/dev/ca.pem \
+//!      HANDLER_KEY=... cargo run -p handlers --example echo
+use serde::Deserialize;
+use serde_json::json;
+use shared::sdk::{shutdown_on_signals, Command, HandlerError, Reply, SdkConfig, Worker};
+
+#[derive(Deserialize)]
+struct Echo {
+    text: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt::init();
+    Worker::new("echo") // instances named "echo" share the load
+        .on("echo", |cmd: Command<Echo>| async move {
+            if cmd.body.text.is_empty() {
+                return Err(HandlerError::bad_request("text is empty")); // -> <uid>_echo
+            }
+            let from = cmd.user_id.as_str(); // verified by the broker, never from the payload
+            Ok(Reply::json("echo", json!({"status": 200, "text": cmd.body.text, "from": from})))
+        })
+        .run(SdkConfig::from_env()?, shutdown_on_signals())
+        .await?;
+    Ok(())
+}
