@@ -26,7 +26,11 @@ impl Denial {
 }
 
 /// May `principal` publish to `topic`?
-pub fn may_publish(principal: &Principal, topic: &str, commands: &CommandTopics) -> Result<(), Denial> {
+pub fn may_publish(
+    principal: &Principal,
+    topic: &str,
+    commands: &CommandTopics,
+) -> Result<(), Denial> {
     if !is_valid_topic_name(topic) {
         return Err(Denial::Invalid);
     }
@@ -41,7 +45,10 @@ pub fn may_publish(principal: &Principal, topic: &str, commands: &CommandTopics)
         Principal::Device(device) => {
             // Command topics only; never `$...`, never a reply topic of its own
             // (that would spoof a handler's answer to itself).
-            if topic.starts_with('$') || device.uid().owns_topic(topic) || !commands.is_command(topic) {
+            if topic.starts_with('$')
+                || device.uid().owns_topic(topic)
+                || !commands.is_command(topic)
+            {
                 Err(Denial::NotAuthorized)
             } else {
                 Ok(())
@@ -51,7 +58,11 @@ pub fn may_publish(principal: &Principal, topic: &str, commands: &CommandTopics)
 }
 
 /// May `principal` subscribe to `filter`?
-pub fn may_subscribe(principal: &Principal, filter: &str, commands: &CommandTopics) -> Result<(), Denial> {
+pub fn may_subscribe(
+    principal: &Principal,
+    filter: &str,
+    commands: &CommandTopics,
+) -> Result<(), Denial> {
     match principal {
         Principal::Handler(_) => {
             if let Some((_, inner)) = split_shared(filter) {
@@ -119,9 +130,15 @@ pub(crate) mod tests {
     fn handler_publish_table() {
         let commands = CommandTopics::new([]);
         let h = handler();
-        assert_eq!(may_publish(&h, "23412_contact_requested", &commands), Ok(()));
+        assert_eq!(
+            may_publish(&h, "23412_contact_requested", &commands),
+            Ok(())
+        );
         assert_eq!(may_publish(&h, "anything/at/all", &commands), Ok(()));
-        assert_eq!(may_publish(&h, "$SYS/broker", &commands), Err(Denial::NotAuthorized));
+        assert_eq!(
+            may_publish(&h, "$SYS/broker", &commands),
+            Err(Denial::NotAuthorized)
+        );
         assert_eq!(may_publish(&h, "a/#", &commands), Err(Denial::Invalid));
     }
 
@@ -150,20 +167,42 @@ pub(crate) mod tests {
         }
         // A user whose id is a command's first word cannot read that command.
         let request = device("request");
-        assert_eq!(may_subscribe(&request, "request_contact", &commands), Err(Denial::NotAuthorized));
-        assert_eq!(may_subscribe(&request, "request_contact_list", &commands), Ok(()));
+        assert_eq!(
+            may_subscribe(&request, "request_contact", &commands),
+            Err(Denial::NotAuthorized)
+        );
+        assert_eq!(
+            may_subscribe(&request, "request_contact_list", &commands),
+            Ok(())
+        );
     }
 
     #[test]
     fn handler_subscribe_table() {
         let commands = CommandTopics::new([]);
         let h = handler();
-        for ok in ["#", "+", "sync", "$share/sync/sync", "$share/g/a/+", "+/x/#"] {
+        for ok in [
+            "#",
+            "+",
+            "sync",
+            "$share/sync/sync",
+            "$share/g/a/+",
+            "+/x/#",
+        ] {
             assert_eq!(may_subscribe(&h, ok, &commands), Ok(()), "{ok:?}");
         }
-        assert_eq!(may_subscribe(&h, "$SYS/#", &commands), Err(Denial::NotAuthorized));
-        assert_eq!(may_subscribe(&h, "$share/g/$SYS/#", &commands), Err(Denial::Invalid));
+        assert_eq!(
+            may_subscribe(&h, "$SYS/#", &commands),
+            Err(Denial::NotAuthorized)
+        );
+        assert_eq!(
+            may_subscribe(&h, "$share/g/$SYS/#", &commands),
+            Err(Denial::Invalid)
+        );
         assert_eq!(may_subscribe(&h, "a/#/b", &commands), Err(Denial::Invalid));
-        assert_eq!(may_subscribe(&h, "$share//x", &commands), Err(Denial::NotAuthorized));
+        assert_eq!(
+            may_subscribe(&h, "$share//x", &commands),
+            Err(Denial::NotAuthorized)
+        );
     }
 }

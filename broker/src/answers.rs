@@ -40,17 +40,25 @@ impl ConnectRefusal {
 /// The CONNACK that refuses a connection.
 pub fn connack_refusal(version: Version, refusal: &ConnectRefusal) -> Packet {
     let code = match (version, refusal) {
-        (_, ConnectRefusal::Auth(Refusal::BadCredentials(_))) => ConnectReturnCode::BadUserNamePassword,
+        (_, ConnectRefusal::Auth(Refusal::BadCredentials(_))) => {
+            ConnectReturnCode::BadUserNamePassword
+        }
         (_, ConnectRefusal::Auth(Refusal::NotAuthorized(_)) | ConnectRefusal::WillNotAllowed) => {
             ConnectReturnCode::NotAuthorized
         }
         (_, ConnectRefusal::ClientIdNotValid(_)) => ConnectReturnCode::ClientIdentifierNotValid,
-        (Version::V4, ConnectRefusal::UnsupportedProtocol) => ConnectReturnCode::RefusedProtocolVersion,
-        (Version::V5, ConnectRefusal::UnsupportedProtocol) => ConnectReturnCode::UnsupportedProtocolVersion,
+        (Version::V4, ConnectRefusal::UnsupportedProtocol) => {
+            ConnectReturnCode::RefusedProtocolVersion
+        }
+        (Version::V5, ConnectRefusal::UnsupportedProtocol) => {
+            ConnectReturnCode::UnsupportedProtocolVersion
+        }
         (Version::V4, ConnectRefusal::Auth(Refusal::Unavailable(_)) | ConnectRefusal::Busy(_)) => {
             ConnectReturnCode::ServiceUnavailable
         }
-        (Version::V5, ConnectRefusal::Auth(Refusal::Unavailable(_))) => ConnectReturnCode::ServerUnavailable,
+        (Version::V5, ConnectRefusal::Auth(Refusal::Unavailable(_))) => {
+            ConnectReturnCode::ServerUnavailable
+        }
         (Version::V5, ConnectRefusal::Busy(_)) => ConnectReturnCode::ServerBusy,
     };
     let properties = match version {
@@ -190,7 +198,9 @@ mod tests {
 
     fn wire(version: Version, packet: Packet) -> Vec<u8> {
         let mut out = BytesMut::new();
-        Codec::new(version, 1 << 20).encode(packet, &mut out).unwrap();
+        Codec::new(version, 1 << 20)
+            .encode(packet, &mut out)
+            .unwrap();
         out.to_vec()
     }
 
@@ -206,15 +216,24 @@ mod tests {
             (ConnectRefusal::Busy("x"), 3),
         ];
         for (refusal, code) in cases {
-            assert_eq!(wire(Version::V4, connack_refusal(Version::V4, &refusal)), vec![0x20, 2, 0, code]);
+            assert_eq!(
+                wire(Version::V4, connack_refusal(Version::V4, &refusal)),
+                vec![0x20, 2, 0, code]
+            );
         }
     }
 
     #[test]
     fn v5_connack_codes_carry_a_reason_string() {
         let cases = [
-            (ConnectRefusal::Auth(Refusal::BadCredentials("bad signature")), 0x86),
-            (ConnectRefusal::Auth(Refusal::NotAuthorized("token expired")), 0x87),
+            (
+                ConnectRefusal::Auth(Refusal::BadCredentials("bad signature")),
+                0x86,
+            ),
+            (
+                ConnectRefusal::Auth(Refusal::NotAuthorized("token expired")),
+                0x87,
+            ),
             (ConnectRefusal::ClientIdNotValid("empty client id"), 0x85),
             (ConnectRefusal::Busy("full"), 0x89),
         ];

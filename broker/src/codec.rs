@@ -58,7 +58,9 @@ pub fn sniff_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
             break;
         }
         if pos > 4 {
-            return Err(CodecError::Malformed(ProtocolError::MalformedRemainingLength));
+            return Err(CodecError::Malformed(
+                ProtocolError::MalformedRemainingLength,
+            ));
         }
     }
     let (Some(&hi), Some(&lo)) = (buf.get(pos), buf.get(pos + 1)) else {
@@ -166,6 +168,9 @@ mod tests {
         let codec = Codec::new(Version::V4, 1024);
         // PUBLISH with remaining length 2000
         let mut buf = BytesMut::from(&[0x30, 0xd0, 0x0f][..]);
-        assert!(matches!(codec.decode(&mut buf), Err(CodecError::TooLarge(1024))));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(CodecError::TooLarge(1024))
+        ));
     }
 }

@@ -80,7 +80,10 @@ impl CommandTopics {
         }
         let declared = self.declared.read();
         declared.literal.contains_key(topic)
-            || declared.wildcard.keys().any(|filter| matches(topic, filter))
+            || declared
+                .wildcard
+                .keys()
+                .any(|filter| matches(topic, filter))
     }
 }
 

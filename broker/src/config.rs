@@ -21,7 +21,11 @@ pub enum BuiltinHandlers {
 
 /// Command-line flags; each mirrors the environment variable of the same meaning.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "broker", version, about = "MQTT broker with JWT-gated topic handlers")]
+#[command(
+    name = "broker",
+    version,
+    about = "MQTT broker with JWT-gated topic handlers"
+)]
 pub struct Args {
     /// MQTT over TLS listen address (MQTT 3.1.1 and 5). Default 127.0.0.1:8883.
     #[arg(long, env = "BROKER_TLS_LISTEN")]
@@ -58,7 +62,12 @@ pub struct Args {
     #[arg(long, env = "JWT_REQUIRE_EXP", default_value_t = true, action = clap::ArgAction::Set)]
     pub jwt_require_exp: bool,
     /// Comma-separated handler keys; any of them is accepted (rotation).
-    #[arg(long, env = "HANDLER_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HANDLER_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub handler_keys: Vec<String>,
     /// Comma-separated command topics devices may publish to, besides those
     /// connected handlers subscribe to.
@@ -207,8 +216,8 @@ impl Args {
         let tls_listen = self
             .tls_listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8883)));
-        let loopback_only = tls_listen.ip().is_loopback()
-            && self.tcp_listen.is_none_or(|a| a.ip().is_loopback());
+        let loopback_only =
+            tls_listen.ip().is_loopback() && self.tcp_listen.is_none_or(|a| a.ip().is_loopback());
         let mut dev = DevDefaults::default();
 
         let (tls_cert, tls_key) = match (self.tls_cert, self.tls_key) {
@@ -226,9 +235,8 @@ impl Args {
         if jwt_secret.as_deref() == Some("") {
             return Err(ConfigError::EmptySecret);
         }
-        let no_key_source = jwt_secret.is_none()
-            && self.jwt_public_keys.is_empty()
-            && self.jwt_jwks_url.is_none();
+        let no_key_source =
+            jwt_secret.is_none() && self.jwt_public_keys.is_empty() && self.jwt_jwks_url.is_none();
         let mut handler_keys: Vec<Secret> = self
             .handler_keys
             .iter()

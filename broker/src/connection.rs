@@ -16,8 +16,8 @@ use futures::FutureExt;
 use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    Packet, PingResp, PubComp, PubCompReason, Publish, QoS, SubAck, Subscribe,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    Packet, PingResp, PubComp, PubCompReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -61,7 +61,8 @@ where
                 info!(level, "refused: unsupported protocol level");
                 gate.metrics.connect_refused("unsupported protocol");
                 let codec = Codec::new(Version::V4, gate.limits.max_packet_size);
-                let refusal = answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
+                let refusal =
+                    answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
                 let _ = wire.send_now(&codec, refusal).await;
                 return;
             }
@@ -169,7 +170,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     {
         Ok(principal) => principal,
         Err(refusal) => {
-            let _ = wire.send_now(&codec, refuse(ConnectRefusal::Auth(refusal))).await;
+            let _ = wire
+                .send_now(&codec, refuse(ConnectRefusal::Auth(refusal)))
+                .await;
             return None;
         }
     };
@@ -181,7 +184,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
 
     let assigned_client_id = if connect.client_id.is_empty() {
         if !connect.clean_session {
-            let refusal = ConnectRefusal::ClientIdNotValid("an empty client id needs a clean session");
+            let refusal =
+                ConnectRefusal::ClientIdNotValid("an empty client id needs a clean session");
             let _ = wire.send_now(&codec, refuse(refusal)).await;
             return None;
         }
@@ -197,7 +201,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             .map_err(|_| Denial::Invalid)
             .and_then(|topic| acl::may_publish(&principal, topic, &gate.commands));
         if allowed.is_err() {
-            let _ = wire.send_now(&codec, refuse(ConnectRefusal::WillNotAllowed)).await;
+            let _ = wire
+                .send_now(&codec, refuse(ConnectRefusal::WillNotAllowed))
+                .await;
             return None;
         }
     }
@@ -228,11 +234,15 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         Version::V4 => None,
         Version::V5 => Some(ConnAckProperties {
             assigned_client_identifier: assigned_client_id,
-            server_keep_alive: (granted_keep_alive != connect.keep_alive).then_some(granted_keep_alive),
+            server_keep_alive: (granted_keep_alive != connect.keep_alive)
+                .then_some(granted_keep_alive),
             max_packet_size: u32::try_from(gate.limits.max_packet_size).ok(),
             retain_available: Some(1),
             shared_subscription_available: Some(1),
-            wildcard_subscription_available: Some(u8::from(matches!(principal, Principal::Handler(_)))),
+            wildcard_subscription_available: Some(u8::from(matches!(
+                principal,
+                Principal::Handler(_)
+            ))),
             subscription_identifiers_available: Some(0),
             ..Default::default()
         }),
@@ -275,6 +285,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         pending_subacks: HashMap::new(),
         denied_qos2: HashSet::new(),
         declared: Vec::new(),
+        outbox: Vec::new(),
         next_will_pkid: 1,
     })
 }
@@ -325,6 +336,8 @@ struct Session {
     denied_qos2: HashSet<u16>,
     /// Handler filters declared as command topics, withdrawn at the end.
     declared: Vec<String>,
+    /// Packets decoded from the current read, bound for the router.
+    outbox: Vec<Packet>,
     next_will_pkid: u16,
 }
 
@@ -393,25 +406,29 @@ impl Session {
                         Err(_) => return End::Abnormal("read failed"),
                         Ok(_) => last_heard = Instant::now(),
                     }
-                    loop {
+                    let mut ended = None;
+                    while ended.is_none() {
                         match self.codec.decode(&mut wire.read_buf) {
-                            Ok(Some(packet)) => {
-                                if let Some(end) = self.from_client(packet, wire).await {
-                                    // Acknowledgements already queued still go out.
-                                    let _ = wire.flush().await;
-                                    return end;
-                                }
-                            }
+                            Ok(Some(packet)) => ended = self.on_client_packet(packet, wire),
                             Ok(None) => break,
                             Err(CodecError::TooLarge(limit)) => {
                                 info!(limit, "packet too large");
-                                return End::Server(ServerDisconnect::PacketTooLarge);
+                                ended = Some(End::Server(ServerDisconnect::PacketTooLarge));
                             }
                             Err(e) => {
                                 info!(error = %e, "malformed packet");
-                                return End::Server(ServerDisconnect::Malformed);
+                                ended = Some(End::Server(ServerDisconnect::Malformed));
                             }
                         }
+                    }
+                    // What came before a fatal packet is still delivered.
+                    if let Err(end) = self.flush_outbox().await {
+                        return end;
+                    }
+                    if let Some(end) = ended {
+                        // Acknowledgements already queued still go out.
+                        let _ = wire.flush().await;
+                        return end;
                     }
                 }
                 notification = self.link_rx.next() => {
@@ -422,7 +439,7 @@ impl Session {
                     // Drain what the router has ready without waiting, then write once.
                     loop {
                         if let Some(notification) = pending {
-                            if let Some(end) = self.from_router(notification.into(), wire).await {
+                            if let Some(end) = self.on_router_packet(notification.into(), wire).await {
                                 return end;
                             }
                         }
@@ -441,10 +458,20 @@ impl Session {
     }
 
     /// Handles one packet from the client; `Some` ends the session.
-    async fn from_client<S: AsyncRead + AsyncWrite>(&mut self, packet: Packet, wire: &mut Wire<S>) -> Option<End> {
+    fn on_client_packet<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        packet: Packet,
+        wire: &mut Wire<S>,
+    ) -> Option<End> {
         match packet {
-            Packet::Publish(publish, properties) => self.client_publish(publish, properties, wire).await,
-            Packet::Subscribe(subscribe, _) => self.client_subscribe(subscribe, wire).await,
+            Packet::Publish(publish, properties) => {
+                self.client_publish(publish, properties, wire);
+                None
+            }
+            Packet::Subscribe(subscribe, _) => {
+                self.client_subscribe(subscribe, wire);
+                None
+            }
             Packet::Unsubscribe(unsubscribe, properties) => {
                 // The router answers only filters it knew (and not at all after
                 // a session resumes), so the gate answers every UNSUBSCRIBE.
@@ -458,7 +485,8 @@ impl Session {
                     }
                 }
                 let pkid = unsubscribe.pkid;
-                self.to_router(Packet::Unsubscribe(unsubscribe, properties)).await?;
+                self.outbox
+                    .push(Packet::Unsubscribe(unsubscribe, properties));
                 wire.queue(
                     &self.codec,
                     Packet::UnsubAck(
@@ -485,15 +513,20 @@ impl Session {
                     );
                     return None;
                 }
-                self.to_router(Packet::PubRel(pubrel, properties)).await
+                self.outbox.push(Packet::PubRel(pubrel, properties));
+                None
             }
-            packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => self.to_router(packet).await,
+            packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                self.outbox.push(packet);
+                None
+            }
             Packet::PingReq(_) => {
                 wire.queue(&self.codec, Packet::PingResp(PingResp));
                 None
             }
             Packet::Disconnect(disconnect, _) => Some(End::ClientDisconnect {
-                with_will: disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                with_will: disconnect.reason_code
+                    == DisconnectReasonCode::DisconnectWithWillMessage,
             }),
             Packet::Connect(..) => {
                 info!("second CONNECT on one connection");
@@ -506,19 +539,25 @@ impl Session {
         }
     }
 
-    async fn to_router(&mut self, packet: Packet) -> Option<End> {
-        match self.link_tx.send(packet).await {
-            Ok(_) => None,
-            Err(_) => Some(End::Abnormal("router link closed")),
+    /// Hands the packets decoded from one read to the router with a single
+    /// wake-up (one router event per read, not per packet).
+    async fn flush_outbox(&mut self) -> Result<(), End> {
+        let Some(last) = self.outbox.pop() else {
+            return Ok(());
+        };
+        self.link_tx.buffer().extend(self.outbox.drain(..));
+        match self.link_tx.send(last).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(End::Abnormal("router link closed")),
         }
     }
 
-    async fn client_publish<S: AsyncRead + AsyncWrite>(
+    fn client_publish<S: AsyncRead + AsyncWrite>(
         &mut self,
         mut publish: Publish,
         properties: Option<rumqttd::protocol::PublishProperties>,
         wire: &mut Wire<S>,
-    ) -> Option<End> {
+    ) {
         let verdict = std::str::from_utf8(&publish.topic)
             .map_err(|_| Denial::Invalid)
             .and_then(|topic| acl::may_publish(&self.principal, topic, &self.gate.commands));
@@ -528,15 +567,21 @@ impl Session {
             let pkid = publish.pkid();
             match publish.qos() {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => wire.queue(&self.codec, answers::puback_denial(self.codec.version, pkid, denial)),
+                QoS::AtLeastOnce => wire.queue(
+                    &self.codec,
+                    answers::puback_denial(self.codec.version, pkid, denial),
+                ),
                 QoS::ExactlyOnce => {
                     if self.codec.version == Version::V4 {
                         self.denied_qos2.insert(pkid);
                     }
-                    wire.queue(&self.codec, answers::pubrec_denial(self.codec.version, pkid, denial));
+                    wire.queue(
+                        &self.codec,
+                        answers::pubrec_denial(self.codec.version, pkid, denial),
+                    );
                 }
             }
-            return None;
+            return;
         }
         let properties = match &self.principal {
             Principal::Device(device) => {
@@ -547,14 +592,14 @@ impl Session {
             Principal::Handler(_) => properties,
         };
         self.gate.metrics.message_in();
-        self.to_router(Packet::Publish(publish, properties)).await
+        self.outbox.push(Packet::Publish(publish, properties));
     }
 
-    async fn client_subscribe<S: AsyncRead + AsyncWrite>(
+    fn client_subscribe<S: AsyncRead + AsyncWrite>(
         &mut self,
         mut subscribe: Subscribe,
         wire: &mut Wire<S>,
-    ) -> Option<End> {
+    ) {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::with_capacity(subscribe.filters.len());
         for filter in subscribe.filters.drain(..) {
@@ -573,17 +618,25 @@ impl Session {
         let pkid = subscribe.pkid;
         if allowed.is_empty() {
             let return_codes = codes.into_iter().flatten().collect();
-            wire.queue(&self.codec, Packet::SubAck(SubAck { pkid, return_codes }, None));
-            return None;
+            wire.queue(
+                &self.codec,
+                Packet::SubAck(SubAck { pkid, return_codes }, None),
+            );
+            return;
         }
         let forwarded = allowed.iter().map(|f| f.path.clone()).collect();
-        self.pending_subacks.insert(pkid, PendingSubAck { codes, forwarded });
+        self.pending_subacks
+            .insert(pkid, PendingSubAck { codes, forwarded });
         subscribe.filters = allowed;
-        self.to_router(Packet::Subscribe(subscribe, None)).await
+        self.outbox.push(Packet::Subscribe(subscribe, None));
     }
 
     /// Handles one packet the router has for this client; `Some` ends the session.
-    async fn from_router<S: AsyncRead + AsyncWrite>(&mut self, packet: Option<Packet>, wire: &mut Wire<S>) -> Option<End> {
+    async fn on_router_packet<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        packet: Option<Packet>,
+        wire: &mut Wire<S>,
+    ) -> Option<End> {
         match packet {
             None => {
                 // The router paused this link after a burst: ask for more.
@@ -595,7 +648,7 @@ impl Session {
                 let merged = self.merge_suback(suback);
                 wire.queue(&self.codec, Packet::SubAck(merged, None));
             }
-            // Answered by the gate itself (see `from_client`).
+            // Answered by the gate itself (see `on_client_packet`).
             Some(Packet::UnsubAck(..)) => {}
             Some(Packet::Disconnect(..)) => return Some(End::Abnormal("router ended the session")),
             Some(packet @ Packet::Publish(..)) => {
@@ -613,11 +666,17 @@ impl Session {
         let Some(pending) = self.pending_subacks.remove(&suback.pkid) else {
             return suback;
         };
-        let mut from_router = suback.return_codes.into_iter();
+        let mut on_router_packet = suback.return_codes.into_iter();
         let return_codes = pending
             .codes
             .into_iter()
-            .map(|code| code.unwrap_or_else(|| from_router.next().unwrap_or(SubscribeReasonCode::Unspecified)))
+            .map(|code| {
+                code.unwrap_or_else(|| {
+                    on_router_packet
+                        .next()
+                        .unwrap_or(SubscribeReasonCode::Unspecified)
+                })
+            })
             .collect::<Vec<_>>();
         if matches!(self.principal, Principal::Handler(_)) {
             for filter in pending.forwarded {
@@ -637,16 +696,26 @@ impl Session {
             return;
         };
         let (properties, retain) = match &self.principal {
-            Principal::Device(device) => (Some(identity::stamp(None, device.uid(), &self.client_id)), false),
+            Principal::Device(device) => (
+                Some(identity::stamp(None, device.uid(), &self.client_id)),
+                false,
+            ),
             Principal::Handler(_) => (None, will.retain),
         };
         // The router delivers at each subscription's QoS; a QoS 1/2 will
         // also gets a packet id the router acknowledges to this (closing) link.
-        let pkid = if will.qos == QoS::AtMostOnce { 0 } else { self.next_will_pkid };
+        let pkid = if will.qos == QoS::AtMostOnce {
+            0
+        } else {
+            self.next_will_pkid
+        };
         self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
         let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, pkid);
         info!("publishing will");
         self.gate.metrics.message_in();
-        let _ = self.link_tx.send(Packet::Publish(publish, properties)).await;
+        let _ = self
+            .link_tx
+            .send(Packet::Publish(publish, properties))
+            .await;
     }
 }

@@ -58,9 +58,12 @@ pub fn make_certificate_files(dir: &Path) -> Result<DevCertificate, ConfigError>
     let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err)?;
 
     let server_key = KeyPair::generate().map_err(cert_err)?;
-    let mut server_params =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])
-            .map_err(cert_err)?;
+    let mut server_params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])
+    .map_err(cert_err)?;
     server_params
         .distinguished_name
         .push(DnType::CommonName, "localhost");

@@ -8,7 +8,11 @@ use shared::UserId;
 
 /// Returns `properties` with forged identity properties removed and the
 /// verified ones appended.
-pub fn stamp(properties: Option<PublishProperties>, uid: &UserId, client_id: &str) -> PublishProperties {
+pub fn stamp(
+    properties: Option<PublishProperties>,
+    uid: &UserId,
+    client_id: &str,
+) -> PublishProperties {
     let mut properties = properties.unwrap_or_default();
     properties
         .user_properties

@@ -108,7 +108,10 @@ impl Broker {
             limits: limits.clone(),
             shutdown: shutdown.clone(),
         });
-        let rate_limit = Arc::new(ConnectionRateLimit::new(limits.conn_rate_per_sec, limits.conn_burst));
+        let rate_limit = Arc::new(ConnectionRateLimit::new(
+            limits.conn_rate_per_sec,
+            limits.conn_burst,
+        ));
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
 
@@ -177,7 +180,10 @@ impl RunningBroker {
     pub async fn wait(self) {
         self.shutdown.cancelled().await;
         self.tasks.close();
-        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?self.grace, "some sessions did not close within the grace period");
         }
     }

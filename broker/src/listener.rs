@@ -75,7 +75,12 @@ impl AcceptLoop {
     }
 }
 
-async fn serve_socket(socket: TcpStream, peer: std::net::SocketAddr, transport: Transport, gate: Arc<Gate>) {
+async fn serve_socket(
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+    transport: Transport,
+    gate: Arc<Gate>,
+) {
     match transport {
         Transport::Plain => connection::serve(socket, peer, gate).await,
         Transport::Tls(acceptor) => {

@@ -12,9 +12,12 @@ use tracing_subscriber::EnvFilter;
 
 fn init_tracing() {
     // rumqttd logs every subscription at info; keep it to warnings by default.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -48,7 +51,11 @@ async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<TcpL
         .with_context(|| format!("cannot listen on {addr} ({variable}): is another process using it? choose another address"))
 }
 
-async fn run(config: broker::config::Config, plan: ListenPlan, dev: DevDefaults) -> anyhow::Result<()> {
+async fn run(
+    config: broker::config::Config,
+    plan: ListenPlan,
+    dev: DevDefaults,
+) -> anyhow::Result<()> {
     let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
         .context("TLS certificate (BROKER_TLS_CERT / BROKER_TLS_KEY)")?;
     let mut listeners = Listeners {
@@ -60,7 +67,11 @@ async fn run(config: broker::config::Config, plan: ListenPlan, dev: DevDefaults)
     }
     // In-process handlers reach the gate over a loopback listener of their own.
     let internal_addr = if plan.builtin_handlers {
-        let internal = bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), "internal handler listener").await?;
+        let internal = bind(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            "internal handler listener",
+        )
+        .await?;
         let addr = internal.local_addr()?;
         listeners.tcp.push(internal);
         Some(addr)
@@ -77,13 +88,13 @@ async fn run(config: broker::config::Config, plan: ListenPlan, dev: DevDefaults)
 
     let handlers = match (internal_addr, handler_key) {
         (Some(addr), Some(key)) => {
-            let mut settings = handlers::Settings::from_env().context("built-in handlers configuration")?;
+            let mut settings =
+                handlers::Settings::from_env().context("built-in handlers configuration")?;
             settings.broker_url = format!("mqtt://{addr}");
             settings.broker_ca = None;
             settings.handler_key = key;
             Some(
                 handlers::spawn_builtin(settings, shutdown.child_token())
-                    .await
                     .context("starting the built-in handlers")?,
             )
         }
@@ -131,14 +142,23 @@ async fn wait_for_signal() {
 
 /// Tells a newcomer how to talk to a development broker. Secrets and the demo
 /// token are printed only when the broker made them itself (development defaults).
-fn print_banner(running: &RunningBroker, dev: &DevDefaults, jwt_secret: Option<&[u8]>, handlers: bool) {
+fn print_banner(
+    running: &RunningBroker,
+    dev: &DevDefaults,
+    jwt_secret: Option<&[u8]>,
+    handlers: bool,
+) {
     let Some(tls) = running.tls_addr else {
         return;
     };
     let port = tls.port();
     // The addresses actually bound (port 0 in configuration picks a free one).
     println!("MQTT broker listening: TLS on {tls}");
-    if let Some(tcp) = running.tcp_addrs.first().filter(|_| running.tcp_addrs.len() > usize::from(handlers)) {
+    if let Some(tcp) = running
+        .tcp_addrs
+        .first()
+        .filter(|_| running.tcp_addrs.len() > usize::from(handlers))
+    {
         println!("                       plain TCP on {tcp}");
     }
     if let Some(metrics) = running.metrics_addr {
@@ -152,12 +172,18 @@ fn print_banner(running: &RunningBroker, dev: &DevDefaults, jwt_secret: Option<&
     };
     println!("development certificate authority: {}", ca.display());
     if let Some(key) = &dev.handler_key {
-        println!("development handler key (username `handler`): {}", key.expose());
+        println!(
+            "development handler key (username `handler`): {}",
+            key.expose()
+        );
     }
     let (Some(_), Some(secret)) = (&dev.jwt_secret, jwt_secret) else {
         return;
     };
-    println!("development JWT secret (HS256): {}", String::from_utf8_lossy(secret));
+    println!(
+        "development JWT secret (HS256): {}",
+        String::from_utf8_lossy(secret)
+    );
     let claims = shared::claims::DeviceClaims::new("demo", 24 * 3600);
     let Ok(token) = claims.sign_hs256(secret) else {
         return;

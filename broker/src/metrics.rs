@@ -104,7 +104,9 @@ impl Metrics {
     }
 
     pub fn denied(&self, kind: &'static str, reason: &'static str) {
-        self.denials.get_or_create(&DenialLabel { kind, reason }).inc();
+        self.denials
+            .get_or_create(&DenialLabel { kind, reason })
+            .inc();
     }
 
     pub fn message_in(&self) {
@@ -116,7 +118,9 @@ impl Metrics {
     }
 
     pub fn socket_dropped(&self, reason: &'static str) {
-        self.dropped_sockets.get_or_create(&ReasonLabel { reason }).inc();
+        self.dropped_sockets
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -141,9 +145,18 @@ mod tests {
         m.message_in();
         m.messages_out(3);
         let text = m.render();
-        assert!(text.contains("broker_connections{kind=\"device\"} 1"), "{text}");
-        assert!(text.contains("broker_connects_refused_total{reason=\"token expired\"} 1"), "{text}");
-        assert!(text.contains("broker_denials_total{kind=\"subscribe\",reason=\"not_authorized\"} 1"), "{text}");
+        assert!(
+            text.contains("broker_connections{kind=\"device\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("broker_connects_refused_total{reason=\"token expired\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("broker_denials_total{kind=\"subscribe\",reason=\"not_authorized\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("broker_messages_out_total 3"), "{text}");
     }
 }

@@ -49,7 +49,9 @@ impl ConnectionRateLimit {
             tokens: self.burst,
             refreshed: now,
         });
-        let elapsed = now.saturating_duration_since(bucket.refreshed).as_secs_f64();
+        let elapsed = now
+            .saturating_duration_since(bucket.refreshed)
+            .as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.refreshed = now;
         if bucket.tokens >= 1.0 {
@@ -68,9 +70,9 @@ impl ConnectionRateLimit {
         }
         *last = now;
         drop(last);
-        self.buckets
-            .lock()
-            .retain(|_, b| now.saturating_duration_since(b.refreshed).as_secs_f64() < FORGET_AFTER_SECS);
+        self.buckets.lock().retain(|_, b| {
+            now.saturating_duration_since(b.refreshed).as_secs_f64() < FORGET_AFTER_SECS
+        });
     }
 }
 

@@ -15,15 +15,16 @@ pub use rumqttd::local::{LinkRx as RouterRx, LinkTx as RouterTx};
 /// Why a router session could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    /// rumqttd's `LinkError` is ~800 bytes; keep its text, not the value.
     #[error("router refused the session: {0}")]
-    Link(#[from] LinkError),
+    Link(String),
     #[error("router answered without a CONNACK")]
     NoConnAck,
     #[error("router link task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
-type LinkResult = Result<(LinkTx, LinkRx, Notification), LinkError>;
+type LinkResult = Result<(LinkTx, LinkRx, Notification), RouterError>;
 /// Opens a link; hides the router sender, whose element type rumqttd keeps private.
 type LinkFactory = Arc<dyn Fn(&str, bool) -> LinkResult + Send + Sync>;
 
@@ -77,20 +78,30 @@ impl EmbeddedRouter {
             LinkBuilder::new(client_id, router_tx.clone())
                 .clean_session(clean_session)
                 .build()
+                .map_err(|e: LinkError| RouterError::Link(e.to_string()))
         });
         EmbeddedRouter { open_link }
     }
 
     /// Opens a session for `router_client_id` (already namespaced and free of
     /// `+ $ # /`). Runs the blocking build on the blocking pool.
-    pub async fn connect(&self, router_client_id: String, clean_session: bool) -> Result<RouterLink, RouterError> {
+    pub async fn connect(
+        &self,
+        router_client_id: String,
+        clean_session: bool,
+    ) -> Result<RouterLink, RouterError> {
         let open_link = self.open_link.clone();
         let (tx, rx, ack) =
-            tokio::task::spawn_blocking(move || open_link(&router_client_id, clean_session)).await??;
+            tokio::task::spawn_blocking(move || open_link(&router_client_id, clean_session))
+                .await??;
         let session_present = match Option::<Packet>::from(ack) {
             Some(Packet::ConnAck(ack, _)) => ack.session_present,
             _ => return Err(RouterError::NoConnAck),
         };
-        Ok(RouterLink { tx, rx, session_present })
+        Ok(RouterLink {
+            tx,
+            rx,
+            session_present,
+        })
     }
 }

@@ -79,7 +79,10 @@ impl SessionRegistry {
         if let Some(previous) = previous {
             previous.kick.cancel();
             // Err means the sender was dropped: the old session is gone.
-            if tokio::time::timeout(TAKEOVER_WAIT, previous.closed).await.is_err() {
+            if tokio::time::timeout(TAKEOVER_WAIT, previous.closed)
+                .await
+                .is_err()
+            {
                 tracing::warn!(session = %id, "replaced session did not close in time");
             }
         }
@@ -120,7 +123,10 @@ mod tests {
         let u12 = UserId::parse("12").unwrap();
         let u1 = UserId::parse("1").unwrap();
         assert_eq!(device_session_id(&u12, "phone"), "D:12:phone");
-        assert_ne!(device_session_id(&u12, "phone"), device_session_id(&u1, "2:phone"));
+        assert_ne!(
+            device_session_id(&u12, "phone"),
+            device_session_id(&u1, "2:phone")
+        );
         assert_eq!(handler_session_id("h/1+#$%"), "H:h%2F1%2B%23%24%25");
         assert!(!device_session_id(&u12, "a/b#").contains(['/', '#', '+', '$']));
         assert_ne!(handler_session_id("a%2F"), handler_session_id("a/"));

@@ -20,7 +20,9 @@ pub enum TlsSetupError {
     },
     #[error("{0} holds no PEM certificate: BROKER_TLS_CERT must be a PEM certificate chain")]
     NoCertificate(PathBuf),
-    #[error("{0} holds no PEM private key: BROKER_TLS_KEY must be a PKCS#8, PKCS#1 or SEC1 PEM key")]
+    #[error(
+        "{0} holds no PEM private key: BROKER_TLS_KEY must be a PKCS#8, PKCS#1 or SEC1 PEM key"
+    )]
     NoKey(PathBuf),
     #[error("certificate and key do not form a usable TLS identity: {0}")]
     Rustls(#[from] rustls::Error),

@@ -75,11 +75,19 @@ impl V5Client {
                 }
             }
         });
-        V5Client { client, events, task }
+        V5Client {
+            client,
+            events,
+            task,
+        }
     }
 
     /// Waits for the next packet matching `pick`, skipping others.
-    pub async fn wait_for<T>(&mut self, what: &str, mut pick: impl FnMut(&p5::Packet) -> Option<T>) -> T {
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&p5::Packet) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
@@ -142,15 +150,25 @@ impl V5Client {
     }
 
     /// Subscribes to one filter and returns its SUBACK reason.
-    pub async fn subscribe(&mut self, filter: &str, qos: v5::mqttbytes::QoS) -> p5::SubscribeReasonCode {
-        self.client.subscribe(filter, qos).await.expect("queue subscribe");
+    pub async fn subscribe(
+        &mut self,
+        filter: &str,
+        qos: v5::mqttbytes::QoS,
+    ) -> p5::SubscribeReasonCode {
+        self.client
+            .subscribe(filter, qos)
+            .await
+            .expect("queue subscribe");
         let ack = self.suback().await;
         ack.return_codes[0]
     }
 
     /// Next event within `within`, if any (for asserting nothing arrives).
     pub async fn next_within(&mut self, within: Duration) -> Option<Seen<p5::Packet, String>> {
-        tokio::time::timeout(within, self.events.recv()).await.ok().flatten()
+        tokio::time::timeout(within, self.events.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Asserts that no PUBLISH arrives within `within`.
@@ -169,7 +187,9 @@ impl V5Client {
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(Seen::Error(e))) => return e,
-                Ok(Some(Seen::Packet(p5::Packet::Disconnect(d)))) => return format!("DISCONNECT {:?}", d.reason_code),
+                Ok(Some(Seen::Packet(p5::Packet::Disconnect(d)))) => {
+                    return format!("DISCONNECT {:?}", d.reason_code)
+                }
                 Ok(Some(Seen::Packet(_))) => {}
                 Ok(None) => return "event loop ended".into(),
                 Err(_) => panic!("connection did not close"),
@@ -224,10 +244,18 @@ impl V4Client {
                 }
             }
         });
-        V4Client { client, events, task }
+        V4Client {
+            client,
+            events,
+            task,
+        }
     }
 
-    pub async fn wait_for<T>(&mut self, what: &str, mut pick: impl FnMut(&rumqttc::Packet) -> Option<T>) -> T {
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&rumqttc::Packet) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {

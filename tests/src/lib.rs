@@ -5,10 +5,10 @@
 
 pub mod clients;
 
+use broker::auth::jwt::JwtSettings;
 use broker::config::{Config, Limits};
 use broker::secret::Secret;
 use broker::{Broker, Listeners, RunningBroker};
-use broker::auth::jwt::JwtSettings;
 use shared::claims::DeviceClaims;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,7 +76,10 @@ pub fn init_logging() {
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
     });
 }
 
@@ -88,8 +91,10 @@ impl TestBroker {
     pub async fn start_with(options: TestOptions) -> Self {
         init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs = broker::dev_certs::make_certificate_files(dir.path()).expect("test certificate");
-        let acceptor = broker::tls::acceptor_from_files(&certs.cert_file, &certs.key_file).expect("acceptor");
+        let certs =
+            broker::dev_certs::make_certificate_files(dir.path()).expect("test certificate");
+        let acceptor =
+            broker::tls::acceptor_from_files(&certs.cert_file, &certs.key_file).expect("acceptor");
         let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
         let tls = TcpListener::bind(localhost).await.expect("bind tls");
         let tcp = TcpListener::bind(localhost).await.expect("bind tcp");
@@ -141,7 +146,9 @@ impl TestBroker {
     pub async fn metrics_text(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.metrics_addr.expect("metrics enabled");
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect metrics");
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
             .await

@@ -356,6 +356,38 @@ async fn forbidden_subscriptions_get_ordered_suback_codes() {
             V4Code::Failure
         ]
     );
+    // Filters client libraries refuse to send (`U_#`, `U_+`), sent raw.
+    for version in [4u8, 5] {
+        let mut s = TcpStream::connect(broker.tcp_addr).await.unwrap();
+        s.write_all(&raw_connect_version(version, &broker.token("23412")))
+            .await
+            .unwrap();
+        let mut header = [0u8; 2];
+        s.read_exact(&mut header).await.unwrap();
+        assert_eq!(header[0], 0x20);
+        let mut rest = vec![0u8; usize::from(header[1])];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest[1], 0, "connected");
+        s.write_all(&raw_subscribe(version, &["23412_#", "23412_+", "23412_ok"]))
+            .await
+            .unwrap();
+        let mut suback = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut suback))
+            .await
+            .unwrap()
+            .unwrap();
+        let codes = &suback[n - 3..n];
+        if version == 4 {
+            assert_eq!(codes, [0x80, 0x80, 0x01], "MQTT 3.1.1 SUBACK");
+        } else {
+            assert_eq!(
+                codes,
+                [0x8F, 0x8F, 0x01],
+                "MQTT 5 SUBACK: topic filter invalid"
+            );
+        }
+    }
+
     let metrics = broker.metrics_text().await;
     assert!(
         metrics.contains("broker_denials_total{kind=\"subscribe\""),

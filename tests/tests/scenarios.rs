@@ -30,32 +30,53 @@ async fn request_contact_reaches_the_handler_with_identity_and_only_the_target_g
         ca_file: Some(&broker.ca_file),
     };
 
-    let mut handler = V5Client::connect(tls.clone(), "contacts-1", "handler", TEST_HANDLER_KEY, |_| {});
+    let mut handler = V5Client::connect(
+        tls.clone(),
+        "contacts-1",
+        "handler",
+        TEST_HANDLER_KEY,
+        |_| {},
+    );
     handler.connected().await;
     assert_eq!(
-        handler.subscribe("$share/contacts/request_contact", QoS::AtLeastOnce).await,
+        handler
+            .subscribe("$share/contacts/request_contact", QoS::AtLeastOnce)
+            .await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
 
-    let mut requester = V5Client::connect(tls.clone(), "phone", "JWT", &broker.token("68946"), |_| {});
+    let mut requester =
+        V5Client::connect(tls.clone(), "phone", "JWT", &broker.token("68946"), |_| {});
     requester.connected().await;
     assert_eq!(
-        requester.subscribe("68946_contact_approved", QoS::AtLeastOnce).await,
+        requester
+            .subscribe("68946_contact_approved", QoS::AtLeastOnce)
+            .await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
     let mut target = V5Client::connect(tls.clone(), "phone", "JWT", &broker.token("23412"), |_| {});
     target.connected().await;
     assert_eq!(
-        target.subscribe("23412_contact_requested", QoS::AtLeastOnce).await,
+        target
+            .subscribe("23412_contact_requested", QoS::AtLeastOnce)
+            .await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
 
     requester
         .client
-        .publish("request_contact", QoS::AtLeastOnce, false, r#"{"contact_id":"23412"}"#)
+        .publish(
+            "request_contact",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"contact_id":"23412"}"#,
+        )
         .await
         .unwrap();
-    assert_eq!(requester.puback().await.reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success);
+    assert_eq!(
+        requester.puback().await.reason,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::Success
+    );
 
     let command = handler.publish_received().await;
     assert_eq!(command.topic, "request_contact");
@@ -64,13 +85,20 @@ async fn request_contact_reaches_the_handler_with_identity_and_only_the_target_g
 
     handler
         .client
-        .publish("23412_contact_requested", QoS::AtLeastOnce, false, r#"{"requester_id":"68946"}"#)
+        .publish(
+            "23412_contact_requested",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"requester_id":"68946"}"#,
+        )
         .await
         .unwrap();
     let reply = target.publish_received().await;
     assert_eq!(reply.topic, "23412_contact_requested");
     assert_eq!(&reply.payload[..], br#"{"requester_id":"68946"}"#);
-    requester.assert_no_publish(Duration::from_millis(300)).await;
+    requester
+        .assert_no_publish(Duration::from_millis(300))
+        .await;
     broker.shutdown().await;
 }
 
@@ -85,7 +113,13 @@ async fn mqtt_311_device_over_tls_gets_its_reply() {
     handler.connected().await;
     handler.subscribe("get_contact_list", QoS::AtMostOnce).await;
 
-    let mut device = V4Client::connect(tls.clone(), "old-phone", "JWT", &broker.token("68946"), |_| {});
+    let mut device = V4Client::connect(
+        tls.clone(),
+        "old-phone",
+        "JWT",
+        &broker.token("68946"),
+        |_| {},
+    );
     device.connected().await;
     device
         .client
@@ -94,7 +128,9 @@ async fn mqtt_311_device_over_tls_gets_its_reply() {
         .unwrap();
     assert_eq!(
         device.suback().await.return_codes,
-        vec![rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce)]
+        vec![rumqttc::SubscribeReasonCode::Success(
+            rumqttc::QoS::AtLeastOnce
+        )]
     );
     device
         .client
@@ -105,7 +141,12 @@ async fn mqtt_311_device_over_tls_gets_its_reply() {
     assert_eq!(user_property(&command, "user_id"), vec!["68946"]);
     handler
         .client
-        .publish("68946_contact_list", QoS::AtLeastOnce, false, r#"{"contacts":[]}"#)
+        .publish(
+            "68946_contact_list",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"contacts":[]}"#,
+        )
         .await
         .unwrap();
     let reply = device.publish_received().await;
