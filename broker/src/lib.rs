@@ -99,7 +99,12 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let gate = Arc::new(Gate {
-            auth: Authenticator::new(jwt, config.handler_keys, limits.refusal_cache_ttl),
+            auth: Authenticator::new(
+                jwt,
+                config.handler_keys,
+                limits.refusal_cache_ttl,
+                metrics.clone(),
+            ),
             router: EmbeddedRouter::start(&limits, &config.command_topics),
             sessions: Arc::new(SessionRegistry::default()),
             commands: CommandTopics::new(config.command_topics),

@@ -33,6 +33,7 @@ pub struct Metrics {
     messages_in: Counter,
     messages_out: Counter,
     dropped_sockets: Family<ReasonLabel, Counter>,
+    refusal_cache_hits: Counter,
 }
 
 impl Default for Metrics {
@@ -50,6 +51,7 @@ impl Metrics {
         let messages_in = Counter::default();
         let messages_out = Counter::default();
         let dropped_sockets = Family::<ReasonLabel, Counter>::default();
+        let refusal_cache_hits = Counter::default();
         registry.register(
             "connections",
             "Authenticated MQTT connections by kind (device, handler)",
@@ -80,7 +82,13 @@ impl Metrics {
             "Sockets closed before CONNECT, by reason (rate_limited, tls_handshake, connect_timeout, not_mqtt, too_many_connections)",
             dropped_sockets.clone(),
         );
+        registry.register(
+            "refusal_cache_hits",
+            "CONNECTs refused from the short cache of refused credentials, without verifying again",
+            refusal_cache_hits.clone(),
+        );
         Metrics {
+            refusal_cache_hits,
             registry,
             connections,
             refused,
@@ -115,6 +123,10 @@ impl Metrics {
 
     pub fn messages_out(&self, n: u64) {
         self.messages_out.inc_by(n);
+    }
+
+    pub fn refusal_cache_hit(&self) {
+        self.refusal_cache_hits.inc();
     }
 
     pub fn socket_dropped(&self, reason: &'static str) {

@@ -8,11 +8,13 @@ pub mod jwks;
 pub mod jwt;
 pub mod refusals;
 
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use jwt::{JwtVerifier, TokenError};
 use refusals::RefusalCache;
 use shared::topics::{DEVICE_USERNAME, HANDLER_USERNAME};
 use shared::UserId;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A verified client.
@@ -105,14 +107,21 @@ pub struct Authenticator {
     jwt: JwtVerifier,
     handler_keys: Vec<Secret>,
     refusals: RefusalCache<Refusal>,
+    metrics: Arc<Metrics>,
 }
 
 impl Authenticator {
-    pub fn new(jwt: JwtVerifier, handler_keys: Vec<Secret>, refusal_ttl: Duration) -> Self {
+    pub fn new(
+        jwt: JwtVerifier,
+        handler_keys: Vec<Secret>,
+        refusal_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Authenticator {
             jwt,
             handler_keys,
             refusals: RefusalCache::new(refusal_ttl),
+            metrics,
         }
     }
 
@@ -128,6 +137,7 @@ impl Authenticator {
             ));
         };
         if let Some(refusal) = self.refusals.get(username, password) {
+            self.metrics.refusal_cache_hit();
             return Err(refusal);
         }
         let result = match username {
