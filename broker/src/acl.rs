@@ -152,7 +152,7 @@ pub(crate) mod tests {
             ("68946_a/b", Ok(())),
             ("23412_contact_requested", Err(Denial::NotAuthorized)),
             ("6894_x", Err(Denial::NotAuthorized)),
-            ("68946_#", Err(Denial::NotAuthorized)),
+            ("68946_#", Err(Denial::Invalid)),
             ("68946_+", Err(Denial::Invalid)),
             ("68946_/+", Err(Denial::NotAuthorized)),
             ("#", Err(Denial::NotAuthorized)),

@@ -174,7 +174,8 @@ impl Default for Limits {
     }
 }
 
-/// What the broker runs with, validated. (No `Debug`: it holds secrets.)
+/// What the broker runs with, validated. (`Debug` masks the secrets.)
+#[derive(Debug)]
 pub struct Config {
     pub jwt: JwtSettings,
     pub handler_keys: Vec<Secret>,
@@ -318,5 +319,123 @@ impl Args {
             builtin_handlers: self.handlers == BuiltinHandlers::All,
         };
         Ok((config, plan, dev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    const ENV_EXAMPLE: &str = include_str!("../../.env.example");
+
+    /// Variables `.env.example` documents, set or commented out.
+    fn documented() -> Vec<(String, Option<String>)> {
+        ENV_EXAMPLE
+            .lines()
+            .filter_map(|line| {
+                let commented = line.starts_with("# ");
+                let line = line.trim_start_matches("# ");
+                let (name, value) = line.split_once('=')?;
+                let is_name = !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                is_name.then(|| (name.to_owned(), (!commented).then(|| value.to_owned())))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_broker_variable_is_in_env_example() {
+        let names: Vec<String> = documented().into_iter().map(|(n, _)| n).collect();
+        for arg in Args::command().get_arguments() {
+            if let Some(env) = arg.get_env() {
+                let env = env.to_string_lossy();
+                assert!(
+                    names.iter().any(|n| *n == env),
+                    "{env} is missing from .env.example"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn env_example_values_are_accepted() {
+        let command = Args::command();
+        let mut argv = vec!["broker".to_owned()];
+        for (name, value) in documented() {
+            let Some(value) = value.filter(|_| name != "BROKER_DEV_DIR") else {
+                continue;
+            };
+            if let Some(arg) = command
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e.to_string_lossy() == name))
+            {
+                argv.push(format!("--{}={value}", arg.get_long().expect("long flag")));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        argv.push(format!("--dev-dir={}", dir.path().display()));
+        let args = Args::try_parse_from(&argv).expect("documented values parse");
+        let (config, plan, dev) = args.resolve().expect("documented values validate");
+        assert_eq!(plan.tls_listen.to_string(), "127.0.0.1:8883");
+        assert_eq!(config.command_topics.len(), 5);
+        assert!(dev.jwt_secret.is_some() && dev.handler_key.is_some());
+    }
+
+    fn base_args(extra: &[&str]) -> Args {
+        let mut argv = vec!["broker"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("parse")
+    }
+
+    #[test]
+    fn refuses_public_listeners_without_real_credentials() {
+        let err = base_args(&["--tls-listen=0.0.0.0:8883"])
+            .resolve()
+            .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::DevCertOnPublicAddress(_)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("BROKER_TLS_CERT"));
+
+        let err = base_args(&[
+            "--tls-listen=0.0.0.0:8883",
+            "--tls-cert=c.pem",
+            "--tls-key=k.pem",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"), "{err}");
+
+        let err = base_args(&[
+            "--tls-listen=0.0.0.0:8883",
+            "--tls-cert=c.pem",
+            "--tls-key=k.pem",
+            "--jwt-secret=s3cret",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("HANDLER_KEYS"), "{err}");
+    }
+
+    #[test]
+    fn refuses_bad_values_with_a_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = format!("--dev-dir={}", dir.path().display());
+        for (flag, needle) in [
+            ("--handler-keys=short", "HANDLER_KEYS"),
+            ("--command-topics=cmd/#", "COMMAND_TOPICS"),
+            ("--command-topics=$SYS/x", "COMMAND_TOPICS"),
+            ("--max-packet-size=10", "BROKER_MAX_PACKET_SIZE"),
+            ("--tls-cert=only-cert.pem", "BROKER_TLS_KEY"),
+            ("--jwt-secret=", "JWT_SECRET"),
+        ] {
+            let err = base_args(&[flag, &dev]).resolve().unwrap_err();
+            assert!(err.to_string().contains(needle), "{flag}: {err}");
+        }
+        assert!(Args::try_parse_from(["broker", "--handlers=some"]).is_err());
     }
 }
