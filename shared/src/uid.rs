@@ -103,7 +103,11 @@ mod tests {
             ("é", 'é'),
             ("a b", ' '),
         ] {
-            assert_eq!(UserId::parse(bad), Err(UidError::BadCharacter(c)), "{bad:?}");
+            assert_eq!(
+                UserId::parse(bad),
+                Err(UidError::BadCharacter(c)),
+                "{bad:?}"
+            );
         }
     }
 
