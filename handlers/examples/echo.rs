@@ -19,7 +19,8 @@ async fn main() -> anyhow::Result<()> {
                 return Err(HandlerError::bad_request("text is empty")); // -> <uid>_echo
             }
             let from = cmd.user_id.as_str(); // verified by the broker, never from the payload
-            Ok(Reply::json("echo", json!({"status": 200, "text": cmd.body.text, "from": from})))
+            let body = json!({"status": 200, "text": cmd.body.text, "from": from});
+            Ok(Reply::json("echo", body)) // -> <uid>_echo
         })
         .run(SdkConfig::from_env()?, shutdown_on_signals())
         .await?;

@@ -14,7 +14,8 @@
 //! - [`Worker`]: a name (the shared-subscription group, so instances split the
 //!   load) and a handler per command topic, registered with [`Worker::on`].
 //!   [`Worker::run`] connects as user `handler` over TLS (`mqtts://`) or TCP
-//!   (`mqtt://`), MQTT 5, subscribes `$share/<name>/<topic>` with QoS 1,
+//!   (`mqtt://`), MQTT 5, subscribes `$share/<name>/<topic>` with QoS 1 (one
+//!   group per topic when a worker has several; see `Runner::filter`),
 //!   reconnects with jittered exponential backoff (100 ms to 10 s) and
 //!   re-subscribes, and on shutdown finishes in-flight commands.
 //! - [`Command<T>`]: the sender's verified [`UserId`](crate::UserId) from the

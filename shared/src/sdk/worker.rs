@@ -302,8 +302,22 @@ impl Runner {
         Ok(())
     }
 
+    /// The shared subscription for `topic`: `$share/<worker name>/<topic>`
+    /// for a worker with one topic. A worker with several topics uses one
+    /// group per topic, `$share/<worker name>.<topic>/<topic>`, because
+    /// rumqttd 0.20 keys a shared group by its name alone (one delivery
+    /// cursor per group), so one group over several filters loses messages.
+    /// Instances of a worker still split each topic's load.
     fn filter(&self, topic: &str) -> String {
-        format!("$share/{}/{topic}", self.group)
+        if self.routes.len() == 1 {
+            format!("$share/{}/{topic}", self.group)
+        } else {
+            let level: String = topic
+                .chars()
+                .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
+                .collect();
+            format!("$share/{}.{level}/{topic}", self.group)
+        }
     }
 
     /// Subscribes every command topic. `try_` because the poll loop must
