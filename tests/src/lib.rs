@@ -47,12 +47,7 @@ impl Default for TestOptions {
             },
             jwt: JwtSettings {
                 hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
-                public_key_files: Vec::new(),
-                jwks_url: None,
-                issuer: None,
-                audience: None,
-                leeway_secs: 5,
-                require_exp: true,
+                ..JwtSettings::default()
             },
             metrics: true,
         }
