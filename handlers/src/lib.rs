@@ -141,6 +141,36 @@ pub async fn run(kind: Kind, settings: Settings, shutdown: CancellationToken) ->
     Ok(())
 }
 
+/// The whole `main` of a handler binary: reads the environment, runs `kind`
+/// until SIGINT/SIGTERM, and turns a configuration error into a one-line
+/// message on stderr and exit code 2 (other failures: 1).
+pub async fn main_for(kind: Kind) -> std::process::ExitCode {
+    init_tracing();
+    let name = match kind {
+        Kind::Sync => "sync-handler",
+        Kind::Publish => "publish-handler",
+        Kind::Contacts => "contacts-handler",
+    };
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(kind, settings, shared::sdk::shutdown_on_signals()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e @ (Error::Config(_) | Error::Sdk(SdkError::Config(_)))) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Opens the store once and runs `sync`, `publish` and `contacts` in this
 /// process until `shutdown`; the handle ends when all three have drained.
 /// Must be called inside a Tokio runtime. Configuration errors (including a

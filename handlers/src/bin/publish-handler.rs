@@ -1,13 +1,9 @@
 //! `publish-handler`: serves the `publish` handler's command topics through the broker
 //! until SIGINT/SIGTERM, then finishes in-flight commands. Configuration is the
 //! environment (see `handlers/README.md`); a bad value stops it at start with
-//! a message saying how to fix it.
+//! a message saying how to fix it (exit code 2).
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    handlers::init_tracing();
-    let settings = handlers::Settings::from_env()?;
-    let shutdown = shared::sdk::shutdown_on_signals();
-    handlers::run(handlers::Kind::Publish, settings, shutdown).await?;
-    Ok(())
+async fn main() -> std::process::ExitCode {
+    handlers::main_for(handlers::Kind::Publish).await
 }
