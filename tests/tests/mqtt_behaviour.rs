@@ -115,6 +115,42 @@ async fn handlers_use_retain_wildcards_and_shared_subscriptions() {
     seen.dedup();
     assert_eq!(seen.len(), 10, "each command exactly once");
     assert!(per_member[0] > 0 && per_member[1] > 0, "{per_member:?}");
+
+    // One group over two filters: each filter's messages all arrive.
+    let mut c = handler(&broker, "worker-c").await;
+    c.subscribe("$share/pair/jobs/a", QoS::AtLeastOnce).await;
+    c.subscribe("$share/pair/jobs/b", QoS::AtLeastOnce).await;
+    for topic in ["jobs/a", "jobs/b", "jobs/a", "jobs/b"] {
+        d.client
+            .publish(topic, QoS::AtLeastOnce, false, topic)
+            .await
+            .unwrap();
+    }
+    let mut topics = Vec::new();
+    for _ in 0..4 {
+        topics.push(c.publish_received().await.topic.to_vec());
+    }
+    topics.sort();
+    assert_eq!(
+        topics,
+        vec![
+            b"jobs/a".to_vec(),
+            b"jobs/a".to_vec(),
+            b"jobs/b".to_vec(),
+            b"jobs/b".to_vec()
+        ]
+    );
+    // Unsubscribing one filter keeps the other.
+    c.client.unsubscribe("$share/pair/jobs/a").await.unwrap();
+    c.wait_for("UNSUBACK", |p| {
+        matches!(p, p5::Packet::UnsubAck(_)).then_some(())
+    })
+    .await;
+    d.client
+        .publish("jobs/b", QoS::AtLeastOnce, false, "still")
+        .await
+        .unwrap();
+    assert_eq!(&c.publish_received().await.payload[..], b"still");
     broker.shutdown().await;
 }
 

@@ -302,22 +302,11 @@ impl Runner {
         Ok(())
     }
 
-    /// The shared subscription for `topic`: `$share/<worker name>/<topic>`
-    /// for a worker with one topic. A worker with several topics uses one
-    /// group per topic, `$share/<worker name>.<topic>/<topic>`, because
-    /// rumqttd 0.20 keys a shared group by its name alone (one delivery
-    /// cursor per group), so one group over several filters loses messages.
-    /// Instances of a worker still split each topic's load.
+    /// The shared subscription for `topic`: `$share/<worker name>/<topic>`,
+    /// so instances of a worker split each topic's load. (The broker's router
+    /// keys a shared group by group and filter, as MQTT 5 says.)
     fn filter(&self, topic: &str) -> String {
-        if self.routes.len() == 1 {
-            format!("$share/{}/{topic}", self.group)
-        } else {
-            let level: String = topic
-                .chars()
-                .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
-                .collect();
-            format!("$share/{}.{level}/{topic}", self.group)
-        }
+        format!("$share/{}/{topic}", self.group)
     }
 
     /// Subscribes every command topic. `try_` because the poll loop must

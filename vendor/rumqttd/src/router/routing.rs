@@ -732,13 +732,21 @@ impl Router {
                                 continue;
                             }
 
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
-                                group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
+                            // patched: leave only the shared group of this filter
+                            // (upstream left every group on any unsubscribe).
+                            if let Some((group_key, _)) = extract_group(filter) {
+                                let now_empty = self
+                                    .shared_subscriptions
+                                    .get_mut(&group_key)
+                                    .map(|group| {
+                                        group.remove_client(&client_id);
+                                        group.is_empty()
+                                    })
+                                    .unwrap_or(false);
+                                if now_empty {
+                                    self.shared_subscriptions.remove(&group_key);
+                                }
+                            }
 
                             if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
                                 broker_aliases.remove_alias(filter);
@@ -1381,7 +1389,9 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
 
     // Unlike forwards, we are reading all the pending acks for a given connection.
     // At any given point of time, there can be a max of connection's buffer size
-    for ack in acks.drain(..) {
+    // patched: take the acks and leave an unallocated queue, so that an
+    // idle connection holds no ack buffer.
+    for ack in std::mem::take(acks) {
         let pkid = packetid(&ack);
         trace!(pkid, "Ack added for pkid {}", pkid);
         let message = Notification::DeviceAck(ack);
@@ -1750,10 +1760,14 @@ fn validate_clientid(client_id: &str) -> Result<(), RouterError> {
     Ok(())
 }
 
+/// Splits `$share/<group>/<filter>` into the shared group's key and the filter.
+/// patched: the key is `<group>/<filter>`, not the group name alone: upstream
+/// kept one delivery cursor per group name, so one group over several filters
+/// lost messages (MQTT 5 4.8.2: a shared subscription is the pair).
 fn extract_group(filter: &str) -> Option<(String, String)> {
     filter.strip_prefix("$share/").and_then(|s| {
         s.split_once('/')
-            .map(|(group, path)| (group.to_string(), path.to_string()))
+            .map(|(_group, path)| (s.to_string(), path.to_string()))
     })
 }
 // #[cfg(test)]
