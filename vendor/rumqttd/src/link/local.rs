@@ -339,7 +339,9 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // patched: grow on demand; upstream reserved 100 notifications
+            // (~25 KB) per link.
+            cache: VecDeque::new(),
         }
     }
 
@@ -358,7 +360,9 @@ impl LinkRx {
                 self.router_rx.recv()?;
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
-                mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+                // patched: take the router's buffer and drop our drained
+                // one, so that an idle link holds no buffer.
+                self.cache = mem::take(&mut *self.send_buffer.lock());
                 Ok(self.cache.pop_front())
             }
         }
@@ -373,7 +377,9 @@ impl LinkRx {
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
                 self.router_rx.recv_deadline(deadline)?;
-                mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+                // patched: take the router's buffer and drop our drained
+                // one, so that an idle link holds no buffer.
+                self.cache = mem::take(&mut *self.send_buffer.lock());
                 Ok(self.cache.pop_front())
             }
         }
@@ -390,7 +396,9 @@ impl LinkRx {
                 self.router_rx.recv_async().await?;
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
-                mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+                // patched: take the router's buffer and drop our drained
+                // one, so that an idle link holds no buffer.
+                self.cache = mem::take(&mut *self.send_buffer.lock());
                 Ok(self.cache.pop_front())
             }
         }

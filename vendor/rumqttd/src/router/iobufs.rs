@@ -32,7 +32,9 @@ impl Incoming {
     #[inline]
     pub(crate) fn new(client_id: String) -> Self {
         Self {
-            buffer: Arc::new(Mutex::new(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY))),
+            // patched: grow on demand; upstream reserved 200 packets (~78 KB)
+            // per connection.
+            buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
             client_id,
         }
@@ -44,9 +46,13 @@ impl Incoming {
     }
 
     #[inline]
-    pub(crate) fn exchange(&mut self, mut v: VecDeque<Packet>) -> VecDeque<Packet> {
-        std::mem::swap(&mut v, &mut self.buffer.lock());
-        v
+    pub(crate) fn exchange(&mut self, v: VecDeque<Packet>) -> VecDeque<Packet> {
+        // patched: take the link's buffer and leave it an unallocated one.
+        // Upstream swapped the router's buffer in, so every link kept a
+        // buffer (a busy link's grown one wandered to every other link); an
+        // idle link now holds no buffer, at one allocation per batch.
+        drop(v);
+        std::mem::take(&mut *self.buffer.lock())
     }
 }
 
@@ -72,13 +78,11 @@ impl Outgoing {
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
-        let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
-        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
-        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
-
-        // Ensure that there won't be any new allocations
-        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
-        assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
+        // patched: grow on demand; upstream reserved 200 notifications and
+        // 2 x 100 inflight entries (~53 KB) per connection up front.
+        let data_buffer = VecDeque::new();
+        let inflight_buffer = VecDeque::new();
+        let unacked_pubrels = VecDeque::new();
 
         let outgoing = Self {
             client_id,

@@ -367,7 +367,8 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        // patched: grow on demand (upstream reserved 10 per filter).
+        let waiters = Waiters::with_capacity(0);
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
@@ -410,8 +411,10 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // patched: grow on demand; upstream reserved 100 acks and 100
+            // QoS 2 publishes (~40 KB) per connection.
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 

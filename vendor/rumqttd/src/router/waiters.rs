@@ -24,6 +24,11 @@ impl<T> Waiters<T> {
 
     /// Pushes a request to current wait queue
     pub fn register(&mut self, id: ConnectionId, request: T) {
+        // patched: a filter usually has one parked subscriber; reserve one
+        // slot rather than the default growth to four (~300 B per filter).
+        if self.current.capacity() == 0 {
+            self.current.reserve_exact(1);
+        }
         let request = (id, request);
         self.current.push_back(request);
     }

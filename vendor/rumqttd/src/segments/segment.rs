@@ -29,14 +29,17 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // patched: upstream reserved 1,024 entries (~220 KB) per segment, so
+            // per filter; segments are bounded in bytes, so let them grow.
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // patched: grow on demand (see `with_offset`).
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
