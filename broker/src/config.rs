@@ -109,6 +109,9 @@ pub struct Args {
     /// Seconds to wait for sessions to close on SIGTERM/SIGINT.
     #[arg(long, env = "BROKER_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Seconds between sweeps that disconnect revoked users (0 = only at CONNECT).
+    #[arg(long, env = "BROKER_REVOCATION_POLL_SECS", default_value_t = 5)]
+    pub revocation_poll_secs: u64,
 }
 
 /// Why the configuration was refused. Each message says how to fix it.
@@ -156,6 +159,7 @@ pub struct Limits {
     pub max_keep_alive_secs: u16,
     pub refusal_cache_ttl: Duration,
     pub shutdown_grace: Duration,
+    pub revocation_poll: Duration,
 }
 
 impl Default for Limits {
@@ -170,6 +174,7 @@ impl Default for Limits {
             max_keep_alive_secs: 1200,
             refusal_cache_ttl: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            revocation_poll: Duration::from_secs(5),
         }
     }
 }
@@ -181,6 +186,9 @@ pub struct Config {
     pub handler_keys: Vec<Secret>,
     pub command_topics: Vec<String>,
     pub limits: Limits,
+    /// Revocation checks against the store; the binary sets them once the
+    /// store (shared with in-process handlers) is open.
+    pub revocations: Option<crate::revocation::Revocations>,
 }
 
 /// Where to listen and with which certificate, validated.
@@ -308,7 +316,9 @@ impl Args {
                 max_keep_alive_secs: self.max_keep_alive_secs.max(1),
                 refusal_cache_ttl: Duration::from_secs(self.refusal_cache_secs),
                 shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+                revocation_poll: Duration::from_secs(self.revocation_poll_secs),
             },
+            revocations: None,
         };
         let plan = ListenPlan {
             tls_listen,

@@ -5,7 +5,7 @@
 
 use crate::acl::{self, Denial};
 use crate::answers::{self, ConnectRefusal, ServerDisconnect};
-use crate::auth::Principal;
+use crate::auth::{Principal, Refusal};
 use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
@@ -180,6 +180,13 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     span.record("kind", principal.kind());
     if let Principal::Device(device) = &principal {
         span.record("uid", device.uid().as_str());
+        if let Some(revocations) = &gate.revocations {
+            if revocations.is_revoked(device.uid()).await {
+                let refusal = ConnectRefusal::Auth(Refusal::NotAuthorized("user revoked"));
+                let _ = wire.send_now(&codec, refuse(refusal)).await;
+                return None;
+            }
+        }
     }
 
     let assigned_client_id = if connect.client_id.is_empty() {
@@ -219,7 +226,11 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         Principal::Device(device) => device_session_id(device.uid(), &client_id),
         Principal::Handler(_) => handler_session_id(&client_id),
     };
-    let claim = gate.sessions.claim(session_id.clone()).await;
+    let uid = match &principal {
+        Principal::Device(device) => Some(device.uid()),
+        Principal::Handler(_) => None,
+    };
+    let claim = gate.sessions.claim(session_id.clone(), uid).await;
     let link = match gate.router.connect(session_id, connect.clean_session).await {
         Ok(link) => link,
         Err(e) => {
@@ -396,6 +407,7 @@ impl Session {
                 biased;
                 _ = gate.shutdown.cancelled() => return End::Server(ServerDisconnect::ShuttingDown),
                 _ = self.claim.taken_over.cancelled() => return End::Server(ServerDisconnect::TakenOver),
+                _ = self.claim.revoked.cancelled() => return End::Server(ServerDisconnect::Revoked),
                 _ = tokio::time::sleep_until(token_deadline) => return End::Server(ServerDisconnect::TokenExpired),
                 _ = tokio::time::sleep_until(keep_alive_deadline) => {
                     return End::Server(ServerDisconnect::KeepAliveTimeout)

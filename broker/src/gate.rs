@@ -6,6 +6,7 @@ use crate::auth::Authenticator;
 use crate::command_topics::CommandTopics;
 use crate::config::Limits;
 use crate::metrics::Metrics;
+use crate::revocation::Revocations;
 use crate::router::EmbeddedRouter;
 use crate::sessions::SessionRegistry;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ pub struct Gate {
     pub router: EmbeddedRouter,
     pub sessions: Arc<SessionRegistry>,
     pub commands: CommandTopics,
+    /// Revocation checks, when a store is configured.
+    pub revocations: Option<Arc<Revocations>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     /// Clock leeway for the token-expiry disconnect (same as at connect).

@@ -10,6 +10,7 @@
 //!    giving a verified [`auth::Principal`]; refusals cached ([`auth::refusals`]);
 //! 5. [`sessions`]: client ids namespaced per user and takeover;
 //! 6. [`acl`]: who may publish and subscribe where ([`command_topics`]);
+//!    revoked users are refused and disconnected ([`revocation`]);
 //! 7. [`identity`]: `user_id`/`client_id` stamped on device publishes;
 //! 8. [`router`]: the embedded rumqttd router, which routes and delivers;
 //! 9. [`answers`]: every refusal and denial as the right packet per version.
@@ -32,6 +33,7 @@ pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod rate_limit;
+pub mod revocation;
 pub mod router;
 pub mod secret;
 pub mod sessions;
@@ -108,6 +110,7 @@ impl Broker {
             router: EmbeddedRouter::start(&limits, &config.command_topics),
             sessions: Arc::new(SessionRegistry::default()),
             commands: CommandTopics::new(config.command_topics),
+            revocations: config.revocations.map(Arc::new),
             metrics: metrics.clone(),
             leeway_secs,
             limits: limits.clone(),
@@ -119,6 +122,9 @@ impl Broker {
         ));
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
+        if let Some(revocations) = gate.revocations.clone() {
+            tasks.spawn(revocations.watch(gate.sessions.clone(), shutdown.clone()));
+        }
 
         let mut running = RunningBroker {
             tls_addr: None,

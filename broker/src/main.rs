@@ -83,18 +83,39 @@ async fn run(
     }
     let handler_key = config.handler_keys.first().map(|k| k.expose().to_owned());
     let jwt_secret = config.jwt.hmac_secret.clone();
+
+    // One store for the in-process handlers and the broker's revocation checks
+    // (the embedded store can be opened once per process). With the handlers
+    // elsewhere, the broker checks revocations only when Redis is configured.
+    let handler_settings = handlers::Settings::from_env().context("handlers configuration")?;
+    let store = if internal_addr.is_some() || handler_settings.redis_url.is_some() {
+        Some(
+            shared::store::open(
+                handler_settings.redis_url.as_deref(),
+                &handler_settings.data_dir,
+            )
+            .await
+            .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?,
+        )
+    } else {
+        None
+    };
+    let mut config = config;
+    config.revocations = store
+        .clone()
+        .map(|store| broker::revocation::Revocations::new(store, config.limits.revocation_poll));
+
     let running = Broker::start(config, listeners).await?;
     let shutdown = running.shutdown_token();
 
-    let handlers = match (internal_addr, handler_key) {
-        (Some(addr), Some(key)) => {
-            let mut settings =
-                handlers::Settings::from_env().context("built-in handlers configuration")?;
+    let handlers = match (internal_addr, handler_key, store) {
+        (Some(addr), Some(key), Some(store)) => {
+            let mut settings = handler_settings;
             settings.broker_url = format!("mqtt://{addr}");
             settings.broker_ca = None;
             settings.handler_key = key;
             Some(
-                handlers::spawn_builtin(settings, shutdown.child_token())
+                handlers::spawn_builtin_with_store(settings, store, shutdown.child_token())
                     .context("starting the built-in handlers")?,
             )
         }

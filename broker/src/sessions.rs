@@ -40,7 +40,10 @@ fn escape(client_id: &str) -> String {
 
 struct Entry {
     serial: u64,
+    /// The user of a device session (handlers have none).
+    uid: Option<UserId>,
     kick: CancellationToken,
+    revoke: CancellationToken,
     closed: oneshot::Receiver<()>,
 }
 
@@ -59,20 +62,26 @@ pub struct SessionClaim {
     serial: u64,
     /// Cancelled when another connection takes this session over.
     pub taken_over: CancellationToken,
+    /// Cancelled when the session's user is revoked.
+    pub revoked: CancellationToken,
     _closed: oneshot::Sender<()>,
 }
 
 impl SessionRegistry {
-    /// Claims `id`, ending the connection that holds it first (if any).
-    pub async fn claim(self: &Arc<Self>, id: String) -> SessionClaim {
+    /// Claims `id` (for `uid`'s device, or a handler when `None`), ending
+    /// the connection that holds it first (if any).
+    pub async fn claim(self: &Arc<Self>, id: String, uid: Option<&UserId>) -> SessionClaim {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
+        let revoke = CancellationToken::new();
         let (closed_tx, closed_rx) = oneshot::channel();
         let previous = self.live.lock().insert(
             id.clone(),
             Entry {
                 serial,
+                uid: uid.cloned(),
                 kick: kick.clone(),
+                revoke: revoke.clone(),
                 closed: closed_rx,
             },
         );
@@ -91,8 +100,23 @@ impl SessionRegistry {
             id,
             serial,
             taken_over: kick,
+            revoked: revoke,
             _closed: closed_tx,
         }
+    }
+
+    /// Live device sessions grouped by user, with the tokens that end them.
+    pub fn device_sessions(&self) -> Vec<(UserId, Vec<CancellationToken>)> {
+        let mut by_user: HashMap<UserId, Vec<CancellationToken>> = HashMap::new();
+        for entry in self.live.lock().values() {
+            if let Some(uid) = &entry.uid {
+                by_user
+                    .entry(uid.clone())
+                    .or_default()
+                    .push(entry.revoke.clone());
+            }
+        }
+        by_user.into_iter().collect()
     }
 
     /// Number of live sessions.
@@ -135,17 +159,22 @@ mod tests {
     #[tokio::test]
     async fn second_claim_kicks_the_first_and_waits() {
         let registry = Arc::new(SessionRegistry::default());
-        let first = registry.claim("D:1:c".into()).await;
+        let uid = UserId::parse("1").unwrap();
+        let first = registry.claim("D:1:c".into(), Some(&uid)).await;
         let kicked = first.taken_over.clone();
         let waiter = tokio::spawn({
             let registry = registry.clone();
-            async move { registry.claim("D:1:c".into()).await }
+            let uid = uid.clone();
+            async move { registry.claim("D:1:c".into(), Some(&uid)).await }
         });
         kicked.cancelled().await;
         drop(first);
         let second = waiter.await.unwrap();
         assert!(!second.taken_over.is_cancelled());
         assert_eq!(registry.len(), 1);
+        let devices = registry.device_sessions();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].0.as_str(), "1");
         drop(second);
         assert!(registry.is_empty());
     }

@@ -28,6 +28,8 @@ pub struct TestOptions {
     pub limits: Limits,
     pub jwt: JwtSettings,
     pub metrics: bool,
+    /// A store whose revocation flags the broker checks (poll interval from `limits`).
+    pub revocation_store: Option<std::sync::Arc<dyn shared::store::Store>>,
 }
 
 impl Default for TestOptions {
@@ -50,6 +52,7 @@ impl Default for TestOptions {
                 ..JwtSettings::default()
             },
             metrics: true,
+            revocation_store: None,
         }
     }
 }
@@ -98,7 +101,11 @@ impl TestBroker {
         } else {
             None
         };
+        let revocations = options.revocation_store.map(|store| {
+            broker::revocation::Revocations::new(store, options.limits.revocation_poll)
+        });
         let config = Config {
+            revocations,
             jwt: options.jwt,
             handler_keys: vec![Secret::new(TEST_HANDLER_KEY)],
             command_topics: options.command_topics,
