@@ -98,6 +98,7 @@ start_broker() {
       mosquitto_passwd -b "$dir/passwd" handler "$HKEY"
       cat >"$dir/mosquitto.conf" <<EOF
 per_listener_settings false
+user $(id -un)
 listener $PORT_MOSQ 127.0.0.1
 allow_anonymous false
 password_file $dir/passwd
@@ -161,7 +162,7 @@ for b in $ONLY; do
   start_broker "$b"
   lg "cpu1k__$b" "$b" 120 --devices 1000 --rate 2000 --duration $CPU_SECS --uid-prefix c
   for r in $SWEEP; do
-    lg "sweep-$r__$b" "$b" 120 --devices 1000 --rate "$r" --duration $SWEEP_SECS --uid-prefix c
+    lg "sweep-${r}__$b" "$b" 120 --devices 1000 --rate "$r" --duration $SWEEP_SECS --uid-prefix c
   done
   stop_broker
 
@@ -174,7 +175,7 @@ for b in $ONLY; do
   # 3. Scale curve in devices at 5,000/s (fresh broker each, for memory per connection).
   for d in $DEVICE_CURVE; do
     start_broker "$b"
-    lg "devices-$d__$b" "$b" 240 --devices "$d" --rate 5000 --duration 10 --connect-rate 2000 \
+    lg "devices-${d}__$b" "$b" 240 --devices "$d" --rate 5000 --duration 10 --connect-rate 2000 \
       --processes "$(procs_for "$d")" --source-addrs 2 --uid-prefix d
     stop_broker
   done
@@ -182,7 +183,7 @@ for b in $ONLY; do
   # 4. Scale curve in subscriptions per device at 5,000/s.
   for s in $SUB_CURVE; do
     start_broker "$b"
-    lg "subs-$s__$b" "$b" 240 --devices $SUB_DEVICES --subs "$s" --rate 5000 --duration 10 \
+    lg "subs-${s}__$b" "$b" 240 --devices $SUB_DEVICES --subs "$s" --rate 5000 --duration 10 \
       --connect-rate 2000 --uid-prefix s
     stop_broker
   done
