@@ -524,10 +524,11 @@ impl Router {
                 outgoing.unacked_pubrels,
             );
         } else {
+            // patched: a clean session leaves nothing behind. Upstream kept a
+            // metrics record for every client id that ever connected, so a
+            // long-running broker grew with each new (or assigned) client id.
             tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
+            let _ = connection.events;
         }
         self.router_meters.total_connections -= 1;
     }
