@@ -109,6 +109,9 @@ pub struct Args {
     /// Seconds to wait for sessions to close on SIGTERM/SIGINT.
     #[arg(long, env = "BROKER_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Async worker threads (default: one per core, less the router's).
+    #[arg(long, env = "BROKER_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Seconds between sweeps that disconnect revoked users (0 = only at CONNECT).
     #[arg(long, env = "BROKER_REVOCATION_POLL_SECS", default_value_t = 5)]
     pub revocation_poll_secs: u64,

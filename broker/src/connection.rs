@@ -27,8 +27,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-/// Reads before CONNECT are small; sessions grow the buffer as needed.
-const INITIAL_BUFFER: usize = 4 * 1024;
+/// Most MQTT packets of this product are small; buffers grow when one is not
+/// (and are resident per connection, so they start small).
+const INITIAL_BUFFER: usize = 512;
 
 /// Serves one client until it leaves, is refused, or the broker shuts down.
 pub async fn serve<S>(stream: S, peer: SocketAddr, gate: Arc<Gate>)
@@ -77,7 +78,9 @@ where
                 return;
             }
         };
-        let Some(session) = accept(&gate, &mut wire, codec, packet).await else {
+        // Boxed: the CONNECT decision's state would otherwise be part of
+        // every connection's resident future for its whole life.
+        let Some(session) = Box::pin(accept(&gate, &mut wire, codec, packet)).await else {
             return;
         };
         session.run(wire).await;

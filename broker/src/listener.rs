@@ -86,7 +86,8 @@ async fn serve_socket(
         Transport::Tls(acceptor) => {
             let handshake = tokio::select! {
                 _ = gate.shutdown.cancelled() => return,
-                h = crate::tls::handshake(&acceptor, socket, gate.limits.tls_handshake_timeout) => h,
+                // Boxed: the handshake's state is needed only until it ends.
+                h = Box::pin(crate::tls::handshake(&acceptor, socket, gate.limits.tls_handshake_timeout)) => h,
             };
             match handshake {
                 Ok(stream) => connection::serve(stream, peer, gate).await,

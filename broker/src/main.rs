@@ -25,10 +25,10 @@ fn init_tracing() {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     init_tracing();
     let args = Args::parse();
+    let worker_threads = args.worker_threads;
     let (config, plan, dev) = match args.resolve() {
         Ok(resolved) => resolved,
         Err(e) => {
@@ -36,7 +36,25 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(config, plan, dev).await {
+    // The router runs on a thread of its own; by default the async workers
+    // take the other cores, so the two do not fight over one.
+    let workers = worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .max(1)
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("broker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, plan, dev)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("broker: {e:#}");

@@ -42,8 +42,10 @@ pub struct RouterLink {
 }
 
 /// Per-filter log sizes. Reply topics carry a handful of messages, so their
-/// logs stay small; command topics get room for bursts that handlers drain.
-const REPLY_SEGMENT_BYTES: usize = 64 * 1024;
+/// logs stay small (up to 64 KiB of payload kept for a device that is away;
+/// older messages are dropped first); command topics get room for bursts that
+/// handlers drain.
+const REPLY_SEGMENT_BYTES: usize = 32 * 1024;
 const REPLY_SEGMENT_COUNT: usize = 2;
 const COMMAND_SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 const COMMAND_SEGMENT_COUNT: usize = 4;
