@@ -2,15 +2,13 @@
 //! MQTT: each handler fn is called with a `Command` as the SDK would build it.
 //! The full path through the broker is in `tests/tests/handlers_*.rs`.
 
-mod common;
-
-use common::{Mode, Platform, RedisServer};
 use handlers::{contacts, publish, sync, Settings, Shared};
 use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
 use shared::envelope::{self, device, AesKey, ServerKey};
 use shared::sdk::{Command, HandlerError, Recipient, Reply};
 use shared::store::{EmbeddedStore, RedisStore, Store};
+use shared::testing::{Mode, Platform, RedisServer};
 use shared::UserId;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -117,7 +115,7 @@ async fn embedded() -> (tempfile::TempDir, Arc<dyn Store>) {
 
 async fn sync_and_publish(store: Arc<dyn Store>) {
     let platform = Platform::start().await;
-    let shared = Shared::new(settings(&platform.url), store).unwrap();
+    let shared = Shared::new(settings(&platform.url("/in")), store).unwrap();
     let (key_id, key) = do_sync(&shared, "68946").await;
     let body = publish(
         &shared,
@@ -145,9 +143,7 @@ async fn sync_then_publish_on_the_embedded_store() {
 
 #[tokio::test]
 async fn sync_then_publish_on_redis() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     sync_and_publish(Arc::new(RedisStore::connect(&redis.url()).await.unwrap())).await;
 }
 
@@ -177,7 +173,7 @@ async fn sync_refuses_bad_keys() {
 async fn publish_refuses_bad_input() {
     let (_dir, store) = embedded().await;
     let platform = Platform::start().await;
-    let shared = Shared::new(settings(&platform.url), store).unwrap();
+    let shared = Shared::new(settings(&platform.url("/in")), store).unwrap();
     let uid = "23412";
 
     // Before any sync.
@@ -250,7 +246,7 @@ async fn publish_refuses_bad_input() {
 async fn platform_failures_are_retried_then_502() {
     let (_dir, store) = embedded().await;
     let platform = Platform::start().await;
-    let shared = Shared::new(settings(&platform.url), store).unwrap();
+    let shared = Shared::new(settings(&platform.url("/in")), store).unwrap();
     let uid = "5";
     let (key_id, key) = do_sync(&shared, uid).await;
 
@@ -384,20 +380,16 @@ async fn contacts_on_the_embedded_store() {
 
 #[tokio::test]
 async fn contacts_on_redis() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     contact_scenarios(Arc::new(RedisStore::connect(&redis.url()).await.unwrap())).await;
 }
 
 #[tokio::test]
 async fn redis_outage_is_503_then_recovers() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
     let platform = Platform::start().await;
-    let shared = Shared::new(settings(&platform.url), store).unwrap();
+    let shared = Shared::new(settings(&platform.url("/in")), store).unwrap();
     do_sync(&shared, "8").await;
     redis.stop();
     let public_key = device::public_key_b64(device_key()).unwrap();

@@ -8,10 +8,14 @@
 //! - [`envelope`]: the crypto of sync and publish (RSA-OAEP, RSA-PSS, AES-GCM).
 //! - [`sdk`]: the handler SDK (`Worker`, `Command`, `Reply`) for lambda-like handlers.
 //! - [`store`]: handler state on Redis or an embedded redb file (`store/SCHEMA.md`).
+//! - `testing` (tests and the `test-support` feature only): a throwaway
+//!   `redis-server` and a fake platform HTTP endpoint for test suites.
 pub mod claims;
 pub mod envelope;
 pub mod sdk;
 pub mod store;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod tls;
 pub mod topics;
 pub mod uid;

@@ -7,10 +7,11 @@
 mod handlers_common;
 
 use e2e::TestBroker;
-use handlers_common::{settings, Device, Mode, Platform, RedisServer};
+use handlers_common::{settings, Device};
 use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
 use shared::envelope::{self, device, AesKey};
+use shared::testing::{Mode, Platform, RedisServer};
 use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -131,9 +132,7 @@ async fn sync_encrypt_publish_on_the_embedded_store() {
 
 #[tokio::test]
 async fn sync_encrypt_publish_on_redis() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     sync_encrypt_publish(Some(redis.url())).await;
 }
 
@@ -199,9 +198,7 @@ async fn contact_scenarios_on_the_embedded_store() {
 
 #[tokio::test]
 async fn contact_scenarios_on_redis() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     contact_scenarios(Some(redis.url())).await;
 }
 
@@ -372,9 +369,7 @@ async fn two_publish_handler_instances_share_the_load() {
 
 #[tokio::test]
 async fn redis_outage_gives_errors_and_service_resumes() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let broker = TestBroker::start().await;
     let platform = Platform::start().await;
     let dir = tempfile::tempdir().unwrap();

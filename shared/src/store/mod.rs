@@ -16,8 +16,6 @@
 
 mod embedded;
 mod redis_store;
-#[cfg(test)]
-pub(crate) mod test_redis;
 
 pub use embedded::EmbeddedStore;
 pub use redis_store::{RedisStore, KEY_PREFIX};

@@ -1,35 +1,45 @@
 //! Owns the throwaway `redis-server` that tests run against: a free loopback
-//! port, no persistence, killed on drop. Tests skip (return `None`) when the
-//! binary is missing.
+//! port, no persistence, killed on drop. A missing binary is a panic, never a
+//! skipped test.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where the tests look for the server binary.
+/// Where Debian installs the server binary; tried before `PATH`.
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 
 /// A running `redis-server` on `127.0.0.1:<port>`.
 pub struct RedisServer {
-    port: u16,
+    /// The loopback port it listens on (kept across [`RedisServer::restart`]).
+    pub port: u16,
+    binary: PathBuf,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
-    pub fn start() -> Option<Self> {
-        if !std::path::Path::new(REDIS_SERVER).exists() {
-            eprintln!("{REDIS_SERVER} not found: skipping Redis test");
-            return None;
-        }
+    ///
+    /// # Panics
+    /// When `redis-server` is neither at `/usr/bin/redis-server` nor on
+    /// `PATH`, or when it does not start answering within 10 s.
+    pub fn start() -> RedisServer {
+        let binary = find_binary().unwrap_or_else(|| {
+            panic!("redis-server not found: install Debian's redis-server (`.ci/run` does)")
+        });
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
-            .ok()?;
-        let mut server = RedisServer { port, child: None };
+            .expect("a free loopback port for redis-server");
+        let mut server = RedisServer {
+            port,
+            binary,
+            child: None,
+        };
         server.restart();
-        Some(server)
+        server
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -48,13 +58,13 @@ impl RedisServer {
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new(REDIS_SERVER)
+        let child = Command::new(&self.binary)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn redis-server");
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.binary.display()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -83,4 +93,16 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `/usr/bin/redis-server`, else the first `redis-server` on `PATH`.
+fn find_binary() -> Option<PathBuf> {
+    let debian = Path::new(REDIS_SERVER);
+    if debian.is_file() {
+        return Some(debian.to_owned());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("redis-server"))
+        .find(|candidate| candidate.is_file())
 }
