@@ -19,7 +19,10 @@ fn readmes_show_the_compiled_example() {
     assert!(code.contains("Worker::new(\"echo\")"), "{code}");
     for (name, readme) in [
         ("README.md", include_str!("../../README.md")),
-        ("handlers/README.md", include_str!("../../handlers/README.md")),
+        (
+            "handlers/README.md",
+            include_str!("../../handlers/README.md"),
+        ),
     ] {
         assert!(
             readme.contains(&code),
