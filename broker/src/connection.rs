@@ -399,21 +399,33 @@ impl Session {
 
     /// Relays until the session ends, and says why.
     async fn relay<S: AsyncRead + AsyncWrite>(&mut self, wire: &mut Wire<S>) -> End {
-        let gate = self.gate.clone();
-        let mut last_heard = Instant::now();
+        // Signals and timers live across iterations: creating them per
+        // packet would register and drop timers and waiters on every message.
+        let shutdown = self.gate.shutdown.clone().cancelled_owned();
+        let taken_over = self.claim.taken_over.clone().cancelled_owned();
+        let revoked = self.claim.revoked.clone().cancelled_owned();
         let never = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let token_timer = tokio::time::sleep_until(self.token_deadline.unwrap_or(never));
+        // MQTT: the server may close after 1.5 keep-alive periods of silence.
+        // The timer is moved forward lazily, only when it fires.
+        let silence_limit = self.keep_alive.mul_f32(1.5);
+        let mut last_heard = Instant::now();
+        let keep_alive_timer = tokio::time::sleep_until(last_heard + silence_limit);
+        tokio::pin!(shutdown, taken_over, revoked, token_timer, keep_alive_timer);
         loop {
-            // MQTT: the server may close after 1.5 keep-alive periods of silence.
-            let keep_alive_deadline = last_heard + self.keep_alive.mul_f32(1.5);
-            let token_deadline = self.token_deadline.unwrap_or(never);
             tokio::select! {
                 biased;
-                _ = gate.shutdown.cancelled() => return End::Server(ServerDisconnect::ShuttingDown),
-                _ = self.claim.taken_over.cancelled() => return End::Server(ServerDisconnect::TakenOver),
-                _ = self.claim.revoked.cancelled() => return End::Server(ServerDisconnect::Revoked),
-                _ = tokio::time::sleep_until(token_deadline) => return End::Server(ServerDisconnect::TokenExpired),
-                _ = tokio::time::sleep_until(keep_alive_deadline) => {
-                    return End::Server(ServerDisconnect::KeepAliveTimeout)
+                _ = &mut shutdown => return End::Server(ServerDisconnect::ShuttingDown),
+                _ = &mut taken_over => return End::Server(ServerDisconnect::TakenOver),
+                _ = &mut revoked => return End::Server(ServerDisconnect::Revoked),
+                _ = &mut token_timer => return End::Server(ServerDisconnect::TokenExpired),
+                _ = &mut keep_alive_timer => {
+                    let deadline = last_heard + silence_limit;
+                    if Instant::now() >= deadline {
+                        return End::Server(ServerDisconnect::KeepAliveTimeout);
+                    }
+                    keep_alive_timer.as_mut().reset(deadline);
+                    continue;
                 }
                 read = wire.reader.read_buf(&mut wire.read_buf) => {
                     match read {
