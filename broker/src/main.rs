@@ -57,10 +57,28 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config, plan, dev)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("broker: {e:#}");
+            eprintln!("broker: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, without repeating a cause that the
+/// message above it already quotes.
+fn describe(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if !previous.contains(&message) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&message);
+        }
+        previous = message;
+    }
+    out
 }
 
 async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<TcpListener> {

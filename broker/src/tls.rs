@@ -48,6 +48,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
 pub fn acceptor_from_files(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
     let chain = shared::tls::load_certificates(cert).map_err(|e| match e {
         shared::tls::TlsClientError::NoCertificate(p) => TlsSetupError::NoCertificate(p),
+        shared::tls::TlsClientError::Read { path, source } => TlsSetupError::Read { path, source },
         other => TlsSetupError::Read {
             path: cert.to_owned(),
             source: std::io::Error::other(other.to_string()),

@@ -10,13 +10,13 @@ use std::sync::Arc;
 /// Why a TLS client configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsClientError {
-    #[error("cannot read CA file {path}: {source}")]
+    #[error("cannot read certificate file {path}: {source}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("CA file {0} holds no PEM certificate")]
+    #[error("{0} holds no PEM certificate")]
     NoCertificate(PathBuf),
     #[error("CA certificate in {path} is not usable: {source}")]
     BadCertificate {
