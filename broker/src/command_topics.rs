@@ -20,6 +20,17 @@ struct Declared {
     wildcard: HashMap<String, usize>,
 }
 
+impl Declared {
+    /// The counts a declared filter is kept in: literal or wildcard.
+    fn counts_for(&mut self, filter: &str) -> &mut HashMap<String, usize> {
+        if is_wildcard(filter) {
+            &mut self.wildcard
+        } else {
+            &mut self.literal
+        }
+    }
+}
+
 impl CommandTopics {
     pub fn new(configured: impl IntoIterator<Item = String>) -> Self {
         CommandTopics {
@@ -46,12 +57,10 @@ impl CommandTopics {
             return;
         };
         let mut declared = self.declared.write();
-        let map = if is_wildcard(inner) {
-            &mut declared.wildcard
-        } else {
-            &mut declared.literal
-        };
-        *map.entry(inner.to_owned()).or_default() += 1;
+        *declared
+            .counts_for(inner)
+            .entry(inner.to_owned())
+            .or_default() += 1;
     }
 
     /// A handler's subscription to `filter` ended.
@@ -60,11 +69,7 @@ impl CommandTopics {
             return;
         };
         let mut declared = self.declared.write();
-        let map = if is_wildcard(inner) {
-            &mut declared.wildcard
-        } else {
-            &mut declared.literal
-        };
+        let map = declared.counts_for(inner);
         if let Some(count) = map.get_mut(inner) {
             *count -= 1;
             if *count == 0 {

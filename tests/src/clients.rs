@@ -32,6 +32,21 @@ pub struct Target<'a> {
     pub ca_file: Option<&'a Path>,
 }
 
+/// The values of the MQTT 5 user property `name` on `publish`.
+pub fn user_property<'a>(publish: &'a p5::Publish, name: &str) -> Vec<&'a str> {
+    publish
+        .properties
+        .as_ref()
+        .map(|p| {
+            p.user_properties
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// An MQTT 5 client.
 pub struct V5Client {
     pub client: v5::AsyncClient,

@@ -132,6 +132,22 @@ impl TestBroker {
         }
     }
 
+    /// Where clients reach the TLS listener (trusting the test CA).
+    pub fn tls_target(&self) -> clients::Target<'_> {
+        clients::Target {
+            addr: self.tls_addr,
+            ca_file: Some(&self.ca_file),
+        }
+    }
+
+    /// Where clients reach the plain TCP listener.
+    pub fn plain_target(&self) -> clients::Target<'_> {
+        clients::Target {
+            addr: self.tcp_addr,
+            ca_file: None,
+        }
+    }
+
     /// A valid one-hour token for `uid`.
     pub fn token(&self, uid: &str) -> String {
         DeviceClaims::new(uid, 3600)

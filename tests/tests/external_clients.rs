@@ -12,9 +12,10 @@
 //! exit), and the paho script prints a `suback` JSON line; the tests wait for
 //! those lines, never for a fixed time.
 
-use e2e::clients::{Target, V5Client};
+use e2e::clients::user_property;
+use e2e::clients::V5Client;
 use e2e::{TestBroker, TEST_HANDLER_KEY};
-use rumqttc::v5::mqttbytes::v5::{Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
 use shared::claims::DeviceClaims;
@@ -259,30 +260,14 @@ fn message_lines(stdout: &[String]) -> Vec<&str> {
         .collect()
 }
 
-fn user_property<'a>(publish: &'a Publish, name: &str) -> Vec<&'a str> {
-    publish
-        .properties
-        .as_ref()
-        .map(|p| {
-            p.user_properties
-                .iter()
-                .filter(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn tls(broker: &TestBroker) -> Target<'_> {
-    Target {
-        addr: broker.tls_addr,
-        ca_file: Some(&broker.ca_file),
-    }
-}
-
 async fn handler_on(broker: &TestBroker, client_id: &str, filter: &str) -> V5Client {
-    let mut handler =
-        V5Client::connect(tls(broker), client_id, "handler", TEST_HANDLER_KEY, |_| {});
+    let mut handler = V5Client::connect(
+        broker.tls_target(),
+        client_id,
+        "handler",
+        TEST_HANDLER_KEY,
+        |_| {},
+    );
     handler.connected().await;
     assert_eq!(
         handler.subscribe(filter, QoS::AtLeastOnce).await,
@@ -304,8 +289,13 @@ async fn mosquitto_device_gets_its_reply(version: Mqtt, host: &str, sub_format: 
     let broker = TestBroker::start().await;
     let mut handler = handler_on(&broker, "contacts", "get_contact_list").await;
     // Another user on its own reply topic must see nothing.
-    let mut bystander =
-        V5Client::connect(tls(&broker), "phone", "JWT", &broker.token("23412"), |_| {});
+    let mut bystander = V5Client::connect(
+        broker.tls_target(),
+        "phone",
+        "JWT",
+        &broker.token("23412"),
+        |_| {},
+    );
     bystander.connected().await;
     bystander
         .subscribe("23412_contact_list", QoS::AtLeastOnce)
@@ -616,7 +606,7 @@ async fn mosquitto_device_is_refused_foreign_subscriptions_and_publishes() {
     let token = broker.token("68946");
     // Whoever owns the target topic must see nothing of the denied publish.
     let mut victim = V5Client::connect(
-        tls(&broker),
+        broker.tls_target(),
         "victim",
         "JWT",
         &broker.token("23412"),
@@ -941,7 +931,7 @@ async fn paho_v5_handler_receives_device_identity() {
     assert_eq!(suback["reason_codes"], serde_json::json!([1]), "{suback}");
 
     let mut v311 = e2e::V4Client::connect(
-        tls(&broker),
+        broker.tls_target(),
         "rust-phone",
         "JWT",
         &broker.token("23412"),

@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use bytes::BytesMut;
-use e2e::clients::{Seen, Target, V4Client, V5Client};
+use e2e::clients::{Seen, V4Client, V5Client};
 use e2e::{TestBroker, TestOptions, TEST_HANDLER_KEY};
 use rumqttc::v5::mqttbytes::v5::{self as p5, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -14,24 +14,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn tls(broker: &TestBroker) -> Target<'_> {
-    Target {
-        addr: broker.tls_addr,
-        ca_file: Some(&broker.ca_file),
-    }
-}
-
-fn plain(broker: &TestBroker) -> Target<'_> {
-    Target {
-        addr: broker.tcp_addr,
-        ca_file: None,
-    }
-}
-
 /// A healthy device round trip, proving the broker still serves.
 async fn still_serving(broker: &TestBroker) {
     let mut handler = V5Client::connect(
-        tls(broker),
+        broker.tls_target(),
         "probe-handler",
         "handler",
         TEST_HANDLER_KEY,
@@ -39,7 +25,13 @@ async fn still_serving(broker: &TestBroker) {
     );
     handler.connected().await;
     handler.subscribe("get_contact_list", QoS::AtMostOnce).await;
-    let mut device = V5Client::connect(tls(broker), "probe", "JWT", &broker.token("probe"), |_| {});
+    let mut device = V5Client::connect(
+        broker.tls_target(),
+        "probe",
+        "JWT",
+        &broker.token("probe"),
+        |_| {},
+    );
     device.connected().await;
     device
         .subscribe("probe_contact_list", QoS::AtMostOnce)
@@ -70,7 +62,7 @@ fn unsigned_token(sub: &str) -> String {
 }
 
 async fn v5_refusal(broker: &TestBroker, password: &str) -> String {
-    let mut client = V5Client::connect(tls(broker), "c", "JWT", password, |_| {});
+    let mut client = V5Client::connect(broker.tls_target(), "c", "JWT", password, |_| {});
     client
         .connack()
         .await
@@ -78,7 +70,7 @@ async fn v5_refusal(broker: &TestBroker, password: &str) -> String {
 }
 
 async fn v4_refusal(broker: &TestBroker, password: &str) -> String {
-    let mut client = V4Client::connect(tls(broker), "c", "JWT", password, |_| {});
+    let mut client = V4Client::connect(broker.tls_target(), "c", "JWT", password, |_| {});
     client
         .connack()
         .await
@@ -144,20 +136,25 @@ async fn bad_tokens_are_refused_with_reason_codes() {
     }
 
     // Unknown usernames and wrong handler keys.
-    let mut stranger = V5Client::connect(tls(&broker), "x", "admin", "admin", |_| {});
+    let mut stranger = V5Client::connect(broker.tls_target(), "x", "admin", "admin", |_| {});
     assert!(stranger
         .connack()
         .await
         .unwrap_err()
         .contains("BadUserNamePassword"));
-    let mut fake_handler =
-        V5Client::connect(tls(&broker), "x", "handler", "not-the-key-at-all", |_| {});
+    let mut fake_handler = V5Client::connect(
+        broker.tls_target(),
+        "x",
+        "handler",
+        "not-the-key-at-all",
+        |_| {},
+    );
     assert!(fake_handler
         .connack()
         .await
         .unwrap_err()
         .contains("BadUserNamePassword"));
-    let mut fake_handler = V4Client::connect(tls(&broker), "x", "handler", "", |_| {});
+    let mut fake_handler = V4Client::connect(broker.tls_target(), "x", "handler", "", |_| {});
     assert!(fake_handler
         .connack()
         .await
@@ -200,7 +197,7 @@ async fn issuer_audience_and_key_confusion() {
     let good = claims("https://idp.example", "broker")
         .sign_pem(jsonwebtoken::Algorithm::RS256, private_pem.as_bytes(), None)
         .unwrap();
-    let mut ok = V5Client::connect(tls(&broker), "ok", "JWT", &good, |_| {});
+    let mut ok = V5Client::connect(broker.tls_target(), "ok", "JWT", &good, |_| {});
     ok.connected().await;
 
     for (iss, aud) in [
@@ -230,7 +227,7 @@ async fn issuer_audience_and_key_confusion() {
         ok.subscribe("42_inbox", QoS::AtMostOnce).await,
         SubscribeReasonCode::Success(QoS::AtMostOnce)
     );
-    let mut again = V4Client::connect(tls(&broker), "again", "JWT", &good, |_| {});
+    let mut again = V4Client::connect(broker.tls_target(), "again", "JWT", &good, |_| {});
     again.connected().await;
     broker.shutdown().await;
 }
@@ -239,7 +236,7 @@ async fn issuer_audience_and_key_confusion() {
 async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
     let broker = TestBroker::start().await;
     let mut handler = V5Client::connect(
-        tls(&broker),
+        broker.tls_target(),
         "shared-id",
         "handler",
         TEST_HANDLER_KEY,
@@ -247,7 +244,7 @@ async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
     );
     handler.connected().await;
     let mut alice = V5Client::connect(
-        tls(&broker),
+        broker.tls_target(),
         "shared-id",
         "JWT",
         &broker.token("alice"),
@@ -255,7 +252,7 @@ async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
     );
     alice.connected().await;
     let mut bob = V5Client::connect(
-        tls(&broker),
+        broker.tls_target(),
         "shared-id",
         "JWT",
         &broker.token("bob"),
@@ -279,7 +276,7 @@ async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
 
     // Alice's second connection with the same id replaces her first.
     let mut alice_again = V5Client::connect(
-        tls(&broker),
+        broker.tls_target(),
         "shared-id",
         "JWT",
         &broker.token("alice"),
@@ -294,13 +291,25 @@ async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
     );
 
     // Empty client id: an assigned one with a clean session, refused without.
-    let mut anonymous = V5Client::connect(tls(&broker), "", "JWT", &broker.token("carol"), |_| {});
+    let mut anonymous = V5Client::connect(
+        broker.tls_target(),
+        "",
+        "JWT",
+        &broker.token("carol"),
+        |_| {},
+    );
     let ack = anonymous.connected().await;
     let assigned = ack.properties.and_then(|p| p.assigned_client_identifier);
     assert!(assigned.is_some_and(|id| !id.is_empty()));
-    let mut persistent = V5Client::connect(tls(&broker), "", "JWT", &broker.token("carol"), |o| {
-        o.set_clean_start(false);
-    });
+    let mut persistent = V5Client::connect(
+        broker.tls_target(),
+        "",
+        "JWT",
+        &broker.token("carol"),
+        |o| {
+            o.set_clean_start(false);
+        },
+    );
     let refused = persistent.connack().await.unwrap_err();
     assert!(refused.contains("ClientIdentifierNotValid"), "{refused}");
     broker.shutdown().await;
@@ -309,7 +318,13 @@ async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
 #[tokio::test]
 async fn forbidden_subscriptions_get_ordered_suback_codes() {
     let broker = TestBroker::start().await;
-    let mut device = V5Client::connect(tls(&broker), "p", "JWT", &broker.token("68946"), |_| {});
+    let mut device = V5Client::connect(
+        broker.tls_target(),
+        "p",
+        "JWT",
+        &broker.token("68946"),
+        |_| {},
+    );
     device.connected().await;
     let filters = [
         "68946_contact_list",
@@ -330,7 +345,13 @@ async fn forbidden_subscriptions_get_ordered_suback_codes() {
     let no = SubscribeReasonCode::NotAuthorized;
     assert_eq!(ack.return_codes, vec![ok, no, no, no, no, ok, no]);
 
-    let mut old = V4Client::connect(tls(&broker), "p", "JWT", &broker.token("23412"), |_| {});
+    let mut old = V4Client::connect(
+        broker.tls_target(),
+        "p",
+        "JWT",
+        &broker.token("23412"),
+        |_| {},
+    );
     old.connected().await;
     old.client
         .subscribe_many(
@@ -400,16 +421,34 @@ async fn forbidden_subscriptions_get_ordered_suback_codes() {
 #[tokio::test]
 async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_forged() {
     let broker = TestBroker::start().await;
-    let mut handler = V5Client::connect(tls(&broker), "watch", "handler", TEST_HANDLER_KEY, |_| {});
+    let mut handler = V5Client::connect(
+        broker.tls_target(),
+        "watch",
+        "handler",
+        TEST_HANDLER_KEY,
+        |_| {},
+    );
     handler.connected().await;
     handler.subscribe("#", QoS::AtLeastOnce).await;
-    let mut victim = V5Client::connect(tls(&broker), "v", "JWT", &broker.token("23412"), |_| {});
+    let mut victim = V5Client::connect(
+        broker.tls_target(),
+        "v",
+        "JWT",
+        &broker.token("23412"),
+        |_| {},
+    );
     victim.connected().await;
     victim
         .subscribe("23412_contact_requested", QoS::AtLeastOnce)
         .await;
 
-    let mut device = V5Client::connect(tls(&broker), "p", "JWT", &broker.token("68946"), |_| {});
+    let mut device = V5Client::connect(
+        broker.tls_target(),
+        "p",
+        "JWT",
+        &broker.token("68946"),
+        |_| {},
+    );
     device.connected().await;
     for topic in [
         "23412_contact_requested",
@@ -431,7 +470,13 @@ async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_for
     victim.assert_no_publish(Duration::from_millis(300)).await;
 
     // MQTT 3.1.1: acknowledged and dropped.
-    let mut old = V4Client::connect(tls(&broker), "o", "JWT", &broker.token("777"), |_| {});
+    let mut old = V4Client::connect(
+        broker.tls_target(),
+        "o",
+        "JWT",
+        &broker.token("777"),
+        |_| {},
+    );
     old.connected().await;
     old.client
         .publish(
@@ -480,20 +525,18 @@ async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_for
         ]
     );
     // Nothing retained on `sync`: a new subscriber gets nothing.
-    let mut late = V5Client::connect(tls(&broker), "late", "handler", TEST_HANDLER_KEY, |_| {});
+    let mut late = V5Client::connect(
+        broker.tls_target(),
+        "late",
+        "handler",
+        TEST_HANDLER_KEY,
+        |_| {},
+    );
     late.connected().await;
     late.subscribe("sync", QoS::AtLeastOnce).await;
     late.assert_no_publish(Duration::from_millis(300)).await;
     still_serving(&broker).await;
     broker.shutdown().await;
-}
-
-/// Encodes `packet` with rumqttd's own MQTT 5 codec.
-fn v5_bytes(packet: rumqttd::protocol::Packet) -> Vec<u8> {
-    use rumqttd::protocol::Protocol;
-    let mut out = BytesMut::new();
-    rumqttd::protocol::v5::V5.write(packet, &mut out).unwrap();
-    out.to_vec()
 }
 
 fn raw_connect_version(version: u8, token: &str) -> Vec<u8> {
@@ -549,21 +592,7 @@ fn raw_subscribe(version: u8, filters: &[&str]) -> Vec<u8> {
 }
 
 fn raw_connect(token: &str) -> Vec<u8> {
-    use rumqttd::protocol::{Connect, Login, Packet};
-    v5_bytes(Packet::Connect(
-        Connect {
-            keep_alive: 30,
-            client_id: "raw".into(),
-            clean_session: true,
-        },
-        None,
-        None,
-        None,
-        Some(Login {
-            username: "JWT".into(),
-            password: token.into(),
-        }),
-    ))
+    raw_connect_version(5, token)
 }
 
 /// Reads until the server closes; returns everything it sent.
@@ -651,7 +680,13 @@ async fn expiring_token_disconnects_and_fires_the_will() {
     let mut options = TestOptions::default();
     options.jwt.leeway_secs = 0;
     let broker = TestBroker::start_with(options).await;
-    let mut handler = V5Client::connect(tls(&broker), "wills", "handler", TEST_HANDLER_KEY, |_| {});
+    let mut handler = V5Client::connect(
+        broker.tls_target(),
+        "wills",
+        "handler",
+        TEST_HANDLER_KEY,
+        |_| {},
+    );
     handler.connected().await;
     handler.subscribe("presence", QoS::AtLeastOnce).await;
 
@@ -661,7 +696,7 @@ async fn expiring_token_disconnects_and_fires_the_will() {
         ..Default::default()
     });
     // `presence` becomes a command topic because the handler subscribed to it.
-    let mut device = V5Client::connect(tls(&broker), "short", "JWT", &token, |o| {
+    let mut device = V5Client::connect(broker.tls_target(), "short", "JWT", &token, |o| {
         o.set_last_will(p5::LastWill::new(
             "presence",
             "gone",
@@ -689,7 +724,7 @@ async fn expiring_token_disconnects_and_fires_the_will() {
 #[tokio::test]
 async fn will_to_a_forbidden_topic_is_refused_at_connect() {
     let broker = TestBroker::start().await;
-    let mut device = V5Client::connect(tls(&broker), "w", "JWT", &broker.token("9"), |o| {
+    let mut device = V5Client::connect(broker.tls_target(), "w", "JWT", &broker.token("9"), |o| {
         o.set_last_will(p5::LastWill::new(
             "10_inbox",
             "spoof",
@@ -709,9 +744,15 @@ async fn will_to_a_forbidden_topic_is_refused_at_connect() {
 #[tokio::test]
 async fn graceful_shutdown_tells_mqtt5_clients() {
     let broker = TestBroker::start().await;
-    let mut device = V5Client::connect(tls(&broker), "d", "JWT", &broker.token("1"), |_| {});
+    let mut device = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("1"), |_| {});
     device.connected().await;
-    let mut old = V4Client::connect(plain(&broker), "d", "JWT", &broker.token("2"), |_| {});
+    let mut old = V4Client::connect(
+        broker.plain_target(),
+        "d",
+        "JWT",
+        &broker.token("2"),
+        |_| {},
+    );
     old.connected().await;
     broker.begin_shutdown();
     let ended = device.closed().await;

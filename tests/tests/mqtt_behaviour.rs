@@ -4,7 +4,7 @@
 //! close (not on a clean DISCONNECT), keep-alive enforcement, and the
 //! operations endpoint.
 
-use e2e::clients::{Target, V4Client, V5Client};
+use e2e::clients::{V4Client, V5Client};
 use e2e::{TestBroker, TestOptions, TEST_HANDLER_KEY};
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::v5::mqttbytes::QoS;
@@ -12,15 +12,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 
-fn tls(broker: &TestBroker) -> Target<'_> {
-    Target {
-        addr: broker.tls_addr,
-        ca_file: Some(&broker.ca_file),
-    }
-}
-
 async fn handler(broker: &TestBroker, id: &str) -> V5Client {
-    let mut h = V5Client::connect(tls(broker), id, "handler", TEST_HANDLER_KEY, |_| {});
+    let mut h = V5Client::connect(broker.tls_target(), id, "handler", TEST_HANDLER_KEY, |_| {});
     h.connected().await;
     h
 }
@@ -30,7 +23,7 @@ async fn qos_levels_are_delivered() {
     let broker = TestBroker::start().await;
     let mut h = handler(&broker, "qos").await;
     h.subscribe("sync", QoS::ExactlyOnce).await;
-    let mut d = V5Client::connect(tls(&broker), "d", "JWT", &broker.token("7"), |_| {});
+    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("7"), |_| {});
     d.connected().await;
     for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
         .into_iter()
@@ -49,7 +42,7 @@ async fn qos_levels_are_delivered() {
     })
     .await;
     // A denied QoS 2 publish from a 3.1.1 device completes its exchange too.
-    let mut old = V4Client::connect(tls(&broker), "o", "JWT", &broker.token("8"), |_| {});
+    let mut old = V4Client::connect(broker.tls_target(), "o", "JWT", &broker.token("8"), |_| {});
     old.connected().await;
     old.client
         .publish("9_inbox", rumqttc::QoS::ExactlyOnce, false, "x")
@@ -85,7 +78,7 @@ async fn handlers_use_retain_wildcards_and_shared_subscriptions() {
         .publish("55_profile", QoS::AtLeastOnce, true, "p")
         .await
         .unwrap();
-    let mut d = V5Client::connect(tls(&broker), "d", "JWT", &broker.token("55"), |_| {});
+    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("55"), |_| {});
     d.connected().await;
     d.subscribe("55_profile", QoS::AtLeastOnce).await;
     assert_eq!(&d.publish_received().await.payload[..], b"p");
@@ -159,7 +152,7 @@ async fn persistent_device_session_keeps_subscriptions_and_queued_messages() {
     let broker = TestBroker::start().await;
     let h = handler(&broker, "replier").await;
     let token = broker.token("4242");
-    let mut d = V5Client::connect(tls(&broker), "phone", "JWT", &token, |o| {
+    let mut d = V5Client::connect(broker.tls_target(), "phone", "JWT", &token, |o| {
         o.set_clean_start(false);
         o.set_connect_properties(p5::ConnectProperties {
             session_expiry_interval: Some(3600),
@@ -179,7 +172,7 @@ async fn persistent_device_session_keeps_subscriptions_and_queued_messages() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let mut back = V5Client::connect(tls(&broker), "phone", "JWT", &token, |o| {
+    let mut back = V5Client::connect(broker.tls_target(), "phone", "JWT", &token, |o| {
         o.set_clean_start(false);
         o.set_connect_properties(p5::ConnectProperties {
             session_expiry_interval: Some(3600),
@@ -200,29 +193,41 @@ async fn wills_fire_on_abnormal_close_only() {
     h.subscribe("presence", QoS::AtLeastOnce).await;
 
     // Clean DISCONNECT: no will.
-    let mut polite = V5Client::connect(tls(&broker), "polite", "JWT", &broker.token("1"), |o| {
-        o.set_last_will(p5::LastWill::new(
-            "presence",
-            "polite-gone",
-            QoS::AtLeastOnce,
-            false,
-            None,
-        ));
-    });
+    let mut polite = V5Client::connect(
+        broker.tls_target(),
+        "polite",
+        "JWT",
+        &broker.token("1"),
+        |o| {
+            o.set_last_will(p5::LastWill::new(
+                "presence",
+                "polite-gone",
+                QoS::AtLeastOnce,
+                false,
+                None,
+            ));
+        },
+    );
     polite.connected().await;
     polite.client.disconnect().await.unwrap();
     polite.closed().await;
     h.assert_no_publish(Duration::from_millis(300)).await;
 
     // Socket dropped without DISCONNECT: the will fires, stamped with the uid.
-    let mut rude = V4Client::connect(tls(&broker), "rude", "JWT", &broker.token("2"), |o| {
-        o.set_last_will(rumqttc::LastWill::new(
-            "presence",
-            "rude-gone",
-            rumqttc::QoS::AtLeastOnce,
-            false,
-        ));
-    });
+    let mut rude = V4Client::connect(
+        broker.tls_target(),
+        "rude",
+        "JWT",
+        &broker.token("2"),
+        |o| {
+            o.set_last_will(rumqttc::LastWill::new(
+                "presence",
+                "rude-gone",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+            ));
+        },
+    );
     rude.connected().await;
     drop(rude);
     let will = h.publish_received().await;
@@ -282,7 +287,7 @@ async fn operations_endpoint_reports_metrics_and_health() {
     let broker = TestBroker::start().await;
     let mut h = handler(&broker, "m").await;
     h.subscribe("sync", QoS::AtMostOnce).await;
-    let mut d = V5Client::connect(tls(&broker), "d", "JWT", &broker.token("1"), |_| {});
+    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("1"), |_| {});
     d.connected().await;
     d.client
         .publish("sync", QoS::AtMostOnce, false, "{}")
@@ -323,7 +328,13 @@ async fn connect_storms_are_rate_limited_per_address_and_refusals_are_cached() {
     let broker = TestBroker::start_with(options).await;
     let mut outcomes = Vec::new();
     for i in 0..6 {
-        let mut c = V5Client::connect(tls(&broker), &format!("s{i}"), "JWT", "bad-token", |_| {});
+        let mut c = V5Client::connect(
+            broker.tls_target(),
+            &format!("s{i}"),
+            "JWT",
+            "bad-token",
+            |_| {},
+        );
         outcomes.push(c.connack().await.unwrap_err());
     }
     let refused = outcomes

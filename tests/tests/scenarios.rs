@@ -2,25 +2,12 @@
 //! TLS: a device publishes a command, a handler receives it with the verified
 //! `user_id`, replies on `<uid>_<name>`, and only that user receives it.
 
+use e2e::clients::user_property;
 use e2e::clients::{Target, V4Client, V5Client};
 use e2e::{TestBroker, TEST_HANDLER_KEY};
 use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
 use rumqttc::v5::mqttbytes::QoS;
 use std::time::Duration;
-
-fn user_property<'a>(publish: &'a rumqttc::v5::mqttbytes::v5::Publish, name: &str) -> Vec<&'a str> {
-    publish
-        .properties
-        .as_ref()
-        .map(|p| {
-            p.user_properties
-                .iter()
-                .filter(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 #[tokio::test]
 async fn request_contact_reaches_the_handler_with_identity_and_only_the_target_gets_the_reply() {
