@@ -11,7 +11,7 @@ use crate::gate::Gate;
 use crate::identity;
 use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, SessionClaim};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use rand::Rng;
 use rumqttd::protocol::{
@@ -26,6 +26,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
+
+/// Where a refused QoS 1 publish goes so that the router acknowledges it in
+/// order: a `$` topic no client may subscribe to, which the router drops.
+const DENIED_SINK_TOPIC: &[u8] = b"$gate/denied";
 
 /// Most MQTT packets of this product are small; buffers grow when one is not
 /// (and are resident per connection, so they start small).
@@ -297,6 +301,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         link_rx: link.rx,
         claim,
         pending_subacks: HashMap::new(),
+        denied_qos1: HashMap::new(),
         denied_qos2: HashSet::new(),
         declared: Vec::new(),
         outbox: Vec::new(),
@@ -346,6 +351,8 @@ struct Session {
     link_rx: RouterRx,
     claim: SessionClaim,
     pending_subacks: HashMap<u16, PendingSubAck>,
+    /// QoS 1 publishes refused: their PUBACK from the router becomes a denial.
+    denied_qos1: HashMap<u16, Denial>,
     /// QoS 2 publishes refused under MQTT 3.1.1: their PUBREL is answered here.
     denied_qos2: HashSet<u16>,
     /// Handler filters declared as command topics, withdrawn at the end.
@@ -594,10 +601,20 @@ impl Session {
             let pkid = publish.pkid();
             match publish.qos() {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => wire.queue(
-                    &self.codec,
-                    answers::puback_denial(self.codec.version, pkid, denial),
-                ),
+                QoS::AtLeastOnce => {
+                    // Acknowledged through the router, so PUBACKs keep the
+                    // order of the publishes (MQTT 4.6): the router drops a
+                    // publish to the sink topic and its PUBACK is rewritten.
+                    self.denied_qos1.insert(pkid, denial);
+                    let sink = Publish::with_qos(
+                        Bytes::from_static(DENIED_SINK_TOPIC),
+                        Bytes::new(),
+                        false,
+                        QoS::AtLeastOnce,
+                        pkid,
+                    );
+                    self.outbox.push(Packet::Publish(sink, None));
+                }
                 QoS::ExactlyOnce => {
                     if self.codec.version == Version::V4 {
                         self.denied_qos2.insert(pkid);
@@ -682,6 +699,13 @@ impl Session {
                 self.gate.metrics.messages_out(1);
                 wire.queue(&self.codec, packet);
             }
+            Some(Packet::PubAck(ack, properties)) => match self.denied_qos1.remove(&ack.pkid) {
+                Some(denial) => wire.queue(
+                    &self.codec,
+                    answers::puback_denial(self.codec.version, ack.pkid, denial),
+                ),
+                None => wire.queue(&self.codec, Packet::PubAck(ack, properties)),
+            },
             Some(packet) => wire.queue(&self.codec, packet),
         }
         None

@@ -358,3 +358,33 @@ async fn connect_storms_are_rate_limited_per_address_and_refusals_are_cached() {
     assert!(text.contains("broker_refusal_cache_hits_total 2"), "{text}");
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn pubacks_keep_the_order_of_publishes_even_when_some_are_denied() {
+    let broker = TestBroker::start().await;
+    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("12"), |_| {});
+    d.connected().await;
+    for topic in ["sync", "13_inbox", "sync", "not_a_command", "sync"] {
+        d.client
+            .publish(topic, QoS::AtLeastOnce, false, "x")
+            .await
+            .unwrap();
+    }
+    let mut acks = Vec::new();
+    for _ in 0..5 {
+        let ack = d.puback().await;
+        acks.push((ack.pkid, ack.reason));
+    }
+    use p5::PubAckReason::{NotAuthorized, Success};
+    assert_eq!(
+        acks,
+        vec![
+            (1, Success),
+            (2, NotAuthorized),
+            (3, Success),
+            (4, NotAuthorized),
+            (5, Success)
+        ]
+    );
+    broker.shutdown().await;
+}
