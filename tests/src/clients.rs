@@ -47,11 +47,174 @@ pub fn user_property<'a>(publish: &'a p5::Publish, name: &str) -> Vec<&'a str> {
         .unwrap_or_default()
 }
 
-/// An MQTT 5 client.
-pub struct V5Client {
-    pub client: v5::AsyncClient,
-    pub events: mpsc::UnboundedReceiver<Seen<p5::Packet, String>>,
+/// What tests need to know about one protocol version's packets.
+pub trait Flavor {
+    type Packet: std::fmt::Debug + Send + 'static;
+    type ConnAck: std::fmt::Debug;
+    /// The CONNACK, if `packet` is one.
+    fn connack(packet: Self::Packet) -> Result<Self::ConnAck, Self::Packet>;
+    /// Whether the CONNACK accepts the connection.
+    fn accepted(ack: &Self::ConnAck) -> bool;
+    /// The topic, if `packet` is a PUBLISH.
+    fn publish_topic(packet: &Self::Packet) -> Option<String>;
+}
+
+/// MQTT 5 (rumqttc::v5).
+pub enum Mqtt5 {}
+/// MQTT 3.1.1 (rumqttc).
+pub enum Mqtt311 {}
+
+impl Flavor for Mqtt5 {
+    type Packet = p5::Packet;
+    type ConnAck = p5::ConnAck;
+    fn connack(packet: p5::Packet) -> Result<p5::ConnAck, p5::Packet> {
+        match packet {
+            p5::Packet::ConnAck(ack) => Ok(ack),
+            other => Err(other),
+        }
+    }
+    fn accepted(ack: &p5::ConnAck) -> bool {
+        ack.code == p5::ConnectReturnCode::Success
+    }
+    fn publish_topic(packet: &p5::Packet) -> Option<String> {
+        match packet {
+            p5::Packet::Publish(p) => Some(String::from_utf8_lossy(&p.topic).into_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl Flavor for Mqtt311 {
+    type Packet = rumqttc::Packet;
+    type ConnAck = rumqttc::ConnAck;
+    fn connack(packet: rumqttc::Packet) -> Result<rumqttc::ConnAck, rumqttc::Packet> {
+        match packet {
+            rumqttc::Packet::ConnAck(ack) => Ok(ack),
+            other => Err(other),
+        }
+    }
+    fn accepted(ack: &rumqttc::ConnAck) -> bool {
+        ack.code == rumqttc::ConnectReturnCode::Success
+    }
+    fn publish_topic(packet: &rumqttc::Packet) -> Option<String> {
+        match packet {
+            rumqttc::Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A test client: the library's client handle, and every event its event
+/// loop (on its own task) saw.
+pub struct Client<C, F: Flavor> {
+    pub client: C,
+    pub events: mpsc::UnboundedReceiver<Seen<F::Packet, String>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// An MQTT 5 client.
+pub type V5Client = Client<v5::AsyncClient, Mqtt5>;
+/// An MQTT 3.1.1 client.
+pub type V4Client = Client<rumqttc::AsyncClient, Mqtt311>;
+
+impl<C, F: Flavor> Client<C, F> {
+    /// Waits for the next packet matching `pick`, skipping others.
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&F::Packet) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Seen::Packet(packet))) => {
+                    if let Some(found) = pick(&packet) {
+                        return found;
+                    }
+                }
+                Ok(Some(Seen::Error(e))) => panic!("waiting for {what}: connection error: {e}"),
+                Ok(None) => panic!("waiting for {what}: event loop ended"),
+                Err(_) => panic!("waiting for {what}: timed out"),
+            }
+        }
+    }
+
+    /// Waits for CONNACK; a refusal comes back as the client's error text.
+    pub async fn connack(&mut self) -> Result<F::ConnAck, String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Seen::Packet(packet))) => {
+                    if let Ok(ack) = F::connack(packet) {
+                        return Ok(ack);
+                    }
+                }
+                Ok(Some(Seen::Error(e))) => return Err(e),
+                Ok(None) => return Err("event loop ended".into()),
+                Err(_) => return Err("timed out waiting for CONNACK".into()),
+            }
+        }
+    }
+
+    /// Waits for a successful CONNACK.
+    pub async fn connected(&mut self) -> F::ConnAck {
+        match self.connack().await {
+            Ok(ack) if F::accepted(&ack) => ack,
+            other => panic!("expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Next event within `within`, if any (for asserting nothing arrives).
+    pub async fn next_within(&mut self, within: Duration) -> Option<Seen<F::Packet, String>> {
+        tokio::time::timeout(within, self.events.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Asserts that no PUBLISH arrives within `within`.
+    pub async fn assert_no_publish(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Seen::Packet(packet) = event {
+                if let Some(topic) = F::publish_topic(&packet) {
+                    panic!("unexpected publish on {topic}");
+                }
+            }
+        }
+    }
+}
+
+impl<C, F: Flavor> Drop for Client<C, F> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs an event loop on its own task, reporting every incoming packet and
+/// the error that ends it (a refused or closed client is done: no reconnect).
+macro_rules! spawn_event_loop {
+    ($eventloop:expr, $incoming:path) => {{
+        let mut eventloop = $eventloop;
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok($incoming(packet)) => {
+                        if tx.send(Seen::Packet(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Seen::Error(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        (events, task)
+    }};
 }
 
 impl V5Client {
@@ -71,72 +234,12 @@ impl V5Client {
             options.set_transport(tls_transport(ca));
         }
         configure(&mut options);
-        let (client, mut eventloop) = v5::AsyncClient::new(options, 100);
-        let (tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(v5::Event::Incoming(packet)) => {
-                        if tx.send(Seen::Packet(packet)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(v5::Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        let _ = tx.send(Seen::Error(e.to_string()));
-                        // A refused or closed client is done; don't reconnect.
-                        return;
-                    }
-                }
-            }
-        });
-        V5Client {
+        let (client, eventloop) = v5::AsyncClient::new(options, 100);
+        let (events, task) = spawn_event_loop!(eventloop, v5::Event::Incoming);
+        Client {
             client,
             events,
             task,
-        }
-    }
-
-    /// Waits for the next packet matching `pick`, skipping others.
-    pub async fn wait_for<T>(
-        &mut self,
-        what: &str,
-        mut pick: impl FnMut(&p5::Packet) -> Option<T>,
-    ) -> T {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(Seen::Packet(packet))) => {
-                    if let Some(found) = pick(&packet) {
-                        return found;
-                    }
-                }
-                Ok(Some(Seen::Error(e))) => panic!("waiting for {what}: connection error: {e}"),
-                Ok(None) => panic!("waiting for {what}: event loop ended"),
-                Err(_) => panic!("waiting for {what}: timed out"),
-            }
-        }
-    }
-
-    /// Waits for CONNACK and returns it (success or refusal).
-    pub async fn connack(&mut self) -> Result<p5::ConnAck, String> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(Seen::Packet(p5::Packet::ConnAck(ack)))) => return Ok(ack),
-                Ok(Some(Seen::Packet(_))) => {}
-                Ok(Some(Seen::Error(e))) => return Err(e),
-                Ok(None) => return Err("event loop ended".into()),
-                Err(_) => return Err("timed out waiting for CONNACK".into()),
-            }
-        }
-    }
-
-    /// Waits for a successful CONNACK.
-    pub async fn connected(&mut self) -> p5::ConnAck {
-        match self.connack().await {
-            Ok(ack) if ack.code == p5::ConnectReturnCode::Success => ack,
-            other => panic!("expected a successful CONNACK, got {other:?}"),
         }
     }
 
@@ -178,24 +281,6 @@ impl V5Client {
         ack.return_codes[0]
     }
 
-    /// Next event within `within`, if any (for asserting nothing arrives).
-    pub async fn next_within(&mut self, within: Duration) -> Option<Seen<p5::Packet, String>> {
-        tokio::time::timeout(within, self.events.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-
-    /// Asserts that no PUBLISH arrives within `within`.
-    pub async fn assert_no_publish(&mut self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-            if let Seen::Packet(p5::Packet::Publish(publish)) = event {
-                panic!("unexpected publish on {:?}", publish.topic);
-            }
-        }
-    }
-
     /// Waits until the connection ends and returns what ended it.
     pub async fn closed(&mut self) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -213,20 +298,8 @@ impl V5Client {
     }
 }
 
-impl Drop for V5Client {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// An MQTT 3.1.1 client.
-pub struct V4Client {
-    pub client: rumqttc::AsyncClient,
-    pub events: mpsc::UnboundedReceiver<Seen<rumqttc::Packet, String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
 impl V4Client {
+    /// Connects with `username`/`password`; `configure` may adjust options.
     pub fn connect(
         target: Target<'_>,
         client_id: &str,
@@ -241,69 +314,12 @@ impl V4Client {
             options.set_transport(tls_transport(ca));
         }
         configure(&mut options);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-        let (tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(packet)) => {
-                        if tx.send(Seen::Packet(packet)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(rumqttc::Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        let _ = tx.send(Seen::Error(e.to_string()));
-                        return;
-                    }
-                }
-            }
-        });
-        V4Client {
+        let (client, eventloop) = rumqttc::AsyncClient::new(options, 100);
+        let (events, task) = spawn_event_loop!(eventloop, rumqttc::Event::Incoming);
+        Client {
             client,
             events,
             task,
-        }
-    }
-
-    pub async fn wait_for<T>(
-        &mut self,
-        what: &str,
-        mut pick: impl FnMut(&rumqttc::Packet) -> Option<T>,
-    ) -> T {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(Seen::Packet(packet))) => {
-                    if let Some(found) = pick(&packet) {
-                        return found;
-                    }
-                }
-                Ok(Some(Seen::Error(e))) => panic!("waiting for {what}: connection error: {e}"),
-                Ok(None) => panic!("waiting for {what}: event loop ended"),
-                Err(_) => panic!("waiting for {what}: timed out"),
-            }
-        }
-    }
-
-    /// Waits for CONNACK; a refusal comes back as the client's error text.
-    pub async fn connack(&mut self) -> Result<rumqttc::ConnAck, String> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(Seen::Packet(rumqttc::Packet::ConnAck(ack)))) => return Ok(ack),
-                Ok(Some(Seen::Packet(_))) => {}
-                Ok(Some(Seen::Error(e))) => return Err(e),
-                Ok(None) => return Err("event loop ended".into()),
-                Err(_) => return Err("timed out waiting for CONNACK".into()),
-            }
-        }
-    }
-
-    pub async fn connected(&mut self) -> rumqttc::ConnAck {
-        match self.connack().await {
-            Ok(ack) if ack.code == rumqttc::ConnectReturnCode::Success => ack,
-            other => panic!("expected a successful CONNACK, got {other:?}"),
         }
     }
 
@@ -321,20 +337,5 @@ impl V4Client {
             _ => None,
         })
         .await
-    }
-
-    pub async fn assert_no_publish(&mut self, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-            if let Seen::Packet(rumqttc::Packet::Publish(publish)) = event {
-                panic!("unexpected publish on {}", publish.topic);
-            }
-        }
-    }
-}
-
-impl Drop for V4Client {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
