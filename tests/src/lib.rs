@@ -148,6 +148,32 @@ impl TestBroker {
         }
     }
 
+    /// A handler (MQTT 5, TLS) with the test key, connected.
+    pub async fn handler(&self, client_id: &str) -> clients::V5Client {
+        let mut handler = clients::V5Client::connect(
+            self.tls_target(),
+            client_id,
+            "handler",
+            TEST_HANDLER_KEY,
+            |_| {},
+        );
+        handler.connected().await;
+        handler
+    }
+
+    /// Device `uid` (MQTT 5, TLS) with a valid token, connected.
+    pub async fn device(&self, uid: &str, client_id: &str) -> clients::V5Client {
+        let mut device = clients::V5Client::connect(
+            self.tls_target(),
+            client_id,
+            "JWT",
+            &self.token(uid),
+            |_| {},
+        );
+        device.connected().await;
+        device
+    }
+
     /// A valid one-hour token for `uid`.
     pub fn token(&self, uid: &str) -> String {
         DeviceClaims::new(uid, 3600)

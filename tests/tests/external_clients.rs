@@ -289,14 +289,7 @@ async fn mosquitto_device_gets_its_reply(version: Mqtt, host: &str, sub_format: 
     let broker = TestBroker::start().await;
     let mut handler = handler_on(&broker, "contacts", "get_contact_list").await;
     // Another user on its own reply topic must see nothing.
-    let mut bystander = V5Client::connect(
-        broker.tls_target(),
-        "phone",
-        "JWT",
-        &broker.token("23412"),
-        |_| {},
-    );
-    bystander.connected().await;
+    let mut bystander = broker.device("23412", "phone").await;
     bystander
         .subscribe("23412_contact_list", QoS::AtLeastOnce)
         .await;
@@ -605,14 +598,7 @@ async fn mosquitto_device_is_refused_foreign_subscriptions_and_publishes() {
     let broker = TestBroker::start().await;
     let token = broker.token("68946");
     // Whoever owns the target topic must see nothing of the denied publish.
-    let mut victim = V5Client::connect(
-        broker.tls_target(),
-        "victim",
-        "JWT",
-        &broker.token("23412"),
-        |_| {},
-    );
-    victim.connected().await;
+    let mut victim = broker.device("23412", "victim").await;
     victim
         .subscribe("23412_contact_list", QoS::AtLeastOnce)
         .await;

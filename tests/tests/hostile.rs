@@ -6,7 +6,7 @@
 use base64::Engine;
 use bytes::BytesMut;
 use e2e::clients::{Seen, V4Client, V5Client};
-use e2e::{TestBroker, TestOptions, TEST_HANDLER_KEY};
+use e2e::{TestBroker, TestOptions};
 use rumqttc::v5::mqttbytes::v5::{self as p5, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use shared::claims::{now_secs, DeviceClaims};
@@ -16,23 +16,9 @@ use tokio::net::TcpStream;
 
 /// A healthy device round trip, proving the broker still serves.
 async fn still_serving(broker: &TestBroker) {
-    let mut handler = V5Client::connect(
-        broker.tls_target(),
-        "probe-handler",
-        "handler",
-        TEST_HANDLER_KEY,
-        |_| {},
-    );
-    handler.connected().await;
+    let mut handler = broker.handler("probe-handler").await;
     handler.subscribe("get_contact_list", QoS::AtMostOnce).await;
-    let mut device = V5Client::connect(
-        broker.tls_target(),
-        "probe",
-        "JWT",
-        &broker.token("probe"),
-        |_| {},
-    );
-    device.connected().await;
+    let mut device = broker.device("probe", "probe").await;
     device
         .subscribe("probe_contact_list", QoS::AtMostOnce)
         .await;
@@ -235,30 +221,9 @@ async fn issuer_audience_and_key_confusion() {
 #[tokio::test]
 async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
     let broker = TestBroker::start().await;
-    let mut handler = V5Client::connect(
-        broker.tls_target(),
-        "shared-id",
-        "handler",
-        TEST_HANDLER_KEY,
-        |_| {},
-    );
-    handler.connected().await;
-    let mut alice = V5Client::connect(
-        broker.tls_target(),
-        "shared-id",
-        "JWT",
-        &broker.token("alice"),
-        |_| {},
-    );
-    alice.connected().await;
-    let mut bob = V5Client::connect(
-        broker.tls_target(),
-        "shared-id",
-        "JWT",
-        &broker.token("bob"),
-        |_| {},
-    );
-    bob.connected().await;
+    let mut handler = broker.handler("shared-id").await;
+    let mut alice = broker.device("alice", "shared-id").await;
+    let mut bob = broker.device("bob", "shared-id").await;
 
     // None of them was disconnected: each still completes a subscription.
     assert_eq!(
@@ -275,14 +240,7 @@ async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
     );
 
     // Alice's second connection with the same id replaces her first.
-    let mut alice_again = V5Client::connect(
-        broker.tls_target(),
-        "shared-id",
-        "JWT",
-        &broker.token("alice"),
-        |_| {},
-    );
-    alice_again.connected().await;
+    let _alice_again = broker.device("alice", "shared-id").await;
     let ended = alice.closed().await;
     assert!(ended.contains("SessionTakenOver"), "{ended}");
     assert_eq!(
@@ -318,14 +276,7 @@ async fn client_ids_are_per_user_and_takeover_stays_within_a_user() {
 #[tokio::test]
 async fn forbidden_subscriptions_get_ordered_suback_codes() {
     let broker = TestBroker::start().await;
-    let mut device = V5Client::connect(
-        broker.tls_target(),
-        "p",
-        "JWT",
-        &broker.token("68946"),
-        |_| {},
-    );
-    device.connected().await;
+    let mut device = broker.device("68946", "p").await;
     let filters = [
         "68946_contact_list",
         "#",
@@ -421,35 +372,14 @@ async fn forbidden_subscriptions_get_ordered_suback_codes() {
 #[tokio::test]
 async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_forged() {
     let broker = TestBroker::start().await;
-    let mut handler = V5Client::connect(
-        broker.tls_target(),
-        "watch",
-        "handler",
-        TEST_HANDLER_KEY,
-        |_| {},
-    );
-    handler.connected().await;
+    let mut handler = broker.handler("watch").await;
     handler.subscribe("#", QoS::AtLeastOnce).await;
-    let mut victim = V5Client::connect(
-        broker.tls_target(),
-        "v",
-        "JWT",
-        &broker.token("23412"),
-        |_| {},
-    );
-    victim.connected().await;
+    let mut victim = broker.device("23412", "v").await;
     victim
         .subscribe("23412_contact_requested", QoS::AtLeastOnce)
         .await;
 
-    let mut device = V5Client::connect(
-        broker.tls_target(),
-        "p",
-        "JWT",
-        &broker.token("68946"),
-        |_| {},
-    );
-    device.connected().await;
+    let mut device = broker.device("68946", "p").await;
     for topic in [
         "23412_contact_requested",
         "undeclared_topic",
@@ -525,14 +455,7 @@ async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_for
         ]
     );
     // Nothing retained on `sync`: a new subscriber gets nothing.
-    let mut late = V5Client::connect(
-        broker.tls_target(),
-        "late",
-        "handler",
-        TEST_HANDLER_KEY,
-        |_| {},
-    );
-    late.connected().await;
+    let mut late = broker.handler("late").await;
     late.subscribe("sync", QoS::AtLeastOnce).await;
     late.assert_no_publish(Duration::from_millis(300)).await;
     still_serving(&broker).await;
@@ -680,14 +603,7 @@ async fn expiring_token_disconnects_and_fires_the_will() {
     let mut options = TestOptions::default();
     options.jwt.leeway_secs = 0;
     let broker = TestBroker::start_with(options).await;
-    let mut handler = V5Client::connect(
-        broker.tls_target(),
-        "wills",
-        "handler",
-        TEST_HANDLER_KEY,
-        |_| {},
-    );
-    handler.connected().await;
+    let mut handler = broker.handler("wills").await;
     handler.subscribe("presence", QoS::AtLeastOnce).await;
 
     let token = broker.token_with(&DeviceClaims {
@@ -744,8 +660,7 @@ async fn will_to_a_forbidden_topic_is_refused_at_connect() {
 #[tokio::test]
 async fn graceful_shutdown_tells_mqtt5_clients() {
     let broker = TestBroker::start().await;
-    let mut device = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("1"), |_| {});
-    device.connected().await;
+    let mut device = broker.device("1", "d").await;
     let mut old = V4Client::connect(
         broker.plain_target(),
         "d",

@@ -5,26 +5,19 @@
 //! operations endpoint.
 
 use e2e::clients::{V4Client, V5Client};
-use e2e::{TestBroker, TestOptions, TEST_HANDLER_KEY};
+use e2e::{TestBroker, TestOptions};
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::v5::mqttbytes::QoS;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 
-async fn handler(broker: &TestBroker, id: &str) -> V5Client {
-    let mut h = V5Client::connect(broker.tls_target(), id, "handler", TEST_HANDLER_KEY, |_| {});
-    h.connected().await;
-    h
-}
-
 #[tokio::test]
 async fn qos_levels_are_delivered() {
     let broker = TestBroker::start().await;
-    let mut h = handler(&broker, "qos").await;
+    let mut h = broker.handler("qos").await;
     h.subscribe("sync", QoS::ExactlyOnce).await;
-    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("7"), |_| {});
-    d.connected().await;
+    let mut d = broker.device("7", "d").await;
     for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
         .into_iter()
         .enumerate()
@@ -58,7 +51,7 @@ async fn qos_levels_are_delivered() {
 #[tokio::test]
 async fn handlers_use_retain_wildcards_and_shared_subscriptions() {
     let broker = TestBroker::start().await;
-    let publisher = handler(&broker, "pub").await;
+    let publisher = broker.handler("pub").await;
     publisher
         .client
         .publish("config/limits", QoS::AtLeastOnce, true, "v1")
@@ -66,7 +59,7 @@ async fn handlers_use_retain_wildcards_and_shared_subscriptions() {
         .unwrap();
 
     // Retained message reaches a later wildcard subscriber.
-    let mut late = handler(&broker, "late").await;
+    let mut late = broker.handler("late").await;
     late.subscribe("config/+", QoS::AtLeastOnce).await;
     let retained = late.publish_received().await;
     assert_eq!(&retained.payload[..], b"v1");
@@ -78,14 +71,13 @@ async fn handlers_use_retain_wildcards_and_shared_subscriptions() {
         .publish("55_profile", QoS::AtLeastOnce, true, "p")
         .await
         .unwrap();
-    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("55"), |_| {});
-    d.connected().await;
+    let mut d = broker.device("55", "d").await;
     d.subscribe("55_profile", QoS::AtLeastOnce).await;
     assert_eq!(&d.publish_received().await.payload[..], b"p");
 
     // Shared subscription: two members split ten commands, none twice.
-    let mut a = handler(&broker, "worker-a").await;
-    let mut b = handler(&broker, "worker-b").await;
+    let mut a = broker.handler("worker-a").await;
+    let mut b = broker.handler("worker-b").await;
     a.subscribe("$share/workers/jobs/run", QoS::AtLeastOnce)
         .await;
     b.subscribe("$share/workers/jobs/run", QoS::AtLeastOnce)
@@ -110,7 +102,7 @@ async fn handlers_use_retain_wildcards_and_shared_subscriptions() {
     assert!(per_member[0] > 0 && per_member[1] > 0, "{per_member:?}");
 
     // One group over two filters: each filter's messages all arrive.
-    let mut c = handler(&broker, "worker-c").await;
+    let mut c = broker.handler("worker-c").await;
     c.subscribe("$share/pair/jobs/a", QoS::AtLeastOnce).await;
     c.subscribe("$share/pair/jobs/b", QoS::AtLeastOnce).await;
     for topic in ["jobs/a", "jobs/b", "jobs/a", "jobs/b"] {
@@ -150,7 +142,7 @@ async fn handlers_use_retain_wildcards_and_shared_subscriptions() {
 #[tokio::test]
 async fn persistent_device_session_keeps_subscriptions_and_queued_messages() {
     let broker = TestBroker::start().await;
-    let h = handler(&broker, "replier").await;
+    let h = broker.handler("replier").await;
     let token = broker.token("4242");
     let mut d = V5Client::connect(broker.tls_target(), "phone", "JWT", &token, |o| {
         o.set_clean_start(false);
@@ -189,7 +181,7 @@ async fn persistent_device_session_keeps_subscriptions_and_queued_messages() {
 #[tokio::test]
 async fn wills_fire_on_abnormal_close_only() {
     let broker = TestBroker::start().await;
-    let mut h = handler(&broker, "presence").await;
+    let mut h = broker.handler("presence").await;
     h.subscribe("presence", QoS::AtLeastOnce).await;
 
     // Clean DISCONNECT: no will.
@@ -285,10 +277,9 @@ async fn keep_alive_is_enforced() {
 #[tokio::test]
 async fn operations_endpoint_reports_metrics_and_health() {
     let broker = TestBroker::start().await;
-    let mut h = handler(&broker, "m").await;
+    let mut h = broker.handler("m").await;
     h.subscribe("sync", QoS::AtMostOnce).await;
-    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("1"), |_| {});
-    d.connected().await;
+    let d = broker.device("1", "d").await;
     d.client
         .publish("sync", QoS::AtMostOnce, false, "{}")
         .await
@@ -362,8 +353,7 @@ async fn connect_storms_are_rate_limited_per_address_and_refusals_are_cached() {
 #[tokio::test]
 async fn pubacks_keep_the_order_of_publishes_even_when_some_are_denied() {
     let broker = TestBroker::start().await;
-    let mut d = V5Client::connect(broker.tls_target(), "d", "JWT", &broker.token("12"), |_| {});
-    d.connected().await;
+    let mut d = broker.device("12", "d").await;
     for topic in ["sync", "13_inbox", "sync", "not_a_command", "sync"] {
         d.client
             .publish(topic, QoS::AtLeastOnce, false, "x")
