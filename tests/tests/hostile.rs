@@ -608,7 +608,7 @@ async fn expiring_token_disconnects_and_fires_the_will() {
 
     let token = broker.token_with(&DeviceClaims {
         sub: "31337".into(),
-        exp: Some(now_secs() + 2),
+        exp: Some(now_secs() + 3),
         ..Default::default()
     });
     // `presence` becomes a command topic because the handler subscribed to it.

@@ -314,7 +314,8 @@ async fn operations_endpoint_reports_metrics_and_health() {
 #[tokio::test]
 async fn connect_storms_are_rate_limited_per_address_and_refusals_are_cached() {
     let mut options = TestOptions::default();
-    options.limits.conn_rate_per_sec = 1.0;
+    // One new token every 10 s: the six attempts below all fall in the burst window.
+    options.limits.conn_rate_per_sec = 0.1;
     options.limits.conn_burst = 3;
     let broker = TestBroker::start_with(options).await;
     let mut outcomes = Vec::new();
