@@ -109,6 +109,10 @@ pub struct Args {
     /// Seconds to wait for sessions to close on SIGTERM/SIGINT.
     #[arg(long, env = "BROKER_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Longest a persistent session outlives its connection, in seconds
+    /// (MQTT 5 clients may ask for less; MQTT 3.1.1 sessions get this).
+    #[arg(long, env = "BROKER_MAX_SESSION_EXPIRY_SECS", default_value_t = 7 * 24 * 3600)]
+    pub max_session_expiry_secs: u64,
     /// Async worker threads (default: one per core, less the router's).
     #[arg(long, env = "BROKER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -163,6 +167,7 @@ pub struct Limits {
     pub refusal_cache_ttl: Duration,
     pub shutdown_grace: Duration,
     pub revocation_poll: Duration,
+    pub max_session_expiry: Duration,
 }
 
 impl Default for Limits {
@@ -178,6 +183,7 @@ impl Default for Limits {
             refusal_cache_ttl: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             revocation_poll: Duration::from_secs(5),
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -320,6 +326,7 @@ impl Args {
                 refusal_cache_ttl: Duration::from_secs(self.refusal_cache_secs),
                 shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
                 revocation_poll: Duration::from_secs(self.revocation_poll_secs),
+                max_session_expiry: Duration::from_secs(self.max_session_expiry_secs),
             },
             revocations: None,
         };

@@ -158,7 +158,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     codec: Codec,
     packet: Packet,
 ) -> Option<Session> {
-    let Packet::Connect(connect, _properties, will, _will_properties, login) = packet else {
+    let Packet::Connect(connect, properties, will, _will_properties, login) = packet else {
         gate.metrics.socket_dropped("not_mqtt");
         return None;
     };
@@ -294,6 +294,11 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         principal,
         client_id,
         clean_session: connect.clean_session,
+        session_expiry: session_expiry(
+            codec.version,
+            properties.as_ref().and_then(|p| p.session_expiry_interval),
+            gate.limits.max_session_expiry,
+        ),
         keep_alive: Duration::from_secs(u64::from(granted_keep_alive)),
         token_deadline,
         will,
@@ -307,6 +312,39 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         outbox: Vec::new(),
         next_will_pkid: 1,
     })
+}
+
+/// How long a persistent session outlives its connection: MQTT 5 says so in
+/// CONNECT (absent = 0, ended with the connection); MQTT 3.1.1 sessions have
+/// no expiry of their own. Either way at most the configured maximum.
+fn session_expiry(version: Version, asked_secs: Option<u32>, max: Duration) -> Duration {
+    match version {
+        Version::V4 => max,
+        Version::V5 => Duration::from_secs(u64::from(asked_secs.unwrap_or(0))).min(max),
+    }
+}
+
+/// Ends the persistent session connection `serial` left behind once `after` has passed,
+/// unless its client came back: the router forgets a session when a clean
+/// one with the same id connects, so the gate opens and closes one.
+fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duration) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = gate.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(after) => {}
+        }
+        let Some(expiring) = gate.sessions.claim_to_expire(&id, serial) else {
+            return;
+        };
+        match gate.router.connect(id, true).await {
+            Ok(link) => {
+                let mut tx = link.tx;
+                let _ = tx.send(normal_disconnect()).await;
+                debug!(session = expiring.id(), "persistent session expired");
+            }
+            Err(e) => warn!(error = %e, "could not expire a persistent session"),
+        }
+    });
 }
 
 fn normal_disconnect() -> Packet {
@@ -350,6 +388,8 @@ struct Session {
     link_tx: RouterTx,
     link_rx: RouterRx,
     claim: SessionClaim,
+    /// How long a persistent session outlives this connection.
+    session_expiry: Duration,
     pending_subacks: HashMap<u16, PendingSubAck>,
     /// QoS 1 publishes refused: their PUBACK from the router becomes a denial.
     denied_qos1: HashMap<u16, Denial>,
@@ -402,6 +442,16 @@ impl Session {
             }
         }
         self.gate.metrics.connection_closed(kind);
+        // A persistent session stays in the router until its expiry (unless
+        // a new connection took it over). The claim is released first so the
+        // expiry finds the id free.
+        if !self.clean_session && !self.claim.taken_over.is_cancelled() {
+            self.gate.sessions.left_away(&self.claim);
+            let (id, serial) = (self.claim.id().to_owned(), self.claim.serial());
+            let (gate, after) = (self.gate.clone(), self.session_expiry);
+            drop(self);
+            expire_session_later(gate, id, serial, after);
+        }
     }
 
     /// Relays until the session ends, and says why.
@@ -558,10 +608,20 @@ impl Session {
                 wire.queue(&self.codec, Packet::PingResp(PingResp));
                 None
             }
-            Packet::Disconnect(disconnect, _) => Some(End::ClientDisconnect {
-                with_will: disconnect.reason_code
-                    == DisconnectReasonCode::DisconnectWithWillMessage,
-            }),
+            Packet::Disconnect(disconnect, properties) => {
+                // MQTT 5: DISCONNECT may shorten (or lengthen) the expiry.
+                if let Some(secs) = properties.and_then(|p| p.session_expiry_interval) {
+                    self.session_expiry = session_expiry(
+                        self.codec.version,
+                        Some(secs),
+                        self.gate.limits.max_session_expiry,
+                    );
+                }
+                Some(End::ClientDisconnect {
+                    with_will: disconnect.reason_code
+                        == DisconnectReasonCode::DisconnectWithWillMessage,
+                })
+            }
             Packet::Connect(..) => {
                 info!("second CONNECT on one connection");
                 Some(End::Server(ServerDisconnect::ProtocolError))

@@ -52,6 +52,9 @@ struct Entry {
 pub struct SessionRegistry {
     next_serial: AtomicU64,
     live: Mutex<HashMap<String, Entry>>,
+    /// Persistent sessions whose client is away, with the serial of the
+    /// connection that left them: only that one's expiry may end them.
+    away: Mutex<HashMap<String, u64>>,
 }
 
 /// Held by a live connection; dropping it releases the id and tells a
@@ -71,6 +74,7 @@ impl SessionRegistry {
     /// Claims `id` (for `uid`'s device, or a handler when `None`), ending
     /// the connection that holds it first (if any).
     pub async fn claim(self: &Arc<Self>, id: String, uid: Option<&UserId>) -> SessionClaim {
+        self.away.lock().remove(&id);
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let kick = CancellationToken::new();
         let revoke = CancellationToken::new();
@@ -105,6 +109,44 @@ impl SessionRegistry {
         }
     }
 
+    /// Records that `claim`'s client left a persistent session behind.
+    pub fn left_away(&self, claim: &SessionClaim) {
+        self.away.lock().insert(claim.id.clone(), claim.serial);
+    }
+
+    /// Takes `id` to end its session, if it is still the one `serial` left
+    /// behind and no client has come back for it.
+    pub fn claim_to_expire(self: &Arc<Self>, id: &str, serial: u64) -> Option<SessionClaim> {
+        let mut live = self.live.lock();
+        let mut away = self.away.lock();
+        if live.contains_key(id) || away.get(id) != Some(&serial) {
+            return None;
+        }
+        away.remove(id);
+        let own_serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let (closed_tx, closed_rx) = oneshot::channel();
+        let kick = CancellationToken::new();
+        let revoke = CancellationToken::new();
+        live.insert(
+            id.to_owned(),
+            Entry {
+                serial: own_serial,
+                uid: None,
+                kick: kick.clone(),
+                revoke: revoke.clone(),
+                closed: closed_rx,
+            },
+        );
+        Some(SessionClaim {
+            registry: self.clone(),
+            id: id.to_owned(),
+            serial: own_serial,
+            taken_over: kick,
+            revoked: revoke,
+            _closed: closed_tx,
+        })
+    }
+
     /// Live device sessions grouped by user, with the tokens that end them.
     pub fn device_sessions(&self) -> Vec<(UserId, Vec<CancellationToken>)> {
         let mut by_user: HashMap<UserId, Vec<CancellationToken>> = HashMap::new();
@@ -126,6 +168,18 @@ impl SessionRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl SessionClaim {
+    /// The router client id this claim holds.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Which connection holds it (increasing over the registry's life).
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 }
 
@@ -175,7 +229,24 @@ mod tests {
         let devices = registry.device_sessions();
         assert_eq!(devices.len(), 1);
         assert_eq!(devices[0].0.as_str(), "1");
+        registry.left_away(&second);
+        let serial = second.serial();
         drop(second);
         assert!(registry.is_empty());
+
+        // The session left behind can be expired once, by that serial only.
+        assert!(registry.claim_to_expire("D:1:c", serial + 1).is_none());
+        let expiring = registry.claim_to_expire("D:1:c", serial).expect("idle");
+        assert!(registry.claim_to_expire("D:1:c", serial).is_none());
+        drop(expiring);
+
+        // A client coming back cancels a pending expiry.
+        let back = registry.claim("D:1:c".into(), Some(&uid)).await;
+        registry.left_away(&back);
+        let serial = back.serial();
+        drop(back);
+        let again = registry.claim("D:1:c".into(), Some(&uid)).await;
+        drop(again);
+        assert!(registry.claim_to_expire("D:1:c", serial).is_none());
     }
 }

@@ -379,3 +379,49 @@ async fn pubacks_keep_the_order_of_publishes_even_when_some_are_denied() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn persistent_sessions_end_at_their_expiry() {
+    let broker = TestBroker::start().await;
+    let token = broker.token("77");
+    let persistent = |expiry: Option<u32>| {
+        move |o: &mut rumqttc::v5::MqttOptions| {
+            o.set_clean_start(false);
+            o.set_connect_properties(p5::ConnectProperties {
+                session_expiry_interval: expiry,
+                ..p5::ConnectProperties::new()
+            });
+        }
+    };
+    // Expiry 1 s: still there right away, gone after it.
+    for (wait, present) in [(Duration::ZERO, true), (Duration::from_millis(1500), false)] {
+        let mut d = V5Client::connect(broker.tls_target(), "p", "JWT", &token, persistent(Some(1)));
+        d.connected().await;
+        d.subscribe("77_inbox", QoS::AtLeastOnce).await;
+        d.client.disconnect().await.unwrap();
+        d.closed().await;
+        drop(d);
+        tokio::time::sleep(wait).await;
+        let mut back =
+            V5Client::connect(broker.tls_target(), "p", "JWT", &token, persistent(Some(1)));
+        assert_eq!(
+            back.connected().await.session_present,
+            present,
+            "after {wait:?}"
+        );
+        back.client.disconnect().await.unwrap();
+        back.closed().await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    // No expiry interval (MQTT 5 default 0): the session ends with the connection.
+    let mut d = V5Client::connect(broker.tls_target(), "q", "JWT", &token, persistent(None));
+    d.connected().await;
+    d.subscribe("77_inbox", QoS::AtLeastOnce).await;
+    d.client.disconnect().await.unwrap();
+    d.closed().await;
+    drop(d);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut back = V5Client::connect(broker.tls_target(), "q", "JWT", &token, persistent(None));
+    assert!(!back.connected().await.session_present);
+    broker.shutdown().await;
+}
