@@ -174,6 +174,19 @@ impl TestBroker {
         device
     }
 
+    /// Device `uid` over MQTT 3.1.1 and TLS with a valid token, connected.
+    pub async fn device_v4(&self, uid: &str, client_id: &str) -> clients::V4Client {
+        let mut device = clients::V4Client::connect(
+            self.tls_target(),
+            client_id,
+            "JWT",
+            &self.token(uid),
+            |_| {},
+        );
+        device.connected().await;
+        device
+    }
+
     /// A valid one-hour token for `uid`.
     pub fn token(&self, uid: &str) -> String {
         DeviceClaims::new(uid, 3600)

@@ -296,14 +296,7 @@ async fn forbidden_subscriptions_get_ordered_suback_codes() {
     let no = SubscribeReasonCode::NotAuthorized;
     assert_eq!(ack.return_codes, vec![ok, no, no, no, no, ok, no]);
 
-    let mut old = V4Client::connect(
-        broker.tls_target(),
-        "p",
-        "JWT",
-        &broker.token("23412"),
-        |_| {},
-    );
-    old.connected().await;
+    let mut old = broker.device_v4("23412", "p").await;
     old.client
         .subscribe_many(
             [
@@ -400,14 +393,7 @@ async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_for
     victim.assert_no_publish(Duration::from_millis(300)).await;
 
     // MQTT 3.1.1: acknowledged and dropped.
-    let mut old = V4Client::connect(
-        broker.tls_target(),
-        "o",
-        "JWT",
-        &broker.token("777"),
-        |_| {},
-    );
-    old.connected().await;
+    let mut old = broker.device_v4("777", "o").await;
     old.client
         .publish(
             "23412_contact_requested",

@@ -35,8 +35,7 @@ async fn qos_levels_are_delivered() {
     })
     .await;
     // A denied QoS 2 publish from a 3.1.1 device completes its exchange too.
-    let mut old = V4Client::connect(broker.tls_target(), "o", "JWT", &broker.token("8"), |_| {});
-    old.connected().await;
+    let mut old = broker.device_v4("8", "o").await;
     old.client
         .publish("9_inbox", rumqttc::QoS::ExactlyOnce, false, "x")
         .await
