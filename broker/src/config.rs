@@ -113,7 +113,7 @@ pub struct Args {
     /// (MQTT 5 clients may ask for less; MQTT 3.1.1 sessions get this).
     #[arg(long, env = "BROKER_MAX_SESSION_EXPIRY_SECS", default_value_t = 7 * 24 * 3600)]
     pub max_session_expiry_secs: u64,
-    /// Async worker threads (default: one per core, less the router's).
+    /// Async worker threads, the router's task included (default: one per core less one).
     #[arg(long, env = "BROKER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Seconds between sweeps that disconnect revoked users (0 = only at CONNECT).

@@ -1,12 +1,11 @@
-//! Owns the embedded rumqttd router: its configuration, and opening a link
-//! (the router's view of one client session) off the async runtime, since
-//! rumqttd's `LinkBuilder::build` blocks on a channel until the router answers.
-//! The only module that touches rumqttd's router types.
+//! Owns the embedded rumqttd router: its configuration, running it as a task
+//! on the broker's runtime, and opening links (the router's view of one client
+//! session). The only module that touches rumqttd's router types.
 
 use crate::config::Limits;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::Packet;
-use rumqttd::{Notification, Router, RouterConfig};
+use rumqttd::{Router, RouterConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -20,18 +19,16 @@ pub enum RouterError {
     Link(String),
     #[error("router answered without a CONNACK")]
     NoConnAck,
-    #[error("router link task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
 }
 
-type LinkResult = Result<(LinkTx, LinkRx, Notification), RouterError>;
-/// Opens a link; hides the router sender, whose element type rumqttd keeps private.
-type LinkFactory = Arc<dyn Fn(&str, bool) -> LinkResult + Send + Sync>;
+/// Starts a link to the router; hides the router's inbox, whose element type
+/// rumqttd keeps private.
+type LinkStarter = Arc<dyn for<'a> Fn(&'a str) -> LinkBuilder<'a> + Send + Sync>;
 
-/// A handle on the router thread.
+/// A handle on the router task.
 #[derive(Clone)]
 pub struct EmbeddedRouter {
-    open_link: LinkFactory,
+    start_link: LinkStarter,
 }
 
 /// One open router session.
@@ -51,7 +48,7 @@ const COMMAND_SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 const COMMAND_SEGMENT_COUNT: usize = 4;
 
 impl EmbeddedRouter {
-    /// Starts the router thread.
+    /// Starts the router as a task on the current tokio runtime.
     pub fn start(limits: &Limits, command_topics: &[String]) -> Self {
         let custom_segment: HashMap<String, rumqttd::SegmentConfig> = command_topics
             .iter()
@@ -75,27 +72,26 @@ impl EmbeddedRouter {
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         };
-        let router_tx = Router::new(0, config).spawn();
-        let open_link: LinkFactory = Arc::new(move |client_id: &str, clean_session: bool| {
-            LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(clean_session)
-                .build()
-                .map_err(|e: LinkError| RouterError::Link(e.to_string()))
-        });
-        EmbeddedRouter { open_link }
+        // On the broker's runtime, not a thread of its own: see
+        // `Router::spawn_on_runtime` (vendor/rumqttd/PATCHES.md).
+        let router_tx = Router::new(0, config).spawn_on_runtime();
+        let start_link: LinkStarter =
+            Arc::new(move |client_id: &str| LinkBuilder::new(client_id, router_tx.clone()));
+        EmbeddedRouter { start_link }
     }
 
     /// Opens a session for `router_client_id` (already namespaced and free of
-    /// `+ $ # /`). Runs the blocking build on the blocking pool.
+    /// `+ $ # /`).
     pub async fn connect(
         &self,
         router_client_id: String,
         clean_session: bool,
     ) -> Result<RouterLink, RouterError> {
-        let open_link = self.open_link.clone();
-        let (tx, rx, ack) =
-            tokio::task::spawn_blocking(move || open_link(&router_client_id, clean_session))
-                .await??;
+        let (tx, rx, ack) = (self.start_link)(&router_client_id)
+            .clean_session(clean_session)
+            .build_async()
+            .await
+            .map_err(|e: LinkError| RouterError::Link(e.to_string()))?;
         let session_present = match Option::<Packet>::from(ack) {
             Some(Packet::ConnAck(ack, _)) => ack.session_present,
             _ => return Err(RouterError::NoConnAck),

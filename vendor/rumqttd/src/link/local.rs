@@ -98,18 +98,43 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
-    pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    /// patched: `build` for a router running on the same tokio runtime
+    /// (`Router::spawn_on_runtime`): waits for the router's CONNACK without
+    /// blocking the worker the router itself needs.
+    pub async fn build_async(mut self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, link_rx, outgoing_data_buffer, incoming_data_buffer) = self.connect_event();
+        self.router_tx.send_async((0, event)).await?;
+        link_rx.recv_async().await?;
+        self.finish(link_rx, outgoing_data_buffer, incoming_data_buffer)
+    }
+
+    pub fn build(mut self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, link_rx, outgoing_data_buffer, incoming_data_buffer) = self.connect_event();
+        self.router_tx.send((0, event))?;
+        link_rx.recv()?;
+        self.finish(link_rx, outgoing_data_buffer, incoming_data_buffer)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn connect_event(
+        &mut self,
+    ) -> (
+        Event,
+        Receiver<()>,
+        Arc<Mutex<VecDeque<Notification>>>,
+        Arc<Mutex<VecDeque<Packet>>>,
+    ) {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
-            self.tenant_id,
+            self.tenant_id.take(),
             self.client_id.to_owned(),
             self.clean_session,
             self.dynamic_filters,
         );
 
         connection
-            .last_will(self.last_will, self.last_will_properties)
+            .last_will(self.last_will.take(), self.last_will_properties.take())
             .topic_alias_max(self.topic_alias_max);
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
@@ -121,11 +146,19 @@ impl<'a> LinkBuilder<'a> {
             incoming,
             outgoing,
         };
+        (event, link_rx, outgoing_data_buffer, incoming_data_buffer)
+    }
 
-        self.router_tx.send((0, event))?;
-
-        link_rx.recv()?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+    fn finish(
+        self,
+        link_rx: Receiver<()>,
+        outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+        incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let notification = outgoing_data_buffer
+            .lock()
+            .pop_front()
+            .ok_or(LinkError::NotConnectionAck)?;
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
