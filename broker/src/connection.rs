@@ -20,6 +20,7 @@ use rumqttd::protocol::{
     UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,10 +37,15 @@ const DENIED_SINK_TOPIC: &[u8] = b"$gate/denied";
 const INITIAL_BUFFER: usize = 512;
 
 /// Serves one client until it leaves, is refused, or the broker shuts down.
-pub async fn serve<S>(stream: S, peer: SocketAddr, gate: Arc<Gate>)
+///
+/// Not an `async fn`: the stream (a TLS stream is kilobytes) is moved into
+/// its shared halves before the future exists, so that the future, resident
+/// for the connection's whole life, does not keep a copy of it.
+pub fn serve<S>(stream: S, peer: SocketAddr, gate: Arc<Gate>) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (reader, writer) = tokio::io::split(stream);
     let span = tracing::info_span!(
         "conn",
         %peer,
@@ -48,49 +54,58 @@ where
         client_id = tracing::field::Empty
     );
     async move {
-        let (reader, writer) = tokio::io::split(stream);
         let mut wire = Wire {
             reader,
             writer,
             read_buf: BytesMut::with_capacity(INITIAL_BUFFER),
             write_buf: BytesMut::with_capacity(INITIAL_BUFFER),
         };
-        let first = tokio::time::timeout(
-            gate.limits.connect_timeout,
-            wire.read_connect(gate.limits.max_packet_size),
-        )
-        .await;
-        let (codec, packet) = match first {
-            Ok(Ok(found)) => found,
-            Ok(Err(ConnectReadError::Codec(CodecError::UnsupportedProtocol(level)))) => {
-                info!(level, "refused: unsupported protocol level");
-                gate.metrics.connect_refused("unsupported protocol");
-                let codec = Codec::new(Version::V4, gate.limits.max_packet_size);
-                let refusal =
-                    answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
-                let _ = wire.send_now(&codec, refusal).await;
-                return;
-            }
-            Ok(Err(e)) => {
-                debug!(error = %e, "closed before CONNECT");
-                gate.metrics.socket_dropped("not_mqtt");
-                return;
-            }
-            Err(_) => {
-                info!("no CONNECT before the deadline");
-                gate.metrics.socket_dropped("connect_timeout");
-                return;
-            }
-        };
-        // Boxed: the CONNECT decision's state would otherwise be part of
-        // every connection's resident future for its whole life.
-        let Some(session) = Box::pin(accept(&gate, &mut wire, codec, packet)).await else {
+        // Boxed: reading and deciding the CONNECT needs more state than the
+        // session does, and it would otherwise stay in every connection's
+        // resident future for its whole life.
+        let Some(session) = Box::pin(open_session(&gate, &mut wire)).await else {
             return;
         };
-        session.run(wire).await;
+        // Boxed: then this future is the same few hundred bytes for every
+        // transport, and the session's state is allocated once, at its size.
+        Box::pin(session.run(wire)).await;
     }
     .instrument(span)
-    .await
+}
+
+/// Reads the CONNECT (within the deadline) and decides it.
+async fn open_session<S: AsyncRead + AsyncWrite>(
+    gate: &Arc<Gate>,
+    wire: &mut Wire<S>,
+) -> Option<Session> {
+    let first = tokio::time::timeout(
+        gate.limits.connect_timeout,
+        wire.read_connect(gate.limits.max_packet_size),
+    )
+    .await;
+    let (codec, packet) = match first {
+        Ok(Ok(found)) => found,
+        Ok(Err(ConnectReadError::Codec(CodecError::UnsupportedProtocol(level)))) => {
+            info!(level, "refused: unsupported protocol level");
+            gate.metrics.connect_refused("unsupported protocol");
+            let codec = Codec::new(Version::V4, gate.limits.max_packet_size);
+            let refusal =
+                answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
+            let _ = wire.send_now(&codec, refusal).await;
+            return None;
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "closed before CONNECT");
+            gate.metrics.socket_dropped("not_mqtt");
+            return None;
+        }
+        Err(_) => {
+            info!("no CONNECT before the deadline");
+            gate.metrics.socket_dropped("connect_timeout");
+            return None;
+        }
+    };
+    accept(gate, wire, codec, packet).await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -356,6 +371,14 @@ fn normal_disconnect() -> Packet {
     )
 }
 
+/// What the session does after one packet from the router.
+enum RouterStep {
+    Continue,
+    /// The router paused the link after a burst and waits to be asked again.
+    Wake,
+    End(End),
+}
+
 /// A SUBACK waiting for the router's answer to the allowed filters.
 struct PendingSubAck {
     /// One code per filter in the client's order; `None` = the router's.
@@ -405,6 +428,14 @@ struct Session {
 impl Session {
     async fn run<S: AsyncRead + AsyncWrite>(mut self, mut wire: Wire<S>) {
         let end = self.relay(&mut wire).await;
+        // Boxed: the goodbye's state (will, DISCONNECT, timeouts) would
+        // otherwise be part of every connection's resident future.
+        Box::pin(self.finish(wire, end)).await;
+    }
+
+    /// Ends the session: tells the client and the router, fires the will,
+    /// and leaves a persistent session to its expiry.
+    async fn finish<S: AsyncRead + AsyncWrite>(mut self, mut wire: Wire<S>, end: End) {
         let kind = self.principal.kind();
         match end {
             End::ClientDisconnect { with_will } => {
@@ -516,22 +547,16 @@ impl Session {
                     }
                 }
                 notification = self.link_rx.next() => {
-                    let Ok(first) = notification else {
-                        return End::Abnormal("router ended the session");
-                    };
-                    let mut pending = first;
-                    // Drain what the router has ready without waiting, then write once.
-                    loop {
-                        if let Some(notification) = pending {
-                            if let Some(end) = self.on_router_packet(notification.into(), wire).await {
-                                return end;
+                    match self.drain_router(notification, wire) {
+                        RouterStep::Continue => {}
+                        // No notification is held across this await, and
+                        // the wake's future is small (vendor patch 9).
+                        RouterStep::Wake => {
+                            if self.link_rx.wake().await.is_err() {
+                                return End::Abnormal("router link closed");
                             }
                         }
-                        match self.link_rx.next().now_or_never() {
-                            Some(Ok(next)) => pending = next,
-                            Some(Err(_)) => return End::Abnormal("router ended the session"),
-                            None => break,
-                        }
+                        RouterStep::End(end) => return end,
                     }
                 }
             }
@@ -735,26 +760,50 @@ impl Session {
         self.outbox.push(Packet::Subscribe(subscribe, None));
     }
 
+    /// Queues everything the router has ready, without waiting, for one
+    /// write. Synchronous, so that no notification is part of the session's
+    /// resident future.
+    fn drain_router<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        first: Result<Option<rumqttd::Notification>, rumqttd::local::LinkError>,
+        wire: &mut Wire<S>,
+    ) -> RouterStep {
+        let Ok(mut pending) = first else {
+            return RouterStep::End(End::Abnormal("router ended the session"));
+        };
+        loop {
+            if let Some(notification) = pending {
+                match self.on_router_packet(notification.into(), wire) {
+                    RouterStep::Continue => {}
+                    stop => return stop,
+                }
+            }
+            match self.link_rx.next().now_or_never() {
+                Some(Ok(next)) => pending = next,
+                Some(Err(_)) => return RouterStep::End(End::Abnormal("router ended the session")),
+                None => return RouterStep::Continue,
+            }
+        }
+    }
+
     /// Handles one packet the router has for this client; `Some` ends the session.
-    async fn on_router_packet<S: AsyncRead + AsyncWrite>(
+    fn on_router_packet<S: AsyncRead + AsyncWrite>(
         &mut self,
         packet: Option<Packet>,
         wire: &mut Wire<S>,
-    ) -> Option<End> {
+    ) -> RouterStep {
         match packet {
-            None => {
-                // The router paused this link after a burst: ask for more.
-                if self.link_rx.wake().await.is_err() {
-                    return Some(End::Abnormal("router link closed"));
-                }
-            }
+            // The router paused this link after a burst: ask for more.
+            None => return RouterStep::Wake,
             Some(Packet::SubAck(suback, _)) => {
                 let merged = self.merge_suback(suback);
                 wire.queue(&self.codec, Packet::SubAck(merged, None));
             }
             // Answered by the gate itself (see `on_client_packet`).
             Some(Packet::UnsubAck(..)) => {}
-            Some(Packet::Disconnect(..)) => return Some(End::Abnormal("router ended the session")),
+            Some(Packet::Disconnect(..)) => {
+                return RouterStep::End(End::Abnormal("router ended the session"))
+            }
             Some(packet @ Packet::Publish(..)) => {
                 self.gate.metrics.messages_out(1);
                 wire.queue(&self.codec, packet);
@@ -768,7 +817,7 @@ impl Session {
             },
             Some(packet) => wire.queue(&self.codec, packet),
         }
-        None
+        RouterStep::Continue
     }
 
     /// Puts the router's codes for the forwarded filters back among the

@@ -84,17 +84,26 @@ async fn serve_socket(
     match transport {
         Transport::Plain => connection::serve(socket, peer, gate).await,
         Transport::Tls(acceptor) => {
-            let handshake = tokio::select! {
-                _ = gate.shutdown.cancelled() => return,
-                // Boxed: the handshake's state is needed only until it ends.
-                h = Box::pin(crate::tls::handshake(&acceptor, socket, gate.limits.tls_handshake_timeout)) => h,
-            };
-            match handshake {
-                Ok(stream) => connection::serve(stream, peer, gate).await,
-                Err(e) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    gate.metrics.socket_dropped("tls_handshake");
+            // Boxed: the handshake, and the TLS stream before the session
+            // splits it, are needed only until the session starts; inline they
+            // would stay in every connection's resident future.
+            let session = Box::pin(async {
+                let handshake = tokio::select! {
+                    _ = gate.shutdown.cancelled() => return None,
+                    h = crate::tls::handshake(&acceptor, socket, gate.limits.tls_handshake_timeout) => h,
+                };
+                match handshake {
+                    Ok(stream) => Some(connection::serve(stream, peer, gate.clone())),
+                    Err(e) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        gate.metrics.socket_dropped("tls_handshake");
+                        None
+                    }
                 }
+            })
+            .await;
+            if let Some(session) = session {
+                session.await;
             }
         }
     }

@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RawMutex};
 
 use std::collections::VecDeque;
 use std::mem;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -173,6 +174,33 @@ impl<'a> LinkBuilder<'a> {
     }
 }
 
+/// patched: tells the router about a link's event without waiting when its
+/// channel has room (the common case); only a full channel yields a waiting
+/// send, boxed. `(ConnectionId, Event)` and `LinkError` are hundreds of bytes:
+/// held inline they would weigh on every session future that may send.
+type WaitingSend<'a> = Pin<Box<flume::r#async::SendFut<'a, (ConnectionId, Event)>>>;
+
+fn notify_router(
+    router_tx: &Sender<(ConnectionId, Event)>,
+    connection_id: ConnectionId,
+    event: Event,
+) -> Result<Option<WaitingSend<'_>>, Box<LinkError>> {
+    match router_tx.try_send((connection_id, event)) {
+        Ok(()) => Ok(None),
+        Err(TrySendError::Full(item)) => Ok(Some(Box::pin(router_tx.send_async(item)))),
+        Err(e) => Err(Box::new(e.into())),
+    }
+}
+
+/// Awaits what `notify_router` left waiting, if anything.
+async fn finish_notify(pending: Result<Option<WaitingSend<'_>>, Box<LinkError>>) -> Result<(), LinkError> {
+    match pending {
+        Ok(None) => Ok(()),
+        Ok(Some(waiting)) => Ok(waiting.await?),
+        Err(e) => Err(*e),
+    }
+}
+
 pub struct LinkTx {
     pub(crate) connection_id: ConnectionId,
     router_tx: Sender<(ConnectionId, Event)>,
@@ -213,18 +241,23 @@ impl LinkTx {
     /// Send raw device data
     /// (patched: waits asynchronously for room in the router's channel
     /// instead of blocking the runtime worker thread).
-    pub async fn send(&mut self, data: Packet) -> Result<usize, LinkError> {
+    /// patched: the packet is queued before the returned future is first
+    /// polled, and the future holds no `Packet` or `Event` inline (see
+    /// `notify_router`), so an embedding session's state machine stays small.
+    pub fn send(
+        &mut self,
+        data: Packet,
+    ) -> impl std::future::Future<Output = Result<usize, LinkError>> + '_ {
         let len = {
             let mut buffer = self.recv_buffer.lock();
             buffer.push_back(data);
             buffer.len()
         };
-
-        self.router_tx
-            .send_async((self.connection_id, Event::DeviceData))
-            .await?;
-
-        Ok(len)
+        let pending = notify_router(&self.router_tx, self.connection_id, Event::DeviceData);
+        async move {
+            finish_notify(pending).await?;
+            Ok(len)
+        }
     }
 
     fn try_push(&mut self, data: Packet) -> Result<usize, LinkError> {
@@ -451,12 +484,8 @@ impl LinkRx {
         Ok(())
     }
 
-    pub async fn wake(&self) -> Result<(), LinkError> {
-        self.router_tx
-            .send_async((self.connection_id, Event::Ready))
-            .await?;
-
-        Ok(())
+    pub fn wake(&self) -> impl std::future::Future<Output = Result<(), LinkError>> + '_ {
+        finish_notify(notify_router(&self.router_tx, self.connection_id, Event::Ready))
     }
 }
 
