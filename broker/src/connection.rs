@@ -58,7 +58,7 @@ where
             reader,
             writer,
             read_buf: BytesMut::with_capacity(INITIAL_BUFFER),
-            write_buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            write_buf: BytesMut::new(),
         };
         // Boxed: reading and deciding the CONNECT needs more state than the
         // session does, and it would otherwise stay in every connection's
@@ -155,7 +155,9 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
         }
         self.writer.write_all(&self.write_buf).await?;
         self.writer.flush().await?;
-        self.write_buf.clear();
+        // Released, not cleared: most connections are idle most of the time,
+        // and a burst must not leave a large buffer behind.
+        self.write_buf = BytesMut::new();
         Ok(())
     }
 

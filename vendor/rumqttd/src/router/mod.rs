@@ -341,38 +341,29 @@ pub struct MeterData {
     pub size: usize,
 }
 
+// patched: upstream also kept, per link, a map of every topic it published to
+// (a `String` allocated per publish; for a handler replying to per-user topics
+// one entry per user, never freed) and a set of its filters (one more copy of
+// each filter per subscription). Nothing read either; only totals remain.
 #[derive(Debug, Default, Clone)]
 pub struct IncomingMeter {
-    publishes: HashMap<Topic, MeterData>,
-    subscribes: HashSet<Filter>,
     total_publishes: MeterData,
 }
 
 impl IncomingMeter {
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
-        let meter = {
-            let topic = std::str::from_utf8(&publish.topic)?.to_string();
-            self.publishes.entry(topic).or_default()
-        };
-        meter.count += 1;
-        meter.size += publish.len();
-
+        std::str::from_utf8(&publish.topic)?;
         self.total_publishes.count += 1;
         self.total_publishes.size += publish.len();
-
         Ok(())
     }
 
-    pub fn get_topic_meters(&self) -> &HashMap<Topic, MeterData> {
-        &self.publishes
+    pub fn register_subscription(&mut self, _filter: Filter) -> bool {
+        true
     }
 
-    pub fn register_subscription(&mut self, filter: Filter) -> bool {
-        self.subscribes.insert(filter)
-    }
-
-    pub fn unregister_subscription(&mut self, filter: &Filter) -> bool {
-        self.subscribes.remove(filter)
+    pub fn unregister_subscription(&mut self, _filter: &Filter) -> bool {
+        true
     }
 
     pub fn get_total_count(&self) -> usize {
