@@ -38,13 +38,15 @@ pub struct RouterLink {
     pub session_present: bool,
 }
 
-/// Per-filter log sizes. Reply topics carry a handful of messages, so their
-/// logs stay small (up to 64 KiB of payload kept for a device that is away;
-/// older messages are dropped first); command topics get room for bursts that
-/// handlers drain.
+/// Per-filter log sizes, counted in payload bytes (a stored message costs
+/// several hundred bytes more in memory). Reply topics keep up to 64 KiB for a
+/// device that is away, older messages dropped first; a reply log read to its
+/// end by its only reader is emptied at once (vendor patch 11). Command topics
+/// get room for bursts that handlers drain: 4 MiB, ~58,000 small commands of
+/// backlog, about 50 MB of memory when full (16 MiB held ~95 MB).
 const REPLY_SEGMENT_BYTES: usize = 32 * 1024;
 const REPLY_SEGMENT_COUNT: usize = 2;
-const COMMAND_SEGMENT_BYTES: usize = 4 * 1024 * 1024;
+const COMMAND_SEGMENT_BYTES: usize = 1024 * 1024;
 const COMMAND_SEGMENT_COUNT: usize = 4;
 
 impl EmbeddedRouter {

@@ -424,3 +424,73 @@ async fn persistent_sessions_end_at_their_expiry() {
     assert!(!back.connected().await.session_present);
     broker.shutdown().await;
 }
+
+/// The router empties a reply topic's log once its only reader has read it
+/// (vendor/rumqttd/PATCHES.md): that must never cost a message to a second
+/// reader, online or away with a persistent session, nor reorder anything.
+#[tokio::test]
+async fn emptied_reply_logs_lose_nothing_for_other_readers() {
+    let broker = TestBroker::start().await;
+    let h = broker.handler("replier").await;
+    let token = broker.token("777");
+    let persistent = |o: &mut rumqttc::v5::MqttOptions| {
+        o.set_clean_start(false);
+        o.set_connect_properties(p5::ConnectProperties {
+            session_expiry_interval: Some(3600),
+            ..p5::ConnectProperties::new()
+        });
+    };
+    // The tablet subscribes and goes away; its session keeps a cursor.
+    let mut tablet = V5Client::connect(broker.tls_target(), "tablet", "JWT", &token, persistent);
+    tablet.connected().await;
+    tablet.subscribe("777_inbox", QoS::AtLeastOnce).await;
+    tablet.client.disconnect().await.unwrap();
+    tablet.closed().await;
+    drop(tablet);
+
+    // The phone, same user, reads everything as it comes.
+    let mut phone = broker.device("777", "phone").await;
+    phone.subscribe("777_inbox", QoS::AtMostOnce).await;
+    for i in 0..5 {
+        let body = format!("first {i}");
+        h.client
+            .publish("777_inbox", QoS::AtLeastOnce, false, body.clone())
+            .await
+            .unwrap();
+        let got = phone.publish_received().await;
+        assert_eq!(&got.payload[..], body.as_bytes());
+    }
+
+    // The tablet comes back to all five, in order.
+    let mut tablet = V5Client::connect(broker.tls_target(), "tablet", "JWT", &token, persistent);
+    assert!(tablet.connected().await.session_present);
+    for i in 0..5 {
+        let got = tablet.publish_received().await;
+        assert_eq!(&got.payload[..], format!("first {i}").as_bytes());
+    }
+
+    // Alone again on its topic, each reader keeps getting everything in order
+    // while its log is emptied behind it.
+    let mut solo = broker.device("778", "solo").await;
+    solo.subscribe("778_inbox", QoS::AtMostOnce).await;
+    for i in 0..50 {
+        h.client
+            .publish("778_inbox", QoS::AtMostOnce, false, format!("n{i}"))
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        let got = solo.publish_received().await;
+        assert_eq!(&got.payload[..], format!("n{i}").as_bytes());
+    }
+    drop(phone);
+    for i in 0..3 {
+        h.client
+            .publish("777_inbox", QoS::AtLeastOnce, false, format!("later {i}"))
+            .await
+            .unwrap();
+        let got = tablet.publish_received().await;
+        assert_eq!(&got.payload[..], format!("later {i}").as_bytes());
+    }
+    broker.shutdown().await;
+}

@@ -75,6 +75,11 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// patched: whether any delivery awaits its acknowledgement.
+    pub(crate) fn inflight_is_empty(&self) -> bool {
+        self.inflight_buffer.is_empty()
+    }
+
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);

@@ -202,6 +202,16 @@ impl DataLog {
         (filter_idx, data.log.next_offset())
     }
 
+    /// patched: empties the log of `filter_idx` if `cursor` has read all of
+    /// it, and returns where that reader continues (see `CommitLog::clear`).
+    pub fn trim_read(&mut self, filter_idx: FilterIdx, cursor: Offset) -> Option<Offset> {
+        let data = self.native.get_mut(filter_idx)?;
+        if data.log.next_offset() != cursor {
+            return None;
+        }
+        Some(data.log.clear())
+    }
+
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,

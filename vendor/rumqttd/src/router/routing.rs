@@ -62,6 +62,9 @@ pub struct Router {
     config: RouterConfig,
     /// Saved state of dead persistent connections
     graveyard: Graveyard,
+    /// patched: how many saved (offline) persistent sessions hold each
+    /// filter; their cursors point into its log, so it must not be trimmed.
+    persistent_readers: HashMap<Filter, usize>,
     /// List of MetersLink's senders
     meters: Slab<Sender<Vec<Meter>>>,
     /// List of AlertsLink's senders with their respective subscription Filter
@@ -125,6 +128,7 @@ impl Router {
             id: router_id,
             config: config.clone(),
             graveyard: Graveyard::new(),
+            persistent_readers: HashMap::new(),
             meters,
             alerts,
             connections,
@@ -343,6 +347,16 @@ impl Router {
 
         // Retrieve previous connection state from graveyard
         let saved = self.graveyard.retrieve(&client_id);
+        if let Some(state) = saved.as_ref().and_then(|s| s.session_state.as_ref()) {
+            for filter in &state.subscriptions {
+                if let Some(count) = self.persistent_readers.get_mut(filter) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.persistent_readers.remove(filter);
+                    }
+                }
+            }
+        }
         let clean_session = connection.clean;
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
@@ -556,6 +570,9 @@ impl Router {
                 }
             }
 
+            for filter in &connection.subscriptions {
+                *self.persistent_readers.entry(filter.clone()).or_default() += 1;
+            }
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
@@ -1127,6 +1144,27 @@ impl Router {
                     // When all the data in the log is caught up, current request is
                     // registered in waiters and not added back to the tracker. This
                     // ensures that tracker.next() stops when all the requests are done
+                    // patched: a log read to its end by its only reader is
+                    // emptied. Upstream kept every publish until its segment
+                    // rolled over (64 KiB of payload per reply topic here, a
+                    // few hundred bytes of memory per message), so memory
+                    // grew with traffic on every per-user topic. Not when
+                    // another reader may still need the data: a shared group,
+                    // a second subscriber, an offline persistent session, or
+                    // unacknowledged QoS 1/2 deliveries that a persistent
+                    // session would replay from the log.
+                    let sole_reader = request.group.is_none()
+                        && (connection.clean || request.qos == 0 || outgoing.inflight_is_empty())
+                        && !self.persistent_readers.contains_key(&request.filter)
+                        && self
+                            .subscription_map
+                            .get(&request.filter)
+                            .is_some_and(|readers| readers.len() == 1);
+                    if sole_reader {
+                        if let Some(cursor) = datalog.trim_read(request.filter_idx, request.cursor) {
+                            request.cursor = cursor;
+                        }
+                    }
                     datalog.park(id, request);
                 }
                 ConsumeStatus::PartialRead => {

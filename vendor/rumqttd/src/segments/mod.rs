@@ -133,6 +133,21 @@ where
         self.segments.back_mut().unwrap()
     }
 
+    /// patched: drops everything stored. Offsets go on from where they were,
+    /// in a new segment, so a reader that had read it all continues at the
+    /// returned offset and no later append is missed.
+    pub fn clear(&mut self) -> (u64, u64) {
+        let next = self.active_segment().next_offset();
+        if self.segments.len() == 1 && self.active_segment().len() == 0 {
+            return (self.tail, next);
+        }
+        self.segments.clear();
+        self.tail += 1;
+        self.head = self.tail;
+        self.segments.push_back(Segment::with_offset(next));
+        (self.tail, next)
+    }
+
     /// Append a new [`T`] to the active segment.
     #[inline]
     pub fn append(&mut self, message: T) -> (u64, u64) {
