@@ -84,7 +84,7 @@ start_broker() {
         >>"$OUT/bare.log" 2>&1 &
       BPID=$!; wait_port $PORT_BARE_V5 ;;
     ours-tcp|ours-tls)
-      env BROKER_WORKER_THREADS="${WORKERS:-}" BROKER_TCP_LISTEN=127.0.0.1:$PORT_TCP BROKER_TLS_LISTEN=127.0.0.1:$PORT_TLS \
+      env ${WORKERS:+BROKER_WORKER_THREADS=$WORKERS} BROKER_TCP_LISTEN=127.0.0.1:$PORT_TCP BROKER_TLS_LISTEN=127.0.0.1:$PORT_TLS \
         BROKER_DEV_DIR="$OUT/certs" JWT_SECRET="$SECRET" HANDLER_KEYS="$HKEY" \
         COMMAND_TOPICS=echo BROKER_HANDLERS=none BROKER_CONN_RATE=0 RUST_LOG=warn \
         "$BROKER_BIN" >>"$OUT/ours.log" 2>&1 &
