@@ -35,6 +35,8 @@ const DENIED_SINK_TOPIC: &[u8] = b"$gate/denied";
 /// Most MQTT packets of this product are small; buffers grow when one is not
 /// (and are resident per connection, so they start small).
 const INITIAL_BUFFER: usize = 512;
+/// Least free room in the read buffer before a read (see `relay`).
+const MIN_READ_ROOM: usize = 256;
 
 /// Serves one client until it leaves, is refused, or the broker shuts down.
 ///
@@ -503,6 +505,12 @@ impl Session {
         let keep_alive_timer = tokio::time::sleep_until(last_heard + silence_limit);
         tokio::pin!(shutdown, taken_over, revoked, token_timer, keep_alive_timer);
         loop {
+            // Decoded packets keep slices of the read buffer, so its spare
+            // room only shrinks; reading into a sliver would split packets
+            // over several syscalls. Room for a few packets per read instead.
+            if wire.read_buf.capacity() - wire.read_buf.len() < MIN_READ_ROOM {
+                wire.read_buf.reserve(INITIAL_BUFFER);
+            }
             tokio::select! {
                 biased;
                 _ = &mut shutdown => return End::Server(ServerDisconnect::ShuttingDown),
