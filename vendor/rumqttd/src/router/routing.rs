@@ -1341,9 +1341,19 @@ fn append_to_commitlog(
     };
 
     let mut o = (0, 0);
+    // patched: the last (usually the only) matching filter takes the publish
+    // itself; upstream cloned it for every filter and dropped the original,
+    // a deep copy of the properties (user properties: a Vec and its Strings)
+    // per publish for nothing.
+    let mut remaining = filter_idxs.len();
+    let mut data = Some((publish, properties));
     for filter_idx in filter_idxs {
+        remaining -= 1;
+        let publish_data = if remaining == 0 { data.take() } else { data.clone() };
+        let Some(publish_data) = publish_data else {
+            break;
+        };
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
@@ -1407,9 +1417,19 @@ fn append_will_message(
     };
 
     let mut o = (0, 0);
+    // patched: the last (usually the only) matching filter takes the publish
+    // itself; upstream cloned it for every filter and dropped the original,
+    // a deep copy of the properties (user properties: a Vec and its Strings)
+    // per publish for nothing.
+    let mut remaining = filter_idxs.len();
+    let mut data = Some((publish, properties));
     for filter_idx in filter_idxs {
+        remaining -= 1;
+        let publish_data = if remaining == 0 { data.take() } else { data.clone() };
+        let Some(publish_data) = publish_data else {
+            break;
+        };
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
