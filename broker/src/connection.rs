@@ -796,7 +796,7 @@ impl Session {
         }
     }
 
-    /// Handles one packet the router has for this client; `Some` ends the session.
+    /// Handles one packet the router has for this client, and says what next.
     fn on_router_packet<S: AsyncRead + AsyncWrite>(
         &mut self,
         packet: Option<Packet>,
