@@ -50,6 +50,7 @@ use rate_limit::ConnectionRateLimit;
 use router::EmbeddedRouter;
 use sessions::SessionRegistry;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -90,6 +91,7 @@ pub struct RunningBroker {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     grace: Duration,
+    router_failed: Arc<AtomicBool>,
 }
 
 impl Broker {
@@ -100,6 +102,23 @@ impl Broker {
         let limits = config.limits;
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
+        let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics);
+        let router_failed = Arc::new(AtomicBool::new(false));
+        {
+            // Without its router the broker cannot serve anyone: stop, so that
+            // a supervisor restarts it, instead of accepting dead sessions.
+            let (shutdown, router_failed) = (shutdown.clone(), router_failed.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    reason = router_task.ended() => {
+                        tracing::error!(%reason, "the embedded router stopped; shutting the broker down");
+                        router_failed.store(true, Ordering::SeqCst);
+                        shutdown.cancel();
+                    }
+                }
+            });
+        }
         let gate = Arc::new(Gate {
             auth: Authenticator::new(
                 jwt,
@@ -107,7 +126,7 @@ impl Broker {
                 limits.refusal_cache_ttl,
                 metrics.clone(),
             ),
-            router: EmbeddedRouter::start(&limits, &config.command_topics),
+            router,
             sessions: Arc::new(SessionRegistry::default()),
             commands: CommandTopics::new(config.command_topics),
             revocations: config.revocations.map(Arc::new),
@@ -134,6 +153,7 @@ impl Broker {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             grace: limits.shutdown_grace,
+            router_failed,
         };
         let mut loops = Vec::new();
         if let Some((listener, acceptor)) = listeners.tls {
@@ -185,6 +205,12 @@ impl RunningBroker {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.wait().await;
+    }
+
+    /// Whether the broker stopped because its router failed (read after
+    /// `wait`, for the process's exit status).
+    pub fn router_failure(&self) -> Arc<AtomicBool> {
+        self.router_failed.clone()
     }
 
     /// Waits until the broker has been shut down (by the token) and drained.

@@ -31,6 +31,20 @@ pub struct EmbeddedRouter {
     start_link: LinkStarter,
 }
 
+/// The router's task. It only ends if the router fails: every session
+/// depends on it, so the broker stops then (see `Broker::start`).
+pub struct RouterTask(tokio::task::JoinHandle<String>);
+
+impl RouterTask {
+    /// Waits for the router to end, and says why.
+    pub async fn ended(self) -> String {
+        match self.0.await {
+            Ok(reason) => reason,
+            Err(e) => format!("router task failed: {e}"),
+        }
+    }
+}
+
 /// One open router session.
 pub struct RouterLink {
     pub tx: LinkTx,
@@ -51,7 +65,7 @@ const COMMAND_SEGMENT_COUNT: usize = 4;
 
 impl EmbeddedRouter {
     /// Starts the router as a task on the current tokio runtime.
-    pub fn start(limits: &Limits, command_topics: &[String]) -> Self {
+    pub fn start(limits: &Limits, command_topics: &[String]) -> (Self, RouterTask) {
         let custom_segment: HashMap<String, rumqttd::SegmentConfig> = command_topics
             .iter()
             .map(|topic| {
@@ -76,10 +90,10 @@ impl EmbeddedRouter {
         };
         // On the broker's runtime, not a thread of its own: see
         // `Router::spawn_on_runtime` (vendor/rumqttd/PATCHES.md).
-        let router_tx = Router::new(0, config).spawn_on_runtime();
+        let (router_tx, task) = Router::new(0, config).spawn_on_runtime();
         let start_link: LinkStarter =
             Arc::new(move |client_id: &str| LinkBuilder::new(client_id, router_tx.clone()));
-        EmbeddedRouter { start_link }
+        (EmbeddedRouter { start_link }, RouterTask(task))
     }
 
     /// Opens a session for `router_client_id` (already namespaced and free of

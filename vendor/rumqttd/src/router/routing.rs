@@ -183,16 +183,22 @@ impl Router {
     /// task), and those futex wake-ups were about a third of the broker's CPU
     /// per round trip. On the runtime, the wake-ups are task switches.
     /// Must be called from inside a tokio runtime.
-    pub fn spawn_on_runtime(mut self) -> Sender<(ConnectionId, Event)> {
+    /// The handle ends, with the reason, when the router does: it runs until
+    /// every sender is gone, so an end while the program runs is a failure.
+    pub fn spawn_on_runtime(
+        mut self,
+    ) -> (Sender<(ConnectionId, Event)>, tokio::task::JoinHandle<String>) {
         let link = self.link();
-        tokio::spawn(async move {
-            let e = self.run_async().await;
-            error!(reason=?e, "Router done!");
+        let task = tokio::spawn(async move {
+            match self.run_async().await {
+                Err(e) => e.to_string(),
+                Ok(never) => match never {},
+            }
         });
-        link
+        (link, task)
     }
 
-    async fn run_async(&mut self) -> Result<(), RouterError> {
+    async fn run_async(&mut self) -> Result<std::convert::Infallible, RouterError> {
         loop {
             // Same batch shape as `run_inner`, but waiting on the channel
             // yields the worker instead of blocking it.
