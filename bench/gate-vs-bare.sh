@@ -15,14 +15,8 @@ RATE=${RATE:-2000}
 DEV_DIR=$(mktemp -d)
 trap 'rm -rf "$DEV_DIR"' EXIT
 cpu() { grep -E "per round trip" | grep -Eo '[0-9.]+ µs' | head -1 | cut -d' ' -f1; }
-wait_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "port $1 did not open" >&2
-  return 1
-}
+# shellcheck source=bench/common.sh
+. bench/common.sh
 run_lg() { timeout 60 "$LG" run --devices 1000 --rate "$RATE" --duration 8 "$@" 2>&1 | cpu; }
 
 MOSQ=""

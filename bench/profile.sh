@@ -9,6 +9,8 @@
 # Needs `perf` (Debian `linux-perf`) and permission to trace the broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/common.sh
+. bench/common.sh
 RATE=${RATE:-2000}
 DEVICES=${DEVICES:-1000}
 OUT=$(mktemp -d)
@@ -19,7 +21,7 @@ BROKER_HANDLERS=none BROKER_CONN_RATE=0 JWT_SECRET=bench-secret HANDLER_KEYS=ben
 COMMAND_TOPICS=echo BROKER_TCP_LISTEN=127.0.0.1:21910 BROKER_TLS_LISTEN=127.0.0.1:21911 \
 BROKER_DEV_DIR="$OUT" RUST_LOG=warn target/release/broker >"$OUT/broker.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/21910) 2>/dev/null && break; sleep 0.1; done
+wait_port 21910
 
 timeout 60 target/release/loadgen run --addr 127.0.0.1:21910 --jwt-secret bench-secret --echo 1 \
   --handler-key bench-handler-key-0123 --devices "$DEVICES" --rate "$RATE" --duration 12 \

@@ -64,14 +64,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "port $1 did not open" >&2
-  return 1
-}
+# shellcheck source=bench/common.sh
+. bench/common.sh
 
 over_budget() {
   [ $(( $(date +%s) - START_TS )) -gt "$BUDGET" ]
