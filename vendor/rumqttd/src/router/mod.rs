@@ -358,14 +358,6 @@ impl IncomingMeter {
         Ok(())
     }
 
-    pub fn register_subscription(&mut self, _filter: Filter) -> bool {
-        true
-    }
-
-    pub fn unregister_subscription(&mut self, _filter: &Filter) -> bool {
-        true
-    }
-
     pub fn get_total_count(&self) -> usize {
         self.total_publishes.count
     }

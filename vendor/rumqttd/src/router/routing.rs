@@ -200,22 +200,13 @@ impl Router {
 
     async fn run_async(&mut self) -> Result<std::convert::Infallible, RouterError> {
         loop {
-            // Same batch shape as `run_inner`, but waiting on the channel
-            // yields the worker instead of blocking it.
+            // As `run_inner`, but waiting on the channel yields the worker
+            // instead of blocking it.
             if self.consume().is_none() {
                 let (id, data) = self.router_rx.recv_async().await?;
                 self.events(id, data);
             }
-            for _ in 0..500 {
-                match self.router_rx.try_recv() {
-                    Ok((id, data)) => self.events(id, data),
-                    Err(TryRecvError::Disconnected) => return Err(RouterError::Disconnected),
-                    Err(TryRecvError::Empty) => break,
-                }
-            }
-            for _ in 0..100 {
-                self.consume();
-            }
+            self.run_batch()?;
             // A busy router must still let the connection tasks it feeds run
             // (they share its worker): give the worker back after each batch.
             tokio::task::yield_now().await;
@@ -248,7 +239,12 @@ impl Router {
             let (id, data) = self.router_rx.recv()?;
             self.events(id, data);
         }
+        self.run_batch()
+    }
 
+    /// The work after the first event of a batch (patched: shared by
+    /// `run_inner` and `run_async`).
+    fn run_batch(&mut self) -> Result<(), RouterError> {
         // Try reading more from connections in a non-blocking
         // fashion to accumulate data and handle subscriptions.
         // Accumulating more data lets requests retrieve bigger
@@ -788,9 +784,6 @@ impl Router {
                                 continue;
                             }
 
-                            let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-                            meter.unregister_subscription(filter);
-
                             if !connection.subscriptions.remove(filter) {
                                 warn!(
                                     pkid = unsubscribe.pkid,
@@ -1060,9 +1053,6 @@ impl Router {
         // TODO: figure out how we can update existing DataRequest
         // helpful in re-subscriptions and forwarding retained messages on
         // every subscribe
-
-        let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-        meter.register_subscription(filter_path.clone());
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1346,28 +1336,7 @@ fn append_to_commitlog(
         None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
     };
 
-    let mut o = (0, 0);
-    // patched: the last (usually the only) matching filter takes the publish
-    // itself; upstream cloned it for every filter and dropped the original,
-    // a deep copy of the properties (user properties: a Vec and its Strings)
-    // per publish for nothing.
-    let mut remaining = filter_idxs.len();
-    let mut data = Some((publish, properties));
-    for filter_idx in filter_idxs {
-        remaining -= 1;
-        let publish_data = if remaining == 0 { data.take() } else { data.clone() };
-        let Some(publish_data) = publish_data else {
-            break;
-        };
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
-        debug!(
-            pkid,
-            "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
-        );
-
-        o = offset;
-    }
+    let o = append_to_filters(publish, properties, pkid, filter_idxs, datalog, notifications);
 
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
     Ok(o)
@@ -1422,11 +1391,25 @@ fn append_will_message(
         None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
     };
 
-    let mut o = (0, 0);
-    // patched: the last (usually the only) matching filter takes the publish
-    // itself; upstream cloned it for every filter and dropped the original,
-    // a deep copy of the properties (user properties: a Vec and its Strings)
-    // per publish for nothing.
+    let o = append_to_filters(publish, properties, pkid, filter_idxs, datalog, notifications);
+
+    Ok(o)
+}
+
+/// patched: appends a publish to the logs of the filters it matches; the
+/// last (usually the only) one takes the publish itself. Upstream cloned it
+/// for every filter, in two copies of this loop, and dropped the original: a
+/// deep copy of the properties (user properties: a Vec and its Strings) per
+/// publish for nothing. Returns the last offset written.
+fn append_to_filters(
+    publish: Publish,
+    properties: Option<PublishProperties>,
+    pkid: u16,
+    filter_idxs: Vec<FilterIdx>,
+    datalog: &mut DataLog,
+    notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
+) -> Offset {
+    let mut last = (0, 0);
     let mut remaining = filter_idxs.len();
     let mut data = Some((publish, properties));
     for filter_idx in filter_idxs {
@@ -1441,11 +1424,9 @@ fn append_will_message(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
-
-        o = offset;
+        last = offset;
     }
-
-    Ok(o)
+    last
 }
 
 fn validate_and_set_topic_alias(
