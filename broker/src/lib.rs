@@ -50,8 +50,7 @@ use rate_limit::ConnectionRateLimit;
 use router::EmbeddedRouter;
 use sessions::SessionRegistry;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -91,8 +90,14 @@ pub struct RunningBroker {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     grace: Duration,
-    router_failed: Arc<AtomicBool>,
+    /// Why the router stopped, if it did (it runs until the process ends).
+    router_stopped: Arc<OnceLock<String>>,
 }
+
+/// The broker stopped because its embedded router did.
+#[derive(Debug, thiserror::Error)]
+#[error("the embedded router stopped: {0}")]
+pub struct RouterStopped(pub String);
 
 impl Broker {
     /// Starts the router, the accept loops and the metrics endpoint.
@@ -103,17 +108,17 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics);
-        let router_failed = Arc::new(AtomicBool::new(false));
+        let router_stopped = Arc::new(OnceLock::new());
         {
             // Without its router the broker cannot serve anyone: stop, so that
             // a supervisor restarts it, instead of accepting dead sessions.
-            let (shutdown, router_failed) = (shutdown.clone(), router_failed.clone());
+            let (shutdown, router_stopped) = (shutdown.clone(), router_stopped.clone());
             tokio::spawn(async move {
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     reason = router_task.ended() => {
                         tracing::error!(%reason, "the embedded router stopped; shutting the broker down");
-                        router_failed.store(true, Ordering::SeqCst);
+                        let _ = router_stopped.set(reason);
                         shutdown.cancel();
                     }
                 }
@@ -153,7 +158,7 @@ impl Broker {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             grace: limits.shutdown_grace,
-            router_failed,
+            router_stopped,
         };
         let mut loops = Vec::new();
         if let Some((listener, acceptor)) = listeners.tls {
@@ -202,19 +207,14 @@ impl RunningBroker {
 
     /// Stops accepting, tells every session (MQTT 5 clients get DISCONNECT
     /// 0x8B), and waits for them up to the grace period.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(self) -> Result<(), RouterStopped> {
         self.shutdown.cancel();
-        self.wait().await;
+        self.wait().await
     }
 
-    /// Whether the broker stopped because its router failed (read after
-    /// `wait`, for the process's exit status).
-    pub fn router_failure(&self) -> Arc<AtomicBool> {
-        self.router_failed.clone()
-    }
-
-    /// Waits until the broker has been shut down (by the token) and drained.
-    pub async fn wait(self) {
+    /// Waits until the broker has been shut down (by the token, or because
+    /// its router stopped) and drained.
+    pub async fn wait(self) -> Result<(), RouterStopped> {
         self.shutdown.cancelled().await;
         self.tasks.close();
         if tokio::time::timeout(self.grace, self.tasks.wait())
@@ -222,6 +222,10 @@ impl RunningBroker {
             .is_err()
         {
             tracing::warn!(grace = ?self.grace, "some sessions did not close within the grace period");
+        }
+        match self.router_stopped.get() {
+            Some(reason) => Err(RouterStopped(reason.clone())),
+            None => Ok(()),
         }
     }
 }

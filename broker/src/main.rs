@@ -170,15 +170,11 @@ async fn run(
             shutdown.cancel();
         }
     });
-    let router_failure = running.router_failure();
-    running.wait().await;
+    let ended = running.wait().await;
     if let Some(handlers) = handlers {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handlers).await;
     }
-    if router_failure.load(std::sync::atomic::Ordering::SeqCst) {
-        anyhow::bail!("the embedded router stopped unexpectedly (see the log above)");
-    }
-    Ok(())
+    Ok(ended?)
 }
 
 async fn wait_for_signal() {

@@ -218,7 +218,9 @@ impl TestBroker {
     /// Shuts the broker down and waits for it.
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
-            running.shutdown().await;
+            if let Err(stopped) = running.shutdown().await {
+                panic!("the broker stopped on its own before the test ended: {stopped}");
+            }
         }
     }
 
