@@ -17,7 +17,16 @@ trap 'rm -rf "$DEV_DIR"' EXIT
 cpu() { grep -E "per round trip" | grep -Eo '[0-9.]+ µs' | head -1 | cut -d' ' -f1; }
 # shellcheck source=bench/common.sh
 . bench/common.sh
-run_lg() { timeout 60 "$LG" run --devices 1000 --rate "$RATE" --duration 8 "$@" 2>&1 | cpu; }
+# run_lg ARGS...: one bounded run; prints its broker CPU per round trip, or stops the script.
+run_lg() {
+  local v
+  v=$(timeout 60 "$LG" run --devices 1000 --rate "$RATE" --duration 8 "$@" 2>&1 | cpu || true)
+  if [ -z "$v" ]; then
+    echo "a load-generator run reported no CPU figure (broker down or run failed): $*" >&2
+    exit 1
+  fi
+  echo "$v"
+}
 
 MOSQ=""
 if command -v mosquitto >/dev/null && command -v mosquitto_passwd >/dev/null; then
