@@ -9,20 +9,22 @@ use crate::auth::{Principal, Refusal};
 use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
+use crate::reply_index::ReplyInbox;
 use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, SessionClaim};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use rand::Rng;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    Packet, PingResp, PubComp, PubCompReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode,
-    UnsubAck, UnsubAckReason,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
+    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, Publish, QoS, SubAck,
+    Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
@@ -307,6 +309,10 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         }),
         Principal::Handler(_) => None,
     };
+    // Only a clean session's QoS 0 subscriptions can be served by the gate
+    // (see `reply_index`): nothing of them outlives the connection.
+    let inbox = (matches!(principal, Principal::Device(_)) && connect.clean_session)
+        .then(|| Arc::new(ReplyInbox::default()));
     Some(Session {
         gate: gate.clone(),
         codec,
@@ -330,6 +336,10 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         declared: Vec::new(),
         outbox: Vec::new(),
         next_will_pkid: 1,
+        inbox,
+        direct_topics: Vec::new(),
+        via_router: Vec::new(),
+        router_acks_pending: 0,
     })
 }
 
@@ -427,6 +437,35 @@ struct Session {
     /// Packets decoded from the current read, bound for the router.
     outbox: Vec<Packet>,
     next_will_pkid: u16,
+    /// Replies the gate delivers itself (clean device sessions only).
+    inbox: Option<Arc<ReplyInbox>>,
+    /// Topics the gate serves to this session, not the router.
+    direct_topics: Vec<String>,
+    /// Device topics subscribed through the router in this connection (they
+    /// stay there, so a topic never switches back and reorders), or handler
+    /// filters registered with the reply index.
+    via_router: Vec<String>,
+    /// QoS 1 publishes sent to the router whose PUBACK has not come back:
+    /// while there are any, the gate does not acknowledge one itself.
+    router_acks_pending: usize,
+}
+
+impl Drop for Session {
+    /// The index lets go of this session however it ended (even a task
+    /// cancelled at shutdown).
+    fn drop(&mut self) {
+        if let Some(inbox) = &self.inbox {
+            for topic in &self.direct_topics {
+                self.gate.replies.unsubscribe(topic, inbox);
+            }
+        }
+        // A persistent handler session keeps its subscriptions in the router.
+        if matches!(self.principal, Principal::Handler(_)) && self.clean_session {
+            for filter in &self.via_router {
+                self.gate.replies.handler_unsubscribed(filter);
+            }
+        }
+    }
 }
 
 impl Session {
@@ -556,6 +595,10 @@ impl Session {
                         return end;
                     }
                 }
+                () = std::future::poll_fn(|cx| match &self.inbox {
+                    Some(inbox) => inbox.poll_ready(cx),
+                    None => Poll::Pending,
+                }) => self.drain_inbox(wire),
                 notification = self.link_rx.next() => {
                     match self.drain_router(notification, wire) {
                         RouterStep::Continue => {}
@@ -595,11 +638,18 @@ impl Session {
                 // The router answers only filters it knew (and not at all after
                 // a session resumes), so the gate answers every UNSUBSCRIBE.
                 let count = unsubscribe.filters.len();
+                for filter in &unsubscribe.filters {
+                    self.stop_serving(filter);
+                }
                 if matches!(self.principal, Principal::Handler(_)) {
                     for filter in &unsubscribe.filters {
                         if let Some(i) = self.declared.iter().position(|f| f == filter) {
                             self.declared.swap_remove(i);
                             self.gate.commands.withdraw(filter);
+                        }
+                        if let Some(i) = self.via_router.iter().position(|f| f == filter) {
+                            self.via_router.swap_remove(i);
+                            self.gate.replies.handler_unsubscribed(filter);
                         }
                     }
                 }
@@ -687,41 +737,21 @@ impl Session {
         properties: Option<rumqttd::protocol::PublishProperties>,
         wire: &mut Wire<S>,
     ) {
-        let verdict = std::str::from_utf8(&publish.topic)
+        // A handle on the topic (not a copy) so that it can be read while
+        // `publish` changes.
+        let topic_bytes = publish.topic.clone();
+        let verdict = std::str::from_utf8(&topic_bytes)
             .map_err(|_| Denial::Invalid)
-            .and_then(|topic| acl::may_publish(&self.principal, topic, &self.gate.commands));
-        if let Err(denial) = verdict {
-            self.gate.metrics.denied("publish", denial.label());
-            info!(topic = %String::from_utf8_lossy(&publish.topic), reason = denial.label(), "publish denied");
-            let pkid = publish.pkid();
-            match publish.qos() {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => {
-                    // Acknowledged through the router, so PUBACKs keep the
-                    // order of the publishes (MQTT 4.6): the router drops a
-                    // publish to the sink topic and its PUBACK is rewritten.
-                    self.denied_qos1.insert(pkid, denial);
-                    let sink = Publish::with_qos(
-                        Bytes::from_static(DENIED_SINK_TOPIC),
-                        Bytes::new(),
-                        false,
-                        QoS::AtLeastOnce,
-                        pkid,
-                    );
-                    self.outbox.push(Packet::Publish(sink, None));
-                }
-                QoS::ExactlyOnce => {
-                    if self.codec.version == Version::V4 {
-                        self.denied_qos2.insert(pkid);
-                    }
-                    wire.queue(
-                        &self.codec,
-                        answers::pubrec_denial(self.codec.version, pkid, denial),
-                    );
-                }
+            .and_then(|topic| {
+                acl::may_publish(&self.principal, topic, &self.gate.commands).map(|()| topic)
+            });
+        let topic = match verdict {
+            Ok(topic) => topic,
+            Err(denial) => {
+                self.refuse_publish(&publish, denial, wire);
+                return;
             }
-            return;
-        }
+        };
         let properties = match &self.principal {
             Principal::Device(device) => {
                 // Devices never set retained messages; their identity is stamped.
@@ -731,7 +761,73 @@ impl Session {
             Principal::Handler(_) => properties,
         };
         self.gate.metrics.message_in();
-        self.outbox.push(Packet::Publish(publish, properties));
+        let routed = self.gate.replies.route(topic, &publish, &properties);
+        if routed.dropped > 0 {
+            self.gate.metrics.replies_dropped(routed.dropped);
+        }
+        match publish.qos() {
+            // Served by the gate alone (or wanted by nobody).
+            QoS::AtMostOnce if !routed.needs_router => {}
+            // Acknowledged here only while no earlier PUBACK is due from the
+            // router, so PUBACKs keep the order of the publishes (MQTT 4.6).
+            QoS::AtLeastOnce if !routed.needs_router && self.router_acks_pending == 0 => {
+                let ack = PubAck {
+                    pkid: publish.pkid(),
+                    reason: PubAckReason::Success,
+                };
+                wire.queue(&self.codec, Packet::PubAck(ack, None));
+            }
+            qos => {
+                if qos == QoS::AtLeastOnce {
+                    self.router_acks_pending += 1;
+                }
+                self.outbox.push(Packet::Publish(publish, properties));
+            }
+        }
+    }
+
+    /// Answers a refused publish on the client's channel for its QoS.
+    fn refuse_publish<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        publish: &Publish,
+        denial: Denial,
+        wire: &mut Wire<S>,
+    ) {
+        self.gate.metrics.denied("publish", denial.label());
+        info!(topic = %String::from_utf8_lossy(&publish.topic), reason = denial.label(), "publish denied");
+        let pkid = publish.pkid();
+        match publish.qos() {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce if self.router_acks_pending == 0 => wire.queue(
+                &self.codec,
+                answers::puback_denial(self.codec.version, pkid, denial),
+            ),
+            QoS::AtLeastOnce => {
+                // An earlier PUBACK is due from the router: this one goes
+                // through it too, so PUBACKs keep the order of the publishes
+                // (MQTT 4.6). The router drops a publish to the sink topic
+                // and its PUBACK is rewritten.
+                self.denied_qos1.insert(pkid, denial);
+                self.router_acks_pending += 1;
+                let sink = Publish::with_qos(
+                    Bytes::from_static(DENIED_SINK_TOPIC),
+                    Bytes::new(),
+                    false,
+                    QoS::AtLeastOnce,
+                    pkid,
+                );
+                self.outbox.push(Packet::Publish(sink, None));
+            }
+            QoS::ExactlyOnce => {
+                if self.codec.version == Version::V4 {
+                    self.denied_qos2.insert(pkid);
+                }
+                wire.queue(
+                    &self.codec,
+                    answers::pubrec_denial(self.codec.version, pkid, denial),
+                );
+            }
+        }
     }
 
     fn client_subscribe<S: AsyncRead + AsyncWrite>(
@@ -743,7 +839,11 @@ impl Session {
         let mut allowed = Vec::with_capacity(subscribe.filters.len());
         for filter in subscribe.filters.drain(..) {
             match acl::may_subscribe(&self.principal, &filter.path, &self.gate.commands) {
+                Ok(()) if self.serve_directly(&filter) => {
+                    codes.push(Some(SubscribeReasonCode::QoS0));
+                }
                 Ok(()) => {
+                    self.subscribing_in_router(&filter.path);
                     codes.push(None);
                     allowed.push(filter);
                 }
@@ -768,6 +868,72 @@ impl Session {
             .insert(pkid, PendingSubAck { codes, forwarded });
         subscribe.filters = allowed;
         self.outbox.push(Packet::Subscribe(subscribe, None));
+    }
+
+    /// Takes `filter` into the reply index if the gate can serve it (see
+    /// `reply_index`): a QoS 0 subscription of a clean device session that
+    /// this connection has not already made through the router.
+    fn serve_directly(&mut self, filter: &Filter) -> bool {
+        let Some(inbox) = &self.inbox else {
+            return false;
+        };
+        if filter.qos != QoS::AtMostOnce || self.via_router.contains(&filter.path) {
+            return false;
+        }
+        if !self.gate.replies.subscribe(&filter.path, inbox) {
+            return false;
+        }
+        if !self.direct_topics.contains(&filter.path) {
+            self.direct_topics.push(filter.path.clone());
+        }
+        true
+    }
+
+    /// `filter` is about to be subscribed in the router: the reply index
+    /// learns that the router serves it, before any publish can miss it.
+    fn subscribing_in_router(&mut self, filter: &str) {
+        if self.via_router.iter().any(|f| f == filter) {
+            return;
+        }
+        match self.principal {
+            Principal::Device(_) => {
+                // From the gate to the router (a QoS upgrade): what the gate
+                // queued is written before anything the router sends.
+                self.stop_serving(filter);
+                self.gate.replies.device_subscribed_in_router(filter);
+            }
+            Principal::Handler(_) => self.gate.replies.handler_subscribed(filter),
+        }
+        self.via_router.push(filter.to_owned());
+    }
+
+    /// The gate stops serving `topic` to this session, if it did.
+    fn stop_serving(&mut self, topic: &str) {
+        let (Some(inbox), Some(i)) = (
+            &self.inbox,
+            self.direct_topics.iter().position(|t| t == topic),
+        ) else {
+            return;
+        };
+        self.gate.replies.unsubscribe(topic, inbox);
+        self.direct_topics.swap_remove(i);
+    }
+
+    /// Queues every reply the gate has for this session.
+    fn drain_inbox<S: AsyncRead + AsyncWrite>(&self, wire: &mut Wire<S>) {
+        let Some(inbox) = &self.inbox else {
+            return;
+        };
+        let codec = self.codec;
+        let delivered = inbox.drain(|delivery| {
+            wire.queue(
+                &codec,
+                Packet::Publish(delivery.publish, delivery.properties),
+            );
+        });
+        if delivered > 0 {
+            self.gate.metrics.messages_out(delivered);
+        }
     }
 
     /// Queues everything the router has ready, without waiting, for one
@@ -815,16 +981,22 @@ impl Session {
                 return RouterStep::End(End::Abnormal("router ended the session"))
             }
             Some(packet @ Packet::Publish(..)) => {
+                // Whatever the gate queued for this session came first (a
+                // topic that moved to the router keeps its order).
+                self.drain_inbox(wire);
                 self.gate.metrics.messages_out(1);
                 wire.queue(&self.codec, packet);
             }
-            Some(Packet::PubAck(ack, properties)) => match self.denied_qos1.remove(&ack.pkid) {
-                Some(denial) => wire.queue(
-                    &self.codec,
-                    answers::puback_denial(self.codec.version, ack.pkid, denial),
-                ),
-                None => wire.queue(&self.codec, Packet::PubAck(ack, properties)),
-            },
+            Some(Packet::PubAck(ack, properties)) => {
+                self.router_acks_pending = self.router_acks_pending.saturating_sub(1);
+                match self.denied_qos1.remove(&ack.pkid) {
+                    Some(denial) => wire.queue(
+                        &self.codec,
+                        answers::puback_denial(self.codec.version, ack.pkid, denial),
+                    ),
+                    None => wire.queue(&self.codec, Packet::PubAck(ack, properties)),
+                }
+            }
             Some(packet) => wire.queue(&self.codec, packet),
         }
         RouterStep::Continue
@@ -883,6 +1055,14 @@ impl Session {
         let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, pkid);
         info!("publishing will");
         self.gate.metrics.message_in();
+        // Sessions the gate serves get it from the gate; the router still
+        // gets it (its subscribers, a retained will, and its acknowledgement).
+        if let Ok(topic) = std::str::from_utf8(&publish.topic) {
+            let routed = self.gate.replies.route(topic, &publish, &properties);
+            if routed.dropped > 0 {
+                self.gate.metrics.replies_dropped(routed.dropped);
+            }
+        }
         let _ = self
             .link_tx
             .send(Packet::Publish(publish, properties))

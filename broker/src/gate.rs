@@ -6,6 +6,7 @@ use crate::auth::Authenticator;
 use crate::command_topics::CommandTopics;
 use crate::config::Limits;
 use crate::metrics::Metrics;
+use crate::reply_index::ReplyIndex;
 use crate::revocation::Revocations;
 use crate::router::EmbeddedRouter;
 use crate::sessions::SessionRegistry;
@@ -18,6 +19,8 @@ pub struct Gate {
     pub router: EmbeddedRouter,
     pub sessions: Arc<SessionRegistry>,
     pub commands: CommandTopics,
+    /// Device subscriptions the gate serves itself, beside the router.
+    pub replies: ReplyIndex,
     /// Revocation checks, when a store is configured.
     pub revocations: Option<Arc<Revocations>>,
     pub metrics: Arc<Metrics>,

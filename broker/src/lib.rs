@@ -33,6 +33,7 @@ pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod rate_limit;
+pub mod reply_index;
 pub mod revocation;
 pub mod router;
 pub mod secret;
@@ -47,6 +48,7 @@ use gate::Gate;
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
 use rate_limit::ConnectionRateLimit;
+use reply_index::ReplyIndex;
 use router::EmbeddedRouter;
 use sessions::SessionRegistry;
 use std::net::SocketAddr;
@@ -134,6 +136,7 @@ impl Broker {
             router,
             sessions: Arc::new(SessionRegistry::default()),
             commands: CommandTopics::new(config.command_topics),
+            replies: ReplyIndex::default(),
             revocations: config.revocations.map(Arc::new),
             metrics: metrics.clone(),
             leeway_secs,

@@ -32,6 +32,7 @@ pub struct Metrics {
     denials: Family<DenialLabel, Counter>,
     messages_in: Counter,
     messages_out: Counter,
+    replies_dropped: Counter,
     dropped_sockets: Family<ReasonLabel, Counter>,
     refusal_cache_hits: Counter,
 }
@@ -50,6 +51,7 @@ impl Metrics {
         let denials = Family::<DenialLabel, Counter>::default();
         let messages_in = Counter::default();
         let messages_out = Counter::default();
+        let replies_dropped = Counter::default();
         let dropped_sockets = Family::<ReasonLabel, Counter>::default();
         let refusal_cache_hits = Counter::default();
         registry.register(
@@ -78,6 +80,11 @@ impl Metrics {
             messages_out.clone(),
         );
         registry.register(
+            "replies_dropped",
+            "QoS 0 replies dropped, oldest first, because a device read slower than its replies came",
+            replies_dropped.clone(),
+        );
+        registry.register(
             "sockets_dropped",
             "Sockets closed before CONNECT, by reason (rate_limited, tls_handshake, connect_timeout, not_mqtt, too_many_connections)",
             dropped_sockets.clone(),
@@ -95,6 +102,7 @@ impl Metrics {
             denials,
             messages_in,
             messages_out,
+            replies_dropped,
             dropped_sockets,
         }
     }
@@ -123,6 +131,10 @@ impl Metrics {
 
     pub fn messages_out(&self, n: u64) {
         self.messages_out.inc_by(n);
+    }
+
+    pub fn replies_dropped(&self, n: u64) {
+        self.replies_dropped.inc_by(n);
     }
 
     pub fn refusal_cache_hit(&self) {
