@@ -442,8 +442,9 @@ struct Session {
     /// Topics the gate serves to this session, not the router.
     direct_topics: Vec<String>,
     /// Device topics subscribed through the router in this connection (they
-    /// stay there, so a topic never switches back and reorders), or handler
-    /// filters registered with the reply index.
+    /// stay there, even after an unsubscribe, so that nothing the router
+    /// still has on its way arrives after newer replies from the gate), or
+    /// handler filters registered with the reply index.
     via_router: Vec<String>,
     /// QoS 1 publishes sent to the router whose PUBACK has not come back:
     /// while there are any, the gate does not acknowledge one itself.
@@ -873,10 +874,20 @@ impl Session {
     /// Takes `filter` into the reply index if the gate can serve it (see
     /// `reply_index`): a QoS 0 subscription of a clean device session that
     /// this connection has not already made through the router.
+    ///
+    /// A subscription keeps its path for as long as it exists: moving it
+    /// while messages are on their way would lose or repeat some (MQTT
+    /// 3.8.4: a resubscription must not interrupt the flow). So a QoS 1/2
+    /// resubscription of a topic the gate serves stays with the gate, at
+    /// granted QoS 0 (a server may grant less than asked); unsubscribing
+    /// first gets the higher QoS from the router.
     fn serve_directly(&mut self, filter: &Filter) -> bool {
         let Some(inbox) = &self.inbox else {
             return false;
         };
+        if self.direct_topics.contains(&filter.path) {
+            return true;
+        }
         if filter.qos != QoS::AtMostOnce || self.via_router.contains(&filter.path) {
             return false;
         }
@@ -896,12 +907,7 @@ impl Session {
             return;
         }
         match self.principal {
-            Principal::Device(_) => {
-                // From the gate to the router (a QoS upgrade): what the gate
-                // queued is written before anything the router sends.
-                self.stop_serving(filter);
-                self.gate.replies.device_subscribed_in_router(filter);
-            }
+            Principal::Device(_) => self.gate.replies.device_subscribed_in_router(filter),
             Principal::Handler(_) => self.gate.replies.handler_subscribed(filter),
         }
         self.via_router.push(filter.to_owned());
@@ -981,8 +987,7 @@ impl Session {
                 return RouterStep::End(End::Abnormal("router ended the session"))
             }
             Some(packet @ Packet::Publish(..)) => {
-                // Whatever the gate queued for this session came first (a
-                // topic that moved to the router keeps its order).
+                // Replies the gate queued first are written first.
                 self.drain_inbox(wire);
                 self.gate.metrics.messages_out(1);
                 wire.queue(&self.codec, packet);
