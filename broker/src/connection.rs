@@ -11,9 +11,8 @@ use crate::gate::Gate;
 use crate::identity;
 use crate::reply_index::ReplyInbox;
 use crate::router::{RouterRx, RouterTx};
-use crate::sessions::{device_session_id, handler_session_id, SessionClaim};
+use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
 use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
 use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
@@ -520,7 +519,7 @@ impl Session {
         // A persistent session stays in the router until its expiry (unless
         // a new connection took it over). The claim is released first so the
         // expiry finds the id free.
-        if !self.clean_session && !self.claim.taken_over.is_cancelled() {
+        if !self.clean_session && self.claim.end.requested() != Some(EndRequest::TakenOver) {
             self.gate.sessions.left_away(&self.claim);
             let (id, serial) = (self.claim.id().to_owned(), self.claim.serial());
             let (gate, after) = (self.gate.clone(), self.session_expiry);
@@ -533,17 +532,17 @@ impl Session {
     async fn relay<S: AsyncRead + AsyncWrite>(&mut self, wire: &mut Wire<S>) -> End {
         // Signals and timers live across iterations: creating them per
         // packet would register and drop timers and waiters on every message.
-        let shutdown = self.gate.shutdown.clone().cancelled_owned();
-        let taken_over = self.claim.taken_over.clone().cancelled_owned();
-        let revoked = self.claim.revoked.clone().cancelled_owned();
+        let end_requested = self.claim.end.requested_owned();
+        // One timer for both deadlines (a timer polled per turn costs, and
+        // most turns are messages): the token's expiry, and MQTT's keep-alive
+        // (the server may close after 1.5 periods of silence). It is moved
+        // forward lazily, only when it fires.
         let never = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-        let token_timer = tokio::time::sleep_until(self.token_deadline.unwrap_or(never));
-        // MQTT: the server may close after 1.5 keep-alive periods of silence.
-        // The timer is moved forward lazily, only when it fires.
+        let token_deadline = self.token_deadline.unwrap_or(never);
         let silence_limit = self.keep_alive.mul_f32(1.5);
         let mut last_heard = Instant::now();
-        let keep_alive_timer = tokio::time::sleep_until(last_heard + silence_limit);
-        tokio::pin!(shutdown, taken_over, revoked, token_timer, keep_alive_timer);
+        let timer = tokio::time::sleep_until(token_deadline.min(last_heard + silence_limit));
+        tokio::pin!(end_requested, timer);
         loop {
             // Decoded packets keep slices of the read buffer, so its spare
             // room only shrinks; reading into a sliver would split packets
@@ -553,16 +552,23 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = &mut shutdown => return End::Server(ServerDisconnect::ShuttingDown),
-                _ = &mut taken_over => return End::Server(ServerDisconnect::TakenOver),
-                _ = &mut revoked => return End::Server(ServerDisconnect::Revoked),
-                _ = &mut token_timer => return End::Server(ServerDisconnect::TokenExpired),
-                _ = &mut keep_alive_timer => {
-                    let deadline = last_heard + silence_limit;
-                    if Instant::now() >= deadline {
+                _ = &mut end_requested => {
+                    return End::Server(match self.claim.end.requested() {
+                        Some(EndRequest::TakenOver) => ServerDisconnect::TakenOver,
+                        Some(EndRequest::Revoked) => ServerDisconnect::Revoked,
+                        _ => ServerDisconnect::ShuttingDown,
+                    });
+                }
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= token_deadline {
+                        return End::Server(ServerDisconnect::TokenExpired);
+                    }
+                    let silence_deadline = last_heard + silence_limit;
+                    if now >= silence_deadline {
                         return End::Server(ServerDisconnect::KeepAliveTimeout);
                     }
-                    keep_alive_timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(token_deadline.min(silence_deadline));
                     continue;
                 }
                 read = wire.reader.read_buf(&mut wire.read_buf) => {
@@ -600,7 +606,7 @@ impl Session {
                     Some(inbox) => inbox.poll_ready(cx),
                     None => Poll::Pending,
                 }) => self.drain_inbox(wire),
-                notification = self.link_rx.next() => {
+                notification = std::future::poll_fn(|cx| self.link_rx.poll_next(cx)) => {
                     match self.drain_router(notification, wire) {
                         RouterStep::Continue => {}
                         // No notification is held across this await, and
@@ -960,10 +966,10 @@ impl Session {
                     stop => return stop,
                 }
             }
-            match self.link_rx.next().now_or_never() {
-                Some(Ok(next)) => pending = next,
-                Some(Err(_)) => return RouterStep::End(End::Abnormal("router ended the session")),
-                None => return RouterStep::Continue,
+            match self.link_rx.try_next() {
+                Ok(Some(next)) => pending = next,
+                Ok(None) => return RouterStep::Continue,
+                Err(_) => return RouterStep::End(End::Abnormal("router ended the session")),
             }
         }
     }

@@ -134,7 +134,7 @@ impl Broker {
                 metrics.clone(),
             ),
             router,
-            sessions: Arc::new(SessionRegistry::default()),
+            sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
             commands: CommandTopics::new(config.command_topics),
             replies: ReplyIndex::default(),
             revocations: config.revocations.map(Arc::new),

@@ -2,7 +2,7 @@
 //! operators or `Store::set_revoked`) is refused at CONNECT and its live
 //! sessions are ended within one poll interval.
 
-use crate::sessions::SessionRegistry;
+use crate::sessions::{EndRequest, SessionRegistry};
 use futures::StreamExt;
 use shared::store::Store;
 use shared::UserId;
@@ -68,18 +68,18 @@ impl Revocations {
             }
             let live = sessions.device_sessions();
             let revoked: Vec<_> = futures::stream::iter(live)
-                .map(|(uid, tokens)| {
+                .map(|(uid, sessions)| {
                     let this = self.clone();
-                    async move { this.is_revoked(&uid).await.then_some((uid, tokens)) }
+                    async move { this.is_revoked(&uid).await.then_some((uid, sessions)) }
                 })
                 .buffer_unordered(SWEEP_CONCURRENCY)
                 .filter_map(|found| async move { found })
                 .collect()
                 .await;
-            for (uid, tokens) in revoked {
-                info!(%uid, sessions = tokens.len(), "user revoked: ending sessions");
-                for token in tokens {
-                    token.cancel();
+            for (uid, sessions) in revoked {
+                info!(%uid, sessions = sessions.len(), "user revoked: ending sessions");
+                for session in sessions {
+                    session.request(EndRequest::Revoked);
                 }
             }
         }

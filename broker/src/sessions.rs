@@ -1,12 +1,13 @@
 //! Owns client identity in the router: the namespaced router client id of
 //! each session (devices keyed by user, handlers apart, so no client can
 //! reach another's session), and session takeover: a second connection with
-//! the same id tells the first to end (MQTT 5 DISCONNECT 0x8E) and waits for it.
+//! the same id tells the first to end (MQTT 5 DISCONNECT 0x8E) and waits for it;
+//! and the one signal that tells a live session to end, and why.
 
 use parking_lot::Mutex;
 use shared::UserId;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -38,18 +39,81 @@ fn escape(client_id: &str) -> String {
     out
 }
 
+/// Why a live session is asked to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndRequest {
+    /// Another connection took its client id.
+    TakenOver,
+    /// Its user was revoked.
+    Revoked,
+    /// The broker is shutting down.
+    ShuttingDown,
+}
+
+const NO_REASON: u8 = 0;
+const TAKEN_OVER: u8 = 1;
+const REVOKED: u8 = 2;
+
+/// Tells a live session to end, and why: one token (a child of the
+/// broker's shutdown token) so that the session waits on one thing, not
+/// three, on every turn of its loop. The first reason given wins.
+#[derive(Clone)]
+pub struct EndSignal {
+    token: CancellationToken,
+    reason: Arc<AtomicU8>,
+}
+
+impl EndSignal {
+    fn new(shutdown: &CancellationToken) -> Self {
+        EndSignal {
+            token: shutdown.child_token(),
+            reason: Arc::new(AtomicU8::new(NO_REASON)),
+        }
+    }
+
+    /// Asks the session to end for `why` (taken over or revoked).
+    pub fn request(&self, why: EndRequest) {
+        let code = match why {
+            EndRequest::TakenOver => TAKEN_OVER,
+            EndRequest::Revoked => REVOKED,
+            EndRequest::ShuttingDown => NO_REASON,
+        };
+        let _ = self
+            .reason
+            .compare_exchange(NO_REASON, code, Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
+    }
+
+    /// Why the session was asked to end, if it was.
+    pub fn requested(&self) -> Option<EndRequest> {
+        if !self.token.is_cancelled() {
+            return None;
+        }
+        Some(match self.reason.load(Ordering::Acquire) {
+            TAKEN_OVER => EndRequest::TakenOver,
+            REVOKED => EndRequest::Revoked,
+            _ => EndRequest::ShuttingDown,
+        })
+    }
+
+    /// Completes when the session is asked to end.
+    pub fn requested_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
+    }
+}
+
 struct Entry {
     serial: u64,
     /// The user of a device session (handlers have none).
     uid: Option<UserId>,
-    kick: CancellationToken,
-    revoke: CancellationToken,
+    end: EndSignal,
     closed: oneshot::Receiver<()>,
 }
 
 /// Live sessions by router client id.
-#[derive(Default)]
 pub struct SessionRegistry {
+    /// The broker's shutdown token, parent of every session's `EndSignal`.
+    shutdown: CancellationToken,
     next_serial: AtomicU64,
     live: Mutex<HashMap<String, Entry>>,
     /// Persistent sessions whose client is away, with the serial of the
@@ -63,34 +127,40 @@ pub struct SessionClaim {
     registry: Arc<SessionRegistry>,
     id: String,
     serial: u64,
-    /// Cancelled when another connection takes this session over.
-    pub taken_over: CancellationToken,
-    /// Cancelled when the session's user is revoked.
-    pub revoked: CancellationToken,
+    /// Asks this session to end: takeover, revocation, shutdown.
+    pub end: EndSignal,
     _closed: oneshot::Sender<()>,
 }
 
 impl SessionRegistry {
+    /// A registry whose sessions all end when `shutdown` is cancelled.
+    pub fn new(shutdown: CancellationToken) -> Self {
+        SessionRegistry {
+            shutdown,
+            next_serial: AtomicU64::new(0),
+            live: Mutex::default(),
+            away: Mutex::default(),
+        }
+    }
+
     /// Claims `id` (for `uid`'s device, or a handler when `None`), ending
     /// the connection that holds it first (if any).
     pub async fn claim(self: &Arc<Self>, id: String, uid: Option<&UserId>) -> SessionClaim {
         self.away.lock().remove(&id);
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let kick = CancellationToken::new();
-        let revoke = CancellationToken::new();
+        let end = EndSignal::new(&self.shutdown);
         let (closed_tx, closed_rx) = oneshot::channel();
         let previous = self.live.lock().insert(
             id.clone(),
             Entry {
                 serial,
                 uid: uid.cloned(),
-                kick: kick.clone(),
-                revoke: revoke.clone(),
+                end: end.clone(),
                 closed: closed_rx,
             },
         );
         if let Some(previous) = previous {
-            previous.kick.cancel();
+            previous.end.request(EndRequest::TakenOver);
             // Err means the sender was dropped: the old session is gone.
             if tokio::time::timeout(TAKEOVER_WAIT, previous.closed)
                 .await
@@ -103,8 +173,7 @@ impl SessionRegistry {
             registry: self.clone(),
             id,
             serial,
-            taken_over: kick,
-            revoked: revoke,
+            end,
             _closed: closed_tx,
         }
     }
@@ -125,15 +194,13 @@ impl SessionRegistry {
         away.remove(id);
         let own_serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let (closed_tx, closed_rx) = oneshot::channel();
-        let kick = CancellationToken::new();
-        let revoke = CancellationToken::new();
+        let end = EndSignal::new(&self.shutdown);
         live.insert(
             id.to_owned(),
             Entry {
                 serial: own_serial,
                 uid: None,
-                kick: kick.clone(),
-                revoke: revoke.clone(),
+                end: end.clone(),
                 closed: closed_rx,
             },
         );
@@ -141,21 +208,20 @@ impl SessionRegistry {
             registry: self.clone(),
             id: id.to_owned(),
             serial: own_serial,
-            taken_over: kick,
-            revoked: revoke,
+            end,
             _closed: closed_tx,
         })
     }
 
-    /// Live device sessions grouped by user, with the tokens that end them.
-    pub fn device_sessions(&self) -> Vec<(UserId, Vec<CancellationToken>)> {
-        let mut by_user: HashMap<UserId, Vec<CancellationToken>> = HashMap::new();
+    /// Live device sessions grouped by user, with the signals that end them.
+    pub fn device_sessions(&self) -> Vec<(UserId, Vec<EndSignal>)> {
+        let mut by_user: HashMap<UserId, Vec<EndSignal>> = HashMap::new();
         for entry in self.live.lock().values() {
             if let Some(uid) = &entry.uid {
                 by_user
                     .entry(uid.clone())
                     .or_default()
-                    .push(entry.revoke.clone());
+                    .push(entry.end.clone());
             }
         }
         by_user.into_iter().collect()
@@ -212,19 +278,26 @@ mod tests {
 
     #[tokio::test]
     async fn second_claim_kicks_the_first_and_waits() {
-        let registry = Arc::new(SessionRegistry::default());
+        let shutdown = CancellationToken::new();
+        let registry = Arc::new(SessionRegistry::new(shutdown.clone()));
         let uid = UserId::parse("1").unwrap();
         let first = registry.claim("D:1:c".into(), Some(&uid)).await;
-        let kicked = first.taken_over.clone();
+        let kicked = first.end.requested_owned();
         let waiter = tokio::spawn({
             let registry = registry.clone();
             let uid = uid.clone();
             async move { registry.claim("D:1:c".into(), Some(&uid)).await }
         });
-        kicked.cancelled().await;
+        kicked.await;
+        assert_eq!(first.end.requested(), Some(EndRequest::TakenOver));
         drop(first);
         let second = waiter.await.unwrap();
-        assert!(!second.taken_over.is_cancelled());
+        assert_eq!(second.end.requested(), None);
+        // Revoked after that: the first reason stays.
+        let devices = registry.device_sessions();
+        devices[0].1[0].request(EndRequest::Revoked);
+        devices[0].1[0].request(EndRequest::TakenOver);
+        assert_eq!(second.end.requested(), Some(EndRequest::Revoked));
         assert_eq!(registry.len(), 1);
         let devices = registry.device_sessions();
         assert_eq!(devices.len(), 1);
@@ -246,7 +319,10 @@ mod tests {
         let serial = back.serial();
         drop(back);
         let again = registry.claim("D:1:c".into(), Some(&uid)).await;
-        drop(again);
         assert!(registry.claim_to_expire("D:1:c", serial).is_none());
+
+        // Shutdown reaches every live session.
+        shutdown.cancel();
+        assert_eq!(again.end.requested(), Some(EndRequest::ShuttingDown));
     }
 }

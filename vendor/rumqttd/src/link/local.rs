@@ -391,6 +391,11 @@ pub struct LinkRx {
     router_rx: Receiver<()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
     cache: VecDeque<Notification>,
+    /// patched: one lasting wait for the router's trigger, for `poll_next`.
+    /// A `recv_async` future per wait allocates a waiter, queues it and
+    /// unqueues it again when dropped (every time a caller's select picks
+    /// another branch).
+    triggers: flume::r#async::RecvStream<'static, ()>,
 }
 
 impl LinkRx {
@@ -403,6 +408,7 @@ impl LinkRx {
         LinkRx {
             connection_id,
             router_tx,
+            triggers: router_rx.clone().into_stream(),
             router_rx,
             send_buffer: outgoing_data_buffer,
             // patched: grow on demand; upstream reserved 100 notifications
@@ -466,6 +472,44 @@ impl LinkRx {
                 // one, so that an idle link holds no buffer.
                 self.cache = mem::take(&mut *self.send_buffer.lock());
                 Ok(self.cache.pop_front())
+            }
+        }
+    }
+
+    /// patched: `next` as a poll, keeping its wait registered between calls
+    /// (see `triggers`), for callers that wait in a loop with other events.
+    pub fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Notification>, LinkError>> {
+        use futures_core::Stream;
+        use std::task::Poll;
+        if let Some(v) = self.cache.pop_front() {
+            return Poll::Ready(Ok(Some(v)));
+        }
+        match Pin::new(&mut self.triggers).poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Err(LinkError::Recv(RecvError::Disconnected))),
+            Poll::Ready(Some(())) => {
+                self.cache = mem::take(&mut *self.send_buffer.lock());
+                Poll::Ready(Ok(self.cache.pop_front()))
+            }
+        }
+    }
+
+    /// patched: `next` without waiting: `None` when the router has nothing.
+    pub fn try_next(&mut self) -> Result<Option<Option<Notification>>, LinkError> {
+        if let Some(v) = self.cache.pop_front() {
+            return Ok(Some(Some(v)));
+        }
+        match self.router_rx.try_recv() {
+            Ok(()) => {
+                self.cache = mem::take(&mut *self.send_buffer.lock());
+                Ok(Some(self.cache.pop_front()))
+            }
+            Err(flume::TryRecvError::Empty) => Ok(None),
+            Err(flume::TryRecvError::Disconnected) => {
+                Err(LinkError::Recv(RecvError::Disconnected))
             }
         }
     }
