@@ -36,6 +36,8 @@ const DENIED_SINK_TOPIC: &[u8] = b"$gate/denied";
 /// Most MQTT packets of this product are small; buffers grow when one is not
 /// (and are resident per connection, so they start small).
 const INITIAL_BUFFER: usize = 512;
+/// Largest write buffer kept between writes.
+const KEPT_WRITE_BUFFER: usize = 1024;
 /// Least free room in the read buffer before a read (see `relay`).
 const MIN_READ_ROOM: usize = 256;
 
@@ -158,9 +160,13 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
         }
         self.writer.write_all(&self.write_buf).await?;
         self.writer.flush().await?;
-        // Released, not cleared: most connections are idle most of the time,
-        // and a burst must not leave a large buffer behind.
-        self.write_buf = BytesMut::new();
+        // A small buffer is kept (allocating it again for every reply cost
+        // more than its memory); a burst must not leave a large one behind.
+        if self.write_buf.capacity() > KEPT_WRITE_BUFFER {
+            self.write_buf = BytesMut::new();
+        } else {
+            self.write_buf.clear();
+        }
         Ok(())
     }
 
@@ -940,7 +946,7 @@ impl Session {
         let delivered = inbox.drain(|delivery| {
             wire.queue(
                 &codec,
-                Packet::Publish(delivery.publish, delivery.properties),
+                Packet::Publish(delivery.publish, delivery.properties.map(|p| *p)),
             );
         });
         if delivered > 0 {

@@ -17,7 +17,7 @@ use futures::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
 use rumqttd::protocol::{Publish, PublishProperties, QoS};
 use shared::topics::{effective_filter, is_wildcard, matches};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -26,10 +26,11 @@ use std::task::{Context, Poll};
 /// as the router's reply logs drop their oldest segment.
 pub const INBOX_LIMIT_BYTES: usize = 64 * 1024;
 
-/// One publish on its way to a device.
+/// One publish on its way to a device. The properties are boxed: most
+/// replies have none, and a queue keeps its slots' room.
 pub struct Delivery {
     pub publish: Publish,
-    pub properties: Option<PublishProperties>,
+    pub properties: Option<Box<PublishProperties>>,
 }
 
 impl Delivery {
@@ -96,8 +97,9 @@ impl ReplyInbox {
         for delivery in queued.deliveries.drain(..) {
             each(delivery);
         }
-        // Released, not kept: most sessions are idle most of the time.
-        if queued.deliveries.capacity() > 16 {
+        // Room for a few kept (a busy session would allocate it again for
+        // every reply); more is released: most sessions are idle.
+        if queued.deliveries.capacity() > 8 {
             queued.deliveries = VecDeque::new();
         }
         count
@@ -122,37 +124,60 @@ pub struct ReplyIndex {
     routes: RwLock<Routes>,
 }
 
+/// Keyed hashing, faster than the default for the short topic names looked
+/// up on every publish (and still seeded per process).
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 #[derive(Default)]
 struct Routes {
-    /// Topic → inboxes of the sessions the gate serves it to.
-    direct: HashMap<Bytes, Vec<Arc<ReplyInbox>>>,
-    /// Literal topics some device subscribed to through the router (QoS 1/2,
-    /// a persistent session, a retained topic). Never shrinks: a persistent
+    /// Literal topic → who wants it: one lookup per publish.
+    topics: FastMap<Bytes, TopicRoutes>,
+    /// Handler wildcard filters in the router (`$share/g/` removed), with
+    /// counts; few (monitoring subscriptions), scanned per publish.
+    handler_wildcards: HashMap<String, usize>,
+}
+
+#[derive(Default)]
+struct TopicRoutes {
+    /// Inboxes of the sessions the gate serves this topic to.
+    inboxes: Vec<Arc<ReplyInbox>>,
+    /// Some device subscribed to it through the router (QoS 1/2, a
+    /// persistent session, a retained topic). Never reset: a persistent
     /// session keeps its subscriptions in the router after its connection.
-    router_topics: HashSet<Bytes>,
-    /// Topics a retained publish was sent to (possibly cleared since).
-    retained: HashSet<Bytes>,
-    /// Handler filters in the router (`$share/g/` removed), with counts.
-    handler_literal: HashMap<String, usize>,
-    handler_wildcard: HashMap<String, usize>,
+    router_devices: bool,
+    /// A retained publish was sent to it (possibly cleared since).
+    retained: bool,
+    /// Live handler subscriptions naming this topic literally.
+    handlers: usize,
+}
+
+impl TopicRoutes {
+    fn is_empty(&self) -> bool {
+        self.inboxes.is_empty() && !self.router_devices && !self.retained && self.handlers == 0
+    }
 }
 
 impl Routes {
-    fn handler_counts(&mut self, filter: &str) -> &mut HashMap<String, usize> {
-        if is_wildcard(filter) {
-            &mut self.handler_wildcard
-        } else {
-            &mut self.handler_literal
+    fn entry(&mut self, topic: &str) -> &mut TopicRoutes {
+        if !self.topics.contains_key(topic.as_bytes()) {
+            self.topics.insert(
+                Bytes::copy_from_slice(topic.as_bytes()),
+                TopicRoutes::default(),
+            );
         }
+        self.topics
+            .get_mut(topic.as_bytes())
+            .expect("inserted just above")
     }
 
-    fn router_wants(&self, topic: &str) -> bool {
-        self.router_topics.contains(topic.as_bytes())
-            || self.handler_literal.contains_key(topic)
-            || self
-                .handler_wildcard
-                .keys()
-                .any(|filter| matches(topic, filter))
+    fn forget_if_empty(&mut self, topic: &str) {
+        if self
+            .topics
+            .get(topic.as_bytes())
+            .is_some_and(TopicRoutes::is_empty)
+        {
+            self.topics.remove(topic.as_bytes());
+        }
     }
 }
 
@@ -162,15 +187,12 @@ impl ReplyIndex {
     /// then returns false and the subscription goes to the router.
     pub fn subscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) -> bool {
         let mut routes = self.routes.write();
-        if routes.retained.contains(topic.as_bytes()) {
+        let routes = routes.entry(topic);
+        if routes.retained {
             return false;
         }
-        let inboxes = routes
-            .direct
-            .entry(Bytes::copy_from_slice(topic.as_bytes()))
-            .or_default();
-        if !inboxes.iter().any(|i| Arc::ptr_eq(i, inbox)) {
-            inboxes.push(inbox.clone());
+        if !routes.inboxes.iter().any(|i| Arc::ptr_eq(i, inbox)) {
+            routes.inboxes.push(inbox.clone());
         }
         true
     }
@@ -178,44 +200,45 @@ impl ReplyIndex {
     /// Stops serving `topic` to `inbox`.
     pub fn unsubscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) {
         let mut routes = self.routes.write();
-        if let Some(inboxes) = routes.direct.get_mut(topic.as_bytes()) {
-            inboxes.retain(|i| !Arc::ptr_eq(i, inbox));
-            if inboxes.is_empty() {
-                routes.direct.remove(topic.as_bytes());
-            }
+        if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
+            found.inboxes.retain(|i| !Arc::ptr_eq(i, inbox));
+            routes.forget_if_empty(topic);
         }
     }
 
     /// A device subscribed to `topic` through the router.
     pub fn device_subscribed_in_router(&self, topic: &str) {
-        let mut routes = self.routes.write();
-        if !routes.router_topics.contains(topic.as_bytes()) {
-            routes
-                .router_topics
-                .insert(Bytes::copy_from_slice(topic.as_bytes()));
-        }
+        self.routes.write().entry(topic).router_devices = true;
     }
 
     /// A handler subscribed to `filter` (shared or not) through the router.
     pub fn handler_subscribed(&self, filter: &str) {
         let inner = effective_filter(filter);
         let mut routes = self.routes.write();
-        *routes
-            .handler_counts(inner)
-            .entry(inner.to_owned())
-            .or_default() += 1;
+        if is_wildcard(inner) {
+            *routes
+                .handler_wildcards
+                .entry(inner.to_owned())
+                .or_default() += 1;
+        } else {
+            routes.entry(inner).handlers += 1;
+        }
     }
 
     /// A handler's subscription to `filter` ended.
     pub fn handler_unsubscribed(&self, filter: &str) {
         let inner = effective_filter(filter);
         let mut routes = self.routes.write();
-        let counts = routes.handler_counts(inner);
-        if let Some(count) = counts.get_mut(inner) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(inner);
+        if is_wildcard(inner) {
+            if let Some(count) = routes.handler_wildcards.get_mut(inner) {
+                *count -= 1;
+                if *count == 0 {
+                    routes.handler_wildcards.remove(inner);
+                }
             }
+        } else if let Some(found) = routes.topics.get_mut(inner.as_bytes()) {
+            found.handlers = found.handlers.saturating_sub(1);
+            routes.forget_if_empty(inner);
         }
     }
 
@@ -228,34 +251,35 @@ impl ReplyIndex {
         properties: &Option<PublishProperties>,
     ) -> Routed {
         if publish.retain {
-            let mut routes = self.routes.write();
-            if !routes.retained.contains(topic.as_bytes()) {
-                routes.retained.insert(publish.topic.clone());
-            }
+            self.routes.write().entry(topic).retained = true;
         }
         let routes = self.routes.read();
+        let found = routes.topics.get(topic.as_bytes());
         let mut routed = Routed {
             delivered: 0,
             dropped: 0,
-            needs_router: publish.retain || routes.router_wants(topic),
+            needs_router: publish.retain
+                || found.is_some_and(|f| f.router_devices || f.handlers > 0)
+                || routes
+                    .handler_wildcards
+                    .keys()
+                    .any(|filter| matches(topic, filter)),
         };
-        if let Some(inboxes) = routes.direct.get(topic.as_bytes()) {
-            for inbox in inboxes {
-                // Delivered at the subscription's QoS 0: no packet id, and
-                // (MQTT 3.3.1.3) no retain flag on a live delivery.
-                let copy = Publish::with_qos(
-                    publish.topic.clone(),
-                    publish.payload.clone(),
-                    false,
-                    QoS::AtMostOnce,
-                    0,
-                );
-                routed.dropped += inbox.push(Delivery {
-                    publish: copy,
-                    properties: properties.clone(),
-                });
-                routed.delivered += 1;
-            }
+        for inbox in found.map(|f| f.inboxes.as_slice()).unwrap_or_default() {
+            // Delivered at the subscription's QoS 0: no packet id, and
+            // (MQTT 3.3.1.3) no retain flag on a live delivery.
+            let copy = Publish::with_qos(
+                publish.topic.clone(),
+                publish.payload.clone(),
+                false,
+                QoS::AtMostOnce,
+                0,
+            );
+            routed.dropped += inbox.push(Delivery {
+                publish: copy,
+                properties: properties.clone().map(Box::new),
+            });
+            routed.delivered += 1;
         }
         routed
     }
