@@ -538,7 +538,6 @@ impl Session {
     async fn relay<S: AsyncRead + AsyncWrite>(&mut self, wire: &mut Wire<S>) -> End {
         // Signals and timers live across iterations: creating them per
         // packet would register and drop timers and waiters on every message.
-        let end_requested = self.claim.end.requested_owned();
         // One timer for both deadlines (a timer polled per turn costs, and
         // most turns are messages): the token's expiry, and MQTT's keep-alive
         // (the server may close after 1.5 periods of silence). It is moved
@@ -548,7 +547,7 @@ impl Session {
         let silence_limit = self.keep_alive.mul_f32(1.5);
         let mut last_heard = Instant::now();
         let timer = tokio::time::sleep_until(token_deadline.min(last_heard + silence_limit));
-        tokio::pin!(end_requested, timer);
+        tokio::pin!(timer);
         loop {
             // Decoded packets keep slices of the read buffer, so its spare
             // room only shrinks; reading into a sliver would split packets
@@ -558,11 +557,11 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = &mut end_requested => {
-                    return End::Server(match self.claim.end.requested() {
-                        Some(EndRequest::TakenOver) => ServerDisconnect::TakenOver,
-                        Some(EndRequest::Revoked) => ServerDisconnect::Revoked,
-                        _ => ServerDisconnect::ShuttingDown,
+                why = std::future::poll_fn(|cx| self.claim.end.poll_requested(cx)) => {
+                    return End::Server(match why {
+                        EndRequest::TakenOver => ServerDisconnect::TakenOver,
+                        EndRequest::Revoked => ServerDisconnect::Revoked,
+                        EndRequest::ShuttingDown => ServerDisconnect::ShuttingDown,
                     });
                 }
                 _ = &mut timer => {

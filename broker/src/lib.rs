@@ -149,6 +149,7 @@ impl Broker {
         ));
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
+        tasks.spawn(gate.sessions.clone().end_all_at_shutdown());
         if let Some(revocations) = gate.revocations.clone() {
             tasks.spawn(revocations.watch(gate.sessions.clone(), shutdown.clone()));
         }

@@ -18,6 +18,7 @@ use parking_lot::{Mutex, RwLock};
 use rumqttd::protocol::{Publish, PublishProperties, QoS};
 use shared::topics::{effective_filter, is_wildcard, matches};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -43,6 +44,9 @@ impl Delivery {
 #[derive(Default)]
 pub struct ReplyInbox {
     queue: Mutex<Queued>,
+    /// Whether `queue` holds anything, readable without its lock: the
+    /// session checks on every turn of its loop.
+    filled: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -61,6 +65,7 @@ impl ReplyInbox {
             let mut queued = self.queue.lock();
             queued.bytes += delivery.size();
             queued.deliveries.push_back(delivery);
+            self.filled.store(true, Ordering::Release);
             while queued.bytes > INBOX_LIMIT_BYTES && queued.deliveries.len() > 1 {
                 if let Some(oldest) = queued.deliveries.pop_front() {
                     queued.bytes -= oldest.size();
@@ -74,26 +79,30 @@ impl ReplyInbox {
 
     /// Ready when something is queued; registers the session's task otherwise.
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.queue.lock().deliveries.is_empty() {
+        if self.filled.load(Ordering::Acquire) {
             return Poll::Ready(());
         }
         self.waker.register(cx.waker());
         // A push between the check and the registration woke nobody.
-        if self.queue.lock().deliveries.is_empty() {
-            Poll::Pending
-        } else {
+        if self.filled.load(Ordering::Acquire) {
             Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
     /// Hands every queued delivery to `each`, oldest first; returns how many.
     pub fn drain(&self, mut each: impl FnMut(Delivery)) -> u64 {
+        if !self.filled.load(Ordering::Acquire) {
+            return 0;
+        }
         let mut queued = self.queue.lock();
         if queued.deliveries.is_empty() {
             return 0;
         }
         let count = queued.deliveries.len() as u64;
         queued.bytes = 0;
+        self.filled.store(false, Ordering::Release);
         for delivery in queued.deliveries.drain(..) {
             each(delivery);
         }

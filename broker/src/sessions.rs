@@ -4,11 +4,13 @@
 //! the same id tells the first to end (MQTT 5 DISCONNECT 0x8E) and waits for it;
 //! and the one signal that tells a live session to end, and why.
 
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use shared::UserId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -53,52 +55,59 @@ pub enum EndRequest {
 const NO_REASON: u8 = 0;
 const TAKEN_OVER: u8 = 1;
 const REVOKED: u8 = 2;
+const SHUTTING_DOWN: u8 = 3;
 
-/// Tells a live session to end, and why: one token (a child of the
-/// broker's shutdown token) so that the session waits on one thing, not
-/// three, on every turn of its loop. The first reason given wins.
-#[derive(Clone)]
-pub struct EndSignal {
-    token: CancellationToken,
-    reason: Arc<AtomicU8>,
+/// Tells a live session to end, and why; the first reason given wins.
+/// An atomic and a waker, not a cancellation token: the session polls it
+/// on every turn of its loop, and a token's check takes a lock.
+#[derive(Clone, Default)]
+pub struct EndSignal(Arc<EndState>);
+
+#[derive(Default)]
+struct EndState {
+    reason: AtomicU8,
+    waker: AtomicWaker,
 }
 
 impl EndSignal {
-    fn new(shutdown: &CancellationToken) -> Self {
-        EndSignal {
-            token: shutdown.child_token(),
-            reason: Arc::new(AtomicU8::new(NO_REASON)),
-        }
-    }
-
-    /// Asks the session to end for `why` (taken over or revoked).
+    /// Asks the session to end for `why`.
     pub fn request(&self, why: EndRequest) {
         let code = match why {
             EndRequest::TakenOver => TAKEN_OVER,
             EndRequest::Revoked => REVOKED,
-            EndRequest::ShuttingDown => NO_REASON,
+            EndRequest::ShuttingDown => SHUTTING_DOWN,
         };
-        let _ = self
+        let first = self
+            .0
             .reason
-            .compare_exchange(NO_REASON, code, Ordering::AcqRel, Ordering::Acquire);
-        self.token.cancel();
+            .compare_exchange(NO_REASON, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            self.0.waker.wake();
+        }
     }
 
     /// Why the session was asked to end, if it was.
     pub fn requested(&self) -> Option<EndRequest> {
-        if !self.token.is_cancelled() {
-            return None;
+        match self.0.reason.load(Ordering::Acquire) {
+            TAKEN_OVER => Some(EndRequest::TakenOver),
+            REVOKED => Some(EndRequest::Revoked),
+            SHUTTING_DOWN => Some(EndRequest::ShuttingDown),
+            _ => None,
         }
-        Some(match self.reason.load(Ordering::Acquire) {
-            TAKEN_OVER => EndRequest::TakenOver,
-            REVOKED => EndRequest::Revoked,
-            _ => EndRequest::ShuttingDown,
-        })
     }
 
-    /// Completes when the session is asked to end.
-    pub fn requested_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.token.clone().cancelled_owned()
+    /// Ready with the reason once the session is asked to end.
+    pub fn poll_requested(&self, cx: &mut Context<'_>) -> Poll<EndRequest> {
+        if let Some(why) = self.requested() {
+            return Poll::Ready(why);
+        }
+        self.0.waker.register(cx.waker());
+        // A request between the check and the registration woke nobody.
+        match self.requested() {
+            Some(why) => Poll::Ready(why),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -112,7 +121,7 @@ struct Entry {
 
 /// Live sessions by router client id.
 pub struct SessionRegistry {
-    /// The broker's shutdown token, parent of every session's `EndSignal`.
+    /// The broker's shutdown: every live session is asked to end then.
     shutdown: CancellationToken,
     next_serial: AtomicU64,
     live: Mutex<HashMap<String, Entry>>,
@@ -148,7 +157,7 @@ impl SessionRegistry {
     pub async fn claim(self: &Arc<Self>, id: String, uid: Option<&UserId>) -> SessionClaim {
         self.away.lock().remove(&id);
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let end = EndSignal::new(&self.shutdown);
+        let end = EndSignal::default();
         let (closed_tx, closed_rx) = oneshot::channel();
         let previous = self.live.lock().insert(
             id.clone(),
@@ -159,6 +168,11 @@ impl SessionRegistry {
                 closed: closed_rx,
             },
         );
+        // After the insert: either `end_all_at_shutdown` saw this session,
+        // or this sees the shutdown.
+        if self.shutdown.is_cancelled() {
+            end.request(EndRequest::ShuttingDown);
+        }
         if let Some(previous) = previous {
             previous.end.request(EndRequest::TakenOver);
             // Err means the sender was dropped: the old session is gone.
@@ -194,7 +208,7 @@ impl SessionRegistry {
         away.remove(id);
         let own_serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let (closed_tx, closed_rx) = oneshot::channel();
-        let end = EndSignal::new(&self.shutdown);
+        let end = EndSignal::default();
         live.insert(
             id.to_owned(),
             Entry {
@@ -225,6 +239,14 @@ impl SessionRegistry {
             }
         }
         by_user.into_iter().collect()
+    }
+
+    /// Asks every live session to end once the broker shuts down.
+    pub async fn end_all_at_shutdown(self: Arc<Self>) {
+        self.shutdown.cancelled().await;
+        for entry in self.live.lock().values() {
+            entry.end.request(EndRequest::ShuttingDown);
+        }
     }
 
     /// Number of live sessions.
@@ -282,14 +304,14 @@ mod tests {
         let registry = Arc::new(SessionRegistry::new(shutdown.clone()));
         let uid = UserId::parse("1").unwrap();
         let first = registry.claim("D:1:c".into(), Some(&uid)).await;
-        let kicked = first.end.requested_owned();
+        let kicked = first.end.clone();
         let waiter = tokio::spawn({
             let registry = registry.clone();
             let uid = uid.clone();
             async move { registry.claim("D:1:c".into(), Some(&uid)).await }
         });
-        kicked.await;
-        assert_eq!(first.end.requested(), Some(EndRequest::TakenOver));
+        let why = std::future::poll_fn(|cx| kicked.poll_requested(cx)).await;
+        assert_eq!(why, EndRequest::TakenOver);
         drop(first);
         let second = waiter.await.unwrap();
         assert_eq!(second.end.requested(), None);
@@ -321,8 +343,13 @@ mod tests {
         let again = registry.claim("D:1:c".into(), Some(&uid)).await;
         assert!(registry.claim_to_expire("D:1:c", serial).is_none());
 
-        // Shutdown reaches every live session.
+        // Shutdown reaches every live session, and any claimed after it.
+        let ending = tokio::spawn(registry.clone().end_all_at_shutdown());
         shutdown.cancel();
+        ending.await.unwrap();
         assert_eq!(again.end.requested(), Some(EndRequest::ShuttingDown));
+        drop(again);
+        let late = registry.claim("D:1:d".into(), Some(&uid)).await;
+        assert_eq!(late.end.requested(), Some(EndRequest::ShuttingDown));
     }
 }

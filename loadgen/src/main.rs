@@ -19,6 +19,11 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Runtime worker threads of each load-generator process (default: one
+    /// per core). On a machine shared with the broker, fewer threads leave
+    /// the broker a core of its own instead of preempting it.
+    #[arg(long, global = true, env = "LOADGEN_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -459,7 +464,17 @@ fn main() -> Result<()> {
     let code = match cli.cmd {
         Cmd::BareRouter(a) => cmd_bare(a)?,
         cmd => {
-            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.enable_all();
+            if let Some(threads) = cli.threads {
+                if threads == 0 {
+                    anyhow::bail!("--threads must be at least 1");
+                }
+                // Inherited by child processes (`--processes`).
+                std::env::set_var("LOADGEN_THREADS", threads.to_string());
+                rt.worker_threads(threads);
+            }
+            let rt = rt.build().context("starting the runtime")?;
             rt.block_on(async move {
                 match cmd {
                     Cmd::Run(a) => cmd_run(*a).await,
