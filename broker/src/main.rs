@@ -29,6 +29,10 @@ fn main() -> ExitCode {
     init_tracing();
     let args = Args::parse();
     let worker_threads = args.worker_threads;
+    if worker_threads == Some(0) {
+        eprintln!("broker: configuration error: BROKER_WORKER_THREADS must be at least 1 (or unset for one per core less one)");
+        return ExitCode::from(2);
+    }
     let (config, plan, dev) = match args.resolve() {
         Ok(resolved) => resolved,
         Err(e) => {
@@ -39,17 +43,23 @@ fn main() -> ExitCode {
     // The router is a task on this runtime. One core is left to the kernel's
     // network work and the in-process handlers' blocking pool: on two cores,
     // one worker costs the least CPU per message (no cross-thread wake-ups),
-    // while two give lower latency near saturation (bench/RESULTS.md).
+    // while two give lower latency near saturation (bench/RESULTS.md). One
+    // worker is a current-thread runtime: the multi-thread scheduler's
+    // parking and stealing bookkeeping cost 10-20% more CPU per message for
+    // nothing to steal from (bench/notes.md).
     let workers = worker_threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get().saturating_sub(1))
             .max(1)
     });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("broker: cannot start the async runtime: {e}");
