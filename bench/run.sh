@@ -163,14 +163,14 @@ for b in $ONLY; do
   # 2. 10,000 devices at 5,000/s with 1,000 users new to the broker joining.
   start_broker "$b"
   lg "new10k__$b" "$b" 240 --devices $NEW_DEVICES --rate 5000 --duration $NEW_SECS \
-    --new-users $NEW_USERS --connect-rate 2000 --uid-prefix n
+    --new-users $NEW_USERS --connect-rate 2000 --source-addrs 4 --uid-prefix n
   stop_broker
 
   # 3. Scale curve in devices at 5,000/s (fresh broker each, for memory per connection).
   for d in $DEVICE_CURVE; do
     start_broker "$b"
     lg "devices-${d}__$b" "$b" 240 --devices "$d" --rate 5000 --duration 10 --connect-rate 2000 \
-      --processes "$(procs_for "$d")" --source-addrs 2 --uid-prefix d
+      --processes "$(procs_for "$d")" --source-addrs 4 --uid-prefix d
     stop_broker
   done
 
@@ -178,7 +178,7 @@ for b in $ONLY; do
   for s in $SUB_CURVE; do
     start_broker "$b"
     lg "subs-${s}__$b" "$b" 240 --devices $SUB_DEVICES --subs "$s" --rate 5000 --duration 10 \
-      --connect-rate 2000 --uid-prefix s
+      --connect-rate 2000 --source-addrs 4 --uid-prefix s
     stop_broker
   done
 done

@@ -9,7 +9,7 @@ use crate::auth::{Principal, Refusal};
 use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
-use crate::reply_index::ReplyInbox;
+use crate::reply_index::{ReplyInbox, Routed};
 use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
 use bytes::{Bytes, BytesMut};
@@ -774,9 +774,7 @@ impl Session {
         };
         self.gate.metrics.message_in();
         let routed = self.gate.replies.route(topic, &publish, &properties);
-        if routed.dropped > 0 {
-            self.gate.metrics.replies_dropped(routed.dropped);
-        }
+        self.note_dropped_replies(topic, routed);
         match publish.qos() {
             // Served by the gate alone (or wanted by nobody).
             QoS::AtMostOnce if !routed.needs_router => {}
@@ -795,6 +793,21 @@ impl Session {
                 }
                 self.outbox.push(Packet::Publish(publish, properties));
             }
+        }
+    }
+
+    /// Counts replies dropped for slow subscribers, and says so in the log
+    /// once each time a subscriber starts falling behind.
+    fn note_dropped_replies(&self, topic: &str, routed: Routed) {
+        if routed.dropped > 0 {
+            self.gate.metrics.replies_dropped(routed.dropped);
+        }
+        if routed.newly_slow > 0 {
+            info!(
+                topic,
+                subscribers = routed.newly_slow,
+                "a subscriber reads slower than its replies arrive: its oldest QoS 0 replies are dropped"
+            );
         }
     }
 
@@ -1075,9 +1088,7 @@ impl Session {
         // gets it (its subscribers, a retained will, and its acknowledgement).
         if let Ok(topic) = std::str::from_utf8(&publish.topic) {
             let routed = self.gate.replies.route(topic, &publish, &properties);
-            if routed.dropped > 0 {
-                self.gate.metrics.replies_dropped(routed.dropped);
-            }
+            self.note_dropped_replies(topic, routed);
         }
         let _ = self
             .link_tx

@@ -54,13 +54,17 @@ pub struct ReplyInbox {
 struct Queued {
     deliveries: VecDeque<Delivery>,
     bytes: usize,
+    /// Dropping since the session last drained (one log line per episode).
+    overflowing: bool,
 }
 
 impl ReplyInbox {
     /// Queues `delivery` and wakes the session; returns how many older ones
-    /// were dropped to stay within `INBOX_LIMIT_BYTES`.
-    fn push(&self, delivery: Delivery) -> u64 {
+    /// were dropped to stay within `INBOX_LIMIT_BYTES`, and whether this
+    /// session just started dropping.
+    fn push(&self, delivery: Delivery) -> (u64, bool) {
         let mut dropped = 0;
+        let started_dropping;
         {
             let mut queued = self.queue.lock();
             queued.bytes += delivery.size();
@@ -72,9 +76,11 @@ impl ReplyInbox {
                     dropped += 1;
                 }
             }
+            started_dropping = dropped > 0 && !queued.overflowing;
+            queued.overflowing |= dropped > 0;
         }
         self.waker.wake();
-        dropped
+        (dropped, started_dropping)
     }
 
     /// Ready when something is queued; registers the session's task otherwise.
@@ -102,6 +108,7 @@ impl ReplyInbox {
         }
         let count = queued.deliveries.len() as u64;
         queued.bytes = 0;
+        queued.overflowing = false;
         self.filled.store(false, Ordering::Release);
         for delivery in queued.deliveries.drain(..) {
             each(delivery);
@@ -122,6 +129,8 @@ pub struct Routed {
     pub delivered: u64,
     /// Older replies dropped from slow sessions' inboxes to make room.
     pub dropped: u64,
+    /// Sessions that started dropping with this publish (worth a log line).
+    pub newly_slow: u64,
     /// Whether the router must see it too: someone it serves may want it,
     /// or it is retained.
     pub needs_router: bool,
@@ -267,6 +276,7 @@ impl ReplyIndex {
         let mut routed = Routed {
             delivered: 0,
             dropped: 0,
+            newly_slow: 0,
             needs_router: publish.retain
                 || found.is_some_and(|f| f.router_devices || f.handlers > 0)
                 || routes
@@ -284,10 +294,12 @@ impl ReplyIndex {
                 QoS::AtMostOnce,
                 0,
             );
-            routed.dropped += inbox.push(Delivery {
+            let (dropped, started_dropping) = inbox.push(Delivery {
                 publish: copy,
                 properties: properties.clone().map(Box::new),
             });
+            routed.dropped += dropped;
+            routed.newly_slow += u64::from(started_dropping);
             routed.delivered += 1;
         }
         routed
@@ -328,6 +340,7 @@ mod tests {
             Routed {
                 delivered: 1,
                 dropped: 0,
+                newly_slow: 0,
                 needs_router: false
             }
         );
@@ -388,7 +401,7 @@ mod tests {
         let inbox = Arc::new(ReplyInbox::default());
         assert!(index.subscribe("1_x", &inbox));
         let body = Bytes::from(vec![b'x'; 1000]);
-        let mut dropped = 0;
+        let (mut dropped, mut newly_slow) = (0, 0);
         for i in 0..100u8 {
             let mut p = Publish::with_qos(
                 Bytes::from_static(b"1_x"),
@@ -398,8 +411,11 @@ mod tests {
                 0,
             );
             p.payload = Bytes::from([&[i][..], &body[1..]].concat());
-            dropped += index.route("1_x", &p, &None).dropped;
+            let routed = index.route("1_x", &p, &None);
+            dropped += routed.dropped;
+            newly_slow += routed.newly_slow;
         }
+        assert_eq!(newly_slow, 1, "one episode, one log line");
         let kept: Vec<u8> = {
             let mut v = Vec::new();
             inbox.drain(|d| v.push(d.publish.payload[0]));
