@@ -293,3 +293,115 @@ async fn a_handlers_will_reaches_devices_the_gate_serves() {
     );
     broker.shutdown().await;
 }
+
+/// An MQTT packet: fixed header byte, remaining length, body.
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn with_len(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+#[tokio::test]
+async fn a_device_that_stops_reading_loses_only_its_own_oldest_replies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = TestBroker::start().await;
+    let h = broker.handler("replier").await;
+
+    // A raw MQTT 3.1.1 device: connects, subscribes at QoS 0, never reads again.
+    let mut stalled = tokio::net::TcpStream::connect(broker.tcp_addr)
+        .await
+        .unwrap();
+    let mut connect = b"\x00\x04MQTT\x04\xC2\x00\x3C".to_vec();
+    connect.extend(with_len(b"stalled"));
+    connect.extend(with_len(b"JWT"));
+    connect.extend(with_len(broker.token("550").as_bytes()));
+    stalled.write_all(&packet(0x10, &connect)).await.unwrap();
+    let mut connack = [0u8; 4];
+    stalled.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let mut subscribe = vec![0, 1];
+    subscribe.extend(with_len(b"550_feed"));
+    subscribe.push(0);
+    stalled.write_all(&packet(0x82, &subscribe)).await.unwrap();
+    let mut suback = [0u8; 5];
+    stalled.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0]);
+
+    // Its replies pile up (far more than socket buffers and its inbox
+    // hold) while another user's replies flow.
+    let mut reader = broker.device("551", "reader").await;
+    reader.subscribe("551_feed", QoS::AtMostOnce).await;
+    let big = vec![b'x'; 8 * 1024];
+    for i in 0..4000 {
+        h.client
+            .publish("550_feed", QoS::AtMostOnce, false, big.clone())
+            .await
+            .unwrap();
+        if i % 40 == 0 {
+            h.client
+                .publish("551_feed", QoS::AtMostOnce, false, format!("f{}", i / 40))
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(payloads(&mut reader, 100).await, numbered("f", 0..100));
+
+    // The gate dropped the stalled device's oldest replies, and says so.
+    let dropped = loop {
+        let text = broker.metrics_text().await;
+        let dropped: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("broker_replies_dropped_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if dropped > 0 {
+            break dropped;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(dropped < 4000, "{dropped}");
+
+    // The stalled device, reading again, gets the newest reply last.
+    let last_marker = b"last one";
+    h.client
+        .publish("550_feed", QoS::AtMostOnce, false, &last_marker[..])
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let n = stalled.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the broker closed the stalled device");
+            seen.extend_from_slice(&chunk[..n]);
+            if seen.ends_with(last_marker) {
+                return;
+            }
+            // Keep only a tail: the marker can straddle reads.
+            if seen.len() > 64 {
+                seen.drain(..seen.len() - 64);
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "the newest reply never arrived");
+    broker.shutdown().await;
+}
