@@ -176,16 +176,12 @@ impl TopicRoutes {
 }
 
 impl Routes {
+    /// The routes of `topic`, created if new. Off the hot path (subscribe,
+    /// retained publishes), so the key copy per call does not matter.
     fn entry(&mut self, topic: &str) -> &mut TopicRoutes {
-        if !self.topics.contains_key(topic.as_bytes()) {
-            self.topics.insert(
-                Bytes::copy_from_slice(topic.as_bytes()),
-                TopicRoutes::default(),
-            );
-        }
         self.topics
-            .get_mut(topic.as_bytes())
-            .expect("inserted just above")
+            .entry(Bytes::copy_from_slice(topic.as_bytes()))
+            .or_default()
     }
 
     fn forget_if_empty(&mut self, topic: &str) {
