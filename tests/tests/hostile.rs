@@ -4,7 +4,6 @@
 //! malformed and oversized packets, silent sockets, expiring tokens.
 
 use base64::Engine;
-use bytes::BytesMut;
 use e2e::clients::{Seen, V4Client, V5Client};
 use e2e::{TestBroker, TestOptions};
 use rumqttc::v5::mqttbytes::v5::{self as p5, PubAckReason, SubscribeReasonCode};
@@ -449,55 +448,11 @@ async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_for
 }
 
 fn raw_connect_version(version: u8, token: &str) -> Vec<u8> {
-    use rumqttd::protocol::{Connect, Login, Packet, Protocol};
-    let packet = Packet::Connect(
-        Connect {
-            keep_alive: 30,
-            client_id: "raw".into(),
-            clean_session: true,
-        },
-        None,
-        None,
-        None,
-        Some(Login {
-            username: "JWT".into(),
-            password: token.into(),
-        }),
-    );
-    let mut out = BytesMut::new();
-    if version == 4 {
-        rumqttd::protocol::v4::V4.write(packet, &mut out).unwrap();
-    } else {
-        rumqttd::protocol::v5::V5.write(packet, &mut out).unwrap();
-    }
-    out.to_vec()
+    e2e::raw::connect(version, "raw", 30, token)
 }
 
 fn raw_subscribe(version: u8, filters: &[&str]) -> Vec<u8> {
-    use rumqttd::protocol::{Filter, Packet, Protocol, QoS as RQoS, RetainForwardRule, Subscribe};
-    let packet = Packet::Subscribe(
-        Subscribe {
-            pkid: 7,
-            filters: filters
-                .iter()
-                .map(|f| Filter {
-                    path: f.to_string(),
-                    qos: RQoS::AtLeastOnce,
-                    nolocal: false,
-                    preserve_retain: false,
-                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-                })
-                .collect(),
-        },
-        None,
-    );
-    let mut out = BytesMut::new();
-    if version == 4 {
-        rumqttd::protocol::v4::V4.write(packet, &mut out).unwrap();
-    } else {
-        rumqttd::protocol::v5::V5.write(packet, &mut out).unwrap();
-    }
-    out.to_vec()
+    e2e::raw::subscribe(version, 7, filters, rumqttd::protocol::QoS::AtLeastOnce)
 }
 
 fn raw_connect(token: &str) -> Vec<u8> {

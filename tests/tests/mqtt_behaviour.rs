@@ -238,25 +238,7 @@ async fn keep_alive_is_enforced() {
     let mut s = tokio::net::TcpStream::connect(broker.tcp_addr)
         .await
         .unwrap();
-    let token = broker.token("3");
-    let mut connect = vec![0x10];
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 1, 0, 1, b'k'];
-    body.extend_from_slice(&[0, 3, b'J', b'W', b'T']);
-    body.extend_from_slice(&(token.len() as u16).to_be_bytes());
-    body.extend_from_slice(token.as_bytes());
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        connect.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    connect.extend(body);
+    let connect = e2e::raw::connect(4, "k", 1, &broker.token("3"));
     s.write_all(&connect).await.unwrap();
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).await.unwrap();

@@ -294,31 +294,6 @@ async fn a_handlers_will_reaches_devices_the_gate_serves() {
     broker.shutdown().await;
 }
 
-/// An MQTT packet: fixed header byte, remaining length, body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn with_len(bytes: &[u8]) -> Vec<u8> {
-    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(bytes);
-    out
-}
-
 #[tokio::test]
 async fn a_device_that_stops_reading_loses_only_its_own_oldest_replies() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -329,18 +304,19 @@ async fn a_device_that_stops_reading_loses_only_its_own_oldest_replies() {
     let mut stalled = tokio::net::TcpStream::connect(broker.tcp_addr)
         .await
         .unwrap();
-    let mut connect = b"\x00\x04MQTT\x04\xC2\x00\x3C".to_vec();
-    connect.extend(with_len(b"stalled"));
-    connect.extend(with_len(b"JWT"));
-    connect.extend(with_len(broker.token("550").as_bytes()));
-    stalled.write_all(&packet(0x10, &connect)).await.unwrap();
+    let token = broker.token("550");
+    stalled
+        .write_all(&e2e::raw::connect(4, "stalled", 60, &token))
+        .await
+        .unwrap();
     let mut connack = [0u8; 4];
     stalled.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0]);
-    let mut subscribe = vec![0, 1];
-    subscribe.extend(with_len(b"550_feed"));
-    subscribe.push(0);
-    stalled.write_all(&packet(0x82, &subscribe)).await.unwrap();
+    let qos0 = rumqttd::protocol::QoS::AtMostOnce;
+    stalled
+        .write_all(&e2e::raw::subscribe(4, 1, &["550_feed"], qos0))
+        .await
+        .unwrap();
     let mut suback = [0u8; 5];
     stalled.read_exact(&mut suback).await.unwrap();
     assert_eq!(suback, [0x90, 3, 0, 1, 0]);
