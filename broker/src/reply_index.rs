@@ -125,8 +125,6 @@ impl ReplyInbox {
 /// What the index did with one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Routed {
-    /// Sessions the gate delivered it to.
-    pub delivered: u64,
     /// Older replies dropped from slow sessions' inboxes to make room.
     pub dropped: u64,
     /// Sessions that started dropping with this publish (worth a log line).
@@ -270,7 +268,6 @@ impl ReplyIndex {
         let routes = self.routes.read();
         let found = routes.topics.get(topic.as_bytes());
         let mut routed = Routed {
-            delivered: 0,
             dropped: 0,
             newly_slow: 0,
             needs_router: publish.retain
@@ -296,7 +293,6 @@ impl ReplyIndex {
             });
             routed.dropped += dropped;
             routed.newly_slow += u64::from(started_dropping);
-            routed.delivered += 1;
         }
         routed
     }
@@ -334,7 +330,6 @@ mod tests {
         assert_eq!(
             routed,
             Routed {
-                delivered: 1,
                 dropped: 0,
                 newly_slow: 0,
                 needs_router: false
@@ -371,8 +366,7 @@ mod tests {
         assert_eq!(drained(&inbox), vec!["c", "d"]);
 
         index.unsubscribe("42_sync", &inbox);
-        let routed = index.route("42_sync", &publish("42_sync", "e", false), &None);
-        assert_eq!(routed.delivered, 0);
+        index.route("42_sync", &publish("42_sync", "e", false), &None);
         assert!(drained(&inbox).is_empty());
     }
 
@@ -383,7 +377,6 @@ mod tests {
         assert!(index.subscribe("9_profile", &early));
         let routed = index.route("9_profile", &publish("9_profile", "p", true), &None);
         assert!(routed.needs_router, "the router keeps the retained message");
-        assert_eq!(routed.delivered, 1);
         let mut live = Vec::new();
         early.drain(|d| live.push(d.publish.retain));
         assert_eq!(live, vec![false], "a live delivery carries no retain flag");
