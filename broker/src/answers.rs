@@ -151,6 +151,14 @@ pub enum ServerDisconnect {
     PacketTooLarge,
     Malformed,
     ProtocolError,
+    /// More unacknowledged QoS 1/2 publishes than the Receive Maximum the
+    /// broker advertised (MQTT 5 `0x93`).
+    ReceiveMaximumExceeded,
+    /// The client did not take what was written to it within the write
+    /// deadline (no DISCONNECT can reach it: it is not reading).
+    WriteTimeout,
+    /// A bug in the broker ended this session (a contained panic).
+    InternalError,
 }
 
 impl ServerDisconnect {
@@ -164,6 +172,9 @@ impl ServerDisconnect {
             ServerDisconnect::PacketTooLarge => "packet too large",
             ServerDisconnect::Malformed => "malformed packet",
             ServerDisconnect::ProtocolError => "protocol error",
+            ServerDisconnect::ReceiveMaximumExceeded => "receive maximum exceeded",
+            ServerDisconnect::WriteTimeout => "write timeout",
+            ServerDisconnect::InternalError => "internal error",
         }
     }
 }
@@ -182,6 +193,10 @@ pub fn server_disconnect(version: Version, why: ServerDisconnect) -> Option<Pack
         ServerDisconnect::PacketTooLarge => DisconnectReasonCode::PacketTooLarge,
         ServerDisconnect::Malformed => DisconnectReasonCode::MalformedPacket,
         ServerDisconnect::ProtocolError => DisconnectReasonCode::ProtocolError,
+        ServerDisconnect::ReceiveMaximumExceeded => DisconnectReasonCode::ReceiveMaximumExceeded,
+        // Nothing would read it.
+        ServerDisconnect::WriteTimeout => return None,
+        ServerDisconnect::InternalError => DisconnectReasonCode::ImplementationSpecificError,
     };
     Some(Packet::Disconnect(
         Disconnect { reason_code },

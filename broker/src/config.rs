@@ -113,6 +113,14 @@ pub struct Args {
     /// (MQTT 5 clients may ask for less; MQTT 3.1.1 sessions get this).
     #[arg(long, env = "BROKER_MAX_SESSION_EXPIRY_SECS", default_value_t = 7 * 24 * 3600)]
     pub max_session_expiry_secs: u64,
+    /// Seconds a write to a client may take before the client, not reading,
+    /// is disconnected (its will fires). 1 to 600.
+    #[arg(long, env = "BROKER_WRITE_TIMEOUT_SECS", default_value_t = 10)]
+    pub write_timeout_secs: u64,
+    /// Receive Maximum: QoS 1/2 publishes a client may have unacknowledged at
+    /// once. Advertised in MQTT 5 CONNACK; beyond it, DISCONNECT 0x93. 1 to 65535.
+    #[arg(long, env = "BROKER_RECEIVE_MAXIMUM", default_value_t = 100)]
+    pub receive_maximum: u16,
     /// Async worker threads, the router's task included (default: one per core less one).
     #[arg(long, env = "BROKER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -142,6 +150,10 @@ pub enum ConfigError {
     BadPacketSize(usize),
     #[error("BROKER_CONN_RATE must be 0 (no limit) or a positive number (got {0})")]
     BadConnRate(f64),
+    #[error("BROKER_WRITE_TIMEOUT_SECS must be between 1 and 600 (got {0}); 10 suits mobile networks")]
+    BadWriteTimeout(u64),
+    #[error("BROKER_RECEIVE_MAXIMUM must be between 1 and 65535 (got 0); 100 is the default")]
+    BadReceiveMaximum,
     #[error("BROKER_MAX_CONNECTIONS must be at least 1")]
     NoConnections,
     #[error("cannot prepare development files in {path}: {source}")]
@@ -168,6 +180,10 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     pub revocation_poll: Duration,
     pub max_session_expiry: Duration,
+    /// How long one write to a client may take (see `BROKER_WRITE_TIMEOUT_SECS`).
+    pub write_timeout: Duration,
+    /// Unacknowledged QoS 1/2 publishes a client may have (`BROKER_RECEIVE_MAXIMUM`).
+    pub receive_maximum: u16,
 }
 
 impl Default for Limits {
@@ -184,6 +200,8 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(10),
             revocation_poll: Duration::from_secs(5),
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            write_timeout: Duration::from_secs(10),
+            receive_maximum: 100,
         }
     }
 }
@@ -302,6 +320,12 @@ impl Args {
         if self.max_connections == 0 {
             return Err(ConfigError::NoConnections);
         }
+        if !(1..=600).contains(&self.write_timeout_secs) {
+            return Err(ConfigError::BadWriteTimeout(self.write_timeout_secs));
+        }
+        if self.receive_maximum == 0 {
+            return Err(ConfigError::BadReceiveMaximum);
+        }
 
         let config = Config {
             jwt: JwtSettings {
@@ -327,6 +351,8 @@ impl Args {
                 shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
                 revocation_poll: Duration::from_secs(self.revocation_poll_secs),
                 max_session_expiry: Duration::from_secs(self.max_session_expiry_secs),
+                write_timeout: Duration::from_secs(self.write_timeout_secs),
+                receive_maximum: self.receive_maximum,
             },
             revocations: None,
         };

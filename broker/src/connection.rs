@@ -14,20 +14,24 @@ use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
 use bytes::{Bytes, BytesMut};
 use rand::Rng;
+use crate::translate;
+use futures::FutureExt;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
-    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, Publish, QoS, SubAck,
-    Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 /// Where a refused QoS 1 publish goes so that the router acknowledges it in
 /// order: a `$` topic no client may subscribe to, which the router drops.
@@ -64,12 +68,23 @@ where
             writer,
             read_buf: BytesMut::with_capacity(INITIAL_BUFFER),
             write_buf: BytesMut::new(),
+            write_timeout: gate.limits.write_timeout,
         };
         // Boxed: reading and deciding the CONNECT needs more state than the
         // session does, and it would otherwise stay in every connection's
-        // resident future for its whole life.
-        let Some(session) = Box::pin(open_session(&gate, &mut wire)).await else {
-            return;
+        // resident future for its whole life. A panic here (a bug) ends this
+        // connection only; no session exists yet to clean up after.
+        let opened = AssertUnwindSafe(Box::pin(open_session(&gate, &mut wire)))
+            .catch_unwind()
+            .await;
+        let session = match opened {
+            Ok(Some(session)) => session,
+            Ok(None) => return,
+            Err(panic) => {
+                gate.metrics.session_panicked();
+                error!(panic = panic_text(&*panic), "a connection panicked before its session began; closed");
+                return;
+            }
         };
         // Boxed: then this future is the same few hundred bytes for every
         // transport, and the session's state is allocated once, at its size.
@@ -123,12 +138,23 @@ enum ConnectReadError {
     Io(#[from] std::io::Error),
 }
 
+/// The text of a caught panic, for the log.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&'static str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}
+
 /// The socket halves and their buffers.
 struct Wire<S> {
     reader: ReadHalf<S>,
     writer: WriteHalf<S>,
     read_buf: BytesMut,
     write_buf: BytesMut,
+    /// How long one write may take (`Limits::write_timeout`).
+    write_timeout: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite> Wire<S> {
@@ -146,9 +172,13 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
         }
     }
 
-    /// Encodes into the write buffer; a packet the codec cannot encode is
+    /// Encodes into the write buffer, in the form the client's protocol
+    /// version can carry (`translate`); a packet the codec cannot encode is
     /// logged and skipped (it came from the router, not from this client).
     fn queue(&mut self, codec: &Codec, packet: Packet) {
+        let Some(packet) = translate::for_client(codec.version, packet) else {
+            return;
+        };
         if let Err(e) = codec.encode(packet, &mut self.write_buf) {
             warn!(error = %e, "could not encode an outgoing packet");
         }
@@ -170,9 +200,18 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
         Ok(())
     }
 
+    /// Writes `packet` now, within the write deadline.
     async fn send_now(&mut self, codec: &Codec, packet: Packet) -> std::io::Result<()> {
         self.queue(codec, packet);
-        self.flush().await
+        self.flush_within(self.write_timeout).await
+    }
+
+    /// Flushes, giving up after `limit` (the client is not reading).
+    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+        match tokio::time::timeout(limit, self.flush()).await {
+            Ok(written) => written,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
 }
 
@@ -255,6 +294,14 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         asked => asked.min(max_keep_alive),
     };
 
+    // Before any router state exists: nothing after the router link is
+    // opened may fail on the client's input.
+    let token_deadline = match &principal {
+        Principal::Device(device) => device
+            .expires_at()
+            .and_then(|exp| token_deadline(exp, gate.leeway_secs, shared::claims::now_secs())),
+        Principal::Handler(_) => None,
+    };
     let session_id = match &principal {
         Principal::Device(device) => device_session_id(device.uid(), &client_id),
         Principal::Handler(_) => handler_session_id(&client_id),
@@ -281,6 +328,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             server_keep_alive: (granted_keep_alive != connect.keep_alive)
                 .then_some(granted_keep_alive),
             max_packet_size: u32::try_from(gate.limits.max_packet_size).ok(),
+            receive_max: Some(gate.limits.receive_maximum),
             retain_available: Some(1),
             shared_subscription_available: Some(1),
             wildcard_subscription_available: Some(u8::from(matches!(
@@ -307,13 +355,6 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     gate.metrics.connection_opened(principal.kind());
     info!(session_present = link.session_present, "connected");
 
-    let token_deadline = match &principal {
-        Principal::Device(device) => device.expires_at().map(|exp| {
-            let now = shared::claims::now_secs();
-            Instant::now() + Duration::from_secs((exp + gate.leeway_secs).saturating_sub(now))
-        }),
-        Principal::Handler(_) => None,
-    };
     // Only a clean session's QoS 0 subscriptions can be served by the gate
     // (see `reply_index`): nothing of them outlives the connection.
     let inbox = (matches!(principal, Principal::Device(_)) && connect.clean_session)
@@ -345,7 +386,25 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         direct_topics: Vec::new(),
         via_router: Vec::new(),
         router_acks_pending: 0,
+        inbound_qos2: HashSet::new(),
+        resumed: link.session_present,
+        write_stalled: false,
+        finished: false,
     })
+}
+
+/// When a token with expiry `exp` (seconds since the epoch) stops being
+/// valid, as an instant; `None` when that is beyond any reachable time
+/// (`exp` comes from a validly signed token, but any value can be signed:
+/// neither overflow nor wrap into the past).
+fn token_deadline(exp: u64, leeway_secs: u64, now_secs: u64) -> Option<Instant> {
+    /// Further than any session lives; also far below `Instant`'s range.
+    const HORIZON_SECS: u64 = 100 * 365 * 24 * 3600;
+    let remaining = exp.saturating_add(leeway_secs).saturating_sub(now_secs);
+    if remaining > HORIZON_SECS {
+        return None;
+    }
+    Instant::now().checked_add(Duration::from_secs(remaining))
 }
 
 /// How long a persistent session outlives its connection: MQTT 5 says so in
@@ -379,6 +438,15 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
             Err(e) => warn!(error = %e, "could not expire a persistent session"),
         }
     });
+}
+
+/// The server's reason for ending a session on request.
+fn server_end(why: EndRequest) -> ServerDisconnect {
+    match why {
+        EndRequest::TakenOver => ServerDisconnect::TakenOver,
+        EndRequest::Revoked => ServerDisconnect::Revoked,
+        EndRequest::ShuttingDown => ServerDisconnect::ShuttingDown,
+    }
 }
 
 fn normal_disconnect() -> Packet {
@@ -454,12 +522,36 @@ struct Session {
     /// QoS 1 publishes sent to the router whose PUBACK has not come back:
     /// while there are any, the gate does not acknowledge one itself.
     router_acks_pending: usize,
+    /// QoS 2 publishes of this connection handed to the router whose PUBREL
+    /// has not come: a retransmission of one of them is acknowledged again,
+    /// never stored again (exactly once, by packet id).
+    inbound_qos2: HashSet<u16>,
+    /// The router resumed a persistent session: a PUBREL the gate does not
+    /// know may belong to a publish of the previous connection.
+    resumed: bool,
+    /// A write did not finish: nothing more is written to this client.
+    write_stalled: bool,
+    /// `finish` ran: the router link was closed (or handed over).
+    finished: bool,
 }
 
 impl Drop for Session {
     /// The index lets go of this session however it ended (even a task
     /// cancelled at shutdown).
     fn drop(&mut self) {
+        // Ended without `finish`: a panic outside the relay loop (the loop's
+        // own are caught in `run`) or the task dropped at shutdown. The
+        // router must not keep a session for a client nobody serves: queue
+        // its DISCONNECT (the send's first attempt does not wait).
+        if !self.finished {
+            if std::thread::panicking() {
+                self.gate.metrics.session_panicked();
+                error!("a session panicked while ending; its router link is closed");
+            }
+            if self.claim.end.requested() != Some(EndRequest::TakenOver) {
+                drop(self.link_tx.send(normal_disconnect()));
+            }
+        }
         if let Some(inbox) = &self.inbox {
             for topic in &self.direct_topics {
                 self.gate.replies.unsubscribe(topic, inbox);
@@ -476,7 +568,23 @@ impl Drop for Session {
 
 impl Session {
     async fn run<S: AsyncRead + AsyncWrite>(mut self, mut wire: Wire<S>) {
-        let end = self.relay(&mut wire).await;
+        // A panic in the loop (a bug: no input should reach one) ends this
+        // session like any other server-side end: the client is told, the
+        // will fires, the router link is closed, and it is counted.
+        let end = match AssertUnwindSafe(self.relay(&mut wire))
+            .catch_unwind()
+            .await
+        {
+            Ok(end) => end,
+            Err(panic) => {
+                self.gate.metrics.session_panicked();
+                error!(
+                    panic = panic_text(&*panic),
+                    "a session panicked; ended, its will fired and its router link closed"
+                );
+                End::Server(ServerDisconnect::InternalError)
+            }
+        };
         // Boxed: the goodbye's state (will, DISCONNECT, timeouts) would
         // otherwise be part of every connection's resident future.
         Box::pin(self.finish(wire, end)).await;
@@ -501,9 +609,13 @@ impl Session {
             }
             End::Server(why) => {
                 info!(reason = why.reason(), "server ends the session");
-                if let Some(packet) = answers::server_disconnect(self.codec.version, why) {
-                    wire.queue(&self.codec, packet);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), wire.flush()).await;
+                self.gate.metrics.session_ended(why.reason());
+                // A client that stopped reading would not get it anyway.
+                if !self.write_stalled {
+                    if let Some(packet) = answers::server_disconnect(self.codec.version, why) {
+                        wire.queue(&self.codec, packet);
+                        let _ = wire.flush_within(Duration::from_secs(2)).await;
+                    }
                 }
                 if why != ServerDisconnect::ShuttingDown {
                     self.fire_will().await;
@@ -515,7 +627,12 @@ impl Session {
                 }
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), wire.writer.shutdown()).await;
+        if !self.write_stalled {
+            let _ = tokio::time::timeout(Duration::from_secs(1), wire.writer.shutdown()).await;
+        }
+        // The socket closes when `wire` is dropped here, whatever it held.
+        drop(wire);
+        self.finished = true;
         if self.clean_session {
             for filter in &self.declared {
                 self.gate.commands.withdraw(filter);
@@ -558,11 +675,7 @@ impl Session {
             tokio::select! {
                 biased;
                 why = std::future::poll_fn(|cx| self.claim.end.poll_requested(cx)) => {
-                    return End::Server(match why {
-                        EndRequest::TakenOver => ServerDisconnect::TakenOver,
-                        EndRequest::Revoked => ServerDisconnect::Revoked,
-                        EndRequest::ShuttingDown => ServerDisconnect::ShuttingDown,
-                    });
+                    return End::Server(server_end(why));
                 }
                 _ = &mut timer => {
                     let now = Instant::now();
@@ -603,7 +716,9 @@ impl Session {
                     }
                     if let Some(end) = ended {
                         // Acknowledgements already queued still go out.
-                        let _ = wire.flush().await;
+                        if let Err(end) = self.write_out(wire, token_deadline).await {
+                            return end;
+                        }
                         return end;
                     }
                 }
@@ -625,10 +740,44 @@ impl Session {
                     }
                 }
             }
-            if wire.flush().await.is_err() {
-                return End::Abnormal("write failed");
+            if let Err(end) = self.write_out(wire, token_deadline).await {
+                return end;
             }
         }
+    }
+
+    /// Writes what is queued. A client that does not take it within the
+    /// write deadline is cut off, and while a write waits, an end request
+    /// (takeover, revocation, shutdown) or the token's expiry still ends the
+    /// session at once: a client that stops reading cannot pin it.
+    async fn write_out<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        wire: &mut Wire<S>,
+        token_deadline: Instant,
+    ) -> Result<(), End> {
+        if wire.write_buf.is_empty() {
+            return Ok(());
+        }
+        let write_timeout = wire.write_timeout;
+        let flush = wire.flush();
+        tokio::pin!(flush);
+        // Almost every write completes at once: no timer for those.
+        if let Poll::Ready(written) = futures::poll!(flush.as_mut()) {
+            return written.map_err(|_| End::Abnormal("write failed"));
+        }
+        let why = tokio::select! {
+            biased;
+            written = &mut flush => {
+                return written.map_err(|_| End::Abnormal("write failed"));
+            }
+            why = std::future::poll_fn(|cx| self.claim.end.poll_requested(cx)) => {
+                server_end(why)
+            }
+            _ = tokio::time::sleep_until(token_deadline) => ServerDisconnect::TokenExpired,
+            _ = tokio::time::sleep(write_timeout) => ServerDisconnect::WriteTimeout,
+        };
+        self.write_stalled = true;
+        Err(End::Server(why))
     }
 
     /// Handles one packet from the client; `Some` ends the session.
@@ -638,10 +787,7 @@ impl Session {
         wire: &mut Wire<S>,
     ) -> Option<End> {
         match packet {
-            Packet::Publish(publish, properties) => {
-                self.client_publish(publish, properties, wire);
-                None
-            }
+            Packet::Publish(publish, properties) => self.client_publish(publish, properties, wire),
             Packet::Subscribe(subscribe, _) => {
                 self.client_subscribe(subscribe, wire);
                 None
@@ -680,21 +826,26 @@ impl Session {
                 );
                 None
             }
-            Packet::PubRel(pubrel, properties) => {
-                if self.denied_qos2.remove(&pubrel.pkid) {
-                    wire.queue(
-                        &self.codec,
-                        Packet::PubComp(
-                            PubComp {
-                                pkid: pubrel.pkid,
-                                reason: PubCompReason::Success,
-                            },
-                            None,
-                        ),
-                    );
+            Packet::PubRel(pubrel, _properties) => {
+                let pkid = pubrel.pkid;
+                let reason = if self.denied_qos2.remove(&pkid) {
+                    PubCompReason::Success
+                } else if self.inbound_qos2.remove(&pkid) || self.resumed {
+                    // The router releases the publish. Its properties (a
+                    // reason string, user properties) are for the receiver
+                    // of the PUBREL only, and the router acts on a PUBREL
+                    // without them.
+                    self.outbox.push(Packet::PubRel(pubrel, None));
                     return None;
-                }
-                self.outbox.push(Packet::PubRel(pubrel, properties));
+                } else {
+                    // Nothing to release (MQTT 5 4.3.3: answer 0x92); the
+                    // router would end the session for it.
+                    PubCompReason::PacketIdentifierNotFound
+                };
+                wire.queue(
+                    &self.codec,
+                    Packet::PubComp(PubComp { pkid, reason }, None),
+                );
                 None
             }
             packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
@@ -743,12 +894,38 @@ impl Session {
         }
     }
 
+    /// Decides one PUBLISH; `Some` ends the session (Receive Maximum).
     fn client_publish<S: AsyncRead + AsyncWrite>(
         &mut self,
         mut publish: Publish,
         properties: Option<rumqttd::protocol::PublishProperties>,
         wire: &mut Wire<S>,
-    ) {
+    ) -> Option<End> {
+        let pkid = publish.pkid();
+        if publish.qos() == QoS::ExactlyOnce && self.inbound_qos2.contains(&pkid) {
+            // A retransmission (DUP) of a QoS 2 publish the router holds:
+            // acknowledged again, never delivered again (MQTT 5 4.3.3).
+            wire.queue(
+                &self.codec,
+                Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ),
+            );
+            return None;
+        }
+        if publish.qos() != QoS::AtMostOnce
+            && self.unacknowledged_inbound() >= usize::from(self.gate.limits.receive_maximum)
+        {
+            info!(
+                receive_maximum = self.gate.limits.receive_maximum,
+                "more unacknowledged QoS 1/2 publishes than the broker's Receive Maximum"
+            );
+            return Some(End::Server(ServerDisconnect::ReceiveMaximumExceeded));
+        }
         // A handle on the topic (not a copy) so that it can be read while
         // `publish` changes.
         let topic_bytes = publish.topic.clone();
@@ -761,7 +938,7 @@ impl Session {
             Ok(topic) => topic,
             Err(denial) => {
                 self.refuse_publish(&publish, denial, wire);
-                return;
+                return None;
             }
         };
         let properties = match &self.principal {
@@ -788,12 +965,23 @@ impl Session {
                 wire.queue(&self.codec, Packet::PubAck(ack, None));
             }
             qos => {
-                if qos == QoS::AtLeastOnce {
-                    self.router_acks_pending += 1;
+                match qos {
+                    QoS::AtLeastOnce => self.router_acks_pending += 1,
+                    QoS::ExactlyOnce => {
+                        self.inbound_qos2.insert(pkid);
+                    }
+                    QoS::AtMostOnce => {}
                 }
                 self.outbox.push(Packet::Publish(publish, properties));
             }
         }
+        None
+    }
+
+    /// QoS 1/2 publishes of this client not yet acknowledged (PUBACK) or
+    /// released (PUBREL): what the Receive Maximum bounds.
+    fn unacknowledged_inbound(&self) -> usize {
+        self.router_acks_pending + self.inbound_qos2.len() + self.denied_qos2.len()
     }
 
     /// Counts replies dropped for slow subscribers, and says so in the log
@@ -1074,10 +1262,14 @@ impl Session {
             Principal::Handler(_) => (None, will.retain),
         };
         // The router delivers at each subscription's QoS; a QoS 1/2 will
-        // also gets a packet id the router acknowledges to this (closing) link.
+        // also gets a packet id the router acknowledges to this (closing)
+        // link, one that no QoS 2 publish of this client holds.
         let pkid = if will.qos == QoS::AtMostOnce {
             0
         } else {
+            while self.inbound_qos2.contains(&self.next_will_pkid) {
+                self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
+            }
             self.next_will_pkid
         };
         self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
@@ -1090,9 +1282,23 @@ impl Session {
             let routed = self.gate.replies.route(topic, &publish, &properties);
             self.note_dropped_replies(topic, routed);
         }
-        let _ = self
-            .link_tx
-            .send(Packet::Publish(publish, properties))
-            .await;
+        let qos = publish.qos();
+        if qos == QoS::ExactlyOnce {
+            // The router keeps a QoS 2 publish until its PUBREL: the gate
+            // releases the will at once (nobody else would).
+            self.link_tx
+                .buffer()
+                .push_back(Packet::Publish(publish, properties));
+            let release = PubRel {
+                pkid,
+                reason: PubRelReason::Success,
+            };
+            let _ = self.link_tx.send(Packet::PubRel(release, None)).await;
+        } else {
+            let _ = self
+                .link_tx
+                .send(Packet::Publish(publish, properties))
+                .await;
+        }
     }
 }

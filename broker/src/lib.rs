@@ -39,6 +39,7 @@ pub mod router;
 pub mod secret;
 pub mod sessions;
 pub mod tls;
+pub mod translate;
 
 use auth::jwt::{JwtConfigError, JwtVerifier};
 use auth::Authenticator;

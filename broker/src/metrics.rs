@@ -35,6 +35,8 @@ pub struct Metrics {
     replies_dropped: Counter,
     dropped_sockets: Family<ReasonLabel, Counter>,
     refusal_cache_hits: Counter,
+    session_panics: Counter,
+    sessions_ended: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -54,6 +56,18 @@ impl Metrics {
         let replies_dropped = Counter::default();
         let dropped_sockets = Family::<ReasonLabel, Counter>::default();
         let refusal_cache_hits = Counter::default();
+        let session_panics = Counter::default();
+        let sessions_ended = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "session_panics",
+            "Sessions ended by a bug (a panic in their task): each one contained, its will fired and its router link closed",
+            session_panics.clone(),
+        );
+        registry.register(
+            "sessions_ended",
+            "Sessions the server ended, by reason (keep alive timeout, token expired, write timeout, receive maximum exceeded, ...)",
+            sessions_ended.clone(),
+        );
         registry.register(
             "connections",
             "Authenticated MQTT connections by kind (device, handler)",
@@ -96,6 +110,8 @@ impl Metrics {
         );
         Metrics {
             refusal_cache_hits,
+            session_panics,
+            sessions_ended,
             registry,
             connections,
             refused,
@@ -105,6 +121,16 @@ impl Metrics {
             replies_dropped,
             dropped_sockets,
         }
+    }
+
+    pub fn session_panicked(&self) {
+        self.session_panics.inc();
+    }
+
+    pub fn session_ended(&self, reason: &'static str) {
+        self.sessions_ended
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn connection_opened(&self, kind: &'static str) {
