@@ -150,7 +150,9 @@ pub enum ConfigError {
     BadPacketSize(usize),
     #[error("BROKER_CONN_RATE must be 0 (no limit) or a positive number (got {0})")]
     BadConnRate(f64),
-    #[error("BROKER_WRITE_TIMEOUT_SECS must be between 1 and 600 (got {0}); 10 suits mobile networks")]
+    #[error(
+        "BROKER_WRITE_TIMEOUT_SECS must be between 1 and 600 (got {0}); 10 suits mobile networks"
+    )]
     BadWriteTimeout(u64),
     #[error("BROKER_RECEIVE_MAXIMUM must be between 1 and 65535 (got 0); 100 is the default")]
     BadReceiveMaximum,

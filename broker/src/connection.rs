@@ -12,15 +12,15 @@ use crate::identity;
 use crate::reply_index::{ReplyInbox, Routed};
 use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
-use bytes::{Bytes, BytesMut};
-use rand::Rng;
 use crate::translate;
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
+use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
-    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode,
-    UnsubAck, UnsubAckReason,
+    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -82,7 +82,10 @@ where
             Ok(None) => return,
             Err(panic) => {
                 gate.metrics.session_panicked();
-                error!(panic = panic_text(&*panic), "a connection panicked before its session began; closed");
+                error!(
+                    panic = panic_text(&*panic),
+                    "a connection panicked before its session began; closed"
+                );
                 return;
             }
         };
@@ -440,6 +443,16 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
     });
 }
 
+/// Test-only (feature `fault-injection`): a handler's publish to
+/// `$fault/panic` panics, as a bug in the session would.
+#[cfg(feature = "fault-injection")]
+#[allow(clippy::panic)]
+fn inject_fault(principal: &Principal, verdict: Result<&str, Denial>) {
+    if matches!(principal, Principal::Handler(_)) && verdict == Ok("$fault/panic") {
+        panic!("fault injected: $fault/panic");
+    }
+}
+
 /// The server's reason for ending a session on request.
 fn server_end(why: EndRequest) -> ServerDisconnect {
     match why {
@@ -571,10 +584,7 @@ impl Session {
         // A panic in the loop (a bug: no input should reach one) ends this
         // session like any other server-side end: the client is told, the
         // will fires, the router link is closed, and it is counted.
-        let end = match AssertUnwindSafe(self.relay(&mut wire))
-            .catch_unwind()
-            .await
-        {
+        let end = match AssertUnwindSafe(self.relay(&mut wire)).catch_unwind().await {
             Ok(end) => end,
             Err(panic) => {
                 self.gate.metrics.session_panicked();
@@ -842,10 +852,7 @@ impl Session {
                     // router would end the session for it.
                     PubCompReason::PacketIdentifierNotFound
                 };
-                wire.queue(
-                    &self.codec,
-                    Packet::PubComp(PubComp { pkid, reason }, None),
-                );
+                wire.queue(&self.codec, Packet::PubComp(PubComp { pkid, reason }, None));
                 None
             }
             packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
@@ -934,6 +941,8 @@ impl Session {
             .and_then(|topic| {
                 acl::may_publish(&self.principal, topic, &self.gate.commands).map(|()| topic)
             });
+        #[cfg(feature = "fault-injection")]
+        inject_fault(&self.principal, verdict);
         let topic = match verdict {
             Ok(topic) => topic,
             Err(denial) => {
@@ -1300,5 +1309,26 @@ impl Session {
                 .send(Packet::Publish(publish, properties))
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_deadlines_never_overflow_nor_wrap_into_the_past() {
+        let now = 1_800_000_000;
+        // Far-future expiries mean no expiry within reach, not a panic or "expired".
+        for exp in [10_000_000_000_000_000_000, u64::MAX, i64::MAX as u64] {
+            assert_eq!(token_deadline(exp, 5, now), None, "exp {exp}");
+            assert_eq!(token_deadline(exp, u64::MAX, now), None, "exp {exp}");
+        }
+        // A past expiry is due at once; a near one in its time.
+        let due = token_deadline(now - 100, 5, now).expect("a deadline");
+        assert!(due <= Instant::now());
+        let later = token_deadline(now + 60, 5, now).expect("a deadline");
+        let remaining = later - Instant::now();
+        assert!(remaining > Duration::from_secs(60) && remaining <= Duration::from_secs(65));
     }
 }

@@ -8,7 +8,7 @@ use rumqttd::protocol::{
 };
 
 /// Encodes `packet` for MQTT 3.1.1 (`version` 4) or 5.
-fn encode(version: u8, packet: Packet) -> Vec<u8> {
+pub fn encode(version: u8, packet: Packet) -> Vec<u8> {
     let mut out = BytesMut::new();
     let written = if version == 4 {
         rumqttd::protocol::v4::V4.write(packet, &mut out)
