@@ -18,6 +18,17 @@
 //! [`spawn_builtin`] (or [`spawn_builtin_with_store`] to share one store
 //! with the broker).
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
 pub mod contacts;
 pub mod publish;
 pub mod settings;

@@ -10,11 +10,29 @@
 //! - [`store`]: handler state on Redis or an embedded redb file (`store/SCHEMA.md`).
 //! - `testing` (tests and the `test-support` feature only): a throwaway
 //!   `redis-server` and a fake platform HTTP endpoint for test suites.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
 pub mod claims;
 pub mod envelope;
 pub mod sdk;
 pub mod store;
+// Test fixtures only: a failure there is a failed test, not input reaching a panic.
 #[cfg(any(test, feature = "test-support"))]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 pub mod testing;
 pub mod tls;
 pub mod topics;
