@@ -9,6 +9,7 @@ use crate::auth::{Principal, Refusal};
 use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
+use crate::inbound::{Allowed, Arrival, InboundFlows, Refused, Release};
 use crate::reply_index::{ReplyInbox, Routed};
 use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
@@ -18,11 +19,10 @@ use futures::FutureExt;
 use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
-    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason,
+    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubRec, PubRecReason, PubRel,
+    PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -380,17 +380,16 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         link_rx: link.rx,
         claim,
         pending_subacks: HashMap::new(),
-        denied_qos1: HashMap::new(),
-        denied_qos2: HashSet::new(),
         declared: Vec::new(),
         outbox: Vec::new(),
-        next_will_pkid: 1,
         inbox,
         direct_topics: Vec::new(),
         via_router: Vec::new(),
-        router_acks_pending: 0,
-        inbound_qos2: HashSet::new(),
-        resumed: link.session_present,
+        inbound: InboundFlows::new(
+            codec.version,
+            gate.limits.receive_maximum,
+            link.session_present,
+        ),
         write_stalled: false,
         finished: false,
     })
@@ -514,15 +513,10 @@ struct Session {
     /// How long a persistent session outlives this connection.
     session_expiry: Duration,
     pending_subacks: HashMap<u16, PendingSubAck>,
-    /// QoS 1 publishes refused: their PUBACK from the router becomes a denial.
-    denied_qos1: HashMap<u16, Denial>,
-    /// QoS 2 publishes refused under MQTT 3.1.1: their PUBREL is answered here.
-    denied_qos2: HashSet<u16>,
     /// Handler filters declared as command topics, withdrawn at the end.
     declared: Vec<String>,
     /// Packets decoded from the current read, bound for the router.
     outbox: Vec<Packet>,
-    next_will_pkid: u16,
     /// Replies the gate delivers itself (clean device sessions only).
     inbox: Option<Arc<ReplyInbox>>,
     /// Topics the gate serves to this session, not the router.
@@ -532,16 +526,8 @@ struct Session {
     /// still has on its way arrives after newer replies from the gate), or
     /// handler filters registered with the reply index.
     via_router: Vec<String>,
-    /// QoS 1 publishes sent to the router whose PUBACK has not come back:
-    /// while there are any, the gate does not acknowledge one itself.
-    router_acks_pending: usize,
-    /// QoS 2 publishes of this connection handed to the router whose PUBREL
-    /// has not come: a retransmission of one of them is acknowledged again,
-    /// never stored again (exactly once, by packet id).
-    inbound_qos2: HashSet<u16>,
-    /// The router resumed a persistent session: a PUBREL the gate does not
-    /// know may belong to a publish of the previous connection.
-    resumed: bool,
+    /// The client's QoS 1/2 publishes in flight (`inbound`).
+    inbound: InboundFlows,
     /// A write did not finish: nothing more is written to this client.
     write_stalled: bool,
     /// `finish` ran: the router link was closed (or handed over).
@@ -838,19 +824,15 @@ impl Session {
             }
             Packet::PubRel(pubrel, _properties) => {
                 let pkid = pubrel.pkid;
-                let reason = if self.denied_qos2.remove(&pkid) {
-                    PubCompReason::Success
-                } else if self.inbound_qos2.remove(&pkid) || self.resumed {
-                    // The router releases the publish. Its properties (a
-                    // reason string, user properties) are for the receiver
-                    // of the PUBREL only, and the router acts on a PUBREL
-                    // without them.
-                    self.outbox.push(Packet::PubRel(pubrel, None));
-                    return None;
-                } else {
-                    // Nothing to release (MQTT 5 4.3.3: answer 0x92); the
-                    // router would end the session for it.
-                    PubCompReason::PacketIdentifierNotFound
+                let reason = match self.inbound.release(pkid) {
+                    Release::CompleteHere(reason) => reason,
+                    Release::ToRouter => {
+                        // Its properties (a reason string, user properties)
+                        // are for the receiver of the PUBREL only, and the
+                        // router acts on a PUBREL without them.
+                        self.outbox.push(Packet::PubRel(pubrel, None));
+                        return None;
+                    }
                 };
                 wire.queue(&self.codec, Packet::PubComp(PubComp { pkid, reason }, None));
                 None
@@ -909,29 +891,23 @@ impl Session {
         wire: &mut Wire<S>,
     ) -> Option<End> {
         let pkid = publish.pkid();
-        if publish.qos() == QoS::ExactlyOnce && self.inbound_qos2.contains(&pkid) {
-            // A retransmission (DUP) of a QoS 2 publish the router holds:
-            // acknowledged again, never delivered again (MQTT 5 4.3.3).
-            wire.queue(
-                &self.codec,
-                Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                ),
-            );
-            return None;
-        }
-        if publish.qos() != QoS::AtMostOnce
-            && self.unacknowledged_inbound() >= usize::from(self.gate.limits.receive_maximum)
-        {
-            info!(
-                receive_maximum = self.gate.limits.receive_maximum,
-                "more unacknowledged QoS 1/2 publishes than the broker's Receive Maximum"
-            );
-            return Some(End::Server(ServerDisconnect::ReceiveMaximumExceeded));
+        match self.inbound.arrival(publish.qos(), pkid) {
+            Arrival::New => {}
+            Arrival::Retransmitted => {
+                let rec = PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                };
+                wire.queue(&self.codec, Packet::PubRec(rec, None));
+                return None;
+            }
+            Arrival::OverReceiveMaximum => {
+                info!(
+                    receive_maximum = self.gate.limits.receive_maximum,
+                    "more unacknowledged QoS 1/2 publishes than the broker's Receive Maximum"
+                );
+                return Some(End::Server(ServerDisconnect::ReceiveMaximumExceeded));
+            }
         }
         // A handle on the topic (not a copy) so that it can be read while
         // `publish` changes.
@@ -961,36 +937,22 @@ impl Session {
         self.gate.metrics.message_in();
         let routed = self.gate.replies.route(topic, &publish, &properties);
         self.note_dropped_replies(topic, routed);
-        match publish.qos() {
+        match self
+            .inbound
+            .allowed(publish.qos(), pkid, routed.needs_router)
+        {
             // Served by the gate alone (or wanted by nobody).
-            QoS::AtMostOnce if !routed.needs_router => {}
-            // Acknowledged here only while no earlier PUBACK is due from the
-            // router, so PUBACKs keep the order of the publishes (MQTT 4.6).
-            QoS::AtLeastOnce if !routed.needs_router && self.router_acks_pending == 0 => {
+            Allowed::Done => {}
+            Allowed::AckHere => {
                 let ack = PubAck {
-                    pkid: publish.pkid(),
+                    pkid,
                     reason: PubAckReason::Success,
                 };
                 wire.queue(&self.codec, Packet::PubAck(ack, None));
             }
-            qos => {
-                match qos {
-                    QoS::AtLeastOnce => self.router_acks_pending += 1,
-                    QoS::ExactlyOnce => {
-                        self.inbound_qos2.insert(pkid);
-                    }
-                    QoS::AtMostOnce => {}
-                }
-                self.outbox.push(Packet::Publish(publish, properties));
-            }
+            Allowed::ToRouter => self.outbox.push(Packet::Publish(publish, properties)),
         }
         None
-    }
-
-    /// QoS 1/2 publishes of this client not yet acknowledged (PUBACK) or
-    /// released (PUBREL): what the Receive Maximum bounds.
-    fn unacknowledged_inbound(&self) -> usize {
-        self.router_acks_pending + self.inbound_qos2.len() + self.denied_qos2.len()
     }
 
     /// Counts replies dropped for slow subscribers, and says so in the log
@@ -1018,19 +980,17 @@ impl Session {
         self.gate.metrics.denied("publish", denial.label());
         info!(topic = %String::from_utf8_lossy(&publish.topic), reason = denial.label(), "publish denied");
         let pkid = publish.pkid();
-        match publish.qos() {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce if self.router_acks_pending == 0 => wire.queue(
+        match self.inbound.refused(publish.qos(), pkid, denial) {
+            Refused::Silent => {}
+            Refused::PubAckHere => wire.queue(
                 &self.codec,
                 answers::puback_denial(self.codec.version, pkid, denial),
             ),
-            QoS::AtLeastOnce => {
+            Refused::PubAckThroughRouter => {
                 // An earlier PUBACK is due from the router: this one goes
                 // through it too, so PUBACKs keep the order of the publishes
                 // (MQTT 4.6). The router drops a publish to the sink topic
                 // and its PUBACK is rewritten.
-                self.denied_qos1.insert(pkid, denial);
-                self.router_acks_pending += 1;
                 let sink = Publish::with_qos(
                     Bytes::from_static(DENIED_SINK_TOPIC),
                     Bytes::new(),
@@ -1040,15 +1000,10 @@ impl Session {
                 );
                 self.outbox.push(Packet::Publish(sink, None));
             }
-            QoS::ExactlyOnce => {
-                if self.codec.version == Version::V4 {
-                    self.denied_qos2.insert(pkid);
-                }
-                wire.queue(
-                    &self.codec,
-                    answers::pubrec_denial(self.codec.version, pkid, denial),
-                );
-            }
+            Refused::PubRecHere => wire.queue(
+                &self.codec,
+                answers::pubrec_denial(self.codec.version, pkid, denial),
+            ),
         }
     }
 
@@ -1213,16 +1168,13 @@ impl Session {
                 self.gate.metrics.messages_out(1);
                 wire.queue(&self.codec, packet);
             }
-            Some(Packet::PubAck(ack, properties)) => {
-                self.router_acks_pending = self.router_acks_pending.saturating_sub(1);
-                match self.denied_qos1.remove(&ack.pkid) {
-                    Some(denial) => wire.queue(
-                        &self.codec,
-                        answers::puback_denial(self.codec.version, ack.pkid, denial),
-                    ),
-                    None => wire.queue(&self.codec, Packet::PubAck(ack, properties)),
-                }
-            }
+            Some(Packet::PubAck(ack, properties)) => match self.inbound.router_puback(ack.pkid) {
+                Some(denial) => wire.queue(
+                    &self.codec,
+                    answers::puback_denial(self.codec.version, ack.pkid, denial),
+                ),
+                None => wire.queue(&self.codec, Packet::PubAck(ack, properties)),
+            },
             Some(packet) => wire.queue(&self.codec, packet),
         }
         RouterStep::Continue
@@ -1276,12 +1228,8 @@ impl Session {
         let pkid = if will.qos == QoS::AtMostOnce {
             0
         } else {
-            while self.inbound_qos2.contains(&self.next_will_pkid) {
-                self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
-            }
-            self.next_will_pkid
+            self.inbound.will_pkid()
         };
-        self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
         let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, pkid);
         info!("publishing will");
         self.gate.metrics.message_in();

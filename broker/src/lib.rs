@@ -13,7 +13,10 @@
 //!    revoked users are refused and disconnected ([`revocation`]);
 //! 7. [`identity`]: `user_id`/`client_id` stamped on device publishes;
 //! 8. [`router`]: the embedded rumqttd router, which routes and delivers;
-//! 9. [`answers`]: every refusal and denial as the right packet per version.
+//! 9. [`answers`]: every refusal and denial as the right packet per version;
+//!    [`translate`]: MQTT 5 packets in the form a 3.1.1 client can receive;
+//! 10. [`inbound`]: the client's QoS 1/2 flows as pure state (packet ids,
+//!    who acknowledges, QoS 2 exactly once, Receive Maximum).
 //!
 //! Around it: [`config`] (environment and flags, development defaults from
 //! [`dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
@@ -41,6 +44,7 @@ pub mod dev_certs;
 pub mod gate;
 pub mod http;
 pub mod identity;
+pub mod inbound;
 pub mod listener;
 pub mod metrics;
 pub mod rate_limit;

@@ -1,0 +1,317 @@
+//! Owns the protocol state of a client's QoS 1/2 publishes, as pure code (no
+//! I/O): which packet ids are in flight, who acknowledges each publish (the
+//! gate or the router) so that PUBACKs keep the order of the publishes, QoS 2
+//! exactly once by packet id, the Receive Maximum, and the packet ids of wills.
+//! The session loop (`connection`) asks it what to do and does it.
+
+use crate::acl::Denial;
+use crate::codec::Version;
+use rumqttd::protocol::{PubCompReason, QoS};
+use std::collections::{HashMap, HashSet};
+
+/// What to do with a PUBLISH before anything else looks at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// A new publish (or QoS 0): decide it.
+    New,
+    /// A retransmission of a QoS 2 publish the router holds: answer PUBREC
+    /// again, deliver nothing (MQTT 5 4.3.3).
+    Retransmitted,
+    /// One more unacknowledged QoS 1/2 publish than the Receive Maximum:
+    /// end the session (MQTT 5 DISCONNECT 0x93).
+    OverReceiveMaximum,
+}
+
+/// Who answers an allowed publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// Nothing to answer, nothing to forward (QoS 0 nobody in the router wants).
+    Done,
+    /// The gate answers PUBACK now (QoS 1 nobody in the router wants, and no
+    /// earlier PUBACK is due from the router).
+    AckHere,
+    /// The router gets it and answers (PUBACK, PUBREC) in order.
+    ToRouter,
+}
+
+/// How a refused publish is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// QoS 0: nothing to answer.
+    Silent,
+    /// PUBACK with the denial now.
+    PubAckHere,
+    /// Through the router to a sink topic: its PUBACK, which keeps the order
+    /// of earlier PUBACKs, is rewritten to the denial (`router_puback`).
+    PubAckThroughRouter,
+    /// PUBREC with the denial now.
+    PubRecHere,
+}
+
+/// How a PUBREL is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The router releases the publish and answers PUBCOMP.
+    ToRouter,
+    /// The gate answers PUBCOMP with this reason.
+    CompleteHere(PubCompReason),
+}
+
+/// The QoS 1/2 publishes of one connection.
+#[derive(Debug)]
+pub struct InboundFlows {
+    version: Version,
+    receive_maximum: usize,
+    /// The router resumed a persistent session: a PUBREL the gate does not
+    /// know may belong to a publish of the previous connection.
+    resumed: bool,
+    /// QoS 1 publishes handed to the router whose PUBACK has not come back:
+    /// while there are any, the gate acknowledges none itself.
+    router_acks_pending: usize,
+    /// Refused QoS 1 publishes sent through the router: their PUBACK becomes
+    /// the denial.
+    denied_qos1: HashMap<u16, Denial>,
+    /// Refused QoS 2 publishes of MQTT 3.1.1 clients (which cannot be told
+    /// with a reason code, so they send PUBREL): answered here.
+    denied_qos2: HashSet<u16>,
+    /// QoS 2 publishes the router holds until their PUBREL.
+    awaiting_release: HashSet<u16>,
+    next_will_pkid: u16,
+}
+
+impl InboundFlows {
+    pub fn new(version: Version, receive_maximum: u16, resumed: bool) -> Self {
+        InboundFlows {
+            version,
+            receive_maximum: usize::from(receive_maximum),
+            resumed,
+            router_acks_pending: 0,
+            denied_qos1: HashMap::new(),
+            denied_qos2: HashSet::new(),
+            awaiting_release: HashSet::new(),
+            next_will_pkid: 1,
+        }
+    }
+
+    /// QoS 1/2 publishes not yet acknowledged or released: what the
+    /// Receive Maximum bounds (and with it, every map here).
+    pub fn unacknowledged(&self) -> usize {
+        self.router_acks_pending + self.awaiting_release.len() + self.denied_qos2.len()
+    }
+
+    /// A PUBLISH arrived.
+    pub fn arrival(&self, qos: QoS, pkid: u16) -> Arrival {
+        match qos {
+            QoS::AtMostOnce => Arrival::New,
+            QoS::ExactlyOnce if self.awaiting_release.contains(&pkid) => Arrival::Retransmitted,
+            _ if self.unacknowledged() >= self.receive_maximum => Arrival::OverReceiveMaximum,
+            _ => Arrival::New,
+        }
+    }
+
+    /// An allowed publish; `needs_router` when the router must see it
+    /// (someone there wants it, it is retained, or it is QoS 2).
+    pub fn allowed(&mut self, qos: QoS, pkid: u16, needs_router: bool) -> Allowed {
+        match qos {
+            QoS::AtMostOnce if !needs_router => Allowed::Done,
+            QoS::AtMostOnce => Allowed::ToRouter,
+            // PUBACKs keep the order of the publishes (MQTT 4.6).
+            QoS::AtLeastOnce if !needs_router && self.router_acks_pending == 0 => Allowed::AckHere,
+            QoS::AtLeastOnce => {
+                self.router_acks_pending += 1;
+                Allowed::ToRouter
+            }
+            QoS::ExactlyOnce => {
+                self.awaiting_release.insert(pkid);
+                Allowed::ToRouter
+            }
+        }
+    }
+
+    /// A refused publish.
+    pub fn refused(&mut self, qos: QoS, pkid: u16, denial: Denial) -> Refused {
+        match qos {
+            QoS::AtMostOnce => Refused::Silent,
+            QoS::AtLeastOnce if self.router_acks_pending == 0 => Refused::PubAckHere,
+            QoS::AtLeastOnce => {
+                self.denied_qos1.insert(pkid, denial);
+                self.router_acks_pending += 1;
+                Refused::PubAckThroughRouter
+            }
+            QoS::ExactlyOnce => {
+                // MQTT 5: a PUBREC reason >= 0x80 ends the exchange.
+                if self.version == Version::V4 {
+                    self.denied_qos2.insert(pkid);
+                }
+                Refused::PubRecHere
+            }
+        }
+    }
+
+    /// A PUBREL from the client.
+    pub fn release(&mut self, pkid: u16) -> Release {
+        if self.denied_qos2.remove(&pkid) {
+            Release::CompleteHere(PubCompReason::Success)
+        } else if self.awaiting_release.remove(&pkid) || self.resumed {
+            Release::ToRouter
+        } else {
+            // Nothing to release (MQTT 5 4.3.3: 0x92); the router would end
+            // the session for it.
+            Release::CompleteHere(PubCompReason::PacketIdentifierNotFound)
+        }
+    }
+
+    /// A PUBACK from the router: `Some` when it answers a refused publish
+    /// and must be sent as that denial.
+    pub fn router_puback(&mut self, pkid: u16) -> Option<Denial> {
+        self.router_acks_pending = self.router_acks_pending.saturating_sub(1);
+        self.denied_qos1.remove(&pkid)
+    }
+
+    /// A packet id for a QoS 1/2 will that no QoS 2 publish of this client
+    /// holds in the router.
+    pub fn will_pkid(&mut self) -> u16 {
+        // At most Receive Maximum ids are held, so this ends.
+        while self.awaiting_release.contains(&self.next_will_pkid) {
+            self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
+        }
+        let pkid = self.next_will_pkid;
+        self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
+        pkid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flows() -> InboundFlows {
+        InboundFlows::new(Version::V5, 3, false)
+    }
+
+    #[test]
+    fn who_acknowledges_an_allowed_publish() {
+        // (qos, needs_router, router PUBACKs already due) -> answer
+        let table = [
+            (QoS::AtMostOnce, false, 0, Allowed::Done),
+            (QoS::AtMostOnce, true, 0, Allowed::ToRouter),
+            (QoS::AtLeastOnce, false, 0, Allowed::AckHere),
+            (QoS::AtLeastOnce, true, 0, Allowed::ToRouter),
+            // An earlier PUBACK is due from the router: this one waits its turn.
+            (QoS::AtLeastOnce, false, 1, Allowed::ToRouter),
+            (QoS::ExactlyOnce, false, 0, Allowed::ToRouter),
+        ];
+        for (qos, needs_router, due, expected) in table {
+            let mut f = flows();
+            for pkid in 0..due {
+                f.allowed(QoS::AtLeastOnce, 100 + pkid, true);
+            }
+            assert_eq!(
+                f.allowed(qos, 1, needs_router),
+                expected,
+                "{qos:?} {needs_router} {due}"
+            );
+        }
+    }
+
+    #[test]
+    fn how_a_refusal_is_answered() {
+        let table = [
+            (Version::V5, QoS::AtMostOnce, 0, Refused::Silent),
+            (Version::V5, QoS::AtLeastOnce, 0, Refused::PubAckHere),
+            (
+                Version::V5,
+                QoS::AtLeastOnce,
+                1,
+                Refused::PubAckThroughRouter,
+            ),
+            (Version::V5, QoS::ExactlyOnce, 0, Refused::PubRecHere),
+            (Version::V4, QoS::ExactlyOnce, 0, Refused::PubRecHere),
+        ];
+        for (version, qos, due, expected) in table {
+            let mut f = InboundFlows::new(version, 10, false);
+            for pkid in 0..due {
+                f.allowed(QoS::AtLeastOnce, 100 + pkid, true);
+            }
+            assert_eq!(f.refused(qos, 1, Denial::NotAuthorized), expected);
+        }
+    }
+
+    #[test]
+    fn a_denial_through_the_router_rewrites_its_puback_in_order() {
+        let mut f = flows();
+        assert_eq!(f.allowed(QoS::AtLeastOnce, 1, true), Allowed::ToRouter);
+        assert_eq!(
+            f.refused(QoS::AtLeastOnce, 2, Denial::NotAuthorized),
+            Refused::PubAckThroughRouter
+        );
+        assert_eq!(f.router_puback(1), None);
+        assert_eq!(f.router_puback(2), Some(Denial::NotAuthorized));
+        // Nothing due any more: the gate answers again itself.
+        assert_eq!(f.allowed(QoS::AtLeastOnce, 3, false), Allowed::AckHere);
+    }
+
+    #[test]
+    fn qos2_is_exactly_once_by_packet_id() {
+        let mut f = flows();
+        assert_eq!(f.arrival(QoS::ExactlyOnce, 7), Arrival::New);
+        assert_eq!(f.allowed(QoS::ExactlyOnce, 7, true), Allowed::ToRouter);
+        // The retransmission before PUBREL is not delivered again.
+        assert_eq!(f.arrival(QoS::ExactlyOnce, 7), Arrival::Retransmitted);
+        assert_eq!(f.release(7), Release::ToRouter);
+        // After the release, the id is free for a new message.
+        assert_eq!(f.arrival(QoS::ExactlyOnce, 7), Arrival::New);
+        // A PUBREL for nothing is answered here.
+        assert_eq!(
+            f.release(8),
+            Release::CompleteHere(PubCompReason::PacketIdentifierNotFound)
+        );
+    }
+
+    #[test]
+    fn a_resumed_session_leaves_unknown_releases_to_the_router() {
+        let mut f = InboundFlows::new(Version::V5, 3, true);
+        assert_eq!(f.release(8), Release::ToRouter);
+    }
+
+    #[test]
+    fn a_refused_3_1_1_qos2_publish_is_completed_here() {
+        let mut f = InboundFlows::new(Version::V4, 3, false);
+        f.refused(QoS::ExactlyOnce, 5, Denial::NotAuthorized);
+        assert_eq!(f.release(5), Release::CompleteHere(PubCompReason::Success));
+        let mut f = flows();
+        f.refused(QoS::ExactlyOnce, 5, Denial::NotAuthorized);
+        assert_eq!(
+            f.release(5),
+            Release::CompleteHere(PubCompReason::PacketIdentifierNotFound)
+        );
+    }
+
+    #[test]
+    fn the_receive_maximum_counts_every_unfinished_flow() {
+        let mut f = flows(); // Receive Maximum 3
+        f.allowed(QoS::AtLeastOnce, 1, true);
+        f.allowed(QoS::ExactlyOnce, 2, true);
+        assert_eq!(f.arrival(QoS::AtLeastOnce, 3), Arrival::New);
+        f.refused(QoS::AtLeastOnce, 3, Denial::NotAuthorized);
+        assert_eq!(f.unacknowledged(), 3);
+        assert_eq!(f.arrival(QoS::AtLeastOnce, 4), Arrival::OverReceiveMaximum);
+        assert_eq!(f.arrival(QoS::ExactlyOnce, 4), Arrival::OverReceiveMaximum);
+        // QoS 0 is never limited; a retransmission is not a new flow.
+        assert_eq!(f.arrival(QoS::AtMostOnce, 0), Arrival::New);
+        assert_eq!(f.arrival(QoS::ExactlyOnce, 2), Arrival::Retransmitted);
+        f.router_puback(1);
+        assert_eq!(f.arrival(QoS::AtLeastOnce, 4), Arrival::New);
+    }
+
+    #[test]
+    fn will_packet_ids_avoid_held_qos2_ids_and_never_are_zero() {
+        let mut f = flows();
+        f.allowed(QoS::ExactlyOnce, 1, true);
+        f.allowed(QoS::ExactlyOnce, 2, true);
+        assert_eq!(f.will_pkid(), 3);
+        f.next_will_pkid = u16::MAX;
+        assert_eq!(f.will_pkid(), u16::MAX);
+        assert_eq!(f.will_pkid(), 3, "wraps past 0 and the held ids");
+    }
+}
