@@ -69,6 +69,7 @@ where
             read_buf: BytesMut::with_capacity(INITIAL_BUFFER),
             write_buf: BytesMut::new(),
             write_timeout: gate.limits.write_timeout,
+            receiver: translate::Receiver::Device,
         };
         // Boxed: reading and deciding the CONNECT needs more state than the
         // session does, and it would otherwise stay in every connection's
@@ -158,6 +159,8 @@ struct Wire<S> {
     write_buf: BytesMut,
     /// How long one write may take (`Limits::write_timeout`).
     write_timeout: Duration,
+    /// Who reads what is written (known once CONNECT is decided).
+    receiver: translate::Receiver,
 }
 
 impl<S: AsyncRead + AsyncWrite> Wire<S> {
@@ -179,7 +182,7 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
     /// version can carry (`translate`); a packet the codec cannot encode is
     /// logged and skipped (it came from the router, not from this client).
     fn queue(&mut self, codec: &Codec, packet: Packet) {
-        let Some(packet) = translate::for_client(codec.version, packet) else {
+        let Some(packet) = translate::for_client(codec.version, self.receiver, packet) else {
             return;
         };
         if let Err(e) = codec.encode(packet, &mut self.write_buf) {
@@ -253,6 +256,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     };
     let span = tracing::Span::current();
     span.record("kind", principal.kind());
+    if matches!(principal, Principal::Handler(_)) {
+        wire.receiver = translate::Receiver::Handler;
+    }
     if let Principal::Device(device) = &principal {
         span.record("uid", device.uid().as_str());
         if let Some(revocations) = &gate.revocations {

@@ -6,13 +6,29 @@
 //! Every PUBLISH of this product carries MQTT 5 properties (the SDK sets a
 //! content type on replies; the gate stamps `user_id`/`client_id` on every
 //! device command), so without this no 3.1.1 client could receive them.
+//!
+//! An MQTT 3.1.1 *handler* still needs to know who sent a command, and 3.1.1
+//! has no properties to carry it: a command stamped with the sender's
+//! identity reaches it wrapped as `{"user_id", "client_id", "payload":
+//! "<standard base64 of the original payload>"}`. Wrapped by the gate from
+//! its own stamp, so it is as unforgeable as the MQTT 5 properties.
 
 use crate::codec::Version;
-use rumqttd::protocol::Packet;
+use base64::Engine;
+use bytes::Bytes;
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use shared::topics::{CLIENT_ID_PROPERTY, USER_ID_PROPERTY};
+
+/// Who a packet is written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receiver {
+    Device,
+    Handler,
+}
 
 /// The form of `packet` that a client of `version` can receive, or `None`
 /// when that protocol has no such packet (a server DISCONNECT under 3.1.1).
-pub fn for_client(version: Version, packet: Packet) -> Option<Packet> {
+pub fn for_client(version: Version, receiver: Receiver, packet: Packet) -> Option<Packet> {
     if version == Version::V5 {
         return Some(packet);
     }
@@ -21,6 +37,9 @@ pub fn for_client(version: Version, packet: Packet) -> Option<Packet> {
     // packet id), and SUBACK/CONNACK codes are mapped for 3.1.1 where they are
     // made (`answers`).
     match packet {
+        Packet::Publish(publish, Some(properties)) if receiver == Receiver::Handler => Some(
+            Packet::Publish(with_identity_in_payload(publish, &properties), None),
+        ),
         Packet::Publish(publish, _) => Some(Packet::Publish(publish, None)),
         Packet::PubAck(ack, _) => Some(Packet::PubAck(ack, None)),
         Packet::PubRec(rec, _) => Some(Packet::PubRec(rec, None)),
@@ -37,6 +56,34 @@ pub fn for_client(version: Version, packet: Packet) -> Option<Packet> {
         | Packet::Unsubscribe(..)
         | Packet::Disconnect(..) => None,
     }
+}
+
+/// The value of the gate's stamp `name` (the last of that name: the gate
+/// appends its own after dropping any the device sent).
+fn stamped<'a>(properties: &'a PublishProperties, name: &str) -> Option<&'a str> {
+    properties
+        .user_properties
+        .iter()
+        .rev()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+/// A stamped command wrapped for a 3.1.1 handler; anything else unchanged.
+fn with_identity_in_payload(mut publish: Publish, properties: &PublishProperties) -> Publish {
+    let (Some(user_id), Some(client_id)) = (
+        stamped(properties, USER_ID_PROPERTY),
+        stamped(properties, CLIENT_ID_PROPERTY),
+    ) else {
+        return publish;
+    };
+    let envelope = serde_json::json!({
+        "user_id": user_id,
+        "client_id": client_id,
+        "payload": base64::engine::general_purpose::STANDARD.encode(&publish.payload),
+    });
+    publish.payload = Bytes::from(envelope.to_string());
+    publish
 }
 
 #[cfg(test)]
@@ -69,7 +116,7 @@ mod tests {
     fn as_v4_client_reads(packet: Packet) -> Packet {
         let codec = Codec::new(Version::V4, 1 << 20);
         let mut wire = BytesMut::new();
-        let translated = for_client(Version::V4, packet).expect("a 3.1.1 form");
+        let translated = for_client(Version::V4, Receiver::Device, packet).expect("a 3.1.1 form");
         codec.encode(translated, &mut wire).expect("encodes");
         codec.decode(&mut wire).expect("decodes").expect("whole")
     }
@@ -113,12 +160,71 @@ mod tests {
             },
             None,
         );
-        assert!(for_client(Version::V4, disconnect).is_none());
+        assert!(for_client(Version::V4, Receiver::Device, disconnect).is_none());
     }
 
     #[test]
     fn mqtt_5_packets_pass_unchanged() {
         let packet = publish_with_properties();
-        assert_eq!(for_client(Version::V5, packet.clone()), Some(packet));
+        assert_eq!(
+            for_client(Version::V5, Receiver::Handler, packet.clone()),
+            Some(packet)
+        );
+    }
+
+    #[test]
+    fn a_3_1_1_handler_gets_the_senders_identity_in_the_payload() {
+        let publish = Publish::with_qos(
+            Bytes::from_static(b"sync"),
+            Bytes::from_static(b"\x00{}"),
+            false,
+            QoS::AtLeastOnce,
+            3,
+        );
+        let properties = PublishProperties {
+            user_properties: vec![
+                ("trace".into(), "t".into()),
+                ("user_id".into(), "68946".into()),
+                ("client_id".into(), "phone".into()),
+            ],
+            ..Default::default()
+        };
+        let Some(Packet::Publish(wrapped, None)) = for_client(
+            Version::V4,
+            Receiver::Handler,
+            Packet::Publish(publish, Some(properties)),
+        ) else {
+            panic!("expected a publish without properties");
+        };
+        let body: serde_json::Value = serde_json::from_slice(&wrapped.payload).expect("json");
+        assert_eq!(body["user_id"], "68946");
+        assert_eq!(body["client_id"], "phone");
+        let original = base64::engine::general_purpose::STANDARD
+            .decode(body["payload"].as_str().expect("payload"))
+            .expect("base64");
+        assert_eq!(original, b"\x00{}");
+    }
+
+    #[test]
+    fn a_3_1_1_handler_gets_unstamped_publishes_as_they_are() {
+        let publish = Publish::with_qos(
+            Bytes::from_static(b"u1_x"),
+            Bytes::from_static(b"raw"),
+            false,
+            QoS::AtMostOnce,
+            0,
+        );
+        let properties = PublishProperties {
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        let Some(Packet::Publish(plain, None)) = for_client(
+            Version::V4,
+            Receiver::Handler,
+            Packet::Publish(publish, Some(properties)),
+        ) else {
+            panic!("expected a publish without properties");
+        };
+        assert_eq!(&plain.payload[..], b"raw");
     }
 }

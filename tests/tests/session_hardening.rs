@@ -215,8 +215,11 @@ async fn mosquitto_sub_3_1_1_gets_a_reply_that_carries_properties() {
     assert!(output.status.success(), "{output:?}");
 }
 
+/// MQTT 3.1.1 has no properties: a 3.1.1 handler gets each device command
+/// wrapped with the identity the gate stamped, and a forged one is not it.
 #[tokio::test]
-async fn a_3_1_1_handler_receives_commands_without_crashing() {
+async fn a_3_1_1_handler_receives_stamped_commands() {
+    use base64::Engine;
     let broker = TestBroker::start().await;
     let mut handler = V4Client::connect(
         broker.tls_target(),
@@ -234,15 +237,40 @@ async fn a_3_1_1_handler_receives_commands_without_crashing() {
     handler.suback().await;
     let device = broker.device("8080", "phone").await;
     for i in 0..3 {
+        let forged = PublishProperties {
+            user_properties: vec![("user_id".into(), "23412".into())],
+            ..Default::default()
+        };
         device
             .client
-            .publish("get_contact_list", QoS::AtLeastOnce, false, format!("{i}"))
+            .publish_with_properties(
+                "get_contact_list",
+                QoS::AtLeastOnce,
+                false,
+                format!("{{\"n\":{i}}}"),
+                forged,
+            )
             .await
             .expect("publish");
         let command = handler.publish_received().await;
         assert_eq!(command.topic, "get_contact_list");
-        assert_eq!(&command.payload[..], format!("{i}").as_bytes());
+        let envelope: serde_json::Value = serde_json::from_slice(&command.payload).expect("json");
+        assert_eq!(envelope["user_id"], "8080");
+        assert_eq!(envelope["client_id"], "phone");
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(envelope["payload"].as_str().expect("payload"))
+            .expect("base64");
+        assert_eq!(payload, format!("{{\"n\":{i}}}").into_bytes());
     }
+    // The handler replies over 3.1.1 like any handler.
+    let mut phone = broker.device("8081", "phone").await;
+    phone.subscribe("8081_contact_list", QoS::AtMostOnce).await;
+    handler
+        .client
+        .publish("8081_contact_list", rumqttc::QoS::AtLeastOnce, false, "[]")
+        .await
+        .expect("reply");
+    assert_eq!(&phone.publish_received().await.payload[..], b"[]");
 }
 
 #[tokio::test]
