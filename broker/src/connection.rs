@@ -308,10 +308,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     info!(session_present = link.session_present, "connected");
 
     let token_deadline = match &principal {
-        Principal::Device(device) => device.expires_at().map(|exp| {
-            let now = shared::claims::now_secs();
-            Instant::now() + Duration::from_secs((exp + gate.leeway_secs).saturating_sub(now))
-        }),
+        // Checked arithmetic, clamped: an enormous `exp` is "never", not a panic.
+        Principal::Device(device) => device.session_deadline(gate.leeway_secs),
         Principal::Handler(_) => None,
     };
     // Only a clean session's QoS 0 subscriptions can be served by the gate

@@ -814,6 +814,25 @@ pub(crate) mod tests {
         );
     }
 
+    /// Far-future `exp` values verify as valid with that expiry (the session
+    /// clamps it, see `auth::DeviceIdentity::time_left`); one beyond `u64`
+    /// is not an integer claim we can hold, and is refused.
+    #[tokio::test]
+    async fn enormous_expiry_verifies() {
+        let verifier = hmac_verifier();
+        for exp in [10_000_000_000_000_000_000, u64::MAX, i64::MAX as u64] {
+            let token = sign_hs(Algorithm::HS256, &json!({"sub": "u1", "exp": exp}), SECRET);
+            let verified = verifier.verify(&token).await.unwrap();
+            assert_eq!(verified.expires_at, Some(exp));
+        }
+        let beyond = sign_hs(
+            Algorithm::HS256,
+            &json!({"sub": "u1", "exp": 1e20}),
+            SECRET,
+        );
+        assert!(verifier.verify(&beyond).await.is_err());
+    }
+
     #[tokio::test]
     async fn not_before_is_checked() {
         let verifier = hmac_verifier();
