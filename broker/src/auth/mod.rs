@@ -108,7 +108,8 @@ impl Refusal {
             TokenError::Malformed
             | TokenError::AlgorithmNotAllowed
             | TokenError::BadSignature
-            | TokenError::UnknownKey => Refusal::BadCredentials(reason),
+            | TokenError::UnknownKey
+            | TokenError::CriticalExtension => Refusal::BadCredentials(reason),
             TokenError::Expired
             | TokenError::NotYetValid
             | TokenError::MissingExpiry
@@ -248,7 +249,12 @@ mod tests {
     /// (`u64::MAX + leeway` wrapped around to a few seconds).
     #[test]
     fn enormous_expiry_is_clamped_not_overflowed() {
-        for exp in [10_000_000_000_000_000_000, u64::MAX, i64::MAX as u64, u64::MAX - 4] {
+        for exp in [
+            10_000_000_000_000_000_000,
+            u64::MAX,
+            i64::MAX as u64,
+            u64::MAX - 4,
+        ] {
             let device = device_expiring("u1", Some(exp));
             for leeway in [0, 5, u64::MAX] {
                 assert_eq!(
