@@ -136,6 +136,8 @@ pub enum ConfigError {
     WeakHandlerKey,
     #[error("JWT_SECRET is empty: set a long random secret or unset it")]
     EmptySecret,
+    #[error("JWT_SECRET is {0} bytes; HS256 needs at least {min} bytes (256 bits) of secret: generate one with `openssl rand -hex 32`", min = crate::auth::jwt::MIN_HMAC_SECRET_BYTES)]
+    WeakJwtSecret(usize),
     #[error("COMMAND_TOPICS entry {0:?} is not a valid topic name: use plain names without '+', '#', a leading '$', or an underscore-prefixed user id")]
     BadCommandTopic(String),
     #[error("BROKER_MAX_PACKET_SIZE must be between 1024 and 268435455 bytes (got {0})")]
@@ -250,8 +252,13 @@ impl Args {
         };
 
         let mut jwt_secret = self.jwt_secret;
-        if jwt_secret.as_deref() == Some("") {
-            return Err(ConfigError::EmptySecret);
+        match jwt_secret.as_deref().map(str::len) {
+            Some(0) => return Err(ConfigError::EmptySecret),
+            // Checked here, like the handler keys' length, with the fix in the message.
+            Some(n) if n < crate::auth::jwt::MIN_HMAC_SECRET_BYTES => {
+                return Err(ConfigError::WeakJwtSecret(n))
+            }
+            _ => {}
         }
         let no_key_source =
             jwt_secret.is_none() && self.jwt_public_keys.is_empty() && self.jwt_jwks_url.is_none();
@@ -434,7 +441,7 @@ mod tests {
             "--tls-listen=0.0.0.0:8883",
             "--tls-cert=c.pem",
             "--tls-key=k.pem",
-            "--jwt-secret=s3cret",
+            "--jwt-secret=0123456789abcdef0123456789abcdef",
         ])
         .resolve()
         .unwrap_err();
@@ -452,10 +459,20 @@ mod tests {
             ("--max-packet-size=10", "BROKER_MAX_PACKET_SIZE"),
             ("--tls-cert=only-cert.pem", "BROKER_TLS_KEY"),
             ("--jwt-secret=", "JWT_SECRET"),
+            ("--jwt-secret=s3cret", "openssl rand -hex 32"),
+            (
+                "--jwt-secret=0123456789abcdef0123456789abcde",
+                "at least 32 bytes",
+            ),
         ] {
             let err = base_args(&[flag, &dev]).resolve().unwrap_err();
             assert!(err.to_string().contains(needle), "{flag}: {err}");
         }
         assert!(Args::try_parse_from(["broker", "--handlers=some"]).is_err());
+        // 32 bytes exactly is enough.
+        let (config, ..) = base_args(&["--jwt-secret=0123456789abcdef0123456789abcdef", &dev])
+            .resolve()
+            .expect("a 32-byte secret is accepted");
+        assert_eq!(config.jwt.hmac_secret.map(|s| s.len()), Some(32));
     }
 }

@@ -15,6 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Shortest `JWT_SECRET` accepted at start-up, in bytes: HS256 keys need at
+/// least 256 bits (RFC 7518 §3.2), and a shorter secret can be brute-forced
+/// offline from any one token.
+pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+
 /// How device tokens are verified (from the broker's configuration).
 #[derive(Clone)]
 pub struct JwtSettings {
