@@ -3,7 +3,8 @@
 //! rumqttd router that does the MQTT routing.
 //!
 //! The path of a connection, one module per step:
-//! 1. [`listener`]: accept, per-address [`rate_limit`], connection cap;
+//! 1. [`listener`]: accept, admission per source address ([`rate_limit`]:
+//!    new connections per second, connections not yet answered), connection cap;
 //! 2. [`tls`]: handshake under a deadline, in the connection's own task;
 //! 3. [`connection`]: CONNECT deadline, protocol version ([`codec`]);
 //! 4. [`auth`]: device JWT ([`auth::jwt`], [`auth::jwks`]) or handler key,
@@ -47,7 +48,7 @@ use config::Config;
 use gate::Gate;
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
-use rate_limit::ConnectionRateLimit;
+use rate_limit::Admission;
 use reply_index::ReplyIndex;
 use router::EmbeddedRouter;
 use sessions::SessionRegistry;
@@ -65,17 +66,30 @@ use tokio_util::task::TaskTracker;
 pub struct Listeners {
     /// MQTT over TLS.
     pub tls: Option<(TcpListener, TlsAcceptor)>,
-    /// Plain MQTT (loopback use, in-process handlers, load tests).
+    /// Plain MQTT (loopback use, load tests).
     pub tcp: Vec<TcpListener>,
+    /// Plain MQTT for the in-process handlers only: must be bound to a
+    /// loopback address. Its admission is its own (see [`INTERNAL_ADMISSION`]).
+    pub internal: Option<TcpListener>,
     /// `/metrics` and `/healthz`.
     pub metrics: Option<TcpListener>,
 }
+
+/// Admission of the internal listener: (new connections per second, burst,
+/// most connections not yet answered, most connections). The in-process
+/// handlers open a few connections and reconnect after a broker hiccup;
+/// these bound what any other loopback process reaching that port can do
+/// there, and are apart from the public listeners' allowance and connection
+/// cap (the router makes room for 64 connections beyond the public cap).
+pub const INTERNAL_ADMISSION: (f64, u32, usize, usize) = (50.0, 64, 32, 32);
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("token verification: {0}")]
     Jwt(#[from] JwtConfigError),
+    #[error("the internal handler listener is on {0}, not a loopback address: bind it to 127.0.0.1 (its admission is not the public one)")]
+    InternalNotLoopback(SocketAddr),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -87,6 +101,8 @@ pub struct Broker;
 pub struct RunningBroker {
     pub tls_addr: Option<SocketAddr>,
     pub tcp_addrs: Vec<SocketAddr>,
+    /// Where the in-process handlers connect, if there is such a listener.
+    pub internal_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -143,9 +159,12 @@ impl Broker {
             limits: limits.clone(),
             shutdown: shutdown.clone(),
         });
-        let rate_limit = Arc::new(ConnectionRateLimit::new(
+        // The public listeners share one admission; the internal one has its own.
+        let admission = Arc::new(Admission::new(
+            "public",
             limits.conn_rate_per_sec,
             limits.conn_burst,
+            limits.max_pending_per_addr,
         ));
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
@@ -157,6 +176,7 @@ impl Broker {
         let mut running = RunningBroker {
             tls_addr: None,
             tcp_addrs: Vec::new(),
+            internal_addr: None,
             metrics_addr: None,
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
@@ -167,19 +187,42 @@ impl Broker {
         let mut loops = Vec::new();
         if let Some((listener, acceptor)) = listeners.tls {
             running.tls_addr = Some(listener.local_addr()?);
-            loops.push((listener, Transport::Tls(acceptor)));
+            loops.push((
+                listener,
+                Transport::Tls(acceptor),
+                &admission,
+                &connection_slots,
+            ));
         }
         for listener in listeners.tcp {
             running.tcp_addrs.push(listener.local_addr()?);
-            loops.push((listener, Transport::Plain));
+            loops.push((listener, Transport::Plain, &admission, &connection_slots));
         }
-        for (listener, transport) in loops {
+        let (rate, burst, max_pending, max_connections) = INTERNAL_ADMISSION;
+        let internal_admission = Arc::new(Admission::new("internal", rate, burst, max_pending));
+        let internal_slots = Arc::new(Semaphore::new(max_connections));
+        if let Some(listener) = listeners.internal {
+            let addr = listener.local_addr()?;
+            // Only processes on this host reach a loopback port: the
+            // separate allowance is never offered to the network.
+            if !addr.ip().is_loopback() {
+                return Err(StartError::InternalNotLoopback(addr));
+            }
+            running.internal_addr = Some(addr);
+            loops.push((
+                listener,
+                Transport::Plain,
+                &internal_admission,
+                &internal_slots,
+            ));
+        }
+        for (listener, transport, admission, slots) in loops {
             let accept_loop = AcceptLoop {
                 listener,
                 transport,
                 gate: gate.clone(),
-                rate_limit: rate_limit.clone(),
-                connection_slots: connection_slots.clone(),
+                admission: admission.clone(),
+                connection_slots: slots.clone(),
                 tasks: tasks.clone(),
             };
             tasks.spawn(accept_loop.run());
@@ -196,6 +239,7 @@ impl Broker {
         tracing::info!(
             tls = ?running.tls_addr,
             tcp = ?running.tcp_addrs,
+            internal = ?running.internal_addr,
             metrics = ?running.metrics_addr,
             "broker listening"
         );
