@@ -254,6 +254,16 @@ pub fn validate_command_topic(topic: &str) -> Result<(), ConfigError> {
 }
 
 impl Args {
+    /// Parses command-line flags (and the environment) as the binary does,
+    /// without exiting on an error: for embedding and tests.
+    pub fn try_from_argv<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        <Self as Parser>::try_parse_from(argv)
+    }
+
     /// Validates the flags and environment, filling development defaults for
     /// loopback-only runs (certificate, HMAC secret, handler key under `dev_dir`).
     pub fn resolve(self) -> Result<(Config, ListenPlan, DevDefaults), ConfigError> {

@@ -120,6 +120,14 @@ pub struct RouterStopped(pub String);
 impl Broker {
     /// Starts the router, the accept loops and the metrics endpoint.
     pub async fn start(config: Config, listeners: Listeners) -> Result<RunningBroker, StartError> {
+        // Only processes on this host reach a loopback port: the internal
+        // listener's separate allowance is never offered to the network.
+        if let Some(internal) = &listeners.internal {
+            let addr = internal.local_addr()?;
+            if !addr.ip().is_loopback() {
+                return Err(StartError::InternalNotLoopback(addr));
+            }
+        }
         let leeway_secs = config.jwt.leeway_secs;
         let jwt = JwtVerifier::new(config.jwt)?;
         let limits = config.limits;
@@ -202,13 +210,7 @@ impl Broker {
         let internal_admission = Arc::new(Admission::new("internal", rate, burst, max_pending));
         let internal_slots = Arc::new(Semaphore::new(max_connections));
         if let Some(listener) = listeners.internal {
-            let addr = listener.local_addr()?;
-            // Only processes on this host reach a loopback port: the
-            // separate allowance is never offered to the network.
-            if !addr.ip().is_loopback() {
-                return Err(StartError::InternalNotLoopback(addr));
-            }
-            running.internal_addr = Some(addr);
+            running.internal_addr = Some(listener.local_addr()?);
             loops.push((
                 listener,
                 Transport::Plain,
