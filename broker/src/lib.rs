@@ -75,13 +75,26 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-/// Admission of the internal listener: (new connections per second, burst,
-/// most connections not yet answered, most connections). The in-process
-/// handlers open a few connections and reconnect after a broker hiccup;
-/// these bound what any other loopback process reaching that port can do
-/// there, and are apart from the public listeners' allowance and connection
-/// cap (the router makes room for 64 connections beyond the public cap).
-pub const INTERNAL_ADMISSION: (f64, u32, usize, usize) = (50.0, 64, 32, 32);
+/// Admission of the internal listener. The in-process handlers open one
+/// connection per worker (three) and reconnect after a broker hiccup; these
+/// bound what any other loopback process reaching that port can do there,
+/// and are apart from the public listeners' allowance and connection cap.
+pub const INTERNAL_ADMISSION: InternalAdmission = InternalAdmission {
+    rate_per_sec: 50.0,
+    burst: 64,
+    max_pending: 32,
+    // Within the 64 connections the router makes room for beyond the public cap.
+    max_connections: 32,
+};
+
+/// Limits of the internal listener (see [`INTERNAL_ADMISSION`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InternalAdmission {
+    pub rate_per_sec: f64,
+    pub burst: u32,
+    pub max_pending: usize,
+    pub max_connections: usize,
+}
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -206,9 +219,14 @@ impl Broker {
             running.tcp_addrs.push(listener.local_addr()?);
             loops.push((listener, Transport::Plain, &admission, &connection_slots));
         }
-        let (rate, burst, max_pending, max_connections) = INTERNAL_ADMISSION;
-        let internal_admission = Arc::new(Admission::new("internal", rate, burst, max_pending));
-        let internal_slots = Arc::new(Semaphore::new(max_connections));
+        let internal = INTERNAL_ADMISSION;
+        let internal_admission = Arc::new(Admission::new(
+            "internal",
+            internal.rate_per_sec,
+            internal.burst,
+            internal.max_pending,
+        ));
+        let internal_slots = Arc::new(Semaphore::new(internal.max_connections));
         if let Some(listener) = listeners.internal {
             running.internal_addr = Some(listener.local_addr()?);
             loops.push((
