@@ -410,7 +410,8 @@ fn dropped(metrics: &str, reason: &str) -> u64 {
 #[tokio::test]
 async fn unanswered_connections_per_source_are_capped() {
     const CAP: usize = 3;
-    let handshake_deadline = Duration::from_secs(6);
+    // Long enough for the handlers to start and answer under a loaded machine.
+    let handshake_deadline = Duration::from_secs(12);
     let limits = broker::config::Limits {
         conn_rate_per_sec: 0.0,
         max_pending_per_addr: CAP,
