@@ -54,11 +54,11 @@ for round in $(seq "$ROUNDS"); do
   bare=$(run_lg --addr 127.0.0.1:21884 --uid-in-payload --echo 1 --handler-user '' --broker-pid "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
-  BROKER_HANDLERS=none BROKER_CONN_RATE=0 JWT_SECRET=bench-secret HANDLER_KEYS=bench-handler-key-0123 \
+  BROKER_HANDLERS=none BROKER_CONN_RATE=0 JWT_SECRET=bench-secret-0123456789abcdef0123456789 HANDLER_KEYS=bench-handler-key-0123 \
   COMMAND_TOPICS=echo BROKER_TCP_LISTEN=127.0.0.1:21900 BROKER_TLS_LISTEN=127.0.0.1:21901 \
   BROKER_DEV_DIR="$DEV_DIR" RUST_LOG=warn target/release/broker >/dev/null 2>&1 &
   pid=$!; wait_port 21900
-  ours=$(run_lg --addr 127.0.0.1:21900 --jwt-secret bench-secret --echo 1 \
+  ours=$(run_lg --addr 127.0.0.1:21900 --jwt-secret bench-secret-0123456789abcdef0123456789 --echo 1 \
     --handler-key bench-handler-key-0123 --broker-pid "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
 

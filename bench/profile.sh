@@ -17,13 +17,13 @@ OUT=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$OUT"' EXIT
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 2; }
 
-BROKER_HANDLERS=none BROKER_CONN_RATE=0 JWT_SECRET=bench-secret HANDLER_KEYS=bench-handler-key-0123 \
+BROKER_HANDLERS=none BROKER_CONN_RATE=0 JWT_SECRET=bench-secret-0123456789abcdef0123456789 HANDLER_KEYS=bench-handler-key-0123 \
 COMMAND_TOPICS=echo BROKER_TCP_LISTEN=127.0.0.1:21910 BROKER_TLS_LISTEN=127.0.0.1:21911 \
 BROKER_DEV_DIR="$OUT" RUST_LOG=warn target/release/broker >"$OUT/broker.log" 2>&1 &
 pid=$!
 wait_port 21910
 
-timeout 60 target/release/loadgen run --addr 127.0.0.1:21910 --jwt-secret bench-secret --echo 1 \
+timeout 60 target/release/loadgen run --addr 127.0.0.1:21910 --jwt-secret bench-secret-0123456789abcdef0123456789 --echo 1 \
   --handler-key bench-handler-key-0123 --devices "$DEVICES" --rate "$RATE" --duration 12 \
   --broker-pid "$pid" >"$OUT/loadgen.log" 2>&1 &
 lg=$!

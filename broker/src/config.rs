@@ -82,12 +82,18 @@ pub struct Args {
     /// Where development certificates and secrets are made when none are configured.
     #[arg(long, env = "BROKER_DEV_DIR", default_value = "certs/dev")]
     pub dev_dir: PathBuf,
-    /// New connections allowed per second from one IP address (0 = no limit).
-    #[arg(long, env = "BROKER_CONN_RATE", default_value_t = 20.0)]
+    /// New connections allowed per second from one source (0 = no limit). A
+    /// source is an IPv4 address or an IPv6 /64. Sized for thousands of
+    /// devices behind one carrier-grade NAT address (README, "Connect storms").
+    #[arg(long, env = "BROKER_CONN_RATE", default_value_t = DEFAULT_CONN_RATE)]
     pub conn_rate: f64,
-    /// Burst of new connections allowed from one IP address.
-    #[arg(long, env = "BROKER_CONN_BURST", default_value_t = 100)]
+    /// Burst of new connections allowed from one source.
+    #[arg(long, env = "BROKER_CONN_BURST", default_value_t = DEFAULT_CONN_BURST)]
     pub conn_burst: u32,
+    /// Most connections from one source between accept and CONNACK (TLS
+    /// handshake and CONNECT in progress); more are closed before TLS. 0 = no limit.
+    #[arg(long, env = "BROKER_MAX_PENDING_PER_ADDR", default_value_t = DEFAULT_MAX_PENDING_PER_ADDR)]
+    pub max_pending_per_addr: usize,
     /// Most simultaneous client connections.
     #[arg(long, env = "BROKER_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
@@ -129,6 +135,19 @@ pub struct Args {
     pub revocation_poll_secs: u64,
 }
 
+/// Default new connections per second per source: 5,000 devices behind one
+/// NAT address that reconnect at once are all admitted within 4 s (1,000 at
+/// once, then 1,000 a second); one source costs at most this many TLS
+/// handshakes a second.
+pub const DEFAULT_CONN_RATE: f64 = 1000.0;
+/// Default burst of new connections per source.
+pub const DEFAULT_CONN_BURST: u32 = 1000;
+/// Default most unanswered connections per source: at the default rate, a
+/// second of handshakes in flight (mobile round trips are 0.1–1 s, and a
+/// connection takes two before its CONNACK), while one source can hold no
+/// more than this many sockets idle until the handshake deadline.
+pub const DEFAULT_MAX_PENDING_PER_ADDR: usize = 1000;
+
 /// Why the configuration was refused. Each message says how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -144,6 +163,8 @@ pub enum ConfigError {
     WeakHandlerKey,
     #[error("JWT_SECRET is empty: set a long random secret or unset it")]
     EmptySecret,
+    #[error("JWT_SECRET is {0} bytes; HS256 needs at least {min} bytes (256 bits) of secret: generate one with `openssl rand -hex 32`", min = crate::auth::jwt::MIN_HMAC_SECRET_BYTES)]
+    WeakJwtSecret(usize),
     #[error("COMMAND_TOPICS entry {0:?} is not a valid topic name: use plain names without '+', '#', a leading '$', or an underscore-prefixed user id")]
     BadCommandTopic(String),
     #[error("BROKER_MAX_PACKET_SIZE must be between 1024 and 268435455 bytes (got {0})")]
@@ -158,6 +179,8 @@ pub enum ConfigError {
     BadReceiveMaximum,
     #[error("BROKER_MAX_CONNECTIONS must be at least 1")]
     NoConnections,
+    #[error("BROKER_CONN_BURST must be at least 1 (got 0): it is how many connections one source may open at once")]
+    NoConnBurst,
     #[error("cannot prepare development files in {path}: {source}")]
     DevFiles {
         path: PathBuf,
@@ -174,6 +197,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub conn_rate_per_sec: f64,
     pub conn_burst: u32,
+    /// Most connections per source between accept and CONNACK (0 = no limit).
+    pub max_pending_per_addr: usize,
     pub tls_handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
@@ -192,8 +217,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 50_000,
-            conn_rate_per_sec: 20.0,
-            conn_burst: 100,
+            conn_rate_per_sec: DEFAULT_CONN_RATE,
+            conn_burst: DEFAULT_CONN_BURST,
+            max_pending_per_addr: DEFAULT_MAX_PENDING_PER_ADDR,
             tls_handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             max_packet_size: 256 * 1024,
@@ -248,6 +274,16 @@ pub fn validate_command_topic(topic: &str) -> Result<(), ConfigError> {
 }
 
 impl Args {
+    /// Parses command-line flags (and the environment) as the binary does,
+    /// without exiting on an error: for embedding and tests.
+    pub fn try_from_argv<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        <Self as Parser>::try_parse_from(argv)
+    }
+
     /// Validates the flags and environment, filling development defaults for
     /// loopback-only runs (certificate, HMAC secret, handler key under `dev_dir`).
     pub fn resolve(self) -> Result<(Config, ListenPlan, DevDefaults), ConfigError> {
@@ -270,8 +306,13 @@ impl Args {
         };
 
         let mut jwt_secret = self.jwt_secret;
-        if jwt_secret.as_deref() == Some("") {
-            return Err(ConfigError::EmptySecret);
+        match jwt_secret.as_deref().map(str::len) {
+            Some(0) => return Err(ConfigError::EmptySecret),
+            // Checked here, like the handler keys' length, with the fix in the message.
+            Some(n) if n < crate::auth::jwt::MIN_HMAC_SECRET_BYTES => {
+                return Err(ConfigError::WeakJwtSecret(n))
+            }
+            _ => {}
         }
         let no_key_source =
             jwt_secret.is_none() && self.jwt_public_keys.is_empty() && self.jwt_jwks_url.is_none();
@@ -328,6 +369,9 @@ impl Args {
         if self.receive_maximum == 0 {
             return Err(ConfigError::BadReceiveMaximum);
         }
+        if self.conn_burst == 0 {
+            return Err(ConfigError::NoConnBurst);
+        }
 
         let config = Config {
             jwt: JwtSettings {
@@ -344,7 +388,8 @@ impl Args {
             limits: Limits {
                 max_connections: self.max_connections,
                 conn_rate_per_sec: self.conn_rate,
-                conn_burst: self.conn_burst.max(1),
+                conn_burst: self.conn_burst,
+                max_pending_per_addr: self.max_pending_per_addr,
                 tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_secs),
                 connect_timeout: Duration::from_secs(self.connect_timeout_secs),
                 max_packet_size: self.max_packet_size,
@@ -462,7 +507,7 @@ mod tests {
             "--tls-listen=0.0.0.0:8883",
             "--tls-cert=c.pem",
             "--tls-key=k.pem",
-            "--jwt-secret=s3cret",
+            "--jwt-secret=0123456789abcdef0123456789abcdef",
         ])
         .resolve()
         .unwrap_err();
@@ -480,10 +525,22 @@ mod tests {
             ("--max-packet-size=10", "BROKER_MAX_PACKET_SIZE"),
             ("--tls-cert=only-cert.pem", "BROKER_TLS_KEY"),
             ("--jwt-secret=", "JWT_SECRET"),
+            ("--conn-burst=0", "BROKER_CONN_BURST"),
+            ("--conn-rate=-1", "BROKER_CONN_RATE"),
+            ("--jwt-secret=s3cret", "openssl rand -hex 32"),
+            (
+                "--jwt-secret=0123456789abcdef0123456789abcde",
+                "at least 32 bytes",
+            ),
         ] {
             let err = base_args(&[flag, &dev]).resolve().unwrap_err();
             assert!(err.to_string().contains(needle), "{flag}: {err}");
         }
         assert!(Args::try_parse_from(["broker", "--handlers=some"]).is_err());
+        // 32 bytes exactly is enough.
+        let (config, ..) = base_args(&["--jwt-secret=0123456789abcdef0123456789abcdef", &dev])
+            .resolve()
+            .expect("a 32-byte secret is accepted");
+        assert_eq!(config.jwt.hmac_secret.map(|s| s.len()), Some(32));
     }
 }

@@ -306,9 +306,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     // Before any router state exists: nothing after the router link is
     // opened may fail on the client's input.
     let token_deadline = match &principal {
-        Principal::Device(device) => device
-            .expires_at()
-            .and_then(|exp| token_deadline(exp, gate.leeway_secs, shared::claims::now_secs())),
+        // Checked arithmetic, clamped: an enormous `exp` is "never", not a panic.
+        Principal::Device(device) => device.session_deadline(gate.leeway_secs),
         Principal::Handler(_) => None,
     };
     let session_id = match &principal {
@@ -399,20 +398,6 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         write_stalled: false,
         finished: false,
     })
-}
-
-/// When a token with expiry `exp` (seconds since the epoch) stops being
-/// valid, as an instant; `None` when that is beyond any reachable time
-/// (`exp` comes from a validly signed token, but any value can be signed:
-/// neither overflow nor wrap into the past).
-fn token_deadline(exp: u64, leeway_secs: u64, now_secs: u64) -> Option<Instant> {
-    /// Further than any session lives; also far below `Instant`'s range.
-    const HORIZON_SECS: u64 = 100 * 365 * 24 * 3600;
-    let remaining = exp.saturating_add(leeway_secs).saturating_sub(now_secs);
-    if remaining > HORIZON_SECS {
-        return None;
-    }
-    Instant::now().checked_add(Duration::from_secs(remaining))
 }
 
 /// How long a persistent session outlives its connection: MQTT 5 says so in
@@ -1263,26 +1248,5 @@ impl Session {
                 .send(Packet::Publish(publish, properties))
                 .await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_deadlines_never_overflow_nor_wrap_into_the_past() {
-        let now = 1_800_000_000;
-        // Far-future expiries mean no expiry within reach, not a panic or "expired".
-        for exp in [10_000_000_000_000_000_000, u64::MAX, i64::MAX as u64] {
-            assert_eq!(token_deadline(exp, 5, now), None, "exp {exp}");
-            assert_eq!(token_deadline(exp, u64::MAX, now), None, "exp {exp}");
-        }
-        // A past expiry is due at once; a near one in its time.
-        let due = token_deadline(now - 100, 5, now).expect("a deadline");
-        assert!(due <= Instant::now());
-        let later = token_deadline(now + 60, 5, now).expect("a deadline");
-        let remaining = later - Instant::now();
-        assert!(remaining > Duration::from_secs(60) && remaining <= Duration::from_secs(65));
     }
 }

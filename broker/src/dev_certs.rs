@@ -109,7 +109,10 @@ pub fn ensure_dev_secrets(dir: &Path) -> Result<DevSecrets, ConfigError> {
     if let Ok(text) = std::fs::read_to_string(&path) {
         for line in text.lines() {
             match line.split_once('=') {
-                Some(("JWT_SECRET", v)) if !v.is_empty() => jwt_secret = Some(v.to_owned()),
+                // An older, shorter secret is replaced (start-up refuses it).
+                Some(("JWT_SECRET", v)) if v.len() >= crate::auth::jwt::MIN_HMAC_SECRET_BYTES => {
+                    jwt_secret = Some(v.to_owned())
+                }
                 Some(("HANDLER_KEY", v)) if v.len() >= 16 => handler_key = Some(v.to_owned()),
                 _ => {}
             }

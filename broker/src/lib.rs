@@ -3,7 +3,8 @@
 //! rumqttd router that does the MQTT routing.
 //!
 //! The path of a connection, one module per step:
-//! 1. [`listener`]: accept, per-address [`rate_limit`], connection cap;
+//! 1. [`listener`]: accept, admission per source address ([`rate_limit`]:
+//!    new connections per second, connections not yet answered), connection cap;
 //! 2. [`tls`]: handshake under a deadline, in the connection's own task;
 //! 3. [`connection`]: CONNECT deadline, protocol version ([`codec`]);
 //! 4. [`auth`]: device JWT ([`auth::jwt`], [`auth::jwks`]) or handler key,
@@ -63,7 +64,7 @@ use config::Config;
 use gate::Gate;
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
-use rate_limit::ConnectionRateLimit;
+use rate_limit::Admission;
 use reply_index::ReplyIndex;
 use router::EmbeddedRouter;
 use sessions::SessionRegistry;
@@ -81,10 +82,34 @@ use tokio_util::task::TaskTracker;
 pub struct Listeners {
     /// MQTT over TLS.
     pub tls: Option<(TcpListener, TlsAcceptor)>,
-    /// Plain MQTT (loopback use, in-process handlers, load tests).
+    /// Plain MQTT (loopback use, load tests).
     pub tcp: Vec<TcpListener>,
+    /// Plain MQTT for the in-process handlers only: must be bound to a
+    /// loopback address. Its admission is its own (see [`INTERNAL_ADMISSION`]).
+    pub internal: Option<TcpListener>,
     /// `/metrics` and `/healthz`.
     pub metrics: Option<TcpListener>,
+}
+
+/// Admission of the internal listener. The in-process handlers open one
+/// connection per worker (three) and reconnect after a broker hiccup; these
+/// bound what any other loopback process reaching that port can do there,
+/// and are apart from the public listeners' allowance and connection cap.
+pub const INTERNAL_ADMISSION: InternalAdmission = InternalAdmission {
+    rate_per_sec: 50.0,
+    burst: 64,
+    max_pending: 32,
+    // Within the 64 connections the router makes room for beyond the public cap.
+    max_connections: 32,
+};
+
+/// Limits of the internal listener (see [`INTERNAL_ADMISSION`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InternalAdmission {
+    pub rate_per_sec: f64,
+    pub burst: u32,
+    pub max_pending: usize,
+    pub max_connections: usize,
 }
 
 /// Why the broker could not start.
@@ -92,6 +117,8 @@ pub struct Listeners {
 pub enum StartError {
     #[error("token verification: {0}")]
     Jwt(#[from] JwtConfigError),
+    #[error("the internal handler listener is on {0}, not a loopback address: bind it to 127.0.0.1 (its admission is not the public one)")]
+    InternalNotLoopback(SocketAddr),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -103,6 +130,8 @@ pub struct Broker;
 pub struct RunningBroker {
     pub tls_addr: Option<SocketAddr>,
     pub tcp_addrs: Vec<SocketAddr>,
+    /// Where the in-process handlers connect, if there is such a listener.
+    pub internal_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -120,6 +149,14 @@ pub struct RouterStopped(pub String);
 impl Broker {
     /// Starts the router, the accept loops and the metrics endpoint.
     pub async fn start(config: Config, listeners: Listeners) -> Result<RunningBroker, StartError> {
+        // Only processes on this host reach a loopback port: the internal
+        // listener's separate allowance is never offered to the network.
+        if let Some(internal) = &listeners.internal {
+            let addr = internal.local_addr()?;
+            if !addr.ip().is_loopback() {
+                return Err(StartError::InternalNotLoopback(addr));
+            }
+        }
         let leeway_secs = config.jwt.leeway_secs;
         let jwt = JwtVerifier::new(config.jwt)?;
         let limits = config.limits;
@@ -159,9 +196,12 @@ impl Broker {
             limits: limits.clone(),
             shutdown: shutdown.clone(),
         });
-        let rate_limit = Arc::new(ConnectionRateLimit::new(
+        // The public listeners share one admission; the internal one has its own.
+        let admission = Arc::new(Admission::new(
+            "public",
             limits.conn_rate_per_sec,
             limits.conn_burst,
+            limits.max_pending_per_addr,
         ));
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
@@ -173,6 +213,7 @@ impl Broker {
         let mut running = RunningBroker {
             tls_addr: None,
             tcp_addrs: Vec::new(),
+            internal_addr: None,
             metrics_addr: None,
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
@@ -183,19 +224,41 @@ impl Broker {
         let mut loops = Vec::new();
         if let Some((listener, acceptor)) = listeners.tls {
             running.tls_addr = Some(listener.local_addr()?);
-            loops.push((listener, Transport::Tls(acceptor)));
+            loops.push((
+                listener,
+                Transport::Tls(acceptor),
+                &admission,
+                &connection_slots,
+            ));
         }
         for listener in listeners.tcp {
             running.tcp_addrs.push(listener.local_addr()?);
-            loops.push((listener, Transport::Plain));
+            loops.push((listener, Transport::Plain, &admission, &connection_slots));
         }
-        for (listener, transport) in loops {
+        let internal = INTERNAL_ADMISSION;
+        let internal_admission = Arc::new(Admission::new(
+            "internal",
+            internal.rate_per_sec,
+            internal.burst,
+            internal.max_pending,
+        ));
+        let internal_slots = Arc::new(Semaphore::new(internal.max_connections));
+        if let Some(listener) = listeners.internal {
+            running.internal_addr = Some(listener.local_addr()?);
+            loops.push((
+                listener,
+                Transport::Plain,
+                &internal_admission,
+                &internal_slots,
+            ));
+        }
+        for (listener, transport, admission, slots) in loops {
             let accept_loop = AcceptLoop {
                 listener,
                 transport,
                 gate: gate.clone(),
-                rate_limit: rate_limit.clone(),
-                connection_slots: connection_slots.clone(),
+                admission: admission.clone(),
+                connection_slots: slots.clone(),
                 tasks: tasks.clone(),
             };
             tasks.spawn(accept_loop.run());
@@ -212,6 +275,7 @@ impl Broker {
         tracing::info!(
             tls = ?running.tls_addr,
             tcp = ?running.tcp_addrs,
+            internal = ?running.internal_addr,
             metrics = ?running.metrics_addr,
             "broker listening"
         );

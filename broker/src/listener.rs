@@ -1,18 +1,28 @@
-//! Owns accepting sockets: the per-address rate limit and the connection cap
-//! before any work, then one task per connection that does the TLS handshake
-//! under its deadline (never in the accept loop) and hands the stream to
+//! Owns accepting sockets: admission per source address (rate and pending
+//! connections, see `rate_limit`) and the connection cap before any work,
+//! then one task per connection that does the TLS handshake under its
+//! deadline (never in the accept loop) and hands the stream to
 //! `connection::serve`. Accept errors back off instead of spinning.
+//!
+//! Each accept loop has its own [`Admission`]: the internal listener of the
+//! in-process handlers never shares buckets with the public listeners, so
+//! clients exhausting the loopback address's allowance cannot lock the
+//! handlers out, and nothing reaching a public listener can use theirs.
 
 use crate::connection;
 use crate::gate::Gate;
-use crate::rate_limit::ConnectionRateLimit;
+use crate::rate_limit::{Admission, AdmissionRefusal, PendingGuard};
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Per-listener: how its sockets are wrapped.
 #[derive(Clone)]
@@ -26,7 +36,8 @@ pub struct AcceptLoop {
     pub listener: TcpListener,
     pub transport: Transport,
     pub gate: Arc<Gate>,
-    pub rate_limit: Arc<ConnectionRateLimit>,
+    /// This listener's admission (shared by the public listeners).
+    pub admission: Arc<Admission>,
     pub connection_slots: Arc<Semaphore>,
     pub tasks: TaskTracker,
 }
@@ -54,21 +65,27 @@ impl AcceptLoop {
                     continue;
                 }
             };
-            if !self.rate_limit.allow(peer.ip()) {
-                debug!(%peer, "connection rate limit");
-                self.gate.metrics.socket_dropped("rate_limited");
-                continue;
-            }
-            let Ok(slot) = self.connection_slots.clone().try_acquire_owned() else {
-                info!(%peer, "connection limit reached");
-                self.gate.metrics.socket_dropped("too_many_connections");
-                continue;
+            // Refused sockets are dropped (closed) here, before any TLS work.
+            let admitted = self.admission.admit(peer.ip()).and_then(|pending| {
+                self.connection_slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map(|slot| (pending, slot))
+                    .map_err(|_| AdmissionRefusal::TooManyConnections)
+            });
+            let (pending, slot) = match admitted {
+                Ok(admitted) => admitted,
+                Err(why) => {
+                    self.gate.metrics.socket_dropped(why.reason());
+                    self.admission.log_refusal(peer.ip(), why);
+                    continue;
+                }
             };
             let _ = socket.set_nodelay(true);
             let gate = self.gate.clone();
             let transport = self.transport.clone();
             self.tasks.spawn(async move {
-                serve_socket(socket, peer, transport, gate).await;
+                serve_socket(socket, peer, transport, gate, pending).await;
                 drop(slot);
             });
         }
@@ -80,9 +97,12 @@ async fn serve_socket(
     peer: std::net::SocketAddr,
     transport: Transport,
     gate: Arc<Gate>,
+    pending: PendingGuard,
 ) {
     match transport {
-        Transport::Plain => connection::serve(socket, peer, gate).await,
+        Transport::Plain => {
+            connection::serve(Answered::new(socket, pending), peer, gate).await;
+        }
         Transport::Tls(acceptor) => {
             // Boxed: the handshake, and the TLS stream before the session
             // splits it, are needed only until the session starts; inline they
@@ -93,7 +113,11 @@ async fn serve_socket(
                     h = crate::tls::handshake(&acceptor, socket, gate.limits.tls_handshake_timeout) => h,
                 };
                 match handshake {
-                    Ok(stream) => Some(connection::serve(stream, peer, gate.clone())),
+                    Ok(stream) => Some(connection::serve(
+                        Answered::new(stream, pending),
+                        peer,
+                        gate.clone(),
+                    )),
                     Err(e) => {
                         debug!(%peer, error = %e, "TLS handshake failed");
                         gate.metrics.socket_dropped("tls_handshake");
@@ -106,5 +130,109 @@ async fn serve_socket(
                 session.await;
             }
         }
+    }
+}
+
+/// A client stream that holds its source's pending slot until the broker
+/// first writes to it. The server speaks first only with CONNACK (accepting
+/// or refusing), so the first write marks the end of the pending phase;
+/// ending before it (timeouts, garbage, a closed socket) drops the slot too.
+/// Under TLS this wraps the TLS stream: handshake bytes do not count.
+struct Answered<S> {
+    inner: S,
+    pending: Option<PendingGuard>,
+}
+
+impl<S> Answered<S> {
+    fn new(inner: S, pending: PendingGuard) -> Self {
+        Answered {
+            inner,
+            pending: Some(pending),
+        }
+    }
+
+    fn answered(&mut self) {
+        // An `Option::take` per write: the slot is released once.
+        self.pending.take();
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Answered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Answered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.answered();
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.answered();
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.answered();
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn the_pending_slot_is_held_until_the_first_write() {
+        let admission = Admission::new("test", 0.0, 1, 1);
+        let ip: std::net::IpAddr = "10.0.0.1".parse().expect("address");
+        let guard = admission.admit(ip).expect("first");
+        let (client, server) = tokio::io::duplex(64);
+        let mut answered = Answered::new(server, guard);
+        let mut client = client;
+        client.write_all(b"CONNECT").await.expect("client writes");
+        let mut buf = [0u8; 7];
+        answered.read_exact(&mut buf).await.expect("server reads");
+        assert_eq!(admission.pending(ip), 1, "reading does not answer");
+        assert!(admission.admit(ip).is_err(), "still pending");
+        answered.write_all(b"CONNACK").await.expect("server writes");
+        assert_eq!(admission.pending(ip), 0, "the first write answers");
+        assert!(admission.admit(ip).is_ok());
+        drop(answered);
+        assert_eq!(admission.pending(ip), 0);
+    }
+
+    #[tokio::test]
+    async fn the_pending_slot_is_released_when_the_stream_ends_unanswered() {
+        let admission = Admission::new("test", 0.0, 1, 1);
+        let ip: std::net::IpAddr = "10.0.0.1".parse().expect("address");
+        let (_client, server) = tokio::io::duplex(64);
+        let answered = Answered::new(server, admission.admit(ip).expect("first"));
+        assert_eq!(admission.pending(ip), 1);
+        drop(answered);
+        assert_eq!(admission.pending(ip), 0);
     }
 }

@@ -121,7 +121,7 @@ async fn run(
         )
         .await?;
         let addr = internal.local_addr()?;
-        listeners.tcp.push(internal);
+        listeners.internal = Some(internal);
         Some(addr)
     } else {
         None
@@ -223,11 +223,7 @@ fn print_banner(
     let port = tls.port();
     // The addresses actually bound (port 0 in configuration picks a free one).
     println!("MQTT broker listening: TLS on {tls}");
-    if let Some(tcp) = running
-        .tcp_addrs
-        .first()
-        .filter(|_| running.tcp_addrs.len() > usize::from(handlers))
-    {
+    if let Some(tcp) = running.tcp_addrs.first() {
         println!("                       plain TCP on {tcp}");
     }
     if let Some(metrics) = running.metrics_addr {

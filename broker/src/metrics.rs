@@ -100,7 +100,7 @@ impl Metrics {
         );
         registry.register(
             "sockets_dropped",
-            "Sockets closed before CONNECT, by reason (rate_limited, tls_handshake, connect_timeout, not_mqtt, too_many_connections)",
+            "Sockets closed before CONNECT, by reason (rate_limited, too_many_pending, too_many_connections, tls_handshake, connect_timeout, not_mqtt)",
             dropped_sockets.clone(),
         );
         registry.register(

@@ -1,25 +1,68 @@
-//! Owns the per-address connection rate limit, applied to a socket before its
-//! TLS handshake so that a connect storm costs an accept and a close, not a
-//! handshake. A token bucket per IP address, refilled continuously.
+//! Owns connection admission per source address, applied to a socket before
+//! its TLS handshake so that a connect storm costs an accept and a close, not
+//! a handshake: a token bucket of new connections per address, a cap on the
+//! address's connections that are not yet answered (accepted, no CONNACK
+//! written), and one log line per episode of refusals.
+//!
+//! Addresses are keyed as [`AddrKey`]: IPv4 whole (IPv4-mapped IPv6 too, so
+//! a dual-stack listener cannot be used to double an IPv4 client's
+//! allowance), IPv6 by its /64, the smallest block one subscriber gets.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::time::Instant;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Buckets idle this long are full again and can be forgotten.
 const FORGET_AFTER_SECS: f64 = 60.0;
+
+/// Refusals this far apart belong to different episodes (and log again).
+const EPISODE_QUIET: Duration = Duration::from_secs(10);
+
+/// What one source is limited as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddrKey {
+    V4(Ipv4Addr),
+    /// The first 64 bits of an IPv6 address.
+    V6Prefix(u64),
+}
+
+impl AddrKey {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => AddrKey::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddrKey::V4(v4),
+                // The /64: one customer's block, whose 2^64 addresses are free to them.
+                None => AddrKey::V6Prefix((v6.to_bits() >> 64) as u64),
+            },
+        }
+    }
+}
+
+impl fmt::Display for AddrKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddrKey::V4(v4) => write!(f, "{v4}"),
+            AddrKey::V6Prefix(prefix) => {
+                write!(f, "{}/64", Ipv6Addr::from_bits(u128::from(*prefix) << 64))
+            }
+        }
+    }
+}
 
 struct Bucket {
     tokens: f64,
     refreshed: Instant,
 }
 
-/// Allows `burst` connections at once and `rate` per second after that, per address.
+/// Allows `burst` connections at once and `rate` per second after that, per [`AddrKey`].
 pub struct ConnectionRateLimit {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<AddrKey, Bucket>>,
     last_sweep: Mutex<Instant>,
 }
 
@@ -36,16 +79,16 @@ impl ConnectionRateLimit {
 
     /// Whether a new connection from `ip` may proceed now.
     pub fn allow(&self, ip: IpAddr) -> bool {
-        self.allow_at(ip, Instant::now())
+        self.allow_at(AddrKey::of(ip), Instant::now())
     }
 
-    fn allow_at(&self, ip: IpAddr, now: Instant) -> bool {
+    fn allow_at(&self, key: AddrKey, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
         self.sweep(now);
         let mut buckets = self.buckets.lock();
-        let bucket = buckets.entry(ip).or_insert(Bucket {
+        let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: self.burst,
             refreshed: now,
         });
@@ -76,16 +119,177 @@ impl ConnectionRateLimit {
     }
 }
 
+/// Counts each address's connections between accept and their first answer.
+/// Entries exist only while an address has some, so memory follows them.
+pub struct PendingLimit {
+    /// 0 means no limit.
+    max: usize,
+    counts: Mutex<HashMap<AddrKey, usize>>,
+}
+
+/// One pending connection: released when dropped, or when the connection
+/// is answered ([`PendingGuard`] is dropped by the stream wrapper then).
+pub struct PendingGuard {
+    limit: Arc<PendingLimit>,
+    key: AddrKey,
+}
+
+impl PendingLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(PendingLimit {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A pending slot for `key`, unless it already holds `max`.
+    pub fn try_admit(self: &Arc<Self>, key: AddrKey) -> Option<PendingGuard> {
+        let mut counts = self.counts.lock();
+        let count = counts.entry(key).or_insert(0);
+        if self.max != 0 && *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(PendingGuard {
+            limit: self.clone(),
+            key,
+        })
+    }
+
+    /// Connections of `key` not answered yet.
+    pub fn pending(&self, key: AddrKey) -> usize {
+        self.counts.lock().get(&key).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut counts = self.limit.counts.lock();
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Why a socket was closed at accept (the `reason` label of
+/// `broker_sockets_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AdmissionRefusal {
+    /// The address's bucket of new connections is empty.
+    RateLimited,
+    /// The address has its most connections in handshake / before CONNACK.
+    TooManyPending,
+    /// The broker holds its most connections.
+    TooManyConnections,
+}
+
+impl AdmissionRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            AdmissionRefusal::RateLimited => "rate_limited",
+            AdmissionRefusal::TooManyPending => "too_many_pending",
+            AdmissionRefusal::TooManyConnections => "too_many_connections",
+        }
+    }
+}
+
+struct Episode {
+    last: Instant,
+    refused: u64,
+}
+
+/// Decides whether a freshly accepted socket may go on to its handshake.
+pub struct Admission {
+    /// Names the listener in logs ("public", "internal").
+    listener: &'static str,
+    rate: ConnectionRateLimit,
+    pending: Arc<PendingLimit>,
+    episodes: Mutex<HashMap<AdmissionRefusal, Episode>>,
+}
+
+impl Admission {
+    /// `rate` 0 or `max_pending` 0 turns that check off.
+    pub fn new(listener: &'static str, rate: f64, burst: u32, max_pending: usize) -> Self {
+        Admission {
+            listener,
+            rate: ConnectionRateLimit::new(rate, burst),
+            pending: PendingLimit::new(max_pending),
+            episodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A pending slot for a new connection from `ip`, or why not. The pending
+    /// cap is checked first, so an address at its cap spends no rate tokens.
+    pub fn admit(&self, ip: IpAddr) -> Result<PendingGuard, AdmissionRefusal> {
+        let key = AddrKey::of(ip);
+        let guard = self
+            .pending
+            .try_admit(key)
+            .ok_or(AdmissionRefusal::TooManyPending)?;
+        if !self.rate.allow_at(key, Instant::now()) {
+            return Err(AdmissionRefusal::RateLimited);
+        }
+        Ok(guard)
+    }
+
+    /// Connections from `ip`'s key that are not answered yet.
+    pub fn pending(&self, ip: IpAddr) -> usize {
+        self.pending.pending(AddrKey::of(ip))
+    }
+
+    /// Records a refusal and logs it if it begins an episode: the first
+    /// refusal of its kind after [`EPISODE_QUIET`] without one. The rest are
+    /// only counted (the caller's metric), so a storm costs one log line.
+    pub fn log_refusal(&self, ip: IpAddr, why: AdmissionRefusal) {
+        let now = Instant::now();
+        let previous = {
+            let mut episodes = self.episodes.lock();
+            let episode = episodes.entry(why).or_insert(Episode {
+                last: now,
+                refused: 0,
+            });
+            let quiet = now.saturating_duration_since(episode.last) >= EPISODE_QUIET;
+            let starts = episode.refused == 0 || quiet;
+            let previous = quiet.then_some(episode.refused);
+            if quiet {
+                episode.refused = 0;
+            }
+            episode.refused += 1;
+            episode.last = now;
+            starts.then_some(previous)
+        };
+        if let Some(previous_episode_refused) = previous {
+            tracing::warn!(
+                listener = self.listener,
+                source = %AddrKey::of(ip),
+                reason = why.reason(),
+                previous_episode_refused,
+                "refusing connections at accept; further refusals are counted in broker_sockets_dropped_total until {}s pass without one",
+                EPISODE_QUIET.as_secs()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("test address")
+    }
+
+    fn key(text: &str) -> AddrKey {
+        AddrKey::of(ip(text))
+    }
 
     #[test]
     fn burst_then_rate_per_address() {
         let limit = ConnectionRateLimit::new(2.0, 3);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let (a, b) = (key("10.0.0.1"), key("10.0.0.2"));
         let t0 = Instant::now();
         assert!((0..3).all(|_| limit.allow_at(a, t0)));
         assert!(!limit.allow_at(a, t0));
@@ -97,7 +301,126 @@ mod tests {
     #[test]
     fn zero_rate_is_unlimited() {
         let limit = ConnectionRateLimit::new(0.0, 1);
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        assert!((0..10_000).all(|_| limit.allow(a)));
+        assert!((0..10_000).all(|_| limit.allow(ip("127.0.0.1"))));
+    }
+
+    #[test]
+    fn ipv6_is_keyed_by_its_64() {
+        let same = [
+            "2001:db8:1:2::1",
+            "2001:db8:1:2:ffff:ffff:ffff:ffff",
+            "2001:db8:1:2:dead:beef:0:1",
+        ];
+        for addr in same {
+            assert_eq!(key(addr), key("2001:db8:1:2::"), "{addr}");
+        }
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_ne!(key("2001:db9:1:2::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("2001:db8:1:2::1").to_string(), "2001:db8:1:2::/64");
+
+        // One /64 shares one bucket: rotating the interface id gains nothing.
+        let limit = ConnectionRateLimit::new(1.0, 4);
+        let t0 = Instant::now();
+        let allowed = (0..100u128)
+            .filter(|i| {
+                let addr = Ipv6Addr::from_bits(0x2001_0db8_0001_0002_0000_0000_0000_0000 | i);
+                limit.allow_at(AddrKey::of(IpAddr::V6(addr)), t0)
+            })
+            .count();
+        assert_eq!(allowed, 4);
+        assert!(
+            limit.allow_at(key("2001:db8:1:3::1"), t0),
+            "the next /64 has its own"
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_keyed_as_ipv4() {
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(key("::ffff:192.0.2.7").to_string(), "192.0.2.7");
+        assert_ne!(key("::ffff:192.0.2.7"), key("::ffff:192.0.2.8"));
+        let limit = ConnectionRateLimit::new(1.0, 2);
+        let t0 = Instant::now();
+        assert!(limit.allow_at(key("192.0.2.7"), t0));
+        assert!(limit.allow_at(key("::ffff:192.0.2.7"), t0));
+        assert!(
+            !limit.allow_at(key("192.0.2.7"), t0),
+            "one bucket for both forms"
+        );
+    }
+
+    #[test]
+    fn pending_cap_per_address_released_on_drop() {
+        let admission = Admission::new("test", 0.0, 1, 2);
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        let first = admission.admit(a).expect("first");
+        let second = admission.admit(a).expect("second");
+        assert_eq!(
+            admission.admit(a).err(),
+            Some(AdmissionRefusal::TooManyPending)
+        );
+        assert!(admission.admit(b).is_ok(), "another address is not held up");
+        assert_eq!(admission.pending(a), 2);
+        drop(first);
+        assert_eq!(admission.pending(a), 1);
+        let third = admission.admit(a).expect("a slot came free");
+        drop((second, third));
+        assert_eq!(admission.pending(a), 0);
+        assert!(
+            admission.pending.counts.lock().is_empty(),
+            "no entry left behind"
+        );
+    }
+
+    #[test]
+    fn pending_cap_spends_no_rate_tokens() {
+        let admission = Admission::new("test", 1.0, 2, 1);
+        let a = ip("10.0.0.1");
+        let held = admission.admit(a).expect("first");
+        for _ in 0..10 {
+            assert_eq!(
+                admission.admit(a).err(),
+                Some(AdmissionRefusal::TooManyPending)
+            );
+        }
+        drop(held);
+        assert!(
+            admission.admit(a).is_ok(),
+            "the second token is still there"
+        );
+        assert_eq!(
+            admission.admit(a).err(),
+            Some(AdmissionRefusal::RateLimited)
+        );
+    }
+
+    #[test]
+    fn zero_pending_cap_is_unlimited() {
+        let admission = Admission::new("test", 0.0, 1, 0);
+        let guards: Vec<_> = (0..1000).map(|_| admission.admit(ip("10.0.0.1"))).collect();
+        assert!(guards.iter().all(Result::is_ok));
+    }
+
+    /// The defaults let a carrier-grade NAT address of 5,000 devices that all
+    /// reconnect at once in within 5 s, counting tokens only.
+    #[test]
+    fn default_budget_admits_a_nat_storm_in_seconds() {
+        let limits = crate::config::Limits::default();
+        let limit = ConnectionRateLimit::new(limits.conn_rate_per_sec, limits.conn_burst);
+        let nat = key("100.64.0.1");
+        let t0 = Instant::now();
+        let mut admitted = 0;
+        let mut at = t0;
+        // Devices retry every 100 ms until admitted.
+        while admitted < 5_000 {
+            while admitted < 5_000 && limit.allow_at(nat, at) {
+                admitted += 1;
+            }
+            at += Duration::from_millis(100);
+            assert!(
+                at - t0 <= Duration::from_secs(5),
+                "{admitted} admitted by 5 s"
+            );
+        }
     }
 }

@@ -118,6 +118,7 @@ impl TestBroker {
                 tls: Some((tls, acceptor)),
                 tcp: vec![tcp],
                 metrics,
+                internal: None,
             },
         )
         .await

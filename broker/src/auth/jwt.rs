@@ -15,6 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Shortest `JWT_SECRET` accepted at start-up, in bytes: HS256 keys need at
+/// least 256 bits (RFC 7518 §3.2), and a shorter secret can be brute-forced
+/// offline from any one token.
+pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+
 /// How device tokens are verified (from the broker's configuration).
 #[derive(Clone)]
 pub struct JwtSettings {
@@ -111,6 +116,10 @@ pub enum TokenError {
     UnknownKey,
     #[error("token keys unavailable, try again later")]
     KeysUnavailable,
+    /// RFC 7515 §4.1.11: a `crit` header names extensions the verifier must
+    /// understand; this broker understands none, so any `crit` is refused.
+    #[error("token header names critical extensions (crit) this broker does not support")]
+    CriticalExtension,
 }
 
 impl TokenError {
@@ -128,6 +137,7 @@ impl TokenError {
             TokenError::BadSubject(_) => "token subject is not a valid user id",
             TokenError::UnknownKey => "token key id unknown",
             TokenError::KeysUnavailable => "token keys unavailable, try again later",
+            TokenError::CriticalExtension => "token header has unsupported crit extensions",
         }
     }
 }
@@ -332,7 +342,14 @@ impl JwtVerifier {
     }
 
     async fn verify_inner(&self, token: &str) -> Result<VerifiedToken, TokenError> {
-        let header = decode_header(token).map_err(|_| classify_bad_header(token))?;
+        // jsonwebtoken's `Header` has no `crit` and ignores unknown fields, so
+        // the header JSON is read here too: one small base64 and JSON decode,
+        // before any signature work.
+        let raw_header = raw_header(token).ok_or(TokenError::Malformed)?;
+        if raw_header.contains_key("crit") {
+            return Err(TokenError::CriticalExtension);
+        }
+        let header = decode_header(token).map_err(|_| classify_bad_header(&raw_header))?;
         let mut validation = self.inner.validation.clone();
         validation.algorithms = vec![header.alg];
         let claims = match header.alg {
@@ -480,20 +497,24 @@ fn map_error(kind: &ErrorKind) -> TokenError {
     }
 }
 
+/// The JOSE header of a compact JWS as a JSON object (the base64url of the
+/// text before the first `.`), or `None` when it is not one.
+fn raw_header(token: &str) -> Option<serde_json::Map<String, Value>> {
+    let encoded = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .ok()?;
+    match serde_json::from_slice::<Value>(&json) {
+        Ok(Value::Object(header)) => Some(header),
+        _ => None,
+    }
+}
+
 /// A header jsonwebtoken cannot read: an `alg` it does not know (`none`
 /// above all) is a refused algorithm, anything else is malformed.
-fn classify_bad_header(token: &str) -> TokenError {
-    let Some(encoded) = token.split('.').next() else {
-        return TokenError::Malformed;
-    };
-    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded) else {
-        return TokenError::Malformed;
-    };
-    match serde_json::from_slice::<Value>(&json) {
-        Ok(Value::Object(header)) => match header.get("alg").and_then(Value::as_str) {
-            Some(alg) if alg.parse::<Algorithm>().is_err() => TokenError::AlgorithmNotAllowed,
-            _ => TokenError::Malformed,
-        },
+fn classify_bad_header(header: &serde_json::Map<String, Value>) -> TokenError {
+    match header.get("alg").and_then(Value::as_str) {
+        Some(alg) if alg.parse::<Algorithm>().is_err() => TokenError::AlgorithmNotAllowed,
         _ => TokenError::Malformed,
     }
 }
@@ -759,6 +780,64 @@ pub(crate) mod tests {
         );
     }
 
+    /// RFC 7515 §4.1.11: a validly signed token whose header carries `crit`
+    /// (an unknown extension, an empty list, or a registered name) is refused.
+    #[tokio::test]
+    async fn critical_header_extensions_are_refused() {
+        let verifier = hmac_verifier();
+        let claims = DeviceClaims::new("u1", 60);
+        let signed_with = |crit: Value| {
+            let header = b64(&json!({"alg": "HS256", "typ": "JWT", "crit": crit, "exp": 1}));
+            let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+            let input = format!("{header}.{payload}");
+            let signature = jsonwebtoken::crypto::sign(
+                input.as_bytes(),
+                &EncodingKey::from_secret(SECRET),
+                Algorithm::HS256,
+            )
+            .unwrap();
+            format!("{input}.{signature}")
+        };
+        for crit in [json!(["exp"]), json!(["b64"]), json!([]), json!("x")] {
+            let token = signed_with(crit.clone());
+            assert_eq!(
+                verifier.verify(&token).await,
+                Err(TokenError::CriticalExtension),
+                "{crit}"
+            );
+        }
+        // The same token without `crit` verifies: the signature is genuine.
+        let plain = sign_hs(Algorithm::HS256, &claims, SECRET);
+        assert!(verifier.verify(&plain).await.is_ok());
+        // Asymmetric tokens too.
+        let dir = tempfile::tempdir().unwrap();
+        let (ec_private, ec_public) = rcgen_pems(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let pem = pem_verifier(vec![write(&dir, "ec.pem", &ec_public)]);
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("k".into());
+        let good = encode(
+            &header,
+            &claims,
+            &EncodingKey::from_ec_pem(ec_private.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(pem.verify(&good).await.is_ok());
+        let header =
+            b64(&json!({"alg": "ES256", "crit": ["urn:example:ext"], "urn:example:ext": 1}));
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+        let input = format!("{header}.{payload}");
+        let signature = jsonwebtoken::crypto::sign(
+            input.as_bytes(),
+            &EncodingKey::from_ec_pem(ec_private.as_bytes()).unwrap(),
+            Algorithm::ES256,
+        )
+        .unwrap();
+        assert_eq!(
+            pem.verify(&format!("{input}.{signature}")).await,
+            Err(TokenError::CriticalExtension)
+        );
+    }
+
     #[tokio::test]
     async fn hmac_signed_with_the_public_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -812,6 +891,21 @@ pub(crate) mod tests {
             strict.verify(&token(now - 2)).await,
             Err(TokenError::Expired)
         );
+    }
+
+    /// Far-future `exp` values verify as valid with that expiry (the session
+    /// clamps it, see `auth::DeviceIdentity::time_left`); one beyond `u64`
+    /// is not an integer claim we can hold, and is refused.
+    #[tokio::test]
+    async fn enormous_expiry_verifies() {
+        let verifier = hmac_verifier();
+        for exp in [10_000_000_000_000_000_000, u64::MAX, i64::MAX as u64] {
+            let token = sign_hs(Algorithm::HS256, &json!({"sub": "u1", "exp": exp}), SECRET);
+            let verified = verifier.verify(&token).await.unwrap();
+            assert_eq!(verified.expires_at, Some(exp));
+        }
+        let beyond = sign_hs(Algorithm::HS256, &json!({"sub": "u1", "exp": 1e20}), SECRET);
+        assert!(verifier.verify(&beyond).await.is_err());
     }
 
     #[tokio::test]

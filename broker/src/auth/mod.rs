@@ -17,6 +17,12 @@ use shared::UserId;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Longest a token keeps a session open, whatever its `exp` says. An `exp`
+/// further away than this (up to `u64::MAX` seconds) means "no expiry within
+/// any reachable time": it is clamped here, so the session deadline built
+/// from it can neither overflow `Instant` arithmetic nor wrap into the past.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// A verified client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
@@ -41,6 +47,23 @@ impl DeviceIdentity {
     /// When the token expires (Unix seconds), if it says.
     pub fn expires_at(&self) -> Option<u64> {
         self.expires_at
+    }
+
+    /// How long after `now_secs` (Unix seconds) the session must end for the
+    /// token's expiry, `leeway_secs` included: never negative (an expired
+    /// token gives zero), never more than [`MAX_TOKEN_LIFETIME`]. `None`
+    /// when the token has no `exp`.
+    pub fn time_left(&self, now_secs: u64, leeway_secs: u64) -> Option<Duration> {
+        let end = self.expires_at?.saturating_add(leeway_secs);
+        Some(Duration::from_secs(end.saturating_sub(now_secs)).min(MAX_TOKEN_LIFETIME))
+    }
+
+    /// The instant the session must end for the token's expiry, from the
+    /// clock now. `None` when the token sets no deadline that can be reached
+    /// (no `exp`, or one no `Instant` on this platform can represent).
+    pub fn session_deadline(&self, leeway_secs: u64) -> Option<tokio::time::Instant> {
+        let left = self.time_left(shared::claims::now_secs(), leeway_secs)?;
+        tokio::time::Instant::now().checked_add(left)
     }
 }
 
@@ -85,7 +108,8 @@ impl Refusal {
             TokenError::Malformed
             | TokenError::AlgorithmNotAllowed
             | TokenError::BadSignature
-            | TokenError::UnknownKey => Refusal::BadCredentials(reason),
+            | TokenError::UnknownKey
+            | TokenError::CriticalExtension => Refusal::BadCredentials(reason),
             TokenError::Expired
             | TokenError::NotYetValid
             | TokenError::MissingExpiry
@@ -189,13 +213,67 @@ pub(crate) mod testing {
     use super::*;
 
     pub fn device(uid: &str) -> Principal {
-        Principal::Device(DeviceIdentity {
+        Principal::Device(device_expiring(uid, None))
+    }
+
+    pub fn device_expiring(uid: &str, expires_at: Option<u64>) -> DeviceIdentity {
+        DeviceIdentity {
             uid: UserId::parse(uid).expect("test uid"),
-            expires_at: None,
-        })
+            expires_at,
+        }
     }
 
     pub fn handler() -> Principal {
         Principal::Handler(HandlerIdentity { _verified: () })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::device_expiring;
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn time_left_counts_the_leeway_and_never_goes_negative() {
+        let device = device_expiring("u1", Some(NOW + 60));
+        assert_eq!(device.time_left(NOW, 5), Some(Duration::from_secs(65)));
+        let expired = device_expiring("u1", Some(NOW - 60));
+        assert_eq!(expired.time_left(NOW, 5), Some(Duration::ZERO));
+        assert_eq!(device_expiring("u1", None).time_left(NOW, 5), None);
+    }
+
+    /// Enormous `exp` values mean "no reachable expiry": clamped, never a
+    /// panic (10^19 overflowed `Instant + Duration`) and never "expired"
+    /// (`u64::MAX + leeway` wrapped around to a few seconds).
+    #[test]
+    fn enormous_expiry_is_clamped_not_overflowed() {
+        for exp in [
+            10_000_000_000_000_000_000,
+            u64::MAX,
+            i64::MAX as u64,
+            u64::MAX - 4,
+        ] {
+            let device = device_expiring("u1", Some(exp));
+            for leeway in [0, 5, u64::MAX] {
+                assert_eq!(
+                    device.time_left(NOW, leeway),
+                    Some(MAX_TOKEN_LIFETIME),
+                    "exp {exp}, leeway {leeway}"
+                );
+            }
+            let deadline = device
+                .session_deadline(5)
+                .expect("a 100-year deadline is representable");
+            assert!(
+                deadline > tokio::time::Instant::now() + Duration::from_secs(50 * 365 * 24 * 3600),
+                "exp {exp} must not read as expired"
+            );
+        }
+        // A near-future exp is not clamped.
+        let soon = device_expiring("u1", Some(shared::claims::now_secs() + 30));
+        let deadline = soon.session_deadline(0).expect("deadline");
+        assert!(deadline <= tokio::time::Instant::now() + Duration::from_secs(31));
     }
 }
