@@ -119,6 +119,39 @@ pub struct Args {
     /// Seconds between sweeps that disconnect revoked users (0 = only at CONNECT).
     #[arg(long, env = "BROKER_REVOCATION_POLL_SECS", default_value_t = 5)]
     pub revocation_poll_secs: u64,
+    /// Longest client id accepted at CONNECT, in bytes (longer: refused, 0x85).
+    #[arg(long, env = "BROKER_MAX_CLIENT_ID_BYTES", default_value_t = 128)]
+    pub max_client_id_bytes: usize,
+    /// Longest topic name or filter a device may use, in bytes.
+    #[arg(long, env = "BROKER_DEVICE_MAX_TOPIC_BYTES", default_value_t = 256)]
+    pub device_max_topic_bytes: usize,
+    /// Most `/`-separated levels in a device's topic name or filter.
+    #[arg(long, env = "BROKER_DEVICE_MAX_TOPIC_LEVELS", default_value_t = 16)]
+    pub device_max_topic_levels: usize,
+    /// Longest topic name or filter a handler may use, in bytes.
+    #[arg(long, env = "BROKER_HANDLER_MAX_TOPIC_BYTES", default_value_t = 4096)]
+    pub handler_max_topic_bytes: usize,
+    /// Most `/`-separated levels in a handler's topic name or filter.
+    #[arg(long, env = "BROKER_HANDLER_MAX_TOPIC_LEVELS", default_value_t = 64)]
+    pub handler_max_topic_levels: usize,
+    /// Most subscriptions one device session may hold (more: SUBACK 0x97).
+    #[arg(long, env = "BROKER_DEVICE_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub device_max_subscriptions: usize,
+    /// Most subscriptions one handler session may hold.
+    #[arg(
+        long,
+        env = "BROKER_HANDLER_MAX_SUBSCRIPTIONS",
+        default_value_t = 10_000
+    )]
+    pub handler_max_subscriptions: usize,
+    /// Most persistent sessions (clean_session=0) one user's devices may hold
+    /// (connected or away); one more is refused (MQTT 5 0x97, 3.1.1 code 3).
+    #[arg(
+        long,
+        env = "BROKER_MAX_PERSISTENT_SESSIONS_PER_USER",
+        default_value_t = 8
+    )]
+    pub max_persistent_sessions_per_user: usize,
 }
 
 /// Why the configuration was refused. Each message says how to fix it.
@@ -144,6 +177,14 @@ pub enum ConfigError {
     BadConnRate(f64),
     #[error("BROKER_MAX_CONNECTIONS must be at least 1")]
     NoConnections,
+    #[error("{name} must be between {min} and {max} (got {value}): {why}")]
+    BadCap {
+        name: &'static str,
+        value: usize,
+        min: usize,
+        max: usize,
+        why: &'static str,
+    },
     #[error("cannot prepare development files in {path}: {source}")]
     DevFiles {
         path: PathBuf,
@@ -168,6 +209,16 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     pub revocation_poll: Duration,
     pub max_session_expiry: Duration,
+    /// Longest client id accepted, in bytes.
+    pub max_client_id_bytes: usize,
+    /// Topic and filter size caps, by kind of client.
+    pub topics: crate::acl::TopicLimits,
+    /// Most subscriptions a device session may hold.
+    pub device_max_subscriptions: usize,
+    /// Most subscriptions a handler session may hold.
+    pub handler_max_subscriptions: usize,
+    /// Most persistent sessions one user's devices may hold.
+    pub max_persistent_sessions_per_user: usize,
 }
 
 impl Default for Limits {
@@ -184,7 +235,32 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(10),
             revocation_poll: Duration::from_secs(5),
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            max_client_id_bytes: 128,
+            topics: crate::acl::TopicLimits::default(),
+            device_max_subscriptions: 100,
+            handler_max_subscriptions: 10_000,
+            max_persistent_sessions_per_user: 8,
         }
+    }
+}
+
+/// Checks one cap against its sane range.
+fn check_cap(
+    name: &'static str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+    why: &'static str,
+) -> Result<usize, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::BadCap {
+            name,
+            value,
+            min: *range.start(),
+            max: *range.end(),
+            why,
+        })
     }
 }
 
@@ -302,6 +378,66 @@ impl Args {
         if self.max_connections == 0 {
             return Err(ConfigError::NoConnections);
         }
+        // Lower bounds keep the product working (MQTT servers must take 23-byte
+        // client ids; a device needs room for `<64-byte uid>_<name>`); upper
+        // bounds keep a cap a cap.
+        let max_client_id_bytes = check_cap(
+            "BROKER_MAX_CLIENT_ID_BYTES",
+            self.max_client_id_bytes,
+            23..=65_535,
+            "MQTT servers must accept 23-byte client ids",
+        )?;
+        let topic_why = "a device needs room for a 64-byte user id and a reply name";
+        let topics = crate::acl::TopicLimits {
+            device: shared::topics::TopicCaps {
+                max_bytes: check_cap(
+                    "BROKER_DEVICE_MAX_TOPIC_BYTES",
+                    self.device_max_topic_bytes,
+                    128..=65_535,
+                    topic_why,
+                )?,
+                max_levels: check_cap(
+                    "BROKER_DEVICE_MAX_TOPIC_LEVELS",
+                    self.device_max_topic_levels,
+                    1..=65_535,
+                    "a topic has at least one level",
+                )?,
+            },
+            handler: shared::topics::TopicCaps {
+                max_bytes: check_cap(
+                    "BROKER_HANDLER_MAX_TOPIC_BYTES",
+                    self.handler_max_topic_bytes,
+                    128..=65_535,
+                    topic_why,
+                )?,
+                max_levels: check_cap(
+                    "BROKER_HANDLER_MAX_TOPIC_LEVELS",
+                    self.handler_max_topic_levels,
+                    1..=65_535,
+                    "a topic has at least one level",
+                )?,
+            },
+        };
+        let subscriptions_why =
+            "a session needs at least one subscription, and a cap bounds memory";
+        let device_max_subscriptions = check_cap(
+            "BROKER_DEVICE_MAX_SUBSCRIPTIONS",
+            self.device_max_subscriptions,
+            1..=1_000_000,
+            subscriptions_why,
+        )?;
+        let handler_max_subscriptions = check_cap(
+            "BROKER_HANDLER_MAX_SUBSCRIPTIONS",
+            self.handler_max_subscriptions,
+            1..=1_000_000,
+            subscriptions_why,
+        )?;
+        let max_persistent_sessions_per_user = check_cap(
+            "BROKER_MAX_PERSISTENT_SESSIONS_PER_USER",
+            self.max_persistent_sessions_per_user,
+            0..=10_000,
+            "0 allows devices clean sessions only",
+        )?;
 
         let config = Config {
             jwt: JwtSettings {
@@ -327,6 +463,11 @@ impl Args {
                 shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
                 revocation_poll: Duration::from_secs(self.revocation_poll_secs),
                 max_session_expiry: Duration::from_secs(self.max_session_expiry_secs),
+                max_client_id_bytes,
+                topics,
+                device_max_subscriptions,
+                handler_max_subscriptions,
+                max_persistent_sessions_per_user,
             },
             revocations: None,
         };
@@ -452,6 +593,36 @@ mod tests {
             ("--max-packet-size=10", "BROKER_MAX_PACKET_SIZE"),
             ("--tls-cert=only-cert.pem", "BROKER_TLS_KEY"),
             ("--jwt-secret=", "JWT_SECRET"),
+            ("--max-client-id-bytes=0", "BROKER_MAX_CLIENT_ID_BYTES"),
+            ("--max-client-id-bytes=100000", "BROKER_MAX_CLIENT_ID_BYTES"),
+            (
+                "--device-max-topic-bytes=10",
+                "BROKER_DEVICE_MAX_TOPIC_BYTES",
+            ),
+            (
+                "--device-max-topic-levels=0",
+                "BROKER_DEVICE_MAX_TOPIC_LEVELS",
+            ),
+            (
+                "--handler-max-topic-bytes=70000",
+                "BROKER_HANDLER_MAX_TOPIC_BYTES",
+            ),
+            (
+                "--handler-max-topic-levels=0",
+                "BROKER_HANDLER_MAX_TOPIC_LEVELS",
+            ),
+            (
+                "--device-max-subscriptions=0",
+                "BROKER_DEVICE_MAX_SUBSCRIPTIONS",
+            ),
+            (
+                "--handler-max-subscriptions=0",
+                "BROKER_HANDLER_MAX_SUBSCRIPTIONS",
+            ),
+            (
+                "--max-persistent-sessions-per-user=100000",
+                "BROKER_MAX_PERSISTENT_SESSIONS_PER_USER",
+            ),
         ] {
             let err = base_args(&[flag, &dev]).resolve().unwrap_err();
             assert!(err.to_string().contains(needle), "{flag}: {err}");

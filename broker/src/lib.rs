@@ -38,6 +38,7 @@ pub mod revocation;
 pub mod router;
 pub mod secret;
 pub mod sessions;
+pub mod subscriptions;
 pub mod tls;
 
 use auth::jwt::{JwtConfigError, JwtVerifier};

@@ -157,11 +157,13 @@ struct Routes {
 struct TopicRoutes {
     /// Inboxes of the sessions the gate serves this topic to.
     inboxes: Vec<Arc<ReplyInbox>>,
-    /// Some device subscribed to it through the router (QoS 1/2, a
-    /// persistent session, a retained topic). Never reset: a persistent
-    /// session keeps its subscriptions in the router after its connection.
-    router_devices: bool,
-    /// A retained publish was sent to it (possibly cleared since).
+    /// Device sessions subscribed to it through the router (QoS 1/2, a
+    /// persistent session, a retained topic). A clean session counts until
+    /// its connection ends; a persistent one keeps its subscriptions in the
+    /// router after its connection, and is never uncounted.
+    router_devices: usize,
+    /// It holds a retained message (set by a retained publish, cleared by
+    /// an empty one, which deletes it in the router).
     retained: bool,
     /// Live handler subscriptions naming this topic literally.
     handlers: usize,
@@ -169,7 +171,7 @@ struct TopicRoutes {
 
 impl TopicRoutes {
     fn is_empty(&self) -> bool {
-        self.inboxes.is_empty() && !self.router_devices && !self.retained && self.handlers == 0
+        self.inboxes.is_empty() && self.router_devices == 0 && !self.retained && self.handlers == 0
     }
 }
 
@@ -218,9 +220,25 @@ impl ReplyIndex {
         }
     }
 
-    /// A device subscribed to `topic` through the router.
+    /// A device session subscribed to `topic` through the router (once per
+    /// session and topic).
     pub fn device_subscribed_in_router(&self, topic: &str) {
-        self.routes.write().entry(topic).router_devices = true;
+        self.routes.write().entry(topic).router_devices += 1;
+    }
+
+    /// A clean device session that subscribed to `topic` through the router
+    /// ended (the router dropped its subscriptions with it).
+    pub fn device_left_router(&self, topic: &str) {
+        let mut routes = self.routes.write();
+        if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
+            found.router_devices = found.router_devices.saturating_sub(1);
+            routes.forget_if_empty(topic);
+        }
+    }
+
+    /// Topics the index holds entries for (each costs memory until freed).
+    pub fn topics(&self) -> usize {
+        self.routes.read().topics.len()
     }
 
     /// A handler subscribed to `filter` (shared or not) through the router.
@@ -263,7 +281,17 @@ impl ReplyIndex {
         properties: &Option<PublishProperties>,
     ) -> Routed {
         if publish.retain {
-            self.routes.write().entry(topic).retained = true;
+            let mut routes = self.routes.write();
+            if publish.payload.is_empty() {
+                // An empty retained publish deletes the retained message in
+                // the router: later subscribers may be served by the gate.
+                if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
+                    found.retained = false;
+                    routes.forget_if_empty(topic);
+                }
+            } else {
+                routes.entry(topic).retained = true;
+            }
         }
         let routes = self.routes.read();
         let found = routes.topics.get(topic.as_bytes());
@@ -271,7 +299,7 @@ impl ReplyIndex {
             dropped: 0,
             newly_slow: 0,
             needs_router: publish.retain
-                || found.is_some_and(|f| f.router_devices || f.handlers > 0)
+                || found.is_some_and(|f| f.router_devices > 0 || f.handlers > 0)
                 || routes
                     .handler_wildcards
                     .keys()
@@ -382,6 +410,65 @@ mod tests {
         assert_eq!(live, vec![false], "a live delivery carries no retain flag");
         let late = Arc::new(ReplyInbox::default());
         assert!(!index.subscribe("9_profile", &late));
+    }
+
+    #[test]
+    fn entries_are_freed_when_the_last_subscriber_leaves() {
+        let index = ReplyIndex::default();
+        let (a, b) = (
+            Arc::new(ReplyInbox::default()),
+            Arc::new(ReplyInbox::default()),
+        );
+        for i in 0..1000 {
+            let topic = format!("1_t{i}");
+            assert!(index.subscribe(&topic, &a));
+            assert!(index.subscribe(&topic, &b));
+        }
+        index.device_subscribed_in_router("2_q");
+        index.device_subscribed_in_router("2_q");
+        index.handler_subscribed("sync");
+        index.handler_subscribed("$share/g/sync");
+        index.handler_subscribed("audit/#");
+        assert_eq!(index.topics(), 1002);
+
+        for i in 0..1000 {
+            let topic = format!("1_t{i}");
+            index.unsubscribe(&topic, &a);
+            assert_eq!(index.topics(), 1002 - i, "b still holds {topic}");
+            index.unsubscribe(&topic, &b);
+        }
+        index.device_left_router("2_q");
+        assert!(
+            index
+                .route("2_q", &publish("2_q", "x", false), &None)
+                .needs_router
+        );
+        index.device_left_router("2_q");
+        assert!(
+            !index
+                .route("2_q", &publish("2_q", "x", false), &None)
+                .needs_router
+        );
+        index.handler_unsubscribed("sync");
+        index.handler_unsubscribed("$share/g/sync");
+        index.handler_unsubscribed("audit/#");
+        assert_eq!(index.topics(), 0);
+        assert!(index.routes.read().handler_wildcards.is_empty());
+        // Leaving twice, or what was never joined, changes nothing.
+        index.device_left_router("2_q");
+        index.unsubscribe("1_t0", &a);
+        index.handler_unsubscribed("never");
+        assert_eq!(index.topics(), 0);
+
+        // A retained message keeps its topic with the router until an
+        // empty retained publish deletes it.
+        index.route("9_p", &publish("9_p", "p", true), &None);
+        assert!(!index.subscribe("9_p", &a));
+        index.route("9_p", &publish("9_p", "", true), &None);
+        assert_eq!(index.topics(), 0, "nothing retained, nobody subscribed");
+        assert!(index.subscribe("9_p", &a), "served by the gate again");
+        index.unsubscribe("9_p", &a);
+        assert_eq!(index.topics(), 0);
     }
 
     #[test]

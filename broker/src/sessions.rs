@@ -2,8 +2,13 @@
 //! each session (devices keyed by user, handlers apart, so no client can
 //! reach another's session), and session takeover: a second connection with
 //! the same id tells the first to end (MQTT 5 DISCONNECT 0x8E) and waits for it;
-//! and the one signal that tells a live session to end, and why.
+//! and the one signal that tells a live session to end, and why. Also the
+//! CONNECT-time caps on identity: client id length, and persistent sessions
+//! per user (counted from their first connection until they expire).
 
+use crate::answers::ConnectRefusal;
+use crate::auth::Principal;
+use crate::config::Limits;
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use shared::UserId;
@@ -39,6 +44,36 @@ fn escape(client_id: &str) -> String {
         }
     }
     out
+}
+
+/// Refuses a client id longer than the configured cap (MQTT 5 0x85, 3.1.1
+/// code 2): ids are kept as router session names, possibly for days.
+pub fn check_client_id(client_id: &str, limits: &Limits) -> Result<(), ConnectRefusal> {
+    if client_id.len() > limits.max_client_id_bytes {
+        return Err(ConnectRefusal::ClientIdNotValid("client id too long"));
+    }
+    Ok(())
+}
+
+/// Persistent device sessions the router keeps, by id and counted per user.
+#[derive(Default)]
+struct Persistent {
+    owner: HashMap<String, UserId>,
+    per_user: HashMap<UserId, usize>,
+}
+
+impl Persistent {
+    fn forget(&mut self, id: &str) {
+        let Some(uid) = self.owner.remove(id) else {
+            return;
+        };
+        if let Some(count) = self.per_user.get_mut(&uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_user.remove(&uid);
+            }
+        }
+    }
 }
 
 /// Why a live session is asked to end.
@@ -128,6 +163,8 @@ pub struct SessionRegistry {
     /// Persistent sessions whose client is away, with the serial of the
     /// connection that left them: only that one's expiry may end them.
     away: Mutex<HashMap<String, u64>>,
+    /// Persistent device sessions, connected or away, until they expire.
+    persistent: Mutex<Persistent>,
 }
 
 /// Held by a live connection; dropping it releases the id and tells a
@@ -149,7 +186,53 @@ impl SessionRegistry {
             next_serial: AtomicU64::new(0),
             live: Mutex::default(),
             away: Mutex::default(),
+            persistent: Mutex::default(),
         }
+    }
+
+    /// Admits a device's session `id` under the persistent-sessions-per-user
+    /// cap: resuming a persistent session the user holds is always allowed, a
+    /// new one only under the cap. A clean session replaces (and so ends) a
+    /// persistent one of the same id in the router, which stops counting.
+    /// Handlers are not capped here.
+    pub fn admit(
+        &self,
+        id: &str,
+        principal: &Principal,
+        clean_session: bool,
+        limits: &Limits,
+    ) -> Result<(), ConnectRefusal> {
+        let Principal::Device(device) = principal else {
+            return Ok(());
+        };
+        let mut persistent = self.persistent.lock();
+        if clean_session {
+            persistent.forget(id);
+            return Ok(());
+        }
+        if persistent.owner.contains_key(id) {
+            return Ok(());
+        }
+        let uid = device.uid();
+        let held = persistent.per_user.get(uid).copied().unwrap_or(0);
+        if held >= limits.max_persistent_sessions_per_user {
+            return Err(ConnectRefusal::QuotaExceeded(
+                "too many persistent sessions for this user",
+            ));
+        }
+        persistent.owner.insert(id.to_owned(), uid.clone());
+        *persistent.per_user.entry(uid.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Persistent device sessions counted for `uid`.
+    pub fn persistent_sessions(&self, uid: &UserId) -> usize {
+        self.persistent
+            .lock()
+            .per_user
+            .get(uid)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Claims `id` (for `uid`'s device, or a handler when `None`), ending
@@ -206,6 +289,8 @@ impl SessionRegistry {
             return None;
         }
         away.remove(id);
+        // The session ends now: it no longer counts against its user.
+        self.persistent.lock().forget(id);
         let own_serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let (closed_tx, closed_rx) = oneshot::channel();
         let end = EndSignal::default();
@@ -296,6 +381,60 @@ mod tests {
         assert_eq!(handler_session_id("h/1+#$%"), "H:h%2F1%2B%23%24%25");
         assert!(!device_session_id(&u12, "a/b#").contains(['/', '#', '+', '$']));
         assert_ne!(handler_session_id("a%2F"), handler_session_id("a/"));
+    }
+
+    #[test]
+    fn client_ids_are_capped() {
+        let limits = Limits {
+            max_client_id_bytes: 4,
+            ..Limits::default()
+        };
+        assert_eq!(check_client_id("abcd", &limits), Ok(()));
+        assert_eq!(
+            check_client_id("abcde", &limits),
+            Err(ConnectRefusal::ClientIdNotValid("client id too long"))
+        );
+        // Bytes, not characters.
+        assert!(check_client_id("ééé", &limits).is_err());
+    }
+
+    #[tokio::test]
+    async fn persistent_sessions_are_capped_per_user_until_they_expire() {
+        use crate::auth::testing::{device, handler};
+        let registry = Arc::new(SessionRegistry::new(CancellationToken::new()));
+        let limits = Limits {
+            max_persistent_sessions_per_user: 2,
+            ..Limits::default()
+        };
+        let (alice, bob) = (device("alice"), device("bob"));
+        let uid = UserId::parse("alice").unwrap();
+        assert_eq!(registry.admit("D:alice:a", &alice, false, &limits), Ok(()));
+        assert_eq!(registry.admit("D:alice:b", &alice, false, &limits), Ok(()));
+        let over = registry.admit("D:alice:c", &alice, false, &limits);
+        assert!(matches!(over, Err(ConnectRefusal::QuotaExceeded(_))));
+        // Resuming one it holds, a clean session, another user, a handler: fine.
+        assert_eq!(registry.admit("D:alice:a", &alice, false, &limits), Ok(()));
+        assert_eq!(registry.admit("D:alice:c", &alice, true, &limits), Ok(()));
+        assert_eq!(registry.admit("D:bob:a", &bob, false, &limits), Ok(()));
+        assert_eq!(registry.admit("H:h", &handler(), false, &limits), Ok(()));
+        assert_eq!(registry.persistent_sessions(&uid), 2);
+
+        // A clean session with a persistent id ends that one in the router.
+        assert_eq!(registry.admit("D:alice:b", &alice, true, &limits), Ok(()));
+        assert_eq!(registry.persistent_sessions(&uid), 1);
+        assert_eq!(registry.admit("D:alice:c", &alice, false, &limits), Ok(()));
+
+        // An expiry frees its slot (and the map shrinks back).
+        let claim = registry.claim("D:alice:a".into(), Some(&uid)).await;
+        registry.left_away(&claim);
+        let serial = claim.serial();
+        drop(claim);
+        let expiring = registry.claim_to_expire("D:alice:a", serial);
+        assert!(expiring.is_some());
+        assert_eq!(registry.persistent_sessions(&uid), 1);
+        assert_eq!(registry.admit("D:alice:c", &alice, true, &limits), Ok(()));
+        assert_eq!(registry.persistent_sessions(&uid), 0);
+        assert!(registry.persistent.lock().per_user.len() == 1, "only bob's");
     }
 
     #[tokio::test]
