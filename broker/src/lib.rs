@@ -137,7 +137,7 @@ impl Broker {
             router,
             sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
             commands: CommandTopics::new(config.command_topics),
-            replies: ReplyIndex::default(),
+            replies: ReplyIndex::with_gauge(metrics.reply_index_topics()),
             revocations: config.revocations.map(Arc::new),
             metrics: metrics.clone(),
             leeway_secs,

@@ -35,6 +35,7 @@ pub struct Metrics {
     replies_dropped: Counter,
     dropped_sockets: Family<ReasonLabel, Counter>,
     refusal_cache_hits: Counter,
+    reply_index_topics: Gauge,
 }
 
 impl Default for Metrics {
@@ -54,6 +55,12 @@ impl Metrics {
         let replies_dropped = Counter::default();
         let dropped_sockets = Family::<ReasonLabel, Counter>::default();
         let refusal_cache_hits = Counter::default();
+        let reply_index_topics = Gauge::default();
+        registry.register(
+            "reply_index_topics",
+            "Topics the gate's reply index holds entries for (freed when their last subscriber leaves)",
+            reply_index_topics.clone(),
+        );
         registry.register(
             "connections",
             "Authenticated MQTT connections by kind (device, handler)",
@@ -96,6 +103,7 @@ impl Metrics {
         );
         Metrics {
             refusal_cache_hits,
+            reply_index_topics,
             registry,
             connections,
             refused,
@@ -105,6 +113,11 @@ impl Metrics {
             replies_dropped,
             dropped_sockets,
         }
+    }
+
+    /// The gauge the reply index keeps its size in.
+    pub fn reply_index_topics(&self) -> Gauge {
+        self.reply_index_topics.clone()
     }
 
     pub fn connection_opened(&self, kind: &'static str) {

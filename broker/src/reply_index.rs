@@ -14,7 +14,8 @@
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::protocol::{Publish, PublishProperties, QoS};
 use shared::topics::{effective_filter, is_wildcard, matches};
 use std::collections::{HashMap, VecDeque};
@@ -138,6 +139,8 @@ pub struct Routed {
 #[derive(Default)]
 pub struct ReplyIndex {
     routes: RwLock<Routes>,
+    /// How many topics `routes` holds, for `/metrics` (set on every change).
+    topics_gauge: Gauge,
 }
 
 /// Keyed hashing, faster than the default for the short topic names looked
@@ -195,12 +198,53 @@ impl Routes {
     }
 }
 
+/// The write lock on the routes; on release, the gauge shows their size.
+struct Writing<'a> {
+    routes: RwLockWriteGuard<'a, Routes>,
+    gauge: &'a Gauge,
+}
+
+impl std::ops::Deref for Writing<'_> {
+    type Target = Routes;
+    fn deref(&self) -> &Routes {
+        &self.routes
+    }
+}
+
+impl std::ops::DerefMut for Writing<'_> {
+    fn deref_mut(&mut self) -> &mut Routes {
+        &mut self.routes
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.gauge
+            .set(i64::try_from(self.routes.topics.len()).unwrap_or(i64::MAX));
+    }
+}
+
 impl ReplyIndex {
+    /// An index that keeps its size in `gauge` (a `/metrics` series).
+    pub fn with_gauge(gauge: Gauge) -> Self {
+        ReplyIndex {
+            routes: RwLock::default(),
+            topics_gauge: gauge,
+        }
+    }
+
+    fn write(&self) -> Writing<'_> {
+        Writing {
+            routes: self.routes.write(),
+            gauge: &self.topics_gauge,
+        }
+    }
+
     /// Serves `topic` to `inbox` from now on, unless the topic has (or had)
     /// a retained message, which only the router can give a new subscriber:
     /// then returns false and the subscription goes to the router.
     pub fn subscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) -> bool {
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         let routes = routes.entry(topic);
         if routes.retained {
             return false;
@@ -213,7 +257,7 @@ impl ReplyIndex {
 
     /// Stops serving `topic` to `inbox`.
     pub fn unsubscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) {
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
             found.inboxes.retain(|i| !Arc::ptr_eq(i, inbox));
             routes.forget_if_empty(topic);
@@ -223,13 +267,13 @@ impl ReplyIndex {
     /// A device session subscribed to `topic` through the router (once per
     /// session and topic).
     pub fn device_subscribed_in_router(&self, topic: &str) {
-        self.routes.write().entry(topic).router_devices += 1;
+        self.write().entry(topic).router_devices += 1;
     }
 
     /// A clean device session that subscribed to `topic` through the router
     /// ended (the router dropped its subscriptions with it).
     pub fn device_left_router(&self, topic: &str) {
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
             found.router_devices = found.router_devices.saturating_sub(1);
             routes.forget_if_empty(topic);
@@ -244,7 +288,7 @@ impl ReplyIndex {
     /// A handler subscribed to `filter` (shared or not) through the router.
     pub fn handler_subscribed(&self, filter: &str) {
         let inner = effective_filter(filter);
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         if is_wildcard(inner) {
             *routes
                 .handler_wildcards
@@ -258,7 +302,7 @@ impl ReplyIndex {
     /// A handler's subscription to `filter` ended.
     pub fn handler_unsubscribed(&self, filter: &str) {
         let inner = effective_filter(filter);
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         if is_wildcard(inner) {
             if let Some(count) = routes.handler_wildcards.get_mut(inner) {
                 *count -= 1;
@@ -281,7 +325,7 @@ impl ReplyIndex {
         properties: &Option<PublishProperties>,
     ) -> Routed {
         if publish.retain {
-            let mut routes = self.routes.write();
+            let mut routes = self.write();
             if publish.payload.is_empty() {
                 // An empty retained publish deletes the retained message in
                 // the router: later subscribers may be served by the gate.
@@ -430,6 +474,7 @@ mod tests {
         index.handler_subscribed("$share/g/sync");
         index.handler_subscribed("audit/#");
         assert_eq!(index.topics(), 1002);
+        assert_eq!(index.topics_gauge.get(), 1002);
 
         for i in 0..1000 {
             let topic = format!("1_t{i}");
@@ -453,6 +498,7 @@ mod tests {
         index.handler_unsubscribed("$share/g/sync");
         index.handler_unsubscribed("audit/#");
         assert_eq!(index.topics(), 0);
+        assert_eq!(index.topics_gauge.get(), 0);
         assert!(index.routes.read().handler_wildcards.is_empty());
         // Leaving twice, or what was never joined, changes nothing.
         index.device_left_router("2_q");

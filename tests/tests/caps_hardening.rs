@@ -545,3 +545,56 @@ async fn persistent_sessions_per_user_are_capped() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn reply_index_entries_are_freed_when_subscribers_leave() {
+    const GAUGE: &str = "broker_reply_index_topics ";
+    let broker = TestBroker::start().await;
+    let baseline = series(&broker.metrics_text().await, GAUGE);
+
+    // Served by the gate (QoS 0, clean session) and by the router (QoS 1).
+    let mut erin = broker.device("erin", "erin-phone").await;
+    let direct = (0..50).map(|i| format!("erin_d{i}"));
+    assert!(subscribe_many(&mut erin, direct, QoS::AtMostOnce)
+        .await
+        .iter()
+        .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+    let routed = (0..20).map(|i| format!("erin_r{i}"));
+    assert!(subscribe_many(&mut erin, routed, QoS::AtLeastOnce)
+        .await
+        .iter()
+        .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+    let mut frank = broker.device("frank", "frank-phone").await;
+    assert!(matches!(
+        frank.subscribe("frank_d0", QoS::AtMostOnce).await,
+        SubscribeReasonCode::Success(_)
+    ));
+    assert_eq!(series(&broker.metrics_text().await, GAUGE), baseline + 71);
+
+    // Unsubscribing frees the gate's entries at once.
+    for i in 0..50 {
+        erin.client.unsubscribe(format!("erin_d{i}")).await.unwrap();
+    }
+    for _ in 0..50 {
+        erin.wait_for("UNSUBACK", |p| matches!(p, P5::UnsubAck(_)).then_some(()))
+            .await;
+    }
+    assert_eq!(series(&broker.metrics_text().await, GAUGE), baseline + 21);
+
+    // Disconnecting frees the rest (the router's too: a clean session).
+    erin.client.disconnect().await.unwrap();
+    frank.client.disconnect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = series(&broker.metrics_text().await, GAUGE);
+        if now == baseline {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{now} topics left, {baseline} expected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.shutdown().await;
+}
