@@ -163,6 +163,8 @@ pub(crate) mod tests {
         let limits = TopicLimits::default();
         let commands = CommandTopics::new(["sync".to_owned(), "request_contact".to_owned()]);
         commands.declare("$share/publish/publish");
+        // A handler reading a user's reply topic does not open it to devices.
+        commands.declare("alice_x");
         let d = device("68946");
         let cases = [
             ("sync", Ok(())),
@@ -171,6 +173,7 @@ pub(crate) mod tests {
             ("undeclared", Err(Denial::NotAuthorized)),
             ("23412_contact_requested", Err(Denial::NotAuthorized)),
             ("68946_sync", Err(Denial::NotAuthorized)),
+            ("alice_x", Err(Denial::NotAuthorized)),
             ("$SYS/x", Err(Denial::NotAuthorized)),
             ("sync/+", Err(Denial::Invalid)),
             ("#", Err(Denial::Invalid)),

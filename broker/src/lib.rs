@@ -8,8 +8,10 @@
 //! 3. [`connection`]: CONNECT deadline, protocol version ([`codec`]);
 //! 4. [`auth`]: device JWT ([`auth::jwt`], [`auth::jwks`]) or handler key,
 //!    giving a verified [`auth::Principal`]; refusals cached ([`auth::refusals`]);
-//! 5. [`sessions`]: client ids namespaced per user and takeover;
-//! 6. [`acl`]: who may publish and subscribe where ([`command_topics`]);
+//! 5. [`sessions`]: client ids namespaced per user and takeover, client id
+//!    length and persistent sessions per user;
+//! 6. [`acl`]: who may publish and subscribe where ([`command_topics`]), topic
+//!    size caps; each session's filters and their cap ([`subscriptions`]);
 //!    revoked users are refused and disconnected ([`revocation`]);
 //! 7. [`identity`]: `user_id`/`client_id` stamped on device publishes;
 //! 8. [`router`]: the embedded rumqttd router, which routes and delivers;
