@@ -295,6 +295,18 @@ pub struct DevDefaults {
     pub handler_key: Option<Secret>,
 }
 
+/// The command topics of the built-in handlers, configured whenever they
+/// run: several are reply-shaped (`get_contact_list` could be user `get`'s
+/// reply topic), and a handler subscribing to a reply-shaped topic never
+/// declares it (see `command_topics`), so these must be configured.
+pub const BUILTIN_COMMAND_TOPICS: [&str; 5] = [
+    "sync",
+    "publish",
+    "request_contact",
+    "accept_contact",
+    "get_contact_list",
+];
+
 /// Checks a command topic name from configuration.
 pub fn validate_command_topic(topic: &str) -> Result<(), ConfigError> {
     if !shared::topics::is_valid_topic_name(topic) || topic.starts_with('$') {
@@ -360,12 +372,19 @@ impl Args {
             return Err(ConfigError::WeakHandlerKey);
         }
 
-        let command_topics: Vec<String> = self
+        let mut command_topics: Vec<String> = self
             .command_topics
             .iter()
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty())
             .collect();
+        if self.handlers == BuiltinHandlers::All {
+            for topic in BUILTIN_COMMAND_TOPICS {
+                if !command_topics.iter().any(|t| t == topic) {
+                    command_topics.push(topic.to_owned());
+                }
+            }
+        }
         for topic in &command_topics {
             validate_command_topic(topic)?;
         }
@@ -549,6 +568,39 @@ mod tests {
         let mut argv = vec!["broker"];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).expect("parse")
+    }
+
+    #[test]
+    fn builtin_handlers_configure_their_command_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = format!("--dev-dir={}", dir.path().display());
+        let (config, _, _) = base_args(&[&dev, "--command-topics=jobs,sync"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            config.command_topics.len(),
+            6,
+            "{:?}",
+            config.command_topics
+        );
+        let (config, _, _) = base_args(&[&dev, "--handlers=none"]).resolve().unwrap();
+        assert!(config.command_topics.is_empty());
+
+        // The list is the handlers' own: each built-in worker's topics are in it.
+        let data = tempfile::tempdir().unwrap();
+        let mut settings = handlers::Settings::from_lookup(|_| None).unwrap();
+        settings.data_dir = data.path().to_owned();
+        let shared = handlers::Shared::open(settings).unwrap();
+        let mut served = Vec::new();
+        for kind in [handlers::Kind::Publish, handlers::Kind::Contacts] {
+            let worker = handlers::worker(kind, shared.clone(), None).unwrap();
+            served.extend(worker.topics().map(str::to_owned));
+        }
+        served.push("sync".to_owned()); // its worker needs an RSA key: slow to make here
+        served.sort();
+        let mut listed = BUILTIN_COMMAND_TOPICS.map(str::to_owned).to_vec();
+        listed.sort();
+        assert_eq!(served, listed);
     }
 
     #[test]
