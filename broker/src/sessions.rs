@@ -9,6 +9,7 @@
 use crate::answers::ConnectRefusal;
 use crate::auth::Principal;
 use crate::config::Limits;
+use crate::subscriptions::{Doubled, Subscriptions};
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use shared::UserId;
@@ -31,6 +32,11 @@ pub fn device_session_id(uid: &UserId, client_id: &str) -> String {
 /// The router client id of a handler session: `H:<escaped client id>`.
 pub fn handler_session_id(client_id: &str) -> String {
     format!("H:{}", escape(client_id))
+}
+
+/// Whether router session `id` is a handler's (see `handler_session_id`).
+pub fn is_handler_session_id(id: &str) -> bool {
+    id.starts_with("H:")
 }
 
 /// Percent-escapes the characters the router refuses in client ids
@@ -165,6 +171,10 @@ pub struct SessionRegistry {
     away: Mutex<HashMap<String, u64>>,
     /// Persistent device sessions, connected or away, until they expire.
     persistent: Mutex<Persistent>,
+    /// The subscriptions persistent sessions left in the router when their
+    /// connection ended: the next connection takes them back, and an expiry
+    /// or a clean session with the same id releases them.
+    kept: Mutex<HashMap<String, Subscriptions>>,
 }
 
 /// Held by a live connection; dropping it releases the id and tells a
@@ -187,7 +197,26 @@ impl SessionRegistry {
             live: Mutex::default(),
             away: Mutex::default(),
             persistent: Mutex::default(),
+            kept: Mutex::default(),
         }
+    }
+
+    /// Keeps the subscriptions of persistent session `id`, whose connection
+    /// ended. Returns what is now counted twice (see `Subscriptions::absorb`).
+    pub fn keep_subscriptions(&self, id: &str, subs: Subscriptions) -> Doubled {
+        let mut kept = self.kept.lock();
+        match kept.get_mut(id) {
+            Some(earlier) => earlier.absorb(subs),
+            None => {
+                kept.insert(id.to_owned(), subs);
+                Doubled::default()
+            }
+        }
+    }
+
+    /// Takes the subscriptions session `id` left, if any.
+    pub fn take_subscriptions(&self, id: &str) -> Option<Subscriptions> {
+        self.kept.lock().remove(id)
     }
 
     /// Admits a device's session `id` under the persistent-sessions-per-user
@@ -435,6 +464,28 @@ mod tests {
         assert_eq!(registry.admit("D:alice:c", &alice, true, &limits), Ok(()));
         assert_eq!(registry.persistent_sessions(&uid), 0);
         assert!(registry.persistent.lock().per_user.len() == 1, "only bob's");
+    }
+
+    #[test]
+    fn kept_subscriptions_are_handed_back_once() {
+        let registry = SessionRegistry::new(CancellationToken::new());
+        let mut first = Subscriptions::new(10);
+        first.add_via_router("1_a");
+        assert_eq!(
+            registry.keep_subscriptions("D:1:c", first),
+            Doubled::default()
+        );
+        let mut late = Subscriptions::new(10);
+        late.add_via_router("1_a");
+        late.add_via_router("1_b");
+        let doubled = registry.keep_subscriptions("D:1:c", late);
+        assert_eq!(doubled.via_router, vec!["1_a".to_owned()]);
+        let kept = registry.take_subscriptions("D:1:c").expect("kept");
+        assert_eq!(kept.via_router().count(), 2);
+        assert!(registry.take_subscriptions("D:1:c").is_none());
+        assert!(is_handler_session_id(&handler_session_id("x")));
+        let uid = UserId::parse("1").unwrap();
+        assert!(!is_handler_session_id(&device_session_id(&uid, "H:x")));
     }
 
     #[tokio::test]

@@ -135,6 +135,43 @@ impl Subscriptions {
     pub fn declared(&self) -> impl Iterator<Item = &str> {
         self.declared.iter().map(String::as_str)
     }
+
+    /// Hands everything over (a persistent session's connection ends, and
+    /// its subscriptions stay in the router), leaving this empty.
+    pub fn take(&mut self) -> Subscriptions {
+        std::mem::replace(self, Subscriptions::new(self.cap))
+    }
+
+    /// Takes in what another connection of the same session left. Returns
+    /// the router filters and declarations both held: each was counted once
+    /// per connection, and is kept once here, so the caller uncounts them.
+    pub fn absorb(&mut self, other: Subscriptions) -> Doubled {
+        let mut doubled = Doubled::default();
+        self.held.extend(other.held);
+        self.direct.extend(other.direct);
+        for filter in other.via_router {
+            if self.via_router.contains(&filter) {
+                doubled.via_router.push(filter);
+            } else {
+                self.via_router.insert(filter);
+            }
+        }
+        for filter in other.declared {
+            if self.declared.contains(&filter) {
+                doubled.declared.push(filter);
+            } else {
+                self.declared.insert(filter);
+            }
+        }
+        doubled
+    }
+}
+
+/// Filters two connections of one session both counted (see `absorb`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Doubled {
+    pub via_router: Vec<String>,
+    pub declared: Vec<String>,
 }
 
 #[cfg(test)]
@@ -192,6 +229,35 @@ mod tests {
         assert!(subs.undeclare("sync"));
         assert!(!subs.undeclare("sync"));
         assert_eq!(subs.via_router().count(), 0);
+    }
+
+    #[test]
+    fn a_persistent_session_hands_its_filters_over() {
+        let mut first = Subscriptions::new(3);
+        assert_eq!(first.admit("1_a"), Ok(()));
+        first.add_via_router("1_a");
+        first.declare("jobs");
+        let kept = first.take();
+        assert_eq!(first.held(), 0);
+        assert_eq!(first.via_router().count(), 0);
+
+        let mut second = Subscriptions::new(3);
+        assert_eq!(second.admit("1_b"), Ok(()));
+        second.add_via_router("1_b");
+        second.add_via_router("1_a");
+        let doubled = second.absorb(kept);
+        assert_eq!(
+            doubled,
+            Doubled {
+                via_router: vec!["1_a".to_owned()],
+                declared: Vec::new(),
+            }
+        );
+        assert_eq!(second.held(), 2);
+        assert!(second.is_via_router("1_a") && second.is_via_router("1_b"));
+        assert_eq!(second.declared().collect::<Vec<_>>(), vec!["jobs"]);
+        assert_eq!(second.admit("1_c"), Ok(()));
+        assert_eq!(second.admit("1_d"), Err(Denial::QuotaExceeded));
     }
 
     #[test]

@@ -598,3 +598,53 @@ async fn reply_index_entries_are_freed_when_subscribers_leave() {
     }
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn persistent_sessions_keep_their_count_and_free_it_at_expiry() {
+    const GAUGE: &str = "broker_reply_index_topics ";
+    let mut options = TestOptions::default();
+    options.limits.device_max_subscriptions = 5;
+    let broker = TestBroker::start_with(options).await;
+    let baseline = series(&broker.metrics_text().await, GAUGE);
+    let persistent = |expiry: u32| {
+        device_with(&broker, "gina", "gina-phone", move |o| {
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(expiry));
+        })
+    };
+    let mut first = persistent(3600);
+    first.connected().await;
+    let five = (0..5).map(|i| format!("gina_{i}"));
+    assert!(subscribe_many(&mut first, five, QoS::AtLeastOnce)
+        .await
+        .iter()
+        .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+    assert_eq!(series(&broker.metrics_text().await, GAUGE), baseline + 5);
+    first.client.disconnect().await.unwrap();
+    drop(first);
+
+    // The session is resumed with its subscriptions, which still count.
+    let mut second = persistent(1);
+    assert!(second.connected().await.session_present);
+    assert_eq!(
+        second.subscribe("gina_5", QoS::AtLeastOnce).await,
+        SubscribeReasonCode::QuotaExceeded
+    );
+    assert_eq!(series(&broker.metrics_text().await, GAUGE), baseline + 5);
+
+    // It leaves, and its session expires after 1 s: the entries are freed.
+    second.client.disconnect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = series(&broker.metrics_text().await, GAUGE);
+        if now == baseline {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{now} topics left after the expiry, {baseline} expected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.shutdown().await;
+}
