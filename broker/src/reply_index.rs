@@ -162,8 +162,9 @@ struct TopicRoutes {
     inboxes: Vec<Arc<ReplyInbox>>,
     /// Device sessions subscribed to it through the router (QoS 1/2, a
     /// persistent session, a retained topic). A clean session counts until
-    /// its connection ends; a persistent one keeps its subscriptions in the
-    /// router after its connection, and is never uncounted.
+    /// its connection ends; a persistent one until the session expires or a
+    /// clean connection replaces it (its subscriptions stay in the router
+    /// meanwhile).
     router_devices: usize,
     /// It holds a retained message (set by a retained publish, cleared by
     /// an empty one, which deletes it in the router).
