@@ -11,10 +11,8 @@ use crate::gate::Gate;
 use crate::identity;
 use crate::reply_index::{ReplyInbox, Routed};
 use crate::router::{RouterRx, RouterTx};
-use crate::sessions::{
-    device_session_id, handler_session_id, is_handler_session_id, EndRequest, SessionClaim,
-};
-use crate::subscriptions::{Doubled, Subscriptions};
+use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
+use crate::subscriptions::Subscriptions;
 use bytes::{Bytes, BytesMut};
 use rand::Rng;
 use rumqttd::protocol::{
@@ -334,7 +332,15 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     // (see `reply_index`): nothing of them outlives the connection.
     let inbox = (matches!(principal, Principal::Device(_)) && connect.clean_session)
         .then(|| Arc::new(ReplyInbox::default()));
-    let subs = resumed_subscriptions(gate, &claim, &principal, connect.clean_session);
+    let subs = gate.sessions.resume_subscriptions(
+        claim.id(),
+        connect.clean_session,
+        Subscriptions::new(match principal {
+            Principal::Device(_) => gate.limits.device_max_subscriptions,
+            Principal::Handler(_) => gate.limits.handler_max_subscriptions,
+        }),
+        (&gate.replies, &gate.commands),
+    );
     Some(Session {
         gate: gate.clone(),
         codec,
@@ -363,51 +369,6 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     })
 }
 
-/// The subscription bookkeeping of a new connection: what its persistent
-/// session's earlier connection left, or (a clean session ends that one in
-/// the router) a fresh one, after releasing what was left.
-fn resumed_subscriptions(
-    gate: &Gate,
-    claim: &SessionClaim,
-    principal: &Principal,
-    clean_session: bool,
-) -> Subscriptions {
-    let kept = gate.sessions.take_subscriptions(claim.id());
-    match kept {
-        Some(kept) if !clean_session => kept,
-        other => {
-            if let Some(kept) = other {
-                release_subscriptions(gate, claim.id(), kept.via_router(), kept.declared());
-            }
-            Subscriptions::new(match principal {
-                Principal::Device(_) => gate.limits.device_max_subscriptions,
-                Principal::Handler(_) => gate.limits.handler_max_subscriptions,
-            })
-        }
-    }
-}
-
-/// Uncounts router filters and command declarations of session `id`, which
-/// the router no longer holds.
-fn release_subscriptions<'a>(
-    gate: &Gate,
-    id: &str,
-    via_router: impl Iterator<Item = &'a str>,
-    declared: impl Iterator<Item = &'a str>,
-) {
-    let handler = is_handler_session_id(id);
-    for filter in via_router {
-        if handler {
-            gate.replies.handler_unsubscribed(filter);
-        } else {
-            gate.replies.device_left_router(filter);
-        }
-    }
-    for filter in declared {
-        gate.commands.withdraw(filter);
-    }
-}
-
 /// How long a persistent session outlives its connection: MQTT 5 says so in
 /// CONNECT (absent = 0, ended with the connection); MQTT 3.1.1 sessions have
 /// no expiry of their own. Either way at most the configured maximum.
@@ -430,9 +391,8 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
         let Some(expiring) = gate.sessions.claim_to_expire(&id, serial) else {
             return;
         };
-        if let Some(kept) = gate.sessions.take_subscriptions(&id) {
-            release_subscriptions(&gate, &id, kept.via_router(), kept.declared());
-        }
+        gate.sessions
+            .release_subscriptions(&id, (&gate.replies, &gate.commands));
         match gate.router.connect(id, true).await {
             Ok(link) => {
                 let mut tx = link.tx;
@@ -584,19 +544,11 @@ impl Session {
         if !self.clean_session {
             // Its subscriptions stay in the router: the next connection
             // takes them back, the expiry releases them.
+            let counts = (&self.gate.replies, &self.gate.commands);
             let subs = self.subs.take();
-            let Doubled {
-                via_router,
-                declared,
-            } = self.gate.sessions.keep_subscriptions(self.claim.id(), subs);
-            let (via_router, declared) = (via_router.iter(), declared.iter());
-            let id = self.claim.id();
-            release_subscriptions(
-                &self.gate,
-                id,
-                via_router.map(|f| f.as_str()),
-                declared.map(|f| f.as_str()),
-            );
+            self.gate
+                .sessions
+                .keep_subscriptions(self.claim.id(), subs, counts);
         }
         // A persistent session stays in the router until its expiry (unless
         // a new connection took it over). The claim is released first so the

@@ -8,8 +8,10 @@
 
 use crate::answers::ConnectRefusal;
 use crate::auth::Principal;
+use crate::command_topics::CommandTopics;
 use crate::config::Limits;
-use crate::subscriptions::{Doubled, Subscriptions};
+use crate::reply_index::ReplyIndex;
+use crate::subscriptions::Subscriptions;
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use shared::UserId;
@@ -37,6 +39,31 @@ pub fn handler_session_id(client_id: &str) -> String {
 /// Whether router session `id` is a handler's (see `handler_session_id`).
 pub fn is_handler_session_id(id: &str) -> bool {
     id.starts_with("H:")
+}
+
+/// What counts a session's subscriptions elsewhere: the reply index (router
+/// filters) and the command topics (a handler's declarations).
+pub type Counts<'a> = (&'a ReplyIndex, &'a CommandTopics);
+
+/// Uncounts router filters and command declarations of session `id`, which
+/// the router no longer holds (or holds once for two counts).
+fn uncount<'a>(
+    id: &str,
+    via_router: impl Iterator<Item = &'a str>,
+    declared: impl Iterator<Item = &'a str>,
+    (replies, commands): Counts<'_>,
+) {
+    let handler = is_handler_session_id(id);
+    for filter in via_router {
+        if handler {
+            replies.handler_unsubscribed(filter);
+        } else {
+            replies.device_left_router(filter);
+        }
+    }
+    for filter in declared {
+        commands.withdraw(filter);
+    }
 }
 
 /// Percent-escapes the characters the router refuses in client ids
@@ -202,21 +229,55 @@ impl SessionRegistry {
     }
 
     /// Keeps the subscriptions of persistent session `id`, whose connection
-    /// ended. Returns what is now counted twice (see `Subscriptions::absorb`).
-    pub fn keep_subscriptions(&self, id: &str, subs: Subscriptions) -> Doubled {
-        let mut kept = self.kept.lock();
-        match kept.get_mut(id) {
-            Some(earlier) => earlier.absorb(subs),
-            None => {
-                kept.insert(id.to_owned(), subs);
-                Doubled::default()
+    /// ended; what an earlier connection's leftovers already count is
+    /// uncounted (see `Subscriptions::absorb`).
+    pub fn keep_subscriptions(&self, id: &str, subs: Subscriptions, counts: Counts<'_>) {
+        let doubled = {
+            let mut kept = self.kept.lock();
+            match kept.get_mut(id) {
+                Some(earlier) => earlier.absorb(subs),
+                None => {
+                    kept.insert(id.to_owned(), subs);
+                    return;
+                }
             }
+        };
+        let (via_router, declared) = (doubled.via_router.iter(), doubled.declared.iter());
+        uncount(
+            id,
+            via_router.map(String::as_str),
+            declared.map(String::as_str),
+            counts,
+        );
+    }
+
+    /// The bookkeeping of a new connection of session `id`: what its
+    /// persistent session's earlier connection left, or `fresh` (a clean
+    /// session ends that one in the router: what it left is released).
+    pub fn resume_subscriptions(
+        &self,
+        id: &str,
+        clean_session: bool,
+        fresh: Subscriptions,
+        counts: Counts<'_>,
+    ) -> Subscriptions {
+        let kept = self.kept.lock().remove(id);
+        match kept {
+            Some(kept) if !clean_session => kept,
+            Some(kept) => {
+                uncount(id, kept.via_router(), kept.declared(), counts);
+                fresh
+            }
+            None => fresh,
         }
     }
 
-    /// Takes the subscriptions session `id` left, if any.
-    pub fn take_subscriptions(&self, id: &str) -> Option<Subscriptions> {
-        self.kept.lock().remove(id)
+    /// Session `id` expired: what it left in the router is released.
+    pub fn release_subscriptions(&self, id: &str, counts: Counts<'_>) {
+        let kept = self.kept.lock().remove(id);
+        if let Some(kept) = kept {
+            uncount(id, kept.via_router(), kept.declared(), counts);
+        }
     }
 
     /// Admits a device's session `id` under the persistent-sessions-per-user
@@ -469,20 +530,42 @@ mod tests {
     #[test]
     fn kept_subscriptions_are_handed_back_once() {
         let registry = SessionRegistry::new(CancellationToken::new());
+        let (replies, commands) = (ReplyIndex::default(), CommandTopics::new([]));
+        let counts = (&replies, &commands);
+        // Two connections of one session counted `1_a` in the router, each.
+        replies.device_subscribed_in_router("1_a");
+        replies.device_subscribed_in_router("1_a");
+        replies.device_subscribed_in_router("1_b");
         let mut first = Subscriptions::new(10);
         first.add_via_router("1_a");
-        assert_eq!(
-            registry.keep_subscriptions("D:1:c", first),
-            Doubled::default()
-        );
+        registry.keep_subscriptions("D:1:c", first, counts);
         let mut late = Subscriptions::new(10);
         late.add_via_router("1_a");
         late.add_via_router("1_b");
-        let doubled = registry.keep_subscriptions("D:1:c", late);
-        assert_eq!(doubled.via_router, vec!["1_a".to_owned()]);
-        let kept = registry.take_subscriptions("D:1:c").expect("kept");
-        assert_eq!(kept.via_router().count(), 2);
-        assert!(registry.take_subscriptions("D:1:c").is_none());
+        registry.keep_subscriptions("D:1:c", late, counts);
+        assert_eq!(replies.topics(), 2);
+
+        // Resumed: handed back whole, once.
+        let resumed = registry.resume_subscriptions("D:1:c", false, Subscriptions::new(10), counts);
+        assert_eq!(resumed.via_router().count(), 2);
+        let fresh = registry.resume_subscriptions("D:1:c", false, Subscriptions::new(10), counts);
+        assert_eq!(fresh.via_router().count(), 0);
+
+        // Expired: released, and the index is empty again.
+        registry.keep_subscriptions("D:1:c", resumed, counts);
+        registry.release_subscriptions("D:1:c", counts);
+        assert_eq!(replies.topics(), 0);
+
+        // A clean session releases what a persistent one left.
+        commands.declare("jobs");
+        let mut handler = Subscriptions::new(10);
+        handler.declare("jobs");
+        registry.keep_subscriptions("H:h", handler, counts);
+        assert!(commands.is_command("jobs"));
+        let fresh = registry.resume_subscriptions("H:h", true, Subscriptions::new(10), counts);
+        assert_eq!(fresh.declared().count(), 0);
+        assert!(!commands.is_command("jobs"));
+
         assert!(is_handler_session_id(&handler_session_id("x")));
         let uid = UserId::parse("1").unwrap();
         assert!(!is_handler_session_id(&device_session_id(&uid, "H:x")));
