@@ -3,7 +3,9 @@
 //! library would send them): look-alike identity properties, reply topics
 //! that must never become command topics, client id length, topic length
 //! and depth, subscriptions per session (and that a huge SUBSCRIBE does not
-//! stall other clients), and persistent sessions per user.
+//! stall other clients), persistent sessions per user, and the reply index
+//! freeing its entries. `mosquitto_pub`/`mosquitto_sub` (mosquitto-clients)
+//! check the answers from a second client library.
 
 mod handlers_common;
 
@@ -646,5 +648,104 @@ async fn persistent_sessions_keep_their_count_and_free_it_at_expiry() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    broker.shutdown().await;
+}
+
+/// Runs a mosquitto client against `broker` over TLS as device `uid`, and
+/// returns its exit status with stdout and stderr together.
+async fn mosquitto(
+    program: &str,
+    broker: &TestBroker,
+    version: &str,
+    uid: &str,
+    args: &[&str],
+) -> (std::process::ExitStatus, String) {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg("--cafile")
+        .arg(&broker.ca_file)
+        .args(["-h", "localhost", "-p", &broker.tls_addr.port().to_string()])
+        .args(["-V", version, "-u", "JWT", "-P", &broker.token(uid)])
+        .args(args)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} did not finish"))
+        .unwrap_or_else(|e| panic!("{program} (install mosquitto-clients): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status, text)
+}
+
+#[tokio::test]
+async fn mosquitto_clients_meet_the_caps() {
+    let broker = TestBroker::start().await;
+    let too_long = "m".repeat(129);
+    for version in ["mqttv311", "mqttv5"] {
+        let (status, out) = mosquitto(
+            "mosquitto_pub",
+            &broker,
+            version,
+            "mo",
+            &["-i", &too_long, "-t", "sync", "-m", "{}", "-q", "1"],
+        )
+        .await;
+        assert!(!status.success(), "{version}: {out}");
+        assert!(
+            out.to_lowercase().contains("identifier"),
+            "{version}: {out}"
+        );
+    }
+
+    let long_topic = format!("sync{}", "x".repeat(300));
+    let (_, out) = mosquitto(
+        "mosquitto_pub",
+        &broker,
+        "mqttv5",
+        "mo",
+        &[
+            "-i",
+            "mo-pub",
+            "-t",
+            &long_topic,
+            "-m",
+            "{}",
+            "-q",
+            "1",
+            "-d",
+        ],
+    )
+    .await;
+    // PUBACK 0x90 (144): Topic Name invalid.
+    assert!(out.contains("RC:144"), "{out}");
+    assert!(out.to_lowercase().contains("topic name invalid"), "{out}");
+
+    let long_filter = format!("mo_{}", "x".repeat(300));
+    let (_, out) = mosquitto(
+        "mosquitto_sub",
+        &broker,
+        "mqttv5",
+        "mo",
+        &[
+            "-i",
+            "mo-sub",
+            "-t",
+            &long_filter,
+            "-C",
+            "1",
+            "-W",
+            "3",
+            "-d",
+        ],
+    )
+    .await;
+    // SUBACK 0x8F (143): Topic Filter invalid.
+    assert!(out.contains("Subscribed (mid: 1): 143"), "{out}");
+    assert!(
+        out.contains("All subscription requests were denied"),
+        "{out}"
+    );
     broker.shutdown().await;
 }
