@@ -23,6 +23,8 @@ pub enum ConnectRefusal {
     UnsupportedProtocol,
     /// The broker is at its connection limit or its router refused the session.
     Busy(&'static str),
+    /// A per-user quota is used up (persistent sessions).
+    QuotaExceeded(&'static str),
 }
 
 impl ConnectRefusal {
@@ -30,7 +32,9 @@ impl ConnectRefusal {
     pub fn reason(&self) -> &'static str {
         match self {
             ConnectRefusal::Auth(r) => r.reason(),
-            ConnectRefusal::ClientIdNotValid(r) | ConnectRefusal::Busy(r) => r,
+            ConnectRefusal::ClientIdNotValid(r)
+            | ConnectRefusal::Busy(r)
+            | ConnectRefusal::QuotaExceeded(r) => r,
             ConnectRefusal::WillNotAllowed => "will topic not allowed",
             ConnectRefusal::UnsupportedProtocol => "unsupported protocol version",
         }
@@ -60,6 +64,10 @@ pub fn connack_refusal(version: Version, refusal: &ConnectRefusal) -> Packet {
             ConnectReturnCode::ServerUnavailable
         }
         (Version::V5, ConnectRefusal::Busy(_)) => ConnectReturnCode::ServerBusy,
+        // MQTT 3.1.1 has no quota code: 3 (server unavailable) tells the
+        // client to come back later, which is what it can do about it.
+        (Version::V4, ConnectRefusal::QuotaExceeded(_)) => ConnectReturnCode::ServiceUnavailable,
+        (Version::V5, ConnectRefusal::QuotaExceeded(_)) => ConnectReturnCode::QuotaExceeded,
     };
     let properties = match version {
         Version::V4 => None,
@@ -82,7 +90,10 @@ pub fn suback_denial(version: Version, denial: Denial) -> SubscribeReasonCode {
     match (version, denial) {
         (Version::V4, _) => SubscribeReasonCode::Failure,
         (Version::V5, Denial::NotAuthorized) => SubscribeReasonCode::NotAuthorized,
-        (Version::V5, Denial::Invalid) => SubscribeReasonCode::TopicFilterInvalid,
+        (Version::V5, Denial::Invalid | Denial::TopicTooLong | Denial::TooManyLevels) => {
+            SubscribeReasonCode::TopicFilterInvalid
+        }
+        (Version::V5, Denial::QuotaExceeded) => SubscribeReasonCode::QuotaExceeded,
     }
 }
 
@@ -102,7 +113,10 @@ pub fn puback_denial(version: Version, pkid: u16, denial: Denial) -> Packet {
                 pkid,
                 reason: match denial {
                     Denial::NotAuthorized => PubAckReason::NotAuthorized,
-                    Denial::Invalid => PubAckReason::TopicNameInvalid,
+                    Denial::Invalid | Denial::TopicTooLong | Denial::TooManyLevels => {
+                        PubAckReason::TopicNameInvalid
+                    }
+                    Denial::QuotaExceeded => PubAckReason::QuotaExceeded,
                 },
             },
             Some(PubAckProperties {
@@ -128,7 +142,10 @@ pub fn pubrec_denial(version: Version, pkid: u16, denial: Denial) -> Packet {
                 pkid,
                 reason: match denial {
                     Denial::NotAuthorized => PubRecReason::NotAuthorized,
-                    Denial::Invalid => PubRecReason::TopicNameInvalid,
+                    Denial::Invalid | Denial::TopicTooLong | Denial::TooManyLevels => {
+                        PubRecReason::TopicNameInvalid
+                    }
+                    Denial::QuotaExceeded => PubRecReason::QuotaExceeded,
                 },
             },
             Some(PubRecProperties {

@@ -1,9 +1,15 @@
 //! Owns the set of command topics devices may publish to: the ones the
 //! operator configured, plus the filters connected handlers subscribed to
 //! (a handler declares its topics by subscribing, shared or not).
+//!
+//! A reply-shaped topic (`<uid>_<name>`, see `shared::uid::is_reply_shaped`)
+//! is never declared: a handler reading some user's reply topic must not open
+//! it to every device's publishes. Underscored commands (`request_contact`)
+//! are commands because the operator configured them.
 
 use parking_lot::RwLock;
 use shared::topics::{effective_filter, is_wildcard, matches};
+use shared::uid::is_reply_shaped;
 use std::collections::{HashMap, HashSet};
 
 /// Configured and handler-declared command topics.
@@ -42,10 +48,13 @@ impl CommandTopics {
     /// The filter a handler subscription declares as a command topic, if any.
     /// Filters that begin with a wildcard or `$` (monitoring subscriptions
     /// such as `#`) declare nothing: they would open every topic to devices.
+    /// Nor do reply-shaped ones: the first level of a declarable filter is
+    /// literal, so no topic it matches is reply-shaped when its first level
+    /// is not.
     fn declarable(filter: &str) -> Option<&str> {
         let inner = effective_filter(filter);
         let first_level = inner.split('/').next().unwrap_or_default();
-        if inner.starts_with('$') || is_wildcard(first_level) {
+        if inner.starts_with('$') || is_wildcard(first_level) || is_reply_shaped(first_level) {
             return None;
         }
         Some(inner)
@@ -124,5 +133,28 @@ mod tests {
         assert!(!topics.is_command("anything"));
         assert!(!topics.is_command("42_sync"));
         topics.withdraw("#");
+    }
+
+    #[test]
+    fn reply_topics_never_become_commands() {
+        let topics = CommandTopics::new(["request_contact".to_owned()]);
+        for filter in [
+            "alice_x",
+            "$share/g/alice_x",
+            "alice_x/+",
+            "alice_x/#",
+            "request_contact_list",
+            "12_3_contact_list",
+        ] {
+            topics.declare(filter);
+            assert!(!topics.is_command(effective_filter(filter)), "{filter:?}");
+        }
+        assert!(!topics.is_command("alice_x/y"));
+        // Withdrawing what was never declared changes nothing.
+        topics.withdraw("alice_x");
+        // Configured underscored commands stay commands; plain ones still declare.
+        assert!(topics.is_command("request_contact"));
+        topics.declare("jobs");
+        assert!(topics.is_command("jobs"));
     }
 }

@@ -133,6 +133,39 @@ pub struct Args {
     /// Seconds between sweeps that disconnect revoked users (0 = only at CONNECT).
     #[arg(long, env = "BROKER_REVOCATION_POLL_SECS", default_value_t = 5)]
     pub revocation_poll_secs: u64,
+    /// Longest client id accepted at CONNECT, in bytes (longer: refused, 0x85).
+    #[arg(long, env = "BROKER_MAX_CLIENT_ID_BYTES", default_value_t = 128)]
+    pub max_client_id_bytes: usize,
+    /// Longest topic name or filter a device may use, in bytes.
+    #[arg(long, env = "BROKER_DEVICE_MAX_TOPIC_BYTES", default_value_t = 256)]
+    pub device_max_topic_bytes: usize,
+    /// Most `/`-separated levels in a device's topic name or filter.
+    #[arg(long, env = "BROKER_DEVICE_MAX_TOPIC_LEVELS", default_value_t = 16)]
+    pub device_max_topic_levels: usize,
+    /// Longest topic name or filter a handler may use, in bytes.
+    #[arg(long, env = "BROKER_HANDLER_MAX_TOPIC_BYTES", default_value_t = 4096)]
+    pub handler_max_topic_bytes: usize,
+    /// Most `/`-separated levels in a handler's topic name or filter.
+    #[arg(long, env = "BROKER_HANDLER_MAX_TOPIC_LEVELS", default_value_t = 64)]
+    pub handler_max_topic_levels: usize,
+    /// Most subscriptions one device session may hold (more: SUBACK 0x97).
+    #[arg(long, env = "BROKER_DEVICE_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub device_max_subscriptions: usize,
+    /// Most subscriptions one handler session may hold.
+    #[arg(
+        long,
+        env = "BROKER_HANDLER_MAX_SUBSCRIPTIONS",
+        default_value_t = 10_000
+    )]
+    pub handler_max_subscriptions: usize,
+    /// Most persistent sessions (clean_session=0) one user's devices may hold
+    /// (connected or away); one more is refused (MQTT 5 0x97, 3.1.1 code 3).
+    #[arg(
+        long,
+        env = "BROKER_MAX_PERSISTENT_SESSIONS_PER_USER",
+        default_value_t = 8
+    )]
+    pub max_persistent_sessions_per_user: usize,
 }
 
 /// Default new connections per second per source: 5,000 devices behind one
@@ -181,6 +214,14 @@ pub enum ConfigError {
     NoConnections,
     #[error("BROKER_CONN_BURST must be at least 1 (got 0): it is how many connections one source may open at once")]
     NoConnBurst,
+    #[error("{name} must be between {min} and {max} (got {value}): {why}")]
+    BadCap {
+        name: &'static str,
+        value: usize,
+        min: usize,
+        max: usize,
+        why: &'static str,
+    },
     #[error("cannot prepare development files in {path}: {source}")]
     DevFiles {
         path: PathBuf,
@@ -211,6 +252,16 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Unacknowledged QoS 1/2 publishes a client may have (`BROKER_RECEIVE_MAXIMUM`).
     pub receive_maximum: u16,
+    /// Longest client id accepted, in bytes.
+    pub max_client_id_bytes: usize,
+    /// Topic and filter size caps, by kind of client.
+    pub topics: crate::acl::TopicLimits,
+    /// Most subscriptions a device session may hold.
+    pub device_max_subscriptions: usize,
+    /// Most subscriptions a handler session may hold.
+    pub handler_max_subscriptions: usize,
+    /// Most persistent sessions one user's devices may hold.
+    pub max_persistent_sessions_per_user: usize,
 }
 
 impl Default for Limits {
@@ -230,7 +281,32 @@ impl Default for Limits {
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             write_timeout: Duration::from_secs(10),
             receive_maximum: 100,
+            max_client_id_bytes: 128,
+            topics: crate::acl::TopicLimits::default(),
+            device_max_subscriptions: 100,
+            handler_max_subscriptions: 10_000,
+            max_persistent_sessions_per_user: 8,
         }
+    }
+}
+
+/// Checks one cap against its sane range.
+fn check_cap(
+    name: &'static str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+    why: &'static str,
+) -> Result<usize, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::BadCap {
+            name,
+            value,
+            min: *range.start(),
+            max: *range.end(),
+            why,
+        })
     }
 }
 
@@ -264,6 +340,18 @@ pub struct DevDefaults {
     pub jwt_secret: Option<Secret>,
     pub handler_key: Option<Secret>,
 }
+
+/// The command topics of the built-in handlers, configured whenever they
+/// run: several are reply-shaped (`get_contact_list` could be user `get`'s
+/// reply topic), and a handler subscribing to a reply-shaped topic never
+/// declares it (see `command_topics`), so these must be configured.
+pub const BUILTIN_COMMAND_TOPICS: [&str; 5] = [
+    "sync",
+    "publish",
+    "request_contact",
+    "accept_contact",
+    "get_contact_list",
+];
 
 /// Checks a command topic name from configuration.
 pub fn validate_command_topic(topic: &str) -> Result<(), ConfigError> {
@@ -345,12 +433,19 @@ impl Args {
             return Err(ConfigError::WeakHandlerKey);
         }
 
-        let command_topics: Vec<String> = self
+        let mut command_topics: Vec<String> = self
             .command_topics
             .iter()
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty())
             .collect();
+        if self.handlers == BuiltinHandlers::All {
+            for topic in BUILTIN_COMMAND_TOPICS {
+                if !command_topics.iter().any(|t| t == topic) {
+                    command_topics.push(topic.to_owned());
+                }
+            }
+        }
         for topic in &command_topics {
             validate_command_topic(topic)?;
         }
@@ -372,6 +467,66 @@ impl Args {
         if self.conn_burst == 0 {
             return Err(ConfigError::NoConnBurst);
         }
+        // Lower bounds keep the product working (MQTT servers must take 23-byte
+        // client ids; a device needs room for `<64-byte uid>_<name>`); upper
+        // bounds keep a cap a cap.
+        let max_client_id_bytes = check_cap(
+            "BROKER_MAX_CLIENT_ID_BYTES",
+            self.max_client_id_bytes,
+            23..=65_535,
+            "MQTT servers must accept 23-byte client ids",
+        )?;
+        let topic_why = "a device needs room for a 64-byte user id and a reply name";
+        let topics = crate::acl::TopicLimits {
+            device: shared::topics::TopicCaps {
+                max_bytes: check_cap(
+                    "BROKER_DEVICE_MAX_TOPIC_BYTES",
+                    self.device_max_topic_bytes,
+                    128..=65_535,
+                    topic_why,
+                )?,
+                max_levels: check_cap(
+                    "BROKER_DEVICE_MAX_TOPIC_LEVELS",
+                    self.device_max_topic_levels,
+                    1..=65_535,
+                    "a topic has at least one level",
+                )?,
+            },
+            handler: shared::topics::TopicCaps {
+                max_bytes: check_cap(
+                    "BROKER_HANDLER_MAX_TOPIC_BYTES",
+                    self.handler_max_topic_bytes,
+                    128..=65_535,
+                    topic_why,
+                )?,
+                max_levels: check_cap(
+                    "BROKER_HANDLER_MAX_TOPIC_LEVELS",
+                    self.handler_max_topic_levels,
+                    1..=65_535,
+                    "a topic has at least one level",
+                )?,
+            },
+        };
+        let subscriptions_why =
+            "a session needs at least one subscription, and a cap bounds memory";
+        let device_max_subscriptions = check_cap(
+            "BROKER_DEVICE_MAX_SUBSCRIPTIONS",
+            self.device_max_subscriptions,
+            1..=1_000_000,
+            subscriptions_why,
+        )?;
+        let handler_max_subscriptions = check_cap(
+            "BROKER_HANDLER_MAX_SUBSCRIPTIONS",
+            self.handler_max_subscriptions,
+            1..=1_000_000,
+            subscriptions_why,
+        )?;
+        let max_persistent_sessions_per_user = check_cap(
+            "BROKER_MAX_PERSISTENT_SESSIONS_PER_USER",
+            self.max_persistent_sessions_per_user,
+            0..=10_000,
+            "0 allows devices clean sessions only",
+        )?;
 
         let config = Config {
             jwt: JwtSettings {
@@ -400,6 +555,11 @@ impl Args {
                 max_session_expiry: Duration::from_secs(self.max_session_expiry_secs),
                 write_timeout: Duration::from_secs(self.write_timeout_secs),
                 receive_maximum: self.receive_maximum,
+                max_client_id_bytes,
+                topics,
+                device_max_subscriptions,
+                handler_max_subscriptions,
+                max_persistent_sessions_per_user,
             },
             revocations: None,
         };
@@ -484,6 +644,39 @@ mod tests {
     }
 
     #[test]
+    fn builtin_handlers_configure_their_command_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = format!("--dev-dir={}", dir.path().display());
+        let (config, _, _) = base_args(&[&dev, "--command-topics=jobs,sync"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            config.command_topics.len(),
+            6,
+            "{:?}",
+            config.command_topics
+        );
+        let (config, _, _) = base_args(&[&dev, "--handlers=none"]).resolve().unwrap();
+        assert!(config.command_topics.is_empty());
+
+        // The list is the handlers' own: each built-in worker's topics are in it.
+        let data = tempfile::tempdir().unwrap();
+        let mut settings = handlers::Settings::from_lookup(|_| None).unwrap();
+        settings.data_dir = data.path().to_owned();
+        let shared = handlers::Shared::open(settings).unwrap();
+        let mut served = Vec::new();
+        for kind in [handlers::Kind::Publish, handlers::Kind::Contacts] {
+            let worker = handlers::worker(kind, shared.clone(), None).unwrap();
+            served.extend(worker.topics().map(str::to_owned));
+        }
+        served.push("sync".to_owned()); // its worker needs an RSA key: slow to make here
+        served.sort();
+        let mut listed = BUILTIN_COMMAND_TOPICS.map(str::to_owned).to_vec();
+        listed.sort();
+        assert_eq!(served, listed);
+    }
+
+    #[test]
     fn refuses_public_listeners_without_real_credentials() {
         let err = base_args(&["--tls-listen=0.0.0.0:8883"])
             .resolve()
@@ -531,6 +724,36 @@ mod tests {
             (
                 "--jwt-secret=0123456789abcdef0123456789abcde",
                 "at least 32 bytes",
+            ),
+            ("--max-client-id-bytes=0", "BROKER_MAX_CLIENT_ID_BYTES"),
+            ("--max-client-id-bytes=100000", "BROKER_MAX_CLIENT_ID_BYTES"),
+            (
+                "--device-max-topic-bytes=10",
+                "BROKER_DEVICE_MAX_TOPIC_BYTES",
+            ),
+            (
+                "--device-max-topic-levels=0",
+                "BROKER_DEVICE_MAX_TOPIC_LEVELS",
+            ),
+            (
+                "--handler-max-topic-bytes=70000",
+                "BROKER_HANDLER_MAX_TOPIC_BYTES",
+            ),
+            (
+                "--handler-max-topic-levels=0",
+                "BROKER_HANDLER_MAX_TOPIC_LEVELS",
+            ),
+            (
+                "--device-max-subscriptions=0",
+                "BROKER_DEVICE_MAX_SUBSCRIPTIONS",
+            ),
+            (
+                "--handler-max-subscriptions=0",
+                "BROKER_HANDLER_MAX_SUBSCRIPTIONS",
+            ),
+            (
+                "--max-persistent-sessions-per-user=100000",
+                "BROKER_MAX_PERSISTENT_SESSIONS_PER_USER",
             ),
         ] {
             let err = base_args(&[flag, &dev]).resolve().unwrap_err();

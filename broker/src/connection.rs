@@ -13,6 +13,7 @@ use crate::inbound::{Allowed, Arrival, InboundFlows, Refused, Release};
 use crate::reply_index::{ReplyInbox, Routed};
 use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
+use crate::subscriptions::Subscriptions;
 use crate::translate;
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -238,6 +239,10 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         gate.metrics.connect_refused(refusal.reason());
         answers::connack_refusal(codec.version, &refusal)
     };
+    if let Err(refusal) = crate::sessions::check_client_id(&connect.client_id, &gate.limits) {
+        let _ = wire.send_now(&codec, refuse(refusal)).await;
+        return None;
+    }
     let principal = match gate
         .auth
         .authenticate(
@@ -287,7 +292,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     if let Some(will) = &will {
         let allowed = std::str::from_utf8(&will.topic)
             .map_err(|_| Denial::Invalid)
-            .and_then(|topic| acl::may_publish(&principal, topic, &gate.commands));
+            .and_then(|topic| {
+                acl::may_publish(&principal, topic, &gate.commands, &gate.limits.topics)
+            });
         if allowed.is_err() {
             let _ = wire
                 .send_now(&codec, refuse(ConnectRefusal::WillNotAllowed))
@@ -318,6 +325,13 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         Principal::Device(device) => Some(device.uid()),
         Principal::Handler(_) => None,
     };
+    let admitted =
+        gate.sessions
+            .admit(&session_id, &principal, connect.clean_session, &gate.limits);
+    if let Err(refusal) = admitted {
+        let _ = wire.send_now(&codec, refuse(refusal)).await;
+        return None;
+    }
     let claim = gate.sessions.claim(session_id.clone(), uid).await;
     let link = match gate.router.connect(session_id, connect.clean_session).await {
         Ok(link) => link,
@@ -367,6 +381,15 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     // (see `reply_index`): nothing of them outlives the connection.
     let inbox = (matches!(principal, Principal::Device(_)) && connect.clean_session)
         .then(|| Arc::new(ReplyInbox::default()));
+    let subs = gate.sessions.resume_subscriptions(
+        claim.id(),
+        connect.clean_session,
+        Subscriptions::new(match principal {
+            Principal::Device(_) => gate.limits.device_max_subscriptions,
+            Principal::Handler(_) => gate.limits.handler_max_subscriptions,
+        }),
+        (&gate.replies, &gate.commands),
+    );
     Some(Session {
         gate: gate.clone(),
         codec,
@@ -385,11 +408,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         link_rx: link.rx,
         claim,
         pending_subacks: HashMap::new(),
-        declared: Vec::new(),
+        subs,
         outbox: Vec::new(),
         inbox,
-        direct_topics: Vec::new(),
-        via_router: Vec::new(),
         inbound: InboundFlows::new(
             codec.version,
             gate.limits.receive_maximum,
@@ -422,6 +443,8 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
         let Some(expiring) = gate.sessions.claim_to_expire(&id, serial) else {
             return;
         };
+        gate.sessions
+            .release_subscriptions(&id, (&gate.replies, &gate.commands));
         match gate.router.connect(id, true).await {
             Ok(link) => {
                 let mut tx = link.tx;
@@ -504,19 +527,12 @@ struct Session {
     /// How long a persistent session outlives this connection.
     session_expiry: Duration,
     pending_subacks: HashMap<u16, PendingSubAck>,
-    /// Handler filters declared as command topics, withdrawn at the end.
-    declared: Vec<String>,
+    /// Its filters, the path serving each, its declared command topics.
+    subs: Subscriptions,
     /// Packets decoded from the current read, bound for the router.
     outbox: Vec<Packet>,
     /// Replies the gate delivers itself (clean device sessions only).
     inbox: Option<Arc<ReplyInbox>>,
-    /// Topics the gate serves to this session, not the router.
-    direct_topics: Vec<String>,
-    /// Device topics subscribed through the router in this connection (they
-    /// stay there, even after an unsubscribe, so that nothing the router
-    /// still has on its way arrives after newer replies from the gate), or
-    /// handler filters registered with the reply index.
-    via_router: Vec<String>,
     /// The client's QoS 1/2 publishes in flight (`inbound`).
     inbound: InboundFlows,
     /// A write did not finish: nothing more is written to this client.
@@ -543,14 +559,17 @@ impl Drop for Session {
             }
         }
         if let Some(inbox) = &self.inbox {
-            for topic in &self.direct_topics {
+            for topic in self.subs.direct() {
                 self.gate.replies.unsubscribe(topic, inbox);
             }
         }
-        // A persistent handler session keeps its subscriptions in the router.
-        if matches!(self.principal, Principal::Handler(_)) && self.clean_session {
-            for filter in &self.via_router {
-                self.gate.replies.handler_unsubscribed(filter);
+        // A persistent session keeps its subscriptions in the router.
+        if self.clean_session {
+            for filter in self.subs.via_router() {
+                match self.principal {
+                    Principal::Handler(_) => self.gate.replies.handler_unsubscribed(filter),
+                    Principal::Device(_) => self.gate.replies.device_left_router(filter),
+                }
             }
         }
     }
@@ -621,11 +640,20 @@ impl Session {
         drop(wire);
         self.finished = true;
         if self.clean_session {
-            for filter in &self.declared {
+            for filter in self.subs.declared() {
                 self.gate.commands.withdraw(filter);
             }
         }
         self.gate.metrics.connection_closed(kind);
+        if !self.clean_session {
+            // Its subscriptions stay in the router: the next connection
+            // takes them back, the expiry releases them.
+            let counts = (&self.gate.replies, &self.gate.commands);
+            let subs = self.subs.take();
+            self.gate
+                .sessions
+                .keep_subscriptions(self.claim.id(), subs, counts);
+        }
         // A persistent session stays in the router until its expiry (unless
         // a new connection took it over). The claim is released first so the
         // expiry finds the id free.
@@ -788,15 +816,16 @@ impl Session {
                 }
                 if matches!(self.principal, Principal::Handler(_)) {
                     for filter in &unsubscribe.filters {
-                        if let Some(i) = self.declared.iter().position(|f| f == filter) {
-                            self.declared.swap_remove(i);
+                        if self.subs.undeclare(filter) {
                             self.gate.commands.withdraw(filter);
                         }
-                        if let Some(i) = self.via_router.iter().position(|f| f == filter) {
-                            self.via_router.swap_remove(i);
+                        if self.subs.remove_via_router(filter) {
                             self.gate.replies.handler_unsubscribed(filter);
                         }
                     }
+                }
+                for filter in &unsubscribe.filters {
+                    self.subs.release(filter);
                 }
                 let pkid = unsubscribe.pkid;
                 self.outbox
@@ -906,7 +935,9 @@ impl Session {
         let verdict = std::str::from_utf8(&topic_bytes)
             .map_err(|_| Denial::Invalid)
             .and_then(|topic| {
-                acl::may_publish(&self.principal, topic, &self.gate.commands).map(|()| topic)
+                let limits = &self.gate.limits.topics;
+                acl::may_publish(&self.principal, topic, &self.gate.commands, limits)
+                    .map(|()| topic)
             });
         #[cfg(feature = "fault-injection")]
         inject_fault(&self.principal, verdict);
@@ -1005,8 +1036,12 @@ impl Session {
     ) {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::with_capacity(subscribe.filters.len());
+        let mut over_quota = 0usize;
         for filter in subscribe.filters.drain(..) {
-            match acl::may_subscribe(&self.principal, &filter.path, &self.gate.commands) {
+            let (commands, limits) = (&self.gate.commands, &self.gate.limits.topics);
+            let verdict = acl::may_subscribe(&self.principal, &filter.path, commands, limits)
+                .and_then(|()| self.subs.admit(&filter.path));
+            match verdict {
                 Ok(()) if self.serve_directly(&filter) => {
                     codes.push(Some(SubscribeReasonCode::QoS0));
                 }
@@ -1017,10 +1052,22 @@ impl Session {
                 }
                 Err(denial) => {
                     self.gate.metrics.denied("subscribe", denial.label());
-                    info!(filter = %filter.path, reason = denial.label(), "subscription denied");
+                    // One line per SUBSCRIBE for the quota, however many filters.
+                    if denial == Denial::QuotaExceeded {
+                        over_quota += 1;
+                    } else {
+                        info!(filter = %filter.path, reason = denial.label(), "subscription denied");
+                    }
                     codes.push(Some(answers::suback_denial(self.codec.version, denial)));
                 }
             }
+        }
+        if over_quota > 0 {
+            info!(
+                filters = over_quota,
+                held = self.subs.held(),
+                "subscriptions denied: quota exceeded"
+            );
         }
         let pkid = subscribe.pkid;
         if allowed.is_empty() {
@@ -1052,44 +1099,39 @@ impl Session {
         let Some(inbox) = &self.inbox else {
             return false;
         };
-        if self.direct_topics.contains(&filter.path) {
+        if self.subs.is_direct(&filter.path) {
             return true;
         }
-        if filter.qos != QoS::AtMostOnce || self.via_router.contains(&filter.path) {
+        if filter.qos != QoS::AtMostOnce || self.subs.is_via_router(&filter.path) {
             return false;
         }
         if !self.gate.replies.subscribe(&filter.path, inbox) {
             return false;
         }
-        if !self.direct_topics.contains(&filter.path) {
-            self.direct_topics.push(filter.path.clone());
-        }
+        self.subs.add_direct(&filter.path);
         true
     }
 
     /// `filter` is about to be subscribed in the router: the reply index
     /// learns that the router serves it, before any publish can miss it.
     fn subscribing_in_router(&mut self, filter: &str) {
-        if self.via_router.iter().any(|f| f == filter) {
+        if !self.subs.add_via_router(filter) {
             return;
         }
         match self.principal {
             Principal::Device(_) => self.gate.replies.device_subscribed_in_router(filter),
             Principal::Handler(_) => self.gate.replies.handler_subscribed(filter),
         }
-        self.via_router.push(filter.to_owned());
     }
 
     /// The gate stops serving `topic` to this session, if it did.
     fn stop_serving(&mut self, topic: &str) {
-        let (Some(inbox), Some(i)) = (
-            &self.inbox,
-            self.direct_topics.iter().position(|t| t == topic),
-        ) else {
+        let Some(inbox) = &self.inbox else {
             return;
         };
-        self.gate.replies.unsubscribe(topic, inbox);
-        self.direct_topics.swap_remove(i);
+        if self.subs.remove_direct(topic) {
+            self.gate.replies.unsubscribe(topic, inbox);
+        }
     }
 
     /// Queues every reply the gate has for this session.
@@ -1191,8 +1233,9 @@ impl Session {
             .collect::<Vec<_>>();
         if matches!(self.principal, Principal::Handler(_)) {
             for filter in pending.forwarded {
-                self.gate.commands.declare(&filter);
-                self.declared.push(filter);
+                if self.subs.declare(&filter) {
+                    self.gate.commands.declare(&filter);
+                }
             }
         }
         SubAck {

@@ -9,8 +9,10 @@
 //! 3. [`connection`]: CONNECT deadline, protocol version ([`codec`]);
 //! 4. [`auth`]: device JWT ([`auth::jwt`], [`auth::jwks`]) or handler key,
 //!    giving a verified [`auth::Principal`]; refusals cached ([`auth::refusals`]);
-//! 5. [`sessions`]: client ids namespaced per user and takeover;
-//! 6. [`acl`]: who may publish and subscribe where ([`command_topics`]);
+//! 5. [`sessions`]: client ids namespaced per user and takeover, client id
+//!    length and persistent sessions per user;
+//! 6. [`acl`]: who may publish and subscribe where ([`command_topics`]), topic
+//!    size caps; each session's filters and their cap ([`subscriptions`]);
 //!    revoked users are refused and disconnected ([`revocation`]);
 //! 7. [`identity`]: `user_id`/`client_id` stamped on device publishes;
 //! 8. [`router`]: the embedded rumqttd router, which routes and delivers;
@@ -54,6 +56,7 @@ pub mod revocation;
 pub mod router;
 pub mod secret;
 pub mod sessions;
+pub mod subscriptions;
 pub mod tls;
 pub mod translate;
 
@@ -189,7 +192,7 @@ impl Broker {
             router,
             sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
             commands: CommandTopics::new(config.command_topics),
-            replies: ReplyIndex::default(),
+            replies: ReplyIndex::with_gauge(metrics.reply_index_topics()),
             revocations: config.revocations.map(Arc::new),
             metrics: metrics.clone(),
             leeway_secs,

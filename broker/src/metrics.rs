@@ -37,6 +37,7 @@ pub struct Metrics {
     refusal_cache_hits: Counter,
     session_panics: Counter,
     sessions_ended: Family<ReasonLabel, Counter>,
+    reply_index_topics: Gauge,
 }
 
 impl Default for Metrics {
@@ -67,6 +68,12 @@ impl Metrics {
             "sessions_ended",
             "Sessions the server ended, by reason (keep alive timeout, token expired, write timeout, receive maximum exceeded, ...)",
             sessions_ended.clone(),
+        );
+        let reply_index_topics = Gauge::default();
+        registry.register(
+            "reply_index_topics",
+            "Topics the gate's reply index holds entries for (freed when their last subscriber leaves)",
+            reply_index_topics.clone(),
         );
         registry.register(
             "connections",
@@ -112,6 +119,7 @@ impl Metrics {
             refusal_cache_hits,
             session_panics,
             sessions_ended,
+            reply_index_topics,
             registry,
             connections,
             refused,
@@ -131,6 +139,11 @@ impl Metrics {
         self.sessions_ended
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// The gauge the reply index keeps its size in.
+    pub fn reply_index_topics(&self) -> Gauge {
+        self.reply_index_topics.clone()
     }
 
     pub fn connection_opened(&self, kind: &'static str) {

@@ -14,7 +14,8 @@
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::protocol::{Publish, PublishProperties, QoS};
 use shared::topics::{effective_filter, is_wildcard, matches};
 use std::collections::{HashMap, VecDeque};
@@ -138,6 +139,8 @@ pub struct Routed {
 #[derive(Default)]
 pub struct ReplyIndex {
     routes: RwLock<Routes>,
+    /// How many topics `routes` holds, for `/metrics` (set on every change).
+    topics_gauge: Gauge,
 }
 
 /// Keyed hashing, faster than the default for the short topic names looked
@@ -157,11 +160,14 @@ struct Routes {
 struct TopicRoutes {
     /// Inboxes of the sessions the gate serves this topic to.
     inboxes: Vec<Arc<ReplyInbox>>,
-    /// Some device subscribed to it through the router (QoS 1/2, a
-    /// persistent session, a retained topic). Never reset: a persistent
-    /// session keeps its subscriptions in the router after its connection.
-    router_devices: bool,
-    /// A retained publish was sent to it (possibly cleared since).
+    /// Device sessions subscribed to it through the router (QoS 1/2, a
+    /// persistent session, a retained topic). A clean session counts until
+    /// its connection ends; a persistent one until the session expires or a
+    /// clean connection replaces it (its subscriptions stay in the router
+    /// meanwhile).
+    router_devices: usize,
+    /// It holds a retained message (set by a retained publish, cleared by
+    /// an empty one, which deletes it in the router).
     retained: bool,
     /// Live handler subscriptions naming this topic literally.
     handlers: usize,
@@ -169,7 +175,7 @@ struct TopicRoutes {
 
 impl TopicRoutes {
     fn is_empty(&self) -> bool {
-        self.inboxes.is_empty() && !self.router_devices && !self.retained && self.handlers == 0
+        self.inboxes.is_empty() && self.router_devices == 0 && !self.retained && self.handlers == 0
     }
 }
 
@@ -193,12 +199,53 @@ impl Routes {
     }
 }
 
+/// The write lock on the routes; on release, the gauge shows their size.
+struct Writing<'a> {
+    routes: RwLockWriteGuard<'a, Routes>,
+    gauge: &'a Gauge,
+}
+
+impl std::ops::Deref for Writing<'_> {
+    type Target = Routes;
+    fn deref(&self) -> &Routes {
+        &self.routes
+    }
+}
+
+impl std::ops::DerefMut for Writing<'_> {
+    fn deref_mut(&mut self) -> &mut Routes {
+        &mut self.routes
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.gauge
+            .set(i64::try_from(self.routes.topics.len()).unwrap_or(i64::MAX));
+    }
+}
+
 impl ReplyIndex {
+    /// An index that keeps its size in `gauge` (a `/metrics` series).
+    pub fn with_gauge(gauge: Gauge) -> Self {
+        ReplyIndex {
+            routes: RwLock::default(),
+            topics_gauge: gauge,
+        }
+    }
+
+    fn write(&self) -> Writing<'_> {
+        Writing {
+            routes: self.routes.write(),
+            gauge: &self.topics_gauge,
+        }
+    }
+
     /// Serves `topic` to `inbox` from now on, unless the topic has (or had)
     /// a retained message, which only the router can give a new subscriber:
     /// then returns false and the subscription goes to the router.
     pub fn subscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) -> bool {
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         let routes = routes.entry(topic);
         if routes.retained {
             return false;
@@ -211,22 +258,38 @@ impl ReplyIndex {
 
     /// Stops serving `topic` to `inbox`.
     pub fn unsubscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) {
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
             found.inboxes.retain(|i| !Arc::ptr_eq(i, inbox));
             routes.forget_if_empty(topic);
         }
     }
 
-    /// A device subscribed to `topic` through the router.
+    /// A device session subscribed to `topic` through the router (once per
+    /// session and topic).
     pub fn device_subscribed_in_router(&self, topic: &str) {
-        self.routes.write().entry(topic).router_devices = true;
+        self.write().entry(topic).router_devices += 1;
+    }
+
+    /// A clean device session that subscribed to `topic` through the router
+    /// ended (the router dropped its subscriptions with it).
+    pub fn device_left_router(&self, topic: &str) {
+        let mut routes = self.write();
+        if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
+            found.router_devices = found.router_devices.saturating_sub(1);
+            routes.forget_if_empty(topic);
+        }
+    }
+
+    /// Topics the index holds entries for (each costs memory until freed).
+    pub fn topics(&self) -> usize {
+        self.routes.read().topics.len()
     }
 
     /// A handler subscribed to `filter` (shared or not) through the router.
     pub fn handler_subscribed(&self, filter: &str) {
         let inner = effective_filter(filter);
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         if is_wildcard(inner) {
             *routes
                 .handler_wildcards
@@ -240,7 +303,7 @@ impl ReplyIndex {
     /// A handler's subscription to `filter` ended.
     pub fn handler_unsubscribed(&self, filter: &str) {
         let inner = effective_filter(filter);
-        let mut routes = self.routes.write();
+        let mut routes = self.write();
         if is_wildcard(inner) {
             if let Some(count) = routes.handler_wildcards.get_mut(inner) {
                 *count -= 1;
@@ -263,7 +326,17 @@ impl ReplyIndex {
         properties: &Option<PublishProperties>,
     ) -> Routed {
         if publish.retain {
-            self.routes.write().entry(topic).retained = true;
+            let mut routes = self.write();
+            if publish.payload.is_empty() {
+                // An empty retained publish deletes the retained message in
+                // the router: later subscribers may be served by the gate.
+                if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
+                    found.retained = false;
+                    routes.forget_if_empty(topic);
+                }
+            } else {
+                routes.entry(topic).retained = true;
+            }
         }
         let routes = self.routes.read();
         let found = routes.topics.get(topic.as_bytes());
@@ -271,7 +344,7 @@ impl ReplyIndex {
             dropped: 0,
             newly_slow: 0,
             needs_router: publish.retain
-                || found.is_some_and(|f| f.router_devices || f.handlers > 0)
+                || found.is_some_and(|f| f.router_devices > 0 || f.handlers > 0)
                 || routes
                     .handler_wildcards
                     .keys()
@@ -382,6 +455,67 @@ mod tests {
         assert_eq!(live, vec![false], "a live delivery carries no retain flag");
         let late = Arc::new(ReplyInbox::default());
         assert!(!index.subscribe("9_profile", &late));
+    }
+
+    #[test]
+    fn entries_are_freed_when_the_last_subscriber_leaves() {
+        let index = ReplyIndex::default();
+        let (a, b) = (
+            Arc::new(ReplyInbox::default()),
+            Arc::new(ReplyInbox::default()),
+        );
+        for i in 0..1000 {
+            let topic = format!("1_t{i}");
+            assert!(index.subscribe(&topic, &a));
+            assert!(index.subscribe(&topic, &b));
+        }
+        index.device_subscribed_in_router("2_q");
+        index.device_subscribed_in_router("2_q");
+        index.handler_subscribed("sync");
+        index.handler_subscribed("$share/g/sync");
+        index.handler_subscribed("audit/#");
+        assert_eq!(index.topics(), 1002);
+        assert_eq!(index.topics_gauge.get(), 1002);
+
+        for i in 0..1000 {
+            let topic = format!("1_t{i}");
+            index.unsubscribe(&topic, &a);
+            assert_eq!(index.topics(), 1002 - i, "b still holds {topic}");
+            index.unsubscribe(&topic, &b);
+        }
+        index.device_left_router("2_q");
+        assert!(
+            index
+                .route("2_q", &publish("2_q", "x", false), &None)
+                .needs_router
+        );
+        index.device_left_router("2_q");
+        assert!(
+            !index
+                .route("2_q", &publish("2_q", "x", false), &None)
+                .needs_router
+        );
+        index.handler_unsubscribed("sync");
+        index.handler_unsubscribed("$share/g/sync");
+        index.handler_unsubscribed("audit/#");
+        assert_eq!(index.topics(), 0);
+        assert_eq!(index.topics_gauge.get(), 0);
+        assert!(index.routes.read().handler_wildcards.is_empty());
+        // Leaving twice, or what was never joined, changes nothing.
+        index.device_left_router("2_q");
+        index.unsubscribe("1_t0", &a);
+        index.handler_unsubscribed("never");
+        assert_eq!(index.topics(), 0);
+
+        // A retained message keeps its topic with the router until an
+        // empty retained publish deletes it.
+        index.route("9_p", &publish("9_p", "p", true), &None);
+        assert!(!index.subscribe("9_p", &a));
+        index.route("9_p", &publish("9_p", "", true), &None);
+        assert_eq!(index.topics(), 0, "nothing retained, nobody subscribed");
+        assert!(index.subscribe("9_p", &a), "served by the gate again");
+        index.unsubscribe("9_p", &a);
+        assert_eq!(index.topics(), 0);
     }
 
     #[test]

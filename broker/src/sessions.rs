@@ -2,8 +2,16 @@
 //! each session (devices keyed by user, handlers apart, so no client can
 //! reach another's session), and session takeover: a second connection with
 //! the same id tells the first to end (MQTT 5 DISCONNECT 0x8E) and waits for it;
-//! and the one signal that tells a live session to end, and why.
+//! and the one signal that tells a live session to end, and why. Also the
+//! CONNECT-time caps on identity: client id length, and persistent sessions
+//! per user (counted from their first connection until they expire).
 
+use crate::answers::ConnectRefusal;
+use crate::auth::Principal;
+use crate::command_topics::CommandTopics;
+use crate::config::Limits;
+use crate::reply_index::ReplyIndex;
+use crate::subscriptions::Subscriptions;
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use shared::UserId;
@@ -28,6 +36,36 @@ pub fn handler_session_id(client_id: &str) -> String {
     format!("H:{}", escape(client_id))
 }
 
+/// Whether router session `id` is a handler's (see `handler_session_id`).
+pub fn is_handler_session_id(id: &str) -> bool {
+    id.starts_with("H:")
+}
+
+/// What counts a session's subscriptions elsewhere: the reply index (router
+/// filters) and the command topics (a handler's declarations).
+pub type Counts<'a> = (&'a ReplyIndex, &'a CommandTopics);
+
+/// Uncounts router filters and command declarations of session `id`, which
+/// the router no longer holds (or holds once for two counts).
+fn uncount<'a>(
+    id: &str,
+    via_router: impl Iterator<Item = &'a str>,
+    declared: impl Iterator<Item = &'a str>,
+    (replies, commands): Counts<'_>,
+) {
+    let handler = is_handler_session_id(id);
+    for filter in via_router {
+        if handler {
+            replies.handler_unsubscribed(filter);
+        } else {
+            replies.device_left_router(filter);
+        }
+    }
+    for filter in declared {
+        commands.withdraw(filter);
+    }
+}
+
 /// Percent-escapes the characters the router refuses in client ids
 /// (`+ $ # /`) and `%` itself, so distinct ids stay distinct.
 fn escape(client_id: &str) -> String {
@@ -39,6 +77,36 @@ fn escape(client_id: &str) -> String {
         }
     }
     out
+}
+
+/// Refuses a client id longer than the configured cap (MQTT 5 0x85, 3.1.1
+/// code 2): ids are kept as router session names, possibly for days.
+pub fn check_client_id(client_id: &str, limits: &Limits) -> Result<(), ConnectRefusal> {
+    if client_id.len() > limits.max_client_id_bytes {
+        return Err(ConnectRefusal::ClientIdNotValid("client id too long"));
+    }
+    Ok(())
+}
+
+/// Persistent device sessions the router keeps, by id and counted per user.
+#[derive(Default)]
+struct Persistent {
+    owner: HashMap<String, UserId>,
+    per_user: HashMap<UserId, usize>,
+}
+
+impl Persistent {
+    fn forget(&mut self, id: &str) {
+        let Some(uid) = self.owner.remove(id) else {
+            return;
+        };
+        if let Some(count) = self.per_user.get_mut(&uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_user.remove(&uid);
+            }
+        }
+    }
 }
 
 /// Why a live session is asked to end.
@@ -128,6 +196,12 @@ pub struct SessionRegistry {
     /// Persistent sessions whose client is away, with the serial of the
     /// connection that left them: only that one's expiry may end them.
     away: Mutex<HashMap<String, u64>>,
+    /// Persistent device sessions, connected or away, until they expire.
+    persistent: Mutex<Persistent>,
+    /// The subscriptions persistent sessions left in the router when their
+    /// connection ended: the next connection takes them back, and an expiry
+    /// or a clean session with the same id releases them.
+    kept: Mutex<HashMap<String, Subscriptions>>,
 }
 
 /// Held by a live connection; dropping it releases the id and tells a
@@ -149,7 +223,106 @@ impl SessionRegistry {
             next_serial: AtomicU64::new(0),
             live: Mutex::default(),
             away: Mutex::default(),
+            persistent: Mutex::default(),
+            kept: Mutex::default(),
         }
+    }
+
+    /// Keeps the subscriptions of persistent session `id`, whose connection
+    /// ended; what an earlier connection's leftovers already count is
+    /// uncounted (see `Subscriptions::absorb`).
+    pub fn keep_subscriptions(&self, id: &str, subs: Subscriptions, counts: Counts<'_>) {
+        let doubled = {
+            let mut kept = self.kept.lock();
+            match kept.get_mut(id) {
+                Some(earlier) => earlier.absorb(subs),
+                None => {
+                    kept.insert(id.to_owned(), subs);
+                    return;
+                }
+            }
+        };
+        let (via_router, declared) = (doubled.via_router.iter(), doubled.declared.iter());
+        uncount(
+            id,
+            via_router.map(String::as_str),
+            declared.map(String::as_str),
+            counts,
+        );
+    }
+
+    /// The bookkeeping of a new connection of session `id`: what its
+    /// persistent session's earlier connection left, or `fresh` (a clean
+    /// session ends that one in the router: what it left is released).
+    pub fn resume_subscriptions(
+        &self,
+        id: &str,
+        clean_session: bool,
+        fresh: Subscriptions,
+        counts: Counts<'_>,
+    ) -> Subscriptions {
+        let kept = self.kept.lock().remove(id);
+        match kept {
+            Some(kept) if !clean_session => kept,
+            Some(kept) => {
+                uncount(id, kept.via_router(), kept.declared(), counts);
+                fresh
+            }
+            None => fresh,
+        }
+    }
+
+    /// Session `id` expired: what it left in the router is released.
+    pub fn release_subscriptions(&self, id: &str, counts: Counts<'_>) {
+        let kept = self.kept.lock().remove(id);
+        if let Some(kept) = kept {
+            uncount(id, kept.via_router(), kept.declared(), counts);
+        }
+    }
+
+    /// Admits a device's session `id` under the persistent-sessions-per-user
+    /// cap: resuming a persistent session the user holds is always allowed, a
+    /// new one only under the cap. A clean session replaces (and so ends) a
+    /// persistent one of the same id in the router, which stops counting.
+    /// Handlers are not capped here.
+    pub fn admit(
+        &self,
+        id: &str,
+        principal: &Principal,
+        clean_session: bool,
+        limits: &Limits,
+    ) -> Result<(), ConnectRefusal> {
+        let Principal::Device(device) = principal else {
+            return Ok(());
+        };
+        let mut persistent = self.persistent.lock();
+        if clean_session {
+            persistent.forget(id);
+            return Ok(());
+        }
+        if persistent.owner.contains_key(id) {
+            return Ok(());
+        }
+        let uid = device.uid();
+        let held = persistent.per_user.get(uid).copied().unwrap_or(0);
+        if held >= limits.max_persistent_sessions_per_user {
+            return Err(ConnectRefusal::QuotaExceeded(
+                "too many persistent sessions for this user",
+            ));
+        }
+        persistent.owner.insert(id.to_owned(), uid.clone());
+        *persistent.per_user.entry(uid.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Persistent device sessions counted for `uid`.
+    pub fn persistent_sessions(&self, uid: &UserId) -> usize {
+        self.persistent
+            .lock()
+            .per_user
+            .get(uid)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Claims `id` (for `uid`'s device, or a handler when `None`), ending
@@ -206,6 +379,8 @@ impl SessionRegistry {
             return None;
         }
         away.remove(id);
+        // The session ends now: it no longer counts against its user.
+        self.persistent.lock().forget(id);
         let own_serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let (closed_tx, closed_rx) = oneshot::channel();
         let end = EndSignal::default();
@@ -296,6 +471,104 @@ mod tests {
         assert_eq!(handler_session_id("h/1+#$%"), "H:h%2F1%2B%23%24%25");
         assert!(!device_session_id(&u12, "a/b#").contains(['/', '#', '+', '$']));
         assert_ne!(handler_session_id("a%2F"), handler_session_id("a/"));
+    }
+
+    #[test]
+    fn client_ids_are_capped() {
+        let limits = Limits {
+            max_client_id_bytes: 4,
+            ..Limits::default()
+        };
+        assert_eq!(check_client_id("abcd", &limits), Ok(()));
+        assert_eq!(
+            check_client_id("abcde", &limits),
+            Err(ConnectRefusal::ClientIdNotValid("client id too long"))
+        );
+        // Bytes, not characters.
+        assert!(check_client_id("ééé", &limits).is_err());
+    }
+
+    #[tokio::test]
+    async fn persistent_sessions_are_capped_per_user_until_they_expire() {
+        use crate::auth::testing::{device, handler};
+        let registry = Arc::new(SessionRegistry::new(CancellationToken::new()));
+        let limits = Limits {
+            max_persistent_sessions_per_user: 2,
+            ..Limits::default()
+        };
+        let (alice, bob) = (device("alice"), device("bob"));
+        let uid = UserId::parse("alice").unwrap();
+        assert_eq!(registry.admit("D:alice:a", &alice, false, &limits), Ok(()));
+        assert_eq!(registry.admit("D:alice:b", &alice, false, &limits), Ok(()));
+        let over = registry.admit("D:alice:c", &alice, false, &limits);
+        assert!(matches!(over, Err(ConnectRefusal::QuotaExceeded(_))));
+        // Resuming one it holds, a clean session, another user, a handler: fine.
+        assert_eq!(registry.admit("D:alice:a", &alice, false, &limits), Ok(()));
+        assert_eq!(registry.admit("D:alice:c", &alice, true, &limits), Ok(()));
+        assert_eq!(registry.admit("D:bob:a", &bob, false, &limits), Ok(()));
+        assert_eq!(registry.admit("H:h", &handler(), false, &limits), Ok(()));
+        assert_eq!(registry.persistent_sessions(&uid), 2);
+
+        // A clean session with a persistent id ends that one in the router.
+        assert_eq!(registry.admit("D:alice:b", &alice, true, &limits), Ok(()));
+        assert_eq!(registry.persistent_sessions(&uid), 1);
+        assert_eq!(registry.admit("D:alice:c", &alice, false, &limits), Ok(()));
+
+        // An expiry frees its slot (and the map shrinks back).
+        let claim = registry.claim("D:alice:a".into(), Some(&uid)).await;
+        registry.left_away(&claim);
+        let serial = claim.serial();
+        drop(claim);
+        let expiring = registry.claim_to_expire("D:alice:a", serial);
+        assert!(expiring.is_some());
+        assert_eq!(registry.persistent_sessions(&uid), 1);
+        assert_eq!(registry.admit("D:alice:c", &alice, true, &limits), Ok(()));
+        assert_eq!(registry.persistent_sessions(&uid), 0);
+        assert!(registry.persistent.lock().per_user.len() == 1, "only bob's");
+    }
+
+    #[test]
+    fn kept_subscriptions_are_handed_back_once() {
+        let registry = SessionRegistry::new(CancellationToken::new());
+        let (replies, commands) = (ReplyIndex::default(), CommandTopics::new([]));
+        let counts = (&replies, &commands);
+        // Two connections of one session counted `1_a` in the router, each.
+        replies.device_subscribed_in_router("1_a");
+        replies.device_subscribed_in_router("1_a");
+        replies.device_subscribed_in_router("1_b");
+        let mut first = Subscriptions::new(10);
+        first.add_via_router("1_a");
+        registry.keep_subscriptions("D:1:c", first, counts);
+        let mut late = Subscriptions::new(10);
+        late.add_via_router("1_a");
+        late.add_via_router("1_b");
+        registry.keep_subscriptions("D:1:c", late, counts);
+        assert_eq!(replies.topics(), 2);
+
+        // Resumed: handed back whole, once.
+        let resumed = registry.resume_subscriptions("D:1:c", false, Subscriptions::new(10), counts);
+        assert_eq!(resumed.via_router().count(), 2);
+        let fresh = registry.resume_subscriptions("D:1:c", false, Subscriptions::new(10), counts);
+        assert_eq!(fresh.via_router().count(), 0);
+
+        // Expired: released, and the index is empty again.
+        registry.keep_subscriptions("D:1:c", resumed, counts);
+        registry.release_subscriptions("D:1:c", counts);
+        assert_eq!(replies.topics(), 0);
+
+        // A clean session releases what a persistent one left.
+        commands.declare("jobs");
+        let mut handler = Subscriptions::new(10);
+        handler.declare("jobs");
+        registry.keep_subscriptions("H:h", handler, counts);
+        assert!(commands.is_command("jobs"));
+        let fresh = registry.resume_subscriptions("H:h", true, Subscriptions::new(10), counts);
+        assert_eq!(fresh.declared().count(), 0);
+        assert!(!commands.is_command("jobs"));
+
+        assert!(is_handler_session_id(&handler_session_id("x")));
+        let uid = UserId::parse("1").unwrap();
+        assert!(!is_handler_session_id(&device_session_id(&uid, "H:x")));
     }
 
     #[tokio::test]

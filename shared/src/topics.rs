@@ -34,6 +34,40 @@ pub fn is_valid_filter(filter: &str) -> bool {
     })
 }
 
+/// Limits on the size of topic names and filters one kind of client may use
+/// (both bound the memory and the matching work a topic costs the broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicCaps {
+    /// Longest topic name or filter, in bytes.
+    pub max_bytes: usize,
+    /// Most `/`-separated levels.
+    pub max_levels: usize,
+}
+
+/// Why a topic or filter is over its caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CapExceeded {
+    #[error("topic longer than {0} bytes")]
+    TooLong(usize),
+    #[error("topic with more than {0} levels")]
+    TooManyLevels(usize),
+}
+
+impl TopicCaps {
+    /// Checks a topic name or filter (a shared subscription counts whole).
+    /// Bytes first: the level count then walks a bounded string.
+    pub fn check(&self, topic: &str) -> Result<(), CapExceeded> {
+        if topic.len() > self.max_bytes {
+            return Err(CapExceeded::TooLong(self.max_bytes));
+        }
+        // Levels are separators plus one.
+        if topic.bytes().filter(|b| *b == b'/').count() >= self.max_levels {
+            return Err(CapExceeded::TooManyLevels(self.max_levels));
+        }
+        Ok(())
+    }
+}
+
 /// Whether `filter` contains a wildcard level.
 pub fn is_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
@@ -108,6 +142,23 @@ mod tests {
         assert_eq!(split_shared("sync"), None);
         assert_eq!(effective_filter("$share/g/x/#"), "x/#");
         assert_eq!(effective_filter("x/#"), "x/#");
+    }
+
+    #[test]
+    fn caps() {
+        let caps = TopicCaps {
+            max_bytes: 8,
+            max_levels: 3,
+        };
+        assert_eq!(caps.check("a/b/c"), Ok(()));
+        assert_eq!(caps.check("12345678"), Ok(()));
+        assert_eq!(caps.check("123456789"), Err(CapExceeded::TooLong(8)));
+        assert_eq!(caps.check("a/b/c/d"), Err(CapExceeded::TooManyLevels(3)));
+        assert_eq!(caps.check("//"), Ok(()), "three empty levels");
+        assert_eq!(caps.check("///"), Err(CapExceeded::TooManyLevels(3)));
+        // Multi-byte characters count in bytes.
+        assert_eq!(caps.check("ééé"), Ok(()));
+        assert_eq!(caps.check("éééé/"), Err(CapExceeded::TooLong(8)));
     }
 
     #[test]

@@ -65,6 +65,18 @@ impl UserId {
     }
 }
 
+/// Whether `topic` has the shape of a reply topic: `<uid>_<name>` for some
+/// valid user id (the text before the first `_`) and a non-empty name. Such a
+/// topic may be some user's reply topic, so it must never become a command
+/// topic by a handler subscribing to it (every device could then publish
+/// there and spoof that user's replies). Configured command topics such as
+/// `request_contact` are the operator's explicit choice and stay commands.
+pub fn is_reply_shaped(topic: &str) -> bool {
+    topic
+        .split_once(REPLY_SEPARATOR)
+        .is_some_and(|(uid, name)| !name.is_empty() && UserId::parse(uid).is_ok())
+}
+
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -121,5 +133,25 @@ mod tests {
         assert!(!u12.owns_topic("123_sync"));
         assert!(!u12.owns_topic("1_sync"));
         assert!(!u12.owns_topic("12"));
+    }
+
+    #[test]
+    fn reply_shaped_topics() {
+        for reply in [
+            "alice_x",
+            "12_sync",
+            "a.b-C_x/y",
+            "12_3_contact_list",
+            "x_#",
+        ] {
+            assert!(is_reply_shaped(reply), "{reply:?}");
+        }
+        for not_reply in [
+            "sync", "_x", "alice_", "a/b_x", "$SYS_x", "a b_x", "jobs/+", "",
+        ] {
+            assert!(!is_reply_shaped(not_reply), "{not_reply:?}");
+        }
+        assert!(is_reply_shaped(&format!("{}_x", "u".repeat(64))));
+        assert!(!is_reply_shaped(&format!("{}_x", "u".repeat(65))));
     }
 }
