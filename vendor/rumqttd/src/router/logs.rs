@@ -3,8 +3,8 @@ use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
-    PublishProperties, SubAck, UnsubAck,
+    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel,
+    Publish, PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
@@ -413,8 +413,29 @@ where
 pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
-    // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    // Recorded qos 2 publishes, by packet id (patched: upstream queued them
+    // and released the oldest on any PUBREL, so a retransmitted publish was
+    // stored twice and a PUBREL released another pkid's publish).
+    recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
+}
+
+/// patched: the most QoS 2 publishes one connection may have awaiting PUBREL
+/// in the router. The embedding program advertises and enforces a Receive
+/// Maximum at or below this; the router caps its own state regardless so
+/// that no client can grow it without limit.
+pub const MAX_AWAITING_PUBREL: usize = 1024;
+
+/// patched: what became of an incoming QoS 2 publish (see `AckLog::pubrec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos2Record {
+    /// Stored until its PUBREL.
+    Stored,
+    /// Its packet id already awaits PUBREL (a retransmission, MQTT 5
+    /// 4.3.3): answered with PUBREC again, not stored again.
+    Duplicate,
+    /// `MAX_AWAITING_PUBREL` publishes already await PUBREL: not stored,
+    /// not acknowledged; the connection is to be closed (0x93).
+    Full,
 }
 
 impl AckLog {
@@ -424,7 +445,7 @@ impl AckLog {
             // patched: grow on demand; upstream reserved 100 acks and 100
             // QoS 2 publishes (~40 KB) per connection.
             committed: VecDeque::new(),
-            recorded: VecDeque::new(),
+            recorded: HashMap::new(),
         }
     }
 
@@ -443,10 +464,29 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
-        let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
-        self.committed.push_back(ack);
+    /// Records an incoming QoS 2 publish and queues its PUBREC (patched:
+    /// once per packet id, and at most `MAX_AWAITING_PUBREL` of them).
+    pub fn pubrec(
+        &mut self,
+        publish: Publish,
+        props: Option<PublishProperties>,
+        ack: PubRec,
+    ) -> Qos2Record {
+        let record = if self.recorded.contains_key(&ack.pkid) {
+            Qos2Record::Duplicate
+        } else if self.recorded.len() >= MAX_AWAITING_PUBREL {
+            return Qos2Record::Full;
+        } else {
+            self.recorded.insert(ack.pkid, (publish, props));
+            Qos2Record::Stored
+        };
+        self.committed.push_back(Ack::PubRec(ack));
+        record
+    }
+
+    /// How many QoS 2 publishes await their PUBREL.
+    pub fn awaiting_pubrel(&self) -> usize {
+        self.recorded.len()
     }
 
     pub fn pubrel(&mut self, ack: PubRel) {
@@ -454,10 +494,23 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        let ack = Ack::PubComp(ack);
-        self.committed.push_back(ack);
-        self.recorded.pop_front()
+    /// Answers a PUBREL and releases the publish recorded under its packet
+    /// id (patched: upstream released the oldest recorded publish,
+    /// whichever its pkid). A PUBREL for a packet id with nothing recorded
+    /// (a retransmitted PUBREL, or one for a session state the broker no
+    /// longer has) is answered with PUBCOMP 0x92 (MQTT 5 4.3.3: the
+    /// receiver must answer every PUBREL) and releases nothing.
+    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        let released = self.recorded.remove(&ack.pkid);
+        if released.is_none() {
+            ack.reason = PubCompReason::PacketIdentifierNotFound;
+        }
+        if self.recorded.is_empty() {
+            // Give the map's memory back once the burst is over.
+            self.recorded = HashMap::new();
+        }
+        self.committed.push_back(Ack::PubComp(ack));
+        released
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {

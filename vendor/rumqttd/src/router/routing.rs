@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, Qos2Record};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -187,7 +187,10 @@ impl Router {
     /// every sender is gone, so an end while the program runs is a failure.
     pub fn spawn_on_runtime(
         mut self,
-    ) -> (Sender<(ConnectionId, Event)>, tokio::task::JoinHandle<String>) {
+    ) -> (
+        Sender<(ConnectionId, Event)>,
+        tokio::task::JoinHandle<String>,
+    ) {
         let link = self.link();
         let task = tokio::spawn(async move {
             match self.run_async().await {
@@ -411,6 +414,12 @@ impl Router {
             );
         }
 
+        // patched: a restored persistent session rejoins its shared groups.
+        // Upstream restored the session's `$share/...` requests but not its
+        // group membership, so the requests read a group it was not in (and
+        // never got a turn) or no group at all.
+        self.rejoin_shared_groups(&client_id, &tracker);
+
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
@@ -454,6 +463,30 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+    }
+
+    /// patched: adds `client_id` back to the shared groups its restored
+    /// requests read through. A group emptied while the session was offline
+    /// is re-created at the request's cursor (where its unacknowledged
+    /// deliveries start), so nothing published meanwhile is skipped.
+    fn rejoin_shared_groups(&mut self, client_id: &str, tracker: &Tracker) {
+        for request in tracker.data_requests.iter() {
+            let Some(group_name) = request.group.as_ref() else {
+                continue;
+            };
+            let group = self
+                .shared_subscriptions
+                .entry(group_name.clone())
+                .or_insert_with(|| {
+                    SharedGroup::new(
+                        request.cursor,
+                        self.config.shared_subscriptions_strategy.clone(),
+                    )
+                });
+            if !group.contains(client_id) {
+                group.add_client(client_id.to_owned());
+            }
+        }
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
@@ -561,13 +594,22 @@ impl Router {
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
-                    // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                    // patched: rewind the group so that the unacknowledged
+                    // deliveries go to its other members. Upstream expected
+                    // the group to exist, but the loop above drops a group
+                    // its last member leaves: a persistent session that was
+                    // the only member of a `$share/...` group and left with
+                    // a QoS 1/2 delivery unacknowledged panicked the router
+                    // (and with it the broker). An emptied group is gone; the
+                    // saved request keeps the rewound cursor and rejoins (or
+                    // re-creates) the group on reconnect, see
+                    // `rejoin_shared_groups`.
+                    if let Some(group) = request
+                        .group
+                        .as_ref()
+                        .and_then(|name| self.shared_subscriptions.get_mut(name))
+                    {
+                        group.cursor = *cursor;
                     }
                 }
             }
@@ -658,10 +700,25 @@ impl Router {
                                 reason: PubRecReason::Success,
                             };
 
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.pubrec(publish, properties, pubrec);
-                            force_ack = true;
-                            continue;
+                            let Some(ackslog) = self.ackslog.get_mut(id) else {
+                                break;
+                            };
+                            // patched: a retransmission of a publish that
+                            // awaits PUBREL is acknowledged, not stored twice;
+                            // past the cap the client is disconnected (0x93).
+                            match ackslog.pubrec(publish, properties, pubrec) {
+                                Qos2Record::Stored | Qos2Record::Duplicate => {
+                                    force_ack = true;
+                                    continue;
+                                }
+                                Qos2Record::Full => {
+                                    warn!(pkid, "too many QoS 2 publishes awaiting PUBREL");
+                                    disconnect = true;
+                                    disconnect_reason =
+                                        Some(DisconnectReasonCode::ReceiveMaximumExceeded);
+                                    break;
+                                }
+                            }
                         }
                         QoS::AtMostOnce => {
                             // Do nothing
@@ -864,7 +921,9 @@ impl Router {
                     ackslog.pubrel(pubrel);
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
-                Packet::PubRel(pubrel, None) => {
+                // patched: any PUBREL (upstream matched only those without
+                // properties, and ignored the others: no PUBCOMP, no delivery).
+                Packet::PubRel(pubrel, _) => {
                     let span = tracing::info_span!("pubrel", pkid = pubrel.pkid);
                     let _guard = span.enter();
 
@@ -878,13 +937,13 @@ impl Router {
                     // on reconnection ( with clean session false )
                     // we try to retrive publish assuming broker saved the previous state
                     // successfully in graveyard.
-                    let (publish, props) = match ackslog.pubcomp(pubcomp) {
-                        Some(v) => v,
-                        None => {
-                            disconnect = true;
-                            break;
-                        }
+                    // patched: an unknown pkid is answered with PUBCOMP 0x92
+                    // (see `AckLog::pubcomp`), not by dropping the client.
+                    let Some((publish, props)) = ackslog.pubcomp(pubcomp) else {
+                        force_ack = true;
+                        continue;
                     };
+                    force_ack = true;
 
                     // Try to append publish to commitlog
                     match append_to_commitlog(
@@ -1157,7 +1216,8 @@ impl Router {
                             .get(&request.filter)
                             .is_some_and(|readers| readers.len() == 1);
                     if sole_reader {
-                        if let Some(cursor) = datalog.trim_read(request.filter_idx, request.cursor) {
+                        if let Some(cursor) = datalog.trim_read(request.filter_idx, request.cursor)
+                        {
                             request.cursor = cursor;
                         }
                     }
@@ -1336,7 +1396,14 @@ fn append_to_commitlog(
         None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
     };
 
-    let o = append_to_filters(publish, properties, pkid, filter_idxs, datalog, notifications);
+    let o = append_to_filters(
+        publish,
+        properties,
+        pkid,
+        filter_idxs,
+        datalog,
+        notifications,
+    );
 
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
     Ok(o)
@@ -1391,7 +1458,14 @@ fn append_will_message(
         None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
     };
 
-    let o = append_to_filters(publish, properties, pkid, filter_idxs, datalog, notifications);
+    let o = append_to_filters(
+        publish,
+        properties,
+        pkid,
+        filter_idxs,
+        datalog,
+        notifications,
+    );
 
     Ok(o)
 }
@@ -1414,7 +1488,11 @@ fn append_to_filters(
     let mut data = Some((publish, properties));
     for filter_idx in filter_idxs {
         remaining -= 1;
-        let publish_data = if remaining == 0 { data.take() } else { data.clone() };
+        let publish_data = if remaining == 0 {
+            data.take()
+        } else {
+            data.clone()
+        };
         let Some(publish_data) = publish_data else {
             break;
         };
@@ -2499,3 +2577,9 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+// patched: synchronous tests of the router's state machine (no threads, no
+// sockets): each test drives `Router::events` and `Router::consume` directly.
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod tests;

@@ -28,6 +28,12 @@ impl SharedGroup {
         self.clients.get(self.current_client_index)
     }
 
+    /// patched: whether `client` is a member (a restored session rejoins
+    /// only the groups it is not in yet).
+    pub fn contains(&self, client: &str) -> bool {
+        self.clients.iter().any(|c| c == client)
+    }
+
     pub fn add_client(&mut self, client: String) {
         self.clients.push(client)
     }
