@@ -73,7 +73,7 @@ fn is_wildcard(filter: &str) -> bool {
 }
 
 impl DataLog {
-    pub fn new(config: RouterConfig) -> io::Result<DataLog> {
+    pub fn new(config: RouterConfig) -> DataLog {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
@@ -94,14 +94,14 @@ impl DataLog {
             }
         }
 
-        Ok(DataLog {
+        DataLog {
             config,
             native,
             publish_filters,
             filter_indexes,
             retained_publishes,
             wildcard_filters,
-        })
+        }
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {
@@ -120,10 +120,7 @@ impl DataLog {
         id: ConnectionId,
         filter: &Filter,
     ) -> Option<DataRequest> {
-        let data = self
-            .native
-            .get_mut(*self.filter_indexes.get(filter)?)
-            .unwrap();
+        let data = self.native.get_mut(*self.filter_indexes.get(filter)?)?;
         let waiters = data.waiters.get_mut();
 
         waiters
@@ -170,8 +167,8 @@ impl DataLog {
         let publish_filters = &mut self.publish_filters;
         let filter_indexes = &mut self.filter_indexes;
 
-        let (filter_idx, data) = match filter_indexes.get(filter) {
-            Some(idx) => (*idx, self.native.get(*idx).unwrap()),
+        let filter_idx = match filter_indexes.get(filter) {
+            Some(idx) => *idx,
             None => {
                 let data = Data::new(filter, &self.config);
 
@@ -195,11 +192,17 @@ impl DataLog {
                     }
                 }
 
-                (idx, self.native.get(idx).unwrap())
+                idx
             }
         };
 
-        (filter_idx, data.log.next_offset())
+        // Present: found in, or just added to, `native`.
+        let offset = self
+            .native
+            .get(filter_idx)
+            .map(|data| data.log.next_offset())
+            .unwrap_or_default();
+        (filter_idx, offset)
     }
 
     /// patched: empties the log of `filter_idx` if `cursor` has read all of
@@ -222,7 +225,10 @@ impl DataLog {
         // arrives in `Router::handle_device_payload`, it first calls the function
         // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
         // reads will definitely happen on a valid filter.
-        let data = self.native.get(filter_idx).unwrap();
+        // patched: an error, not a panic, for a filter that is gone.
+        let data = self.native.get(filter_idx).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no log {filter_idx}"))
+        })?;
         let mut o = Vec::new();
         // TODO: `readv` is infallible but its current return type does not
         // reflect that. Consequently, this method is also infallible.
@@ -281,8 +287,9 @@ impl DataLog {
         // filter as `request` is "done", that is, the subscriber has caught up. In other words,
         // there has been atleast 1 call to `native_readv` for the same filter, which means if
         // `native_readv` hasn't paniced, so this won't panic either.
-        let data = self.native.get_mut(request.filter_idx).unwrap();
-        data.waiters.register(id, request);
+        if let Some(data) = self.native.get_mut(request.filter_idx) {
+            data.waiters.register(id, request);
+        }
     }
 
     /// Cleanup a connection from all the waiters
@@ -374,8 +381,12 @@ where
             }
         }
 
-        // max_segment_size: usize, max_mem_segments: usize
-        let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
+        // patched: limits clamped to what `CommitLog::new` accepts, so that
+        // it cannot fail (it used to panic on a bad configuration, on the
+        // router, at the first subscription).
+        #[allow(clippy::expect_used)]
+        let log = CommitLog::new(max_segment_size.max(1024), max_mem_segments.max(1))
+            .expect("limits clamped to valid values");
 
         // patched: grow on demand (upstream reserved 10 per filter).
         let waiters = Waiters::with_capacity(0);
@@ -545,7 +556,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
         };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config);
         data.next_native_offset("topic/a");
         data.matches("topic/a");
 
@@ -565,7 +576,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
         };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config);
         data.next_native_offset("+/+");
 
         data.matches("topic/a");
@@ -587,7 +598,7 @@ mod test {
     //             dynamic_log: true,
     //         };
 
-    //         let mut data = DataLog::new(config).unwrap();
+    //         let mut data = DataLog::new(config);
     //         data.next_native_offset("/devices/2321/actions");
     //         for i in 0..2 {
     //             let publish = Publish::new("/devices/2321/events/imu/jsonarray", QoS::AtLeastOnce, vec![1, 2, 3]);

@@ -50,6 +50,9 @@ pub enum RouterError {
     InvalidClientId(String),
     #[error("Disconnection (Reason: {0:?})")]
     Disconnect(DisconnectReasonCode),
+    /// patched: a connection id with no connection (instead of a panic).
+    #[error("No connection {0}")]
+    NoConnection(ConnectionId),
 }
 
 // TODO: set this to some appropriate value
@@ -136,7 +139,7 @@ impl Router {
             subscription_map: Default::default(),
             ibufs,
             obufs,
-            datalog: DataLog::new(config.clone()).unwrap(),
+            datalog: DataLog::new(config.clone()),
             alertlog: AlertLog::new(config),
             ackslog,
             scheduler: Scheduler::with_capacity(max_connections),
@@ -168,12 +171,15 @@ impl Router {
     pub fn spawn(mut self) -> Sender<(ConnectionId, Event)> {
         let router = thread::Builder::new().name(format!("router-{}", self.id));
         let link = self.link();
+        // Startup, not client input: a router that cannot get its thread
+        // cannot run at all.
+        #[allow(clippy::expect_used)]
         router
             .spawn(move || {
                 let e = self.run(0);
                 error!(reason=?e, "Router done!");
             })
-            .unwrap();
+            .expect("router thread");
         link
     }
 
@@ -297,7 +303,9 @@ impl Router {
             Event::Disconnect => self.handle_disconnection(id, None),
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
-                retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
+                if let Some(outgoing) = self.obufs.get_mut(id) {
+                    retrieve_shadow(&mut self.datalog, outgoing, request)
+                }
             }
             Event::SendAlerts => {
                 self.send_alerts();
@@ -446,7 +454,9 @@ impl Router {
             ..Default::default()
         };
 
-        let ackslog = self.ackslog.get_mut(connection_id).unwrap();
+        let Some(ackslog) = self.ackslog.get_mut(connection_id) else {
+            return;
+        };
         ackslog.connack(connection_id, ack, Some(properties));
 
         pending_acks.into_iter().for_each(|pkid| {
@@ -541,12 +551,20 @@ impl Router {
         }
 
         // Remove connection from router
-        let mut connection = self.connections.remove(id);
-        let _incoming = self.ibufs.remove(id);
-        let outgoing = self.obufs.remove(id);
-        let mut tracker = self.scheduler.remove(id);
+        // patched: `try_remove` (upstream's `remove` panics on a vacant
+        // slot). The slabs are filled and emptied together; `obufs` was
+        // checked above.
+        let (Some(mut connection), Some(outgoing), Some(mut tracker)) = (
+            self.connections.try_remove(id),
+            self.obufs.try_remove(id),
+            self.scheduler.remove(id),
+        ) else {
+            error!("connection {} was half gone", id);
+            return;
+        };
+        let _incoming = self.ibufs.try_remove(id);
         self.connection_map.remove(&client_id);
-        self.ackslog.remove(id);
+        self.ackslog.try_remove(id);
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -650,7 +668,7 @@ impl Router {
         let _guard = span.enter();
 
         // Instead of exchanging, we should just append new incoming packets inside cache
-        let mut packets = incoming.exchange(self.cache.take().unwrap());
+        let mut packets = incoming.exchange(self.cache.take().unwrap_or_default());
 
         let mut force_ack = false;
         let mut new_data = false;
@@ -690,7 +708,10 @@ impl Router {
                                 reason: PubAckReason::Success,
                             };
 
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
+                            let Some(ackslog) = self.ackslog.get_mut(id) else {
+                                disconnect = true;
+                                break;
+                            };
                             ackslog.puback(puback);
                             force_ack = true;
                         }
@@ -758,12 +779,13 @@ impl Router {
                         }
                     };
 
-                    let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-                    if let Err(e) = meter.register_publish(&publish) {
-                        error!(
-                            reason = ?e, "Failed to write to incoming meter"
-                        );
-                    };
+                    if let Some(incoming) = self.ibufs.get_mut(id) {
+                        if let Err(e) = incoming.meter.register_publish(&publish) {
+                            error!(
+                                reason = ?e, "Failed to write to incoming meter"
+                            );
+                        };
+                    }
                 }
                 Packet::Subscribe(mut subscribe, props) => {
                     let mut return_codes = Vec::new();
@@ -776,7 +798,10 @@ impl Router {
                         let _guard = span.enter();
 
                         info!("Adding subscription on topic {}", f.path);
-                        let connection = self.connections.get_mut(id).unwrap();
+                        let Some(connection) = self.connections.get_mut(id) else {
+                            disconnect = true;
+                            break;
+                        };
 
                         if let Err(e) = validate_subscription(connection, f) {
                             warn!(reason = ?e,"Subscription cannot be validated: {}", e);
@@ -823,12 +848,18 @@ impl Router {
                     // meter.total_size += len;
 
                     let suback = SubAck { pkid, return_codes };
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     ackslog.suback(suback);
                     force_ack = true;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
-                    let connection = self.connections.get_mut(id).unwrap();
+                    let Some(connection) = self.connections.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = unsubscribe.pkid;
                     for filter in &unsubscribe.filters {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
@@ -877,7 +908,10 @@ impl Router {
                                 // reasons are used in MQTTv5
                                 reasons: vec![UnsubAckReason::Success],
                             };
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
+                            let Some(ackslog) = self.ackslog.get_mut(id) else {
+                                disconnect = true;
+                                break;
+                            };
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
                             self.datalog.remove_waiters_for_id(id, filter);
@@ -889,7 +923,10 @@ impl Router {
                     let span = tracing::info_span!("puback", pkid = puback.pkid);
                     let _guard = span.enter();
 
-                    let outgoing = self.obufs.get_mut(id).unwrap();
+                    let Some(outgoing) = self.obufs.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = puback.pkid;
                     if outgoing.register_ack(pkid).is_none() {
                         error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
@@ -903,7 +940,10 @@ impl Router {
                     let span = tracing::info_span!("pubrec", pkid = pubrec.pkid);
                     let _guard = span.enter();
 
-                    let outgoing = self.obufs.get_mut(id).unwrap();
+                    let Some(outgoing) = self.obufs.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = pubrec.pkid;
                     if outgoing.register_ack(pkid).is_none() {
                         error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
@@ -911,7 +951,10 @@ impl Router {
                         break;
                     }
 
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pubrel = PubRel {
                         pkid: pubrec.pkid,
                         reason: PubRelReason::Success,
@@ -927,7 +970,10 @@ impl Router {
                     let span = tracing::info_span!("pubrel", pkid = pubrel.pkid);
                     let _guard = span.enter();
 
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pubcomp = PubComp {
                         pkid: pubrel.pkid,
                         reason: PubCompReason::Success,
@@ -976,7 +1022,10 @@ impl Router {
                     let span = tracing::info_span!("pubcomp", pkid = pubcomp.pkid);
                     let _guard = span.enter();
 
-                    let outgoing = self.obufs.get_mut(id).unwrap();
+                    let Some(outgoing) = self.obufs.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = pubcomp.pkid;
                     if outgoing.register_pubcomp(pkid).is_none() {
                         error!(
@@ -988,7 +1037,10 @@ impl Router {
                     }
                 }
                 Packet::PingReq(_) => {
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     ackslog.pingresp(PingResp);
 
                     force_ack = true;
@@ -1061,7 +1113,9 @@ impl Router {
         }
 
         // Prepare consumer to pull data in case of subscription
-        let connection = self.connections.get_mut(id).unwrap();
+        let Some(connection) = self.connections.get_mut(id) else {
+            return;
+        };
 
         // Add/Create shared group
         if let Some(group_name) = &group {
@@ -1132,7 +1186,9 @@ impl Router {
             }
         };
 
-        let ackslog = self.ackslog.get_mut(id).unwrap();
+        let Some(ackslog) = self.ackslog.get_mut(id) else {
+            return Some(());
+        };
         let datalog = &mut self.datalog;
         let alertlog = &mut self.alertlog;
 
@@ -1141,7 +1197,9 @@ impl Router {
         // We always try to ack when ever a connection is scheduled
         ack_device_data(ackslog, outgoing);
 
-        let connection = &mut self.connections[id];
+        let Some(connection) = self.connections.get_mut(id) else {
+            return Some(());
+        };
 
         // Keep track of temporarily skipped DataRequest
         // NOTE: VecDeque::new() doesn't allocate memory until elements are pushed
@@ -1338,7 +1396,9 @@ fn append_to_commitlog(
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
 ) -> Result<Offset, RouterError> {
-    let connection = connections.get_mut(id).unwrap();
+    let connection = connections
+        .get_mut(id)
+        .ok_or(RouterError::NoConnection(id))?;
 
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
@@ -1496,7 +1556,9 @@ fn append_to_filters(
         let Some(publish_data) = publish_data else {
             break;
         };
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let Some(datalog) = datalog.native.get_mut(filter_idx) else {
+            continue;
+        };
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
@@ -1738,7 +1800,8 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // `qos` is a subscription's `QoS as u8` (0..=2).
+            publish.qos = protocol::qos(qos).unwrap_or(QoS::AtMostOnce);
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
@@ -1834,14 +1897,10 @@ fn print_status(router: &mut Router, metrics: Print) {
             println!("{metrics:#?}");
         }
         Print::Connection(id) => {
-            let metrics = router.connection_map.get(&id).map(|v| {
-                let c = router
-                    .connections
-                    .get(*v)
-                    .map(|v| v.events.clone())
-                    .unwrap();
-                let t = router.scheduler.trackers.get(*v).cloned().unwrap();
-                (c, t)
+            let metrics = router.connection_map.get(&id).and_then(|v| {
+                let c = router.connections.get(*v).map(|v| v.events.clone())?;
+                let t = router.scheduler.trackers.get(*v).cloned()?;
+                Some((c, t))
             });
 
             let metrics = match metrics {
@@ -1865,7 +1924,7 @@ fn print_status(router: &mut Router, metrics: Print) {
                 .map(|(filter, connections)| {
                     let connections = connections
                         .iter()
-                        .map(|id| router.obufs[*id].client_id.clone())
+                        .filter_map(|id| router.obufs.get(*id).map(|o| o.client_id.clone()))
                         .collect();
 
                     (filter.to_owned(), connections)
@@ -1883,7 +1942,12 @@ fn print_status(router: &mut Router, metrics: Print) {
                 let v: Vec<(String, DataRequest)> = waiters
                     .waiters()
                     .iter()
-                    .map(|(id, request)| (router.obufs[*id].client_id.clone(), request.clone()))
+                    .filter_map(|(id, request)| {
+                        router
+                            .obufs
+                            .get(*id)
+                            .map(|o| (o.client_id.clone(), request.clone()))
+                    })
                     .collect();
 
                 println!("{v:#?}");

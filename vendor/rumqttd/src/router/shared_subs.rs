@@ -50,6 +50,12 @@ impl SharedGroup {
     }
 
     pub fn update_next_client(&mut self) {
+        // patched: an empty group has no next client (upstream divided by
+        // zero, or asked for a number in an empty range).
+        if self.clients.is_empty() {
+            self.current_client_index = 0;
+            return;
+        }
         match self.strategy {
             Strategy::RoundRobin => {
                 self.current_client_index = (self.current_client_index + 1) % self.clients.len();
