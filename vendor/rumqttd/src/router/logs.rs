@@ -68,6 +68,9 @@ pub struct DataLog {
     wildcard_filters: Vec<(Filter, FilterIdx)>,
 }
 
+/// patched: most topics whose matching filters are cached (see `matches`).
+const MAX_CACHED_TOPICS: usize = 100_000;
+
 fn is_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
 }
@@ -155,6 +158,12 @@ impl DataLog {
                 );
 
                 if !v.is_empty() {
+                    // patched: a cache, bounded: past the bound it starts
+                    // over (a wildcard subscriber would otherwise make it
+                    // grow with every distinct topic published).
+                    if self.publish_filters.len() >= MAX_CACHED_TOPICS {
+                        self.publish_filters = HashMap::new();
+                    }
                     self.publish_filters.insert(topic.to_owned(), v.clone());
                 }
 
@@ -203,6 +212,49 @@ impl DataLog {
             .map(|data| data.log.next_offset())
             .unwrap_or_default();
         (filter_idx, offset)
+    }
+
+    /// patched: frees the log of `filter` (nobody reads it any more): its
+    /// slot, its index entries, and the cached topic matches that point to
+    /// it (slots are reused, so a stale entry would route into another
+    /// filter's log). Filters configured at startup stay.
+    pub fn remove_filter(&mut self, filter: &str) {
+        let warm = self
+            .config
+            .initialized_filters
+            .as_ref()
+            .is_some_and(|filters| filters.iter().any(|f| f == filter));
+        if warm {
+            return;
+        }
+        let Some(idx) = self.filter_indexes.remove(filter) else {
+            return;
+        };
+        self.native.try_remove(idx);
+        if is_wildcard(filter) {
+            self.wildcard_filters.retain(|(_, i)| *i != idx);
+            self.publish_filters.retain(|_, idxs| {
+                idxs.retain(|i| *i != idx);
+                !idxs.is_empty()
+            });
+        } else if let Some(idxs) = self.publish_filters.get_mut(filter) {
+            // A literal filter matches only the topic of its own name.
+            idxs.retain(|i| *i != idx);
+            if idxs.is_empty() {
+                self.publish_filters.remove(filter);
+            }
+        }
+    }
+
+    /// How many filter logs exist (tests).
+    #[cfg(test)]
+    pub fn filter_count(&self) -> (usize, usize, usize, usize) {
+        (
+            self.native.len(),
+            self.filter_indexes.len(),
+            self.publish_filters.len(),
+            self.wildcard_filters.len(),
+        )
     }
 
     /// patched: empties the log of `filter_idx` if `cursor` has read all of

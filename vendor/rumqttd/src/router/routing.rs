@@ -68,6 +68,11 @@ pub struct Router {
     /// patched: how many saved (offline) persistent sessions hold each
     /// filter; their cursors point into its log, so it must not be trimmed.
     persistent_readers: HashMap<Filter, usize>,
+    /// patched: how many sessions (connected, or saved while offline) hold
+    /// a subscription reading each filter's log (`$share/<g>/<f>` counts
+    /// for `f`). At zero the log and its entries are freed (upstream kept
+    /// every filter ever subscribed, so memory grew with distinct filters).
+    filter_readers: HashMap<Filter, usize>,
     /// List of MetersLink's senders
     meters: Slab<Sender<Vec<Meter>>>,
     /// List of AlertsLink's senders with their respective subscription Filter
@@ -132,6 +137,7 @@ impl Router {
             config: config.clone(),
             graveyard: Graveyard::new(),
             persistent_readers: HashMap::new(),
+            filter_readers: HashMap::new(),
             meters,
             alerts,
             connections,
@@ -372,6 +378,16 @@ impl Router {
         }
         let clean_session = connection.clean;
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
+        // patched: a clean start ends the saved session: its filters lose a
+        // reader (and are freed if it was the last).
+        if clean_session {
+            if let Some(state) = saved.as_ref().and_then(|s| s.session_state.as_ref()) {
+                let dropped: Vec<Filter> = state.subscriptions.iter().cloned().collect();
+                for path in &dropped {
+                    self.release_filter(path);
+                }
+            }
+        }
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
 
@@ -499,6 +515,27 @@ impl Router {
         }
     }
 
+    /// patched: one more session reads the log of `path`'s filter.
+    fn hold_filter(&mut self, path: &str) {
+        let filter = extract_group(path).map_or_else(|| path.to_owned(), |(_, f)| f);
+        *self.filter_readers.entry(filter).or_default() += 1;
+    }
+
+    /// patched: one session fewer reads the log of `path`'s filter; the last
+    /// one gone frees the log, its waiters and its index entries. Retained
+    /// messages are kept apart (by topic) and stay.
+    fn release_filter(&mut self, path: &str) {
+        let filter = extract_group(path).map_or_else(|| path.to_owned(), |(_, f)| f);
+        let Some(count) = self.filter_readers.get_mut(&filter) else {
+            return;
+        };
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.filter_readers.remove(&filter);
+            self.datalog.remove_filter(&filter);
+        }
+    }
+
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
         let _meter_id = self.meters.insert(tx);
     }
@@ -583,9 +620,13 @@ impl Router {
         });
 
         // Remove this connection from subscriptions
+        // (patched: and a filter's entry with it once nobody is left).
         for filter in connection.subscriptions.iter() {
             if let Some(connections) = self.subscription_map.get_mut(filter) {
                 connections.remove(&id);
+                if connections.is_empty() {
+                    self.subscription_map.remove(filter);
+                }
             }
         }
 
@@ -647,6 +688,10 @@ impl Router {
             // long-running broker grew with each new (or assigned) client id.
             tracker.pause(PauseReason::Busy);
             let _ = connection.events;
+            // patched: and its filters lose a reader (freed at zero).
+            for path in &connection.subscriptions {
+                self.release_filter(path);
+            }
         }
         self.router_meters.total_connections -= 1;
     }
@@ -856,6 +901,7 @@ impl Router {
                     force_ack = true;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
+                    let mut released = Vec::new();
                     let Some(connection) = self.connections.get_mut(id) else {
                         disconnect = true;
                         break;
@@ -870,6 +916,9 @@ impl Router {
                             let removed = connection_ids.remove(&id);
                             if !removed {
                                 continue;
+                            }
+                            if connection_ids.is_empty() {
+                                self.subscription_map.remove(filter);
                             }
 
                             if !connection.subscriptions.remove(filter) {
@@ -915,8 +964,12 @@ impl Router {
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
                             self.datalog.remove_waiters_for_id(id, filter);
+                            released.push(filter.clone());
                             force_ack = true;
                         }
+                    }
+                    for filter in &released {
+                        self.release_filter(filter);
                     }
                 }
                 Packet::PubAck(puback, _) => {
@@ -1160,7 +1213,8 @@ impl Router {
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
-            debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+            debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none());
+            self.hold_filter(filter_path);
         }
 
         // TODO: figure out how we can update existing DataRequest

@@ -380,3 +380,89 @@ fn qos2_awaiting_pubrel_is_capped() {
         "{last:?}"
     );
 }
+
+fn assert_all_freed(router: &Router) {
+    assert_eq!(
+        router.datalog.filter_count(),
+        (0, 0, 0, 0),
+        "logs and indexes"
+    );
+    assert!(router.subscription_map.is_empty(), "subscription map");
+    assert!(router.shared_subscriptions.is_empty(), "shared groups");
+    assert!(router.filter_readers.is_empty(), "reader counts");
+    assert!(router.persistent_readers.is_empty(), "persistent readers");
+}
+
+/// Unsubscribing the last subscriber of a filter frees its log and every
+/// entry pointing to it: the maps shrink back to empty.
+#[test]
+fn unsubscribe_frees_filters() {
+    let mut router = router();
+    let sub = connect(&mut router, "sub", false);
+    let publisher = connect(&mut router, "pub", true);
+    let filters: Vec<String> = (0..50).map(|i| format!("user{i}_reply")).collect();
+    for f in &filters {
+        sub.subscribe(&mut router, f, QoS::AtLeastOnce);
+    }
+    sub.subscribe(&mut router, "+/wild", QoS::AtMostOnce);
+    sub.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    for f in &filters {
+        publisher.publish(&mut router, f, "x", QoS::AtMostOnce, 0);
+    }
+    publisher.publish(&mut router, "a/wild", "w", QoS::AtMostOnce, 0);
+    publisher.publish(&mut router, "cmd", "c", QoS::AtMostOnce, 0);
+    assert_eq!(router.datalog.filter_count().0, 52);
+    assert_eq!(sub.publishes().len(), 52);
+
+    for f in &filters {
+        sub.unsubscribe(&mut router, f);
+    }
+    sub.unsubscribe(&mut router, "+/wild");
+    sub.unsubscribe(&mut router, "$share/g/cmd");
+    assert_all_freed(&router);
+
+    // Freed slots are reused without crossing wires.
+    sub.subscribe(&mut router, "again", QoS::AtMostOnce);
+    sub.take();
+    publisher.publish(&mut router, "user0_reply", "lost", QoS::AtMostOnce, 0);
+    publisher.publish(&mut router, "again", "found", QoS::AtMostOnce, 0);
+    assert_eq!(sub.publishes(), vec!["found".to_owned()]);
+}
+
+/// A clean session's disconnect frees its filters; a persistent session's
+/// keeps them (it comes back to read them) until a clean start ends it.
+/// Retained messages are not in the filters' logs and survive.
+#[test]
+fn disconnect_frees_filters_of_clean_sessions_only() {
+    let mut router = router();
+    let publisher = connect(&mut router, "pub", true);
+    let clean = connect(&mut router, "clean", true);
+    clean.subscribe(&mut router, "t/+", QoS::AtMostOnce);
+    clean.subscribe(&mut router, "$share/g/t/1", QoS::AtMostOnce);
+    publisher.publish_with(&mut router, "t/1", "kept", QoS::AtMostOnce, 0, true, false);
+    clean.disconnect(&mut router);
+    assert_all_freed(&router);
+
+    let persistent = connect(&mut router, "persistent", false);
+    persistent.subscribe(&mut router, "t/+", QoS::AtLeastOnce);
+    assert_eq!(
+        persistent.publishes(),
+        vec!["kept".to_owned()],
+        "retained survived"
+    );
+    persistent.disconnect(&mut router);
+    assert_eq!(
+        router.datalog.filter_count().0,
+        1,
+        "kept for the offline session"
+    );
+    publisher.publish(&mut router, "t/2", "while away", QoS::AtMostOnce, 0);
+    let back = connect(&mut router, "persistent", false);
+    assert_eq!(back.publishes(), vec!["while away".to_owned()]);
+    back.disconnect(&mut router);
+
+    // The session's expiry: a clean start under its client id ends it.
+    let ended = connect(&mut router, "persistent", true);
+    ended.disconnect(&mut router);
+    assert_all_freed(&router);
+}
