@@ -466,3 +466,164 @@ fn disconnect_frees_filters_of_clean_sessions_only() {
     ended.disconnect(&mut router);
     assert_all_freed(&router);
 }
+
+// ---- One test per earlier patch (PATCHES.md), each failing without it ----
+
+/// Patch 1: literal filters are found by lookup; only wildcards are kept
+/// for scanning, and `$` topics match no wildcard.
+#[test]
+fn patch1_literal_filters_are_not_scanned() {
+    let mut router = router();
+    let sub = connect(&mut router, "sub", true);
+    sub.subscribe(&mut router, "a/b", QoS::AtMostOnce);
+    sub.subscribe(&mut router, "a/+", QoS::AtMostOnce);
+    sub.subscribe(&mut router, "#", QoS::AtMostOnce);
+    assert_eq!(router.datalog.filter_count().3, 2, "only wildcards scanned");
+    assert_eq!(router.datalog.matches("a/b").map(|v| v.len()), Some(3));
+    assert_eq!(router.datalog.matches("$SYS/a").map(|v| v.len()), Some(0));
+}
+
+/// Patch 4: one group over two filters delivers on both, and unsubscribing
+/// one filter leaves only that filter's group.
+#[test]
+fn patch4_groups_are_keyed_by_group_and_filter() {
+    let mut router = router();
+    let handler = connect(&mut router, "h", true);
+    handler.subscribe(
+        &mut router,
+        "$share/contacts/request_contact",
+        QoS::AtMostOnce,
+    );
+    handler.subscribe(
+        &mut router,
+        "$share/contacts/accept_contact",
+        QoS::AtMostOnce,
+    );
+    let device = connect(&mut router, "d", true);
+    handler.take();
+    device.publish(&mut router, "request_contact", "r", QoS::AtMostOnce, 0);
+    device.publish(&mut router, "accept_contact", "a", QoS::AtMostOnce, 0);
+    assert_eq!(handler.publishes(), vec!["r".to_owned(), "a".to_owned()]);
+
+    handler.unsubscribe(&mut router, "$share/contacts/request_contact");
+    device.publish(&mut router, "accept_contact", "a2", QoS::AtMostOnce, 0);
+    assert_eq!(handler.publishes(), vec!["a2".to_owned()]);
+    assert!(router
+        .shared_subscriptions
+        .contains_key("contacts/accept_contact"));
+    assert!(!router
+        .shared_subscriptions
+        .contains_key("contacts/request_contact"));
+}
+
+/// Patch 7: a clean session leaves no record behind.
+#[test]
+fn patch7_clean_session_leaves_no_graveyard_record() {
+    let mut router = router();
+    let c = connect(&mut router, "c", true);
+    c.disconnect(&mut router);
+    assert!(router.graveyard.retrieve("c").is_none());
+}
+
+/// Patch 7b: a shared subscriber whose outgoing buffer fills gets each
+/// message once (the group's cursor moves before the buffer-full return).
+#[test]
+fn patch7b_full_buffer_does_not_duplicate_shared_deliveries() {
+    let mut router = router();
+    let handler = connect(&mut router, "h", true);
+    handler.subscribe(&mut router, "$share/g/echo", QoS::AtMostOnce);
+    handler.take();
+    let device = connect(&mut router, "d", true);
+    let count = MAX_CHANNEL_CAPACITY * 2;
+    for i in 0..count {
+        device.incoming.lock().push_back(Packet::Publish(
+            Publish::new(
+                Bytes::from_static(b"echo"),
+                Bytes::from(i.to_string()),
+                false,
+            ),
+            None,
+        ));
+    }
+    router.events(device.id, Event::DeviceData);
+    settle(&mut router);
+    let mut got = Vec::new();
+    for _ in 0..(count * 2) {
+        let batch = handler.publishes();
+        if batch.is_empty() && got.len() >= count {
+            break;
+        }
+        got.extend(batch);
+        router.events(handler.id, Event::Ready);
+        settle(&mut router);
+    }
+    let expected: Vec<String> = (0..count).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected);
+}
+
+/// Patch 11: a log read to its end by its only reader is emptied; not
+/// while an offline persistent session still holds the filter.
+#[test]
+fn patch11_sole_reader_empties_the_log() {
+    let mut router = router();
+    let sub = connect(&mut router, "sub", true);
+    sub.subscribe(&mut router, "reply", QoS::AtMostOnce);
+    let publisher = connect(&mut router, "pub", true);
+    publisher.publish(&mut router, "reply", "x", QoS::AtMostOnce, 0);
+    assert_eq!(sub.publishes(), vec!["x".to_owned()]);
+    let idx = router.datalog.matches("reply").unwrap()[0];
+    assert_eq!(router.datalog.native[idx].log.size(), 0, "emptied");
+
+    let offline = connect(&mut router, "offline", false);
+    offline.subscribe(&mut router, "reply", QoS::AtLeastOnce);
+    offline.disconnect(&mut router);
+    publisher.publish(&mut router, "reply", "y", QoS::AtMostOnce, 0);
+    assert_eq!(sub.publishes(), vec!["y".to_owned()]);
+    assert!(
+        router.datalog.native[idx].log.size() > 0,
+        "kept for the offline session"
+    );
+    let back = connect(&mut router, "offline", false);
+    assert_eq!(back.publishes(), vec!["y".to_owned()]);
+}
+
+/// Patches 8, 9 and 13: the router as a task on the caller's runtime,
+/// links built without blocking, sends queued before their future, and
+/// `LinkRx::next` waiting with one registered waiter across polls.
+#[test]
+fn patch8_router_runs_on_the_callers_runtime() {
+    use crate::local::LinkBuilder;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (router_tx, task) = Router::new(0, config()).spawn_on_runtime();
+        let (mut sub_tx, mut sub_rx, _) = LinkBuilder::new("sub", router_tx.clone())
+            .build_async()
+            .await
+            .unwrap();
+        let (mut pub_tx, _pub_rx, _) = LinkBuilder::new("pub", router_tx.clone())
+            .build_async()
+            .await
+            .unwrap();
+        sub_tx.subscribe("t").unwrap();
+        // Drain the SUBACK.
+        let deadline = std::time::Duration::from_secs(5);
+        let _ = tokio::time::timeout(deadline, sub_rx.next()).await.unwrap();
+        let publish = Publish::new("t", "hello", false);
+        pub_tx.send(Packet::Publish(publish, None)).await.unwrap();
+        let got = loop {
+            match tokio::time::timeout(deadline, sub_rx.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                Some(Notification::Forward(f)) => break f.publish.payload,
+                _ => continue,
+            }
+        };
+        assert_eq!(&got[..], b"hello");
+        assert!(!task.is_finished(), "the router task runs on");
+    });
+}

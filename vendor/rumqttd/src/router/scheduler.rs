@@ -187,8 +187,10 @@ impl Tracker {
                 self.status = Status::Ready;
                 Some(previous)
             }
+            // patched: no debug assertion. `Ready` comes from a link whenever
+            // it has drained its buffer, whatever the router paused it for;
+            // being scheduled while caught up is harmless (it pauses again).
             ScheduleReason::Ready => {
-                debug_assert!(self.status == Status::Paused(PauseReason::Busy));
                 self.status = Status::Ready;
                 Some(previous)
             }
