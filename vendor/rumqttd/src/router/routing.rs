@@ -1320,9 +1320,14 @@ impl Router {
                     // a second subscriber, an offline persistent session, or
                     // unacknowledged QoS 1/2 deliveries that a persistent
                     // session would replay from the log.
+                    // patched (issue 9): readers are counted per log
+                    // (`filter_readers`), so a `$share/<g>/<f>` group or an
+                    // offline session on `$share/<g>/<f>` also keeps the log
+                    // of `f` (keyed by subscription path, they did not).
                     let sole_reader = request.group.is_none()
                         && (connection.clean || request.qos == 0 || outgoing.inflight_is_empty())
                         && !self.persistent_readers.contains_key(&request.filter)
+                        && self.filter_readers.get(&request.filter) == Some(&1)
                         && self
                             .subscription_map
                             .get(&request.filter)

@@ -627,3 +627,25 @@ fn patch8_router_runs_on_the_callers_runtime() {
         assert!(!task.is_finished(), "the router task runs on");
     });
 }
+
+/// A plain subscriber and a shared group on the same filter read one log:
+/// the plain subscriber, caught up, must not empty it under the group (the
+/// sole-reader check counted subscriptions by path, `x` and `$share/g/x`).
+#[test]
+fn sole_reader_check_counts_shared_readers_of_the_same_log() {
+    let mut router = router();
+    let plain = connect(&mut router, "plain", true);
+    plain.subscribe(&mut router, "x", QoS::AtMostOnce);
+    let offline = connect(&mut router, "offline", false);
+    offline.subscribe(&mut router, "$share/g/x", QoS::AtLeastOnce);
+    offline.disconnect(&mut router);
+    let publisher = connect(&mut router, "pub", true);
+    publisher.publish(&mut router, "x", "m", QoS::AtMostOnce, 0);
+    assert_eq!(plain.publishes(), vec!["m".to_owned()]);
+    let back = connect(&mut router, "offline", false);
+    assert_eq!(
+        back.publishes(),
+        vec!["m".to_owned()],
+        "the group's member still gets it"
+    );
+}
