@@ -547,6 +547,20 @@ impl AckLog {
         record
     }
 
+    /// patched: the QoS 2 publishes awaiting PUBREL, taken to be saved
+    /// with a persistent session.
+    pub fn take_recorded(&mut self) -> HashMap<u16, (Publish, Option<PublishProperties>)> {
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// patched: puts back what `take_recorded` saved.
+    pub fn restore_recorded(
+        &mut self,
+        recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
+    ) {
+        self.recorded = recorded;
+    }
+
     /// How many QoS 2 publishes await their PUBREL.
     pub fn awaiting_pubrel(&self) -> usize {
         self.recorded.len()

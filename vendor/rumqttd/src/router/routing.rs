@@ -390,6 +390,8 @@ impl Router {
         }
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
+        // patched: incoming QoS 2 publishes the saved session awaits PUBREL for
+        let mut awaiting_pubrel = HashMap::new();
 
         let tracker = if !clean_session {
             // if there was some saved state, restore the metrics
@@ -408,6 +410,7 @@ impl Router {
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
+                    awaiting_pubrel = session_state.awaiting_pubrel;
                     session_state.tracker
                 },
             )
@@ -417,7 +420,8 @@ impl Router {
             Tracker::new(client_id.clone())
         };
 
-        let ackslog = AckLog::new();
+        let mut ackslog = AckLog::new();
+        ackslog.restore_recorded(awaiting_pubrel);
 
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
             Ok(v) => v.as_millis().to_string(),
@@ -591,17 +595,20 @@ impl Router {
         // patched: `try_remove` (upstream's `remove` panics on a vacant
         // slot). The slabs are filled and emptied together; `obufs` was
         // checked above.
-        let (Some(mut connection), Some(outgoing), Some(mut tracker)) = (
-            self.connections.try_remove(id),
-            self.obufs.try_remove(id),
-            self.scheduler.remove(id),
-        ) else {
+        // Everything is removed first, so the slabs stay in step whatever
+        // was missing.
+        let connection = self.connections.try_remove(id);
+        let outgoing = self.obufs.try_remove(id);
+        let tracker = self.scheduler.remove(id);
+        let _incoming = self.ibufs.try_remove(id);
+        let ackslog = self.ackslog.try_remove(id);
+        self.connection_map.remove(&client_id);
+        let (Some(mut connection), Some(outgoing), Some(mut tracker)) =
+            (connection, outgoing, tracker)
+        else {
             error!("connection {} was half gone", id);
             return;
         };
-        let _incoming = self.ibufs.try_remove(id);
-        self.connection_map.remove(&client_id);
-        self.ackslog.try_remove(id);
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -676,11 +683,19 @@ impl Router {
             for filter in &connection.subscriptions {
                 *self.persistent_readers.entry(filter.clone()).or_default() += 1;
             }
+            // patched: incoming QoS 2 publishes awaiting PUBREL are part
+            // of the session (MQTT 4.1): kept, so that the PUBREL the client
+            // sends after reconnecting releases them (upstream dropped them,
+            // and the message was lost).
+            let awaiting_pubrel = ackslog
+                .map(|mut log| log.take_recorded())
+                .unwrap_or_default();
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                awaiting_pubrel,
             );
         } else {
             // patched: a clean session leaves nothing behind. Upstream kept a

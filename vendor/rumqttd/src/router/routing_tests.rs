@@ -649,3 +649,28 @@ fn sole_reader_check_counts_shared_readers_of_the_same_log() {
         "the group's member still gets it"
     );
 }
+
+/// Incoming QoS 2 state is part of a persistent session: a publish that
+/// awaited PUBREL when the connection dropped is released by the PUBREL the
+/// client sends after reconnecting (upstream dropped it: message lost).
+#[test]
+fn qos2_awaiting_pubrel_survives_a_persistent_reconnect() {
+    let mut router = router();
+    let sub = connect(&mut router, "sub", true);
+    sub.subscribe(&mut router, "t", QoS::AtMostOnce);
+    sub.take();
+    let publisher = connect(&mut router, "pub", false);
+    publisher.publish(&mut router, "t", "kept", QoS::ExactlyOnce, 9);
+    publisher.disconnect(&mut router);
+    let back = connect(&mut router, "pub", false);
+    back.take();
+    back.send(&mut router, pubrel(9));
+    assert_eq!(sub.publishes(), vec!["kept".to_owned()]);
+    assert!(back.acks().iter().any(|a| matches!(
+        a,
+        Ack::PubComp(PubComp {
+            pkid: 9,
+            reason: PubCompReason::Success
+        })
+    )));
+}
