@@ -708,7 +708,8 @@ impl Router {
                 self.release_filter(path);
             }
         }
-        self.router_meters.total_connections -= 1;
+        self.router_meters.total_connections =
+            self.router_meters.total_connections.saturating_sub(1);
     }
 
     /// Handles new incoming data on a topic

@@ -68,7 +68,8 @@ where
     ) -> io::Result<SegmentPosition> {
         // This substraction can never overflow as checking of offset happens at
         // `CommitLog::readv`.
-        let idx = cursor.1 - self.absolute_offset;
+        // patched: saturating (a cursor below this segment reads from its start).
+        let idx = cursor.1.saturating_sub(self.absolute_offset);
 
         let mut ret: Option<u64>;
 
