@@ -203,7 +203,13 @@ impl Publish {
 
     /// Builds a publish with an explicit QoS and packet identifier
     /// (patched: lets an embedding gate fire wills at their QoS).
-    pub fn with_qos<T: Into<Bytes>>(topic: T, payload: T, retain: bool, qos: QoS, pkid: u16) -> Publish {
+    pub fn with_qos<T: Into<Bytes>>(
+        topic: T,
+        payload: T,
+        retain: bool,
+        qos: QoS,
+        pkid: u16,
+    ) -> Publish {
         Publish {
             dup: false,
             qos,
