@@ -674,3 +674,20 @@ fn qos2_awaiting_pubrel_survives_a_persistent_reconnect() {
         })
     )));
 }
+
+/// One client subscribed to a filter both plainly and through a shared
+/// group reads one log through two requests: it gets the message on both,
+/// and its disconnect frees the log (two readers, both released).
+#[test]
+fn plain_and_shared_subscription_to_one_filter() {
+    let mut router = router();
+    let handler = connect(&mut router, "h", true);
+    handler.subscribe(&mut router, "x", QoS::AtMostOnce);
+    handler.subscribe(&mut router, "$share/g/x", QoS::AtMostOnce);
+    handler.take();
+    let publisher = connect(&mut router, "p", true);
+    publisher.publish(&mut router, "x", "m", QoS::AtMostOnce, 0);
+    assert_eq!(handler.publishes(), vec!["m".to_owned(), "m".to_owned()]);
+    handler.disconnect(&mut router);
+    assert_all_freed(&router);
+}
