@@ -193,7 +193,9 @@ fn notify_router(
 }
 
 /// Awaits what `notify_router` left waiting, if anything.
-async fn finish_notify(pending: Result<Option<WaitingSend<'_>>, Box<LinkError>>) -> Result<(), LinkError> {
+async fn finish_notify(
+    pending: Result<Option<WaitingSend<'_>>, Box<LinkError>>,
+) -> Result<(), LinkError> {
     match pending {
         Ok(None) => Ok(()),
         Ok(Some(waiting)) => Ok(waiting.await?),
@@ -508,9 +510,7 @@ impl LinkRx {
                 Ok(Some(self.cache.pop_front()))
             }
             Err(flume::TryRecvError::Empty) => Ok(None),
-            Err(flume::TryRecvError::Disconnected) => {
-                Err(LinkError::Recv(RecvError::Disconnected))
-            }
+            Err(flume::TryRecvError::Disconnected) => Err(LinkError::Recv(RecvError::Disconnected)),
         }
     }
 
@@ -529,7 +529,11 @@ impl LinkRx {
     }
 
     pub fn wake(&self) -> impl std::future::Future<Output = Result<(), LinkError>> + '_ {
-        finish_notify(notify_router(&self.router_tx, self.connection_id, Event::Ready))
+        finish_notify(notify_router(
+            &self.router_tx,
+            self.connection_id,
+            Event::Ready,
+        ))
     }
 }
 

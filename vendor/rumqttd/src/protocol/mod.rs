@@ -203,7 +203,13 @@ impl Publish {
 
     /// Builds a publish with an explicit QoS and packet identifier
     /// (patched: lets an embedding gate fire wills at their QoS).
-    pub fn with_qos<T: Into<Bytes>>(topic: T, payload: T, retain: bool, qos: QoS, pkid: u16) -> Publish {
+    pub fn with_qos<T: Into<Bytes>>(
+        topic: T,
+        payload: T,
+        retain: bool,
+        qos: QoS,
+        pkid: u16,
+    ) -> Publish {
         Publish {
             dup: false,
             qos,
@@ -678,7 +684,9 @@ pub fn valid_filter(filter: &str) -> bool {
 /// **NOTE**: make sure a topic is validated during a publish and filter is validated
 /// during a subscribe
 pub fn matches(topic: &str, filter: &str) -> bool {
-    if !topic.is_empty() && topic[..1].contains('$') {
+    // patched: `topic[..1]` sliced bytes, and panicked (taking the router
+    // down) on a topic whose first character is multi-byte, such as `é/x`.
+    if topic.starts_with('$') {
         return false;
     }
 

@@ -37,7 +37,7 @@ pub mod alert {
     pub fn cursorjump(client_id: &str, filter: &str, lost: usize) -> Alert {
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
+            .unwrap_or_default()
             .as_millis();
 
         Alert {
@@ -54,7 +54,7 @@ pub mod alert {
     pub fn _badpublish(client_id: &str, topic: &str) -> Alert {
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
+            .unwrap_or_default()
             .as_millis();
 
         Alert {

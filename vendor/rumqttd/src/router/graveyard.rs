@@ -1,5 +1,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use crate::protocol::{Publish, PublishProperties};
+
 use super::{
     scheduler::{PauseReason, Tracker},
     ConnectionEvents,
@@ -29,6 +31,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        awaiting_pubrel: HashMap<u16, (Publish, Option<PublishProperties>)>,
     ) {
         tracker.pause(PauseReason::Busy);
         let id = tracker.id.clone();
@@ -37,6 +40,7 @@ impl Graveyard {
             tracker,
             subscriptions,
             unacked_pubrels,
+            awaiting_pubrel,
         };
 
         self.connections.insert(
@@ -72,4 +76,6 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+    /// patched: incoming QoS 2 publishes awaiting PUBREL, by packet id.
+    pub awaiting_pubrel: HashMap<u16, (Publish, Option<PublishProperties>)>,
 }

@@ -213,8 +213,8 @@ impl Outgoing {
         let mut o = HashMap::new();
         for (_, filter_idx, cursor) in self.inflight_buffer.iter() {
             // if cursor in None, it means it was a retained publish
-            if !o.contains_key(filter_idx) && cursor.is_some() {
-                o.insert(*filter_idx, cursor.unwrap());
+            if let Some(cursor) = cursor {
+                o.entry(*filter_idx).or_insert(*cursor);
             }
         }
 

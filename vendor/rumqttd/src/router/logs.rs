@@ -3,8 +3,8 @@ use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
-    PublishProperties, SubAck, UnsubAck,
+    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel,
+    Publish, PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
@@ -68,12 +68,15 @@ pub struct DataLog {
     wildcard_filters: Vec<(Filter, FilterIdx)>,
 }
 
+/// patched: most topics whose matching filters are cached (see `matches`).
+const MAX_CACHED_TOPICS: usize = 100_000;
+
 fn is_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
 }
 
 impl DataLog {
-    pub fn new(config: RouterConfig) -> io::Result<DataLog> {
+    pub fn new(config: RouterConfig) -> DataLog {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
@@ -94,14 +97,14 @@ impl DataLog {
             }
         }
 
-        Ok(DataLog {
+        DataLog {
             config,
             native,
             publish_filters,
             filter_indexes,
             retained_publishes,
             wildcard_filters,
-        })
+        }
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {
@@ -120,10 +123,7 @@ impl DataLog {
         id: ConnectionId,
         filter: &Filter,
     ) -> Option<DataRequest> {
-        let data = self
-            .native
-            .get_mut(*self.filter_indexes.get(filter)?)
-            .unwrap();
+        let data = self.native.get_mut(*self.filter_indexes.get(filter)?)?;
         let waiters = data.waiters.get_mut();
 
         waiters
@@ -158,6 +158,12 @@ impl DataLog {
                 );
 
                 if !v.is_empty() {
+                    // patched: a cache, bounded: past the bound it starts
+                    // over (a wildcard subscriber would otherwise make it
+                    // grow with every distinct topic published).
+                    if self.publish_filters.len() >= MAX_CACHED_TOPICS {
+                        self.publish_filters = HashMap::new();
+                    }
                     self.publish_filters.insert(topic.to_owned(), v.clone());
                 }
 
@@ -170,8 +176,8 @@ impl DataLog {
         let publish_filters = &mut self.publish_filters;
         let filter_indexes = &mut self.filter_indexes;
 
-        let (filter_idx, data) = match filter_indexes.get(filter) {
-            Some(idx) => (*idx, self.native.get(*idx).unwrap()),
+        let filter_idx = match filter_indexes.get(filter) {
+            Some(idx) => *idx,
             None => {
                 let data = Data::new(filter, &self.config);
 
@@ -195,11 +201,60 @@ impl DataLog {
                     }
                 }
 
-                (idx, self.native.get(idx).unwrap())
+                idx
             }
         };
 
-        (filter_idx, data.log.next_offset())
+        // Present: found in, or just added to, `native`.
+        let offset = self
+            .native
+            .get(filter_idx)
+            .map(|data| data.log.next_offset())
+            .unwrap_or_default();
+        (filter_idx, offset)
+    }
+
+    /// patched: frees the log of `filter` (nobody reads it any more): its
+    /// slot, its index entries, and the cached topic matches that point to
+    /// it (slots are reused, so a stale entry would route into another
+    /// filter's log). Filters configured at startup stay.
+    pub fn remove_filter(&mut self, filter: &str) {
+        let warm = self
+            .config
+            .initialized_filters
+            .as_ref()
+            .is_some_and(|filters| filters.iter().any(|f| f == filter));
+        if warm {
+            return;
+        }
+        let Some(idx) = self.filter_indexes.remove(filter) else {
+            return;
+        };
+        self.native.try_remove(idx);
+        if is_wildcard(filter) {
+            self.wildcard_filters.retain(|(_, i)| *i != idx);
+            self.publish_filters.retain(|_, idxs| {
+                idxs.retain(|i| *i != idx);
+                !idxs.is_empty()
+            });
+        } else if let Some(idxs) = self.publish_filters.get_mut(filter) {
+            // A literal filter matches only the topic of its own name.
+            idxs.retain(|i| *i != idx);
+            if idxs.is_empty() {
+                self.publish_filters.remove(filter);
+            }
+        }
+    }
+
+    /// How many filter logs exist (tests).
+    #[cfg(test)]
+    pub fn filter_count(&self) -> (usize, usize, usize, usize) {
+        (
+            self.native.len(),
+            self.filter_indexes.len(),
+            self.publish_filters.len(),
+            self.wildcard_filters.len(),
+        )
     }
 
     /// patched: empties the log of `filter_idx` if `cursor` has read all of
@@ -222,7 +277,10 @@ impl DataLog {
         // arrives in `Router::handle_device_payload`, it first calls the function
         // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
         // reads will definitely happen on a valid filter.
-        let data = self.native.get(filter_idx).unwrap();
+        // patched: an error, not a panic, for a filter that is gone.
+        let data = self.native.get(filter_idx).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no log {filter_idx}"))
+        })?;
         let mut o = Vec::new();
         // TODO: `readv` is infallible but its current return type does not
         // reflect that. Consequently, this method is also infallible.
@@ -281,8 +339,9 @@ impl DataLog {
         // filter as `request` is "done", that is, the subscriber has caught up. In other words,
         // there has been atleast 1 call to `native_readv` for the same filter, which means if
         // `native_readv` hasn't paniced, so this won't panic either.
-        let data = self.native.get_mut(request.filter_idx).unwrap();
-        data.waiters.register(id, request);
+        if let Some(data) = self.native.get_mut(request.filter_idx) {
+            data.waiters.register(id, request);
+        }
     }
 
     /// Cleanup a connection from all the waiters
@@ -374,8 +433,12 @@ where
             }
         }
 
-        // max_segment_size: usize, max_mem_segments: usize
-        let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
+        // patched: limits clamped to what `CommitLog::new` accepts, so that
+        // it cannot fail (it used to panic on a bad configuration, on the
+        // router, at the first subscription).
+        #[allow(clippy::expect_used)]
+        let log = CommitLog::new(max_segment_size.max(1024), max_mem_segments.max(1))
+            .expect("limits clamped to valid values");
 
         // patched: grow on demand (upstream reserved 10 per filter).
         let waiters = Waiters::with_capacity(0);
@@ -413,8 +476,29 @@ where
 pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
-    // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    // Recorded qos 2 publishes, by packet id (patched: upstream queued them
+    // and released the oldest on any PUBREL, so a retransmitted publish was
+    // stored twice and a PUBREL released another pkid's publish).
+    recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
+}
+
+/// patched: the most QoS 2 publishes one connection may have awaiting PUBREL
+/// in the router. The embedding program advertises and enforces a Receive
+/// Maximum at or below this; the router caps its own state regardless so
+/// that no client can grow it without limit.
+pub const MAX_AWAITING_PUBREL: usize = 1024;
+
+/// patched: what became of an incoming QoS 2 publish (see `AckLog::pubrec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos2Record {
+    /// Stored until its PUBREL.
+    Stored,
+    /// Its packet id already awaits PUBREL (a retransmission, MQTT 5
+    /// 4.3.3): answered with PUBREC again, not stored again.
+    Duplicate,
+    /// `MAX_AWAITING_PUBREL` publishes already await PUBREL: not stored,
+    /// not acknowledged; the connection is to be closed (0x93).
+    Full,
 }
 
 impl AckLog {
@@ -424,7 +508,7 @@ impl AckLog {
             // patched: grow on demand; upstream reserved 100 acks and 100
             // QoS 2 publishes (~40 KB) per connection.
             committed: VecDeque::new(),
-            recorded: VecDeque::new(),
+            recorded: HashMap::new(),
         }
     }
 
@@ -443,10 +527,43 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
-        let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
-        self.committed.push_back(ack);
+    /// Records an incoming QoS 2 publish and queues its PUBREC (patched:
+    /// once per packet id, and at most `MAX_AWAITING_PUBREL` of them).
+    pub fn pubrec(
+        &mut self,
+        publish: Publish,
+        props: Option<PublishProperties>,
+        ack: PubRec,
+    ) -> Qos2Record {
+        let record = if self.recorded.contains_key(&ack.pkid) {
+            Qos2Record::Duplicate
+        } else if self.recorded.len() >= MAX_AWAITING_PUBREL {
+            return Qos2Record::Full;
+        } else {
+            self.recorded.insert(ack.pkid, (publish, props));
+            Qos2Record::Stored
+        };
+        self.committed.push_back(Ack::PubRec(ack));
+        record
+    }
+
+    /// patched: the QoS 2 publishes awaiting PUBREL, taken to be saved
+    /// with a persistent session.
+    pub fn take_recorded(&mut self) -> HashMap<u16, (Publish, Option<PublishProperties>)> {
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// patched: puts back what `take_recorded` saved.
+    pub fn restore_recorded(
+        &mut self,
+        recorded: HashMap<u16, (Publish, Option<PublishProperties>)>,
+    ) {
+        self.recorded = recorded;
+    }
+
+    /// How many QoS 2 publishes await their PUBREL.
+    pub fn awaiting_pubrel(&self) -> usize {
+        self.recorded.len()
     }
 
     pub fn pubrel(&mut self, ack: PubRel) {
@@ -454,10 +571,23 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        let ack = Ack::PubComp(ack);
-        self.committed.push_back(ack);
-        self.recorded.pop_front()
+    /// Answers a PUBREL and releases the publish recorded under its packet
+    /// id (patched: upstream released the oldest recorded publish,
+    /// whichever its pkid). A PUBREL for a packet id with nothing recorded
+    /// (a retransmitted PUBREL, or one for a session state the broker no
+    /// longer has) is answered with PUBCOMP 0x92 (MQTT 5 4.3.3: the
+    /// receiver must answer every PUBREL) and releases nothing.
+    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        let released = self.recorded.remove(&ack.pkid);
+        if released.is_none() {
+            ack.reason = PubCompReason::PacketIdentifierNotFound;
+        }
+        if self.recorded.is_empty() {
+            // Give the map's memory back once the burst is over.
+            self.recorded = HashMap::new();
+        }
+        self.committed.push_back(Ack::PubComp(ack));
+        released
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {
@@ -492,7 +622,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
         };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config);
         data.next_native_offset("topic/a");
         data.matches("topic/a");
 
@@ -512,7 +642,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
         };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config);
         data.next_native_offset("+/+");
 
         data.matches("topic/a");
@@ -534,7 +664,7 @@ mod test {
     //             dynamic_log: true,
     //         };
 
-    //         let mut data = DataLog::new(config).unwrap();
+    //         let mut data = DataLog::new(config);
     //         data.next_native_offset("/devices/2321/actions");
     //         for i in 0..2 {
     //             let publish = Publish::new("/devices/2321/events/imu/jsonarray", QoS::AtLeastOnce, vec![1, 2, 3]);

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, Qos2Record};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -50,6 +50,9 @@ pub enum RouterError {
     InvalidClientId(String),
     #[error("Disconnection (Reason: {0:?})")]
     Disconnect(DisconnectReasonCode),
+    /// patched: a connection id with no connection (instead of a panic).
+    #[error("No connection {0}")]
+    NoConnection(ConnectionId),
 }
 
 // TODO: set this to some appropriate value
@@ -65,6 +68,11 @@ pub struct Router {
     /// patched: how many saved (offline) persistent sessions hold each
     /// filter; their cursors point into its log, so it must not be trimmed.
     persistent_readers: HashMap<Filter, usize>,
+    /// patched: how many sessions (connected, or saved while offline) hold
+    /// a subscription reading each filter's log (`$share/<g>/<f>` counts
+    /// for `f`). At zero the log and its entries are freed (upstream kept
+    /// every filter ever subscribed, so memory grew with distinct filters).
+    filter_readers: HashMap<Filter, usize>,
     /// List of MetersLink's senders
     meters: Slab<Sender<Vec<Meter>>>,
     /// List of AlertsLink's senders with their respective subscription Filter
@@ -129,6 +137,7 @@ impl Router {
             config: config.clone(),
             graveyard: Graveyard::new(),
             persistent_readers: HashMap::new(),
+            filter_readers: HashMap::new(),
             meters,
             alerts,
             connections,
@@ -136,7 +145,7 @@ impl Router {
             subscription_map: Default::default(),
             ibufs,
             obufs,
-            datalog: DataLog::new(config.clone()).unwrap(),
+            datalog: DataLog::new(config.clone()),
             alertlog: AlertLog::new(config),
             ackslog,
             scheduler: Scheduler::with_capacity(max_connections),
@@ -168,12 +177,15 @@ impl Router {
     pub fn spawn(mut self) -> Sender<(ConnectionId, Event)> {
         let router = thread::Builder::new().name(format!("router-{}", self.id));
         let link = self.link();
+        // Startup, not client input: a router that cannot get its thread
+        // cannot run at all.
+        #[allow(clippy::expect_used)]
         router
             .spawn(move || {
                 let e = self.run(0);
                 error!(reason=?e, "Router done!");
             })
-            .unwrap();
+            .expect("router thread");
         link
     }
 
@@ -187,7 +199,10 @@ impl Router {
     /// every sender is gone, so an end while the program runs is a failure.
     pub fn spawn_on_runtime(
         mut self,
-    ) -> (Sender<(ConnectionId, Event)>, tokio::task::JoinHandle<String>) {
+    ) -> (
+        Sender<(ConnectionId, Event)>,
+        tokio::task::JoinHandle<String>,
+    ) {
         let link = self.link();
         let task = tokio::spawn(async move {
             match self.run_async().await {
@@ -294,7 +309,9 @@ impl Router {
             Event::Disconnect => self.handle_disconnection(id, None),
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
-                retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
+                if let Some(outgoing) = self.obufs.get_mut(id) {
+                    retrieve_shadow(&mut self.datalog, outgoing, request)
+                }
             }
             Event::SendAlerts => {
                 self.send_alerts();
@@ -361,8 +378,20 @@ impl Router {
         }
         let clean_session = connection.clean;
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
+        // patched: a clean start ends the saved session: its filters lose a
+        // reader (and are freed if it was the last).
+        if clean_session {
+            if let Some(state) = saved.as_ref().and_then(|s| s.session_state.as_ref()) {
+                let dropped: Vec<Filter> = state.subscriptions.iter().cloned().collect();
+                for path in &dropped {
+                    self.release_filter(path);
+                }
+            }
+        }
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
+        // patched: incoming QoS 2 publishes the saved session awaits PUBREL for
+        let mut awaiting_pubrel = HashMap::new();
 
         let tracker = if !clean_session {
             // if there was some saved state, restore the metrics
@@ -381,6 +410,7 @@ impl Router {
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
+                    awaiting_pubrel = session_state.awaiting_pubrel;
                     session_state.tracker
                 },
             )
@@ -390,7 +420,8 @@ impl Router {
             Tracker::new(client_id.clone())
         };
 
-        let ackslog = AckLog::new();
+        let mut ackslog = AckLog::new();
+        ackslog.restore_recorded(awaiting_pubrel);
 
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
             Ok(v) => v.as_millis().to_string(),
@@ -410,6 +441,12 @@ impl Router {
                 (will, connection.last_will_properties.take()),
             );
         }
+
+        // patched: a restored persistent session rejoins its shared groups.
+        // Upstream restored the session's `$share/...` requests but not its
+        // group membership, so the requests read a group it was not in (and
+        // never got a turn) or no group at all.
+        self.rejoin_shared_groups(&client_id, &tracker);
 
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
@@ -437,7 +474,9 @@ impl Router {
             ..Default::default()
         };
 
-        let ackslog = self.ackslog.get_mut(connection_id).unwrap();
+        let Some(ackslog) = self.ackslog.get_mut(connection_id) else {
+            return;
+        };
         ackslog.connack(connection_id, ack, Some(properties));
 
         pending_acks.into_iter().for_each(|pkid| {
@@ -454,6 +493,51 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+    }
+
+    /// patched: adds `client_id` back to the shared groups its restored
+    /// requests read through. A group emptied while the session was offline
+    /// is re-created at the request's cursor (where its unacknowledged
+    /// deliveries start), so nothing published meanwhile is skipped.
+    fn rejoin_shared_groups(&mut self, client_id: &str, tracker: &Tracker) {
+        for request in tracker.data_requests.iter() {
+            let Some(group_name) = request.group.as_ref() else {
+                continue;
+            };
+            let group = self
+                .shared_subscriptions
+                .entry(group_name.clone())
+                .or_insert_with(|| {
+                    SharedGroup::new(
+                        request.cursor,
+                        self.config.shared_subscriptions_strategy.clone(),
+                    )
+                });
+            if !group.contains(client_id) {
+                group.add_client(client_id.to_owned());
+            }
+        }
+    }
+
+    /// patched: one more session reads the log of `path`'s filter.
+    fn hold_filter(&mut self, path: &str) {
+        let filter = extract_group(path).map_or_else(|| path.to_owned(), |(_, f)| f);
+        *self.filter_readers.entry(filter).or_default() += 1;
+    }
+
+    /// patched: one session fewer reads the log of `path`'s filter; the last
+    /// one gone frees the log, its waiters and its index entries. Retained
+    /// messages are kept apart (by topic) and stay.
+    fn release_filter(&mut self, path: &str) {
+        let filter = extract_group(path).map_or_else(|| path.to_owned(), |(_, f)| f);
+        let Some(count) = self.filter_readers.get_mut(&filter) else {
+            return;
+        };
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.filter_readers.remove(&filter);
+            self.datalog.remove_filter(&filter);
+        }
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
@@ -508,12 +592,23 @@ impl Router {
         }
 
         // Remove connection from router
-        let mut connection = self.connections.remove(id);
-        let _incoming = self.ibufs.remove(id);
-        let outgoing = self.obufs.remove(id);
-        let mut tracker = self.scheduler.remove(id);
+        // patched: `try_remove` (upstream's `remove` panics on a vacant
+        // slot). The slabs are filled and emptied together; `obufs` was
+        // checked above.
+        // Everything is removed first, so the slabs stay in step whatever
+        // was missing.
+        let connection = self.connections.try_remove(id);
+        let outgoing = self.obufs.try_remove(id);
+        let tracker = self.scheduler.remove(id);
+        let _incoming = self.ibufs.try_remove(id);
+        let ackslog = self.ackslog.try_remove(id);
         self.connection_map.remove(&client_id);
-        self.ackslog.remove(id);
+        let (Some(mut connection), Some(outgoing), Some(mut tracker)) =
+            (connection, outgoing, tracker)
+        else {
+            error!("connection {} was half gone", id);
+            return;
+        };
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -532,9 +627,13 @@ impl Router {
         });
 
         // Remove this connection from subscriptions
+        // (patched: and a filter's entry with it once nobody is left).
         for filter in connection.subscriptions.iter() {
             if let Some(connections) = self.subscription_map.get_mut(filter) {
                 connections.remove(&id);
+                if connections.is_empty() {
+                    self.subscription_map.remove(filter);
+                }
             }
         }
 
@@ -561,13 +660,22 @@ impl Router {
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
-                    // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                    // patched: rewind the group so that the unacknowledged
+                    // deliveries go to its other members. Upstream expected
+                    // the group to exist, but the loop above drops a group
+                    // its last member leaves: a persistent session that was
+                    // the only member of a `$share/...` group and left with
+                    // a QoS 1/2 delivery unacknowledged panicked the router
+                    // (and with it the broker). An emptied group is gone; the
+                    // saved request keeps the rewound cursor and rejoins (or
+                    // re-creates) the group on reconnect, see
+                    // `rejoin_shared_groups`.
+                    if let Some(group) = request
+                        .group
+                        .as_ref()
+                        .and_then(|name| self.shared_subscriptions.get_mut(name))
+                    {
+                        group.cursor = *cursor;
                     }
                 }
             }
@@ -575,11 +683,19 @@ impl Router {
             for filter in &connection.subscriptions {
                 *self.persistent_readers.entry(filter.clone()).or_default() += 1;
             }
+            // patched: incoming QoS 2 publishes awaiting PUBREL are part
+            // of the session (MQTT 4.1): kept, so that the PUBREL the client
+            // sends after reconnecting releases them (upstream dropped them,
+            // and the message was lost).
+            let awaiting_pubrel = ackslog
+                .map(|mut log| log.take_recorded())
+                .unwrap_or_default();
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                awaiting_pubrel,
             );
         } else {
             // patched: a clean session leaves nothing behind. Upstream kept a
@@ -587,8 +703,13 @@ impl Router {
             // long-running broker grew with each new (or assigned) client id.
             tracker.pause(PauseReason::Busy);
             let _ = connection.events;
+            // patched: and its filters lose a reader (freed at zero).
+            for path in &connection.subscriptions {
+                self.release_filter(path);
+            }
         }
-        self.router_meters.total_connections -= 1;
+        self.router_meters.total_connections =
+            self.router_meters.total_connections.saturating_sub(1);
     }
 
     /// Handles new incoming data on a topic
@@ -608,7 +729,7 @@ impl Router {
         let _guard = span.enter();
 
         // Instead of exchanging, we should just append new incoming packets inside cache
-        let mut packets = incoming.exchange(self.cache.take().unwrap());
+        let mut packets = incoming.exchange(self.cache.take().unwrap_or_default());
 
         let mut force_ack = false;
         let mut new_data = false;
@@ -648,7 +769,10 @@ impl Router {
                                 reason: PubAckReason::Success,
                             };
 
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
+                            let Some(ackslog) = self.ackslog.get_mut(id) else {
+                                disconnect = true;
+                                break;
+                            };
                             ackslog.puback(puback);
                             force_ack = true;
                         }
@@ -658,10 +782,25 @@ impl Router {
                                 reason: PubRecReason::Success,
                             };
 
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.pubrec(publish, properties, pubrec);
-                            force_ack = true;
-                            continue;
+                            let Some(ackslog) = self.ackslog.get_mut(id) else {
+                                break;
+                            };
+                            // patched: a retransmission of a publish that
+                            // awaits PUBREL is acknowledged, not stored twice;
+                            // past the cap the client is disconnected (0x93).
+                            match ackslog.pubrec(publish, properties, pubrec) {
+                                Qos2Record::Stored | Qos2Record::Duplicate => {
+                                    force_ack = true;
+                                    continue;
+                                }
+                                Qos2Record::Full => {
+                                    warn!(pkid, "too many QoS 2 publishes awaiting PUBREL");
+                                    disconnect = true;
+                                    disconnect_reason =
+                                        Some(DisconnectReasonCode::ReceiveMaximumExceeded);
+                                    break;
+                                }
+                            }
                         }
                         QoS::AtMostOnce => {
                             // Do nothing
@@ -701,12 +840,13 @@ impl Router {
                         }
                     };
 
-                    let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-                    if let Err(e) = meter.register_publish(&publish) {
-                        error!(
-                            reason = ?e, "Failed to write to incoming meter"
-                        );
-                    };
+                    if let Some(incoming) = self.ibufs.get_mut(id) {
+                        if let Err(e) = incoming.meter.register_publish(&publish) {
+                            error!(
+                                reason = ?e, "Failed to write to incoming meter"
+                            );
+                        };
+                    }
                 }
                 Packet::Subscribe(mut subscribe, props) => {
                     let mut return_codes = Vec::new();
@@ -719,7 +859,10 @@ impl Router {
                         let _guard = span.enter();
 
                         info!("Adding subscription on topic {}", f.path);
-                        let connection = self.connections.get_mut(id).unwrap();
+                        let Some(connection) = self.connections.get_mut(id) else {
+                            disconnect = true;
+                            break;
+                        };
 
                         if let Err(e) = validate_subscription(connection, f) {
                             warn!(reason = ?e,"Subscription cannot be validated: {}", e);
@@ -766,12 +909,19 @@ impl Router {
                     // meter.total_size += len;
 
                     let suback = SubAck { pkid, return_codes };
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     ackslog.suback(suback);
                     force_ack = true;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
-                    let connection = self.connections.get_mut(id).unwrap();
+                    let mut released = Vec::new();
+                    let Some(connection) = self.connections.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = unsubscribe.pkid;
                     for filter in &unsubscribe.filters {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
@@ -782,6 +932,9 @@ impl Router {
                             let removed = connection_ids.remove(&id);
                             if !removed {
                                 continue;
+                            }
+                            if connection_ids.is_empty() {
+                                self.subscription_map.remove(filter);
                             }
 
                             if !connection.subscriptions.remove(filter) {
@@ -820,19 +973,29 @@ impl Router {
                                 // reasons are used in MQTTv5
                                 reasons: vec![UnsubAckReason::Success],
                             };
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
+                            let Some(ackslog) = self.ackslog.get_mut(id) else {
+                                disconnect = true;
+                                break;
+                            };
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
                             self.datalog.remove_waiters_for_id(id, filter);
+                            released.push(filter.clone());
                             force_ack = true;
                         }
+                    }
+                    for filter in &released {
+                        self.release_filter(filter);
                     }
                 }
                 Packet::PubAck(puback, _) => {
                     let span = tracing::info_span!("puback", pkid = puback.pkid);
                     let _guard = span.enter();
 
-                    let outgoing = self.obufs.get_mut(id).unwrap();
+                    let Some(outgoing) = self.obufs.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = puback.pkid;
                     if outgoing.register_ack(pkid).is_none() {
                         error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
@@ -846,7 +1009,10 @@ impl Router {
                     let span = tracing::info_span!("pubrec", pkid = pubrec.pkid);
                     let _guard = span.enter();
 
-                    let outgoing = self.obufs.get_mut(id).unwrap();
+                    let Some(outgoing) = self.obufs.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = pubrec.pkid;
                     if outgoing.register_ack(pkid).is_none() {
                         error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
@@ -854,7 +1020,10 @@ impl Router {
                         break;
                     }
 
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pubrel = PubRel {
                         pkid: pubrec.pkid,
                         reason: PubRelReason::Success,
@@ -864,11 +1033,16 @@ impl Router {
                     ackslog.pubrel(pubrel);
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
-                Packet::PubRel(pubrel, None) => {
+                // patched: any PUBREL (upstream matched only those without
+                // properties, and ignored the others: no PUBCOMP, no delivery).
+                Packet::PubRel(pubrel, _) => {
                     let span = tracing::info_span!("pubrel", pkid = pubrel.pkid);
                     let _guard = span.enter();
 
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pubcomp = PubComp {
                         pkid: pubrel.pkid,
                         reason: PubCompReason::Success,
@@ -878,13 +1052,13 @@ impl Router {
                     // on reconnection ( with clean session false )
                     // we try to retrive publish assuming broker saved the previous state
                     // successfully in graveyard.
-                    let (publish, props) = match ackslog.pubcomp(pubcomp) {
-                        Some(v) => v,
-                        None => {
-                            disconnect = true;
-                            break;
-                        }
+                    // patched: an unknown pkid is answered with PUBCOMP 0x92
+                    // (see `AckLog::pubcomp`), not by dropping the client.
+                    let Some((publish, props)) = ackslog.pubcomp(pubcomp) else {
+                        force_ack = true;
+                        continue;
                     };
+                    force_ack = true;
 
                     // Try to append publish to commitlog
                     match append_to_commitlog(
@@ -917,7 +1091,10 @@ impl Router {
                     let span = tracing::info_span!("pubcomp", pkid = pubcomp.pkid);
                     let _guard = span.enter();
 
-                    let outgoing = self.obufs.get_mut(id).unwrap();
+                    let Some(outgoing) = self.obufs.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     let pkid = pubcomp.pkid;
                     if outgoing.register_pubcomp(pkid).is_none() {
                         error!(
@@ -929,7 +1106,10 @@ impl Router {
                     }
                 }
                 Packet::PingReq(_) => {
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    let Some(ackslog) = self.ackslog.get_mut(id) else {
+                        disconnect = true;
+                        break;
+                    };
                     ackslog.pingresp(PingResp);
 
                     force_ack = true;
@@ -1002,7 +1182,9 @@ impl Router {
         }
 
         // Prepare consumer to pull data in case of subscription
-        let connection = self.connections.get_mut(id).unwrap();
+        let Some(connection) = self.connections.get_mut(id) else {
+            return;
+        };
 
         // Add/Create shared group
         if let Some(group_name) = &group {
@@ -1047,7 +1229,8 @@ impl Router {
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
-            debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+            debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none());
+            self.hold_filter(filter_path);
         }
 
         // TODO: figure out how we can update existing DataRequest
@@ -1073,7 +1256,9 @@ impl Router {
             }
         };
 
-        let ackslog = self.ackslog.get_mut(id).unwrap();
+        let Some(ackslog) = self.ackslog.get_mut(id) else {
+            return Some(());
+        };
         let datalog = &mut self.datalog;
         let alertlog = &mut self.alertlog;
 
@@ -1082,7 +1267,9 @@ impl Router {
         // We always try to ack when ever a connection is scheduled
         ack_device_data(ackslog, outgoing);
 
-        let connection = &mut self.connections[id];
+        let Some(connection) = self.connections.get_mut(id) else {
+            return Some(());
+        };
 
         // Keep track of temporarily skipped DataRequest
         // NOTE: VecDeque::new() doesn't allocate memory until elements are pushed
@@ -1149,15 +1336,21 @@ impl Router {
                     // a second subscriber, an offline persistent session, or
                     // unacknowledged QoS 1/2 deliveries that a persistent
                     // session would replay from the log.
+                    // patched (issue 9): readers are counted per log
+                    // (`filter_readers`), so a `$share/<g>/<f>` group or an
+                    // offline session on `$share/<g>/<f>` also keeps the log
+                    // of `f` (keyed by subscription path, they did not).
                     let sole_reader = request.group.is_none()
                         && (connection.clean || request.qos == 0 || outgoing.inflight_is_empty())
                         && !self.persistent_readers.contains_key(&request.filter)
+                        && self.filter_readers.get(&request.filter) == Some(&1)
                         && self
                             .subscription_map
                             .get(&request.filter)
                             .is_some_and(|readers| readers.len() == 1);
                     if sole_reader {
-                        if let Some(cursor) = datalog.trim_read(request.filter_idx, request.cursor) {
+                        if let Some(cursor) = datalog.trim_read(request.filter_idx, request.cursor)
+                        {
                             request.cursor = cursor;
                         }
                     }
@@ -1278,7 +1471,9 @@ fn append_to_commitlog(
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
 ) -> Result<Offset, RouterError> {
-    let connection = connections.get_mut(id).unwrap();
+    let connection = connections
+        .get_mut(id)
+        .ok_or(RouterError::NoConnection(id))?;
 
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
@@ -1336,7 +1531,14 @@ fn append_to_commitlog(
         None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
     };
 
-    let o = append_to_filters(publish, properties, pkid, filter_idxs, datalog, notifications);
+    let o = append_to_filters(
+        publish,
+        properties,
+        pkid,
+        filter_idxs,
+        datalog,
+        notifications,
+    );
 
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
     Ok(o)
@@ -1391,7 +1593,14 @@ fn append_will_message(
         None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
     };
 
-    let o = append_to_filters(publish, properties, pkid, filter_idxs, datalog, notifications);
+    let o = append_to_filters(
+        publish,
+        properties,
+        pkid,
+        filter_idxs,
+        datalog,
+        notifications,
+    );
 
     Ok(o)
 }
@@ -1414,11 +1623,17 @@ fn append_to_filters(
     let mut data = Some((publish, properties));
     for filter_idx in filter_idxs {
         remaining -= 1;
-        let publish_data = if remaining == 0 { data.take() } else { data.clone() };
+        let publish_data = if remaining == 0 {
+            data.take()
+        } else {
+            data.clone()
+        };
         let Some(publish_data) = publish_data else {
             break;
         };
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let Some(datalog) = datalog.native.get_mut(filter_idx) else {
+            continue;
+        };
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
@@ -1660,7 +1875,8 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // `qos` is a subscription's `QoS as u8` (0..=2).
+            publish.qos = protocol::qos(qos).unwrap_or(QoS::AtMostOnce);
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
@@ -1756,14 +1972,10 @@ fn print_status(router: &mut Router, metrics: Print) {
             println!("{metrics:#?}");
         }
         Print::Connection(id) => {
-            let metrics = router.connection_map.get(&id).map(|v| {
-                let c = router
-                    .connections
-                    .get(*v)
-                    .map(|v| v.events.clone())
-                    .unwrap();
-                let t = router.scheduler.trackers.get(*v).cloned().unwrap();
-                (c, t)
+            let metrics = router.connection_map.get(&id).and_then(|v| {
+                let c = router.connections.get(*v).map(|v| v.events.clone())?;
+                let t = router.scheduler.trackers.get(*v).cloned()?;
+                Some((c, t))
             });
 
             let metrics = match metrics {
@@ -1787,7 +1999,7 @@ fn print_status(router: &mut Router, metrics: Print) {
                 .map(|(filter, connections)| {
                     let connections = connections
                         .iter()
-                        .map(|id| router.obufs[*id].client_id.clone())
+                        .filter_map(|id| router.obufs.get(*id).map(|o| o.client_id.clone()))
                         .collect();
 
                     (filter.to_owned(), connections)
@@ -1805,7 +2017,12 @@ fn print_status(router: &mut Router, metrics: Print) {
                 let v: Vec<(String, DataRequest)> = waiters
                     .waiters()
                     .iter()
-                    .map(|(id, request)| (router.obufs[*id].client_id.clone(), request.clone()))
+                    .filter_map(|(id, request)| {
+                        router
+                            .obufs
+                            .get(*id)
+                            .map(|o| (o.client_id.clone(), request.clone()))
+                    })
                     .collect();
 
                 println!("{v:#?}");
@@ -2499,3 +2716,9 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+// patched: synchronous tests of the router's state machine (no threads, no
+// sockets): each test drives `Router::events` and `Router::consume` directly.
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod tests;

@@ -26,8 +26,8 @@ impl Scheduler {
         self.trackers.insert(tracker)
     }
 
-    pub fn remove(&mut self, id: ConnectionId) -> Tracker {
-        self.trackers.remove(id)
+    pub fn remove(&mut self, id: ConnectionId) -> Option<Tracker> {
+        self.trackers.try_remove(id)
     }
 
     /// Next connection which is ready to make progress
@@ -45,22 +45,38 @@ impl Scheduler {
     }
 
     pub fn track(&mut self, id: ConnectionId, request: DataRequest) {
-        let tracker = self.trackers.get_mut(id).unwrap();
+        // patched: an event for a connection already gone (a link's late
+        // `Ready`, say) is ignored instead of panicking the router.
+        let Some(tracker) = self.trackers.get_mut(id) else {
+            return;
+        };
         tracker.register_data_request(request);
     }
 
     pub fn untrack(&mut self, id: ConnectionId, filter: &Filter) {
-        let tracker = self.trackers.get_mut(id).unwrap();
+        // patched: an event for a connection already gone (a link's late
+        // `Ready`, say) is ignored instead of panicking the router.
+        let Some(tracker) = self.trackers.get_mut(id) else {
+            return;
+        };
         tracker.unregister_data_request(filter.clone());
     }
 
     pub fn trackv(&mut self, id: ConnectionId, requests: VecDeque<DataRequest>) {
-        let tracker = self.trackers.get_mut(id).unwrap();
+        // patched: an event for a connection already gone (a link's late
+        // `Ready`, say) is ignored instead of panicking the router.
+        let Some(tracker) = self.trackers.get_mut(id) else {
+            return;
+        };
         tracker.data_requests.extend(requests);
     }
 
     pub fn reschedule(&mut self, id: ConnectionId, reason: ScheduleReason) {
-        let tracker = self.trackers.get_mut(id).unwrap();
+        // patched: an event for a connection already gone (a link's late
+        // `Ready`, say) is ignored instead of panicking the router.
+        let Some(tracker) = self.trackers.get_mut(id) else {
+            return;
+        };
         if let Some(v) = tracker.try_ready(reason) {
             trace!(tracker_id = tracker.id, "reschedule {:?} -> Ready", v);
             self.readyqueue.push_back(id);
@@ -69,7 +85,11 @@ impl Scheduler {
 
     pub fn pause(&mut self, id: ConnectionId, reason: PauseReason) {
         assert_eq!(self.readyqueue.pop_back(), Some(id));
-        let tracker = self.trackers.get_mut(id).unwrap();
+        // patched: an event for a connection already gone (a link's late
+        // `Ready`, say) is ignored instead of panicking the router.
+        let Some(tracker) = self.trackers.get_mut(id) else {
+            return;
+        };
 
         trace!(
             tracker_id = tracker.id,
@@ -167,8 +187,10 @@ impl Tracker {
                 self.status = Status::Ready;
                 Some(previous)
             }
+            // patched: no debug assertion. `Ready` comes from a link whenever
+            // it has drained its buffer, whatever the router paused it for;
+            // being scheduled while caught up is harmless (it pauses again).
             ScheduleReason::Ready => {
-                debug_assert!(self.status == Status::Paused(PauseReason::Busy));
                 self.status = Status::Ready;
                 Some(previous)
             }
@@ -217,7 +239,7 @@ impl Scheduler {
 
     // Return a `Some` if duplicate were found, otherwise `None`
     pub fn check_tracker_duplicates(&self, id: ConnectionId) -> Option<&VecDeque<DataRequest>> {
-        let tracker = self.trackers.get(id).unwrap();
+        let tracker = self.trackers.get(id)?;
         let tracker_data_req = tracker.get_data_requests();
         let mut uniq = HashSet::with_capacity(tracker_data_req.len());
 

@@ -28,6 +28,12 @@ impl SharedGroup {
         self.clients.get(self.current_client_index)
     }
 
+    /// patched: whether `client` is a member (a restored session rejoins
+    /// only the groups it is not in yet).
+    pub fn contains(&self, client: &str) -> bool {
+        self.clients.iter().any(|c| c == client)
+    }
+
     pub fn add_client(&mut self, client: String) {
         self.clients.push(client)
     }
@@ -44,6 +50,12 @@ impl SharedGroup {
     }
 
     pub fn update_next_client(&mut self) {
+        // patched: an empty group has no next client (upstream divided by
+        // zero, or asked for a number in an empty range).
+        if self.clients.is_empty() {
+            self.current_client_index = 0;
+            return;
+        }
         match self.strategy {
             Strategy::RoundRobin => {
                 self.current_client_index = (self.current_client_index + 1) % self.clients.len();

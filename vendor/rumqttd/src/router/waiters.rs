@@ -48,8 +48,10 @@ impl<T> Waiters<T> {
         let mut requests = Vec::new();
 
         while let Some(index) = self.current.iter().position(|x| x.0 == id) {
-            let request = self.current.swap_remove_back(index).map(|v| v.1).unwrap();
-            requests.push(request)
+            match self.current.swap_remove_back(index) {
+                Some((_, request)) => requests.push(request),
+                None => break,
+            }
         }
 
         requests

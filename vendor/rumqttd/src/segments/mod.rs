@@ -1,3 +1,15 @@
+// patched: no panic reachable from a client's input in the router's paths
+// (issue 9). Provably unreachable cases are allowed locally, with the reason.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
 use crate::Offset;
 use std::{collections::VecDeque, io};
 
@@ -63,12 +75,20 @@ where
     /// Create a new `CommitLog` with the given contraints. If `max_mem_segments` is 0, then only
     /// the active segment is maintained.
     pub fn new(max_segment_size: usize, max_mem_segments: usize) -> io::Result<Self> {
+        // patched: an error, not a panic (the router creates logs while it
+        // runs, one per new filter).
         if max_segment_size < 1024 {
-            panic!("given max_segment_size {max_segment_size} bytes < 1KB");
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("given max_segment_size {max_segment_size} bytes < 1KB"),
+            ));
         }
 
         if max_mem_segments < 1 {
-            panic!("at least 1 segment needs to exist in memory else what's the point of log");
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "at least 1 segment needs to exist in memory",
+            ));
         }
 
         let mut segments = VecDeque::with_capacity(max_mem_segments);
@@ -123,14 +143,33 @@ where
         self.active_segment().next_offset()
     }
 
+    // Every constructor and `clear` leave at least one segment, and
+    // segments are only removed from the front while more than one remains:
+    // the active segment always exists.
     #[inline]
+    #[allow(clippy::expect_used)]
     fn active_segment(&self) -> &Segment<T> {
-        self.segments.back().unwrap()
+        self.segments
+            .back()
+            .expect("a log always has an active segment")
     }
 
     #[inline]
+    #[allow(clippy::expect_used)]
     fn active_segment_mut(&mut self) -> &mut Segment<T> {
-        self.segments.back_mut().unwrap()
+        self.segments
+            .back_mut()
+            .expect("a log always has an active segment")
+    }
+
+    /// The oldest segment (the active one when there is only one).
+    #[inline]
+    #[allow(clippy::expect_used)]
+    fn active_or_head(&self) -> &Segment<T> {
+        // Never empty, see `active_segment`.
+        self.segments
+            .front()
+            .expect("a log always has an active segment")
     }
 
     /// patched: drops everything stored. Offsets go on from where they were,
@@ -199,7 +238,7 @@ where
         }
 
         if cursor.0 < self.head {
-            let head_absolute_offset = self.segments.front().unwrap().absolute_offset;
+            let head_absolute_offset = self.active_or_head().absolute_offset;
             warn!(
                 "given index {} less than head {}, jumping to head",
                 cursor.0, head_absolute_offset
@@ -208,8 +247,11 @@ where
             start = cursor;
         }
 
-        let mut idx = (cursor.0 - self.head) as usize;
-        let mut curr_segment = &self.segments[idx];
+        // patched: checked (a cursor comes from saved session state).
+        let mut idx = cursor.0.saturating_sub(self.head) as usize;
+        let Some(mut curr_segment) = self.segments.get(idx) else {
+            return Ok(Position::Done { start, end: start });
+        };
 
         if curr_segment.absolute_offset > cursor.1 {
             warn!(
@@ -253,7 +295,10 @@ where
             }
 
             idx += 1;
-            curr_segment = &self.segments[idx];
+            curr_segment = match self.segments.get(idx) {
+                Some(segment) => segment,
+                None => return Ok(Position::Done { start, end: cursor }),
+            };
         }
 
         if curr_segment.next_offset() <= cursor.1 {

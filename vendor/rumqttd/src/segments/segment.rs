@@ -68,7 +68,8 @@ where
     ) -> io::Result<SegmentPosition> {
         // This substraction can never overflow as checking of offset happens at
         // `CommitLog::readv`.
-        let idx = cursor.1 - self.absolute_offset;
+        // patched: saturating (a cursor below this segment reads from its start).
+        let idx = cursor.1.saturating_sub(self.absolute_offset);
 
         let mut ret: Option<u64>;
 
@@ -84,11 +85,11 @@ where
                 limit = self.len();
             }
             let offsets = std::iter::repeat(cursor.0).zip(cursor.1..cursor.1 + limit);
-            let o = self.data[idx as usize..limit as usize]
-                .iter()
-                .cloned()
-                .zip(offsets);
-            out.extend(o);
+            // patched: checked slicing (idx < limit <= len here, but the
+            // cursor comes from saved session state).
+            if let Some(data) = self.data.get(idx as usize..limit as usize) {
+                out.extend(data.iter().cloned().zip(offsets));
+            }
         }
 
         match ret {
