@@ -124,7 +124,7 @@ pub struct Args {
     #[arg(long, env = "BROKER_WRITE_TIMEOUT_SECS", default_value_t = 10)]
     pub write_timeout_secs: u64,
     /// Receive Maximum: QoS 1/2 publishes a client may have unacknowledged at
-    /// once. Advertised in MQTT 5 CONNACK; beyond it, DISCONNECT 0x93. 1 to 65535.
+    /// once. Advertised in MQTT 5 CONNACK; beyond it, DISCONNECT 0x93. 1 to 1024.
     #[arg(long, env = "BROKER_RECEIVE_MAXIMUM", default_value_t = 100)]
     pub receive_maximum: u16,
     /// Async worker threads, the router's task included (default: one per core less one).
@@ -208,8 +208,8 @@ pub enum ConfigError {
         "BROKER_WRITE_TIMEOUT_SECS must be between 1 and 600 (got {0}); 10 suits mobile networks"
     )]
     BadWriteTimeout(u64),
-    #[error("BROKER_RECEIVE_MAXIMUM must be between 1 and 65535 (got 0); 100 is the default")]
-    BadReceiveMaximum,
+    #[error("BROKER_RECEIVE_MAXIMUM must be between 1 and 1024 (got {0}); 100 is the default")]
+    BadReceiveMaximum(u16),
     #[error("BROKER_MAX_CONNECTIONS must be at least 1")]
     NoConnections,
     #[error("BROKER_CONN_BURST must be at least 1 (got 0): it is how many connections one source may open at once")]
@@ -461,8 +461,11 @@ impl Args {
         if !(1..=600).contains(&self.write_timeout_secs) {
             return Err(ConfigError::BadWriteTimeout(self.write_timeout_secs));
         }
-        if self.receive_maximum == 0 {
-            return Err(ConfigError::BadReceiveMaximum);
+        // The router holds at most 1,024 unreleased QoS 2 publishes per
+        // session (vendor patch: `MAX_AWAITING_PUBREL`); the gate's limit
+        // must come first so that clients hear 0x93 from the gate.
+        if !(1..=1024).contains(&self.receive_maximum) {
+            return Err(ConfigError::BadReceiveMaximum(self.receive_maximum));
         }
         if self.conn_burst == 0 {
             return Err(ConfigError::NoConnBurst);
