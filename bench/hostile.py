@@ -139,9 +139,13 @@ def subscribe5(pid, filters, qos=0) -> bytes:
 class Raw:
     """One raw connection; every call is bounded by the socket timeout."""
 
-    def __init__(self, host, port, timeout=5.0, tls_ca=None):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host, port, timeout=5.0, tls_ca=None, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            # Before connecting, so that the advertised TCP window is small too.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
         if tls_ca:
             ctx = ssl.create_default_context(cafile=tls_ca)
             self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
@@ -225,6 +229,7 @@ class Soak:
         self.lock = threading.Lock()
         self.rng = random.Random(a.seed)
         self.only = [k for k in (a.only or "").split(",") if k]
+        self.skip = [k for k in (a.skip or "").split(",") if k]
 
     def live(self):
         return time.monotonic() < self.deadline
@@ -239,9 +244,10 @@ class Soak:
             return Raw(self.host, self.tls_port, timeout, self.ca)
         return Raw(self.host, self.port, timeout)
 
-    def device(self, uid, client_id=None, clean=True, properties=b"", keep_alive=30, tls=False):
+    def device(self, uid, client_id=None, clean=True, properties=b"", keep_alive=30, tls=False,
+               rcvbuf=None):
         """A raw MQTT 5 device, connected; returns (conn, connack reason)."""
-        r = self.raw(tls=tls)
+        r = Raw(self.host, self.port, 5.0, rcvbuf=rcvbuf) if rcvbuf else self.raw(tls=tls)
         r.send(connect5(client_id if client_id is not None else uid, "JWT",
                         good_token(self.secret, uid), clean, keep_alive, properties))
         return r, r.connack()
@@ -471,11 +477,10 @@ class Soak:
 
     def stop_reading(self, n):
         uid = f"hslow{n % 4}"
-        r, rc = self.device(uid)
+        r, rc = self.device(uid, rcvbuf=4096)
         if rc != 0:
             r.close()
             return f"connack_{rc}"
-        r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         r.send(subscribe5(1, [f"{uid}_flood"]))
         h = self.paho(f"hflood{n % 4}", "handler", self.hkey)
         try:
@@ -488,7 +493,7 @@ class Soak:
                     h.publish(f"{uid}_flood", blob, qos=0)
                 time.sleep(0.05)
             # Now read: the broker should have cut the connection (write deadline).
-            return r.outcome(1 if not self.live() else 2).replace("open", "still_open")
+            return r.outcome(1 if not self.live() else 5).replace("open", "still_open")
         except OSError:
             return "handler_connect_failed"
         finally:
@@ -608,7 +613,9 @@ class Soak:
             names = [k for k, _ in seen[0]]
             forged = [k for k, v in seen[0] if k.strip().lower() in ("user_id", "client_id") and v == "victim"]
             ok = names.count("user_id") == 1 and dict(seen[0]).get("user_id") == uid
-            return "stamped_only" if ok and not forged else "lookalike_leaked"
+            if ok and not forged:
+                return "stamped_only"
+            return "lookalike_leaked:" + "|".join(sorted(set(forged))) if forged else "user_id_not_stamped"
         except OSError:
             return "failed"
         finally:
@@ -653,6 +660,10 @@ class Soak:
             if unknown:
                 sys.exit(f"unknown attack kinds: {', '.join(sorted(unknown))}")
             attacks = [a for a in attacks if a[0] in self.only]
+        unknown = set(self.skip) - {a[0] for a in attacks}
+        if unknown:
+            sys.exit(f"unknown attack kinds to skip: {', '.join(sorted(unknown))}")
+        attacks = [a for a in attacks if a[0] not in self.skip]
         threads = [threading.Thread(target=self.loop, args=a, name=a[0], daemon=True) for a in attacks]
         for t in threads:
             t.start()
@@ -677,6 +688,7 @@ def main():
     ap.add_argument("--duration", type=float, default=1800)
     ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--only", help="comma-separated attack kinds to run (default: all)")
+    ap.add_argument("--skip", help="comma-separated attack kinds to leave out")
     ap.add_argument("--json", help="write the report here too")
     a = ap.parse_args()
     a.jwt_secret = os.environ.get("SOAK_JWT_SECRET", "")
