@@ -230,6 +230,8 @@ class Soak:
         self.rng = random.Random(a.seed)
         self.only = [k for k in (a.only or "").split(",") if k]
         self.skip = [k for k in (a.skip or "").split(",") if k]
+        self.refused_in_row = 0
+        self.stopped_early = None
 
     def live(self):
         return time.monotonic() < self.deadline
@@ -632,6 +634,13 @@ class Soak:
             except Exception as e:  # noqa: BLE001 - a failed attempt is an outcome, the loop goes on
                 outcome = f"error_{type(e).__name__}"
             self.note(kind, outcome)
+            with self.lock:
+                # A broker that refuses TCP connections is gone: stop, rather than
+                # pile up thousands of refused attempts that say nothing more.
+                self.refused_in_row = self.refused_in_row + 1 if outcome == "error_ConnectionRefusedError" else 0
+                if self.refused_in_row >= 50 and self.live():
+                    self.stopped_early = "the broker refused 50 connections in a row"
+                    self.deadline = time.monotonic()
             n += 1
             time.sleep(pause)
 
@@ -676,6 +685,7 @@ class Soak:
             "attempts": dict(sorted(self.attempts.items())),
             "outcomes": {k: dict(sorted(v.items())) for k, v in sorted(self.outcomes.items())},
             "stuck": stuck,
+            "stopped_early": self.stopped_early,
         }
 
 

@@ -193,6 +193,8 @@ try:
     for kind, n in h["attempts"].items():
         outcomes = ", ".join(f"{k} {v}" for k, v in h["outcomes"][kind].items())
         print(f"  {kind:<30} {n:>6}  {outcomes}")
+    if h.get("stopped_early"):
+        print(f"  stopped early: {h['stopped_early']}")
     if h.get("stuck"):
         print(f"  still running at the end (bounded attempts overran): {', '.join(h['stuck'])}")
 except (OSError, ValueError, KeyError) as e:
