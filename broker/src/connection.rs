@@ -69,7 +69,7 @@ where
             writer,
             read_buf: BytesMut::with_capacity(INITIAL_BUFFER),
             write_buf: BytesMut::new(),
-            write_timeout: gate.limits.write_timeout,
+            write_timeout: gate.limits().write_timeout,
             receiver: translate::Receiver::Device,
         };
         // Boxed: reading and deciding the CONNECT needs more state than the
@@ -83,7 +83,7 @@ where
             Ok(Some(session)) => session,
             Ok(None) => return,
             Err(panic) => {
-                gate.metrics.session_panicked();
+                gate.metrics().session_panicked();
                 error!(
                     panic = panic_text(&*panic),
                     "a connection panicked before its session began; closed"
@@ -104,16 +104,16 @@ async fn open_session<S: AsyncRead + AsyncWrite>(
     wire: &mut Wire<S>,
 ) -> Option<Session> {
     let first = tokio::time::timeout(
-        gate.limits.connect_timeout,
-        wire.read_connect(gate.limits.max_packet_size),
+        gate.limits().connect_timeout,
+        wire.read_connect(gate.limits().max_packet_size),
     )
     .await;
     let (codec, packet) = match first {
         Ok(Ok(found)) => found,
         Ok(Err(ConnectReadError::Codec(CodecError::UnsupportedProtocol(level)))) => {
             info!(level, "refused: unsupported protocol level");
-            gate.metrics.connect_refused("unsupported protocol");
-            let codec = Codec::new(Version::V4, gate.limits.max_packet_size);
+            gate.metrics().connect_refused("unsupported protocol");
+            let codec = Codec::new(Version::V4, gate.limits().max_packet_size);
             let refusal =
                 answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
             let _ = wire.send_now(&codec, refusal).await;
@@ -121,12 +121,12 @@ async fn open_session<S: AsyncRead + AsyncWrite>(
         }
         Ok(Err(e)) => {
             debug!(error = %e, "closed before CONNECT");
-            gate.metrics.socket_dropped("not_mqtt");
+            gate.metrics().socket_dropped("not_mqtt");
             return None;
         }
         Err(_) => {
             info!("no CONNECT before the deadline");
-            gate.metrics.socket_dropped("connect_timeout");
+            gate.metrics().socket_dropped("connect_timeout");
             return None;
         }
     };
@@ -231,20 +231,19 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     packet: Packet,
 ) -> Option<Session> {
     let Packet::Connect(connect, properties, will, _will_properties, login) = packet else {
-        gate.metrics.socket_dropped("not_mqtt");
+        gate.metrics().socket_dropped("not_mqtt");
         return None;
     };
     let refuse = |refusal: ConnectRefusal| {
         info!(reason = refusal.reason(), "connect refused");
-        gate.metrics.connect_refused(refusal.reason());
+        gate.metrics().connect_refused(refusal.reason());
         answers::connack_refusal(codec.version, &refusal)
     };
-    if let Err(refusal) = crate::sessions::check_client_id(&connect.client_id, &gate.limits) {
+    if let Err(refusal) = crate::sessions::check_client_id(&connect.client_id, gate.limits()) {
         let _ = wire.send_now(&codec, refuse(refusal)).await;
         return None;
     }
     let principal = match gate
-        .auth
         .authenticate(
             login.as_ref().map(|l| l.username.as_str()),
             login.as_ref().map(|l| l.password.as_bytes()),
@@ -266,12 +265,10 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     }
     if let Principal::Device(device) = &principal {
         span.record("uid", device.uid().as_str());
-        if let Some(revocations) = &gate.revocations {
-            if revocations.is_revoked(device.uid()).await {
-                let refusal = ConnectRefusal::Auth(Refusal::NotAuthorized("user revoked"));
-                let _ = wire.send_now(&codec, refuse(refusal)).await;
-                return None;
-            }
+        if gate.is_revoked(device.uid()).await {
+            let refusal = ConnectRefusal::Auth(Refusal::NotAuthorized("user revoked"));
+            let _ = wire.send_now(&codec, refuse(refusal)).await;
+            return None;
         }
     }
 
@@ -293,7 +290,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         let allowed = std::str::from_utf8(&will.topic)
             .map_err(|_| Denial::Invalid)
             .and_then(|topic| {
-                acl::may_publish(&principal, topic, &gate.commands, &gate.limits.topics)
+                acl::may_publish(&principal, topic, gate.commands(), &gate.limits().topics)
             });
         if allowed.is_err() {
             let _ = wire
@@ -304,7 +301,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     }
 
     // A keep-alive of 0 (none) or beyond the maximum gets the maximum.
-    let max_keep_alive = gate.limits.max_keep_alive_secs;
+    let max_keep_alive = gate.limits().max_keep_alive_secs;
     let granted_keep_alive = match connect.keep_alive {
         0 => max_keep_alive,
         asked => asked.min(max_keep_alive),
@@ -314,7 +311,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     // opened may fail on the client's input.
     let token_deadline = match &principal {
         // Checked arithmetic, clamped: an enormous `exp` is "never", not a panic.
-        Principal::Device(device) => device.session_deadline(gate.leeway_secs),
+        Principal::Device(device) => device.session_deadline(gate.leeway_secs()),
         Principal::Handler(_) => None,
     };
     let session_id = match &principal {
@@ -325,15 +322,21 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         Principal::Device(device) => Some(device.uid()),
         Principal::Handler(_) => None,
     };
-    let admitted =
-        gate.sessions
-            .admit(&session_id, &principal, connect.clean_session, &gate.limits);
+    let admitted = gate.sessions().admit(
+        &session_id,
+        &principal,
+        connect.clean_session,
+        gate.limits(),
+    );
     if let Err(refusal) = admitted {
         let _ = wire.send_now(&codec, refuse(refusal)).await;
         return None;
     }
-    let claim = gate.sessions.claim(session_id.clone(), uid).await;
-    let link = match gate.router.connect(session_id, connect.clean_session).await {
+    let claim = gate.sessions().claim(session_id.clone(), uid).await;
+    let link = match gate
+        .open_router_session(session_id, connect.clean_session)
+        .await
+    {
         Ok(link) => link,
         Err(e) => {
             warn!(error = %e, "router refused the session");
@@ -349,8 +352,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             assigned_client_identifier: assigned_client_id,
             server_keep_alive: (granted_keep_alive != connect.keep_alive)
                 .then_some(granted_keep_alive),
-            max_packet_size: u32::try_from(gate.limits.max_packet_size).ok(),
-            receive_max: Some(gate.limits.receive_maximum),
+            max_packet_size: u32::try_from(gate.limits().max_packet_size).ok(),
+            receive_max: Some(gate.limits().receive_maximum),
             retain_available: Some(1),
             shared_subscription_available: Some(1),
             wildcard_subscription_available: Some(u8::from(matches!(
@@ -374,21 +377,21 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         let _ = tx.send(normal_disconnect()).await;
         return None;
     }
-    gate.metrics.connection_opened(principal.kind());
+    gate.metrics().connection_opened(principal.kind());
     info!(session_present = link.session_present, "connected");
 
     // Only a clean session's QoS 0 subscriptions can be served by the gate
     // (see `reply_index`): nothing of them outlives the connection.
     let inbox = (matches!(principal, Principal::Device(_)) && connect.clean_session)
         .then(|| Arc::new(ReplyInbox::default()));
-    let subs = gate.sessions.resume_subscriptions(
+    let subs = gate.sessions().resume_subscriptions(
         claim.id(),
         connect.clean_session,
         Subscriptions::new(match principal {
-            Principal::Device(_) => gate.limits.device_max_subscriptions,
-            Principal::Handler(_) => gate.limits.handler_max_subscriptions,
+            Principal::Device(_) => gate.limits().device_max_subscriptions,
+            Principal::Handler(_) => gate.limits().handler_max_subscriptions,
         }),
-        (&gate.replies, &gate.commands),
+        (gate.replies(), gate.commands()),
     );
     Some(Session {
         gate: gate.clone(),
@@ -399,7 +402,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         session_expiry: session_expiry(
             codec.version,
             properties.as_ref().and_then(|p| p.session_expiry_interval),
-            gate.limits.max_session_expiry,
+            gate.limits().max_session_expiry,
         ),
         keep_alive: Duration::from_secs(u64::from(granted_keep_alive)),
         token_deadline,
@@ -413,7 +416,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         inbox,
         inbound: InboundFlows::new(
             codec.version,
-            gate.limits.receive_maximum,
+            gate.limits().receive_maximum,
             link.session_present,
         ),
         write_stalled: false,
@@ -437,15 +440,15 @@ fn session_expiry(version: Version, asked_secs: Option<u32>, max: Duration) -> D
 fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duration) {
     tokio::spawn(async move {
         tokio::select! {
-            _ = gate.shutdown.cancelled() => return,
+            _ = gate.shutting_down() => return,
             _ = tokio::time::sleep(after) => {}
         }
-        let Some(expiring) = gate.sessions.claim_to_expire(&id, serial) else {
+        let Some(expiring) = gate.sessions().claim_to_expire(&id, serial) else {
             return;
         };
-        gate.sessions
-            .release_subscriptions(&id, (&gate.replies, &gate.commands));
-        match gate.router.connect(id, true).await {
+        gate.sessions()
+            .release_subscriptions(&id, (gate.replies(), gate.commands()));
+        match gate.open_router_session(id, true).await {
             Ok(link) => {
                 let mut tx = link.tx;
                 let _ = tx.send(normal_disconnect()).await;
@@ -551,7 +554,7 @@ impl Drop for Session {
         // its DISCONNECT (the send's first attempt does not wait).
         if !self.finished {
             if std::thread::panicking() {
-                self.gate.metrics.session_panicked();
+                self.gate.metrics().session_panicked();
                 error!("a session panicked while ending; its router link is closed");
             }
             if self.claim.end.requested() != Some(EndRequest::TakenOver) {
@@ -560,15 +563,15 @@ impl Drop for Session {
         }
         if let Some(inbox) = &self.inbox {
             for topic in self.subs.direct() {
-                self.gate.replies.unsubscribe(topic, inbox);
+                self.gate.replies().unsubscribe(topic, inbox);
             }
         }
         // A persistent session keeps its subscriptions in the router.
         if self.clean_session {
             for filter in self.subs.via_router() {
                 match self.principal {
-                    Principal::Handler(_) => self.gate.replies.handler_unsubscribed(filter),
-                    Principal::Device(_) => self.gate.replies.device_left_router(filter),
+                    Principal::Handler(_) => self.gate.replies().handler_unsubscribed(filter),
+                    Principal::Device(_) => self.gate.replies().device_left_router(filter),
                 }
             }
         }
@@ -583,7 +586,7 @@ impl Session {
         let end = match AssertUnwindSafe(self.relay(&mut wire)).catch_unwind().await {
             Ok(end) => end,
             Err(panic) => {
-                self.gate.metrics.session_panicked();
+                self.gate.metrics().session_panicked();
                 error!(
                     panic = panic_text(&*panic),
                     "a session panicked; ended, its will fired and its router link closed"
@@ -615,7 +618,7 @@ impl Session {
             }
             End::Server(why) => {
                 info!(reason = why.reason(), "server ends the session");
-                self.gate.metrics.session_ended(why.reason());
+                self.gate.metrics().session_ended(why.reason());
                 // A client that stopped reading would not get it anyway.
                 if !self.write_stalled {
                     if let Some(packet) = answers::server_disconnect(self.codec.version, why) {
@@ -641,24 +644,24 @@ impl Session {
         self.finished = true;
         if self.clean_session {
             for filter in self.subs.declared() {
-                self.gate.commands.withdraw(filter);
+                self.gate.commands().withdraw(filter);
             }
         }
-        self.gate.metrics.connection_closed(kind);
+        self.gate.metrics().connection_closed(kind);
         if !self.clean_session {
             // Its subscriptions stay in the router: the next connection
             // takes them back, the expiry releases them.
-            let counts = (&self.gate.replies, &self.gate.commands);
+            let counts = (self.gate.replies(), self.gate.commands());
             let subs = self.subs.take();
             self.gate
-                .sessions
+                .sessions()
                 .keep_subscriptions(self.claim.id(), subs, counts);
         }
         // A persistent session stays in the router until its expiry (unless
         // a new connection took it over). The claim is released first so the
         // expiry finds the id free.
         if !self.clean_session && self.claim.end.requested() != Some(EndRequest::TakenOver) {
-            self.gate.sessions.left_away(&self.claim);
+            self.gate.sessions().left_away(&self.claim);
             let (id, serial) = (self.claim.id().to_owned(), self.claim.serial());
             let (gate, after) = (self.gate.clone(), self.session_expiry);
             drop(self);
@@ -817,10 +820,10 @@ impl Session {
                 if matches!(self.principal, Principal::Handler(_)) {
                     for filter in &unsubscribe.filters {
                         if self.subs.undeclare(filter) {
-                            self.gate.commands.withdraw(filter);
+                            self.gate.commands().withdraw(filter);
                         }
                         if self.subs.remove_via_router(filter) {
-                            self.gate.replies.handler_unsubscribed(filter);
+                            self.gate.replies().handler_unsubscribed(filter);
                         }
                     }
                 }
@@ -871,7 +874,7 @@ impl Session {
                     self.session_expiry = session_expiry(
                         self.codec.version,
                         Some(secs),
-                        self.gate.limits.max_session_expiry,
+                        self.gate.limits().max_session_expiry,
                     );
                 }
                 Some(End::ClientDisconnect {
@@ -923,7 +926,7 @@ impl Session {
             }
             Arrival::OverReceiveMaximum => {
                 info!(
-                    receive_maximum = self.gate.limits.receive_maximum,
+                    receive_maximum = self.gate.limits().receive_maximum,
                     "more unacknowledged QoS 1/2 publishes than the broker's Receive Maximum"
                 );
                 return Some(End::Server(ServerDisconnect::ReceiveMaximumExceeded));
@@ -935,8 +938,8 @@ impl Session {
         let verdict = std::str::from_utf8(&topic_bytes)
             .map_err(|_| Denial::Invalid)
             .and_then(|topic| {
-                let limits = &self.gate.limits.topics;
-                acl::may_publish(&self.principal, topic, &self.gate.commands, limits)
+                let limits = &self.gate.limits().topics;
+                acl::may_publish(&self.principal, topic, self.gate.commands(), limits)
                     .map(|()| topic)
             });
         #[cfg(feature = "fault-injection")]
@@ -956,8 +959,8 @@ impl Session {
             }
             Principal::Handler(_) => properties,
         };
-        self.gate.metrics.message_in();
-        let routed = self.gate.replies.route(topic, &publish, &properties);
+        self.gate.metrics().message_in();
+        let routed = self.gate.replies().route(topic, &publish, &properties);
         self.note_dropped_replies(topic, routed);
         match self
             .inbound
@@ -981,7 +984,7 @@ impl Session {
     /// once each time a subscriber starts falling behind.
     fn note_dropped_replies(&self, topic: &str, routed: Routed) {
         if routed.dropped > 0 {
-            self.gate.metrics.replies_dropped(routed.dropped);
+            self.gate.metrics().replies_dropped(routed.dropped);
         }
         if routed.newly_slow > 0 {
             info!(
@@ -999,7 +1002,7 @@ impl Session {
         denial: Denial,
         wire: &mut Wire<S>,
     ) {
-        self.gate.metrics.denied("publish", denial.label());
+        self.gate.metrics().denied("publish", denial.label());
         info!(topic = %String::from_utf8_lossy(&publish.topic), reason = denial.label(), "publish denied");
         let pkid = publish.pkid();
         match self.inbound.refused(publish.qos(), pkid, denial) {
@@ -1038,7 +1041,7 @@ impl Session {
         let mut allowed = Vec::with_capacity(subscribe.filters.len());
         let mut over_quota = 0usize;
         for filter in subscribe.filters.drain(..) {
-            let (commands, limits) = (&self.gate.commands, &self.gate.limits.topics);
+            let (commands, limits) = (self.gate.commands(), &self.gate.limits().topics);
             let verdict = acl::may_subscribe(&self.principal, &filter.path, commands, limits)
                 .and_then(|()| self.subs.admit(&filter.path));
             match verdict {
@@ -1051,7 +1054,7 @@ impl Session {
                     allowed.push(filter);
                 }
                 Err(denial) => {
-                    self.gate.metrics.denied("subscribe", denial.label());
+                    self.gate.metrics().denied("subscribe", denial.label());
                     // One line per SUBSCRIBE for the quota, however many filters.
                     if denial == Denial::QuotaExceeded {
                         over_quota += 1;
@@ -1105,7 +1108,7 @@ impl Session {
         if filter.qos != QoS::AtMostOnce || self.subs.is_via_router(&filter.path) {
             return false;
         }
-        if !self.gate.replies.subscribe(&filter.path, inbox) {
+        if !self.gate.replies().subscribe(&filter.path, inbox) {
             return false;
         }
         self.subs.add_direct(&filter.path);
@@ -1119,8 +1122,8 @@ impl Session {
             return;
         }
         match self.principal {
-            Principal::Device(_) => self.gate.replies.device_subscribed_in_router(filter),
-            Principal::Handler(_) => self.gate.replies.handler_subscribed(filter),
+            Principal::Device(_) => self.gate.replies().device_subscribed_in_router(filter),
+            Principal::Handler(_) => self.gate.replies().handler_subscribed(filter),
         }
     }
 
@@ -1130,7 +1133,7 @@ impl Session {
             return;
         };
         if self.subs.remove_direct(topic) {
-            self.gate.replies.unsubscribe(topic, inbox);
+            self.gate.replies().unsubscribe(topic, inbox);
         }
     }
 
@@ -1147,7 +1150,7 @@ impl Session {
             );
         });
         if delivered > 0 {
-            self.gate.metrics.messages_out(delivered);
+            self.gate.metrics().messages_out(delivered);
         }
     }
 
@@ -1198,7 +1201,7 @@ impl Session {
             Some(packet @ Packet::Publish(..)) => {
                 // Replies the gate queued first are written first.
                 self.drain_inbox(wire);
-                self.gate.metrics.messages_out(1);
+                self.gate.metrics().messages_out(1);
                 wire.queue(&self.codec, packet);
             }
             Some(Packet::PubAck(ack, properties)) => match self.inbound.router_puback(ack.pkid) {
@@ -1234,7 +1237,7 @@ impl Session {
         if matches!(self.principal, Principal::Handler(_)) {
             for filter in pending.forwarded {
                 if self.subs.declare(&filter) {
-                    self.gate.commands.declare(&filter);
+                    self.gate.commands().declare(&filter);
                 }
             }
         }
@@ -1266,11 +1269,11 @@ impl Session {
         };
         let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, pkid);
         info!("publishing will");
-        self.gate.metrics.message_in();
+        self.gate.metrics().message_in();
         // Sessions the gate serves get it from the gate; the router still
         // gets it (its subscribers, a retained will, and its acknowledgement).
         if let Ok(topic) = std::str::from_utf8(&publish.topic) {
-            let routed = self.gate.replies.route(topic, &publish, &properties);
+            let routed = self.gate.replies().route(topic, &publish, &properties);
             self.note_dropped_replies(topic, routed);
         }
         let qos = publish.qos();

@@ -1,32 +1,132 @@
 //! Owns the state every connection shares: the authenticator, the embedded
-//! router, live sessions, command topics, metrics, limits and the shutdown
-//! signal. Built once at start-up by `lib::Broker::start`.
+//! router, live sessions, command topics, the reply index, metrics, limits
+//! and the shutdown signal. Built once at start-up by `lib::Broker::start`;
+//! its fields are private, and its methods say what a connection may do
+//! with each.
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Principal, Refusal};
 use crate::command_topics::CommandTopics;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::reply_index::ReplyIndex;
 use crate::revocation::Revocations;
-use crate::router::EmbeddedRouter;
+use crate::router::{EmbeddedRouter, RouterError, RouterLink};
 use crate::sessions::SessionRegistry;
+use shared::UserId;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-/// Shared by all connections of one broker.
-pub struct Gate {
+/// What a gate is made of (see `Gate::new`).
+pub struct GateParts {
     pub auth: Authenticator,
     pub router: EmbeddedRouter,
     pub sessions: Arc<SessionRegistry>,
     pub commands: CommandTopics,
-    /// Device subscriptions the gate serves itself, beside the router.
     pub replies: ReplyIndex,
-    /// Revocation checks, when a store is configured.
     pub revocations: Option<Arc<Revocations>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
-    /// Clock leeway for the token-expiry disconnect (same as at connect).
     pub leeway_secs: u64,
-    /// Cancelled on SIGTERM/SIGINT (or by tests): sessions say goodbye and end.
     pub shutdown: CancellationToken,
+}
+
+/// Shared by all connections of one broker.
+pub struct Gate {
+    auth: Authenticator,
+    router: EmbeddedRouter,
+    sessions: Arc<SessionRegistry>,
+    commands: CommandTopics,
+    /// Device subscriptions the gate serves itself, beside the router.
+    replies: ReplyIndex,
+    /// Revocation checks, when a store is configured.
+    revocations: Option<Arc<Revocations>>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    /// Clock leeway for the token-expiry disconnect (same as at connect).
+    leeway_secs: u64,
+    /// Cancelled on SIGTERM/SIGINT (or by tests): sessions say goodbye and end.
+    shutdown: CancellationToken,
+}
+
+impl Gate {
+    pub fn new(parts: GateParts) -> Self {
+        Gate {
+            auth: parts.auth,
+            router: parts.router,
+            sessions: parts.sessions,
+            commands: parts.commands,
+            replies: parts.replies,
+            revocations: parts.revocations,
+            metrics: parts.metrics,
+            limits: parts.limits,
+            leeway_secs: parts.leeway_secs,
+            shutdown: parts.shutdown,
+        }
+    }
+
+    /// Who a CONNECT's credentials name: the only way to a `Principal`.
+    pub async fn authenticate(
+        &self,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<Principal, Refusal> {
+        self.auth.authenticate(username, password).await
+    }
+
+    /// Whether `uid` was revoked (never, without a revocation store).
+    pub async fn is_revoked(&self, uid: &UserId) -> bool {
+        match &self.revocations {
+            Some(revocations) => revocations.is_revoked(uid).await,
+            None => false,
+        }
+    }
+
+    /// The revocation store's watcher, if one is configured (start-up only).
+    pub fn revocations(&self) -> Option<Arc<Revocations>> {
+        self.revocations.clone()
+    }
+
+    /// Opens the router's session for `router_client_id` (namespaced by
+    /// `sessions`).
+    pub async fn open_router_session(
+        &self,
+        router_client_id: String,
+        clean_session: bool,
+    ) -> Result<RouterLink, RouterError> {
+        self.router.connect(router_client_id, clean_session).await
+    }
+
+    /// Live and persistent sessions: claims, takeover, caps.
+    pub fn sessions(&self) -> &Arc<SessionRegistry> {
+        &self.sessions
+    }
+
+    /// The command topics devices may publish to (handlers declare theirs).
+    pub fn commands(&self) -> &CommandTopics {
+        &self.commands
+    }
+
+    /// The subscriptions the gate serves itself.
+    pub fn replies(&self) -> &ReplyIndex {
+        &self.replies
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The configured limits (read-only: they do not change while running).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Clock leeway for token expiry, in seconds.
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway_secs
+    }
+
+    /// Resolves when the broker shuts down. Only `Broker` can start that.
+    pub fn shutting_down(&self) -> WaitForCancellationFuture<'_> {
+        self.shutdown.cancelled()
+    }
 }

@@ -64,7 +64,7 @@ use auth::jwt::{JwtConfigError, JwtVerifier};
 use auth::Authenticator;
 use command_topics::CommandTopics;
 use config::Config;
-use gate::Gate;
+use gate::{Gate, GateParts};
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
 use rate_limit::Admission;
@@ -182,7 +182,7 @@ impl Broker {
                 }
             });
         }
-        let gate = Arc::new(Gate {
+        let gate = Arc::new(Gate::new(GateParts {
             auth: Authenticator::new(
                 jwt,
                 config.handler_keys,
@@ -198,7 +198,7 @@ impl Broker {
             leeway_secs,
             limits: limits.clone(),
             shutdown: shutdown.clone(),
-        });
+        }));
         // The public listeners share one admission; the internal one has its own.
         let admission = Arc::new(Admission::new(
             "public",
@@ -208,9 +208,9 @@ impl Broker {
         ));
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
-        tasks.spawn(gate.sessions.clone().end_all_at_shutdown());
-        if let Some(revocations) = gate.revocations.clone() {
-            tasks.spawn(revocations.watch(gate.sessions.clone(), shutdown.clone()));
+        tasks.spawn(gate.sessions().clone().end_all_at_shutdown());
+        if let Some(revocations) = gate.revocations() {
+            tasks.spawn(revocations.watch(gate.sessions().clone(), shutdown.clone()));
         }
 
         let mut running = RunningBroker {

@@ -45,11 +45,11 @@ pub struct AcceptLoop {
 impl AcceptLoop {
     /// Accepts until shutdown.
     pub async fn run(self) {
-        let shutdown = self.gate.shutdown.clone();
+        let gate = self.gate.clone();
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = gate.shutting_down() => return,
                 accepted = self.listener.accept() => accepted,
             };
             let (socket, peer) = match accepted {
@@ -76,7 +76,7 @@ impl AcceptLoop {
             let (pending, slot) = match admitted {
                 Ok(admitted) => admitted,
                 Err(why) => {
-                    self.gate.metrics.socket_dropped(why.reason());
+                    self.gate.metrics().socket_dropped(why.reason());
                     self.admission.log_refusal(peer.ip(), why);
                     continue;
                 }
@@ -109,8 +109,8 @@ async fn serve_socket(
             // would stay in every connection's resident future.
             let session = Box::pin(async {
                 let handshake = tokio::select! {
-                    _ = gate.shutdown.cancelled() => return None,
-                    h = crate::tls::handshake(&acceptor, socket, gate.limits.tls_handshake_timeout) => h,
+                    _ = gate.shutting_down() => return None,
+                    h = crate::tls::handshake(&acceptor, socket, gate.limits().tls_handshake_timeout) => h,
                 };
                 match handshake {
                     Ok(stream) => Some(connection::serve(
@@ -120,7 +120,7 @@ async fn serve_socket(
                     )),
                     Err(e) => {
                         debug!(%peer, error = %e, "TLS handshake failed");
-                        gate.metrics.socket_dropped("tls_handshake");
+                        gate.metrics().socket_dropped("tls_handshake");
                         None
                     }
                 }
