@@ -233,3 +233,40 @@ impl RunningBroker {
         }
     }
 }
+
+/// The shared [`Gate`] with its router running, built as [`Broker::start`]
+/// builds it but without listeners, TLS, metrics endpoint or revocation
+/// watcher: for protocol tests and fuzzing that drive [`connection::serve`]
+/// over in-memory streams (`tokio::io::duplex`). Call inside a tokio runtime.
+/// Cancelling `shutdown` ends the sessions as a broker shutdown does.
+/// Keep in step with `Broker::start`.
+#[doc(hidden)]
+pub fn gate_for_tests(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Arc<Gate>, StartError> {
+    let leeway_secs = config.jwt.leeway_secs;
+    let jwt = JwtVerifier::new(config.jwt)?;
+    let limits = config.limits;
+    let metrics = Arc::new(Metrics::new());
+    let (router, _router_task) = EmbeddedRouter::start(&limits, &config.command_topics);
+    let gate = Arc::new(Gate {
+        auth: Authenticator::new(
+            jwt,
+            config.handler_keys,
+            limits.refusal_cache_ttl,
+            metrics.clone(),
+        ),
+        router,
+        sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
+        commands: CommandTopics::new(config.command_topics),
+        replies: ReplyIndex::default(),
+        revocations: config.revocations.map(Arc::new),
+        metrics,
+        leeway_secs,
+        limits: limits.clone(),
+        shutdown,
+    });
+    tokio::spawn(gate.sessions.clone().end_all_at_shutdown());
+    Ok(gate)
+}
