@@ -86,11 +86,7 @@ pub fn decode(
 
 /// Short strings with multi-byte characters, separators and wildcards.
 pub fn text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        "[a-z0-9_/]{0,10}",
-        "[a-zé€😀/+#$_ ]{0,8}",
-        ".{0,6}",
-    ]
+    prop_oneof!["[a-z0-9_/]{0,10}", "[a-zé€😀/+#$_ ]{0,8}", ".{0,6}",]
 }
 
 /// Binary fields (payloads, correlation data).
@@ -219,10 +215,8 @@ pub fn packet_v4() -> impl Strategy<Value = Packet> {
         )),
         (any::<u16>(), vec(filter, 1..4))
             .prop_map(|(pkid, filters)| Packet::Subscribe(Subscribe { pkid, filters }, None)),
-        (any::<u16>(), vec(suback_code, 1..4)).prop_map(|(pkid, return_codes)| Packet::SubAck(
-            SubAck { pkid, return_codes },
-            None
-        )),
+        (any::<u16>(), vec(suback_code, 1..4))
+            .prop_map(|(pkid, return_codes)| Packet::SubAck(SubAck { pkid, return_codes }, None)),
         (any::<u16>(), vec(text(), 1..4))
             .prop_map(|(pkid, filters)| Packet::Unsubscribe(Unsubscribe { pkid, filters }, None)),
         any::<u16>().prop_map(|pkid| Packet::UnsubAck(
@@ -291,7 +285,17 @@ fn connect_properties() -> impl Strategy<Value = Option<ConnectProperties>> {
     ))
     .prop_map(|p| {
         let p = p.map(
-            |(expiry, receive_maximum, max_packet_size, alias_max, rri, rpi, user, method, data)| {
+            |(
+                expiry,
+                receive_maximum,
+                max_packet_size,
+                alias_max,
+                rri,
+                rpi,
+                user,
+                method,
+                data,
+            )| {
                 ConnectProperties {
                     session_expiry_interval: expiry,
                     receive_maximum,
@@ -384,8 +388,8 @@ fn connack_properties() -> impl Strategy<Value = Option<ConnAckProperties>> {
         option::of(blob()),
     );
     option::of((numbers, texts)).prop_map(|p| {
-        let p = p.map(|((sei, rm, mq, ra, mps, tam, wsa, sia, ssa, ska), t)| {
-            ConnAckProperties {
+        let p = p.map(
+            |((sei, rm, mq, ra, mps, tam, wsa, sia, ssa, ska), t)| ConnAckProperties {
                 session_expiry_interval: sei,
                 receive_max: rm,
                 max_qos: mq,
@@ -403,14 +407,18 @@ fn connack_properties() -> impl Strategy<Value = Option<ConnAckProperties>> {
                 server_reference: t.4,
                 authentication_method: t.5,
                 authentication_data: t.6,
-            }
-        });
+            },
+        );
         canonical(p, ConnAckProperties::default())
     })
 }
 
+/// A reason string and user properties, the properties of every
+/// acknowledgement.
+type ReasonProperties = (Option<String>, Vec<(String, String)>);
+
 /// `(reason_string, user_properties)`, `None` when both are empty.
-fn reason_properties() -> impl Strategy<Value = Option<(Option<String>, Vec<(String, String)>)>> {
+fn reason_properties() -> impl Strategy<Value = Option<ReasonProperties>> {
     option::of((option::of(text()), user_properties()))
         .prop_map(|p| p.filter(|(r, u)| r.is_some() || !u.is_empty()))
 }
@@ -661,32 +669,38 @@ pub fn packet_v5() -> impl Strategy<Value = Packet> {
         (any::<u16>(), vec(filter_v5(), 1..4), subscribe_properties).prop_map(
             |(pkid, filters, props)| Packet::Subscribe(Subscribe { pkid, filters }, props)
         ),
-        (any::<u16>(), vec(suback_code_v5(), 1..4), reason_properties()).prop_map(
-            |(pkid, return_codes, p)| Packet::SubAck(
+        (
+            any::<u16>(),
+            vec(suback_code_v5(), 1..4),
+            reason_properties()
+        )
+            .prop_map(|(pkid, return_codes, p)| Packet::SubAck(
                 SubAck { pkid, return_codes },
                 p.map(|(reason_string, user_properties)| SubAckProperties {
                     reason_string,
                     user_properties,
                 })
-            )
-        ),
-        (any::<u16>(), vec(text(), 1..4), user_properties()).prop_map(
-            |(pkid, filters, user)| Packet::Unsubscribe(
+            )),
+        (any::<u16>(), vec(text(), 1..4), user_properties()).prop_map(|(pkid, filters, user)| {
+            Packet::Unsubscribe(
                 Unsubscribe { pkid, filters },
                 (!user.is_empty()).then_some(UnsubscribeProperties {
-                    user_properties: user
-                })
+                    user_properties: user,
+                }),
             )
-        ),
-        (any::<u16>(), vec(unsuback_reason(), 1..4), reason_properties()).prop_map(
-            |(pkid, reasons, p)| Packet::UnsubAck(
+        }),
+        (
+            any::<u16>(),
+            vec(unsuback_reason(), 1..4),
+            reason_properties()
+        )
+            .prop_map(|(pkid, reasons, p)| Packet::UnsubAck(
                 UnsubAck { pkid, reasons },
                 p.map(|(reason_string, user_properties)| UnsubAckProperties {
                     reason_string,
                     user_properties,
                 })
-            )
-        ),
+            )),
         Just(Packet::PingReq(PingReq)),
         Just(Packet::PingResp(PingResp)),
         (disconnect_reason(), disconnect_properties).prop_map(|(reason_code, props)| {
@@ -731,15 +745,33 @@ pub fn as_v4(packet: &Packet) -> Option<Packet> {
 /// One change to an encoded packet.
 #[derive(Debug, Clone)]
 pub enum Mutation {
-    FlipBit { at: usize, bit: u8 },
-    SetByte { at: usize, value: u8 },
-    Insert { at: usize, value: u8 },
-    Remove { at: usize },
-    Truncate { to: usize },
+    FlipBit {
+        at: usize,
+        bit: u8,
+    },
+    SetByte {
+        at: usize,
+        value: u8,
+    },
+    Insert {
+        at: usize,
+        value: u8,
+    },
+    Remove {
+        at: usize,
+    },
+    Truncate {
+        to: usize,
+    },
     /// Rewrites the remaining length (1 to 4 bytes) with another value.
-    Length { value: u32 },
+    Length {
+        value: u32,
+    },
     /// Repeats a slice (lengths that count it twice).
-    Duplicate { at: usize, len: usize },
+    Duplicate {
+        at: usize,
+        len: usize,
+    },
 }
 
 /// A few mutations to apply in order.
@@ -803,7 +835,10 @@ pub fn apply(bytes: &mut Vec<u8>, mutations: &[Mutation]) {
             Mutation::Duplicate { at, len: n } if len > 0 => {
                 let start = at % len;
                 let end = (start + n).min(len);
-                let copy: Vec<u8> = bytes.get(start..end).map(<[u8]>::to_vec).unwrap_or_default();
+                let copy: Vec<u8> = bytes
+                    .get(start..end)
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
                 let tail = bytes.split_off(end);
                 bytes.extend_from_slice(&copy);
                 bytes.extend_from_slice(&tail);

@@ -217,13 +217,7 @@ proptest! {
 
 fn publish_with_properties() -> Packet {
     Packet::Publish(
-        Publish::with_qos(
-            "68946_contact_list",
-            "[]",
-            false,
-            QoS::AtLeastOnce,
-            7,
-        ),
+        Publish::with_qos("68946_contact_list", "[]", false, QoS::AtLeastOnce, 7),
         Some(PublishProperties {
             content_type: Some("application/json".into()),
             user_properties: vec![("user_id".into(), "68946".into())],
@@ -265,7 +259,10 @@ fn broker_codec_translates_for_v4() {
 fn v4_connack_maps_mqtt5_codes() {
     let cases = [
         (ConnectReturnCode::Banned, ConnectReturnCode::NotAuthorized),
-        (ConnectReturnCode::NotAuthorized, ConnectReturnCode::NotAuthorized),
+        (
+            ConnectReturnCode::NotAuthorized,
+            ConnectReturnCode::NotAuthorized,
+        ),
         (
             ConnectReturnCode::BadAuthenticationMethod,
             ConnectReturnCode::BadUserNamePassword,
@@ -365,7 +362,10 @@ fn v5_pubrel_with_properties_decodes() {
     );
     assert!(buf.is_empty());
     // Reason code alone (remaining length 3), and reason + empty properties.
-    for bytes in [&[0x62, 0x03, 0, 9, 0x92][..], &[0x62, 0x04, 0, 9, 0x00, 0x00][..]] {
+    for bytes in [
+        &[0x62, 0x03, 0, 9, 0x92][..],
+        &[0x62, 0x04, 0, 9, 0x00, 0x00][..],
+    ] {
         let mut buf = BytesMut::from(bytes);
         match decode(Version::V5, &mut buf, LARGE) {
             Ok(Packet::PubRel(rel, None)) => assert_eq!(rel.pkid, 9),
@@ -406,7 +406,9 @@ fn matches_multibyte_first_character() {
 fn property_block_lengths_are_bounded() {
     // PUBLISH QoS 0 topic "t", property length 5 but one property of 2 bytes
     // (payload format indicator) then payload "xyz".
-    let bytes = [0x30, 0x09, 0x00, 0x01, b't', 0x05, 0x01, 0x01, b'x', b'y', b'z'];
+    let bytes = [
+        0x30, 0x09, 0x00, 0x01, b't', 0x05, 0x01, 0x01, b'x', b'y', b'z',
+    ];
     let mut buf = BytesMut::from(&bytes[..]);
     assert!(decode(Version::V5, &mut buf, LARGE).is_err());
     // Property length with the continuation bit set on the last byte.
@@ -418,7 +420,10 @@ fn property_block_lengths_are_bounded() {
     );
     let codec = Codec::new(BrokerVersion::V5, LARGE);
     let mut buf = BytesMut::from(&bytes[..]);
-    assert!(matches!(codec.decode(&mut buf), Err(CodecError::Malformed(_))));
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Err(CodecError::Malformed(_))
+    ));
 }
 
 /// MQTT 5 DISCONNECT with a reason code and no properties: upstream wrote a
@@ -445,7 +450,13 @@ fn v5_disconnect_with_reason_round_trips() {
 fn oversized_strings_are_refused_cleanly() {
     let long = "x".repeat(70_000);
     let packet = Packet::Publish(
-        Publish::with_qos(Bytes::from(long.clone()), Bytes::new(), false, QoS::AtMostOnce, 0),
+        Publish::with_qos(
+            Bytes::from(long.clone()),
+            Bytes::new(),
+            false,
+            QoS::AtMostOnce,
+            0,
+        ),
         None,
     );
     assert_eq!(
@@ -468,7 +479,10 @@ fn oversized_strings_are_refused_cleanly() {
     assert!(codec.encode(props, &mut out).is_err());
     assert_eq!(&out[..], b"kept");
     // QoS 1 with packet id 0: refused before anything is written.
-    let zero = Packet::Publish(Publish::with_qos("t", "p", false, QoS::AtLeastOnce, 0), None);
+    let zero = Packet::Publish(
+        Publish::with_qos("t", "p", false, QoS::AtLeastOnce, 0),
+        None,
+    );
     let mut out = BytesMut::from(&b"kept"[..]);
     assert!(codec.encode(zero, &mut out).is_err());
     assert_eq!(&out[..], b"kept");

@@ -173,40 +173,42 @@ fn parts() -> impl Strategy<Value = Parts> {
         option::of(".{0,6}"),
         signature,
     )
-        .prop_map(|(alg, (kid, crit, typ), sub, exp, nbf, iat, extra, signature)| {
-            let mut header = Map::new();
-            header.insert("alg".into(), alg);
-            if let Some(kid) = kid {
-                header.insert("kid".into(), kid.into());
-            }
-            if let Some(crit) = crit {
-                header.insert("crit".into(), crit);
-            }
-            if let Some(typ) = typ {
-                header.insert("typ".into(), typ);
-            }
-            let mut claims = Map::new();
-            if let Some(sub) = sub {
-                claims.insert("sub".into(), sub);
-            }
-            if let Some(exp) = exp {
-                claims.insert("exp".into(), exp);
-            }
-            if let Some(Some(nbf)) = nbf {
-                claims.insert("nbf".into(), nbf);
-            }
-            if let Some(Some(iat)) = iat {
-                claims.insert("iat".into(), iat);
-            }
-            if let Some(extra) = extra {
-                claims.insert("extra".into(), extra.into());
-            }
-            Parts {
-                header: Value::Object(header),
-                claims: Value::Object(claims),
-                signature,
-            }
-        })
+        .prop_map(
+            |(alg, (kid, crit, typ), sub, exp, nbf, iat, extra, signature)| {
+                let mut header = Map::new();
+                header.insert("alg".into(), alg);
+                if let Some(kid) = kid {
+                    header.insert("kid".into(), kid.into());
+                }
+                if let Some(crit) = crit {
+                    header.insert("crit".into(), crit);
+                }
+                if let Some(typ) = typ {
+                    header.insert("typ".into(), typ);
+                }
+                let mut claims = Map::new();
+                if let Some(sub) = sub {
+                    claims.insert("sub".into(), sub);
+                }
+                if let Some(exp) = exp {
+                    claims.insert("exp".into(), exp);
+                }
+                if let Some(Some(nbf)) = nbf {
+                    claims.insert("nbf".into(), nbf);
+                }
+                if let Some(Some(iat)) = iat {
+                    claims.insert("iat".into(), iat);
+                }
+                if let Some(extra) = extra {
+                    claims.insert("extra".into(), extra.into());
+                }
+                Parts {
+                    header: Value::Object(header),
+                    claims: Value::Object(claims),
+                    signature,
+                }
+            },
+        )
 }
 
 /// The compact JWS of `parts`, signed as they say.
@@ -261,23 +263,57 @@ fn must_accept(parts: &Parts) -> bool {
 /// Structural changes to a compact token.
 #[derive(Debug, Clone)]
 enum Edit {
-    FlipChar { at: usize, to: char },
-    Remove { at: usize },
-    Insert { at: usize, what: String },
-    Truncate { to: usize },
-    SwapSegments { a: usize, b: usize },
-    DuplicateSegment { which: usize },
-    DropSegment { which: usize },
+    FlipChar {
+        at: usize,
+        to: char,
+    },
+    Remove {
+        at: usize,
+    },
+    Insert {
+        at: usize,
+        what: String,
+    },
+    Truncate {
+        to: usize,
+    },
+    SwapSegments {
+        a: usize,
+        b: usize,
+    },
+    DuplicateSegment {
+        which: usize,
+    },
+    DropSegment {
+        which: usize,
+    },
     /// Replaces the header with another (signature kept).
     ReplaceHeader(String),
 }
 
 fn edits() -> impl Strategy<Value = Vec<Edit>> {
     let one = prop_oneof![
-        (any::<usize>(), prop_oneof![Just('.'), Just('='), Just(' '), any::<char>(), proptest::char::range('A', 'z')])
+        (
+            any::<usize>(),
+            prop_oneof![
+                Just('.'),
+                Just('='),
+                Just(' '),
+                any::<char>(),
+                proptest::char::range('A', 'z')
+            ]
+        )
             .prop_map(|(at, to)| Edit::FlipChar { at, to }),
         any::<usize>().prop_map(|at| Edit::Remove { at }),
-        (any::<usize>(), prop_oneof![Just(".".to_string()), Just("..".to_string()), "[A-Za-z0-9_-]{1,6}", ".{1,3}"])
+        (
+            any::<usize>(),
+            prop_oneof![
+                Just(".".to_string()),
+                Just("..".to_string()),
+                "[A-Za-z0-9_-]{1,6}",
+                ".{1,3}"
+            ]
+        )
             .prop_map(|(at, what)| Edit::Insert { at, what }),
         any::<usize>().prop_map(|to| Edit::Truncate { to }),
         (0usize..3, 0usize..3).prop_map(|(a, b)| Edit::SwapSegments { a, b }),
