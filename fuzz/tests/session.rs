@@ -898,3 +898,42 @@ fn handler_shared_and_plain_subscription_of_one_filter() {
     });
     assert_eq!(PANICS.load(Ordering::SeqCst), before, "the router panicked");
 }
+
+/// Issue 9: a validly signed token whose `exp` is enormous (10^19, u64::MAX)
+/// overflowed the session's deadline arithmetic (`exp + leeway`,
+/// `Instant + Duration`) and the session task panicked: on this branch at
+/// broker/src/connection.rs:313 (`exp + gate.leeway_secs`, attempt to add
+/// with overflow) and std's `Instant + Duration` (overflow when adding
+/// duration to instant). The fix belongs to connection.rs (saturating
+/// arithmetic, `Instant::checked_add`).
+#[test]
+#[ignore = "gate bug: token deadline arithmetic overflows (connection.rs)"]
+fn enormous_token_expiry_does_not_panic_the_session() {
+    let h = harness();
+    let before = PANICS.load(Ordering::SeqCst);
+    let answered = h.runtime.block_on(async {
+        let mut all = true;
+        for (i, exp) in [u64::MAX, 10_000_000_000_000_000_000]
+            .into_iter()
+            .enumerate()
+        {
+            let uid = format!("exp{i}");
+            let mut c = Client::start(
+                Who::DeviceA,
+                WireVersion::V5,
+                Some(uid.clone()),
+                usize::MAX / 4 + i,
+            );
+            let claims = DeviceClaims {
+                exp: Some(exp),
+                ..DeviceClaims::new(uid.as_str(), 3600)
+            };
+            c.login.password = claims.sign_hs256(SECRET.as_bytes()).expect("sign");
+            c.connect().await;
+            all &= c.ping_answered().await;
+        }
+        all
+    });
+    assert_eq!(PANICS.load(Ordering::SeqCst), before, "a session panicked");
+    assert!(answered, "no answer and no close");
+}
