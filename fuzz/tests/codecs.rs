@@ -56,7 +56,7 @@ fn drive_broker_codec(version: Version, bytes: &[u8], max: usize, chunk: usize) 
 }
 
 proptest! {
-    #![proptest_config(config(2000))]
+    #![proptest_config(config(20000))]
 
     /// Any bytes: no panic in either decoder, the broker's codec, or the
     /// version sniffer.

@@ -398,7 +398,7 @@ fn edit(token: &str, edits: &[Edit]) -> String {
 }
 
 proptest! {
-    #![proptest_config(config(1500))]
+    #![proptest_config(config(10000))]
 
     /// Any string, including three base64url segments of random bytes.
     #[test]

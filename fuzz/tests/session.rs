@@ -50,6 +50,13 @@ const COMMANDS: [&str; 3] = ["sync", "request_contact", "get_contact_list"];
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 static CASE: AtomicUsize = AtomicUsize::new(0);
+/// Totals over the run (printed with `FUZZ_STATS=1`), to see that cases do
+/// reach deliveries and answers rather than failing early.
+static CONNACKS: AtomicUsize = AtomicUsize::new(0);
+static DELIVERIES: AtomicUsize = AtomicUsize::new(0);
+static PINGS: AtomicUsize = AtomicUsize::new(0);
+static PACKETS_SENT: AtomicUsize = AtomicUsize::new(0);
+static SUBACK_TIMEOUTS: AtomicUsize = AtomicUsize::new(0);
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
@@ -206,7 +213,9 @@ fn user_properties() -> impl Strategy<Value = Vec<(String, String)>> {
 }
 
 fn base_action() -> impl Strategy<Value = Action> {
-    let topic_index = 0..TOPICS.len();
+    // Half the time a reply topic (`{a}_reply`, `{b}_reply`), so that
+    // subscriptions meet publishes and deliveries happen.
+    let topic_index = prop_oneof![1 => 0usize..2, 1 => 0..TOPICS.len()];
     prop_oneof![
         4 => (vec(topic_index.clone(), 1..4), 0u8..3, pkid())
             .prop_map(|(topics, qos, pkid)| Action::Subscribe { topics, qos, pkid }),
@@ -235,6 +244,7 @@ fn base_action() -> impl Strategy<Value = Action> {
         1 => (pkid(), any::<bool>()).prop_map(|(p, props)| Action::PubRel(p, props)),
         1 => pkid().prop_map(Action::PubComp),
         1 => Just(Action::Ping),
+        2 => Just(Action::AwaitSubAck),
         1 => (0u8..4).prop_map(Action::ServerOnly),
         1 => Just(Action::Reconnect),
         1 => fuzz::disconnect_reason().prop_map(Action::Disconnect),
@@ -436,6 +446,8 @@ struct Client {
     /// Raw or mutated bytes were sent: the stream may now hold a partial
     /// frame that swallows later packets, so only the end is checked.
     garbled: bool,
+    /// Well-formed SUBSCRIBEs written, for `AwaitSubAck`.
+    subscribes_sent: usize,
 }
 
 impl Client {
@@ -513,6 +525,7 @@ impl Client {
             session,
             gone: false,
             garbled: false,
+            subscribes_sent: 0,
         }
     }
 
@@ -520,6 +533,7 @@ impl Client {
         if self.gone {
             return;
         }
+        PACKETS_SENT.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(WRITE_DEADLINE, self.writer.write_all(bytes)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => self.gone = true,
@@ -560,13 +574,20 @@ impl Client {
         let _ = tokio::time::timeout(ANSWER_DEADLINE, wait).await;
     }
 
-    async fn await_suback(&mut self) {
-        let before = self.state.lock().expect("state").subacks;
+    /// Waits (bounded) until every SUBSCRIBE sent so far is answered;
+    /// `false` when one is not answered in time and the session is open.
+    async fn await_suback(&mut self) -> bool {
+        // A garbled stream may hold a partial frame that swallowed the
+        // SUBSCRIBE: nothing to wait for.
+        if self.garbled || self.gone {
+            return true;
+        }
+        let wanted = self.subscribes_sent;
         let wait = async {
             loop {
                 {
                     let s = self.state.lock().expect("state");
-                    if s.closed || s.subacks > before {
+                    if s.closed || s.subacks >= wanted {
                         return;
                     }
                 }
@@ -575,7 +596,11 @@ impl Client {
                 }
             }
         };
-        let _ = tokio::time::timeout(ANSWER_DEADLINE, wait).await;
+        if tokio::time::timeout(ANSWER_DEADLINE, wait).await.is_err() {
+            SUBACK_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     fn closed(&self) -> bool {
@@ -663,7 +688,14 @@ async fn run_case(
             _ => (a.as_str(), b.as_str()),
         };
         match action {
-            Action::AwaitSubAck => c.await_suback().await,
+            Action::AwaitSubAck => {
+                let answered = c.await_suback().await;
+                prop_assert!(
+                    answered,
+                    "{:?}: a SUBSCRIBE got no SUBACK within {ANSWER_DEADLINE:?}",
+                    c.who
+                );
+            }
             Action::Raw(bytes) => {
                 c.garbled = true;
                 c.write(bytes).await;
@@ -681,6 +713,9 @@ async fn run_case(
             }
             other_action => {
                 if let Some(p) = packet(other_action, me, other, &c.client_id, &c.login) {
+                    if matches!(p, Packet::Subscribe(..)) {
+                        c.subscribes_sent += 1;
+                    }
                     let mut out = BytesMut::new();
                     if c.codec.encode(p, &mut out).is_ok() {
                         // A retransmission: the DUP flag is not settable on
@@ -745,6 +780,9 @@ async fn run_case(
     }
     for c in &clients {
         let s = c.state.lock().expect("state");
+        CONNACKS.fetch_add(s.connacks, Ordering::Relaxed);
+        DELIVERIES.fetch_add(s.publishes.len(), Ordering::Relaxed);
+        PINGS.fetch_add(s.ping_responses, Ordering::Relaxed);
         prop_assert!(
             s.malformed.is_none(),
             "{:?} got malformed bytes: {:?}",
@@ -770,6 +808,17 @@ fn check(
     let before = PANICS.load(Ordering::SeqCst);
     let result = h.runtime.block_on(run_case(versions, ops, expect));
     let after = PANICS.load(Ordering::SeqCst);
+    let cases = CASE.load(Ordering::Relaxed);
+    if std::env::var_os("FUZZ_STATS").is_some() && cases % 100 == 0 {
+        eprintln!(
+            "session fuzz: {cases} cases, {} packets sent, {} CONNACKs, {} deliveries, {} PINGRESPs, {} SUBACK waits timed out, {after} panics",
+            PACKETS_SENT.load(Ordering::Relaxed),
+            CONNACKS.load(Ordering::Relaxed),
+            DELIVERIES.load(Ordering::Relaxed),
+            PINGS.load(Ordering::Relaxed),
+            SUBACK_TIMEOUTS.load(Ordering::Relaxed),
+        );
+    }
     prop_assert_eq!(
         after,
         before,
@@ -779,7 +828,7 @@ fn check(
 }
 
 proptest! {
-    #![proptest_config(config(40))]
+    #![proptest_config(config(2000))]
 
     #[test]
     fn sessions_survive_arbitrary_sequences(
