@@ -106,15 +106,20 @@ impl Codec {
         }
     }
 
-    /// Appends the wire form of `packet` to `out`.
+    /// Appends the wire form of `packet` to `out`. On error `out` is left as
+    /// it was: an encoder that fails half-way must not leave a partial packet
+    /// in front of the next one. MQTT 5 properties are dropped for an MQTT
+    /// 3.1.1 peer (the v4 encoder ignores them).
     pub fn encode(&self, packet: Packet, out: &mut BytesMut) -> Result<(), CodecError> {
+        let start = out.len();
         let result = match self.version {
             Version::V4 => V4.write(packet, out),
             Version::V5 => V5.write(packet, out),
         };
-        result
-            .map(|_| ())
-            .map_err(|e| CodecError::from_protocol(e, self.max_size))
+        result.map(|_| ()).map_err(|e| {
+            out.truncate(start);
+            CodecError::from_protocol(e, self.max_size)
+        })
     }
 }
 

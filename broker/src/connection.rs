@@ -683,6 +683,16 @@ impl Session {
         let mut last_heard = Instant::now();
         let timer = tokio::time::sleep_until(token_deadline.min(last_heard + silence_limit));
         tokio::pin!(timer);
+        // Packets the client sent right behind its CONNECT arrived with it
+        // (MQTT lets a client send before the CONNACK).
+        if !wire.read_buf.is_empty() {
+            if let Some(end) = self.take_buffered(wire, token_deadline).await {
+                return end;
+            }
+            if let Err(end) = self.write_out(wire, token_deadline).await {
+                return end;
+            }
+        }
         loop {
             // Decoded packets keep slices of the read buffer, so its spare
             // room only shrinks; reading into a sliver would split packets
@@ -713,30 +723,7 @@ impl Session {
                         Err(_) => return End::Abnormal("read failed"),
                         Ok(_) => last_heard = Instant::now(),
                     }
-                    let mut ended = None;
-                    while ended.is_none() {
-                        match self.codec.decode(&mut wire.read_buf) {
-                            Ok(Some(packet)) => ended = self.on_client_packet(packet, wire),
-                            Ok(None) => break,
-                            Err(CodecError::TooLarge(limit)) => {
-                                info!(limit, "packet too large");
-                                ended = Some(End::Server(ServerDisconnect::PacketTooLarge));
-                            }
-                            Err(e) => {
-                                info!(error = %e, "malformed packet");
-                                ended = Some(End::Server(ServerDisconnect::Malformed));
-                            }
-                        }
-                    }
-                    // What came before a fatal packet is still delivered.
-                    if let Err(end) = self.flush_outbox().await {
-                        return end;
-                    }
-                    if let Some(end) = ended {
-                        // Acknowledgements already queued still go out.
-                        if let Err(end) = self.write_out(wire, token_deadline).await {
-                            return end;
-                        }
+                    if let Some(end) = self.take_buffered(wire, token_deadline).await {
                         return end;
                     }
                 }
@@ -762,6 +749,39 @@ impl Session {
                 return end;
             }
         }
+    }
+
+    /// Handles every whole packet in the read buffer; `Some` ends the
+    /// session. What came before a fatal packet is still delivered.
+    async fn take_buffered<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        wire: &mut Wire<S>,
+        token_deadline: Instant,
+    ) -> Option<End> {
+        let mut ended = None;
+        while ended.is_none() {
+            match self.codec.decode(&mut wire.read_buf) {
+                Ok(Some(packet)) => ended = self.on_client_packet(packet, wire),
+                Ok(None) => break,
+                Err(CodecError::TooLarge(limit)) => {
+                    info!(limit, "packet too large");
+                    ended = Some(End::Server(ServerDisconnect::PacketTooLarge));
+                }
+                Err(e) => {
+                    info!(error = %e, "malformed packet");
+                    ended = Some(End::Server(ServerDisconnect::Malformed));
+                }
+            }
+        }
+        if let Err(end) = self.flush_outbox().await {
+            return Some(end);
+        }
+        let end = ended?;
+        // Acknowledgements already queued still go out.
+        if let Err(end) = self.write_out(wire, token_deadline).await {
+            return Some(end);
+        }
+        Some(end)
     }
 
     /// Writes what is queued. A client that does not take it within the

@@ -160,12 +160,10 @@ impl Broker {
                 return Err(StartError::InternalNotLoopback(addr));
             }
         }
-        let leeway_secs = config.jwt.leeway_secs;
-        let jwt = JwtVerifier::new(config.jwt)?;
-        let limits = config.limits;
+        let limits = config.limits.clone();
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics);
+        let (gate, router_task) = build_gate(config, metrics.clone(), shutdown.clone())?;
         let router_stopped = Arc::new(OnceLock::new());
         {
             // Without its router the broker cannot serve anyone: stop, so that
@@ -182,23 +180,6 @@ impl Broker {
                 }
             });
         }
-        let gate = Arc::new(Gate::new(GateParts {
-            auth: Authenticator::new(
-                jwt,
-                config.handler_keys,
-                limits.refusal_cache_ttl,
-                metrics.clone(),
-            ),
-            router,
-            sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
-            commands: CommandTopics::new(config.command_topics),
-            replies: ReplyIndex::with_gauge(metrics.reply_index_topics()),
-            revocations: config.revocations.map(Arc::new),
-            metrics: metrics.clone(),
-            leeway_secs,
-            limits: limits.clone(),
-            shutdown: shutdown.clone(),
-        }));
         // The public listeners share one admission; the internal one has its own.
         let admission = Arc::new(Admission::new(
             "public",
@@ -315,4 +296,51 @@ impl RunningBroker {
             None => Ok(()),
         }
     }
+}
+
+/// The shared [`Gate`] with its router running, built as [`Broker::start`]
+/// builds it but without listeners, TLS, metrics endpoint or revocation
+/// watcher: for protocol tests and fuzzing that drive [`connection::serve`]
+/// over in-memory streams (`tokio::io::duplex`). Call inside a tokio runtime.
+/// Cancelling `shutdown` ends the sessions as a broker shutdown does.
+/// Keep in step with `Broker::start`.
+#[doc(hidden)]
+pub fn gate_for_tests(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Arc<Gate>, StartError> {
+    let (gate, _router_task) = build_gate(config, Arc::new(Metrics::new()), shutdown)?;
+    tokio::spawn(gate.sessions().clone().end_all_at_shutdown());
+    Ok(gate)
+}
+
+/// The gate and its running router, as `Broker::start` and the protocol
+/// tests both build them.
+fn build_gate(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(Arc<Gate>, router::RouterTask), StartError> {
+    let leeway_secs = config.jwt.leeway_secs;
+    let jwt = JwtVerifier::new(config.jwt)?;
+    let limits = config.limits;
+    let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics);
+    let gate = Arc::new(Gate::new(GateParts {
+        auth: Authenticator::new(
+            jwt,
+            config.handler_keys,
+            limits.refusal_cache_ttl,
+            metrics.clone(),
+        ),
+        router,
+        sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
+        commands: CommandTopics::new(config.command_topics),
+        replies: ReplyIndex::with_gauge(metrics.reply_index_topics()),
+        revocations: config.revocations.map(Arc::new),
+        metrics,
+        leeway_secs,
+        limits,
+        shutdown,
+    }));
+    Ok((gate, router_task))
 }

@@ -243,7 +243,12 @@ impl Scheduler {
         let tracker_data_req = tracker.get_data_requests();
         let mut uniq = HashSet::with_capacity(tracker_data_req.len());
 
-        let all_uniq = tracker_data_req.iter().all(|x| uniq.insert(x.filter_idx));
+        // patched: a filter read plainly and through a shared group by the
+        // same connection (a handler holding `sync` and `$share/g/sync`) is
+        // two requests with their own cursors, not a duplicate.
+        let all_uniq = tracker_data_req
+            .iter()
+            .all(|x| uniq.insert((x.filter_idx, x.group.as_deref())));
 
         if !all_uniq {
             Some(&tracker.data_requests)

@@ -47,14 +47,33 @@ fn connect_return(num: u8) -> Result<ConnectReturnCode, Error> {
     }
 }
 
+/// MQTT 3.1.1 has six return codes; an MQTT 5 reason is sent as the nearest
+/// of them (upstream panicked), so a refusal built for MQTT 5 still reaches a
+/// 3.1.1 client as a refusal.
 fn connect_code(return_code: ConnectReturnCode) -> u8 {
     match return_code {
         ConnectReturnCode::Success => 0,
-        ConnectReturnCode::RefusedProtocolVersion => 1,
+        ConnectReturnCode::RefusedProtocolVersion
+        | ConnectReturnCode::UnsupportedProtocolVersion => 1,
         ConnectReturnCode::ClientIdentifierNotValid => 2,
-        ConnectReturnCode::ServiceUnavailable => 3,
-        ConnectReturnCode::BadUserNamePassword => 4,
-        ConnectReturnCode::NotAuthorized => 5,
-        _ => unreachable!(),
+        ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::BadAuthenticationMethod => 4,
+        ConnectReturnCode::NotAuthorized | ConnectReturnCode::Banned => 5,
+        // Everything else is "the server cannot serve you now".
+        ConnectReturnCode::ServiceUnavailable
+        | ConnectReturnCode::UnspecifiedError
+        | ConnectReturnCode::MalformedPacket
+        | ConnectReturnCode::ProtocolError
+        | ConnectReturnCode::ImplementationSpecificError
+        | ConnectReturnCode::ServerUnavailable
+        | ConnectReturnCode::ServerBusy
+        | ConnectReturnCode::TopicNameInvalid
+        | ConnectReturnCode::PacketTooLarge
+        | ConnectReturnCode::QuotaExceeded
+        | ConnectReturnCode::PayloadFormatInvalid
+        | ConnectReturnCode::RetainNotSupported
+        | ConnectReturnCode::QoSNotSupported
+        | ConnectReturnCode::UseAnotherServer
+        | ConnectReturnCode::ServerMoved
+        | ConnectReturnCode::ConnectionRateExceeded => 3,
     }
 }

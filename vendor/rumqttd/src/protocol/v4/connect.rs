@@ -68,10 +68,12 @@ pub fn write(
     let len = len(connect, login, will);
     buffer.put_u8(0b0001_0000);
     let count = write_remaining_length(buffer, len)?;
-    write_mqtt_string(buffer, "MQTT");
+    write_mqtt_string(buffer, "MQTT")?;
 
     buffer.put_u8(0x04);
-    let flags_index = 1 + count + 2 + 4 + 1;
+    // Where the flags byte goes, relative to whatever `buffer` already held
+    // (upstream assumed an empty buffer and overwrote an earlier packet).
+    let flags_index = buffer.len();
 
     let mut connect_flags = 0;
     if connect.clean_session {
@@ -80,18 +82,20 @@ pub fn write(
 
     buffer.put_u8(connect_flags);
     buffer.put_u16(connect.keep_alive);
-    write_mqtt_string(buffer, &connect.client_id);
+    write_mqtt_string(buffer, &connect.client_id)?;
 
     if let Some(w) = &will {
         connect_flags |= will::write(w, buffer)?;
     }
 
     if let Some(l) = login {
-        connect_flags |= login::write(l, buffer);
+        connect_flags |= login::write(l, buffer)?;
     }
 
     // update connect flags
-    buffer[flags_index] = connect_flags;
+    if let Some(flags) = buffer.get_mut(flags_index) {
+        *flags = connect_flags;
+    }
     Ok(1 + count + len)
 }
 
@@ -135,8 +139,8 @@ mod will {
             connect_flags |= 0x20;
         }
 
-        write_mqtt_bytes(buffer, &will.topic);
-        write_mqtt_bytes(buffer, &will.message);
+        write_mqtt_bytes(buffer, &will.topic)?;
+        write_mqtt_bytes(buffer, &will.message)?;
         Ok(connect_flags)
     }
 }
@@ -182,19 +186,19 @@ mod login {
         len
     }
 
-    pub fn write(login: &Login, buffer: &mut BytesMut) -> u8 {
+    pub fn write(login: &Login, buffer: &mut BytesMut) -> Result<u8, Error> {
         let mut connect_flags = 0;
         if !login.username.is_empty() {
             connect_flags |= 0x80;
-            write_mqtt_string(buffer, &login.username);
+            write_mqtt_string(buffer, &login.username)?;
         }
 
         if !login.password.is_empty() {
             connect_flags |= 0x40;
-            write_mqtt_string(buffer, &login.password);
+            write_mqtt_string(buffer, &login.password)?;
         }
 
-        connect_flags
+        Ok(connect_flags)
     }
 
     pub fn validate(login: &Login, username: &str, password: &str) -> bool {

@@ -140,10 +140,12 @@ fn parse_fixed_header(mut stream: Iter<u8>) -> Result<FixedHeader, Error> {
         return Err(Error::InsufficientBytes(2 - stream_len));
     }
 
-    let byte1 = stream.next().unwrap();
+    let Some(&byte1) = stream.next() else {
+        return Err(Error::InsufficientBytes(2));
+    };
     let (len_len, len) = length(stream)?;
 
-    Ok(FixedHeader::new(*byte1, len_len, len))
+    Ok(FixedHeader::new(byte1, len_len, len))
 }
 
 /// Parses variable byte integer in the stream and returns the length
@@ -233,15 +235,18 @@ fn read_mqtt_string(stream: &mut Bytes) -> Result<String, Error> {
     }
 }
 
-/// Serializes bytes to stream (including length)
-fn write_mqtt_bytes(stream: &mut BytesMut, bytes: &[u8]) {
-    stream.put_u16(bytes.len() as u16);
+/// Serializes bytes to stream (including length). Refuses more than 65,535
+/// bytes: the two-byte length would silently wrap and corrupt the stream.
+fn write_mqtt_bytes(stream: &mut BytesMut, bytes: &[u8]) -> Result<(), Error> {
+    let len = u16::try_from(bytes.len()).map_err(|_| Error::StringTooLong(bytes.len()))?;
+    stream.put_u16(len);
     stream.extend_from_slice(bytes);
+    Ok(())
 }
 
 /// Serializes a string to stream
-fn write_mqtt_string(stream: &mut BytesMut, string: &str) {
-    write_mqtt_bytes(stream, string.as_bytes());
+fn write_mqtt_string(stream: &mut BytesMut, string: &str) -> Result<(), Error> {
+    write_mqtt_bytes(stream, string.as_bytes())
 }
 
 /// Writes remaining length to stream and returns number of bytes for remaining length
@@ -310,61 +315,71 @@ impl Protocol for V4 {
         }
 
         let packet = packet.freeze();
-        let packet = match packet_type {
-            PacketType::Connect => {
-                let (connect, login, lastwill) = connect::read(fixed_header, packet)?;
-                Packet::Connect(connect, None, lastwill, None, login)
-            }
-            PacketType::ConnAck => Packet::ConnAck(connack::read(fixed_header, packet)?, None),
-            PacketType::Publish => Packet::Publish(publish::read(fixed_header, packet)?, None),
-            PacketType::PubAck => Packet::PubAck(puback::read(fixed_header, packet)?, None),
-            PacketType::Subscribe => {
-                Packet::Subscribe(subscribe::read(fixed_header, packet)?, None)
-            }
-            PacketType::SubAck => Packet::SubAck(suback::read(fixed_header, packet)?, None),
-            PacketType::Unsubscribe => {
-                Packet::Unsubscribe(unsubscribe::read(fixed_header, packet)?, None)
-            }
-            PacketType::UnsubAck => Packet::UnsubAck(unsuback::read(fixed_header, packet)?, None),
-            PacketType::PingReq => Packet::PingReq(PingReq),
-            PacketType::PingResp => Packet::PingResp(PingResp),
-            PacketType::PubRec => Packet::PubRec(pubrec::read(fixed_header, packet)?, None),
-            PacketType::PubRel => Packet::PubRel(pubrel::read(fixed_header, packet)?, None),
-            PacketType::PubComp => Packet::PubComp(pubcomp::read(fixed_header, packet)?, None),
-            // v4 Disconnect packet gets handled in the previous check, this branch gets hit when
-            // Disconnect packet has properties which is only valid for v5
-            PacketType::Disconnect => return Err(Error::InvalidProtocol),
-            _ => unreachable!(),
-        };
-
-        Ok(packet)
+        read_body(fixed_header, packet_type, packet).map_err(|e| match e {
+            // The whole frame is already here: running out of bytes inside it
+            // means the packet lies about its lengths, not that more is coming.
+            // Reported as "insufficient", a caller would wait for bytes that
+            // belong to the next packet.
+            Error::InsufficientBytes(_) => Error::MalformedPacket,
+            other => other,
+        })
     }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
+        // MQTT 3.1.1 has no properties: a packet built for MQTT 5 (a reply
+        // carrying `content_type`, a command stamped with user properties) is
+        // translated by dropping them, never refused and never a panic.
         let size = match packet {
-            Packet::Connect(connect, None, last_will, None, login) => {
+            Packet::Connect(connect, _, last_will, _, login) => {
                 connect::write(&connect, &login, &last_will, buffer)?
             }
-            // TODO: set ConnAckProperties conditionally based on version
-            // currently we can't conditionally set them based on v5 or v4,
-            // so we ignore them, as properties can't be there in v4.
             Packet::ConnAck(connack, _) => connack::write(&connack, buffer)?,
-            Packet::Publish(publish, None) => publish::write(&publish, buffer)?,
-            Packet::PubAck(puback, None) => puback::write(&puback, buffer)?,
-            Packet::Subscribe(subscribe, None) => subscribe::write(&subscribe, buffer)?,
-            Packet::SubAck(suback, None) => suback::write(&suback, buffer)?,
-            Packet::PubRec(pubrec, None) => pubrec::write(&pubrec, buffer)?,
-            Packet::PubRel(pubrel, None) => pubrel::write(&pubrel, buffer)?,
-            Packet::PubComp(pubcomp, None) => pubcomp::write(&pubcomp, buffer)?,
-            Packet::Unsubscribe(unsubscribe, None) => unsubscribe::write(&unsubscribe, buffer)?,
-            Packet::UnsubAck(unsuback, None) => unsuback::write(&unsuback, buffer)?,
-            Packet::Disconnect(disconnect, None) => disconnect::write(&disconnect, buffer)?,
-            Packet::PingReq(pingreq) => ping::pingreq::write(buffer)?,
-            Packet::PingResp(pingresp) => ping::pingresp::write(buffer)?,
-            _ => unreachable!(
-                "This branch only matches for packets with Properties, which is not possible in v4",
-            ),
+            Packet::Publish(publish, _) => publish::write(&publish, buffer)?,
+            Packet::PubAck(puback, _) => puback::write(&puback, buffer)?,
+            Packet::Subscribe(subscribe, _) => subscribe::write(&subscribe, buffer)?,
+            Packet::SubAck(suback, _) => suback::write(&suback, buffer)?,
+            Packet::PubRec(pubrec, _) => pubrec::write(&pubrec, buffer)?,
+            Packet::PubRel(pubrel, _) => pubrel::write(&pubrel, buffer)?,
+            Packet::PubComp(pubcomp, _) => pubcomp::write(&pubcomp, buffer)?,
+            Packet::Unsubscribe(unsubscribe, _) => unsubscribe::write(&unsubscribe, buffer)?,
+            Packet::UnsubAck(unsuback, _) => unsuback::write(&unsuback, buffer)?,
+            Packet::Disconnect(disconnect, _) => disconnect::write(&disconnect, buffer)?,
+            Packet::PingReq(_) => ping::pingreq::write(buffer)?,
+            Packet::PingResp(_) => ping::pingresp::write(buffer)?,
         };
         Ok(size)
     }
+}
+
+/// Parses the variable header and payload of one whole frame.
+fn read_body(
+    fixed_header: FixedHeader,
+    packet_type: PacketType,
+    packet: Bytes,
+) -> Result<Packet, Error> {
+    let packet = match packet_type {
+        PacketType::Connect => {
+            let (connect, login, lastwill) = connect::read(fixed_header, packet)?;
+            Packet::Connect(connect, None, lastwill, None, login)
+        }
+        PacketType::ConnAck => Packet::ConnAck(connack::read(fixed_header, packet)?, None),
+        PacketType::Publish => Packet::Publish(publish::read(fixed_header, packet)?, None),
+        PacketType::PubAck => Packet::PubAck(puback::read(fixed_header, packet)?, None),
+        PacketType::Subscribe => Packet::Subscribe(subscribe::read(fixed_header, packet)?, None),
+        PacketType::SubAck => Packet::SubAck(suback::read(fixed_header, packet)?, None),
+        PacketType::Unsubscribe => {
+            Packet::Unsubscribe(unsubscribe::read(fixed_header, packet)?, None)
+        }
+        PacketType::UnsubAck => Packet::UnsubAck(unsuback::read(fixed_header, packet)?, None),
+        PacketType::PingReq => Packet::PingReq(PingReq),
+        PacketType::PingResp => Packet::PingResp(PingResp),
+        PacketType::PubRec => Packet::PubRec(pubrec::read(fixed_header, packet)?, None),
+        PacketType::PubRel => Packet::PubRel(pubrel::read(fixed_header, packet)?, None),
+        PacketType::PubComp => Packet::PubComp(pubcomp::read(fixed_header, packet)?, None),
+        // v4 Disconnect packet gets handled in the previous check, this branch gets hit when
+        // Disconnect packet has properties which is only valid for v5
+        PacketType::Disconnect => return Err(Error::InvalidProtocol),
+    };
+
+    Ok(packet)
 }

@@ -44,21 +44,22 @@ pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<Publish, Erro
 pub fn write(publish: &Publish, buffer: &mut BytesMut) -> Result<usize, Error> {
     let len = publish.len();
 
+    // Checked before anything is written, so a refused packet leaves no
+    // half-written bytes behind.
+    if publish.qos != QoS::AtMostOnce && publish.pkid == 0 {
+        return Err(Error::PacketIdZero);
+    }
+
     let dup = publish.dup as u8;
     let qos = publish.qos as u8;
     let retain = publish.retain as u8;
     buffer.put_u8(0b0011_0000 | retain | (qos << 1) | (dup << 3));
 
     let count = write_remaining_length(buffer, len)?;
-    write_mqtt_bytes(buffer, &publish.topic);
+    write_mqtt_bytes(buffer, &publish.topic)?;
 
     if publish.qos != QoS::AtMostOnce {
-        let pkid = publish.pkid;
-        if pkid == 0 {
-            return Err(Error::PacketIdZero);
-        }
-
-        buffer.put_u16(pkid);
+        buffer.put_u16(publish.pkid);
     }
 
     buffer.extend_from_slice(&publish.payload);

@@ -32,7 +32,7 @@ pub fn write(subscribe: &Subscribe, buffer: &mut BytesMut) -> Result<usize, Erro
 
     // write filters
     for f in subscribe.filters.iter() {
-        filter::write(f, buffer);
+        filter::write(f, buffer)?;
     }
 
     Ok(1 + remaining_len_bytes + remaining_len)
@@ -68,11 +68,12 @@ mod filter {
         Ok(filters)
     }
 
-    pub fn write(filter: &Filter, buffer: &mut BytesMut) {
+    pub fn write(filter: &Filter, buffer: &mut BytesMut) -> Result<(), Error> {
         let mut options = 0;
         options |= filter.qos as u8;
 
-        write_mqtt_string(buffer, filter.path.as_str());
+        write_mqtt_string(buffer, filter.path.as_str())?;
         buffer.put_u8(options);
+        Ok(())
     }
 }

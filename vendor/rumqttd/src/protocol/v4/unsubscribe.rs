@@ -6,13 +6,17 @@ pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<Unsubscribe, 
     bytes.advance(variable_header_index);
 
     let pkid = read_u16(&mut bytes)?;
-    let mut payload_bytes = fixed_header.remaining_len - 2;
     let mut filters = Vec::with_capacity(1);
 
-    while payload_bytes > 0 {
+    // `bytes` holds exactly this packet, so the filters run to its end.
+    while bytes.has_remaining() {
         let topic_filter = read_mqtt_string(&mut bytes)?;
-        payload_bytes -= topic_filter.len() + 2;
         filters.push(topic_filter);
+    }
+
+    // MQTT-3.10.3-2: an UNSUBSCRIBE names at least one filter.
+    if filters.is_empty() {
+        return Err(Error::EmptySubscription);
     }
 
     let unsubscribe = Unsubscribe { pkid, filters };
@@ -30,7 +34,7 @@ pub fn write(unsubscribe: &Unsubscribe, buffer: &mut BytesMut) -> Result<usize, 
     buffer.put_u16(unsubscribe.pkid);
 
     for topic in unsubscribe.filters.iter() {
-        write_mqtt_string(buffer, topic.as_str());
+        write_mqtt_string(buffer, topic.as_str())?;
     }
     Ok(1 + remaining_len_bytes + remaining_len)
 }

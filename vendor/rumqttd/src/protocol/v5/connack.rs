@@ -154,93 +154,74 @@ mod properties {
         let mut authentication_method = None;
         let mut authentication_data = None;
 
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-        bytes.advance(properties_len_len);
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
-        let mut cursor = 0;
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
 
             match property(prop)? {
                 PropertyType::SessionExpiryInterval => {
                     session_expiry_interval = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::ReceiveMaximum => {
                     receive_max = Some(read_u16(bytes)?);
-                    cursor += 2;
                 }
                 PropertyType::MaximumQos => {
                     max_qos = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::RetainAvailable => {
                     retain_available = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::AssignedClientIdentifier => {
                     let id = read_mqtt_string(bytes)?;
-                    cursor += 2 + id.len();
                     assigned_client_identifier = Some(id);
                 }
                 PropertyType::MaximumPacketSize => {
                     max_packet_size = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::TopicAliasMaximum => {
                     topic_alias_max = Some(read_u16(bytes)?);
-                    cursor += 2;
                 }
                 PropertyType::ReasonString => {
                     let reason = read_mqtt_string(bytes)?;
-                    cursor += 2 + reason.len();
                     reason_string = Some(reason);
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 PropertyType::WildcardSubscriptionAvailable => {
                     wildcard_subscription_available = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::SubscriptionIdentifierAvailable => {
                     subscription_identifiers_available = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::SharedSubscriptionAvailable => {
                     shared_subscription_available = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::ServerKeepAlive => {
                     server_keep_alive = Some(read_u16(bytes)?);
-                    cursor += 2;
                 }
                 PropertyType::ResponseInformation => {
                     let info = read_mqtt_string(bytes)?;
-                    cursor += 2 + info.len();
                     response_information = Some(info);
                 }
                 PropertyType::ServerReference => {
                     let reference = read_mqtt_string(bytes)?;
-                    cursor += 2 + reference.len();
                     server_reference = Some(reference);
                 }
                 PropertyType::AuthenticationMethod => {
                     let method = read_mqtt_string(bytes)?;
-                    cursor += 2 + method.len();
                     authentication_method = Some(method);
                 }
                 PropertyType::AuthenticationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    cursor += 2 + data.len();
                     authentication_data = Some(data);
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -299,7 +280,7 @@ mod properties {
 
         if let Some(id) = &properties.assigned_client_identifier {
             buffer.put_u8(PropertyType::AssignedClientIdentifier as u8);
-            write_mqtt_string(buffer, id);
+            write_mqtt_string(buffer, id)?;
         }
 
         if let Some(topic_alias_max) = properties.topic_alias_max {
@@ -309,13 +290,13 @@ mod properties {
 
         if let Some(reason) = &properties.reason_string {
             buffer.put_u8(PropertyType::ReasonString as u8);
-            write_mqtt_string(buffer, reason);
+            write_mqtt_string(buffer, reason)?;
         }
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         if let Some(w) = properties.wildcard_subscription_available {
@@ -340,22 +321,22 @@ mod properties {
 
         if let Some(info) = &properties.response_information {
             buffer.put_u8(PropertyType::ResponseInformation as u8);
-            write_mqtt_string(buffer, info);
+            write_mqtt_string(buffer, info)?;
         }
 
         if let Some(reference) = &properties.server_reference {
             buffer.put_u8(PropertyType::ServerReference as u8);
-            write_mqtt_string(buffer, reference);
+            write_mqtt_string(buffer, reference)?;
         }
 
         if let Some(authentication_method) = &properties.authentication_method {
             buffer.put_u8(PropertyType::AuthenticationMethod as u8);
-            write_mqtt_string(buffer, authentication_method);
+            write_mqtt_string(buffer, authentication_method)?;
         }
 
         if let Some(authentication_data) = &properties.authentication_data {
             buffer.put_u8(PropertyType::AuthenticationData as u8);
-            write_mqtt_bytes(buffer, authentication_data);
+            write_mqtt_bytes(buffer, authentication_data)?;
         }
 
         Ok(())
@@ -417,6 +398,9 @@ fn connect_code(return_code: ConnectReturnCode) -> u8 {
         ConnectReturnCode::UseAnotherServer => 156,
         ConnectReturnCode::ServerMoved => 157,
         ConnectReturnCode::ConnectionRateExceeded => 159,
-        _ => unreachable!(),
+        // The two MQTT 3.1.1-only codes, sent as their MQTT 5 equivalents
+        // (upstream panicked).
+        ConnectReturnCode::RefusedProtocolVersion => 132,
+        ConnectReturnCode::ServiceUnavailable => 136,
     }
 }

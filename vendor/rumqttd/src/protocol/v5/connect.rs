@@ -90,10 +90,12 @@ pub fn write(
 
     buffer.put_u8(0b0001_0000);
     let count = write_remaining_length(buffer, len)?;
-    write_mqtt_string(buffer, "MQTT");
+    write_mqtt_string(buffer, "MQTT")?;
 
     buffer.put_u8(0x05);
-    let flags_index = 1 + count + 2 + 4 + 1;
+    // Where the flags byte goes, relative to whatever `buffer` already held
+    // (upstream assumed an empty buffer and overwrote an earlier packet).
+    let flags_index = buffer.len();
 
     let mut connect_flags = 0;
     if connect.clean_session {
@@ -110,18 +112,20 @@ pub fn write(
         }
     };
 
-    write_mqtt_string(buffer, &connect.client_id);
+    write_mqtt_string(buffer, &connect.client_id)?;
 
     if let Some(w) = will {
         connect_flags |= will::write(w, will_properties, buffer)?;
     }
 
     if let Some(l) = l {
-        connect_flags |= login::write(l, buffer);
+        connect_flags |= login::write(l, buffer)?;
     }
 
     // update connect flags
-    buffer[flags_index] = connect_flags;
+    if let Some(flags) = buffer.get_mut(flags_index) {
+        *flags = connect_flags;
+    }
     Ok(1 + count + len)
 }
 
@@ -193,8 +197,8 @@ mod will {
             write_remaining_length(buffer, 0)?;
         }
 
-        write_mqtt_bytes(buffer, &will.topic);
-        write_mqtt_bytes(buffer, &will.message);
+        write_mqtt_bytes(buffer, &will.topic)?;
+        write_mqtt_bytes(buffer, &will.message)?;
         Ok(connect_flags)
     }
 }
@@ -245,50 +249,41 @@ mod willproperties {
         let mut correlation_data = None;
         let mut user_properties = Vec::new();
 
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-        bytes.advance(properties_len_len);
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
-        let mut cursor = 0;
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
 
             match property(prop)? {
                 PropertyType::WillDelayInterval => {
                     delay_interval = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::PayloadFormatIndicator => {
                     payload_format_indicator = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::MessageExpiryInterval => {
                     message_expiry_interval = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::ContentType => {
                     let typ = read_mqtt_string(bytes)?;
-                    cursor += 2 + typ.len();
                     content_type = Some(typ);
                 }
                 PropertyType::ResponseTopic => {
                     let topic = read_mqtt_string(bytes)?;
-                    cursor += 2 + topic.len();
                     response_topic = Some(topic);
                 }
                 PropertyType::CorrelationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    cursor += 2 + data.len();
                     correlation_data = Some(data);
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -327,23 +322,23 @@ mod willproperties {
 
         if let Some(typ) = &properties.content_type {
             buffer.put_u8(PropertyType::ContentType as u8);
-            write_mqtt_string(buffer, typ);
+            write_mqtt_string(buffer, typ)?;
         }
 
         if let Some(topic) = &properties.response_topic {
             buffer.put_u8(PropertyType::ResponseTopic as u8);
-            write_mqtt_string(buffer, topic);
+            write_mqtt_string(buffer, topic)?;
         }
 
         if let Some(data) = &properties.correlation_data {
             buffer.put_u8(PropertyType::CorrelationData as u8);
-            write_mqtt_bytes(buffer, data);
+            write_mqtt_bytes(buffer, data)?;
         }
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         Ok(())
@@ -392,19 +387,19 @@ mod login {
         len
     }
 
-    pub fn write(login: &Login, buffer: &mut BytesMut) -> u8 {
+    pub fn write(login: &Login, buffer: &mut BytesMut) -> Result<u8, Error> {
         let mut connect_flags = 0;
         if !login.username.is_empty() {
             connect_flags |= 0x80;
-            write_mqtt_string(buffer, &login.username);
+            write_mqtt_string(buffer, &login.username)?;
         }
 
         if !login.password.is_empty() {
             connect_flags |= 0x40;
-            write_mqtt_string(buffer, &login.password);
+            write_mqtt_string(buffer, &login.password)?;
         }
 
-        connect_flags
+        Ok(connect_flags)
     }
 }
 
@@ -422,56 +417,45 @@ mod properties {
         let mut authentication_method = None;
         let mut authentication_data = None;
 
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-        bytes.advance(properties_len_len);
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
-        let mut cursor = 0;
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
             match property(prop)? {
                 PropertyType::SessionExpiryInterval => {
                     session_expiry_interval = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::ReceiveMaximum => {
                     receive_maximum = Some(read_u16(bytes)?);
-                    cursor += 2;
                 }
                 PropertyType::MaximumPacketSize => {
                     max_packet_size = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::TopicAliasMaximum => {
                     topic_alias_max = Some(read_u16(bytes)?);
-                    cursor += 2;
                 }
                 PropertyType::RequestResponseInformation => {
                     request_response_info = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::RequestProblemInformation => {
                     request_problem_info = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 PropertyType::AuthenticationMethod => {
                     let method = read_mqtt_string(bytes)?;
-                    cursor += 2 + method.len();
                     authentication_method = Some(method);
                 }
                 PropertyType::AuthenticationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    cursor += 2 + data.len();
                     authentication_data = Some(data);
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -569,18 +553,18 @@ mod properties {
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         if let Some(authentication_method) = &properties.authentication_method {
             buffer.put_u8(PropertyType::AuthenticationMethod as u8);
-            write_mqtt_string(buffer, authentication_method);
+            write_mqtt_string(buffer, authentication_method)?;
         }
 
         if let Some(authentication_data) = &properties.authentication_data {
             buffer.put_u8(PropertyType::AuthenticationData as u8);
-            write_mqtt_bytes(buffer, authentication_data);
+            write_mqtt_bytes(buffer, authentication_data)?;
         }
 
         Ok(())

@@ -6,22 +6,19 @@ use super::*;
 
 use super::{property, PropertyType};
 
+/// Remaining length: nothing for a normal disconnect without properties,
+/// the reason code alone without properties (MQTT 5 §3.14.2.2.1: the property
+/// length may be omitted when the remaining length is 1), else the reason
+/// code and the property block.
 fn len(disconnect: &Disconnect, properties: &Option<DisconnectProperties>) -> usize {
-    if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection && properties.is_none() {
-        return 2; // Packet type + 0x00
+    match properties {
+        None if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection => 0,
+        None => 1,
+        Some(properties) => {
+            let properties_len = properties::len(properties);
+            1 + len_len(properties_len) + properties_len
+        }
     }
-
-    let mut length = 0;
-    if let Some(properties) = &properties {
-        length += 1; // Disconnect Reason Code
-        let properties_len = properties::len(properties);
-        let properties_len_len = len_len(properties_len);
-        length += properties_len_len + properties_len;
-    } else {
-        length += 1;
-    }
-
-    length
 }
 
 pub fn read(
@@ -55,7 +52,12 @@ pub fn read(
     let disconnect = Disconnect {
         reason_code: reason(reason_code)?,
     };
-    let properties = properties::read(&mut bytes)?;
+    // A remaining length of 1 carries the reason code alone.
+    let properties = if bytes.has_remaining() {
+        properties::read(&mut bytes)?
+    } else {
+        None
+    };
 
     Ok((disconnect, properties))
 }
@@ -67,21 +69,20 @@ pub fn write(
 ) -> Result<usize, Error> {
     buffer.put_u8(0xE0);
 
+    // patched: upstream wrote a property length that its remaining length
+    // did not count (a DISCONNECT with a reason code and no properties was
+    // one byte longer than it said), and dropped the reason code when the
+    // properties were empty.
     let length = len(disconnect, properties);
-
-    if length == 2 {
-        buffer.put_u8(0x00);
-        return Ok(length);
-    }
-
     let len_len = write_remaining_length(buffer, length)?;
+    if length == 0 {
+        return Ok(1 + len_len);
+    }
 
     buffer.put_u8(code(disconnect.reason_code));
 
     if let Some(properties) = &properties {
         properties::write(properties, buffer)?;
-    } else {
-        write_remaining_length(buffer, 0)?;
     }
 
     Ok(1 + len_len + length)
@@ -113,45 +114,36 @@ mod properties {
     }
 
     pub fn read(mut bytes: &mut Bytes) -> Result<Option<DisconnectProperties>, Error> {
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-
-        bytes.advance(properties_len_len);
-
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
         let mut session_expiry_interval = None;
         let mut reason_string = None;
         let mut user_properties = Vec::new();
         let mut server_reference = None;
 
-        let mut cursor = 0;
-
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
 
             match property(prop)? {
                 PropertyType::SessionExpiryInterval => {
                     session_expiry_interval = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::ReasonString => {
                     let reason = read_mqtt_string(bytes)?;
-                    cursor += 2 + reason.len();
                     reason_string = Some(reason);
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 PropertyType::ServerReference => {
                     let reference = read_mqtt_string(bytes)?;
-                    cursor += 2 + reference.len();
                     server_reference = Some(reference);
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -179,18 +171,18 @@ mod properties {
 
         if let Some(reason) = &properties.reason_string {
             buffer.put_u8(PropertyType::ReasonString as u8);
-            write_mqtt_string(buffer, reason);
+            write_mqtt_string(buffer, reason)?;
         }
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         if let Some(reference) = &properties.server_reference {
             buffer.put_u8(PropertyType::ServerReference as u8);
-            write_mqtt_string(buffer, reference);
+            write_mqtt_string(buffer, reference)?;
         }
 
         Ok(())

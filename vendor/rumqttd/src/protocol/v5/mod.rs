@@ -204,10 +204,12 @@ fn parse_fixed_header(mut stream: Iter<u8>) -> Result<FixedHeader, Error> {
         return Err(Error::InsufficientBytes(2 - stream_len));
     }
 
-    let byte1 = stream.next().unwrap();
+    let Some(&byte1) = stream.next() else {
+        return Err(Error::InsufficientBytes(2));
+    };
     let (len_len, len) = length(stream)?;
 
-    Ok(FixedHeader::new(*byte1, len_len, len))
+    Ok(FixedHeader::new(byte1, len_len, len))
 }
 
 /// Parses variable byte integer in the stream and returns the length
@@ -252,6 +254,31 @@ fn length(stream: Iter<u8>) -> Result<(usize, usize), Error> {
     Ok((len_len, len))
 }
 
+/// Reads a variable byte integer inside a packet (a property block's length,
+/// a subscription identifier) and consumes it.
+fn read_varint(bytes: &mut Bytes) -> Result<usize, Error> {
+    let (len_len, value) = length(bytes.iter()).map_err(|e| match e {
+        Error::InsufficientBytes(_) => Error::MalformedPacket,
+        other => other,
+    })?;
+    // `length` read `len_len` bytes from `bytes`, so they are there.
+    bytes.advance(len_len);
+    Ok(value)
+}
+
+/// Splits a property block (its variable byte length, then that many bytes)
+/// off the front of `bytes`. `None` for an empty block.
+fn properties_block(bytes: &mut Bytes) -> Result<Option<Bytes>, Error> {
+    let len = read_varint(bytes)?;
+    if len == 0 {
+        return Ok(None);
+    }
+    if len > bytes.len() {
+        return Err(Error::BoundaryCrossed(len));
+    }
+    Ok(Some(bytes.split_to(len)))
+}
+
 /// Reads a series of bytes with a length from a byte stream
 fn read_mqtt_bytes(stream: &mut Bytes) -> Result<Bytes, Error> {
     let len = read_u16(stream)? as usize;
@@ -276,15 +303,18 @@ fn read_mqtt_string(stream: &mut Bytes) -> Result<String, Error> {
     }
 }
 
-/// Serializes bytes to stream (including length)
-fn write_mqtt_bytes(stream: &mut BytesMut, bytes: &[u8]) {
-    stream.put_u16(bytes.len() as u16);
+/// Serializes bytes to stream (including length). Refuses more than 65,535
+/// bytes: the two-byte length would silently wrap and corrupt the stream.
+fn write_mqtt_bytes(stream: &mut BytesMut, bytes: &[u8]) -> Result<(), Error> {
+    let len = u16::try_from(bytes.len()).map_err(|_| Error::StringTooLong(bytes.len()))?;
+    stream.put_u16(len);
     stream.extend_from_slice(bytes);
+    Ok(())
 }
 
 /// Serializes a string to stream
-fn write_mqtt_string(stream: &mut BytesMut, string: &str) {
-    write_mqtt_bytes(stream, string.as_bytes());
+fn write_mqtt_string(stream: &mut BytesMut, string: &str) -> Result<(), Error> {
+    write_mqtt_bytes(stream, string.as_bytes())
 }
 
 /// Writes remaining length to stream and returns number of bytes for remaining length
@@ -382,54 +412,14 @@ impl Protocol for V5 {
         }
 
         let packet = packet.freeze();
-        let packet = match packet_type {
-            PacketType::Connect => {
-                let (connect, properties, will, willproperties, login) =
-                    connect::read(fixed_header, packet)?;
-                Packet::Connect(connect, properties, will, willproperties, login)
-            }
-            PacketType::Publish => {
-                let (publish, properties) = publish::read(fixed_header, packet)?;
-                Packet::Publish(publish, properties)
-            }
-            PacketType::PubAck => {
-                let (puback, properties) = puback::read(fixed_header, packet)?;
-                Packet::PubAck(puback, properties)
-            }
-            PacketType::Subscribe => {
-                let (subscribe, properties) = subscribe::read(fixed_header, packet)?;
-                Packet::Subscribe(subscribe, properties)
-            }
-            PacketType::SubAck => {
-                let (suback, properties) = suback::read(fixed_header, packet)?;
-                Packet::SubAck(suback, properties)
-            }
-            PacketType::Unsubscribe => {
-                let (unsubscribe, properties) = unsubscribe::read(fixed_header, packet)?;
-                Packet::Unsubscribe(unsubscribe, properties)
-            }
-            PacketType::PingReq => Packet::PingReq(PingReq),
-            PacketType::PingResp => Packet::PingResp(PingResp),
-            PacketType::Disconnect => {
-                let (disconnect, properties) = disconnect::read(fixed_header, packet)?;
-                Packet::Disconnect(disconnect, properties)
-            }
-            PacketType::PubRec => {
-                let (pubrec, properties) = pubrec::read(fixed_header, packet)?;
-                Packet::PubRec(pubrec, properties)
-            }
-            PacketType::PubRel => {
-                let (pubrel, properties) = pubrel::read(fixed_header, packet)?;
-                Packet::PubRel(pubrel, properties)
-            }
-            PacketType::PubComp => {
-                let (pubcomp, properties) = pubcomp::read(fixed_header, packet)?;
-                Packet::PubComp(pubcomp, properties)
-            }
-            _ => unreachable!(),
-        };
-
-        Ok(packet)
+        read_body(fixed_header, packet_type, packet).map_err(|e| match e {
+            // The whole frame is already here: running out of bytes inside it
+            // means the packet lies about its lengths, not that more is coming.
+            // Reported as "insufficient", a caller would wait for bytes that
+            // belong to the next packet.
+            Error::InsufficientBytes(_) => Error::MalformedPacket,
+            other => other,
+        })
     }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
@@ -467,10 +457,74 @@ impl Protocol for V5 {
             Packet::Disconnect(disconnect, properties) => {
                 disconnect::write(&disconnect, &properties, buffer)?
             }
-            Packet::PingReq(pingreq) => ping::pingreq::write(buffer)?,
-            Packet::PingResp(pingresp) => ping::pingresp::write(buffer)?,
-            _ => unreachable!(),
+            Packet::PingReq(_) => ping::pingreq::write(buffer)?,
+            Packet::PingResp(_) => ping::pingresp::write(buffer)?,
         };
         Ok(size)
     }
+}
+
+/// Parses the variable header and payload of one whole frame.
+fn read_body(
+    fixed_header: FixedHeader,
+    packet_type: PacketType,
+    packet: Bytes,
+) -> Result<Packet, Error> {
+    let packet = match packet_type {
+        // Server-to-client packets are decoded too (upstream hit
+        // `unreachable!` on them): refusing one is the caller's decision.
+        PacketType::ConnAck => {
+            let (connack, properties) = connack::read(fixed_header, packet)?;
+            Packet::ConnAck(connack, properties)
+        }
+        PacketType::UnsubAck => {
+            let (unsuback, properties) = unsuback::read(fixed_header, packet)?;
+            Packet::UnsubAck(unsuback, properties)
+        }
+        PacketType::Connect => {
+            let (connect, properties, will, willproperties, login) =
+                connect::read(fixed_header, packet)?;
+            Packet::Connect(connect, properties, will, willproperties, login)
+        }
+        PacketType::Publish => {
+            let (publish, properties) = publish::read(fixed_header, packet)?;
+            Packet::Publish(publish, properties)
+        }
+        PacketType::PubAck => {
+            let (puback, properties) = puback::read(fixed_header, packet)?;
+            Packet::PubAck(puback, properties)
+        }
+        PacketType::Subscribe => {
+            let (subscribe, properties) = subscribe::read(fixed_header, packet)?;
+            Packet::Subscribe(subscribe, properties)
+        }
+        PacketType::SubAck => {
+            let (suback, properties) = suback::read(fixed_header, packet)?;
+            Packet::SubAck(suback, properties)
+        }
+        PacketType::Unsubscribe => {
+            let (unsubscribe, properties) = unsubscribe::read(fixed_header, packet)?;
+            Packet::Unsubscribe(unsubscribe, properties)
+        }
+        PacketType::PingReq => Packet::PingReq(PingReq),
+        PacketType::PingResp => Packet::PingResp(PingResp),
+        PacketType::Disconnect => {
+            let (disconnect, properties) = disconnect::read(fixed_header, packet)?;
+            Packet::Disconnect(disconnect, properties)
+        }
+        PacketType::PubRec => {
+            let (pubrec, properties) = pubrec::read(fixed_header, packet)?;
+            Packet::PubRec(pubrec, properties)
+        }
+        PacketType::PubRel => {
+            let (pubrel, properties) = pubrel::read(fixed_header, packet)?;
+            Packet::PubRel(pubrel, properties)
+        }
+        PacketType::PubComp => {
+            let (pubcomp, properties) = pubcomp::read(fixed_header, packet)?;
+            Packet::PubComp(pubcomp, properties)
+        }
+    };
+
+    Ok(packet)
 }

@@ -64,21 +64,22 @@ pub fn write(
 ) -> Result<usize, Error> {
     let len = len(publish, properties);
 
+    // Checked before anything is written, so a refused packet leaves no
+    // half-written bytes behind.
+    if publish.qos != QoS::AtMostOnce && publish.pkid == 0 {
+        return Err(Error::PacketIdZero);
+    }
+
     let dup = publish.dup as u8;
     let qos = publish.qos as u8;
     let retain = publish.retain as u8;
     buffer.put_u8(0b0011_0000 | retain | (qos << 1) | (dup << 3));
 
     let count = write_remaining_length(buffer, len)?;
-    write_mqtt_bytes(buffer, &publish.topic);
+    write_mqtt_bytes(buffer, &publish.topic)?;
 
     if publish.qos != QoS::AtMostOnce {
-        let pkid = publish.pkid;
-        if pkid == 0 {
-            return Err(Error::PacketIdZero);
-        }
-
-        buffer.put_u16(pkid);
+        buffer.put_u16(publish.pkid);
     }
 
     if let Some(p) = properties {
@@ -143,56 +144,45 @@ mod properties {
         let mut subscription_identifiers = Vec::new();
         let mut content_type = None;
 
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-        bytes.advance(properties_len_len);
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
-        let mut cursor = 0;
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
 
             match property(prop)? {
                 PropertyType::PayloadFormatIndicator => {
                     payload_format_indicator = Some(read_u8(bytes)?);
-                    cursor += 1;
                 }
                 PropertyType::MessageExpiryInterval => {
                     message_expiry_interval = Some(read_u32(bytes)?);
-                    cursor += 4;
                 }
                 PropertyType::TopicAlias => {
                     topic_alias = Some(read_u16(bytes)?);
-                    cursor += 2;
                 }
                 PropertyType::ResponseTopic => {
                     let topic = read_mqtt_string(bytes)?;
-                    cursor += 2 + topic.len();
                     response_topic = Some(topic);
                 }
                 PropertyType::CorrelationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    cursor += 2 + data.len();
                     correlation_data = Some(data);
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 PropertyType::SubscriptionIdentifier => {
-                    let (id_len, id) = length(bytes.iter())?;
-                    cursor += 1 + id_len;
-                    bytes.advance(id_len);
+                    let id = read_varint(bytes)?;
                     subscription_identifiers.push(id);
                 }
                 PropertyType::ContentType => {
                     let typ = read_mqtt_string(bytes)?;
-                    cursor += 2 + typ.len();
                     content_type = Some(typ);
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -232,18 +222,18 @@ mod properties {
 
         if let Some(topic) = &properties.response_topic {
             buffer.put_u8(PropertyType::ResponseTopic as u8);
-            write_mqtt_string(buffer, topic);
+            write_mqtt_string(buffer, topic)?;
         }
 
         if let Some(data) = &properties.correlation_data {
             buffer.put_u8(PropertyType::CorrelationData as u8);
-            write_mqtt_bytes(buffer, data);
+            write_mqtt_bytes(buffer, data)?;
         }
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         for id in properties.subscription_identifiers.iter() {
@@ -253,7 +243,7 @@ mod properties {
 
         if let Some(typ) = &properties.content_type {
             buffer.put_u8(PropertyType::ContentType as u8);
-            write_mqtt_string(buffer, typ);
+            write_mqtt_string(buffer, typ)?;
         }
 
         Ok(())

@@ -106,28 +106,24 @@ mod properties {
         let mut reason_string = None;
         let mut user_properties = Vec::new();
 
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-        bytes.advance(properties_len_len);
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
-        let mut cursor = 0;
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
 
             match property(prop)? {
                 PropertyType::ReasonString => {
                     let reason = read_mqtt_string(bytes)?;
-                    cursor += 2 + reason.len();
                     reason_string = Some(reason);
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -146,13 +142,13 @@ mod properties {
 
         if let Some(reason) = &properties.reason_string {
             buffer.put_u8(PropertyType::ReasonString as u8);
-            write_mqtt_string(buffer, reason);
+            write_mqtt_string(buffer, reason)?;
         }
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         Ok(())

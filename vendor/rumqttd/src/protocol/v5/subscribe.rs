@@ -87,7 +87,7 @@ pub fn write(
 
     // write filters
     for f in subscribe.filters.iter() {
-        filter::write(f, buffer);
+        filter::write(f, buffer)?;
     }
 
     Ok(1 + remaining_len_bytes + remaining_len)
@@ -136,7 +136,7 @@ mod filter {
         Ok(filters)
     }
 
-    pub fn write(filter: &Filter, buffer: &mut BytesMut) {
+    pub fn write(filter: &Filter, buffer: &mut BytesMut) -> Result<(), Error> {
         let mut options = 0;
         options |= filter.qos as u8;
 
@@ -154,8 +154,9 @@ mod filter {
             RetainForwardRule::Never => 0b0010_0000,
         };
 
-        write_mqtt_string(buffer, filter.path.as_str());
+        write_mqtt_string(buffer, filter.path.as_str())?;
         buffer.put_u8(options);
+        Ok(())
     }
 }
 
@@ -180,31 +181,24 @@ mod properties {
         let mut id = None;
         let mut user_properties = Vec::new();
 
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-        bytes.advance(properties_len_len);
-
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
-        let mut cursor = 0;
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
 
             match property(prop)? {
                 PropertyType::SubscriptionIdentifier => {
-                    let (id_len, sub_id) = length(bytes.iter())?;
-                    // TODO: Validate 1 +. Tests are working either way
-                    cursor += 1 + id_len;
-                    bytes.advance(id_len);
+                    let sub_id = read_varint(bytes)?;
                     id = Some(sub_id)
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -228,8 +222,8 @@ mod properties {
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         Ok(())

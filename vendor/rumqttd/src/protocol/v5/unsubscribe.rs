@@ -34,6 +34,11 @@ pub fn read(
         filters.push(filter);
     }
 
+    // MQTT-3.10.3-2: an UNSUBSCRIBE names at least one filter.
+    if filters.is_empty() {
+        return Err(Error::EmptySubscription);
+    }
+
     let unsubscribe = Unsubscribe { pkid, filters };
     Ok((unsubscribe, properties))
 }
@@ -60,7 +65,7 @@ pub fn write(
 
     // write filters
     for filter in unsubscribe.filters.iter() {
-        write_mqtt_string(buffer, filter);
+        write_mqtt_string(buffer, filter)?;
     }
 
     Ok(1 + remaining_len_bytes + remaining_len)
@@ -81,24 +86,20 @@ mod properties {
     pub fn read(mut bytes: &mut Bytes) -> Result<Option<UnsubscribeProperties>, Error> {
         let mut user_properties = Vec::new();
 
-        let (properties_len_len, properties_len) = length(bytes.iter())?;
-        bytes.advance(properties_len_len);
-
-        if properties_len == 0 {
+        // Properties are read from their own block, so a property can never
+        // run past the declared length into the rest of the packet.
+        let Some(mut block) = properties_block(bytes)? else {
             return Ok(None);
-        }
+        };
+        let bytes = &mut block;
 
-        let mut cursor = 0;
-        // read until cursor reaches property length. properties_len = 0 will skip this loop
-        while cursor < properties_len {
+        while bytes.has_remaining() {
             let prop = read_u8(bytes)?;
-            cursor += 1;
 
             match property(prop)? {
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
                     let value = read_mqtt_string(bytes)?;
-                    cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
@@ -114,8 +115,8 @@ mod properties {
 
         for (key, value) in properties.user_properties.iter() {
             buffer.put_u8(PropertyType::UserProperty as u8);
-            write_mqtt_string(buffer, key);
-            write_mqtt_string(buffer, value);
+            write_mqtt_string(buffer, key)?;
+            write_mqtt_string(buffer, value)?;
         }
 
         Ok(())
