@@ -217,6 +217,40 @@ impl TestBroker {
         body
     }
 
+    /// Asserts a healthy device round trip through a handler: the broker
+    /// (and its router) still serves.
+    pub async fn assert_still_serving(&self) {
+        use rumqttc::v5::mqttbytes::QoS;
+        let mut handler = self.handler("probe-handler").await;
+        handler.subscribe("get_contact_list", QoS::AtMostOnce).await;
+        let mut device = self.device("probe", "probe").await;
+        device
+            .subscribe("probe_contact_list", QoS::AtMostOnce)
+            .await;
+        device
+            .client
+            .publish("get_contact_list", QoS::AtMostOnce, false, "{}")
+            .await
+            .expect("publish a command");
+        assert_eq!(handler.publish_received().await.topic, "get_contact_list");
+        handler
+            .client
+            .publish("probe_contact_list", QoS::AtMostOnce, false, "[]")
+            .await
+            .expect("publish a reply");
+        assert_eq!(device.publish_received().await.topic, "probe_contact_list");
+    }
+
+    /// The value of one series in `/metrics` (0 when absent), e.g.
+    /// `broker_session_panics_total`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Shuts the broker down and waits for it.
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {

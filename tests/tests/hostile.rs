@@ -13,29 +13,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A healthy device round trip, proving the broker still serves.
-async fn still_serving(broker: &TestBroker) {
-    let mut handler = broker.handler("probe-handler").await;
-    handler.subscribe("get_contact_list", QoS::AtMostOnce).await;
-    let mut device = broker.device("probe", "probe").await;
-    device
-        .subscribe("probe_contact_list", QoS::AtMostOnce)
-        .await;
-    device
-        .client
-        .publish("get_contact_list", QoS::AtMostOnce, false, "{}")
-        .await
-        .unwrap();
-    let command = handler.publish_received().await;
-    assert_eq!(command.topic, "get_contact_list");
-    handler
-        .client
-        .publish("probe_contact_list", QoS::AtMostOnce, false, "[]")
-        .await
-        .unwrap();
-    assert_eq!(device.publish_received().await.topic, "probe_contact_list");
-}
-
 fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -151,7 +128,7 @@ async fn bad_tokens_are_refused_with_reason_codes() {
         metrics.contains("broker_connects_refused_total{reason="),
         "{metrics}"
     );
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
     broker.shutdown().await;
 }
 
@@ -357,7 +334,7 @@ async fn forbidden_subscriptions_get_ordered_suback_codes() {
         metrics.contains("broker_denials_total{kind=\"subscribe\""),
         "{metrics}"
     );
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
     broker.shutdown().await;
 }
 
@@ -443,7 +420,7 @@ async fn forbidden_publishes_are_answered_and_dropped_and_identity_cannot_be_for
     let mut late = broker.handler("late").await;
     late.subscribe("sync", QoS::AtLeastOnce).await;
     late.assert_no_publish(Duration::from_millis(300)).await;
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
     broker.shutdown().await;
 }
 
@@ -535,7 +512,7 @@ async fn malformed_oversized_and_silent_sockets_are_closed() {
         metrics.contains("broker_sockets_dropped_total{reason=\"tls_handshake\"}"),
         "{metrics}"
     );
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
     broker.shutdown().await;
 }
 

@@ -13,29 +13,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A healthy device round trip through a handler, proving the broker (and
-/// its router) still serves.
-async fn still_serving(broker: &TestBroker) {
-    let mut handler = broker.handler("probe-handler").await;
-    handler.subscribe("get_contact_list", QoS::AtMostOnce).await;
-    let mut device = broker.device("probe", "probe").await;
-    device
-        .subscribe("probe_contact_list", QoS::AtMostOnce)
-        .await;
-    device
-        .client
-        .publish("get_contact_list", QoS::AtMostOnce, false, "{}")
-        .await
-        .unwrap();
-    assert_eq!(handler.publish_received().await.topic, "get_contact_list");
-    handler
-        .client
-        .publish("probe_contact_list", QoS::AtMostOnce, false, "[]")
-        .await
-        .unwrap();
-    assert_eq!(device.publish_received().await.topic, "probe_contact_list");
-}
-
 /// A handler with a persistent MQTT 5 session (clean start off, an expiry)
 /// that acknowledges nothing by itself.
 fn persistent_handler(broker: &TestBroker, client_id: &str, manual_acks: bool) -> V5Client {
@@ -95,7 +72,7 @@ async fn persistent_sole_shared_member_leaving_unacked_keeps_the_broker() {
         .unwrap();
     device.puback().await;
 
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
 
     // MQTT 4.4: the unacknowledged message is sent again on reconnect, and
     // the session's shared subscription still delivers.
@@ -113,7 +90,7 @@ async fn persistent_sole_shared_member_leaving_unacked_keeps_the_broker() {
         vec![r#"{"contact_id":"1"}"#, r#"{"contact_id":"2"}"#],
         "the unacknowledged message, then the one published meanwhile"
     );
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
     broker.shutdown().await;
 }
 
@@ -142,7 +119,7 @@ async fn multibyte_first_character_topic_meets_wildcards() {
     assert_eq!(&retained.payload[..], b"retained");
     assert!(retained.retain, "delivered as retained");
 
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
     broker.shutdown().await;
 }
 
@@ -304,6 +281,6 @@ async fn qos2_retransmission_is_delivered_exactly_once() {
             panic!("delivered again: {:?}", p.payload);
         }
     }
-    still_serving(&broker).await;
+    broker.assert_still_serving().await;
     broker.shutdown().await;
 }

@@ -117,14 +117,6 @@ async fn handler_on(broker: &TestBroker, client_id: &str, filter: &str, qos: QoS
     handler
 }
 
-/// The value of one metric series in `/metrics` (0 when absent).
-async fn metric(broker: &TestBroker, series: &str) -> f64 {
-    let text = broker.metrics_text().await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_3_1_1_device_gets_every_built_in_handlers_replies() {
     let broker = TestBroker::start().await;
@@ -407,11 +399,9 @@ async fn the_receive_maximum_is_advertised_and_enforced() {
     }
     assert_eq!(device.next().await, None, "then the socket closes");
     assert_eq!(
-        metric(
-            &broker,
-            "broker_sessions_ended_total{reason=\"receive maximum exceeded\"}"
-        )
-        .await,
+        broker
+            .metric("broker_sessions_ended_total{reason=\"receive maximum exceeded\"}")
+            .await,
         1.0
     );
 }
@@ -466,7 +456,7 @@ async fn a_client_that_stops_reading_is_cut_off_at_its_tokens_expiry() {
     let _stream = device_that_stops_reading(&broker, &handler, "sleepy", &token).await;
     let series = "broker_sessions_ended_total{reason=\"token expired\"}";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while metric(&broker, series).await < 1.0 {
+    while broker.metric(series).await < 1.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "a device that stopped reading was still connected 10 s after its token expired"
@@ -550,7 +540,7 @@ async fn a_panicking_session_is_contained() {
         assert_eq!(&will.payload[..], format!("{i}").as_bytes());
     }
     assert_eq!(
-        metric(&broker, "broker_session_panics_total").await,
+        broker.metric("broker_session_panics_total").await,
         f64::from(panics)
     );
     // No router link leaked: handlers and devices still connect and flow.
