@@ -51,7 +51,12 @@ const MIN_READ_ROOM: usize = 256;
 /// Not an `async fn`: the stream (a TLS stream is kilobytes) is moved into
 /// its shared halves before the future exists, so that the future, resident
 /// for the connection's whole life, does not keep a copy of it.
-pub fn serve<S>(stream: S, peer: SocketAddr, gate: Arc<Gate>) -> impl Future<Output = ()>
+pub fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    gate: Arc<Gate>,
+    admits: Admits,
+) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -76,7 +81,7 @@ where
         // session does, and it would otherwise stay in every connection's
         // resident future for its whole life. A panic here (a bug) ends this
         // connection only; no session exists yet to clean up after.
-        let opened = AssertUnwindSafe(Box::pin(open_session(&gate, &mut wire)))
+        let opened = AssertUnwindSafe(Box::pin(open_session(&gate, &mut wire, admits)))
             .catch_unwind()
             .await;
         let session = match opened {
@@ -98,10 +103,19 @@ where
     .instrument(span)
 }
 
+/// Who a listener admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admits {
+    Everyone,
+    /// The internal listener of the in-process handlers: devices are refused.
+    HandlersOnly,
+}
+
 /// Reads the CONNECT (within the deadline) and decides it.
 async fn open_session<S: AsyncRead + AsyncWrite>(
     gate: &Arc<Gate>,
     wire: &mut Wire<S>,
+    admits: Admits,
 ) -> Option<Session> {
     let first = tokio::time::timeout(
         gate.limits().connect_timeout,
@@ -130,7 +144,7 @@ async fn open_session<S: AsyncRead + AsyncWrite>(
             return None;
         }
     };
-    accept(gate, wire, codec, packet).await
+    accept(gate, wire, codec, packet, admits).await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +243,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     wire: &mut Wire<S>,
     codec: Codec,
     packet: Packet,
+    admits: Admits,
 ) -> Option<Session> {
     let Packet::Connect(connect, properties, will, _will_properties, login) = packet else {
         gate.metrics().socket_dropped("not_mqtt");
@@ -265,6 +280,13 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     }
     if let Principal::Device(device) = &principal {
         span.record("uid", device.uid().as_str());
+        if admits == Admits::HandlersOnly {
+            let refusal = ConnectRefusal::Auth(Refusal::NotAuthorized(
+                "devices connect on the public listeners",
+            ));
+            let _ = wire.send_now(&codec, refuse(refusal)).await;
+            return None;
+        }
         if gate.is_revoked(device.uid()).await {
             let refusal = ConnectRefusal::Auth(Refusal::NotAuthorized("user revoked"));
             let _ = wire.send_now(&codec, refuse(refusal)).await;

@@ -231,7 +231,7 @@ impl Broker {
             running.internal_addr = Some(listener.local_addr()?);
             loops.push((
                 listener,
-                Transport::Plain,
+                Transport::InternalHandlers,
                 &internal_admission,
                 &internal_slots,
             ));

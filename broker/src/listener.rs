@@ -10,6 +10,7 @@
 //! handlers out, and nothing reaching a public listener can use theirs.
 
 use crate::connection;
+use crate::connection::Admits;
 use crate::gate::Gate;
 use crate::rate_limit::{Admission, AdmissionRefusal, PendingGuard};
 use std::io;
@@ -29,6 +30,9 @@ use tracing::{debug, warn};
 pub enum Transport {
     Tls(TlsAcceptor),
     Plain,
+    /// Plain, for the in-process handlers only: a device is refused here
+    /// (this listener's admission is not the public one).
+    InternalHandlers,
 }
 
 /// Everything an accept loop needs.
@@ -101,7 +105,11 @@ async fn serve_socket(
 ) {
     match transport {
         Transport::Plain => {
-            connection::serve(Answered::new(socket, pending), peer, gate).await;
+            connection::serve(Answered::new(socket, pending), peer, gate, Admits::Everyone).await;
+        }
+        Transport::InternalHandlers => {
+            let stream = Answered::new(socket, pending);
+            connection::serve(stream, peer, gate, Admits::HandlersOnly).await;
         }
         Transport::Tls(acceptor) => {
             // Boxed: the handshake, and the TLS stream before the session
@@ -117,6 +125,7 @@ async fn serve_socket(
                         Answered::new(stream, pending),
                         peer,
                         gate.clone(),
+                        Admits::Everyone,
                     )),
                     Err(e) => {
                         debug!(%peer, error = %e, "TLS handshake failed");

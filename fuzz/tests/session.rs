@@ -458,7 +458,12 @@ impl Client {
         let h = harness();
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let peer = SocketAddr::from(([127, 0, 0, 1], 40000 + (case % 20000) as u16));
-        let session = tokio::spawn(broker::connection::serve(theirs, peer, h.gate.clone()));
+        let session = tokio::spawn(broker::connection::serve(
+            theirs,
+            peer,
+            h.gate.clone(),
+            broker::connection::Admits::Everyone,
+        ));
         let (mut reader, writer) = tokio::io::split(ours);
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let codec = Codec::new(version, 1 << 20);

@@ -529,6 +529,22 @@ async fn handlers_answer_while_the_loopback_bucket_is_exhausted() {
         !closed_at_once(broker.internal_addr).await,
         "the internal listener does not share the public bucket"
     );
+    // ... but only handlers: a device cannot use its allowance.
+    let mut sneaky = V5Client::connect(
+        e2e::clients::Target {
+            addr: broker.internal_addr,
+            ca_file: None,
+        },
+        "sneaky",
+        "JWT",
+        &WithHandlers::token("sneaky"),
+        |_| {},
+    );
+    let refusal = sneaky.connack().await;
+    assert!(
+        matches!(&refusal, Err(e) if e.contains("NotAuthorized")),
+        "a device on the internal listener is refused: {refusal:?}"
+    );
 
     let metrics = broker.metrics_text().await;
     assert_eq!(
