@@ -557,3 +557,30 @@ async fn a_panicking_session_is_contained() {
     );
     broker.shutdown().await;
 }
+
+/// Packets only a server sends (CONNACK, SUBACK, UNSUBACK) from a client
+/// end that client's session with DISCONNECT 0x82, and nothing else.
+#[tokio::test]
+async fn server_only_packets_from_a_client_are_a_protocol_error() {
+    let broker = TestBroker::start().await;
+    let server_only: [(&str, Vec<u8>); 3] = [
+        ("CONNACK", vec![0x20, 0x03, 0x00, 0x00, 0x00]),
+        ("SUBACK", vec![0x90, 0x04, 0x00, 0x01, 0x00, 0x00]),
+        ("UNSUBACK", vec![0xB0, 0x04, 0x00, 0x01, 0x00, 0x00]),
+    ];
+    for (name, bytes) in server_only {
+        let (mut device, _) = RawDevice::connect(&broker, "confused", &broker.token("srv")).await;
+        device.send(bytes).await;
+        match device.next().await {
+            Some(p5::Packet::Disconnect(d)) => assert_eq!(
+                d.reason_code,
+                p5::DisconnectReasonCode::ProtocolError,
+                "{name}"
+            ),
+            other => panic!("{name}: expected DISCONNECT 0x82, got {other:?}"),
+        }
+        assert_eq!(device.next().await, None, "{name}: then the socket closes");
+    }
+    assert_eq!(broker.metric("broker_session_panics_total").await, 0.0);
+    broker.assert_still_serving().await;
+}
