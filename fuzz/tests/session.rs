@@ -10,7 +10,9 @@
 //! - no delivery to a non-owner: a device receives publishes only on its own
 //!   reply topics (`<uid>_...`), never another user's;
 //! - every session still open answers a PINGREQ within a deadline, and every
-//!   session ends within a deadline once its client hangs up.
+//!   session ends within a deadline once its client hangs up;
+//! - no growth across cases: no device session of a finished case stays in
+//!   the session registry.
 
 use broker::auth::jwt::JwtSettings;
 use broker::codec::{Codec, Version as WireVersion};
@@ -826,6 +828,25 @@ async fn run_case(
         }
         c.reader.abort();
     }
+    // Nothing of the case outlives it: every (clean) session it opened has
+    // left the registry, so the registry cannot grow with cases.
+    // (Per user: other targets share the gate and run at the same time.)
+    let still_live: Vec<String> = harness()
+        .gate
+        .sessions()
+        .device_sessions()
+        .into_iter()
+        .map(|(uid, _)| uid.as_str().to_owned())
+        .filter(|uid| {
+            clients
+                .iter()
+                .any(|c| c.uid.as_deref() == Some(uid.as_str()))
+        })
+        .collect();
+    prop_assert!(
+        still_live.is_empty(),
+        "sessions of {still_live:?} left in the registry after the case ended"
+    );
     for c in &clients {
         let s = c.state.lock().expect("state");
         CONNACKS.fetch_add(s.connacks, Ordering::Relaxed);
