@@ -1875,8 +1875,13 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            // `qos` is a subscription's `QoS as u8` (0..=2).
-            publish.qos = protocol::qos(qos).unwrap_or(QoS::AtMostOnce);
+            // patched: delivered at the lower of the publish's QoS and the
+            // subscription's (MQTT 3.1.1 and 5, 3.8.4), not always at the
+            // subscription's: a QoS 0 publish reached a QoS 1 subscriber as
+            // QoS 1. `qos` is a subscription's `QoS as u8` (0..=2).
+            if publish.qos as u8 > qos {
+                publish.qos = protocol::qos(qos).unwrap_or(QoS::AtMostOnce);
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {

@@ -1,0 +1,73 @@
+//! MQTT 3.1.1 and 5 as the specifications say (issue 10), against the real
+//! broker over TLS. So far: the QoS a message is delivered at.
+
+use e2e::clients::V4Client;
+use e2e::TestBroker;
+use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+use rumqttc::v5::mqttbytes::QoS;
+use std::time::Duration;
+
+/// MQTT 5 and 3.1.1 §3.8.4: a message is delivered at the lower of its
+/// publish QoS and the subscription's granted QoS, on both roles' paths.
+#[tokio::test]
+async fn delivered_qos_is_the_minimum_of_publish_and_subscription() {
+    let broker = TestBroker::start().await;
+    // A handler (router path) subscribed at QoS 2 to a command topic.
+    let mut handler = broker.handler("qos-handler").await;
+    assert_eq!(
+        handler
+            .subscribe("get_contact_list", QoS::ExactlyOnce)
+            .await,
+        SubscribeReasonCode::Success(QoS::ExactlyOnce)
+    );
+    // A persistent-free MQTT 3.1.1 device subscribed at QoS 1 to its reply
+    // topic (the router serves QoS 1 subscriptions).
+    let mut device = V4Client::connect(
+        broker.tls_target(),
+        "phone",
+        "JWT",
+        &broker.token("q1"),
+        |_| {},
+    );
+    device.connected().await;
+    device
+        .client
+        .subscribe("q1_r", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    device.suback().await;
+    let sender = broker.device("q0", "phone").await;
+
+    for (publish_qos, to_handler, to_device) in [
+        (QoS::AtMostOnce, QoS::AtMostOnce, rumqttc::QoS::AtMostOnce),
+        (
+            QoS::AtLeastOnce,
+            QoS::AtLeastOnce,
+            rumqttc::QoS::AtLeastOnce,
+        ),
+        (
+            QoS::ExactlyOnce,
+            QoS::ExactlyOnce,
+            rumqttc::QoS::AtLeastOnce,
+        ),
+    ] {
+        sender
+            .client
+            .publish("get_contact_list", publish_qos, false, "{}")
+            .await
+            .expect("publish");
+        let command = handler.publish_received().await;
+        assert_eq!(
+            command.qos, to_handler,
+            "command published at {publish_qos:?}"
+        );
+        handler
+            .client
+            .publish("q1_r", publish_qos, false, "[]")
+            .await
+            .expect("reply");
+        let reply = device.publish_received().await;
+        assert_eq!(reply.qos, to_device, "reply published at {publish_qos:?}");
+    }
+    handler.assert_no_publish(Duration::from_millis(300)).await;
+}
