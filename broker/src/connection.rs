@@ -955,6 +955,13 @@ impl Session {
         properties: Option<rumqttd::protocol::PublishProperties>,
         wire: &mut Wire<S>,
     ) -> Option<End> {
+        if properties.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+            // CONNACK advertises no Topic Alias Maximum (0): any alias is a
+            // protocol error (MQTT 5 3.3.2.3.4), and an empty topic with an
+            // alias never set must not be read as a topic.
+            info!("topic alias from a client (none allowed)");
+            return Some(End::Server(ServerDisconnect::ProtocolError));
+        }
         let pkid = publish.pkid();
         match self.inbound.arrival(publish.qos(), pkid) {
             Arrival::New => {}

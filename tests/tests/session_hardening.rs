@@ -584,3 +584,32 @@ async fn server_only_packets_from_a_client_are_a_protocol_error() {
     assert_eq!(broker.metric("broker_session_panics_total").await, 0.0);
     broker.assert_still_serving().await;
 }
+
+/// The broker allows no topic aliases (CONNACK has no Topic Alias Maximum):
+/// a publish with one, set or not, is a protocol error (MQTT 5 3.3.2.3.4).
+#[tokio::test]
+async fn a_topic_alias_from_a_client_is_a_protocol_error() {
+    let broker = TestBroker::start().await;
+    let (mut device, _) = RawDevice::connect(&broker, "aliased", &broker.token("al")).await;
+    let publish = Publish::with_qos(
+        Bytes::new(),
+        Bytes::from_static(b"{}"),
+        false,
+        rp::QoS::AtLeastOnce,
+        1,
+    );
+    let properties = rp::PublishProperties {
+        topic_alias: Some(3),
+        ..Default::default()
+    };
+    device
+        .send_packet(Packet::Publish(publish, Some(properties)))
+        .await;
+    match device.next().await {
+        Some(p5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, p5::DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+    assert_eq!(device.next().await, None, "then the socket closes");
+}
