@@ -71,3 +71,34 @@ async fn delivered_qos_is_the_minimum_of_publish_and_subscription() {
     }
     handler.assert_no_publish(Duration::from_millis(300)).await;
 }
+
+/// MQTT 5 3.2.2.1.2: CONNACK's Session Present is 1 when a persistent
+/// session is resumed, 0 when there was none; QoS 1 messages published
+/// while it was away are delivered on resumption (a device's session).
+#[tokio::test]
+async fn a_resumed_session_is_present_and_gets_what_was_published_while_away() {
+    let broker = TestBroker::start().await;
+    let token = broker.token("sp");
+    let connect = |broker: &TestBroker| {
+        e2e::clients::V5Client::connect(broker.tls_target(), "keeper", "JWT", &token, |o| {
+            o.set_clean_start(false);
+            let mut props = rumqttc::v5::mqttbytes::v5::ConnectProperties::new();
+            props.session_expiry_interval = Some(600);
+            o.set_connect_properties(props);
+        })
+    };
+    let mut first = connect(&broker);
+    assert!(
+        !first.connected().await.session_present,
+        "no session before"
+    );
+    first.subscribe("sp_r", QoS::AtLeastOnce).await;
+    first.client.disconnect().await.expect("disconnect");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = connect(&broker);
+    assert!(
+        second.connected().await.session_present,
+        "the session was resumed"
+    );
+}
