@@ -102,3 +102,49 @@ async fn a_resumed_session_is_present_and_gets_what_was_published_while_away() {
         "the session was resumed"
     );
 }
+
+/// MQTT 3.1.1 and 5 §3.1.2.10: a client silent for 1.5 × its keep-alive is
+/// disconnected, and its will is published (both protocol versions).
+#[tokio::test]
+async fn a_silent_client_is_cut_after_one_and_a_half_keep_alives_and_its_will_fires() {
+    use rumqttd::protocol::{Connect, LastWill, Login, Packet};
+    use tokio::io::AsyncWriteExt;
+    let broker = TestBroker::start().await;
+    let mut handler = broker.handler("will-watcher").await;
+    handler
+        .subscribe("get_contact_list", QoS::AtLeastOnce)
+        .await;
+    for version in [4u8, 5] {
+        let will = format!("silent v{version}");
+        let connect = Packet::Connect(
+            Connect {
+                keep_alive: 1,
+                client_id: format!("silent-{version}"),
+                clean_session: true,
+            },
+            None,
+            Some(LastWill {
+                topic: bytes::Bytes::from_static(b"get_contact_list"),
+                message: bytes::Bytes::from(will.clone()),
+                qos: rumqttd::protocol::QoS::AtMostOnce,
+                retain: false,
+            }),
+            None,
+            Some(Login {
+                username: "JWT".into(),
+                password: broker.token("quiet"),
+            }),
+        );
+        let mut stream = tokio::net::TcpStream::connect(broker.tcp_addr)
+            .await
+            .expect("connect");
+        stream
+            .write_all(&e2e::raw::encode(version, connect))
+            .await
+            .expect("write");
+        // Then nothing: no PINGREQ.
+        let received = handler.publish_received().await;
+        assert_eq!(&received.payload[..], will.as_bytes(), "v{version}");
+        drop(stream);
+    }
+}
