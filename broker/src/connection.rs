@@ -20,10 +20,11 @@ use futures::FutureExt;
 use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
-    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubRec, PubRecReason, PubRel,
-    PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    UnsubAckReason,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -76,6 +77,7 @@ where
             write_buf: BytesMut::new(),
             write_timeout: gate.limits().write_timeout,
             receiver: translate::Receiver::Device,
+            client_max_packet: usize::MAX,
         };
         // Boxed: reading and deciding the CONNECT needs more state than the
         // session does, and it would otherwise stay in every connection's
@@ -176,6 +178,9 @@ struct Wire<S> {
     write_timeout: Duration,
     /// Who reads what is written (known once CONNECT is decided).
     receiver: translate::Receiver,
+    /// The largest packet the client accepts (MQTT 5 CONNECT Maximum Packet
+    /// Size; unlimited otherwise): larger ones are not sent (3.1.2.11.4).
+    client_max_packet: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite> Wire<S> {
@@ -196,13 +201,32 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
     /// Encodes into the write buffer, in the form the client's protocol
     /// version can carry (`translate`); a packet the codec cannot encode is
     /// logged and skipped (it came from the router, not from this client).
+    ///
+    /// Returns whether it was queued: a packet larger than the client's
+    /// Maximum Packet Size is not (the caller settles what it owed).
     fn queue(&mut self, codec: &Codec, packet: Packet) {
+        self.queue_checked(codec, packet);
+    }
+
+    /// `queue`, saying whether the packet was queued.
+    fn queue_checked(&mut self, codec: &Codec, packet: Packet) -> bool {
         let Some(packet) = translate::for_client(codec.version, self.receiver, packet) else {
-            return;
+            return false;
         };
+        let before = self.write_buf.len();
         if let Err(e) = codec.encode(packet, &mut self.write_buf) {
             warn!(error = %e, "could not encode an outgoing packet");
+            return false;
         }
+        if self.write_buf.len() - before > self.client_max_packet {
+            self.write_buf.truncate(before);
+            info!(
+                client_max_packet = self.client_max_packet,
+                "a packet larger than the client's Maximum Packet Size is not sent"
+            );
+            return false;
+        }
+        true
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -277,6 +301,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     span.record("kind", principal.kind());
     if matches!(principal, Principal::Handler(_)) {
         wire.receiver = translate::Receiver::Handler;
+    }
+    if let Some(max) = properties.as_ref().and_then(|p| p.max_packet_size) {
+        wire.client_max_packet = usize::try_from(max).unwrap_or(usize::MAX);
     }
     if let Principal::Device(device) = &principal {
         span.record("uid", device.uid().as_str());
@@ -441,6 +468,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             gate.limits().receive_maximum,
             link.session_present,
         ),
+        undeliverable_qos2: HashSet::new(),
         write_stalled: false,
         finished: false,
     })
@@ -560,6 +588,10 @@ struct Session {
     inbox: Option<Arc<ReplyInbox>>,
     /// The client's QoS 1/2 publishes in flight (`inbound`).
     inbound: InboundFlows,
+    /// QoS 2 forwards too large for the client, settled with the router:
+    /// their PUBREL is answered by the gate (bounded by the router's
+    /// in-flight window).
+    undeliverable_qos2: HashSet<u16>,
     /// A write did not finish: nothing more is written to this client.
     write_stalled: bool,
     /// `finish` ran: the router link was closed (or handed over).
@@ -754,7 +786,13 @@ impl Session {
                     None => Poll::Pending,
                 }) => self.drain_inbox(wire),
                 notification = std::future::poll_fn(|cx| self.link_rx.poll_next(cx)) => {
-                    match self.drain_router(notification, wire) {
+                    let step = self.drain_router(notification, wire);
+                    // Acknowledgements the gate made for the client (forwards
+                    // too large for it) go back to the router.
+                    if let Err(end) = self.flush_outbox().await {
+                        return end;
+                    }
+                    match step {
                         RouterStep::Continue => {}
                         // No notification is held across this await, and
                         // the wake's future is small (vendor patch 9).
@@ -1247,11 +1285,24 @@ impl Session {
             Some(Packet::Disconnect(..)) => {
                 return RouterStep::End(End::Abnormal("router ended the session"))
             }
-            Some(packet @ Packet::Publish(..)) => {
+            Some(Packet::Publish(publish, properties)) => {
                 // Replies the gate queued first are written first.
                 self.drain_inbox(wire);
-                self.gate.metrics().messages_out(1);
-                wire.queue(&self.codec, packet);
+                let (qos, pkid) = (publish.qos(), publish.pkid());
+                if wire.queue_checked(&self.codec, Packet::Publish(publish, properties)) {
+                    self.gate.metrics().messages_out(1);
+                } else {
+                    // Too large for this client: not sent, and settled with
+                    // the router as if delivered, so its flow goes on.
+                    self.settle_undeliverable(qos, pkid);
+                }
+            }
+            Some(Packet::PubRel(release, _)) if self.undeliverable_qos2.remove(&release.pkid) => {
+                let comp = PubComp {
+                    pkid: release.pkid,
+                    reason: PubCompReason::Success,
+                };
+                self.outbox.push(Packet::PubComp(comp, None));
             }
             Some(Packet::PubAck(ack, properties)) => match self.inbound.router_puback(ack.pkid) {
                 Some(denial) => wire.queue(
@@ -1263,6 +1314,29 @@ impl Session {
             Some(packet) => wire.queue(&self.codec, packet),
         }
         RouterStep::Continue
+    }
+
+    /// Acknowledges to the router a forward the client was not sent.
+    fn settle_undeliverable(&mut self, qos: QoS, pkid: u16) {
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let ack = PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                };
+                self.outbox.push(Packet::PubAck(ack, None));
+            }
+            QoS::ExactlyOnce => {
+                let rec = PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                };
+                self.outbox.push(Packet::PubRec(rec, None));
+                // Its PUBREL is answered here too (above).
+                self.undeliverable_qos2.insert(pkid);
+            }
+        }
     }
 
     /// Puts the router's codes for the forwarded filters back among the

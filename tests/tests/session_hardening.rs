@@ -613,3 +613,108 @@ async fn a_topic_alias_from_a_client_is_a_protocol_error() {
     }
     assert_eq!(device.next().await, None, "then the socket closes");
 }
+
+/// MQTT 5 3.1.2.11.4: the broker never sends a packet larger than the
+/// client's Maximum Packet Size. Such a publish is not sent, and it is
+/// settled with the router so that the client's later QoS 1/2 deliveries
+/// flow in order.
+#[tokio::test]
+async fn publishes_larger_than_the_clients_maximum_packet_size_are_not_sent() {
+    use rumqttd::protocol::{Connect, ConnectProperties, Login};
+    let broker = TestBroker::start().await;
+    let handler = broker.handler("big-replier").await;
+    let stream = TcpStream::connect(broker.tcp_addr).await.expect("connect");
+    let mut device = RawDevice {
+        stream,
+        buf: BytesMut::new(),
+        pending: Default::default(),
+    };
+    let connect = Packet::Connect(
+        Connect {
+            keep_alive: 30,
+            client_id: "small".into(),
+            clean_session: true,
+        },
+        Some(ConnectProperties {
+            session_expiry_interval: None,
+            receive_maximum: None,
+            max_packet_size: Some(256),
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        }),
+        None,
+        None,
+        Some(Login {
+            username: "JWT".into(),
+            password: broker.token("mp"),
+        }),
+    );
+    device.send_packet(connect).await;
+    assert!(matches!(device.next().await, Some(p5::Packet::ConnAck(..))));
+    device
+        .send(raw::subscribe(5, 1, &["mp_r"], rp::QoS::ExactlyOnce))
+        .await;
+    assert!(matches!(device.next().await, Some(p5::Packet::SubAck(..))));
+
+    let big = vec![b'x'; 1000];
+    for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        for payload in [big.clone(), b"small".to_vec()] {
+            handler
+                .client
+                .publish("mp_r", qos, false, payload)
+                .await
+                .expect("publish");
+        }
+        // Only the small one arrives; the client answers it and nothing
+        // complains about the one it never saw.
+        let publish = match device.next().await {
+            Some(p5::Packet::Publish(p)) => p,
+            Some(other) => panic!("{qos:?}: expected the small publish, got {other:?}"),
+            None => panic!("{qos:?}: the broker closed the connection"),
+        };
+        assert_eq!(&publish.payload[..], b"small", "{qos:?}");
+        let pkid = publish.pkid;
+        if qos == QoS::AtLeastOnce {
+            device
+                .send_packet(Packet::PubAck(
+                    rp::PubAck {
+                        pkid,
+                        reason: rp::PubAckReason::Success,
+                    },
+                    None,
+                ))
+                .await;
+        } else {
+            device
+                .send_packet(Packet::PubRec(
+                    rp::PubRec {
+                        pkid,
+                        reason: rp::PubRecReason::Success,
+                    },
+                    None,
+                ))
+                .await;
+            match device.next().await {
+                Some(p5::Packet::PubRel(rel)) => assert_eq!(rel.pkid, pkid),
+                other => panic!("expected PUBREL {pkid}, got {other:?}"),
+            }
+            device.send_packet(pubrel_comp(pkid)).await;
+        }
+    }
+    device.send(vec![0xC0, 0x00]).await; // PINGREQ: still connected
+    assert!(matches!(device.next().await, Some(p5::Packet::PingResp(_))));
+}
+
+fn pubrel_comp(pkid: u16) -> Packet {
+    Packet::PubComp(
+        rp::PubComp {
+            pkid,
+            reason: rp::PubCompReason::Success,
+        },
+        None,
+    )
+}
