@@ -203,18 +203,7 @@ impl TestBroker {
 
     /// `/metrics` text from the operations endpoint.
     pub async fn metrics_text(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.metrics_addr.expect("metrics enabled");
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .expect("request");
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.expect("response");
-        body
+        fetch_metrics(self.metrics_addr.expect("metrics enabled")).await
     }
 
     /// Asserts a healthy device round trip through a handler: the broker
@@ -270,4 +259,19 @@ impl Drop for TestBroker {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// `/metrics` text from a broker's operations endpoint at `addr`.
+pub async fn fetch_metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
 }

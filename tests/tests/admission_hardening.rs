@@ -13,7 +13,7 @@ use shared::claims::DeviceClaims;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -323,16 +323,7 @@ impl WithHandlers {
     }
 
     async fn metrics_text(&self) -> String {
-        let mut stream = TcpStream::connect(self.metrics_addr)
-            .await
-            .expect("connect metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .expect("request");
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.expect("response");
-        body
+        e2e::fetch_metrics(self.metrics_addr).await
     }
 
     async fn shutdown(mut self) {
