@@ -463,11 +463,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         subs,
         outbox: Vec::new(),
         inbox,
-        inbound: InboundFlows::new(
-            codec.version,
-            gate.limits().receive_maximum,
-            link.session_present,
-        ),
+        inbound: InboundFlows::new(codec.version, gate.limits().receive_maximum),
         undeliverable_qos2: HashSet::new(),
         write_stalled: false,
         finished: false,
@@ -925,15 +921,12 @@ impl Session {
                 );
                 None
             }
-            Packet::PubRel(pubrel, _properties) => {
+            Packet::PubRel(pubrel, properties) => {
                 let pkid = pubrel.pkid;
                 let reason = match self.inbound.release(pkid) {
                     Release::CompleteHere(reason) => reason,
                     Release::ToRouter => {
-                        // Its properties (a reason string, user properties)
-                        // are for the receiver of the PUBREL only, and the
-                        // router acts on a PUBREL without them.
-                        self.outbox.push(Packet::PubRel(pubrel, None));
+                        self.outbox.push(Packet::PubRel(pubrel, properties));
                         return None;
                     }
                 };

@@ -62,9 +62,6 @@ pub enum Release {
 pub struct InboundFlows {
     version: Version,
     receive_maximum: usize,
-    /// The router resumed a persistent session: a PUBREL the gate does not
-    /// know may belong to a publish of the previous connection.
-    resumed: bool,
     /// QoS 1 publishes handed to the router whose PUBACK has not come back:
     /// while there are any, the gate acknowledges none itself.
     router_acks_pending: usize,
@@ -80,11 +77,10 @@ pub struct InboundFlows {
 }
 
 impl InboundFlows {
-    pub fn new(version: Version, receive_maximum: u16, resumed: bool) -> Self {
+    pub fn new(version: Version, receive_maximum: u16) -> Self {
         InboundFlows {
             version,
             receive_maximum: usize::from(receive_maximum),
-            resumed,
             router_acks_pending: 0,
             denied_qos1: HashMap::new(),
             denied_qos2: HashSet::new(),
@@ -148,17 +144,15 @@ impl InboundFlows {
         }
     }
 
-    /// A PUBREL from the client.
+    /// A PUBREL from the client. The router owns what it holds, a resumed
+    /// session's included, and answers a PUBREL for nothing with 0x92
+    /// (MQTT 5 4.3.3); only the gate's own refusals are completed here.
     pub fn release(&mut self, pkid: u16) -> Release {
         if self.denied_qos2.remove(&pkid) {
-            Release::CompleteHere(PubCompReason::Success)
-        } else if self.awaiting_release.remove(&pkid) || self.resumed {
-            Release::ToRouter
-        } else {
-            // Nothing to release (MQTT 5 4.3.3: 0x92); the router would end
-            // the session for it.
-            Release::CompleteHere(PubCompReason::PacketIdentifierNotFound)
+            return Release::CompleteHere(PubCompReason::Success);
         }
+        self.awaiting_release.remove(&pkid);
+        Release::ToRouter
     }
 
     /// A PUBACK from the router: `Some` when it answers a refused publish
@@ -186,7 +180,7 @@ mod tests {
     use super::*;
 
     fn flows() -> InboundFlows {
-        InboundFlows::new(Version::V5, 3, false)
+        InboundFlows::new(Version::V5, 3)
     }
 
     #[test]
@@ -229,7 +223,7 @@ mod tests {
             (Version::V4, QoS::ExactlyOnce, 0, Refused::PubRecHere),
         ];
         for (version, qos, due, expected) in table {
-            let mut f = InboundFlows::new(version, 10, false);
+            let mut f = InboundFlows::new(version, 10);
             for pkid in 0..due {
                 f.allowed(QoS::AtLeastOnce, 100 + pkid, true);
             }
@@ -261,30 +255,21 @@ mod tests {
         assert_eq!(f.release(7), Release::ToRouter);
         // After the release, the id is free for a new message.
         assert_eq!(f.arrival(QoS::ExactlyOnce, 7), Arrival::New);
-        // A PUBREL for nothing is answered here.
-        assert_eq!(
-            f.release(8),
-            Release::CompleteHere(PubCompReason::PacketIdentifierNotFound)
-        );
-    }
-
-    #[test]
-    fn a_resumed_session_leaves_unknown_releases_to_the_router() {
-        let mut f = InboundFlows::new(Version::V5, 3, true);
+        // A PUBREL for nothing (or for a resumed session's publish) is the
+        // router's to answer.
         assert_eq!(f.release(8), Release::ToRouter);
     }
 
     #[test]
     fn a_refused_3_1_1_qos2_publish_is_completed_here() {
-        let mut f = InboundFlows::new(Version::V4, 3, false);
+        let mut f = InboundFlows::new(Version::V4, 3);
         f.refused(QoS::ExactlyOnce, 5, Denial::NotAuthorized);
         assert_eq!(f.release(5), Release::CompleteHere(PubCompReason::Success));
+        // MQTT 5: the refusal ended the exchange; a stray PUBREL goes to
+        // the router, which answers 0x92.
         let mut f = flows();
         f.refused(QoS::ExactlyOnce, 5, Denial::NotAuthorized);
-        assert_eq!(
-            f.release(5),
-            Release::CompleteHere(PubCompReason::PacketIdentifierNotFound)
-        );
+        assert_eq!(f.release(5), Release::ToRouter);
     }
 
     #[test]
