@@ -206,6 +206,7 @@ def render(ours, theirs, mosq_version, paho_version):
         "exactly those topics; it cannot clear a device's retain flag or stamp identity properties,",
         "which no row depends on.",
         "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from commit {git_commit()}. "
         f"This broker: {summary(ours)}. Mosquitto {mosq_version}: {summary(theirs)}.",
         "",
         f"| area | spec statement | role | this broker | Mosquitto {mosq_version} | note |",
@@ -216,18 +217,11 @@ def render(ours, theirs, mosq_version, paho_version):
         notes = []
         if row["status"] == "n/a":
             notes.append(row["detail"])
-        elif row["role"] in ROLE_NOTES and row["id"] in AREA_NOTES:
+        if row["id"] in AREA_NOTES:
             notes.append(AREA_NOTES[row["id"]])
-        elif row["id"] in AREA_NOTES and row["role"] == "handler":
-            notes.append(AREA_NOTES[row["id"]])
-        if row["status"] == "fail":
-            notes.append(f"this broker: {row['detail']}")
-        elif row["status"] == "pass" and row["detail"]:
-            notes.append(f"this broker: {row['detail']}")
-        if other is not None and other["status"] == "fail":
-            notes.append(f"Mosquitto: {other['detail']}")
-        elif other is not None and other["status"] == "pass" and other["detail"]:
-            notes.append(f"Mosquitto: {other['detail']}")
+        for who, result in (("this broker", row), ("Mosquitto", other)):
+            if result is not None and result["status"] != "n/a" and result["detail"]:
+                notes.append(f"{who}: {result['detail']}")
         note = "; ".join(n.replace("|", "\\|").replace("\n", " ") for n in notes if n)
         area = f"{row['title']} (MQTT {row['protocol']}) `{row['id']}`"
         lines.append(f"| {area} | {row['spec']} | {row['role']} | {cell(row)} | {cell(other)} | {note} |")
@@ -240,6 +234,17 @@ def render(ours, theirs, mosq_version, paho_version):
         "",
     ]
     return "\n".join(lines)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=str(ROOT))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=str(ROOT))
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def summary(result):

@@ -130,10 +130,11 @@ class Peer:
         self.keepalive = keepalive
         self.v5 = proto == 5
         if self.v5:
-            self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+            self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                                 reconnect_on_failure=False)
         else:
             self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                                 clean_session=clean)
+                                 clean_session=clean, reconnect_on_failure=False)
         self.clean = clean
         self.c.username_pw_set(username, password)
         if ctx.target.cafile:
@@ -158,9 +159,8 @@ class Peer:
         self.inflight = 0
         self.max_inflight = 0
         self.unacked = []
-        self.stop = threading.Event()
         self.closed = threading.Event()
-        self.thread = None
+        self.looping = False
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.on_subscribe = self._on_subscribe
@@ -215,13 +215,6 @@ class Peer:
                               "at": time.monotonic()})
         self.closed.set()
 
-    def _run(self):
-        while not self.stop.is_set():
-            rc = self.c.loop(timeout=0.05)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                self.closed.set()
-                return
-
     # -- actions (the check's thread) --
     def connect(self, clean_start=True, expect_rc=0):
         """Connects and returns the CONNACK as a dict (rc, session_present, properties)."""
@@ -236,10 +229,13 @@ class Peer:
                            clean_start=clean_start, properties=props)
         else:
             self.c.connect(self.ctx.target.host, self.ctx.target.port, keepalive=self.keepalive)
-        self.stop.clear()
         self.closed.clear()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        # paho's own network thread; with it running, paho writes only from
+        # that thread (a TLS socket must not be written and read from two
+        # threads at once), and reconnect_on_failure=False keeps a connection
+        # the broker ended ended.
+        self.c.loop_start()
+        self.looping = True
         try:
             connack = self.connacks.get(timeout=WAIT)
         except queue.Empty:
@@ -324,18 +320,20 @@ class Peer:
 
     def disconnect(self):
         """A normal DISCONNECT (reason 0x00), then waits for the close."""
-        if self.thread is None or self.closed.is_set():
+        if not self.looping or self.closed.is_set():
             return
         self.c.disconnect()
         self.closed.wait(WAIT)
-        self.stop.set()
-        self.thread.join(WAIT)
+        self.go_silent()
 
     def go_silent(self):
         """Stops sending anything (no PINGREQ) while keeping the socket open."""
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(WAIT)
+        if self.looping:
+            self.looping = False
+            # loop_stop joins paho's thread without a deadline; bound it.
+            stopper = threading.Thread(target=self.c.loop_stop, daemon=True)
+            stopper.start()
+            stopper.join(WAIT)
 
     def drop(self):
         """Closes the network connection without DISCONNECT (an abnormal close)."""
@@ -357,12 +355,12 @@ class Peer:
     def close(self):
         """Cleanup at the end of a check, whatever state the peer is in."""
         try:
-            if self.thread is not None and not self.closed.is_set() and not self.stop.is_set():
+            if self.looping and not self.closed.is_set():
                 self.c.disconnect()
                 self.closed.wait(1.0)
+            self.go_silent()
         except Exception:  # noqa: BLE001 - cleanup must not mask the result
             pass
-        self.stop.set()
         try:
             sock = self.c.socket()
             if sock is not None:
@@ -519,8 +517,9 @@ def overlap_check(ctx, proto):
     require(any(m["qos"] == want for m in copies),
             f"subscriptions granted QoS {granted} match; copies arrived at QoS {[m['qos'] for m in copies]}, "
             f"none at the maximum, {want}")
-    if proto == 311:
-        require(len(copies) == 1, f"MQTT 3.1.1: {len(copies)} copies of one message for overlapping subscriptions")
+    # Neither version forbids a copy per subscription outright (MQTT 5 allows
+    # it explicitly); the count is reported.
+    ctx.note(f"{len(copies)} cop{'y' if len(copies) == 1 else 'ies'} at QoS {[m['qos'] for m in copies]}")
 
 
 @check("v5.qos-overlap", "Overlapping subscriptions deliver at the maximum granted QoS", "MQTT-3.3.4-2", 5,
@@ -549,8 +548,8 @@ def v5_offline_queue(ctx):
     pub.publish(topic, "away-2", qos=2)
     again = ctx.under_test("sub", session_expiry=60)
     again.connect(clean_start=False)
-    for payload in (b"away-1", b"away-2"):
-        again.expect(f"the QoS message {payload!r} published while the session was offline",
+    for payload, qos in ((b"away-1", 1), (b"away-2", 2)):
+        again.expect(f"the QoS {qos} message published while the session was offline",
                      lambda m, p=payload: m["payload"] == p)
 
 
@@ -624,10 +623,11 @@ def v5_will_delay(ctx):
     client.connect()
     start = time.monotonic()
     client.drop()
-    will = watcher.expect("the delayed will", lambda m: m["payload"] == b"delayed-will", timeout=delay + 4.0)
+    # The statement bounds the will from below (not before the delay); the
+    # wait above it only has to be generous.
+    will = watcher.expect("the delayed will", lambda m: m["payload"] == b"delayed-will", timeout=delay + 6.0)
     elapsed = will["at"] - start
     require(elapsed >= delay - 0.3, f"a will with a {delay} s delay arrived {elapsed:.1f} s after the close")
-    require(elapsed <= delay + 2.5, f"a will with a {delay} s delay arrived {elapsed:.1f} s after the close")
     ctx.note(f"will after {elapsed:.1f} s")
 
 
@@ -887,11 +887,14 @@ def v5_alias_unset(ctx):
         ended = client.disconnects.get(timeout=1.0)
     except queue.Empty:
         ended = {"rc": None, "from_server": False}
-    # With a Topic Alias Maximum of 0 any alias is over the maximum: 0x94.
-    want = 0x82 if server_max >= 1 else 0x94
+    # An alias the server allows but that was never set: Protocol Error
+    # (0x82). With a Topic Alias Maximum of 0 any alias is also over the
+    # maximum, for which 0x94 (Topic Alias invalid) is the specific code.
+    allowed = {0x82} if server_max >= 1 else {0x82, 0x94}
     require(ended["from_server"], "the connection was closed without a DISCONNECT packet")
-    require(ended["rc"] == want, f"DISCONNECT reason {ended['rc']!r}, expected {want:#x} "
-                                 f"(server Topic Alias Maximum {server_max})")
+    require(ended["rc"] in allowed, f"DISCONNECT reason {ended['rc']!r}, expected one of "
+                                    f"{sorted(hex(c) for c in allowed)} (server Topic Alias Maximum {server_max})")
+    ctx.note(f"DISCONNECT {ended['rc']:#x}")
     ctx.note(f"server Topic Alias Maximum {server_max}")
 
 
@@ -1070,7 +1073,7 @@ def v311_persistent(ctx):
     connack = again.connect()
     require(connack["session_present"], "resumed session: Session Present 0 [MQTT-3.2.2-2]")
     for payload in (b"away-1", b"away-2"):
-        again.expect(f"{payload!r}, published while the session was offline",
+        again.expect(f"the message {payload.decode()!r}, published while the session was offline",
                      lambda m, p=payload: m["payload"] == p)
     again.disconnect()
 
