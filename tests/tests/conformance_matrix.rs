@@ -36,7 +36,10 @@ fn expected_rows() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_expected_conformance_row_passes() {
     let expected = expected_rows();
-    assert!(!expected.is_empty(), "conformance/expected.json lists no rows");
+    assert!(
+        !expected.is_empty(),
+        "conformance/expected.json lists no rows"
+    );
     let broker = TestBroker::start_with(TestOptions {
         limits: Limits {
             max_keep_alive_secs: KEEPALIVE_CAP,
@@ -54,7 +57,12 @@ async fn every_expected_conformance_row_passes() {
         .args(["--port", &broker.tls_addr.port().to_string()])
         .arg("--cafile")
         .arg(&broker.ca_file)
-        .args(["--handler-key", TEST_HANDLER_KEY, "--jwt-secret", TEST_SECRET])
+        .args([
+            "--handler-key",
+            TEST_HANDLER_KEY,
+            "--jwt-secret",
+            TEST_SECRET,
+        ])
         .args(["--keepalive-cap", &KEEPALIVE_CAP.to_string()])
         .arg("--json")
         .arg(&results)
