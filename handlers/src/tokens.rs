@@ -105,7 +105,9 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 fn hex_digit(c: u8) -> Option<u8> {
-    char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok())
+    char::from(c)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 impl MasterKey {
