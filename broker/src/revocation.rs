@@ -3,8 +3,10 @@
 //! a token without `iat` counting as issued at 0) is refused at CONNECT, and
 //! the live sessions it opened are ended within moments of the revocation:
 //! the store's revocation events (Redis pub/sub across processes, an
-//! in-process broadcast for the embedded store) end them at once, and a
-//! periodic sweep is the fallback for events lost in an outage.
+//! in-process broadcast for the embedded store) end them at once (and once
+//! more a second later, for a connection whose CONNECT check ran just before
+//! the revocation was written), and a periodic sweep is the fallback for
+//! events lost in an outage.
 //!
 //! Re-registration rule: deleting an account (`delete_account`,
 //! `/unregister`) records `IssuedBefore(now + 1)`, so the identity provider
@@ -17,15 +19,26 @@ use crate::sessions::{EndRequest, LiveDevice, SessionRegistry};
 use futures::StreamExt;
 use shared::store::{Revocation, RevocationEvent, Store};
 use shared::UserId;
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// How many revocation look-ups run at once during a sweep.
 const SWEEP_CONCURRENCY: usize = 32;
+
+/// After an event, the user's sessions are checked once more this much
+/// later: a connection that passed its CONNECT check just before the
+/// revocation was written may register its session just after the event.
+const RECHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// Most pending re-checks; beyond this the oldest are dropped (the periodic
+/// sweep still covers them).
+const MAX_RECHECKS: usize = 10_000;
 
 /// Revocation checks against a store.
 pub struct Revocations {
@@ -123,6 +136,7 @@ impl Revocations {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate: skip it (CONNECT checks every newcomer).
         ticks.tick().await;
+        let mut rechecks: VecDeque<(Instant, UserId, Revocation)> = VecDeque::new();
         loop {
             let event = async {
                 match events.as_mut() {
@@ -130,8 +144,20 @@ impl Revocations {
                     None => std::future::pending().await,
                 }
             };
+            let next_recheck = rechecks.front().map(|(at, _, _)| *at);
+            let recheck_due = async {
+                match next_recheck {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = recheck_due => {
+                    if let Some((_, uid, revocation)) = rechecks.pop_front() {
+                        Self::end_refused(&uid, revocation, sessions.sessions_of(&uid));
+                    }
+                }
                 _ = ticks.tick() => {
                     if !self.poll_interval.is_zero() {
                         self.sweep(&sessions).await;
@@ -140,6 +166,10 @@ impl Revocations {
                 received = event => match received {
                     Ok(RevocationEvent::Revoked { uid, revocation }) => {
                         Self::end_refused(&uid, revocation, sessions.sessions_of(&uid));
+                        if rechecks.len() >= MAX_RECHECKS {
+                            rechecks.pop_front();
+                        }
+                        rechecks.push_back((Instant::now() + RECHECK_AFTER, uid, revocation));
                     }
                     Ok(RevocationEvent::Resync) | Err(RecvError::Lagged(_)) => {
                         info!("revocation events may have been missed; checking every session");
@@ -226,6 +256,20 @@ mod tests {
         assert_eq!(ended, EndRequest::Revoked);
         assert_eq!(fresh.end.requested(), None);
         assert_eq!(other.end.requested(), None);
+
+        // A session that registers just after the event (its CONNECT check
+        // ran before the revocation was written) is caught by the re-check.
+        let late = registry
+            .claim("D:u1:c".into(), Some(&device_issued("u1", Some(20))))
+            .await;
+        let ended = tokio::time::timeout(
+            Duration::from_secs(3),
+            std::future::poll_fn(|cx| late.end.poll_requested(cx)),
+        )
+        .await
+        .expect("re-checked within 3 s");
+        assert_eq!(ended, EndRequest::Revoked);
+        assert_eq!(fresh.end.requested(), None);
         shutdown.cancel();
         watcher.await.unwrap();
     }
