@@ -380,9 +380,9 @@ async fn delete_account_on_redis() {
 }
 
 /// Another process sharing the Redis (a second store instance with its own
-/// connections) revokes: the broker hears it on the pub/sub channel and cuts
-/// the session within 2 s; an operator's `All` revocation refuses even new
-/// tokens until the user is restored.
+/// connections, then `redis-cli`) revokes: the broker hears it on the pub/sub
+/// channel and cuts the session within 2 s; an operator's `All` revocation
+/// refuses even new tokens until the user is restored.
 #[tokio::test]
 async fn revocation_by_another_process_sharing_redis_cuts_within_2s() {
     let redis = RedisServer::start();
@@ -439,15 +439,32 @@ async fn revocation_by_another_process_sharing_redis_cuts_within_2s() {
         rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(QoS::AtMostOnce)
     );
 
-    // A later token works; then the operator revokes everything.
+    // A later token works; then an operator revokes everything by hand, as
+    // shared/src/store/SCHEMA.md documents it, from a separate process
+    // (redis-cli): the record, then the announcement.
     let new_token = token_issued_at(&broker, "555", cutoff);
     let mut back = V5Client::connect(broker.tls_target(), "p555", "JWT", &new_token, |_| {});
     back.connected().await;
-    other.revoke_user(&uid, Revocation::All).await.unwrap();
+    let port = redis.port.to_string();
+    for args in [
+        ["SET", "mqgate:revoked:555", "all"],
+        ["PUBLISH", "mqgate:revocations", "555 all"],
+    ] {
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(10), out)
+            .await
+            .expect("redis-cli answers")
+            .expect("redis-cli runs (Debian package redis-tools)");
+        assert!(out.status.success(), "{out:?}");
+    }
     let ended = closed_within(&mut back, CUT_WITHIN).await;
     assert!(ended.contains("AdministrativeAction"), "{ended}");
     let (v5, _) = refusals(&broker, &new_token).await;
     assert!(v5.contains("NotAuthorized"), "{v5}");
+    assert_eq!(other.revocation(&uid).await.unwrap(), Some(Revocation::All));
     other.restore_user(&uid).await.unwrap();
     let mut restored = V5Client::connect(broker.tls_target(), "p555", "JWT", &old_token, |_| {});
     restored.connected().await;
