@@ -5,7 +5,8 @@
 //! store, HTTP client, platform-token master keys).
 //!
 //! - [`settings`]: the environment (`BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`,
-//!   `REDIS_URL`, `DATA_DIR`, `PLATFORMS`, `GATEWAYS`), checked at start.
+//!   `REDIS_URL`, `DATA_DIR`, `PLATFORMS`, `GATEWAYS`, `TOKENS_MASTER_KEY`),
+//!   checked at start.
 //! - [`sync`]: RSA public key in, fresh AES-256 key stored, signed reply.
 //! - [`publish`]: AES-GCM envelope opened, replay refused, message POSTed
 //!   to the platform with the user's stored platform token.

@@ -344,7 +344,7 @@ pub fn worker(shared: Arc<Shared>) -> Worker {
         })
 }
 
-/// The configured platform called `name`, or a 404 naming the known ones.
+/// The configured platform called `name`, or a 404 (the name shown cut to 64 characters).
 fn configured_platform<'a>(shared: &'a Shared, name: &str) -> Result<&'a str, HandlerError> {
     shared
         .settings
