@@ -1,18 +1,24 @@
 //! Owns the embedded implementation of [`Store`]: one redb file (by default
 //! `DATA_DIR/store.redb`), each operation one ACID transaction run on the
 //! blocking pool, committed durably before it returns, so data survives a
-//! restart or a crash. Key schema: `SCHEMA.md`.
+//! restart or a crash. Revocation events are an in-process broadcast (one
+//! process owns the file, so nobody else can revoke). Key schema: `SCHEMA.md`.
 
-use super::{KeyRecord, Store, StoreError, StoreFuture};
+use super::{
+    check_platform, KeyRecord, Revocation, RevocationEvent, Store, StoreError, StoreFuture,
+    StoredToken, TokenPage, REVOCATION_EVENTS_CAPACITY,
+};
 use crate::envelope::b64_encode;
 use crate::uid::UserId;
 use redb::{
     Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition,
 };
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast;
 
 /// uid -> JSON key record.
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
@@ -26,8 +32,18 @@ const REQUESTS_OUT: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("requests_out");
 /// uid -> contacts (stored both ways).
 const CONTACTS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("contacts");
-/// uid -> when the user was revoked, seconds since the epoch.
+/// uid -> when the user was revoked entirely ([`Revocation::All`]), seconds
+/// since the epoch.
 const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
+/// uid -> cut-off of [`Revocation::IssuedBefore`], seconds since the epoch.
+const REVOKED_BEFORE: TableDefinition<&str, u64> = TableDefinition::new("revoked_before");
+/// uid -> when the user registered, seconds since the epoch.
+const REGISTRATIONS: TableDefinition<&str, u64> = TableDefinition::new("registrations");
+/// `uid \x1f platform` -> sealed platform token.
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+
+/// Entries per [`Store::platform_tokens_page`] page.
+const TOKEN_PAGE: usize = 256;
 
 /// Expired nonces are swept once every this many `remember_nonce` calls (a power of two).
 const SWEEP_EVERY: u64 = 1024;
@@ -36,6 +52,7 @@ const SWEEP_EVERY: u64 = 1024;
 pub struct EmbeddedStore {
     db: Arc<Database>,
     nonce_calls: AtomicU64,
+    events: broadcast::Sender<RevocationEvent>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -64,6 +81,32 @@ fn sorted_values(
     }
     out.sort();
     Ok(out)
+}
+
+/// The key of a platform token.
+fn token_key(uid: &str, platform: &str) -> String {
+    format!("{uid}\x1f{platform}")
+}
+
+/// The range of keys holding `uid`'s tokens: `uid \x1f` up to, excluding,
+/// `uid \x20` (no platform character sorts below `\x20`).
+fn token_range(uid: &str) -> (String, String) {
+    (format!("{uid}\x1f"), format!("{uid}\x20"))
+}
+
+/// The user's revocation as stored in the two tables.
+fn read_revocation(
+    all: &impl ReadableTable<&'static str, u64>,
+    before: &impl ReadableTable<&'static str, u64>,
+    uid: &str,
+) -> Result<Option<Revocation>, StoreError> {
+    if all.get(uid).map_err(db_err)?.is_some() {
+        return Ok(Some(Revocation::All));
+    }
+    Ok(before
+        .get(uid)
+        .map_err(db_err)?
+        .map(|cutoff| Revocation::IssuedBefore(cutoff.value())))
 }
 
 impl EmbeddedStore {
@@ -101,10 +144,15 @@ impl EmbeddedStore {
         txn.open_multimap_table(REQUESTS_OUT).map_err(db_err)?;
         txn.open_multimap_table(CONTACTS).map_err(db_err)?;
         txn.open_table(REVOKED).map_err(db_err)?;
+        txn.open_table(REVOKED_BEFORE).map_err(db_err)?;
+        txn.open_table(REGISTRATIONS).map_err(db_err)?;
+        txn.open_table(TOKENS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
+        let (events, _) = broadcast::channel(REVOCATION_EVENTS_CAPACITY);
         Ok(EmbeddedStore {
             db: Arc::new(db),
             nonce_calls: AtomicU64::new(0),
+            events,
         })
     }
 
@@ -252,30 +300,241 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn set_revoked<'a>(&'a self, uid: &'a UserId, revoked: bool) -> StoreFuture<'a, ()> {
+    fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()> {
+        let name = uid.as_str().to_owned();
+        let uid = uid.clone();
+        let events = self.events.clone();
+        let write = self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let merged = {
+                let mut all = txn.open_table(REVOKED).map_err(db_err)?;
+                let mut before = txn.open_table(REVOKED_BEFORE).map_err(db_err)?;
+                let merged = match read_revocation(&all, &before, &name)? {
+                    Some(old) => old.merge(revocation),
+                    None => revocation,
+                };
+                match merged {
+                    Revocation::All => {
+                        all.insert(name.as_str(), crate::claims::now_secs())
+                            .map_err(db_err)?;
+                        before.remove(name.as_str()).map_err(db_err)?;
+                    }
+                    Revocation::IssuedBefore(cutoff) => {
+                        before.insert(name.as_str(), cutoff).map_err(db_err)?;
+                    }
+                }
+                merged
+            };
+            txn.commit().map_err(db_err)?;
+            Ok(merged)
+        });
+        Box::pin(async move {
+            let revocation = write.await?;
+            // No subscriber is fine: nobody is listening yet.
+            let _ = events.send(RevocationEvent::Revoked { uid, revocation });
+            Ok(())
+        })
+    }
+
+    fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
         let uid = uid.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
-            {
-                let mut table = txn.open_table(REVOKED).map_err(db_err)?;
-                if revoked {
-                    table
-                        .insert(uid.as_str(), crate::claims::now_secs())
-                        .map_err(db_err)?;
-                } else {
-                    table.remove(uid.as_str()).map_err(db_err)?;
-                }
-            }
+            txn.open_table(REVOKED)
+                .map_err(db_err)?
+                .remove(uid.as_str())
+                .map_err(db_err)?;
+            txn.open_table(REVOKED_BEFORE)
+                .map_err(db_err)?
+                .remove(uid.as_str())
+                .map_err(db_err)?;
             txn.commit().map_err(db_err)
         })
     }
 
-    fn is_revoked<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, bool> {
+    fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>> {
         let uid = uid.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(db_err)?;
-            let table = txn.open_table(REVOKED).map_err(db_err)?;
-            Ok(table.get(uid.as_str()).map_err(db_err)?.is_some())
+            let all = txn.open_table(REVOKED).map_err(db_err)?;
+            let before = txn.open_table(REVOKED_BEFORE).map_err(db_err)?;
+            read_revocation(&all, &before, &uid)
+        })
+    }
+
+    fn revocation_events(&self) -> broadcast::Receiver<RevocationEvent> {
+        self.events.subscribe()
+    }
+
+    fn put_registration<'a>(&'a self, uid: &'a UserId, registered_at: u64) -> StoreFuture<'a, ()> {
+        let uid = uid.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            txn.open_table(REGISTRATIONS)
+                .map_err(db_err)?
+                .insert(uid.as_str(), registered_at)
+                .map_err(db_err)?;
+            txn.commit().map_err(db_err)
+        })
+    }
+
+    fn registration<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<u64>> {
+        let uid = uid.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let table = txn.open_table(REGISTRATIONS).map_err(db_err)?;
+            let at = table.get(uid.as_str()).map_err(db_err)?;
+            Ok(at.map(|v| v.value()))
+        })
+    }
+
+    fn put_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        sealed: &'a [u8],
+    ) -> StoreFuture<'a, ()> {
+        if let Err(e) = check_platform(platform) {
+            return Box::pin(async move { Err(e) });
+        }
+        let name = token_key(uid.as_str(), platform);
+        let sealed = sealed.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            txn.open_table(TOKENS)
+                .map_err(db_err)?
+                .insert(name.as_str(), sealed.as_slice())
+                .map_err(db_err)?;
+            txn.commit().map_err(db_err)
+        })
+    }
+
+    fn platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        if check_platform(platform).is_err() {
+            return Box::pin(async { Ok(None) });
+        }
+        let name = token_key(uid.as_str(), platform);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let table = txn.open_table(TOKENS).map_err(db_err)?;
+            let sealed = table.get(name.as_str()).map_err(db_err)?;
+            Ok(sealed.map(|v| v.value().to_vec()))
+        })
+    }
+
+    fn platforms_with_tokens<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>> {
+        let uid = uid.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let table = txn.open_table(TOKENS).map_err(db_err)?;
+            let (from, to) = token_range(&uid);
+            let mut out = Vec::new();
+            for entry in table.range(from.as_str()..to.as_str()).map_err(db_err)? {
+                let (key, _) = entry.map_err(db_err)?;
+                if let Some((_, platform)) = key.value().split_once('\x1f') {
+                    out.push(platform.to_owned());
+                }
+            }
+            // Keys are sorted by platform already; sort anyway for the contract.
+            out.sort();
+            Ok(out)
+        })
+    }
+
+    fn delete_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+    ) -> StoreFuture<'a, bool> {
+        if check_platform(platform).is_err() {
+            return Box::pin(async { Ok(false) });
+        }
+        let name = token_key(uid.as_str(), platform);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let had = txn
+                .open_table(TOKENS)
+                .map_err(db_err)?
+                .remove(name.as_str())
+                .map_err(db_err)?
+                .is_some();
+            txn.commit().map_err(db_err)?;
+            Ok(had)
+        })
+    }
+
+    fn replace_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        old: &'a [u8],
+        new: &'a [u8],
+    ) -> StoreFuture<'a, bool> {
+        if check_platform(platform).is_err() {
+            return Box::pin(async { Ok(false) });
+        }
+        let name = token_key(uid.as_str(), platform);
+        let (old, new) = (old.to_vec(), new.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let replaced = {
+                let mut table = txn.open_table(TOKENS).map_err(db_err)?;
+                let current = table
+                    .get(name.as_str())
+                    .map_err(db_err)?
+                    .map(|v| v.value().to_vec());
+                if current.as_deref() == Some(old.as_slice()) {
+                    table
+                        .insert(name.as_str(), new.as_slice())
+                        .map_err(db_err)?;
+                    true
+                } else {
+                    false
+                }
+            };
+            txn.commit().map_err(db_err)?;
+            Ok(replaced)
+        })
+    }
+
+    fn platform_tokens_page<'a>(&'a self, cursor: Option<&'a str>) -> StoreFuture<'a, TokenPage> {
+        let cursor = cursor.map(str::to_owned);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let table = txn.open_table(TOKENS).map_err(db_err)?;
+            let start = match cursor.as_deref() {
+                Some(after) => Bound::Excluded(after),
+                None => Bound::Unbounded,
+            };
+            let mut page = TokenPage::default();
+            let mut last = None;
+            for entry in table
+                .range::<&str>((start, Bound::Unbounded))
+                .map_err(db_err)?
+                .take(TOKEN_PAGE)
+            {
+                let (key, sealed) = entry.map_err(db_err)?;
+                let key = key.value();
+                let (uid, platform) = key
+                    .split_once('\x1f')
+                    .ok_or_else(|| StoreError::Corrupt("token key without separator".into()))?;
+                let uid = UserId::parse(uid)
+                    .map_err(|e| StoreError::Corrupt(format!("token key uid: {e}")))?;
+                page.tokens.push(StoredToken {
+                    uid,
+                    platform: platform.to_owned(),
+                    sealed: sealed.value().to_vec(),
+                });
+                last = Some(key.to_owned());
+            }
+            if page.tokens.len() == TOKEN_PAGE {
+                page.next = last;
+            }
+            Ok(page)
         })
     }
 
@@ -310,6 +569,17 @@ impl Store for EmbeddedStore {
                 incoming.remove_all(uid.as_str()).map_err(db_err)?;
                 outgoing.remove_all(uid.as_str()).map_err(db_err)?;
             }
+            txn.open_table(REGISTRATIONS)
+                .map_err(db_err)?
+                .remove(uid.as_str())
+                .map_err(db_err)?;
+            {
+                let (from, to) = token_range(&uid);
+                txn.open_table(TOKENS)
+                    .map_err(db_err)?
+                    .retain_in(from.as_str()..to.as_str(), |_, _| false)
+                    .map_err(db_err)?;
+            }
             txn.commit().map_err(db_err)
         })
     }
@@ -335,6 +605,37 @@ mod tests {
             .await
             .unwrap();
         crate::store::conformance::exercise(&store).await;
+        let events = store.revocation_events();
+        crate::store::conformance::exercise_events(&store, events).await;
+    }
+
+    #[tokio::test]
+    async fn tokens_registration_and_revocation_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let uid = UserId::parse("68946").unwrap();
+        {
+            let store = EmbeddedStore::open(&path).await.unwrap();
+            store
+                .put_platform_token(&uid, "x", b"sealed")
+                .await
+                .unwrap();
+            store.put_registration(&uid, 77).await.unwrap();
+            store
+                .revoke_user(&uid, Revocation::IssuedBefore(9))
+                .await
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        assert_eq!(
+            store.platform_token(&uid, "x").await.unwrap().as_deref(),
+            Some(&b"sealed"[..])
+        );
+        assert_eq!(store.registration(&uid).await.unwrap(), Some(77));
+        assert_eq!(
+            store.revocation(&uid).await.unwrap(),
+            Some(Revocation::IssuedBefore(9))
+        );
     }
 
     #[tokio::test]

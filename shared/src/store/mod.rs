@@ -1,6 +1,8 @@
-//! Owns the handlers' state: the user's current AES key, replay nonces,
-//! contact requests and contacts, and the user revocation flag, behind one
-//! small async [`Store`] trait with two implementations:
+//! Owns the handlers' and the identity service's state: the user's current
+//! AES key, replay nonces, contact requests and contacts, registrations,
+//! sealed platform tokens, and user revocations (with a live stream of
+//! revocation events for the broker), behind one small async [`Store`] trait
+//! with two implementations:
 //!
 //! - [`RedisStore`]: Redis through a reconnecting `ConnectionManager`, shared by
 //!   handler processes and broker nodes. An outage turns into
@@ -28,6 +30,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast;
 
 /// File name of the embedded store inside `DATA_DIR`.
 pub const EMBEDDED_FILE: &str = "store.redb";
@@ -51,6 +54,9 @@ pub enum StoreError {
     /// The store could not be opened with the given configuration.
     #[error("store configuration: {0}")]
     Config(String),
+    /// The caller passed an argument the store cannot hold (a bad platform name).
+    #[error("invalid store argument: {0}")]
+    Invalid(String),
 }
 
 /// The shared AES key of a user, as `sync` issued it.
@@ -97,7 +103,123 @@ impl KeyRecord {
     }
 }
 
-/// What sync, publish, contacts and revocation checks need from storage.
+/// How a user is revoked.
+///
+/// A revocation outlives the deletion of the user's data: deleting an account
+/// records [`Revocation::IssuedBefore`] one second after the deletion, so every
+/// token issued until then is refused while a token issued after a new
+/// registration (its `iat` is later) works again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Revocation {
+    /// Tokens whose `iat` is earlier than this Unix second are refused (a
+    /// token without `iat` counts as issued at 0, so it is refused too).
+    IssuedBefore(u64),
+    /// Every token is refused until an operator restores the user.
+    All,
+}
+
+impl Revocation {
+    /// Whether a token issued at `iat` (Unix seconds; `None` = no `iat`
+    /// claim, treated as 0) is refused by this revocation.
+    pub fn refuses(&self, iat: Option<u64>) -> bool {
+        match self {
+            Revocation::All => true,
+            Revocation::IssuedBefore(cutoff) => iat.unwrap_or(0) < *cutoff,
+        }
+    }
+
+    /// The stronger of two revocations: `All` wins, otherwise the later cut-off.
+    /// Recording a revocation never weakens one already in place (an account
+    /// deletion must not lift an operator's ban).
+    pub fn merge(self, other: Revocation) -> Revocation {
+        match (self, other) {
+            (Revocation::IssuedBefore(a), Revocation::IssuedBefore(b)) => {
+                Revocation::IssuedBefore(a.max(b))
+            }
+            _ => Revocation::All,
+        }
+    }
+
+    /// The stored and published text form: `all` or `before:<unix seconds>`.
+    pub fn encode(&self) -> String {
+        match self {
+            Revocation::All => "all".to_owned(),
+            Revocation::IssuedBefore(cutoff) => format!("before:{cutoff}"),
+        }
+    }
+
+    /// Parses [`Revocation::encode`]'s form. Any other value counts as
+    /// [`Revocation::All`]: the legacy flag (the Unix second of the
+    /// revocation) and an operator's hand-written `SET mqgate:revoked:<uid> 1`
+    /// both mean "refuse everything", and a malformed record must fail closed.
+    pub fn decode(text: &str) -> Revocation {
+        text.strip_prefix("before:")
+            .and_then(|n| n.parse::<u64>().ok())
+            .map_or(Revocation::All, Revocation::IssuedBefore)
+    }
+}
+
+/// What the broker hears on [`Store::revocation_events`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevocationEvent {
+    /// `uid` was revoked (`revocation` is what was recorded, merged with any
+    /// earlier revocation).
+    Revoked { uid: UserId, revocation: Revocation },
+    /// Events may have been missed (the Redis subscription was re-established
+    /// after an outage): re-check every live session now.
+    Resync,
+}
+
+/// How many revocation events a slow subscriber may fall behind before it is
+/// told it lagged (it then re-checks every session).
+pub const REVOCATION_EVENTS_CAPACITY: usize = 1024;
+
+/// One sealed platform token, as [`Store::platform_tokens_page`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredToken {
+    pub uid: UserId,
+    pub platform: String,
+    /// The sealed bytes exactly as stored (the store never sees plaintext).
+    pub sealed: Vec<u8>,
+}
+
+/// A page of [`Store::platform_tokens_page`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenPage {
+    pub tokens: Vec<StoredToken>,
+    /// Pass this back to get the next page; `None` when the listing is done.
+    /// A listing may repeat an entry (Redis `SCAN` semantics), never skip one
+    /// that existed for the whole listing.
+    pub next: Option<String>,
+}
+
+/// Longest platform name a store accepts (platform names come from
+/// configuration, but the embedded key format needs a bound and no `\x1f`).
+pub const MAX_PLATFORM_LEN: usize = 64;
+
+/// Whether `platform` can be a key part: 1-64 characters of
+/// `[A-Za-z0-9._-]`. Handlers check their configured names against this.
+pub fn valid_platform_name(platform: &str) -> bool {
+    !platform.is_empty()
+        && platform.len() <= MAX_PLATFORM_LEN
+        && platform
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Refuses a platform name that [`valid_platform_name`] rejects.
+fn check_platform(platform: &str) -> Result<(), StoreError> {
+    if valid_platform_name(platform) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(
+            "platform name must be 1-64 characters of A-Z a-z 0-9 . _ -".into(),
+        ))
+    }
+}
+
+/// What sync, publish, contacts, tokens, the identity service and revocation
+/// checks need from storage.
 ///
 /// Every method is atomic on its own; none holds a lock across calls.
 pub trait Store: Send + Sync + 'static {
@@ -140,16 +262,93 @@ pub trait Store: Send + Sync + 'static {
     /// The user's contacts, sorted.
     fn contacts<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>>;
 
-    /// Sets or clears the user's revocation flag (the broker disconnects and
-    /// refuses a revoked user).
-    fn set_revoked<'a>(&'a self, uid: &'a UserId, revoked: bool) -> StoreFuture<'a, ()>;
+    /// Legacy flag API: `true` records [`Revocation::All`], `false` restores
+    /// the user (same as [`Store::revoke_user`] / [`Store::restore_user`]).
+    fn set_revoked<'a>(&'a self, uid: &'a UserId, revoked: bool) -> StoreFuture<'a, ()> {
+        if revoked {
+            self.revoke_user(uid, Revocation::All)
+        } else {
+            self.restore_user(uid)
+        }
+    }
 
-    /// Whether the user is revoked.
-    fn is_revoked<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, bool>;
+    /// Whether any revocation is recorded for the user (whatever its kind).
+    fn is_revoked<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, bool> {
+        Box::pin(async move { Ok(self.revocation(uid).await?.is_some()) })
+    }
 
-    /// Deletes the user's key, contacts (both directions) and contact
-    /// requests (both directions). The revocation flag is kept: deleting data
-    /// must not un-revoke anyone. Nonces expire on their own.
+    /// Records `revocation` for the user, merged with any earlier one (see
+    /// [`Revocation::merge`]), and announces it on
+    /// [`Store::revocation_events`] (Redis: `PUBLISH` on the channel
+    /// `mqgate:revocations`, so every process sharing the Redis hears it).
+    fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()>;
+
+    /// Removes every revocation of the user (operators).
+    fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()>;
+
+    /// The user's revocation, if any.
+    fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>>;
+
+    /// A live feed of revocations recorded through this store or (Redis) by
+    /// any process sharing it. Receivers that lag get
+    /// `RecvError::Lagged` and should re-check everything, as on
+    /// [`RevocationEvent::Resync`]. Delivery is best-effort (a Redis outage
+    /// loses events): keep a periodic poll as the fallback. Must be called
+    /// inside a Tokio runtime to get Redis events.
+    fn revocation_events(&self) -> broadcast::Receiver<RevocationEvent>;
+
+    /// Records that the user registered at `registered_at` (Unix seconds),
+    /// replacing an earlier registration.
+    fn put_registration<'a>(&'a self, uid: &'a UserId, registered_at: u64) -> StoreFuture<'a, ()>;
+
+    /// When the user registered, if they are registered.
+    fn registration<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<u64>>;
+
+    /// Stores the user's sealed token for `platform`, replacing an older one.
+    /// `platform` must pass [`valid_platform_name`].
+    fn put_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        sealed: &'a [u8],
+    ) -> StoreFuture<'a, ()>;
+
+    /// The user's sealed token for `platform`.
+    fn platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+    ) -> StoreFuture<'a, Option<Vec<u8>>>;
+
+    /// The platforms the user holds a token for, sorted.
+    fn platforms_with_tokens<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>>;
+
+    /// Deletes the user's token for `platform`; `true` if there was one.
+    fn delete_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Replaces the token only if it is still exactly `old` (for master-key
+    /// rotation: a token the user revoked or replaced meanwhile is left alone).
+    /// Returns whether it was replaced.
+    fn replace_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        old: &'a [u8],
+        new: &'a [u8],
+    ) -> StoreFuture<'a, bool>;
+
+    /// One page of every stored platform token of every user, for master-key
+    /// rotation. Start with `None` and pass back [`TokenPage::next`].
+    fn platform_tokens_page<'a>(&'a self, cursor: Option<&'a str>) -> StoreFuture<'a, TokenPage>;
+
+    /// Deletes the user's key, contacts (both directions), contact requests
+    /// (both directions), platform tokens and registration. Revocations are
+    /// kept: deleting data must not un-revoke anyone. Nonces expire on their
+    /// own.
     fn delete_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()>;
 
     /// Checks that the store answers.
@@ -264,5 +463,241 @@ pub(crate) mod conformance {
         assert_eq!(store.pending_requests(&a).await.unwrap(), vec!["777"]);
         assert!(store.is_revoked(&b).await.unwrap());
         assert_eq!(store.get_key(&a).await.unwrap(), Some(k2));
+
+        exercise_accounts(store).await;
+    }
+
+    /// Registrations, revocations by time, platform tokens and their deletion.
+    async fn exercise_accounts(store: &dyn Store) {
+        let d = uid("acct-1");
+        let e = uid("acct-2");
+
+        // Revocations merge to the stronger one; restore clears every kind.
+        assert_eq!(store.revocation(&d).await.unwrap(), None);
+        store
+            .revoke_user(&d, Revocation::IssuedBefore(100))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.revocation(&d).await.unwrap(),
+            Some(Revocation::IssuedBefore(100))
+        );
+        assert!(store.is_revoked(&d).await.unwrap());
+        store
+            .revoke_user(&d, Revocation::IssuedBefore(50))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.revocation(&d).await.unwrap(),
+            Some(Revocation::IssuedBefore(100))
+        );
+        store
+            .revoke_user(&d, Revocation::IssuedBefore(200))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.revocation(&d).await.unwrap(),
+            Some(Revocation::IssuedBefore(200))
+        );
+        store.revoke_user(&d, Revocation::All).await.unwrap();
+        assert_eq!(store.revocation(&d).await.unwrap(), Some(Revocation::All));
+        store
+            .revoke_user(&d, Revocation::IssuedBefore(300))
+            .await
+            .unwrap();
+        assert_eq!(store.revocation(&d).await.unwrap(), Some(Revocation::All));
+        store.restore_user(&d).await.unwrap();
+        assert_eq!(store.revocation(&d).await.unwrap(), None);
+        assert!(!store.is_revoked(&d).await.unwrap());
+        store.set_revoked(&d, true).await.unwrap();
+        assert_eq!(store.revocation(&d).await.unwrap(), Some(Revocation::All));
+        store.set_revoked(&d, false).await.unwrap();
+        assert_eq!(store.revocation(&d).await.unwrap(), None);
+
+        // Registrations.
+        assert_eq!(store.registration(&d).await.unwrap(), None);
+        store.put_registration(&d, 1_700_000_000).await.unwrap();
+        store.put_registration(&d, 1_700_000_001).await.unwrap();
+        assert_eq!(store.registration(&d).await.unwrap(), Some(1_700_000_001));
+
+        // Platform tokens: per user and platform, sealed bytes kept exactly.
+        assert!(store.platforms_with_tokens(&d).await.unwrap().is_empty());
+        assert_eq!(store.platform_token(&d, "twitter").await.unwrap(), None);
+        let sealed_a = [0u8, 1, 2, 255, 0x1f, 0];
+        store
+            .put_platform_token(&d, "twitter", &sealed_a)
+            .await
+            .unwrap();
+        store.put_platform_token(&d, "gmail", b"g1").await.unwrap();
+        store.put_platform_token(&d, "gmail", b"g2").await.unwrap();
+        store.put_platform_token(&e, "gmail", b"e1").await.unwrap();
+        assert!(matches!(
+            store.put_platform_token(&d, "bad\x1fname", b"x").await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(
+            store.platforms_with_tokens(&d).await.unwrap(),
+            vec!["gmail", "twitter"]
+        );
+        assert_eq!(
+            store
+                .platform_token(&d, "twitter")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&sealed_a[..])
+        );
+        assert_eq!(
+            store.platform_token(&d, "gmail").await.unwrap().as_deref(),
+            Some(&b"g2"[..])
+        );
+        // Compare-and-swap for key rotation.
+        assert!(!store
+            .replace_platform_token(&d, "gmail", b"g1", b"g3")
+            .await
+            .unwrap());
+        assert!(store
+            .replace_platform_token(&d, "gmail", b"g2", b"g3")
+            .await
+            .unwrap());
+        assert!(!store
+            .replace_platform_token(&d, "absent", b"g2", b"g3")
+            .await
+            .unwrap());
+        assert_eq!(store.platform_token(&d, "absent").await.unwrap(), None);
+        assert_eq!(
+            store.platform_token(&d, "gmail").await.unwrap().as_deref(),
+            Some(&b"g3"[..])
+        );
+        assert!(store.delete_platform_token(&d, "twitter").await.unwrap());
+        assert!(!store.delete_platform_token(&d, "twitter").await.unwrap());
+        assert_eq!(
+            store.platforms_with_tokens(&d).await.unwrap(),
+            vec!["gmail"]
+        );
+
+        // Listing every token, over several pages.
+        let many: Vec<UserId> = (0..140).map(|i| uid(&format!("bulk-{i}"))).collect();
+        for u in &many {
+            store
+                .put_platform_token(u, "p1", u.as_str().as_bytes())
+                .await
+                .unwrap();
+            store.put_platform_token(u, "p2", b"two").await.unwrap();
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = store.platform_tokens_page(cursor.as_deref()).await.unwrap();
+            pages += 1;
+            assert!(pages < 10_000, "the listing does not end");
+            for t in page.tokens {
+                if t.platform == "p1" {
+                    assert_eq!(t.sealed, t.uid.as_str().as_bytes());
+                }
+                seen.insert((t.uid.as_str().to_owned(), t.platform));
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 140 * 2 + 2);
+        assert!(seen.contains(&("acct-1".to_owned(), "gmail".to_owned())));
+        assert!(seen.contains(&("acct-2".to_owned(), "gmail".to_owned())));
+
+        // Deleting the user drops tokens and registration, keeps revocation.
+        store
+            .revoke_user(&d, Revocation::IssuedBefore(500))
+            .await
+            .unwrap();
+        store.delete_user(&d).await.unwrap();
+        assert!(store.platforms_with_tokens(&d).await.unwrap().is_empty());
+        assert_eq!(store.platform_token(&d, "gmail").await.unwrap(), None);
+        assert_eq!(store.registration(&d).await.unwrap(), None);
+        assert_eq!(
+            store.revocation(&d).await.unwrap(),
+            Some(Revocation::IssuedBefore(500))
+        );
+        assert_eq!(
+            store.platforms_with_tokens(&e).await.unwrap(),
+            vec!["gmail"]
+        );
+    }
+
+    /// Revocations recorded through `store` reach `events` (subscribed
+    /// before, possibly on another instance sharing the backend).
+    pub async fn exercise_events(
+        store: &dyn Store,
+        mut events: broadcast::Receiver<RevocationEvent>,
+    ) -> broadcast::Receiver<RevocationEvent> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let u = uid("evt-1");
+        // A Redis subscription is set up in the background: announce until
+        // the first one is heard.
+        let first = loop {
+            store
+                .revoke_user(&u, Revocation::IssuedBefore(10))
+                .await
+                .unwrap();
+            match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+                Ok(Ok(RevocationEvent::Resync)) => continue,
+                Ok(event) => break event.unwrap(),
+                Err(_) => {
+                    assert!(tokio::time::Instant::now() < deadline, "no event heard");
+                }
+            }
+        };
+        assert_eq!(
+            first,
+            RevocationEvent::Revoked {
+                uid: u.clone(),
+                revocation: Revocation::IssuedBefore(10)
+            }
+        );
+        // Drain repeats of the first announcement.
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await
+        {
+        }
+        store.revoke_user(&u, Revocation::All).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            next,
+            RevocationEvent::Revoked {
+                uid: u.clone(),
+                revocation: Revocation::All
+            }
+        );
+        store.restore_user(&u).await.unwrap();
+        events
+    }
+
+    #[test]
+    fn revocation_rules() {
+        let r = Revocation::IssuedBefore(100);
+        assert!(r.refuses(Some(99)));
+        assert!(!r.refuses(Some(100)));
+        assert!(r.refuses(None));
+        assert!(Revocation::All.refuses(Some(u64::MAX)));
+        assert_eq!(Revocation::decode(&r.encode()), r);
+        assert_eq!(Revocation::decode("all"), Revocation::All);
+        assert_eq!(Revocation::decode("1700000000"), Revocation::All);
+        assert_eq!(Revocation::decode("before:x"), Revocation::All);
+        assert_eq!(
+            Revocation::IssuedBefore(5).merge(Revocation::IssuedBefore(3)),
+            Revocation::IssuedBefore(5)
+        );
+        assert_eq!(
+            Revocation::IssuedBefore(5).merge(Revocation::All),
+            Revocation::All
+        );
+        assert!(valid_platform_name("gmail.v2_x-y"));
+        assert!(!valid_platform_name(""));
+        assert!(!valid_platform_name("a b"));
+        assert!(!valid_platform_name(&"a".repeat(65)));
     }
 }

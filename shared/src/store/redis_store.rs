@@ -1,19 +1,39 @@
 //! Owns the Redis implementation of [`Store`]: one multiplexed,
 //! self-reconnecting `ConnectionManager`, connected lazily so that a handler
 //! starts while Redis is down and serves 503s until it comes back. Every
-//! operation runs under a deadline. Key schema: `SCHEMA.md`.
+//! operation runs under a deadline. Revocations are also published on a
+//! pub/sub channel that a background subscriber (started by the first
+//! [`Store::revocation_events`] call, stopped when the store is dropped)
+//! turns into local events, so that every process sharing the Redis hears
+//! them. Key schema: `SCHEMA.md`.
 
-use super::{KeyRecord, Store, StoreError, StoreFuture};
+use super::{
+    check_platform, KeyRecord, Revocation, RevocationEvent, Store, StoreError, StoreFuture,
+    StoredToken, TokenPage, REVOCATION_EVENTS_CAPACITY,
+};
 use crate::envelope::b64_encode;
 use crate::uid::UserId;
+use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use std::future::Future;
+use std::sync::Once;
 use std::time::Duration;
-use tokio::sync::OnceCell;
+use tokio::sync::{broadcast, OnceCell};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Prefix of every key this store writes.
 pub const KEY_PREFIX: &str = "mqgate:";
+
+/// The pub/sub channel revocations are announced on: messages are
+/// `<uid> <revocation>` with the revocation as [`Revocation::encode`] writes it.
+pub const REVOCATION_CHANNEL: &str = "mqgate:revocations";
+
+/// Keys per `SCAN` step when listing platform tokens.
+const SCAN_COUNT: usize = 200;
+
+/// Pause before re-subscribing after the subscription failed or was lost.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
 /// Longest a single store operation may take before it counts as an outage.
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -41,8 +61,42 @@ end
 for _, t in ipairs(redis.call('SMEMBERS', p .. 'requests:out:' .. u)) do
   redis.call('SREM', p .. 'requests:in:' .. t, u)
 end
-redis.call('DEL', p .. 'key:' .. u, p .. 'contacts:' .. u, p .. 'requests:in:' .. u, p .. 'requests:out:' .. u)
+redis.call('DEL', p .. 'key:' .. u, p .. 'contacts:' .. u, p .. 'requests:in:' .. u, p .. 'requests:out:' .. u,
+  p .. 'reg:' .. u, p .. 'tokens:' .. u)
 return 1
+";
+
+/// Records a revocation merged with the current one (`all` wins, otherwise
+/// the later cut-off; any value that is not `before:<n>` counts as `all`)
+/// and publishes it. Returns the recorded value.
+const REVOKE_SCRIPT: &str = r"
+local cur = redis.call('GET', KEYS[1])
+local new = ARGV[1]
+if cur then
+  local c = string.match(cur, '^before:(%d+)$')
+  if not c then
+    new = 'all'
+  else
+    local n = string.match(new, '^before:(%d+)$')
+    if not n then
+      new = 'all'
+    elseif tonumber(c) > tonumber(n) then
+      new = cur
+    end
+  end
+end
+redis.call('SET', KEYS[1], new)
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. new)
+return new
+";
+
+/// Replaces a hash field only if it still holds the expected value.
+const REPLACE_SCRIPT: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
 ";
 
 /// The Redis store. Cheap to share behind an `Arc`.
@@ -51,6 +105,14 @@ pub struct RedisStore {
     manager: OnceCell<ConnectionManager>,
     accept: redis::Script,
     delete: redis::Script,
+    revoke: redis::Script,
+    replace: redis::Script,
+    events: broadcast::Sender<RevocationEvent>,
+    /// Starts the revocation subscriber once.
+    subscriber: Once,
+    /// Stops the revocation subscriber when the store is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -79,11 +141,19 @@ impl RedisStore {
                     .into(),
             )
         })?;
+        let (events, _) = broadcast::channel(REVOCATION_EVENTS_CAPACITY);
+        let stop = CancellationToken::new();
         Ok(RedisStore {
             client,
             manager: OnceCell::new(),
             accept: redis::Script::new(ACCEPT_SCRIPT),
             delete: redis::Script::new(DELETE_SCRIPT),
+            revoke: redis::Script::new(REVOKE_SCRIPT),
+            replace: redis::Script::new(REPLACE_SCRIPT),
+            events,
+            subscriber: Once::new(),
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
         })
     }
 
@@ -128,6 +198,77 @@ impl RedisStore {
             .await
             .map_err(|_| StoreError::Unavailable("redis: operation timed out".into()))?
     }
+}
+
+/// Turns the revocation channel into local events until `stop`, subscribing
+/// again after every loss; after a gap it sends [`RevocationEvent::Resync`]
+/// because announcements made meanwhile are gone.
+async fn relay_revocations(
+    client: redis::Client,
+    events: broadcast::Sender<RevocationEvent>,
+    stop: CancellationToken,
+) {
+    let mut gap = false;
+    loop {
+        let subscribe = async {
+            let mut pubsub = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(OP_TIMEOUT, pubsub.subscribe(REVOCATION_CHANNEL))
+                .await
+                .map_err(|_| "SUBSCRIBE timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(pubsub)
+        };
+        let subscribed = tokio::select! {
+            _ = stop.cancelled() => return,
+            subscribed = subscribe => subscribed,
+        };
+        match subscribed {
+            Ok(pubsub) => {
+                if gap {
+                    tracing::info!("revocation channel subscribed again");
+                    let _ = events.send(RevocationEvent::Resync);
+                }
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let message = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        message = messages.next() => message,
+                    };
+                    let Some(message) = message else { break };
+                    match parse_announcement(message.get_payload_bytes()) {
+                        Some(event) => {
+                            let _ = events.send(event);
+                        }
+                        None => tracing::warn!("ignoring a malformed revocation announcement"),
+                    }
+                }
+                tracing::warn!("revocation channel lost; subscribing again");
+            }
+            Err(error) => {
+                if !gap {
+                    tracing::warn!(%error, "cannot subscribe to the revocation channel; retrying");
+                }
+            }
+        }
+        gap = true;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
+        }
+    }
+}
+
+/// Parses `<uid> <revocation>`.
+fn parse_announcement(payload: &[u8]) -> Option<RevocationEvent> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (uid, revocation) = text.split_once(' ')?;
+    Some(RevocationEvent::Revoked {
+        uid: UserId::parse(uid).ok()?,
+        revocation: Revocation::decode(revocation),
+    })
 }
 
 impl Store for RedisStore {
@@ -239,19 +380,186 @@ impl Store for RedisStore {
         })
     }
 
-    fn set_revoked<'a>(&'a self, uid: &'a UserId, revoked: bool) -> StoreFuture<'a, ()> {
+    fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()> {
         Box::pin(self.run(move |mut c| async move {
-            let name = key("revoked", uid.as_str());
-            if revoked {
-                c.set::<_, _, ()>(name, crate::claims::now_secs()).await
-            } else {
-                c.del::<_, ()>(name).await
-            }
+            self.revoke
+                .key(key("revoked", uid.as_str()))
+                .arg(revocation.encode())
+                .arg(REVOCATION_CHANNEL)
+                .arg(uid.as_str())
+                .invoke_async::<String>(&mut c)
+                .await
+                .map(|_| ())
         }))
     }
 
-    fn is_revoked<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, bool> {
-        Box::pin(self.run(move |mut c| async move { c.exists(key("revoked", uid.as_str())).await }))
+    fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
+        Box::pin(
+            self.run(
+                move |mut c| async move { c.del::<_, ()>(key("revoked", uid.as_str())).await },
+            ),
+        )
+    }
+
+    fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>> {
+        Box::pin(async move {
+            let raw: Option<String> = self
+                .run(move |mut c| async move { c.get(key("revoked", uid.as_str())).await })
+                .await?;
+            Ok(raw.as_deref().map(Revocation::decode))
+        })
+    }
+
+    fn revocation_events(&self) -> broadcast::Receiver<RevocationEvent> {
+        let receiver = self.events.subscribe();
+        self.subscriber.call_once(|| match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(relay_revocations(
+                    self.client.clone(),
+                    self.events.clone(),
+                    self.stop.clone(),
+                ));
+            }
+            Err(_) => tracing::warn!(
+                "revocation events need a Tokio runtime; only the periodic poll will see revocations"
+            ),
+        });
+        receiver
+    }
+
+    fn put_registration<'a>(&'a self, uid: &'a UserId, registered_at: u64) -> StoreFuture<'a, ()> {
+        Box::pin(self.run(move |mut c| async move {
+            c.set::<_, _, ()>(key("reg", uid.as_str()), registered_at)
+                .await
+        }))
+    }
+
+    fn registration<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(self.run(move |mut c| async move { c.get(key("reg", uid.as_str())).await }))
+    }
+
+    fn put_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        sealed: &'a [u8],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            check_platform(platform)?;
+            self.run(move |mut c| async move {
+                c.hset::<_, _, _, ()>(key("tokens", uid.as_str()), platform, sealed)
+                    .await
+            })
+            .await
+        })
+    }
+
+    fn platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+    ) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(
+            self.run(
+                move |mut c| async move { c.hget(key("tokens", uid.as_str()), platform).await },
+            ),
+        )
+    }
+
+    fn platforms_with_tokens<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut list: Vec<String> = self
+                .run(move |mut c| async move { c.hkeys(key("tokens", uid.as_str())).await })
+                .await?;
+            list.sort();
+            Ok(list)
+        })
+    }
+
+    fn delete_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let removed: i64 = self
+                .run(
+                    move |mut c| async move { c.hdel(key("tokens", uid.as_str()), platform).await },
+                )
+                .await?;
+            Ok(removed > 0)
+        })
+    }
+
+    fn replace_platform_token<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        old: &'a [u8],
+        new: &'a [u8],
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let done: i64 = self
+                .run(move |mut c| async move {
+                    self.replace
+                        .key(key("tokens", uid.as_str()))
+                        .arg(platform)
+                        .arg(old)
+                        .arg(new)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(done == 1)
+        })
+    }
+
+    fn platform_tokens_page<'a>(&'a self, cursor: Option<&'a str>) -> StoreFuture<'a, TokenPage> {
+        Box::pin(async move {
+            let cursor: u64 = match cursor {
+                None => 0,
+                Some(text) => text
+                    .parse()
+                    .map_err(|_| StoreError::Invalid("not a token listing cursor".into()))?,
+            };
+            let pattern = format!("{KEY_PREFIX}tokens:*");
+            let (next, keys): (u64, Vec<String>) = self
+                .run(move |mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let mut page = TokenPage {
+                tokens: Vec::new(),
+                next: (next != 0).then(|| next.to_string()),
+            };
+            let tokens_prefix = format!("{KEY_PREFIX}tokens:");
+            for name in keys {
+                let Some(uid) = name
+                    .strip_prefix(tokens_prefix.as_str())
+                    .and_then(|u| UserId::parse(u).ok())
+                else {
+                    continue;
+                };
+                let fields: std::collections::HashMap<String, Vec<u8>> = self
+                    .run(move |mut c| async move { c.hgetall(name).await })
+                    .await?;
+                for (platform, sealed) in fields {
+                    page.tokens.push(StoredToken {
+                        uid: uid.clone(),
+                        platform,
+                        sealed,
+                    });
+                }
+            }
+            Ok(page)
+        })
     }
 
     fn delete_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
@@ -289,6 +597,59 @@ mod tests {
         let server = RedisServer::start();
         let store = RedisStore::connect(&server.url()).await.unwrap();
         crate::store::conformance::exercise(&store).await;
+    }
+
+    #[tokio::test]
+    async fn revocations_reach_other_instances() {
+        let server = RedisServer::start();
+        let listener = RedisStore::connect(&server.url()).await.unwrap();
+        let revoker = RedisStore::connect(&server.url()).await.unwrap();
+        let events = listener.revocation_events();
+        crate::store::conformance::exercise_events(&revoker, events).await;
+    }
+
+    #[tokio::test]
+    async fn resubscribes_after_an_outage_and_asks_for_a_resync() {
+        let mut server = RedisServer::start();
+        let listener = RedisStore::connect(&server.url()).await.unwrap();
+        let events = listener.revocation_events();
+        // Subscribed (an event is heard) before the outage.
+        let mut events = crate::store::conformance::exercise_events(&listener, events).await;
+        server.stop();
+        server.restart();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .expect("a resync within 10 s");
+            // Late repeats of the warm-up may come first.
+            if got.unwrap() == RevocationEvent::Resync {
+                break;
+            }
+        }
+        let revoker = RedisStore::connect(&server.url()).await.unwrap();
+        crate::store::conformance::exercise_events(&revoker, events).await;
+    }
+
+    #[test]
+    fn announcements_parse() {
+        assert_eq!(
+            parse_announcement(b"u-1 before:17"),
+            Some(RevocationEvent::Revoked {
+                uid: UserId::parse("u-1").unwrap(),
+                revocation: Revocation::IssuedBefore(17)
+            })
+        );
+        assert_eq!(
+            parse_announcement(b"u-1 all"),
+            Some(RevocationEvent::Revoked {
+                uid: UserId::parse("u-1").unwrap(),
+                revocation: Revocation::All
+            })
+        );
+        assert_eq!(parse_announcement(b"bad_uid all"), None);
+        assert_eq!(parse_announcement(b"nospace"), None);
+        assert_eq!(parse_announcement(&[0xff, b' ', b'a']), None);
     }
 
     #[tokio::test]
