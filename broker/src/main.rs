@@ -187,10 +187,10 @@ async fn run(
 
     print_banner(&running, &dev, jwt_secret.as_deref(), handlers.is_some());
     if let (Some((Some(addr), development, _)), Some(tls)) = (&identity, running.tls_addr) {
-        let ca = dev
-            .ca_file
-            .as_ref()
-            .map_or_else(|| "<your CA file>".to_owned(), |ca| ca.display().to_string());
+        let ca = dev.ca_file.as_ref().map_or_else(
+            || "<your CA file>".to_owned(),
+            |ca| ca.display().to_string(),
+        );
         for line in idp::banner::signup_lines(*addr, tls.port(), &ca, *development) {
             println!("{line}");
         }

@@ -17,7 +17,10 @@ fn the_printed_signup_commands_work_as_printed() {
             .arg(format!("command -v {tool}"))
             .status()
             .is_ok_and(|s| s.success());
-        assert!(found, "{tool} is needed (apt-get install -y curl mosquitto-clients; .ci/run does it)");
+        assert!(
+            found,
+            "{tool} is needed (apt-get install -y curl mosquitto-clients; .ci/run does it)"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("broker.log");
@@ -61,9 +64,13 @@ fn the_printed_signup_commands_work_as_printed() {
     let mut banner = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no complete banner; got:\n{}\nlog:\n{}", banner.join("\n"), std::fs::read_to_string(&log_path).unwrap_or_default()));
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "no complete banner; got:\n{}\nlog:\n{}",
+                banner.join("\n"),
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
+        });
         let done = line.starts_with("# the subscriber prints");
         banner.push(line);
         if done {
@@ -71,7 +78,10 @@ fn the_printed_signup_commands_work_as_printed() {
         }
     }
     let text = banner.join("\n");
-    assert!(text.contains("DEVELOPMENT: SMS_PROVIDER_URL is unset"), "{text}");
+    assert!(
+        text.contains("DEVELOPMENT: SMS_PROVIDER_URL is unset"),
+        "{text}"
+    );
     let start = banner
         .iter()
         .position(|l| l.starts_with("sign up by hand"))
@@ -111,7 +121,10 @@ fn the_printed_signup_commands_work_as_printed() {
         .find_map(|l| l.strip_prefix("uid="))
         .unwrap_or_default()
         .to_owned();
-    assert!(!uid.is_empty(), "no user id; script:\n{script}\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        !uid.is_empty(),
+        "no user id; script:\n{script}\nstdout:\n{out}\nstderr:\n{err}"
+    );
     assert!(
         out.contains(&format!("{uid}_contact_list {{\"contacts\":[]}}")),
         "the subscriber did not print the reply; script:\n{script}\nstdout:\n{out}\nstderr:\n{err}"

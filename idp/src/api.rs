@@ -71,7 +71,10 @@ impl From<StateError> for ApiError {
             StateError::Full => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
             StateError::Unavailable(_) => {
                 tracing::error!(error = %e, "identity state unavailable");
-                error(StatusCode::SERVICE_UNAVAILABLE, "service temporarily unavailable; try again later")
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service temporarily unavailable; try again later",
+                )
             }
         }
     }
@@ -79,12 +82,20 @@ impl From<StateError> for ApiError {
 
 fn store_failed(e: shared::store::StoreError) -> ApiError {
     tracing::error!(error = %e, "store failed");
-    error(StatusCode::SERVICE_UNAVAILABLE, "service temporarily unavailable; try again later")
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service temporarily unavailable; try again later",
+    )
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    (status, [(CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+    (
+        status,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        bytes,
+    )
+        .into_response()
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -108,7 +119,12 @@ pub fn router(idp: Arc<Idp>) -> Router {
 
 /// Reads the body under the cap.
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY_BYTES} bytes"));
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        )
+    };
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -116,16 +132,27 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
     if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| too_large())
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_large())
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], expected: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|_| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: expected {expected}")))
+    serde_json::from_slice(bytes).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON body: expected {expected}"),
+        )
+    })
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let missing = || error(StatusCode::UNAUTHORIZED, "missing or malformed Authorization: Bearer <session_token>");
+    let missing = || {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "missing or malformed Authorization: Bearer <session_token>",
+        )
+    };
     let value = headers.get(AUTHORIZATION).ok_or_else(missing)?;
     let text = value.to_str().map_err(|_| missing())?;
     let token = text.strip_prefix("Bearer ").ok_or_else(missing)?.trim();
@@ -155,7 +182,10 @@ impl Idp {
         let count = self.state.hit(&address_key(addr.ip()), RATE_WINDOW).await?;
         if count > self.settings.rate_per_addr {
             tracing::info!(peer = %addr.ip(), "rate limited: too many requests from this address");
-            return Err(error(StatusCode::TOO_MANY_REQUESTS, "too many requests from this address; try again in a minute"));
+            return Err(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests from this address; try again in a minute",
+            ));
         }
         Ok(())
     }
@@ -163,29 +193,39 @@ impl Idp {
     async fn limit_number(&self, msisdn: &Msisdn) -> Result<(), ApiError> {
         // Keyed by the number's uid: the counters never hold the number.
         let uid = self.uid_of(msisdn)?;
-        let count = self.state.hit(&format!("n:{}", uid.as_str()), RATE_WINDOW).await?;
+        let count = self
+            .state
+            .hit(&format!("n:{}", uid.as_str()), RATE_WINDOW)
+            .await?;
         if count > self.settings.rate_per_number {
             tracing::info!(msisdn = %msisdn, "rate limited: too many requests for this number");
-            return Err(error(StatusCode::TOO_MANY_REQUESTS, "too many requests for this number; try again in a minute"));
+            return Err(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests for this number; try again in a minute",
+            ));
         }
         Ok(())
     }
 
     fn uid_of(&self, msisdn: &Msisdn) -> Result<UserId, ApiError> {
-        msisdn
-            .uid(&self.uid_secret)
-            .ok_or_else(|| error(StatusCode::INTERNAL_SERVER_ERROR, "could not derive the user id"))
+        msisdn.uid(&self.uid_secret).ok_or_else(|| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not derive the user id",
+            )
+        })
     }
 
     /// The session a bearer session token names.
     async fn session(&self, headers: &HeaderMap) -> Result<(String, Session, Msisdn), ApiError> {
         let token = bearer(headers)?;
         let id = session_id(token);
-        let session = self
-            .state
-            .session(&id)
-            .await?
-            .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "unknown or expired session token: register again"))?;
+        let session = self.state.session(&id).await?.ok_or_else(|| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "unknown or expired session token: register again",
+            )
+        })?;
         let msisdn = Msisdn::parse(&session.msisdn)
             .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt session"))?;
         Ok((id, session, msisdn))
@@ -193,10 +233,16 @@ impl Idp {
 
     fn check_open(&self, session: &Session) -> Result<(), ApiError> {
         if session.uid.is_some() {
-            return Err(error(StatusCode::CONFLICT, "this number is already verified in this session"));
+            return Err(error(
+                StatusCode::CONFLICT,
+                "this number is already verified in this session",
+            ));
         }
         if session.attempts >= self.settings.max_code_attempts {
-            return Err(error(StatusCode::TOO_MANY_REQUESTS, "too many wrong codes: this session is closed; register again"));
+            return Err(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many wrong codes: this session is closed; register again",
+            ));
         }
         Ok(())
     }
@@ -207,14 +253,23 @@ impl Idp {
         let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
         let expires = shared::claims::now_secs().saturating_add(self.settings.code_ttl.as_secs());
         if !self.state.set_code(id, &code, expires).await? {
-            return Err(error(StatusCode::UNAUTHORIZED, "unknown or expired session token: register again"));
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unknown or expired session token: register again",
+            ));
         }
         if let Err(e) = self.sms.send(msisdn, &code).await {
             tracing::warn!(msisdn = %msisdn, error = %e, "one-time code not sent");
             let _ = self.state.take_code(id).await;
-            return Err(error(StatusCode::BAD_GATEWAY, "the SMS could not be sent; try again later"));
+            return Err(error(
+                StatusCode::BAD_GATEWAY,
+                "the SMS could not be sent; try again later",
+            ));
         }
-        Ok(json_response(StatusCode::OK, &json!({ "msisdn": self.sms.sender() })))
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "msisdn": self.sms.sender() }),
+        ))
     }
 
     /// Signs a device token for `uid`. Its `iat` is never earlier than the
@@ -227,7 +282,10 @@ impl Idp {
             None => now,
             Some(Revocation::IssuedBefore(cutoff)) => now.max(cutoff),
             Some(Revocation::All) => {
-                return Err(error(StatusCode::FORBIDDEN, "this account is suspended by an operator"));
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "this account is suspended by an operator",
+                ));
             }
         };
         let claims = TokenClaims {
@@ -239,16 +297,27 @@ impl Idp {
         };
         self.keys.sign(&claims).map_err(|e| {
             tracing::error!(error = %e, "signing a device token failed");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "could not sign the token")
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not sign the token",
+            )
         })
     }
 
     /// Admin endpoints: a configured token, compared in constant time.
     fn check_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(expected) = &self.settings.admin_token else {
-            return Err(error(StatusCode::FORBIDDEN, "admin endpoints are disabled: set IDP_ADMIN_TOKEN to enable them"));
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "admin endpoints are disabled: set IDP_ADMIN_TOKEN to enable them",
+            ));
         };
-        let refused = || error(StatusCode::UNAUTHORIZED, "admin endpoints need Authorization: Bearer <IDP_ADMIN_TOKEN>");
+        let refused = || {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "admin endpoints need Authorization: Bearer <IDP_ADMIN_TOKEN>",
+            )
+        };
         let given = bearer(headers).map_err(|_| refused())?;
         if bool::from(given.as_bytes().ct_eq(expected.0.as_bytes())) {
             Ok(())
@@ -275,8 +344,12 @@ async fn register(
 ) -> ApiResult {
     idp.limit_address(peer).await?;
     let bytes = read_body(&headers, body).await?;
-    let body: RegisterBody = parse_json(&bytes, r#"{"msisdn": "+15551234567"} (optional "mcc", "mnc")"#)?;
-    let msisdn = Msisdn::parse(&body.msisdn).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let body: RegisterBody = parse_json(
+        &bytes,
+        r#"{"msisdn": "+15551234567"} (optional "mcc", "mnc")"#,
+    )?;
+    let msisdn =
+        Msisdn::parse(&body.msisdn).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
     check_network(body.mcc.as_deref(), body.mnc.as_deref())
         .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
     idp.limit_number(&msisdn).await?;
@@ -284,7 +357,11 @@ async fn register(
     rand::rngs::OsRng.fill_bytes(&mut raw);
     let token = URL_SAFE_NO_PAD.encode(raw);
     idp.state
-        .create_session(&session_id(&token), msisdn.expose(), idp.settings.session_ttl)
+        .create_session(
+            &session_id(&token),
+            msisdn.expose(),
+            idp.settings.session_ttl,
+        )
         .await?;
     tracing::info!(msisdn = %msisdn, "registration started");
     Ok(json_response(
@@ -307,7 +384,10 @@ async fn verify(
     let (id, session, msisdn) = idp.session(&headers).await?;
     idp.check_open(&session)?;
     if session.code.is_some() {
-        return Err(error(StatusCode::CONFLICT, "a code was already sent: ask for another with /sms/resend_code"));
+        return Err(error(
+            StatusCode::CONFLICT,
+            "a code was already sent: ask for another with /sms/resend_code",
+        ));
     }
     idp.limit_number(&msisdn).await?;
     idp.send_code(&id, &msisdn).await
@@ -324,13 +404,19 @@ async fn resend_code(
     let (id, session, msisdn) = idp.session(&headers).await?;
     idp.check_open(&session)?;
     if session.code.is_none() {
-        return Err(error(StatusCode::CONFLICT, "no code sent yet: call /sms/verify first"));
+        return Err(error(
+            StatusCode::CONFLICT,
+            "no code sent yet: call /sms/verify first",
+        ));
     }
     let resends = idp.state.add_resend(&id).await?.unwrap_or(u32::MAX);
     if resends > idp.settings.max_resends {
         return Err(error(
             StatusCode::TOO_MANY_REQUESTS,
-            format!("too many resends (at most {}): register again later", idp.settings.max_resends),
+            format!(
+                "too many resends (at most {}): register again later",
+                idp.settings.max_resends
+            ),
         ));
     }
     idp.limit_number(&msisdn).await?;
@@ -357,17 +443,26 @@ async fn verify_code(
     let (id, session, msisdn) = idp.session(&headers).await?;
     idp.check_open(&session)?;
     let Some(expected) = &session.code else {
-        return Err(error(StatusCode::CONFLICT, "no code sent yet: call /sms/verify first"));
+        return Err(error(
+            StatusCode::CONFLICT,
+            "no code sent yet: call /sms/verify first",
+        ));
     };
     if shared::claims::now_secs() > session.code_expires {
-        return Err(error(StatusCode::BAD_REQUEST, "code expired: ask for a new one with /sms/resend_code"));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "code expired: ask for a new one with /sms/resend_code",
+        ));
     }
     if !bool::from(body.code.as_bytes().ct_eq(expected.as_bytes())) {
         let attempts = idp.state.add_attempt(&id).await?.unwrap_or(u32::MAX);
         tracing::info!(msisdn = %msisdn, attempts, "wrong one-time code");
         let max = idp.settings.max_code_attempts;
         if attempts >= max {
-            return Err(error(StatusCode::TOO_MANY_REQUESTS, "too many wrong codes: this session is closed; register again"));
+            return Err(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many wrong codes: this session is closed; register again",
+            ));
         }
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -386,7 +481,10 @@ async fn verify_code(
         .map_err(store_failed)?;
     idp.state.mark_verified(&id, uid.as_str()).await?;
     tracing::info!(msisdn = %msisdn, %uid, "number verified; device token issued");
-    Ok(json_response(StatusCode::OK, &json!({ "token": token, "user_id": uid.as_str() })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "token": token, "user_id": uid.as_str() }),
+    ))
 }
 
 /// Drops everything about the user: with the session token of a verified
@@ -405,14 +503,23 @@ async fn unregister(
     let (uid, session) = if credential.matches('.').count() == 2 {
         let claims = idp
             .keys
-            .verify(credential, &idp.settings.issuer, &idp.settings.audience, now)
+            .verify(
+                credential,
+                &idp.settings.issuer,
+                &idp.settings.audience,
+                now,
+            )
             .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "device token not accepted"))?;
-        let uid = UserId::parse(&claims.sub).map_err(|_| error(StatusCode::UNAUTHORIZED, "device token not accepted"))?;
+        let uid = UserId::parse(&claims.sub)
+            .map_err(|_| error(StatusCode::UNAUTHORIZED, "device token not accepted"))?;
         (Some(uid), None)
     } else {
         let (id, session, _) = idp.session(&headers).await?;
         let uid = match &session.uid {
-            Some(uid) => Some(UserId::parse(uid).map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt session"))?),
+            Some(uid) => Some(
+                UserId::parse(uid)
+                    .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt session"))?,
+            ),
             None => None,
         };
         (uid, Some(id))
@@ -438,7 +545,10 @@ async fn unregister(
 
 async fn jwks(State(idp): State<Arc<Idp>>) -> Response {
     let mut response = json_response(StatusCode::OK, &idp.keys.jwks(shared::claims::now_secs()));
-    if let Ok(value) = HeaderValue::from_str(&format!("public, max-age={}", idp.settings.jwks_max_age.as_secs())) {
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "public, max-age={}",
+        idp.settings.jwks_max_age.as_secs()
+    )) {
         response.headers_mut().insert(CACHE_CONTROL, value);
     }
     response
@@ -448,20 +558,37 @@ fn admin_uid(raw: &str) -> Result<UserId, ApiError> {
     UserId::parse(raw).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
-async fn admin_revoke(State(idp): State<Arc<Idp>>, Path(uid): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn admin_revoke(
+    State(idp): State<Arc<Idp>>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     idp.check_admin(&headers)?;
     let uid = admin_uid(&uid)?;
-    idp.store.revoke_user(&uid, Revocation::All).await.map_err(store_failed)?;
+    idp.store
+        .revoke_user(&uid, Revocation::All)
+        .await
+        .map_err(store_failed)?;
     tracing::info!(%uid, "user revoked by an operator");
-    Ok(json_response(StatusCode::OK, &json!({ "user_id": uid.as_str(), "revoked": true })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "user_id": uid.as_str(), "revoked": true }),
+    ))
 }
 
-async fn admin_restore(State(idp): State<Arc<Idp>>, Path(uid): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn admin_restore(
+    State(idp): State<Arc<Idp>>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     idp.check_admin(&headers)?;
     let uid = admin_uid(&uid)?;
     idp.store.restore_user(&uid).await.map_err(store_failed)?;
     tracing::info!(%uid, "user restored by an operator");
-    Ok(json_response(StatusCode::OK, &json!({ "user_id": uid.as_str(), "revoked": false })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "user_id": uid.as_str(), "revoked": false }),
+    ))
 }
 
 async fn admin_rotate(State(idp): State<Arc<Idp>>, headers: HeaderMap) -> ApiResult {
@@ -474,7 +601,10 @@ async fn admin_rotate(State(idp): State<Arc<Idp>>, headers: HeaderMap) -> ApiRes
         tracing::error!(error = %e, "key rotation failed");
         error(StatusCode::INTERNAL_SERVER_ERROR, "key rotation failed")
     })?;
-    Ok(json_response(StatusCode::OK, &json!({ "kid": kid, "published": idp.keys.kids() })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "kid": kid, "published": idp.keys.kids() }),
+    ))
 }
 
 #[cfg(test)]
@@ -484,7 +614,10 @@ mod tests {
     #[test]
     fn address_keys() {
         assert_eq!(address_key("10.1.2.3".parse().unwrap()), "a:10.1.2.3");
-        assert_eq!(address_key("::ffff:10.1.2.3".parse().unwrap()), "a:10.1.2.3");
+        assert_eq!(
+            address_key("::ffff:10.1.2.3".parse().unwrap()),
+            "a:10.1.2.3"
+        );
         assert_eq!(
             address_key("2001:db8:1:2:aaaa::1".parse().unwrap()),
             address_key("2001:db8:1:2:bbbb::9".parse().unwrap())

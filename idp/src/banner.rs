@@ -19,7 +19,9 @@ pub fn signup_lines(idp: SocketAddr, mqtt_port: u16, ca: &str, development: bool
     lines.push(format!(
         r#"  S=$(curl -s -X POST {url}/register -H 'Content-Type: application/json' -d '{{"msisdn":"+15551234567"}}' | sed -n 's/.*"session_token":"\([^"]*\)".*/\1/p')"#
     ));
-    lines.push(format!(r#"  curl -s -X POST {url}/sms/verify -H "Authorization: Bearer $S""#));
+    lines.push(format!(
+        r#"  curl -s -X POST {url}/sms/verify -H "Authorization: Bearer $S""#
+    ));
     lines.push(if development {
         "  CODE=123456   # the 6 digits after `code=` in this log".into()
     } else {
@@ -52,6 +54,8 @@ mod tests {
         assert!(lines.contains("http://127.0.0.1:8080/register"));
         assert!(lines.contains("-p 8883 --cafile certs/dev/ca.pem"));
         assert!(lines.contains("NOT SENT"));
-        assert!(!signup_lines(idp, 8883, "ca.pem", false).join("\n").contains("NOT SENT"));
+        assert!(!signup_lines(idp, 8883, "ca.pem", false)
+            .join("\n")
+            .contains("NOT SENT"));
     }
 }

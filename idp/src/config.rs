@@ -183,20 +183,83 @@ impl IdpArgs {
     /// Checks every value and builds the settings.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         const DAY: u64 = 24 * 3600;
-        check_range("IDP_TOKEN_TTL", self.idp_token_ttl, 1, 90 * DAY, "seconds; a day is 86400")?;
-        check_range("IDP_KEY_RETIRE_LEEWAY_SECS", self.idp_key_retire_leeway_secs, 0, DAY, "seconds")?;
-        check_range("IDP_JWKS_MAX_AGE_SECS", self.idp_jwks_max_age_secs, 0, DAY, "seconds")?;
-        check_range("IDP_SESSION_TTL_SECS", self.idp_session_ttl_secs, 10, 30 * DAY, "seconds")?;
-        check_range("IDP_CODE_TTL_SECS", self.idp_code_ttl_secs, 1, DAY, "seconds; 300 is usual")?;
-        check_range("IDP_MAX_CODE_ATTEMPTS", self.idp_max_code_attempts.into(), 1, 20, "a handful: each try is a guess at a 6-digit code")?;
-        check_range("IDP_MAX_RESENDS", self.idp_max_resends.into(), 0, 20, "each resend is an SMS paid for")?;
-        check_range("IDP_RATE_PER_NUMBER", self.idp_rate_per_number.into(), 1, 10_000, "per minute")?;
-        check_range("IDP_RATE_PER_ADDR", self.idp_rate_per_addr.into(), 1, 1_000_000, "per minute")?;
-        check_range("IDP_MAX_ENTRIES", self.idp_max_entries as u64, 100, 100_000_000, "entries")?;
+        check_range(
+            "IDP_TOKEN_TTL",
+            self.idp_token_ttl,
+            1,
+            90 * DAY,
+            "seconds; a day is 86400",
+        )?;
+        check_range(
+            "IDP_KEY_RETIRE_LEEWAY_SECS",
+            self.idp_key_retire_leeway_secs,
+            0,
+            DAY,
+            "seconds",
+        )?;
+        check_range(
+            "IDP_JWKS_MAX_AGE_SECS",
+            self.idp_jwks_max_age_secs,
+            0,
+            DAY,
+            "seconds",
+        )?;
+        check_range(
+            "IDP_SESSION_TTL_SECS",
+            self.idp_session_ttl_secs,
+            10,
+            30 * DAY,
+            "seconds",
+        )?;
+        check_range(
+            "IDP_CODE_TTL_SECS",
+            self.idp_code_ttl_secs,
+            1,
+            DAY,
+            "seconds; 300 is usual",
+        )?;
+        check_range(
+            "IDP_MAX_CODE_ATTEMPTS",
+            self.idp_max_code_attempts.into(),
+            1,
+            20,
+            "a handful: each try is a guess at a 6-digit code",
+        )?;
+        check_range(
+            "IDP_MAX_RESENDS",
+            self.idp_max_resends.into(),
+            0,
+            20,
+            "each resend is an SMS paid for",
+        )?;
+        check_range(
+            "IDP_RATE_PER_NUMBER",
+            self.idp_rate_per_number.into(),
+            1,
+            10_000,
+            "per minute",
+        )?;
+        check_range(
+            "IDP_RATE_PER_ADDR",
+            self.idp_rate_per_addr.into(),
+            1,
+            1_000_000,
+            "per minute",
+        )?;
+        check_range(
+            "IDP_MAX_ENTRIES",
+            self.idp_max_entries as u64,
+            100,
+            100_000_000,
+            "entries",
+        )?;
         if self.idp_code_ttl_secs > self.idp_session_ttl_secs {
             return Err(invalid("IDP_CODE_TTL_SECS is longer than IDP_SESSION_TTL_SECS: a code cannot outlive its session; shorten the code TTL"));
         }
-        for (name, value) in [("IDP_ISSUER", &self.idp_issuer), ("IDP_AUDIENCE", &self.idp_audience)] {
+        for (name, value) in [
+            ("IDP_ISSUER", &self.idp_issuer),
+            ("IDP_AUDIENCE", &self.idp_audience),
+        ] {
             if value.trim().is_empty() || value.len() > 256 {
                 return Err(invalid(format!("{name} must be 1-256 characters")));
             }
@@ -212,8 +275,9 @@ impl IdpArgs {
             }
         }
         if let Some(url) = &self.sms_provider_url {
-            let parsed = reqwest::Url::parse(url)
-                .map_err(|_| invalid("SMS_PROVIDER_URL is not a URL: use https://provider.example/messages"))?;
+            let parsed = reqwest::Url::parse(url).map_err(|_| {
+                invalid("SMS_PROVIDER_URL is not a URL: use https://provider.example/messages")
+            })?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(invalid("SMS_PROVIDER_URL must be an http(s) URL"));
             }
@@ -221,7 +285,9 @@ impl IdpArgs {
         let public_url = match self.idp_public_url {
             Some(url) => {
                 if reqwest::Url::parse(&url).is_err() {
-                    return Err(invalid("IDP_PUBLIC_URL is not a URL: use e.g. https://idp.example.com"));
+                    return Err(invalid(
+                        "IDP_PUBLIC_URL is not a URL: use e.g. https://idp.example.com",
+                    ));
                 }
                 url.trim_end_matches('/').to_owned()
             }
@@ -258,38 +324,35 @@ impl IdpArgs {
 }
 
 impl Settings {
-    /// Settings for tests: defaults, keys under `keys_dir`, listen address
-    /// chosen by the caller's bound listener.
+    /// Settings for tests: defaults, keys under `keys_dir`, generous rate
+    /// limits, no SMS provider and no admin token (tests set what they need).
     pub fn for_tests(keys_dir: PathBuf) -> Settings {
-        let args = IdpArgs {
-            idp_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            idp_public_url: None,
-            idp_issuer: "test-idp".into(),
-            idp_audience: "mqtt-broker".into(),
-            idp_keys_dir: keys_dir.clone(),
-            idp_token_ttl: 3600,
-            idp_key_retire_leeway_secs: 60,
-            idp_jwks_max_age_secs: 60,
-            idp_uid_secret: Some("test-uid-secret-0123456789abcdef0123456789".into()),
-            idp_session_ttl_secs: 600,
-            idp_code_ttl_secs: 300,
-            idp_max_code_attempts: 5,
-            idp_max_resends: 3,
-            idp_rate_per_number: 100,
-            idp_rate_per_addr: 10_000,
-            idp_max_entries: 10_000,
-            idp_admin_token: None,
-            sms_provider_url: None,
-            sms_provider_token: None,
-            sms_sender: "+15550100000".into(),
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_url: "http://127.0.0.1:0".into(),
+            issuer: "test-idp".into(),
+            audience: "mqtt-broker".into(),
+            data_dir: keys_dir.clone(),
+            keys_dir,
+            token_ttl: Duration::from_secs(3600),
+            key_retire_leeway: Duration::from_secs(60),
+            jwks_max_age: Duration::from_secs(60),
+            uid_secret: Some(Secret("test-uid-secret-0123456789abcdef0123456789".into())),
+            session_ttl: Duration::from_secs(600),
+            code_ttl: Duration::from_secs(300),
+            max_code_attempts: 5,
+            max_resends: 3,
+            rate_per_number: 100,
+            rate_per_addr: 10_000,
+            max_entries: 10_000,
+            admin_token: None,
+            sms: SmsSettings {
+                provider_url: None,
+                provider_token: None,
+                sender: "+15550100000".into(),
+            },
             redis_url: None,
-            data_dir: keys_dir,
-            idp_in_process: true,
-        };
-        // The values above are within every range.
-        match args.resolve() {
-            Ok(settings) => settings,
-            Err(e) => panic!("test settings: {e}"),
+            in_process: true,
         }
     }
 }
@@ -317,7 +380,9 @@ mod tests {
                 let commented = line.starts_with("# ");
                 let (name, value) = line.trim_start_matches("# ").split_once('=')?;
                 let is_name = !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
                 is_name.then(|| (name.to_owned(), (!commented).then(|| value.to_owned())))
             })
             .collect();
@@ -349,19 +414,35 @@ mod tests {
     fn absurd_values_are_refused_with_a_fix() {
         let mut a = args();
         a.idp_token_ttl = 0;
-        assert!(a.resolve().unwrap_err().to_string().contains("IDP_TOKEN_TTL"));
+        assert!(a
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("IDP_TOKEN_TTL"));
         let mut a = args();
         a.idp_uid_secret = Some("short".into());
-        assert!(a.resolve().unwrap_err().to_string().contains("openssl rand"));
+        assert!(a
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("openssl rand"));
         let mut a = args();
         a.idp_admin_token = Some("short".into());
-        assert!(a.resolve().unwrap_err().to_string().contains("IDP_ADMIN_TOKEN"));
+        assert!(a
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("IDP_ADMIN_TOKEN"));
         let mut a = args();
         a.sms_provider_url = Some("ftp://x".into());
         assert!(a.resolve().is_err());
         let mut a = args();
         a.idp_code_ttl_secs = 7200;
-        assert!(a.resolve().unwrap_err().to_string().contains("IDP_CODE_TTL_SECS"));
+        assert!(a
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("IDP_CODE_TTL_SECS"));
     }
 
     #[test]

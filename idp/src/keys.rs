@@ -194,6 +194,12 @@ impl KeyRing {
             .map(|k| k.meta.clone())
     }
 
+    /// The metadata of every key loaded now, sorted by kid.
+    pub fn metas(&self) -> Vec<KeyMeta> {
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        keys.values().map(|k| k.meta.clone()).collect()
+    }
+
     /// The kids loaded now, sorted.
     pub fn kids(&self) -> Vec<String> {
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
@@ -226,7 +232,13 @@ impl KeyRing {
 
     /// The claims of a token this service issued, if its signature (by a key
     /// still published), `exp`, `iss` and `aud` are good.
-    pub fn verify(&self, token: &str, issuer: &str, audience: &str, now: u64) -> Option<TokenClaims> {
+    pub fn verify(
+        &self,
+        token: &str,
+        issuer: &str,
+        audience: &str,
+        now: u64,
+    ) -> Option<TokenClaims> {
         let header = jsonwebtoken::decode_header(token).ok()?;
         if header.alg != Algorithm::RS256 {
             return None;
@@ -472,12 +484,19 @@ mod tests {
                 .map(|k| k["kid"].as_str().unwrap().to_owned())
                 .collect()
         };
+        let retired = ring
+            .metas()
+            .iter()
+            .find(|m| m.kid == old)
+            .and_then(|m| m.retired_at)
+            .unwrap();
+        assert!(retired >= now);
         // Both published while a token of the old key may still be valid.
-        assert_eq!(kids_at(now + 110).len(), 2);
+        assert_eq!(kids_at(retired + 110).len(), 2);
         assert!(ring.verify(&old_token, "iss", "aud", now).is_some());
         // Past retired_at + TTL + leeway: only the new one.
-        assert_eq!(kids_at(now + 111), vec![new.clone()]);
-        ring.reload(now + 111).unwrap();
+        assert_eq!(kids_at(retired + 111), vec![new.clone()]);
+        ring.reload(retired + 111).unwrap();
         assert_eq!(ring.kids(), vec![new.clone()]);
         assert!(!meta_path(dir.path(), &old).exists());
         assert!(!pem_path(dir.path(), &old).exists());
@@ -504,6 +523,9 @@ mod tests {
         let a = uid_secret(dir.path(), None).unwrap();
         assert_eq!(a.len(), 64);
         assert_eq!(uid_secret(dir.path(), None).unwrap(), a);
-        assert_eq!(uid_secret(dir.path(), Some("configured")).unwrap(), b"configured");
+        assert_eq!(
+            uid_secret(dir.path(), Some("configured")).unwrap(),
+            b"configured"
+        );
     }
 }

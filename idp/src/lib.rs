@@ -124,7 +124,11 @@ impl Idp {
 
 /// Serves the API on `listener` until `shutdown` fires, re-reading the
 /// keys directory every [`KEY_RELOAD_INTERVAL`].
-pub async fn serve(listener: TcpListener, idp: Arc<Idp>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    idp: Arc<Idp>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     // The reload task stops with the server, not only with the caller's token.
     let stop = shutdown.child_token();
     let reload = {
@@ -138,9 +142,13 @@ pub async fn serve(listener: TcpListener, idp: Arc<Idp>, shutdown: CancellationT
                     _ = ticks.tick() => {}
                 }
                 let keys = keys.clone();
-                match tokio::task::spawn_blocking(move || keys.reload(shared::claims::now_secs())).await {
+                match tokio::task::spawn_blocking(move || keys.reload(shared::claims::now_secs()))
+                    .await
+                {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "reloading the signing keys failed; keeping the loaded ones"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "reloading the signing keys failed; keeping the loaded ones")
+                    }
                     Err(_) => tracing::error!("the key reload task failed"),
                 }
             }

@@ -10,7 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "idp", about = "Phone-number sign-up by SMS code, issuing device tokens for the broker")]
+#[command(
+    name = "idp",
+    about = "Phone-number sign-up by SMS code, issuing device tokens for the broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -30,7 +33,9 @@ enum Command {
 fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -44,7 +49,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("idp: cannot start the async runtime: {e}");
@@ -65,18 +74,35 @@ fn main() -> ExitCode {
 }
 
 fn rotate(settings: &idp::config::Settings) -> anyhow::Result<()> {
-    let ring = idp::keys::KeyRing::open(&settings.keys_dir, settings.token_ttl, settings.key_retire_leeway)
-        .context("opening IDP_KEYS_DIR")?;
-    let kid = ring.rotate(shared::claims::now_secs()).context("rotating the signing key")?;
-    println!("new signing key {kid}; published keys: {}", ring.kids().join(", "));
-    println!("a running idp picks it up within {} s", idp::KEY_RELOAD_INTERVAL.as_secs());
+    let ring = idp::keys::KeyRing::open(
+        &settings.keys_dir,
+        settings.token_ttl,
+        settings.key_retire_leeway,
+    )
+    .context("opening IDP_KEYS_DIR")?;
+    let kid = ring
+        .rotate(shared::claims::now_secs())
+        .context("rotating the signing key")?;
+    println!(
+        "new signing key {kid}; published keys: {}",
+        ring.kids().join(", ")
+    );
+    println!(
+        "a running idp picks it up within {} s",
+        idp::KEY_RELOAD_INTERVAL.as_secs()
+    );
     Ok(())
 }
 
 async fn serve(settings: idp::config::Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (IDP_LISTEN): is another process using it?", settings.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (IDP_LISTEN): is another process using it?",
+                settings.listen
+            )
+        })?;
     let store = shared::store::open(settings.redis_url.as_deref(), &settings.data_dir)
         .await
         .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?;
@@ -85,7 +111,9 @@ async fn serve(settings: idp::config::Settings) -> anyhow::Result<()> {
     println!("identity service listening on http://{addr}");
     println!("  JWKS: http://{addr}/.well-known/jwks.json");
     if service.is_development() {
-        println!("  !!! DEVELOPMENT: SMS_PROVIDER_URL is unset: one-time codes are LOGGED, not sent !!!");
+        println!(
+            "  !!! DEVELOPMENT: SMS_PROVIDER_URL is unset: one-time codes are LOGGED, not sent !!!"
+        );
     }
     let shutdown = CancellationToken::new();
     tokio::spawn({

@@ -90,7 +90,8 @@ impl fmt::Display for Msisdn {
 
 /// Checks the optional mobile country and network codes of a registration.
 pub fn check_network(mcc: Option<&str>, mnc: Option<&str>) -> Result<(), MsisdnError> {
-    let digits = |s: &str, lens: &[usize]| lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    let digits =
+        |s: &str, lens: &[usize]| lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
     if mcc.is_some_and(|m| !digits(m, &[3])) {
         return Err(MsisdnError::BadMcc);
     }
@@ -128,7 +129,12 @@ mod tests {
 
     #[test]
     fn e164_numbers() {
-        for ok in ["+15551234567", "+4930123456", "+1234567", "+123456789012345"] {
+        for ok in [
+            "+15551234567",
+            "+4930123456",
+            "+1234567",
+            "+123456789012345",
+        ] {
             assert!(Msisdn::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -165,7 +171,10 @@ mod tests {
         assert!(UserId::parse(a.as_str()).is_ok());
         assert_ne!(a, n.uid(b"secret-two-0123456789abcdef0123456789").unwrap());
         let other = Msisdn::parse("+15551234568").unwrap();
-        assert_ne!(a, other.uid(b"secret-one-0123456789abcdef0123456789").unwrap());
+        assert_ne!(
+            a,
+            other.uid(b"secret-one-0123456789abcdef0123456789").unwrap()
+        );
     }
 
     #[test]

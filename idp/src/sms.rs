@@ -49,7 +49,9 @@ impl SmsSender {
 
     /// Sends `code` to `to`.
     pub async fn send(&self, to: &Msisdn, code: &str) -> Result<(), SmsError> {
-        let message = format!("Your verification code is {code}. It expires in a few minutes; do not share it.");
+        let message = format!(
+            "Your verification code is {code}. It expires in a few minutes; do not share it."
+        );
         let Some(url) = &self.settings.provider_url else {
             // Development only: the banner says loudly that codes go to the log.
             tracing::warn!(to = %to, code = %code, "DEVELOPMENT: SMS not sent (no SMS_PROVIDER_URL); the one-time code is logged here");

@@ -55,7 +55,8 @@ pub fn session_id(token: &str) -> String {
 /// Where sessions and counters live.
 pub enum State {
     Memory(MemoryState),
-    Redis(RedisState),
+    /// Boxed: the client and scripts are large beside the maps.
+    Redis(Box<RedisState>),
 }
 
 impl State {
@@ -63,12 +64,17 @@ impl State {
     /// memory holding at most `max_entries` sessions and as many counters.
     pub fn open(redis_url: Option<&str>, max_entries: usize) -> Result<State, StateError> {
         match redis_url {
-            Some(url) => Ok(State::Redis(RedisState::new(url)?)),
+            Some(url) => Ok(State::Redis(Box::new(RedisState::new(url)?))),
             None => Ok(State::Memory(MemoryState::new(max_entries))),
         }
     }
 
-    pub async fn create_session(&self, id: &str, msisdn: &str, ttl: Duration) -> Result<(), StateError> {
+    pub async fn create_session(
+        &self,
+        id: &str,
+        msisdn: &str,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
         match self {
             State::Memory(m) => m.create_session(id, msisdn, ttl),
             State::Redis(r) => r.create_session(id, msisdn, ttl).await,
@@ -91,8 +97,11 @@ impl State {
                 s.code_expires = expires;
             })),
             State::Redis(r) => {
-                r.hset_if_exists(id, &[("code", code), ("code_expires", &expires.to_string())])
-                    .await
+                r.hset_if_exists(
+                    id,
+                    &[("code", code), ("code_expires", &expires.to_string())],
+                )
+                .await
             }
         }
     }
@@ -112,7 +121,11 @@ impl State {
             State::Memory(m) => {
                 let mut count = None;
                 m.update(id, |s| {
-                    let slot = if field == "attempts" { &mut s.attempts } else { &mut s.resends };
+                    let slot = if field == "attempts" {
+                        &mut s.attempts
+                    } else {
+                        &mut s.resends
+                    };
                     *slot = slot.saturating_add(1);
                     count = Some(*slot);
                 });
@@ -146,7 +159,10 @@ impl State {
     pub async fn delete_session(&self, id: &str) -> Result<(), StateError> {
         match self {
             State::Memory(m) => {
-                m.sessions.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+                m.sessions
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(id);
                 Ok(())
             }
             State::Redis(r) => r.delete_session(id).await,
@@ -182,8 +198,16 @@ impl MemoryState {
 
     /// How many sessions and counters are held (tests check the caps).
     pub fn len(&self) -> (usize, usize) {
-        let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner).len();
-        let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner).len();
+        let sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
         (sessions, counters)
     }
 
@@ -298,7 +322,9 @@ impl RedisState {
     /// Parses `url` without connecting.
     pub fn new(url: &str) -> Result<RedisState, StateError> {
         let client = redis::Client::open(url).map_err(|_| {
-            StateError::Unavailable("REDIS_URL is not a valid Redis URL (redis://[:password@]host[:port][/db])".into())
+            StateError::Unavailable(
+                "REDIS_URL is not a valid Redis URL (redis://[:password@]host[:port][/db])".into(),
+            )
         })?;
         Ok(RedisState {
             client,
@@ -336,7 +362,12 @@ impl RedisState {
             .map_err(|_| StateError::Unavailable("redis: operation timed out".into()))?
     }
 
-    async fn create_session(&self, id: &str, msisdn: &str, ttl: Duration) -> Result<(), StateError> {
+    async fn create_session(
+        &self,
+        id: &str,
+        msisdn: &str,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
         let key = session_key(id);
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         self.run(|mut c| async move {
@@ -365,7 +396,12 @@ impl RedisState {
         let Some(msisdn) = fields.get("msisdn") else {
             return Ok(None);
         };
-        let number = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let number = |name: &str| {
+            fields
+                .get(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         Ok(Some(Session {
             msisdn: msisdn.clone(),
             code: fields.get("code").cloned(),
@@ -399,7 +435,13 @@ impl RedisState {
     async fn take_code(&self, id: &str) -> Result<bool, StateError> {
         let key = session_key(id);
         let removed: i64 = self
-            .run(|mut c| async move { redis::cmd("HDEL").arg(&key).arg("code").query_async(&mut c).await })
+            .run(|mut c| async move {
+                redis::cmd("HDEL")
+                    .arg(&key)
+                    .arg("code")
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
         Ok(removed == 1)
     }
@@ -427,20 +469,32 @@ mod tests {
     async fn exercise(state: &State) {
         let id = session_id("token-1");
         assert_eq!(state.session(&id).await.unwrap(), None);
-        state.create_session(&id, "+15551234567", Duration::from_secs(60)).await.unwrap();
+        state
+            .create_session(&id, "+15551234567", Duration::from_secs(60))
+            .await
+            .unwrap();
         let s = state.session(&id).await.unwrap().unwrap();
         assert_eq!(s.msisdn, "+15551234567");
-        assert_eq!((s.code.clone(), s.attempts, s.resends, s.uid.clone()), (None, 0, 0, None));
+        assert_eq!(
+            (s.code.clone(), s.attempts, s.resends, s.uid.clone()),
+            (None, 0, 0, None)
+        );
         assert!(state.set_code(&id, "123456", 99).await.unwrap());
         assert_eq!(state.add_attempt(&id).await.unwrap(), Some(1));
         assert_eq!(state.add_attempt(&id).await.unwrap(), Some(2));
         assert_eq!(state.add_resend(&id).await.unwrap(), Some(1));
         let s = state.session(&id).await.unwrap().unwrap();
-        assert_eq!((s.code.as_deref(), s.code_expires, s.attempts, s.resends), (Some("123456"), 99, 2, 1));
+        assert_eq!(
+            (s.code.as_deref(), s.code_expires, s.attempts, s.resends),
+            (Some("123456"), 99, 2, 1)
+        );
         assert!(state.take_code(&id).await.unwrap());
         assert!(!state.take_code(&id).await.unwrap(), "a code is taken once");
         assert!(state.mark_verified(&id, "uid1").await.unwrap());
-        assert_eq!(state.session(&id).await.unwrap().unwrap().uid.as_deref(), Some("uid1"));
+        assert_eq!(
+            state.session(&id).await.unwrap().unwrap().uid.as_deref(),
+            Some("uid1")
+        );
         state.delete_session(&id).await.unwrap();
         assert_eq!(state.session(&id).await.unwrap(), None);
         // A gone session is not brought back by updates.
@@ -450,15 +504,34 @@ mod tests {
         assert_eq!(state.session(&id).await.unwrap(), None);
         // Counters.
         for n in 1..=3 {
-            assert_eq!(state.hit("a:1.2.3.4", Duration::from_secs(60)).await.unwrap(), n);
+            assert_eq!(
+                state
+                    .hit("a:1.2.3.4", Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+                n
+            );
         }
-        assert_eq!(state.hit("a:1.2.3.5", Duration::from_secs(60)).await.unwrap(), 1);
+        assert_eq!(
+            state
+                .hit("a:1.2.3.5", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            1
+        );
         assert_eq!(state.hit("w", Duration::from_millis(200)).await.unwrap(), 1);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(state.hit("w", Duration::from_millis(200)).await.unwrap(), 1, "a new window");
+        assert_eq!(
+            state.hit("w", Duration::from_millis(200)).await.unwrap(),
+            1,
+            "a new window"
+        );
         // Expiry.
         let short = session_id("short");
-        state.create_session(&short, "+15551234567", Duration::from_millis(200)).await.unwrap();
+        state
+            .create_session(&short, "+15551234567", Duration::from_millis(200))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(state.session(&short).await.unwrap(), None);
     }
@@ -478,11 +551,18 @@ mod tests {
     fn memory_maps_are_capped() {
         let m = MemoryState::new(100);
         for i in 0..100 {
-            m.create_session(&format!("s{i}"), "+1", Duration::from_secs(60)).unwrap();
+            m.create_session(&format!("s{i}"), "+1", Duration::from_secs(60))
+                .unwrap();
             m.hit(&format!("c{i}"), Duration::from_secs(60)).unwrap();
         }
-        assert!(matches!(m.create_session("one-more", "+1", Duration::from_secs(60)), Err(StateError::Full)));
-        assert!(matches!(m.hit("one-more", Duration::from_secs(60)), Err(StateError::Full)));
+        assert!(matches!(
+            m.create_session("one-more", "+1", Duration::from_secs(60)),
+            Err(StateError::Full)
+        ));
+        assert!(matches!(
+            m.hit("one-more", Duration::from_secs(60)),
+            Err(StateError::Full)
+        ));
         // A known counter still counts.
         assert_eq!(m.hit("c0", Duration::from_secs(60)).unwrap(), 2);
         assert_eq!(m.len(), (100, 100));

@@ -36,7 +36,10 @@ async fn a_registered_user_costs_under_400_bytes_in_redis() {
     let session = idp.register("+15550000001").await;
     let keys: Vec<String> = conn.keys("idp:s:*").await.unwrap();
     assert_eq!(keys.len(), 1);
-    assert!(!keys[0].contains(&session), "stored under a hash of the token");
+    assert!(
+        !keys[0].contains(&session),
+        "stored under a hash of the token"
+    );
     let ttl: i64 = conn.pttl(&keys[0]).await.unwrap();
     assert!(ttl > 0 && ttl <= 2000, "{ttl}");
     let fields: std::collections::HashMap<String, String> = conn.hgetall(&keys[0]).await.unwrap();
@@ -58,10 +61,18 @@ async fn a_registered_user_costs_under_400_bytes_in_redis() {
     // Once the sessions have expired, what stays is what registered users
     // cost (the per-minute counters go within a minute, and are left out).
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(conn.keys::<_, Vec<String>>("idp:s:*").await.unwrap().is_empty());
+    assert!(conn
+        .keys::<_, Vec<String>>("idp:s:*")
+        .await
+        .unwrap()
+        .is_empty());
     let all: Vec<String> = conn.keys("*").await.unwrap();
     let lasting: Vec<&String> = all.iter().filter(|k| !k.starts_with("idp:r:")).collect();
-    assert_eq!(lasting.len(), USERS, "one key per registered user: {lasting:?}");
+    assert_eq!(
+        lasting.len(),
+        USERS,
+        "one key per registered user: {lasting:?}"
+    );
     let mut bytes = 0u64;
     for key in &lasting {
         assert!(uids.iter().any(|u| key.contains(u.as_str())), "{key}");
@@ -76,6 +87,9 @@ async fn a_registered_user_costs_under_400_bytes_in_redis() {
         bytes += used;
     }
     let per_user = bytes / USERS as u64;
-    println!("redis bytes per registered user: {per_user} (MEMORY USAGE over {} keys, {USERS} users)", lasting.len());
+    println!(
+        "redis bytes per registered user: {per_user} (MEMORY USAGE over {} keys, {USERS} users)",
+        lasting.len()
+    );
     assert!(per_user < 400, "{per_user} bytes per user");
 }

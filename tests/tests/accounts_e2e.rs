@@ -55,7 +55,11 @@ impl Drop for Idp {
 }
 
 impl Idp {
-    async fn start(store: Arc<dyn Store>, redis_url: &str, adjust: impl FnOnce(&mut idp::config::Settings)) -> Idp {
+    async fn start(
+        store: Arc<dyn Store>,
+        redis_url: &str,
+        adjust: impl FnOnce(&mut idp::config::Settings),
+    ) -> Idp {
         let dir = tempfile::tempdir().unwrap();
         let sms = Platform::start().await;
         let mut settings = idp::config::Settings::for_tests(dir.path().join("keys"));
@@ -73,7 +77,10 @@ impl Idp {
             base,
             service,
             sms,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
             _dir: dir,
             shutdown,
         }
@@ -86,7 +93,9 @@ impl Idp {
     async fn post(&self, path: &str, bearer: Option<&str>, body: Option<Value>) -> (u16, Value) {
         let mut request = self.http.post(format!("{}{path}", self.base));
         if let Some(body) = body {
-            request = request.header("content-type", "application/json").body(body.to_string());
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
         }
         if let Some(bearer) = bearer {
             request = request.bearer_auth(bearer);
@@ -99,7 +108,9 @@ impl Idp {
     /// Steps 1: register, have the code sent, read it from the SMS
     /// provider's request, verify it. (token, uid)
     async fn sign_up(&self, msisdn: &str) -> (String, String) {
-        let (status, body) = self.post("/register", None, Some(json!({ "msisdn": msisdn }))).await;
+        let (status, body) = self
+            .post("/register", None, Some(json!({ "msisdn": msisdn })))
+            .await;
         assert_eq!(status, 200, "{body}");
         let session = body["session_token"].as_str().unwrap().to_owned();
         let sent_before = self.sms.received().len();
@@ -116,7 +127,11 @@ impl Idp {
             .expect("a 6-digit code in the SMS")
             .to_owned();
         let (status, body) = self
-            .post("/sms/verify_code", Some(&session), Some(json!({ "code": code })))
+            .post(
+                "/sms/verify_code",
+                Some(&session),
+                Some(json!({ "code": code })),
+            )
             .await;
         assert_eq!(status, 200, "{body}");
         (
@@ -162,7 +177,11 @@ async fn device(broker: &TestBroker, uid: &str, token: &str) -> Device {
 /// Syncs: the device's AES key (id, key).
 async fn sync(dev: &mut Device) -> (String, shared::envelope::AesKey) {
     let public_key = device::public_key_b64(device_key()).unwrap();
-    dev.send("sync", json!({"public_key": public_key, "request_id": "s1"})).await;
+    dev.send(
+        "sync",
+        json!({"public_key": public_key, "request_id": "s1"}),
+    )
+    .await;
     let body = dev.reply_on("sync").await;
     assert_eq!(body["status"], 200, "{body}");
     let key = device::open_sync_reply(
@@ -176,8 +195,14 @@ async fn sync(dev: &mut Device) -> (String, shared::envelope::AesKey) {
 }
 
 /// Handler settings on the shared Redis, the platform `sms` at `platform`.
-fn handler_settings(broker: &TestBroker, dir: &std::path::Path, redis: &str, platform: &Platform) -> handlers::Settings {
-    let mut settings = handlers_common::settings(broker, dir, Some(redis.to_owned()), &platform.url("/in"));
+fn handler_settings(
+    broker: &TestBroker,
+    dir: &std::path::Path,
+    redis: &str,
+    platform: &Platform,
+) -> handlers::Settings {
+    let mut settings =
+        handlers_common::settings(broker, dir, Some(redis.to_owned()), &platform.url("/in"));
     settings.tokens_master_key = Some(handlers::tokens::MasterKey::parse(MASTER_KEY).unwrap());
     settings
 }
@@ -186,14 +211,21 @@ fn handler_settings(broker: &TestBroker, dir: &std::path::Path, redis: &str, pla
 async fn sign_up_use_delete_and_sign_up_again() {
     e2e::init_logging();
     let redis = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(shared::store::RedisStore::connect(&redis.url()).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(
+        shared::store::RedisStore::connect(&redis.url())
+            .await
+            .unwrap(),
+    );
     let idp = Idp::start(store.clone(), &redis.url(), |_| {}).await;
     let broker = TestBroker::start_with(options(&idp, store.clone())).await;
     let platform = Platform::start().await;
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let handlers_task = handlers::spawn_builtin(handler_settings(&broker, dir.path(), &redis.url(), &platform), shutdown.clone())
-        .expect("handlers start");
+    let handlers_task = handlers::spawn_builtin(
+        handler_settings(&broker, dir.path(), &redis.url(), &platform),
+        shutdown.clone(),
+    )
+    .expect("handlers start");
 
     // 1-2. Sign up; connect with the JWT (verified through the JWKS URL).
     let (token, uid) = idp.sign_up("+15551234567").await;
@@ -216,7 +248,10 @@ async fn sign_up_use_delete_and_sign_up_again() {
         json!({"platform": "sms", "key_id": key_id, "nonce": nonce, "ciphertext": ciphertext, "request_id": "p1"}),
     )
     .await;
-    assert_eq!(dev.reply_on("publish").await, json!({"status": 200, "request_id": "p1"}));
+    assert_eq!(
+        dev.reply_on("publish").await,
+        json!({"status": 200, "request_id": "p1"})
+    );
     let got = platform.received();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].authorization.as_deref(), Some("Bearer at-123"));
@@ -237,8 +272,15 @@ async fn sign_up_use_delete_and_sign_up_again() {
     assert!(asked.elapsed() < Duration::from_secs(2), "{ended}");
     let (_, refused) = connect(&broker, &token).await;
     assert!(refused.is_err(), "the old token is refused");
-    assert!(store.get_key(&user).await.unwrap().is_none(), "sync key deleted");
-    assert_eq!(store.registration(&user).await.unwrap(), None, "registration deleted");
+    assert!(
+        store.get_key(&user).await.unwrap().is_none(),
+        "sync key deleted"
+    );
+    assert_eq!(
+        store.registration(&user).await.unwrap(),
+        None,
+        "registration deleted"
+    );
     assert!(store.contacts(&user).await.unwrap().is_empty());
 
     // 5. Register again (within the same second, even): a new token works,
@@ -277,7 +319,11 @@ async fn sign_up_use_delete_and_sign_up_again() {
 async fn rotated_keys_are_honoured_until_their_tokens_expire_then_refused() {
     e2e::init_logging();
     let redis = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(shared::store::RedisStore::connect(&redis.url()).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(
+        shared::store::RedisStore::connect(&redis.url())
+            .await
+            .unwrap(),
+    );
     let idp = Idp::start(store.clone(), &redis.url(), |s| {
         s.token_ttl = Duration::from_secs(3);
         s.key_retire_leeway = Duration::from_secs(1);
@@ -295,15 +341,25 @@ async fn rotated_keys_are_honoured_until_their_tokens_expire_then_refused() {
     let old_kid = idp.service.keys.active_meta().unwrap().kid;
     let old_pem = idp::keys::private_key_pem(&idp.service.settings.keys_dir, &old_kid).unwrap();
     let forged_by_old_key = shared::claims::DeviceClaims::new(uid.clone(), 3600)
-        .sign_pem(jsonwebtoken::Algorithm::RS256, old_pem.as_bytes(), Some(&old_kid))
+        .sign_pem(
+            jsonwebtoken::Algorithm::RS256,
+            old_pem.as_bytes(),
+            Some(&old_kid),
+        )
         .unwrap();
 
     let (status, body) = idp.post("/admin/keys/rotate", Some(ADMIN), None).await;
     assert_eq!(status, 200, "{body}");
     let rotated = Instant::now();
     // Signed before the rotation: still accepted.
-    assert!(connect(&broker, &before).await.1.is_ok(), "pre-rotation token accepted after rotation");
-    assert!(connect(&broker, &forged_by_old_key).await.1.is_ok(), "the retired key is still published");
+    assert!(
+        connect(&broker, &before).await.1.is_ok(),
+        "pre-rotation token accepted after rotation"
+    );
+    assert!(
+        connect(&broker, &forged_by_old_key).await.1.is_ok(),
+        "the retired key is still published"
+    );
 
     // Past its expiry (3 s + 1 s leeway) and, counted in whole seconds, past
     // the retired key's publication (retired_at + 3 s + 1 s).
@@ -314,8 +370,21 @@ async fn rotated_keys_are_honoured_until_their_tokens_expire_then_refused() {
     // The retired key leaves the JWKS at retired_at + 3 s + 1 s; the broker
     // refetches once the set's max-age has passed (at least its 10 s
     // refresh interval after the first fetch).
-    let jwks: Value = idp.http.get(idp.jwks_url()).send().await.unwrap().json().await.unwrap();
-    let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().filter_map(|k| k["kid"].as_str()).collect();
+    let jwks: Value = idp
+        .http
+        .get(idp.jwks_url())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["kid"].as_str())
+        .collect();
     assert!(!kids.contains(&old_kid.as_str()), "{kids:?}");
     let wait = Duration::from_secs(11).saturating_sub(fetched.elapsed());
     tokio::time::sleep(wait).await;
@@ -324,6 +393,9 @@ async fn rotated_keys_are_honoured_until_their_tokens_expire_then_refused() {
 
     // Tokens of the new key work.
     let (after, _) = idp.sign_up("+15551234567").await;
-    assert!(connect(&broker, &after).await.1.is_ok(), "token of the new key accepted");
+    assert!(
+        connect(&broker, &after).await.1.is_ok(),
+        "token of the new key accepted"
+    );
     broker.shutdown().await;
 }

@@ -199,7 +199,8 @@ impl JwksCache {
 fn cache_max_age(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::CACHE_CONTROL)?.to_str().ok()?;
     value.split(',').map(str::trim).find_map(|directive| {
-        if directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("no-store") {
+        if directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("no-store")
+        {
             return Some(Duration::ZERO);
         }
         let seconds = directive.strip_prefix("max-age=")?.trim_matches('"');

@@ -96,11 +96,15 @@ impl TestIdp {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn post(&self, path: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
-        self.post_raw(path, bearer, body.to_string().into_bytes()).await
+        self.post_raw(path, bearer, body.to_string().into_bytes())
+            .await
     }
 
     pub async fn register(&self, msisdn: &str) -> String {
@@ -126,7 +130,11 @@ impl TestIdp {
         assert_eq!(status, 200, "{body}");
         let code = self.last_code();
         let (status, body) = self
-            .post("/sms/verify_code", Some(&session), serde_json::json!({ "code": code }))
+            .post(
+                "/sms/verify_code",
+                Some(&session),
+                serde_json::json!({ "code": code }),
+            )
             .await;
         assert_eq!(status, 200, "{body}");
         (
@@ -162,10 +170,16 @@ pub fn code_in(message: &str) -> String {
 }
 
 /// The token's claims, verified with the JWK of its kid in `jwks`.
-pub fn verify_with_jwks(token: &str, jwks: &Value, issuer: &str, audience: &str) -> Result<Value, String> {
+pub fn verify_with_jwks(
+    token: &str,
+    jwks: &Value,
+    issuer: &str,
+    audience: &str,
+) -> Result<Value, String> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
     let kid = header.kid.ok_or("no kid")?;
-    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks.clone()).map_err(|e| e.to_string())?;
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(jwks.clone()).map_err(|e| e.to_string())?;
     let jwk = set.find(&kid).ok_or("kid not published")?;
     let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
