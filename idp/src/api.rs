@@ -114,6 +114,12 @@ pub fn router(idp: Arc<Idp>) -> Router {
         .route("/admin/users/:uid/restore", post(admin_restore))
         .route("/admin/keys/rotate", post(admin_rotate))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint (POST, or GET for the JWKS)",
+            )
+        })
         .with_state(idp)
 }
 

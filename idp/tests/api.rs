@@ -154,12 +154,24 @@ async fn every_error_case_is_answered_and_the_service_keeps_serving() {
         400,
         "6 digits",
     );
-    // Unknown routes.
+    // Unknown routes and methods.
     expect(
         idp.post("/nope", None, Value::Null).await,
         404,
         "no such endpoint",
     );
+    let response = idp
+        .http
+        .get(format!("{}/register", idp.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("method not allowed"));
     // Missing, unknown session tokens.
     expect(
         idp.post("/sms/verify", None, Value::Null).await,
