@@ -345,12 +345,16 @@ pub struct DevDefaults {
 /// run: several are reply-shaped (`get_contact_list` could be user `get`'s
 /// reply topic), and a handler subscribing to a reply-shaped topic never
 /// declares it (see `command_topics`), so these must be configured.
-pub const BUILTIN_COMMAND_TOPICS: [&str; 5] = [
+pub const BUILTIN_COMMAND_TOPICS: [&str; 9] = [
     "sync",
     "publish",
     "request_contact",
     "accept_contact",
     "get_contact_list",
+    "store_token",
+    "list_tokens",
+    "revoke_token",
+    "delete_account",
 ];
 
 /// Checks a command topic name from configuration.
@@ -636,7 +640,7 @@ mod tests {
         let args = Args::try_parse_from(&argv).expect("documented values parse");
         let (config, plan, dev) = args.resolve().expect("documented values validate");
         assert_eq!(plan.tls_listen.to_string(), "127.0.0.1:8883");
-        assert_eq!(config.command_topics.len(), 5);
+        assert_eq!(config.command_topics.len(), BUILTIN_COMMAND_TOPICS.len());
         assert!(dev.jwt_secret.is_some() && dev.handler_key.is_some());
     }
 
@@ -655,7 +659,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             config.command_topics.len(),
-            6,
+            BUILTIN_COMMAND_TOPICS.len() + 1,
             "{:?}",
             config.command_topics
         );
@@ -668,7 +672,11 @@ mod tests {
         settings.data_dir = data.path().to_owned();
         let shared = handlers::Shared::open(settings).unwrap();
         let mut served = Vec::new();
-        for kind in [handlers::Kind::Publish, handlers::Kind::Contacts] {
+        for kind in [
+            handlers::Kind::Publish,
+            handlers::Kind::Contacts,
+            handlers::Kind::Tokens,
+        ] {
             let worker = handlers::worker(kind, shared.clone(), None).unwrap();
             served.extend(worker.topics().map(str::to_owned));
         }

@@ -314,7 +314,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             let _ = wire.send_now(&codec, refuse(refusal)).await;
             return None;
         }
-        if gate.is_revoked(device.uid()).await {
+        if gate.is_revoked(device).await {
             let refusal = ConnectRefusal::Auth(Refusal::NotAuthorized("user revoked"));
             let _ = wire.send_now(&codec, refuse(refusal)).await;
             return None;
@@ -367,8 +367,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         Principal::Device(device) => device_session_id(device.uid(), &client_id),
         Principal::Handler(_) => handler_session_id(&client_id),
     };
-    let uid = match &principal {
-        Principal::Device(device) => Some(device.uid()),
+    let device = match &principal {
+        Principal::Device(device) => Some(device),
         Principal::Handler(_) => None,
     };
     let admitted = gate.sessions().admit(
@@ -381,7 +381,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         let _ = wire.send_now(&codec, refuse(refusal)).await;
         return None;
     }
-    let claim = gate.sessions().claim(session_id.clone(), uid).await;
+    let claim = gate.sessions().claim(session_id.clone(), device).await;
     let link = match gate
         .open_router_session(session_id, connect.clean_session)
         .await

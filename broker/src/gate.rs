@@ -4,7 +4,7 @@
 //! its fields are private, and its methods say what a connection may do
 //! with each.
 
-use crate::auth::{Authenticator, Principal, Refusal};
+use crate::auth::{Authenticator, DeviceIdentity, Principal, Refusal};
 use crate::command_topics::CommandTopics;
 use crate::config::Limits;
 use crate::metrics::Metrics;
@@ -12,7 +12,6 @@ use crate::reply_index::ReplyIndex;
 use crate::revocation::Revocations;
 use crate::router::{EmbeddedRouter, RouterError, RouterLink};
 use crate::sessions::SessionRegistry;
-use shared::UserId;
 use std::sync::Arc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -73,10 +72,11 @@ impl Gate {
         self.auth.authenticate(username, password).await
     }
 
-    /// Whether `uid` was revoked (never, without a revocation store).
-    pub async fn is_revoked(&self, uid: &UserId) -> bool {
+    /// Whether the device's token is refused by its user's revocation
+    /// (never, without a revocation store).
+    pub async fn is_revoked(&self, device: &DeviceIdentity) -> bool {
         match &self.revocations {
-            Some(revocations) => revocations.is_revoked(uid).await,
+            Some(revocations) => revocations.refuses(device).await,
             None => false,
         }
     }

@@ -296,7 +296,7 @@ fn print_banner(
         println!("                       metrics on http://{metrics}/metrics");
     }
     if handlers {
-        println!("built-in handlers: sync, publish, contacts (in-process)");
+        println!("built-in handlers: sync, publish, contacts, tokens (in-process)");
     }
     let Some(ca) = &dev.ca_file else {
         return;

@@ -7,7 +7,7 @@
 //! per user (counted from their first connection until they expire).
 
 use crate::answers::ConnectRefusal;
-use crate::auth::Principal;
+use crate::auth::{DeviceIdentity, Principal};
 use crate::command_topics::CommandTopics;
 use crate::config::Limits;
 use crate::reply_index::ReplyIndex;
@@ -183,8 +183,19 @@ struct Entry {
     serial: u64,
     /// The user of a device session (handlers have none).
     uid: Option<UserId>,
+    /// The `iat` of the device's token (revocations by time compare it).
+    issued_at: Option<u64>,
     end: EndSignal,
     closed: oneshot::Receiver<()>,
+}
+
+/// A live device session, as revocation checks see it.
+#[derive(Clone)]
+pub struct LiveDevice {
+    /// The `iat` of the token it connected with.
+    pub issued_at: Option<u64>,
+    /// Ends it.
+    pub end: EndSignal,
 }
 
 /// Live sessions by router client id.
@@ -325,9 +336,13 @@ impl SessionRegistry {
             .unwrap_or(0)
     }
 
-    /// Claims `id` (for `uid`'s device, or a handler when `None`), ending
+    /// Claims `id` (for `device`, or a handler when `None`), ending
     /// the connection that holds it first (if any).
-    pub async fn claim(self: &Arc<Self>, id: String, uid: Option<&UserId>) -> SessionClaim {
+    pub async fn claim(
+        self: &Arc<Self>,
+        id: String,
+        device: Option<&DeviceIdentity>,
+    ) -> SessionClaim {
         self.away.lock().remove(&id);
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let end = EndSignal::default();
@@ -336,7 +351,8 @@ impl SessionRegistry {
             id.clone(),
             Entry {
                 serial,
-                uid: uid.cloned(),
+                uid: device.map(|d| d.uid().clone()),
+                issued_at: device.and_then(DeviceIdentity::issued_at),
                 end: end.clone(),
                 closed: closed_rx,
             },
@@ -389,6 +405,7 @@ impl SessionRegistry {
             Entry {
                 serial: own_serial,
                 uid: None,
+                issued_at: None,
                 end: end.clone(),
                 closed: closed_rx,
             },
@@ -403,17 +420,30 @@ impl SessionRegistry {
     }
 
     /// Live device sessions grouped by user, with the signals that end them.
-    pub fn device_sessions(&self) -> Vec<(UserId, Vec<EndSignal>)> {
-        let mut by_user: HashMap<UserId, Vec<EndSignal>> = HashMap::new();
+    pub fn device_sessions(&self) -> Vec<(UserId, Vec<LiveDevice>)> {
+        let mut by_user: HashMap<UserId, Vec<LiveDevice>> = HashMap::new();
         for entry in self.live.lock().values() {
             if let Some(uid) = &entry.uid {
-                by_user
-                    .entry(uid.clone())
-                    .or_default()
-                    .push(entry.end.clone());
+                by_user.entry(uid.clone()).or_default().push(LiveDevice {
+                    issued_at: entry.issued_at,
+                    end: entry.end.clone(),
+                });
             }
         }
         by_user.into_iter().collect()
+    }
+
+    /// The live device sessions of one user.
+    pub fn sessions_of(&self, uid: &UserId) -> Vec<LiveDevice> {
+        self.live
+            .lock()
+            .values()
+            .filter(|entry| entry.uid.as_ref() == Some(uid))
+            .map(|entry| LiveDevice {
+                issued_at: entry.issued_at,
+                end: entry.end.clone(),
+            })
+            .collect()
     }
 
     /// Asks every live session to end once the broker shuts down.
@@ -515,7 +545,10 @@ mod tests {
         assert_eq!(registry.admit("D:alice:c", &alice, false, &limits), Ok(()));
 
         // An expiry frees its slot (and the map shrinks back).
-        let claim = registry.claim("D:alice:a".into(), Some(&uid)).await;
+        let alice_device = crate::auth::testing::device_issued("alice", None);
+        let claim = registry
+            .claim("D:alice:a".into(), Some(&alice_device))
+            .await;
         registry.left_away(&claim);
         let serial = claim.serial();
         drop(claim);
@@ -575,7 +608,7 @@ mod tests {
     async fn second_claim_kicks_the_first_and_waits() {
         let shutdown = CancellationToken::new();
         let registry = Arc::new(SessionRegistry::new(shutdown.clone()));
-        let uid = UserId::parse("1").unwrap();
+        let uid = crate::auth::testing::device_issued("1", Some(42));
         let first = registry.claim("D:1:c".into(), Some(&uid)).await;
         let kicked = first.end.clone();
         let waiter = tokio::spawn({
@@ -590,8 +623,13 @@ mod tests {
         assert_eq!(second.end.requested(), None);
         // Revoked after that: the first reason stays.
         let devices = registry.device_sessions();
-        devices[0].1[0].request(EndRequest::Revoked);
-        devices[0].1[0].request(EndRequest::TakenOver);
+        assert_eq!(devices[0].1[0].issued_at, Some(42));
+        devices[0].1[0].end.request(EndRequest::Revoked);
+        devices[0].1[0].end.request(EndRequest::TakenOver);
+        assert_eq!(registry.sessions_of(uid.uid()).len(), 1);
+        assert!(registry
+            .sessions_of(&UserId::parse("2").unwrap())
+            .is_empty());
         assert_eq!(second.end.requested(), Some(EndRequest::Revoked));
         assert_eq!(registry.len(), 1);
         let devices = registry.device_sessions();

@@ -1,14 +1,17 @@
 //! The built-in handlers, as a library the broker runs in-process
 //! (`BROKER_HANDLERS=all`) and as the binaries `sync-handler`,
-//! `publish-handler` and `contacts-handler`. Each is a [`shared::sdk::Worker`]
-//! over one shared state ([`Shared`]: settings, store, HTTP client).
+//! `publish-handler`, `contacts-handler` and `tokens-handler`. Each is a
+//! [`shared::sdk::Worker`] over one shared state ([`Shared`]: settings,
+//! store, HTTP client, platform-token master keys).
 //!
 //! - [`settings`]: the environment (`BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`,
 //!   `REDIS_URL`, `DATA_DIR`, `PLATFORMS`, `GATEWAYS`), checked at start.
 //! - [`sync`]: RSA public key in, fresh AES-256 key stored, signed reply.
 //! - [`publish`]: AES-GCM envelope opened, replay refused, message POSTed
-//!   to the platform.
+//!   to the platform with the user's stored platform token.
 //! - [`contacts`]: request, accept and list contacts.
+//! - [`tokens`]: store, list and revoke platform tokens (sealed under the
+//!   master key), master-key rotation, and `delete_account`.
 //!
 //! The path of a command: device → broker (stamps `user_id`) →
 //! `$share/<handler>/<topic>` → the SDK's poll loop → a task running the
@@ -33,8 +36,9 @@ pub mod contacts;
 pub mod publish;
 pub mod settings;
 pub mod sync;
+pub mod tokens;
 
-pub use settings::{ConfigError, Platform, Settings};
+pub use settings::{ConfigError, Platform, Settings, TokenUse};
 
 use shared::envelope::{EnvelopeError, ServerKey};
 use shared::sdk::{SdkConfig, SdkError, Worker};
@@ -57,6 +61,8 @@ pub enum Error {
     Sdk(#[from] SdkError),
     #[error("HTTP client: {0}")]
     Http(String),
+    #[error("platform tokens: {0}")]
+    Tokens(#[from] tokens::SealError),
 }
 
 /// State shared by every handler of a process.
@@ -67,6 +73,8 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     /// The client `publish` forwards with (no redirects, connect timeout).
     pub http: reqwest::Client,
+    /// Seal and open platform tokens.
+    pub tokens: tokens::MasterKeys,
 }
 
 impl std::fmt::Debug for Shared {
@@ -87,10 +95,12 @@ impl Shared {
             .user_agent(concat!("mqtt-handlers/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Http(e.to_string()))?;
+        let tokens = master_keys(&settings)?;
         Ok(Arc::new(Shared {
             settings,
             store,
             http,
+            tokens,
         }))
     }
 
@@ -110,6 +120,22 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, Error> {
     )?)
 }
 
+/// The platform-token master keys the settings name: `TOKENS_MASTER_KEY`
+/// (and `TOKENS_MASTER_KEY_PREVIOUS`), or the development key in
+/// `DATA_DIR/tokens_master_key`, made on first use.
+pub fn master_keys(settings: &Settings) -> Result<tokens::MasterKeys, Error> {
+    let current = match &settings.tokens_master_key {
+        Some(key) => key.clone(),
+        None => tokens::MasterKey::load_or_generate(
+            &settings.data_dir.join(tokens::DEV_MASTER_KEY_FILE),
+        )?,
+    };
+    Ok(tokens::MasterKeys {
+        current,
+        previous: settings.tokens_master_key_previous.clone(),
+    })
+}
+
 /// Loads the server's RSA key from `DATA_DIR/server_key.pem`, generating it
 /// on first start.
 pub fn load_server_key(settings: &Settings) -> Result<ServerKey, Error> {
@@ -122,6 +148,7 @@ pub enum Kind {
     Sync,
     Publish,
     Contacts,
+    Tokens,
 }
 
 /// The worker of one built-in handler.
@@ -140,6 +167,7 @@ pub fn worker(
         }
         Kind::Publish => publish::worker(shared),
         Kind::Contacts => contacts::worker(shared),
+        Kind::Tokens => tokens::worker(shared),
     })
 }
 
@@ -161,6 +189,7 @@ pub async fn main_for(kind: Kind) -> std::process::ExitCode {
         Kind::Sync => "sync-handler",
         Kind::Publish => "publish-handler",
         Kind::Contacts => "contacts-handler",
+        Kind::Tokens => "tokens-handler",
     };
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
@@ -182,8 +211,8 @@ pub async fn main_for(kind: Kind) -> std::process::ExitCode {
     }
 }
 
-/// Opens the store once and runs `sync`, `publish` and `contacts` in this
-/// process until `shutdown`; the handle ends when all three have drained.
+/// Opens the store once and runs `sync`, `publish`, `contacts` and `tokens`
+/// in this process until `shutdown`; the handle ends when all have drained.
 /// Must be called inside a Tokio runtime. Configuration errors (including a
 /// missing `HANDLER_KEY`), an unusable store or server key are returned here.
 pub fn spawn_builtin(
@@ -210,7 +239,7 @@ pub fn spawn_builtin_with_store(
         store = shared.store.kind(),
         "starting the built-in handlers"
     );
-    let workers = [Kind::Sync, Kind::Publish, Kind::Contacts]
+    let workers = [Kind::Sync, Kind::Publish, Kind::Contacts, Kind::Tokens]
         .into_iter()
         .map(|kind| Ok((kind, worker(kind, Arc::clone(&shared), Some(&server_key))?)))
         .collect::<Result<Vec<_>, Error>>()?;
@@ -228,6 +257,50 @@ async fn run_workers(workers: Vec<(Kind, Worker)>, sdk: SdkConfig, shutdown: Can
     });
     for task in tasks.collect::<Vec<_>>() {
         let _ = task.await;
+    }
+}
+
+/// `tokens-handler rotate-master-key`: re-seals every stored platform token
+/// under `TOKENS_MASTER_KEY`, opening old ones with
+/// `TOKENS_MASTER_KEY_PREVIOUS`, prints a summary, and exits 0 only when
+/// every token is under the new key. With the embedded store, stop the
+/// process that holds `DATA_DIR` first (one process may open it).
+pub async fn rotate_master_key_main() -> std::process::ExitCode {
+    init_tracing();
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("tokens-handler rotate-master-key: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if settings.tokens_master_key.is_none() {
+        eprintln!("tokens-handler rotate-master-key: set TOKENS_MASTER_KEY to the new key and TOKENS_MASTER_KEY_PREVIOUS to the old one");
+        return std::process::ExitCode::from(2);
+    }
+    let outcome = async {
+        let keys = master_keys(&settings)?;
+        let store = shared::store::open(settings.redis_url.as_deref(), &settings.data_dir).await?;
+        Ok::<_, Error>(tokens::rotate_master_key(store.as_ref(), &keys).await?)
+    }
+    .await;
+    match outcome {
+        Ok(report) => {
+            println!(
+                "re-sealed {} platform tokens; {} were under the new key already; {} changed meanwhile (left as the user set them); {} unreadable",
+                report.resealed, report.current, report.changed_meanwhile, report.unreadable
+            );
+            if report.unreadable == 0 {
+                std::process::ExitCode::SUCCESS
+            } else {
+                eprintln!("tokens-handler rotate-master-key: {} tokens open under neither key: is TOKENS_MASTER_KEY_PREVIOUS the old key?", report.unreadable);
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("tokens-handler rotate-master-key: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

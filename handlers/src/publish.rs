@@ -5,16 +5,24 @@
 //! backoff on 5xx, 408, 429 and network errors), and replies on
 //! `<uid>_publish` with `{"status": 200 | 4xx | 502, "request_id"}`.
 //!
+//! The user's stored platform token (see [`crate::tokens`]) goes with the
+//! forward: the whole token object as the body field `"token"`, and, when it
+//! has a string `access_token`, the header `Authorization: Bearer <it>`
+//! (replacing an `Authorization` from `PLATFORM_<NAME>_HEADERS`). Without a
+//! stored token, a platform whose token is `required` (the default) gets
+//! nothing and the device gets 424 "no stored token for platform X: send
+//! store_token first"; an `optional` one is forwarded without.
+//!
 //! Checks run cheapest first, and the nonce is only recorded after the
 //! ciphertext authenticates, so garbage cannot fill the nonce store. A nonce
 //! is spent even when the platform then fails: a retry by the device needs a
 //! fresh encryption.
 
-use crate::settings::Platform;
+use crate::settings::{Platform, TokenUse};
 use crate::Shared;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 use shared::envelope;
 use shared::sdk::{Command, HandlerError, Reply, Worker};
 use std::sync::Arc;
@@ -41,6 +49,9 @@ pub struct Forward<'a> {
     pub user_id: &'a str,
     pub platform: &'a str,
     pub message: &'a str,
+    /// The user's stored token for the platform, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<&'a Map<String, Value>>,
 }
 
 /// The worker serving `publish`.
@@ -84,6 +95,18 @@ pub async fn handle(shared: &Shared, cmd: Command<PublishIn>) -> Result<Reply, H
         .map_err(|_| HandlerError::bad_request("decryption failed"))?;
     let message = String::from_utf8(plaintext)
         .map_err(|_| HandlerError::bad_request("the message is not UTF-8"))?;
+    // Before the nonce is spent: a device told to store a token first can
+    // send the same envelope again.
+    let token = crate::tokens::stored_token(shared, uid, &platform.name).await?;
+    if token.is_none() && platform.token == TokenUse::Required {
+        return Err(HandlerError::new(
+            424,
+            format!(
+                "no stored token for platform {}: send store_token first",
+                platform.name
+            ),
+        ));
+    }
     if !shared
         .store
         .remember_nonce(uid, &record.key_id, &nonce, shared.settings.nonce_ttl)
@@ -97,6 +120,7 @@ pub async fn handle(shared: &Shared, cmd: Command<PublishIn>) -> Result<Reply, H
         user_id: uid.as_str(),
         platform: &platform.name,
         message: &message,
+        token: token.as_ref(),
     };
     match deliver(shared, platform, &forward).await {
         Ok(()) => {
@@ -131,6 +155,16 @@ pub async fn deliver(
     forward: &Forward<'_>,
 ) -> Result<(), String> {
     let attempts = shared.settings.publish_retries + 1;
+    let bearer = forward
+        .token
+        .and_then(|t| t.get("access_token"))
+        .and_then(Value::as_str)
+        .and_then(|access| {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {access}")).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        });
     let mut backoff = Duration::from_millis(200);
     let mut last = String::new();
     for attempt in 1..=attempts {
@@ -141,7 +175,13 @@ pub async fn deliver(
             .header("Idempotency-Key", forward.request_id)
             .json(forward);
         for (name, value) in &platform.headers {
+            if bearer.is_some() && name.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
             request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some(bearer) = &bearer {
+            request = request.header(reqwest::header::AUTHORIZATION, bearer.clone());
         }
         match request.send().await {
             Ok(response) if response.status().is_success() => return Ok(()),

@@ -1,8 +1,9 @@
 //! Owns the handlers' configuration: reading and checking the environment
 //! (`BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`, `REDIS_URL`, `DATA_DIR`,
-//! `PLATFORMS`, `GATEWAYS`, and the optional tuning variables), with a message
-//! that says how to fix each mistake.
+//! `PLATFORMS`, `GATEWAYS`, `TOKENS_MASTER_KEY`, and the optional tuning
+//! variables), with a message that says how to fix each mistake.
 
+use crate::tokens::MasterKey;
 use shared::sdk::SdkConfig;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +34,21 @@ pub struct Platform {
     pub url: reqwest::Url,
     /// Extra request headers (e.g. an API key), from `PLATFORM_<NAME>_HEADERS`.
     pub headers: Vec<(String, String)>,
+    /// Whether `publish` needs the user's stored token for this platform
+    /// (`PLATFORM_<NAME>_TOKEN`, default `required`).
+    pub token: TokenUse,
+}
+
+/// How `publish` uses a user's stored platform token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TokenUse {
+    /// Forward with the stored token; without one, answer 424 and forward
+    /// nothing (platforms that act on the user's own account).
+    #[default]
+    Required,
+    /// Forward with the stored token when there is one, without it
+    /// otherwise (platforms authenticated by the operator's headers).
+    Optional,
 }
 
 impl std::fmt::Debug for Platform {
@@ -43,6 +59,7 @@ impl std::fmt::Debug for Platform {
             .field("name", &self.name)
             .field("url", &self.url.as_str())
             .field("headers", &names)
+            .field("token", &self.token)
             .finish()
     }
 }
@@ -73,6 +90,13 @@ pub struct Settings {
     pub publish_timeout: Duration,
     /// `PUBLISH_RETRIES`: retries after the first attempt on 5xx/timeouts (default 2).
     pub publish_retries: u32,
+    /// `TOKENS_MASTER_KEY`: seals platform tokens. `None`: a key generated
+    /// once in `DATA_DIR/tokens_master_key` (refused by [`Settings::from_env`]
+    /// when `REDIS_URL` is set: processes sharing Redis need one key).
+    pub tokens_master_key: Option<MasterKey>,
+    /// `TOKENS_MASTER_KEY_PREVIOUS`: still opens tokens sealed before a
+    /// master-key rotation.
+    pub tokens_master_key_previous: Option<MasterKey>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -89,6 +113,14 @@ impl std::fmt::Debug for Settings {
             .field("nonce_ttl", &self.nonce_ttl)
             .field("publish_timeout", &self.publish_timeout)
             .field("publish_retries", &self.publish_retries)
+            .field(
+                "tokens_master_key",
+                &self.tokens_master_key.as_ref().map(|_| "***"),
+            )
+            .field(
+                "tokens_master_key_previous",
+                &self.tokens_master_key_previous.as_ref().map(|_| "***"),
+            )
             .finish()
     }
 }
@@ -114,6 +146,8 @@ impl Default for Settings {
             nonce_ttl: Duration::from_secs(30 * 24 * 3600),
             publish_timeout: Duration::from_secs(5),
             publish_retries: 2,
+            tokens_master_key: None,
+            tokens_master_key_previous: None,
         }
     }
 }
@@ -176,6 +210,34 @@ impl Settings {
         if let Some(n) = get("PUBLISH_RETRIES") {
             s.publish_retries = parse_num("PUBLISH_RETRIES", &n, 0, 10)?;
         }
+        let master_key = |var: &str| {
+            get(var)
+                .map(|text| MasterKey::parse(&text).map_err(|e| invalid(var, e.to_string())))
+                .transpose()
+        };
+        s.tokens_master_key = master_key("TOKENS_MASTER_KEY")?;
+        s.tokens_master_key_previous = master_key("TOKENS_MASTER_KEY_PREVIOUS")?;
+        match (&s.tokens_master_key, &s.tokens_master_key_previous) {
+            (None, _) if s.redis_url.is_some() => {
+                return Err(invalid(
+                    "TOKENS_MASTER_KEY",
+                    "it is required with REDIS_URL (every process sharing Redis must seal platform tokens under the same key): set it to 32 random bytes, e.g. TOKENS_MASTER_KEY=$(openssl rand -hex 32)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "TOKENS_MASTER_KEY_PREVIOUS",
+                    "it needs TOKENS_MASTER_KEY (the new key) beside it",
+                ))
+            }
+            (Some(current), Some(previous)) if current.id() == previous.id() => {
+                return Err(invalid(
+                    "TOKENS_MASTER_KEY_PREVIOUS",
+                    "it is the same key as TOKENS_MASTER_KEY; set the old key there, or unset it",
+                ))
+            }
+            _ => {}
+        }
         Ok(s)
     }
 
@@ -220,7 +282,18 @@ fn parse_num<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
 
 /// The environment variable holding a platform's extra headers.
 pub fn headers_var(platform: &str) -> String {
-    let upper: String = platform
+    format!("PLATFORM_{}_HEADERS", env_name(platform))
+}
+
+/// The environment variable saying whether a platform needs a stored token.
+pub fn token_var(platform: &str) -> String {
+    format!("PLATFORM_{}_TOKEN", env_name(platform))
+}
+
+/// A platform name as it appears in variable names: upper case, `_` for
+/// anything else.
+fn env_name(platform: &str) -> String {
+    platform
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -229,8 +302,7 @@ pub fn headers_var(platform: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("PLATFORM_{upper}_HEADERS")
+        .collect()
 }
 
 fn parse_platforms(
@@ -258,6 +330,15 @@ fn parse_platforms(
                 ),
             ));
         }
+        if !shared::store::valid_platform_name(name) {
+            return Err(invalid(
+                "PLATFORMS",
+                format!(
+                    "platform name {name:?} is longer than {} characters",
+                    shared::store::MAX_PLATFORM_LEN
+                ),
+            ));
+        }
         if platforms.iter().any(|p| p.name == name) {
             return Err(invalid(
                 "PLATFORMS",
@@ -280,10 +361,22 @@ fn parse_platforms(
             Some(text) => parse_headers(&var, &text)?,
             None => Vec::new(),
         };
+        let token_var = token_var(name);
+        let token = match get(&token_var).as_deref() {
+            None | Some("required") => TokenUse::Required,
+            Some("optional") => TokenUse::Optional,
+            Some(_) => {
+                return Err(invalid(
+                    token_var,
+                    "expected `required` (publish needs the user's stored token) or `optional`",
+                ))
+            }
+        };
         platforms.push(Platform {
             name: name.to_owned(),
             url,
             headers,
+            token,
         });
     }
     Ok(platforms)
@@ -343,21 +436,31 @@ mod tests {
                 "Authorization: Bearer abc; X-A: b",
             ),
             ("GATEWAYS", "+237123, +1555 ,"),
+            ("PLATFORM_TWITTER_TOKEN", "optional"),
+            (
+                "TOKENS_MASTER_KEY",
+                "abababababababababababababababababababababababababababababababab",
+            ),
         ])
         .unwrap();
         assert_eq!(s.platforms.len(), 2);
         assert_eq!(s.platform("twitter").unwrap().headers.len(), 2);
+        assert_eq!(s.platform("twitter").unwrap().token, TokenUse::Optional);
+        assert_eq!(s.platform("email").unwrap().token, TokenUse::Required);
+        assert!(s.tokens_master_key.is_some());
         assert_eq!(s.gateways, vec!["+237123", "+1555"]);
         assert!(s.sdk_config().is_ok());
         let debug = format!("{s:?}");
         assert!(
-            !debug.contains("Bearer") && !debug.contains("redis://"),
+            !debug.contains("Bearer") && !debug.contains("redis://") && !debug.contains("abab"),
             "{debug}"
         );
     }
 
     #[test]
     fn refuses_bad_values_with_advice() {
+        let zeros = "00".repeat(32);
+        let long_name = format!("{}=http://x", "a".repeat(65));
         for (vars, needle) in [
             (vec![("PLATFORMS", "twitter")], "name=url"),
             (vec![("PLATFORMS", "a=ftp://x")], "http"),
@@ -366,6 +469,27 @@ mod tests {
             (vec![("REDIS_URL", "localhost:6379")], "redis://"),
             (vec![("BROKER_URL", "tcp://x")], "mqtts://"),
             (vec![("HANDLER_CONCURRENCY", "0")], "number"),
+            (
+                vec![("PLATFORMS", "a=http://x"), ("PLATFORM_A_TOKEN", "maybe")],
+                "required",
+            ),
+            (vec![("TOKENS_MASTER_KEY", "short")], "openssl rand -hex 32"),
+            (
+                vec![("REDIS_URL", "redis://127.0.0.1:1")],
+                "TOKENS_MASTER_KEY",
+            ),
+            (
+                vec![("TOKENS_MASTER_KEY_PREVIOUS", zeros.as_str())],
+                "needs TOKENS_MASTER_KEY",
+            ),
+            (
+                vec![
+                    ("TOKENS_MASTER_KEY", zeros.as_str()),
+                    ("TOKENS_MASTER_KEY_PREVIOUS", zeros.as_str()),
+                ],
+                "same key",
+            ),
+            (vec![("PLATFORMS", long_name.as_str())], "longer"),
             (
                 vec![
                     ("PLATFORMS", "a=http://x"),

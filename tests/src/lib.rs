@@ -42,6 +42,10 @@ impl Default for TestOptions {
                 "request_contact".into(),
                 "accept_contact".into(),
                 "get_contact_list".into(),
+                "store_token".into(),
+                "list_tokens".into(),
+                "revoke_token".into(),
+                "delete_account".into(),
             ],
             limits: Limits {
                 // Tests open many connections from one address.

@@ -303,8 +303,10 @@ async fn two_publish_handler_instances_share_the_load() {
     let all =
         handlers::spawn_builtin_with_store(base.clone(), store.clone(), shutdown.clone()).unwrap();
     let mut other = base.clone();
-    other.platforms = handlers::Settings::from_lookup(|v| {
-        (v == "PLATFORMS").then(|| format!("sms={}", platform.url("/b")))
+    other.platforms = handlers::Settings::from_lookup(|v| match v {
+        "PLATFORMS" => Some(format!("sms={}", platform.url("/b"))),
+        "PLATFORM_SMS_TOKEN" => Some("optional".into()),
+        _ => None,
     })
     .unwrap()
     .platforms;

@@ -148,6 +148,9 @@ pub struct VerifiedToken {
     pub uid: UserId,
     /// The token's `exp`, Unix seconds.
     pub expires_at: Option<u64>,
+    /// The token's `iat`, Unix seconds (`None` without one, or when it is
+    /// not a non-negative number): revocations compare it with their cut-off.
+    pub issued_at: Option<u64>,
 }
 
 /// The curve of an EC key, which decides its one algorithm.
@@ -239,6 +242,8 @@ struct RawClaims {
     exp: Option<Value>,
     #[serde(default)]
     nbf: Option<Value>,
+    #[serde(default)]
+    iat: Option<Value>,
 }
 
 /// The outcome of looking for JWKS keys for one token.
@@ -409,7 +414,20 @@ impl JwtVerifier {
             Some(Value::String(sub)) => UserId::parse(&sub).map_err(TokenError::BadSubject)?,
             _ => return Err(TokenError::BadSubject(UidError::Empty)),
         };
-        Ok(VerifiedToken { uid, expires_at })
+        // A NumericDate may have a fraction; anything else reads as "no iat",
+        // which a revocation by time refuses (fails closed, never open).
+        let issued_at = claims.iat.as_ref().and_then(|iat| {
+            iat.as_u64().or_else(|| {
+                iat.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+                    .map(|f| f.floor() as u64)
+            })
+        });
+        Ok(VerifiedToken {
+            uid,
+            expires_at,
+            issued_at,
+        })
     }
 }
 
@@ -864,6 +882,32 @@ pub(crate) mod tests {
             // The genuine HMAC token still works there.
             assert!(both.verify(&sign_hs(alg, &claims, SECRET)).await.is_ok());
         }
+    }
+
+    /// `iat` is read for revocations by time: an integer or a NumericDate
+    /// with a fraction; anything else (or none) reads as no `iat`.
+    #[tokio::test]
+    async fn issued_at_is_read() {
+        let verifier = hmac_verifier();
+        let exp = now_secs() + 60;
+        let token = |iat: Value| {
+            sign_hs(
+                Algorithm::HS256,
+                &json!({"sub": "u1", "exp": exp, "iat": iat}),
+                SECRET,
+            )
+        };
+        let at = |v: Value| {
+            let t = token(v);
+            let verifier = &verifier;
+            async move { verifier.verify(&t).await.unwrap().issued_at }
+        };
+        assert_eq!(at(json!(1_700_000_000u64)).await, Some(1_700_000_000));
+        assert_eq!(at(json!(1_700_000_000.75)).await, Some(1_700_000_000));
+        assert_eq!(at(json!("1700000000")).await, None);
+        assert_eq!(at(json!(-5)).await, None);
+        let without = sign_hs(Algorithm::HS256, &json!({"sub": "u1", "exp": exp}), SECRET);
+        assert_eq!(verifier.verify(&without).await.unwrap().issued_at, None);
     }
 
     #[tokio::test]

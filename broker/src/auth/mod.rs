@@ -37,6 +37,7 @@ pub enum Principal {
 pub struct DeviceIdentity {
     uid: UserId,
     expires_at: Option<u64>,
+    issued_at: Option<u64>,
 }
 
 impl DeviceIdentity {
@@ -47,6 +48,12 @@ impl DeviceIdentity {
     /// When the token expires (Unix seconds), if it says.
     pub fn expires_at(&self) -> Option<u64> {
         self.expires_at
+    }
+
+    /// When the token was issued (its `iat`, Unix seconds), if it says. A
+    /// revocation by time treats `None` as issued at 0.
+    pub fn issued_at(&self) -> Option<u64> {
+        self.issued_at
     }
 
     /// How long after `now_secs` (Unix seconds) the session must end for the
@@ -190,6 +197,7 @@ impl Authenticator {
         Ok(Principal::Device(DeviceIdentity {
             uid: verified.uid,
             expires_at: verified.expires_at,
+            issued_at: verified.issued_at,
         }))
     }
 
@@ -220,6 +228,15 @@ pub(crate) mod testing {
         DeviceIdentity {
             uid: UserId::parse(uid).expect("test uid"),
             expires_at,
+            issued_at: None,
+        }
+    }
+
+    pub fn device_issued(uid: &str, issued_at: Option<u64>) -> DeviceIdentity {
+        DeviceIdentity {
+            uid: UserId::parse(uid).expect("test uid"),
+            expires_at: None,
+            issued_at,
         }
     }
 
