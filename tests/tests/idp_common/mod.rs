@@ -73,11 +73,22 @@ impl Idp {
         bearer: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.post_raw(path, bearer, body.map(|b| b.to_string().into_bytes()))
+            .await
+    }
+
+    /// POSTs raw bytes (malformed or oversized bodies); status and JSON.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
         let mut request = self.http.post(format!("{}{path}", self.base));
         if let Some(body) = body {
             request = request
                 .header("content-type", "application/json")
-                .body(body.to_string());
+                .body(body);
         }
         if let Some(bearer) = bearer {
             request = request.bearer_auth(bearer);
