@@ -42,6 +42,19 @@ async fn a_registered_user_costs_under_400_bytes_in_redis() {
     );
     let ttl: i64 = conn.pttl(&keys[0]).await.unwrap();
     assert!(ttl > 0 && ttl <= 2000, "{ttl}");
+    let (status, _) = idp
+        .post("/sms/verify", Some(&session), serde_json::Value::Null)
+        .await;
+    assert_eq!(status, 200);
+    let session_bytes: u64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(keys[0].as_str())
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    println!("redis bytes of a sign-up session with its code: {session_bytes}");
     let fields: std::collections::HashMap<String, String> = conn.hgetall(&keys[0]).await.unwrap();
     assert!(!fields.values().any(|v| v.contains(&session)));
 
