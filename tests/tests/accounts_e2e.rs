@@ -361,3 +361,58 @@ async fn every_error_is_answered_and_sign_up_still_works() {
     assert!(connect(&broker, &token).await.1.is_ok());
     broker.shutdown().await;
 }
+
+/// The operators' endpoint: refused without its credential; with it, a
+/// revoked user's live session is cut within 2 s and CONNECT is refused;
+/// restored, the same token works again.
+#[tokio::test]
+async fn operators_revoke_and_restore_a_user_through_the_admin_endpoint() {
+    e2e::init_logging();
+    let redis = RedisServer::start();
+    let store: Arc<dyn Store> = Arc::new(
+        shared::store::RedisStore::connect(&redis.url())
+            .await
+            .unwrap(),
+    );
+    let idp = Idp::start(store.clone(), &redis.url(), |_| {}).await;
+    let broker = TestBroker::start_with(options(&idp, store.clone())).await;
+    let (token, uid) = idp.sign_up("+15551112222").await;
+    let (mut live, outcome) = connect(&broker, &token).await;
+    outcome.expect("token accepted");
+
+    let revoke = format!("/admin/users/{uid}/revoke");
+    for bearer in [None, Some("not-the-admin-token-000000")] {
+        let (status, body) = idp.post(&revoke, bearer, None).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    live.client
+        .subscribe(format!("{uid}_x"), rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    live.suback().await;
+
+    let (status, body) = idp.post(&revoke, Some(idp_common::ADMIN), None).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::timeout(Duration::from_secs(2), live.closed())
+        .await
+        .expect("the revoked user's session is cut within 2 s");
+    assert!(
+        connect(&broker, &token).await.1.is_err(),
+        "revoked: refused"
+    );
+
+    let restore = format!("/admin/users/{uid}/restore");
+    assert_eq!(idp.post(&restore, None, None).await.0, 401);
+    let (status, body) = idp.post(&restore, Some(idp_common::ADMIN), None).await;
+    assert_eq!(status, 200, "{body}");
+    // The refusal cache may remember the refused token for a moment.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if connect(&broker, &token).await.1.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restored user still refused");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    broker.shutdown().await;
+}
