@@ -1,6 +1,7 @@
 //! The `broker` binary: reads configuration, binds the listeners, starts the
 //! broker and (by default) the built-in handlers in-process, prints what a
-//! newcomer needs, and shuts down gracefully on SIGTERM/SIGINT.
+//! newcomer needs (how to sign up by hand with the in-process identity
+//! service included), and shuts down gracefully on SIGTERM/SIGINT.
 
 use anyhow::Context;
 use broker::config::{Args, DevDefaults, ListenPlan};
@@ -153,8 +154,22 @@ async fn run(
         .clone()
         .map(|store| broker::revocation::Revocations::new(store, config.limits.revocation_poll));
 
+    // The identity service in-process, on its own loopback HTTP port, sharing
+    // the store; the broker verifies its tokens through its JWKS, beside
+    // whatever else is configured (the development HMAC secret included).
+    let identity = match &store {
+        Some(store) => start_identity(store.clone(), &mut config).await?,
+        None => None,
+    };
+
     let running = Broker::start(config, listeners).await?;
     let shutdown = running.shutdown_token();
+    let identity = identity.map(|(listener, service)| {
+        let addr = listener.local_addr().ok();
+        let development = service.is_development();
+        let task = tokio::spawn(idp::serve(listener, service, shutdown.child_token()));
+        (addr, development, task)
+    });
 
     let handlers = match (internal_addr, handler_key, store) {
         (Some(addr), Some(key), Some(store)) => {
@@ -171,6 +186,15 @@ async fn run(
     };
 
     print_banner(&running, &dev, jwt_secret.as_deref(), handlers.is_some());
+    if let (Some((Some(addr), development, _)), Some(tls)) = (&identity, running.tls_addr) {
+        let ca = dev.ca_file.as_ref().map_or_else(
+            || "<your CA file>".to_owned(),
+            |ca| ca.display().to_string(),
+        );
+        for line in idp::banner::signup_lines(*addr, tls.port(), &ca, *development) {
+            println!("{line}");
+        }
+    }
 
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -184,7 +208,49 @@ async fn run(
     if let Some(handlers) = handlers {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handlers).await;
     }
+    if let Some((_, _, task)) = identity {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     Ok(ended?)
+}
+
+/// Binds and builds the in-process identity service (unless
+/// `IDP_IN_PROCESS=false`), and points the broker's JWKS client at it when
+/// no other JWKS URL is configured.
+async fn start_identity(
+    store: std::sync::Arc<dyn shared::store::Store>,
+    config: &mut broker::config::Config,
+) -> anyhow::Result<Option<(TcpListener, std::sync::Arc<idp::Idp>)>> {
+    let settings = idp::config::IdpArgs::from_env()
+        .and_then(idp::config::IdpArgs::resolve)
+        .context("identity service configuration (IDP_*)")?;
+    if !settings.in_process {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(settings.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (IDP_LISTEN) for the in-process identity service: choose another address, or set IDP_IN_PROCESS=false",
+            settings.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let mut settings = settings;
+    if settings.listen.port() == 0 {
+        // A port chosen by the system: verify_url must name the real one.
+        settings.public_url = format!("http://{addr}");
+    }
+    let service = idp::Idp::start(settings, store)
+        .await
+        .context("starting the in-process identity service")?;
+    let jwks = format!("http://{addr}/.well-known/jwks.json");
+    match &config.jwt.jwks_url {
+        None => config.jwt.jwks_url = Some(jwks),
+        Some(other) if *other != jwks => tracing::warn!(
+            "JWT_JWKS_URL names another identity provider: tokens of the in-process identity service verify only if it publishes the same keys"
+        ),
+        Some(_) => {}
+    }
+    Ok(Some((listener, service)))
 }
 
 async fn wait_for_signal() {

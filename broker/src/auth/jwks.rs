@@ -1,6 +1,9 @@
 //! Owns the keys fetched from a JWKS URL: fetching (bounded in time and size),
 //! the cache, and refreshing it when a token names an unknown `kid`, at most
 //! once per interval and with one fetch in flight however many connections ask.
+//! The cached set also goes stale after the response's `Cache-Control:
+//! max-age` (or [`DEFAULT_MAX_AGE`]), so that a key the provider removed
+//! (a retired key whose tokens have all expired) stops verifying.
 
 use super::jwt::{EcCurve, KeyKind, PublicKey};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
@@ -14,6 +17,11 @@ pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// How long a fetched set is used before the next verification refetches
+/// it, when the response names no `max-age`.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
+/// The longest `max-age` honoured.
+pub const MAX_CACHE_AGE: Duration = Duration::from_secs(3600);
 
 /// Why the JWKS could not be set up or fetched.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +47,8 @@ pub struct Snapshot {
     pub keys: Arc<[PublicKey]>,
     /// Whether any fetch has succeeded yet.
     pub loaded: bool,
+    /// Whether the set is older than its `max-age`: the next lookup refetches it.
+    pub stale: bool,
 }
 
 struct CacheState {
@@ -48,6 +58,8 @@ struct CacheState {
     last_attempt: Option<Instant>,
     /// Bumped after every fetch, so tasks that queued behind it do not repeat it.
     generation: u64,
+    /// When the keys were fetched, and for how long they are fresh.
+    fresh_until: Option<Instant>,
 }
 
 /// A cached JWK set behind a URL.
@@ -82,6 +94,7 @@ impl JwksCache {
                 loaded: false,
                 last_attempt: None,
                 generation: 0,
+                fresh_until: None,
             }),
             in_flight: tokio::sync::Mutex::new(()),
         })
@@ -93,6 +106,9 @@ impl JwksCache {
         Snapshot {
             keys: state.keys.clone(),
             loaded: state.loaded,
+            stale: state
+                .fresh_until
+                .is_some_and(|until| Instant::now() >= until),
         }
     }
 
@@ -127,10 +143,16 @@ impl JwksCache {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         state.generation += 1;
         match fetched {
-            Ok(keys) => {
+            Ok((keys, max_age)) => {
                 tracing::info!(keys = keys.len(), "JWKS fetched");
                 state.keys = Arc::from(keys);
                 state.loaded = true;
+                // Never refetched more often than the rate limit allows.
+                let max_age = max_age
+                    .unwrap_or(DEFAULT_MAX_AGE)
+                    .min(MAX_CACHE_AGE)
+                    .max(self.min_refresh_interval);
+                state.fresh_until = Instant::now().checked_add(max_age);
                 Ok(true)
             }
             Err(e) => {
@@ -140,7 +162,7 @@ impl JwksCache {
         }
     }
 
-    async fn fetch(&self) -> Result<Vec<PublicKey>, JwksError> {
+    async fn fetch(&self) -> Result<(Vec<PublicKey>, Option<Duration>), JwksError> {
         let mut response = self
             .client
             .get(self.url.clone())
@@ -151,6 +173,7 @@ impl JwksCache {
         if !response.status().is_success() {
             return Err(JwksError::Status(response.status().as_u16()));
         }
+        let max_age = cache_max_age(response.headers());
         if response
             .content_length()
             .is_some_and(|len| len > MAX_JWKS_BYTES as u64)
@@ -168,8 +191,21 @@ impl JwksCache {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_jwks(&body)
+        Ok((parse_jwks(&body)?, max_age))
     }
+}
+
+/// The `max-age` of a `Cache-Control` header (`no-cache`/`no-store` read as 0).
+fn cache_max_age(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::CACHE_CONTROL)?.to_str().ok()?;
+    value.split(',').map(str::trim).find_map(|directive| {
+        if directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("no-store")
+        {
+            return Some(Duration::ZERO);
+        }
+        let seconds = directive.strip_prefix("max-age=")?.trim_matches('"');
+        seconds.parse::<u64>().ok().map(Duration::from_secs)
+    })
 }
 
 /// The document's shape, with each key parsed on its own so that one key of
@@ -279,6 +315,7 @@ mod tests {
         jwks: Mutex<Value>,
         hits: AtomicUsize,
         delay: Duration,
+        cache_control: Mutex<Option<&'static str>>,
     }
 
     async fn serve_jwks(
@@ -287,7 +324,14 @@ mod tests {
         state.hits.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(state.delay).await;
         let body = state.jwks.lock().unwrap().to_string();
-        ([(CONTENT_TYPE, "application/json")], body)
+        let cache = state.cache_control.lock().unwrap().unwrap_or("private");
+        (
+            [
+                (CONTENT_TYPE, "application/json"),
+                (axum::http::header::CACHE_CONTROL, cache),
+            ],
+            body,
+        )
     }
 
     impl JwksServer {
@@ -296,6 +340,7 @@ mod tests {
                 jwks: Mutex::new(json!({ "keys": keys })),
                 hits: AtomicUsize::new(0),
                 delay,
+                cache_control: Mutex::new(None),
             });
             let app = axum::Router::new()
                 .route("/.well-known/jwks.json", get(serve_jwks))
@@ -503,6 +548,48 @@ mod tests {
         assert_eq!(verifier.verify(&unknown).await, Err(TokenError::UnknownKey));
         assert!(verifier.verify(&known).await.is_ok());
         assert_eq!(server.hits(), 2);
+    }
+
+    /// A key the provider stopped publishing stops verifying once the set's
+    /// max-age has passed (never sooner than the refresh interval), without
+    /// any unknown kid to trigger a refresh.
+    #[tokio::test]
+    async fn a_removed_kid_stops_verifying_after_max_age() {
+        let server = JwksServer::start(
+            vec![rsa_jwk("old", "RS256"), rsa_jwk("new", "RS256")],
+            Duration::ZERO,
+        )
+        .await;
+        *server.state.cache_control.lock().unwrap() = Some("public, max-age=0");
+        let interval = Duration::from_millis(300);
+        let verifier = server.verifier(interval);
+        let rsa_private = &rsa_pems().0;
+        let old = token(jsonwebtoken::Algorithm::RS256, rsa_private, Some("old"));
+        assert!(verifier.verify(&old).await.is_ok());
+        *server.state.jwks.lock().unwrap() = json!({ "keys": [rsa_jwk("new", "RS256")] });
+        // Within max-age (raised to the refresh interval): still cached.
+        assert!(verifier.verify(&old).await.is_ok());
+        assert_eq!(server.hits(), 1);
+        tokio::time::sleep(interval + Duration::from_millis(50)).await;
+        assert_eq!(verifier.verify(&old).await, Err(TokenError::UnknownKey));
+        assert_eq!(server.hits(), 2);
+        let new = token(jsonwebtoken::Algorithm::RS256, rsa_private, Some("new"));
+        assert!(verifier.verify(&new).await.is_ok());
+    }
+
+    #[test]
+    fn cache_control_max_age() {
+        let headers = |v: &'static str| {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::CACHE_CONTROL, v.parse().unwrap());
+            h
+        };
+        let age = |v| cache_max_age(&headers(v));
+        assert_eq!(age("public, max-age=60"), Some(Duration::from_secs(60)));
+        assert_eq!(age("no-store"), Some(Duration::ZERO));
+        assert_eq!(age("public"), None);
+        assert_eq!(age("max-age=x"), None);
+        assert_eq!(cache_max_age(&reqwest::header::HeaderMap::new()), None);
     }
 
     #[test]

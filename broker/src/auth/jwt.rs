@@ -435,7 +435,8 @@ impl JwtVerifier {
 /// cache first when it is empty or does not know the `kid`.
 async fn jwks_lookup(cache: &JwksCache, kid: Option<&str>, alg: Algorithm) -> JwksLookup {
     let mut snapshot = cache.snapshot();
-    if !snapshot.loaded {
+    // Stale: past the set's max-age, so that removed keys stop verifying.
+    if !snapshot.loaded || snapshot.stale {
         // Failures are logged by the cache; the snapshot below says what we have.
         let _ = cache.refresh().await;
         snapshot = cache.snapshot();

@@ -1,0 +1,164 @@
+//! The identity service: signs up a phone number by SMS code, following
+//! Mozilla's MSISDN gateway, and issues the device tokens the broker accepts.
+//!
+//! The path of a sign-up, one module per step:
+//! 1. [`api`]: `POST /register {"msisdn"}` checks the number ([`msisdn`]),
+//!    counts it against the per-number and per-address rates, and opens a
+//!    session ([`state`]) whose token the client sends as a bearer from then on;
+//! 2. `POST /sms/verify` (and `/sms/resend_code`) makes a 6-digit code from
+//!    the OS's CSPRNG and sends it ([`sms`]);
+//! 3. `POST /sms/verify_code` compares it in constant time (single-use,
+//!    limited tries, short-lived), derives the user's opaque uid from the
+//!    number, records the registration in the shared store, and signs an
+//!    RS256 token with the active key ([`keys`]);
+//! 4. the broker verifies that token through `GET /.well-known/jwks.json`;
+//! 5. `POST /unregister` deletes the user's data in the shared store and
+//!    revokes every token issued so far.
+//!
+//! [`config`] holds the settings; [`Idp::start`] builds the service and
+//! [`serve`] runs it on a bound listener until a shutdown token fires.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
+
+pub mod api;
+pub mod banner;
+pub mod config;
+pub mod keys;
+pub mod msisdn;
+pub mod sms;
+pub mod state;
+
+use config::Settings;
+use keys::{KeyError, KeyRing};
+use shared::store::Store;
+use sms::SmsSender;
+use state::State;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How often a running service re-reads its keys directory (rotations by
+/// `idp rotate-keys`, removal of keys past publication).
+pub const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("signing keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error("state: {0}")]
+    State(#[from] state::StateError),
+    #[error("SMS: {0}")]
+    Sms(#[from] sms::SmsError),
+    #[error("key loading task failed")]
+    Join,
+}
+
+/// The running service's parts, shared by every request.
+pub struct Idp {
+    pub settings: Settings,
+    pub keys: Arc<KeyRing>,
+    state: State,
+    store: Arc<dyn Store>,
+    sms: SmsSender,
+    uid_secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for Idp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idp")
+            .field("settings", &self.settings)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Idp {
+    /// Loads (or makes) the keys and the uid secret, and opens the state.
+    /// Registrations and revocations go to `store`, the broker's own.
+    pub async fn start(settings: Settings, store: Arc<dyn Store>) -> Result<Arc<Idp>, StartError> {
+        let (dir, ttl, leeway, configured) = (
+            settings.keys_dir.clone(),
+            settings.token_ttl,
+            settings.key_retire_leeway,
+            settings.uid_secret.clone(),
+        );
+        let (keys, uid_secret) = tokio::task::spawn_blocking(move || {
+            let keys = KeyRing::open(&dir, ttl, leeway)?;
+            let secret = keys::uid_secret(&dir, configured.as_ref().map(|s| s.0.as_str()))?;
+            Ok::<_, KeyError>((keys, secret))
+        })
+        .await
+        .map_err(|_| StartError::Join)??;
+        let state = State::open(settings.redis_url.as_deref(), settings.max_entries)?;
+        let sms = SmsSender::new(settings.sms.clone())?;
+        if sms.is_development() {
+            tracing::warn!("DEVELOPMENT: SMS_PROVIDER_URL is unset; one-time codes are written to this log instead of being sent");
+        }
+        Ok(Arc::new(Idp {
+            settings,
+            keys: Arc::new(keys),
+            state,
+            store,
+            sms,
+            uid_secret,
+        }))
+    }
+
+    /// Whether codes are logged instead of sent.
+    pub fn is_development(&self) -> bool {
+        self.sms.is_development()
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` fires, re-reading the
+/// keys directory every [`KEY_RELOAD_INTERVAL`].
+pub async fn serve(
+    listener: TcpListener,
+    idp: Arc<Idp>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // The reload task stops with the server, not only with the caller's token.
+    let stop = shutdown.child_token();
+    let reload = {
+        let (keys, shutdown) = (idp.keys.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(KEY_RELOAD_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let keys = keys.clone();
+                match tokio::task::spawn_blocking(move || keys.reload(shared::claims::now_secs()))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "reloading the signing keys failed; keeping the loaded ones")
+                    }
+                    Err(_) => tracing::error!("the key reload task failed"),
+                }
+            }
+        })
+    };
+    let app = api::router(idp).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    stop.cancel();
+    let _ = reload.await;
+    served
+}
