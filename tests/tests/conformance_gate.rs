@@ -157,6 +157,34 @@ async fn a_session_resumed_before_the_delay_elapses_cancels_its_will() {
     broker.shutdown().await;
 }
 
+/// MQTT 5 §3.1.4 and MQTT-3.1.3-9 on takeover: the replaced connection's
+/// delayed will is not published when the new connection resumes the
+/// session, and is published at once when it starts clean.
+#[tokio::test]
+async fn a_takeover_resuming_the_session_cancels_the_delayed_will() {
+    let broker = TestBroker::start().await;
+    let mut handler = watcher(&broker, "will-watcher", "get_contact_list").await;
+    let will = Some(("get_contact_list", will_properties(2)));
+    let mut old = device_with_will(&broker, "wt", "phone", will.clone(), 60, false);
+    old.connected().await;
+    let mut resumed = device_with_will(&broker, "wt", "phone", None, 60, true);
+    resumed.connected().await;
+    let ended = old.closed().await;
+    assert!(ended.contains("SessionTakenOver"), "old: {ended}");
+    handler.assert_no_publish(Duration::from_millis(3500)).await;
+
+    // A delay of 600 s: only publication at the takeover arrives in time.
+    let will = Some(("get_contact_list", will_properties(600)));
+    let mut old = device_with_will(&broker, "wt2", "phone", will, 600, false);
+    old.connected().await;
+    let mut clean = device_with_will(&broker, "wt2", "phone", None, 0, false);
+    clean.connected().await;
+    let published = handler.publish_received().await;
+    assert_eq!(user_property(&published, "user_id"), vec!["wt2"]);
+    drop(old);
+    broker.shutdown().await;
+}
+
 /// MQTT 5 §3.1.3.2.2: "or the Session ends, whichever happens first": a
 /// session expiring before the will delay publishes the will then; a new
 /// clean connection ends the old session at once, and with it publishes
