@@ -19,7 +19,9 @@
 //! 9. [`answers`]: every refusal and denial as the right packet per version;
 //!    [`translate`]: MQTT 5 packets in the form a 3.1.1 client can receive;
 //! 10. [`inbound`]: the client's QoS 1/2 flows as pure state (packet ids,
-//!     who acknowledges, QoS 2 exactly once, Receive Maximum).
+//!     who acknowledges, QoS 2 exactly once, Receive Maximum);
+//! 11. [`wills`]: wills waiting for their MQTT 5 Will Delay Interval, kept
+//!     past their connection and published through a router link of their own.
 //!
 //! Around it: [`config`] (environment and flags, development defaults from
 //! [`dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
