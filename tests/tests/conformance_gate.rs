@@ -675,3 +675,114 @@ async fn connack_carries_the_server_keep_alive_it_applies() {
     }
     broker.shutdown().await;
 }
+
+/// MQTT 5 §3.3.2.3.3 on the gate path: a reply that waited in the gate
+/// longer than its Message Expiry Interval is not delivered, and one that
+/// did not expire is forwarded with its remaining time. The device stops
+/// reading (a small receive buffer, then replies until its socket is full),
+/// so the replies wait in its inbox; it reads again 2.5 s later.
+#[tokio::test]
+async fn the_gate_path_does_not_deliver_a_reply_that_expired_while_waiting() {
+    use rumqttd::protocol::{Packet, Protocol};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut options = e2e::TestOptions::default();
+    // The stalled write must not end the session first.
+    options.limits.write_timeout = Duration::from_secs(60);
+    let broker = TestBroker::start_with(options).await;
+    let handler = broker.handler("flooder").await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stream = socket.connect(broker.tcp_addr).await.expect("connect");
+    stream
+        .write_all(&e2e::raw::connect(5, "sleepy", 30, &broker.token("mx")))
+        .await
+        .expect("connect");
+    // QoS 0, a clean device session: the gate serves it.
+    stream
+        .write_all(&e2e::raw::subscribe(
+            5,
+            1,
+            &["mx_r"],
+            rumqttd::protocol::QoS::AtMostOnce,
+        ))
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Paced replies until the socket is full: then the session's write
+    // waits and its inbox drops nearly every new reply (counted; while it
+    // writes, paced replies get through). What comes next waits in the inbox.
+    let filler = vec![b'x'; 16 * 1024];
+    let (mut stalled, mut dropped_before) = (false, 0.0);
+    for sent in 1..=3000u32 {
+        handler
+            .client
+            .publish("mx_r", QoS::AtMostOnce, false, filler.clone())
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if sent % 20 == 0 {
+            let dropped = broker.metric("broker_replies_dropped_total").await;
+            if sent > 100 && dropped - dropped_before >= 19.0 {
+                stalled = true;
+                break;
+            }
+            dropped_before = dropped;
+        }
+    }
+    assert!(stalled, "the device's socket never filled");
+    let expiring = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    handler
+        .client
+        .publish_with_properties("mx_r", QoS::AtMostOnce, false, "expiring", expiring)
+        .await
+        .expect("publish");
+    let lasting = PublishProperties {
+        message_expiry_interval: Some(600),
+        ..Default::default()
+    };
+    handler
+        .client
+        .publish_with_properties("mx_r", QoS::AtMostOnce, false, "lasting", lasting)
+        .await
+        .expect("publish");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    handler
+        .client
+        .publish("mx_r", QoS::AtMostOnce, false, "marker")
+        .await
+        .expect("publish");
+    // Read everything up to the marker.
+    let mut small = Vec::new();
+    let mut buf = bytes::BytesMut::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match rumqttd::protocol::v5::V5.read_mut(&mut buf, 1 << 20) {
+                Ok(Packet::Publish(publish, properties)) => {
+                    if publish.payload.len() < 100 {
+                        let left = properties.and_then(|p| p.message_expiry_interval);
+                        small.push((publish.payload.clone(), left));
+                        if &publish.payload[..] == b"marker" {
+                            return;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let read = stream.read_buf(&mut buf).await.expect("read");
+                    assert!(read > 0, "the session ended: {small:?}");
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the marker did not arrive: {small:?}"));
+    assert_eq!(small.len(), 2, "{small:?}");
+    assert_eq!(&small[0].0[..], b"lasting");
+    let left = small[0].1.expect("expiry forwarded");
+    assert!((596..=598).contains(&left), "remaining time: {left}");
+    assert_eq!(&small[1].0[..], b"marker");
+    broker.shutdown().await;
+}
