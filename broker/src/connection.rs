@@ -10,19 +10,20 @@ use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
 use crate::inbound::{Allowed, Arrival, InboundFlows, Refused, Release};
-use crate::reply_index::{ReplyInbox, Routed};
+use crate::reply_index::{ReplyInbox, Routed, Served};
 use crate::router::{RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
 use crate::subscriptions::Subscriptions;
 use crate::translate;
+use crate::wills::{self, ReadyWill};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
     LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason,
+    PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe,
+    SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -269,7 +270,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     packet: Packet,
     admits: Admits,
 ) -> Option<Session> {
-    let Packet::Connect(connect, properties, will, _will_properties, login) = packet else {
+    let Packet::Connect(connect, properties, will, will_properties, login) = packet else {
         gate.metrics().socket_dropped("not_mqtt");
         return None;
     };
@@ -395,6 +396,12 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         }
     };
 
+    // A new connection to this session: a will still waiting for its delay
+    // is cancelled (the session is resumed) or, if it starts clean (the old
+    // session ends), published now (MQTT 5 §3.1.3.2.2, MQTT-3.1.3-9).
+    gate.wills()
+        .session_reconnected(claim.id(), connect.clean_session);
+
     let connack_properties = match codec.version {
         Version::V4 => None,
         Version::V5 => Some(ConnAckProperties {
@@ -409,7 +416,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
                 principal,
                 Principal::Handler(_)
             ))),
-            subscription_identifiers_available: Some(0),
+            // Delivered with each matching publish (absent = available).
+            subscription_identifiers_available: None,
             ..Default::default()
         }),
     };
@@ -456,6 +464,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         keep_alive: Duration::from_secs(u64::from(granted_keep_alive)),
         token_deadline,
         will,
+        will_delay_secs: will_properties.as_ref().and_then(|p| p.delay_interval),
+        will_properties: wills::publish_properties(will_properties.as_ref()).map(Box::new),
         link_tx: link.tx,
         link_rx: link.rx,
         claim,
@@ -570,6 +580,10 @@ struct Session {
     keep_alive: Duration,
     token_deadline: Option<Instant>,
     will: Option<LastWill>,
+    /// The will's MQTT 5 Will Delay Interval, in seconds.
+    will_delay_secs: Option<u32>,
+    /// The will's MQTT 5 properties, sent with it (boxed: most have none).
+    will_properties: Option<Box<PublishProperties>>,
     link_tx: RouterTx,
     link_rx: RouterRx,
     claim: SessionClaim,
@@ -882,8 +896,13 @@ impl Session {
     ) -> Option<End> {
         match packet {
             Packet::Publish(publish, properties) => self.client_publish(publish, properties, wire),
-            Packet::Subscribe(subscribe, _) => {
-                self.client_subscribe(subscribe, wire);
+            Packet::Subscribe(_, Some(SubscribeProperties { id: Some(0), .. })) => {
+                // MQTT 5 3.8.2.1.2: identifiers start at 1.
+                info!("subscription identifier 0");
+                Some(End::Server(ServerDisconnect::ProtocolError))
+            }
+            Packet::Subscribe(subscribe, properties) => {
+                self.client_subscribe(subscribe, properties, wire);
                 None
             }
             Packet::Unsubscribe(unsubscribe, properties) => {
@@ -986,6 +1005,14 @@ impl Session {
         properties: Option<rumqttd::protocol::PublishProperties>,
         wire: &mut Wire<S>,
     ) -> Option<End> {
+        if properties
+            .as_ref()
+            .is_some_and(|p| !p.subscription_identifiers.is_empty())
+        {
+            // MQTT 5 3.3.4-6: only a server sets them, per subscription.
+            info!("subscription identifier on a client's publish");
+            return Some(End::Server(ServerDisconnect::ProtocolError));
+        }
         if properties.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
             // CONNACK advertises no Topic Alias Maximum (0): any alias is a
             // protocol error (MQTT 5 3.3.2.3.4), and an empty topic with an
@@ -1115,8 +1142,10 @@ impl Session {
     fn client_subscribe<S: AsyncRead + AsyncWrite>(
         &mut self,
         mut subscribe: Subscribe,
+        properties: Option<SubscribeProperties>,
         wire: &mut Wire<S>,
     ) {
+        let subscription_id = properties.as_ref().and_then(|p| p.id);
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::with_capacity(subscribe.filters.len());
         let mut over_quota = 0usize;
@@ -1125,7 +1154,7 @@ impl Session {
             let verdict = acl::may_subscribe(&self.principal, &filter.path, commands, limits)
                 .and_then(|()| self.subs.admit(&filter.path));
             match verdict {
-                Ok(()) if self.serve_directly(&filter) => {
+                Ok(()) if self.serve_directly(&filter, subscription_id) => {
                     codes.push(Some(SubscribeReasonCode::QoS0));
                 }
                 Ok(()) => {
@@ -1165,7 +1194,8 @@ impl Session {
         self.pending_subacks
             .insert(pkid, PendingSubAck { codes, forwarded });
         subscribe.filters = allowed;
-        self.outbox.push(Packet::Subscribe(subscribe, None));
+        // The router carries the subscription identifier on what it delivers.
+        self.outbox.push(Packet::Subscribe(subscribe, properties));
     }
 
     /// Takes `filter` into the reply index if the gate can serve it (see
@@ -1177,18 +1207,30 @@ impl Session {
     /// 3.8.4: a resubscription must not interrupt the flow). So a QoS 1/2
     /// resubscription of a topic the gate serves stays with the gate, at
     /// granted QoS 0 (a server may grant less than asked); unsubscribing
-    /// first gets the higher QoS from the router.
-    fn serve_directly(&mut self, filter: &Filter) -> bool {
-        let Some(inbox) = &self.inbox else {
+    /// first gets the higher QoS from the router. The exception: a topic
+    /// that has held a retained message since, which a resubscription must
+    /// send (Retain Handling 0) and only the router has; it moves there.
+    fn serve_directly(&mut self, filter: &Filter, subscription_id: Option<usize>) -> bool {
+        let Some(inbox) = self.inbox.clone() else {
             return false;
         };
+        let served = Served {
+            subscription_id,
+            retain_as_published: filter.preserve_retain,
+        };
         if self.subs.is_direct(&filter.path) {
-            return true;
+            let resend_retained = filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe
+                && self.gate.replies().is_retained(&filter.path);
+            if resend_retained {
+                self.stop_serving(&filter.path);
+                return false;
+            }
+            return self.gate.replies().subscribe(&filter.path, &inbox, served);
         }
         if filter.qos != QoS::AtMostOnce || self.subs.is_via_router(&filter.path) {
             return false;
         }
-        if !self.gate.replies().subscribe(&filter.path, inbox) {
+        if !self.gate.replies().subscribe(&filter.path, &inbox, served) {
             return false;
         }
         self.subs.add_direct(&filter.path);
@@ -1363,18 +1405,35 @@ impl Session {
         }
     }
 
-    /// Publishes the will, stamped like any publish of this client.
+    /// Publishes the will, stamped like any publish of this client, with its
+    /// MQTT 5 properties: now, or, with a Will Delay Interval and a session
+    /// that outlives the connection, later (`wills`).
     async fn fire_will(&mut self) {
         let Some(will) = self.will.take() else {
             return;
         };
+        let will_properties = self.will_properties.take().map(|p| *p);
         let (properties, retain) = match &self.principal {
             Principal::Device(device) => (
-                Some(identity::stamp(None, device.uid(), &self.client_id)),
+                Some(identity::stamp(
+                    will_properties,
+                    device.uid(),
+                    &self.client_id,
+                )),
                 false,
             ),
-            Principal::Handler(_) => (None, will.retain),
+            Principal::Handler(_) => (will_properties, will.retain),
         };
+        if let Some(after) = wills::delay(self.will_delay_secs, self.session_expiry) {
+            // Published through the gate's own router link: this one closes.
+            let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, 0);
+            let will = ReadyWill {
+                publish,
+                properties,
+            };
+            self.gate.wills().schedule(self.claim.id(), will, after);
+            return;
+        }
         // The router delivers at each subscription's QoS; a QoS 1/2 will
         // also gets a packet id the router acknowledges to this (closing)
         // link, one that no QoS 2 publish of this client holds.

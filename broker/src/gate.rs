@@ -12,6 +12,7 @@ use crate::reply_index::ReplyIndex;
 use crate::revocation::Revocations;
 use crate::router::{EmbeddedRouter, RouterError, RouterLink};
 use crate::sessions::SessionRegistry;
+use crate::wills::Wills;
 use std::sync::Arc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -22,6 +23,7 @@ pub struct GateParts {
     pub sessions: Arc<SessionRegistry>,
     pub commands: CommandTopics,
     pub replies: ReplyIndex,
+    pub wills: Wills,
     pub revocations: Option<Arc<Revocations>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -37,6 +39,8 @@ pub struct Gate {
     commands: CommandTopics,
     /// Device subscriptions the gate serves itself, beside the router.
     replies: ReplyIndex,
+    /// Wills waiting for their delay (MQTT 5 Will Delay Interval).
+    wills: Wills,
     /// Revocation checks, when a store is configured.
     revocations: Option<Arc<Revocations>>,
     metrics: Arc<Metrics>,
@@ -55,6 +59,7 @@ impl Gate {
             sessions: parts.sessions,
             commands: parts.commands,
             replies: parts.replies,
+            wills: parts.wills,
             revocations: parts.revocations,
             metrics: parts.metrics,
             limits: parts.limits,
@@ -109,6 +114,11 @@ impl Gate {
     /// The subscriptions the gate serves itself.
     pub fn replies(&self) -> &ReplyIndex {
         &self.replies
+    }
+
+    /// Wills whose publication is delayed.
+    pub fn wills(&self) -> &Wills {
+        &self.wills
     }
 
     pub fn metrics(&self) -> &Metrics {

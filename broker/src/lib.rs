@@ -19,7 +19,9 @@
 //! 9. [`answers`]: every refusal and denial as the right packet per version;
 //!    [`translate`]: MQTT 5 packets in the form a 3.1.1 client can receive;
 //! 10. [`inbound`]: the client's QoS 1/2 flows as pure state (packet ids,
-//!     who acknowledges, QoS 2 exactly once, Receive Maximum).
+//!     who acknowledges, QoS 2 exactly once, Receive Maximum);
+//! 11. [`wills`]: wills waiting for their MQTT 5 Will Delay Interval, kept
+//!     past their connection and published through a router link of their own.
 //!
 //! Around it: [`config`] (environment and flags, development defaults from
 //! [`dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
@@ -59,6 +61,7 @@ pub mod sessions;
 pub mod subscriptions;
 pub mod tls;
 pub mod translate;
+pub mod wills;
 
 use auth::jwt::{JwtConfigError, JwtVerifier};
 use auth::Authenticator;
@@ -79,6 +82,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use wills::Wills;
 
 /// Bound listeners handed to the broker (tests bind port 0 and read the address back).
 #[derive(Default)]
@@ -163,7 +167,8 @@ impl Broker {
         let limits = config.limits.clone();
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let (gate, router_task) = build_gate(config, metrics.clone(), shutdown.clone())?;
+        let (gate, router_task, will_queue) =
+            build_gate(config, metrics.clone(), shutdown.clone())?;
         let router_stopped = Arc::new(OnceLock::new());
         {
             // Without its router the broker cannot serve anyone: stop, so that
@@ -190,6 +195,7 @@ impl Broker {
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
         tasks.spawn(gate.sessions().clone().end_all_at_shutdown());
+        tasks.spawn(wills::publish_delayed(gate.clone(), will_queue));
         if let Some(revocations) = gate.revocations() {
             tasks.spawn(revocations.watch(gate.sessions().clone(), shutdown.clone()));
         }
@@ -309,8 +315,9 @@ pub fn gate_for_tests(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Arc<Gate>, StartError> {
-    let (gate, _router_task) = build_gate(config, Arc::new(Metrics::new()), shutdown)?;
+    let (gate, _router_task, will_queue) = build_gate(config, Arc::new(Metrics::new()), shutdown)?;
     tokio::spawn(gate.sessions().clone().end_all_at_shutdown());
+    tokio::spawn(wills::publish_delayed(gate.clone(), will_queue));
     Ok(gate)
 }
 
@@ -320,11 +327,13 @@ fn build_gate(
     config: Config,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> Result<(Arc<Gate>, router::RouterTask), StartError> {
+) -> Result<(Arc<Gate>, router::RouterTask, wills::WillQueue), StartError> {
     let leeway_secs = config.jwt.leeway_secs;
     let jwt = JwtVerifier::new(config.jwt)?;
     let limits = config.limits;
     let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics);
+    // One pending will per session at most; as many as connections allowed.
+    let (wills, will_queue) = Wills::new(limits.max_connections, wills::MAX_PENDING_BYTES);
     let gate = Arc::new(Gate::new(GateParts {
         auth: Authenticator::new(
             jwt,
@@ -336,11 +345,12 @@ fn build_gate(
         sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
         commands: CommandTopics::new(config.command_topics),
         replies: ReplyIndex::with_gauge(metrics.reply_index_topics()),
+        wills,
         revocations: config.revocations.map(Arc::new),
         metrics,
         leeway_secs,
         limits,
         shutdown,
     }));
-    Ok((gate, router_task))
+    Ok((gate, router_task, will_queue))
 }

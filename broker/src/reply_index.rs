@@ -11,6 +11,12 @@
 //! held a retained message (a new subscriber must get it, and the router
 //! holds it). Everything else stays in the router. A session gets each topic
 //! from one path only, so the order of messages per topic is kept.
+//!
+//! The device sees the protocol it would see from the router: properties as
+//! published, in order; the Message Expiry Interval counted down while a
+//! reply waits in the inbox (an expired one is not delivered); its
+//! subscription's identifier on each delivery; the retain flag only under
+//! Retain As Published.
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
@@ -22,6 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tokio::time::Instant;
 
 /// Payload and topic bytes one session's inbox holds for a device that reads
 /// slower than its replies arrive; the oldest are dropped beyond it (QoS 0),
@@ -33,6 +40,38 @@ pub const INBOX_LIMIT_BYTES: usize = 64 * 1024;
 pub struct Delivery {
     pub publish: Publish,
     pub properties: Option<Box<PublishProperties>>,
+    /// When the gate received it, if it carries a Message Expiry Interval.
+    received: Option<Instant>,
+}
+
+impl Delivery {
+    /// The delivery as it leaves at `now`: its Message Expiry Interval less
+    /// the whole seconds it waited, or `None` once expired (MQTT 5
+    /// §3.3.2.3.3: not delivered).
+    fn at(mut self, now: Instant) -> Option<Delivery> {
+        let (Some(received), Some(properties)) = (self.received, self.properties.as_mut()) else {
+            return Some(self);
+        };
+        let Some(interval) = properties.message_expiry_interval else {
+            return Some(self);
+        };
+        let waited = now.saturating_duration_since(received).as_secs();
+        let left = u64::from(interval)
+            .checked_sub(waited)
+            .filter(|&left| left > 0)?;
+        properties.message_expiry_interval = Some(u32::try_from(left).unwrap_or(interval));
+        Some(self)
+    }
+}
+
+/// How the gate serves one topic to one session: its subscription's options
+/// (MQTT 5 §3.8.3.1, §3.8.2.1.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Subscription Identifier of the subscription, sent with each delivery.
+    pub subscription_id: Option<usize>,
+    /// Retain As Published: a live delivery keeps the publish's retain flag.
+    pub retain_as_published: bool,
 }
 
 impl Delivery {
@@ -98,7 +137,8 @@ impl ReplyInbox {
         }
     }
 
-    /// Hands every queued delivery to `each`, oldest first; returns how many.
+    /// Hands every queued delivery to `each`, oldest first (expired ones
+    /// are dropped, the others' expiry counted down); returns how many.
     pub fn drain(&self, mut each: impl FnMut(Delivery)) -> u64 {
         if !self.filled.load(Ordering::Acquire) {
             return 0;
@@ -107,11 +147,21 @@ impl ReplyInbox {
         if queued.deliveries.is_empty() {
             return 0;
         }
-        let count = queued.deliveries.len() as u64;
+        let mut count = 0;
         queued.bytes = 0;
         queued.overflowing = false;
         self.filled.store(false, Ordering::Release);
+        // The clock is read only for replies that can expire.
+        let mut now = None;
         for delivery in queued.deliveries.drain(..) {
+            let delivery = match delivery.received {
+                None => delivery,
+                Some(_) => match delivery.at(*now.get_or_insert_with(Instant::now)) {
+                    Some(live) => live,
+                    None => continue,
+                },
+            };
+            count += 1;
             each(delivery);
         }
         // Room for a few kept (a busy session would allocate it again for
@@ -158,8 +208,8 @@ struct Routes {
 
 #[derive(Default)]
 struct TopicRoutes {
-    /// Inboxes of the sessions the gate serves this topic to.
-    inboxes: Vec<Arc<ReplyInbox>>,
+    /// Inboxes of the sessions the gate serves this topic to, and how.
+    inboxes: Vec<(Arc<ReplyInbox>, Served)>,
     /// Device sessions subscribed to it through the router (QoS 1/2, a
     /// persistent session, a retained topic). A clean session counts until
     /// its connection ends; a persistent one until the session expires or a
@@ -243,24 +293,42 @@ impl ReplyIndex {
 
     /// Serves `topic` to `inbox` from now on, unless the topic has (or had)
     /// a retained message, which only the router can give a new subscriber:
-    /// then returns false and the subscription goes to the router.
-    pub fn subscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) -> bool {
+    /// then returns false and the subscription goes to the router. A
+    /// resubscription keeps its path and takes the new options (MQTT 5
+    /// §3.8.4).
+    pub fn subscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>, served: Served) -> bool {
         let mut routes = self.write();
         let routes = routes.entry(topic);
+        if let Some((_, options)) = routes
+            .inboxes
+            .iter_mut()
+            .find(|(i, _)| Arc::ptr_eq(i, inbox))
+        {
+            *options = served;
+            return true;
+        }
         if routes.retained {
             return false;
         }
-        if !routes.inboxes.iter().any(|i| Arc::ptr_eq(i, inbox)) {
-            routes.inboxes.push(inbox.clone());
-        }
+        routes.inboxes.push((inbox.clone(), served));
         true
+    }
+
+    /// Whether `topic` holds (or held) a retained message: only the router
+    /// can send it to a subscriber.
+    pub fn is_retained(&self, topic: &str) -> bool {
+        self.routes
+            .read()
+            .topics
+            .get(topic.as_bytes())
+            .is_some_and(|f| f.retained)
     }
 
     /// Stops serving `topic` to `inbox`.
     pub fn unsubscribe(&self, topic: &str, inbox: &Arc<ReplyInbox>) {
         let mut routes = self.write();
         if let Some(found) = routes.topics.get_mut(topic.as_bytes()) {
-            found.inboxes.retain(|i| !Arc::ptr_eq(i, inbox));
+            found.inboxes.retain(|(i, _)| !Arc::ptr_eq(i, inbox));
             routes.forget_if_empty(topic);
         }
     }
@@ -350,19 +418,35 @@ impl ReplyIndex {
                     .keys()
                     .any(|filter| matches(topic, filter)),
         };
-        for inbox in found.map(|f| f.inboxes.as_slice()).unwrap_or_default() {
+        let inboxes = found.map(|f| f.inboxes.as_slice()).unwrap_or_default();
+        // The clock is read only for publishes that can expire.
+        let received = match (inboxes, properties) {
+            ([_, ..], Some(p)) if p.message_expiry_interval.is_some() => Some(Instant::now()),
+            _ => None,
+        };
+        for (inbox, served) in inboxes {
             // Delivered at the subscription's QoS 0: no packet id, and
-            // (MQTT 3.3.1.3) no retain flag on a live delivery.
+            // (MQTT 3.3.1.3) no retain flag on a live delivery unless the
+            // subscription asked for Retain As Published (MQTT 5 3.3.1.3).
             let copy = Publish::with_qos(
                 publish.topic.clone(),
                 publish.payload.clone(),
-                false,
+                publish.retain && served.retain_as_published,
                 QoS::AtMostOnce,
                 0,
             );
+            let properties = match served.subscription_id {
+                None => properties.clone().map(Box::new),
+                Some(id) => {
+                    let mut with_id = properties.clone().unwrap_or_default();
+                    with_id.subscription_identifiers = vec![id];
+                    Some(Box::new(with_id))
+                }
+            };
             let (dropped, started_dropping) = inbox.push(Delivery {
                 publish: copy,
-                properties: properties.clone().map(Box::new),
+                properties,
+                received,
             });
             routed.dropped += dropped;
             routed.newly_slow += u64::from(started_dropping);
@@ -396,8 +480,11 @@ mod tests {
     fn serves_subscribed_topics_and_says_when_the_router_needs_a_publish() {
         let index = ReplyIndex::default();
         let inbox = Arc::new(ReplyInbox::default());
-        assert!(index.subscribe("42_sync", &inbox));
-        assert!(index.subscribe("42_sync", &inbox), "resubscribe is a no-op");
+        assert!(index.subscribe("42_sync", &inbox, Served::default()));
+        assert!(
+            index.subscribe("42_sync", &inbox, Served::default()),
+            "resubscribe is a no-op"
+        );
 
         let routed = index.route("42_sync", &publish("42_sync", "a", false), &None);
         assert_eq!(
@@ -447,14 +534,14 @@ mod tests {
     fn retained_topics_stay_with_the_router() {
         let index = ReplyIndex::default();
         let early = Arc::new(ReplyInbox::default());
-        assert!(index.subscribe("9_profile", &early));
+        assert!(index.subscribe("9_profile", &early, Served::default()));
         let routed = index.route("9_profile", &publish("9_profile", "p", true), &None);
         assert!(routed.needs_router, "the router keeps the retained message");
         let mut live = Vec::new();
         early.drain(|d| live.push(d.publish.retain));
         assert_eq!(live, vec![false], "a live delivery carries no retain flag");
         let late = Arc::new(ReplyInbox::default());
-        assert!(!index.subscribe("9_profile", &late));
+        assert!(!index.subscribe("9_profile", &late, Served::default()));
     }
 
     #[test]
@@ -466,8 +553,8 @@ mod tests {
         );
         for i in 0..1000 {
             let topic = format!("1_t{i}");
-            assert!(index.subscribe(&topic, &a));
-            assert!(index.subscribe(&topic, &b));
+            assert!(index.subscribe(&topic, &a, Served::default()));
+            assert!(index.subscribe(&topic, &b, Served::default()));
         }
         index.device_subscribed_in_router("2_q");
         index.device_subscribed_in_router("2_q");
@@ -510,19 +597,103 @@ mod tests {
         // A retained message keeps its topic with the router until an
         // empty retained publish deletes it.
         index.route("9_p", &publish("9_p", "p", true), &None);
-        assert!(!index.subscribe("9_p", &a));
+        assert!(!index.subscribe("9_p", &a, Served::default()));
         index.route("9_p", &publish("9_p", "", true), &None);
         assert_eq!(index.topics(), 0, "nothing retained, nobody subscribed");
-        assert!(index.subscribe("9_p", &a), "served by the gate again");
+        assert!(
+            index.subscribe("9_p", &a, Served::default()),
+            "served by the gate again"
+        );
         index.unsubscribe("9_p", &a);
         assert_eq!(index.topics(), 0);
+    }
+
+    #[test]
+    fn a_waiting_reply_counts_its_expiry_down_and_is_dropped_once_expired() {
+        let expiring = |secs| {
+            Some(Box::new(PublishProperties {
+                message_expiry_interval: Some(secs),
+                content_type: Some("text/plain".into()),
+                ..Default::default()
+            }))
+        };
+        let received = Instant::now();
+        let delivery = |properties| Delivery {
+            publish: publish("1_e", "x", false),
+            properties,
+            received: Some(received),
+        };
+        let later = received + std::time::Duration::from_millis(2500);
+        assert!(delivery(expiring(2)).at(later).is_none(), "expired");
+        let left = delivery(expiring(10)).at(later).and_then(|d| d.properties);
+        assert_eq!(left.and_then(|p| p.message_expiry_interval), Some(8));
+        let fresh = delivery(expiring(10))
+            .at(received)
+            .and_then(|d| d.properties);
+        assert_eq!(fresh.and_then(|p| p.message_expiry_interval), Some(10));
+        assert!(delivery(None).at(later).is_some(), "nothing to expire");
+
+        // Through the index: only replies with an expiry read the clock.
+        let index = ReplyIndex::default();
+        let inbox = Arc::new(ReplyInbox::default());
+        assert!(index.subscribe("1_e", &inbox, Served::default()));
+        index.route(
+            "1_e",
+            &publish("1_e", "a", false),
+            &expiring(60).map(|p| *p),
+        );
+        index.route("1_e", &publish("1_e", "b", false), &None);
+        let mut got = Vec::new();
+        inbox.drain(|d| got.push((d.received.is_some(), d.properties.is_some())));
+        assert_eq!(got, vec![(true, true), (false, false)]);
+    }
+
+    #[test]
+    fn each_delivery_carries_its_subscriptions_identifier_and_retain_as_published() {
+        let index = ReplyIndex::default();
+        let (plain, tagged) = (
+            Arc::new(ReplyInbox::default()),
+            Arc::new(ReplyInbox::default()),
+        );
+        assert!(index.subscribe("1_s", &plain, Served::default()));
+        let options = Served {
+            subscription_id: Some(7),
+            retain_as_published: true,
+        };
+        assert!(index.subscribe("1_s", &tagged, options));
+        let properties = Some(PublishProperties {
+            user_properties: vec![("z".into(), "1".into()), ("a".into(), "2".into())],
+            ..Default::default()
+        });
+        index.route("1_s", &publish("1_s", "x", true), &properties);
+        index.route("1_s", &publish("1_s", "y", false), &None);
+        let mut got = Vec::new();
+        plain.drain(|d| got.push((d.publish.retain, d.properties.map(|p| *p))));
+        assert_eq!(got, vec![(false, properties.clone()), (false, None)]);
+        let mut got = Vec::new();
+        tagged.drain(|d| got.push((d.publish.retain, d.properties.map(|p| *p))));
+        let with_id = |p: Option<PublishProperties>| {
+            let mut p = p.unwrap_or_default();
+            p.subscription_identifiers = vec![7];
+            Some(p)
+        };
+        assert_eq!(
+            got,
+            vec![(true, with_id(properties.clone())), (false, with_id(None))]
+        );
+        // A resubscription replaces the options.
+        assert!(index.subscribe("1_s", &tagged, Served::default()));
+        index.route("1_s", &publish("1_s", "z", true), &None);
+        let mut got = Vec::new();
+        tagged.drain(|d| got.push((d.publish.retain, d.properties.is_some())));
+        assert_eq!(got, vec![(false, false)]);
     }
 
     #[test]
     fn a_slow_session_loses_its_oldest_replies_first() {
         let index = ReplyIndex::default();
         let inbox = Arc::new(ReplyInbox::default());
-        assert!(index.subscribe("1_x", &inbox));
+        assert!(index.subscribe("1_x", &inbox, Served::default()));
         let body = Bytes::from(vec![b'x'; 1000]);
         let (mut dropped, mut newly_slow) = (0, 0);
         for i in 0..100u8 {

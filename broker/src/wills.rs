@@ -1,0 +1,455 @@
+//! Owns wills whose publication is delayed (MQTT 5 Will Delay Interval,
+//! §3.1.3.2.2): the capped set of pending wills, keyed by router session id;
+//! their timers; cancelling one when its session is resumed before the delay
+//! elapses (MQTT-3.1.3-9); and the gate's own router link that publishes them
+//! once their connection (and its link) is gone.
+//!
+//! A will whose delay is 0, or whose session ends with its connection
+//! (Session Expiry Interval 0, or MQTT 3.1.1), is still published by the
+//! closing session itself on its own link (`connection::fire_will`).
+
+use crate::gate::Gate;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rumqttd::protocol::{
+    LastWillProperties, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+/// The router client id of the link that publishes delayed wills. Clients'
+/// sessions are `D:` or `H:` (`sessions`), so no client can take it.
+const WILLS_LINK_ID: &str = "W:delayed-wills";
+
+/// Bytes (topic, payload, properties) all pending wills may hold together;
+/// a will beyond it (or beyond the count cap) is published at once instead
+/// of being dropped: publishing early is the lesser deviation.
+pub const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
+
+/// A will ready to publish: stamped, with its properties.
+#[derive(Debug, Clone)]
+pub struct ReadyWill {
+    pub publish: Publish,
+    pub properties: Option<PublishProperties>,
+}
+
+impl ReadyWill {
+    /// Roughly what it holds in memory, for the byte cap.
+    fn size(&self) -> usize {
+        let properties = self.properties.as_ref().map_or(0, |p| {
+            p.content_type.as_ref().map_or(0, String::len)
+                + p.response_topic.as_ref().map_or(0, String::len)
+                + p.correlation_data.as_ref().map_or(0, Bytes::len)
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        });
+        self.publish.topic.len() + self.publish.payload.len() + properties
+    }
+}
+
+/// The publish properties of a will: everything its CONNECT gave it except
+/// the Will Delay Interval, which is the broker's business (MQTT 5
+/// §3.1.3.2: the others are sent with the will as they were received).
+pub fn publish_properties(will: Option<&LastWillProperties>) -> Option<PublishProperties> {
+    let will = will?;
+    let properties = PublishProperties {
+        payload_format_indicator: will.payload_format_indicator,
+        message_expiry_interval: will.message_expiry_interval,
+        topic_alias: None,
+        response_topic: will.response_topic.clone(),
+        correlation_data: will.correlation_data.clone(),
+        user_properties: will.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: will.content_type.clone(),
+    };
+    (properties != PublishProperties::default()).then_some(properties)
+}
+
+/// When a will is due after its connection ends: at the Will Delay Interval
+/// or when the session ends, whichever comes first (§3.1.3.2.2). `None`:
+/// now.
+pub fn delay(will_delay_secs: Option<u32>, session_expiry: Duration) -> Option<Duration> {
+    let delay = Duration::from_secs(u64::from(will_delay_secs?)).min(session_expiry);
+    (!delay.is_zero()).then_some(delay)
+}
+
+/// Pending wills, shared by every session (held by the `Gate`).
+pub struct Wills {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pending: Mutex<Pending>,
+    max_pending: usize,
+    max_bytes: usize,
+    serial: AtomicU64,
+    to_publisher: mpsc::UnboundedSender<ReadyWill>,
+}
+
+#[derive(Default)]
+struct Pending {
+    by_session: HashMap<String, Waiting>,
+    bytes: usize,
+}
+
+struct Waiting {
+    serial: u64,
+    will: ReadyWill,
+    timer: AbortHandle,
+}
+
+impl Pending {
+    fn take(&mut self, session_id: &str) -> Option<Waiting> {
+        let waiting = self.by_session.remove(session_id)?;
+        self.bytes = self.bytes.saturating_sub(waiting.will.size());
+        waiting.timer.abort();
+        Some(waiting)
+    }
+}
+
+/// What `Wills::new` hands to the publisher task (`publish_delayed`).
+pub struct WillQueue(mpsc::UnboundedReceiver<ReadyWill>);
+
+impl Wills {
+    /// At most `max_pending` wills (and `max_bytes`) wait at once.
+    pub fn new(max_pending: usize, max_bytes: usize) -> (Self, WillQueue) {
+        // Unbounded in type only: what it carries came out of the capped map.
+        let (to_publisher, queue) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            pending: Mutex::new(Pending::default()),
+            max_pending,
+            max_bytes,
+            serial: AtomicU64::new(0),
+            to_publisher,
+        });
+        (Wills { inner }, WillQueue(queue))
+    }
+
+    /// Publishes `will` of session `session_id` after `after`, unless the
+    /// session is resumed first (`resumed`). Call inside a tokio runtime.
+    pub fn schedule(&self, session_id: &str, will: ReadyWill, after: Duration) {
+        let mut pending = self.inner.pending.lock();
+        // A will left by an earlier connection of this session was cancelled
+        // or published when this one connected; one still here is published.
+        if let Some(earlier) = pending.take(session_id) {
+            self.inner.publish(earlier.will);
+        }
+        let size = will.size();
+        if pending.by_session.len() >= self.inner.max_pending
+            || pending.bytes.saturating_add(size) > self.inner.max_bytes
+        {
+            drop(pending);
+            warn!(
+                max_pending = self.inner.max_pending,
+                "too many delayed wills pending: this one is published now"
+            );
+            self.inner.publish(will);
+            return;
+        }
+        let serial = self.inner.serial.fetch_add(1, Ordering::Relaxed);
+        let (inner, id) = (self.inner.clone(), session_id.to_owned());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            inner.due(&id, serial);
+        })
+        .abort_handle();
+        pending.bytes += size;
+        pending.by_session.insert(
+            session_id.to_owned(),
+            Waiting {
+                serial,
+                will,
+                timer,
+            },
+        );
+        debug!(after_secs = after.as_secs(), "will delayed");
+    }
+
+    /// A new connection to session `session_id` was made. Resuming it
+    /// (`clean_start` false) cancels its pending will (MQTT-3.1.3-9);
+    /// starting clean ends the old session, so its will is published now.
+    pub fn session_reconnected(&self, session_id: &str, clean_start: bool) {
+        let Some(waiting) = self.inner.pending.lock().take(session_id) else {
+            return;
+        };
+        if clean_start {
+            info!("a new clean session ended the old one: its delayed will is published");
+            self.inner.publish(waiting.will);
+        } else {
+            info!("session resumed before its will delay elapsed: the will is not published");
+        }
+    }
+
+    /// How many wills are waiting.
+    pub fn pending(&self) -> usize {
+        self.inner.pending.lock().by_session.len()
+    }
+
+    /// Publishes every pending will now (the broker is stopping: their
+    /// sessions end with it).
+    fn flush(&self) -> Vec<ReadyWill> {
+        let mut pending = self.inner.pending.lock();
+        pending.bytes = 0;
+        pending
+            .by_session
+            .drain()
+            .map(|(_, waiting)| {
+                waiting.timer.abort();
+                waiting.will
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    /// The timer of `session_id`'s will `serial` fired.
+    fn due(&self, session_id: &str, serial: u64) {
+        let mut pending = self.pending.lock();
+        if pending
+            .by_session
+            .get(session_id)
+            .is_some_and(|w| w.serial == serial)
+        {
+            if let Some(waiting) = pending.take(session_id) {
+                drop(pending);
+                info!("will delay elapsed: publishing the will");
+                self.publish(waiting.will);
+            }
+        }
+    }
+
+    fn publish(&self, will: ReadyWill) {
+        if self.to_publisher.send(will).is_err() {
+            warn!("the will publisher has stopped: a delayed will is lost");
+        }
+    }
+}
+
+/// Publishes the wills that fall due through a router link of the gate's
+/// own, until the broker shuts down; then publishes those still pending.
+/// Runs as one task for the broker's life.
+pub async fn publish_delayed(gate: Arc<Gate>, queue: WillQueue) {
+    let WillQueue(mut queue) = queue;
+    let link = match gate
+        .open_router_session(WILLS_LINK_ID.to_owned(), true)
+        .await
+    {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(error = %e, "no router link for delayed wills: they are published by nobody");
+            return;
+        }
+    };
+    let (mut tx, mut rx) = (link.tx, link.rx);
+    let mut next_pkid: u16 = 1;
+    loop {
+        tokio::select! {
+            biased;
+            _ = gate.shutting_down() => break,
+            will = queue.recv() => {
+                let Some(will) = will else { break };
+                if publish(&gate, &mut tx, will, &mut next_pkid).await.is_err() {
+                    warn!("the router closed the delayed-wills link");
+                    return;
+                }
+            }
+            // Only acknowledgements of the wills arrive here: read and let go.
+            notification = rx.next() => match notification {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    if rx.wake().await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    warn!("the router closed the delayed-wills link");
+                    return;
+                }
+            },
+        }
+    }
+    let wills = gate.wills().flush();
+    let remaining: Vec<ReadyWill> = std::iter::from_fn(|| queue.try_recv().ok())
+        .chain(wills)
+        .collect();
+    if !remaining.is_empty() {
+        info!(
+            wills = remaining.len(),
+            "shutting down: pending wills are published now"
+        );
+    }
+    for will in remaining {
+        if publish(&gate, &mut tx, will, &mut next_pkid).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Publishes one will: to the sessions the gate serves, and to the router.
+async fn publish(
+    gate: &Gate,
+    tx: &mut crate::router::RouterTx,
+    will: ReadyWill,
+    next_pkid: &mut u16,
+) -> Result<(), rumqttd::local::LinkError> {
+    let ReadyWill {
+        mut publish,
+        properties,
+    } = will;
+    let qos = publish.qos();
+    let pkid = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        let pkid = *next_pkid;
+        *next_pkid = next_pkid.wrapping_add(1).max(1);
+        pkid
+    };
+    publish = Publish::with_qos(publish.topic, publish.payload, publish.retain, qos, pkid);
+    gate.metrics().message_in();
+    if let Ok(topic) = std::str::from_utf8(&publish.topic) {
+        let routed = gate.replies().route(topic, &publish, &properties);
+        if routed.dropped > 0 {
+            gate.metrics().replies_dropped(routed.dropped);
+        }
+    }
+    if qos == QoS::ExactlyOnce {
+        // The router keeps a QoS 2 publish until its PUBREL: released at once.
+        tx.buffer().push_back(Packet::Publish(publish, properties));
+        let release = PubRel {
+            pkid,
+            reason: PubRelReason::Success,
+        };
+        tx.send(Packet::PubRel(release, None)).await?;
+    } else {
+        tx.send(Packet::Publish(publish, properties)).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn will(payload: &'static str) -> ReadyWill {
+        ReadyWill {
+            publish: Publish::with_qos(
+                Bytes::from_static(b"t"),
+                Bytes::from_static(payload.as_bytes()),
+                false,
+                QoS::AtMostOnce,
+                0,
+            ),
+            properties: None,
+        }
+    }
+
+    fn received(queue: &mut WillQueue) -> Vec<Bytes> {
+        std::iter::from_fn(|| queue.0.try_recv().ok())
+            .map(|w| w.publish.payload)
+            .collect()
+    }
+
+    #[test]
+    fn the_delay_is_the_lesser_of_will_delay_and_session_expiry() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(delay(None, minute), None);
+        assert_eq!(delay(Some(0), minute), None);
+        assert_eq!(delay(Some(5), Duration::ZERO), None, "session ends now");
+        assert_eq!(delay(Some(5), minute), Some(Duration::from_secs(5)));
+        assert_eq!(delay(Some(600), minute), Some(minute));
+    }
+
+    #[test]
+    fn will_properties_are_forwarded_without_the_delay() {
+        assert_eq!(publish_properties(None), None);
+        let only_delay = LastWillProperties {
+            delay_interval: Some(5),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        assert_eq!(publish_properties(Some(&only_delay)), None);
+        let full = LastWillProperties {
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(30),
+            content_type: Some("text/plain".into()),
+            response_topic: Some("r".into()),
+            correlation_data: Some(Bytes::from_static(b"c")),
+            user_properties: vec![("b".into(), "2".into()), ("a".into(), "1".into())],
+            ..only_delay
+        };
+        let forwarded = publish_properties(Some(&full)).unwrap();
+        assert_eq!(forwarded.payload_format_indicator, Some(1));
+        assert_eq!(forwarded.message_expiry_interval, Some(30));
+        assert_eq!(forwarded.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(forwarded.response_topic.as_deref(), Some("r"));
+        assert_eq!(forwarded.correlation_data.as_deref(), Some(&b"c"[..]));
+        assert_eq!(forwarded.user_properties, full.user_properties);
+    }
+
+    #[tokio::test]
+    async fn a_will_is_published_when_due_unless_its_session_is_resumed() {
+        let hour = Duration::from_secs(3600);
+        let (wills, mut queue) = Wills::new(10, 1 << 20);
+        wills.schedule("D:1:a", will("a"), hour);
+        wills.schedule("D:1:b", will("b"), hour);
+        wills.schedule("D:1:c", will("c"), hour);
+        assert_eq!(wills.pending(), 3);
+        assert!(received(&mut queue).is_empty(), "not before the delay");
+        wills.session_reconnected("D:1:a", false);
+        wills.session_reconnected("D:1:b", true);
+        assert_eq!(received(&mut queue), vec!["b"], "a clean start ends it");
+        let serial = wills.inner.pending.lock().by_session["D:1:c"].serial;
+        wills.inner.due("D:1:c", serial + 1);
+        assert!(
+            received(&mut queue).is_empty(),
+            "a stale timer does nothing"
+        );
+        wills.inner.due("D:1:c", serial);
+        assert_eq!(received(&mut queue), vec!["c"]);
+        assert_eq!(wills.pending(), 0);
+        assert_eq!(wills.inner.pending.lock().bytes, 0);
+        wills.session_reconnected("D:1:a", true);
+        assert!(received(&mut queue).is_empty(), "the resumed one never");
+
+        // The timer itself (a bounded wait, not a measurement).
+        wills.schedule("D:1:d", will("d"), Duration::from_millis(20));
+        let fired = tokio::time::timeout(Duration::from_secs(10), queue.0.recv()).await;
+        let fired = fired.ok().flatten().map(|w| w.publish.payload);
+        assert_eq!(fired.as_deref(), Some(&b"d"[..]));
+        assert_eq!(wills.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn beyond_the_caps_a_will_is_published_at_once() {
+        let hour = Duration::from_secs(3600);
+        let (wills, mut queue) = Wills::new(2, 1 << 20);
+        for id in ["1", "2", "3"] {
+            wills.schedule(id, will(id.to_owned().leak()), hour);
+        }
+        assert_eq!(received(&mut queue), vec!["3"]);
+        assert_eq!(wills.pending(), 2);
+        let (small, mut small_queue) = Wills::new(10, 3);
+        small.schedule("x", will("ab"), hour);
+        small.schedule("y", will("cd"), hour);
+        assert_eq!(received(&mut small_queue), vec!["cd"], "over the bytes");
+        let mut flushed: Vec<Bytes> = wills
+            .flush()
+            .into_iter()
+            .map(|w| w.publish.payload)
+            .collect();
+        flushed.sort();
+        assert_eq!(flushed, vec!["1", "2"]);
+        assert_eq!(wills.pending(), 0);
+    }
+}
