@@ -21,8 +21,8 @@ use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
     LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason,
+    PubRel, PubRelReason, Publish, QoS, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -383,7 +383,14 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     }
     let claim = gate.sessions().claim(session_id.clone(), uid).await;
     let link = match gate
-        .open_router_session(session_id, connect.clean_session)
+        .open_router_session(
+            session_id,
+            connect.clean_session,
+            properties
+                .as_ref()
+                .and_then(|p| p.receive_maximum)
+                .unwrap_or(u16::MAX),
+        )
         .await
     {
         Ok(link) => link,
@@ -409,7 +416,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
                 principal,
                 Principal::Handler(_)
             ))),
-            subscription_identifiers_available: Some(0),
+            subscription_identifiers_available: Some(1),
             ..Default::default()
         }),
     };
@@ -494,7 +501,7 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
         };
         gate.sessions()
             .release_subscriptions(&id, (gate.replies(), gate.commands()));
-        match gate.open_router_session(id, true).await {
+        match gate.open_router_session(id, true, u16::MAX).await {
             Ok(link) => {
                 let mut tx = link.tx;
                 let _ = tx.send(normal_disconnect()).await;
@@ -882,8 +889,8 @@ impl Session {
     ) -> Option<End> {
         match packet {
             Packet::Publish(publish, properties) => self.client_publish(publish, properties, wire),
-            Packet::Subscribe(subscribe, _) => {
-                self.client_subscribe(subscribe, wire);
+            Packet::Subscribe(subscribe, properties) => {
+                self.client_subscribe(subscribe, properties, wire);
                 None
             }
             Packet::Unsubscribe(unsubscribe, properties) => {
@@ -1115,8 +1122,13 @@ impl Session {
     fn client_subscribe<S: AsyncRead + AsyncWrite>(
         &mut self,
         mut subscribe: Subscribe,
+        properties: Option<SubscribeProperties>,
         wire: &mut Wire<S>,
     ) {
+        // A subscription identifier is carried by the router's forwards
+        // (vendor patch 25), not by the reply index's: such a SUBSCRIBE goes
+        // to the router.
+        let direct_allowed = properties.as_ref().is_none_or(|p| p.id.is_none());
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::with_capacity(subscribe.filters.len());
         let mut over_quota = 0usize;
@@ -1125,7 +1137,7 @@ impl Session {
             let verdict = acl::may_subscribe(&self.principal, &filter.path, commands, limits)
                 .and_then(|()| self.subs.admit(&filter.path));
             match verdict {
-                Ok(()) if self.serve_directly(&filter) => {
+                Ok(()) if direct_allowed && self.serve_directly(&filter) => {
                     codes.push(Some(SubscribeReasonCode::QoS0));
                 }
                 Ok(()) => {
@@ -1165,7 +1177,7 @@ impl Session {
         self.pending_subacks
             .insert(pkid, PendingSubAck { codes, forwarded });
         subscribe.filters = allowed;
-        self.outbox.push(Packet::Subscribe(subscribe, None));
+        self.outbox.push(Packet::Subscribe(subscribe, properties));
     }
 
     /// Takes `filter` into the reply index if the gate can serve it (see

@@ -691,3 +691,7 @@ fn plain_and_shared_subscription_to_one_filter() {
     handler.disconnect(&mut router);
     assert_all_freed(&router);
 }
+
+// patched: MQTT 5 delivery semantics (issue 10, patches 25-29).
+#[path = "delivery_tests.rs"]
+mod delivery;
