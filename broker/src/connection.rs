@@ -1126,7 +1126,7 @@ impl Session {
         wire: &mut Wire<S>,
     ) {
         // A subscription identifier is carried by the router's forwards
-        // (vendor patch 25), not by the reply index's: such a SUBSCRIBE goes
+        // (vendor patch 27), not by the reply index's: such a SUBSCRIBE goes
         // to the router.
         let direct_allowed = properties.as_ref().is_none_or(|p| p.id.is_none());
         let mut codes = Vec::with_capacity(subscribe.filters.len());

@@ -393,8 +393,7 @@ fn patch29_receive_maximum_holds_back_deliveries() {
     let sub = connect_with(&mut router, "sub", true, 2);
     sub.subscribe(&mut router, "r/#", QoS::AtLeastOnce);
     sub.subscribe(&mut router, "live", QoS::AtLeastOnce);
-    sub.take();
-    // The retained ones are already queued; more arrive live.
+    // The retained ones wait for slots; more arrive live.
     for i in 0..5 {
         publisher.publish(
             &mut router,
