@@ -724,7 +724,11 @@ fn measure_forwarding_cost() {
                 qos,
                 retain: false,
                 topic: Bytes::copy_from_slice(topics[i].as_bytes()),
-                pkid: if qos == QoS::AtMostOnce { 0 } else { (k % 60000 + 1) as u16 },
+                pkid: if qos == QoS::AtMostOnce {
+                    0
+                } else {
+                    (k % 60000 + 1) as u16
+                },
                 payload: Bytes::from_static(b"{\"ok\":true}"),
             };
             let props = PublishProperties {
