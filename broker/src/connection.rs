@@ -384,7 +384,14 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     }
     let claim = gate.sessions().claim(session_id.clone(), device).await;
     let link = match gate
-        .open_router_session(session_id, connect.clean_session)
+        .open_router_session(
+            session_id,
+            connect.clean_session,
+            properties
+                .as_ref()
+                .and_then(|p| p.receive_maximum)
+                .unwrap_or(u16::MAX),
+        )
         .await
     {
         Ok(link) => link,
@@ -504,7 +511,7 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
         };
         gate.sessions()
             .release_subscriptions(&id, (gate.replies(), gate.commands()));
-        match gate.open_router_session(id, true).await {
+        match gate.open_router_session(id, true, u16::MAX).await {
             Ok(link) => {
                 let mut tx = link.tx;
                 let _ = tx.send(normal_disconnect()).await;

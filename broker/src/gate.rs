@@ -97,8 +97,11 @@ impl Gate {
         &self,
         router_client_id: String,
         clean_session: bool,
+        receive_maximum: u16,
     ) -> Result<RouterLink, RouterError> {
-        self.router.connect(router_client_id, clean_session).await
+        self.router
+            .connect(router_client_id, clean_session, receive_maximum)
+            .await
     }
 
     /// Live and persistent sessions: claims, takeover, caps.

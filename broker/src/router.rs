@@ -97,14 +97,18 @@ impl EmbeddedRouter {
     }
 
     /// Opens a session for `router_client_id` (already namespaced and free of
-    /// `+ $ # /`).
+    /// `+ $ # /`). The router keeps at most `receive_maximum` (the client's
+    /// CONNECT value; 65,535 when it sent none) QoS 1/2 deliveries
+    /// unacknowledged, never more than its own limit of 100.
     pub async fn connect(
         &self,
         router_client_id: String,
         clean_session: bool,
+        receive_maximum: u16,
     ) -> Result<RouterLink, RouterError> {
         let (tx, rx, ack) = (self.start_link)(&router_client_id)
             .clean_session(clean_session)
+            .receive_maximum(receive_maximum)
             .build_async()
             .await
             .map_err(|e: LinkError| RouterError::Link(e.to_string()))?;

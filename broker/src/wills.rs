@@ -238,7 +238,7 @@ impl Inner {
 pub async fn publish_delayed(gate: Arc<Gate>, queue: WillQueue) {
     let WillQueue(mut queue) = queue;
     let link = match gate
-        .open_router_session(WILLS_LINK_ID.to_owned(), true)
+        .open_router_session(WILLS_LINK_ID.to_owned(), true, u16::MAX)
         .await
     {
         Ok(link) => link,

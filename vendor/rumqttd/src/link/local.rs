@@ -50,6 +50,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // patched: the client's Receive Maximum (65,535 when it sent none)
+    receive_maximum: u16,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -63,6 +65,7 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            receive_maximum: u16::MAX,
         }
     }
 
@@ -86,6 +89,15 @@ impl<'a> LinkBuilder<'a> {
 
     pub fn topic_alias_max(mut self, max: u16) -> Self {
         self.topic_alias_max = max;
+        self
+    }
+
+    /// patched: the client's Receive Maximum (MQTT 5 3.1.2.11.3): the router
+    /// keeps at most this many QoS 1/2 deliveries unacknowledged on this
+    /// link (and never more than its own limit, 100); the others wait in
+    /// their logs until acknowledgements arrive. Default 65,535 (none sent).
+    pub fn receive_maximum(mut self, receive_maximum: u16) -> Self {
+        self.receive_maximum = receive_maximum;
         self
     }
 
@@ -138,7 +150,8 @@ impl<'a> LinkBuilder<'a> {
             .last_will(self.last_will.take(), self.last_will_properties.take())
             .topic_alias_max(self.topic_alias_max);
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.set_receive_maximum(self.receive_maximum);
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 

@@ -3,8 +3,10 @@ use slab::Slab;
 use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
+use super::logs::PublishData;
 use super::ConnectionEvents;
 
 /// Used to register a new connection with the router
@@ -31,8 +33,17 @@ pub struct Connection {
     pub(crate) topic_aliases: HashMap<u16, Topic>,
     /// Topic aliases used by broker
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
-    /// subscription IDs for a connection
-    pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// patched: the client id, shared with every publish this connection
+    /// stores (No Local, MQTT 5 3.8.3.1: a publish is compared with its
+    /// subscriber by client id, so a persistent session's own publishes
+    /// stay its own across reconnects). One allocation per connection; a
+    /// stored publish holds a reference, not a copy. (Subscription
+    /// identifiers moved to each subscription's `DataRequest`.)
+    pub(crate) origin: Arc<str>,
+    /// patched: retained messages still to send for a subscription, by
+    /// filter, when there were more than its free in-flight slots (upstream
+    /// dropped the excess). Empty unless a subscription matched many.
+    pub(crate) retained_backlog: HashMap<Filter, VecDeque<PublishData>>,
 }
 
 impl Connection {
@@ -55,7 +66,6 @@ impl Connection {
         };
 
         Connection {
-            client_id,
             tenant_prefix,
             dynamic_filters,
             clean,
@@ -65,7 +75,9 @@ impl Connection {
             events: ConnectionEvents::default(),
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
-            subscription_ids: HashMap::new(),
+            origin: Arc::from(client_id.as_str()),
+            retained_backlog: HashMap::new(),
+            client_id,
         }
     }
 

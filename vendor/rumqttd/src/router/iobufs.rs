@@ -15,7 +15,9 @@ use crate::{
 
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
-const MAX_INFLIGHT: usize = 100;
+/// The router's own limit on unacknowledged QoS 1/2 deliveries per
+/// connection (and the range of packet ids it uses for them).
+pub const MAX_INFLIGHT: usize = 100;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
 #[derive(Debug)]
@@ -72,6 +74,10 @@ pub struct Outgoing {
     last_pkid: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// patched: the most QoS 1/2 deliveries awaiting their acknowledgement
+    /// (PUBACK, or PUBREC then PUBCOMP): the client's Receive Maximum
+    /// (MQTT 5 3.3.4, MQTT-3.3.4-9), at most `MAX_INFLIGHT`.
+    max_inflight: usize,
 }
 
 impl Outgoing {
@@ -97,6 +103,7 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
+            max_inflight: MAX_INFLIGHT,
         };
 
         (outgoing, rx)
@@ -107,8 +114,22 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
+    /// patched: limits unacknowledged QoS 1/2 deliveries to the client's
+    /// Receive Maximum (0 is not a valid Receive Maximum: taken as 1), never
+    /// above the router's own `MAX_INFLIGHT`.
+    pub(crate) fn set_receive_maximum(&mut self, receive_maximum: u16) {
+        self.max_inflight = usize::from(receive_maximum).clamp(1, MAX_INFLIGHT);
+    }
+
+    /// How many more QoS 1/2 deliveries may be sent before acknowledgements
+    /// arrive. patched: a QoS 2 delivery counts until its PUBCOMP (MQTT 5
+    /// 4.9: the send quota comes back on PUBACK or PUBCOMP), so PUBRELs
+    /// awaiting PUBCOMP take slots too; upstream counted only deliveries
+    /// awaiting PUBACK/PUBREC, which also let packet ids (1..=100) be reused
+    /// while a PUBREL of the same id was still pending.
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        self.max_inflight
+            .saturating_sub(self.inflight_buffer.len() + self.unacked_pubrels.len())
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {

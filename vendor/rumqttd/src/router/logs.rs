@@ -13,15 +13,19 @@ use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 type PubWithProp = (Publish, Option<PublishProperties>);
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    /// patched: the client id of the connection that published it, for No
+    /// Local (MQTT 5 3.8.3.1); `None` for the router's own publishes (wills).
+    pub origin: Option<Arc<str>>,
 }
 
 impl From<PubWithProp> for PublishData {
@@ -30,7 +34,63 @@ impl From<PubWithProp> for PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            origin: None,
         }
+    }
+}
+
+impl PublishData {
+    /// patched: a publish stored now on behalf of `origin`.
+    pub fn new(
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        origin: Option<Arc<str>>,
+    ) -> PublishData {
+        PublishData {
+            publish,
+            properties,
+            timestamp: Instant::now(),
+            origin,
+        }
+    }
+
+    /// patched: whether `client_id` published it (No Local).
+    pub fn published_by(&self, client_id: &str) -> bool {
+        self.origin.as_deref() == Some(client_id)
+    }
+
+    /// patched: MQTT 5 3.3.2.3.3. Whether the message is still alive at
+    /// `now`; if it is, its Message Expiry Interval becomes what is left of
+    /// it (the interval minus the whole seconds it waited in the router).
+    /// Upstream applied this to the *stored* retained message on every read,
+    /// subtracting the total time waited again each time (a retained
+    /// message aged twice as fast after its second reader, and so on).
+    /// Called on copies only.
+    pub fn age(&mut self, now: Instant) -> bool {
+        let Some(interval) = self
+            .properties
+            .as_mut()
+            .and_then(|p| p.message_expiry_interval.as_mut())
+        else {
+            return true;
+        };
+        let waited = u32::try_from(now.saturating_duration_since(self.timestamp).as_secs())
+            .unwrap_or(u32::MAX);
+        if waited >= *interval {
+            return false;
+        }
+        *interval -= waited;
+        true
+    }
+
+    /// patched: whether the message has expired at `now` (not changed).
+    pub fn expired(&self, now: Instant) -> bool {
+        self.properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .is_some_and(|interval| {
+                now.saturating_duration_since(self.timestamp).as_secs() >= u64::from(interval)
+            })
     }
 }
 
@@ -267,16 +327,17 @@ impl DataLog {
         Some(data.log.clear())
     }
 
+    /// Reads up to `len` publishes of `filter_idx` from `offset`.
+    /// patched: expired messages are left out and the others carry what is
+    /// left of their expiry interval (as upstream), and so are messages
+    /// published by `skip_origin` (No Local, MQTT 5 3.8.3.1).
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
+        skip_origin: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
-        // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
-        // arrives in `Router::handle_device_payload`, it first calls the function
-        // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
-        // reads will definitely happen on a valid filter.
         // patched: an error, not a panic, for a filter that is gone.
         let data = self.native.get(filter_idx).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("no log {filter_idx}"))
@@ -289,29 +350,9 @@ impl DataLog {
         let next = data.log.readv(offset, len, &mut o)?;
 
         let now = Instant::now();
+        // `readv` returns copies: aging them leaves the log unchanged.
         o.retain_mut(|(pubdata, _)| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
+            pubdata.age(now) && !skip_origin.is_some_and(|id| pubdata.published_by(id))
         });
 
         // no need to include timestamp when returning
@@ -354,55 +395,34 @@ impl DataLog {
         inflight
     }
 
-    pub fn insert_to_retained_publishes(
-        &mut self,
-        publish: Publish,
-        publish_properties: Option<PublishProperties>,
-        topic: Topic,
-    ) {
-        let pub_with_props = (publish, publish_properties);
-        self.retained_publishes.insert(topic, pub_with_props.into());
+    pub fn insert_to_retained_publishes(&mut self, data: PublishData, topic: Topic) {
+        self.retained_publishes.insert(topic, data);
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
         self.retained_publishes.remove(&topic);
     }
 
-    pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
+    /// The retained messages matching `filter`, as stored (retain flag set,
+    /// expiry interval not yet aged: see `PublishData::age`).
+    /// patched: expired ones are dropped from the store, and those published
+    /// by `skip_origin` are left out (No Local). Upstream aged the stored
+    /// messages in place on every read (see `age`).
+    pub fn read_retained_messages(
+        &mut self,
+        filter: &str,
+        skip_origin: Option<&str>,
+    ) -> Vec<PublishData> {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
-
-        // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
-        });
-
-        // no need to include timestamp when returning
+        self.retained_publishes
+            .retain(|_, pubdata| !pubdata.expired(now));
         self.retained_publishes
             .iter()
-            .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
+            .filter(|(topic, p)| {
+                matches(topic, filter) && !skip_origin.is_some_and(|id| p.published_by(id))
+            })
+            .map(|(_, p)| p.clone())
             .collect()
     }
 }

@@ -208,6 +208,18 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// patched: MQTT 5 subscription options (3.8.3.1) and identifier
+    /// (3.3.2.3.8), kept with the subscription's request so that they are
+    /// saved and restored with a persistent session (upstream kept the
+    /// identifier in a per-connection map that a resumed session lost, and
+    /// ignored the options). No Local: never forward this connection's own
+    /// publishes. Retain As Published: keep the retain flag of forwards.
+    #[serde(default)]
+    pub(crate) nolocal: bool,
+    #[serde(default)]
+    pub(crate) preserve_retain: bool,
+    #[serde(default)]
+    pub(crate) subscription_id: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
@@ -13,15 +13,16 @@ use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
+use std::sync::Arc;
 use std::thread;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use thiserror::Error;
 use tracing::{debug, error, info, trace, warn};
 
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog, Qos2Record};
+use super::logs::{AckLog, DataLog, PublishData, Qos2Record};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -879,6 +880,14 @@ impl Router {
                             filter = filter_path;
                         };
 
+                        // patched: MQTT 5 3.8.3.1 (MQTT-3.8.3-4).
+                        if f.nolocal && group.is_some() {
+                            warn!("No Local on a shared subscription");
+                            disconnect = true;
+                            disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
+                            break;
+                        }
+
                         let subscription_id = props.as_ref().and_then(|p| p.id);
 
                         if subscription_id == Some(0) {
@@ -964,9 +973,6 @@ impl Router {
                             if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
                                 broker_aliases.remove_alias(filter);
                             }
-
-                            // remove the subscription id
-                            connection.subscription_ids.remove(filter);
 
                             let unsuback = UnsubAck {
                                 pkid,
@@ -1104,6 +1110,10 @@ impl Router {
                         disconnect = true;
                         break;
                     }
+                    // patched: a QoS 2 delivery holds its slot until
+                    // PUBCOMP (see `Outgoing::free_slots`), so PUBCOMP frees
+                    // one: a connection paused with its window full resumes.
+                    self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PingReq(_) => {
                     let Some(ackslog) = self.ackslog.get_mut(id) else {
@@ -1201,20 +1211,18 @@ impl Router {
             shared_group.add_client(client_id);
         };
 
-        if let Some(subscription_id) = subscription_id {
-            connection
-                .subscription_ids
-                .insert(filter_path.clone(), subscription_id);
-        }
-
         // check is group is None because retained messages aren't sent
         // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
+        // patched: and as the subscription's Retain Handling says (MQTT 5
+        // 3.8.3.1): 0 at every subscribe, 1 only for a new subscription,
+        // 2 never. Upstream sent them for every new subscription.
+        let rule = &filter.retain_forward_rule;
+        let retained_wanted = group.is_none() && *rule != RetainForwardRule::Never;
 
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
         if connection.subscriptions.insert(filter_path.clone()) {
+            connection.retained_backlog.remove(filter_path);
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
@@ -1222,20 +1230,83 @@ impl Router {
                 cursor,
                 read_count: 0,
                 max_count: 100,
-                // set true for new subscriptions
-                forward_retained,
+                forward_retained: retained_wanted,
                 group,
+                nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
+                subscription_id,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none());
             self.hold_filter(filter_path);
+            return;
         }
 
-        // TODO: figure out how we can update existing DataRequest
-        // helpful in re-subscriptions and forwarding retained messages on
-        // every subscribe
+        // patched: a SUBSCRIBE to a filter this session already holds
+        // replaces the subscription (MQTT 5 3.8.4): its QoS, options and
+        // identifier change, its cursor does not (no message lost or
+        // repeated), and under Retain Handling 0 the retained messages are
+        // sent again. Upstream left the old subscription unchanged.
+        let resend = retained_wanted && *rule == RetainForwardRule::OnEverySubscribe;
+        if resend {
+            connection.retained_backlog.remove(filter_path);
+        }
+        let (qos, nolocal, preserve_retain) =
+            (filter.qos as u8, filter.nolocal, filter.preserve_retain);
+        self.replace_subscription(id, filter_idx, filter_path, |request| {
+            request.qos = qos;
+            request.nolocal = nolocal;
+            request.preserve_retain = preserve_retain;
+            request.subscription_id = subscription_id;
+            request.forward_retained |= resend;
+        });
+    }
+
+    /// patched: applies `apply` to connection `id`'s request for
+    /// subscription `path`, wherever it is: tracked (ready or paused),
+    /// parked in its log's waiters (moved back to the tracker, so that
+    /// retained messages to resend go out now), or woken and about to be
+    /// tracked.
+    fn replace_subscription(
+        &mut self,
+        id: ConnectionId,
+        filter_idx: FilterIdx,
+        path: &str,
+        apply: impl FnOnce(&mut DataRequest),
+    ) {
+        if let Some(request) = self
+            .scheduler
+            .trackers
+            .get_mut(id)
+            .and_then(|t| t.data_requests.iter_mut().find(|r| r.filter == path))
+        {
+            apply(request);
+            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
+            return;
+        }
+        if let Some(data) = self.datalog.native.get_mut(filter_idx) {
+            let waiters = data.waiters.get_mut();
+            if let Some(at) = waiters
+                .iter()
+                .position(|(conn, r)| *conn == id && r.filter == path)
+            {
+                if let Some((_, mut request)) = waiters.remove(at) {
+                    apply(&mut request);
+                    self.scheduler.track(id, request);
+                    self.scheduler.reschedule(id, ScheduleReason::NewFilter);
+                }
+                return;
+            }
+        }
+        if let Some((_, request)) = self
+            .notifications
+            .iter_mut()
+            .find(|(conn, r)| *conn == id && r.filter == path)
+        {
+            apply(request);
+        }
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1508,15 +1579,8 @@ fn append_to_commitlog(
         }
     }
 
-    if publish.payload.is_empty() {
-        datalog.remove_from_retained_publishes(topic.to_owned());
-    } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
-    }
-
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    let origin = Some(connection.origin.clone());
+    store_retained(datalog, &publish, &properties, topic, &origin);
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1534,6 +1598,7 @@ fn append_to_commitlog(
     let o = append_to_filters(
         publish,
         properties,
+        origin,
         pkid,
         filter_idxs,
         datalog,
@@ -1545,7 +1610,7 @@ fn append_to_commitlog(
 }
 
 fn append_will_message(
-    mut publish: Publish,
+    publish: Publish,
     properties: Option<PublishProperties>,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
@@ -1575,15 +1640,7 @@ fn append_will_message(
         }
     }
 
-    if publish.payload.is_empty() {
-        datalog.remove_from_retained_publishes(topic.to_owned());
-    } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
-    }
-
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    store_retained(datalog, &publish, &properties, topic, &None);
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1596,6 +1653,7 @@ fn append_will_message(
     let o = append_to_filters(
         publish,
         properties,
+        None,
         pkid,
         filter_idxs,
         datalog,
@@ -1603,6 +1661,30 @@ fn append_will_message(
     );
 
     Ok(o)
+}
+
+/// patched: the retained store (MQTT 5 3.3.1.3). Only a publish with the
+/// retain flag changes it: a zero-byte one removes the topic's retained
+/// message, another replaces it. Upstream also removed it on any zero-byte
+/// publish without the flag. The publish keeps its retain flag in the logs:
+/// a Retain As Published subscription forwards it, others clear it (see
+/// `forward_device_data`).
+fn store_retained(
+    datalog: &mut DataLog,
+    publish: &Publish,
+    properties: &Option<PublishProperties>,
+    topic: &str,
+    origin: &Option<Arc<str>>,
+) {
+    if !publish.retain {
+        return;
+    }
+    if publish.payload.is_empty() {
+        datalog.remove_from_retained_publishes(topic.to_owned());
+    } else {
+        let data = PublishData::new(publish.clone(), properties.clone(), origin.clone());
+        datalog.insert_to_retained_publishes(data, topic.to_owned());
+    }
 }
 
 /// patched: appends a publish to the logs of the filters it matches; the
@@ -1613,6 +1695,7 @@ fn append_will_message(
 fn append_to_filters(
     publish: Publish,
     properties: Option<PublishProperties>,
+    origin: Option<Arc<str>>,
     pkid: u16,
     filter_idxs: Vec<FilterIdx>,
     datalog: &mut DataLog,
@@ -1620,7 +1703,7 @@ fn append_to_filters(
 ) -> Offset {
     let mut last = (0, 0);
     let mut remaining = filter_idxs.len();
-    let mut data = Some((publish, properties));
+    let mut data = Some(PublishData::new(publish, properties, origin));
     for filter_idx in filter_idxs {
         remaining -= 1;
         let publish_data = if remaining == 0 {
@@ -1634,7 +1717,7 @@ fn append_to_filters(
         let Some(datalog) = datalog.native.get_mut(filter_idx) else {
             continue;
         };
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1775,22 +1858,52 @@ fn forward_device_data(
 
     let mut publishes = Vec::new();
 
+    // patched: No Local (MQTT 5 3.8.3.1): this connection's own publishes
+    // are not read for this subscription.
+    let skip_origin = request.nolocal.then_some(&*connection.origin);
+
+    // patched: the retained messages still to send wait in a backlog taken
+    // a slot at a time, and the log is read only once it is empty.
+    // Upstream read them all and dropped those beyond the free in-flight
+    // slots (with a Receive Maximum of 2, a `#` subscription got 2).
+    let mut retained_pending = false;
     if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
-        retained_publishes.truncate(inflight_slots as usize);
-
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
-        inflight_slots -= publishes.len() as u64;
-
-        // we only want to forward retained messages once
-        request.forward_retained = false;
+        if !connection.retained_backlog.contains_key(&request.filter) {
+            let retained = datalog.read_retained_messages(&request.filter, skip_origin);
+            connection
+                .retained_backlog
+                .insert(request.filter.clone(), retained.into());
+        }
+        let now = Instant::now();
+        if let Some(backlog) = connection.retained_backlog.get_mut(&request.filter) {
+            while inflight_slots > 0 {
+                let Some(mut retained) = backlog.pop_front() else {
+                    break;
+                };
+                // Expired while waiting here: dropped (MQTT 5 3.3.2.3.3).
+                if retained.age(now) {
+                    publishes.push(((retained.publish, retained.properties), None));
+                    inflight_slots -= 1;
+                }
+            }
+            retained_pending = !backlog.is_empty();
+        }
+        if !retained_pending {
+            connection.retained_backlog.remove(&request.filter);
+            // we only want to forward retained messages once
+            request.forward_retained = false;
+        }
     }
 
-    let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
+    let (start, next, caughtup) = if retained_pending {
+        (request.cursor, request.cursor, false)
+    } else {
+        let (next, publishes_from_datalog) = match datalog.native_readv(
+            request.filter_idx,
+            request.cursor,
+            inflight_slots,
+            skip_origin,
+        ) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
@@ -1798,15 +1911,16 @@ fn forward_device_data(
             }
         };
 
-    publishes.extend(
-        publishes_from_datalog
-            .into_iter()
-            .map(|(p, offset)| (p, Some(offset))),
-    );
+        publishes.extend(
+            publishes_from_datalog
+                .into_iter()
+                .map(|(p, offset)| (p, Some(offset))),
+        );
 
-    let (start, next, caughtup) = match next {
-        Position::Next { start, end } => (start, end, false),
-        Position::Done { start, end } => (start, end, true),
+        match next {
+            Position::Next { start, end } => (start, end, false),
+            Position::Done { start, end } => (start, end, true),
+        }
     };
 
     if let Some(ref shared_group) = shared_group {
@@ -1869,12 +1983,21 @@ fn forward_device_data(
             .and_then(|broker_aliases| broker_aliases.set_new_alias(&request.filter))
     }
 
-    let subscription_id = connection.subscription_ids.get(&request.filter);
+    let subscription_id = request.subscription_id;
+    let preserve_retain = request.preserve_retain;
 
     // Fill and notify device data
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
+            // patched: MQTT 5 3.3.1.3. A message sent because a subscription
+            // was made (read from the retained store: no offset) keeps its
+            // retain flag; one forwarded as it is published keeps it only
+            // for a Retain As Published subscription.
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
+            }
+
             // patched: delivered at the lower of the publish's QoS and the
             // subscription's (MQTT 3.1.1 and 5, 3.8.4), not always at the
             // subscription's: a QoS 0 publish reached a QoS 1 subscriber as
@@ -1895,7 +2018,7 @@ fn forward_device_data(
                 publish.topic.clear()
             }
 
-            if let Some(&subscription_id) = subscription_id {
+            if let Some(subscription_id) = subscription_id {
                 // create new props if not already exists
                 let mut props = properties.unwrap_or_default();
                 props.subscription_identifiers.push(subscription_id);

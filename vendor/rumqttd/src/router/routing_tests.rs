@@ -691,3 +691,75 @@ fn plain_and_shared_subscription_to_one_filter() {
     handler.disconnect(&mut router);
     assert_all_freed(&router);
 }
+
+// patched: MQTT 5 delivery semantics (issue 10, patches 25-29).
+#[path = "delivery_tests.rs"]
+mod delivery;
+
+/// Measurement, not a test (run with `--ignored --nocapture` in release):
+/// router CPU per publish->forward, 90 subscribers on their own topics,
+/// QoS 0 and QoS 1 (acknowledged), with MQTT 5 properties on the publish.
+#[test]
+#[ignore]
+fn measure_forwarding_cost() {
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let mut router = Router::new(0, config());
+        let publisher = connect(&mut router, "publisher", true);
+        let subs: Vec<Client> = (0..90)
+            .map(|i| {
+                let c = connect(&mut router, &format!("s{i}"), true);
+                c.subscribe(&mut router, &format!("u{i}_r"), qos);
+                c.take();
+                c
+            })
+            .collect();
+        let topics: Vec<String> = (0..90).map(|i| format!("u{i}_r")).collect();
+        let n = 100_000usize;
+        let start = std::time::Instant::now();
+        let mut got = 0usize;
+        for k in 0..n {
+            let i = k % 90;
+            let publish = Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: Bytes::copy_from_slice(topics[i].as_bytes()),
+                pkid: if qos == QoS::AtMostOnce {
+                    0
+                } else {
+                    (k % 60000 + 1) as u16
+                },
+                payload: Bytes::from_static(b"{\"ok\":true}"),
+            };
+            let props = PublishProperties {
+                content_type: Some("application/json".into()),
+                ..Default::default()
+            };
+            publisher.send(&mut router, Packet::Publish(publish, Some(props)));
+            publisher.take();
+            for n in subs[i].take() {
+                if let Notification::Forward(f) = n {
+                    got += 1;
+                    if qos != QoS::AtMostOnce {
+                        subs[i].send(
+                            &mut router,
+                            Packet::PubAck(
+                                crate::protocol::PubAck {
+                                    pkid: f.publish.pkid,
+                                    reason: PubAckReason::Success,
+                                },
+                                None,
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(got, n);
+        println!(
+            "MEASURE {qos:?}: {n} publish->forward in {elapsed:?}, {:.2} us each",
+            elapsed.as_secs_f64() * 1e6 / n as f64
+        );
+    }
+}
