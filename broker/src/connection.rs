@@ -372,21 +372,40 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         Principal::Device(device) => Some(device),
         Principal::Handler(_) => None,
     };
-    let admitted = gate.sessions().admit(
-        &session_id,
-        &principal,
-        connect.clean_session,
-        gate.limits(),
-    );
+    // MQTT 5 separates starting afresh (Clean Start) from outliving the
+    // connection (Session Expiry Interval > 0); 3.1.1's Clean Session flag
+    // means both. `clean_session` is the gate's sense: nothing of the
+    // session outlives the connection. A Clean Start with an expiry starts
+    // a new persistent session: whatever was stored goes first.
+    let asked_expiry = properties.as_ref().and_then(|p| p.session_expiry_interval);
+    let clean_session = match codec.version {
+        Version::V4 => connect.clean_session,
+        Version::V5 => connect.clean_session && asked_expiry.unwrap_or(0) == 0,
+    };
+    let discard_stored = connect.clean_session && !clean_session;
+    let admitted = gate
+        .sessions()
+        .admit(&session_id, &principal, clean_session, gate.limits());
     if let Err(refusal) = admitted {
         let _ = wire.send_now(&codec, refuse(refusal)).await;
         return None;
     }
     let claim = gate.sessions().claim(session_id.clone(), device).await;
+    if discard_stored {
+        // The router forgets a stored session when a clean one with its id
+        // connects and leaves; the persistent one is opened after it.
+        if let Ok(link) = gate
+            .open_router_session(session_id.clone(), true, u16::MAX)
+            .await
+        {
+            let mut tx = link.tx;
+            let _ = tx.send(normal_disconnect()).await;
+        }
+    }
     let link = match gate
         .open_router_session(
             session_id,
-            connect.clean_session,
+            clean_session,
             properties
                 .as_ref()
                 .and_then(|p| p.receive_maximum)
@@ -446,7 +465,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
 
     // Only a clean session's QoS 0 subscriptions can be served by the gate
     // (see `reply_index`): nothing of them outlives the connection.
-    let inbox = (matches!(principal, Principal::Device(_)) && connect.clean_session)
+    let inbox = (matches!(principal, Principal::Device(_)) && clean_session)
         .then(|| Arc::new(ReplyInbox::default()));
     let subs = gate.sessions().resume_subscriptions(
         claim.id(),
@@ -462,10 +481,10 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         codec,
         principal,
         client_id,
-        clean_session: connect.clean_session,
+        clean_session,
         session_expiry: session_expiry(
             codec.version,
-            properties.as_ref().and_then(|p| p.session_expiry_interval),
+            asked_expiry,
             gate.limits().max_session_expiry,
         ),
         keep_alive: Duration::from_secs(u64::from(granted_keep_alive)),

@@ -1,5 +1,5 @@
 //! MQTT 3.1.1 and 5 as the specifications say (issue 10), against the real
-//! broker over TLS. So far: the QoS a message is delivered at.
+//! broker over TLS: delivered QoS, sessions, keep-alive and wills.
 
 use e2e::clients::V4Client;
 use e2e::TestBroker;
@@ -101,6 +101,78 @@ async fn a_resumed_session_is_present_and_gets_what_was_published_while_away() {
         second.connected().await.session_present,
         "the session was resumed"
     );
+}
+
+/// MQTT 5 §3.1.2.4 and §3.1.2.11.2: Clean Start only says whether to begin
+/// afresh; the Session Expiry Interval alone says whether the session
+/// outlives the connection. A session begun with Clean Start 1 and an expiry
+/// keeps its subscriptions and queues QoS 1 messages after a normal
+/// DISCONNECT; one resumed with an expiry of 0 ends with its connection.
+#[tokio::test]
+async fn clean_start_and_session_expiry_are_independent() {
+    let broker = TestBroker::start().await;
+    let token = broker.token("cs");
+    let connect = |clean_start: bool, expiry: u32| {
+        e2e::clients::V5Client::connect(broker.tls_target(), "cs-phone", "JWT", &token, |o| {
+            o.set_clean_start(clean_start);
+            let mut props = rumqttc::v5::mqttbytes::v5::ConnectProperties::new();
+            props.session_expiry_interval = Some(expiry);
+            o.set_connect_properties(props);
+        })
+    };
+    let mut handler = broker.handler("cs-handler").await;
+
+    // Clean Start 1 with an expiry: a new persistent session.
+    let mut first = connect(true, 600);
+    assert!(!first.connected().await.session_present);
+    first.subscribe("cs_r", QoS::AtLeastOnce).await;
+    first.client.disconnect().await.expect("disconnect");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    handler
+        .client
+        .publish("cs_r", QoS::AtLeastOnce, false, "while-away")
+        .await
+        .expect("publish");
+    handler.puback().await;
+
+    // Clean Start 0 with expiry 0: resumed (present, queued message
+    // delivered), but it ends with this connection.
+    let mut second = connect(false, 0);
+    assert!(
+        second.connected().await.session_present,
+        "a session begun with Clean Start 1 and an expiry was kept"
+    );
+    let queued = second.publish_received().await;
+    assert_eq!(&queued.payload[..], b"while-away");
+    second.client.disconnect().await.expect("disconnect");
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut third = connect(false, 600);
+    assert!(
+        !third.connected().await.session_present,
+        "a session with expiry 0 ended with its connection"
+    );
+    third.assert_no_publish(Duration::from_millis(300)).await;
+
+    // Clean Start 1 discards a stored session even when it keeps the new one.
+    third.subscribe("cs_r", QoS::AtLeastOnce).await;
+    third.client.disconnect().await.expect("disconnect");
+    drop(third);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fourth = connect(true, 600);
+    assert!(
+        !fourth.connected().await.session_present,
+        "Clean Start 1 begins afresh"
+    );
+    handler
+        .client
+        .publish("cs_r", QoS::AtLeastOnce, false, "after-clean-start")
+        .await
+        .expect("publish");
+    handler.puback().await;
+    fourth.assert_no_publish(Duration::from_millis(500)).await;
 }
 
 /// MQTT 3.1.1 and 5 §3.1.2.10: a client silent for 1.5 × its keep-alive is
