@@ -11,7 +11,7 @@ use crate::gate::Gate;
 use crate::identity;
 use crate::inbound::{Allowed, Arrival, InboundFlows, Refused, Release};
 use crate::reply_index::{ReplyInbox, Routed, Served};
-use crate::router::{RouterRx, RouterTx};
+use crate::router::{RouterError, RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
 use crate::subscriptions::Subscriptions;
 use crate::translate;
@@ -392,14 +392,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     }
     let claim = gate.sessions().claim(session_id.clone(), device).await;
     if discard_stored {
-        // The router forgets a stored session when a clean one with its id
-        // connects and leaves; the persistent one is opened after it.
-        if let Ok(link) = gate
-            .open_router_session(session_id.clone(), true, u16::MAX)
-            .await
-        {
-            let mut tx = link.tx;
-            let _ = tx.send(normal_disconnect()).await;
+        // The persistent session is opened after the stored one is gone.
+        if let Err(e) = forget_router_session(gate, session_id.clone()).await {
+            warn!(error = %e, "could not discard a stored session");
         }
     }
     let link = match gate
@@ -517,8 +512,7 @@ fn session_expiry(version: Version, asked_secs: Option<u32>, max: Duration) -> D
 }
 
 /// Ends the persistent session connection `serial` left behind once `after` has passed,
-/// unless its client came back: the router forgets a session when a clean
-/// one with the same id connects, so the gate opens and closes one.
+/// unless its client came back.
 fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duration) {
     tokio::spawn(async move {
         tokio::select! {
@@ -530,12 +524,8 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
         };
         gate.sessions()
             .release_subscriptions(&id, (gate.replies(), gate.commands()));
-        match gate.open_router_session(id, true, u16::MAX).await {
-            Ok(link) => {
-                let mut tx = link.tx;
-                let _ = tx.send(normal_disconnect()).await;
-                debug!(session = expiring.id(), "persistent session expired");
-            }
+        match forget_router_session(&gate, id).await {
+            Ok(()) => debug!(session = expiring.id(), "persistent session expired"),
             Err(e) => warn!(error = %e, "could not expire a persistent session"),
         }
     });
@@ -558,6 +548,15 @@ fn server_end(why: EndRequest) -> ServerDisconnect {
         EndRequest::Revoked => ServerDisconnect::Revoked,
         EndRequest::ShuttingDown => ServerDisconnect::ShuttingDown,
     }
+}
+
+/// Makes the router forget the session stored under `id`: it does so when a
+/// clean session with that id connects and leaves.
+async fn forget_router_session(gate: &Gate, id: String) -> Result<(), RouterError> {
+    let link = gate.open_router_session(id, true, u16::MAX).await?;
+    let mut tx = link.tx;
+    let _ = tx.send(normal_disconnect()).await;
+    Ok(())
 }
 
 fn normal_disconnect() -> Packet {
