@@ -10,7 +10,7 @@ use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
 use crate::inbound::{Allowed, Arrival, InboundFlows, Refused, Release};
-use crate::reply_index::{ReplyInbox, Routed, Served};
+use crate::reply_index::{ReplyInbox, Served};
 use crate::router::{RouterError, RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
 use crate::subscriptions::Subscriptions;
@@ -22,8 +22,8 @@ use rand::Rng;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
     LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe,
-    SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    Publish, PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -1093,7 +1093,7 @@ impl Session {
         };
         self.gate.metrics().message_in();
         let routed = self.gate.replies().route(topic, &publish, &properties);
-        self.note_dropped_replies(topic, routed);
+        routed.record(self.gate.metrics(), topic);
         match self
             .inbound
             .allowed(publish.qos(), pkid, routed.needs_router)
@@ -1114,19 +1114,6 @@ impl Session {
 
     /// Counts replies dropped for slow subscribers, and says so in the log
     /// once each time a subscriber starts falling behind.
-    fn note_dropped_replies(&self, topic: &str, routed: Routed) {
-        if routed.dropped > 0 {
-            self.gate.metrics().replies_dropped(routed.dropped);
-        }
-        if routed.newly_slow > 0 {
-            info!(
-                topic,
-                subscribers = routed.newly_slow,
-                "a subscriber reads slower than its replies arrive: its oldest QoS 0 replies are dropped"
-            );
-        }
-    }
-
     /// Answers a refused publish on the client's channel for its QoS.
     fn refuse_publish<S: AsyncRead + AsyncWrite>(
         &mut self,
@@ -1469,30 +1456,6 @@ impl Session {
         };
         let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, pkid);
         info!("publishing will");
-        self.gate.metrics().message_in();
-        // Sessions the gate serves get it from the gate; the router still
-        // gets it (its subscribers, a retained will, and its acknowledgement).
-        if let Ok(topic) = std::str::from_utf8(&publish.topic) {
-            let routed = self.gate.replies().route(topic, &publish, &properties);
-            self.note_dropped_replies(topic, routed);
-        }
-        let qos = publish.qos();
-        if qos == QoS::ExactlyOnce {
-            // The router keeps a QoS 2 publish until its PUBREL: the gate
-            // releases the will at once (nobody else would).
-            self.link_tx
-                .buffer()
-                .push_back(Packet::Publish(publish, properties));
-            let release = PubRel {
-                pkid,
-                reason: PubRelReason::Success,
-            };
-            let _ = self.link_tx.send(Packet::PubRel(release, None)).await;
-        } else {
-            let _ = self
-                .link_tx
-                .send(Packet::Publish(publish, properties))
-                .await;
-        }
+        let _ = wills::send_will(&self.gate, &mut self.link_tx, publish, properties).await;
     }
 }

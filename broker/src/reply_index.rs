@@ -185,6 +185,23 @@ pub struct Routed {
     pub needs_router: bool,
 }
 
+impl Routed {
+    /// Counts the replies dropped for slow sessions, and says which topic
+    /// made a session start dropping.
+    pub fn record(self, metrics: &crate::metrics::Metrics, topic: &str) {
+        if self.dropped > 0 {
+            metrics.replies_dropped(self.dropped);
+        }
+        if self.newly_slow > 0 {
+            tracing::info!(
+                topic,
+                subscribers = self.newly_slow,
+                "a subscriber reads slower than its replies arrive: its oldest QoS 0 replies are dropped"
+            );
+        }
+    }
+}
+
 /// The gate's delivery index, shared by all sessions.
 #[derive(Default)]
 pub struct ReplyIndex {

@@ -312,15 +312,28 @@ async fn publish(
         pkid
     };
     publish = Publish::with_qos(publish.topic, publish.payload, publish.retain, qos, pkid);
+    send_will(gate, tx, publish, properties).await
+}
+
+/// Sends a will (its packet id already set) through `tx`: to the sessions
+/// the gate serves, and to the router, which still gets it for its own
+/// subscribers, a retained will and the acknowledgement. A QoS 2 will is
+/// released at once: the router keeps a QoS 2 publish until its PUBREL, and
+/// nobody else would send one.
+pub async fn send_will(
+    gate: &Gate,
+    tx: &mut crate::router::RouterTx,
+    publish: Publish,
+    properties: Option<PublishProperties>,
+) -> Result<(), rumqttd::local::LinkError> {
     gate.metrics().message_in();
     if let Ok(topic) = std::str::from_utf8(&publish.topic) {
-        let routed = gate.replies().route(topic, &publish, &properties);
-        if routed.dropped > 0 {
-            gate.metrics().replies_dropped(routed.dropped);
-        }
+        gate.replies()
+            .route(topic, &publish, &properties)
+            .record(gate.metrics(), topic);
     }
-    if qos == QoS::ExactlyOnce {
-        // The router keeps a QoS 2 publish until its PUBREL: released at once.
+    let pkid = publish.pkid();
+    if publish.qos() == QoS::ExactlyOnce {
         tx.buffer().push_back(Packet::Publish(publish, properties));
         let release = PubRel {
             pkid,
