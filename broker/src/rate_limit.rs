@@ -10,8 +10,7 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,37 +20,7 @@ const FORGET_AFTER_SECS: f64 = 60.0;
 /// Refusals this far apart belong to different episodes (and log again).
 const EPISODE_QUIET: Duration = Duration::from_secs(10);
 
-/// What one source is limited as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AddrKey {
-    V4(Ipv4Addr),
-    /// The first 64 bits of an IPv6 address.
-    V6Prefix(u64),
-}
-
-impl AddrKey {
-    pub fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(v4) => AddrKey::V4(v4),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => AddrKey::V4(v4),
-                // The /64: one customer's block, whose 2^64 addresses are free to them.
-                None => AddrKey::V6Prefix((v6.to_bits() >> 64) as u64),
-            },
-        }
-    }
-}
-
-impl fmt::Display for AddrKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AddrKey::V4(v4) => write!(f, "{v4}"),
-            AddrKey::V6Prefix(prefix) => {
-                write!(f, "{}/64", Ipv6Addr::from_bits(u128::from(*prefix) << 64))
-            }
-        }
-    }
-}
+pub use shared::addr_key::AddrKey;
 
 struct Bucket {
     tokens: f64,
@@ -323,7 +292,8 @@ mod tests {
         let t0 = Instant::now();
         let allowed = (0..100u128)
             .filter(|i| {
-                let addr = Ipv6Addr::from_bits(0x2001_0db8_0001_0002_0000_0000_0000_0000 | i);
+                let addr =
+                    std::net::Ipv6Addr::from_bits(0x2001_0db8_0001_0002_0000_0000_0000_0000 | i);
                 limit.allow_at(AddrKey::of(IpAddr::V6(addr)), t0)
             })
             .count();

@@ -168,19 +168,10 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     Ok(token)
 }
 
-/// The rate key of a client address: an IPv4 address, or the /64 of an
-/// IPv6 one (a subscriber's block), as the broker's admission counts.
+/// The rate key of a client address, counted as the broker's admission
+/// counts it (an IPv6 /64 is one address).
 fn address_key(addr: IpAddr) -> String {
-    match addr {
-        IpAddr::V4(v4) => format!("a:{v4}"),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => format!("a:{v4}"),
-            None => {
-                let s = v6.segments();
-                format!("a:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        },
-    }
+    format!("a:{}", shared::addr_key::AddrKey::of(addr))
 }
 
 impl Idp {

@@ -21,6 +21,7 @@
     )
 )]
 
+pub mod addr_key;
 pub mod claims;
 pub mod envelope;
 pub mod sdk;
