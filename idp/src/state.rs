@@ -162,7 +162,7 @@ impl State {
             })),
             State::Redis(r) => {
                 let iat = iat.to_string();
-                r.hset_if_exists(id, &[("uid", uid), ("verified_at", &iat)])
+                r.hset_if_exists(id, &[("uid", uid), ("verified_at", iat.as_str())])
                     .await
             }
         }
