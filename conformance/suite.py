@@ -931,7 +931,7 @@ def v5_server_keepalive(ctx):
 
 
 FORWARDED_USER_PROPS = [("b", "2"), ("a", "1"), ("b", "3"), ("k\u00e9y", "v\u00e4lue")]
-IDENTITY_KEYS = {"user_id", "client_id"}
+IDENTITY_KEYS = {"user_id", "client_id", "token_iat"}
 
 
 def rich_props(response_topic):

@@ -715,7 +715,8 @@ impl Session {
                         let _ = wire.flush_within(Duration::from_secs(2)).await;
                     }
                 }
-                if why != ServerDisconnect::ShuttingDown {
+                // A revoked user's will is dropped: it would act for them.
+                if why != ServerDisconnect::ShuttingDown && why != ServerDisconnect::Revoked {
                     self.fire_will().await;
                 }
                 // A replaced session must not touch the router again: its
@@ -1087,7 +1088,7 @@ impl Session {
             Principal::Device(device) => {
                 // Devices never set retained messages; their identity is stamped.
                 publish.retain = false;
-                Some(identity::stamp(properties, device.uid(), &self.client_id))
+                Some(identity::stamp(properties, device, &self.client_id))
             }
             Principal::Handler(_) => properties,
         };
@@ -1419,22 +1420,24 @@ impl Session {
 
     /// Publishes the will, stamped like any publish of this client, with its
     /// MQTT 5 properties: now, or, with a Will Delay Interval and a session
-    /// that outlives the connection, later (`wills`).
+    /// that outlives the connection, later (`wills`). A device whose token
+    /// its user's revocation refuses by now gets no will (checked again
+    /// when a delayed one falls due).
     async fn fire_will(&mut self) {
         let Some(will) = self.will.take() else {
             return;
         };
         let will_properties = self.will_properties.take().map(|p| *p);
-        let (properties, retain) = match &self.principal {
-            Principal::Device(device) => (
-                Some(identity::stamp(
-                    will_properties,
-                    device.uid(),
-                    &self.client_id,
-                )),
-                false,
-            ),
-            Principal::Handler(_) => (will_properties, will.retain),
+        let (properties, retain, owner) = match &self.principal {
+            Principal::Device(device) => {
+                if self.gate.is_revoked(device).await {
+                    info!("the user was revoked: the will is dropped");
+                    return;
+                }
+                let stamped = identity::stamp(will_properties, device, &self.client_id);
+                (Some(stamped), false, Some(device.clone()))
+            }
+            Principal::Handler(_) => (will_properties, will.retain, None),
         };
         if let Some(after) = wills::delay(self.will_delay_secs, self.session_expiry) {
             // Published through the gate's own router link: this one closes.
@@ -1442,6 +1445,7 @@ impl Session {
             let will = ReadyWill {
                 publish,
                 properties,
+                owner,
             };
             self.gate.wills().schedule(self.claim.id(), will, after);
             return;

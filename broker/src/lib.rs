@@ -197,7 +197,11 @@ impl Broker {
         tasks.spawn(gate.sessions().clone().end_all_at_shutdown());
         tasks.spawn(wills::publish_delayed(gate.clone(), will_queue));
         if let Some(revocations) = gate.revocations() {
-            tasks.spawn(revocations.watch(gate.sessions().clone(), shutdown.clone()));
+            tasks.spawn(revocations.watch(
+                gate.sessions().clone(),
+                gate.wills().clone(),
+                shutdown.clone(),
+            ));
         }
 
         let mut running = RunningBroker {

@@ -6,16 +6,18 @@
 //! in-process broadcast for the embedded store) end them at once (and once
 //! more a second later, for a connection whose CONNECT check ran just before
 //! the revocation was written), and a periodic sweep is the fallback for
-//! events lost in an outage.
+//! events lost in an outage. An event also drops the user's refused delayed
+//! wills (`wills`); every will is checked again before it is published.
 //!
 //! Re-registration rule: deleting an account (`delete_account`,
-//! `/unregister`) records `IssuedBefore(now + 1)`, so the identity provider
-//! issues a working token again to a re-registered user by giving it an
-//! `iat` at or after that second (a token minted in the same second as the
-//! deletion is refused: wait for the next second).
+//! `/unregister`) records `IssuedBefore(now + 1)` before deleting anything,
+//! so the identity provider issues a working token again to a re-registered
+//! user by giving it an `iat` at or after that second (a token minted in the
+//! same second as the deletion is refused: wait for the next second).
 
 use crate::auth::DeviceIdentity;
 use crate::sessions::{EndRequest, LiveDevice, SessionRegistry};
+use crate::wills::Wills;
 use futures::StreamExt;
 use shared::store::{Revocation, RevocationEvent, Store};
 use shared::UserId;
@@ -123,6 +125,7 @@ impl Revocations {
     pub async fn watch(
         self: Arc<Self>,
         sessions: Arc<SessionRegistry>,
+        wills: Wills,
         shutdown: CancellationToken,
     ) {
         let mut events = Some(self.store.revocation_events());
@@ -166,6 +169,8 @@ impl Revocations {
                 received = event => match received {
                     Ok(RevocationEvent::Revoked { uid, revocation }) => {
                         Self::end_refused(&uid, revocation, sessions.sessions_of(&uid));
+                        // Checked again when due; dropped now to free them.
+                        wills.drop_revoked(&uid, revocation);
                         if rechecks.len() >= MAX_RECHECKS {
                             rechecks.pop_front();
                         }
@@ -238,7 +243,8 @@ mod tests {
         let other = registry
             .claim("D:u2:a".into(), Some(&device_issued("u2", Some(10))))
             .await;
-        let watcher = tokio::spawn(revocations.watch(registry.clone(), shutdown.clone()));
+        let (wills, _queue) = Wills::new(10, 1 << 20);
+        let watcher = tokio::spawn(revocations.watch(registry.clone(), wills, shutdown.clone()));
         // Let the watcher subscribe before revoking.
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(50)).await;

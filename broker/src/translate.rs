@@ -9,15 +9,17 @@
 //!
 //! An MQTT 3.1.1 *handler* still needs to know who sent a command, and 3.1.1
 //! has no properties to carry it: a command stamped with the sender's
-//! identity reaches it wrapped as `{"user_id", "client_id", "payload":
-//! "<standard base64 of the original payload>"}`. Wrapped by the gate from
-//! its own stamp, so it is as unforgeable as the MQTT 5 properties.
+//! identity reaches it wrapped as `{"user_id", "client_id", "token_iat",
+//! "payload": "<standard base64 of the original payload>"}` (`token_iat`:
+//! the sender token's `iat`, a number, to check against the user's
+//! revocation). Wrapped by the gate from its own stamp, so it is as
+//! unforgeable as the MQTT 5 properties.
 
 use crate::codec::Version;
 use base64::Engine;
 use bytes::Bytes;
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use shared::topics::{CLIENT_ID_PROPERTY, USER_ID_PROPERTY};
+use shared::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 
 /// Who a packet is written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +79,15 @@ fn with_identity_in_payload(mut publish: Publish, properties: &PublishProperties
     ) else {
         return publish;
     };
+    // The gate stamps a decimal number; anything else (a handler's own
+    // publish) reads as 0, which every revocation by time refuses.
+    let token_iat = stamped(properties, TOKEN_IAT_PROPERTY)
+        .and_then(|iat| iat.parse::<u64>().ok())
+        .unwrap_or(0);
     let envelope = serde_json::json!({
         "user_id": user_id,
         "client_id": client_id,
+        "token_iat": token_iat,
         "payload": base64::engine::general_purpose::STANDARD.encode(&publish.payload),
     });
     publish.payload = Bytes::from(envelope.to_string());
@@ -186,6 +194,7 @@ mod tests {
                 ("trace".into(), "t".into()),
                 ("user_id".into(), "68946".into()),
                 ("client_id".into(), "phone".into()),
+                ("token_iat".into(), "1700000000".into()),
             ],
             ..Default::default()
         };
@@ -199,6 +208,7 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&wrapped.payload).expect("json");
         assert_eq!(body["user_id"], "68946");
         assert_eq!(body["client_id"], "phone");
+        assert_eq!(body["token_iat"], 1_700_000_000u64);
         let original = base64::engine::general_purpose::STANDARD
             .decode(body["payload"].as_str().expect("payload"))
             .expect("base64");

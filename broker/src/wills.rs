@@ -7,13 +7,24 @@
 //! A will whose delay is 0, or whose session ends with its connection
 //! (Session Expiry Interval 0, or MQTT 3.1.1), is still published by the
 //! closing session itself on its own link (`connection::fire_will`).
+//!
+//! A revoked or deleted user's will is dropped, immediate or delayed: a
+//! device's will carries its owner (uid and token `iat`), and is checked
+//! against the store's revocation when it falls due (and at the shutdown
+//! flush); a revocation event drops the user's refused pending wills at
+//! once. A will is a command acting for its user, so once the user is
+//! revoked it must not write anything (a `store_token` will would replant
+//! data into a deleted account).
 
+use crate::auth::DeviceIdentity;
 use crate::gate::Gate;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rumqttd::protocol::{
     LastWillProperties, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
 };
+use shared::store::Revocation;
+use shared::UserId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,6 +47,9 @@ pub const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 pub struct ReadyWill {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
+    /// The device whose will it is (`None`: a handler's), checked against
+    /// its user's revocation before it is published.
+    pub owner: Option<DeviceIdentity>,
 }
 
 impl ReadyWill {
@@ -80,7 +94,9 @@ pub fn delay(will_delay_secs: Option<u32>, session_expiry: Duration) -> Option<D
     (!delay.is_zero()).then_some(delay)
 }
 
-/// Pending wills, shared by every session (held by the `Gate`).
+/// Pending wills, shared by every session (held by the `Gate`; a clone is
+/// another handle to the same set, for the revocation watcher).
+#[derive(Clone)]
 pub struct Wills {
     inner: Arc<Inner>,
 }
@@ -185,6 +201,30 @@ impl Wills {
         } else {
             info!("session resumed before its will delay elapsed: the will is not published");
         }
+    }
+
+    /// `uid` was revoked: drops its pending wills that `revocation` refuses
+    /// (they would be refused when due anyway; dropping them now frees their
+    /// memory and their place under the caps). Returns how many.
+    pub fn drop_revoked(&self, uid: &UserId, revocation: Revocation) -> usize {
+        let mut pending = self.inner.pending.lock();
+        let refused: Vec<String> = pending
+            .by_session
+            .iter()
+            .filter(|(_, waiting)| {
+                waiting.will.owner.as_ref().is_some_and(|owner| {
+                    owner.uid() == uid && revocation.refuses(owner.issued_at())
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &refused {
+            pending.take(id);
+        }
+        if !refused.is_empty() {
+            info!(%uid, wills = refused.len(), "user revoked: pending wills dropped");
+        }
+        refused.len()
     }
 
     /// How many wills are waiting.
@@ -292,7 +332,8 @@ pub async fn publish_delayed(gate: Arc<Gate>, queue: WillQueue) {
     }
 }
 
-/// Publishes one will: to the sessions the gate serves, and to the router.
+/// Publishes one will: to the sessions the gate serves, and to the router;
+/// unless its owner's token has been revoked since (then it is dropped).
 async fn publish(
     gate: &Gate,
     tx: &mut crate::router::RouterTx,
@@ -302,7 +343,14 @@ async fn publish(
     let ReadyWill {
         mut publish,
         properties,
+        owner,
     } = will;
+    if let Some(owner) = &owner {
+        if gate.is_revoked(owner).await {
+            info!(uid = %owner.uid(), "the will's user was revoked: the will is dropped");
+            return Ok(());
+        }
+    }
     let qos = publish.qos();
     let pkid = if qos == QoS::AtMostOnce {
         0
@@ -360,6 +408,7 @@ mod tests {
                 0,
             ),
             properties: None,
+            owner: None,
         }
     }
 
@@ -441,6 +490,37 @@ mod tests {
         let fired = fired.ok().flatten().map(|w| w.publish.payload);
         assert_eq!(fired.as_deref(), Some(&b"d"[..]));
         assert_eq!(wills.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_drops_the_refused_pending_wills_of_its_user() {
+        use crate::auth::testing::device_issued;
+        let hour = Duration::from_secs(3600);
+        let (wills, mut queue) = Wills::new(10, 1 << 20);
+        let owned = |payload: &'static str, uid: &str, iat: Option<u64>| ReadyWill {
+            owner: Some(device_issued(uid, iat)),
+            ..will(payload)
+        };
+        wills.schedule("D:u1:old", owned("old", "u1", Some(10)), hour);
+        wills.schedule("D:u1:none", owned("none", "u1", None), hour);
+        wills.schedule("D:u1:new", owned("new", "u1", Some(500)), hour);
+        wills.schedule("D:u2:old", owned("other", "u2", Some(10)), hour);
+        wills.schedule("H:h", will("handler"), hour);
+        let uid = UserId::parse("u1").unwrap();
+        assert_eq!(wills.drop_revoked(&uid, Revocation::IssuedBefore(100)), 2);
+        assert_eq!(wills.pending(), 3);
+        assert!(received(&mut queue).is_empty(), "dropped, not published");
+        let mut left: Vec<Bytes> = wills
+            .flush()
+            .into_iter()
+            .map(|w| w.publish.payload)
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["handler", "new", "other"]);
+        wills.schedule("D:u1:new", owned("new", "u1", Some(500)), hour);
+        assert_eq!(wills.drop_revoked(&uid, Revocation::All), 1);
+        assert_eq!(wills.pending(), 0);
+        assert_eq!(wills.inner.pending.lock().bytes, 0);
     }
 
     #[tokio::test]

@@ -158,7 +158,10 @@ pub fn worker(
     shared: Arc<Shared>,
     server_key: Option<&ServerKey>,
 ) -> Result<Worker, Error> {
-    Ok(match kind {
+    // Every built-in command is checked against its sender's revocation
+    // before it runs: nothing a revoked session sends is acted on.
+    let store = Arc::clone(&shared.store);
+    let worker = match kind {
         Kind::Sync => {
             let key = match server_key {
                 Some(key) => key.clone(),
@@ -169,7 +172,8 @@ pub fn worker(
         Kind::Publish => publish::worker(shared),
         Kind::Contacts => contacts::worker(shared),
         Kind::Tokens => tokens::worker(shared),
-    })
+    };
+    Ok(worker.checking_revocations(store))
 }
 
 /// Runs one built-in handler until `shutdown` (what the binaries do).

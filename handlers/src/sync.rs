@@ -63,7 +63,24 @@ pub async fn handle(
         key,
         issued_at: u64::try_from(now.unix_timestamp()).unwrap_or(0),
     };
-    shared.store.put_key(&cmd.user_id, &record).await?;
+    // Written only while the sender's token is not revoked, checked with
+    // the write (see `tokens::store_token`).
+    let stored = match cmd.token_iat {
+        Some(iat) => {
+            shared
+                .store
+                .put_key_unless_revoked(&cmd.user_id, &record, iat)
+                .await?
+        }
+        None => {
+            shared.store.put_key(&cmd.user_id, &record).await?;
+            true
+        }
+    };
+    if !stored {
+        tracing::info!(uid = %cmd.user_id, "key not issued: the token was revoked meanwhile");
+        return Err(HandlerError::new(401, "token revoked"));
+    }
     tracing::info!(uid = %cmd.user_id, key_id = %record.key_id, "issued a new shared key");
     let issued_at = now
         .format(&time::format_description::well_known::Rfc3339)

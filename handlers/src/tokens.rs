@@ -7,11 +7,14 @@
 //!   `<uid>_list_tokens` (names only, never the tokens).
 //! - `revoke_token {"platform"}`: deletes it; `{"status": 200, "platform"}`
 //!   on `<uid>_revoke_token`, 404 when there was none.
-//! - `delete_account {}`: deletes the user's sync key, platform tokens,
-//!   contacts, contact requests and registration, answers `{"status": 200}`
-//!   on `<uid>_delete_account`, then revokes the user
-//!   (`IssuedBefore(now + 1)`, see `broker::revocation`), which ends their
-//!   live sessions.
+//! - `delete_account {}`: first records the user's revocation
+//!   (`IssuedBefore(now + 1)`, see `broker::revocation`; from then on every
+//!   command of the user's current tokens is refused, `401 token revoked`,
+//!   and so are their wills), then deletes the user's sync key, platform
+//!   tokens, contacts, contact requests and registration, answers
+//!   `{"status": 200}` on `<uid>_delete_account`, and announces the
+//!   revocation [`REVOKE_AFTER_REPLY`] later, which ends their live sessions.
+//!   A revocation that cannot be recorded deletes nothing (503).
 //!
 //! Platform names must be configured (`PLATFORMS`). Tokens are sealed with
 //! AES-256-GCM under the master key (`TOKENS_MASTER_KEY`), a random 96-bit
@@ -54,9 +57,11 @@ const NONCE_LEN: usize = 12;
 /// Bytes before the ciphertext.
 const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 
-/// How long `delete_account` waits after answering before it revokes the
-/// user: the revocation ends the session at once, and the answer must reach
-/// the device first.
+/// How long `delete_account` waits after answering before it announces the
+/// user's revocation (recorded before anything was deleted): the
+/// announcement ends the session at once, and the answer must reach the
+/// device first. The broker's periodic revocation poll ends the sessions
+/// if the announcement is lost.
 pub const REVOKE_AFTER_REPLY: Duration = Duration::from_millis(300);
 
 /// Why a master key or a sealed token is unusable.
@@ -380,10 +385,28 @@ pub async fn store_token(shared: &Shared, cmd: Command<StoreToken>) -> Result<Re
             tracing::error!(error = %e, "sealing a platform token failed");
             HandlerError::internal("crypto failure")
         })?;
-    shared
-        .store
-        .put_platform_token(&cmd.user_id, platform, &sealed)
-        .await?;
+    // A device's command is written only while its token is not revoked,
+    // checked atomically with the write: the SDK's check ran before the
+    // handler, and an account deletion may have been recorded since.
+    let stored = match cmd.token_iat {
+        Some(iat) => {
+            shared
+                .store
+                .put_platform_token_unless_revoked(&cmd.user_id, platform, &sealed, iat)
+                .await?
+        }
+        None => {
+            shared
+                .store
+                .put_platform_token(&cmd.user_id, platform, &sealed)
+                .await?;
+            true
+        }
+    };
+    if !stored {
+        tracing::info!(uid = %cmd.user_id, %platform, "platform token not stored: the token was revoked meanwhile");
+        return Err(HandlerError::new(401, "token revoked"));
+    }
     tracing::info!(uid = %cmd.user_id, %platform, "platform token stored");
     Ok(Reply::json(
         "store_token",
@@ -437,14 +460,42 @@ pub fn deletion_revocation() -> Revocation {
     Revocation::IssuedBefore(shared::claims::now_secs().saturating_add(1))
 }
 
-/// Records `revocation` for `uid`, retrying a store outage for a while: a
-/// deleted account must not stay usable.
+/// Attempts at recording a deletion's revocation before `delete_account`
+/// gives up (503, nothing deleted): about 0.7 s of retries, so a blip in
+/// the store does not fail the command, and the device is not kept waiting.
+const RECORD_ATTEMPTS: u32 = 4;
+
+/// Records `revocation` for `uid` without announcing it, retrying a store
+/// outage briefly ([`RECORD_ATTEMPTS`]); the error of the last attempt.
+pub async fn record_with_retries(
+    store: &dyn Store,
+    uid: &UserId,
+    revocation: Revocation,
+) -> Result<Revocation, StoreError> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match store.record_revocation(uid, revocation).await {
+            Ok(merged) => return Ok(merged),
+            Err(error) if attempt >= RECORD_ATTEMPTS => return Err(error),
+            Err(error) => {
+                tracing::warn!(%uid, attempt, %error, "recording a deletion's revocation failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Announces `revocation` for `uid` (recording it again, merged), retrying a
+/// store outage for a while: the user's live sessions must be cut.
 pub async fn revoke_with_retries(store: &dyn Store, uid: &UserId, revocation: Revocation) {
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=8 {
         match store.revoke_user(uid, revocation).await {
             Ok(()) => {
-                tracing::info!(%uid, "user revoked after account deletion");
+                tracing::info!(%uid, "account deletion announced: live sessions end");
                 return;
             }
             Err(error) => {
@@ -454,12 +505,14 @@ pub async fn revoke_with_retries(store: &dyn Store, uid: &UserId, revocation: Re
             }
         }
     }
-    tracing::error!(%uid, "could not revoke a deleted account: its tokens stay valid until they expire");
+    tracing::error!(%uid, "could not announce a deleted account's revocation: its live sessions end at the broker's next revocation poll");
 }
 
-/// Handles `delete_account`: deletes the data now, answers, and revokes
-/// the user [`REVOKE_AFTER_REPLY`] later (the revocation cuts the session,
-/// which would drop the answer).
+/// Handles `delete_account`: records the revocation first, so that nothing
+/// the user's current sessions send from now on is acted on (the SDK checks
+/// it before every command, the broker before every will); then deletes the
+/// data, answers, and announces the revocation [`REVOKE_AFTER_REPLY`] later
+/// (the announcement cuts the session, which would drop the answer).
 pub async fn delete_account(
     shared: &Shared,
     cmd: Command<NoFields>,
@@ -467,14 +520,27 @@ pub async fn delete_account(
     let uid = cmd.user_id;
     // The cut-off is fixed when the command arrives, not when it is written.
     let revocation = deletion_revocation();
-    shared.store.delete_user(&uid).await?;
-    tracing::info!(%uid, "account deleted");
+    if let Err(error) = record_with_retries(shared.store.as_ref(), &uid, revocation).await {
+        tracing::error!(%uid, %error, "account not deleted: its revocation could not be recorded");
+        return Err(HandlerError::unavailable(
+            "the account could not be deleted now (nothing was deleted); try again later",
+        ));
+    }
+    // From here on the tokens are refused; the live sessions are cut by the
+    // announcement (or the broker's poll), whatever happens below.
     let store = Arc::clone(&shared.store);
     let revoking = uid.clone();
     tokio::spawn(async move {
         tokio::time::sleep(REVOKE_AFTER_REPLY).await;
         revoke_with_retries(store.as_ref(), &revoking, revocation).await;
     });
+    if let Err(error) = shared.store.delete_user(&uid).await {
+        tracing::error!(%uid, %error, "account revoked but its data could not be deleted");
+        return Err(HandlerError::unavailable(
+            "the account's tokens are revoked but its data could not be deleted now; sign up again and delete the account",
+        ));
+    }
+    tracing::info!(%uid, "account deleted");
     Ok(Reply::json("delete_account", json!({"status": 200})))
 }
 

@@ -27,6 +27,7 @@ fn cmd<T>(uid: &str, request_id: Option<&str>, body: T) -> Command<T> {
     Command {
         user_id: UserId::parse(uid).unwrap(),
         client_id: None,
+        token_iat: None,
         topic: "t".into(),
         request_id: request_id.map(str::to_owned),
         body,

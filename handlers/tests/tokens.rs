@@ -18,6 +18,7 @@ fn cmd<T>(uid: &str, body: T) -> Command<T> {
     Command {
         user_id: UserId::parse(uid).unwrap(),
         client_id: None,
+        token_iat: None,
         topic: "t".into(),
         request_id: Some("r1".into()),
         body,
@@ -312,6 +313,13 @@ async fn deletion(store: Arc<dyn Store>) {
         (name.as_str(), body),
         ("delete_account", json!({"status": 200}))
     );
+    // The revocation was recorded before anything was deleted: it is in
+    // force when the answer goes out (announced only later).
+    let recorded = store.revocation(&a).await.unwrap();
+    assert!(
+        recorded.is_some_and(|r| r.refuses(Some(before))),
+        "{recorded:?}"
+    );
     // The data is gone at once.
     assert_eq!(store.get_key(&a).await.unwrap(), None);
     assert!(store.platforms_with_tokens(&a).await.unwrap().is_empty());
@@ -346,6 +354,66 @@ async fn deletion(store: Arc<dyn Store>) {
     assert!(event.refuses(Some(before)));
     assert!(!event.refuses(Some(cutoff)));
     assert_eq!(store.revocation(&b).await.unwrap(), None);
+}
+
+/// A command that passed the SDK's revocation check just before an account
+/// deletion recorded its revocation writes nothing after it: the write
+/// checks the revocation atomically (`store_token`, and `sync`'s key).
+async fn guarded_writes(store: Arc<dyn Store>) {
+    let platform = Platform::start().await;
+    let shared = Shared::new(
+        settings(&platform.url(""), &MasterKey::generate().0),
+        store.clone(),
+    )
+    .unwrap();
+    let uid = UserId::parse("g1").unwrap();
+    let issued = shared::claims::now_secs() - 10;
+    let sent = |iat: Option<u64>| {
+        let mut command = cmd(
+            "g1",
+            StoreToken {
+                platform: "mail".into(),
+                token: json!({"access_token": "x"}),
+            },
+        );
+        command.token_iat = iat;
+        command
+    };
+    store
+        .record_revocation(&uid, Revocation::IssuedBefore(issued + 5))
+        .await
+        .unwrap();
+    let refused = tokens::store_token(&shared, sent(Some(issued)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.body(),
+        json!({"status": 401, "error": "token revoked"})
+    );
+    assert!(store.platforms_with_tokens(&uid).await.unwrap().is_empty());
+    // A token issued at the cut-off (a new registration's) writes.
+    let (_, body) = only(
+        tokens::store_token(&shared, sent(Some(issued + 5)))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(body["status"], 200, "{body}");
+    assert_eq!(
+        store.platforms_with_tokens(&uid).await.unwrap(),
+        vec!["mail"]
+    );
+}
+
+#[tokio::test]
+async fn guarded_writes_on_the_embedded_store() {
+    let (_dir, store) = embedded().await;
+    guarded_writes(store).await;
+}
+
+#[tokio::test]
+async fn guarded_writes_on_redis() {
+    let redis = RedisServer::start();
+    guarded_writes(Arc::new(RedisStore::connect(&redis.url()).await.unwrap())).await;
 }
 
 #[tokio::test]

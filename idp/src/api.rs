@@ -273,7 +273,8 @@ impl Idp {
     /// user's revocation cut-off (`IssuedBefore(t)`, left by unregister and
     /// `delete_account`): the broker refuses tokens issued before it, so a
     /// user who registers again in the same second still gets a working one.
-    async fn issue(&self, uid: &UserId) -> Result<String, ApiError> {
+    /// Returns the token and its `iat`.
+    async fn issue(&self, uid: &UserId) -> Result<(String, u64), ApiError> {
         let now = shared::claims::now_secs();
         let iat = match self.store.revocation(uid).await.map_err(store_failed)? {
             None => now,
@@ -292,13 +293,40 @@ impl Idp {
             iss: self.settings.issuer.clone(),
             aud: self.settings.audience.clone(),
         };
-        self.keys.sign(&claims).map_err(|e| {
+        let token = self.keys.sign(&claims).map_err(|e| {
             tracing::error!(error = %e, "signing a device token failed");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "could not sign the token",
             )
-        })
+        })?;
+        Ok((token, iat))
+    }
+
+    /// Refuses a credential issued at `iat` (a device token's `iat`, or the
+    /// one issued when a session was verified) that the user's revocation
+    /// covers: a token revoked by an earlier unregister or `delete_account`
+    /// must not act for the account registered since (401; 403 while an
+    /// operator suspends the user). A store that does not answer refuses too
+    /// (503): this check guards a deletion.
+    async fn check_not_revoked(&self, uid: &UserId, iat: u64) -> Result<(), ApiError> {
+        match self.store.revocation(uid).await.map_err(store_failed)? {
+            Some(Revocation::All) => {
+                tracing::info!(%uid, "refused a credential of a suspended user");
+                Err(error(
+                    StatusCode::FORBIDDEN,
+                    "this account is suspended by an operator",
+                ))
+            }
+            Some(revocation) if revocation.refuses(Some(iat)) => {
+                tracing::info!(%uid, "refused a revoked credential");
+                Err(error(
+                    StatusCode::UNAUTHORIZED,
+                    "credential revoked: the account was deleted after it was issued; sign up again",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Admin endpoints: a configured token, compared in constant time.
@@ -471,12 +499,12 @@ async fn verify_code(
         return Err(error(StatusCode::CONFLICT, "this code was already used"));
     }
     let uid = idp.uid_of(&msisdn)?;
-    let token = idp.issue(&uid).await?;
+    let (token, iat) = idp.issue(&uid).await?;
     idp.store
         .put_registration(&uid, shared::claims::now_secs())
         .await
         .map_err(store_failed)?;
-    idp.state.mark_verified(&id, uid.as_str()).await?;
+    idp.state.mark_verified(&id, uid.as_str(), iat).await?;
     tracing::info!(msisdn = %msisdn, %uid, "number verified; device token issued");
     Ok(json_response(
         StatusCode::OK,
@@ -509,27 +537,38 @@ async fn unregister(
             .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "device token not accepted"))?;
         let uid = UserId::parse(&claims.sub)
             .map_err(|_| error(StatusCode::UNAUTHORIZED, "device token not accepted"))?;
+        idp.check_not_revoked(&uid, claims.iat).await?;
         (Some(uid), None)
     } else {
         let (id, session, _) = idp.session(&headers).await?;
         let uid = match &session.uid {
-            Some(uid) => Some(
-                UserId::parse(uid)
-                    .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt session"))?,
-            ),
+            Some(uid) => {
+                let uid = UserId::parse(uid)
+                    .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt session"))?;
+                // A session verified before a later unregister speaks for
+                // the token it was issued, not for the account made since.
+                idp.check_not_revoked(&uid, session.verified_at).await?;
+                Some(uid)
+            }
             None => None,
         };
         (uid, Some(id))
     };
     if let Some(uid) = &uid {
-        idp.store.delete_user(uid).await.map_err(store_failed)?;
-        // Tokens issued up to this second are refused from now on; the next
-        // registration's token gets `iat` >= this (see `Idp::issue`).
+        // The revocation first: once it is recorded, nothing the user's old
+        // tokens send is acted on (the broker, the handlers and this service
+        // all check it), so nothing can write into the account between the
+        // deletion and the revocation. A revocation that cannot be recorded
+        // deletes nothing (503). Tokens issued up to this second are refused
+        // from now on; the next registration's token gets `iat` >= this (see
+        // `Idp::issue`). Announced at once: this answer goes over HTTP, not
+        // through the sessions it cuts.
         idp.store
             .revoke_user(uid, Revocation::IssuedBefore(now.saturating_add(1)))
             .await
             .map_err(store_failed)?;
-        tracing::info!(%uid, "user unregistered: data deleted, earlier tokens revoked");
+        idp.store.delete_user(uid).await.map_err(store_failed)?;
+        tracing::info!(%uid, "user unregistered: earlier tokens revoked, data deleted");
     }
     if let Some(id) = session {
         idp.state.delete_session(&id).await?;

@@ -44,6 +44,10 @@ pub struct Session {
     pub resends: u32,
     /// Set once the number is verified.
     pub uid: Option<String>,
+    /// The `iat` of the device token issued when the number was verified
+    /// (0 when unknown): `/unregister` with this session's token is refused
+    /// once a revocation covers that token, as for the token itself.
+    pub verified_at: u64,
 }
 
 /// The id a session is stored under: hex SHA-256 of its token.
@@ -148,11 +152,19 @@ impl State {
         }
     }
 
-    /// Records the verified uid in the session.
-    pub async fn mark_verified(&self, id: &str, uid: &str) -> Result<bool, StateError> {
+    /// Records the verified uid in the session, and the `iat` of the token
+    /// issued for it.
+    pub async fn mark_verified(&self, id: &str, uid: &str, iat: u64) -> Result<bool, StateError> {
         match self {
-            State::Memory(m) => Ok(m.update(id, |s| s.uid = Some(uid.to_owned()))),
-            State::Redis(r) => r.hset_if_exists(id, &[("uid", uid)]).await,
+            State::Memory(m) => Ok(m.update(id, |s| {
+                s.uid = Some(uid.to_owned());
+                s.verified_at = iat;
+            })),
+            State::Redis(r) => {
+                let iat = iat.to_string();
+                r.hset_if_exists(id, &[("uid", uid), ("verified_at", iat.as_str())])
+                    .await
+            }
         }
     }
 
@@ -409,6 +421,7 @@ impl RedisState {
             attempts: u32::try_from(number("attempts")).unwrap_or(u32::MAX),
             resends: u32::try_from(number("resends")).unwrap_or(u32::MAX),
             uid: fields.get("uid").cloned(),
+            verified_at: number("verified_at"),
         }))
     }
 
@@ -490,17 +503,18 @@ mod tests {
         );
         assert!(state.take_code(&id).await.unwrap());
         assert!(!state.take_code(&id).await.unwrap(), "a code is taken once");
-        assert!(state.mark_verified(&id, "uid1").await.unwrap());
+        assert!(state.mark_verified(&id, "uid1", 1234).await.unwrap());
         assert_eq!(
             state.session(&id).await.unwrap().unwrap().uid.as_deref(),
             Some("uid1")
         );
+        assert_eq!(state.session(&id).await.unwrap().unwrap().verified_at, 1234);
         state.delete_session(&id).await.unwrap();
         assert_eq!(state.session(&id).await.unwrap(), None);
         // A gone session is not brought back by updates.
         assert!(!state.set_code(&id, "1", 1).await.unwrap());
         assert_eq!(state.add_attempt(&id).await.unwrap(), None);
-        assert!(!state.mark_verified(&id, "u").await.unwrap());
+        assert!(!state.mark_verified(&id, "u", 1).await.unwrap());
         assert_eq!(state.session(&id).await.unwrap(), None);
         // Counters.
         for n in 1..=3 {

@@ -423,6 +423,17 @@ async fn unregister_deletes_and_revokes_and_a_new_registration_works_again() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["user_id"], user.as_str());
     assert_eq!(idp.store.registration(&user).await.unwrap(), None);
+    // Revoked now: the same token cannot unregister again (it would wipe
+    // an account registered since), nor can the suspended user's.
+    let (status, body) = idp.post("/unregister", Some(&token), Value::Null).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("revoked"), "{body}");
+    let (fresh, _) = idp.sign_up("+15551234567").await;
+    idp.store.revoke_user(&user, Revocation::All).await.unwrap();
+    let (status, body) = idp.post("/unregister", Some(&fresh), Value::Null).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(idp.store.registration(&user).await.unwrap().is_some());
+    idp.store.restore_user(&user).await.unwrap();
     // A forged device token is refused.
     let forged = format!("{}x", &token[..token.len() - 1]);
     assert_eq!(

@@ -2,7 +2,8 @@
 //!
 //! - [`uid`]: what a user id is, and its reply topics `<uid>_<name>`.
 //! - [`topics`]: topic names, filters, matching, shared subscriptions, and the
-//!   names on the wire (`JWT`, `handler`, the `user_id`/`client_id` properties).
+//!   names on the wire (`JWT`, `handler`, the `user_id`/`client_id`/`token_iat`
+//!   properties).
 //! - [`claims`]: device token claims, and minting tokens (dev run, loadgen, tests).
 //! - [`tls`]: client-side TLS trusting a given CA.
 //! - [`envelope`]: the crypto of sync and publish (RSA-OAEP, RSA-PSS, AES-GCM).

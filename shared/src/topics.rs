@@ -6,6 +6,12 @@
 pub const USER_ID_PROPERTY: &str = "user_id";
 /// User property the broker sets on every device publish: the device's client id.
 pub const CLIENT_ID_PROPERTY: &str = "client_id";
+/// User property the broker sets on every device publish and will: the
+/// `iat` (Unix seconds, decimal) of the token the session logged in with, `0`
+/// for a token without one. Handlers compare it with the user's revocation
+/// (the SDK does, before handler code runs), so nothing an old session sends
+/// after its user was revoked is acted on.
+pub const TOKEN_IAT_PROPERTY: &str = "token_iat";
 /// Username a device presents, with its JWT as the password.
 pub const DEVICE_USERNAME: &str = "JWT";
 /// Username a handler presents, with a handler key as the password.

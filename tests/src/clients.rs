@@ -47,6 +47,27 @@ pub fn user_property<'a>(publish: &'a p5::Publish, name: &str) -> Vec<&'a str> {
         .unwrap_or_default()
 }
 
+/// `user_properties` without the broker's `token_iat` stamp, which must be
+/// there exactly once as a decimal number (its value is the test token's
+/// `iat`, a moment of the run): for tests that compare the rest exactly.
+pub fn without_token_iat(user_properties: &[(String, String)]) -> Vec<(String, String)> {
+    let stamps: Vec<&str> = user_properties
+        .iter()
+        .filter(|(k, _)| k == shared::topics::TOKEN_IAT_PROPERTY)
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(stamps.len(), 1, "one token_iat stamp: {user_properties:?}");
+    assert!(
+        stamps.iter().all(|v| v.parse::<u64>().is_ok()),
+        "token_iat is a number: {user_properties:?}"
+    );
+    user_properties
+        .iter()
+        .filter(|(k, _)| k != shared::topics::TOKEN_IAT_PROPERTY)
+        .cloned()
+        .collect()
+}
+
 /// What tests need to know about one protocol version's packets.
 pub trait Flavor {
     type Packet: std::fmt::Debug + Send + 'static;

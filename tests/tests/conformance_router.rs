@@ -728,7 +728,8 @@ async fn properties_are_forwarded_unaltered_and_in_order() {
         stamps.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
         vec![
             shared::topics::USER_ID_PROPERTY,
-            shared::topics::CLIENT_ID_PROPERTY
+            shared::topics::CLIENT_ID_PROPERTY,
+            shared::topics::TOKEN_IAT_PROPERTY
         ]
     );
 }

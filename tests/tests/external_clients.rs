@@ -960,6 +960,15 @@ async fn paho_v5_handler_receives_device_identity() {
         .into_iter()
         .map(|m| {
             let mut props = m["user_properties"].as_array().cloned().unwrap_or_default();
+            // The token's `iat` (a moment of this run): once, a number.
+            let iat: Vec<Value> = props
+                .iter()
+                .filter(|p| p[0] == "token_iat")
+                .cloned()
+                .collect();
+            assert_eq!(iat.len(), 1, "{props:?}");
+            assert!(iat[0][1].as_str().is_some_and(|v| v.parse::<u64>().is_ok()));
+            props.retain(|p| p[0] != "token_iat");
             props.sort_by_key(|p| p.to_string());
             (m["payload"].as_str().unwrap_or_default().to_owned(), props)
         })

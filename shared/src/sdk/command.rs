@@ -16,6 +16,12 @@ pub struct Command<T> {
     pub user_id: UserId,
     /// The sender's MQTT client id, from the broker's `client_id` property.
     pub client_id: Option<String>,
+    /// When the sending session's token was issued, from the broker's
+    /// `token_iat` property (`Some(0)` for a device's command without a
+    /// valid one; `None` for a command another handler published). Pass it
+    /// to the store's guarded writes (`Store::put_platform_token_unless_revoked`)
+    /// so that a write cannot land after the user's revocation.
+    pub token_iat: Option<u64>,
     /// The command topic it arrived on (`sync`, `publish`, ...).
     pub topic: String,
     /// The command's `"request_id"`, if it had one (string or number); echoed

@@ -28,6 +28,10 @@
 //!   sender's reply topic. Malformed JSON, a body that does not fit `T`, a
 //!   handler panic (500) or timeout (504), and overload (503) are answered
 //!   the same way: never a crash, never silence.
+//! - [`Worker::checking_revocations`]: before handler code runs, the
+//!   broker's `token_iat` stamp is checked against the user's revocation in
+//!   the store; a revoked sender gets `{"status": 401, "error": "token
+//!   revoked"}`, a store outage 503 (fail closed).
 //! - [`SdkConfig`]: `BROKER_URL`, `BROKER_CA`, `HANDLER_KEY` and the limits.
 //!
 //! Concurrency: at most `concurrency` commands run at once (a semaphore);

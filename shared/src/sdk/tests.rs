@@ -152,6 +152,22 @@ impl Device {
             .unwrap();
     }
 
+    /// Publishes `payload` on `topic` with exactly these user properties
+    /// (the stamps the project's broker would set).
+    async fn send_stamped(&self, topic: &str, stamps: &[(&str, &str)], payload: &[u8]) {
+        let props = PublishProperties {
+            user_properties: stamps
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.to_vec(), props)
+            .await
+            .unwrap();
+    }
+
     async fn next(&mut self) -> (String, Value, Option<bytes::Bytes>) {
         tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
             .await
@@ -397,6 +413,80 @@ async fn shutdown_while_never_connected_returns() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// With a revocation source, a device command whose `token_iat` stamp the
+/// user's revocation refuses is answered `401 token revoked` and never
+/// reaches the handler code; a fresh token, other users and commands a
+/// handler published for a user (no device stamps) still run.
+#[tokio::test]
+async fn revoked_senders_are_refused_before_the_handler_runs() {
+    use crate::store::{EmbeddedStore, Revocation, Store};
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&dir.path().join("s.redb"))
+            .await
+            .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let worker = tokio::spawn(
+        echo_worker("echo", seen.clone())
+            .checking_revocations(store.clone())
+            .run(broker.config(), shutdown.clone()),
+    );
+    let mut dev = Device::connect(broker.port, &["42_echo", "43_echo"]).await;
+    wait_ready(&mut dev, "42").await;
+    let uid = crate::UserId::parse("42").unwrap();
+    store
+        .record_revocation(&uid, Revocation::IssuedBefore(1000))
+        .await
+        .unwrap();
+    let before = seen.load(Ordering::SeqCst);
+    let device = |iat: &'static str| [("user_id", "42"), ("client_id", "phone"), ("token_iat", iat)];
+
+    // Revoked: an old token, a missing or forged-looking stamp.
+    for stamps in [
+        &device("999")[..],
+        &device("abc")[..],
+        &[("user_id", "42"), ("client_id", "phone")][..],
+    ] {
+        dev.send_stamped("echo", stamps, br#"{"text":"old","request_id":"r"}"#)
+            .await;
+        let (topic, body, _) = dev.next().await;
+        assert_eq!(topic, "42_echo");
+        assert_eq!(
+            body,
+            json!({"status": 401, "error": "token revoked", "request_id": "r"}),
+            "{stamps:?}"
+        );
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), before, "the handler never ran");
+
+    // A token issued at or after the cut-off, another user, and a handler's
+    // own command for the user (no device stamps) are served.
+    dev.send_stamped("echo", &device("1000"), br#"{"text":"new"}"#)
+        .await;
+    assert_eq!(dev.next().await.1["text"], "new");
+    dev.send_stamped(
+        "echo",
+        &[("user_id", "43"), ("client_id", "p"), ("token_iat", "5")],
+        br#"{"text":"other"}"#,
+    )
+    .await;
+    assert_eq!(dev.next().await.1["text"], "other");
+    dev.send("echo", Some("42"), br#"{"text":"from a handler"}"#, None)
+        .await;
+    assert_eq!(dev.next().await.1["text"], "from a handler");
+    assert_eq!(seen.load(Ordering::SeqCst), before + 3);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), worker)
         .await
         .unwrap()
         .unwrap()

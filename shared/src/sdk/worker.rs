@@ -7,11 +7,20 @@
 //! checked (route, `user_id` property), then spawned; replies are published
 //! from the command's task through the client's request channel, which the
 //! poll loop drains.
+//!
+//! With a revocation source ([`Worker::checking_revocations`]), each
+//! device command's task first compares the broker's `token_iat` stamp with
+//! the user's revocation in the store, before the handler code runs: a
+//! command sent by a session whose token was revoked meanwhile (the account
+//! deleted, the user suspended) gets `{"status": 401, "error": "token
+//! revoked"}` and is not acted on; a store that does not answer gets 503
+//! (fail closed).
 
 use super::command::{request_id_of, with_request_id, Command, HandlerError, Recipient, Reply};
 use super::config::{ConfigError, SdkConfig};
+use crate::store::Store;
 use crate::tls::TlsClientError;
-use crate::topics::{CLIENT_ID_PROPERTY, HANDLER_USERNAME, USER_ID_PROPERTY};
+use crate::topics::{CLIENT_ID_PROPERTY, HANDLER_USERNAME, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 use crate::uid::UserId;
 use bytes::Bytes;
 use rand::Rng;
@@ -62,6 +71,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 struct Raw {
     user_id: UserId,
     client_id: Option<String>,
+    token_iat: Option<u64>,
     topic: String,
     request_id: Option<String>,
     payload: Value,
@@ -95,6 +105,8 @@ struct Route {
 pub struct Worker {
     name: String,
     routes: HashMap<String, Route>,
+    /// Where each device command's sender is checked for revocation.
+    revocations: Option<Arc<dyn Store>>,
 }
 
 impl Worker {
@@ -105,7 +117,21 @@ impl Worker {
         Worker {
             name: name.into(),
             routes: HashMap::new(),
+            revocations: None,
         }
+    }
+
+    /// Checks every device command against its user's revocation in `store`
+    /// before the handler runs (the built-in handlers all do): a command
+    /// whose `token_iat` stamp the revocation refuses is answered `401 token
+    /// revoked`, and 503 while the store does not answer. A command without
+    /// `token_iat` counts as issued at 0 when it came from a device (it has
+    /// the broker's `client_id` stamp), so a revocation refuses it; a
+    /// command another handler published for a user (no `client_id`, no
+    /// `token_iat`) is not a session of that user and is not checked.
+    pub fn checking_revocations(mut self, store: Arc<dyn Store>) -> Self {
+        self.revocations = Some(store);
+        self
     }
 
     /// Serves `topic` with `handler`; error replies go to `<uid>_<topic>`.
@@ -140,6 +166,7 @@ impl Worker {
                 handler(Command {
                     user_id: raw.user_id,
                     client_id: raw.client_id,
+                    token_iat: raw.token_iat,
                     topic: raw.topic,
                     request_id: raw.request_id,
                     body,
@@ -209,6 +236,7 @@ impl Worker {
         let runner = Runner {
             group: self.name,
             routes: Arc::new(self.routes),
+            revocations: self.revocations,
             client,
             permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
@@ -223,6 +251,7 @@ impl Worker {
 struct Runner {
     group: String,
     routes: Arc<HashMap<String, Route>>,
+    revocations: Option<Arc<dyn Store>>,
     client: AsyncClient,
     config: SdkConfig,
     permits: Arc<Semaphore>,
@@ -377,10 +406,13 @@ impl Runner {
             .iter()
             .find(|(k, _)| k == CLIENT_ID_PROPERTY)
             .map(|(_, v)| v.clone());
+        let token_iat = token_iat(&props.user_properties);
         let job = Job {
             topic,
             user_id,
             client_id,
+            token_iat,
+            revocations: self.revocations.clone(),
             correlation_data: props.correlation_data,
             payload: publish.payload,
             error_reply: route.error_reply.clone(),
@@ -429,6 +461,57 @@ impl Runner {
     }
 }
 
+/// When the token of the session that sent a command was issued, as the
+/// broker stamps it: `Some(iat)` from one decimal `token_iat` property;
+/// `Some(0)` for a device's command whose stamp is missing, repeated or not
+/// a number (fail closed: every revocation by time refuses it); `None` for
+/// a command with neither `token_iat` nor the broker's `client_id` stamp,
+/// which no device session sent (another handler published it).
+fn token_iat(user_properties: &[(String, String)]) -> Option<u64> {
+    let mut stamps = user_properties
+        .iter()
+        .filter(|(k, _)| k == TOKEN_IAT_PROPERTY)
+        .map(|(_, v)| v);
+    match (stamps.next(), stamps.next()) {
+        (Some(iat), None) => Some(iat.parse::<u64>().unwrap_or(0)),
+        (Some(_), Some(_)) => Some(0),
+        (None, _) => user_properties
+            .iter()
+            .any(|(k, _)| k == CLIENT_ID_PROPERTY)
+            .then_some(0),
+    }
+}
+
+/// Whether `uid`'s command, sent by a session whose token was issued at
+/// `iat`, may be acted on: `Err(401)` when the user's revocation refuses
+/// that token, `Err(503)` when the store does not answer within `within`.
+async fn check_revocation(
+    store: &dyn Store,
+    uid: &UserId,
+    iat: u64,
+    within: Duration,
+) -> Result<(), HandlerError> {
+    match tokio::time::timeout(within, store.revocation(uid)).await {
+        Ok(Ok(Some(revocation))) if revocation.refuses(Some(iat)) => {
+            tracing::info!(%uid, "command from a revoked token refused");
+            Err(HandlerError::new(401, "token revoked"))
+        }
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::warn!(%uid, %error, "revocation check failed: command refused");
+            Err(HandlerError::unavailable(
+                "cannot check the token now, try again later",
+            ))
+        }
+        Err(_) => {
+            tracing::warn!(%uid, "revocation check timed out: command refused");
+            Err(HandlerError::unavailable(
+                "cannot check the token now, try again later",
+            ))
+        }
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -441,6 +524,9 @@ struct Job {
     topic: String,
     user_id: UserId,
     client_id: Option<String>,
+    /// The sender token's `iat` (see [`token_iat`]); `None`: not a device's.
+    token_iat: Option<u64>,
+    revocations: Option<Arc<dyn Store>>,
     correlation_data: Option<Bytes>,
     payload: Bytes,
     error_reply: String,
@@ -468,9 +554,16 @@ impl Job {
             }
         };
         let request_id = request_id_of(&payload);
+        // Before any handler code: a revoked session's command is not acted on.
+        if let (Some(store), Some(iat)) = (&self.revocations, self.token_iat) {
+            if let Err(err) = check_revocation(store.as_ref(), &self.user_id, iat, self.timeout).await {
+                return self.send_error(request_id.as_deref(), &err).await;
+            }
+        }
         let raw = Raw {
             user_id: self.user_id.clone(),
             client_id: self.client_id.clone(),
+            token_iat: self.token_iat,
             topic: self.topic.clone(),
             request_id: request_id.clone(),
             payload,
@@ -541,5 +634,97 @@ impl Job {
                 tracing::warn!(%topic, %error, "could not publish a reply");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod revocation_tests {
+    use super::*;
+    use crate::store::{EmbeddedStore, Revocation};
+
+    fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_iat_stamp_is_read_fail_closed() {
+        let device = |iat: &str| props(&[("user_id", "u"), ("client_id", "c"), ("token_iat", iat)]);
+        assert_eq!(token_iat(&device("1700000000")), Some(1_700_000_000));
+        assert_eq!(token_iat(&device("0")), Some(0));
+        assert_eq!(token_iat(&device("soon")), Some(0), "not a number");
+        assert_eq!(token_iat(&device("-1")), Some(0));
+        let mut twice = device("5");
+        twice.push(("token_iat".into(), "6".into()));
+        assert_eq!(token_iat(&twice), Some(0), "repeated");
+        assert_eq!(
+            token_iat(&props(&[("user_id", "u"), ("client_id", "c")])),
+            Some(0),
+            "a device's command without the stamp"
+        );
+        assert_eq!(
+            token_iat(&props(&[("user_id", "u")])),
+            None,
+            "published by a handler for the user"
+        );
+        // Only the exact name counts (the broker drops look-alikes).
+        assert_eq!(
+            token_iat(&props(&[("user_id", "u"), ("TOKEN_IAT", "9")])),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn revoked_tokens_are_refused_and_an_outage_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb"))
+            .await
+            .unwrap();
+        let uid = UserId::parse("u1").unwrap();
+        let within = Duration::from_secs(5);
+        assert!(check_revocation(&store, &uid, 5, within).await.is_ok());
+        store
+            .record_revocation(&uid, Revocation::IssuedBefore(100))
+            .await
+            .unwrap();
+        let refused = check_revocation(&store, &uid, 99, within)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.body(),
+            serde_json::json!({"status": 401, "error": "token revoked"})
+        );
+        assert_eq!(
+            check_revocation(&store, &uid, 0, within)
+                .await
+                .unwrap_err()
+                .status,
+            401
+        );
+        assert!(check_revocation(&store, &uid, 100, within).await.is_ok());
+        let other = UserId::parse("u2").unwrap();
+        assert!(check_revocation(&store, &other, 0, within).await.is_ok());
+        store.revoke_user(&uid, Revocation::All).await.unwrap();
+        assert_eq!(
+            check_revocation(&store, &uid, u64::MAX, within)
+                .await
+                .unwrap_err()
+                .status,
+            401
+        );
+
+        // A Redis that is not there: 503, never a pass.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let down = crate::store::RedisStore::new(&format!("redis://127.0.0.1:{port}")).unwrap();
+        let err = check_revocation(&down, &other, 1, within)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, 503);
     }
 }

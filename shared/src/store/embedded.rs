@@ -109,6 +109,15 @@ fn read_revocation(
         .map(|cutoff| Revocation::IssuedBefore(cutoff.value())))
 }
 
+/// Whether the user's revocation, read inside the write transaction `txn`,
+/// refuses a token issued at `iat`: a guarded write checks and writes in one
+/// transaction, so no revocation can be recorded in between.
+fn refused_in(txn: &redb::WriteTransaction, uid: &str, iat: u64) -> Result<bool, StoreError> {
+    let all = txn.open_table(REVOKED).map_err(db_err)?;
+    let before = txn.open_table(REVOKED_BEFORE).map_err(db_err)?;
+    Ok(read_revocation(&all, &before, uid)?.is_some_and(|r| r.refuses(Some(iat))))
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the database file at `path`, creating its directory,
     /// on the blocking pool. Fails if another process holds it open.
@@ -182,6 +191,28 @@ impl Store for EmbeddedStore {
                 .insert(uid.as_str(), bytes.as_slice())
                 .map_err(db_err)?;
             txn.commit().map_err(db_err)
+        })
+    }
+
+    fn put_key_unless_revoked<'a>(
+        &'a self,
+        uid: &'a UserId,
+        record: &'a KeyRecord,
+        iat: u64,
+    ) -> StoreFuture<'a, bool> {
+        let uid = uid.as_str().to_owned();
+        let bytes = record.encode();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            if refused_in(&txn, &uid, iat)? {
+                return Ok(false);
+            }
+            txn.open_table(KEYS)
+                .map_err(db_err)?
+                .insert(uid.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            txn.commit().map_err(db_err)?;
+            Ok(true)
         })
     }
 
@@ -301,10 +332,24 @@ impl Store for EmbeddedStore {
     }
 
     fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()> {
-        let name = uid.as_str().to_owned();
+        let write = self.record_revocation(uid, revocation);
         let uid = uid.clone();
         let events = self.events.clone();
-        let write = self.blocking(move |db| {
+        Box::pin(async move {
+            let revocation = write.await?;
+            // No subscriber is fine: nobody is listening yet.
+            let _ = events.send(RevocationEvent::Revoked { uid, revocation });
+            Ok(())
+        })
+    }
+
+    fn record_revocation<'a>(
+        &'a self,
+        uid: &'a UserId,
+        revocation: Revocation,
+    ) -> StoreFuture<'a, Revocation> {
+        let name = uid.as_str().to_owned();
+        self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             let merged = {
                 let mut all = txn.open_table(REVOKED).map_err(db_err)?;
@@ -327,12 +372,6 @@ impl Store for EmbeddedStore {
             };
             txn.commit().map_err(db_err)?;
             Ok(merged)
-        });
-        Box::pin(async move {
-            let revocation = write.await?;
-            // No subscriber is fine: nobody is listening yet.
-            let _ = events.send(RevocationEvent::Revoked { uid, revocation });
-            Ok(())
         })
     }
 
@@ -406,6 +445,33 @@ impl Store for EmbeddedStore {
                 .insert(name.as_str(), sealed.as_slice())
                 .map_err(db_err)?;
             txn.commit().map_err(db_err)
+        })
+    }
+
+    fn put_platform_token_unless_revoked<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        sealed: &'a [u8],
+        iat: u64,
+    ) -> StoreFuture<'a, bool> {
+        if let Err(e) = check_platform(platform) {
+            return Box::pin(async move { Err(e) });
+        }
+        let uid = uid.as_str().to_owned();
+        let name = token_key(&uid, platform);
+        let sealed = sealed.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            if refused_in(&txn, &uid, iat)? {
+                return Ok(false);
+            }
+            txn.open_table(TOKENS)
+                .map_err(db_err)?
+                .insert(name.as_str(), sealed.as_slice())
+                .map_err(db_err)?;
+            txn.commit().map_err(db_err)?;
+            Ok(true)
         })
     }
 

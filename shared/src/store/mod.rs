@@ -226,6 +226,19 @@ pub trait Store: Send + Sync + 'static {
     /// Makes `record` the user's only key (the newest replaces every older one).
     fn put_key<'a>(&'a self, uid: &'a UserId, record: &'a KeyRecord) -> StoreFuture<'a, ()>;
 
+    /// As [`Store::put_key`], unless the user's revocation refuses a token
+    /// issued at `iat` (the sending session's token), checked in the same
+    /// atomic step as the write (a Lua script; one redb write transaction):
+    /// a command that passed its revocation check just before an account
+    /// deletion recorded its revocation cannot write just after it.
+    /// `Ok(false)`: refused, nothing written.
+    fn put_key_unless_revoked<'a>(
+        &'a self,
+        uid: &'a UserId,
+        record: &'a KeyRecord,
+        iat: u64,
+    ) -> StoreFuture<'a, bool>;
+
     /// The user's current key, if they ever synced.
     fn get_key<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<KeyRecord>>;
 
@@ -281,7 +294,24 @@ pub trait Store: Send + Sync + 'static {
     /// [`Revocation::merge`]), and announces it on
     /// [`Store::revocation_events`] (Redis: `PUBLISH` on the channel
     /// `mqgate:revocations`, so every process sharing the Redis hears it).
+    /// Same as [`Store::record_revocation`] followed by the announcement.
     fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()>;
+
+    /// Records `revocation` for the user, merged like [`Store::revoke_user`],
+    /// without announcing it: from now on every check against the store
+    /// (CONNECT, the handler SDK, the identity service, wills) refuses the
+    /// tokens it covers, but live sessions are not cut yet. Returns the
+    /// merged revocation now in force.
+    ///
+    /// Why apart: `delete_account` must make the revocation the first thing
+    /// that happens (nothing the user's old sessions send afterwards may be
+    /// acted on) while its own answer still has to reach the device; it
+    /// announces (with [`Store::revoke_user`]) once the answer is out.
+    fn record_revocation<'a>(
+        &'a self,
+        uid: &'a UserId,
+        revocation: Revocation,
+    ) -> StoreFuture<'a, Revocation>;
 
     /// Removes every revocation of the user (operators).
     fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()>;
@@ -312,6 +342,18 @@ pub trait Store: Send + Sync + 'static {
         platform: &'a str,
         sealed: &'a [u8],
     ) -> StoreFuture<'a, ()>;
+
+    /// As [`Store::put_platform_token`], unless the user's revocation
+    /// refuses a token issued at `iat`, checked atomically with the write
+    /// (see [`Store::put_key_unless_revoked`]). `Ok(false)`: refused,
+    /// nothing written.
+    fn put_platform_token_unless_revoked<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        sealed: &'a [u8],
+        iat: u64,
+    ) -> StoreFuture<'a, bool>;
 
     /// The user's sealed token for `platform`.
     fn platform_token<'a>(
@@ -509,6 +551,26 @@ pub(crate) mod conformance {
         store.restore_user(&d).await.unwrap();
         assert_eq!(store.revocation(&d).await.unwrap(), None);
         assert!(!store.is_revoked(&d).await.unwrap());
+        // Recording (without announcing) merges the same way.
+        assert_eq!(
+            store
+                .record_revocation(&d, Revocation::IssuedBefore(70))
+                .await
+                .unwrap(),
+            Revocation::IssuedBefore(70)
+        );
+        assert_eq!(
+            store
+                .record_revocation(&d, Revocation::IssuedBefore(60))
+                .await
+                .unwrap(),
+            Revocation::IssuedBefore(70)
+        );
+        assert_eq!(
+            store.revocation(&d).await.unwrap(),
+            Some(Revocation::IssuedBefore(70))
+        );
+        store.restore_user(&d).await.unwrap();
         store.set_revoked(&d, true).await.unwrap();
         assert_eq!(store.revocation(&d).await.unwrap(), Some(Revocation::All));
         store.set_revoked(&d, false).await.unwrap();
@@ -624,6 +686,57 @@ pub(crate) mod conformance {
             store.platforms_with_tokens(&e).await.unwrap(),
             vec!["gmail"]
         );
+
+        // Guarded writes: refused for a token the revocation refuses,
+        // written for one issued at or after the cut-off, and for users
+        // without a revocation.
+        let key = KeyRecord {
+            key_id: "kg".into(),
+            key: AesKey::generate(),
+            issued_at: 3,
+        };
+        assert!(!store
+            .put_platform_token_unless_revoked(&d, "gmail", b"old", 499)
+            .await
+            .unwrap());
+        assert!(!store.put_key_unless_revoked(&d, &key, 0).await.unwrap());
+        assert!(store.platforms_with_tokens(&d).await.unwrap().is_empty());
+        assert_eq!(store.get_key(&d).await.unwrap(), None);
+        assert!(store
+            .put_platform_token_unless_revoked(&d, "gmail", b"new", 500)
+            .await
+            .unwrap());
+        assert!(store.put_key_unless_revoked(&d, &key, 500).await.unwrap());
+        assert_eq!(
+            store.platform_token(&d, "gmail").await.unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
+        assert_eq!(store.get_key(&d).await.unwrap(), Some(key.clone()));
+        assert!(store
+            .put_platform_token_unless_revoked(&e, "chat", b"e2", 0)
+            .await
+            .unwrap());
+        assert!(matches!(
+            store
+                .put_platform_token_unless_revoked(&e, "bad name", b"x", 0)
+                .await,
+            Err(StoreError::Invalid(_))
+        ));
+        store.revoke_user(&d, Revocation::All).await.unwrap();
+        assert!(!store
+            .put_platform_token_unless_revoked(&d, "gmail", b"x", u64::MAX)
+            .await
+            .unwrap());
+        assert!(!store
+            .put_key_unless_revoked(&d, &key, u64::MAX)
+            .await
+            .unwrap());
+        assert_eq!(
+            store.platform_token(&d, "gmail").await.unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
+        store.restore_user(&d).await.unwrap();
+        store.delete_user(&d).await.unwrap();
     }
 
     /// Revocations recorded through `store` reach `events` (subscribed
@@ -660,6 +773,33 @@ pub(crate) mod conformance {
         while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await
         {
         }
+        // Recording alone announces nothing; the announcement that follows
+        // carries the merged value.
+        store
+            .record_revocation(&u, Revocation::IssuedBefore(20))
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), events.recv())
+                .await
+                .is_err(),
+            "a recorded revocation is not announced"
+        );
+        store
+            .revoke_user(&u, Revocation::IssuedBefore(15))
+            .await
+            .unwrap();
+        let merged = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            merged,
+            RevocationEvent::Revoked {
+                uid: u.clone(),
+                revocation: Revocation::IssuedBefore(20)
+            }
+        );
         store.revoke_user(&u, Revocation::All).await.unwrap();
         let next = tokio::time::timeout(Duration::from_secs(5), events.recv())
             .await

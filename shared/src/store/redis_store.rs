@@ -68,7 +68,8 @@ return 1
 
 /// Records a revocation merged with the current one (`all` wins, otherwise
 /// the later cut-off; any value that is not `before:<n>` counts as `all`)
-/// and publishes it. Returns the recorded value.
+/// and publishes it, unless the channel (`ARGV[2]`) is empty
+/// (`record_revocation`). Returns the recorded value.
 const REVOKE_SCRIPT: &str = r"
 local cur = redis.call('GET', KEYS[1])
 local new = ARGV[1]
@@ -86,8 +87,37 @@ if cur then
   end
 end
 redis.call('SET', KEYS[1], new)
-redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. new)
+if ARGV[2] ~= '' then
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. new)
+end
 return new
+";
+
+/// The first lines of a guarded write: returns 0 (nothing written) when
+/// the user's revocation (`KEYS[1]`) refuses a token issued at `ARGV[1]`:
+/// any value that is not `before:<n>` refuses everything, as
+/// `Revocation::decode` reads it. Unix seconds are far below 2^53, so Lua's
+/// numbers compare them exactly.
+const REVOCATION_GUARD: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local c = string.match(cur, '^before:(%d+)$')
+  if not c or tonumber(ARGV[1]) < tonumber(c) then
+    return 0
+  end
+end
+";
+
+/// A guarded `SET KEYS[2] ARGV[2]` (see [`REVOCATION_GUARD`]).
+const GUARDED_SET: &str = r"
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+";
+
+/// A guarded `HSET KEYS[2] ARGV[2] ARGV[3]` (see [`REVOCATION_GUARD`]).
+const GUARDED_HSET: &str = r"
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
 ";
 
 /// Replaces a hash field only if it still holds the expected value.
@@ -107,6 +137,8 @@ pub struct RedisStore {
     delete: redis::Script,
     revoke: redis::Script,
     replace: redis::Script,
+    guarded_set: redis::Script,
+    guarded_hset: redis::Script,
     events: broadcast::Sender<RevocationEvent>,
     /// Starts the revocation subscriber once.
     subscriber: Once,
@@ -150,6 +182,8 @@ impl RedisStore {
             delete: redis::Script::new(DELETE_SCRIPT),
             revoke: redis::Script::new(REVOKE_SCRIPT),
             replace: redis::Script::new(REPLACE_SCRIPT),
+            guarded_set: redis::Script::new(&format!("{REVOCATION_GUARD}{GUARDED_SET}")),
+            guarded_hset: redis::Script::new(&format!("{REVOCATION_GUARD}{GUARDED_HSET}")),
             events,
             subscriber: Once::new(),
             _stop_on_drop: stop.clone().drop_guard(),
@@ -182,6 +216,28 @@ impl RedisStore {
             })
             .await?;
         Ok(manager.clone())
+    }
+
+    /// The revoke script: merges `revocation` into the user's, publishes the
+    /// result on `channel` unless it is empty, returns the result.
+    async fn merge_revocation(
+        &self,
+        uid: &UserId,
+        revocation: Revocation,
+        channel: &str,
+    ) -> Result<Revocation, StoreError> {
+        let merged: String = self
+            .run(move |mut c| async move {
+                self.revoke
+                    .key(key("revoked", uid.as_str()))
+                    .arg(revocation.encode())
+                    .arg(channel)
+                    .arg(uid.as_str())
+                    .invoke_async::<String>(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(Revocation::decode(&merged))
     }
 
     /// Runs `op` on a connection under [`OP_TIMEOUT`].
@@ -276,6 +332,24 @@ impl Store for RedisStore {
         Box::pin(self.run(move |mut c| async move {
             c.set::<_, _, ()>(key("key", uid.as_str()), record.encode())
                 .await
+        }))
+    }
+
+    fn put_key_unless_revoked<'a>(
+        &'a self,
+        uid: &'a UserId,
+        record: &'a KeyRecord,
+        iat: u64,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(self.run(move |mut c| async move {
+            self.guarded_set
+                .key(key("revoked", uid.as_str()))
+                .key(key("key", uid.as_str()))
+                .arg(iat.to_string())
+                .arg(record.encode())
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|written| written == 1)
         }))
     }
 
@@ -381,16 +455,19 @@ impl Store for RedisStore {
     }
 
     fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()> {
-        Box::pin(self.run(move |mut c| async move {
-            self.revoke
-                .key(key("revoked", uid.as_str()))
-                .arg(revocation.encode())
-                .arg(REVOCATION_CHANNEL)
-                .arg(uid.as_str())
-                .invoke_async::<String>(&mut c)
+        Box::pin(async move {
+            self.merge_revocation(uid, revocation, REVOCATION_CHANNEL)
                 .await
                 .map(|_| ())
-        }))
+        })
+    }
+
+    fn record_revocation<'a>(
+        &'a self,
+        uid: &'a UserId,
+        revocation: Revocation,
+    ) -> StoreFuture<'a, Revocation> {
+        Box::pin(self.merge_revocation(uid, revocation, ""))
     }
 
     fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
@@ -449,6 +526,30 @@ impl Store for RedisStore {
             self.run(move |mut c| async move {
                 c.hset::<_, _, _, ()>(key("tokens", uid.as_str()), platform, sealed)
                     .await
+            })
+            .await
+        })
+    }
+
+    fn put_platform_token_unless_revoked<'a>(
+        &'a self,
+        uid: &'a UserId,
+        platform: &'a str,
+        sealed: &'a [u8],
+        iat: u64,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            check_platform(platform)?;
+            self.run(move |mut c| async move {
+                self.guarded_hset
+                    .key(key("revoked", uid.as_str()))
+                    .key(key("tokens", uid.as_str()))
+                    .arg(iat.to_string())
+                    .arg(platform)
+                    .arg(sealed)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+                    .map(|written| written == 1)
             })
             .await
         })

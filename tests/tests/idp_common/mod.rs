@@ -101,6 +101,13 @@ impl Idp {
     /// Steps 1: register, have the code sent, read it from the SMS
     /// provider's request, verify it. (token, uid)
     pub async fn sign_up(&self, msisdn: &str) -> (String, String) {
+        let (_, token, uid) = self.sign_up_session(msisdn).await;
+        (token, uid)
+    }
+
+    /// As [`Idp::sign_up`], also returning the verified session's token
+    /// (valid for `/unregister` until the session expires). (session, token, uid)
+    pub async fn sign_up_session(&self, msisdn: &str) -> (String, String, String) {
         let (status, body) = self
             .post("/register", None, Some(json!({ "msisdn": msisdn })))
             .await;
@@ -128,6 +135,7 @@ impl Idp {
             .await;
         assert_eq!(status, 200, "{body}");
         (
+            session,
             body["token"].as_str().unwrap().to_owned(),
             body["user_id"].as_str().unwrap().to_owned(),
         )
