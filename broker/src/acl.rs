@@ -60,6 +60,9 @@ pub enum Denial {
     TooManyLevels,
     /// The session holds as many subscriptions as it may.
     QuotaExceeded,
+    /// A device's publish carries more user properties or correlation data
+    /// than its caps (`property_caps`); answered 0x83.
+    PropertiesTooLarge,
 }
 
 impl Denial {
@@ -71,6 +74,7 @@ impl Denial {
             Denial::TopicTooLong => "topic_too_long",
             Denial::TooManyLevels => "topic_too_many_levels",
             Denial::QuotaExceeded => "quota_exceeded",
+            Denial::PropertiesTooLarge => "properties_too_large",
         }
     }
 }

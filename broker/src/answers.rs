@@ -25,6 +25,9 @@ pub enum ConnectRefusal {
     Busy(&'static str),
     /// A per-user quota is used up (persistent sessions).
     QuotaExceeded(&'static str),
+    /// The will carries more user properties or correlation data than a
+    /// device may send (`property_caps`); 0x83.
+    WillPropertiesTooLarge(&'static str),
 }
 
 impl ConnectRefusal {
@@ -34,7 +37,8 @@ impl ConnectRefusal {
             ConnectRefusal::Auth(r) => r.reason(),
             ConnectRefusal::ClientIdNotValid(r)
             | ConnectRefusal::Busy(r)
-            | ConnectRefusal::QuotaExceeded(r) => r,
+            | ConnectRefusal::QuotaExceeded(r)
+            | ConnectRefusal::WillPropertiesTooLarge(r) => r,
             ConnectRefusal::WillNotAllowed => "will topic not allowed",
             ConnectRefusal::UnsupportedProtocol => "unsupported protocol version",
         }
@@ -68,6 +72,13 @@ pub fn connack_refusal(version: Version, refusal: &ConnectRefusal) -> Packet {
         // client to come back later, which is what it can do about it.
         (Version::V4, ConnectRefusal::QuotaExceeded(_)) => ConnectReturnCode::ServiceUnavailable,
         (Version::V5, ConnectRefusal::QuotaExceeded(_)) => ConnectReturnCode::QuotaExceeded,
+        // A 3.1.1 will has no properties; the arm keeps the match total.
+        (Version::V4, ConnectRefusal::WillPropertiesTooLarge(_)) => {
+            ConnectReturnCode::ServiceUnavailable
+        }
+        (Version::V5, ConnectRefusal::WillPropertiesTooLarge(_)) => {
+            ConnectReturnCode::ImplementationSpecificError
+        }
     };
     let properties = match version {
         Version::V4 => None,
@@ -94,6 +105,8 @@ pub fn suback_denial(version: Version, denial: Denial) -> SubscribeReasonCode {
             SubscribeReasonCode::TopicFilterInvalid
         }
         (Version::V5, Denial::QuotaExceeded) => SubscribeReasonCode::QuotaExceeded,
+        // Publishes only; a SUBSCRIBE carries no such properties.
+        (Version::V5, Denial::PropertiesTooLarge) => SubscribeReasonCode::ImplementationSpecific,
     }
 }
 
@@ -117,6 +130,9 @@ pub fn puback_denial(version: Version, pkid: u16, denial: Denial) -> Packet {
                         PubAckReason::TopicNameInvalid
                     }
                     Denial::QuotaExceeded => PubAckReason::QuotaExceeded,
+                    // 0x83: "valid, but the receiver is not willing to accept
+                    // it" (MQTT 5 allows no size code in PUBACK).
+                    Denial::PropertiesTooLarge => PubAckReason::ImplementationSpecificError,
                 },
             },
             Some(PubAckProperties {
@@ -146,6 +162,7 @@ pub fn pubrec_denial(version: Version, pkid: u16, denial: Denial) -> Packet {
                         PubRecReason::TopicNameInvalid
                     }
                     Denial::QuotaExceeded => PubRecReason::QuotaExceeded,
+                    Denial::PropertiesTooLarge => PubRecReason::ImplementationSpecificError,
                 },
             },
             Some(PubRecProperties {

@@ -148,6 +148,15 @@ pub struct Args {
     /// Most `/`-separated levels in a handler's topic name or filter.
     #[arg(long, env = "BROKER_HANDLER_MAX_TOPIC_LEVELS", default_value_t = 64)]
     pub handler_max_topic_levels: usize,
+    /// Most bytes of user properties (names and values) a device's PUBLISH
+    /// or will may carry (more: PUBACK/PUBREC 0x83, QoS 0 dropped; a will:
+    /// CONNACK 0x83). 0 to 1048576.
+    #[arg(long, env = "BROKER_DEVICE_MAX_USER_PROPERTY_BYTES", default_value_t = 4096)]
+    pub device_max_user_property_bytes: usize,
+    /// Most bytes of correlation data a device's PUBLISH or will may carry
+    /// (answered as for user properties). 0 to 65535.
+    #[arg(long, env = "BROKER_DEVICE_MAX_CORRELATION_DATA_BYTES", default_value_t = 256)]
+    pub device_max_correlation_data_bytes: usize,
     /// Most subscriptions one device session may hold (more: SUBACK 0x97).
     #[arg(long, env = "BROKER_DEVICE_MAX_SUBSCRIPTIONS", default_value_t = 100)]
     pub device_max_subscriptions: usize,
@@ -262,6 +271,8 @@ pub struct Limits {
     pub handler_max_subscriptions: usize,
     /// Most persistent sessions one user's devices may hold.
     pub max_persistent_sessions_per_user: usize,
+    /// Caps on the user properties and correlation data a device sends.
+    pub device_properties: crate::property_caps::PropertyCaps,
 }
 
 impl Default for Limits {
@@ -286,6 +297,7 @@ impl Default for Limits {
             device_max_subscriptions: 100,
             handler_max_subscriptions: 10_000,
             max_persistent_sessions_per_user: 8,
+            device_properties: crate::property_caps::PropertyCaps::default(),
         }
     }
 }
@@ -534,6 +546,22 @@ impl Args {
             0..=10_000,
             "0 allows devices clean sessions only",
         )?;
+        // Kept messages carry them (command logs, reply inboxes through the
+        // echoed correlation data, delayed wills): a cap bounds each one.
+        let device_properties = crate::property_caps::PropertyCaps {
+            user_property_bytes: check_cap(
+                "BROKER_DEVICE_MAX_USER_PROPERTY_BYTES",
+                self.device_max_user_property_bytes,
+                0..=1_048_576,
+                "a cap bounds what each kept message carries (0: none allowed)",
+            )?,
+            correlation_data_bytes: check_cap(
+                "BROKER_DEVICE_MAX_CORRELATION_DATA_BYTES",
+                self.device_max_correlation_data_bytes,
+                0..=65_535,
+                "MQTT binary data is at most 65,535 bytes (0: none allowed)",
+            )?,
+        };
 
         let config = Config {
             jwt: JwtSettings {
@@ -567,6 +595,7 @@ impl Args {
                 device_max_subscriptions,
                 handler_max_subscriptions,
                 max_persistent_sessions_per_user,
+                device_properties,
             },
             revocations: None,
         };

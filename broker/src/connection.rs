@@ -9,6 +9,7 @@ use crate::auth::{Principal, Refusal};
 use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
+use crate::property_caps;
 use crate::inbound::{Allowed, Arrival, InboundFlows, Refused, Release};
 use crate::reply_index::{ReplyInbox, Served};
 use crate::router::{RouterError, RouterRx, RouterTx};
@@ -350,6 +351,14 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         }
     }
 
+    if will.is_some() {
+        let caps = &gate.limits().device_properties;
+        if let Err(refusal) = property_caps::allow_will(&principal, caps, will_properties.as_ref()) {
+            let _ = wire.send_now(&codec, refuse(refusal)).await;
+            return None;
+        }
+    }
+
     // A keep-alive of 0 (none) or beyond the maximum gets the maximum.
     let max_keep_alive = gate.limits().max_keep_alive_secs;
     let granted_keep_alive = match connect.keep_alive {
@@ -484,7 +493,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         ),
         keep_alive: Duration::from_secs(u64::from(granted_keep_alive)),
         token_deadline,
-        will,
+        // Out of the CONNECT's read buffer, which it would keep alive.
+        will: will.map(wills::owned_will),
         will_delay_secs: will_properties.as_ref().and_then(|p| p.delay_interval),
         will_properties: wills::publish_properties(will_properties.as_ref()).map(Box::new),
         link_tx: link.tx,
@@ -1073,6 +1083,11 @@ impl Session {
             .and_then(|topic| {
                 let limits = &self.gate.limits().topics;
                 acl::may_publish(&self.principal, topic, self.gate.commands(), limits)
+                    .map(|()| topic)
+            })
+            .and_then(|topic| {
+                let caps = &self.gate.limits().device_properties;
+                property_caps::allow_publish(&self.principal, caps, properties.as_ref())
                     .map(|()| topic)
             });
         #[cfg(feature = "fault-injection")]

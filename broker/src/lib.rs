@@ -52,6 +52,7 @@ pub mod identity;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
+pub mod property_caps;
 pub mod rate_limit;
 pub mod reply_index;
 pub mod revocation;
@@ -335,7 +336,7 @@ fn build_gate(
     let leeway_secs = config.jwt.leeway_secs;
     let jwt = JwtVerifier::new(config.jwt)?;
     let limits = config.limits;
-    let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics);
+    let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics, &metrics);
     // One pending will per session at most; as many as connections allowed.
     let (wills, will_queue) = Wills::new(limits.max_connections, wills::MAX_PENDING_BYTES);
     let gate = Arc::new(Gate::new(GateParts {

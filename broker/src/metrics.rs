@@ -7,6 +7,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -38,6 +40,9 @@ pub struct Metrics {
     session_panics: Counter,
     sessions_ended: Family<ReasonLabel, Counter>,
     reply_index_topics: Gauge,
+    router_log_bytes: Gauge,
+    /// The router's own count, read into `router_log_bytes` at each render.
+    router_log_source: OnceLock<Arc<AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -74,6 +79,12 @@ impl Metrics {
             "reply_index_topics",
             "Topics the gate's reply index holds entries for (freed when their last subscriber leaves)",
             reply_index_topics.clone(),
+        );
+        let router_log_bytes = Gauge::default();
+        registry.register(
+            "router_log_bytes",
+            "Bytes the router's per-filter logs hold (each stored message counted with its topic, payload and properties); back near zero once every reader has read its log",
+            router_log_bytes.clone(),
         );
         registry.register(
             "connections",
@@ -120,6 +131,8 @@ impl Metrics {
             session_panics,
             sessions_ended,
             reply_index_topics,
+            router_log_bytes,
+            router_log_source: OnceLock::new(),
             registry,
             connections,
             refused,
@@ -186,8 +199,19 @@ impl Metrics {
             .inc();
     }
 
+    /// Reports `source` (the router's count of stored bytes) as
+    /// `broker_router_log_bytes`; the first source given stays.
+    pub fn watch_router_log_bytes(&self, source: Arc<AtomicU64>) {
+        let _ = self.router_log_source.set(source);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Some(source) = self.router_log_source.get() {
+            let bytes = source.load(Ordering::Relaxed);
+            self.router_log_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -30,9 +30,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
 
-/// Payload and topic bytes one session's inbox holds for a device that reads
-/// slower than its replies arrive; the oldest are dropped beyond it (QoS 0),
-/// as the router's reply logs drop their oldest segment.
+/// Bytes one session's inbox holds for a device that reads slower than its
+/// replies arrive, counted as the router counts a stored publish (record,
+/// topic, payload and properties: `Delivery::size`); the oldest are dropped
+/// beyond it (QoS 0), as the router's reply logs drop their oldest segment.
 pub const INBOX_LIMIT_BYTES: usize = 64 * 1024;
 
 /// One publish on its way to a device. The properties are boxed: most
@@ -75,8 +76,14 @@ pub struct Served {
 }
 
 impl Delivery {
+    /// What it keeps alive while it waits: its record, topic, payload and
+    /// properties (user properties, correlation data, content type,
+    /// response topic, subscription identifiers). Counting topic and payload
+    /// only let one subscriber that stopped reading hold 122 MB of replies
+    /// whose properties (correlation data echoed by the SDK) the inbox did
+    /// not see.
     fn size(&self) -> usize {
-        self.publish.topic.len() + self.publish.payload.len()
+        rumqttd::message_size(&self.publish, self.properties.as_deref())
     }
 }
 
@@ -436,6 +443,15 @@ impl ReplyIndex {
                     .any(|filter| matches(topic, filter)),
         };
         let inboxes = found.map(|f| f.inboxes.as_slice()).unwrap_or_default();
+        if inboxes.is_empty() {
+            return routed;
+        }
+        // One copy of the bytes, shared by every inbox: the publish's are
+        // slices of its sender's read buffer, which a reply waiting in a
+        // slow subscriber's inbox would keep alive whole, uncounted.
+        let (mut publish, mut properties) = (publish.clone(), properties.clone());
+        rumqttd::detach(&mut publish, properties.as_mut());
+        let (publish, properties) = (&publish, &properties);
         // The clock is read only for publishes that can expire.
         let received = match (inboxes, properties) {
             ([_, ..], Some(p)) if p.message_expiry_interval.is_some() => Some(Instant::now()),
@@ -704,6 +720,47 @@ mod tests {
         let mut got = Vec::new();
         tagged.drain(|d| got.push((d.publish.retain, d.properties.is_some())));
         assert_eq!(got, vec![(false, false)]);
+    }
+
+    #[test]
+    fn the_inbox_counts_properties_and_holds_no_senders_buffer() {
+        let index = ReplyIndex::default();
+        let inbox = Arc::new(ReplyInbox::default());
+        assert!(index.subscribe("1_p", &inbox, Served::default()));
+        // A reply with a tiny payload and 10 KB of properties, its bytes
+        // slices of one large "read buffer" as a decoded publish's are.
+        let read_buffer = Bytes::from(vec![b'r'; 1 << 20]);
+        let mut reply = publish("1_p", "", false);
+        reply.topic = read_buffer.slice(0..3);
+        reply.payload = read_buffer.slice(3..5);
+        let properties = Some(PublishProperties {
+            user_properties: vec![("k".into(), "v".repeat(5000))],
+            correlation_data: Some(read_buffer.slice(5..5005)),
+            ..Default::default()
+        });
+        let delivery = Delivery {
+            publish: reply.clone(),
+            properties: properties.clone().map(Box::new),
+            received: None,
+        };
+        assert!(delivery.size() > 10_000, "{}", delivery.size());
+        drop(delivery);
+        let mut dropped = 0;
+        for _ in 0..100 {
+            dropped += index.route("1_p", &reply, &properties).dropped;
+        }
+        drop(reply);
+        drop(properties);
+        assert!(read_buffer.is_unique(), "no delivery borrows the buffer");
+        let bytes = inbox.queue.lock().bytes;
+        assert!(bytes <= INBOX_LIMIT_BYTES, "{bytes} bytes held");
+        let mut kept = 0u64;
+        inbox.drain(|d| {
+            assert_eq!(&d.publish.payload[..], b"rr");
+            kept += 1;
+        });
+        assert!(kept <= 7, "{kept} replies of 10 KB kept in 64 KiB");
+        assert_eq!(kept + dropped, 100);
     }
 
     #[test]

@@ -52,20 +52,27 @@ pub struct RouterLink {
     pub session_present: bool,
 }
 
-/// Per-filter log sizes, counted in payload bytes (a stored message costs
-/// several hundred bytes more in memory). Reply topics keep up to 64 KiB for a
-/// device that is away, older messages dropped first; a reply log read to its
-/// end by its only reader is emptied at once (vendor patch 11). Command topics
-/// get room for bursts that handlers drain: 4 MiB, ~58,000 small commands of
-/// backlog, about 50 MB of memory when full (16 MiB held ~95 MB).
+/// Per-filter log sizes, in the bytes each stored message keeps alive: its
+/// record (~120 bytes), topic, payload and properties (vendor patch 30;
+/// before, topic and payload only, and 48 MB of user properties fitted in a
+/// 4 MiB command log). Reply topics keep up to 64 KiB for a device that is
+/// away, older messages dropped first; a log read to its end by all its
+/// readers (one subscriber, or one `$share` group) is emptied at once
+/// (vendor patches 11 and 31). Command topics get room for bursts that
+/// handlers drain: 4 MiB (plus one message) per topic.
 const REPLY_SEGMENT_BYTES: usize = 32 * 1024;
 const REPLY_SEGMENT_COUNT: usize = 2;
 const COMMAND_SEGMENT_BYTES: usize = 1024 * 1024;
 const COMMAND_SEGMENT_COUNT: usize = 4;
 
 impl EmbeddedRouter {
-    /// Starts the router as a task on the current tokio runtime.
-    pub fn start(limits: &Limits, command_topics: &[String]) -> (Self, RouterTask) {
+    /// Starts the router as a task on the current tokio runtime; `metrics`
+    /// reports the bytes its logs hold.
+    pub fn start(
+        limits: &Limits,
+        command_topics: &[String],
+        metrics: &crate::metrics::Metrics,
+    ) -> (Self, RouterTask) {
         let custom_segment: HashMap<String, rumqttd::SegmentConfig> = command_topics
             .iter()
             .map(|topic| {
@@ -90,7 +97,9 @@ impl EmbeddedRouter {
         };
         // On the broker's runtime, not a thread of its own: see
         // `Router::spawn_on_runtime` (vendor/rumqttd/PATCHES.md).
-        let (router_tx, task) = Router::new(0, config).spawn_on_runtime();
+        let router = Router::new(0, config);
+        metrics.watch_router_log_bytes(router.stored_bytes());
+        let (router_tx, task) = router.spawn_on_runtime();
         let start_link: LinkStarter =
             Arc::new(move |client_id: &str| LinkBuilder::new(client_id, router_tx.clone()));
         (EmbeddedRouter { start_link }, RouterTask(task))

@@ -12,7 +12,9 @@ use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::{HashMap, VecDeque};
+use bytes::{Bytes, BytesMut};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,12 +42,17 @@ impl From<PubWithProp> for PublishData {
 }
 
 impl PublishData {
-    /// patched: a publish stored now on behalf of `origin`.
+    /// patched: a publish stored now on behalf of `origin`. Its topic,
+    /// payload and correlation data are copied out of the buffer they were
+    /// decoded from (see `detach`): a stored message may wait in a log for
+    /// a long time, and a slice of a connection's read buffer keeps that
+    /// whole buffer alive.
     pub fn new(
-        publish: Publish,
-        properties: Option<PublishProperties>,
+        mut publish: Publish,
+        mut properties: Option<PublishProperties>,
         origin: Option<Arc<str>>,
     ) -> PublishData {
+        detach(&mut publish, properties.as_mut());
         PublishData {
             publish,
             properties,
@@ -94,12 +101,65 @@ impl PublishData {
     }
 }
 
-// TODO: remove this from here
+/// patched: gives `publish` (and its correlation data) bytes of its own,
+/// in one allocation of exactly their size. A decoded publish's topic,
+/// payload and correlation data are slices of the connection's read buffer
+/// (`Bytes` share their allocation), so one small message kept in a log
+/// kept alive the whole buffer it arrived in, up to the largest packet the
+/// connection ever read, and the log counted only the message. One copy per
+/// stored publish (a memcpy of what the log holds anyway).
+pub fn detach(publish: &mut Publish, properties: Option<&mut PublishProperties>) {
+    let correlation = properties.and_then(|p| p.correlation_data.as_mut());
+    let len = publish.topic.len()
+        + publish.payload.len()
+        + correlation.as_ref().map_or(0, |c| c.len());
+    let mut owned = BytesMut::with_capacity(len);
+    owned.extend_from_slice(&publish.topic);
+    owned.extend_from_slice(&publish.payload);
+    if let Some(c) = correlation.as_ref() {
+        owned.extend_from_slice(c);
+    }
+    let mut owned = owned.freeze();
+    publish.topic = owned.split_to(publish.topic.len());
+    publish.payload = owned.split_to(publish.payload.len());
+    if let Some(c) = correlation {
+        *c = owned;
+    }
+}
+
+/// patched: the bytes a publish keeps alive while it is stored: its record,
+/// topic, payload and properties (strings, correlation data, user
+/// properties, subscription identifiers). Upstream counted topic and
+/// payload only (a TODO), so a log of publishes with empty payloads and
+/// 200 KB of user properties each counted a few bytes per message and its
+/// segments never rolled over: 48 MB of properties stayed in a 4 MiB log.
+/// The embedding broker uses the same count for its own queues.
+pub fn message_size(publish: &Publish, properties: Option<&PublishProperties>) -> usize {
+    std::mem::size_of::<PublishData>()
+        + publish.topic.len()
+        + publish.payload.len()
+        + properties.map_or(0, properties_size)
+}
+
+/// patched: the bytes `properties` hold outside their record (see
+/// `message_size`, whose record includes theirs).
+pub fn properties_size(properties: &PublishProperties) -> usize {
+    let string = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    string(&properties.response_topic)
+        + string(&properties.content_type)
+        + properties.correlation_data.as_ref().map_or(0, Bytes::len)
+        + properties
+            .user_properties
+            .iter()
+            .map(|(k, v)| std::mem::size_of::<(String, String)>() + k.len() + v.len())
+            .sum::<usize>()
+        + properties.subscription_identifiers.len() * std::mem::size_of::<usize>()
+}
+
 impl Storage for PublishData {
-    // TODO: calculate size of publish properties as well!
+    /// patched: everything the stored publish keeps alive (`message_size`).
     fn size(&self) -> usize {
-        let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        message_size(&self.publish, self.properties.as_ref())
     }
 }
 
@@ -126,6 +186,10 @@ pub struct DataLog {
     /// (patched: upstream scans every filter for each new topic, which costs
     /// O(subscribers) per first publish to a per-user reply topic).
     wildcard_filters: Vec<(Filter, FilterIdx)>,
+    /// patched: bytes (`PublishData::size`) held by every filter's log, kept
+    /// up to date by each `Data` (append, eviction, emptying, removal), so
+    /// that the embedding program can watch the router's memory.
+    stored_bytes: Arc<AtomicU64>,
 }
 
 /// patched: most topics whose matching filters are cached (see `matches`).
@@ -142,10 +206,11 @@ impl DataLog {
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
         let mut wildcard_filters = Vec::new();
+        let stored_bytes = Arc::new(AtomicU64::new(0));
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
-                let data = Data::new(&filter, &config);
+                let data = Data::new(&filter, &config, stored_bytes.clone());
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
@@ -164,7 +229,13 @@ impl DataLog {
             filter_indexes,
             retained_publishes,
             wildcard_filters,
+            stored_bytes,
         }
+    }
+
+    /// patched: bytes held by every filter's log (see `stored_bytes`).
+    pub fn stored_bytes(&self) -> Arc<AtomicU64> {
+        self.stored_bytes.clone()
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {
@@ -239,7 +310,7 @@ impl DataLog {
         let filter_idx = match filter_indexes.get(filter) {
             Some(idx) => *idx,
             None => {
-                let data = Data::new(filter, &self.config);
+                let data = Data::new(filter, &self.config, self.stored_bytes.clone());
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
@@ -306,6 +377,12 @@ impl DataLog {
         }
     }
 
+    /// The filter -> log index map (tests).
+    #[cfg(test)]
+    pub fn filter_indexes_for_tests(&self) -> &HashMap<Filter, FilterIdx> {
+        &self.filter_indexes
+    }
+
     /// How many filter logs exist (tests).
     #[cfg(test)]
     pub fn filter_count(&self) -> (usize, usize, usize, usize) {
@@ -324,7 +401,10 @@ impl DataLog {
         if data.log.next_offset() != cursor {
             return None;
         }
-        Some(data.log.clear())
+        let freed = data.log.size();
+        let next = data.log.clear();
+        data.stored_bytes.fetch_sub(freed, Ordering::Relaxed);
+        Some(next)
     }
 
     /// Reads up to `len` publishes of `filter_idx` from `offset`.
@@ -427,18 +507,29 @@ impl DataLog {
     }
 }
 
-pub struct Data<T> {
+pub struct Data<T: Storage + Clone> {
     filter: Filter,
     pub log: CommitLog<T>,
     pub waiters: Waiters<DataRequest>,
     meter: SubscriptionMeter,
+    /// patched: the router-wide count of stored bytes (`DataLog`).
+    stored_bytes: Arc<AtomicU64>,
+}
+
+/// patched: a log that goes (its filter's last reader left) takes its bytes
+/// out of the router-wide count.
+impl<T: Storage + Clone> Drop for Data<T> {
+    fn drop(&mut self) {
+        self.stored_bytes
+            .fetch_sub(self.log.size(), Ordering::Relaxed);
+    }
 }
 
 impl<T> Data<T>
 where
     T: Storage + Clone,
 {
-    pub fn new(filter: &str, router_config: &RouterConfig) -> Data<T> {
+    pub fn new(filter: &str, router_config: &RouterConfig, stored_bytes: Arc<AtomicU64>) -> Data<T> {
         let mut max_segment_size = router_config.max_segment_size;
         let mut max_mem_segments = router_config.max_segment_count;
 
@@ -468,6 +559,7 @@ where
             log,
             waiters,
             meter: metrics,
+            stored_bytes,
         }
     }
 
@@ -479,7 +571,16 @@ where
         notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     ) -> (Offset, &Filter) {
         let size = item.size();
+        // patched: the append may also drop the oldest segment (the log's
+        // byte budget): the router-wide count follows both.
+        let before = self.log.size();
         let offset = self.log.append(item);
+        let after = self.log.size();
+        if after >= before {
+            self.stored_bytes.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.stored_bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
         if let Some(mut parked) = self.waiters.take() {
             notifications.append(&mut parked);
         }

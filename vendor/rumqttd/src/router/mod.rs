@@ -41,6 +41,9 @@ pub use alertlog::Alert;
 pub use connection::Connection;
 pub use routing::Router;
 pub use waiters::Waiters;
+// patched: the size a stored message keeps alive, for the embedding
+// program's own queues (one count for the router and the gate).
+pub use logs::{detach, message_size, properties_size};
 
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;
 pub const MAX_CHANNEL_CAPACITY: usize = 200;

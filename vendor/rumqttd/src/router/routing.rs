@@ -1330,17 +1330,15 @@ impl Router {
         let Some(ackslog) = self.ackslog.get_mut(id) else {
             return Some(());
         };
-        let datalog = &mut self.datalog;
-        let alertlog = &mut self.alertlog;
 
         trace!("Consuming requests");
 
         // We always try to ack when ever a connection is scheduled
         ack_device_data(ackslog, outgoing);
 
-        let Some(connection) = self.connections.get_mut(id) else {
+        if !self.connections.contains(id) {
             return Some(());
-        };
+        }
 
         // Keep track of temporarily skipped DataRequest
         // NOTE: VecDeque::new() doesn't allocate memory until elements are pushed
@@ -1368,6 +1366,16 @@ impl Router {
                 }
             };
 
+            // patched: looked up per request, so that a caught-up shared
+            // request can look at the other members' connections (`trim`).
+            let (Some(outgoing), Some(connection)) =
+                (self.obufs.get_mut(id), self.connections.get_mut(id))
+            else {
+                requests.push_back(request);
+                break;
+            };
+            let datalog = &mut self.datalog;
+            let alertlog = &mut self.alertlog;
             let shared_group = request
                 .group
                 .as_ref()
@@ -1424,8 +1432,10 @@ impl Router {
                         {
                             request.cursor = cursor;
                         }
+                    } else if request.group.is_some() {
+                        self.trim_read_by_group(&mut request);
                     }
-                    datalog.park(id, request);
+                    self.datalog.park(id, request);
                 }
                 ConsumeStatus::PartialRead => {
                     requests.push_back(request);
@@ -1440,6 +1450,49 @@ impl Router {
         requests.extend(skipped_requests);
         self.scheduler.trackv(id, requests);
         Some(())
+    }
+
+    /// patched: empties the log a caught-up `$share/...` request reads if
+    /// its group is the log's only reader and has read it all. Upstream, and
+    /// patch 11, never emptied a log read through a group: command logs kept
+    /// every command until their segments rolled over (4 MiB of commands
+    /// per topic here, and with properties uncounted, without bound). Not
+    /// when anyone else reads the log (a plain subscriber, another group, an
+    /// offline member: all counted in `filter_readers`, while the group
+    /// holds only its connected members), nor while a persistent member has
+    /// unacknowledged deliveries, which its disconnect rewinds the group to.
+    fn trim_read_by_group(&mut self, request: &mut DataRequest) {
+        let Some(name) = request.group.as_ref() else {
+            return;
+        };
+        let Some((_, filter)) = extract_group(&request.filter) else {
+            return;
+        };
+        let Some(group) = self.shared_subscriptions.get_mut(name) else {
+            return;
+        };
+        let alone = self.filter_readers.get(&filter) == Some(&group.len())
+            && !self.persistent_readers.contains_key(&request.filter)
+            && group.clients().all(|client| {
+                self.connection_map.get(client).is_some_and(|&cid| {
+                    self.connections.get(cid).is_some_and(|c| c.clean)
+                        || self.obufs.get(cid).is_some_and(|o| o.inflight_is_empty())
+                })
+            });
+        if !alone {
+            return;
+        }
+        if let Some(cursor) = self.datalog.trim_read(request.filter_idx, group.cursor) {
+            group.cursor = cursor;
+            request.cursor = cursor;
+        }
+    }
+
+    /// patched: bytes held by every filter's log (`PublishData::size`:
+    /// topic, payload, properties, record), kept up to date by the router;
+    /// for the embedding program's metrics.
+    pub fn stored_bytes(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.datalog.stored_bytes()
     }
 
     pub fn handle_last_will(

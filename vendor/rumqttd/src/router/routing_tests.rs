@@ -692,6 +692,145 @@ fn plain_and_shared_subscription_to_one_filter() {
     assert_all_freed(&router);
 }
 
+/// A publish with an empty payload and `props` bytes of user properties.
+fn heavy_publish(topic: &str, props: usize) -> Packet {
+    let properties = PublishProperties {
+        user_properties: vec![("k".to_owned(), "v".repeat(props))],
+        correlation_data: Some(Bytes::from(vec![7u8; 16])),
+        ..Default::default()
+    };
+    Packet::Publish(
+        Publish::new(topic.to_owned(), String::new(), false),
+        Some(properties),
+    )
+}
+
+/// How many publishes the log of `filter` holds.
+fn stored_count(router: &Router, filter: &str) -> usize {
+    let idx = *router.datalog.filter_indexes_for_tests().get(filter).unwrap();
+    let mut out = Vec::new();
+    router.datalog.native[idx]
+        .log
+        .readv((0, 0), u64::MAX / 2, &mut out)
+        .unwrap();
+    out.len()
+}
+
+fn stored_bytes(router: &Router) -> u64 {
+    router.stored_bytes().load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Patch 30: a stored publish counts its properties (upstream: topic and
+/// payload only), so a log's byte budget evicts publishes by what they hold.
+#[test]
+fn patch30_stored_size_counts_properties_and_the_budget_evicts_by_it() {
+    let Packet::Publish(publish, properties) = heavy_publish("cmd", 10_000) else {
+        unreachable!()
+    };
+    let data = PublishData::new(publish, properties, None);
+    assert!(data.size() > 10_000, "properties counted: {}", data.size());
+
+    // Segments of 1 KiB, 2 of them, and an offline persistent reader: 100
+    // publishes of 10 KB of properties each keep only the last few.
+    let mut router = Router::new(
+        0,
+        RouterConfig {
+            max_segment_size: 1024,
+            max_segment_count: 2,
+            ..config()
+        },
+    );
+    let offline = connect(&mut router, "offline", false);
+    offline.subscribe(&mut router, "cmd", QoS::AtLeastOnce);
+    offline.disconnect(&mut router);
+    let device = connect(&mut router, "device", true);
+    for _ in 0..100 {
+        device.send(&mut router, heavy_publish("cmd", 10_000));
+    }
+    let kept = stored_count(&router, "cmd");
+    assert!(kept <= 3, "{kept} publishes of 10 KB kept in a 2 KiB log");
+    let held = stored_bytes(&router);
+    assert!(
+        held <= 3 * 11_000 && held >= 10_000,
+        "the count follows evictions: {held}"
+    );
+}
+
+/// Patch 30: a stored publish no longer borrows the buffer it was decoded
+/// from (a connection's read buffer, kept alive whole by one slice).
+#[test]
+fn patch30_stored_publish_owns_its_bytes() {
+    let read_buffer = Bytes::from(vec![b'x'; 1 << 20]);
+    let mut publish = Publish::new("t", "", false);
+    publish.topic = read_buffer.slice(0..1);
+    publish.payload = read_buffer.slice(1..11);
+    let properties = PublishProperties {
+        correlation_data: Some(read_buffer.slice(11..20)),
+        ..Default::default()
+    };
+    let data = PublishData::new(publish, Some(properties), None);
+    assert!(read_buffer.is_unique(), "the read buffer is not kept alive");
+    assert_eq!(&data.publish.topic[..], b"x");
+    assert_eq!(data.publish.payload.len(), 10);
+    let correlation = data.properties.and_then(|p| p.correlation_data);
+    assert_eq!(correlation.map(|c| c.len()), Some(9));
+}
+
+/// Patch 31: a log read to its end through a `$share` group that is its
+/// only reader is emptied (upstream and patch 11: never), and the router's
+/// count of stored bytes returns to zero. The group goes on reading new
+/// publishes from the new segment.
+#[test]
+fn patch31_a_shared_group_that_read_everything_empties_the_log() {
+    let mut router = router();
+    let a = connect(&mut router, "a", true);
+    let b = connect(&mut router, "b", true);
+    a.subscribe(&mut router, "$share/g/cmd", QoS::AtMostOnce);
+    b.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    a.take();
+    b.take();
+    let device = connect(&mut router, "device", true);
+    for _ in 0..20 {
+        device.send(&mut router, heavy_publish("cmd", 50_000));
+    }
+    let delivered = a.publishes().len() + b.publishes().len();
+    assert_eq!(delivered, 20, "each delivered once");
+    assert_eq!(stored_count(&router, "cmd"), 0, "emptied");
+    assert_eq!(stored_bytes(&router), 0, "nothing held");
+
+    device.publish(&mut router, "cmd", "after", QoS::AtMostOnce, 0);
+    let mut got = a.publishes();
+    got.extend(b.publishes());
+    assert_eq!(got, vec!["after".to_owned()], "cursor valid after emptying");
+    assert_eq!(stored_bytes(&router), 0);
+
+    // Unsubscribed: the log goes, and so do its bytes.
+    a.unsubscribe(&mut router, "$share/g/cmd");
+    b.unsubscribe(&mut router, "$share/g/cmd");
+    assert_eq!(stored_bytes(&router), 0);
+}
+
+/// Patch 31: not emptied while someone else reads the log: an offline
+/// persistent session holding the plain filter gets every publish.
+#[test]
+fn patch31_a_group_does_not_empty_a_log_others_still_read() {
+    let mut router = router();
+    let offline = connect(&mut router, "offline", false);
+    offline.subscribe(&mut router, "cmd", QoS::AtLeastOnce);
+    offline.disconnect(&mut router);
+    let handler = connect(&mut router, "h", true);
+    handler.subscribe(&mut router, "$share/g/cmd", QoS::AtMostOnce);
+    handler.take();
+    let device = connect(&mut router, "device", true);
+    device.publish(&mut router, "cmd", "one", QoS::AtMostOnce, 0);
+    device.publish(&mut router, "cmd", "two", QoS::AtMostOnce, 0);
+    assert_eq!(handler.publishes(), vec!["one".to_owned(), "two".to_owned()]);
+    assert_eq!(stored_count(&router, "cmd"), 2, "kept for the offline session");
+    assert!(stored_bytes(&router) > 0);
+    let back = connect(&mut router, "offline", false);
+    assert_eq!(back.publishes(), vec!["one".to_owned(), "two".to_owned()]);
+}
+
 // patched: MQTT 5 delivery semantics (issue 10, patches 25-29).
 #[path = "delivery_tests.rs"]
 mod delivery;

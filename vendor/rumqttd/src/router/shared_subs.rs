@@ -24,6 +24,16 @@ impl SharedGroup {
         self.clients.is_empty()
     }
 
+    /// patched: how many (connected) members it has.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// patched: its members' client ids.
+    pub fn clients(&self) -> impl Iterator<Item = &str> {
+        self.clients.iter().map(String::as_str)
+    }
+
     pub fn current_client(&self) -> Option<&String> {
         self.clients.get(self.current_client_index)
     }
