@@ -143,7 +143,9 @@ impl Broker {
         let config = shared::tls::client_config_trusting(&self.ca).map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(config);
         let attempt = async {
-            let tcp = TcpStream::connect(self.tls).await.map_err(|e| format!("connect: {e}"))?;
+            let tcp = TcpStream::connect(self.tls)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
             let mut tls = connector
                 .connect(name, tcp)
@@ -153,12 +155,16 @@ impl Broker {
                 .await
                 .map_err(|e| format!("CONNECT: {e}"))?;
             let mut head = [0u8; 2];
-            tls.read_exact(&mut head).await.map_err(|e| format!("CONNACK: {e}"))?;
+            tls.read_exact(&mut head)
+                .await
+                .map_err(|e| format!("CONNACK: {e}"))?;
             if head[0] != 0x20 {
                 return Err(format!("not a CONNACK: {head:?}"));
             }
             let mut rest = vec![0u8; usize::from(head[1])];
-            tls.read_exact(&mut rest).await.map_err(|e| format!("CONNACK: {e}"))?;
+            tls.read_exact(&mut rest)
+                .await
+                .map_err(|e| format!("CONNACK: {e}"))?;
             Ok(rest[1])
         };
         tokio::time::timeout(Duration::from_secs(10), attempt)
@@ -238,7 +244,8 @@ async fn closed_count(streams: &mut [TcpStream], want: usize, within: Duration) 
 async fn http_get(from: IpAddr, to: SocketAddr, path: &str) -> Result<String, String> {
     let attempt = async {
         let mut stream = connect_from(from, to).await;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
@@ -299,10 +306,16 @@ async fn idle_connections_beyond_a_sources_cap_are_closed_and_others_are_served(
     );
     let jwks = http_get(loopback(0, 0, 2), broker.idp, "/.well-known/jwks.json").await;
     assert!(
-        jwks.as_deref().is_ok_and(|t| t.starts_with("HTTP/1.1 200") && t.contains("\"keys\"")),
+        jwks.as_deref()
+            .is_ok_and(|t| t.starts_with("HTTP/1.1 200") && t.contains("\"keys\"")),
         "JWKS from 127.0.0.2: {jwks:?}"
     );
-    assert_eq!(broker.mqtt_connect("idp-flood-1").await, Ok(0), "{}", broker.log());
+    assert_eq!(
+        broker.mqtt_connect("idp-flood-1").await,
+        Ok(0),
+        "{}",
+        broker.log()
+    );
     assert_ok(
         &http_get(loopback(0, 0, 1), broker.metrics, "/healthz").await,
         "the broker's /healthz",
@@ -335,7 +348,9 @@ async fn idle_connections_cannot_take_the_mqtt_listeners_descriptors() {
             // means the service stopped accepting (out of descriptors): the
             // flood has done its worst.
             let socket = TcpSocket::new_v4().unwrap();
-            socket.bind(SocketAddr::new(loopback(0, 1, source), 0)).unwrap();
+            socket
+                .bind(SocketAddr::new(loopback(0, 1, source), 0))
+                .unwrap();
             match tokio::time::timeout(Duration::from_secs(3), socket.connect(broker.idp)).await {
                 Ok(Ok(stream)) => flood.push(stream),
                 other => {
@@ -374,10 +389,17 @@ async fn idle_connections_cannot_take_the_mqtt_listeners_descriptors() {
         "checked before the header deadline (8 s), after {:?}",
         started.elapsed()
     );
-    assert!(broker.log().contains("too_many_connections"), "{}", broker.log());
+    assert!(
+        broker.log().contains("too_many_connections"),
+        "{}",
+        broker.log()
+    );
     // The held ones go at the header deadline, and the service answers again.
     let all_closed = closed_count(&mut flood, total, Duration::from_secs(12)).await;
-    assert_eq!(all_closed, total, "held idle connections end at the header deadline");
+    assert_eq!(
+        all_closed, total,
+        "held idle connections end at the header deadline"
+    );
     assert_ok(
         &http_get(loopback(0, 0, 1), broker.idp, "/healthz").await,
         "the identity service's /healthz after the flood",
@@ -404,8 +426,14 @@ async fn connections_without_a_request_head_or_a_moving_body_are_closed_at_their
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
-    assert!(is_closed(&mut silent, Duration::from_secs(4)).await, "a silent connection");
-    assert!(is_closed(&mut partial, Duration::from_secs(4)).await, "a partial request head");
+    assert!(
+        is_closed(&mut silent, Duration::from_secs(4)).await,
+        "a silent connection"
+    );
+    assert!(
+        is_closed(&mut partial, Duration::from_secs(4)).await,
+        "a partial request head"
+    );
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(800) && took < Duration::from_secs(4),
@@ -428,7 +456,10 @@ async fn connections_without_a_request_head_or_a_moving_body_are_closed_at_their
         response.extend_from_slice(&buf[..n]);
     }
     let answered = Instant::now();
-    assert!(is_closed(&mut kept, Duration::from_secs(4)).await, "an idle kept-alive connection");
+    assert!(
+        is_closed(&mut kept, Duration::from_secs(4)).await,
+        "an idle kept-alive connection"
+    );
     assert!(answered.elapsed() >= Duration::from_millis(800));
 
     // A complete head, then a body that stops: the idle deadline.
@@ -440,7 +471,10 @@ async fn connections_without_a_request_head_or_a_moving_body_are_closed_at_their
         .await
         .unwrap();
     let sent = Instant::now();
-    assert!(is_closed(&mut stalled, Duration::from_secs(5)).await, "a stalled body");
+    assert!(
+        is_closed(&mut stalled, Duration::from_secs(5)).await,
+        "a stalled body"
+    );
     let took = sent.elapsed();
     assert!(
         took >= Duration::from_millis(1800),

@@ -523,7 +523,10 @@ mod tests {
             a.idp_max_connections = 8;
             a.idp_max_connections_per_source = 9;
         });
-        assert!(above.contains("one address could take every connection"), "{above}");
+        assert!(
+            above.contains("one address could take every connection"),
+            "{above}"
+        );
         assert!(refused(|a| a.idp_header_read_timeout_secs = 0)
             .contains("IDP_HEADER_READ_TIMEOUT_SECS"));
         assert!(refused(|a| a.idp_idle_timeout_secs = 0).contains("IDP_IDLE_TIMEOUT_SECS"));

@@ -68,9 +68,7 @@ pub fn plan(limit: Option<u64>, identity: u64, mqtt: u64) -> Result<Budget, Budg
     // The MQTT listeners are the main service: they keep at least as many
     // descriptors as the identity service may take.
     let mqtt_floor = mqtt.min(identity);
-    let needed = RESERVED
-        .saturating_add(identity)
-        .saturating_add(mqtt_floor);
+    let needed = RESERVED.saturating_add(identity).saturating_add(mqtt_floor);
     if needed > limit {
         let spare = limit.saturating_sub(RESERVED);
         // The largest identity cap `i` with `i + min(mqtt, i) <= spare`: past

@@ -379,8 +379,7 @@ impl Activity {
     /// Time since the last byte, or zero while a request is being handled
     /// and its handler is not waiting on the client.
     fn idle_for(&self) -> Duration {
-        if self.handling.load(Ordering::Relaxed) > 0
-            && !self.awaiting_body.load(Ordering::Relaxed)
+        if self.handling.load(Ordering::Relaxed) > 0 && !self.awaiting_body.load(Ordering::Relaxed)
         {
             return Duration::ZERO;
         }
@@ -480,7 +479,9 @@ mod tests {
     #[test]
     fn a_source_over_its_cap_is_refused_and_others_are_not() {
         let admission = Admission::new(&limits(10, 2));
-        let held: Vec<_> = (0..2).map(|_| admission.admit(ip("10.0.0.1")).unwrap()).collect();
+        let held: Vec<_> = (0..2)
+            .map(|_| admission.admit(ip("10.0.0.1")).unwrap())
+            .collect();
         assert_eq!(
             admission.admit(ip("10.0.0.1")).err().map(Refusal::reason),
             Some("too_many_from_source")
@@ -489,7 +490,10 @@ mod tests {
         assert_eq!(admission.open_from(ip("10.0.0.1")), 2);
         drop(held);
         assert_eq!(admission.open_from(ip("10.0.0.1")), 0);
-        assert!(admission.admit(ip("10.0.0.1")).is_ok(), "slots come back on close");
+        assert!(
+            admission.admit(ip("10.0.0.1")).is_ok(),
+            "slots come back on close"
+        );
     }
 
     #[test]
@@ -499,7 +503,10 @@ mod tests {
             .filter_map(|i| admission.admit(ip(&format!("2001:db8:5:6::{i:x}"))).ok())
             .collect();
         assert_eq!(held.len(), 3);
-        assert!(admission.admit(ip("2001:db8:5:7::1")).is_ok(), "the next /64 is another source");
+        assert!(
+            admission.admit(ip("2001:db8:5:7::1")).is_ok(),
+            "the next /64 is another source"
+        );
     }
 
     #[test]

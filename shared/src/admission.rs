@@ -140,7 +140,10 @@ mod tests {
         let first = limit.try_admit(a).expect("first");
         let second = limit.try_admit(a).expect("second");
         assert!(limit.try_admit(a).is_none(), "a third is refused");
-        assert!(limit.try_admit(b).is_some(), "another source is not held up");
+        assert!(
+            limit.try_admit(b).is_some(),
+            "another source is not held up"
+        );
         assert_eq!(limit.held(a), 2);
         drop(first);
         assert_eq!(limit.held(a), 1);
