@@ -227,6 +227,7 @@ async fn start_identity(
     if !settings.in_process {
         return Ok(None);
     }
+    share_descriptors(&settings, config)?;
     let listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
             "cannot listen on {} (IDP_LISTEN) for the in-process identity service: choose another address, or set IDP_IN_PROCESS=false",
@@ -251,6 +252,34 @@ async fn start_identity(
         Some(_) => {}
     }
     Ok(Some((listener, service)))
+}
+
+/// Gives the in-process identity service its share of the process's file
+/// descriptors (see `idp::descriptors`): refuses a configuration where its
+/// connections and the MQTT listeners' cannot both fit, and lowers the
+/// broker's connection cap to what is left for it when it is above it.
+fn share_descriptors(
+    settings: &idp::config::Settings,
+    config: &mut broker::config::Config,
+) -> anyhow::Result<()> {
+    let limit = idp::descriptors::raise_open_files_limit();
+    let identity = settings.connections.max_connections as u64;
+    let asked = config.limits.max_connections as u64;
+    let budget = idp::descriptors::plan(limit, identity, asked)
+        .context("the in-process identity service's share of file descriptors")?;
+    if budget.lowers_mqtt(asked) {
+        tracing::warn!(
+            open_files_limit = limit,
+            broker_max_connections = asked,
+            idp_max_connections = identity,
+            serving_at_most = budget.mqtt,
+            "BROKER_MAX_CONNECTIONS is above what the open-file limit leaves the MQTT listeners beside the identity service ({} kept for listeners and clients); they will refuse connections at accept beyond {}: raise the limit (`ulimit -n`, LimitNOFILE= under systemd, --ulimit nofile= in Docker) or lower BROKER_MAX_CONNECTIONS to silence this",
+            idp::descriptors::RESERVED,
+            budget.mqtt
+        );
+        config.limits.max_connections = usize::try_from(budget.mqtt).unwrap_or(usize::MAX);
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {

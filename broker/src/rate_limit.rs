@@ -12,15 +12,16 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Buckets idle this long are full again and can be forgotten.
 const FORGET_AFTER_SECS: f64 = 60.0;
 
-/// Refusals this far apart belong to different episodes (and log again).
-const EPISODE_QUIET: Duration = Duration::from_secs(10);
-
 pub use shared::addr_key::AddrKey;
+/// A source's connections between accept and their first answer are
+/// counted by a [`SourceLimit`]; the slot is a [`PendingGuard`].
+pub use shared::admission::SourceSlot as PendingGuard;
+use shared::admission::{RefusalEpisodes, SourceLimit, EPISODE_QUIET};
 
 struct Bucket {
     tokens: f64,
@@ -88,61 +89,6 @@ impl ConnectionRateLimit {
     }
 }
 
-/// Counts each address's connections between accept and their first answer.
-/// Entries exist only while an address has some, so memory follows them.
-pub struct PendingLimit {
-    /// 0 means no limit.
-    max: usize,
-    counts: Mutex<HashMap<AddrKey, usize>>,
-}
-
-/// One pending connection: released when dropped, or when the connection
-/// is answered ([`PendingGuard`] is dropped by the stream wrapper then).
-pub struct PendingGuard {
-    limit: Arc<PendingLimit>,
-    key: AddrKey,
-}
-
-impl PendingLimit {
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(PendingLimit {
-            max,
-            counts: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// A pending slot for `key`, unless it already holds `max`.
-    pub fn try_admit(self: &Arc<Self>, key: AddrKey) -> Option<PendingGuard> {
-        let mut counts = self.counts.lock();
-        let count = counts.entry(key).or_insert(0);
-        if self.max != 0 && *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(PendingGuard {
-            limit: self.clone(),
-            key,
-        })
-    }
-
-    /// Connections of `key` not answered yet.
-    pub fn pending(&self, key: AddrKey) -> usize {
-        self.counts.lock().get(&key).copied().unwrap_or(0)
-    }
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        let mut counts = self.limit.counts.lock();
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// Why a socket was closed at accept (the `reason` label of
 /// `broker_sockets_dropped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,18 +111,13 @@ impl AdmissionRefusal {
     }
 }
 
-struct Episode {
-    last: Instant,
-    refused: u64,
-}
-
 /// Decides whether a freshly accepted socket may go on to its handshake.
 pub struct Admission {
     /// Names the listener in logs ("public", "internal").
     listener: &'static str,
     rate: ConnectionRateLimit,
-    pending: Arc<PendingLimit>,
-    episodes: Mutex<HashMap<AdmissionRefusal, Episode>>,
+    pending: Arc<SourceLimit>,
+    episodes: RefusalEpisodes<AdmissionRefusal>,
 }
 
 impl Admission {
@@ -185,8 +126,8 @@ impl Admission {
         Admission {
             listener,
             rate: ConnectionRateLimit::new(rate, burst),
-            pending: PendingLimit::new(max_pending),
-            episodes: Mutex::new(HashMap::new()),
+            pending: SourceLimit::new(max_pending),
+            episodes: RefusalEpisodes::default(),
         }
     }
 
@@ -206,30 +147,14 @@ impl Admission {
 
     /// Connections from `ip`'s key that are not answered yet.
     pub fn pending(&self, ip: IpAddr) -> usize {
-        self.pending.pending(AddrKey::of(ip))
+        self.pending.held(AddrKey::of(ip))
     }
 
     /// Records a refusal and logs it if it begins an episode: the first
     /// refusal of its kind after [`EPISODE_QUIET`] without one. The rest are
     /// only counted (the caller's metric), so a storm costs one log line.
     pub fn log_refusal(&self, ip: IpAddr, why: AdmissionRefusal) {
-        let now = Instant::now();
-        let previous = {
-            let mut episodes = self.episodes.lock();
-            let episode = episodes.entry(why).or_insert(Episode {
-                last: now,
-                refused: 0,
-            });
-            let quiet = now.saturating_duration_since(episode.last) >= EPISODE_QUIET;
-            let starts = episode.refused == 0 || quiet;
-            let previous = quiet.then_some(episode.refused);
-            if quiet {
-                episode.refused = 0;
-            }
-            episode.refused += 1;
-            episode.last = now;
-            starts.then_some(previous)
-        };
+        let previous = self.episodes.record(why);
         if let Some(previous_episode_refused) = previous {
             tracing::warn!(
                 listener = self.listener,
@@ -246,6 +171,7 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ip(text: &str) -> IpAddr {
         text.parse().expect("test address")
@@ -336,10 +262,7 @@ mod tests {
         let third = admission.admit(a).expect("a slot came free");
         drop((second, third));
         assert_eq!(admission.pending(a), 0);
-        assert!(
-            admission.pending.counts.lock().is_empty(),
-            "no entry left behind"
-        );
+        assert_eq!(admission.pending.sources(), 0, "no entry left behind");
     }
 
     #[test]

@@ -61,6 +61,25 @@ pub struct IdpArgs {
     /// Requests per minute from one client address.
     #[arg(long, env = "IDP_RATE_PER_ADDR", default_value_t = 60)]
     pub idp_rate_per_addr: u32,
+    /// Most connections the HTTP listener holds at once; beyond it a new
+    /// connection is closed at accept. Each is a file descriptor taken from
+    /// the process (the broker's, when in-process): checked at start against
+    /// the open-file limit.
+    #[arg(long, env = "IDP_MAX_CONNECTIONS", default_value_t = 256)]
+    pub idp_max_connections: usize,
+    /// Most connections one source address (an IPv6 /64 counts as one)
+    /// holds at once; beyond it its new connections are closed at accept.
+    #[arg(long, env = "IDP_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 16)]
+    pub idp_max_connections_per_source: usize,
+    /// Seconds a connection has to send a complete request head, counted from
+    /// accept and, on a kept-alive connection, from the end of the previous
+    /// response; past it the connection is closed.
+    #[arg(long, env = "IDP_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub idp_header_read_timeout_secs: u64,
+    /// Seconds a connection may go without a byte moving either way (a
+    /// request body trickled, a response not read) before it is closed.
+    #[arg(long, env = "IDP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idp_idle_timeout_secs: u64,
     /// Most sessions and rate counters held by the embedded (no Redis) state.
     #[arg(long, env = "IDP_MAX_ENTRIES", default_value_t = 100_000)]
     pub idp_max_entries: usize,
@@ -141,11 +160,37 @@ pub struct Settings {
     pub rate_per_number: u32,
     pub rate_per_addr: u32,
     pub max_entries: usize,
+    /// What the HTTP listener admits and how long it waits.
+    pub connections: ConnectionLimits,
     pub admin_token: Option<Secret>,
     pub sms: SmsSettings,
     pub redis_url: Option<String>,
     pub data_dir: PathBuf,
     pub in_process: bool,
+}
+
+/// What the HTTP listener admits and how long it waits (see `crate::server`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections held at once.
+    pub max_connections: usize,
+    /// Connections one source (an IPv6 /64 counting as one) holds at once.
+    pub max_per_source: usize,
+    /// From accept, or from the end of the last response, to a complete request head.
+    pub header_read_timeout: Duration,
+    /// Without a byte read or written.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 256,
+            max_per_source: 16,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Where codes go.
@@ -253,6 +298,40 @@ impl IdpArgs {
             100_000_000,
             "entries",
         )?;
+        check_range(
+            "IDP_MAX_CONNECTIONS",
+            self.idp_max_connections as u64,
+            1,
+            1_000_000,
+            "connections; each is a file descriptor of the process",
+        )?;
+        check_range(
+            "IDP_MAX_CONNECTIONS_PER_SOURCE",
+            self.idp_max_connections_per_source as u64,
+            1,
+            1_000_000,
+            "connections from one address; a browser opens about 6",
+        )?;
+        if self.idp_max_connections_per_source > self.idp_max_connections {
+            return Err(invalid(format!(
+                "IDP_MAX_CONNECTIONS_PER_SOURCE={} is above IDP_MAX_CONNECTIONS={}: one address could take every connection; lower it (16 is usual)",
+                self.idp_max_connections_per_source, self.idp_max_connections
+            )));
+        }
+        check_range(
+            "IDP_HEADER_READ_TIMEOUT_SECS",
+            self.idp_header_read_timeout_secs,
+            1,
+            300,
+            "seconds; a client sends its request head at once, 10 is usual",
+        )?;
+        check_range(
+            "IDP_IDLE_TIMEOUT_SECS",
+            self.idp_idle_timeout_secs,
+            1,
+            3600,
+            "seconds",
+        )?;
         if self.idp_code_ttl_secs > self.idp_session_ttl_secs {
             return Err(invalid("IDP_CODE_TTL_SECS is longer than IDP_SESSION_TTL_SECS: a code cannot outlive its session; shorten the code TTL"));
         }
@@ -310,6 +389,12 @@ impl IdpArgs {
             rate_per_number: self.idp_rate_per_number,
             rate_per_addr: self.idp_rate_per_addr,
             max_entries: self.idp_max_entries,
+            connections: ConnectionLimits {
+                max_connections: self.idp_max_connections,
+                max_per_source: self.idp_max_connections_per_source,
+                header_read_timeout: Duration::from_secs(self.idp_header_read_timeout_secs),
+                idle_timeout: Duration::from_secs(self.idp_idle_timeout_secs),
+            },
             admin_token: self.idp_admin_token.map(Secret),
             sms: SmsSettings {
                 provider_url: self.sms_provider_url,
@@ -345,6 +430,12 @@ impl Settings {
             rate_per_number: 100,
             rate_per_addr: 10_000,
             max_entries: 10_000,
+            // Generous like the rates: suites run many clients from 127.0.0.1.
+            connections: ConnectionLimits {
+                max_connections: 4096,
+                max_per_source: 4096,
+                ..ConnectionLimits::default()
+            },
             admin_token: None,
             sms: SmsSettings {
                 provider_url: None,
@@ -408,6 +499,37 @@ mod tests {
         assert_eq!(settings.public_url, "http://127.0.0.1:8080");
         assert_eq!(settings.max_code_attempts, 5);
         assert_eq!(settings.code_ttl, Duration::from_secs(300));
+        assert_eq!(settings.connections, ConnectionLimits::default());
+        assert_eq!(settings.connections.max_connections, 256);
+        assert_eq!(settings.connections.max_per_source, 16);
+        assert_eq!(
+            settings.connections.header_read_timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(settings.connections.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn connection_limits_are_checked() {
+        let refused = |change: fn(&mut IdpArgs)| {
+            let mut a = args();
+            change(&mut a);
+            a.resolve().unwrap_err().to_string()
+        };
+        assert!(refused(|a| a.idp_max_connections = 0).contains("IDP_MAX_CONNECTIONS="));
+        assert!(refused(|a| a.idp_max_connections_per_source = 0)
+            .contains("IDP_MAX_CONNECTIONS_PER_SOURCE"));
+        let above = refused(|a| {
+            a.idp_max_connections = 8;
+            a.idp_max_connections_per_source = 9;
+        });
+        assert!(
+            above.contains("one address could take every connection"),
+            "{above}"
+        );
+        assert!(refused(|a| a.idp_header_read_timeout_secs = 0)
+            .contains("IDP_HEADER_READ_TIMEOUT_SECS"));
+        assert!(refused(|a| a.idp_idle_timeout_secs = 0).contains("IDP_IDLE_TIMEOUT_SECS"));
     }
 
     #[test]

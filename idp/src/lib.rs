@@ -16,7 +16,9 @@
 //!    revokes every token issued so far.
 //!
 //! [`config`] holds the settings; [`Idp::start`] builds the service and
-//! [`serve`] runs it on a bound listener until a shutdown token fires.
+//! [`serve`] runs it on a bound listener until a shutdown token fires, under
+//! the connection caps and deadlines of [`server`]; [`descriptors`] checks at
+//! start that those caps fit the process's open-file limit.
 
 #![cfg_attr(
     not(test),
@@ -32,8 +34,10 @@
 pub mod api;
 pub mod banner;
 pub mod config;
+pub mod descriptors;
 pub mod keys;
 pub mod msisdn;
+pub mod server;
 pub mod sms;
 pub mod state;
 
@@ -42,7 +46,6 @@ use keys::{KeyError, KeyRing};
 use shared::store::Store;
 use sms::SmsSender;
 use state::State;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -122,8 +125,9 @@ impl Idp {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` fires, re-reading the
-/// keys directory every [`KEY_RELOAD_INTERVAL`].
+/// Serves the API on `listener` until `shutdown` fires (then drains for at
+/// most [`server::DRAIN`]), re-reading the keys directory every
+/// [`KEY_RELOAD_INTERVAL`].
 pub async fn serve(
     listener: TcpListener,
     idp: Arc<Idp>,
@@ -154,10 +158,8 @@ pub async fn serve(
             }
         })
     };
-    let app = api::router(idp).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let limits = idp.settings.connections;
+    let served = server::run(listener, api::router(idp), limits, shutdown).await;
     stop.cancel();
     let _ = reload.await;
     served

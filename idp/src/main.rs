@@ -95,6 +95,13 @@ fn rotate(settings: &idp::config::Settings) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: idp::config::Settings) -> anyhow::Result<()> {
+    // On its own, the service's connections and the reserve must fit.
+    idp::descriptors::plan(
+        idp::descriptors::raise_open_files_limit(),
+        settings.connections.max_connections as u64,
+        0,
+    )
+    .context("the identity service's file descriptors")?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| {

@@ -23,6 +23,7 @@
 )]
 
 pub mod addr_key;
+pub mod admission;
 pub mod claims;
 pub mod envelope;
 pub mod sdk;
