@@ -25,6 +25,11 @@ pub enum ConnectRefusal {
     Busy(&'static str),
     /// A per-user quota is used up (persistent sessions).
     QuotaExceeded(&'static str),
+    /// The CONNECT breaks a rule of MQTT 5 (a property of 0 where 0 is not
+    /// allowed, one repeated, ...): MQTT 5 `0x82`.
+    ProtocolError(&'static str),
+    /// An MQTT 5 Authentication Method: the broker offers none (`0x8C`).
+    BadAuthenticationMethod,
 }
 
 impl ConnectRefusal {
@@ -34,7 +39,9 @@ impl ConnectRefusal {
             ConnectRefusal::Auth(r) => r.reason(),
             ConnectRefusal::ClientIdNotValid(r)
             | ConnectRefusal::Busy(r)
-            | ConnectRefusal::QuotaExceeded(r) => r,
+            | ConnectRefusal::QuotaExceeded(r)
+            | ConnectRefusal::ProtocolError(r) => r,
+            ConnectRefusal::BadAuthenticationMethod => "authentication method not supported",
             ConnectRefusal::WillNotAllowed => "will topic not allowed",
             ConnectRefusal::UnsupportedProtocol => "unsupported protocol version",
         }
@@ -68,6 +75,10 @@ pub fn connack_refusal(version: Version, refusal: &ConnectRefusal) -> Packet {
         // client to come back later, which is what it can do about it.
         (Version::V4, ConnectRefusal::QuotaExceeded(_)) => ConnectReturnCode::ServiceUnavailable,
         (Version::V5, ConnectRefusal::QuotaExceeded(_)) => ConnectReturnCode::QuotaExceeded,
+        // MQTT 5 only (3.1.1 CONNECTs have no properties); should one ever
+        // be refused so, the 3.1.1 encoder writes 3 and 4.
+        (_, ConnectRefusal::ProtocolError(_)) => ConnectReturnCode::ProtocolError,
+        (_, ConnectRefusal::BadAuthenticationMethod) => ConnectReturnCode::BadAuthenticationMethod,
     };
     let properties = match version {
         Version::V4 => None,
@@ -272,6 +283,8 @@ mod tests {
             ),
             (ConnectRefusal::ClientIdNotValid("empty client id"), 0x85),
             (ConnectRefusal::Busy("full"), 0x89),
+            (ConnectRefusal::ProtocolError("receive maximum 0"), 0x82),
+            (ConnectRefusal::BadAuthenticationMethod, 0x8C),
         ];
         for (refusal, code) in cases {
             let bytes = wire(Version::V5, connack_refusal(Version::V5, &refusal));
