@@ -28,6 +28,11 @@ pub enum ConnectRefusal {
     /// The will carries more user properties or correlation data than a
     /// device may send (`property_caps`); 0x83.
     WillPropertiesTooLarge(&'static str),
+    /// The CONNECT breaks a rule of MQTT 5 (a property of 0 where 0 is not
+    /// allowed, one repeated, ...): MQTT 5 `0x82`.
+    ProtocolError(&'static str),
+    /// An MQTT 5 Authentication Method: the broker offers none (`0x8C`).
+    BadAuthenticationMethod,
 }
 
 impl ConnectRefusal {
@@ -38,7 +43,9 @@ impl ConnectRefusal {
             ConnectRefusal::ClientIdNotValid(r)
             | ConnectRefusal::Busy(r)
             | ConnectRefusal::QuotaExceeded(r)
-            | ConnectRefusal::WillPropertiesTooLarge(r) => r,
+            | ConnectRefusal::WillPropertiesTooLarge(r)
+            | ConnectRefusal::ProtocolError(r) => r,
+            ConnectRefusal::BadAuthenticationMethod => "authentication method not supported",
             ConnectRefusal::WillNotAllowed => "will topic not allowed",
             ConnectRefusal::UnsupportedProtocol => "unsupported protocol version",
         }
@@ -79,6 +86,10 @@ pub fn connack_refusal(version: Version, refusal: &ConnectRefusal) -> Packet {
         (Version::V5, ConnectRefusal::WillPropertiesTooLarge(_)) => {
             ConnectReturnCode::ImplementationSpecificError
         }
+        // MQTT 5 only (3.1.1 CONNECTs have no properties); should one ever
+        // be refused so, the 3.1.1 encoder writes 3 and 4.
+        (_, ConnectRefusal::ProtocolError(_)) => ConnectReturnCode::ProtocolError,
+        (_, ConnectRefusal::BadAuthenticationMethod) => ConnectReturnCode::BadAuthenticationMethod,
     };
     let properties = match version {
         Version::V4 => None,
@@ -289,6 +300,8 @@ mod tests {
             ),
             (ConnectRefusal::ClientIdNotValid("empty client id"), 0x85),
             (ConnectRefusal::Busy("full"), 0x89),
+            (ConnectRefusal::ProtocolError("receive maximum 0"), 0x82),
+            (ConnectRefusal::BadAuthenticationMethod, 0x8C),
         ];
         for (refusal, code) in cases {
             let bytes = wire(Version::V5, connack_refusal(Version::V5, &refusal));

@@ -25,6 +25,11 @@ pub enum CodecError {
     TooLarge(usize),
     #[error("malformed packet: {0}")]
     Malformed(ProtocolError),
+    /// Well formed, but against a rule of MQTT 5 that makes it a Protocol
+    /// Error (0x82) rather than a Malformed Packet (0x81): a property that
+    /// may appear once appeared again.
+    #[error("protocol error: {0}")]
+    ProtocolViolation(ProtocolError),
 }
 
 impl CodecError {
@@ -33,6 +38,7 @@ impl CodecError {
             ProtocolError::PayloadSizeLimitExceeded(_) | ProtocolError::PayloadTooLong => {
                 CodecError::TooLarge(max_size)
             }
+            e @ ProtocolError::DuplicateProperty(_) => CodecError::ProtocolViolation(e),
             other => CodecError::Malformed(other),
         }
     }
@@ -166,6 +172,26 @@ mod tests {
             other => panic!("expected CONNECT, got {other:?}"),
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_repeated_property_is_a_protocol_error_and_reserved_bits_malformed() {
+        let codec = Codec::new(Version::V5, 1024);
+        // SUBSCRIBE pkid 1, two Subscription Identifiers, filter "a".
+        let mut twice = BytesMut::from(&[0x82, 10, 0, 1, 4, 0x0B, 1, 0x0B, 2, 0, 1, b'a', 0][..]);
+        twice[1] = u8::try_from(twice.len() - 2).unwrap();
+        assert!(matches!(
+            codec.decode(&mut twice),
+            Err(CodecError::ProtocolViolation(
+                ProtocolError::DuplicateProperty(0x0B)
+            ))
+        ));
+        // SUBSCRIBE pkid 1, no properties, filter "a", reserved bit 7 set.
+        let mut reserved = BytesMut::from(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x80][..]);
+        assert!(matches!(
+            codec.decode(&mut reserved),
+            Err(CodecError::Malformed(ProtocolError::ReservedBitsSet(0x80)))
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::router::{RouterError, RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
 use crate::subscriptions::Subscriptions;
 use crate::translate;
+use crate::validate;
 use crate::wills::{self, ReadyWill};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -135,6 +136,17 @@ async fn open_session<S: AsyncRead + AsyncWrite>(
             let refusal =
                 answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
             let _ = wire.send_now(&codec, refusal).await;
+            return None;
+        }
+        Ok(Err(ConnectReadError::Codec(e @ CodecError::ProtocolViolation(_)))) => {
+            // Only the MQTT 5 decoder reports these (a property repeated).
+            info!(error = %e, "refused: CONNECT breaks a rule of MQTT 5");
+            let refusal = ConnectRefusal::ProtocolError("a property appears more than once");
+            gate.metrics().connect_refused(refusal.reason());
+            let codec = Codec::new(Version::V5, gate.limits().max_packet_size);
+            let _ = wire
+                .send_now(&codec, answers::connack_refusal(Version::V5, &refusal))
+                .await;
             return None;
         }
         Ok(Err(e)) => {
@@ -280,6 +292,11 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         gate.metrics().connect_refused(refusal.reason());
         answers::connack_refusal(codec.version, &refusal)
     };
+    // First: a CONNECT MQTT 5 forbids costs no token verification.
+    if let Err(refusal) = validate::connect_properties(properties.as_ref()) {
+        let _ = wire.send_now(&codec, refuse(refusal)).await;
+        return None;
+    }
     if let Err(refusal) = crate::sessions::check_client_id(&connect.client_id, gate.limits()) {
         let _ = wire.send_now(&codec, refuse(refusal)).await;
         return None;
@@ -480,6 +497,10 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         }),
         (gate.replies(), gate.commands()),
     );
+    // A router that kept no session (Session Present 0) holds none of them.
+    let held_qos2 = gate
+        .sessions()
+        .resume_qos2(claim.id(), connect.clean_session || !link.session_present);
     Some(Session {
         gate: gate.clone(),
         codec,
@@ -491,6 +512,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             asked_expiry,
             gate.limits().max_session_expiry,
         ),
+        connect_expiry_zero: codec.version == Version::V5 && asked_expiry.unwrap_or(0) == 0,
         keep_alive: Duration::from_secs(u64::from(granted_keep_alive)),
         token_deadline,
         // Out of the CONNECT's read buffer, which it would keep alive.
@@ -504,7 +526,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         subs,
         outbox: Vec::new(),
         inbox,
-        inbound: InboundFlows::new(codec.version, gate.limits().receive_maximum),
+        // The Receive Maximum is the session's: what its earlier
+        // connections left unreleased still counts.
+        inbound: InboundFlows::resumed(codec.version, gate.limits().receive_maximum, held_qos2),
         undeliverable_qos2: HashSet::new(),
         write_stalled: false,
         finished: false,
@@ -624,6 +648,9 @@ struct Session {
     claim: SessionClaim,
     /// How long a persistent session outlives this connection.
     session_expiry: Duration,
+    /// MQTT 5 CONNECT had a Session Expiry Interval of 0 (or none): its
+    /// DISCONNECT may not set one (`validate`).
+    connect_expiry_zero: bool,
     pending_subacks: HashMap<u16, PendingSubAck>,
     /// Its filters, the path serving each, its declared command topics.
     subs: Subscriptions,
@@ -756,6 +783,9 @@ impl Session {
             self.gate
                 .sessions()
                 .keep_subscriptions(self.claim.id(), subs, counts);
+            // And its unreleased QoS 2 publishes: the router keeps them too.
+            let held = self.inbound.take_held();
+            self.gate.sessions().keep_qos2(self.claim.id(), held);
         }
         // A persistent session stays in the router until its expiry (unless
         // a new connection took it over). The claim is released first so the
@@ -872,6 +902,10 @@ impl Session {
                 Err(CodecError::TooLarge(limit)) => {
                     info!(limit, "packet too large");
                     ended = Some(End::Server(ServerDisconnect::PacketTooLarge));
+                }
+                Err(e @ CodecError::ProtocolViolation(_)) => {
+                    info!(error = %e, "protocol error");
+                    ended = Some(End::Server(ServerDisconnect::ProtocolError));
                 }
                 Err(e) => {
                     info!(error = %e, "malformed packet");
@@ -999,6 +1033,16 @@ impl Session {
             Packet::Disconnect(disconnect, properties) => {
                 // MQTT 5: DISCONNECT may shorten (or lengthen) the expiry.
                 if let Some(secs) = properties.and_then(|p| p.session_expiry_interval) {
+                    if validate::disconnect_expiry_is_protocol_error(self.connect_expiry_zero, secs)
+                    {
+                        // The expiry stays 0: the will goes out now, and
+                        // nothing of the session outlives it.
+                        info!(
+                            secs,
+                            "DISCONNECT sets a session expiry its CONNECT did not have"
+                        );
+                        return Some(End::Server(ServerDisconnect::ProtocolError));
+                    }
                     self.session_expiry = session_expiry(
                         self.codec.version,
                         Some(secs),
@@ -1454,7 +1498,12 @@ impl Session {
             }
             Principal::Handler(_) => (will_properties, will.retain, None),
         };
-        if let Some(after) = wills::delay(self.will_delay_secs, self.session_expiry) {
+        // Only a session that outlives its connection, and so counts
+        // against its user's persistent sessions, can park a will.
+        let delay = (!self.clean_session)
+            .then(|| wills::delay(self.will_delay_secs, self.session_expiry))
+            .flatten();
+        if let Some(after) = delay {
             // Published through the gate's own router link: this one closes.
             let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, 0);
             let will = ReadyWill {

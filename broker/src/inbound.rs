@@ -57,7 +57,40 @@ pub enum Release {
     CompleteHere(PubCompReason),
 }
 
-/// The QoS 1/2 publishes of one connection.
+/// The unreleased QoS 2 publishes of a persistent session whose connection
+/// ended: the router keeps those it holds with the session (vendor patch
+/// 21) and the PUBRELs of the next connection release them, so they stay
+/// counted against the Receive Maximum (MQTT 5 4.9: the quota is the
+/// session's). Kept by `sessions` between connections.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HeldQos2 {
+    /// Held by the router until their PUBREL.
+    in_router: HashSet<u16>,
+    /// Refused publishes of MQTT 3.1.1 clients, completed by the gate.
+    refused: HashSet<u16>,
+}
+
+impl HeldQos2 {
+    pub fn is_empty(&self) -> bool {
+        self.in_router.is_empty() && self.refused.is_empty()
+    }
+
+    /// How many publishes it holds.
+    pub fn len(&self) -> usize {
+        self.in_router.len() + self.refused.len()
+    }
+
+    /// Adds what `other` holds: two connections of one session both left
+    /// state (a takeover that did not wait for its predecessor); the
+    /// router may hold either's.
+    pub fn absorb(&mut self, other: HeldQos2) {
+        self.in_router.extend(other.in_router);
+        self.refused.extend(other.refused);
+    }
+}
+
+/// The QoS 1/2 publishes of one connection (and the QoS 2 ones its session
+/// held before it, `HeldQos2`).
 #[derive(Debug)]
 pub struct InboundFlows {
     version: Version,
@@ -86,6 +119,26 @@ impl InboundFlows {
             denied_qos2: HashSet::new(),
             awaiting_release: HashSet::new(),
             next_will_pkid: 1,
+        }
+    }
+
+    /// A connection resuming a persistent session that left `held`: its
+    /// retransmissions get PUBREC again, its PUBRELs release them, and they
+    /// count against the Receive Maximum until then.
+    pub fn resumed(version: Version, receive_maximum: u16, held: HeldQos2) -> Self {
+        let mut flows = InboundFlows::new(version, receive_maximum);
+        flows.awaiting_release = held.in_router;
+        flows.denied_qos2 = held.refused;
+        flows
+    }
+
+    /// The unreleased QoS 2 publishes, for the session to keep when its
+    /// connection ends (QoS 1 flows end with the connection: the client
+    /// sends them again, as new flows).
+    pub fn take_held(&mut self) -> HeldQos2 {
+        HeldQos2 {
+            in_router: std::mem::take(&mut self.awaiting_release),
+            refused: std::mem::take(&mut self.denied_qos2),
         }
     }
 
@@ -287,6 +340,83 @@ mod tests {
         assert_eq!(f.arrival(QoS::ExactlyOnce, 2), Arrival::Retransmitted);
         f.router_puback(1);
         assert_eq!(f.arrival(QoS::AtLeastOnce, 4), Arrival::New);
+    }
+
+    #[test]
+    fn a_resumed_session_counts_what_its_earlier_connections_held() {
+        // Three connections of one session, Receive Maximum 3: the first
+        // holds 1 and 2 in the router, the second (3.1.1) also one refused.
+        let mut first = InboundFlows::new(Version::V4, 3);
+        first.allowed(QoS::ExactlyOnce, 1, true);
+        first.allowed(QoS::ExactlyOnce, 2, true);
+        // A QoS 1 flow in progress ends with its connection.
+        first.allowed(QoS::AtLeastOnce, 9, true);
+        let held = first.take_held();
+        assert_eq!(held.len(), 2);
+        assert_eq!(first.unacknowledged(), 1, "only the QoS 1 flow is left");
+
+        let mut second = InboundFlows::resumed(Version::V4, 3, held);
+        // (arrival, packet id) -> what the resumed connection does
+        let table = [
+            // A retransmission of a held publish: PUBREC again, not stored again.
+            (QoS::ExactlyOnce, 1, Arrival::Retransmitted),
+            (QoS::ExactlyOnce, 2, Arrival::Retransmitted),
+            // New flows: one more fits, then the session is over its quota.
+            (QoS::ExactlyOnce, 3, Arrival::New),
+            (QoS::AtLeastOnce, 4, Arrival::New),
+        ];
+        for (qos, pkid, expected) in table {
+            assert_eq!(second.arrival(qos, pkid), expected, "{qos:?} {pkid}");
+        }
+        assert_eq!(
+            second.refused(QoS::ExactlyOnce, 3, Denial::NotAuthorized),
+            Refused::PubRecHere
+        );
+        assert_eq!(second.unacknowledged(), 3);
+        assert_eq!(
+            second.arrival(QoS::ExactlyOnce, 5),
+            Arrival::OverReceiveMaximum
+        );
+        assert_eq!(
+            second.arrival(QoS::AtLeastOnce, 5),
+            Arrival::OverReceiveMaximum
+        );
+
+        let mut third = InboundFlows::resumed(Version::V4, 3, second.take_held());
+        assert_eq!(third.unacknowledged(), 3);
+        assert_eq!(
+            third.arrival(QoS::ExactlyOnce, 6),
+            Arrival::OverReceiveMaximum
+        );
+        // The PUBRELs release them: the router's to the router, the gate's here.
+        assert_eq!(third.release(1), Release::ToRouter);
+        assert_eq!(
+            third.release(3),
+            Release::CompleteHere(PubCompReason::Success)
+        );
+        assert_eq!(third.arrival(QoS::ExactlyOnce, 1), Arrival::New, "released");
+        assert_eq!(third.unacknowledged(), 1);
+        // A will's packet id avoids what the router still holds.
+        assert_eq!(third.will_pkid(), 1);
+        assert_eq!(third.will_pkid(), 3);
+
+        // A clean start (or an expiry) keeps nothing: a fresh count.
+        let fresh = InboundFlows::resumed(Version::V5, 3, HeldQos2::default());
+        assert_eq!(fresh.unacknowledged(), 0);
+    }
+
+    #[test]
+    fn held_state_of_two_connections_is_merged() {
+        let mut a = InboundFlows::new(Version::V5, 10);
+        a.allowed(QoS::ExactlyOnce, 1, true);
+        let mut b = InboundFlows::new(Version::V5, 10);
+        b.allowed(QoS::ExactlyOnce, 1, true);
+        b.allowed(QoS::ExactlyOnce, 2, true);
+        let mut held = a.take_held();
+        held.absorb(b.take_held());
+        assert_eq!(held.len(), 2, "one packet id is one flow");
+        assert!(!held.is_empty());
+        assert!(a.take_held().is_empty());
     }
 
     #[test]

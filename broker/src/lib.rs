@@ -6,7 +6,8 @@
 //! 1. [`listener`]: accept, admission per source address ([`rate_limit`]:
 //!    new connections per second, connections not yet answered), connection cap;
 //! 2. [`tls`]: handshake under a deadline, in the connection's own task;
-//! 3. [`connection`]: CONNECT deadline, protocol version ([`codec`]);
+//! 3. [`connection`]: CONNECT deadline, protocol version ([`codec`]), the
+//!    MQTT 5 rules on CONNECT and DISCONNECT values ([`validate`]);
 //! 4. [`auth`]: device JWT ([`auth::jwt`], [`auth::jwks`]) or handler key,
 //!    giving a verified [`auth::Principal`]; refusals cached ([`auth::refusals`]);
 //! 5. [`sessions`]: client ids namespaced per user and takeover, client id
@@ -62,6 +63,7 @@ pub mod sessions;
 pub mod subscriptions;
 pub mod tls;
 pub mod translate;
+pub mod validate;
 pub mod wills;
 
 use auth::jwt::{JwtConfigError, JwtVerifier};

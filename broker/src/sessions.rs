@@ -10,6 +10,7 @@ use crate::answers::ConnectRefusal;
 use crate::auth::{DeviceIdentity, Principal};
 use crate::command_topics::CommandTopics;
 use crate::config::Limits;
+use crate::inbound::HeldQos2;
 use crate::reply_index::ReplyIndex;
 use crate::subscriptions::Subscriptions;
 use futures::task::AtomicWaker;
@@ -213,6 +214,11 @@ pub struct SessionRegistry {
     /// connection ended: the next connection takes them back, and an expiry
     /// or a clean session with the same id releases them.
     kept: Mutex<HashMap<String, Subscriptions>>,
+    /// The unreleased QoS 2 publishes persistent sessions left (only those
+    /// that left any): the Receive Maximum counts them on the next
+    /// connection, until an expiry or a clean session drops them. At most
+    /// Receive Maximum packet ids per session.
+    kept_qos2: Mutex<HashMap<String, HeldQos2>>,
 }
 
 /// Held by a live connection; dropping it releases the id and tells a
@@ -236,6 +242,33 @@ impl SessionRegistry {
             away: Mutex::default(),
             persistent: Mutex::default(),
             kept: Mutex::default(),
+            kept_qos2: Mutex::default(),
+        }
+    }
+
+    /// Keeps the unreleased QoS 2 publishes of persistent session `id`,
+    /// whose connection ended.
+    pub fn keep_qos2(&self, id: &str, held: HeldQos2) {
+        if held.is_empty() {
+            return;
+        }
+        let mut kept = self.kept_qos2.lock();
+        match kept.get_mut(id) {
+            Some(earlier) => earlier.absorb(held),
+            None => {
+                kept.insert(id.to_owned(), held);
+            }
+        }
+    }
+
+    /// What a new connection of session `id` takes over: the QoS 2
+    /// publishes its persistent session left, or nothing when it starts
+    /// clean (which ends that session in the router, and its publishes).
+    pub fn resume_qos2(&self, id: &str, clean_start: bool) -> HeldQos2 {
+        let kept = self.kept_qos2.lock().remove(id);
+        match kept {
+            Some(held) if !clean_start => held,
+            _ => HeldQos2::default(),
         }
     }
 
@@ -283,8 +316,10 @@ impl SessionRegistry {
         }
     }
 
-    /// Session `id` expired: what it left in the router is released.
+    /// Session `id` expired: what it left in the router is released (its
+    /// QoS 2 publishes with it).
     pub fn release_subscriptions(&self, id: &str, counts: Counts<'_>) {
+        self.kept_qos2.lock().remove(id);
         let kept = self.kept.lock().remove(id);
         if let Some(kept) = kept {
             uncount(id, kept.via_router(), kept.declared(), counts);
@@ -602,6 +637,53 @@ mod tests {
         assert!(is_handler_session_id(&handler_session_id("x")));
         let uid = UserId::parse("1").unwrap();
         assert!(!is_handler_session_id(&device_session_id(&uid, "H:x")));
+    }
+
+    #[test]
+    fn kept_qos2_state_follows_the_session() {
+        use crate::codec::Version;
+        use crate::inbound::{Arrival, InboundFlows};
+        use rumqttd::protocol::QoS;
+        let registry = SessionRegistry::new(CancellationToken::new());
+        let (replies, commands) = (ReplyIndex::default(), CommandTopics::new([]));
+        let held = |pkids: &[u16]| {
+            let mut flows = InboundFlows::new(Version::V5, 100);
+            for &pkid in pkids {
+                flows.allowed(QoS::ExactlyOnce, pkid, true);
+            }
+            flows.take_held()
+        };
+        // (what is kept, how the next connection starts) -> held ids it gets
+        let table: [(&[u16], bool, usize); 4] = [
+            (&[1, 2, 3], false, 3),
+            (&[1, 2, 3], true, 0),
+            (&[], false, 0),
+            (&[7], false, 1),
+        ];
+        for (kept, clean_start, expected) in table {
+            registry.keep_qos2("D:1:c", held(kept));
+            let resumed = registry.resume_qos2("D:1:c", clean_start);
+            assert_eq!(resumed.len(), expected, "{kept:?} {clean_start}");
+            // Handed back once.
+            assert!(registry.resume_qos2("D:1:c", false).is_empty());
+            let flows = InboundFlows::resumed(Version::V5, 100, resumed);
+            assert_eq!(flows.unacknowledged(), expected);
+            if let Some(&pkid) = kept.first().filter(|_| !clean_start) {
+                assert_eq!(
+                    flows.arrival(QoS::ExactlyOnce, pkid),
+                    Arrival::Retransmitted
+                );
+            }
+        }
+        // Two connections' leftovers add up; an expiry drops them.
+        registry.keep_qos2("D:1:c", held(&[1]));
+        registry.keep_qos2("D:1:c", held(&[1, 2]));
+        registry.release_subscriptions("D:1:c", (&replies, &commands));
+        assert!(registry.resume_qos2("D:1:c", false).is_empty());
+        registry.keep_qos2("D:1:c", held(&[1]));
+        registry.keep_qos2("D:1:c", held(&[1, 2]));
+        assert_eq!(registry.resume_qos2("D:1:c", false).len(), 2);
+        assert!(registry.kept_qos2.lock().is_empty());
     }
 
     #[tokio::test]

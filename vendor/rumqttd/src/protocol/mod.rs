@@ -792,6 +792,16 @@ pub enum Error {
     MalformedRemainingLength,
     #[error("Invalid property type = {0}")]
     InvalidPropertyType(u8),
+    /// patched: an MQTT 5 property that may appear at most once in its
+    /// packet appeared again (MQTT 5 2.2.2.2: a Protocol Error, not a
+    /// malformed packet; upstream kept the last value).
+    #[error("Property {0} appears more than once")]
+    DuplicateProperty(u8),
+    /// patched: reserved bits of a subscription's options are set (MQTT 5
+    /// MQTT-3.8.3-5, MQTT 3.1.1 MQTT-3.8.3-4: a malformed packet; upstream
+    /// ignored them).
+    #[error("Reserved bits set in subscription options {0:#04x}")]
+    ReservedBitsSet(u8),
     /// More bytes required to frame packet. Argument
     /// implies minimum additional bytes required to
     /// proceed further

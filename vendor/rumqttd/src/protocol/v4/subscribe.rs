@@ -54,6 +54,11 @@ mod filter {
             let path = read_mqtt_bytes(bytes)?;
             let path = std::str::from_utf8(&path)?.to_owned();
             let options = read_u8(bytes)?;
+            // patched: the upper six bits are reserved (MQTT 3.1.1
+            // MQTT-3.8.3-4: malformed if set); upstream ignored them.
+            if options & 0b1111_1100 != 0 {
+                return Err(Error::ReservedBitsSet(options));
+            }
             let requested_qos = options & 0b0000_0011;
 
             filters.push(Filter {

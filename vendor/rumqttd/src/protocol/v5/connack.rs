@@ -166,30 +166,54 @@ mod properties {
 
             match property(prop)? {
                 PropertyType::SessionExpiryInterval => {
-                    session_expiry_interval = Some(read_u32(bytes)?);
+                    once(
+                        &mut session_expiry_interval,
+                        read_u32(bytes)?,
+                        PropertyType::SessionExpiryInterval,
+                    )?;
                 }
                 PropertyType::ReceiveMaximum => {
-                    receive_max = Some(read_u16(bytes)?);
+                    once(
+                        &mut receive_max,
+                        read_u16(bytes)?,
+                        PropertyType::ReceiveMaximum,
+                    )?;
                 }
                 PropertyType::MaximumQos => {
-                    max_qos = Some(read_u8(bytes)?);
+                    once(&mut max_qos, read_u8(bytes)?, PropertyType::MaximumQos)?;
                 }
                 PropertyType::RetainAvailable => {
-                    retain_available = Some(read_u8(bytes)?);
+                    once(
+                        &mut retain_available,
+                        read_u8(bytes)?,
+                        PropertyType::RetainAvailable,
+                    )?;
                 }
                 PropertyType::AssignedClientIdentifier => {
                     let id = read_mqtt_string(bytes)?;
-                    assigned_client_identifier = Some(id);
+                    once(
+                        &mut assigned_client_identifier,
+                        id,
+                        PropertyType::AssignedClientIdentifier,
+                    )?;
                 }
                 PropertyType::MaximumPacketSize => {
-                    max_packet_size = Some(read_u32(bytes)?);
+                    once(
+                        &mut max_packet_size,
+                        read_u32(bytes)?,
+                        PropertyType::MaximumPacketSize,
+                    )?;
                 }
                 PropertyType::TopicAliasMaximum => {
-                    topic_alias_max = Some(read_u16(bytes)?);
+                    once(
+                        &mut topic_alias_max,
+                        read_u16(bytes)?,
+                        PropertyType::TopicAliasMaximum,
+                    )?;
                 }
                 PropertyType::ReasonString => {
                     let reason = read_mqtt_string(bytes)?;
-                    reason_string = Some(reason);
+                    once(&mut reason_string, reason, PropertyType::ReasonString)?;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
@@ -197,32 +221,64 @@ mod properties {
                     user_properties.push((key, value));
                 }
                 PropertyType::WildcardSubscriptionAvailable => {
-                    wildcard_subscription_available = Some(read_u8(bytes)?);
+                    once(
+                        &mut wildcard_subscription_available,
+                        read_u8(bytes)?,
+                        PropertyType::WildcardSubscriptionAvailable,
+                    )?;
                 }
                 PropertyType::SubscriptionIdentifierAvailable => {
-                    subscription_identifiers_available = Some(read_u8(bytes)?);
+                    once(
+                        &mut subscription_identifiers_available,
+                        read_u8(bytes)?,
+                        PropertyType::SubscriptionIdentifierAvailable,
+                    )?;
                 }
                 PropertyType::SharedSubscriptionAvailable => {
-                    shared_subscription_available = Some(read_u8(bytes)?);
+                    once(
+                        &mut shared_subscription_available,
+                        read_u8(bytes)?,
+                        PropertyType::SharedSubscriptionAvailable,
+                    )?;
                 }
                 PropertyType::ServerKeepAlive => {
-                    server_keep_alive = Some(read_u16(bytes)?);
+                    once(
+                        &mut server_keep_alive,
+                        read_u16(bytes)?,
+                        PropertyType::ServerKeepAlive,
+                    )?;
                 }
                 PropertyType::ResponseInformation => {
                     let info = read_mqtt_string(bytes)?;
-                    response_information = Some(info);
+                    once(
+                        &mut response_information,
+                        info,
+                        PropertyType::ResponseInformation,
+                    )?;
                 }
                 PropertyType::ServerReference => {
                     let reference = read_mqtt_string(bytes)?;
-                    server_reference = Some(reference);
+                    once(
+                        &mut server_reference,
+                        reference,
+                        PropertyType::ServerReference,
+                    )?;
                 }
                 PropertyType::AuthenticationMethod => {
                     let method = read_mqtt_string(bytes)?;
-                    authentication_method = Some(method);
+                    once(
+                        &mut authentication_method,
+                        method,
+                        PropertyType::AuthenticationMethod,
+                    )?;
                 }
                 PropertyType::AuthenticationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    authentication_data = Some(data);
+                    once(
+                        &mut authentication_data,
+                        data,
+                        PropertyType::AuthenticationData,
+                    )?;
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }

@@ -261,25 +261,37 @@ mod willproperties {
 
             match property(prop)? {
                 PropertyType::WillDelayInterval => {
-                    delay_interval = Some(read_u32(bytes)?);
+                    once(
+                        &mut delay_interval,
+                        read_u32(bytes)?,
+                        PropertyType::WillDelayInterval,
+                    )?;
                 }
                 PropertyType::PayloadFormatIndicator => {
-                    payload_format_indicator = Some(read_u8(bytes)?);
+                    once(
+                        &mut payload_format_indicator,
+                        read_u8(bytes)?,
+                        PropertyType::PayloadFormatIndicator,
+                    )?;
                 }
                 PropertyType::MessageExpiryInterval => {
-                    message_expiry_interval = Some(read_u32(bytes)?);
+                    once(
+                        &mut message_expiry_interval,
+                        read_u32(bytes)?,
+                        PropertyType::MessageExpiryInterval,
+                    )?;
                 }
                 PropertyType::ContentType => {
                     let typ = read_mqtt_string(bytes)?;
-                    content_type = Some(typ);
+                    once(&mut content_type, typ, PropertyType::ContentType)?;
                 }
                 PropertyType::ResponseTopic => {
                     let topic = read_mqtt_string(bytes)?;
-                    response_topic = Some(topic);
+                    once(&mut response_topic, topic, PropertyType::ResponseTopic)?;
                 }
                 PropertyType::CorrelationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    correlation_data = Some(data);
+                    once(&mut correlation_data, data, PropertyType::CorrelationData)?;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
@@ -428,22 +440,46 @@ mod properties {
             let prop = read_u8(bytes)?;
             match property(prop)? {
                 PropertyType::SessionExpiryInterval => {
-                    session_expiry_interval = Some(read_u32(bytes)?);
+                    once(
+                        &mut session_expiry_interval,
+                        read_u32(bytes)?,
+                        PropertyType::SessionExpiryInterval,
+                    )?;
                 }
                 PropertyType::ReceiveMaximum => {
-                    receive_maximum = Some(read_u16(bytes)?);
+                    once(
+                        &mut receive_maximum,
+                        read_u16(bytes)?,
+                        PropertyType::ReceiveMaximum,
+                    )?;
                 }
                 PropertyType::MaximumPacketSize => {
-                    max_packet_size = Some(read_u32(bytes)?);
+                    once(
+                        &mut max_packet_size,
+                        read_u32(bytes)?,
+                        PropertyType::MaximumPacketSize,
+                    )?;
                 }
                 PropertyType::TopicAliasMaximum => {
-                    topic_alias_max = Some(read_u16(bytes)?);
+                    once(
+                        &mut topic_alias_max,
+                        read_u16(bytes)?,
+                        PropertyType::TopicAliasMaximum,
+                    )?;
                 }
                 PropertyType::RequestResponseInformation => {
-                    request_response_info = Some(read_u8(bytes)?);
+                    once(
+                        &mut request_response_info,
+                        read_u8(bytes)?,
+                        PropertyType::RequestResponseInformation,
+                    )?;
                 }
                 PropertyType::RequestProblemInformation => {
-                    request_problem_info = Some(read_u8(bytes)?);
+                    once(
+                        &mut request_problem_info,
+                        read_u8(bytes)?,
+                        PropertyType::RequestProblemInformation,
+                    )?;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
@@ -452,11 +488,19 @@ mod properties {
                 }
                 PropertyType::AuthenticationMethod => {
                     let method = read_mqtt_string(bytes)?;
-                    authentication_method = Some(method);
+                    once(
+                        &mut authentication_method,
+                        method,
+                        PropertyType::AuthenticationMethod,
+                    )?;
                 }
                 PropertyType::AuthenticationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    authentication_data = Some(data);
+                    once(
+                        &mut authentication_data,
+                        data,
+                        PropertyType::AuthenticationData,
+                    )?;
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }

@@ -131,11 +131,15 @@ mod properties {
 
             match property(prop)? {
                 PropertyType::SessionExpiryInterval => {
-                    session_expiry_interval = Some(read_u32(bytes)?);
+                    once(
+                        &mut session_expiry_interval,
+                        read_u32(bytes)?,
+                        PropertyType::SessionExpiryInterval,
+                    )?;
                 }
                 PropertyType::ReasonString => {
                     let reason = read_mqtt_string(bytes)?;
-                    reason_string = Some(reason);
+                    once(&mut reason_string, reason, PropertyType::ReasonString)?;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
@@ -144,7 +148,11 @@ mod properties {
                 }
                 PropertyType::ServerReference => {
                     let reference = read_mqtt_string(bytes)?;
-                    server_reference = Some(reference);
+                    once(
+                        &mut server_reference,
+                        reference,
+                        PropertyType::ServerReference,
+                    )?;
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }

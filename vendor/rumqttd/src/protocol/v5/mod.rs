@@ -279,6 +279,17 @@ fn properties_block(bytes: &mut Bytes) -> Result<Option<Bytes>, Error> {
     Ok(Some(bytes.split_to(len)))
 }
 
+/// patched: stores the value of a property that MQTT 5 allows at most once
+/// in a packet; a second one is a Protocol Error (2.2.2.2, and each
+/// property's own section), not a silent overwrite as upstream did.
+fn once<T>(slot: &mut Option<T>, value: T, property: PropertyType) -> Result<(), Error> {
+    if slot.is_some() {
+        return Err(Error::DuplicateProperty(property as u8));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
 /// Reads a series of bytes with a length from a byte stream
 fn read_mqtt_bytes(stream: &mut Bytes) -> Result<Bytes, Error> {
     let len = read_u16(stream)? as usize;
@@ -527,4 +538,167 @@ fn read_body(
     };
 
     Ok(packet)
+}
+
+/// patched (patch 32): properties MQTT 5 allows once are refused when
+/// repeated, in every packet; reserved subscription option bits are refused.
+#[cfg(test)]
+mod patch32_tests {
+    use super::*;
+    use crate::protocol::v4::V4;
+
+    /// A packet: `first` byte, then the remaining length, then `body`.
+    fn frame(first: u8, body: &[u8]) -> BytesMut {
+        let mut out = BytesMut::new();
+        out.put_u8(first);
+        write_remaining_length(&mut out, body.len()).unwrap();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn v5(first: u8, body: &[u8]) -> Result<Packet, Error> {
+        V5.read_mut(&mut frame(first, body), 1 << 20)
+    }
+
+    /// An MQTT 5 CONNECT (clean start, client id "c") with these
+    /// properties, and a will with `will_properties` if given.
+    fn connect(properties: &[u8], will_properties: Option<&[u8]>) -> Vec<u8> {
+        let flags = if will_properties.is_some() {
+            0x06
+        } else {
+            0x02
+        };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags, 0, 60];
+        body.push(properties.len() as u8);
+        body.extend_from_slice(properties);
+        body.extend_from_slice(&[0, 1, b'c']);
+        if let Some(will) = will_properties {
+            body.push(will.len() as u8);
+            body.extend_from_slice(will);
+            body.extend_from_slice(&[0, 1, b'w', 0, 1, b'm']);
+        }
+        body
+    }
+
+    /// An MQTT 5 SUBSCRIBE of `a` with these properties and options.
+    fn subscribe(properties: &[u8], options: u8) -> Vec<u8> {
+        let mut body = vec![0, 1, properties.len() as u8];
+        body.extend_from_slice(properties);
+        body.extend_from_slice(&[0, 1, b'a', options]);
+        body
+    }
+
+    #[test]
+    fn patch32_repeated_single_properties_are_protocol_errors() {
+        let receive_maximum_twice = [0x21, 0, 10, 0x21, 0, 20];
+        let expiry_twice = [0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2];
+        let method_twice = [0x15, 0, 1, b'x', 0x15, 0, 1, b'y'];
+        let delay_twice = [0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 2];
+        let cases: Vec<(&str, u8, Vec<u8>, u8)> = vec![
+            (
+                "connect receive maximum",
+                0x10,
+                connect(&receive_maximum_twice, None),
+                0x21,
+            ),
+            (
+                "connect session expiry",
+                0x10,
+                connect(&expiry_twice, None),
+                0x11,
+            ),
+            (
+                "connect auth method",
+                0x10,
+                connect(&method_twice, None),
+                0x15,
+            ),
+            ("will delay", 0x10, connect(&[], Some(&delay_twice)), 0x18),
+            (
+                "subscription identifier",
+                0x82,
+                subscribe(&[0x0B, 1, 0x0B, 2], 0),
+                0x0B,
+            ),
+            (
+                "publish topic alias",
+                0x32,
+                vec![0, 1, b't', 0, 1, 6, 0x23, 0, 1, 0x23, 0, 2, b'p'],
+                0x23,
+            ),
+            (
+                "puback reason string",
+                0x40,
+                vec![0, 1, 0, 8, 0x1F, 0, 1, b'a', 0x1F, 0, 1, b'b'],
+                0x1F,
+            ),
+            (
+                "disconnect session expiry",
+                0xE0,
+                {
+                    let mut body = vec![0, expiry_twice.len() as u8];
+                    body.extend_from_slice(&expiry_twice);
+                    body
+                },
+                0x11,
+            ),
+        ];
+        for (what, first, body, property) in cases {
+            let read = v5(first, &body);
+            assert!(
+                matches!(read, Err(Error::DuplicateProperty(p)) if p == property),
+                "{what}: {read:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn patch32_properties_allowed_many_times_still_are() {
+        let two_user_properties = [0x26, 0, 1, b'k', 0, 1, b'1', 0x26, 0, 1, b'k', 0, 1, b'2'];
+        match v5(0x10, &connect(&two_user_properties, None)) {
+            Ok(Packet::Connect(_, Some(properties), ..)) => {
+                assert_eq!(properties.user_properties.len(), 2)
+            }
+            other => panic!("{other:?}"),
+        }
+        // Each property once: all kept, the authentication method too.
+        let mut once_each = vec![0x21, 0, 10, 0x27, 0, 0, 4, 0, 0x11, 0, 0, 0, 9];
+        once_each.extend_from_slice(&[0x15, 0, 5, b'S', b'C', b'R', b'A', b'M']);
+        match v5(0x10, &connect(&once_each, None)) {
+            Ok(Packet::Connect(_, Some(p), ..)) => {
+                assert_eq!(p.receive_maximum, Some(10));
+                assert_eq!(p.max_packet_size, Some(1024));
+                assert_eq!(p.session_expiry_interval, Some(9));
+                assert_eq!(p.authentication_method.as_deref(), Some("SCRAM"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn patch32_reserved_subscription_option_bits_are_malformed() {
+        for options in [0x40, 0x80, 0xC0 | 0x01] {
+            let read = v5(0x82, &subscribe(&[], options));
+            assert!(
+                matches!(read, Err(Error::ReservedBitsSet(o)) if o == options),
+                "{options:#x}: {read:?}"
+            );
+        }
+        // Every defined bit (QoS 2, No Local, Retain As Published, Retain
+        // Handling 2) is still accepted.
+        match v5(0x82, &subscribe(&[0x0B, 7], 0b0010_1110)) {
+            Ok(Packet::Subscribe(subscribe, Some(properties))) => {
+                assert_eq!(properties.id, Some(7));
+                let filter = &subscribe.filters[0];
+                assert!(filter.nolocal && filter.preserve_retain);
+                assert_eq!(filter.retain_forward_rule, RetainForwardRule::Never);
+            }
+            other => panic!("{other:?}"),
+        }
+        // MQTT 3.1.1: only the QoS bits are defined.
+        let v4 = |options: u8| V4.read_mut(&mut frame(0x82, &[0, 1, 0, 1, b'a', options]), 1024);
+        assert!(matches!(v4(0x04), Err(Error::ReservedBitsSet(0x04))));
+        assert!(matches!(v4(0x80), Err(Error::ReservedBitsSet(0x80))));
+        assert!(matches!(v4(0x01), Ok(Packet::Subscribe(..))));
+    }
 }

@@ -156,21 +156,29 @@ mod properties {
 
             match property(prop)? {
                 PropertyType::PayloadFormatIndicator => {
-                    payload_format_indicator = Some(read_u8(bytes)?);
+                    once(
+                        &mut payload_format_indicator,
+                        read_u8(bytes)?,
+                        PropertyType::PayloadFormatIndicator,
+                    )?;
                 }
                 PropertyType::MessageExpiryInterval => {
-                    message_expiry_interval = Some(read_u32(bytes)?);
+                    once(
+                        &mut message_expiry_interval,
+                        read_u32(bytes)?,
+                        PropertyType::MessageExpiryInterval,
+                    )?;
                 }
                 PropertyType::TopicAlias => {
-                    topic_alias = Some(read_u16(bytes)?);
+                    once(&mut topic_alias, read_u16(bytes)?, PropertyType::TopicAlias)?;
                 }
                 PropertyType::ResponseTopic => {
                     let topic = read_mqtt_string(bytes)?;
-                    response_topic = Some(topic);
+                    once(&mut response_topic, topic, PropertyType::ResponseTopic)?;
                 }
                 PropertyType::CorrelationData => {
                     let data = read_mqtt_bytes(bytes)?;
-                    correlation_data = Some(data);
+                    once(&mut correlation_data, data, PropertyType::CorrelationData)?;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
@@ -183,7 +191,7 @@ mod properties {
                 }
                 PropertyType::ContentType => {
                     let typ = read_mqtt_string(bytes)?;
-                    content_type = Some(typ);
+                    once(&mut content_type, typ, PropertyType::ContentType)?;
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }

@@ -27,36 +27,7 @@ pub fn read(
     let pkid = read_u16(&mut bytes)?;
     let properties = properties::read(&mut bytes)?;
 
-    // variable header size = 2 (packet identifier)
-    let mut filters = Vec::new();
-
-    while bytes.has_remaining() {
-        let path = read_mqtt_string(&mut bytes)?;
-        let options = read_u8(&mut bytes)?;
-        let requested_qos = options & 0b0000_0011;
-
-        let nolocal = ((options >> 2) & 0b0000_0001);
-        let nolocal = nolocal != 0;
-
-        let preserve_retain = ((options >> 3) & 0b0000_0001);
-        let preserve_retain = preserve_retain != 0;
-
-        let retain_forward_rule = (options >> 4) & 0b0000_0011;
-        let retain_forward_rule = match retain_forward_rule {
-            0 => RetainForwardRule::OnEverySubscribe,
-            1 => RetainForwardRule::OnNewSubscribe,
-            2 => RetainForwardRule::Never,
-            r => return Err(Error::InvalidRetainForwardRule(r)),
-        };
-
-        filters.push(Filter {
-            path,
-            qos: qos(requested_qos).ok_or(Error::InvalidQoS(requested_qos))?,
-            nolocal,
-            preserve_retain,
-            retain_forward_rule,
-        });
-    }
+    let filters = filter::read(&mut bytes)?;
 
     match filters.len() {
         0 => Err(Error::EmptySubscription),
@@ -108,6 +79,11 @@ mod filter {
         while bytes.has_remaining() {
             let path = read_mqtt_string(bytes)?;
             let options = read_u8(bytes)?;
+            // patched: bits 6 and 7 are reserved (MQTT-3.8.3-5: malformed
+            // if set); upstream ignored them.
+            if options & 0b1100_0000 != 0 {
+                return Err(Error::ReservedBitsSet(options));
+            }
             let requested_qos = options & 0b0000_0011;
 
             let nolocal = (options >> 2) & 0b0000_0001;
@@ -194,7 +170,7 @@ mod properties {
             match property(prop)? {
                 PropertyType::SubscriptionIdentifier => {
                     let sub_id = read_varint(bytes)?;
-                    id = Some(sub_id)
+                    once(&mut id, sub_id, PropertyType::SubscriptionIdentifier)?;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;

@@ -96,7 +96,7 @@ mod properties {
             match property(prop)? {
                 PropertyType::ReasonString => {
                     let reason = read_mqtt_string(bytes)?;
-                    reason_string = Some(reason);
+                    once(&mut reason_string, reason, PropertyType::ReasonString)?;
                 }
                 PropertyType::UserProperty => {
                     let key = read_mqtt_string(bytes)?;
