@@ -503,6 +503,149 @@ class Soak:
             h.loop_stop()
             r.close()
 
+    def stop_reading_property_heavy(self, n):
+        """A QoS 0 subscriber that stops reading while a handler sends it
+        replies whose properties (user properties, correlation data) are as
+        large as their payload: the session's inbox must count them."""
+        uid = f"hslowp{n % 4}"
+        r, rc = self.device(uid, rcvbuf=4096)
+        if rc != 0:
+            r.close()
+            return f"connack_{rc}"
+        r.send(subscribe5(1, [f"{uid}_flood"]))
+        h = self.paho(f"hfloodp{n % 4}", "handler", self.hkey)
+        try:
+            h.connect(self.host, self.port, 30)
+            h.loop_start()
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("k" + str(i), "v" * 1000) for i in range(8)]
+            props.CorrelationData = os.urandom(8 * 1024)
+            blob = os.urandom(1024)
+            end = time.monotonic() + 20
+            while time.monotonic() < end and self.live():
+                for _ in range(20):
+                    h.publish(f"{uid}_flood", blob, qos=0, properties=props)
+                time.sleep(0.05)
+            return r.outcome(1 if not self.live() else 5).replace("open", "still_open")
+        except OSError:
+            return "handler_connect_failed"
+        finally:
+            h.disconnect()
+            h.loop_stop()
+            r.close()
+
+    def property_heavy_commands(self, n):
+        """Commands whose user properties and correlation data dwarf their
+        (empty) payloads: at the device caps they are accepted and go to the
+        command log, which must count them; over the caps a QoS 1 command is
+        refused with PUBACK 0x83 and a QoS 0 one dropped."""
+        r, rc = self.device(f"hprop{n % 8}")
+        try:
+            if rc != 0:
+                return f"connack_{rc}"
+            # Just under the default caps (README "Limits"): 4 KiB of user
+            # properties, 1 KiB of correlation data.
+            under = (b"".join(p_user(f"k{i}", "v" * 500) for i in range(7))
+                     + b"\x09" + (1000).to_bytes(2, "big") + os.urandom(1000))
+            over = b"".join(p_user(f"k{i}", "v" * 1000) for i in range(64))
+            burst = b"".join(publish5("soak", b"", qos=0, properties=under) for _ in range(40))
+            burst += publish5("soak", b"", qos=1, pid=7, properties=under)
+            burst += publish5("soak", b"", qos=1, pid=8, properties=over)
+            burst += publish5("soak", b"", qos=0, properties=over)
+            r.send(burst)
+            acks = {}
+            r.sock.settimeout(3)
+            try:
+                while len(acks) < 2:
+                    t, _, body = r.read_packet()
+                    if t == 4 and len(body) >= 2:
+                        pid = int.from_bytes(body[:2], "big")
+                        acks[pid] = body[2] if len(body) > 2 else 0
+                    elif t == 14:
+                        return f"disconnect_0x{body[0]:02x}" if body else "disconnect_0x00"
+            except (socket.timeout, TimeoutError):
+                return "no_puback"
+            except (EOFError, OSError):
+                return "closed"
+            return f"under_0x{acks.get(7, 0xff):02x}:over_0x{acks.get(8, 0xff):02x}"
+        finally:
+            r.close()
+
+    def property_heavy_reader(self, n):
+        """The `$share` handler that reads the property-heavy commands: a log
+        every reader has read must be freed."""
+        r, rc = self.handler_raw(f"hpropreader{n % 2}")
+        try:
+            if rc != 0:
+                return f"connack_{rc}"
+            r.send(subscribe5(1, ["$share/hprop/soak"]))
+            got = 0
+            end = time.monotonic() + 10
+            r.sock.settimeout(1)
+            while time.monotonic() < end and self.live():
+                try:
+                    t, _, _ = r.read_packet()
+                    got += t == 3
+                except (socket.timeout, TimeoutError):
+                    pass
+            return "read_some" if got else "read_none"
+        except (EOFError, OSError):
+            return "closed"
+        finally:
+            r.close()
+
+    def reconnecting_qos2_hoarder(self, n):
+        """One persistent session that publishes QoS 2 commands it never
+        releases, reconnecting between bursts: the gate's count is the
+        session's, so a later connection is cut with 0x93 instead of the
+        router holding another Receive Maximum's worth per reconnect."""
+        cid = f"hhoard{n % 2}"
+        outcome = "never_cut"
+        pid = 1
+        for round_ in range(5):
+            r, rc = self.device(f"hhoard{n % 2}", client_id=cid, clean=round_ == 0,
+                                properties=p_u32(0x11, 300))
+            try:
+                if rc != 0:
+                    return f"round{round_}_connack_{rc}"
+                burst = b""
+                for _ in range(60):
+                    burst += publish5("soak", b"h", qos=2, pid=pid)
+                    pid = pid % 65535 + 1
+                try:
+                    r.send(burst)
+                except (BrokenPipeError, ConnectionResetError):
+                    return f"round{round_}_closed_during_send"
+                got = r.outcome(2)
+                if got.startswith("disconnect_"):
+                    outcome = f"round{round_}_{got}"
+                    break
+            finally:
+                r.close()
+        # End the session so the next attempt starts from nothing.
+        r, _ = self.device(f"hhoard{n % 2}", client_id=cid, clean=True)
+        r.close()
+        return outcome
+
+    def disconnect_expiry_after_zero(self, n):
+        """A session that connected with Session Expiry 0 and a delayed will,
+        then sets an expiry at DISCONNECT (MQTT-3.14.2-2): a protocol error,
+        the will must not be parked for days."""
+        will = (props(p_u32(0x18, 3600)) + s("soak") + s("will"))
+        r = self.raw()
+        try:
+            body = (s("MQTT") + bytes([5, 0x02 | 0x04 | 0x80 | 0x40]) + (30).to_bytes(2, "big")
+                    + props(b"") + s(f"hdexp{n % 4}") + will + s("JWT")
+                    + s(good_token(self.secret, f"hdexp{n % 4}")))
+            r.send(packet(0x10, body))
+            rc = r.connack()
+            if rc != 0:
+                return f"connack_{rc}"
+            r.send(packet(0xE0, bytes([0x00]) + props(p_u32(0x11, 600000))))
+            return r.outcome(3)
+        finally:
+            r.close()
+
     def retained_multibyte(self, n):
         got = Counter()
         sub = self.paho(f"hwild{n % 2}", "handler", self.hkey)
@@ -663,6 +806,11 @@ class Soak:
             ("shared_persistent_unacked", self.shared_persistent_unacked, 1.0),
             ("takeover_storm", self.takeover_storm, 0.5),
             ("lookalike_identity", self.lookalike_identity, 0.3),
+            ("stop_reading_property_heavy", self.stop_reading_property_heavy, 1.0),
+            ("property_heavy_commands", self.property_heavy_commands, 0.2),
+            ("property_heavy_reader", self.property_heavy_reader, 0.5),
+            ("reconnecting_qos2_hoarder", self.reconnecting_qos2_hoarder, 0.5),
+            ("disconnect_expiry_after_zero", self.disconnect_expiry_after_zero, 0.3),
         ]
         if self.only:
             unknown = set(self.only) - {a[0] for a in attacks}

@@ -13,6 +13,15 @@
 //!   session ends within a deadline once its client hangs up;
 //! - no growth across cases: no device session of a finished case stays in
 //!   the session registry.
+//!
+//! Publishes carry, now and then, heavy properties (large user properties,
+//! correlation data) and DISCONNECTs MQTT 5 properties (a Session Expiry
+//! Interval among them). A second target, `one_persistent_session_across_reconnects`,
+//! drives one persistent session through reconnect sequences (hoarded QoS 2
+//! publishes, releases, retransmissions, hang-ups, DISCONNECTs with an
+//! expiry) on a gate with a small Receive Maximum, and asserts that the
+//! broker never holds more unreleased QoS 2 publishes for the session than
+//! that maximum, however often it reconnects.
 
 use broker::auth::jwt::JwtSettings;
 use broker::codec::{Codec, Version as WireVersion};
@@ -25,7 +34,8 @@ use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
 use rumqttd::protocol::{
-    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Login, Packet,
+    ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
+    DisconnectReasonCode, Filter, Login, Packet,
     PingReq, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel,
     PubRelProperties, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
     Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
@@ -70,7 +80,22 @@ struct Harness {
 /// case uses fresh user ids and client ids.
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
-    H.get_or_init(|| {
+    H.get_or_init(|| build_harness(Limits::default().receive_maximum))
+}
+
+/// A second gate whose Receive Maximum is small, for the persistent-session
+/// target: a hoarder crosses it within a few reconnects.
+fn small_window_harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| build_harness(PERSISTENT_RECEIVE_MAXIMUM))
+}
+
+/// The Receive Maximum of [`small_window_harness`].
+const PERSISTENT_RECEIVE_MAXIMUM: u16 = 8;
+
+fn install_panic_counter() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
         // Logs at `RUST_LOG` when set (say `RUST_LOG=broker=debug`).
         if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
             let _ = tracing_subscriber::fmt()
@@ -83,36 +108,41 @@ fn harness() -> &'static Harness {
             PANICS.fetch_add(1, Ordering::SeqCst);
             default_hook(info);
         }));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let shutdown = CancellationToken::new();
-        let config = Config {
-            jwt: JwtSettings {
-                hmac_secret: Some(SECRET.as_bytes().to_vec()),
-                ..JwtSettings::default()
-            },
-            handler_keys: vec![Secret::new(HANDLER_KEY)],
-            command_topics: COMMANDS.iter().map(|s| s.to_string()).collect(),
-            limits: Limits {
-                conn_rate_per_sec: 0.0,
-                connect_timeout: Duration::from_secs(2),
-                max_packet_size: 64 * 1024,
-                ..Limits::default()
-            },
-            revocations: None,
-        };
-        let gate = runtime
-            .block_on(async { broker::gate_for_tests(config, shutdown.clone()) })
-            .expect("gate");
-        Harness {
-            runtime,
-            gate,
-            _shutdown: shutdown,
-        }
-    })
+    });
+}
+
+fn build_harness(receive_maximum: u16) -> Harness {
+    install_panic_counter();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let shutdown = CancellationToken::new();
+    let config = Config {
+        jwt: JwtSettings {
+            hmac_secret: Some(SECRET.as_bytes().to_vec()),
+            ..JwtSettings::default()
+        },
+        handler_keys: vec![Secret::new(HANDLER_KEY)],
+        command_topics: COMMANDS.iter().map(|s| s.to_string()).collect(),
+        limits: Limits {
+            conn_rate_per_sec: 0.0,
+            connect_timeout: Duration::from_secs(2),
+            max_packet_size: 64 * 1024,
+            receive_maximum,
+            ..Limits::default()
+        },
+        revocations: None,
+    };
+    let gate = runtime
+        .block_on(async { broker::gate_for_tests(config, shutdown.clone()) })
+        .expect("gate");
+    Harness {
+        runtime,
+        gate,
+        _shutdown: shutdown,
+    }
 }
 
 // ------------------------------------------------------------- the inputs
@@ -178,7 +208,7 @@ enum Action {
         pkid: u16,
         dup: bool,
         retain: bool,
-        properties: Option<Vec<(String, String)>>,
+        properties: Option<PublishProps>,
         payload: Vec<u8>,
     },
     PubAck(u16),
@@ -190,13 +220,96 @@ enum Action {
     ServerOnly(u8),
     /// A second CONNECT on the same connection.
     Reconnect,
-    Disconnect(DisconnectReasonCode),
+    Disconnect(DisconnectReasonCode, Option<DisconnectProps>),
     /// An encoded packet of another action, mutated.
     Mutated(Box<Action>, Vec<Mutation>),
     Raw(Vec<u8>),
     /// Waits (bounded) for one more SUBACK: fixed sequences use it so that a
     /// reply is published after the subscription is in place.
     AwaitSubAck,
+}
+
+/// The properties of a fuzzed publish: forged identities now and then, and
+/// (issue 15) heavy user properties and correlation data, which every
+/// memory budget must count, with a response topic and an expiry.
+#[derive(Debug, Clone)]
+struct PublishProps {
+    user: Vec<(String, String)>,
+    /// How many large user properties, and the bytes of each value.
+    heavy: (usize, usize),
+    /// Bytes of correlation data.
+    correlation: Option<usize>,
+    response_topic: bool,
+    expiry: Option<u32>,
+}
+
+impl PublishProps {
+    fn build(&self) -> PublishProperties {
+        let mut user_properties = self.user.clone();
+        let (count, size) = self.heavy;
+        user_properties.extend((0..count).map(|i| (format!("heavy{i}"), "h".repeat(size))));
+        PublishProperties {
+            content_type: Some("application/json".into()),
+            user_properties,
+            correlation_data: self.correlation.map(|n| Bytes::from(vec![0xC5; n])),
+            response_topic: self.response_topic.then(|| "reply/here".to_owned()),
+            message_expiry_interval: self.expiry,
+            ..PublishProperties::default()
+        }
+    }
+}
+
+fn publish_props() -> impl Strategy<Value = PublishProps> {
+    let heavy = prop_oneof![
+        6 => Just((0usize, 0usize)),
+        2 => (1usize..16, 1usize..2048),
+        1 => (1usize..4, 4096usize..16_000),
+    ];
+    let correlation = option::of(prop_oneof![0usize..64, 900usize..1100, 8_000usize..20_000]);
+    let expiry = option::of(prop_oneof![Just(0u32), Just(1), Just(60), Just(u32::MAX)]);
+    (user_properties(), heavy, correlation, any::<bool>(), expiry).prop_map(
+        |(user, heavy, correlation, response_topic, expiry)| PublishProps {
+            user,
+            heavy,
+            correlation,
+            response_topic,
+            expiry,
+        },
+    )
+}
+
+/// The properties of a fuzzed DISCONNECT (MQTT 5): a Session Expiry
+/// Interval (a non-zero one after a CONNECT without one is a protocol
+/// error, MQTT-3.14.2-2), a reason string, user properties.
+#[derive(Debug, Clone)]
+struct DisconnectProps {
+    session_expiry: Option<u32>,
+    reason: bool,
+    user: Vec<(String, String)>,
+}
+
+fn disconnect_props() -> impl Strategy<Value = DisconnectProps> {
+    (
+        option::of(prop_oneof![Just(0u32), Just(1), Just(3600), Just(u32::MAX)]),
+        any::<bool>(),
+        user_properties(),
+    )
+        .prop_map(|(session_expiry, reason, user)| DisconnectProps {
+            session_expiry,
+            reason,
+            user,
+        })
+}
+
+impl DisconnectProps {
+    fn build(&self) -> DisconnectProperties {
+        DisconnectProperties {
+            session_expiry_interval: self.session_expiry,
+            reason_string: self.reason.then(|| "bye".to_owned()),
+            user_properties: self.user.clone(),
+            server_reference: None,
+        }
+    }
 }
 
 fn pkid() -> impl Strategy<Value = u16> {
@@ -229,7 +342,7 @@ fn base_action() -> impl Strategy<Value = Action> {
             pkid(),
             any::<bool>(),
             prop_oneof![4 => Just(false), 1 => Just(true)],
-            option::of(user_properties()),
+            option::of(publish_props()),
             vec(any::<u8>(), 0..16),
         )
             .prop_map(|(topic, qos, pkid, dup, retain, properties, payload)| Action::Publish {
@@ -249,7 +362,8 @@ fn base_action() -> impl Strategy<Value = Action> {
         2 => Just(Action::AwaitSubAck),
         1 => (0u8..4).prop_map(Action::ServerOnly),
         1 => Just(Action::Reconnect),
-        1 => fuzz::disconnect_reason().prop_map(Action::Disconnect),
+        1 => (fuzz::disconnect_reason(), option::of(disconnect_props()))
+            .prop_map(|(reason, props)| Action::Disconnect(reason, props)),
         1 => vec(any::<u8>(), 0..24).prop_map(Action::Raw),
     ]
 }
@@ -332,11 +446,7 @@ fn packet(action: &Action, a: &str, b: &str, client_id: &str, login: &Login) -> 
                     q,
                     pkid,
                 ),
-                properties.clone().map(|user_properties| PublishProperties {
-                    content_type: Some("application/json".into()),
-                    user_properties,
-                    ..PublishProperties::default()
-                }),
+                properties.as_ref().map(PublishProps::build),
             )
         }
         Action::PubAck(pkid) => Packet::PubAck(
@@ -396,11 +506,11 @@ fn packet(action: &Action, a: &str, b: &str, client_id: &str, login: &Login) -> 
             _ => Packet::PingResp(PingResp),
         },
         Action::Reconnect => connect_packet(client_id, login.clone()),
-        Action::Disconnect(reason_code) => Packet::Disconnect(
+        Action::Disconnect(reason_code, props) => Packet::Disconnect(
             Disconnect {
                 reason_code: *reason_code,
             },
-            None,
+            props.as_ref().map(DisconnectProps::build),
         ),
         Action::Mutated(..) | Action::Raw(_) | Action::AwaitSubAck => return None,
     })
@@ -429,6 +539,12 @@ struct Seen {
     subacks: usize,
     closed: bool,
     malformed: Option<String>,
+    /// PUBRECs for the client's QoS 2 publishes: packet id, success.
+    pubrecs: Vec<(u16, bool)>,
+    /// PUBCOMPs for the client's PUBRELs.
+    pubcomps: Vec<u16>,
+    /// The server's DISCONNECT reason, if it sent one.
+    disconnect: Option<DisconnectReasonCode>,
 }
 
 /// A client of the gate over an in-memory stream.
@@ -457,7 +573,16 @@ struct Client {
 
 impl Client {
     fn start(who: Who, version: WireVersion, uid: Option<String>, case: usize) -> Client {
-        let h = harness();
+        Self::start_on(harness(), who, version, uid, case)
+    }
+
+    fn start_on(
+        h: &Harness,
+        who: Who,
+        version: WireVersion,
+        uid: Option<String>,
+        case: usize,
+    ) -> Client {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let peer = SocketAddr::from(([127, 0, 0, 1], 40000 + (case % 20000) as u16));
         let session = tokio::spawn(broker::connection::serve(
@@ -525,6 +650,11 @@ impl Client {
                                     Packet::PingResp(_) => s.ping_responses += 1,
                                     Packet::ConnAck(..) => s.connacks += 1,
                                     Packet::SubAck(..) => s.subacks += 1,
+                                    Packet::PubRec(rec, _) => s
+                                        .pubrecs
+                                        .push((rec.pkid, rec.reason == PubRecReason::Success)),
+                                    Packet::PubComp(comp, _) => s.pubcomps.push(comp.pkid),
+                                    Packet::Disconnect(d, _) => s.disconnect = Some(d.reason_code),
                                     _ => {}
                                 }
                                 drop(s);
@@ -607,6 +737,11 @@ impl Client {
     /// `pipelined_packets_after_connect_are_answered`).
     async fn connect(&mut self) {
         let packet = connect_packet(&self.client_id, self.login.clone());
+        self.connect_with(packet).await;
+    }
+
+    /// Sends this CONNECT and waits as [`Client::connect`] does.
+    async fn connect_with(&mut self, packet: Packet) {
         self.send(packet).await;
         let wait = async {
             loop {
@@ -911,6 +1046,313 @@ proptest! {
         ops in vec((who(), action()), 1..24),
     ) {
         check(versions, ops, vec![])?;
+    }
+}
+
+// ------------------------------------------------ one persistent session
+
+/// One step in the life of a persistent device session across connections
+/// (issue 15: caps that reset on reconnect).
+#[derive(Debug, Clone)]
+enum Step {
+    /// This many QoS 2 commands with fresh packet ids, never released.
+    Hoard(u8),
+    /// PUBREL for the oldest packet id the session holds.
+    ReleaseOldest,
+    /// The newest held packet id again, with DUP set.
+    Retransmit,
+    /// A publish with heavy properties.
+    Heavy(u8, PublishProps),
+    /// Hang up without DISCONNECT; the next step reconnects.
+    HangUp,
+    /// DISCONNECT, MQTT 5 with this Session Expiry Interval if any.
+    Disconnect(Option<u32>),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (1u8..6).prop_map(Step::Hoard),
+        1 => Just(Step::ReleaseOldest),
+        1 => Just(Step::Retransmit),
+        1 => (0u8..3, publish_props()).prop_map(|(q, p)| Step::Heavy(q, p)),
+        2 => Just(Step::HangUp),
+        1 => option::of(prop_oneof![Just(0u32), Just(60), Just(u32::MAX)]).prop_map(Step::Disconnect),
+    ]
+}
+
+/// Session expiry asked for at every CONNECT of the persistent target.
+const PERSISTENT_EXPIRY_SECS: u32 = 300;
+
+fn persistent_connect(
+    version: WireVersion,
+    client_id: &str,
+    login: Login,
+    clean_start: bool,
+) -> Packet {
+    // MQTT 3.1.1: Clean Session 0 is a persistent session, with no expiry
+    // of its own; MQTT 5: Clean Start and an expiry.
+    let properties = (version == WireVersion::V5).then(|| ConnectProperties {
+        session_expiry_interval: Some(PERSISTENT_EXPIRY_SECS),
+        ..ConnectProperties::default()
+    });
+    Packet::Connect(
+        Connect {
+            keep_alive: 60,
+            client_id: client_id.into(),
+            clean_session: clean_start,
+        },
+        properties,
+        None,
+        None,
+        Some(login),
+    )
+}
+
+/// Waits (bounded) until `done` holds for what the client saw, or it closed.
+async fn wait_for(c: &mut Client, done: impl Fn(&Seen) -> bool) {
+    let wait = async {
+        loop {
+            {
+                let s = c.state.lock().expect("state");
+                if s.closed || done(&s) {
+                    return;
+                }
+            }
+            if c.seen.recv().await.is_none() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(ANSWER_DEADLINE, wait).await;
+}
+
+/// Runs one persistent session through `steps`, reconnecting after each
+/// end. Asserts, besides what every case asserts (no panic, nothing
+/// malformed, sessions end): the broker never holds more unreleased QoS 2
+/// publishes for the session than its Receive Maximum, whatever the
+/// reconnects (each PUBREC with success is a publish it holds until the
+/// PUBREL), and a retransmitted held packet id is answered, not refused.
+async fn run_persistent(version: WireVersion, steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let h = small_window_harness();
+    let case = CASE.fetch_add(1, Ordering::SeqCst);
+    let uid = format!("p{case}");
+    let limit = usize::from(PERSISTENT_RECEIVE_MAXIMUM);
+    // Packet ids the broker acknowledged with PUBREC and not yet completed.
+    let mut held: std::collections::BTreeSet<u16> = std::collections::BTreeSet::new();
+    let mut next_pkid: u16 = 1;
+    let mut current: Option<Client> = None;
+    for step in steps {
+        let c = match &mut current {
+            Some(c) if !c.closed() && !c.gone => c,
+            _ => {
+                if let Some(old) = current.take() {
+                    finish_client(old).await?;
+                }
+                let mut c = Client::start_on(h, Who::DeviceA, version, Some(uid.clone()), case);
+                let connect = persistent_connect(version, &c.client_id, c.login.clone(), false);
+                c.connect_with(connect).await;
+                current.insert(c)
+            }
+        };
+        let (recs_before, comps_before) = {
+            let s = c.state.lock().expect("state");
+            (s.pubrecs.len(), s.pubcomps.len())
+        };
+        match step {
+            Step::Hoard(n) => {
+                for _ in 0..n {
+                    let publish = Publish::with_qos(
+                        Bytes::from_static(b"sync"),
+                        Bytes::from_static(b"{}"),
+                        false,
+                        QoS::ExactlyOnce,
+                        next_pkid,
+                    );
+                    next_pkid = next_pkid.wrapping_add(1).max(1);
+                    c.send(Packet::Publish(publish, None)).await;
+                }
+                let wanted = recs_before + usize::from(n);
+                wait_for(c, |s| s.pubrecs.len() >= wanted).await;
+            }
+            Step::ReleaseOldest => {
+                if let Some(&pkid) = held.iter().next() {
+                    let release = PubRel {
+                        pkid,
+                        reason: PubRelReason::Success,
+                    };
+                    c.send(Packet::PubRel(release, None)).await;
+                    wait_for(c, |s| s.pubcomps.len() > comps_before).await;
+                }
+            }
+            Step::Retransmit => {
+                if let Some(&pkid) = held.iter().next_back() {
+                    let publish = Publish::with_qos(
+                        Bytes::from_static(b"sync"),
+                        Bytes::from_static(b"{}"),
+                        false,
+                        QoS::ExactlyOnce,
+                        pkid,
+                    );
+                    let mut out = BytesMut::new();
+                    if c.codec.encode(Packet::Publish(publish, None), &mut out).is_ok() {
+                        if let Some(first) = out.first_mut() {
+                            *first |= 0x08;
+                        }
+                        c.write(&out).await;
+                    }
+                    wait_for(c, |s| s.pubrecs.len() > recs_before).await;
+                    let s = c.state.lock().expect("state");
+                    prop_assert!(
+                        s.closed || s.pubrecs[recs_before..].contains(&(pkid, true)),
+                        "a retransmission of held packet id {pkid} was not answered PUBREC \
+                         (got {:?})",
+                        &s.pubrecs[recs_before..]
+                    );
+                }
+            }
+            Step::Heavy(q, props) => {
+                let q = qos(q);
+                let pkid = if q == QoS::AtMostOnce { 0 } else { next_pkid };
+                if q != QoS::AtMostOnce {
+                    next_pkid = next_pkid.wrapping_add(1).max(1);
+                }
+                let publish = Publish::with_qos(
+                    Bytes::from_static(b"sync"),
+                    Bytes::new(),
+                    false,
+                    q,
+                    pkid,
+                );
+                c.send(Packet::Publish(publish, Some(props.build()))).await;
+                prop_assert!(c.ping_answered().await, "no PINGRESP after a heavy publish");
+            }
+            Step::HangUp => {
+                let _ = c.writer.lock().await.shutdown().await;
+            }
+            Step::Disconnect(expiry) => {
+                let props = expiry.map(|secs| DisconnectProperties {
+                    session_expiry_interval: Some(secs),
+                    reason_string: None,
+                    user_properties: vec![],
+                    server_reference: None,
+                });
+                let disconnect = Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                };
+                c.send(Packet::Disconnect(disconnect, props)).await;
+                wait_for(c, |_| false).await;
+                // Expiry 0 at DISCONNECT ends the session (MQTT 5): the
+                // broker forgets what it held.
+                let ended_session = version == WireVersion::V5 && expiry == Some(0);
+                if ended_session && c.state.lock().expect("state").disconnect.is_none() {
+                    held.clear();
+                }
+            }
+        }
+        {
+            let s = c.state.lock().expect("state");
+            for &(pkid, ok) in &s.pubrecs[recs_before..] {
+                if ok {
+                    held.insert(pkid);
+                }
+            }
+            for pkid in &s.pubcomps[comps_before..] {
+                held.remove(pkid);
+            }
+        }
+        prop_assert!(
+            held.len() <= limit,
+            "the broker holds {} unreleased QoS 2 publishes of one session ({held:?}), \
+             more than its Receive Maximum {limit}",
+            held.len()
+        );
+    }
+    if let Some(old) = current.take() {
+        finish_client(old).await?;
+    }
+    // End the session: a clean start, then DISCONNECT (expiry 0).
+    let mut c = Client::start_on(h, Who::DeviceA, version, Some(uid.clone()), case);
+    let connect = persistent_connect(version, &c.client_id, c.login.clone(), true);
+    c.connect_with(connect).await;
+    let ending = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    let props = (version == WireVersion::V5).then(|| DisconnectProperties {
+        session_expiry_interval: Some(0),
+        reason_string: None,
+        user_properties: vec![],
+        server_reference: None,
+    });
+    c.send(Packet::Disconnect(ending, props)).await;
+    finish_client(c).await?;
+    let still_live = h
+        .gate
+        .sessions()
+        .device_sessions()
+        .into_iter()
+        .any(|(live, _)| live.as_str() == uid);
+    prop_assert!(!still_live, "the session of {uid} is still live after the case");
+    Ok(())
+}
+
+/// Hangs up `c` and checks that its session ended in time and that what it
+/// received decoded.
+async fn finish_client(mut c: Client) -> Result<(), TestCaseError> {
+    let _ = c.writer.lock().await.shutdown().await;
+    let ended = tokio::time::timeout(END_DEADLINE, &mut c.session).await;
+    prop_assert!(
+        ended.is_ok(),
+        "session still running {END_DEADLINE:?} after hang-up"
+    );
+    c.reader.abort();
+    let s = c.state.lock().expect("state");
+    prop_assert!(s.malformed.is_none(), "malformed bytes: {:?}", s.malformed);
+    Ok(())
+}
+
+fn check_persistent(version: WireVersion, steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let h = small_window_harness();
+    let before = PANICS.load(Ordering::SeqCst);
+    let described = format!("version = {version:?}, steps = {steps:?}");
+    let result = h.runtime.block_on(run_persistent(version, steps));
+    let after = PANICS.load(Ordering::SeqCst);
+    if after != before {
+        eprintln!("panic during case: {described}");
+    }
+    prop_assert_eq!(after, before, "a panic happened during this case (see stderr)");
+    result
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    /// Reconnect sequences of one persistent session: hoarded QoS 2
+    /// publishes, releases, retransmissions, heavy properties, hang-ups and
+    /// DISCONNECTs with and without a Session Expiry Interval.
+    #[test]
+    fn one_persistent_session_across_reconnects(
+        version in wire_version(),
+        steps in vec(step(), 1..14),
+    ) {
+        check_persistent(version, steps)?;
+    }
+}
+
+/// The hoarder the issue found: a persistent session that holds almost a
+/// Receive Maximum of unreleased QoS 2 publishes, reconnects and does it
+/// again. Its total is the session's, so the broker never holds more than
+/// the Receive Maximum.
+#[test]
+fn a_reconnecting_qos2_hoarder_is_held_to_the_receive_maximum() {
+    for version in [WireVersion::V4, WireVersion::V5] {
+        let steps = vec![
+            Step::Hoard(5),
+            Step::HangUp,
+            Step::Hoard(5),
+            Step::HangUp,
+            Step::Hoard(5),
+        ];
+        check_persistent(version, steps).expect("held within the Receive Maximum");
     }
 }
 
