@@ -544,9 +544,9 @@ class Soak:
             if rc != 0:
                 return f"connack_{rc}"
             # Just under the default caps (README "Limits"): 4 KiB of user
-            # properties, 1 KiB of correlation data.
+            # properties, 256 bytes of correlation data.
             under = (b"".join(p_user(f"k{i}", "v" * 500) for i in range(7))
-                     + b"\x09" + (1000).to_bytes(2, "big") + os.urandom(1000))
+                     + b"\x09" + (200).to_bytes(2, "big") + os.urandom(200))
             over = b"".join(p_user(f"k{i}", "v" * 1000) for i in range(64))
             burst = b"".join(publish5("soak", b"", qos=0, properties=under) for _ in range(40))
             burst += publish5("soak", b"", qos=1, pid=7, properties=under)
