@@ -25,9 +25,10 @@ pub fn stamp(
     properties
         .user_properties
         .retain(|(name, _)| !is_identity_name(name));
-    properties
-        .user_properties
-        .push((USER_ID_PROPERTY.to_owned(), device.uid().as_str().to_owned()));
+    properties.user_properties.push((
+        USER_ID_PROPERTY.to_owned(),
+        device.uid().as_str().to_owned(),
+    ));
     properties
         .user_properties
         .push((CLIENT_ID_PROPERTY.to_owned(), client_id.to_owned()));

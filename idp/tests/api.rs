@@ -427,7 +427,10 @@ async fn unregister_deletes_and_revokes_and_a_new_registration_works_again() {
     // an account registered since), nor can the suspended user's.
     let (status, body) = idp.post("/unregister", Some(&token), Value::Null).await;
     assert_eq!(status, 401, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("revoked"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
     let (fresh, _) = idp.sign_up("+15551234567").await;
     idp.store.revoke_user(&user, Revocation::All).await.unwrap();
     let (status, body) = idp.post("/unregister", Some(&fresh), Value::Null).await;

@@ -225,7 +225,10 @@ async fn a_revoked_token_cannot_unregister_the_account_registered_since() {
     assert!(registered.is_some());
 
     // The old credentials are refused, with a clear error, and delete nothing.
-    for (credential, what) in [(old_token.as_str(), "device token"), (&old_session, "session")] {
+    for (credential, what) in [
+        (old_token.as_str(), "device token"),
+        (&old_session, "session"),
+    ] {
         let (status, body) = env.idp.post("/unregister", Some(credential), None).await;
         assert_eq!(status, 401, "the old {what}: {body}");
         let error = body["error"].as_str().unwrap_or_default();

@@ -448,7 +448,13 @@ async fn revoked_senders_are_refused_before_the_handler_runs() {
         .await
         .unwrap();
     let before = seen.load(Ordering::SeqCst);
-    let device = |iat: &'static str| [("user_id", "42"), ("client_id", "phone"), ("token_iat", iat)];
+    let device = |iat: &'static str| {
+        [
+            ("user_id", "42"),
+            ("client_id", "phone"),
+            ("token_iat", iat),
+        ]
+    };
 
     // Revoked: an old token, a missing or forged-looking stamp.
     for stamps in [

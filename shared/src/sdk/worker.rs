@@ -556,7 +556,9 @@ impl Job {
         let request_id = request_id_of(&payload);
         // Before any handler code: a revoked session's command is not acted on.
         if let (Some(store), Some(iat)) = (&self.revocations, self.token_iat) {
-            if let Err(err) = check_revocation(store.as_ref(), &self.user_id, iat, self.timeout).await {
+            if let Err(err) =
+                check_revocation(store.as_ref(), &self.user_id, iat, self.timeout).await
+            {
                 return self.send_error(request_id.as_deref(), &err).await;
             }
         }
