@@ -74,10 +74,7 @@ pub fn publish_properties(will: Option<&LastWillProperties>) -> Option<PublishPr
         topic_alias: None,
         response_topic: will.response_topic.clone(),
         // A copy, not a slice of the CONNECT's buffer (see `owned_will`).
-        correlation_data: will
-            .correlation_data
-            .as_deref()
-            .map(Bytes::copy_from_slice),
+        correlation_data: will.correlation_data.as_deref().map(Bytes::copy_from_slice),
         user_properties: will.user_properties.clone(),
         subscription_identifiers: Vec::new(),
         content_type: will.content_type.clone(),
