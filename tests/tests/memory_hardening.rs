@@ -64,9 +64,13 @@ async fn wait_for_messages_in(broker: &TestBroker, count: u64) {
     }
 }
 
-/// `n` bytes of user properties (one pair: name "p", value `n - 1` bytes).
+/// `n` bytes of user properties (one pair: name "p", value `n - 1` bytes;
+/// none for 0).
 fn user_properties(n: usize) -> Vec<(String, String)> {
-    vec![("p".to_owned(), "v".repeat(n - 1))]
+    match n {
+        0 => Vec::new(),
+        n => vec![("p".to_owned(), "v".repeat(n - 1))],
+    }
 }
 
 /// A raw MQTT 5 client on plain TCP: CONNECTs with `username`/`password`
