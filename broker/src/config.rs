@@ -151,11 +151,19 @@ pub struct Args {
     /// Most bytes of user properties (names and values) a device's PUBLISH
     /// or will may carry (more: PUBACK/PUBREC 0x83, QoS 0 dropped; a will:
     /// CONNACK 0x83). 0 to 1048576.
-    #[arg(long, env = "BROKER_DEVICE_MAX_USER_PROPERTY_BYTES", default_value_t = 4096)]
+    #[arg(
+        long,
+        env = "BROKER_DEVICE_MAX_USER_PROPERTY_BYTES",
+        default_value_t = 4096
+    )]
     pub device_max_user_property_bytes: usize,
     /// Most bytes of correlation data a device's PUBLISH or will may carry
     /// (answered as for user properties). 0 to 65535.
-    #[arg(long, env = "BROKER_DEVICE_MAX_CORRELATION_DATA_BYTES", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "BROKER_DEVICE_MAX_CORRELATION_DATA_BYTES",
+        default_value_t = 256
+    )]
     pub device_max_correlation_data_bytes: usize,
     /// Most subscriptions one device session may hold (more: SUBACK 0x97).
     #[arg(long, env = "BROKER_DEVICE_MAX_SUBSCRIPTIONS", default_value_t = 100)]

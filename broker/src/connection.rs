@@ -9,8 +9,8 @@ use crate::auth::{Principal, Refusal};
 use crate::codec::{sniff_version, Codec, CodecError, Version};
 use crate::gate::Gate;
 use crate::identity;
-use crate::property_caps;
 use crate::inbound::{Allowed, Arrival, InboundFlows, Refused, Release};
+use crate::property_caps;
 use crate::reply_index::{ReplyInbox, Served};
 use crate::router::{RouterError, RouterRx, RouterTx};
 use crate::sessions::{device_session_id, handler_session_id, EndRequest, SessionClaim};
@@ -370,7 +370,8 @@ async fn accept<S: AsyncRead + AsyncWrite>(
 
     if will.is_some() {
         let caps = &gate.limits().device_properties;
-        if let Err(refusal) = property_caps::allow_will(&principal, caps, will_properties.as_ref()) {
+        if let Err(refusal) = property_caps::allow_will(&principal, caps, will_properties.as_ref())
+        {
             let _ = wire.send_now(&codec, refuse(refusal)).await;
             return None;
         }

@@ -60,9 +60,9 @@ pub fn check(
     correlation_data: Option<&Bytes>,
 ) -> Result<(), Excess> {
     // Summed with saturation: a sum cannot wrap into something small.
-    let user_bytes = user_properties
-        .iter()
-        .fold(0usize, |sum, (k, v)| sum.saturating_add(k.len()).saturating_add(v.len()));
+    let user_bytes = user_properties.iter().fold(0usize, |sum, (k, v)| {
+        sum.saturating_add(k.len()).saturating_add(v.len())
+    });
     if user_bytes > caps.user_property_bytes {
         return Err(Excess::UserProperties);
     }

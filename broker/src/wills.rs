@@ -88,10 +88,7 @@ pub fn publish_properties(will: Option<&LastWillProperties>) -> Option<PublishPr
         topic_alias: None,
         response_topic: will.response_topic.clone(),
         // A copy, not a slice of the CONNECT's buffer (see `owned_will`).
-        correlation_data: will
-            .correlation_data
-            .as_deref()
-            .map(Bytes::copy_from_slice),
+        correlation_data: will.correlation_data.as_deref().map(Bytes::copy_from_slice),
         user_properties: will.user_properties.clone(),
         subscription_identifiers: Vec::new(),
         content_type: will.content_type.clone(),
@@ -481,7 +478,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: false,
         });
-        let properties = LastWillProperties {
+        let will_properties = LastWillProperties {
             delay_interval: Some(60),
             payload_format_indicator: None,
             message_expiry_interval: None,
@@ -490,7 +487,8 @@ mod tests {
             correlation_data: Some(connect_buffer.slice(14..270)),
             user_properties: vec![("k".into(), "v".repeat(4000))],
         };
-        let properties = publish_properties(Some(&properties));
+        let properties = publish_properties(Some(&will_properties));
+        drop(will_properties);
         assert!(
             connect_buffer.is_unique(),
             "the will keeps no slice of the CONNECT's buffer"
@@ -589,7 +587,8 @@ mod tests {
         }
         assert_eq!(received(&mut queue), vec!["3"]);
         assert_eq!(wills.pending(), 2);
-        let (small, mut small_queue) = Wills::new(10, 3);
+        // Room for one will's bytes (record included), not two.
+        let (small, mut small_queue) = Wills::new(10, will("ab").size() + 1);
         small.schedule("x", will("ab"), hour);
         small.schedule("y", will("cd"), hour);
         assert_eq!(received(&mut small_queue), vec!["cd"], "over the bytes");

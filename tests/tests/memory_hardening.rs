@@ -64,9 +64,13 @@ async fn wait_for_messages_in(broker: &TestBroker, count: u64) {
     }
 }
 
-/// `n` bytes of user properties (one pair: name "p", value `n - 1` bytes).
+/// `n` bytes of user properties (one pair: name "p", value `n - 1` bytes;
+/// none for 0).
 fn user_properties(n: usize) -> Vec<(String, String)> {
-    vec![("p".to_owned(), "v".repeat(n - 1))]
+    match n {
+        0 => Vec::new(),
+        n => vec![("p".to_owned(), "v".repeat(n - 1))],
+    }
 }
 
 /// A raw MQTT 5 client on plain TCP: CONNECTs with `username`/`password`
@@ -169,7 +173,13 @@ async fn a_shared_handler_that_read_every_command_leaves_the_log_empty() {
     for _ in 0..COMMANDS {
         device
             .client
-            .publish_with_properties("sync", QoS::AtMostOnce, false, Vec::new(), properties.clone())
+            .publish_with_properties(
+                "sync",
+                QoS::AtMostOnce,
+                false,
+                Vec::new(),
+                properties.clone(),
+            )
             .await
             .unwrap();
     }
@@ -212,13 +222,23 @@ async fn a_shared_handler_that_read_every_command_leaves_the_log_empty() {
     for _ in 0..100 {
         device
             .client
-            .publish_with_properties("sync", QoS::AtMostOnce, false, Vec::new(), properties.clone())
+            .publish_with_properties(
+                "sync",
+                QoS::AtMostOnce,
+                false,
+                Vec::new(),
+                properties.clone(),
+            )
             .await
             .unwrap();
     }
     wait_for_messages_in(&broker, COMMANDS + 100).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(log_bytes(&broker).await, 0, "read as they come, freed as read");
+    assert_eq!(
+        log_bytes(&broker).await,
+        0,
+        "read as they come, freed as read"
+    );
     reader.abort();
     broker.assert_still_serving().await;
     broker.shutdown().await;
@@ -255,7 +275,13 @@ async fn a_stalled_subscribers_inbox_counts_reply_properties() {
     for _ in 0..REPLIES {
         replier
             .client
-            .publish_with_properties("550_feed", QoS::AtMostOnce, false, Vec::new(), properties.clone())
+            .publish_with_properties(
+                "550_feed",
+                QoS::AtMostOnce,
+                false,
+                Vec::new(),
+                properties.clone(),
+            )
             .await
             .unwrap();
     }
@@ -287,7 +313,7 @@ fn device_with_will(broker: &TestBroker, client_id: &str, will: LastWill) -> V5C
 
 fn will_with(user_bytes: usize, correlation_bytes: usize) -> LastWill {
     LastWill::new(
-        "77_status",
+        "sync",
         "gone",
         QoS::AtMostOnce,
         false,
@@ -331,7 +357,13 @@ async fn device_properties_over_the_caps_are_refused() {
     ] {
         device
             .client
-            .publish_with_properties("sync", QoS::AtLeastOnce, false, "{}", with(user, correlation))
+            .publish_with_properties(
+                "sync",
+                QoS::AtLeastOnce,
+                false,
+                "{}",
+                with(user, correlation),
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -368,7 +400,11 @@ async fn device_properties_over_the_caps_are_refused() {
     while payloads.last().map(|p: &Bytes| &p[..]) != Some(&b"under"[..]) {
         payloads.push(handler.publish_received().await.payload);
     }
-    assert_eq!(payloads.len(), 3, "two accepted QoS 1 commands and the QoS 0 under the cap");
+    assert_eq!(
+        payloads.len(),
+        3,
+        "two accepted QoS 1 commands and the QoS 0 under the cap"
+    );
     assert!(payloads.iter().all(|p| &p[..] != b"over"));
     let text = broker.metrics_text().await;
     assert_eq!(

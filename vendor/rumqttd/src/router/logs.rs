@@ -11,8 +11,8 @@ use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
-use std::collections::{HashMap, VecDeque};
 use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -110,9 +110,8 @@ impl PublishData {
 /// stored publish (a memcpy of what the log holds anyway).
 pub fn detach(publish: &mut Publish, properties: Option<&mut PublishProperties>) {
     let correlation = properties.and_then(|p| p.correlation_data.as_mut());
-    let len = publish.topic.len()
-        + publish.payload.len()
-        + correlation.as_ref().map_or(0, |c| c.len());
+    let len =
+        publish.topic.len() + publish.payload.len() + correlation.as_ref().map_or(0, |c| c.len());
     let mut owned = BytesMut::with_capacity(len);
     owned.extend_from_slice(&publish.topic);
     owned.extend_from_slice(&publish.payload);
@@ -529,7 +528,11 @@ impl<T> Data<T>
 where
     T: Storage + Clone,
 {
-    pub fn new(filter: &str, router_config: &RouterConfig, stored_bytes: Arc<AtomicU64>) -> Data<T> {
+    pub fn new(
+        filter: &str,
+        router_config: &RouterConfig,
+        stored_bytes: Arc<AtomicU64>,
+    ) -> Data<T> {
         let mut max_segment_size = router_config.max_segment_size;
         let mut max_mem_segments = router_config.max_segment_count;
 
@@ -577,9 +580,11 @@ where
         let offset = self.log.append(item);
         let after = self.log.size();
         if after >= before {
-            self.stored_bytes.fetch_add(after - before, Ordering::Relaxed);
+            self.stored_bytes
+                .fetch_add(after - before, Ordering::Relaxed);
         } else {
-            self.stored_bytes.fetch_sub(before - after, Ordering::Relaxed);
+            self.stored_bytes
+                .fetch_sub(before - after, Ordering::Relaxed);
         }
         if let Some(mut parked) = self.waiters.take() {
             notifications.append(&mut parked);

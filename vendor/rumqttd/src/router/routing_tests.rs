@@ -707,7 +707,11 @@ fn heavy_publish(topic: &str, props: usize) -> Packet {
 
 /// How many publishes the log of `filter` holds.
 fn stored_count(router: &Router, filter: &str) -> usize {
-    let idx = *router.datalog.filter_indexes_for_tests().get(filter).unwrap();
+    let idx = *router
+        .datalog
+        .filter_indexes_for_tests()
+        .get(filter)
+        .unwrap();
     let mut out = Vec::new();
     router.datalog.native[idx]
         .log
@@ -717,7 +721,9 @@ fn stored_count(router: &Router, filter: &str) -> usize {
 }
 
 fn stored_bytes(router: &Router) -> u64 {
-    router.stored_bytes().load(std::sync::atomic::Ordering::Relaxed)
+    router
+        .stored_bytes()
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Patch 30: a stored publish counts its properties (upstream: topic and
@@ -824,8 +830,15 @@ fn patch31_a_group_does_not_empty_a_log_others_still_read() {
     let device = connect(&mut router, "device", true);
     device.publish(&mut router, "cmd", "one", QoS::AtMostOnce, 0);
     device.publish(&mut router, "cmd", "two", QoS::AtMostOnce, 0);
-    assert_eq!(handler.publishes(), vec!["one".to_owned(), "two".to_owned()]);
-    assert_eq!(stored_count(&router, "cmd"), 2, "kept for the offline session");
+    assert_eq!(
+        handler.publishes(),
+        vec!["one".to_owned(), "two".to_owned()]
+    );
+    assert_eq!(
+        stored_count(&router, "cmd"),
+        2,
+        "kept for the offline session"
+    );
     assert!(stored_bytes(&router) > 0);
     let back = connect(&mut router, "offline", false);
     assert_eq!(back.publishes(), vec!["one".to_owned(), "two".to_owned()]);
