@@ -518,8 +518,15 @@ pub async fn delete_account(
     cmd: Command<NoFields>,
 ) -> Result<Reply, HandlerError> {
     let uid = cmd.user_id;
-    // The cut-off is fixed when the command arrives, not when it is written.
-    let revocation = deletion_revocation();
+    // The cut-off is fixed when the command arrives, not when it is written,
+    // and covers the sender's own token even when it was issued within the
+    // second of an earlier deletion (its `iat` is that cut-off, after now).
+    let revocation = match (deletion_revocation(), cmd.token_iat) {
+        (Revocation::IssuedBefore(cutoff), Some(iat)) => {
+            Revocation::IssuedBefore(cutoff.max(iat.saturating_add(1)))
+        }
+        (revocation, _) => revocation,
+    };
     if let Err(error) = record_with_retries(shared.store.as_ref(), &uid, revocation).await {
         tracing::error!(%uid, %error, "account not deleted: its revocation could not be recorded");
         return Err(HandlerError::unavailable(

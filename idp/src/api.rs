@@ -525,6 +525,10 @@ async fn unregister(
     read_body(&headers, body).await?;
     let credential = bearer(&headers)?;
     let now = shared::claims::now_secs();
+    // The latest `iat` the credential speaks for: a token issued within the
+    // second of an earlier deletion has `iat` = that cut-off, later than
+    // `now`, and must be revoked by its own unregister too.
+    let mut issued = now;
     let (uid, session) = if credential.matches('.').count() == 2 {
         let claims = idp
             .keys
@@ -538,6 +542,7 @@ async fn unregister(
         let uid = UserId::parse(&claims.sub)
             .map_err(|_| error(StatusCode::UNAUTHORIZED, "device token not accepted"))?;
         idp.check_not_revoked(&uid, claims.iat).await?;
+        issued = issued.max(claims.iat);
         (Some(uid), None)
     } else {
         let (id, session, _) = idp.session(&headers).await?;
@@ -548,6 +553,7 @@ async fn unregister(
                 // A session verified before a later unregister speaks for
                 // the token it was issued, not for the account made since.
                 idp.check_not_revoked(&uid, session.verified_at).await?;
+                issued = issued.max(session.verified_at);
                 Some(uid)
             }
             None => None,
@@ -564,7 +570,7 @@ async fn unregister(
         // `Idp::issue`). Announced at once: this answer goes over HTTP, not
         // through the sessions it cuts.
         idp.store
-            .revoke_user(uid, Revocation::IssuedBefore(now.saturating_add(1)))
+            .revoke_user(uid, Revocation::IssuedBefore(issued.saturating_add(1)))
             .await
             .map_err(store_failed)?;
         idp.store.delete_user(uid).await.map_err(store_failed)?;

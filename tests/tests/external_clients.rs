@@ -455,6 +455,17 @@ async fn mosquitto_handler_sees_stamped_identity_and_forged_user_id_is_replaced(
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect();
+            // The token's `iat` (a moment of this run): once, a number.
+            let iat: Vec<&String> = props
+                .iter()
+                .filter(|p| p.starts_with("token_iat:"))
+                .collect();
+            assert_eq!(iat.len(), 1, "{props:?}");
+            assert!(
+                iat[0]["token_iat:".len()..].parse::<u64>().is_ok(),
+                "{props:?}"
+            );
+            props.retain(|p| !p.starts_with("token_iat:"));
             props.sort();
             let payload = parts.next().unwrap_or_default().to_owned();
             (topic, props, payload)
