@@ -139,7 +139,8 @@ mod tests {
             correlation_data_bytes: 16,
         };
         let corr = |n: usize| Some(Bytes::from(vec![0u8; n]));
-        let table: Vec<(Vec<(String, String)>, Option<Bytes>, Result<(), Excess>)> = vec![
+        type Row = (Vec<(String, String)>, Option<Bytes>, Result<(), Excess>);
+        let table: Vec<Row> = vec![
             (props(&[]), None, Ok(())),
             (props(&[(50, 50)]), None, Ok(())),
             (props(&[(50, 51)]), None, Err(Excess::UserProperties)),

@@ -53,7 +53,7 @@ pub struct RouterLink {
 }
 
 /// Per-filter log sizes, in the bytes each stored message keeps alive: its
-/// record (~120 bytes), topic, payload and properties (vendor patch 30;
+/// record (~260 bytes), topic, payload and properties (vendor patch 30;
 /// before, topic and payload only, and 48 MB of user properties fitted in a
 /// 4 MiB command log). Reply topics keep up to 64 KiB for a device that is
 /// away, older messages dropped first; a log read to its end by all its
