@@ -498,6 +498,7 @@ mod tests {
         let ready = ReadyWill {
             publish: Publish::with_qos(will.topic, will.message, false, will.qos, 0),
             properties,
+            owner: None,
         };
         // Record, topic, payload, content type, correlation data, user
         // properties: all counted.

@@ -35,10 +35,10 @@ use proptest::option;
 use proptest::prelude::*;
 use rumqttd::protocol::{
     ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
-    DisconnectReasonCode, Filter, Login, Packet,
-    PingReq, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel,
-    PubRelProperties, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
-    Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+    DisconnectReasonCode, Filter, Login, Packet, PingReq, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, PubRel, PubRelProperties, PubRelReason, Publish,
+    PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    Unsubscribe,
 };
 use shared::claims::DeviceClaims;
 use std::net::SocketAddr;
@@ -1093,7 +1093,14 @@ fn persistent_connect(
     // of its own; MQTT 5: Clean Start and an expiry.
     let properties = (version == WireVersion::V5).then(|| ConnectProperties {
         session_expiry_interval: Some(PERSISTENT_EXPIRY_SECS),
-        ..ConnectProperties::default()
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: vec![],
+        authentication_method: None,
+        authentication_data: None,
     });
     Packet::Connect(
         Connect {
@@ -1194,7 +1201,10 @@ async fn run_persistent(version: WireVersion, steps: Vec<Step>) -> Result<(), Te
                         pkid,
                     );
                     let mut out = BytesMut::new();
-                    if c.codec.encode(Packet::Publish(publish, None), &mut out).is_ok() {
+                    if c.codec
+                        .encode(Packet::Publish(publish, None), &mut out)
+                        .is_ok()
+                    {
                         if let Some(first) = out.first_mut() {
                             *first |= 0x08;
                         }
@@ -1216,13 +1226,8 @@ async fn run_persistent(version: WireVersion, steps: Vec<Step>) -> Result<(), Te
                 if q != QoS::AtMostOnce {
                     next_pkid = next_pkid.wrapping_add(1).max(1);
                 }
-                let publish = Publish::with_qos(
-                    Bytes::from_static(b"sync"),
-                    Bytes::new(),
-                    false,
-                    q,
-                    pkid,
-                );
+                let publish =
+                    Publish::with_qos(Bytes::from_static(b"sync"), Bytes::new(), false, q, pkid);
                 c.send(Packet::Publish(publish, Some(props.build()))).await;
                 prop_assert!(c.ping_answered().await, "no PINGRESP after a heavy publish");
             }
@@ -1291,7 +1296,10 @@ async fn run_persistent(version: WireVersion, steps: Vec<Step>) -> Result<(), Te
         .device_sessions()
         .into_iter()
         .any(|(live, _)| live.as_str() == uid);
-    prop_assert!(!still_live, "the session of {uid} is still live after the case");
+    prop_assert!(
+        !still_live,
+        "the session of {uid} is still live after the case"
+    );
     Ok(())
 }
 
@@ -1319,7 +1327,11 @@ fn check_persistent(version: WireVersion, steps: Vec<Step>) -> Result<(), TestCa
     if after != before {
         eprintln!("panic during case: {described}");
     }
-    prop_assert_eq!(after, before, "a panic happened during this case (see stderr)");
+    prop_assert_eq!(
+        after,
+        before,
+        "a panic happened during this case (see stderr)"
+    );
     result
 }
 
@@ -1377,7 +1389,13 @@ fn replies_reach_only_their_owner() {
             pkid: 9,
             dup: false,
             retain: false,
-            properties: Some(vec![("user_id".into(), "x".into())]),
+            properties: Some(PublishProps {
+                user: vec![("user_id".into(), "x".into())],
+                heavy: (0, 0),
+                correlation: None,
+                response_topic: false,
+                expiry: None,
+            }),
             payload: b"{}".to_vec(),
         };
         let ops = vec![
