@@ -453,17 +453,41 @@ pub async fn revoke_token(
     ))
 }
 
-/// The revocation recorded when an account is deleted: every token issued
-/// up to this second is refused, a token issued from the next second on (a
-/// new registration) works.
-pub fn deletion_revocation() -> Revocation {
-    Revocation::IssuedBefore(shared::claims::now_secs().saturating_add(1))
-}
-
 /// Attempts at recording a deletion's revocation before `delete_account`
 /// gives up (503, nothing deleted): about 0.7 s of retries, so a blip in
 /// the store does not fail the command, and the device is not kept waiting.
 const RECORD_ATTEMPTS: u32 = 4;
+
+/// Runs the store operation `op` for `uid` until it succeeds or `attempts`
+/// have failed, pausing `first_pause` after the first failure and twice as
+/// long after each next one (at most 5 s); the error of the last attempt.
+/// `what` names the operation in the log.
+async fn with_retries<T, Op, Fut>(
+    uid: &UserId,
+    what: &str,
+    attempts: u32,
+    first_pause: Duration,
+    mut op: Op,
+) -> Result<T, StoreError>
+where
+    Op: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut pause = first_pause;
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(error) if attempt >= attempts => return Err(error),
+            Err(error) => {
+                tracing::warn!(%uid, attempt, %error, "{what} failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+        }
+    }
+}
 
 /// Records `revocation` for `uid` without announcing it, retrying a store
 /// outage briefly ([`RECORD_ATTEMPTS`]); the error of the last attempt.
@@ -472,40 +496,34 @@ pub async fn record_with_retries(
     uid: &UserId,
     revocation: Revocation,
 ) -> Result<Revocation, StoreError> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 1;
-    loop {
-        match store.record_revocation(uid, revocation).await {
-            Ok(merged) => return Ok(merged),
-            Err(error) if attempt >= RECORD_ATTEMPTS => return Err(error),
-            Err(error) => {
-                tracing::warn!(%uid, attempt, %error, "recording a deletion's revocation failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-        }
-    }
+    with_retries(
+        uid,
+        "recording a deletion's revocation",
+        RECORD_ATTEMPTS,
+        Duration::from_millis(100),
+        || store.record_revocation(uid, revocation),
+    )
+    .await
 }
 
 /// Announces `revocation` for `uid` (recording it again, merged), retrying a
-/// store outage for a while: the user's live sessions must be cut.
+/// store outage for a while (8 attempts over about 20 s): the user's live
+/// sessions must be cut.
 pub async fn revoke_with_retries(store: &dyn Store, uid: &UserId, revocation: Revocation) {
-    let mut delay = Duration::from_millis(200);
-    for attempt in 1..=8 {
-        match store.revoke_user(uid, revocation).await {
-            Ok(()) => {
-                tracing::info!(%uid, "account deletion announced: live sessions end");
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(%uid, attempt, %error, "revoking a deleted account failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+    let announced = with_retries(
+        uid,
+        "announcing a deleted account's revocation",
+        8,
+        Duration::from_millis(200),
+        || store.revoke_user(uid, revocation),
+    )
+    .await;
+    match announced {
+        Ok(()) => tracing::info!(%uid, "account deletion announced: live sessions end"),
+        Err(error) => {
+            tracing::error!(%uid, %error, "could not announce a deleted account's revocation: its live sessions end at the broker's next revocation poll")
         }
     }
-    tracing::error!(%uid, "could not announce a deleted account's revocation: its live sessions end at the broker's next revocation poll");
 }
 
 /// Handles `delete_account`: records the revocation first, so that nothing
@@ -521,12 +539,7 @@ pub async fn delete_account(
     // The cut-off is fixed when the command arrives, not when it is written,
     // and covers the sender's own token even when it was issued within the
     // second of an earlier deletion (its `iat` is that cut-off, after now).
-    let revocation = match (deletion_revocation(), cmd.token_iat) {
-        (Revocation::IssuedBefore(cutoff), Some(iat)) => {
-            Revocation::IssuedBefore(cutoff.max(iat.saturating_add(1)))
-        }
-        (revocation, _) => revocation,
-    };
+    let revocation = Revocation::account_deleted(shared::claims::now_secs(), cmd.token_iat);
     if let Err(error) = record_with_retries(shared.store.as_ref(), &uid, revocation).await {
         tracing::error!(%uid, %error, "account not deleted: its revocation could not be recorded");
         return Err(HandlerError::unavailable(

@@ -528,7 +528,7 @@ async fn unregister(
     // The latest `iat` the credential speaks for: a token issued within the
     // second of an earlier deletion has `iat` = that cut-off, later than
     // `now`, and must be revoked by its own unregister too.
-    let mut issued = now;
+    let mut issued = 0;
     let (uid, session) = if credential.matches('.').count() == 2 {
         let claims = idp
             .keys
@@ -570,7 +570,7 @@ async fn unregister(
         // `Idp::issue`). Announced at once: this answer goes over HTTP, not
         // through the sessions it cuts.
         idp.store
-            .revoke_user(uid, Revocation::IssuedBefore(issued.saturating_add(1)))
+            .revoke_user(uid, Revocation::account_deleted(now, Some(issued)))
             .await
             .map_err(store_failed)?;
         idp.store.delete_user(uid).await.map_err(store_failed)?;

@@ -497,14 +497,12 @@ async fn check_revocation(
             Err(HandlerError::new(401, "token revoked"))
         }
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(error)) => {
+        failed => {
+            let error = match failed {
+                Ok(Err(error)) => error.to_string(),
+                _ => format!("no answer within {within:?}"),
+            };
             tracing::warn!(%uid, %error, "revocation check failed: command refused");
-            Err(HandlerError::unavailable(
-                "cannot check the token now, try again later",
-            ))
-        }
-        Err(_) => {
-            tracing::warn!(%uid, "revocation check timed out: command refused");
             Err(HandlerError::unavailable(
                 "cannot check the token now, try again later",
             ))

@@ -128,6 +128,17 @@ impl Revocation {
         }
     }
 
+    /// The revocation an account deletion records at `now` (Unix seconds)
+    /// when the deleting credential was issued at `credential_iat`: every
+    /// token issued up to this second is refused, and so is the credential
+    /// itself even when it was issued within the second of an earlier
+    /// deletion (its `iat` is that cut-off, later than `now`); a token issued
+    /// afterwards (a new registration, see the identity service's `issue`)
+    /// works. The one rule for `/unregister` and `delete_account`.
+    pub fn account_deleted(now: u64, credential_iat: Option<u64>) -> Revocation {
+        Revocation::IssuedBefore(now.max(credential_iat.unwrap_or(0)).saturating_add(1))
+    }
+
     /// The stronger of two revocations: `All` wins, otherwise the later cut-off.
     /// Recording a revocation never weakens one already in place (an account
     /// deletion must not lift an operator's ban).
@@ -834,6 +845,18 @@ pub(crate) mod conformance {
         assert_eq!(
             Revocation::IssuedBefore(5).merge(Revocation::All),
             Revocation::All
+        );
+        // An account deletion refuses every token up to this second, and
+        // the deleting credential even when it was issued in the second of
+        // an earlier deletion (its `iat` is later than `now`).
+        let deleted = Revocation::account_deleted(1_000, Some(900));
+        assert_eq!(deleted, Revocation::IssuedBefore(1_001));
+        assert!(deleted.refuses(Some(1_000)) && !deleted.refuses(Some(1_001)));
+        let same_second = Revocation::account_deleted(1_000, Some(1_001));
+        assert!(same_second.refuses(Some(1_001)));
+        assert_eq!(
+            Revocation::account_deleted(1_000, None),
+            Revocation::IssuedBefore(1_001)
         );
         assert!(valid_platform_name("gmail.v2_x-y"));
         assert!(!valid_platform_name(""));
