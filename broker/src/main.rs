@@ -11,6 +11,14 @@ use std::process::ExitCode;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+// glibc's allocator took about a fifth of the broker's CPU at 10,000 devices
+// (`_int_malloc`, `malloc_consolidate` over fragmented bins: many short-lived
+// per-message allocations beside many live per-connection buffers). jemalloc
+// removes most of that at the same memory per connection; mimalloc did too
+// but held ~1 KiB more per connection (bench/ab.sh, issue 16's note).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn init_tracing() {
     // rumqttd logs every subscription at info; keep it to warnings by default.
     let filter =
