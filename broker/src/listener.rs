@@ -2,17 +2,17 @@
 //! connections, see `rate_limit`) and the connection cap before any work,
 //! then one task per connection that does the TLS handshake under its
 //! deadline (never in the accept loop) and hands the stream to
-//! `connection::serve`. Accept errors back off instead of spinning.
+//! `session::serve`. Accept errors back off instead of spinning.
 //!
 //! Each accept loop has its own [`Admission`]: the internal listener of the
 //! in-process handlers never shares buckets with the public listeners, so
 //! clients exhausting the loopback address's allowance cannot lock the
 //! handlers out, and nothing reaching a public listener can use theirs.
 
-use crate::connection;
-use crate::connection::Admits;
 use crate::gate::Gate;
 use crate::rate_limit::{Admission, AdmissionRefusal, PendingGuard};
+use crate::session;
+use crate::session::Admits;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -105,11 +105,11 @@ async fn serve_socket(
 ) {
     match transport {
         Transport::Plain => {
-            connection::serve(Answered::new(socket, pending), peer, gate, Admits::Everyone).await;
+            session::serve(Answered::new(socket, pending), peer, gate, Admits::Everyone).await;
         }
         Transport::InternalHandlers => {
             let stream = Answered::new(socket, pending);
-            connection::serve(stream, peer, gate, Admits::HandlersOnly).await;
+            session::serve(stream, peer, gate, Admits::HandlersOnly).await;
         }
         Transport::Tls(acceptor) => {
             // Boxed: the handshake, and the TLS stream before the session
@@ -121,7 +121,7 @@ async fn serve_socket(
                     h = crate::tls::handshake(&acceptor, socket, gate.limits().tls_handshake_timeout) => h,
                 };
                 match handshake {
-                    Ok(stream) => Some(connection::serve(
+                    Ok(stream) => Some(session::serve(
                         Answered::new(stream, pending),
                         peer,
                         gate.clone(),

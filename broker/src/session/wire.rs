@@ -1,0 +1,219 @@
+//! Owns a connection's socket halves and their buffers: reading the CONNECT,
+//! encoding packets in the form the client can read (`translate`, its
+//! Maximum Packet Size), and writing them out. Buffers start small and do
+//! not keep what a burst grew them to.
+
+use super::state::Actions;
+use crate::codec::{sniff_version, Codec, CodecError};
+use crate::router::protocol::Packet;
+use crate::router::RouterTx;
+use crate::translate;
+use bytes::{Buf, BytesMut};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tracing::{info, warn};
+
+/// Most MQTT packets of this product are small; the read buffer grows when
+/// one is not (and is resident per connection, so it starts small).
+pub const INITIAL_READ_BUFFER: usize = 512;
+/// Largest read buffer kept once it is empty (a burst must not leave a
+/// large one behind for the connection's life).
+const KEPT_READ_BUFFER: usize = 4 * 1024;
+/// Largest write buffer kept between writes.
+const KEPT_WRITE_BUFFER: usize = 1024;
+/// Least free room in the read buffer before a read (see `reserve_read_room`).
+const MIN_READ_ROOM: usize = 256;
+
+/// The socket halves and their buffers.
+pub struct Wire<S> {
+    pub reader: ReadHalf<S>,
+    pub writer: WriteHalf<S>,
+    pub read_buf: BytesMut,
+    write_buf: BytesMut,
+    /// How long one write may take (`Limits::write_timeout`).
+    pub write_timeout: Duration,
+    pub codec: Codec,
+    /// Who reads what is written (known once CONNECT is decided).
+    pub receiver: translate::Receiver,
+    /// The largest packet the client accepts (MQTT 5 CONNECT Maximum Packet
+    /// Size; unlimited otherwise): larger ones are not sent (3.1.2.11.4).
+    pub client_max_packet: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectReadError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl<S: AsyncRead + AsyncWrite> Wire<S> {
+    pub fn new(stream: S, write_timeout: Duration, codec: Codec) -> Self {
+        let (reader, writer) = tokio::io::split(stream);
+        Wire {
+            reader,
+            writer,
+            read_buf: BytesMut::with_capacity(INITIAL_READ_BUFFER),
+            write_buf: BytesMut::new(),
+            write_timeout,
+            codec,
+            receiver: translate::Receiver::Device,
+            client_max_packet: usize::MAX,
+        }
+    }
+
+    /// Reads until the CONNECT is whole; fixes the codec by its version.
+    pub async fn read_connect(&mut self, max_size: usize) -> Result<Packet, ConnectReadError> {
+        loop {
+            if let Some(version) = sniff_version(&self.read_buf)? {
+                self.codec = Codec::new(version, max_size);
+                if let Some(packet) = self.codec.decode(&mut self.read_buf)? {
+                    return Ok(packet);
+                }
+            }
+            if self.reader.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ConnectReadError::Closed);
+            }
+        }
+    }
+
+    /// Decoded packets keep slices of the read buffer, so its spare room
+    /// only shrinks; reading into a sliver would split packets over several
+    /// syscalls. Room for a few packets per read instead. An empty buffer
+    /// that a burst grew is let go.
+    pub fn reserve_read_room(&mut self) {
+        if self.read_buf.is_empty() && self.read_buf.capacity() > KEPT_READ_BUFFER {
+            self.read_buf = BytesMut::with_capacity(INITIAL_READ_BUFFER);
+        } else if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_ROOM {
+            self.read_buf.reserve(INITIAL_READ_BUFFER);
+        }
+    }
+
+    /// Encodes into the write buffer, in the form the client's protocol
+    /// version can carry (`translate`); says whether it was queued: a packet
+    /// the codec cannot encode (it came from the router, not from this
+    /// client) is logged and skipped, and one larger than the client's
+    /// Maximum Packet Size is not sent (the caller settles what it owed).
+    pub fn queue(&mut self, packet: Packet) -> bool {
+        let Some(packet) = translate::for_client(self.codec.version, self.receiver, packet) else {
+            return false;
+        };
+        let before = self.write_buf.len();
+        if let Err(e) = self.codec.encode(packet, &mut self.write_buf) {
+            warn!(error = %e, "could not encode an outgoing packet");
+            return false;
+        }
+        if self.write_buf.len() - before > self.client_max_packet {
+            self.write_buf.truncate(before);
+            info!(
+                client_max_packet = self.client_max_packet,
+                "a packet larger than the client's Maximum Packet Size is not sent"
+            );
+            return false;
+        }
+        true
+    }
+
+    pub fn has_pending_write(&self) -> bool {
+        !self.write_buf.is_empty()
+    }
+
+    /// Writes what is queued. Cancel-safe: what was written is taken off
+    /// the buffer as it goes, so a dropped flush resumes where it stopped
+    /// (the session polls it once inline and waits for the rest elsewhere).
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// [`Wire::flush`] as a poll.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.write_buf.is_empty() {
+            let written = ready!(Pin::new(&mut self.writer).poll_write(cx, &self.write_buf))?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.write_buf.advance(written);
+        }
+        ready!(Pin::new(&mut self.writer).poll_flush(cx))?;
+        // A small buffer is kept (allocating it again for every reply cost
+        // more than its memory); a burst must not leave a large one behind.
+        if self.write_buf.capacity() > KEPT_WRITE_BUFFER {
+            self.write_buf = BytesMut::new();
+        } else {
+            self.write_buf.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `packet` now, within the write deadline.
+    pub async fn send_now(&mut self, packet: Packet) -> std::io::Result<()> {
+        self.queue(packet);
+        self.flush_within(self.write_timeout).await
+    }
+
+    /// Flushes, giving up after `limit` (the client is not reading).
+    pub async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+        match tokio::time::timeout(limit, self.flush()).await {
+            Ok(written) => written,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Closes the writing side, briefly (a client that stopped reading
+    /// would hold it).
+    pub async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.writer.shutdown()).await;
+    }
+}
+
+/// Performs a session's actions: packets for the client are encoded into
+/// the wire's write buffer; packets for the router are queued on its link,
+/// all but the last, which [`Apply::finish`] sends to wake the router once
+/// for all of them (one router event per read, not per packet). Nothing is
+/// collected on the side: no buffer outlives one read.
+pub struct Apply<'t, 'w, S> {
+    router: &'t mut RouterTx,
+    wire: &'w mut Wire<S>,
+    last_for_router: Option<Packet>,
+}
+
+impl<'t, 'w, S: AsyncRead + AsyncWrite> Apply<'t, 'w, S> {
+    pub fn new(router: &'t mut RouterTx, wire: &'w mut Wire<S>) -> Self {
+        Apply {
+            router,
+            wire,
+            last_for_router: None,
+        }
+    }
+
+    /// The next whole packet from the client in the read buffer.
+    pub fn decode(&mut self) -> Result<Option<Packet>, CodecError> {
+        self.wire.codec.decode(&mut self.wire.read_buf)
+    }
+
+    /// Wakes the router for what was queued, if anything: the packet is
+    /// handed over now, and the future only waits for room in its channel.
+    pub fn finish(
+        self,
+    ) -> Option<impl std::future::Future<Output = Result<(), crate::router::LinkClosed>> + 't> {
+        let last = self.last_for_router?;
+        Some(self.router.send(last))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite> Actions for Apply<'_, '_, S> {
+    fn to_client(&mut self, packet: Packet) -> bool {
+        self.wire.queue(packet)
+    }
+
+    fn to_router(&mut self, packet: Packet) {
+        if let Some(earlier) = self.last_for_router.replace(packet) {
+            self.router.queue(earlier);
+        }
+    }
+}
