@@ -5,6 +5,7 @@
 //! packet types through [`protocol`].
 
 use crate::config::Limits;
+use futures::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Router, RouterConfig};
 use std::collections::HashMap;
@@ -37,10 +38,13 @@ impl RouterTx {
 
     /// Queues `packet` at once (before the future is first polled) and wakes
     /// the router; the future only waits for room in the router's channel
-    /// and holds no packet, so a session's state machine stays small.
+    /// and holds no packet, so a session's state machine stays small (a
+    /// combinator, not an `async` block: that would hold the inner future
+    /// twice).
     pub fn send(&mut self, packet: Packet) -> impl Future<Output = Result<(), LinkClosed>> + '_ {
-        let sent = self.0.send(packet);
-        async move { sent.await.map(|_| ()).map_err(|_| LinkClosed) }
+        self.0
+            .send(packet)
+            .map(|sent| sent.map(|_| ()).map_err(|_| LinkClosed))
     }
 }
 
@@ -102,8 +106,7 @@ impl RouterRx {
 
     /// Asks the router for more after [`RouterEvent::Paused`].
     pub fn wake(&self) -> impl Future<Output = Result<(), LinkClosed>> + '_ {
-        let woken = self.0.wake();
-        async move { woken.await.map_err(|_| LinkClosed) }
+        self.0.wake().map(|woken| woken.map_err(|_| LinkClosed))
     }
 }
 

@@ -44,7 +44,7 @@ pub async fn open_session<S: AsyncRead + AsyncWrite>(
         Ok(Err(ConnectReadError::Codec(CodecError::UnsupportedProtocol(level)))) => {
             info!(level, "refused: unsupported protocol level");
             gate.metrics().connect_refused("unsupported protocol");
-            wire.codec = Codec::new(Version::V4, max_packet);
+            wire.output.codec = Codec::new(Version::V4, max_packet);
             let refusal =
                 answers::connack_refusal(Version::V4, &ConnectRefusal::UnsupportedProtocol);
             let _ = wire.send_now(refusal).await;
@@ -55,7 +55,7 @@ pub async fn open_session<S: AsyncRead + AsyncWrite>(
             info!(error = %e, "refused: CONNECT breaks a rule of MQTT 5");
             let refusal = ConnectRefusal::ProtocolError("a property appears more than once");
             gate.metrics().connect_refused(refusal.reason());
-            wire.codec = Codec::new(Version::V5, max_packet);
+            wire.output.codec = Codec::new(Version::V5, max_packet);
             let _ = wire
                 .send_now(answers::connack_refusal(Version::V5, &refusal))
                 .await;
@@ -87,7 +87,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         gate.metrics().socket_dropped("not_mqtt");
         return None;
     };
-    let version = wire.codec.version;
+    let version = wire.output.codec.version;
     let refuse = |refusal: ConnectRefusal| {
         info!(reason = refusal.reason(), "connect refused");
         gate.metrics().connect_refused(refusal.reason());
@@ -118,10 +118,10 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     let span = tracing::Span::current();
     span.record("kind", principal.kind());
     if matches!(principal, Principal::Handler(_)) {
-        wire.receiver = translate::Receiver::Handler;
+        wire.output.receiver = translate::Receiver::Handler;
     }
     if let Some(max) = properties.as_ref().and_then(|p| p.max_packet_size) {
-        wire.client_max_packet = usize::try_from(max).unwrap_or(usize::MAX);
+        wire.output.client_max_packet = usize::try_from(max).unwrap_or(usize::MAX);
     }
     if let Principal::Device(device) = &principal {
         span.record("uid", device.uid().as_str());

@@ -47,7 +47,7 @@ pub(super) async fn finish<S: AsyncRead + AsyncWrite>(
             if !session.write_stalled {
                 if let Some(packet) = answers::server_disconnect(session.state.version(), why) {
                     wire.queue(packet);
-                    let _ = wire.flush_within(Duration::from_secs(2)).await;
+                    let _ = wire.output.flush_within(Duration::from_secs(2)).await;
                 }
             }
             // A revoked user's will is dropped: it would act for them.
@@ -62,7 +62,7 @@ pub(super) async fn finish<S: AsyncRead + AsyncWrite>(
         }
     }
     if !session.write_stalled {
-        wire.shutdown().await;
+        wire.output.shutdown().await;
     }
     // The socket closes when `wire` is dropped here, whatever it held.
     drop(wire);

@@ -27,7 +27,9 @@ mod wire;
 use crate::answers::ServerDisconnect;
 use crate::codec::{Codec, Version};
 use crate::gate::Gate;
+use crate::router::protocol::Packet;
 use crate::router::{LinkClosed, RouterEvent, RouterRx, RouterTx};
+use futures::future::Either;
 use futures::FutureExt;
 pub use state::{Actions, End, Event, SessionState};
 use std::future::Future;
@@ -35,7 +37,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{ready, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{error, Instrument};
@@ -115,7 +117,40 @@ where
         write_stalled: false,
         finished: false,
     };
-    Some(Box::pin(session.run(wire)))
+    Some(Box::pin(run(session, wire)))
+}
+
+/// The session's loop, then its ending.
+///
+/// Not an `async fn`: its arguments would be stored twice in the future (as
+/// arguments, then moved into the body), and this future is resident for
+/// the connection's whole life. An `async move` block uses what it
+/// captured in place.
+fn run<S>(session: Session, wire: Wire<S>) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut session, mut wire) = (session, wire);
+    async move {
+        // A panic in the loop (a bug: no input should reach one) ends this
+        // session like any other server-side end: the client is told, the
+        // will fires, the router link is closed, and it is counted.
+        let relay = AssertUnwindSafe(session.relay(&mut wire)).catch_unwind();
+        let end = match relay.await {
+            Ok(end) => end,
+            Err(panic) => {
+                session.state.gate.metrics().session_panicked();
+                error!(
+                    panic = panic_text(&*panic),
+                    "a session panicked; ended, its will fired and its router link closed"
+                );
+                End::Server(ServerDisconnect::InternalError)
+            }
+        };
+        // Boxed: the goodbye's state (will, DISCONNECT, timeouts) would
+        // otherwise be part of every connection's resident future.
+        Box::pin(ending::finish(session, wire, end)).await;
+    }
 }
 
 /// The text of a caught panic, for the log.
@@ -165,38 +200,28 @@ impl Drop for Session {
     }
 }
 
-/// Waits until the router is woken for what the state handed it, if
-/// anything (`Apply::finish`).
-async fn wake(sent: Option<impl Future<Output = Result<(), LinkClosed>>>) -> Result<(), End> {
+/// The end for a router link that closed.
+const LINK_CLOSED: End = End::Abnormal("router link closed");
+
+/// Gives `then` once the router is woken for what the state handed it (if
+/// anything; `closed` if its link is gone). Built, not awaited, by the
+/// synchronous steps below, so that the loop's state holds only this small
+/// future across the wait, never a packet or an event.
+fn then_wake<'t, T: 't>(
+    sent: Option<impl Future<Output = Result<(), LinkClosed>> + 't>,
+    then: T,
+    closed: T,
+) -> impl Future<Output = T> + 't {
     match sent {
-        Some(sent) => sent
-            .await
-            .map_err(|LinkClosed| End::Abnormal("router link closed")),
-        None => Ok(()),
+        None => Either::Left(std::future::ready(then)),
+        Some(sent) => Either::Right(sent.map(move |sent| match sent {
+            Ok(()) => then,
+            Err(LinkClosed) => closed,
+        })),
     }
 }
 
 impl Session {
-    async fn run<S: AsyncRead + AsyncWrite>(mut self, mut wire: Wire<S>) {
-        // A panic in the loop (a bug: no input should reach one) ends this
-        // session like any other server-side end: the client is told, the
-        // will fires, the router link is closed, and it is counted.
-        let end = match AssertUnwindSafe(self.relay(&mut wire)).catch_unwind().await {
-            Ok(end) => end,
-            Err(panic) => {
-                self.state.gate.metrics().session_panicked();
-                error!(
-                    panic = panic_text(&*panic),
-                    "a session panicked; ended, its will fired and its router link closed"
-                );
-                End::Server(ServerDisconnect::InternalError)
-            }
-        };
-        // Boxed: the goodbye's state (will, DISCONNECT, timeouts) would
-        // otherwise be part of every connection's resident future.
-        Box::pin(ending::finish(self, wire, end)).await;
-    }
-
     /// Relays until the session ends, and says why.
     async fn relay<S: AsyncRead + AsyncWrite>(&mut self, wire: &mut Wire<S>) -> End {
         // One timer, living across turns (creating it per packet would
@@ -204,66 +229,81 @@ impl Session {
         // fires: the state says when it must next.
         let timer = tokio::time::sleep_until(self.state.next_deadline());
         tokio::pin!(timer);
+        // Handles on what the loop waits for, apart from the state, which
+        // the router's branch changes as it polls.
+        let end_signal = self.state.end_signal().clone();
+        let inbox = self.state.inbox.clone();
         // Packets the client sent right behind its CONNECT arrived with it
         // (MQTT lets a client send before the CONNACK).
-        if !wire.read_buf.is_empty() {
+        if !wire.input.read_buf.is_empty() {
             if let Some(end) = self.take_buffered(wire, None).await {
-                return end;
+                // Acknowledgements already queued still go out.
+                return self.write_out(wire).await.err().unwrap_or(end);
             }
             if let Err(end) = self.write_out(wire).await {
                 return end;
             }
         }
         loop {
-            wire.reserve_read_room();
+            wire.input.reserve_read_room();
             tokio::select! {
                 biased;
-                why = std::future::poll_fn(|cx| self.state.end_signal().poll_requested(cx)) => {
-                    let mut out = Apply::new(&mut self.tx, wire);
-                    if let Some(end) = self.state.handle(Event::EndRequested(why), &mut out) {
+                why = std::future::poll_fn(|cx| end_signal.poll_requested(cx)) => {
+                    if let Some(end) = self.handle(wire, Event::EndRequested(why)).await {
                         return end;
                     }
                 }
                 _ = &mut timer => {
-                    let mut out = Apply::new(&mut self.tx, wire);
-                    if let Some(end) = self.state.handle(Event::Tick(Instant::now()), &mut out) {
+                    if let Some(end) = self.handle(wire, Event::Tick(Instant::now())).await {
                         return end;
                     }
                     timer.as_mut().reset(self.state.next_deadline());
                     continue;
                 }
-                read = tokio::io::AsyncReadExt::read_buf(&mut wire.reader, &mut wire.read_buf) => {
+                read = tokio::io::AsyncReadExt::read_buf(&mut wire.input.reader, &mut wire.input.read_buf) => {
                     match read {
                         Ok(0) => return End::Abnormal("peer closed the connection"),
                         Err(_) => return End::Abnormal("read failed"),
                         Ok(_) => {}
                     }
                     if let Some(end) = self.take_buffered(wire, Some(Instant::now())).await {
-                        return end;
+                        // Acknowledgements already queued still go out.
+                        return self.write_out(wire).await.err().unwrap_or(end);
                     }
                 }
-                () = std::future::poll_fn(|cx| match &self.state.inbox {
+                () = std::future::poll_fn(|cx| match &inbox {
                     Some(inbox) => inbox.poll_ready(cx),
                     None => Poll::Pending,
                 }) => {
-                    let mut out = Apply::new(&mut self.tx, wire);
-                    self.state.handle(Event::InboxReady, &mut out);
-                }
-                event = std::future::poll_fn(|cx| self.rx.poll_next(cx)) => {
-                    let (step, wake_router) =
-                        Self::drain_router(&mut self.state, &mut self.rx, &mut self.tx, event, wire);
-                    // Acknowledgements the gate made for the client (forwards
-                    // too large for it) go back to the router.
-                    if let Err(end) = wake(wake_router).await {
+                    if let Some(end) = self.handle(wire, Event::InboxReady).await {
                         return end;
+                    }
+                }
+                // Handled as it is polled: a router event (a whole packet)
+                // never becomes part of this future's state.
+                (step, unsent) = std::future::poll_fn(|cx| {
+                    let first = ready!(self.rx.poll_next(cx));
+                    Poll::Ready(Self::drain_router(
+                        &mut self.state,
+                        &mut self.rx,
+                        &mut self.tx,
+                        first,
+                        &mut wire.output,
+                    ))
+                }) => {
+                    // Acknowledgements the gate made for the client (forwards
+                    // too large for it) go back to the router first.
+                    if let Some(packet) = unsent {
+                        if self.tx.send(*packet).await.is_err() {
+                            return LINK_CLOSED;
+                        }
                     }
                     match step {
                         RouterStep::Continue => {}
-                        // No event is held across this await, and the
-                        // wake's future is small.
+                        // The wake's future is small.
                         RouterStep::Wake => {
                             if self.rx.wake().await.is_err() {
-                                return End::Abnormal("router link closed");
+                                return LINK_CLOSED;
                             }
                         }
                         RouterStep::End(end) => return end,
@@ -276,56 +316,56 @@ impl Session {
         }
     }
 
+    /// Handles one event; the future wakes the router for what it was
+    /// handed and gives the end, if the event ended the session.
+    fn handle<'t, S: AsyncRead + AsyncWrite>(
+        &'t mut self,
+        wire: &mut Wire<S>,
+        event: Event,
+    ) -> impl Future<Output = Option<End>> + 't {
+        let mut out = Apply::new(&mut self.tx, &mut wire.output);
+        let end = self.state.handle(event, &mut out);
+        then_wake(out.finish(), end, Some(LINK_CLOSED))
+    }
+
     /// Handles every whole packet in the read buffer (bytes `heard` at that
-    /// instant); `Some` ends the session. What came before a fatal packet is
-    /// still delivered.
-    async fn take_buffered<S: AsyncRead + AsyncWrite>(
-        &mut self,
+    /// instant); the future wakes the router once for all of them and gives
+    /// the end, if one ended the session (what came before a fatal packet
+    /// is still delivered).
+    fn take_buffered<'t, S: AsyncRead + AsyncWrite>(
+        &'t mut self,
         wire: &mut Wire<S>,
         heard: Option<Instant>,
-    ) -> Option<End> {
-        let (ended, wake_router) = {
-            let mut out = Apply::new(&mut self.tx, wire);
-            if let Some(now) = heard {
-                self.state.handle(Event::Heard(now), &mut out);
-            }
-            let mut ended = None;
-            while ended.is_none() {
-                let event = match out.decode() {
-                    Ok(Some(packet)) => Event::Client(packet),
-                    Ok(None) => break,
-                    Err(error) => Event::Undecodable(error),
-                };
-                ended = self.state.handle(event, &mut out);
-            }
-            (ended, out.finish())
-        };
-        if let Err(end) = wake(wake_router).await {
-            return Some(end);
+    ) -> impl Future<Output = Option<End>> + 't {
+        let codec = wire.output.codec;
+        let mut out = Apply::new(&mut self.tx, &mut wire.output);
+        if let Some(now) = heard {
+            self.state.handle(Event::Heard(now), &mut out);
         }
-        let end = ended?;
-        // Acknowledgements already queued still go out.
-        if let Err(end) = self.write_out(wire).await {
-            return Some(end);
+        let mut ended = None;
+        while ended.is_none() {
+            let event = match codec.decode(&mut wire.input.read_buf) {
+                Ok(Some(packet)) => Event::Client(packet),
+                Ok(None) => break,
+                Err(error) => Event::Undecodable(error),
+            };
+            ended = self.state.handle(event, &mut out);
         }
-        Some(end)
+        then_wake(out.finish(), ended, Some(LINK_CLOSED))
     }
 
     /// Hands everything the router has ready to the state, without waiting,
-    /// for one write. Synchronous, so that no router event is part of the
-    /// session's resident future; the future returned wakes the router for
-    /// what the state handed it.
-    fn drain_router<'t, S: AsyncRead + AsyncWrite>(
+    /// for one write, and says what next. What the state hands the router
+    /// meanwhile (rare: acknowledgements for forwards too large for the
+    /// client) is queued, the last of it returned to be sent.
+    fn drain_router<S: AsyncWrite>(
         state: &mut SessionState,
         rx: &mut RouterRx,
-        tx: &'t mut RouterTx,
+        tx: &mut RouterTx,
         first: Result<Option<RouterEvent>, LinkClosed>,
-        wire: &mut Wire<S>,
-    ) -> (
-        RouterStep,
-        Option<impl Future<Output = Result<(), LinkClosed>> + 't>,
-    ) {
-        let mut out = Apply::new(tx, wire);
+        output: &mut wire::Output<S>,
+    ) -> (RouterStep, Option<Box<Packet>>) {
+        let mut out = Apply::new(tx, output);
         let mut next = first;
         let step = loop {
             match next {
@@ -345,7 +385,7 @@ impl Session {
                 other => other,
             };
         };
-        (step, out.finish())
+        (step, out.unsent())
     }
 
     /// Writes what is queued. A client that does not take it within the
@@ -356,13 +396,13 @@ impl Session {
         &mut self,
         wire: &mut Wire<S>,
     ) -> Result<(), End> {
-        if !wire.has_pending_write() {
+        if !wire.output.has_pending_write() {
             return Ok(());
         }
         // Almost every write completes at once: no timer and no waiting
         // state for those (the flush is cancel-safe, so the rare one that
         // waits picks up where this left off).
-        let first = std::future::poll_fn(|cx| Poll::Ready(wire.poll_flush(cx))).await;
+        let first = std::future::poll_fn(|cx| Poll::Ready(wire.output.poll_flush(cx))).await;
         if let Poll::Ready(written) = first {
             return written.map_err(|_| End::Abnormal("write failed"));
         }
@@ -375,7 +415,7 @@ impl Session {
         &mut self,
         wire: &mut Wire<S>,
     ) -> Result<(), End> {
-        let write_timeout = wire.write_timeout;
+        let write_timeout = wire.output.write_timeout;
         let token_deadline = self.state.token_deadline();
         let token_expired = async {
             match token_deadline {
@@ -386,7 +426,7 @@ impl Session {
         let end_signal = self.state.end_signal().clone();
         let why = tokio::select! {
             biased;
-            written = wire.flush() => {
+            written = wire.output.flush() => {
                 return written.map_err(|_| End::Abnormal("write failed"));
             }
             why = std::future::poll_fn(|cx| end_signal.poll_requested(cx)) => {

@@ -831,3 +831,59 @@ async fn a_device_publish_is_stamped_and_never_retained() {
         .iter()
         .any(|(k, v)| k == "user_id" && v == "u1"));
 }
+
+/// What every connection keeps for its whole life: the spawned task's future
+/// (`serve`: two pointers and the span), the boxed loop (`run`, which holds
+/// the `Session`, the socket halves and the relay's state) and the state.
+/// The bounds are this build's sizes (a debug build on 64 bits, which the
+/// tests run as; a release build is no larger) plus about 10%: they fail
+/// when a change grows what each connection keeps, which is most of the
+/// broker's memory per connection before the kernel's socket buffers and
+/// the router's per-link state. Before issue 16 the same parts were 912
+/// bytes (`Session`), 1,512 (the relay), 2,776 (the boxed session future,
+/// debug) and ~2.4 KiB of task future holding the session's moved-from
+/// copies, plus an outbox of packets that kept its grown capacity (1.4 KB).
+#[tokio::test]
+async fn resident_sizes_per_connection_stay_small() {
+    let gate = test_gate();
+    let (stream, _client) = tokio::io::duplex(64);
+    let serve = super::serve(
+        stream,
+        "127.0.0.1:1".parse().expect("addr"),
+        gate.clone(),
+        super::Admits::Everyone,
+    );
+    let serve_size = std::mem::size_of_val(&serve);
+
+    let (stream, _client) = tokio::io::duplex(64);
+    let codec = crate::codec::Codec::new(Version::V5, 1 << 16);
+    let mut wire = super::wire::Wire::new(stream, Duration::from_secs(1), codec);
+    let state = open(&gate, device("u1"), Version::V5).await;
+    let link = gate
+        .open_router_session("D:u1:sizes".to_owned(), true, 10)
+        .await
+        .expect("link");
+    let mut session = super::Session {
+        state,
+        tx: link.tx,
+        rx: link.rx,
+        write_stalled: false,
+        finished: true,
+    };
+    let relay_size = std::mem::size_of_val(&session.relay(&mut wire));
+    let run = super::run(session, wire);
+    let run_size = std::mem::size_of_val(&run);
+    drop(run);
+
+    let state_size = std::mem::size_of::<SessionState>();
+    let session_size = std::mem::size_of::<super::Session>();
+    println!(
+        "resident per connection: serve (task) future {serve_size} B, \
+         Session::run (boxed) future {run_size} B, relay future {relay_size} B, \
+         Session {session_size} B, SessionState {state_size} B"
+    );
+    assert!(serve_size <= 96, "serve future {serve_size} B");
+    assert!(session_size <= 576, "Session {session_size} B");
+    assert!(relay_size <= 432, "relay future {relay_size} B");
+    assert!(run_size <= 1152, "run future {run_size} B");
+}

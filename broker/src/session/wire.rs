@@ -26,11 +26,22 @@ const KEPT_WRITE_BUFFER: usize = 1024;
 /// Least free room in the read buffer before a read (see `reserve_read_room`).
 const MIN_READ_ROOM: usize = 256;
 
-/// The socket halves and their buffers.
+/// The socket halves and their buffers, apart so that the loop can read
+/// while it hands what the router has to the writing side.
 pub struct Wire<S> {
+    pub input: Input<S>,
+    pub output: Output<S>,
+}
+
+/// The reading side.
+pub struct Input<S> {
     pub reader: ReadHalf<S>,
-    pub writer: WriteHalf<S>,
     pub read_buf: BytesMut,
+}
+
+/// The writing side, and how packets are encoded for this client.
+pub struct Output<S> {
+    writer: WriteHalf<S>,
     write_buf: BytesMut,
     /// How long one write may take (`Limits::write_timeout`).
     pub write_timeout: Duration,
@@ -56,32 +67,50 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
     pub fn new(stream: S, write_timeout: Duration, codec: Codec) -> Self {
         let (reader, writer) = tokio::io::split(stream);
         Wire {
-            reader,
-            writer,
-            read_buf: BytesMut::with_capacity(INITIAL_READ_BUFFER),
-            write_buf: BytesMut::new(),
-            write_timeout,
-            codec,
-            receiver: translate::Receiver::Device,
-            client_max_packet: usize::MAX,
+            input: Input {
+                reader,
+                read_buf: BytesMut::with_capacity(INITIAL_READ_BUFFER),
+            },
+            output: Output {
+                writer,
+                write_buf: BytesMut::new(),
+                write_timeout,
+                codec,
+                receiver: translate::Receiver::Device,
+                client_max_packet: usize::MAX,
+            },
         }
     }
 
     /// Reads until the CONNECT is whole; fixes the codec by its version.
     pub async fn read_connect(&mut self, max_size: usize) -> Result<Packet, ConnectReadError> {
+        let Input { reader, read_buf } = &mut self.input;
         loop {
-            if let Some(version) = sniff_version(&self.read_buf)? {
-                self.codec = Codec::new(version, max_size);
-                if let Some(packet) = self.codec.decode(&mut self.read_buf)? {
+            if let Some(version) = sniff_version(read_buf)? {
+                self.output.codec = Codec::new(version, max_size);
+                if let Some(packet) = self.output.codec.decode(read_buf)? {
                     return Ok(packet);
                 }
             }
-            if self.reader.read_buf(&mut self.read_buf).await? == 0 {
+            if reader.read_buf(read_buf).await? == 0 {
                 return Err(ConnectReadError::Closed);
             }
         }
     }
 
+    /// Queues `packet` (see [`Output::queue`]).
+    pub fn queue(&mut self, packet: Packet) -> bool {
+        self.output.queue(packet)
+    }
+
+    /// Writes `packet` now, within the write deadline.
+    pub async fn send_now(&mut self, packet: Packet) -> std::io::Result<()> {
+        self.output.queue(packet);
+        self.output.flush_within(self.output.write_timeout).await
+    }
+}
+
+impl<S: AsyncRead> Input<S> {
     /// Decoded packets keep slices of the read buffer, so its spare room
     /// only shrinks; reading into a sliver would split packets over several
     /// syscalls. Room for a few packets per read instead. An empty buffer
@@ -93,7 +122,9 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
             self.read_buf.reserve(INITIAL_READ_BUFFER);
         }
     }
+}
 
+impl<S: AsyncWrite> Output<S> {
     /// Encodes into the write buffer, in the form the client's protocol
     /// version can carry (`translate`); says whether it was queued: a packet
     /// the codec cannot encode (it came from the router, not from this
@@ -150,12 +181,6 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Writes `packet` now, within the write deadline.
-    pub async fn send_now(&mut self, packet: Packet) -> std::io::Result<()> {
-        self.queue(packet);
-        self.flush_within(self.write_timeout).await
-    }
-
     /// Flushes, giving up after `limit` (the client is not reading).
     pub async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
         match tokio::time::timeout(limit, self.flush()).await {
@@ -178,22 +203,23 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
 /// collected on the side: no buffer outlives one read.
 pub struct Apply<'t, 'w, S> {
     router: &'t mut RouterTx,
-    wire: &'w mut Wire<S>,
+    output: &'w mut Output<S>,
     last_for_router: Option<Packet>,
 }
 
-impl<'t, 'w, S: AsyncRead + AsyncWrite> Apply<'t, 'w, S> {
-    pub fn new(router: &'t mut RouterTx, wire: &'w mut Wire<S>) -> Self {
+impl<'t, 'w, S: AsyncWrite> Apply<'t, 'w, S> {
+    pub fn new(router: &'t mut RouterTx, output: &'w mut Output<S>) -> Self {
         Apply {
             router,
-            wire,
+            output,
             last_for_router: None,
         }
     }
 
-    /// The next whole packet from the client in the read buffer.
-    pub fn decode(&mut self) -> Result<Option<Packet>, CodecError> {
-        self.wire.codec.decode(&mut self.wire.read_buf)
+    /// What was queued for the router and not yet sent, for the rare caller
+    /// that must send it later (boxed: it is held across a wait).
+    pub fn unsent(self) -> Option<Box<Packet>> {
+        self.last_for_router.map(Box::new)
     }
 
     /// Wakes the router for what was queued, if anything: the packet is
@@ -206,9 +232,9 @@ impl<'t, 'w, S: AsyncRead + AsyncWrite> Apply<'t, 'w, S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite> Actions for Apply<'_, '_, S> {
+impl<S: AsyncWrite> Actions for Apply<'_, '_, S> {
     fn to_client(&mut self, packet: Packet) -> bool {
-        self.wire.queue(packet)
+        self.output.queue(packet)
     }
 
     fn to_router(&mut self, packet: Packet) {
