@@ -49,6 +49,9 @@ impl RouterTx {
 }
 
 /// One thing the router has for a session.
+// Transient: handed to the session as it is read, never kept; boxing the
+// packet would allocate once per message.
+#[allow(clippy::large_enum_variant)]
 pub enum RouterEvent {
     /// A packet for the client (or an acknowledgement of the session's own).
     Packet(Packet),
