@@ -1,4 +1,4 @@
-//! Table tests of the session as pure state: events in, actions out, no
+//! Owns the table tests of the session as pure state: events in, actions out, no
 //! sockets. The gate (router, reply index, ACL, caps) is the one the broker
 //! builds; the session's actions are recorded instead of performed.
 
