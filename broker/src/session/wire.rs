@@ -8,7 +8,7 @@ use crate::codec::{sniff_version, Codec, CodecError};
 use crate::router::protocol::Packet;
 use crate::router::RouterTx;
 use crate::translate;
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -43,6 +43,10 @@ pub struct Input<S> {
 pub struct Output<S> {
     writer: WriteHalf<S>,
     write_buf: BytesMut,
+    /// How much of `write_buf` is written (kept here, not by advancing the
+    /// buffer, so that a flush can stop and resume, and the buffer's whole
+    /// size is still seen when deciding whether to keep it).
+    written: usize,
     /// How long one write may take (`Limits::write_timeout`).
     pub write_timeout: Duration,
     pub codec: Codec,
@@ -74,6 +78,7 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
             output: Output {
                 writer,
                 write_buf: BytesMut::new(),
+                written: 0,
                 write_timeout,
                 codec,
                 receiver: translate::Receiver::Device,
@@ -154,8 +159,8 @@ impl<S: AsyncWrite> Output<S> {
         !self.write_buf.is_empty()
     }
 
-    /// Writes what is queued. Cancel-safe: what was written is taken off
-    /// the buffer as it goes, so a dropped flush resumes where it stopped
+    /// Writes what is queued. Cancel-safe: what was written is counted as
+    /// it goes, so a dropped flush resumes where it stopped
     /// (the session polls it once inline and waits for the rest elsewhere).
     pub async fn flush(&mut self) -> std::io::Result<()> {
         std::future::poll_fn(|cx| self.poll_flush(cx)).await
@@ -163,14 +168,15 @@ impl<S: AsyncWrite> Output<S> {
 
     /// [`Wire::flush`] as a poll.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while !self.write_buf.is_empty() {
-            let written = ready!(Pin::new(&mut self.writer).poll_write(cx, &self.write_buf))?;
+        while let Some(rest) = self.write_buf.get(self.written..).filter(|r| !r.is_empty()) {
+            let written = ready!(Pin::new(&mut self.writer).poll_write(cx, rest))?;
             if written == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
-            self.write_buf.advance(written);
+            self.written += written;
         }
         ready!(Pin::new(&mut self.writer).poll_flush(cx))?;
+        self.written = 0;
         // A small buffer is kept (allocating it again for every reply cost
         // more than its memory); a burst must not leave a large one behind.
         if self.write_buf.capacity() > KEPT_WRITE_BUFFER {
@@ -241,5 +247,66 @@ impl<S: AsyncWrite> Actions for Apply<'_, '_, S> {
         if let Some(earlier) = self.last_for_router.replace(packet) {
             self.router.queue(earlier);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Version;
+    use crate::router::protocol::{Publish, QoS};
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_flush_resumes_where_it_stopped_and_a_burst_does_not_stay() {
+        let (stream, mut client) = tokio::io::duplex(1024);
+        let codec = Codec::new(Version::V5, 1 << 20);
+        let mut wire = Wire::new(stream, Duration::from_secs(1), codec);
+        let big = Publish::with_qos(
+            Bytes::from_static(b"u1_reply"),
+            Bytes::from(vec![7u8; 16 * 1024]),
+            false,
+            QoS::AtMostOnce,
+            0,
+        );
+        assert!(wire.queue(Packet::Publish(big, None)));
+        let total = wire.output.write_buf.len();
+        // The client has room for 1 KiB: the first poll writes part of it.
+        let first = std::future::poll_fn(|cx| Poll::Ready(wire.output.poll_flush(cx))).await;
+        assert!(first.is_pending());
+        assert!(wire.output.has_pending_write());
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; total];
+            client.read_exact(&mut got).await.expect("reads it all");
+            got
+        });
+        // A new flush (the first was dropped) writes the rest, once.
+        wire.output.flush().await.expect("flushed");
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), total);
+        assert!(got.ends_with(&[7u8; 64]));
+        assert!(!wire.output.has_pending_write());
+        assert!(
+            wire.output.write_buf.capacity() <= KEPT_WRITE_BUFFER,
+            "a 16 KiB burst left {} bytes",
+            wire.output.write_buf.capacity()
+        );
+    }
+
+    #[test]
+    fn an_empty_read_buffer_a_burst_grew_is_let_go() {
+        let (stream, _client) = tokio::io::duplex(64);
+        let codec = Codec::new(Version::V5, 1 << 20);
+        let mut wire = Wire::new(stream, Duration::from_secs(1), codec);
+        wire.input.read_buf = BytesMut::with_capacity(256 * 1024);
+        wire.input.reserve_read_room();
+        let room = wire.input.read_buf.capacity();
+        assert!((MIN_READ_ROOM..=KEPT_READ_BUFFER).contains(&room), "{room}");
+        // Bytes still waiting keep their buffer.
+        wire.input.read_buf = BytesMut::with_capacity(256 * 1024);
+        wire.input.read_buf.extend_from_slice(b"half a packet");
+        wire.input.reserve_read_room();
+        assert!(wire.input.read_buf.capacity() > KEPT_READ_BUFFER);
     }
 }
