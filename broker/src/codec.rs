@@ -2,8 +2,8 @@
 //! CONNECT's protocol level, and decoding/encoding packets with rumqttd's own
 //! codecs (`protocol::v4::V4`, `protocol::v5::V5`) over a byte buffer.
 
+use crate::router::protocol::{v4::V4, v5::V5, Error as ProtocolError, Packet, Protocol};
 use bytes::BytesMut;
-use rumqttd::protocol::{v4::V4, v5::V5, Error as ProtocolError, Packet, Protocol};
 
 /// The protocol a connection speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

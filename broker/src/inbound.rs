@@ -6,7 +6,7 @@
 
 use crate::acl::Denial;
 use crate::codec::Version;
-use rumqttd::protocol::{PubCompReason, QoS};
+use crate::router::protocol::{PubCompReason, QoS};
 use std::collections::{HashMap, HashSet};
 
 /// What to do with a PUBLISH before anything else looks at it.
@@ -98,6 +98,16 @@ pub struct InboundFlows {
     /// QoS 1 publishes handed to the router whose PUBACK has not come back:
     /// while there are any, the gate acknowledges none itself.
     router_acks_pending: usize,
+    /// Packet ids of the flows that need one: allocated with the first,
+    /// let go with the last (most sessions publish QoS 0 or nothing the
+    /// router acknowledges out of turn, and this is resident per connection).
+    ids: Option<Box<FlowIds>>,
+    next_will_pkid: u16,
+}
+
+/// The packet ids [`InboundFlows`] keeps while such flows are open.
+#[derive(Debug, Default)]
+struct FlowIds {
     /// Refused QoS 1 publishes sent through the router: their PUBACK becomes
     /// the denial.
     denied_qos1: HashMap<u16, Denial>,
@@ -106,7 +116,14 @@ pub struct InboundFlows {
     denied_qos2: HashSet<u16>,
     /// QoS 2 publishes the router holds until their PUBREL.
     awaiting_release: HashSet<u16>,
-    next_will_pkid: u16,
+}
+
+impl FlowIds {
+    fn is_empty(&self) -> bool {
+        self.denied_qos1.is_empty()
+            && self.denied_qos2.is_empty()
+            && self.awaiting_release.is_empty()
+    }
 }
 
 impl InboundFlows {
@@ -115,9 +132,7 @@ impl InboundFlows {
             version,
             receive_maximum: usize::from(receive_maximum),
             router_acks_pending: 0,
-            denied_qos1: HashMap::new(),
-            denied_qos2: HashSet::new(),
-            awaiting_release: HashSet::new(),
+            ids: None,
             next_will_pkid: 1,
         }
     }
@@ -127,32 +142,62 @@ impl InboundFlows {
     /// count against the Receive Maximum until then.
     pub fn resumed(version: Version, receive_maximum: u16, held: HeldQos2) -> Self {
         let mut flows = InboundFlows::new(version, receive_maximum);
-        flows.awaiting_release = held.in_router;
-        flows.denied_qos2 = held.refused;
+        if !held.is_empty() {
+            flows.ids = Some(Box::new(FlowIds {
+                awaiting_release: held.in_router,
+                denied_qos2: held.refused,
+                ..FlowIds::default()
+            }));
+        }
         flows
+    }
+
+    /// The ids, allocated if they were not.
+    fn ids_mut(&mut self) -> &mut FlowIds {
+        self.ids.get_or_insert_with(Default::default)
+    }
+
+    /// Lets the ids go once no flow needs them.
+    fn release_ids_if_idle(&mut self) {
+        if self.ids.as_ref().is_some_and(|ids| ids.is_empty()) {
+            self.ids = None;
+        }
+    }
+
+    fn awaiting_release(&self, pkid: u16) -> bool {
+        self.ids
+            .as_ref()
+            .is_some_and(|ids| ids.awaiting_release.contains(&pkid))
     }
 
     /// The unreleased QoS 2 publishes, for the session to keep when its
     /// connection ends (QoS 1 flows end with the connection: the client
     /// sends them again, as new flows).
     pub fn take_held(&mut self) -> HeldQos2 {
-        HeldQos2 {
-            in_router: std::mem::take(&mut self.awaiting_release),
-            refused: std::mem::take(&mut self.denied_qos2),
+        match self.ids.take() {
+            Some(ids) => HeldQos2 {
+                in_router: ids.awaiting_release,
+                refused: ids.denied_qos2,
+            },
+            None => HeldQos2::default(),
         }
     }
 
     /// QoS 1/2 publishes not yet acknowledged or released: what the
     /// Receive Maximum bounds (and with it, every map here).
     pub fn unacknowledged(&self) -> usize {
-        self.router_acks_pending + self.awaiting_release.len() + self.denied_qos2.len()
+        let held = self
+            .ids
+            .as_ref()
+            .map_or(0, |ids| ids.awaiting_release.len() + ids.denied_qos2.len());
+        self.router_acks_pending + held
     }
 
     /// A PUBLISH arrived.
     pub fn arrival(&self, qos: QoS, pkid: u16) -> Arrival {
         match qos {
             QoS::AtMostOnce => Arrival::New,
-            QoS::ExactlyOnce if self.awaiting_release.contains(&pkid) => Arrival::Retransmitted,
+            QoS::ExactlyOnce if self.awaiting_release(pkid) => Arrival::Retransmitted,
             _ if self.unacknowledged() >= self.receive_maximum => Arrival::OverReceiveMaximum,
             _ => Arrival::New,
         }
@@ -171,7 +216,7 @@ impl InboundFlows {
                 Allowed::ToRouter
             }
             QoS::ExactlyOnce => {
-                self.awaiting_release.insert(pkid);
+                self.ids_mut().awaiting_release.insert(pkid);
                 Allowed::ToRouter
             }
         }
@@ -183,14 +228,14 @@ impl InboundFlows {
             QoS::AtMostOnce => Refused::Silent,
             QoS::AtLeastOnce if self.router_acks_pending == 0 => Refused::PubAckHere,
             QoS::AtLeastOnce => {
-                self.denied_qos1.insert(pkid, denial);
+                self.ids_mut().denied_qos1.insert(pkid, denial);
                 self.router_acks_pending += 1;
                 Refused::PubAckThroughRouter
             }
             QoS::ExactlyOnce => {
                 // MQTT 5: a PUBREC reason >= 0x80 ends the exchange.
                 if self.version == Version::V4 {
-                    self.denied_qos2.insert(pkid);
+                    self.ids_mut().denied_qos2.insert(pkid);
                 }
                 Refused::PubRecHere
             }
@@ -201,25 +246,33 @@ impl InboundFlows {
     /// session's included, and answers a PUBREL for nothing with 0x92
     /// (MQTT 5 4.3.3); only the gate's own refusals are completed here.
     pub fn release(&mut self, pkid: u16) -> Release {
-        if self.denied_qos2.remove(&pkid) {
-            return Release::CompleteHere(PubCompReason::Success);
-        }
-        self.awaiting_release.remove(&pkid);
-        Release::ToRouter
+        let Some(ids) = self.ids.as_mut() else {
+            return Release::ToRouter;
+        };
+        let release = if ids.denied_qos2.remove(&pkid) {
+            Release::CompleteHere(PubCompReason::Success)
+        } else {
+            ids.awaiting_release.remove(&pkid);
+            Release::ToRouter
+        };
+        self.release_ids_if_idle();
+        release
     }
 
     /// A PUBACK from the router: `Some` when it answers a refused publish
     /// and must be sent as that denial.
     pub fn router_puback(&mut self, pkid: u16) -> Option<Denial> {
         self.router_acks_pending = self.router_acks_pending.saturating_sub(1);
-        self.denied_qos1.remove(&pkid)
+        let denial = self.ids.as_mut()?.denied_qos1.remove(&pkid);
+        self.release_ids_if_idle();
+        denial
     }
 
     /// A packet id for a QoS 1/2 will that no QoS 2 publish of this client
     /// holds in the router.
     pub fn will_pkid(&mut self) -> u16 {
         // At most Receive Maximum ids are held, so this ends.
-        while self.awaiting_release.contains(&self.next_will_pkid) {
+        while self.awaiting_release(self.next_will_pkid) {
             self.next_will_pkid = self.next_will_pkid.wrapping_add(1).max(1);
         }
         let pkid = self.next_will_pkid;

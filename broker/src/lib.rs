@@ -6,8 +6,14 @@
 //! 1. [`listener`]: accept, admission per source address ([`rate_limit`]:
 //!    new connections per second, connections not yet answered), connection cap;
 //! 2. [`tls`]: handshake under a deadline, in the connection's own task;
-//! 3. [`connection`]: CONNECT deadline, protocol version ([`codec`]), the
-//!    MQTT 5 rules on CONNECT and DISCONNECT values ([`validate`]);
+//! 3. [`session`]: one task per connection. `session/connect.rs`: CONNECT
+//!    deadline, protocol version ([`codec`]), the MQTT 5 rules on CONNECT and
+//!    DISCONNECT values ([`validate`]), admission, takeover, the router link;
+//!    [`session::state`]: the session as a value that takes one event and
+//!    performs its actions, no I/O (the publish decision in
+//!    `session/publish.rs`, SUBSCRIBE in `session/subscribe.rs`); `session/mod.rs`:
+//!    the loop that only moves bytes; `session/ending.rs`: goodbye, will,
+//!    persistent hand-off, expiry;
 //! 4. [`auth`]: device JWT ([`auth::jwt`], [`auth::jwks`]) or handler key,
 //!    giving a verified [`auth::Principal`]; refusals cached ([`auth::refusals`]);
 //! 5. [`sessions`]: client ids namespaced per user and takeover, client id
@@ -16,11 +22,14 @@
 //!    size caps; each session's filters and their cap ([`subscriptions`]);
 //!    revoked users are refused and disconnected ([`revocation`]);
 //! 7. [`identity`]: `user_id`/`client_id` stamped on device publishes;
-//! 8. [`router`]: the embedded rumqttd router, which routes and delivers;
+//! 8. [`router`]: the embedded rumqttd router, which routes and delivers; the
+//!    only module of the session's path that names rumqttd (the session sees
+//!    [`router::RouterTx`], [`router::RouterRx`], [`router::RouterEvent`]);
 //! 9. [`answers`]: every refusal and denial as the right packet per version;
 //!    [`translate`]: MQTT 5 packets in the form a 3.1.1 client can receive;
 //! 10. [`inbound`]: the client's QoS 1/2 flows as pure state (packet ids,
-//!     who acknowledges, QoS 2 exactly once, Receive Maximum);
+//!     who acknowledges, QoS 2 exactly once, Receive Maximum), owned by the
+//!     session's state;
 //! 11. [`wills`]: wills waiting for their MQTT 5 Will Delay Interval, kept
 //!     past their connection and published through a router link of their own.
 //!
@@ -45,7 +54,7 @@ pub mod auth;
 pub mod codec;
 pub mod command_topics;
 pub mod config;
-pub mod connection;
+
 pub mod dev_certs;
 pub mod gate;
 pub mod http;
@@ -59,6 +68,7 @@ pub mod reply_index;
 pub mod revocation;
 pub mod router;
 pub mod secret;
+pub mod session;
 pub mod sessions;
 pub mod subscriptions;
 pub mod tls;
@@ -313,7 +323,7 @@ impl RunningBroker {
 
 /// The shared [`Gate`] with its router running, built as [`Broker::start`]
 /// builds it but without listeners, TLS, metrics endpoint or revocation
-/// watcher: for protocol tests and fuzzing that drive [`connection::serve`]
+/// watcher: for protocol tests and fuzzing that drive [`session::serve`]
 /// over in-memory streams (`tokio::io::duplex`). Call inside a tokio runtime.
 /// Cancelling `shutdown` ends the sessions as a broker shutdown does.
 /// Keep in step with `Broker::start`.

@@ -1,15 +1,117 @@
 //! Owns the embedded rumqttd router: its configuration, running it as a task
 //! on the broker's runtime, and opening links (the router's view of one client
-//! session). The only module that touches rumqttd's router types.
+//! session). The only module of the session's path that names rumqttd: the
+//! session sees [`RouterTx`], [`RouterRx`] and [`RouterEvent`], and the MQTT
+//! packet types through [`protocol`].
 
 use crate::config::Limits;
+use futures::FutureExt;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::Packet;
 use rumqttd::{Router, RouterConfig};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-pub use rumqttd::local::{LinkRx as RouterRx, LinkTx as RouterTx};
+/// The MQTT packet types and codecs (the router's, which the gate frames with).
+pub use rumqttd::protocol;
+use rumqttd::protocol::Packet;
+
+/// The bytes a stored publish keeps alive in the router's logs (record,
+/// topic, payload and properties): what the delayed wills' cap counts.
+pub use rumqttd::message_size;
+
+/// The router closed a link (it ended the session, or it stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the router closed the link")]
+pub struct LinkClosed;
+
+/// What a session sends to the router.
+pub struct RouterTx(LinkTx);
+
+impl RouterTx {
+    /// Queues `packet` without waking the router: the next [`RouterTx::send`]
+    /// wakes it once for everything queued (one router event per read).
+    pub fn queue(&self, packet: Packet) {
+        self.0.buffer().push_back(packet);
+    }
+
+    /// Queues `packet` at once (before the future is first polled) and wakes
+    /// the router; the future only waits for room in the router's channel
+    /// and holds no packet, so a session's state machine stays small (a
+    /// combinator, not an `async` block: that would hold the inner future
+    /// twice).
+    pub fn send(&mut self, packet: Packet) -> impl Future<Output = Result<(), LinkClosed>> + '_ {
+        self.0
+            .send(packet)
+            .map(|sent| sent.map(|_| ()).map_err(|_| LinkClosed))
+    }
+}
+
+/// One thing the router has for a session.
+// Transient: handed to the session as it is read, never kept; boxing the
+// packet would allocate once per message.
+#[allow(clippy::large_enum_variant)]
+pub enum RouterEvent {
+    /// A packet for the client (or an acknowledgement of the session's own).
+    Packet(Packet),
+    /// The router paused the link after a burst: ask again with
+    /// [`RouterRx::wake`] (no packet is held meanwhile).
+    Paused,
+}
+
+impl RouterEvent {
+    fn from_notification(notification: rumqttd::Notification) -> Self {
+        match Option::<Packet>::from(notification) {
+            Some(packet) => RouterEvent::Packet(packet),
+            None => RouterEvent::Paused,
+        }
+    }
+}
+
+/// What the router has for a session.
+pub struct RouterRx(LinkRx);
+
+impl RouterRx {
+    /// Ready with the next event (`None`: woken with nothing new), keeping
+    /// one lasting wait registered between calls.
+    pub fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<RouterEvent>, LinkClosed>> {
+        self.0.poll_next(cx).map(|next| match next {
+            Ok(next) => Ok(next.map(RouterEvent::from_notification)),
+            Err(_) => Err(LinkClosed),
+        })
+    }
+
+    /// The next event if the router has one ready, without waiting:
+    /// `Ok(None)` when it has nothing.
+    pub fn try_next(&mut self) -> Result<Option<RouterEvent>, LinkClosed> {
+        loop {
+            match self.0.try_next() {
+                Ok(Some(Some(next))) => return Ok(Some(RouterEvent::from_notification(next))),
+                // Woken with nothing new: look again.
+                Ok(Some(None)) => continue,
+                Ok(None) => return Ok(None),
+                Err(_) => return Err(LinkClosed),
+            }
+        }
+    }
+
+    /// The next event, waiting for it.
+    pub async fn next(&mut self) -> Result<Option<RouterEvent>, LinkClosed> {
+        match self.0.next().await {
+            Ok(next) => Ok(next.map(RouterEvent::from_notification)),
+            Err(_) => Err(LinkClosed),
+        }
+    }
+
+    /// Asks the router for more after [`RouterEvent::Paused`].
+    pub fn wake(&self) -> impl Future<Output = Result<(), LinkClosed>> + '_ {
+        self.0.wake().map(|woken| woken.map_err(|_| LinkClosed))
+    }
+}
 
 /// Why a router session could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +149,8 @@ impl RouterTask {
 
 /// One open router session.
 pub struct RouterLink {
-    pub tx: LinkTx,
-    pub rx: LinkRx,
+    pub tx: RouterTx,
+    pub rx: RouterRx,
     pub session_present: bool,
 }
 
@@ -126,8 +228,8 @@ impl EmbeddedRouter {
             _ => return Err(RouterError::NoConnAck),
         };
         Ok(RouterLink {
-            tx,
-            rx,
+            tx: RouterTx(tx),
+            rx: RouterRx(rx),
             session_present,
         })
     }

@@ -6,7 +6,7 @@
 //!
 //! A will whose delay is 0, or whose session ends with its connection
 //! (Session Expiry Interval 0, or MQTT 3.1.1), is still published by the
-//! closing session itself on its own link (`connection::fire_will`).
+//! closing session itself on its own link (`session::ending`).
 //!
 //! A revoked or deleted user's will is dropped, immediate or delayed: a
 //! device's will carries its owner (uid and token `iat`), and is checked
@@ -18,11 +18,11 @@
 
 use crate::auth::DeviceIdentity;
 use crate::gate::Gate;
-use bytes::{Bytes, BytesMut};
-use parking_lot::Mutex;
-use rumqttd::protocol::{
+use crate::router::protocol::{
     LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
 };
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
 use shared::store::Revocation;
 use shared::UserId;
 use std::collections::HashMap;
@@ -57,7 +57,7 @@ impl ReadyWill {
     /// properties, counted as the router counts a stored publish (its bytes
     /// are its own: see `owned_will`, `publish_properties`).
     fn size(&self) -> usize {
-        rumqttd::message_size(&self.publish, self.properties.as_ref())
+        crate::router::message_size(&self.publish, self.properties.as_ref())
     }
 }
 
@@ -311,9 +311,10 @@ pub async fn publish_delayed(gate: Arc<Gate>, queue: WillQueue) {
                 }
             }
             // Only acknowledgements of the wills arrive here: read and let go.
-            notification = rx.next() => match notification {
-                Ok(Some(_)) => {}
-                Ok(None) => {
+            event = rx.next() => match event {
+                Ok(Some(crate::router::RouterEvent::Packet(_))) => {}
+                // Paused after a burst (or woken with nothing): ask again.
+                Ok(Some(crate::router::RouterEvent::Paused) | None) => {
                     if rx.wake().await.is_err() {
                         return;
                     }
@@ -349,7 +350,7 @@ async fn publish(
     tx: &mut crate::router::RouterTx,
     will: ReadyWill,
     next_pkid: &mut u16,
-) -> Result<(), rumqttd::local::LinkError> {
+) -> Result<(), crate::router::LinkClosed> {
     let ReadyWill {
         mut publish,
         properties,
@@ -383,7 +384,7 @@ pub async fn send_will(
     tx: &mut crate::router::RouterTx,
     publish: Publish,
     properties: Option<PublishProperties>,
-) -> Result<(), rumqttd::local::LinkError> {
+) -> Result<(), crate::router::LinkClosed> {
     gate.metrics().message_in();
     if let Ok(topic) = std::str::from_utf8(&publish.topic) {
         gate.replies()
@@ -392,7 +393,7 @@ pub async fn send_will(
     }
     let pkid = publish.pkid();
     if publish.qos() == QoS::ExactlyOnce {
-        tx.buffer().push_back(Packet::Publish(publish, properties));
+        tx.queue(Packet::Publish(publish, properties));
         let release = PubRel {
             pkid,
             reason: PubRelReason::Success,

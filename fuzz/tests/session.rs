@@ -1,4 +1,4 @@
-//! Fuzz target `session`: gate sessions (`broker::connection::serve`) driven
+//! Fuzz target `session`: gate sessions (`broker::session::serve`) driven
 //! over `tokio::io::duplex` by arbitrary packet sequences from a handler
 //! (handler key) and two authenticated devices (valid JWTs), MQTT 3.1.1 or
 //! 5 each, against one gate and router built as the broker builds them.
@@ -585,11 +585,11 @@ impl Client {
     ) -> Client {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let peer = SocketAddr::from(([127, 0, 0, 1], 40000 + (case % 20000) as u16));
-        let session = tokio::spawn(broker::connection::serve(
+        let session = tokio::spawn(broker::session::serve(
             theirs,
             peer,
             h.gate.clone(),
-            broker::connection::Admits::Everyone,
+            broker::session::Admits::Everyone,
         ));
         let (mut reader, writer) = tokio::io::split(ours);
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
