@@ -6,6 +6,7 @@
 # heaviest symbols, inclusive and self. Loopback only, bounded in time.
 #   cargo build --release --bin broker --bin loadgen && bench/profile.sh
 #   RATE=25000 bench/profile.sh
+#   DEVICES=10000 RATE=5000 bench/profile.sh   (the 10,000-device point)
 # Needs `perf` (Debian `linux-perf`) and permission to trace the broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,21 +14,26 @@ cd "$(dirname "$0")/.."
 . bench/common.sh
 RATE=${RATE:-2000}
 DEVICES=${DEVICES:-1000}
+BROKER=${BROKER:-target/release/broker}
+# Many devices: connect at a bounded rate over several source addresses, and
+# start recording once they are all connected and sending.
+SPREAD=(); WARMUP=5
+if [ "$DEVICES" -gt 2000 ]; then SPREAD=(--connect-rate 2000 --source-addrs 4); WARMUP=$((5 + DEVICES / 2000)); fi
 OUT=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$OUT"' EXIT
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 2; }
 
 BROKER_HANDLERS=none BROKER_CONN_RATE=0 JWT_SECRET=bench-secret-0123456789abcdef0123456789 HANDLER_KEYS=bench-handler-key-0123 \
 COMMAND_TOPICS=echo BROKER_TCP_LISTEN=127.0.0.1:21910 BROKER_TLS_LISTEN=127.0.0.1:21911 \
-BROKER_DEV_DIR="$OUT" RUST_LOG=warn target/release/broker >"$OUT/broker.log" 2>&1 &
+BROKER_DEV_DIR="$OUT" RUST_LOG=warn "$BROKER" >"$OUT/broker.log" 2>&1 &
 pid=$!
 wait_port 21910
 
-timeout 60 target/release/loadgen run --addr 127.0.0.1:21910 --jwt-secret bench-secret-0123456789abcdef0123456789 --echo 1 \
-  --handler-key bench-handler-key-0123 --devices "$DEVICES" --rate "$RATE" --duration 12 \
+timeout 120 target/release/loadgen run --addr 127.0.0.1:21910 --jwt-secret bench-secret-0123456789abcdef0123456789 --echo 1 \
+  --handler-key bench-handler-key-0123 --devices "$DEVICES" --rate "$RATE" --duration 12 "${SPREAD[@]}" \
   --broker-pid "$pid" >"$OUT/loadgen.log" 2>&1 &
 lg=$!
-sleep 5
+sleep "$WARMUP"
 perf record -q -F 1500 --call-graph dwarf,16384 -p "$pid" -o "$OUT/perf.data" -- sleep 4 2>/dev/null
 wait "$lg" || true
 grep -E "round trip|lost" "$OUT/loadgen.log"

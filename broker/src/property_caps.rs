@@ -14,8 +14,8 @@
 use crate::acl::Denial;
 use crate::answers::ConnectRefusal;
 use crate::auth::Principal;
+use crate::router::protocol::{LastWillProperties, PublishProperties};
 use bytes::Bytes;
-use rumqttd::protocol::{LastWillProperties, PublishProperties};
 
 /// The caps (`BROKER_DEVICE_MAX_USER_PROPERTY_BYTES`,
 /// `BROKER_DEVICE_MAX_CORRELATION_DATA_BYTES`).

@@ -17,6 +17,9 @@ use std::task::{Context, Poll};
 pub use rumqttd::protocol;
 use rumqttd::protocol::Packet;
 
+/// Copies a publish out of the read buffer it borrows, so keeping it does
+/// not keep the whole buffer alive.
+pub use rumqttd::detach;
 /// The bytes a stored publish keeps alive in the router's logs (record,
 /// topic, payload and properties): what the delayed wills' cap counts.
 pub use rumqttd::message_size;

@@ -16,9 +16,9 @@
 //! unforgeable as the MQTT 5 properties.
 
 use crate::codec::Version;
+use crate::router::protocol::{Packet, Publish, PublishProperties};
 use base64::Engine;
 use bytes::Bytes;
-use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use shared::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 
 /// Who a packet is written to.
@@ -98,11 +98,11 @@ fn with_identity_in_payload(mut publish: Publish, properties: &PublishProperties
 mod tests {
     use super::*;
     use crate::codec::Codec;
-    use bytes::{Bytes, BytesMut};
-    use rumqttd::protocol::{
+    use crate::router::protocol::{
         Disconnect, DisconnectReasonCode, PubAck, PubAckProperties, PubAckReason, Publish,
         PublishProperties, QoS,
     };
+    use bytes::{Bytes, BytesMut};
 
     fn publish_with_properties() -> Packet {
         let publish = Publish::with_qos(
