@@ -5,7 +5,7 @@
 use crate::acl::Denial;
 use crate::auth::Refusal;
 use crate::codec::Version;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, Packet, PubAck, PubAckProperties, PubAckReason, PubRec, PubRecProperties,
     PubRecReason, SubscribeReasonCode,

@@ -3,7 +3,7 @@
 //! codecs (`protocol::v4::V4`, `protocol::v5::V5`) over a byte buffer.
 
 use bytes::BytesMut;
-use rumqttd::protocol::{v4::V4, v5::V5, Error as ProtocolError, Packet, Protocol};
+use mqtt_router::protocol::{v4::V4, v5::V5, Error as ProtocolError, Packet, Protocol};
 
 /// The protocol a connection speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

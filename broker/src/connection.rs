@@ -21,7 +21,7 @@ use crate::wills::{self, ReadyWill};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use rand::Rng;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
     LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
     Publish, PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
@@ -1083,7 +1083,7 @@ impl Session {
     fn client_publish<S: AsyncRead + AsyncWrite>(
         &mut self,
         mut publish: Publish,
-        properties: Option<rumqttd::protocol::PublishProperties>,
+        properties: Option<mqtt_router::protocol::PublishProperties>,
         wire: &mut Wire<S>,
     ) -> Option<End> {
         if properties
@@ -1354,7 +1354,7 @@ impl Session {
     /// resident future.
     fn drain_router<S: AsyncRead + AsyncWrite>(
         &mut self,
-        first: Result<Option<rumqttd::Notification>, rumqttd::local::LinkError>,
+        first: Result<Option<mqtt_router::Notification>, mqtt_router::local::LinkError>,
         wire: &mut Wire<S>,
     ) -> RouterStep {
         let Ok(mut pending) = first else {

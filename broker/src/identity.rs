@@ -8,7 +8,7 @@
 //! some of them.
 
 use crate::auth::DeviceIdentity;
-use rumqttd::protocol::PublishProperties;
+use mqtt_router::protocol::PublishProperties;
 use shared::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 
 /// The names the broker stamps; devices can never send them.

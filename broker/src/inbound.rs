@@ -6,7 +6,7 @@
 
 use crate::acl::Denial;
 use crate::codec::Version;
-use rumqttd::protocol::{PubCompReason, QoS};
+use mqtt_router::protocol::{PubCompReason, QoS};
 use std::collections::{HashMap, HashSet};
 
 /// What to do with a PUBLISH before anything else looks at it.

@@ -15,7 +15,7 @@ use crate::acl::Denial;
 use crate::answers::ConnectRefusal;
 use crate::auth::Principal;
 use bytes::Bytes;
-use rumqttd::protocol::{LastWillProperties, PublishProperties};
+use mqtt_router::protocol::{LastWillProperties, PublishProperties};
 
 /// The caps (`BROKER_DEVICE_MAX_USER_PROPERTY_BYTES`,
 /// `BROKER_DEVICE_MAX_CORRELATION_DATA_BYTES`).

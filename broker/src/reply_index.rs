@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use prometheus_client::metrics::gauge::Gauge;
-use rumqttd::protocol::{Publish, PublishProperties, QoS};
+use mqtt_router::protocol::{Publish, PublishProperties, QoS};
 use shared::topics::{effective_filter, is_wildcard, matches};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +83,7 @@ impl Delivery {
     /// whose properties (correlation data echoed by the SDK) the inbox did
     /// not see.
     fn size(&self) -> usize {
-        rumqttd::message_size(&self.publish, self.properties.as_deref())
+        mqtt_router::message_size(&self.publish, self.properties.as_deref())
     }
 }
 
@@ -450,7 +450,7 @@ impl ReplyIndex {
         // slices of its sender's read buffer, which a reply waiting in a
         // slow subscriber's inbox would keep alive whole, uncounted.
         let (mut publish, mut properties) = (publish.clone(), properties.clone());
-        rumqttd::detach(&mut publish, properties.as_mut());
+        mqtt_router::detach(&mut publish, properties.as_mut());
         let (publish, properties) = (&publish, &properties);
         // The clock is read only for publishes that can expire.
         let received = match (inboxes, properties) {

@@ -3,13 +3,13 @@
 //! session). The only module that touches rumqttd's router types.
 
 use crate::config::Limits;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::Packet;
-use rumqttd::{Router, RouterConfig};
+use mqtt_router::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use mqtt_router::protocol::Packet;
+use mqtt_router::{Router, RouterConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use rumqttd::local::{LinkRx as RouterRx, LinkTx as RouterTx};
+pub use mqtt_router::local::{LinkRx as RouterRx, LinkTx as RouterTx};
 
 /// Why a router session could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +73,12 @@ impl EmbeddedRouter {
         command_topics: &[String],
         metrics: &crate::metrics::Metrics,
     ) -> (Self, RouterTask) {
-        let custom_segment: HashMap<String, rumqttd::SegmentConfig> = command_topics
+        let custom_segment: HashMap<String, mqtt_router::SegmentConfig> = command_topics
             .iter()
             .map(|topic| {
                 (
                     topic.clone(),
-                    rumqttd::SegmentConfig {
+                    mqtt_router::SegmentConfig {
                         max_segment_size: COMMAND_SEGMENT_BYTES,
                         max_segment_count: COMMAND_SEGMENT_COUNT,
                     },

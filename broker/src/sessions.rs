@@ -643,7 +643,7 @@ mod tests {
     fn kept_qos2_state_follows_the_session() {
         use crate::codec::Version;
         use crate::inbound::{Arrival, InboundFlows};
-        use rumqttd::protocol::QoS;
+        use mqtt_router::protocol::QoS;
         let registry = SessionRegistry::new(CancellationToken::new());
         let (replies, commands) = (ReplyIndex::default(), CommandTopics::new([]));
         let held = |pkids: &[u16]| {

@@ -18,7 +18,7 @@
 use crate::codec::Version;
 use base64::Engine;
 use bytes::Bytes;
-use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use mqtt_router::protocol::{Packet, Publish, PublishProperties};
 use shared::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 
 /// Who a packet is written to.
@@ -99,7 +99,7 @@ mod tests {
     use super::*;
     use crate::codec::Codec;
     use bytes::{Bytes, BytesMut};
-    use rumqttd::protocol::{
+    use mqtt_router::protocol::{
         Disconnect, DisconnectReasonCode, PubAck, PubAckProperties, PubAckReason, Publish,
         PublishProperties, QoS,
     };

@@ -6,7 +6,7 @@
 //! decoder itself: vendor patch 32.) Pure code; `connection` acts on it.
 
 use crate::answers::ConnectRefusal;
-use rumqttd::protocol::ConnectProperties;
+use mqtt_router::protocol::ConnectProperties;
 
 /// Refuses a CONNECT whose properties MQTT 5 forbids, before anything else
 /// is spent on it (a token's verification included). MQTT 3.1.1 CONNECTs

@@ -20,7 +20,7 @@ use crate::auth::DeviceIdentity;
 use crate::gate::Gate;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
 };
 use shared::store::Revocation;
@@ -57,7 +57,7 @@ impl ReadyWill {
     /// properties, counted as the router counts a stored publish (its bytes
     /// are its own: see `owned_will`, `publish_properties`).
     fn size(&self) -> usize {
-        rumqttd::message_size(&self.publish, self.properties.as_ref())
+        mqtt_router::message_size(&self.publish, self.properties.as_ref())
     }
 }
 
@@ -349,7 +349,7 @@ async fn publish(
     tx: &mut crate::router::RouterTx,
     will: ReadyWill,
     next_pkid: &mut u16,
-) -> Result<(), rumqttd::local::LinkError> {
+) -> Result<(), mqtt_router::local::LinkError> {
     let ReadyWill {
         mut publish,
         properties,
@@ -383,7 +383,7 @@ pub async fn send_will(
     tx: &mut crate::router::RouterTx,
     publish: Publish,
     properties: Option<PublishProperties>,
-) -> Result<(), rumqttd::local::LinkError> {
+) -> Result<(), mqtt_router::local::LinkError> {
     gate.metrics().message_in();
     if let Ok(topic) = std::str::from_utf8(&publish.topic) {
         gate.replies()

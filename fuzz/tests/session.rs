@@ -33,7 +33,7 @@ use fuzz::{apply, config, mutations, Mutation};
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, Filter, Login, Packet, PingReq, PingResp, PubAck, PubAckReason, PubComp,
     PubCompReason, PubRec, PubRecReason, PubRel, PubRelProperties, PubRelReason, Publish,

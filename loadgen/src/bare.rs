@@ -3,7 +3,7 @@
 //! the router values of rumqttd's shipped `rumqttd.toml` unless overridden.
 
 use crate::LoadError;
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use mqtt_router::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -88,7 +88,7 @@ pub fn run(cfg: &BareRouterConfig) -> Result<(), LoadError> {
                 .into(),
         ));
     }
-    let mut broker = rumqttd::Broker::new(cfg.to_rumqttd());
+    let mut broker = mqtt_router::Broker::new(cfg.to_rumqttd());
     broker
         .start()
         .map_err(|e| LoadError::Setup(format!("bare router: {e}")))

@@ -17,7 +17,7 @@ use rumqttc::v5::mqttbytes::v5::{
     self as p5, ConnectReturnCode, DisconnectReasonCode, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     self as rp, Connect, ConnectProperties, Disconnect, DisconnectProperties, LastWill,
     LastWillProperties, Login, Packet, PubRel, PubRelReason, Publish,
 };
