@@ -207,3 +207,143 @@ fn empty_unsubscribe_is_refused() {
     let mut v5 = BytesMut::from(&[0xA2, 0x03, 0x00, 0x01, 0x00][..]);
     assert!(decode(5, &mut v5).is_err());
 }
+
+/// The four MQTT 5 acknowledgements share one wire form (`v5/ack.rs`):
+/// success without properties is two bytes of packet id, another reason
+/// without properties adds the code and an empty property length, and
+/// properties round-trip.
+#[test]
+fn v5_acknowledgements_share_one_wire_form() {
+    let props = || {
+        Some((
+            Some("why".to_owned()),
+            vec![("k".to_owned(), "v".to_owned())],
+        ))
+    };
+    let cases: Vec<(u8, Packet, Packet, Packet)> = vec![
+        (
+            0x40,
+            Packet::PubAck(
+                PubAck {
+                    pkid: 9,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ),
+            Packet::PubAck(
+                PubAck {
+                    pkid: 9,
+                    reason: PubAckReason::NotAuthorized,
+                },
+                None,
+            ),
+            Packet::PubAck(
+                PubAck {
+                    pkid: 9,
+                    reason: PubAckReason::Success,
+                },
+                props().map(|(reason_string, user_properties)| PubAckProperties {
+                    reason_string,
+                    user_properties,
+                }),
+            ),
+        ),
+        (
+            0x50,
+            Packet::PubRec(
+                PubRec {
+                    pkid: 9,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            ),
+            Packet::PubRec(
+                PubRec {
+                    pkid: 9,
+                    reason: PubRecReason::NotAuthorized,
+                },
+                None,
+            ),
+            Packet::PubRec(
+                PubRec {
+                    pkid: 9,
+                    reason: PubRecReason::Success,
+                },
+                props().map(|(reason_string, user_properties)| PubRecProperties {
+                    reason_string,
+                    user_properties,
+                }),
+            ),
+        ),
+        (
+            0x62,
+            Packet::PubRel(
+                PubRel {
+                    pkid: 9,
+                    reason: PubRelReason::Success,
+                },
+                None,
+            ),
+            Packet::PubRel(
+                PubRel {
+                    pkid: 9,
+                    reason: PubRelReason::PacketIdentifierNotFound,
+                },
+                None,
+            ),
+            Packet::PubRel(
+                PubRel {
+                    pkid: 9,
+                    reason: PubRelReason::Success,
+                },
+                props().map(|(reason_string, user_properties)| PubRelProperties {
+                    reason_string,
+                    user_properties,
+                }),
+            ),
+        ),
+        (
+            0x70,
+            Packet::PubComp(
+                PubComp {
+                    pkid: 9,
+                    reason: PubCompReason::Success,
+                },
+                None,
+            ),
+            Packet::PubComp(
+                PubComp {
+                    pkid: 9,
+                    reason: PubCompReason::PacketIdentifierNotFound,
+                },
+                None,
+            ),
+            Packet::PubComp(
+                PubComp {
+                    pkid: 9,
+                    reason: PubCompReason::Success,
+                },
+                props().map(|(reason_string, user_properties)| PubCompProperties {
+                    reason_string,
+                    user_properties,
+                }),
+            ),
+        ),
+    ];
+    for (first, success, refused, with_properties) in cases {
+        let mut bytes = encode(5, success.clone()).unwrap();
+        assert_eq!(&bytes[..], &[first, 0x02, 0x00, 0x09]);
+        assert_eq!(decode(5, &mut bytes), Ok(success));
+
+        let mut bytes = encode(5, refused.clone()).unwrap();
+        assert_eq!(&bytes[..4], &[first, 0x04, 0x00, 0x09]);
+        assert_eq!(bytes[5], 0x00, "empty property length");
+        assert_eq!(decode(5, &mut bytes), Ok(refused));
+
+        let mut bytes = encode(5, with_properties.clone()).unwrap();
+        // properties: reason string 1 + 2 + 3, user property 1 + 2 + 1 + 2 + 1
+        assert_eq!(&bytes[..6], &[first, 0x11, 0x00, 0x09, 0x00, 0x0D]);
+        assert_eq!(decode(5, &mut bytes), Ok(with_properties));
+        assert!(bytes.is_empty());
+    }
+}

@@ -301,18 +301,14 @@ impl Router {
         let span = tracing::info_span!("incoming_connect", client_id);
         let _guard = span.enter();
 
-        {
-            // Check if same client_id already exists and if so, replace it with this new connection
-            // ref: https://docs.oasis-open.org/mqtt/mqtt/v3.1.1/os/mqtt-v3.1.1-os.html#_Toc398718032
-
-            let connection_id = self.connection_map.get(&client_id);
-            if let Some(connection_id) = connection_id {
-                error!(
-                    "Duplicate client_id, dropping previous connection with connection_id: {}",
-                    connection_id
-                );
-                self.handle_disconnection(*connection_id, None);
-            }
+        // Check if same client_id already exists and if so, replace it with this new connection
+        // ref: https://docs.oasis-open.org/mqtt/mqtt/v3.1.1/os/mqtt-v3.1.1-os.html#_Toc398718032
+        if let Some(connection_id) = self.connection_map.get(&client_id) {
+            error!(
+                "Duplicate client_id, dropping previous connection with connection_id: {}",
+                connection_id
+            );
+            self.handle_disconnection(*connection_id, None);
         }
 
         if self.connections.len() >= self.config.max_connections {

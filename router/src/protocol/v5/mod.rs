@@ -5,6 +5,7 @@ use crate::router::Ack;
 use super::*;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+mod ack;
 mod connack;
 mod connect;
 mod disconnect;
