@@ -20,13 +20,13 @@ use crate::validate;
 use crate::wills::{self, ReadyWill};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use rand::Rng;
 use mqtt_router::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
     LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
     Publish, PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
+use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;

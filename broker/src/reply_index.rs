@@ -20,9 +20,9 @@
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
+use mqtt_router::protocol::{Publish, PublishProperties, QoS};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use prometheus_client::metrics::gauge::Gauge;
-use mqtt_router::protocol::{Publish, PublishProperties, QoS};
 use shared::topics::{effective_filter, is_wildcard, matches};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};

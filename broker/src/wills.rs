@@ -19,10 +19,10 @@
 use crate::auth::DeviceIdentity;
 use crate::gate::Gate;
 use bytes::{Bytes, BytesMut};
-use parking_lot::Mutex;
 use mqtt_router::protocol::{
     LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
 };
+use parking_lot::Mutex;
 use shared::store::Revocation;
 use shared::UserId;
 use std::collections::HashMap;

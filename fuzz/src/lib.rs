@@ -16,10 +16,6 @@
 //! the seed, so a run can be repeated exactly.
 
 use bytes::{Bytes, BytesMut};
-use proptest::collection::vec;
-use proptest::option;
-use proptest::prelude::*;
-use proptest::test_runner::Config as ProptestConfig;
 use mqtt_router::protocol::{
     v4::V4, v5::V5, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode,
     Disconnect, DisconnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties,
@@ -29,6 +25,10 @@ use mqtt_router::protocol::{
     SubAckProperties, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck,
     UnsubAckProperties, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+use proptest::test_runner::Config as ProptestConfig;
 
 /// Proptest settings for a target: `default_cases` (sized so that all
 /// targets together take well under two minutes on two cores) times

@@ -6,13 +6,13 @@
 use broker::codec::{sniff_version, Codec, CodecError, Version as BrokerVersion};
 use bytes::{Bytes, BytesMut};
 use fuzz::{apply, as_v4, config, decode, encode, mutations, packet_v4, packet_v5, Version};
-use proptest::collection::vec;
-use proptest::prelude::*;
 use mqtt_router::protocol::{
     matches, valid_filter, valid_topic, ConnAck, ConnectReturnCode, Disconnect,
     DisconnectReasonCode, Error, Packet, PubRel, PubRelProperties, PubRelReason, Publish,
     PublishProperties, QoS,
 };
+use proptest::collection::vec;
+use proptest::prelude::*;
 
 const LARGE: usize = 1 << 20;
 
