@@ -69,7 +69,6 @@ impl BareRouterConfig {
             },
             v4: one("v4-1", self.v4_listen),
             v5: one("v5-1", self.v5_listen),
-            ..Default::default()
         }
     }
 }
