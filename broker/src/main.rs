@@ -20,9 +20,9 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn init_tracing() {
-    // rumqttd logs every subscription at info; keep it to warnings by default.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    // The router logs every subscription at info; keep it to warnings by default.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,mqtt_router=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -6,23 +6,23 @@
 
 use crate::config::Limits;
 use futures::FutureExt;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::{Router, RouterConfig};
+use mqtt_router::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use mqtt_router::{Router, RouterConfig};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// The MQTT packet types and codecs (the router's, which the gate frames with).
-pub use rumqttd::protocol;
-use rumqttd::protocol::Packet;
+pub use mqtt_router::protocol;
+use mqtt_router::protocol::Packet;
 
 /// Copies a publish out of the read buffer it borrows, so keeping it does
 /// not keep the whole buffer alive.
-pub use rumqttd::detach;
+pub use mqtt_router::detach;
 /// The bytes a stored publish keeps alive in the router's logs (record,
 /// topic, payload and properties): what the delayed wills' cap counts.
-pub use rumqttd::message_size;
+pub use mqtt_router::message_size;
 
 /// The router closed a link (it ended the session, or it stopped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -64,7 +64,7 @@ pub enum RouterEvent {
 }
 
 impl RouterEvent {
-    fn from_notification(notification: rumqttd::Notification) -> Self {
+    fn from_notification(notification: mqtt_router::Notification) -> Self {
         match Option::<Packet>::from(notification) {
             Some(packet) => RouterEvent::Packet(packet),
             None => RouterEvent::Paused,
@@ -178,12 +178,12 @@ impl EmbeddedRouter {
         command_topics: &[String],
         metrics: &crate::metrics::Metrics,
     ) -> (Self, RouterTask) {
-        let custom_segment: HashMap<String, rumqttd::SegmentConfig> = command_topics
+        let custom_segment: HashMap<String, mqtt_router::SegmentConfig> = command_topics
             .iter()
             .map(|topic| {
                 (
                     topic.clone(),
-                    rumqttd::SegmentConfig {
+                    mqtt_router::SegmentConfig {
                         max_segment_size: COMMAND_SEGMENT_BYTES,
                         max_segment_count: COMMAND_SEGMENT_COUNT,
                     },

@@ -70,7 +70,7 @@ impl Broker {
             .env("IDP_LISTEN", "127.0.0.1:0")
             .env("IDP_KEYS_DIR", dir.path().join("keys"))
             .env("BROKER_WORKER_THREADS", "1")
-            .env("RUST_LOG", "info,rumqttd=warn");
+            .env("RUST_LOG", "info,mqtt_router=warn");
         for (name, value) in env {
             command.env(name, value);
         }

@@ -36,7 +36,7 @@ fn the_printed_signup_commands_work_as_printed() {
         .env("IDP_LISTEN", "127.0.0.1:0")
         .env("IDP_KEYS_DIR", dir.path().join("keys"))
         .env("BROKER_WORKER_THREADS", "1")
-        .env("RUST_LOG", "info,rumqttd=warn")
+        .env("RUST_LOG", "info,mqtt_router=warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

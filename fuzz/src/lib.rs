@@ -16,11 +16,7 @@
 //! the seed, so a run can be repeated exactly.
 
 use bytes::{Bytes, BytesMut};
-use proptest::collection::vec;
-use proptest::option;
-use proptest::prelude::*;
-use proptest::test_runner::Config as ProptestConfig;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     v4::V4, v5::V5, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode,
     Disconnect, DisconnectProperties, DisconnectReasonCode, Filter, LastWill, LastWillProperties,
     Login, Packet, PingReq, PingResp, Protocol, PubAck, PubAckProperties, PubAckReason, PubComp,
@@ -29,6 +25,10 @@ use rumqttd::protocol::{
     SubAckProperties, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck,
     UnsubAckProperties, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+use proptest::test_runner::Config as ProptestConfig;
 
 /// Proptest settings for a target: `default_cases` (sized so that all
 /// targets together take well under two minutes on two cores) times
@@ -61,7 +61,7 @@ pub enum Version {
 }
 
 /// Encodes with rumqttd's codec for `version`.
-pub fn encode(version: Version, packet: Packet) -> Result<BytesMut, rumqttd::protocol::Error> {
+pub fn encode(version: Version, packet: Packet) -> Result<BytesMut, mqtt_router::protocol::Error> {
     let mut out = BytesMut::new();
     match version {
         Version::V4 => V4.write(packet, &mut out)?,
@@ -75,7 +75,7 @@ pub fn decode(
     version: Version,
     buf: &mut BytesMut,
     max_size: usize,
-) -> Result<Packet, rumqttd::protocol::Error> {
+) -> Result<Packet, mqtt_router::protocol::Error> {
     match version {
         Version::V4 => V4.read_mut(buf, max_size),
         Version::V5 => V5.read_mut(buf, max_size),

@@ -6,13 +6,13 @@
 use broker::codec::{sniff_version, Codec, CodecError, Version as BrokerVersion};
 use bytes::{Bytes, BytesMut};
 use fuzz::{apply, as_v4, config, decode, encode, mutations, packet_v4, packet_v5, Version};
-use proptest::collection::vec;
-use proptest::prelude::*;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     matches, valid_filter, valid_topic, ConnAck, ConnectReturnCode, Disconnect,
     DisconnectReasonCode, Error, Packet, PubRel, PubRelProperties, PubRelReason, Publish,
     PublishProperties, QoS,
 };
+use proptest::collection::vec;
+use proptest::prelude::*;
 
 const LARGE: usize = 1 << 20;
 
@@ -492,7 +492,7 @@ fn oversized_strings_are_refused_cleanly() {
 /// its flags at an offset counted from the start of the buffer.
 #[test]
 fn connect_encodes_after_other_bytes() {
-    use rumqttd::protocol::{Connect, Login, PingReq};
+    use mqtt_router::protocol::{Connect, Login, PingReq};
     for v in [Version::V4, Version::V5] {
         let connect = Packet::Connect(
             Connect {

@@ -30,16 +30,16 @@ use broker::gate::Gate;
 use broker::secret::Secret;
 use bytes::{Bytes, BytesMut};
 use fuzz::{apply, config, mutations, Mutation};
-use proptest::collection::vec;
-use proptest::option;
-use proptest::prelude::*;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, Filter, Login, Packet, PingReq, PingResp, PubAck, PubAckReason, PubComp,
     PubCompReason, PubRec, PubRecReason, PubRel, PubRelProperties, PubRelReason, Publish,
     PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
     Unsubscribe,
 };
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
 use shared::claims::DeviceClaims;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

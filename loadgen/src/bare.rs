@@ -3,7 +3,7 @@
 //! the router values of rumqttd's shipped `rumqttd.toml` unless overridden.
 
 use crate::LoadError;
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use mqtt_router::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -69,7 +69,6 @@ impl BareRouterConfig {
             },
             v4: one("v4-1", self.v4_listen),
             v5: one("v5-1", self.v5_listen),
-            ..Default::default()
         }
     }
 }
@@ -88,7 +87,7 @@ pub fn run(cfg: &BareRouterConfig) -> Result<(), LoadError> {
                 .into(),
         ));
     }
-    let mut broker = rumqttd::Broker::new(cfg.to_rumqttd());
+    let mut broker = mqtt_router::Broker::new(cfg.to_rumqttd());
     broker
         .start()
         .map_err(|e| LoadError::Setup(format!("bare router: {e}")))

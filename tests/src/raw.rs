@@ -3,7 +3,7 @@
 //! socket. Encoded with rumqttd's own codecs, so the bytes are well formed.
 
 use bytes::BytesMut;
-use rumqttd::protocol::{
+use mqtt_router::protocol::{
     Connect, Filter, Login, Packet, Protocol, QoS, RetainForwardRule, Subscribe,
 };
 
@@ -11,9 +11,9 @@ use rumqttd::protocol::{
 pub fn encode(version: u8, packet: Packet) -> Vec<u8> {
     let mut out = BytesMut::new();
     let written = if version == 4 {
-        rumqttd::protocol::v4::V4.write(packet, &mut out)
+        mqtt_router::protocol::v4::V4.write(packet, &mut out)
     } else {
-        rumqttd::protocol::v5::V5.write(packet, &mut out)
+        mqtt_router::protocol::v5::V5.write(packet, &mut out)
     };
     written.expect("a test packet encodes");
     out.to_vec()

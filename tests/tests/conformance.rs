@@ -179,7 +179,7 @@ async fn clean_start_and_session_expiry_are_independent() {
 /// disconnected, and its will is published (both protocol versions).
 #[tokio::test]
 async fn a_silent_client_is_cut_after_one_and_a_half_keep_alives_and_its_will_fires() {
-    use rumqttd::protocol::{Connect, LastWill, Login, Packet};
+    use mqtt_router::protocol::{Connect, LastWill, Login, Packet};
     use tokio::io::AsyncWriteExt;
     let broker = TestBroker::start().await;
     let mut handler = broker.handler("will-watcher").await;
@@ -198,7 +198,7 @@ async fn a_silent_client_is_cut_after_one_and_a_half_keep_alives_and_its_will_fi
             Some(LastWill {
                 topic: bytes::Bytes::from_static(b"get_contact_list"),
                 message: bytes::Bytes::from(will.clone()),
-                qos: rumqttd::protocol::QoS::AtMostOnce,
+                qos: mqtt_router::protocol::QoS::AtMostOnce,
                 retain: false,
             }),
             None,

@@ -642,7 +642,7 @@ async fn a_subscription_identifier_in_a_clients_publish_is_a_protocol_error() {
 /// maximum is not overridden.
 #[tokio::test]
 async fn connack_carries_the_server_keep_alive_it_applies() {
-    use rumqttd::protocol::{Packet, Protocol};
+    use mqtt_router::protocol::{Packet, Protocol};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut options = e2e::TestOptions::default();
     options.limits.max_keep_alive_secs = 60;
@@ -656,7 +656,7 @@ async fn connack_carries_the_server_keep_alive_it_applies() {
         let mut buf = bytes::BytesMut::new();
         let packet = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if let Ok(packet) = rumqttd::protocol::v5::V5.read_mut(&mut buf, 1 << 16) {
+                if let Ok(packet) = mqtt_router::protocol::v5::V5.read_mut(&mut buf, 1 << 16) {
                     return packet;
                 }
                 assert!(stream.read_buf(&mut buf).await.expect("read") > 0, "closed");
@@ -667,7 +667,7 @@ async fn connack_carries_the_server_keep_alive_it_applies() {
         let Packet::ConnAck(ack, properties) = packet else {
             panic!("expected CONNACK, got {packet:?}");
         };
-        assert_eq!(ack.code, rumqttd::protocol::ConnectReturnCode::Success);
+        assert_eq!(ack.code, mqtt_router::protocol::ConnectReturnCode::Success);
         assert_eq!(
             properties.and_then(|p| p.server_keep_alive),
             applied,
@@ -684,7 +684,7 @@ async fn connack_carries_the_server_keep_alive_it_applies() {
 /// so the replies wait in its inbox; it reads again 2.5 s later.
 #[tokio::test]
 async fn the_gate_path_does_not_deliver_a_reply_that_expired_while_waiting() {
-    use rumqttd::protocol::{Packet, Protocol};
+    use mqtt_router::protocol::{Packet, Protocol};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut options = e2e::TestOptions::default();
     // The stalled write must not end the session first.
@@ -704,7 +704,7 @@ async fn the_gate_path_does_not_deliver_a_reply_that_expired_while_waiting() {
             5,
             1,
             &["mx_r"],
-            rumqttd::protocol::QoS::AtMostOnce,
+            mqtt_router::protocol::QoS::AtMostOnce,
         ))
         .await
         .expect("subscribe");
@@ -760,7 +760,7 @@ async fn the_gate_path_does_not_deliver_a_reply_that_expired_while_waiting() {
     let mut buf = bytes::BytesMut::new();
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            match rumqttd::protocol::v5::V5.read_mut(&mut buf, 1 << 20) {
+            match mqtt_router::protocol::v5::V5.read_mut(&mut buf, 1 << 20) {
                 Ok(Packet::Publish(publish, properties)) => {
                     if publish.payload.len() < 100 {
                         let left = properties.and_then(|p| p.message_expiry_interval);

@@ -431,7 +431,7 @@ fn raw_connect_version(version: u8, token: &str) -> Vec<u8> {
 }
 
 fn raw_subscribe(version: u8, filters: &[&str]) -> Vec<u8> {
-    e2e::raw::subscribe(version, 7, filters, rumqttd::protocol::QoS::AtLeastOnce)
+    e2e::raw::subscribe(version, 7, filters, mqtt_router::protocol::QoS::AtLeastOnce)
 }
 
 fn raw_connect(token: &str) -> Vec<u8> {

@@ -82,7 +82,7 @@ async fn raw_v5_subscriber(
     password: &str,
     filter: &str,
 ) -> TcpStream {
-    use rumqttd::protocol::{Connect, Login, Packet};
+    use mqtt_router::protocol::{Connect, Login, Packet};
     let mut stream = TcpStream::connect(broker.tcp_addr).await.unwrap();
     let connect = e2e::raw::encode(
         5,
@@ -105,7 +105,7 @@ async fn raw_v5_subscriber(
     let ack = read_packet(&mut stream).await;
     assert_eq!(ack[0], 0x20, "CONNACK");
     assert_eq!(ack[3], 0, "accepted: {ack:?}");
-    let qos0 = rumqttd::protocol::QoS::AtMostOnce;
+    let qos0 = mqtt_router::protocol::QoS::AtMostOnce;
     stream
         .write_all(&e2e::raw::subscribe(5, 1, &[filter], qos0))
         .await

@@ -312,7 +312,7 @@ async fn a_device_that_stops_reading_loses_only_its_own_oldest_replies() {
     let mut connack = [0u8; 4];
     stalled.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0]);
-    let qos0 = rumqttd::protocol::QoS::AtMostOnce;
+    let qos0 = mqtt_router::protocol::QoS::AtMostOnce;
     stalled
         .write_all(&e2e::raw::subscribe(4, 1, &["550_feed"], qos0))
         .await

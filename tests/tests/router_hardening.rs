@@ -6,9 +6,9 @@
 use bytes::{Bytes, BytesMut};
 use e2e::clients::{Seen, V5Client};
 use e2e::{TestBroker, TEST_HANDLER_KEY};
+use mqtt_router::protocol::{self as rp, Protocol};
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttd::protocol::{self as rp, Protocol};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -12,9 +12,9 @@ use bytes::{Bytes, BytesMut};
 use e2e::clients::{user_property, V4Client, V5Client};
 use e2e::{raw, TestBroker, TestOptions, TEST_HANDLER_KEY};
 use handlers_common::{settings, Device};
+use mqtt_router::protocol::{self as rp, Packet, PubRel, PubRelProperties, PubRelReason, Publish};
 use rumqttc::v5::mqttbytes::v5::{self as p5, LastWill, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttd::protocol::{self as rp, Packet, PubRel, PubRelProperties, PubRelReason, Publish};
 use shared::claims::{now_secs, DeviceClaims};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -620,7 +620,7 @@ async fn a_topic_alias_from_a_client_is_a_protocol_error() {
 /// flow in order.
 #[tokio::test]
 async fn publishes_larger_than_the_clients_maximum_packet_size_are_not_sent() {
-    use rumqttd::protocol::{Connect, ConnectProperties, Login};
+    use mqtt_router::protocol::{Connect, ConnectProperties, Login};
     let broker = TestBroker::start().await;
     let handler = broker.handler("big-replier").await;
     let stream = TcpStream::connect(broker.tcp_addr).await.expect("connect");

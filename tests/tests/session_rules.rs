@@ -13,14 +13,14 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use e2e::{raw, TestBroker, TestOptions};
+use mqtt_router::protocol::{
+    self as rp, Connect, ConnectProperties, Disconnect, DisconnectProperties, LastWill,
+    LastWillProperties, Login, Packet, PubRel, PubRelReason, Publish,
+};
 use rumqttc::v5::mqttbytes::v5::{
     self as p5, ConnectReturnCode, DisconnectReasonCode, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttd::protocol::{
-    self as rp, Connect, ConnectProperties, Disconnect, DisconnectProperties, LastWill,
-    LastWillProperties, Login, Packet, PubRel, PubRelReason, Publish,
-};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
