@@ -58,7 +58,6 @@ pub mod rate_limit;
 pub mod reply_index;
 pub mod revocation;
 pub mod router;
-pub mod secret;
 pub mod sessions;
 pub mod subscriptions;
 pub mod tls;

@@ -4,38 +4,59 @@
 //! service included), and shuts down gracefully on SIGTERM/SIGINT.
 
 use anyhow::Context;
-use broker::config::{Args, DevDefaults, ListenPlan};
+use broker::config::{BrokerArgs, DevDefaults, ListenPlan};
 use broker::{Broker, Listeners, RunningBroker};
 use clap::Parser;
+use shared::store::StoreArgs;
+use shared::telemetry::LogArgs;
 use std::process::ExitCode;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
-fn init_tracing() {
-    // rumqttd logs every subscription at info; keep it to warnings by default.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+/// Everything `broker` reads: each component's own arguments, each
+/// variable declared once in the crate that uses it.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "broker",
+    version,
+    about = "MQTT broker with JWT-gated topic handlers"
+)]
+struct Cli {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten, next_help_heading = "Built-in handlers (BROKER_HANDLERS=all)")]
+    handlers: handlers::HandlerArgs,
+    #[command(flatten, next_help_heading = "Identity service (in-process)")]
+    idp: idp::config::IdpArgs,
+    #[command(flatten, next_help_heading = "Logging")]
+    log: LogArgs,
+}
+
+/// What `main` hands the runtime: every component's configuration, checked.
+struct Startup {
+    config: broker::config::Config,
+    plan: ListenPlan,
+    dev: DevDefaults,
+    store: StoreArgs,
+    /// The in-process handlers' variables, when they run.
+    handlers: Option<handlers::HandlerArgs>,
+    idp: idp::config::Settings,
 }
 
 fn main() -> ExitCode {
-    init_tracing();
-    let args = Args::parse();
-    let worker_threads = args.worker_threads;
+    let cli: Cli = shared::config::parse_args("broker");
+    if let Err(e) = shared::telemetry::init_tracing(&cli.log) {
+        eprintln!("broker: configuration error: {e}");
+        return ExitCode::from(2);
+    }
+    let worker_threads = cli.broker.worker_threads;
     if worker_threads == Some(0) {
         eprintln!("broker: configuration error: BROKER_WORKER_THREADS must be at least 1 (or unset for one per core less one)");
         return ExitCode::from(2);
     }
-    let (config, plan, dev) = match args.resolve() {
-        Ok(resolved) => resolved,
+    let startup = match compose(cli) {
+        Ok(startup) => startup,
         Err(e) => {
             eprintln!("broker: configuration error: {e}");
             return ExitCode::from(2);
@@ -67,13 +88,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, plan, dev)) {
+    match runtime.block_on(run(startup)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("broker: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Checks every component's configuration before anything starts. Each
+/// component is asked only for what it uses: the handlers' variables are
+/// read only when they run in-process (`BROKER_HANDLERS=all`), so the broker
+/// alone needs no `TOKENS_MASTER_KEY`.
+fn compose(cli: Cli) -> anyhow::Result<Startup> {
+    let (config, plan, dev) = cli.broker.resolve()?;
+    let handlers = plan.builtin_handlers.then_some(cli.handlers);
+    let idp = cli
+        .idp
+        .resolve(&cli.store)
+        .context("identity service configuration (IDP_*)")?;
+    Ok(Startup {
+        config,
+        plan,
+        dev,
+        store: cli.store,
+        handlers,
+        idp,
+    })
 }
 
 /// The error and its causes on one line, without repeating a cause that the
@@ -100,11 +142,15 @@ async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<TcpL
         .with_context(|| format!("cannot listen on {addr} ({variable}): is another process using it? choose another address"))
 }
 
-async fn run(
-    config: broker::config::Config,
-    plan: ListenPlan,
-    dev: DevDefaults,
-) -> anyhow::Result<()> {
+async fn run(startup: Startup) -> anyhow::Result<()> {
+    let Startup {
+        config,
+        plan,
+        dev,
+        store: store_args,
+        handlers: handler_args,
+        idp: idp_settings,
+    } = startup;
     let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
         .context("TLS certificate (BROKER_TLS_CERT / BROKER_TLS_KEY)")?;
     let mut listeners = Listeners {
@@ -130,21 +176,18 @@ async fn run(
     if let Some(addr) = plan.metrics_listen {
         listeners.metrics = Some(bind(addr, "METRICS_LISTEN").await?);
     }
-    let handler_key = config.handler_keys.first().map(|k| k.expose().to_owned());
+    let handler_key = config.handler_keys.first().cloned();
     let jwt_secret = config.jwt.hmac_secret.clone();
 
     // One store for the in-process handlers and the broker's revocation checks
     // (the embedded store can be opened once per process). With the handlers
     // elsewhere, the broker checks revocations only when Redis is configured.
-    let handler_settings = handlers::Settings::from_env().context("handlers configuration")?;
-    let store = if internal_addr.is_some() || handler_settings.redis_url.is_some() {
+    let store = if internal_addr.is_some() || store_args.redis_url.is_some() {
         Some(
-            shared::store::open(
-                handler_settings.redis_url.as_deref(),
-                &handler_settings.data_dir,
-            )
-            .await
-            .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?,
+            store_args
+                .open()
+                .await
+                .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?,
         )
     } else {
         None
@@ -158,7 +201,7 @@ async fn run(
     // the store; the broker verifies its tokens through its JWKS, beside
     // whatever else is configured (the development HMAC secret included).
     let identity = match &store {
-        Some(store) => start_identity(store.clone(), &mut config).await?,
+        Some(store) => start_identity(idp_settings, store.clone(), &mut config).await?,
         None => None,
     };
 
@@ -171,12 +214,18 @@ async fn run(
         (addr, development, task)
     });
 
-    let handlers = match (internal_addr, handler_key, store) {
-        (Some(addr), Some(key), Some(store)) => {
-            let mut settings = handler_settings;
-            settings.broker_url = format!("mqtt://{addr}");
-            settings.broker_ca = None;
-            settings.handler_key = key;
+    let handlers = match (internal_addr, handler_key, store, handler_args) {
+        (Some(addr), Some(key), Some(store), Some(args)) => {
+            // In-process handlers reach the gate over its internal listener
+            // with the broker's own key: they ask for no BROKER_URL.
+            let sdk = shared::sdk::SdkArgs {
+                broker_url: format!("mqtt://{addr}"),
+                broker_ca: None,
+                handler_key: Some(key),
+            };
+            let settings =
+                handlers::Settings::compose(args, sdk, store_args, |var| std::env::var(var).ok())
+                    .context("handlers configuration")?;
             Some(
                 handlers::spawn_builtin_with_store(settings, store, shutdown.child_token())
                     .context("starting the built-in handlers")?,
@@ -218,12 +267,10 @@ async fn run(
 /// `IDP_IN_PROCESS=false`), and points the broker's JWKS client at it when
 /// no other JWKS URL is configured.
 async fn start_identity(
+    settings: idp::config::Settings,
     store: std::sync::Arc<dyn shared::store::Store>,
     config: &mut broker::config::Config,
 ) -> anyhow::Result<Option<(TcpListener, std::sync::Arc<idp::Idp>)>> {
-    let settings = idp::config::IdpArgs::from_env()
-        .and_then(idp::config::IdpArgs::resolve)
-        .context("identity service configuration (IDP_*)")?;
     if !settings.in_process {
         return Ok(None);
     }

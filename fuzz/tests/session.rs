@@ -27,7 +27,6 @@ use broker::auth::jwt::JwtSettings;
 use broker::codec::{Codec, Version as WireVersion};
 use broker::config::{Config, Limits};
 use broker::gate::Gate;
-use broker::secret::Secret;
 use bytes::{Bytes, BytesMut};
 use fuzz::{apply, config, mutations, Mutation};
 use proptest::collection::vec;
@@ -41,6 +40,7 @@ use rumqttd::protocol::{
     Unsubscribe,
 };
 use shared::claims::DeviceClaims;
+use shared::Secret;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};

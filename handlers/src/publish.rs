@@ -178,7 +178,7 @@ pub async fn deliver(
             if bearer.is_some() && name.eq_ignore_ascii_case("authorization") {
                 continue;
             }
-            request = request.header(name.as_str(), value.as_str());
+            request = request.header(name.as_str(), value.expose());
         }
         if let Some(bearer) = &bearer {
             request = request.header(reqwest::header::AUTHORIZATION, bearer.clone());

@@ -379,7 +379,7 @@ pub async fn store_token(shared: &Shared, cmd: Command<StoreToken>) -> Result<Re
         ));
     }
     let sealed = shared
-        .tokens
+        .master_keys()?
         .seal(&cmd.user_id, platform, &plaintext)
         .map_err(|e| {
             tracing::error!(error = %e, "sealing a platform token failed");
@@ -639,7 +639,7 @@ pub async fn stored_token(
         )
     };
     let plain = shared
-        .tokens
+        .master_keys()?
         .open(uid, platform, &sealed)
         .map_err(|error| {
             tracing::error!(%uid, %platform, %error, "stored platform token does not open");

@@ -344,7 +344,7 @@ impl Idp {
             )
         };
         let given = bearer(headers).map_err(|_| refused())?;
-        if bool::from(given.as_bytes().ct_eq(expected.0.as_bytes())) {
+        if expected.matches(given.as_bytes()) {
             Ok(())
         } else {
             Err(refused())

@@ -99,12 +99,15 @@ impl Idp {
         );
         let (keys, uid_secret) = tokio::task::spawn_blocking(move || {
             let keys = KeyRing::open(&dir, ttl, leeway)?;
-            let secret = keys::uid_secret(&dir, configured.as_ref().map(|s| s.0.as_str()))?;
+            let secret = keys::uid_secret(&dir, configured.as_ref().map(shared::Secret::expose))?;
             Ok::<_, KeyError>((keys, secret))
         })
         .await
         .map_err(|_| StartError::Join)??;
-        let state = State::open(settings.redis_url.as_deref(), settings.max_entries)?;
+        let state = State::open(
+            settings.redis_url.as_ref().map(shared::Secret::expose),
+            settings.max_entries,
+        )?;
         let sms = SmsSender::new(settings.sms.clone())?;
         if sms.is_development() {
             tracing::warn!("DEVELOPMENT: SMS_PROVIDER_URL is unset; one-time codes are written to this log instead of being sent");

@@ -24,7 +24,7 @@ async fn a_registered_user_costs_under_400_bytes_in_redis() {
         Arc::new(shared::store::RedisStore::connect(&url).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let idp = TestIdp::start_with(dir, store, |s| {
-        s.redis_url = Some(url.clone());
+        s.redis_url = Some(url.clone().into());
         s.session_ttl = Duration::from_secs(2);
         s.rate_per_addr = 100_000;
     })

@@ -8,7 +8,11 @@
 //! - [`tls`]: client-side TLS trusting a given CA.
 //! - [`envelope`]: the crypto of sync and publish (RSA-OAEP, RSA-PSS, AES-GCM).
 //! - [`sdk`]: the handler SDK (`Worker`, `Command`, `Reply`) for lambda-like handlers.
-//! - [`store`]: handler state on Redis or an embedded redb file (`store/SCHEMA.md`).
+//! - [`store`]: handler state on Redis or an embedded redb file (`store/SCHEMA.md`),
+//!   configured by [`store::StoreArgs`].
+//! - [`secret`]: the one masked, constant-time-compared [`Secret`].
+//! - [`config`]: parsing any crate's `clap::Args` from a lookup, `.env.example`.
+//! - [`telemetry`]: `RUST_LOG`/`LOG_FORMAT` and the one `init_tracing`.
 //! - `testing` (tests and the `test-support` feature only): a throwaway
 //!   `redis-server` and a fake platform HTTP endpoint for test suites.
 #![cfg_attr(
@@ -25,9 +29,12 @@
 pub mod addr_key;
 pub mod admission;
 pub mod claims;
+pub mod config;
 pub mod envelope;
 pub mod sdk;
+pub mod secret;
 pub mod store;
+pub mod telemetry;
 // Test fixtures only: a failure there is a failed test, not input reaching a panic.
 #[cfg(any(test, feature = "test-support"))]
 #[allow(
@@ -41,4 +48,5 @@ pub mod tls;
 pub mod topics;
 pub mod uid;
 
+pub use secret::Secret;
 pub use uid::UserId;

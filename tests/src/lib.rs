@@ -8,9 +8,9 @@ pub mod raw;
 
 use broker::auth::jwt::JwtSettings;
 use broker::config::{Config, Limits};
-use broker::secret::Secret;
 use broker::{Broker, Listeners, RunningBroker};
 use shared::claims::DeviceClaims;
+use shared::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Once;

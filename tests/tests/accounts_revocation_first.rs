@@ -85,7 +85,7 @@ impl Env {
         settings.broker_ca = Some(broker.ca_file.clone());
         settings.handler_key = e2e::TEST_HANDLER_KEY.into();
         settings.data_dir = dir.path().to_owned();
-        settings.redis_url = Some(redis.url());
+        settings.redis_url = Some(redis.url().into());
         settings.tokens_master_key = Some(handlers::tokens::MasterKey::generate().0);
         let shutdown = CancellationToken::new();
         let handlers =

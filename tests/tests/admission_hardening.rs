@@ -174,11 +174,11 @@ async fn tokens_with_a_crit_header_are_refused() {
 /// long enough, and a short one left in an old `dev.env` is replaced.
 #[test]
 fn short_jwt_secret_is_refused_at_start_up() {
-    use broker::config::Args;
+    use broker::config::BrokerArgs;
     let dir = tempfile::tempdir().expect("tempdir");
     let dev = format!("--dev-dir={}", dir.path().display());
     let resolve = |secret: &str| {
-        Args::try_from_argv(["broker", &format!("--jwt-secret={secret}"), &dev])
+        BrokerArgs::try_from_argv(["broker", &format!("--jwt-secret={secret}"), &dev])
             .expect("flags parse")
             .resolve()
     };
@@ -203,7 +203,7 @@ fn short_jwt_secret_is_refused_at_start_up() {
         "JWT_SECRET=short\nHANDLER_KEY=0123456789abcdef0123\n",
     )
     .expect("write dev.env");
-    let (config, _, made) = Args::try_from_argv(["broker", &dev])
+    let (config, _, made) = BrokerArgs::try_from_argv(["broker", &dev])
         .expect("flags parse")
         .resolve()
         .expect("development defaults start");
@@ -248,7 +248,7 @@ impl WithHandlers {
                 hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
                 ..Default::default()
             },
-            handler_keys: vec![broker::secret::Secret::new(TEST_HANDLER_KEY)],
+            handler_keys: vec![shared::Secret::new(TEST_HANDLER_KEY)],
             command_topics: vec!["get_contact_list".into()],
             limits,
             revocations: None,
@@ -562,7 +562,7 @@ async fn the_internal_listener_must_be_loopback() {
             hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
             ..Default::default()
         },
-        handler_keys: vec![broker::secret::Secret::new(TEST_HANDLER_KEY)],
+        handler_keys: vec![shared::Secret::new(TEST_HANDLER_KEY)],
         command_topics: Vec::new(),
         limits: broker::config::Limits::default(),
         revocations: None,

@@ -9,10 +9,10 @@ pub mod jwt;
 pub mod refusals;
 
 use crate::metrics::Metrics;
-use crate::secret::Secret;
 use jwt::{JwtVerifier, TokenError};
 use refusals::RefusalCache;
 use shared::topics::{DEVICE_USERNAME, HANDLER_USERNAME};
+use shared::Secret;
 use shared::UserId;
 use std::sync::Arc;
 use std::time::Duration;

@@ -37,8 +37,8 @@ impl Drop for TestIdp {
 pub async fn settings(dir: &std::path::Path, sms: &Platform) -> Settings {
     let mut settings = Settings::for_tests(dir.join("keys"));
     settings.sms.provider_url = Some(sms.url("/messages"));
-    settings.sms.provider_token = Some(idp::config::Secret(PROVIDER_TOKEN.into()));
-    settings.admin_token = Some(idp::config::Secret(ADMIN_TOKEN.into()));
+    settings.sms.provider_token = Some(shared::Secret::new(PROVIDER_TOKEN));
+    settings.admin_token = Some(shared::Secret::new(ADMIN_TOKEN));
     settings
 }
 

@@ -32,7 +32,8 @@
 //!   broker's `token_iat` stamp is checked against the user's revocation in
 //!   the store; a revoked sender gets `{"status": 401, "error": "token
 //!   revoked"}`, a store outage 503 (fail closed).
-//! - [`SdkConfig`]: `BROKER_URL`, `BROKER_CA`, `HANDLER_KEY` and the limits.
+//! - [`SdkArgs`] and [`SdkConfig`]: `BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`
+//!   and the limits.
 //!
 //! Concurrency: at most `concurrency` commands run at once (a semaphore);
 //! up to `queue_limit` more wait; beyond that the sender gets `503 busy`.
@@ -44,7 +45,7 @@ mod config;
 mod worker;
 
 pub use command::{Command, HandlerError, Message, Recipient, Reply};
-pub use config::{ConfigError, Endpoint, SdkConfig};
+pub use config::{ConfigError, Endpoint, SdkArgs, SdkConfig, DEFAULT_BROKER_URL};
 pub use worker::{SdkError, Worker};
 
 use tokio_util::sync::CancellationToken;

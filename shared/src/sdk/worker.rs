@@ -213,7 +213,7 @@ impl Worker {
             .unwrap_or_else(|| format!("{}-{:08x}", self.name, rand::thread_rng().gen::<u32>()));
         let mut options = MqttOptions::new(client_id.clone(), endpoint.host.clone(), endpoint.port);
         options
-            .set_credentials(HANDLER_USERNAME, config.handler_key.clone())
+            .set_credentials(HANDLER_USERNAME, config.handler_key.expose())
             .set_keep_alive(config.keep_alive)
             .set_clean_start(true)
             .set_max_packet_size(Some(MAX_INCOMING_PACKET))

@@ -16,8 +16,11 @@
 //! The trait returns boxed futures so that handlers can hold an
 //! `Arc<dyn Store>` and not care which one they were given.
 
+mod args;
 mod embedded;
 mod redis_store;
+
+pub use args::{StoreArgs, DEFAULT_DATA_DIR};
 
 pub use embedded::EmbeddedStore;
 pub use redis_store::{RedisStore, KEY_PREFIX};

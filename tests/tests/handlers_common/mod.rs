@@ -32,7 +32,7 @@ pub fn settings(
     s.broker_ca = Some(broker.ca_file.clone());
     s.handler_key = TEST_HANDLER_KEY.into();
     s.data_dir = data_dir.to_owned();
-    s.redis_url = redis_url;
+    s.redis_url = redis_url.map(Into::into);
     s.publish_timeout = Duration::from_millis(400);
     s.publish_retries = 1;
     s
