@@ -1,7 +1,11 @@
-//! The `broker` binary: reads configuration, binds the listeners, starts the
-//! broker and (by default) the built-in handlers in-process, prints what a
-//! newcomer needs (how to sign up by hand with the in-process identity
-//! service included), and shuts down gracefully on SIGTERM/SIGINT.
+//! The `broker` binary: the one place where the broker library, the
+//! built-in handlers and the identity service meet (the libraries point down
+//! only: `broker` knows neither `handlers` nor `idp`). It reads every
+//! component's configuration (each declared by its own crate, flattened
+//! here), binds the listeners, starts the broker and (by default) the
+//! built-in handlers in-process, prints what a newcomer needs (how to sign
+//! up by hand with the in-process identity service included), and shuts
+//! down gracefully on SIGTERM/SIGINT.
 
 use anyhow::Context;
 use broker::config::{BrokerArgs, DevDefaults, ListenPlan};
@@ -404,4 +408,68 @@ fn print_banner(
     println!(
         "  mosquitto_pub -h localhost -p {port} --cafile {ca} -V mqttv5 -u JWT -P {token} -t get_contact_list -m '{{}}'"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use broker::config::BUILTIN_COMMAND_TOPICS;
+
+    /// The command topics the broker configures for its built-in handlers
+    /// are the handlers' own: each built-in worker's topics are in the list.
+    #[test]
+    fn builtin_command_topics_are_the_handlers_topics() {
+        let data = tempfile::tempdir().unwrap();
+        let mut settings = handlers::Settings::from_lookup(|_| None).unwrap();
+        settings.data_dir = data.path().to_owned();
+        let shared = handlers::Shared::open(settings).unwrap();
+        let mut served = Vec::new();
+        for kind in [
+            handlers::Kind::Publish,
+            handlers::Kind::Contacts,
+            handlers::Kind::Tokens,
+        ] {
+            let worker = handlers::worker(kind, shared.clone(), None).unwrap();
+            served.extend(worker.topics().map(str::to_owned));
+        }
+        served.push("sync".to_owned()); // its worker needs an RSA key: slow to make here
+        served.sort();
+        let mut listed = BUILTIN_COMMAND_TOPICS.map(str::to_owned).to_vec();
+        listed.sort();
+        assert_eq!(served, listed);
+    }
+
+    /// The broker alone asks nothing of the handlers: with
+    /// `BROKER_HANDLERS=none`, their variables are not even checked.
+    #[test]
+    fn the_broker_alone_composes_without_handler_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().display().to_string();
+        let cli: Cli = shared::config::parse_from_lookup("broker", |var| match var {
+            "BROKER_HANDLERS" => Some("none".into()),
+            "REDIS_URL" => Some("redis://127.0.0.1:6379/0".into()),
+            "BROKER_DEV_DIR" => Some(dev.clone()),
+            // A value the handlers would refuse, were they asked.
+            "PLATFORMS" => Some("not-a-platform-list".into()),
+            _ => None,
+        })
+        .unwrap();
+        let startup = compose(cli).expect("the broker alone composes");
+        assert!(startup.handlers.is_none());
+        assert!(startup.store.redis_url.is_some());
+    }
+
+    #[test]
+    fn help_lists_each_variable_once() {
+        let help = shared::config::command::<Cli>()
+            .render_long_help()
+            .to_string();
+        for var in shared::config::variables_of(&shared::config::command::<Cli>()) {
+            // `[env: NAME=value]`, or `[env: NAME]` for hidden values.
+            let times = help.matches(&format!("[env: {var}=")).count()
+                + help.matches(&format!("[env: {var}]")).count();
+            assert_eq!(times, 1, "{var} in --help");
+        }
+        assert!(!help.contains("BROKER_URL") && !help.contains("HANDLER_KEY]"));
+    }
 }
