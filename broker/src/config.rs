@@ -7,7 +7,7 @@
 
 use crate::auth::jwt::JwtSettings;
 use clap::Parser;
-use shared::Secret;
+use protocol::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -376,7 +376,7 @@ pub const BUILTIN_COMMAND_TOPICS: [&str; 9] = [
 
 /// Checks a command topic name from configuration.
 pub fn validate_command_topic(topic: &str) -> Result<(), ConfigError> {
-    if !shared::topics::is_valid_topic_name(topic) || topic.starts_with('$') {
+    if !protocol::topics::is_valid_topic_name(topic) || topic.starts_with('$') {
         return Err(ConfigError::BadCommandTopic(topic.to_owned()));
     }
     Ok(())
@@ -510,7 +510,7 @@ impl BrokerArgs {
         )?;
         let topic_why = "a device needs room for a 64-byte user id and a reply name";
         let topics = crate::acl::TopicLimits {
-            device: shared::topics::TopicCaps {
+            device: protocol::topics::TopicCaps {
                 max_bytes: check_cap(
                     "BROKER_DEVICE_MAX_TOPIC_BYTES",
                     self.device_max_topic_bytes,
@@ -524,7 +524,7 @@ impl BrokerArgs {
                     "a topic has at least one level",
                 )?,
             },
-            handler: shared::topics::TopicCaps {
+            handler: protocol::topics::TopicCaps {
                 max_bytes: check_cap(
                     "BROKER_HANDLER_MAX_TOPIC_BYTES",
                     self.handler_max_topic_bytes,
@@ -633,8 +633,8 @@ mod tests {
 
     #[test]
     fn every_broker_variable_is_in_env_example() {
-        let documented = shared::config::documented_variables(ENV_EXAMPLE);
-        for var in shared::config::variables_of(&BrokerOnly::command()) {
+        let documented = setup::config::documented_variables(ENV_EXAMPLE);
+        for var in setup::config::variables_of(&BrokerOnly::command()) {
             assert!(
                 documented.iter().any(|(n, _)| *n == var),
                 "{var} is missing from .env.example"
@@ -644,9 +644,9 @@ mod tests {
 
     #[test]
     fn env_example_values_are_accepted() {
-        let documented = shared::config::documented_variables(ENV_EXAMPLE);
+        let documented = setup::config::documented_variables(ENV_EXAMPLE);
         let dir = tempfile::tempdir().unwrap();
-        let args = shared::config::parse_from_lookup::<BrokerOnly>("broker", |var| {
+        let args = setup::config::parse_from_lookup::<BrokerOnly>("broker", |var| {
             if var == "BROKER_DEV_DIR" {
                 return Some(dir.path().display().to_string());
             }

@@ -4,9 +4,9 @@
 //! default) so that printed tokens keep working across restarts.
 
 use crate::config::ConfigError;
+use protocol::Secret;
 use rand::RngCore;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use shared::Secret;
 use std::path::{Path, PathBuf};
 
 /// Files of a development certificate.

@@ -18,8 +18,8 @@
 use crate::codec::Version;
 use base64::Engine;
 use bytes::Bytes;
+use protocol::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use shared::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 
 /// Who a packet is written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,15 +20,15 @@ use crate::auth::DeviceIdentity;
 use crate::gate::Gate;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
+use protocol::UserId;
 use rumqttd::protocol::{
     LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
 };
-use shared::store::Revocation;
-use shared::UserId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use store::Revocation;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};

@@ -32,6 +32,8 @@ use fuzz::{apply, config, mutations, Mutation};
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
+use protocol::claims::DeviceClaims;
+use protocol::Secret;
 use rumqttd::protocol::{
     ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, Filter, Login, Packet, PingReq, PingResp, PubAck, PubAckReason, PubComp,
@@ -39,8 +41,6 @@ use rumqttd::protocol::{
     PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
     Unsubscribe,
 };
-use shared::claims::DeviceClaims;
-use shared::Secret;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -1,7 +1,7 @@
 //! The built-in handlers, as a library the broker runs in-process
 //! (`BROKER_HANDLERS=all`) and as the binaries `sync-handler`,
 //! `publish-handler`, `contacts-handler` and `tokens-handler`. Each is a
-//! [`shared::sdk::Worker`] over one shared state ([`Shared`]: settings,
+//! [`sdk::Worker`] over one shared state ([`Shared`]: settings,
 //! store, HTTP client, platform-token master keys).
 //!
 //! - [`settings`]: the handlers' variables ([`HandlerArgs`]: `PLATFORMS`,
@@ -22,17 +22,6 @@
 //! [`spawn_builtin`] (or [`spawn_builtin_with_store`] to share one store
 //! with the broker).
 
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic,
-        clippy::unreachable
-    )
-)]
-
 pub mod contacts;
 pub mod publish;
 pub mod settings;
@@ -41,11 +30,11 @@ pub mod tokens;
 
 pub use settings::{ConfigError, HandlerArgs, HandlerCli, Platform, Settings, TokenUse};
 
-use shared::envelope::{EnvelopeError, ServerKey};
-use shared::sdk::{HandlerError, SdkConfig, SdkError, Worker};
-use shared::store::{Store, StoreError};
+use envelope::{EnvelopeError, ServerKey};
+use sdk::{HandlerError, SdkConfig, SdkError, Worker};
 use std::sync::Arc;
 use std::time::Duration;
+use store::{Store, StoreError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -236,7 +225,7 @@ pub async fn run(kind: Kind, settings: Settings, shutdown: CancellationToken) ->
 pub async fn main_for(kind: Kind) -> std::process::ExitCode {
     use clap::FromArgMatches;
     let name = kind.binary();
-    let mut command = shared::config::command::<HandlerCli>()
+    let mut command = setup::config::command::<HandlerCli>()
         .name(name)
         .about(format!(
             "The `{name}` built-in handler, served through the broker"
@@ -251,7 +240,7 @@ pub async fn main_for(kind: Kind) -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if let Err(e) = shared::telemetry::init_tracing(&cli.log) {
+    if let Err(e) = setup::telemetry::init_tracing(&cli.log) {
         eprintln!("{name}: {e}");
         return std::process::ExitCode::from(2);
     }
@@ -268,7 +257,7 @@ pub async fn main_for(kind: Kind) -> std::process::ExitCode {
     if rotate {
         return rotate_master_key_main(settings).await;
     }
-    match run(kind, settings, shared::sdk::shutdown_on_signals()).await {
+    match run(kind, settings, sdk::shutdown_on_signals()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e @ (Error::Config(_) | Error::Sdk(SdkError::Config(_)))) => {
             eprintln!("{name}: {e}");

@@ -23,8 +23,8 @@ use crate::Shared;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use shared::envelope;
-use shared::sdk::{Command, HandlerError, Reply, Worker};
+
+use sdk::{Command, HandlerError, Reply, Worker};
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;

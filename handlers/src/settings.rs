@@ -7,12 +7,12 @@
 //! once, in the crate that owns it.
 
 use crate::tokens::MasterKey;
-use shared::sdk::{SdkArgs, SdkConfig};
-use shared::store::StoreArgs;
-use shared::telemetry::LogArgs;
-use shared::Secret;
+use protocol::Secret;
+use sdk::{SdkArgs, SdkConfig};
+use setup::telemetry::LogArgs;
 use std::path::PathBuf;
 use std::time::Duration;
+use store::StoreArgs;
 
 /// Why the configuration is unusable. Each message names the variable and
 /// how to fix it.
@@ -21,7 +21,7 @@ pub enum ConfigError {
     #[error("{var} is invalid: {reason}")]
     Invalid { var: String, reason: String },
     #[error(transparent)]
-    Sdk(#[from] shared::sdk::ConfigError),
+    Sdk(#[from] sdk::ConfigError),
     /// A value the argument parser refused (its message names the variable).
     #[error("{0}")]
     Arguments(String),
@@ -233,7 +233,7 @@ impl Settings {
     /// process environment (tests, embedding): exactly what the binaries
     /// read from the environment.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let cli: HandlerCli = shared::config::parse_from_lookup("handler", &get)
+        let cli: HandlerCli = setup::config::parse_from_lookup("handler", &get)
             .map_err(|e| ConfigError::Arguments(e.to_string()))?;
         Self::compose(cli.handler, cli.sdk, cli.store, get)
     }
@@ -336,12 +336,12 @@ fn parse_platforms(
                 ),
             ));
         }
-        if !shared::store::valid_platform_name(name) {
+        if !store::valid_platform_name(name) {
             return Err(invalid(
                 "PLATFORMS",
                 format!(
                     "platform name {name:?} is longer than {} characters",
-                    shared::store::MAX_PLATFORM_LEN
+                    store::MAX_PLATFORM_LEN
                 ),
             ));
         }
@@ -413,7 +413,7 @@ fn parse_headers(var: &str, text: &str) -> Result<Vec<(String, Secret)>, ConfigE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::sdk::DEFAULT_BROKER_URL;
+    use sdk::DEFAULT_BROKER_URL;
     use std::collections::HashMap;
 
     fn from(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {

@@ -3,11 +3,11 @@
 //! absurd value at start-up with a message that says how to fix it.
 
 use clap::Args;
-use shared::store::StoreArgs;
-use shared::Secret;
+use protocol::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use store::StoreArgs;
 
 /// The environment and flags of the identity service, flattened by the
 /// `idp` binary and by `broker` (which runs it in-process). The store
@@ -426,7 +426,7 @@ mod tests {
     }
 
     fn args() -> IdpArgs {
-        shared::config::parse_from_lookup::<EnvOnly>("idp", |_| None)
+        setup::config::parse_from_lookup::<EnvOnly>("idp", |_| None)
             .unwrap()
             .args
     }
@@ -438,14 +438,14 @@ mod tests {
     #[test]
     fn env_example_documents_every_variable_with_valid_values() {
         use clap::CommandFactory;
-        let documented = shared::config::documented_variables(ENV_EXAMPLE);
-        for var in shared::config::variables_of(&EnvOnly::command()) {
+        let documented = setup::config::documented_variables(ENV_EXAMPLE);
+        for var in setup::config::variables_of(&EnvOnly::command()) {
             assert!(
                 documented.iter().any(|(n, _)| *n == var),
                 "{var} is missing from .env.example"
             );
         }
-        let args = shared::config::parse_from_lookup::<EnvOnly>("idp", |var| {
+        let args = setup::config::parse_from_lookup::<EnvOnly>("idp", |var| {
             documented
                 .iter()
                 .find(|(n, _)| n == var)

@@ -5,10 +5,10 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use idp::config::IdpArgs;
-use shared::store::StoreArgs;
-use shared::telemetry::LogArgs;
+use setup::telemetry::LogArgs;
 use std::process::ExitCode;
 use std::sync::Arc;
+use store::StoreArgs;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -37,8 +37,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = shared::config::parse_args("idp");
-    if let Err(e) = shared::telemetry::init_tracing(&cli.log) {
+    let cli: Cli = setup::config::parse_args("idp");
+    if let Err(e) = setup::telemetry::init_tracing(&cli.log) {
         eprintln!("idp: configuration error: {e}");
         return ExitCode::from(2);
     }
@@ -81,7 +81,7 @@ fn rotate(settings: &idp::config::Settings) -> anyhow::Result<()> {
     )
     .context("opening IDP_KEYS_DIR")?;
     let kid = ring
-        .rotate(shared::claims::now_secs())
+        .rotate(protocol::claims::now_secs())
         .context("rotating the signing key")?;
     println!(
         "new signing key {kid}; published keys: {}",
@@ -110,7 +110,7 @@ async fn serve(settings: idp::config::Settings, store: &StoreArgs) -> anyhow::Re
                 settings.listen
             )
         })?;
-    let store: Arc<dyn shared::store::Store> = store
+    let store: Arc<dyn store::Store> = store
         .open()
         .await
         .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?;

@@ -11,9 +11,9 @@ use anyhow::Context;
 use broker::config::{BrokerArgs, DevDefaults, ListenPlan};
 use broker::{Broker, Listeners, RunningBroker};
 use clap::Parser;
-use shared::store::StoreArgs;
-use shared::telemetry::LogArgs;
+use setup::telemetry::LogArgs;
 use std::process::ExitCode;
+use store::StoreArgs;
 use tokio::net::TcpListener;
 
 /// Everything `broker` reads: each component's own arguments, each
@@ -49,8 +49,8 @@ struct Startup {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = shared::config::parse_args("broker");
-    if let Err(e) = shared::telemetry::init_tracing(&cli.log) {
+    let cli: Cli = setup::config::parse_args("broker");
+    if let Err(e) = setup::telemetry::init_tracing(&cli.log) {
         eprintln!("broker: configuration error: {e}");
         return ExitCode::from(2);
     }
@@ -222,7 +222,7 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         (Some(addr), Some(key), Some(store), Some(args)) => {
             // In-process handlers reach the gate over its internal listener
             // with the broker's own key: they ask for no BROKER_URL.
-            let sdk = shared::sdk::SdkArgs {
+            let sdk = sdk::SdkArgs {
                 broker_url: format!("mqtt://{addr}"),
                 broker_ca: None,
                 handler_key: Some(key),
@@ -272,7 +272,7 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
 /// no other JWKS URL is configured.
 async fn start_identity(
     settings: idp::config::Settings,
-    store: std::sync::Arc<dyn shared::store::Store>,
+    store: std::sync::Arc<dyn store::Store>,
     config: &mut broker::config::Config,
 ) -> anyhow::Result<Option<(TcpListener, std::sync::Arc<idp::Idp>)>> {
     if !settings.in_process {
@@ -395,7 +395,7 @@ fn print_banner(
         "development JWT secret (HS256): {}",
         String::from_utf8_lossy(secret)
     );
-    let claims = shared::claims::DeviceClaims::new("demo", 24 * 3600);
+    let claims = protocol::claims::DeviceClaims::new("demo", 24 * 3600);
     let Ok(token) = claims.sign_hs256(secret) else {
         return;
     };
@@ -445,7 +445,7 @@ mod tests {
     fn the_broker_alone_composes_without_handler_settings() {
         let dir = tempfile::tempdir().unwrap();
         let dev = dir.path().display().to_string();
-        let cli: Cli = shared::config::parse_from_lookup("broker", |var| match var {
+        let cli: Cli = setup::config::parse_from_lookup("broker", |var| match var {
             "BROKER_HANDLERS" => Some("none".into()),
             "REDIS_URL" => Some("redis://127.0.0.1:6379/0".into()),
             "BROKER_DEV_DIR" => Some(dev.clone()),
@@ -461,10 +461,10 @@ mod tests {
 
     #[test]
     fn help_lists_each_variable_once() {
-        let help = shared::config::command::<Cli>()
+        let help = setup::config::command::<Cli>()
             .render_long_help()
             .to_string();
-        for var in shared::config::variables_of(&shared::config::command::<Cli>()) {
+        for var in setup::config::variables_of(&setup::config::command::<Cli>()) {
             // `[env: NAME=value]`, or `[env: NAME]` for hidden values.
             let times = help.matches(&format!("[env: {var}=")).count()
                 + help.matches(&format!("[env: {var}]")).count();

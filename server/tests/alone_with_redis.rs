@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn starts_without_the_tokens_master_key_and_listens() {
-    let redis = shared::testing::RedisServer::start();
+    let redis = testkit::RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
         .current_dir(dir.path())

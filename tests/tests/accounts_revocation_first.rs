@@ -23,14 +23,14 @@ use e2e::clients::{Target, V5Client};
 use e2e::TestBroker;
 use handlers_common::Device;
 use idp_common::Idp;
+use protocol::UserId;
 use rumqttc::v5::mqttbytes::v5::{ConnectProperties, LastWill, LastWillProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
-use shared::store::{RedisStore, Store};
-use shared::testing::{Platform, RedisServer};
-use shared::UserId;
 use std::sync::Arc;
 use std::time::Duration;
+use store::{RedisStore, Store};
+use testkit::{Platform, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 /// How long a revoked user's live session may last.

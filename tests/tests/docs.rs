@@ -39,15 +39,15 @@ struct Everything {
     #[command(flatten)]
     broker: broker::config::BrokerArgs,
     #[command(flatten)]
-    store: shared::store::StoreArgs,
+    store: store::StoreArgs,
     #[command(flatten)]
-    sdk: shared::sdk::SdkArgs,
+    sdk: sdk::SdkArgs,
     #[command(flatten)]
     handlers: handlers::HandlerArgs,
     #[command(flatten)]
     idp: idp::config::IdpArgs,
     #[command(flatten)]
-    log: shared::telemetry::LogArgs,
+    log: setup::telemetry::LogArgs,
 }
 
 /// `.env.example` is the list of every variable: each one that a crate
@@ -59,20 +59,20 @@ struct Everything {
 fn env_example_lists_each_declared_variable_once() {
     use clap::CommandFactory;
     const ENV_EXAMPLE: &str = include_str!("../../.env.example");
-    let documented = shared::config::documented_variables(ENV_EXAMPLE);
+    let documented = setup::config::documented_variables(ENV_EXAMPLE);
     let owners: Vec<(&str, Vec<String>)> = vec![
         (
             "broker",
-            shared::config::variables_of(&broker::config::BrokerOnly::command()),
+            setup::config::variables_of(&broker::config::BrokerOnly::command()),
         ),
-        ("store", of::<shared::store::StoreArgs>()),
-        ("sdk", of::<shared::sdk::SdkArgs>()),
+        ("store", of::<store::StoreArgs>()),
+        ("sdk", of::<sdk::SdkArgs>()),
         ("handlers", of::<handlers::HandlerArgs>()),
         ("idp", of::<idp::config::IdpArgs>()),
-        ("log", of::<shared::telemetry::LogArgs>()),
+        ("log", of::<setup::telemetry::LogArgs>()),
     ];
     let declared: Vec<&String> = owners.iter().flat_map(|(_, vars)| vars).collect();
-    let everything = shared::config::variables_of(&Everything::command());
+    let everything = setup::config::variables_of(&Everything::command());
     assert_eq!(everything.len(), declared.len());
     for var in &declared {
         let times = documented.iter().filter(|(n, _)| n == *var).count();
@@ -94,7 +94,7 @@ fn env_example_lists_each_declared_variable_once() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let all: Everything = shared::config::parse_from_lookup("all", |var| {
+    let all: Everything = setup::config::parse_from_lookup("all", |var| {
         if var == "BROKER_DEV_DIR" {
             return Some(dir.path().display().to_string());
         }
@@ -113,5 +113,5 @@ fn env_example_lists_each_declared_variable_once() {
 }
 
 fn of<T: clap::Args>() -> Vec<String> {
-    shared::config::variables_of(&T::augment_args(clap::Command::new("x")))
+    setup::config::variables_of(&T::augment_args(clap::Command::new("x")))
 }

@@ -7,9 +7,9 @@ use super::jwks::{JwksCache, JwksError, DEFAULT_MIN_REFRESH_INTERVAL};
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Header, Validation};
+use protocol::uid::UidError;
+use protocol::UserId;
 use serde_json::Value;
-use shared::uid::UidError;
-use shared::UserId;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -602,10 +602,10 @@ fn ec_curve(der: &[u8]) -> Option<EcCurve> {
 pub(crate) mod tests {
     use super::*;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use envelope::rsa;
     use jsonwebtoken::{encode, EncodingKey};
+    use protocol::claims::{now_secs, DeviceClaims};
     use serde_json::json;
-    use shared::claims::{now_secs, DeviceClaims};
-    use shared::envelope::rsa;
     use std::sync::OnceLock;
 
     const SECRET: &[u8] = b"a-long-shared-secret-for-tests-0123456789";

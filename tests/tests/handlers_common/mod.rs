@@ -1,7 +1,7 @@
 //! Helpers for the handler end-to-end tests: a device that plays the mobile
 //! app over TLS, and settings for the built-in handlers against a
 //! `TestBroker`. The fake platform and the throwaway `redis-server` are in
-//! `shared::testing`.
+//! `testkit`.
 #![allow(dead_code)]
 
 use e2e::clients::{Target, V5Client};

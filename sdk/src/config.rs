@@ -2,7 +2,7 @@
 //! to trust (`BROKER_CA`), the handler key (`HANDLER_KEY`), declared once in
 //! [`SdkArgs`], and the limits of a worker (concurrency, queue, timeouts).
 
-use crate::secret::Secret;
+use protocol::secret::Secret;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -5,8 +5,8 @@
 //!
 //! Each crate declares its variables once, in its own `clap::Args` struct
 //! (`broker::config::BrokerArgs`, `handlers::HandlerArgs`,
-//! `idp::config::IdpArgs`, [`crate::sdk::SdkArgs`],
-//! [`crate::store::StoreArgs`], [`crate::telemetry::LogArgs`]); binaries
+//! `idp::config::IdpArgs`, `sdk::SdkArgs`,
+//! `store::StoreArgs`, [`crate::telemetry::LogArgs`]); binaries
 //! flatten the ones their components use.
 
 use clap::{CommandFactory, FromArgMatches};

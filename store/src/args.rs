@@ -3,7 +3,7 @@
 //! opened store to the components that share it.
 
 use super::{Store, StoreError};
-use crate::secret::Secret;
+use protocol::secret::Secret;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -69,7 +69,7 @@ mod tests {
     #[test]
     fn refuses_a_url_without_its_scheme_and_masks_it() {
         let parse = |url: &str| {
-            crate::config::parse_from_lookup::<Cli>("x", |var| {
+            setup::config::parse_from_lookup::<Cli>("x", |var| {
                 (var == "REDIS_URL").then(|| url.to_owned())
             })
         };

@@ -18,7 +18,7 @@
 //!   group per topic when a worker has several; see `Runner::filter`),
 //!   reconnects with jittered exponential backoff (100 ms to 10 s) and
 //!   re-subscribes, and on shutdown finishes in-flight commands.
-//! - [`Command<T>`]: the sender's verified [`UserId`](crate::UserId) from the
+//! - [`Command<T>`]: the sender's verified [`UserId`](protocol::UserId) from the
 //!   broker's `user_id` user property (a publish without it is logged and
 //!   dropped; the payload is never trusted for identity), the body parsed
 //!   into `T` with serde, `request_id` and correlation data.
@@ -42,6 +42,7 @@
 
 mod command;
 mod config;
+pub mod tls;
 mod worker;
 
 pub use command::{Command, HandlerError, Message, Recipient, Reply};
