@@ -578,7 +578,7 @@ impl BrokerArgs {
 
         let config = Config {
             jwt: JwtSettings {
-                hmac_secret: jwt_secret.map(|s| s.expose().as_bytes().to_vec()),
+                hmac_secret: jwt_secret,
                 public_key_files: self.jwt_public_keys,
                 jwks_url: self.jwt_jwks_url,
                 issuer: self.jwt_issuer,
@@ -777,6 +777,8 @@ mod tests {
         let (config, ..) = base_args(&["--jwt-secret=0123456789abcdef0123456789abcdef", &dev])
             .resolve()
             .expect("a 32-byte secret is accepted");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("0123456789abcdef"), "{debug}");
         assert_eq!(config.jwt.hmac_secret.map(|s| s.len()), Some(32));
     }
 }

@@ -29,7 +29,7 @@ fn verifier() -> &'static (tokio::runtime::Runtime, JwtVerifier) {
             .build()
             .expect("runtime");
         let verifier = JwtVerifier::new(JwtSettings {
-            hmac_secret: Some(SECRET.to_vec()),
+            hmac_secret: Some(protocol::Secret::from(std::str::from_utf8(SECRET).unwrap())),
             ..JwtSettings::default()
         })
         .expect("verifier");

@@ -121,7 +121,7 @@ fn build_harness(receive_maximum: u16) -> Harness {
     let shutdown = CancellationToken::new();
     let config = Config {
         jwt: JwtSettings {
-            hmac_secret: Some(SECRET.as_bytes().to_vec()),
+            hmac_secret: Some(Secret::from(SECRET)),
             ..JwtSettings::default()
         },
         handler_keys: vec![Secret::new(HANDLER_KEY)],

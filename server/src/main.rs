@@ -238,7 +238,12 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         _ => None,
     };
 
-    print_banner(&running, &dev, jwt_secret.as_deref(), handlers.is_some());
+    print_banner(
+        &running,
+        &dev,
+        jwt_secret.as_ref().map(|s| s.expose().as_bytes()),
+        handlers.is_some(),
+    );
     if let (Some((Some(addr), development, _)), Some(tls)) = (&identity, running.tls_addr) {
         let ca = dev.ca_file.as_ref().map_or_else(
             || "<your CA file>".to_owned(),

@@ -53,7 +53,7 @@ impl Default for TestOptions {
                 ..Limits::default()
             },
             jwt: JwtSettings {
-                hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
+                hmac_secret: Some(Secret::from(TEST_SECRET)),
                 ..JwtSettings::default()
             },
             metrics: true,

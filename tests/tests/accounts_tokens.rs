@@ -440,7 +440,7 @@ async fn revocation_by_another_process_sharing_redis_cuts_within_2s() {
     );
 
     // A later token works; then an operator revokes everything by hand, as
-    // shared/src/store/SCHEMA.md documents it, from a separate process
+    // store/SCHEMA.md documents it, from a separate process
     // (redis-cli): the record, then the announcement.
     let new_token = token_issued_at(&broker, "555", cutoff);
     let mut back = V5Client::connect(broker.tls_target(), "p555", "JWT", &new_token, |_| {});

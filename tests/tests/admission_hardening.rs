@@ -243,7 +243,7 @@ impl WithHandlers {
         let store = store::open(None, dir.path()).await.expect("embedded store");
         let config = broker::config::Config {
             jwt: broker::auth::jwt::JwtSettings {
-                hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
+                hmac_secret: Some(protocol::Secret::from(TEST_SECRET)),
                 ..Default::default()
             },
             handler_keys: vec![protocol::Secret::new(TEST_HANDLER_KEY)],
@@ -557,7 +557,7 @@ async fn the_internal_listener_must_be_loopback() {
     };
     let config = broker::config::Config {
         jwt: broker::auth::jwt::JwtSettings {
-            hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
+            hmac_secret: Some(protocol::Secret::from(TEST_SECRET)),
             ..Default::default()
         },
         handler_keys: vec![protocol::Secret::new(TEST_HANDLER_KEY)],
