@@ -33,7 +33,7 @@ if ! command -v mosquitto >/dev/null; then
 fi
 
 echo "building release binaries..."
-cargo build --release -q -p loadgen -p broker
+cargo build --release -q -p loadgen -p server
 LG=$ROOT/target/release/loadgen
 BROKER_BIN=$ROOT/target/release/broker
 

@@ -5,7 +5,7 @@
 
 use crate::auth::Principal;
 use crate::command_topics::CommandTopics;
-use shared::topics::{
+use protocol::topics::{
     is_valid_filter, is_valid_topic_name, is_wildcard, split_shared, CapExceeded, TopicCaps,
 };
 

@@ -2,14 +2,14 @@
 //! operator configured, plus the filters connected handlers subscribed to
 //! (a handler declares its topics by subscribing, shared or not).
 //!
-//! A reply-shaped topic (`<uid>_<name>`, see `shared::uid::is_reply_shaped`)
+//! A reply-shaped topic (`<uid>_<name>`, see `protocol::uid::is_reply_shaped`)
 //! is never declared: a handler reading some user's reply topic must not open
 //! it to every device's publishes. Underscored commands (`request_contact`)
 //! are commands because the operator configured them.
 
 use parking_lot::RwLock;
-use shared::topics::{effective_filter, is_wildcard, matches};
-use shared::uid::is_reply_shaped;
+use protocol::topics::{effective_filter, is_wildcard, matches};
+use protocol::uid::is_reply_shaped;
 use std::collections::{HashMap, HashSet};
 
 /// Configured and handler-declared command topics.

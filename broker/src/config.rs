@@ -1,11 +1,13 @@
-//! Owns configuration: the environment variables and flags an operator sets
-//! (`Args`), their validation, and the development defaults the plain
-//! `cargo run` gets (`Args::resolve`), producing the typed [`Config`] the
-//! broker runs on. Refuses bad values with a message that says how to fix them.
+//! Owns the broker's configuration: the environment variables and flags an
+//! operator sets ([`BrokerArgs`], flattened by the `broker` binary beside the
+//! store's, the handlers' and the identity service's), their validation, and
+//! the development defaults the plain `cargo run` gets
+//! ([`BrokerArgs::resolve`]), producing the typed [`Config`] the broker runs
+//! on. Refuses bad values with a message that says how to fix them.
 
 use crate::auth::jwt::JwtSettings;
-use crate::secret::Secret;
 use clap::Parser;
+use protocol::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,14 +21,9 @@ pub enum BuiltinHandlers {
     None,
 }
 
-/// Command-line flags; each mirrors the environment variable of the same meaning.
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "broker",
-    version,
-    about = "MQTT broker with JWT-gated topic handlers"
-)]
-pub struct Args {
+/// The broker's flags; each mirrors the environment variable of the same meaning.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
     /// MQTT over TLS listen address (MQTT 3.1.1 and 5). Default 127.0.0.1:8883.
     #[arg(long, env = "BROKER_TLS_LISTEN")]
     pub tls_listen: Option<SocketAddr>,
@@ -42,7 +39,7 @@ pub struct Args {
     pub tcp_listen: Option<SocketAddr>,
     /// HMAC secret (raw text) for HS256/384/512 device tokens.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     /// Comma-separated PEM public key files (RSA, EC, Ed25519).
     #[arg(long, env = "JWT_PUBLIC_KEYS", value_delimiter = ',')]
     pub jwt_public_keys: Vec<PathBuf>,
@@ -68,7 +65,7 @@ pub struct Args {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    pub handler_keys: Vec<String>,
+    pub handler_keys: Vec<Secret>,
     /// Comma-separated command topics devices may publish to, besides those
     /// connected handlers subscribe to.
     #[arg(long, env = "COMMAND_TOPICS", value_delimiter = ',')]
@@ -379,13 +376,21 @@ pub const BUILTIN_COMMAND_TOPICS: [&str; 9] = [
 
 /// Checks a command topic name from configuration.
 pub fn validate_command_topic(topic: &str) -> Result<(), ConfigError> {
-    if !shared::topics::is_valid_topic_name(topic) || topic.starts_with('$') {
+    if !protocol::topics::is_valid_topic_name(topic) || topic.starts_with('$') {
         return Err(ConfigError::BadCommandTopic(topic.to_owned()));
     }
     Ok(())
 }
 
-impl Args {
+/// [`BrokerArgs`] parsed on their own (embedding and tests).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "broker")]
+pub struct BrokerOnly {
+    #[command(flatten)]
+    pub args: BrokerArgs,
+}
+
+impl BrokerArgs {
     /// Parses command-line flags (and the environment) as the binary does,
     /// without exiting on an error: for embedding and tests.
     pub fn try_from_argv<I, T>(argv: I) -> Result<Self, clap::Error>
@@ -393,7 +398,7 @@ impl Args {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        <Self as Parser>::try_parse_from(argv)
+        BrokerOnly::try_parse_from(argv).map(|only| only.args)
     }
 
     /// Validates the flags and environment, filling development defaults for
@@ -418,7 +423,7 @@ impl Args {
         };
 
         let mut jwt_secret = self.jwt_secret;
-        match jwt_secret.as_deref().map(str::len) {
+        match jwt_secret.as_ref().map(Secret::len) {
             Some(0) => return Err(ConfigError::EmptySecret),
             // Checked here, like the handler keys' length, with the fix in the message.
             Some(n) if n < crate::auth::jwt::MIN_HMAC_SECRET_BYTES => {
@@ -431,9 +436,9 @@ impl Args {
         let mut handler_keys: Vec<Secret> = self
             .handler_keys
             .iter()
-            .map(|k| k.trim())
+            .map(|k| k.expose().trim())
             .filter(|k| !k.is_empty())
-            .map(Secret::new)
+            .map(Secret::from)
             .collect();
         if no_key_source || handler_keys.is_empty() {
             if !loopback_only {
@@ -446,7 +451,7 @@ impl Args {
             let secrets = crate::dev_certs::ensure_dev_secrets(&self.dev_dir)?;
             if no_key_source {
                 dev.jwt_secret = Some(secrets.jwt_secret.clone());
-                jwt_secret = Some(secrets.jwt_secret.expose().to_owned());
+                jwt_secret = Some(secrets.jwt_secret.clone());
             }
             if handler_keys.is_empty() {
                 dev.handler_key = Some(secrets.handler_key.clone());
@@ -505,7 +510,7 @@ impl Args {
         )?;
         let topic_why = "a device needs room for a 64-byte user id and a reply name";
         let topics = crate::acl::TopicLimits {
-            device: shared::topics::TopicCaps {
+            device: protocol::topics::TopicCaps {
                 max_bytes: check_cap(
                     "BROKER_DEVICE_MAX_TOPIC_BYTES",
                     self.device_max_topic_bytes,
@@ -519,7 +524,7 @@ impl Args {
                     "a topic has at least one level",
                 )?,
             },
-            handler: shared::topics::TopicCaps {
+            handler: protocol::topics::TopicCaps {
                 max_bytes: check_cap(
                     "BROKER_HANDLER_MAX_TOPIC_BYTES",
                     self.handler_max_topic_bytes,
@@ -573,7 +578,7 @@ impl Args {
 
         let config = Config {
             jwt: JwtSettings {
-                hmac_secret: jwt_secret.map(String::into_bytes),
+                hmac_secret: jwt_secret,
                 public_key_files: self.jwt_public_keys,
                 jwks_url: self.jwt_jwks_url,
                 issuer: self.jwt_issuer,
@@ -626,65 +631,42 @@ mod tests {
 
     const ENV_EXAMPLE: &str = include_str!("../../.env.example");
 
-    /// Variables `.env.example` documents, set or commented out.
-    fn documented() -> Vec<(String, Option<String>)> {
-        ENV_EXAMPLE
-            .lines()
-            .filter_map(|line| {
-                let commented = line.starts_with("# ");
-                let line = line.trim_start_matches("# ");
-                let (name, value) = line.split_once('=')?;
-                let is_name = !name.is_empty()
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-                is_name.then(|| (name.to_owned(), (!commented).then(|| value.to_owned())))
-            })
-            .collect()
-    }
-
     #[test]
     fn every_broker_variable_is_in_env_example() {
-        let names: Vec<String> = documented().into_iter().map(|(n, _)| n).collect();
-        for arg in Args::command().get_arguments() {
-            if let Some(env) = arg.get_env() {
-                let env = env.to_string_lossy();
-                assert!(
-                    names.iter().any(|n| *n == env),
-                    "{env} is missing from .env.example"
-                );
-            }
+        let documented = setup::config::documented_variables(ENV_EXAMPLE);
+        for var in setup::config::variables_of(&BrokerOnly::command()) {
+            assert!(
+                documented.iter().any(|(n, _)| *n == var),
+                "{var} is missing from .env.example"
+            );
         }
     }
 
     #[test]
     fn env_example_values_are_accepted() {
-        let command = Args::command();
-        let mut argv = vec!["broker".to_owned()];
-        for (name, value) in documented() {
-            let Some(value) = value.filter(|_| name != "BROKER_DEV_DIR") else {
-                continue;
-            };
-            if let Some(arg) = command
-                .get_arguments()
-                .find(|a| a.get_env().is_some_and(|e| e.to_string_lossy() == name))
-            {
-                argv.push(format!("--{}={value}", arg.get_long().expect("long flag")));
-            }
-        }
+        let documented = setup::config::documented_variables(ENV_EXAMPLE);
         let dir = tempfile::tempdir().unwrap();
-        argv.push(format!("--dev-dir={}", dir.path().display()));
-        let args = Args::try_parse_from(&argv).expect("documented values parse");
+        let args = setup::config::parse_from_lookup::<BrokerOnly>("broker", |var| {
+            if var == "BROKER_DEV_DIR" {
+                return Some(dir.path().display().to_string());
+            }
+            documented
+                .iter()
+                .find(|(n, _)| n == var)
+                .and_then(|(_, value)| value.clone())
+        })
+        .expect("documented values parse")
+        .args;
         let (config, plan, dev) = args.resolve().expect("documented values validate");
         assert_eq!(plan.tls_listen.to_string(), "127.0.0.1:8883");
         assert_eq!(config.command_topics.len(), BUILTIN_COMMAND_TOPICS.len());
         assert!(dev.jwt_secret.is_some() && dev.handler_key.is_some());
     }
 
-    fn base_args(extra: &[&str]) -> Args {
+    fn base_args(extra: &[&str]) -> BrokerArgs {
         let mut argv = vec!["broker"];
         argv.extend_from_slice(extra);
-        Args::try_parse_from(argv).expect("parse")
+        BrokerArgs::try_from_argv(argv).expect("parse")
     }
 
     #[test]
@@ -703,25 +685,8 @@ mod tests {
         let (config, _, _) = base_args(&[&dev, "--handlers=none"]).resolve().unwrap();
         assert!(config.command_topics.is_empty());
 
-        // The list is the handlers' own: each built-in worker's topics are in it.
-        let data = tempfile::tempdir().unwrap();
-        let mut settings = handlers::Settings::from_lookup(|_| None).unwrap();
-        settings.data_dir = data.path().to_owned();
-        let shared = handlers::Shared::open(settings).unwrap();
-        let mut served = Vec::new();
-        for kind in [
-            handlers::Kind::Publish,
-            handlers::Kind::Contacts,
-            handlers::Kind::Tokens,
-        ] {
-            let worker = handlers::worker(kind, shared.clone(), None).unwrap();
-            served.extend(worker.topics().map(str::to_owned));
-        }
-        served.push("sync".to_owned()); // its worker needs an RSA key: slow to make here
-        served.sort();
-        let mut listed = BUILTIN_COMMAND_TOPICS.map(str::to_owned).to_vec();
-        listed.sort();
-        assert_eq!(served, listed);
+        // That the list is the built-in handlers' own is checked where both
+        // are known: the `broker` binary (server/src/main.rs).
     }
 
     #[test]
@@ -807,11 +772,13 @@ mod tests {
             let err = base_args(&[flag, &dev]).resolve().unwrap_err();
             assert!(err.to_string().contains(needle), "{flag}: {err}");
         }
-        assert!(Args::try_parse_from(["broker", "--handlers=some"]).is_err());
+        assert!(BrokerArgs::try_from_argv(["broker", "--handlers=some"]).is_err());
         // 32 bytes exactly is enough.
         let (config, ..) = base_args(&["--jwt-secret=0123456789abcdef0123456789abcdef", &dev])
             .resolve()
             .expect("a 32-byte secret is accepted");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("0123456789abcdef"), "{debug}");
         assert_eq!(config.jwt.hmac_secret.map(|s| s.len()), Some(32));
     }
 }

@@ -4,7 +4,7 @@
 //! default) so that printed tokens keep working across restarts.
 
 use crate::config::ConfigError;
-use crate::secret::Secret;
+use protocol::Secret;
 use rand::RngCore;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use std::path::{Path, PathBuf};

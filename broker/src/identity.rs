@@ -9,7 +9,7 @@
 
 use crate::auth::DeviceIdentity;
 use crate::router::protocol::PublishProperties;
-use shared::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
+use protocol::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 
 /// The names the broker stamps; devices can never send them.
 const STAMPED: [&str; 3] = [USER_ID_PROPERTY, CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY];

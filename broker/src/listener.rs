@@ -267,7 +267,7 @@ mod tests {
         let gate = crate::gate_for_tests(
             crate::config::Config {
                 jwt: crate::auth::jwt::JwtSettings {
-                    hmac_secret: Some(b"listener-tests-secret-0123456789abc".to_vec()),
+                    hmac_secret: Some(protocol::Secret::new("listener-tests-secret-0123456789abc")),
                     ..Default::default()
                 },
                 handler_keys: Vec::new(),

@@ -17,11 +17,11 @@ use std::time::Instant;
 /// Buckets idle this long are full again and can be forgotten.
 const FORGET_AFTER_SECS: f64 = 60.0;
 
-pub use shared::addr_key::AddrKey;
+pub use protocol::addr_key::AddrKey;
 /// A source's connections between accept and their first answer are
 /// counted by a [`SourceLimit`]; the slot is a [`PendingGuard`].
-pub use shared::admission::SourceSlot as PendingGuard;
-use shared::admission::{RefusalEpisodes, SourceLimit, EPISODE_QUIET};
+pub use protocol::admission::SourceSlot as PendingGuard;
+use protocol::admission::{RefusalEpisodes, SourceLimit, EPISODE_QUIET};
 
 struct Bucket {
     tokens: f64,

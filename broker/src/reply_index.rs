@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use prometheus_client::metrics::gauge::Gauge;
-use shared::topics::{effective_filter, is_wildcard, matches};
+use protocol::topics::{effective_filter, is_wildcard, matches};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -19,12 +19,12 @@ use crate::auth::DeviceIdentity;
 use crate::sessions::{EndRequest, LiveDevice, SessionRegistry};
 use crate::wills::Wills;
 use futures::StreamExt;
-use shared::store::{Revocation, RevocationEvent, Store};
-use shared::UserId;
+use protocol::UserId;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use store::{Revocation, RevocationEvent, Store};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -194,7 +194,7 @@ impl Revocations {
 mod tests {
     use super::*;
     use crate::auth::testing::device_issued;
-    use shared::store::EmbeddedStore;
+    use store::EmbeddedStore;
 
     async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();

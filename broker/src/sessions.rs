@@ -15,7 +15,7 @@ use crate::reply_index::ReplyIndex;
 use crate::subscriptions::Subscriptions;
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use shared::UserId;
+use protocol::UserId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;

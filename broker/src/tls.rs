@@ -46,9 +46,9 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
 
 /// Builds the acceptor from PEM files.
 pub fn acceptor_from_files(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
-    let chain = shared::tls::load_certificates(cert).map_err(|e| match e {
-        shared::tls::TlsClientError::NoCertificate(p) => TlsSetupError::NoCertificate(p),
-        shared::tls::TlsClientError::Read { path, source } => TlsSetupError::Read { path, source },
+    let chain = sdk::tls::load_certificates(cert).map_err(|e| match e {
+        sdk::tls::TlsClientError::NoCertificate(p) => TlsSetupError::NoCertificate(p),
+        sdk::tls::TlsClientError::Read { path, source } => TlsSetupError::Read { path, source },
         other => TlsSetupError::Read {
             path: cert.to_owned(),
             source: std::io::Error::other(other.to_string()),

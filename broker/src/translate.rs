@@ -19,7 +19,7 @@ use crate::codec::Version;
 use crate::router::protocol::{Packet, Publish, PublishProperties};
 use base64::Engine;
 use bytes::Bytes;
-use shared::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
+use protocol::topics::{CLIENT_ID_PROPERTY, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
 
 /// Who a packet is written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

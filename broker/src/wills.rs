@@ -23,12 +23,12 @@ use crate::router::protocol::{
 };
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use shared::store::Revocation;
-use shared::UserId;
+use protocol::UserId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use store::Revocation;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};

@@ -29,7 +29,7 @@ fn verifier() -> &'static (tokio::runtime::Runtime, JwtVerifier) {
             .build()
             .expect("runtime");
         let verifier = JwtVerifier::new(JwtSettings {
-            hmac_secret: Some(SECRET.to_vec()),
+            hmac_secret: Some(protocol::Secret::from(std::str::from_utf8(SECRET).unwrap())),
             ..JwtSettings::default()
         })
         .expect("verifier");
@@ -38,7 +38,7 @@ fn verifier() -> &'static (tokio::runtime::Runtime, JwtVerifier) {
 }
 
 fn now() -> u64 {
-    shared::claims::now_secs()
+    protocol::claims::now_secs()
 }
 
 /// Runs the broker's verifier; `Ok(uid)` when it accepts.
@@ -247,7 +247,7 @@ fn must_accept(parts: &Parts) -> bool {
     let uid_ok = claims
         .get("sub")
         .and_then(Value::as_str)
-        .is_some_and(|s| shared::uid::UserId::parse(s).is_ok());
+        .is_some_and(|s| protocol::uid::UserId::parse(s).is_ok());
     let exp_ok = claims
         .get("exp")
         .and_then(Value::as_u64)

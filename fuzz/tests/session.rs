@@ -27,7 +27,6 @@ use broker::auth::jwt::JwtSettings;
 use broker::codec::{Codec, Version as WireVersion};
 use broker::config::{Config, Limits};
 use broker::gate::Gate;
-use broker::secret::Secret;
 use bytes::{Bytes, BytesMut};
 use fuzz::{apply, config, mutations, Mutation};
 use mqtt_router::protocol::{
@@ -40,7 +39,8 @@ use mqtt_router::protocol::{
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
-use shared::claims::DeviceClaims;
+use protocol::claims::DeviceClaims;
+use protocol::Secret;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -121,7 +121,7 @@ fn build_harness(receive_maximum: u16) -> Harness {
     let shutdown = CancellationToken::new();
     let config = Config {
         jwt: JwtSettings {
-            hmac_secret: Some(SECRET.as_bytes().to_vec()),
+            hmac_secret: Some(Secret::from(SECRET)),
             ..JwtSettings::default()
         },
         handler_keys: vec![Secret::new(HANDLER_KEY)],

@@ -1,9 +1,9 @@
 //! The smallest handler: answers `echo {"text": "..."}` on `<uid>_echo`.
 //! Run: BROKER_URL=mqtts://localhost:8883 BROKER_CA=certs/dev/ca.pem \
 //!      HANDLER_KEY=... cargo run -p handlers --example echo
+use sdk::{shutdown_on_signals, Command, HandlerError, Reply, SdkConfig, Worker};
 use serde::Deserialize;
 use serde_json::json;
-use shared::sdk::{shutdown_on_signals, Command, HandlerError, Reply, SdkConfig, Worker};
 
 #[derive(Deserialize)]
 struct Echo {

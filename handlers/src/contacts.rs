@@ -9,10 +9,10 @@
 //! `<uid>_contact_list`.
 
 use crate::Shared;
+use protocol::UserId;
+use sdk::{Command, HandlerError, Reply, Worker};
 use serde::Deserialize;
 use serde_json::json;
-use shared::sdk::{Command, HandlerError, Reply, Worker};
-use shared::UserId;
 use std::sync::Arc;
 
 /// The `request_contact` command.

@@ -1,12 +1,12 @@
 //! The built-in handlers, as a library the broker runs in-process
 //! (`BROKER_HANDLERS=all`) and as the binaries `sync-handler`,
 //! `publish-handler`, `contacts-handler` and `tokens-handler`. Each is a
-//! [`shared::sdk::Worker`] over one shared state ([`Shared`]: settings,
+//! [`sdk::Worker`] over one shared state ([`Shared`]: settings,
 //! store, HTTP client, platform-token master keys).
 //!
-//! - [`settings`]: the environment (`BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`,
-//!   `REDIS_URL`, `DATA_DIR`, `PLATFORMS`, `GATEWAYS`, `TOKENS_MASTER_KEY`),
-//!   checked at start.
+//! - [`settings`]: the handlers' variables ([`HandlerArgs`]: `PLATFORMS`,
+//!   `GATEWAYS`, `TOKENS_MASTER_KEY`, ...) composed with the SDK's and the
+//!   store's into [`Settings`], checked at start.
 //! - [`sync`]: RSA public key in, fresh AES-256 key stored, signed reply.
 //! - [`publish`]: AES-GCM envelope opened, replay refused, message POSTed
 //!   to the platform with the user's stored platform token.
@@ -18,20 +18,9 @@
 //! `$share/<handler>/<topic>` → the SDK's poll loop → a task running the
 //! handler fn → store / HTTP → `Reply` → `<uid>_<name>` → device.
 //!
-//! In-process use: [`Settings::from_env`], override the broker fields, then
+//! In-process use: [`Settings::compose`] with the broker's own way in, then
 //! [`spawn_builtin`] (or [`spawn_builtin_with_store`] to share one store
 //! with the broker).
-
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic,
-        clippy::unreachable
-    )
-)]
 
 pub mod contacts;
 pub mod publish;
@@ -39,13 +28,13 @@ pub mod settings;
 pub mod sync;
 pub mod tokens;
 
-pub use settings::{ConfigError, Platform, Settings, TokenUse};
+pub use settings::{ConfigError, HandlerArgs, HandlerCli, Platform, Settings, TokenUse};
 
-use shared::envelope::{EnvelopeError, ServerKey};
-use shared::sdk::{SdkConfig, SdkError, Worker};
-use shared::store::{Store, StoreError};
+use envelope::{EnvelopeError, ServerKey};
+use sdk::{HandlerError, SdkConfig, SdkError, Worker};
 use std::sync::Arc;
 use std::time::Duration;
+use store::{Store, StoreError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -74,8 +63,10 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     /// The client `publish` forwards with (no redirects, connect timeout).
     pub http: reqwest::Client,
-    /// Seal and open platform tokens.
-    pub tokens: tokens::MasterKeys,
+    /// Seal and open platform tokens; `None` when none is configured with
+    /// Redis, where only the handlers that need none (`sync`, `contacts`)
+    /// may run (see [`worker`]).
+    master_keys: Option<tokens::MasterKeys>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -83,6 +74,7 @@ impl std::fmt::Debug for Shared {
         f.debug_struct("Shared")
             .field("settings", &self.settings)
             .field("store", &self.store.kind())
+            .field("master_keys", &self.master_keys)
             .finish()
     }
 }
@@ -96,13 +88,22 @@ impl Shared {
             .user_agent(concat!("mqtt-handlers/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Http(e.to_string()))?;
-        let tokens = master_keys(&settings)?;
+        let master_keys = load_master_keys(&settings)?;
         Ok(Arc::new(Shared {
             settings,
             store,
             http,
-            tokens,
+            master_keys,
         }))
+    }
+
+    /// The platform-token master keys. [`worker`] builds `publish` and
+    /// `tokens` only when there are some, so the 500 here is not reached.
+    pub fn master_keys(&self) -> Result<&tokens::MasterKeys, HandlerError> {
+        self.master_keys.as_ref().ok_or_else(|| {
+            tracing::error!("no platform-token master key (TOKENS_MASTER_KEY)");
+            HandlerError::internal("platform tokens are not configured")
+        })
     }
 
     /// Opens the configured store (Redis if `REDIS_URL`, else the embedded
@@ -115,25 +116,36 @@ impl Shared {
 
 /// Opens the store the settings name (without waiting for Redis).
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, Error> {
-    Ok(shared::store::open_blocking(
-        settings.redis_url.as_deref(),
-        &settings.data_dir,
-    )?)
+    Ok(settings.store_args().open_blocking()?)
 }
 
 /// The platform-token master keys the settings name: `TOKENS_MASTER_KEY`
-/// (and `TOKENS_MASTER_KEY_PREVIOUS`), or the development key in
-/// `DATA_DIR/tokens_master_key`, made on first use.
-pub fn master_keys(settings: &Settings) -> Result<tokens::MasterKeys, Error> {
-    let current = match &settings.tokens_master_key {
-        Some(key) => key.clone(),
-        None => tokens::MasterKey::load_or_generate(
+/// (and `TOKENS_MASTER_KEY_PREVIOUS`), or with the embedded store the
+/// development key in `DATA_DIR/tokens_master_key`, made on first use.
+/// `None` with Redis and no key: processes sharing Redis must share one
+/// key, so none is made up (see [`require_master_keys`]).
+pub fn load_master_keys(settings: &Settings) -> Result<Option<tokens::MasterKeys>, Error> {
+    let current = match (&settings.tokens_master_key, &settings.redis_url) {
+        (Some(key), _) => key.clone(),
+        (None, Some(_)) => return Ok(None),
+        (None, None) => tokens::MasterKey::load_or_generate(
             &settings.data_dir.join(tokens::DEV_MASTER_KEY_FILE),
         )?,
     };
-    Ok(tokens::MasterKeys {
+    Ok(Some(tokens::MasterKeys {
         current,
         previous: settings.tokens_master_key_previous.clone(),
+    }))
+}
+
+/// Like [`load_master_keys`], for the handlers that seal or open platform
+/// tokens: no key is refused with the fix.
+pub fn require_master_keys(settings: &Settings) -> Result<tokens::MasterKeys, Error> {
+    load_master_keys(settings)?.ok_or_else(|| {
+        Error::Config(ConfigError::Invalid {
+            var: "TOKENS_MASTER_KEY".into(),
+            reason: "it is required with REDIS_URL by the publish and tokens handlers (every process sharing Redis must seal platform tokens under the same key): set it to 32 random bytes, e.g. TOKENS_MASTER_KEY=$(openssl rand -hex 32)".into(),
+        })
     })
 }
 
@@ -152,12 +164,33 @@ pub enum Kind {
     Tokens,
 }
 
+impl Kind {
+    /// Whether the handler seals or opens platform tokens (and so needs
+    /// `TOKENS_MASTER_KEY` with Redis).
+    pub fn needs_master_key(self) -> bool {
+        matches!(self, Kind::Publish | Kind::Tokens)
+    }
+
+    /// The name of its binary.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Kind::Sync => "sync-handler",
+            Kind::Publish => "publish-handler",
+            Kind::Contacts => "contacts-handler",
+            Kind::Tokens => "tokens-handler",
+        }
+    }
+}
+
 /// The worker of one built-in handler.
 pub fn worker(
     kind: Kind,
     shared: Arc<Shared>,
     server_key: Option<&ServerKey>,
 ) -> Result<Worker, Error> {
+    if kind.needs_master_key() && shared.master_keys.is_none() {
+        require_master_keys(&shared.settings)?;
+    }
     // Every built-in command is checked against its sender's revocation
     // before it runs: nothing a revoked session sends is acted on.
     let store = Arc::clone(&shared.store);
@@ -185,25 +218,46 @@ pub async fn run(kind: Kind, settings: Settings, shutdown: CancellationToken) ->
     Ok(())
 }
 
-/// The whole `main` of a handler binary: reads the environment, runs `kind`
-/// until SIGINT/SIGTERM, and turns a configuration error into a one-line
-/// message on stderr and exit code 2 (other failures: 1).
+/// The whole `main` of a handler binary: parses its flags and environment
+/// ([`HandlerCli`]; `tokens-handler` also takes `rotate-master-key`), runs
+/// `kind` until SIGINT/SIGTERM, and turns a configuration error into a
+/// one-line message on stderr and exit code 2 (other failures: 1).
 pub async fn main_for(kind: Kind) -> std::process::ExitCode {
-    init_tracing();
-    let name = match kind {
-        Kind::Sync => "sync-handler",
-        Kind::Publish => "publish-handler",
-        Kind::Contacts => "contacts-handler",
-        Kind::Tokens => "tokens-handler",
+    use clap::FromArgMatches;
+    let name = kind.binary();
+    let mut command = setup::config::command::<HandlerCli>()
+        .name(name)
+        .about(format!(
+            "The `{name}` built-in handler, served through the broker"
+        ));
+    if kind == Kind::Tokens {
+        command = command.subcommand(clap::Command::new("rotate-master-key").about(
+            "Re-seal every stored platform token under TOKENS_MASTER_KEY (old ones opened with TOKENS_MASTER_KEY_PREVIOUS), then exit",
+        ));
+    }
+    let matches = command.get_matches();
+    let cli = match HandlerCli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
     };
-    let settings = match Settings::from_env() {
+    if let Err(e) = setup::telemetry::init_tracing(&cli.log) {
+        eprintln!("{name}: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let rotate = matches.subcommand_name() == Some("rotate-master-key");
+    let settings = match Settings::compose(cli.handler, cli.sdk, cli.store, |var| {
+        std::env::var(var).ok()
+    }) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("{name}: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    match run(kind, settings, shared::sdk::shutdown_on_signals()).await {
+    if rotate {
+        return rotate_master_key_main(settings).await;
+    }
+    match run(kind, settings, sdk::shutdown_on_signals()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e @ (Error::Config(_) | Error::Sdk(SdkError::Config(_)))) => {
             eprintln!("{name}: {e}");
@@ -270,22 +324,14 @@ async fn run_workers(workers: Vec<(Kind, Worker)>, sdk: SdkConfig, shutdown: Can
 /// `TOKENS_MASTER_KEY_PREVIOUS`, prints a summary, and exits 0 only when
 /// every token is under the new key. With the embedded store, stop the
 /// process that holds `DATA_DIR` first (one process may open it).
-pub async fn rotate_master_key_main() -> std::process::ExitCode {
-    init_tracing();
-    let settings = match Settings::from_env() {
-        Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("tokens-handler rotate-master-key: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
+async fn rotate_master_key_main(settings: Settings) -> std::process::ExitCode {
     if settings.tokens_master_key.is_none() {
         eprintln!("tokens-handler rotate-master-key: set TOKENS_MASTER_KEY to the new key and TOKENS_MASTER_KEY_PREVIOUS to the old one");
         return std::process::ExitCode::from(2);
     }
     let outcome = async {
-        let keys = master_keys(&settings)?;
-        let store = shared::store::open(settings.redis_url.as_deref(), &settings.data_dir).await?;
+        let keys = require_master_keys(&settings)?;
+        let store = settings.store_args().open().await?;
         Ok::<_, Error>(tokens::rotate_master_key(store.as_ref(), &keys).await?)
     }
     .await;
@@ -309,12 +355,40 @@ pub async fn rotate_master_key_main() -> std::process::ExitCode {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`). For the binaries.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With Redis, a process asks for the master key only when it runs a
+    /// handler that seals platform tokens; none is made up for the others.
+    #[tokio::test]
+    async fn with_redis_only_the_sealing_handlers_need_the_master_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().display().to_string();
+        let settings = Settings::from_lookup(|var| match var {
+            // Never contacted: building workers does not connect.
+            "REDIS_URL" => Some("redis://127.0.0.1:1/0".into()),
+            "DATA_DIR" => Some(data.clone()),
+            "BROKER_URL" => Some("mqtt://127.0.0.1:1".into()),
+            "HANDLER_KEY" => Some("handler-key-0123456789".into()),
+            _ => None,
+        })
+        .unwrap();
+        settings.sdk_config().unwrap();
+        let shared = Shared::open(settings).unwrap();
+        for kind in [Kind::Sync, Kind::Contacts] {
+            assert!(worker(kind, Arc::clone(&shared), None).is_ok(), "{kind:?}");
+        }
+        for kind in [Kind::Publish, Kind::Tokens] {
+            let err = worker(kind, Arc::clone(&shared), None)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("TOKENS_MASTER_KEY") && err.contains("openssl rand -hex 32"),
+                "{kind:?}: {err}"
+            );
+        }
+        assert!(!dir.path().join(tokens::DEV_MASTER_KEY_FILE).exists());
+    }
 }

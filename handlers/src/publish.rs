@@ -23,8 +23,8 @@ use crate::Shared;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use shared::envelope;
-use shared::sdk::{Command, HandlerError, Reply, Worker};
+
+use sdk::{Command, HandlerError, Reply, Worker};
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
@@ -178,7 +178,7 @@ pub async fn deliver(
             if bearer.is_some() && name.eq_ignore_ascii_case("authorization") {
                 continue;
             }
-            request = request.header(name.as_str(), value.as_str());
+            request = request.header(name.as_str(), value.expose());
         }
         if let Some(bearer) = &bearer {
             request = request.header(reqwest::header::AUTHORIZATION, bearer.clone());

@@ -1,12 +1,18 @@
-//! Owns the handlers' configuration: reading and checking the environment
-//! (`BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`, `REDIS_URL`, `DATA_DIR`,
-//! `PLATFORMS`, `GATEWAYS`, `TOKENS_MASTER_KEY`, and the optional tuning
-//! variables), with a message that says how to fix each mistake.
+//! Owns the handlers' configuration: their variables ([`HandlerArgs`]:
+//! `PLATFORMS` and each platform's `PLATFORM_<NAME>_*`, `GATEWAYS`,
+//! `TOKENS_MASTER_KEY`, the tuning variables), composed with the SDK's
+//! ([`SdkArgs`]: `BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`) and the store's
+//! ([`StoreArgs`]: `REDIS_URL`, `DATA_DIR`) into [`Settings`], with a
+//! message that says how to fix each mistake. Each variable is declared
+//! once, in the crate that owns it.
 
 use crate::tokens::MasterKey;
-use shared::sdk::SdkConfig;
+use protocol::Secret;
+use sdk::{SdkArgs, SdkConfig};
+use setup::telemetry::LogArgs;
 use std::path::PathBuf;
 use std::time::Duration;
+use store::StoreArgs;
 
 /// Why the configuration is unusable. Each message names the variable and
 /// how to fix it.
@@ -15,7 +21,10 @@ pub enum ConfigError {
     #[error("{var} is invalid: {reason}")]
     Invalid { var: String, reason: String },
     #[error(transparent)]
-    Sdk(#[from] shared::sdk::ConfigError),
+    Sdk(#[from] sdk::ConfigError),
+    /// A value the argument parser refused (its message names the variable).
+    #[error("{0}")]
+    Arguments(String),
 }
 
 fn invalid(var: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -25,15 +34,65 @@ fn invalid(var: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The handlers' own variables, flattened by every binary that runs them
+/// (the handler binaries, and `broker` for its in-process handlers).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HandlerArgs {
+    /// Where `publish` forwards each platform's messages: comma-separated
+    /// name=url. Per platform, PLATFORM_<NAME>_HEADERS (`Name: value; ...`)
+    /// adds request headers and PLATFORM_<NAME>_TOKEN (`required`/`optional`)
+    /// says whether the user's stored token is needed.
+    #[arg(long, env = "PLATFORMS")]
+    pub platforms: Option<String>,
+    /// Gateways returned by `sync`: comma-separated.
+    #[arg(long, env = "GATEWAYS", value_delimiter = ',')]
+    pub gateways: Vec<String>,
+    /// Commands each handler works on at once (1 to 100000).
+    #[arg(long, env = "HANDLER_CONCURRENCY", default_value_t = 64)]
+    pub handler_concurrency: usize,
+    /// How long a used publish nonce is remembered, in seconds.
+    #[arg(long, env = "NONCE_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    pub nonce_ttl_secs: u64,
+    /// Per-attempt HTTP timeout to a platform, in milliseconds (1 to 600000).
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
+    pub publish_timeout_ms: u64,
+    /// Retries after the first attempt (5xx and timeouts), 0 to 10.
+    #[arg(long, env = "PUBLISH_RETRIES", default_value_t = 2)]
+    pub publish_retries: u32,
+    /// Master key sealing users' platform tokens (AES-256-GCM): 32 bytes as
+    /// 64 hex characters or base64. Needed by `publish` and `tokens` with
+    /// REDIS_URL; unset otherwise = a development key in DATA_DIR.
+    #[arg(long, env = "TOKENS_MASTER_KEY", hide_env_values = true)]
+    pub tokens_master_key: Option<Secret>,
+    /// During a rotation: the old master key, still accepted for reading.
+    #[arg(long, env = "TOKENS_MASTER_KEY_PREVIOUS", hide_env_values = true)]
+    pub tokens_master_key_previous: Option<Secret>,
+}
+
+/// Everything a handler binary reads: logging, the store, the way to the
+/// broker and the handlers' own variables.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct HandlerCli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub sdk: SdkArgs,
+    #[command(flatten)]
+    pub handler: HandlerArgs,
+}
+
 /// Where `publish` forwards one platform's messages.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Platform {
     /// The name devices use in `publish` (`"platform": "<name>"`).
     pub name: String,
     /// The HTTP(S) endpoint that receives the POST.
     pub url: reqwest::Url,
-    /// Extra request headers (e.g. an API key), from `PLATFORM_<NAME>_HEADERS`.
-    pub headers: Vec<(String, String)>,
+    /// Extra request headers (e.g. an API key), from `PLATFORM_<NAME>_HEADERS`;
+    /// values are often credentials.
+    pub headers: Vec<(String, Secret)>,
     /// Whether `publish` needs the user's stored token for this platform
     /// (`PLATFORM_<NAME>_TOKEN`, default `required`).
     pub token: TokenUse,
@@ -51,179 +110,78 @@ pub enum TokenUse {
     Optional,
 }
 
-impl std::fmt::Debug for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Header values are often credentials: print names only.
-        let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
-        f.debug_struct("Platform")
-            .field("name", &self.name)
-            .field("url", &self.url.as_str())
-            .field("headers", &names)
-            .field("token", &self.token)
-            .finish()
-    }
-}
-
 /// Everything the built-in handlers need. Fields are public so that the
 /// broker can override the broker connection for in-process handlers.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// `BROKER_URL`: `mqtts://host:port` or `mqtt://host:port`.
     pub broker_url: String,
     /// `BROKER_CA`: CA file (PEM) to trust for `mqtts://`.
     pub broker_ca: Option<PathBuf>,
     /// `HANDLER_KEY`: the password handlers log in with.
-    pub handler_key: String,
+    pub handler_key: Secret,
     /// `REDIS_URL`: unset means the embedded store in `DATA_DIR`.
-    pub redis_url: Option<String>,
-    /// `DATA_DIR`: the embedded store and the server's RSA key (default `./data`).
+    pub redis_url: Option<Secret>,
+    /// `DATA_DIR`: the embedded store and the server's RSA key.
     pub data_dir: PathBuf,
     /// `PLATFORMS`: `name=url,...`.
     pub platforms: Vec<Platform>,
     /// `GATEWAYS`: returned by `sync`.
     pub gateways: Vec<String>,
-    /// `HANDLER_CONCURRENCY`: commands each handler runs at once (default 64).
+    /// `HANDLER_CONCURRENCY`: commands each handler runs at once.
     pub concurrency: usize,
-    /// `NONCE_TTL_SECS`: how long a used nonce is remembered (default 30 days).
+    /// `NONCE_TTL_SECS`: how long a used nonce is remembered.
     pub nonce_ttl: Duration,
-    /// `PUBLISH_TIMEOUT_MS`: per-attempt HTTP timeout (default 5000).
+    /// `PUBLISH_TIMEOUT_MS`: per-attempt HTTP timeout.
     pub publish_timeout: Duration,
-    /// `PUBLISH_RETRIES`: retries after the first attempt on 5xx/timeouts (default 2).
+    /// `PUBLISH_RETRIES`: retries after the first attempt on 5xx/timeouts.
     pub publish_retries: u32,
     /// `TOKENS_MASTER_KEY`: seals platform tokens. `None`: a key generated
-    /// once in `DATA_DIR/tokens_master_key` (refused by [`Settings::from_env`]
-    /// when `REDIS_URL` is set: processes sharing Redis need one key).
+    /// once in `DATA_DIR/tokens_master_key` with the embedded store; with
+    /// `REDIS_URL`, the handlers that seal (`publish`, `tokens`) refuse to
+    /// start (processes sharing Redis need one key), the others need none.
     pub tokens_master_key: Option<MasterKey>,
     /// `TOKENS_MASTER_KEY_PREVIOUS`: still opens tokens sealed before a
     /// master-key rotation.
     pub tokens_master_key_previous: Option<MasterKey>,
 }
 
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("broker_url", &self.broker_url)
-            .field("broker_ca", &self.broker_ca)
-            .field("handler_key", &"***")
-            .field("redis_url", &self.redis_url.as_ref().map(|_| "***"))
-            .field("data_dir", &self.data_dir)
-            .field("platforms", &self.platforms)
-            .field("gateways", &self.gateways)
-            .field("concurrency", &self.concurrency)
-            .field("nonce_ttl", &self.nonce_ttl)
-            .field("publish_timeout", &self.publish_timeout)
-            .field("publish_retries", &self.publish_retries)
-            .field(
-                "tokens_master_key",
-                &self.tokens_master_key.as_ref().map(|_| "***"),
-            )
-            .field(
-                "tokens_master_key_previous",
-                &self.tokens_master_key_previous.as_ref().map(|_| "***"),
-            )
-            .finish()
-    }
-}
-
-/// Default `BROKER_URL` when unset.
-pub const DEFAULT_BROKER_URL: &str = "mqtts://localhost:8883";
-/// Default `DATA_DIR` when unset.
-pub const DEFAULT_DATA_DIR: &str = "data";
 /// File name of the server's RSA key inside `DATA_DIR`.
 pub const SERVER_KEY_FILE: &str = "server_key.pem";
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            broker_url: DEFAULT_BROKER_URL.into(),
-            broker_ca: None,
-            handler_key: String::new(),
-            redis_url: None,
-            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            platforms: Vec::new(),
-            gateways: Vec::new(),
-            concurrency: 64,
-            nonce_ttl: Duration::from_secs(30 * 24 * 3600),
-            publish_timeout: Duration::from_secs(5),
-            publish_retries: 2,
-            tokens_master_key: None,
-            tokens_master_key_previous: None,
-        }
-    }
-}
-
 impl Settings {
-    /// Reads the environment. Unset variables take their defaults; a missing
-    /// `HANDLER_KEY` is only an error when a handler connects (the broker
-    /// may supply one for in-process handlers).
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|var| std::env::var(var).ok())
-    }
-
-    /// Like [`Settings::from_env`], reading variables through `get`.
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    /// Composes the handlers' settings from their own variables, the way to
+    /// the broker and the store. `platform_vars` reads the per-platform
+    /// variables (`PLATFORM_<NAME>_HEADERS`, `PLATFORM_<NAME>_TOKEN`), whose
+    /// names depend on `PLATFORMS`: the environment in the binaries. A
+    /// missing `HANDLER_KEY` is only an error when a handler connects (the
+    /// broker supplies one to in-process handlers).
+    pub fn compose(
+        args: HandlerArgs,
+        sdk: SdkArgs,
+        store: StoreArgs,
+        platform_vars: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let get = |var: &str| {
-            get(var)
+            platform_vars(var)
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let mut s = Settings::default();
-        if let Some(url) = get("BROKER_URL") {
-            shared::sdk::Endpoint::parse(&url)?;
-            s.broker_url = url;
-        }
-        s.broker_ca = get("BROKER_CA").map(PathBuf::from);
-        s.handler_key = get("HANDLER_KEY").unwrap_or_default();
-        if let Some(url) = get("REDIS_URL") {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid(
-                    "REDIS_URL",
-                    "expected redis://[:password@]host[:port][/db]; unset it to use the embedded store",
-                ));
-            }
-            s.redis_url = Some(url);
-        }
-        if let Some(dir) = get("DATA_DIR") {
-            s.data_dir = PathBuf::from(dir);
-        }
-        if let Some(list) = get("PLATFORMS") {
-            s.platforms = parse_platforms(&list, &get)?;
-        }
-        if let Some(list) = get("GATEWAYS") {
-            s.gateways = list
-                .split(',')
-                .map(str::trim)
-                .filter(|g| !g.is_empty())
-                .map(str::to_owned)
-                .collect();
-        }
-        if let Some(n) = get("HANDLER_CONCURRENCY") {
-            s.concurrency = parse_num::<usize>("HANDLER_CONCURRENCY", &n, 1, 100_000)?;
-        }
-        if let Some(n) = get("NONCE_TTL_SECS") {
-            s.nonce_ttl = Duration::from_secs(parse_num("NONCE_TTL_SECS", &n, 1, u64::MAX)?);
-        }
-        if let Some(n) = get("PUBLISH_TIMEOUT_MS") {
-            s.publish_timeout =
-                Duration::from_millis(parse_num("PUBLISH_TIMEOUT_MS", &n, 1, 600_000)?);
-        }
-        if let Some(n) = get("PUBLISH_RETRIES") {
-            s.publish_retries = parse_num("PUBLISH_RETRIES", &n, 0, 10)?;
-        }
-        let master_key = |var: &str| {
-            get(var)
-                .map(|text| MasterKey::parse(&text).map_err(|e| invalid(var, e.to_string())))
+        let platforms = match args.platforms.as_deref().map(str::trim) {
+            Some(list) if !list.is_empty() => parse_platforms(list, &get)?,
+            _ => Vec::new(),
+        };
+        let master_key = |var: &str, text: Option<Secret>| {
+            text.filter(|t| !t.expose().trim().is_empty())
+                .map(|t| MasterKey::parse(t.expose()).map_err(|e| invalid(var, e.to_string())))
                 .transpose()
         };
-        s.tokens_master_key = master_key("TOKENS_MASTER_KEY")?;
-        s.tokens_master_key_previous = master_key("TOKENS_MASTER_KEY_PREVIOUS")?;
-        match (&s.tokens_master_key, &s.tokens_master_key_previous) {
-            (None, _) if s.redis_url.is_some() => {
-                return Err(invalid(
-                    "TOKENS_MASTER_KEY",
-                    "it is required with REDIS_URL (every process sharing Redis must seal platform tokens under the same key): set it to 32 random bytes, e.g. TOKENS_MASTER_KEY=$(openssl rand -hex 32)",
-                ))
-            }
+        let tokens_master_key = master_key("TOKENS_MASTER_KEY", args.tokens_master_key)?;
+        let tokens_master_key_previous = master_key(
+            "TOKENS_MASTER_KEY_PREVIOUS",
+            args.tokens_master_key_previous,
+        )?;
+        match (&tokens_master_key, &tokens_master_key_previous) {
             (None, Some(_)) => {
                 return Err(invalid(
                     "TOKENS_MASTER_KEY_PREVIOUS",
@@ -238,7 +196,54 @@ impl Settings {
             }
             _ => {}
         }
-        Ok(s)
+        Ok(Settings {
+            broker_url: sdk.broker_url,
+            broker_ca: sdk.broker_ca,
+            handler_key: sdk.handler_key.unwrap_or_default(),
+            redis_url: store.redis_url,
+            data_dir: store.data_dir,
+            platforms,
+            gateways: args
+                .gateways
+                .iter()
+                .map(|g| g.trim())
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            concurrency: check_num("HANDLER_CONCURRENCY", args.handler_concurrency, 1, 100_000)?,
+            nonce_ttl: Duration::from_secs(check_num(
+                "NONCE_TTL_SECS",
+                args.nonce_ttl_secs,
+                1,
+                u64::MAX,
+            )?),
+            publish_timeout: Duration::from_millis(check_num(
+                "PUBLISH_TIMEOUT_MS",
+                args.publish_timeout_ms,
+                1,
+                600_000,
+            )?),
+            publish_retries: check_num("PUBLISH_RETRIES", args.publish_retries, 0, 10)?,
+            tokens_master_key,
+            tokens_master_key_previous,
+        })
+    }
+
+    /// The settings from variables read through `get` instead of the
+    /// process environment (tests, embedding): exactly what the binaries
+    /// read from the environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let cli: HandlerCli = setup::config::parse_from_lookup("handler", &get)
+            .map_err(|e| ConfigError::Arguments(e.to_string()))?;
+        Self::compose(cli.handler, cli.sdk, cli.store, get)
+    }
+
+    /// The store these settings name.
+    pub fn store_args(&self) -> StoreArgs {
+        StoreArgs {
+            redis_url: self.redis_url.clone(),
+            data_dir: self.data_dir.clone(),
+        }
     }
 
     /// The SDK configuration for one handler.
@@ -265,18 +270,19 @@ impl Settings {
     }
 }
 
-fn parse_num<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+fn check_num<T: PartialOrd + std::fmt::Display>(
     var: &str,
-    text: &str,
+    n: T,
     min: T,
     max: T,
 ) -> Result<T, ConfigError> {
-    match text.parse::<T>() {
-        Ok(n) if n >= min && n <= max => Ok(n),
-        _ => Err(invalid(
+    if n >= min && n <= max {
+        Ok(n)
+    } else {
+        Err(invalid(
             var,
             format!("expected a number from {min} to {max}"),
-        )),
+        ))
     }
 }
 
@@ -330,12 +336,12 @@ fn parse_platforms(
                 ),
             ));
         }
-        if !shared::store::valid_platform_name(name) {
+        if !store::valid_platform_name(name) {
             return Err(invalid(
                 "PLATFORMS",
                 format!(
                     "platform name {name:?} is longer than {} characters",
-                    shared::store::MAX_PLATFORM_LEN
+                    store::MAX_PLATFORM_LEN
                 ),
             ));
         }
@@ -383,7 +389,7 @@ fn parse_platforms(
 }
 
 /// `Name: value; Other: value`.
-fn parse_headers(var: &str, text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+fn parse_headers(var: &str, text: &str) -> Result<Vec<(String, Secret)>, ConfigError> {
     let mut headers = Vec::new();
     for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((name, value)) = pair.split_once(':') else {
@@ -399,7 +405,7 @@ fn parse_headers(var: &str, text: &str) -> Result<Vec<(String, String)>, ConfigE
                 format!("header {name:?} has an invalid name or value"),
             ));
         }
-        headers.push((name.to_owned(), value.to_owned()));
+        headers.push((name.to_owned(), Secret::from(value)));
     }
     Ok(headers)
 }
@@ -407,6 +413,7 @@ fn parse_headers(var: &str, text: &str) -> Result<Vec<(String, String)>, ConfigE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdk::DEFAULT_BROKER_URL;
     use std::collections::HashMap;
 
     fn from(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -474,10 +481,6 @@ mod tests {
                 "required",
             ),
             (vec![("TOKENS_MASTER_KEY", "short")], "openssl rand -hex 32"),
-            (
-                vec![("REDIS_URL", "redis://127.0.0.1:1")],
-                "TOKENS_MASTER_KEY",
-            ),
             (
                 vec![("TOKENS_MASTER_KEY_PREVIOUS", zeros.as_str())],
                 "needs TOKENS_MASTER_KEY",

@@ -6,13 +6,13 @@
 //! platforms and gateways.
 
 use crate::Shared;
+use envelope::{self, AesKey, ServerKey};
 use rand::RngCore;
+use sdk::{Command, HandlerError, Reply, Worker};
 use serde::Deserialize;
 use serde_json::json;
-use shared::envelope::{self, AesKey, ServerKey};
-use shared::sdk::{Command, HandlerError, Reply, Worker};
-use shared::store::KeyRecord;
 use std::sync::Arc;
+use store::KeyRecord;
 
 /// The `sync` command.
 #[derive(Debug, Deserialize)]

@@ -29,16 +29,16 @@ use crate::Shared;
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use base64::Engine as _;
+use protocol::UserId;
 use rand::RngCore;
+use sdk::{Command, HandlerError, Reply, Worker};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use shared::sdk::{Command, HandlerError, Reply, Worker};
-use shared::store::{Revocation, Store, StoreError};
-use shared::UserId;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use store::{Revocation, Store, StoreError};
 
 /// Largest token accepted, as compact JSON bytes: OAuth tokens with a
 /// refresh token and scopes fit many times over.
@@ -379,7 +379,7 @@ pub async fn store_token(shared: &Shared, cmd: Command<StoreToken>) -> Result<Re
         ));
     }
     let sealed = shared
-        .tokens
+        .master_keys()?
         .seal(&cmd.user_id, platform, &plaintext)
         .map_err(|e| {
             tracing::error!(error = %e, "sealing a platform token failed");
@@ -431,7 +431,7 @@ pub async fn revoke_token(
     // Not only configured names: a platform removed from PLATFORMS may
     // still hold a token, and its user must be able to revoke it.
     let platform = cmd.body.platform.as_str();
-    if !shared::store::valid_platform_name(platform) {
+    if !store::valid_platform_name(platform) {
         return Err(HandlerError::bad_request(
             "platform must be 1-64 characters of A-Z a-z 0-9 . _ -",
         ));
@@ -539,7 +539,7 @@ pub async fn delete_account(
     // The cut-off is fixed when the command arrives, not when it is written,
     // and covers the sender's own token even when it was issued within the
     // second of an earlier deletion (its `iat` is that cut-off, after now).
-    let revocation = Revocation::account_deleted(shared::claims::now_secs(), cmd.token_iat);
+    let revocation = Revocation::account_deleted(protocol::claims::now_secs(), cmd.token_iat);
     if let Err(error) = record_with_retries(shared.store.as_ref(), &uid, revocation).await {
         tracing::error!(%uid, %error, "account not deleted: its revocation could not be recorded");
         return Err(HandlerError::unavailable(
@@ -639,7 +639,7 @@ pub async fn stored_token(
         )
     };
     let plain = shared
-        .tokens
+        .master_keys()?
         .open(uid, platform, &sealed)
         .map_err(|error| {
             tracing::error!(%uid, %platform, %error, "stored platform token does not open");

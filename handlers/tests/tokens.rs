@@ -3,16 +3,25 @@
 //! sealed at rest; publish forwarding with the stored token or refusing
 //! without one; `delete_account`; master-key rotation.
 
+// Test code: a failure here is a failed test, not input reaching a panic
+// (the workspace lints forbid these in library code only).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use envelope::{device, AesKey};
 use handlers::tokens::{self, MasterKey, MasterKeys, NoFields, RevokeToken, StoreToken};
 use handlers::{publish, Settings, Shared};
+use protocol::UserId;
+use sdk::{Command, HandlerError, Recipient, Reply};
 use serde_json::{json, Value};
-use shared::envelope::{device, AesKey};
-use shared::sdk::{Command, HandlerError, Recipient, Reply};
-use shared::store::{EmbeddedStore, KeyRecord, RedisStore, Revocation, Store};
-use shared::testing::{Platform, RedisServer};
-use shared::UserId;
 use std::sync::Arc;
 use std::time::Duration;
+use store::{EmbeddedStore, KeyRecord, RedisStore, Revocation, Store};
+use testkit::{Platform, RedisServer};
 
 fn cmd<T>(uid: &str, body: T) -> Command<T> {
     Command {
@@ -178,8 +187,16 @@ async fn token_lifecycle(store: Arc<dyn Store>) {
         !as_text.contains("user-at-1") && !as_text.contains("refresh"),
         "{as_text}"
     );
-    assert!(shared.tokens.open(&user, "mail", &sealed).is_ok());
-    assert!(shared.tokens.open(&user, "sms", &sealed).is_err());
+    assert!(shared
+        .master_keys()
+        .unwrap()
+        .open(&user, "mail", &sealed)
+        .is_ok());
+    assert!(shared
+        .master_keys()
+        .unwrap()
+        .open(&user, "sms", &sealed)
+        .is_err());
 
     // Bad input.
     for (platform, token, status) in [
@@ -303,7 +320,7 @@ async fn deletion(store: Arc<dyn Store>) {
     store.add_contact_request(&a, &b).await.unwrap();
 
     let mut events = store.revocation_events();
-    let before = shared::claims::now_secs();
+    let before = protocol::claims::now_secs();
     let (name, body) = only(
         tokens::delete_account(&shared, cmd("a1", NoFields {}))
             .await
@@ -334,7 +351,7 @@ async fn deletion(store: Arc<dyn Store>) {
     let event = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match events.recv().await.unwrap() {
-                shared::store::RevocationEvent::Revoked { uid, revocation } if uid == a => {
+                store::RevocationEvent::Revoked { uid, revocation } if uid == a => {
                     return revocation
                 }
                 _ => {}
@@ -347,7 +364,7 @@ async fn deletion(store: Arc<dyn Store>) {
         panic!("expected IssuedBefore, got {event:?}");
     };
     assert!(
-        cutoff > before && cutoff <= shared::claims::now_secs() + 1,
+        cutoff > before && cutoff <= protocol::claims::now_secs() + 1,
         "{cutoff}"
     );
     assert_eq!(store.revocation(&a).await.unwrap(), Some(event));
@@ -367,7 +384,7 @@ async fn guarded_writes(store: Arc<dyn Store>) {
     )
     .unwrap();
     let uid = UserId::parse("g1").unwrap();
-    let issued = shared::claims::now_secs() - 10;
+    let issued = protocol::claims::now_secs() - 10;
     let sent = |iat: Option<u64>| {
         let mut command = cmd(
             "g1",
@@ -524,7 +541,7 @@ async fn rotate_master_key_command() {
     };
     let uid = UserId::parse("68946").unwrap();
     {
-        let store = shared::store::open(None, dir.path()).await.unwrap();
+        let store = store::open(None, dir.path()).await.unwrap();
         let sealed = old.seal(&uid, "mail", b"{\"access_token\":\"a\"}").unwrap();
         store
             .put_platform_token(&uid, "mail", &sealed)
@@ -558,7 +575,7 @@ async fn rotate_master_key_command() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("re-sealed 1 platform tokens"), "{stdout}");
 
-    let store = shared::store::open(None, dir.path()).await.unwrap();
+    let store = store::open(None, dir.path()).await.unwrap();
     let sealed = store.platform_token(&uid, "mail").await.unwrap().unwrap();
     let after = MasterKeys {
         current: new_key,

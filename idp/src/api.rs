@@ -21,14 +21,14 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use protocol::UserId;
 use rand::{Rng, RngCore};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shared::store::Revocation;
-use shared::UserId;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use store::Revocation;
 use subtle::ConstantTimeEq;
 
 /// Largest request body accepted.
@@ -80,7 +80,7 @@ impl From<StateError> for ApiError {
     }
 }
 
-fn store_failed(e: shared::store::StoreError) -> ApiError {
+fn store_failed(e: store::StoreError) -> ApiError {
     tracing::error!(error = %e, "store failed");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -171,7 +171,7 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
 /// The rate key of a client address, counted as the broker's admission
 /// counts it (an IPv6 /64 is one address).
 fn address_key(addr: IpAddr) -> String {
-    format!("a:{}", shared::addr_key::AddrKey::of(addr))
+    format!("a:{}", protocol::addr_key::AddrKey::of(addr))
 }
 
 impl Idp {
@@ -228,6 +228,28 @@ impl Idp {
         Ok((id, session, msisdn))
     }
 
+    /// The preamble of every public endpoint: the client address's rate
+    /// first (before any other work), then the body, bounded.
+    async fn admit(
+        &self,
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<axum::body::Bytes, ApiError> {
+        self.limit_address(peer).await?;
+        read_body(headers, body).await
+    }
+
+    /// The sign-up session the bearer token names, still open for codes.
+    async fn open_session(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<(String, Session, Msisdn), ApiError> {
+        let (id, session, msisdn) = self.session(headers).await?;
+        self.check_open(&session)?;
+        Ok((id, session, msisdn))
+    }
+
     fn check_open(&self, session: &Session) -> Result<(), ApiError> {
         if session.uid.is_some() {
             return Err(error(
@@ -248,7 +270,7 @@ impl Idp {
     /// withdrawn, so the client can try again.
     async fn send_code(&self, id: &str, msisdn: &Msisdn) -> ApiResult {
         let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
-        let expires = shared::claims::now_secs().saturating_add(self.settings.code_ttl.as_secs());
+        let expires = protocol::claims::now_secs().saturating_add(self.settings.code_ttl.as_secs());
         if !self.state.set_code(id, &code, expires).await? {
             return Err(error(
                 StatusCode::UNAUTHORIZED,
@@ -275,7 +297,7 @@ impl Idp {
     /// user who registers again in the same second still gets a working one.
     /// Returns the token and its `iat`.
     async fn issue(&self, uid: &UserId) -> Result<(String, u64), ApiError> {
-        let now = shared::claims::now_secs();
+        let now = protocol::claims::now_secs();
         let iat = match self.store.revocation(uid).await.map_err(store_failed)? {
             None => now,
             Some(Revocation::IssuedBefore(cutoff)) => now.max(cutoff),
@@ -344,7 +366,7 @@ impl Idp {
             )
         };
         let given = bearer(headers).map_err(|_| refused())?;
-        if bool::from(given.as_bytes().ct_eq(expected.0.as_bytes())) {
+        if expected.matches(given.as_bytes()) {
             Ok(())
         } else {
             Err(refused())
@@ -367,8 +389,7 @@ async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    idp.limit_address(peer).await?;
-    let bytes = read_body(&headers, body).await?;
+    let bytes = idp.admit(peer, &headers, body).await?;
     let body: RegisterBody = parse_json(
         &bytes,
         r#"{"msisdn": "+15551234567"} (optional "mcc", "mnc")"#,
@@ -404,10 +425,8 @@ async fn verify(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    idp.limit_address(peer).await?;
-    read_body(&headers, body).await?;
-    let (id, session, msisdn) = idp.session(&headers).await?;
-    idp.check_open(&session)?;
+    idp.admit(peer, &headers, body).await?;
+    let (id, session, msisdn) = idp.open_session(&headers).await?;
     if session.code.is_some() {
         return Err(error(
             StatusCode::CONFLICT,
@@ -424,10 +443,8 @@ async fn resend_code(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    idp.limit_address(peer).await?;
-    read_body(&headers, body).await?;
-    let (id, session, msisdn) = idp.session(&headers).await?;
-    idp.check_open(&session)?;
+    idp.admit(peer, &headers, body).await?;
+    let (id, session, msisdn) = idp.open_session(&headers).await?;
     if session.code.is_none() {
         return Err(error(
             StatusCode::CONFLICT,
@@ -459,21 +476,19 @@ async fn verify_code(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    idp.limit_address(peer).await?;
-    let bytes = read_body(&headers, body).await?;
+    let bytes = idp.admit(peer, &headers, body).await?;
     let body: CodeBody = parse_json(&bytes, r#"{"code": "123456"}"#)?;
     if body.code.len() != 6 || !body.code.bytes().all(|b| b.is_ascii_digit()) {
         return Err(error(StatusCode::BAD_REQUEST, "code must be 6 digits"));
     }
-    let (id, session, msisdn) = idp.session(&headers).await?;
-    idp.check_open(&session)?;
+    let (id, session, msisdn) = idp.open_session(&headers).await?;
     let Some(expected) = &session.code else {
         return Err(error(
             StatusCode::CONFLICT,
             "no code sent yet: call /sms/verify first",
         ));
     };
-    if shared::claims::now_secs() > session.code_expires {
+    if protocol::claims::now_secs() > session.code_expires {
         return Err(error(
             StatusCode::BAD_REQUEST,
             "code expired: ask for a new one with /sms/resend_code",
@@ -501,7 +516,7 @@ async fn verify_code(
     let uid = idp.uid_of(&msisdn)?;
     let (token, iat) = idp.issue(&uid).await?;
     idp.store
-        .put_registration(&uid, shared::claims::now_secs())
+        .put_registration(&uid, protocol::claims::now_secs())
         .await
         .map_err(store_failed)?;
     idp.state.mark_verified(&id, uid.as_str(), iat).await?;
@@ -521,10 +536,9 @@ async fn unregister(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    idp.limit_address(peer).await?;
-    read_body(&headers, body).await?;
+    idp.admit(peer, &headers, body).await?;
     let credential = bearer(&headers)?;
-    let now = shared::claims::now_secs();
+    let now = protocol::claims::now_secs();
     // The latest `iat` the credential speaks for: a token issued within the
     // second of an earlier deletion has `iat` = that cut-off, later than
     // `now`, and must be revoked by its own unregister too.
@@ -586,7 +600,7 @@ async fn unregister(
 }
 
 async fn jwks(State(idp): State<Arc<Idp>>) -> Response {
-    let mut response = json_response(StatusCode::OK, &idp.keys.jwks(shared::claims::now_secs()));
+    let mut response = json_response(StatusCode::OK, &idp.keys.jwks(protocol::claims::now_secs()));
     if let Ok(value) = HeaderValue::from_str(&format!(
         "public, max-age={}",
         idp.settings.jwks_max_age.as_secs()
@@ -636,7 +650,7 @@ async fn admin_restore(
 async fn admin_rotate(State(idp): State<Arc<Idp>>, headers: HeaderMap) -> ApiResult {
     idp.check_admin(&headers)?;
     let keys = idp.keys.clone();
-    let rotated = tokio::task::spawn_blocking(move || keys.rotate(shared::claims::now_secs()))
+    let rotated = tokio::task::spawn_blocking(move || keys.rotate(protocol::claims::now_secs()))
         .await
         .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "key rotation failed"))?;
     let kid = rotated.map_err(|e| {

@@ -3,15 +3,16 @@
 //! absurd value at start-up with a message that says how to fix it.
 
 use clap::Args;
-use std::fmt;
+use protocol::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use store::StoreArgs;
 
-/// The environment and flags of the identity service. The `idp` binary
-/// parses them from its command line; the broker's default run reads them
-/// from the environment alone ([`IdpArgs::from_env`]).
-#[derive(Args, Clone)]
+/// The environment and flags of the identity service, flattened by the
+/// `idp` binary and by `broker` (which runs it in-process). The store
+/// (`REDIS_URL`, `DATA_DIR`) is the binary's [`StoreArgs`].
+#[derive(Args, Clone, Debug)]
 pub struct IdpArgs {
     /// HTTP address of the identity service.
     #[arg(long, env = "IDP_LISTEN", default_value = "127.0.0.1:8080")]
@@ -42,7 +43,7 @@ pub struct IdpArgs {
     /// Secret the uid is derived from (HMAC-SHA256 of the number); at least
     /// 32 bytes. Unset: one is made and kept in IDP_KEYS_DIR/uid-secret.
     #[arg(long, env = "IDP_UID_SECRET", hide_env_values = true)]
-    pub idp_uid_secret: Option<String>,
+    pub idp_uid_secret: Option<Secret>,
     /// Lifetime of a registration session (its token), in seconds.
     #[arg(long, env = "IDP_SESSION_TTL_SECS", default_value_t = 3600)]
     pub idp_session_ttl_secs: u64,
@@ -86,45 +87,21 @@ pub struct IdpArgs {
     /// Bearer token of the admin endpoints (revoke, restore, key rotation);
     /// unset disables them. At least 16 characters.
     #[arg(long, env = "IDP_ADMIN_TOKEN", hide_env_values = true)]
-    pub idp_admin_token: Option<String>,
+    pub idp_admin_token: Option<Secret>,
     /// SMS provider endpoint: `POST` JSON `{"to","message"}`. Unset: codes are
     /// logged instead (development only).
     #[arg(long, env = "SMS_PROVIDER_URL")]
     pub sms_provider_url: Option<String>,
     /// Bearer credential sent to the SMS provider.
     #[arg(long, env = "SMS_PROVIDER_TOKEN", hide_env_values = true)]
-    pub sms_provider_token: Option<String>,
+    pub sms_provider_token: Option<Secret>,
     /// The number codes are sent from (answered by /sms/verify).
     #[arg(long, env = "SMS_SENDER", default_value = "+15550100000")]
     pub sms_sender: String,
-    /// Redis for sessions, codes and counters (and the shared store); unset:
-    /// in-memory state and the embedded store.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-    /// Where the embedded store lives when REDIS_URL is unset.
-    #[arg(long, env = "DATA_DIR", default_value = "data")]
-    pub data_dir: PathBuf,
     /// Whether the `broker` binary runs the identity service in-process
     /// (when it has a store: built-in handlers, or REDIS_URL).
     #[arg(long, env = "IDP_IN_PROCESS", default_value_t = true, action = clap::ArgAction::Set)]
     pub idp_in_process: bool,
-}
-
-/// A wrapper so that `IdpArgs` can be parsed on its own.
-#[derive(clap::Parser)]
-struct EnvOnly {
-    #[command(flatten)]
-    args: IdpArgs,
-}
-
-/// A secret whose `Debug` never shows it.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
 }
 
 /// Why the configuration was refused.
@@ -132,8 +109,6 @@ impl fmt::Debug for Secret {
 pub enum ConfigError {
     #[error("{0}")]
     Invalid(String),
-    #[error("IDP environment: {0}")]
-    Parse(String),
 }
 
 fn invalid(message: impl Into<String>) -> ConfigError {
@@ -164,8 +139,9 @@ pub struct Settings {
     pub connections: ConnectionLimits,
     pub admin_token: Option<Secret>,
     pub sms: SmsSettings,
-    pub redis_url: Option<String>,
-    pub data_dir: PathBuf,
+    /// Sessions, codes and counters live in Redis when set (`REDIS_URL`),
+    /// in memory otherwise.
+    pub redis_url: Option<Secret>,
     pub in_process: bool,
 }
 
@@ -216,17 +192,9 @@ fn check_range(name: &str, value: u64, min: u64, max: u64, hint: &str) -> Result
 }
 
 impl IdpArgs {
-    /// The settings from the environment alone (no flags), for the broker's
-    /// in-process run.
-    pub fn from_env() -> Result<IdpArgs, ConfigError> {
-        use clap::Parser;
-        EnvOnly::try_parse_from(["idp"])
-            .map(|e| e.args)
-            .map_err(|e| ConfigError::Parse(e.to_string()))
-    }
-
-    /// Checks every value and builds the settings.
-    pub fn resolve(self) -> Result<Settings, ConfigError> {
+    /// Checks every value and builds the settings, over the store the
+    /// binary configured.
+    pub fn resolve(self, store: &StoreArgs) -> Result<Settings, ConfigError> {
         const DAY: u64 = 24 * 3600;
         check_range(
             "IDP_TOKEN_TTL",
@@ -381,7 +349,7 @@ impl IdpArgs {
             token_ttl: Duration::from_secs(self.idp_token_ttl),
             key_retire_leeway: Duration::from_secs(self.idp_key_retire_leeway_secs),
             jwks_max_age: Duration::from_secs(self.idp_jwks_max_age_secs),
-            uid_secret: self.idp_uid_secret.map(Secret),
+            uid_secret: self.idp_uid_secret,
             session_ttl: Duration::from_secs(self.idp_session_ttl_secs),
             code_ttl: Duration::from_secs(self.idp_code_ttl_secs),
             max_code_attempts: self.idp_max_code_attempts,
@@ -395,14 +363,13 @@ impl IdpArgs {
                 header_read_timeout: Duration::from_secs(self.idp_header_read_timeout_secs),
                 idle_timeout: Duration::from_secs(self.idp_idle_timeout_secs),
             },
-            admin_token: self.idp_admin_token.map(Secret),
+            admin_token: self.idp_admin_token,
             sms: SmsSettings {
                 provider_url: self.sms_provider_url,
-                provider_token: self.sms_provider_token.map(Secret),
+                provider_token: self.sms_provider_token,
                 sender: self.sms_sender,
             },
-            redis_url: self.redis_url,
-            data_dir: self.data_dir,
+            redis_url: store.redis_url.clone(),
             in_process: self.idp_in_process,
         })
     }
@@ -417,12 +384,11 @@ impl Settings {
             public_url: "http://127.0.0.1:0".into(),
             issuer: "test-idp".into(),
             audience: "mqtt-broker".into(),
-            data_dir: keys_dir.clone(),
             keys_dir,
             token_ttl: Duration::from_secs(3600),
             key_retire_leeway: Duration::from_secs(60),
             jwks_max_age: Duration::from_secs(60),
-            uid_secret: Some(Secret("test-uid-secret-0123456789abcdef0123456789".into())),
+            uid_secret: Some(Secret::from("test-uid-secret-0123456789abcdef0123456789")),
             session_ttl: Duration::from_secs(600),
             code_ttl: Duration::from_secs(300),
             max_code_attempts: 5,
@@ -452,10 +418,17 @@ impl Settings {
 mod tests {
     use super::*;
 
-    use clap::Parser;
+    /// `IdpArgs` parsed on its own, from flags only.
+    #[derive(clap::Parser)]
+    struct EnvOnly {
+        #[command(flatten)]
+        args: IdpArgs,
+    }
 
     fn args() -> IdpArgs {
-        EnvOnly::try_parse_from(["idp"]).unwrap().args
+        setup::config::parse_from_lookup::<EnvOnly>("idp", |_| None)
+            .unwrap()
+            .args
     }
 
     const ENV_EXAMPLE: &str = include_str!("../../.env.example");
@@ -465,37 +438,28 @@ mod tests {
     #[test]
     fn env_example_documents_every_variable_with_valid_values() {
         use clap::CommandFactory;
-        let documented: Vec<(String, Option<String>)> = ENV_EXAMPLE
-            .lines()
-            .filter_map(|line| {
-                let commented = line.starts_with("# ");
-                let (name, value) = line.trim_start_matches("# ").split_once('=')?;
-                let is_name = !name.is_empty()
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-                is_name.then(|| (name.to_owned(), (!commented).then(|| value.to_owned())))
-            })
-            .collect();
-        let command = EnvOnly::command();
-        let mut argv = vec!["idp".to_owned()];
-        for arg in command.get_arguments() {
-            let Some(env) = arg.get_env() else { continue };
-            let env = env.to_string_lossy();
-            let entry = documented.iter().find(|(n, _)| *n == env);
-            assert!(entry.is_some(), "{env} is missing from .env.example");
-            if let Some((_, Some(value))) = entry {
-                argv.push(format!("--{}={value}", arg.get_long().unwrap()));
-            }
+        let documented = setup::config::documented_variables(ENV_EXAMPLE);
+        for var in setup::config::variables_of(&EnvOnly::command()) {
+            assert!(
+                documented.iter().any(|(n, _)| *n == var),
+                "{var} is missing from .env.example"
+            );
         }
-        let args = EnvOnly::try_parse_from(&argv).unwrap().args;
-        let settings = args.resolve().unwrap();
+        let args = setup::config::parse_from_lookup::<EnvOnly>("idp", |var| {
+            documented
+                .iter()
+                .find(|(n, _)| n == var)
+                .and_then(|(_, value)| value.clone())
+        })
+        .unwrap()
+        .args;
+        let settings = args.resolve(&StoreArgs::default()).unwrap();
         assert_eq!(settings.listen.to_string(), "127.0.0.1:8080");
     }
 
     #[test]
     fn defaults_resolve() {
-        let settings = args().resolve().unwrap();
+        let settings = args().resolve(&StoreArgs::default()).unwrap();
         assert_eq!(settings.public_url, "http://127.0.0.1:8080");
         assert_eq!(settings.max_code_attempts, 5);
         assert_eq!(settings.code_ttl, Duration::from_secs(300));
@@ -514,7 +478,7 @@ mod tests {
         let refused = |change: fn(&mut IdpArgs)| {
             let mut a = args();
             change(&mut a);
-            a.resolve().unwrap_err().to_string()
+            a.resolve(&StoreArgs::default()).unwrap_err().to_string()
         };
         assert!(refused(|a| a.idp_max_connections = 0).contains("IDP_MAX_CONNECTIONS="));
         assert!(refused(|a| a.idp_max_connections_per_source = 0)
@@ -537,31 +501,31 @@ mod tests {
         let mut a = args();
         a.idp_token_ttl = 0;
         assert!(a
-            .resolve()
+            .resolve(&StoreArgs::default())
             .unwrap_err()
             .to_string()
             .contains("IDP_TOKEN_TTL"));
         let mut a = args();
         a.idp_uid_secret = Some("short".into());
         assert!(a
-            .resolve()
+            .resolve(&StoreArgs::default())
             .unwrap_err()
             .to_string()
             .contains("openssl rand"));
         let mut a = args();
         a.idp_admin_token = Some("short".into());
         assert!(a
-            .resolve()
+            .resolve(&StoreArgs::default())
             .unwrap_err()
             .to_string()
             .contains("IDP_ADMIN_TOKEN"));
         let mut a = args();
         a.sms_provider_url = Some("ftp://x".into());
-        assert!(a.resolve().is_err());
+        assert!(a.resolve(&StoreArgs::default()).is_err());
         let mut a = args();
         a.idp_code_ttl_secs = 7200;
         assert!(a
-            .resolve()
+            .resolve(&StoreArgs::default())
             .unwrap_err()
             .to_string()
             .contains("IDP_CODE_TTL_SECS"));
@@ -571,7 +535,7 @@ mod tests {
     fn secrets_are_masked_in_debug() {
         let mut a = args();
         a.idp_admin_token = Some("admin-token-very-secret".into());
-        let settings = a.resolve().unwrap();
+        let settings = a.resolve(&StoreArgs::default()).unwrap();
         assert!(!format!("{settings:?}").contains("very-secret"));
     }
 }

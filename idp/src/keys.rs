@@ -116,11 +116,11 @@ impl KeyRing {
             publish_after_retirement: token_ttl.saturating_add(leeway),
             keys: RwLock::new(BTreeMap::new()),
         };
-        ring.reload(shared::claims::now_secs())?;
+        ring.reload(protocol::claims::now_secs())?;
         if ring.active_meta().is_none() {
-            let meta = generate_key(dir, shared::claims::now_secs())?;
+            let meta = generate_key(dir, protocol::claims::now_secs())?;
             tracing::info!(kid = %meta.kid, "identity service: first signing key made");
-            ring.reload(shared::claims::now_secs())?;
+            ring.reload(protocol::claims::now_secs())?;
         }
         Ok(ring)
     }
@@ -162,7 +162,7 @@ impl KeyRing {
         let new = generate_key(&self.dir, now)?;
         // Retired once the new key exists: generating it can take a while,
         // and the old key's publication is counted from here.
-        let now = now.max(shared::claims::now_secs());
+        let now = now.max(protocol::claims::now_secs());
         for meta in read_metas(&self.dir)? {
             if meta.kid != new.kid && meta.retired_at.is_none() {
                 write_meta(
@@ -466,7 +466,7 @@ mod tests {
     fn rotation_signs_with_the_new_key_and_publishes_the_old_until_its_tokens_expired() {
         let dir = tempfile::tempdir().unwrap();
         let ring = KeyRing::open(dir.path(), TTL, LEEWAY).unwrap();
-        let now = shared::claims::now_secs();
+        let now = protocol::claims::now_secs();
         let old = ring.active_meta().unwrap().kid;
         let old_token = ring.sign(&claims(now)).unwrap();
         let new = ring.rotate(now).unwrap();
@@ -509,7 +509,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let serving = KeyRing::open(dir.path(), TTL, LEEWAY).unwrap();
         let cli = KeyRing::open(dir.path(), TTL, LEEWAY).unwrap();
-        let now = shared::claims::now_secs();
+        let now = protocol::claims::now_secs();
         let new = cli.rotate(now).unwrap();
         assert_ne!(serving.active_meta().unwrap().kid, new);
         serving.reload(now).unwrap();

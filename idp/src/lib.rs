@@ -20,17 +20,6 @@
 //! the connection caps and deadlines of [`server`]; [`descriptors`] checks at
 //! start that those caps fit the process's open-file limit.
 
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic,
-        clippy::unreachable
-    )
-)]
-
 pub mod api;
 pub mod banner;
 pub mod config;
@@ -43,11 +32,11 @@ pub mod state;
 
 use config::Settings;
 use keys::{KeyError, KeyRing};
-use shared::store::Store;
 use sms::SmsSender;
 use state::State;
 use std::sync::Arc;
 use std::time::Duration;
+use store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -99,12 +88,15 @@ impl Idp {
         );
         let (keys, uid_secret) = tokio::task::spawn_blocking(move || {
             let keys = KeyRing::open(&dir, ttl, leeway)?;
-            let secret = keys::uid_secret(&dir, configured.as_ref().map(|s| s.0.as_str()))?;
+            let secret = keys::uid_secret(&dir, configured.as_ref().map(protocol::Secret::expose))?;
             Ok::<_, KeyError>((keys, secret))
         })
         .await
         .map_err(|_| StartError::Join)??;
-        let state = State::open(settings.redis_url.as_deref(), settings.max_entries)?;
+        let state = State::open(
+            settings.redis_url.as_ref().map(protocol::Secret::expose),
+            settings.max_entries,
+        )?;
         let sms = SmsSender::new(settings.sms.clone())?;
         if sms.is_development() {
             tracing::warn!("DEVELOPMENT: SMS_PROVIDER_URL is unset; one-time codes are written to this log instead of being sent");
@@ -146,7 +138,7 @@ pub async fn serve(
                     _ = ticks.tick() => {}
                 }
                 let keys = keys.clone();
-                match tokio::task::spawn_blocking(move || keys.reload(shared::claims::now_secs()))
+                match tokio::task::spawn_blocking(move || keys.reload(protocol::claims::now_secs()))
                     .await
                 {
                     Ok(Ok(())) => {}

@@ -5,9 +5,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use idp::config::IdpArgs;
+use setup::telemetry::LogArgs;
 use std::process::ExitCode;
+use std::sync::Arc;
+use store::StoreArgs;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +19,10 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    store: StoreArgs,
     #[command(flatten)]
     args: IdpArgs,
 }
@@ -31,18 +37,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    let cli: Cli = setup::config::parse_args("idp");
+    if let Err(e) = setup::telemetry::init_tracing(&cli.log) {
+        eprintln!("idp: configuration error: {e}");
+        return ExitCode::from(2);
     }
-    let cli = Cli::parse();
-    let settings = match cli.args.resolve() {
+    let settings = match cli.args.resolve(&cli.store) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("idp: configuration error: {e}");
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => runtime.block_on(serve(settings)),
+        Command::Serve => runtime.block_on(serve(settings, &cli.store)),
         Command::RotateKeys => rotate(&settings),
     };
     match result {
@@ -81,7 +81,7 @@ fn rotate(settings: &idp::config::Settings) -> anyhow::Result<()> {
     )
     .context("opening IDP_KEYS_DIR")?;
     let kid = ring
-        .rotate(shared::claims::now_secs())
+        .rotate(protocol::claims::now_secs())
         .context("rotating the signing key")?;
     println!(
         "new signing key {kid}; published keys: {}",
@@ -94,7 +94,7 @@ fn rotate(settings: &idp::config::Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(settings: idp::config::Settings) -> anyhow::Result<()> {
+async fn serve(settings: idp::config::Settings, store: &StoreArgs) -> anyhow::Result<()> {
     // On its own, the service's connections and the reserve must fit.
     idp::descriptors::plan(
         idp::descriptors::raise_open_files_limit(),
@@ -110,7 +110,8 @@ async fn serve(settings: idp::config::Settings) -> anyhow::Result<()> {
                 settings.listen
             )
         })?;
-    let store = shared::store::open(settings.redis_url.as_deref(), &settings.data_dir)
+    let store: Arc<dyn store::Store> = store
+        .open()
         .await
         .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?;
     let service = idp::Idp::start(settings, store).await?;

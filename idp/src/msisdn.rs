@@ -3,8 +3,8 @@
 //! from a number.
 
 use hmac::{Hmac, Mac};
+use protocol::UserId;
 use sha2::Sha256;
-use shared::UserId;
 use std::fmt;
 
 /// Fewest and most digits after the `+` (E.164 allows at most 15; the

@@ -62,7 +62,7 @@ impl SmsSender {
             .post(url)
             .json(&serde_json::json!({ "to": to.expose(), "message": message }));
         if let Some(token) = &self.settings.provider_token {
-            request = request.bearer_auth(&token.0);
+            request = request.bearer_auth(token.expose());
         }
         let response = request
             .send()

@@ -8,12 +8,11 @@
 //! a copy of the state does not let anyone act as a client. Registrations
 //! (what outlives a session) are in the shared store, not here.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use tokio::sync::OnceCell;
 
 /// Prefix of every Redis key the service writes.
 pub const KEY_PREFIX: &str = "idp:";
@@ -315,8 +314,7 @@ return n
 
 /// The Redis state.
 pub struct RedisState {
-    client: redis::Client,
-    manager: OnceCell<ConnectionManager>,
+    redis: store::RedisConnection,
     hset: redis::Script,
     incr: redis::Script,
     hit: redis::Script,
@@ -333,14 +331,10 @@ fn session_key(id: &str) -> String {
 impl RedisState {
     /// Parses `url` without connecting.
     pub fn new(url: &str) -> Result<RedisState, StateError> {
-        let client = redis::Client::open(url).map_err(|_| {
-            StateError::Unavailable(
-                "REDIS_URL is not a valid Redis URL (redis://[:password@]host[:port][/db])".into(),
-            )
-        })?;
+        let redis =
+            store::RedisConnection::open(url).map_err(|e| StateError::Unavailable(e.into()))?;
         Ok(RedisState {
-            client,
-            manager: OnceCell::new(),
+            redis,
             hset: redis::Script::new(HSET_IF_EXISTS),
             incr: redis::Script::new(INCR_IF_EXISTS),
             hit: redis::Script::new(HIT),
@@ -353,20 +347,7 @@ impl RedisState {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
-            let conn = self
-                .manager
-                .get_or_try_init(|| async {
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Duration::from_secs(1))
-                        .set_response_timeout(Duration::from_secs(2))
-                        .set_number_of_retries(1)
-                        .set_max_delay(500);
-                    ConnectionManager::new_with_config(self.client.clone(), config)
-                        .await
-                        .map_err(unavailable)
-                })
-                .await?
-                .clone();
+            let conn = self.redis.get().await.map_err(unavailable)?;
             op(conn).await.map_err(unavailable)
         };
         tokio::time::timeout(OP_TIMEOUT, work)
@@ -557,7 +538,7 @@ mod tests {
 
     #[tokio::test]
     async fn redis_state_behaves() {
-        let redis = shared::testing::RedisServer::start();
+        let redis = testkit::RedisServer::start();
         exercise(&State::open(Some(&redis.url()), 100).unwrap()).await;
     }
 

@@ -4,13 +4,22 @@
 //! serving after it), rate limits, unregister, the admin endpoints and key
 //! rotation in the JWKS.
 
+// Test code: a failure here is a failed test, not input reaching a panic
+// (the workspace lints forbid these in library code only).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
 mod common;
 
 use common::{verify_with_jwks, TestIdp, ADMIN_TOKEN, PROVIDER_TOKEN};
+use protocol::UserId;
 use serde_json::{json, Value};
-use shared::store::Revocation;
-use shared::UserId;
 use std::time::Duration;
+use store::Revocation;
 
 fn uid(s: &str) -> UserId {
     UserId::parse(s).unwrap()
@@ -300,13 +309,13 @@ async fn every_error_case_is_answered_and_the_service_keeps_serving() {
 
     // The SMS provider failing is a 502, and the session can try again.
     let session = idp.register("+15551230003").await;
-    idp.sms.set_mode(shared::testing::Mode::Status(500));
+    idp.sms.set_mode(testkit::Mode::Status(500));
     expect(
         idp.post("/sms/verify", Some(&session), Value::Null).await,
         502,
         "could not be sent",
     );
-    idp.sms.set_mode(shared::testing::Mode::Ok);
+    idp.sms.set_mode(testkit::Mode::Ok);
     assert_eq!(
         idp.post("/sms/verify", Some(&session), Value::Null).await.0,
         200
@@ -394,7 +403,7 @@ async fn unregister_deletes_and_revokes_and_a_new_registration_works_again() {
         )
         .await;
     let user = uid(body["user_id"].as_str().unwrap());
-    let before = shared::claims::now_secs();
+    let before = protocol::claims::now_secs();
     let (status, body) = idp.post("/unregister", Some(&session), Value::Null).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({ "deleted": true, "user_id": user.as_str() }));

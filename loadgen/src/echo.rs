@@ -43,7 +43,7 @@ impl EchoConfig {
         EchoConfig {
             endpoint,
             version: MqttVersion::V5,
-            username: Some(shared::topics::HANDLER_USERNAME.to_owned()),
+            username: Some(protocol::topics::HANDLER_USERNAME.to_owned()),
             password: None,
             filter: "$share/echo/echo".into(),
             reply_name: "echo".into(),

@@ -34,7 +34,7 @@ pub enum LoadError {
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
-    Tls(#[from] shared::tls::TlsClientError),
+    Tls(#[from] sdk::tls::TlsClientError),
     #[error("{0}")]
     Codec(#[from] mqtt::CodecError),
     #[error("{0}")]

@@ -126,7 +126,7 @@ fn from_v5(p: v5::Packet) -> Incoming {
                 props
                     .user_properties
                     .into_iter()
-                    .find(|(k, _)| k == shared::topics::USER_ID_PROPERTY)
+                    .find(|(k, _)| k == protocol::topics::USER_ID_PROPERTY)
                     .map(|(_, v)| v)
             });
             Incoming::Publish {
@@ -319,7 +319,7 @@ impl Endpoint {
         ca_file: &std::path::Path,
         server_name: &str,
     ) -> Result<Self, crate::LoadError> {
-        let config = shared::tls::client_config_trusting(ca_file)?;
+        let config = sdk::tls::client_config_trusting(ca_file)?;
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| crate::LoadError::Config(format!("server name {server_name}: {e}")))?;
         Ok(Endpoint {

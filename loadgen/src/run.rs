@@ -10,7 +10,7 @@ use crate::stats::{Counters, HistData, Latency, ShardReport};
 use crate::LoadError;
 use bytes::BytesMut;
 use jsonwebtoken::Algorithm;
-use shared::claims::DeviceClaims;
+use protocol::claims::DeviceClaims;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
@@ -152,7 +152,7 @@ impl RunConfig {
             return Err(LoadError::Config("rate must be a finite number ≥ 0".into()));
         }
         let probe = self.uid(self.uid_offset + self.devices + self.new_users);
-        shared::UserId::parse(&probe)
+        protocol::UserId::parse(&probe)
             .map_err(|e| LoadError::Config(format!("uid {probe}: {e}")))?;
         Ok(())
     }
@@ -489,7 +489,7 @@ fn mint(cfg: &RunConfig, uid: &str) -> Result<(String, String), String> {
                 JwtKey::Pem { alg, pem, kid } => claims.sign_pem(*alg, pem, kid.as_deref()),
             }
             .map_err(|e| format!("minting token for {uid}: {e}"))?;
-            Ok((shared::topics::DEVICE_USERNAME.to_owned(), token))
+            Ok((protocol::topics::DEVICE_USERNAME.to_owned(), token))
         }
         DeviceAuth::Password { username, password } => Ok((username.clone(), password.clone())),
         DeviceAuth::Anonymous => Ok((String::new(), String::new())),

@@ -20,7 +20,7 @@ pub enum Seen<P, E> {
 }
 
 fn tls_transport(ca_file: &Path) -> rumqttc::Transport {
-    let config = shared::tls::client_config_trusting(ca_file).expect("client tls");
+    let config = sdk::tls::client_config_trusting(ca_file).expect("client tls");
     rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
 }
 
@@ -53,7 +53,7 @@ pub fn user_property<'a>(publish: &'a p5::Publish, name: &str) -> Vec<&'a str> {
 pub fn without_token_iat(user_properties: &[(String, String)]) -> Vec<(String, String)> {
     let stamps: Vec<&str> = user_properties
         .iter()
-        .filter(|(k, _)| k == shared::topics::TOKEN_IAT_PROPERTY)
+        .filter(|(k, _)| k == protocol::topics::TOKEN_IAT_PROPERTY)
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(stamps.len(), 1, "one token_iat stamp: {user_properties:?}");
@@ -63,7 +63,7 @@ pub fn without_token_iat(user_properties: &[(String, String)]) -> Vec<(String, S
     );
     user_properties
         .iter()
-        .filter(|(k, _)| k != shared::topics::TOKEN_IAT_PROPERTY)
+        .filter(|(k, _)| k != protocol::topics::TOKEN_IAT_PROPERTY)
         .cloned()
         .collect()
 }

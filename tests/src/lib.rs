@@ -8,9 +8,9 @@ pub mod raw;
 
 use broker::auth::jwt::JwtSettings;
 use broker::config::{Config, Limits};
-use broker::secret::Secret;
 use broker::{Broker, Listeners, RunningBroker};
-use shared::claims::DeviceClaims;
+use protocol::claims::DeviceClaims;
+use protocol::Secret;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Once;
@@ -30,7 +30,7 @@ pub struct TestOptions {
     pub jwt: JwtSettings,
     pub metrics: bool,
     /// A store whose revocation flags the broker checks (poll interval from `limits`).
-    pub revocation_store: Option<std::sync::Arc<dyn shared::store::Store>>,
+    pub revocation_store: Option<std::sync::Arc<dyn store::Store>>,
 }
 
 impl Default for TestOptions {
@@ -53,7 +53,7 @@ impl Default for TestOptions {
                 ..Limits::default()
             },
             jwt: JwtSettings {
-                hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
+                hmac_secret: Some(Secret::from(TEST_SECRET)),
                 ..JwtSettings::default()
             },
             metrics: true,

@@ -18,15 +18,15 @@ mod handlers_common;
 mod idp_common;
 
 use e2e::TestBroker;
+use envelope::device;
 use handlers_common::Device;
 use idp_common::{connect, options, Idp};
 use rsa::RsaPrivateKey;
 use serde_json::json;
-use shared::envelope::device;
-use shared::store::Store;
-use shared::testing::{Platform, RedisServer};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use store::Store;
+use testkit::{Platform, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 const MASTER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -46,7 +46,7 @@ async fn device(broker: &TestBroker, uid: &str, token: &str) -> Device {
 }
 
 /// Syncs: the device's AES key (id, key).
-async fn sync(dev: &mut Device) -> (String, shared::envelope::AesKey) {
+async fn sync(dev: &mut Device) -> (String, envelope::AesKey) {
     let public_key = device::public_key_b64(device_key()).unwrap();
     dev.send(
         "sync",
@@ -86,11 +86,7 @@ fn handler_settings(
 async fn sign_up_use_delete_and_sign_up_again() {
     e2e::init_logging();
     let redis = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(
-        shared::store::RedisStore::connect(&redis.url())
-            .await
-            .unwrap(),
-    );
+    let store: Arc<dyn Store> = Arc::new(store::RedisStore::connect(&redis.url()).await.unwrap());
     let idp = Idp::start(store.clone(), &redis.url(), |_| {}).await;
     let broker = TestBroker::start_with(options(&idp, store.clone())).await;
     let platform = Platform::start().await;
@@ -136,7 +132,7 @@ async fn sign_up_use_delete_and_sign_up_again() {
 
     // 4. Delete the account (HTTP, with the device token): the live
     // session is cut within 2 s, the old token is refused.
-    let user = shared::UserId::parse(&uid).unwrap();
+    let user = protocol::UserId::parse(&uid).unwrap();
     assert!(store.get_key(&user).await.unwrap().is_some());
     let asked = Instant::now();
     let (status, body) = idp.post("/unregister", Some(&token), None).await;
@@ -193,11 +189,7 @@ async fn sign_up_use_delete_and_sign_up_again() {
 async fn every_error_is_answered_and_sign_up_still_works() {
     e2e::init_logging();
     let redis = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(
-        shared::store::RedisStore::connect(&redis.url())
-            .await
-            .unwrap(),
-    );
+    let store: Arc<dyn Store> = Arc::new(store::RedisStore::connect(&redis.url()).await.unwrap());
     let idp = Idp::start(store.clone(), &redis.url(), |s| {
         s.code_ttl = Duration::from_secs(1);
         s.session_ttl = Duration::from_secs(3);
@@ -369,11 +361,7 @@ async fn every_error_is_answered_and_sign_up_still_works() {
 async fn operators_revoke_and_restore_a_user_through_the_admin_endpoint() {
     e2e::init_logging();
     let redis = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(
-        shared::store::RedisStore::connect(&redis.url())
-            .await
-            .unwrap(),
-    );
+    let store: Arc<dyn Store> = Arc::new(store::RedisStore::connect(&redis.url()).await.unwrap());
     let idp = Idp::start(store.clone(), &redis.url(), |_| {}).await;
     let broker = TestBroker::start_with(options(&idp, store.clone())).await;
     let (token, uid) = idp.sign_up("+15551112222").await;

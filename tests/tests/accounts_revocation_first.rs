@@ -23,14 +23,14 @@ use e2e::clients::{Target, V5Client};
 use e2e::TestBroker;
 use handlers_common::Device;
 use idp_common::Idp;
+use protocol::UserId;
 use rumqttc::v5::mqttbytes::v5::{ConnectProperties, LastWill, LastWillProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
-use shared::store::{RedisStore, Store};
-use shared::testing::{Platform, RedisServer};
-use shared::UserId;
 use std::sync::Arc;
 use std::time::Duration;
+use store::{RedisStore, Store};
+use testkit::{Platform, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 /// How long a revoked user's live session may last.
@@ -85,7 +85,7 @@ impl Env {
         settings.broker_ca = Some(broker.ca_file.clone());
         settings.handler_key = e2e::TEST_HANDLER_KEY.into();
         settings.data_dir = dir.path().to_owned();
-        settings.redis_url = Some(redis.url());
+        settings.redis_url = Some(redis.url().into());
         settings.tokens_master_key = Some(handlers::tokens::MasterKey::generate().0);
         let shutdown = CancellationToken::new();
         let handlers =

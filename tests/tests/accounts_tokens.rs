@@ -11,17 +11,17 @@ mod handlers_common;
 
 use e2e::clients::{Target, V4Client, V5Client};
 use e2e::TestBroker;
+use envelope::device;
 use handlers_common::Device;
+use protocol::claims::{now_secs, DeviceClaims};
+use protocol::UserId;
 use rsa::RsaPrivateKey;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
-use shared::claims::{now_secs, DeviceClaims};
-use shared::envelope::device;
-use shared::store::{RedisStore, Revocation, Store};
-use shared::testing::{Platform, RedisServer};
-use shared::UserId;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use store::{RedisStore, Revocation, Store};
+use testkit::{Platform, RedisServer};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +52,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let store = match store {
             Some(store) => store,
-            None => shared::store::open(None, dir.path()).await.unwrap(),
+            None => store::open(None, dir.path()).await.unwrap(),
         };
         let mut options = e2e::TestOptions::default();
         options.limits.revocation_poll = Duration::from_secs(60);
@@ -142,7 +142,7 @@ async fn ask(dev: &mut Device, topic: &str, body: Value, reply: &str) -> Value {
 }
 
 /// Syncs; returns (key id, key).
-async fn sync(dev: &mut Device) -> (String, shared::envelope::AesKey) {
+async fn sync(dev: &mut Device) -> (String, envelope::AesKey) {
     let public_key = device::public_key_b64(device_key()).unwrap();
     let body = ask(dev, "sync", json!({"public_key": public_key}), "sync").await;
     assert_eq!(body["status"], 200, "{body}");
@@ -156,7 +156,7 @@ async fn sync(dev: &mut Device) -> (String, shared::envelope::AesKey) {
     (body["key_id"].as_str().unwrap().to_owned(), key)
 }
 
-async fn publish(dev: &mut Device, key: &(String, shared::envelope::AesKey), text: &str) -> Value {
+async fn publish(dev: &mut Device, key: &(String, envelope::AesKey), text: &str) -> Value {
     let (nonce, ciphertext) = device::seal_message(&key.1, &dev.uid, text).unwrap();
     let body =
         json!({"platform": "mail", "key_id": key.0, "nonce": nonce, "ciphertext": ciphertext});
@@ -440,7 +440,7 @@ async fn revocation_by_another_process_sharing_redis_cuts_within_2s() {
     );
 
     // A later token works; then an operator revokes everything by hand, as
-    // shared/src/store/SCHEMA.md documents it, from a separate process
+    // store/SCHEMA.md documents it, from a separate process
     // (redis-cli): the record, then the announcement.
     let new_token = token_issued_at(&broker, "555", cutoff);
     let mut back = V5Client::connect(broker.tls_target(), "p555", "JWT", &new_token, |_| {});

@@ -7,9 +7,9 @@
 use e2e::clients::{Seen, V4Client, V5Client};
 use e2e::{TestBroker, TEST_HANDLER_KEY, TEST_SECRET};
 use jsonwebtoken::{Algorithm, EncodingKey};
+use protocol::claims::DeviceClaims;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
-use shared::claims::DeviceClaims;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -174,11 +174,11 @@ async fn tokens_with_a_crit_header_are_refused() {
 /// long enough, and a short one left in an old `dev.env` is replaced.
 #[test]
 fn short_jwt_secret_is_refused_at_start_up() {
-    use broker::config::Args;
+    use broker::config::BrokerArgs;
     let dir = tempfile::tempdir().expect("tempdir");
     let dev = format!("--dev-dir={}", dir.path().display());
     let resolve = |secret: &str| {
-        Args::try_from_argv(["broker", &format!("--jwt-secret={secret}"), &dev])
+        BrokerArgs::try_from_argv(["broker", &format!("--jwt-secret={secret}"), &dev])
             .expect("flags parse")
             .resolve()
     };
@@ -203,7 +203,7 @@ fn short_jwt_secret_is_refused_at_start_up() {
         "JWT_SECRET=short\nHANDLER_KEY=0123456789abcdef0123\n",
     )
     .expect("write dev.env");
-    let (config, _, made) = Args::try_from_argv(["broker", &dev])
+    let (config, _, made) = BrokerArgs::try_from_argv(["broker", &dev])
         .expect("flags parse")
         .resolve()
         .expect("development defaults start");
@@ -223,7 +223,7 @@ struct WithHandlers {
     ca_file: PathBuf,
     running: Option<broker::RunningBroker>,
     settings: handlers::Settings,
-    store: std::sync::Arc<dyn shared::store::Store>,
+    store: std::sync::Arc<dyn store::Store>,
     handlers_stop: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -240,15 +240,13 @@ impl WithHandlers {
         let bind = || async { TcpListener::bind(localhost).await.expect("bind") };
         let (tls, internal, metrics) = (bind().await, bind().await, bind().await);
         let internal_addr = internal.local_addr().expect("internal addr");
-        let store = shared::store::open(None, dir.path())
-            .await
-            .expect("embedded store");
+        let store = store::open(None, dir.path()).await.expect("embedded store");
         let config = broker::config::Config {
             jwt: broker::auth::jwt::JwtSettings {
-                hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
+                hmac_secret: Some(protocol::Secret::from(TEST_SECRET)),
                 ..Default::default()
             },
-            handler_keys: vec![broker::secret::Secret::new(TEST_HANDLER_KEY)],
+            handler_keys: vec![protocol::Secret::new(TEST_HANDLER_KEY)],
             command_topics: vec!["get_contact_list".into()],
             limits,
             revocations: None,
@@ -559,10 +557,10 @@ async fn the_internal_listener_must_be_loopback() {
     };
     let config = broker::config::Config {
         jwt: broker::auth::jwt::JwtSettings {
-            hmac_secret: Some(TEST_SECRET.as_bytes().to_vec()),
+            hmac_secret: Some(protocol::Secret::from(TEST_SECRET)),
             ..Default::default()
         },
-        handler_keys: vec![broker::secret::Secret::new(TEST_HANDLER_KEY)],
+        handler_keys: vec![protocol::Secret::new(TEST_HANDLER_KEY)],
         command_topics: Vec::new(),
         limits: broker::config::Limits::default(),
         revocations: None,

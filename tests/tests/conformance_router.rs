@@ -727,9 +727,9 @@ async fn properties_are_forwarded_unaltered_and_in_order() {
     assert_eq!(
         stamps.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
         vec![
-            shared::topics::USER_ID_PROPERTY,
-            shared::topics::CLIENT_ID_PROPERTY,
-            shared::topics::TOKEN_IAT_PROPERTY
+            protocol::topics::USER_ID_PROPERTY,
+            protocol::topics::CLIENT_ID_PROPERTY,
+            protocol::topics::TOKEN_IAT_PROPERTY
         ]
     );
 }

@@ -15,10 +15,10 @@
 use e2e::clients::user_property;
 use e2e::clients::V5Client;
 use e2e::{TestBroker, TEST_HANDLER_KEY};
+use protocol::claims::DeviceClaims;
 use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
-use shared::claims::DeviceClaims;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};

@@ -7,14 +7,14 @@
 mod handlers_common;
 
 use e2e::TestBroker;
+use envelope::{self, device, AesKey};
 use handlers_common::{settings, Device};
 use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
-use shared::envelope::{self, device, AesKey};
-use shared::testing::{Mode, Platform, RedisServer};
 use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::Duration;
+use testkit::{Mode, Platform, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 fn device_key() -> &'static RsaPrivateKey {

@@ -6,9 +6,9 @@
 use base64::Engine;
 use e2e::clients::{Seen, V4Client, V5Client};
 use e2e::{TestBroker, TestOptions};
+use protocol::claims::{now_secs, DeviceClaims};
 use rumqttc::v5::mqttbytes::v5::{self as p5, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use shared::claims::{now_secs, DeviceClaims};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

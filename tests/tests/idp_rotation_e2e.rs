@@ -6,10 +6,10 @@ mod idp_common;
 use e2e::TestBroker;
 use idp_common::{connect, options, Idp, ADMIN};
 use serde_json::Value;
-use shared::store::Store;
-use shared::testing::RedisServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use store::Store;
+use testkit::RedisServer;
 
 /// Key rotation seen by the broker: the token signed before the rotation
 /// works until it expires; a token signed with the retired key (long-lived,
@@ -19,11 +19,7 @@ use std::time::{Duration, Instant};
 async fn rotated_keys_are_honoured_until_their_tokens_expire_then_refused() {
     e2e::init_logging();
     let redis = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(
-        shared::store::RedisStore::connect(&redis.url())
-            .await
-            .unwrap(),
-    );
+    let store: Arc<dyn Store> = Arc::new(store::RedisStore::connect(&redis.url()).await.unwrap());
     let idp = Idp::start(store.clone(), &redis.url(), |s| {
         s.token_ttl = Duration::from_secs(3);
         s.key_retire_leeway = Duration::from_secs(1);
@@ -40,7 +36,7 @@ async fn rotated_keys_are_honoured_until_their_tokens_expire_then_refused() {
     outcome.expect("token of the first key accepted");
     let old_kid = idp.service.keys.active_meta().unwrap().kid;
     let old_pem = idp::keys::private_key_pem(&idp.service.settings.keys_dir, &old_kid).unwrap();
-    let forged_by_old_key = shared::claims::DeviceClaims::new(uid.clone(), 3600)
+    let forged_by_old_key = protocol::claims::DeviceClaims::new(uid.clone(), 3600)
         .sign_pem(
             jsonwebtoken::Algorithm::RS256,
             old_pem.as_bytes(),

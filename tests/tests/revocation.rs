@@ -4,15 +4,15 @@
 
 use e2e::clients::{Target, V5Client};
 use e2e::{TestBroker, TestOptions, TEST_HANDLER_KEY};
+use protocol::UserId;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::v5::mqttbytes::QoS;
-use shared::UserId;
 use std::time::Duration;
 
 #[tokio::test]
 async fn revoked_users_are_disconnected_and_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let store = shared::store::open(None, dir.path()).await.unwrap();
+    let store = store::open(None, dir.path()).await.unwrap();
     let mut options = TestOptions::default();
     options.limits.revocation_poll = Duration::from_millis(200);
     options.revocation_store = Some(store.clone());

@@ -299,9 +299,9 @@ mod tests {
     use axum::routing::get;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine as _;
+    use envelope::rsa::traits::PublicKeyParts;
+    use protocol::claims::DeviceClaims;
     use serde_json::{json, Value};
-    use shared::claims::DeviceClaims;
-    use shared::envelope::rsa::traits::PublicKeyParts;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 

@@ -7,9 +7,9 @@ use super::jwks::{JwksCache, JwksError, DEFAULT_MIN_REFRESH_INTERVAL};
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Header, Validation};
+use protocol::uid::UidError;
+use protocol::{Secret, UserId};
 use serde_json::Value;
-use shared::uid::UidError;
-use shared::UserId;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,10 +21,11 @@ use std::time::Duration;
 pub const MIN_HMAC_SECRET_BYTES: usize = 32;
 
 /// How device tokens are verified (from the broker's configuration).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct JwtSettings {
-    /// Raw bytes of the `JWT_SECRET` text (not base64); enables HS256/384/512.
-    pub hmac_secret: Option<Vec<u8>>,
+    /// The `JWT_SECRET` text, its raw bytes the key (not base64); enables
+    /// HS256/384/512.
+    pub hmac_secret: Option<Secret>,
     /// PEM public keys: RSA (RS*, PS*), EC P-256/P-384 (ES256/ES384), Ed25519 (EdDSA).
     pub public_key_files: Vec<PathBuf>,
     /// A JWK set of public keys, fetched and cached.
@@ -50,20 +51,6 @@ impl Default for JwtSettings {
             leeway_secs: 5,
             require_exp: true,
         }
-    }
-}
-
-impl fmt::Debug for JwtSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwtSettings")
-            .field("hmac_secret", &self.hmac_secret.as_ref().map(|_| "***"))
-            .field("public_key_files", &self.public_key_files)
-            .field("jwks_url", &self.jwks_url.as_ref().map(|_| "(set)"))
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .field("leeway_secs", &self.leeway_secs)
-            .field("require_exp", &self.require_exp)
-            .finish()
     }
 }
 
@@ -273,7 +260,7 @@ impl JwtVerifier {
         }
         let hmac = match &settings.hmac_secret {
             Some(secret) if secret.is_empty() => return Err(JwtConfigError::EmptySecret),
-            Some(secret) => Some(DecodingKey::from_secret(secret)),
+            Some(secret) => Some(DecodingKey::from_secret(secret.expose().as_bytes())),
             None => None,
         };
         let pem_keys = settings
@@ -602,13 +589,17 @@ fn ec_curve(der: &[u8]) -> Option<EcCurve> {
 pub(crate) mod tests {
     use super::*;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use envelope::rsa;
     use jsonwebtoken::{encode, EncodingKey};
+    use protocol::claims::{now_secs, DeviceClaims};
     use serde_json::json;
-    use shared::claims::{now_secs, DeviceClaims};
-    use shared::envelope::rsa;
     use std::sync::OnceLock;
 
     const SECRET: &[u8] = b"a-long-shared-secret-for-tests-0123456789";
+
+    fn test_secret() -> Secret {
+        Secret::from(std::str::from_utf8(SECRET).unwrap())
+    }
 
     /// One RSA key for every test (here and in `jwks`): generation is slow in debug builds.
     pub(crate) fn rsa_key() -> &'static rsa::RsaPrivateKey {
@@ -645,7 +636,7 @@ pub(crate) mod tests {
 
     fn hmac_verifier() -> JwtVerifier {
         JwtVerifier::new(JwtSettings {
-            hmac_secret: Some(SECRET.to_vec()),
+            hmac_secret: Some(test_secret()),
             ..Default::default()
         })
         .unwrap()
@@ -873,7 +864,7 @@ pub(crate) mod tests {
             );
 
             let both = JwtVerifier::new(JwtSettings {
-                hmac_secret: Some(SECRET.to_vec()),
+                hmac_secret: Some(test_secret()),
                 public_key_files: vec![path.clone()],
                 ..Default::default()
             })
@@ -927,7 +918,7 @@ pub(crate) mod tests {
         assert_eq!(within.expires_at, Some(now - 2));
 
         let strict = JwtVerifier::new(JwtSettings {
-            hmac_secret: Some(SECRET.to_vec()),
+            hmac_secret: Some(test_secret()),
             leeway_secs: 0,
             ..Default::default()
         })
@@ -978,7 +969,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn issuer_and_audience_when_configured() {
         let verifier = JwtVerifier::new(JwtSettings {
-            hmac_secret: Some(SECRET.to_vec()),
+            hmac_secret: Some(test_secret()),
             issuer: Some("https://auth.example".into()),
             audience: Some("broker".into()),
             ..Default::default()
@@ -1042,7 +1033,7 @@ pub(crate) mod tests {
             Err(TokenError::MissingExpiry)
         );
         let lenient = JwtVerifier::new(JwtSettings {
-            hmac_secret: Some(SECRET.to_vec()),
+            hmac_secret: Some(test_secret()),
             require_exp: false,
             ..Default::default()
         })
@@ -1161,7 +1152,7 @@ pub(crate) mod tests {
         ));
         assert!(matches!(
             JwtVerifier::new(JwtSettings {
-                hmac_secret: Some(Vec::new()),
+                hmac_secret: Some(Secret::default()),
                 ..Default::default()
             }),
             Err(JwtConfigError::EmptySecret)
@@ -1230,7 +1221,7 @@ pub(crate) mod tests {
         let text = format!("{verifier:?}");
         assert!(!text.contains("secret"), "{text}");
         let settings = JwtSettings {
-            hmac_secret: Some(SECRET.to_vec()),
+            hmac_secret: Some(test_secret()),
             ..Default::default()
         };
         assert!(!format!("{settings:?}").contains("long-shared"));

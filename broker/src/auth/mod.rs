@@ -9,11 +9,11 @@ pub mod jwt;
 pub mod refusals;
 
 use crate::metrics::Metrics;
-use crate::secret::Secret;
 use jwt::{JwtVerifier, TokenError};
+use protocol::topics::{DEVICE_USERNAME, HANDLER_USERNAME};
+use protocol::Secret;
+use protocol::UserId;
 use refusals::RefusalCache;
-use shared::topics::{DEVICE_USERNAME, HANDLER_USERNAME};
-use shared::UserId;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,7 +69,7 @@ impl DeviceIdentity {
     /// clock now. `None` when the token sets no deadline that can be reached
     /// (no `exp`, or one no `Instant` on this platform can represent).
     pub fn session_deadline(&self, leeway_secs: u64) -> Option<tokio::time::Instant> {
-        let left = self.time_left(shared::claims::now_secs(), leeway_secs)?;
+        let left = self.time_left(protocol::claims::now_secs(), leeway_secs)?;
         tokio::time::Instant::now().checked_add(left)
     }
 }
@@ -289,7 +289,7 @@ mod tests {
             );
         }
         // A near-future exp is not clamped.
-        let soon = device_expiring("u1", Some(shared::claims::now_secs() + 30));
+        let soon = device_expiring("u1", Some(protocol::claims::now_secs() + 30));
         let deadline = soon.session_deadline(0).expect("deadline");
         assert!(deadline <= tokio::time::Instant::now() + Duration::from_secs(31));
     }

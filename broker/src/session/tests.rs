@@ -107,7 +107,9 @@ impl Actions for Recorder {
 fn test_gate() -> Arc<Gate> {
     let config = Config {
         jwt: JwtSettings {
-            hmac_secret: Some(b"session-state-tests-secret-0123456789".to_vec()),
+            hmac_secret: Some(protocol::Secret::new(
+                "session-state-tests-secret-0123456789",
+            )),
             ..JwtSettings::default()
         },
         handler_keys: Vec::new(),

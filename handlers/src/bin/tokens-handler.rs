@@ -2,18 +2,10 @@
 //! `delete_account` through the broker until SIGINT/SIGTERM.
 //! `tokens-handler rotate-master-key` instead re-seals every stored platform
 //! token under `TOKENS_MASTER_KEY` (old ones opened with
-//! `TOKENS_MASTER_KEY_PREVIOUS`) and exits. Configuration is the environment
-//! (see `handlers/README.md`).
+//! `TOKENS_MASTER_KEY_PREVIOUS`) and exits. Configuration: flags and the
+//! environment (`tokens-handler --help`, `.env.example`).
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let mut args = std::env::args().skip(1);
-    match (args.next().as_deref(), args.next()) {
-        (None, _) => handlers::main_for(handlers::Kind::Tokens).await,
-        (Some("rotate-master-key"), None) => handlers::rotate_master_key_main().await,
-        _ => {
-            eprintln!("usage: tokens-handler [rotate-master-key]");
-            std::process::ExitCode::from(2)
-        }
-    }
+    handlers::main_for(handlers::Kind::Tokens).await
 }

@@ -5,11 +5,11 @@
 
 use idp::config::Settings;
 use serde_json::Value;
-use shared::store::Store;
-use shared::testing::Platform;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use store::Store;
+use testkit::Platform;
 use tokio_util::sync::CancellationToken;
 
 pub const PROVIDER_TOKEN: &str = "provider-credential-xyz";
@@ -37,8 +37,8 @@ impl Drop for TestIdp {
 pub async fn settings(dir: &std::path::Path, sms: &Platform) -> Settings {
     let mut settings = Settings::for_tests(dir.join("keys"));
     settings.sms.provider_url = Some(sms.url("/messages"));
-    settings.sms.provider_token = Some(idp::config::Secret(PROVIDER_TOKEN.into()));
-    settings.admin_token = Some(idp::config::Secret(ADMIN_TOKEN.into()));
+    settings.sms.provider_token = Some(protocol::Secret::new(PROVIDER_TOKEN));
+    settings.admin_token = Some(protocol::Secret::new(ADMIN_TOKEN));
     settings
 }
 
@@ -47,7 +47,7 @@ impl TestIdp {
     pub async fn start(adjust: impl FnOnce(&mut Settings)) -> TestIdp {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(
-            shared::store::EmbeddedStore::open(&dir.path().join("store.redb"))
+            store::EmbeddedStore::open(&dir.path().join("store.redb"))
                 .await
                 .unwrap(),
         );

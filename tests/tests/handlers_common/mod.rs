@@ -1,7 +1,7 @@
 //! Helpers for the handler end-to-end tests: a device that plays the mobile
 //! app over TLS, and settings for the built-in handlers against a
 //! `TestBroker`. The fake platform and the throwaway `redis-server` are in
-//! `shared::testing`.
+//! `testkit`.
 #![allow(dead_code)]
 
 use e2e::clients::{Target, V5Client};
@@ -32,7 +32,13 @@ pub fn settings(
     s.broker_ca = Some(broker.ca_file.clone());
     s.handler_key = TEST_HANDLER_KEY.into();
     s.data_dir = data_dir.to_owned();
-    s.redis_url = redis_url;
+    if redis_url.is_some() {
+        // Processes sharing Redis seal platform tokens under one configured
+        // key, as an operator sets TOKENS_MASTER_KEY (none is made up).
+        s.tokens_master_key =
+            Some(handlers::tokens::MasterKey::parse(&"5e".repeat(32)).expect("a 32-byte key"));
+    }
+    s.redis_url = redis_url.map(Into::into);
     s.publish_timeout = Duration::from_millis(400);
     s.publish_retries = 1;
     s

@@ -7,10 +7,10 @@
 use e2e::clients::{Target, V5Client};
 use e2e::{TestBroker, TestOptions};
 use serde_json::{json, Value};
-use shared::store::Store;
-use shared::testing::Platform;
 use std::sync::Arc;
 use std::time::Duration;
+use store::Store;
+use testkit::Platform;
 use tokio_util::sync::CancellationToken;
 
 pub const ADMIN: &str = "e2e-admin-token-0123456789";
@@ -41,8 +41,8 @@ impl Idp {
         let sms = Platform::start().await;
         let mut settings = idp::config::Settings::for_tests(dir.path().join("keys"));
         settings.sms.provider_url = Some(sms.url("/sms"));
-        settings.redis_url = Some(redis_url.to_owned());
-        settings.admin_token = Some(idp::config::Secret(ADMIN.into()));
+        settings.redis_url = Some(redis_url.into());
+        settings.admin_token = Some(protocol::Secret::new(ADMIN));
         adjust(&mut settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

@@ -16,14 +16,19 @@
 //! The trait returns boxed futures so that handlers can hold an
 //! `Arc<dyn Store>` and not care which one they were given.
 
+mod args;
 mod embedded;
+mod redis_conn;
 mod redis_store;
 
+pub use args::{StoreArgs, DEFAULT_DATA_DIR};
+
 pub use embedded::EmbeddedStore;
+pub use redis_conn::{RedisConnection, INVALID_REDIS_URL};
 pub use redis_store::{RedisStore, KEY_PREFIX};
 
-use crate::envelope::AesKey;
-use crate::uid::UserId;
+use envelope::AesKey;
+use protocol::uid::UserId;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::Path;
@@ -82,7 +87,7 @@ impl KeyRecord {
     fn encode(&self) -> Vec<u8> {
         let wire = KeyRecordWire {
             key_id: self.key_id.clone(),
-            key: crate::envelope::b64_encode(&self.key.0),
+            key: envelope::b64_encode(&self.key.0),
             issued_at: self.issued_at,
         };
         serde_json::to_vec(&wire).unwrap_or_default()
@@ -91,7 +96,7 @@ impl KeyRecord {
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let wire: KeyRecordWire =
             serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let key = crate::envelope::b64_decode(&wire.key)
+        let key = envelope::b64_decode(&wire.key)
             .ok()
             .and_then(|b| AesKey::from_slice(&b).ok())
             .ok_or_else(|| StoreError::Corrupt("key record holds no 32-byte key".into()))?;

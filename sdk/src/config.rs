@@ -1,9 +1,50 @@
 //! Owns the SDK's configuration: where the broker is (`BROKER_URL`), which CA
-//! to trust (`BROKER_CA`), the handler key (`HANDLER_KEY`), and the limits of a
-//! worker (concurrency, queue, timeouts).
+//! to trust (`BROKER_CA`), the handler key (`HANDLER_KEY`), declared once in
+//! [`SdkArgs`], and the limits of a worker (concurrency, queue, timeouts).
 
+use protocol::secret::Secret;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Default `BROKER_URL`: the broker's default TLS listener.
+pub const DEFAULT_BROKER_URL: &str = "mqtts://localhost:8883";
+
+/// How a standalone handler reaches the broker. Handler binaries flatten
+/// it; the broker's in-process handlers get theirs from the broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SdkArgs {
+    /// Where a standalone handler connects: mqtts://host:port (TLS) or mqtt://host:port.
+    #[arg(long, env = "BROKER_URL", default_value = DEFAULT_BROKER_URL, value_parser = parse_broker_url)]
+    pub broker_url: String,
+    /// CA file (PEM) to trust for mqtts:// (the development CA is certs/dev/ca.pem).
+    #[arg(long, env = "BROKER_CA")]
+    pub broker_ca: Option<PathBuf>,
+    /// The handler key a standalone handler presents (one of the broker's HANDLER_KEYS).
+    #[arg(long, env = "HANDLER_KEY", hide_env_values = true)]
+    pub handler_key: Option<Secret>,
+}
+
+fn parse_broker_url(url: &str) -> Result<String, ConfigError> {
+    Endpoint::parse(url).map(|_| url.to_owned())
+}
+
+/// A wrapper so that [`SdkArgs`] can be parsed on its own.
+#[derive(clap::Parser)]
+struct SdkOnly {
+    #[command(flatten)]
+    args: SdkArgs,
+}
+
+impl SdkArgs {
+    /// The SDK configuration these arguments name, with default limits (not
+    /// yet validated: see [`SdkConfig::validate`]).
+    pub fn config(&self) -> SdkConfig {
+        let key = self.handler_key.clone().unwrap_or_default();
+        let mut config = SdkConfig::new(self.broker_url.clone(), key);
+        config.broker_ca = self.broker_ca.clone();
+        config
+    }
+}
 
 /// Why the SDK configuration is unusable. Each message says how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -12,6 +53,8 @@ pub enum ConfigError {
     Missing(&'static str, &'static str),
     #[error("{var} is invalid: {reason}")]
     Invalid { var: &'static str, reason: String },
+    #[error("{0}")]
+    Environment(String),
 }
 
 /// Default port of `mqtts://` URLs.
@@ -86,14 +129,14 @@ impl Endpoint {
 }
 
 /// How a worker connects and how much work it takes on.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SdkConfig {
     /// `mqtts://host:port` (TLS) or `mqtt://host:port` (plain TCP, loopback).
     pub broker_url: String,
     /// CA certificate file (PEM) to trust for `mqtts://`.
     pub broker_ca: Option<PathBuf>,
     /// The handler key (MQTT password with username `handler`).
-    pub handler_key: String,
+    pub handler_key: Secret,
     /// MQTT client id; default `<worker name>-<random>`.
     pub client_id: Option<String>,
     /// Commands handled at the same time.
@@ -109,24 +152,9 @@ pub struct SdkConfig {
     pub keep_alive: Duration,
 }
 
-impl std::fmt::Debug for SdkConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SdkConfig")
-            .field("broker_url", &self.broker_url)
-            .field("broker_ca", &self.broker_ca)
-            .field("handler_key", &"***")
-            .field("client_id", &self.client_id)
-            .field("concurrency", &self.concurrency)
-            .field("queue_limit", &self.queue_limit)
-            .field("command_timeout", &self.command_timeout)
-            .field("drain_timeout", &self.drain_timeout)
-            .finish()
-    }
-}
-
 impl SdkConfig {
     /// A configuration with default limits.
-    pub fn new(broker_url: impl Into<String>, handler_key: impl Into<String>) -> Self {
+    pub fn new(broker_url: impl Into<String>, handler_key: impl Into<Secret>) -> Self {
         SdkConfig {
             broker_url: broker_url.into(),
             broker_ca: None,
@@ -146,19 +174,14 @@ impl SdkConfig {
         self
     }
 
-    /// Reads `BROKER_URL` (required), `BROKER_CA` (required for `mqtts://`)
-    /// and `HANDLER_KEY` (required), and checks them.
+    /// Reads `BROKER_URL`, `BROKER_CA` (required for `mqtts://`) and
+    /// `HANDLER_KEY` (required) from the environment, and checks them.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let url = non_empty("BROKER_URL").ok_or(ConfigError::Missing(
-            "BROKER_URL",
-            "set it to mqtts://host:port (or mqtt://host:port on loopback)",
-        ))?;
-        let key = non_empty("HANDLER_KEY").ok_or(ConfigError::Missing(
-            "HANDLER_KEY",
-            "set it to one of the broker's handler keys",
-        ))?;
-        let mut config = SdkConfig::new(url, key);
-        config.broker_ca = non_empty("BROKER_CA").map(PathBuf::from);
+        use clap::Parser;
+        let args = SdkOnly::try_parse_from(["handler"])
+            .map_err(|e| ConfigError::Environment(e.to_string()))?
+            .args;
+        let config = args.config();
         config.validate()?;
         Ok(config)
     }
@@ -186,10 +209,6 @@ impl SdkConfig {
         }
         Ok(endpoint)
     }
-}
-
-fn non_empty(var: &str) -> Option<String> {
-    std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
 #[cfg(test)]

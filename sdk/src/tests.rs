@@ -425,7 +425,7 @@ async fn shutdown_while_never_connected_returns() {
 /// handler published for a user (no device stamps) still run.
 #[tokio::test]
 async fn revoked_senders_are_refused_before_the_handler_runs() {
-    use crate::store::{EmbeddedStore, Revocation, Store};
+    use store::{EmbeddedStore, Revocation, Store};
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(
@@ -442,7 +442,7 @@ async fn revoked_senders_are_refused_before_the_handler_runs() {
     );
     let mut dev = Device::connect(broker.port, &["42_echo", "43_echo"]).await;
     wait_ready(&mut dev, "42").await;
-    let uid = crate::UserId::parse("42").unwrap();
+    let uid = protocol::UserId::parse("42").unwrap();
     store
         .record_revocation(&uid, Revocation::IssuedBefore(1000))
         .await

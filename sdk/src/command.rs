@@ -2,12 +2,12 @@
 //! sender and a typed body), a [`Reply`] (messages to reply topics), and a
 //! [`HandlerError`] (an HTTP-like status the sender gets as an error reply).
 
-use crate::envelope::EnvelopeError;
-use crate::store::StoreError;
-use crate::uid::UserId;
 use bytes::Bytes;
+use envelope::EnvelopeError;
+use protocol::uid::UserId;
 use serde::Serialize;
 use serde_json::Value;
+use store::StoreError;
 
 /// One command from a device, as a handler receives it.
 #[derive(Debug, Clone)]

@@ -140,7 +140,7 @@ impl Broker {
     /// A TLS handshake and an MQTT v5 CONNECT with the demo token: the
     /// CONNACK's reason code, or what failed.
     async fn mqtt_connect(&self, client_id: &str) -> Result<u8, String> {
-        let config = shared::tls::client_config_trusting(&self.ca).map_err(|e| e.to_string())?;
+        let config = sdk::tls::client_config_trusting(&self.ca).map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(config);
         let attempt = async {
             let tcp = TcpStream::connect(self.tls)

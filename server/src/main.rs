@@ -1,15 +1,20 @@
-//! The `broker` binary: reads configuration, binds the listeners, starts the
-//! broker and (by default) the built-in handlers in-process, prints what a
-//! newcomer needs (how to sign up by hand with the in-process identity
-//! service included), and shuts down gracefully on SIGTERM/SIGINT.
+//! The `broker` binary: the one place where the broker library, the
+//! built-in handlers and the identity service meet (the libraries point down
+//! only: `broker` knows neither `handlers` nor `idp`). It reads every
+//! component's configuration (each declared by its own crate, flattened
+//! here), binds the listeners, starts the broker and (by default) the
+//! built-in handlers in-process, prints what a newcomer needs (how to sign
+//! up by hand with the in-process identity service included), and shuts
+//! down gracefully on SIGTERM/SIGINT.
 
 use anyhow::Context;
-use broker::config::{Args, DevDefaults, ListenPlan};
+use broker::config::{BrokerArgs, DevDefaults, ListenPlan};
 use broker::{Broker, Listeners, RunningBroker};
 use clap::Parser;
+use setup::telemetry::LogArgs;
 use std::process::ExitCode;
+use store::StoreArgs;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
 // glibc's allocator took about a fifth of the broker's CPU at 10,000 devices
 // (`_int_malloc`, `malloc_consolidate` over fragmented bins: many short-lived
@@ -19,31 +24,51 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn init_tracing() {
-    // The router logs every subscription at info; keep it to warnings by default.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,mqtt_router=warn"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+/// Everything `broker` reads: each component's own arguments, each
+/// variable declared once in the crate that uses it.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "broker",
+    version,
+    about = "MQTT broker with JWT-gated topic handlers"
+)]
+struct Cli {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten, next_help_heading = "Built-in handlers (BROKER_HANDLERS=all)")]
+    handlers: handlers::HandlerArgs,
+    #[command(flatten, next_help_heading = "Identity service (in-process)")]
+    idp: idp::config::IdpArgs,
+    #[command(flatten, next_help_heading = "Logging")]
+    log: LogArgs,
+}
+
+/// What `main` hands the runtime: every component's configuration, checked.
+struct Startup {
+    config: broker::config::Config,
+    plan: ListenPlan,
+    dev: DevDefaults,
+    store: StoreArgs,
+    /// The in-process handlers' variables, when they run.
+    handlers: Option<handlers::HandlerArgs>,
+    idp: idp::config::Settings,
 }
 
 fn main() -> ExitCode {
-    init_tracing();
-    let args = Args::parse();
-    let worker_threads = args.worker_threads;
+    let cli: Cli = setup::config::parse_args("broker");
+    if let Err(e) = setup::telemetry::init_tracing(&cli.log) {
+        eprintln!("broker: configuration error: {e}");
+        return ExitCode::from(2);
+    }
+    let worker_threads = cli.broker.worker_threads;
     if worker_threads == Some(0) {
         eprintln!("broker: configuration error: BROKER_WORKER_THREADS must be at least 1 (or unset for one per core less one)");
         return ExitCode::from(2);
     }
-    let (config, plan, dev) = match args.resolve() {
-        Ok(resolved) => resolved,
+    let startup = match compose(cli) {
+        Ok(startup) => startup,
         Err(e) => {
             eprintln!("broker: configuration error: {e}");
             return ExitCode::from(2);
@@ -75,13 +100,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, plan, dev)) {
+    match runtime.block_on(run(startup)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("broker: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Checks every component's configuration before anything starts. Each
+/// component is asked only for what it uses: the handlers' variables are
+/// read only when they run in-process (`BROKER_HANDLERS=all`), so the broker
+/// alone needs no `TOKENS_MASTER_KEY`.
+fn compose(cli: Cli) -> anyhow::Result<Startup> {
+    let (config, plan, dev) = cli.broker.resolve()?;
+    let handlers = plan.builtin_handlers.then_some(cli.handlers);
+    let idp = cli
+        .idp
+        .resolve(&cli.store)
+        .context("identity service configuration (IDP_*)")?;
+    Ok(Startup {
+        config,
+        plan,
+        dev,
+        store: cli.store,
+        handlers,
+        idp,
+    })
 }
 
 /// The error and its causes on one line, without repeating a cause that the
@@ -108,11 +154,15 @@ async fn bind(addr: std::net::SocketAddr, variable: &str) -> anyhow::Result<TcpL
         .with_context(|| format!("cannot listen on {addr} ({variable}): is another process using it? choose another address"))
 }
 
-async fn run(
-    config: broker::config::Config,
-    plan: ListenPlan,
-    dev: DevDefaults,
-) -> anyhow::Result<()> {
+async fn run(startup: Startup) -> anyhow::Result<()> {
+    let Startup {
+        config,
+        plan,
+        dev,
+        store: store_args,
+        handlers: handler_args,
+        idp: idp_settings,
+    } = startup;
     let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
         .context("TLS certificate (BROKER_TLS_CERT / BROKER_TLS_KEY)")?;
     let mut listeners = Listeners {
@@ -138,21 +188,18 @@ async fn run(
     if let Some(addr) = plan.metrics_listen {
         listeners.metrics = Some(bind(addr, "METRICS_LISTEN").await?);
     }
-    let handler_key = config.handler_keys.first().map(|k| k.expose().to_owned());
+    let handler_key = config.handler_keys.first().cloned();
     let jwt_secret = config.jwt.hmac_secret.clone();
 
     // One store for the in-process handlers and the broker's revocation checks
     // (the embedded store can be opened once per process). With the handlers
     // elsewhere, the broker checks revocations only when Redis is configured.
-    let handler_settings = handlers::Settings::from_env().context("handlers configuration")?;
-    let store = if internal_addr.is_some() || handler_settings.redis_url.is_some() {
+    let store = if internal_addr.is_some() || store_args.redis_url.is_some() {
         Some(
-            shared::store::open(
-                handler_settings.redis_url.as_deref(),
-                &handler_settings.data_dir,
-            )
-            .await
-            .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?,
+            store_args
+                .open()
+                .await
+                .context("opening the store (REDIS_URL, or the embedded store in DATA_DIR)")?,
         )
     } else {
         None
@@ -166,7 +213,7 @@ async fn run(
     // the store; the broker verifies its tokens through its JWKS, beside
     // whatever else is configured (the development HMAC secret included).
     let identity = match &store {
-        Some(store) => start_identity(store.clone(), &mut config).await?,
+        Some(store) => start_identity(idp_settings, store.clone(), &mut config).await?,
         None => None,
     };
 
@@ -179,12 +226,18 @@ async fn run(
         (addr, development, task)
     });
 
-    let handlers = match (internal_addr, handler_key, store) {
-        (Some(addr), Some(key), Some(store)) => {
-            let mut settings = handler_settings;
-            settings.broker_url = format!("mqtt://{addr}");
-            settings.broker_ca = None;
-            settings.handler_key = key;
+    let handlers = match (internal_addr, handler_key, store, handler_args) {
+        (Some(addr), Some(key), Some(store), Some(args)) => {
+            // In-process handlers reach the gate over its internal listener
+            // with the broker's own key: they ask for no BROKER_URL.
+            let sdk = sdk::SdkArgs {
+                broker_url: format!("mqtt://{addr}"),
+                broker_ca: None,
+                handler_key: Some(key),
+            };
+            let settings =
+                handlers::Settings::compose(args, sdk, store_args, |var| std::env::var(var).ok())
+                    .context("handlers configuration")?;
             Some(
                 handlers::spawn_builtin_with_store(settings, store, shutdown.child_token())
                     .context("starting the built-in handlers")?,
@@ -193,7 +246,12 @@ async fn run(
         _ => None,
     };
 
-    print_banner(&running, &dev, jwt_secret.as_deref(), handlers.is_some());
+    print_banner(
+        &running,
+        &dev,
+        jwt_secret.as_ref().map(|s| s.expose().as_bytes()),
+        handlers.is_some(),
+    );
     if let (Some((Some(addr), development, _)), Some(tls)) = (&identity, running.tls_addr) {
         let ca = dev.ca_file.as_ref().map_or_else(
             || "<your CA file>".to_owned(),
@@ -226,12 +284,10 @@ async fn run(
 /// `IDP_IN_PROCESS=false`), and points the broker's JWKS client at it when
 /// no other JWKS URL is configured.
 async fn start_identity(
-    store: std::sync::Arc<dyn shared::store::Store>,
+    settings: idp::config::Settings,
+    store: std::sync::Arc<dyn store::Store>,
     config: &mut broker::config::Config,
 ) -> anyhow::Result<Option<(TcpListener, std::sync::Arc<idp::Idp>)>> {
-    let settings = idp::config::IdpArgs::from_env()
-        .and_then(idp::config::IdpArgs::resolve)
-        .context("identity service configuration (IDP_*)")?;
     if !settings.in_process {
         return Ok(None);
     }
@@ -352,7 +408,7 @@ fn print_banner(
         "development JWT secret (HS256): {}",
         String::from_utf8_lossy(secret)
     );
-    let claims = shared::claims::DeviceClaims::new("demo", 24 * 3600);
+    let claims = protocol::claims::DeviceClaims::new("demo", 24 * 3600);
     let Ok(token) = claims.sign_hs256(secret) else {
         return;
     };
@@ -365,4 +421,68 @@ fn print_banner(
     println!(
         "  mosquitto_pub -h localhost -p {port} --cafile {ca} -V mqttv5 -u JWT -P {token} -t get_contact_list -m '{{}}'"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use broker::config::BUILTIN_COMMAND_TOPICS;
+
+    /// The command topics the broker configures for its built-in handlers
+    /// are the handlers' own: each built-in worker's topics are in the list.
+    #[test]
+    fn builtin_command_topics_are_the_handlers_topics() {
+        let data = tempfile::tempdir().unwrap();
+        let mut settings = handlers::Settings::from_lookup(|_| None).unwrap();
+        settings.data_dir = data.path().to_owned();
+        let shared = handlers::Shared::open(settings).unwrap();
+        let mut served = Vec::new();
+        for kind in [
+            handlers::Kind::Publish,
+            handlers::Kind::Contacts,
+            handlers::Kind::Tokens,
+        ] {
+            let worker = handlers::worker(kind, shared.clone(), None).unwrap();
+            served.extend(worker.topics().map(str::to_owned));
+        }
+        served.push("sync".to_owned()); // its worker needs an RSA key: slow to make here
+        served.sort();
+        let mut listed = BUILTIN_COMMAND_TOPICS.map(str::to_owned).to_vec();
+        listed.sort();
+        assert_eq!(served, listed);
+    }
+
+    /// The broker alone asks nothing of the handlers: with
+    /// `BROKER_HANDLERS=none`, their variables are not even checked.
+    #[test]
+    fn the_broker_alone_composes_without_handler_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().display().to_string();
+        let cli: Cli = setup::config::parse_from_lookup("broker", |var| match var {
+            "BROKER_HANDLERS" => Some("none".into()),
+            "REDIS_URL" => Some("redis://127.0.0.1:6379/0".into()),
+            "BROKER_DEV_DIR" => Some(dev.clone()),
+            // A value the handlers would refuse, were they asked.
+            "PLATFORMS" => Some("not-a-platform-list".into()),
+            _ => None,
+        })
+        .unwrap();
+        let startup = compose(cli).expect("the broker alone composes");
+        assert!(startup.handlers.is_none());
+        assert!(startup.store.redis_url.is_some());
+    }
+
+    #[test]
+    fn help_lists_each_variable_once() {
+        let help = setup::config::command::<Cli>()
+            .render_long_help()
+            .to_string();
+        for var in setup::config::variables_of(&setup::config::command::<Cli>()) {
+            // `[env: NAME=value]`, or `[env: NAME]` for hidden values.
+            let times = help.matches(&format!("[env: {var}=")).count()
+                + help.matches(&format!("[env: {var}]")).count();
+            assert_eq!(times, 1, "{var} in --help");
+        }
+        assert!(!help.contains("BROKER_URL") && !help.contains("HANDLER_KEY]"));
+    }
 }

@@ -11,15 +11,16 @@ use super::{
     check_platform, KeyRecord, Revocation, RevocationEvent, Store, StoreError, StoreFuture,
     StoredToken, TokenPage, REVOCATION_EVENTS_CAPACITY,
 };
-use crate::envelope::b64_encode;
-use crate::uid::UserId;
+use crate::RedisConnection;
+use envelope::b64_encode;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use protocol::uid::UserId;
+use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use std::future::Future;
 use std::sync::Once;
 use std::time::Duration;
-use tokio::sync::{broadcast, OnceCell};
+use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Prefix of every key this store writes.
@@ -131,8 +132,7 @@ return 0
 
 /// The Redis store. Cheap to share behind an `Arc`.
 pub struct RedisStore {
-    client: redis::Client,
-    manager: OnceCell<ConnectionManager>,
+    redis: RedisConnection,
     accept: redis::Script,
     delete: redis::Script,
     revoke: redis::Script,
@@ -167,17 +167,11 @@ impl RedisStore {
     /// Parses `url` (`redis://[:password@]host[:port][/db]`) without
     /// connecting: the store connects on first use.
     pub fn new(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|_| {
-            StoreError::Config(
-                "REDIS_URL is not a valid Redis URL (expected redis://[:password@]host[:port][/db])"
-                    .into(),
-            )
-        })?;
+        let redis = RedisConnection::open(url).map_err(|e| StoreError::Config(e.into()))?;
         let (events, _) = broadcast::channel(REVOCATION_EVENTS_CAPACITY);
         let stop = CancellationToken::new();
         Ok(RedisStore {
-            client,
-            manager: OnceCell::new(),
+            redis,
             accept: redis::Script::new(ACCEPT_SCRIPT),
             delete: redis::Script::new(DELETE_SCRIPT),
             revoke: redis::Script::new(REVOKE_SCRIPT),
@@ -202,20 +196,7 @@ impl RedisStore {
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let manager = self
-            .manager
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Duration::from_secs(1))
-                    .set_response_timeout(Duration::from_secs(2))
-                    .set_number_of_retries(1)
-                    .set_max_delay(500);
-                ConnectionManager::new_with_config(self.client.clone(), config)
-                    .await
-                    .map_err(unavailable)
-            })
-            .await?;
-        Ok(manager.clone())
+        self.redis.get().await.map_err(unavailable)
     }
 
     /// The revoke script: merges `revocation` into the user's, publishes the
@@ -492,7 +473,7 @@ impl Store for RedisStore {
         self.subscriber.call_once(|| match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(relay_revocations(
-                    self.client.clone(),
+                    self.redis.client().clone(),
                     self.events.clone(),
                     self.stop.clone(),
                 ));
@@ -691,13 +672,13 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::RedisServer;
+    use testkit::RedisServer;
 
     #[tokio::test]
     async fn conformance() {
         let server = RedisServer::start();
         let store = RedisStore::connect(&server.url()).await.unwrap();
-        crate::store::conformance::exercise(&store).await;
+        crate::conformance::exercise(&store).await;
     }
 
     #[tokio::test]
@@ -706,7 +687,7 @@ mod tests {
         let listener = RedisStore::connect(&server.url()).await.unwrap();
         let revoker = RedisStore::connect(&server.url()).await.unwrap();
         let events = listener.revocation_events();
-        crate::store::conformance::exercise_events(&revoker, events).await;
+        crate::conformance::exercise_events(&revoker, events).await;
     }
 
     #[tokio::test]
@@ -715,7 +696,7 @@ mod tests {
         let listener = RedisStore::connect(&server.url()).await.unwrap();
         let events = listener.revocation_events();
         // Subscribed (an event is heard) before the outage.
-        let mut events = crate::store::conformance::exercise_events(&listener, events).await;
+        let mut events = crate::conformance::exercise_events(&listener, events).await;
         server.stop();
         server.restart();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -729,7 +710,7 @@ mod tests {
             }
         }
         let revoker = RedisStore::connect(&server.url()).await.unwrap();
-        crate::store::conformance::exercise_events(&revoker, events).await;
+        crate::conformance::exercise_events(&revoker, events).await;
     }
 
     #[test]

@@ -8,8 +8,8 @@ use super::{
     check_platform, KeyRecord, Revocation, RevocationEvent, Store, StoreError, StoreFuture,
     StoredToken, TokenPage, REVOCATION_EVENTS_CAPACITY,
 };
-use crate::envelope::b64_encode;
-use crate::uid::UserId;
+use envelope::b64_encode;
+use protocol::uid::UserId;
 use redb::{
     Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition,
 };
@@ -360,7 +360,7 @@ impl Store for EmbeddedStore {
                 };
                 match merged {
                     Revocation::All => {
-                        all.insert(name.as_str(), crate::claims::now_secs())
+                        all.insert(name.as_str(), protocol::claims::now_secs())
                             .map_err(db_err)?;
                         before.remove(name.as_str()).map_err(db_err)?;
                     }
@@ -662,7 +662,7 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::AesKey;
+    use envelope::AesKey;
 
     #[tokio::test]
     async fn conformance() {
@@ -670,9 +670,9 @@ mod tests {
         let store = EmbeddedStore::open(&dir.path().join("s.redb"))
             .await
             .unwrap();
-        crate::store::conformance::exercise(&store).await;
+        crate::conformance::exercise(&store).await;
         let events = store.revocation_events();
-        crate::store::conformance::exercise_events(&store, events).await;
+        crate::conformance::exercise_events(&store, events).await;
     }
 
     #[tokio::test]

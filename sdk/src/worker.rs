@@ -18,11 +18,12 @@
 
 use super::command::{request_id_of, with_request_id, Command, HandlerError, Recipient, Reply};
 use super::config::{ConfigError, SdkConfig};
-use crate::store::Store;
 use crate::tls::TlsClientError;
-use crate::topics::{CLIENT_ID_PROPERTY, HANDLER_USERNAME, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY};
-use crate::uid::UserId;
 use bytes::Bytes;
+use protocol::topics::{
+    CLIENT_ID_PROPERTY, HANDLER_USERNAME, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY,
+};
+use protocol::uid::UserId;
 use rand::Rng;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -36,6 +37,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use store::Store;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -90,8 +92,8 @@ struct Route {
 /// command topics it serves and the code for each.
 ///
 /// ```no_run
-/// use shared::sdk::{Command, Reply, SdkConfig, Worker};
-/// # async fn demo(shutdown: tokio_util::sync::CancellationToken) -> Result<(), shared::sdk::SdkError> {
+/// use sdk::{Command, Reply, SdkConfig, Worker};
+/// # async fn demo(shutdown: tokio_util::sync::CancellationToken) -> Result<(), sdk::SdkError> {
 /// #[derive(serde::Deserialize)]
 /// struct Ping { text: String }
 /// Worker::new("echo")
@@ -213,7 +215,7 @@ impl Worker {
             .unwrap_or_else(|| format!("{}-{:08x}", self.name, rand::thread_rng().gen::<u32>()));
         let mut options = MqttOptions::new(client_id.clone(), endpoint.host.clone(), endpoint.port);
         options
-            .set_credentials(HANDLER_USERNAME, config.handler_key.clone())
+            .set_credentials(HANDLER_USERNAME, config.handler_key.expose())
             .set_keep_alive(config.keep_alive)
             .set_clean_start(true)
             .set_max_packet_size(Some(MAX_INCOMING_PACKET))
@@ -640,7 +642,7 @@ impl Job {
 #[cfg(test)]
 mod revocation_tests {
     use super::*;
-    use crate::store::{EmbeddedStore, Revocation};
+    use store::{EmbeddedStore, Revocation};
 
     fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -721,7 +723,7 @@ mod revocation_tests {
             .local_addr()
             .unwrap()
             .port();
-        let down = crate::store::RedisStore::new(&format!("redis://127.0.0.1:{port}")).unwrap();
+        let down = store::RedisStore::new(&format!("redis://127.0.0.1:{port}")).unwrap();
         let err = check_revocation(&down, &other, 1, within)
             .await
             .unwrap_err();

@@ -18,7 +18,7 @@
 //!   group per topic when a worker has several; see `Runner::filter`),
 //!   reconnects with jittered exponential backoff (100 ms to 10 s) and
 //!   re-subscribes, and on shutdown finishes in-flight commands.
-//! - [`Command<T>`]: the sender's verified [`UserId`](crate::UserId) from the
+//! - [`Command<T>`]: the sender's verified [`UserId`](protocol::UserId) from the
 //!   broker's `user_id` user property (a publish without it is logged and
 //!   dropped; the payload is never trusted for identity), the body parsed
 //!   into `T` with serde, `request_id` and correlation data.
@@ -32,7 +32,8 @@
 //!   broker's `token_iat` stamp is checked against the user's revocation in
 //!   the store; a revoked sender gets `{"status": 401, "error": "token
 //!   revoked"}`, a store outage 503 (fail closed).
-//! - [`SdkConfig`]: `BROKER_URL`, `BROKER_CA`, `HANDLER_KEY` and the limits.
+//! - [`SdkArgs`] and [`SdkConfig`]: `BROKER_URL`, `BROKER_CA`, `HANDLER_KEY`
+//!   and the limits.
 //!
 //! Concurrency: at most `concurrency` commands run at once (a semaphore);
 //! up to `queue_limit` more wait; beyond that the sender gets `503 busy`.
@@ -41,10 +42,11 @@
 
 mod command;
 mod config;
+pub mod tls;
 mod worker;
 
 pub use command::{Command, HandlerError, Message, Recipient, Reply};
-pub use config::{ConfigError, Endpoint, SdkConfig};
+pub use config::{ConfigError, Endpoint, SdkArgs, SdkConfig, DEFAULT_BROKER_URL};
 pub use worker::{SdkError, Worker};
 
 use tokio_util::sync::CancellationToken;
