@@ -52,8 +52,8 @@ pub mod acl;
 pub mod answers;
 pub mod auth;
 pub mod codec;
-pub mod command_topics;
 pub mod config;
+pub mod delivery;
 
 pub mod dev_certs;
 pub mod gate;
@@ -64,13 +64,11 @@ pub mod listener;
 pub mod metrics;
 pub mod property_caps;
 pub mod rate_limit;
-pub mod reply_index;
 pub mod revocation;
 pub mod router;
 pub mod secret;
 pub mod session;
 pub mod sessions;
-pub mod subscriptions;
 pub mod tls;
 pub mod translate;
 pub mod validate;
@@ -78,13 +76,12 @@ pub mod wills;
 
 use auth::jwt::{JwtConfigError, JwtVerifier};
 use auth::Authenticator;
-use command_topics::CommandTopics;
 use config::Config;
+use delivery::LocalDelivery;
 use gate::{Gate, GateParts};
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
 use rate_limit::Admission;
-use reply_index::ReplyIndex;
 use router::EmbeddedRouter;
 use sessions::SessionRegistry;
 use std::net::SocketAddr;
@@ -360,8 +357,10 @@ fn build_gate(
         ),
         router,
         sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
-        commands: CommandTopics::new(config.command_topics),
-        replies: ReplyIndex::with_gauge(metrics.reply_index_topics()),
+        delivery: Box::new(LocalDelivery::new(
+            config.command_topics,
+            metrics.reply_index_topics(),
+        )),
         wills,
         revocations: config.revocations.map(Arc::new),
         metrics,
