@@ -18,9 +18,13 @@
 //!    giving a verified [`auth::Principal`]; refusals cached ([`auth::refusals`]);
 //! 5. [`sessions`]: client ids namespaced per user and takeover, client id
 //!    length and persistent sessions per user;
-//! 6. [`acl`]: who may publish and subscribe where ([`command_topics`]), topic
-//!    size caps; each session's filters and their cap ([`subscriptions`]);
+//! 6. [`acl`]: who may publish and subscribe where, topic size caps;
 //!    revoked users are refused and disconnected ([`revocation`]);
+//!    [`delivery`]: the one owner of delivery behind the [`delivery::Delivery`]
+//!    trait (the seam for more nodes): one subscription table, each
+//!    session's row of it and its cap, which path serves each subscription
+//!    (the session's inbox or the router), where each publish goes, which
+//!    topics are commands;
 //! 7. [`identity`]: `user_id`/`client_id` stamped on device publishes;
 //! 8. [`router`]: the embedded rumqttd router, which routes and delivers; the
 //!    only module of the session's path that names rumqttd (the session sees
