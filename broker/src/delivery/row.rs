@@ -31,8 +31,10 @@ pub struct Subscriptions {
     pub(super) persistent: bool,
     /// Replies the gate delivers itself (clean device sessions only).
     pub(super) inbox: Option<Arc<ReplyInbox>>,
-    /// Most filters the session may hold at once.
-    cap: usize,
+    /// Most filters the session may hold at once. A `u32` (no cap is
+    /// larger), so that it and the two flags above fit in one word: the
+    /// row lives in every connection's resident state.
+    cap: u32,
     /// Filters the session holds, whichever path serves them: what the cap
     /// counts. A device topic once served by the router stays counted after
     /// an unsubscribe for as long as `via_router` remembers it, so a
@@ -57,7 +59,7 @@ impl Subscriptions {
             kind,
             persistent,
             inbox: (kind == Kind::Device && !persistent).then(|| Arc::new(ReplyInbox::default())),
-            cap,
+            cap: u32::try_from(cap).unwrap_or(u32::MAX),
             held: HashSet::new(),
             direct: HashSet::new(),
             via_router: HashSet::new(),
@@ -71,7 +73,7 @@ impl Subscriptions {
         if self.held.contains(filter) {
             return Ok(());
         }
-        if self.held.len() >= self.cap {
+        if u32::try_from(self.held.len()).unwrap_or(u32::MAX) >= self.cap {
             return Err(Denial::QuotaExceeded);
         }
         self.held.insert(filter.to_owned());
