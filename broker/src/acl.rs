@@ -4,10 +4,15 @@
 //! caps on topics and filters, by kind of client.
 
 use crate::auth::Principal;
-use crate::command_topics::CommandTopics;
 use protocol::topics::{
     is_valid_filter, is_valid_topic_name, is_wildcard, split_shared, CapExceeded, TopicCaps,
 };
+
+/// Which topics are commands devices may publish to. The delivery owner
+/// answers (`delivery`): configured ones, and those handlers declared.
+pub trait CommandTopics {
+    fn is_command(&self, topic: &str) -> bool;
+}
 
 /// Topic and filter size caps for devices and for handlers. Handlers get
 /// more room (trusted with a key, and they may use long filters), devices
@@ -83,7 +88,7 @@ impl Denial {
 pub fn may_publish(
     principal: &Principal,
     topic: &str,
-    commands: &CommandTopics,
+    commands: &(impl CommandTopics + ?Sized),
     limits: &TopicLimits,
 ) -> Result<(), Denial> {
     limits.check(principal, topic)?;
@@ -117,7 +122,7 @@ pub fn may_publish(
 pub fn may_subscribe(
     principal: &Principal,
     filter: &str,
-    commands: &CommandTopics,
+    commands: &(impl CommandTopics + ?Sized),
     limits: &TopicLimits,
 ) -> Result<(), Denial> {
     limits.check(principal, filter)?;
@@ -165,7 +170,10 @@ pub(crate) mod tests {
     #[test]
     fn device_publish_table() {
         let limits = TopicLimits::default();
-        let commands = CommandTopics::new(["sync".to_owned(), "request_contact".to_owned()]);
+        let commands = crate::delivery::Table::new(
+            ["sync".to_owned(), "request_contact".to_owned()],
+            Default::default(),
+        );
         commands.declare("$share/publish/publish");
         // A handler reading a user's reply topic does not open it to devices.
         commands.declare("alice_x");
@@ -195,7 +203,7 @@ pub(crate) mod tests {
     #[test]
     fn handler_publish_table() {
         let limits = TopicLimits::default();
-        let commands = CommandTopics::new([]);
+        let commands = crate::delivery::Table::new([], Default::default());
         let h = handler();
         assert_eq!(
             may_publish(&h, "23412_contact_requested", &commands, &limits),
@@ -218,7 +226,10 @@ pub(crate) mod tests {
     #[test]
     fn device_subscribe_table() {
         let limits = TopicLimits::default();
-        let commands = CommandTopics::new(["sync".to_owned(), "request_contact".to_owned()]);
+        let commands = crate::delivery::Table::new(
+            ["sync".to_owned(), "request_contact".to_owned()],
+            Default::default(),
+        );
         let d = device("68946");
         let cases = [
             ("68946_contact_approved", Ok(())),
@@ -257,7 +268,7 @@ pub(crate) mod tests {
 
     #[test]
     fn topic_caps_by_kind() {
-        let commands = CommandTopics::new(["sync".to_owned()]);
+        let commands = crate::delivery::Table::new(["sync".to_owned()], Default::default());
         let limits = TopicLimits {
             device: TopicCaps {
                 max_bytes: 16,
@@ -303,7 +314,7 @@ pub(crate) mod tests {
     #[test]
     fn handler_subscribe_table() {
         let limits = TopicLimits::default();
-        let commands = CommandTopics::new([]);
+        let commands = crate::delivery::Table::new([], Default::default());
         let h = handler();
         for ok in [
             "#",

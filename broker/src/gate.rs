@@ -1,14 +1,14 @@
 //! Owns the state every connection shares: the authenticator, the embedded
-//! router, live sessions, command topics, the reply index, metrics, limits
+//! router, live sessions, delivery (subscriptions, replies, command topics),
+//! metrics, limits
 //! and the shutdown signal. Built once at start-up by `lib::Broker::start`;
 //! its fields are private, and its methods say what a connection may do
 //! with each.
 
 use crate::auth::{Authenticator, DeviceIdentity, Principal, Refusal};
-use crate::command_topics::CommandTopics;
 use crate::config::Limits;
+use crate::delivery::Delivery;
 use crate::metrics::Metrics;
-use crate::reply_index::ReplyIndex;
 use crate::revocation::Revocations;
 use crate::router::{EmbeddedRouter, RouterError, RouterLink};
 use crate::sessions::SessionRegistry;
@@ -21,8 +21,7 @@ pub struct GateParts {
     pub auth: Authenticator,
     pub router: EmbeddedRouter,
     pub sessions: Arc<SessionRegistry>,
-    pub commands: CommandTopics,
-    pub replies: ReplyIndex,
+    pub delivery: Box<dyn Delivery>,
     pub wills: Wills,
     pub revocations: Option<Arc<Revocations>>,
     pub metrics: Arc<Metrics>,
@@ -36,9 +35,9 @@ pub struct Gate {
     auth: Authenticator,
     router: EmbeddedRouter,
     sessions: Arc<SessionRegistry>,
-    commands: CommandTopics,
-    /// Device subscriptions the gate serves itself, beside the router.
-    replies: ReplyIndex,
+    /// Which path serves each subscription, where each publish goes, which
+    /// topics are commands: the one owner of delivery.
+    delivery: Box<dyn Delivery>,
     /// Wills waiting for their delay (MQTT 5 Will Delay Interval).
     wills: Wills,
     /// Revocation checks, when a store is configured.
@@ -57,8 +56,7 @@ impl Gate {
             auth: parts.auth,
             router: parts.router,
             sessions: parts.sessions,
-            commands: parts.commands,
-            replies: parts.replies,
+            delivery: parts.delivery,
             wills: parts.wills,
             revocations: parts.revocations,
             metrics: parts.metrics,
@@ -109,14 +107,10 @@ impl Gate {
         &self.sessions
     }
 
-    /// The command topics devices may publish to (handlers declare theirs).
-    pub fn commands(&self) -> &CommandTopics {
-        &self.commands
-    }
-
-    /// The subscriptions the gate serves itself.
-    pub fn replies(&self) -> &ReplyIndex {
-        &self.replies
+    /// Delivery: subscriptions and their paths, publish routing, command
+    /// topics (`delivery`).
+    pub fn delivery(&self) -> &dyn Delivery {
+        &*self.delivery
     }
 
     /// Wills whose publication is delayed.

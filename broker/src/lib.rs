@@ -18,9 +18,13 @@
 //!    giving a verified [`auth::Principal`]; refusals cached ([`auth::refusals`]);
 //! 5. [`sessions`]: client ids namespaced per user and takeover, client id
 //!    length and persistent sessions per user;
-//! 6. [`acl`]: who may publish and subscribe where ([`command_topics`]), topic
-//!    size caps; each session's filters and their cap ([`subscriptions`]);
+//! 6. [`acl`]: who may publish and subscribe where, topic size caps;
 //!    revoked users are refused and disconnected ([`revocation`]);
+//!    [`delivery`]: the one owner of delivery behind the [`delivery::Delivery`]
+//!    trait (the seam for more nodes): one subscription table, each
+//!    session's row of it and its cap, which path serves each subscription
+//!    (the session's inbox or the router), where each publish goes, which
+//!    topics are commands;
 //! 7. [`identity`]: `user_id`/`client_id` stamped on device publishes;
 //! 8. [`router`]: the embedded rumqttd router, which routes and delivers; the
 //!    only module of the session's path that names rumqttd (the session sees
@@ -41,8 +45,8 @@ pub mod acl;
 pub mod answers;
 pub mod auth;
 pub mod codec;
-pub mod command_topics;
 pub mod config;
+pub mod delivery;
 
 pub mod dev_certs;
 pub mod gate;
@@ -53,12 +57,10 @@ pub mod listener;
 pub mod metrics;
 pub mod property_caps;
 pub mod rate_limit;
-pub mod reply_index;
 pub mod revocation;
 pub mod router;
 pub mod session;
 pub mod sessions;
-pub mod subscriptions;
 pub mod tls;
 pub mod translate;
 pub mod validate;
@@ -66,13 +68,12 @@ pub mod wills;
 
 use auth::jwt::{JwtConfigError, JwtVerifier};
 use auth::Authenticator;
-use command_topics::CommandTopics;
 use config::Config;
+use delivery::LocalDelivery;
 use gate::{Gate, GateParts};
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
 use rate_limit::Admission;
-use reply_index::ReplyIndex;
 use router::EmbeddedRouter;
 use sessions::SessionRegistry;
 use std::net::SocketAddr;
@@ -348,8 +349,10 @@ fn build_gate(
         ),
         router,
         sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
-        commands: CommandTopics::new(config.command_topics),
-        replies: ReplyIndex::with_gauge(metrics.reply_index_topics()),
+        delivery: Box::new(LocalDelivery::new(
+            config.command_topics,
+            metrics.reply_index_topics(),
+        )),
         wills,
         revocations: config.revocations.map(Arc::new),
         metrics,

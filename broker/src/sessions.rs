@@ -8,11 +8,8 @@
 
 use crate::answers::ConnectRefusal;
 use crate::auth::{DeviceIdentity, Principal};
-use crate::command_topics::CommandTopics;
 use crate::config::Limits;
 use crate::inbound::HeldQos2;
-use crate::reply_index::ReplyIndex;
-use crate::subscriptions::Subscriptions;
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use protocol::UserId;
@@ -40,31 +37,6 @@ pub fn handler_session_id(client_id: &str) -> String {
 /// Whether router session `id` is a handler's (see `handler_session_id`).
 pub fn is_handler_session_id(id: &str) -> bool {
     id.starts_with("H:")
-}
-
-/// What counts a session's subscriptions elsewhere: the reply index (router
-/// filters) and the command topics (a handler's declarations).
-pub type Counts<'a> = (&'a ReplyIndex, &'a CommandTopics);
-
-/// Uncounts router filters and command declarations of session `id`, which
-/// the router no longer holds (or holds once for two counts).
-fn uncount<'a>(
-    id: &str,
-    via_router: impl Iterator<Item = &'a str>,
-    declared: impl Iterator<Item = &'a str>,
-    (replies, commands): Counts<'_>,
-) {
-    let handler = is_handler_session_id(id);
-    for filter in via_router {
-        if handler {
-            replies.handler_unsubscribed(filter);
-        } else {
-            replies.device_left_router(filter);
-        }
-    }
-    for filter in declared {
-        commands.withdraw(filter);
-    }
 }
 
 /// Percent-escapes the characters the router refuses in client ids
@@ -210,10 +182,6 @@ pub struct SessionRegistry {
     away: Mutex<HashMap<String, u64>>,
     /// Persistent device sessions, connected or away, until they expire.
     persistent: Mutex<Persistent>,
-    /// The subscriptions persistent sessions left in the router when their
-    /// connection ended: the next connection takes them back, and an expiry
-    /// or a clean session with the same id releases them.
-    kept: Mutex<HashMap<String, Subscriptions>>,
     /// The unreleased QoS 2 publishes persistent sessions left (only those
     /// that left any): the Receive Maximum counts them on the next
     /// connection, until an expiry or a clean session drops them. At most
@@ -241,7 +209,6 @@ impl SessionRegistry {
             live: Mutex::default(),
             away: Mutex::default(),
             persistent: Mutex::default(),
-            kept: Mutex::default(),
             kept_qos2: Mutex::default(),
         }
     }
@@ -272,58 +239,9 @@ impl SessionRegistry {
         }
     }
 
-    /// Keeps the subscriptions of persistent session `id`, whose connection
-    /// ended; what an earlier connection's leftovers already count is
-    /// uncounted (see `Subscriptions::absorb`).
-    pub fn keep_subscriptions(&self, id: &str, subs: Subscriptions, counts: Counts<'_>) {
-        let doubled = {
-            let mut kept = self.kept.lock();
-            match kept.get_mut(id) {
-                Some(earlier) => earlier.absorb(subs),
-                None => {
-                    kept.insert(id.to_owned(), subs);
-                    return;
-                }
-            }
-        };
-        let (via_router, declared) = (doubled.via_router.iter(), doubled.declared.iter());
-        uncount(
-            id,
-            via_router.map(String::as_str),
-            declared.map(String::as_str),
-            counts,
-        );
-    }
-
-    /// The bookkeeping of a new connection of session `id`: what its
-    /// persistent session's earlier connection left, or `fresh` (a clean
-    /// session ends that one in the router: what it left is released).
-    pub fn resume_subscriptions(
-        &self,
-        id: &str,
-        clean_session: bool,
-        fresh: Subscriptions,
-        counts: Counts<'_>,
-    ) -> Subscriptions {
-        let kept = self.kept.lock().remove(id);
-        match kept {
-            Some(kept) if !clean_session => kept,
-            Some(kept) => {
-                uncount(id, kept.via_router(), kept.declared(), counts);
-                fresh
-            }
-            None => fresh,
-        }
-    }
-
-    /// Session `id` expired: what it left in the router is released (its
-    /// QoS 2 publishes with it).
-    pub fn release_subscriptions(&self, id: &str, counts: Counts<'_>) {
+    /// Session `id` expired: its QoS 2 publishes are dropped with it.
+    pub fn release_qos2(&self, id: &str) {
         self.kept_qos2.lock().remove(id);
-        let kept = self.kept.lock().remove(id);
-        if let Some(kept) = kept {
-            uncount(id, kept.via_router(), kept.declared(), counts);
-        }
     }
 
     /// Admits a device's session `id` under the persistent-sessions-per-user
@@ -596,44 +514,7 @@ mod tests {
     }
 
     #[test]
-    fn kept_subscriptions_are_handed_back_once() {
-        let registry = SessionRegistry::new(CancellationToken::new());
-        let (replies, commands) = (ReplyIndex::default(), CommandTopics::new([]));
-        let counts = (&replies, &commands);
-        // Two connections of one session counted `1_a` in the router, each.
-        replies.device_subscribed_in_router("1_a");
-        replies.device_subscribed_in_router("1_a");
-        replies.device_subscribed_in_router("1_b");
-        let mut first = Subscriptions::new(10);
-        first.add_via_router("1_a");
-        registry.keep_subscriptions("D:1:c", first, counts);
-        let mut late = Subscriptions::new(10);
-        late.add_via_router("1_a");
-        late.add_via_router("1_b");
-        registry.keep_subscriptions("D:1:c", late, counts);
-        assert_eq!(replies.topics(), 2);
-
-        // Resumed: handed back whole, once.
-        let resumed = registry.resume_subscriptions("D:1:c", false, Subscriptions::new(10), counts);
-        assert_eq!(resumed.via_router().count(), 2);
-        let fresh = registry.resume_subscriptions("D:1:c", false, Subscriptions::new(10), counts);
-        assert_eq!(fresh.via_router().count(), 0);
-
-        // Expired: released, and the index is empty again.
-        registry.keep_subscriptions("D:1:c", resumed, counts);
-        registry.release_subscriptions("D:1:c", counts);
-        assert_eq!(replies.topics(), 0);
-
-        // A clean session releases what a persistent one left.
-        commands.declare("jobs");
-        let mut handler = Subscriptions::new(10);
-        handler.declare("jobs");
-        registry.keep_subscriptions("H:h", handler, counts);
-        assert!(commands.is_command("jobs"));
-        let fresh = registry.resume_subscriptions("H:h", true, Subscriptions::new(10), counts);
-        assert_eq!(fresh.declared().count(), 0);
-        assert!(!commands.is_command("jobs"));
-
+    fn handler_ids_are_told_apart() {
         assert!(is_handler_session_id(&handler_session_id("x")));
         let uid = UserId::parse("1").unwrap();
         assert!(!is_handler_session_id(&device_session_id(&uid, "H:x")));
@@ -645,7 +526,6 @@ mod tests {
         use crate::inbound::{Arrival, InboundFlows};
         use crate::router::protocol::QoS;
         let registry = SessionRegistry::new(CancellationToken::new());
-        let (replies, commands) = (ReplyIndex::default(), CommandTopics::new([]));
         let held = |pkids: &[u16]| {
             let mut flows = InboundFlows::new(Version::V5, 100);
             for &pkid in pkids {
@@ -678,7 +558,7 @@ mod tests {
         // Two connections' leftovers add up; an expiry drops them.
         registry.keep_qos2("D:1:c", held(&[1]));
         registry.keep_qos2("D:1:c", held(&[1, 2]));
-        registry.release_subscriptions("D:1:c", (&replies, &commands));
+        registry.release_qos2("D:1:c");
         assert!(registry.resume_qos2("D:1:c", false).is_empty());
         registry.keep_qos2("D:1:c", held(&[1]));
         registry.keep_qos2("D:1:c", held(&[1, 2]));

@@ -387,7 +387,7 @@ pub async fn send_will(
 ) -> Result<(), crate::router::LinkClosed> {
     gate.metrics().message_in();
     if let Ok(topic) = std::str::from_utf8(&publish.topic) {
-        gate.replies()
+        gate.delivery()
             .route(topic, &publish, &properties)
             .record(gate.metrics(), topic);
     }

@@ -1,5 +1,5 @@
 //! The gate delivers QoS 0 replies of clean device sessions itself, beside
-//! the router (broker/src/reply_index.rs). These tests hold it to the MQTT
+//! the router (broker/src/delivery/). These tests hold it to the MQTT
 //! behaviour the router gives: every subscriber of a topic, whichever path
 //! serves it, gets each reply once and in order; retained messages reach new
 //! subscribers; a resubscription does not interrupt the flow; QoS 1

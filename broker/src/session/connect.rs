@@ -11,14 +11,13 @@ use crate::acl::{self, Denial};
 use crate::answers::{self, ConnectRefusal};
 use crate::auth::{Principal, Refusal};
 use crate::codec::{Codec, CodecError, Version};
+use crate::delivery::{Kind, Opening};
 use crate::gate::Gate;
 use crate::inbound::InboundFlows;
 use crate::property_caps;
-use crate::reply_index::ReplyInbox;
 use crate::router::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet};
 use crate::router::RouterLink;
 use crate::sessions::{device_session_id, handler_session_id};
-use crate::subscriptions::Subscriptions;
 use crate::translate;
 use crate::validate;
 use crate::wills;
@@ -157,7 +156,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         let allowed = std::str::from_utf8(&will.topic)
             .map_err(|_| Denial::Invalid)
             .and_then(|topic| {
-                acl::may_publish(&principal, topic, gate.commands(), &gate.limits().topics)
+                acl::may_publish(&principal, topic, gate.delivery(), &gate.limits().topics)
             });
         if allowed.is_err() {
             let _ = wire.send_now(refuse(ConnectRefusal::WillNotAllowed)).await;
@@ -275,19 +274,17 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     gate.metrics().connection_opened(principal.kind());
     info!(session_present = link.session_present, "connected");
 
-    // Only a clean session's QoS 0 subscriptions can be served by the gate
-    // (see `reply_index`): nothing of them outlives the connection.
-    let inbox = (matches!(principal, Principal::Device(_)) && clean_session)
-        .then(|| Arc::new(ReplyInbox::default()));
-    let subs = gate.sessions().resume_subscriptions(
-        claim.id(),
-        connect.clean_session,
-        Subscriptions::new(match principal {
-            Principal::Device(_) => gate.limits().device_max_subscriptions,
-            Principal::Handler(_) => gate.limits().handler_max_subscriptions,
-        }),
-        (gate.replies(), gate.commands()),
-    );
+    let (kind, cap) = match principal {
+        Principal::Device(_) => (Kind::Device, gate.limits().device_max_subscriptions),
+        Principal::Handler(_) => (Kind::Handler, gate.limits().handler_max_subscriptions),
+    };
+    let opening = Opening {
+        kind,
+        persistent: !clean_session,
+        clean_start: connect.clean_session,
+        cap,
+    };
+    let subs = gate.delivery().open(claim.id(), opening);
     // A router that kept no session (Session Present 0) holds none of them.
     let held_qos2 = gate
         .sessions()
@@ -303,7 +300,6 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         },
         claim,
         subs,
-        inbox,
         // The Receive Maximum is the session's: what its earlier
         // connections left unreleased still counts.
         flows: InboundFlows::resumed(version, gate.limits().receive_maximum, held_qos2),

@@ -69,20 +69,11 @@ pub(super) async fn finish<S: AsyncRead + AsyncWrite>(
     session.finished = true;
     let state = &mut session.state;
     let gate = state.gate.clone();
-    if state.who.clean_session {
-        for filter in state.subs.declared() {
-            gate.commands().withdraw(filter);
-        }
-    }
     gate.metrics().connection_closed(kind);
     if !state.who.clean_session {
-        // Its subscriptions stay in the router: the next connection
-        // takes them back, the expiry releases them.
-        let counts = (gate.replies(), gate.commands());
-        let subs = state.subs.take();
-        gate.sessions()
-            .keep_subscriptions(state.claim.id(), subs, counts);
-        // And its unreleased QoS 2 publishes: the router keeps them too.
+        // Its subscriptions stay in the router (delivery keeps its row
+        // when the state is dropped), and so do its unreleased QoS 2
+        // publishes: the next connection takes them back.
         let held = state.flows.take_held();
         gate.sessions().keep_qos2(state.claim.id(), held);
     }
@@ -165,8 +156,8 @@ fn expire_session_later(gate: Arc<Gate>, id: String, serial: u64, after: Duratio
         let Some(expiring) = gate.sessions().claim_to_expire(&id, serial) else {
             return;
         };
-        gate.sessions()
-            .release_subscriptions(&id, (gate.replies(), gate.commands()));
+        gate.sessions().release_qos2(&id);
+        gate.delivery().expire(&id);
         match forget_router_session(&gate, id).await {
             Ok(()) => debug!(session = expiring.id(), "persistent session expired"),
             Err(e) => warn!(error = %e, "could not expire a persistent session"),

@@ -232,7 +232,7 @@ impl Session {
         // Handles on what the loop waits for, apart from the state, which
         // the router's branch changes as it polls.
         let end_signal = self.state.end_signal().clone();
-        let inbox = self.state.inbox.clone();
+        let inbox = self.state.subs.inbox().cloned();
         // Packets the client sent right behind its CONNECT arrived with it
         // (MQTT lets a client send before the CONNACK).
         if !wire.input.read_buf.is_empty() {

@@ -108,7 +108,7 @@ impl SessionState {
             .map_err(|_| Denial::Invalid)
             .and_then(|topic| {
                 let limits = &self.gate.limits().topics;
-                acl::may_publish(principal, topic, self.gate.commands(), limits).map(|()| topic)
+                acl::may_publish(principal, topic, self.gate.delivery(), limits).map(|()| topic)
             })
             .and_then(|topic| {
                 let caps = &self.gate.limits().device_properties;
@@ -132,7 +132,7 @@ impl SessionState {
             crate::auth::Principal::Handler(_) => properties,
         };
         self.gate.metrics().message_in();
-        let routed = self.gate.replies().route(topic, &publish, &properties);
+        let routed = self.gate.delivery().route(topic, &publish, &properties);
         routed.record(self.gate.metrics(), topic);
         match self.flows.allowed(publish.qos(), pkid, routed.needs_router) {
             // Served by the gate alone (or wanted by nobody).

@@ -7,7 +7,7 @@
 //!
 //! The decisions themselves stay with their owners, called from here: the
 //! ACL (`acl`), the caps (`property_caps`), the QoS flows (`inbound`), the
-//! replies the gate serves (`reply_index`, `subscriptions`), and the packet
+//! path of each subscription and of each publish (`delivery`), and the packet
 //! each decision becomes per protocol version (`answers`). What happens to one
 //! client PUBLISH is [`SessionState::client_publish`] (`publish.rs`); to one
 //! SUBSCRIBE, `subscribe.rs`.
@@ -17,15 +17,14 @@ use super::subscribe::PendingSubAcks;
 use crate::answers::ServerDisconnect;
 use crate::auth::Principal;
 use crate::codec::{CodecError, Version};
+use crate::delivery::Subscriptions;
 use crate::gate::Gate;
 use crate::inbound::{InboundFlows, Release};
-use crate::reply_index::ReplyInbox;
 use crate::router::protocol::{
     DisconnectReasonCode, LastWill, Packet, PingResp, PubComp, PublishProperties,
     SubscribeProperties,
 };
 use crate::sessions::{EndRequest, SessionClaim};
-use crate::subscriptions::Subscriptions;
 use crate::validate;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,10 +106,9 @@ pub struct SessionState {
     pub(super) gate: Arc<Gate>,
     pub(super) who: Box<Who>,
     pub(super) claim: SessionClaim,
-    /// Its filters, the path serving each, its declared command topics.
+    /// Its row of the subscription table (filters, the path serving each,
+    /// its inbox), held for `delivery`, which alone changes it.
     pub(super) subs: Subscriptions,
-    /// Replies the gate delivers itself (clean device sessions only).
-    pub(super) inbox: Option<Arc<ReplyInbox>>,
     /// The client's QoS 1/2 publishes in flight (`inbound`).
     pub(super) flows: InboundFlows,
     pub(super) deadlines: Deadlines,
@@ -126,7 +124,6 @@ pub struct Accepted {
     pub who: Who,
     pub claim: SessionClaim,
     pub subs: Subscriptions,
-    pub inbox: Option<Arc<ReplyInbox>>,
     pub flows: InboundFlows,
     pub deadlines: Deadlines,
     pub session_expiry: Duration,
@@ -140,7 +137,6 @@ impl SessionState {
             who: Box::new(accepted.who),
             claim: accepted.claim,
             subs: accepted.subs,
-            inbox: accepted.inbox,
             flows: accepted.flows,
             deadlines: accepted.deadlines,
             session_expiry: accepted.session_expiry,
@@ -309,7 +305,7 @@ impl SessionState {
 
     /// Queues every reply the gate has for this session.
     pub(super) fn drain_inbox(&self, out: &mut impl Actions) {
-        let Some(inbox) = &self.inbox else {
+        let Some(inbox) = self.subs.inbox() else {
             return;
         };
         let delivered = inbox.drain(|delivery| {
@@ -325,23 +321,12 @@ impl SessionState {
 }
 
 impl Drop for SessionState {
-    /// The index lets go of this session however it ended (even a task
-    /// cancelled at shutdown).
+    /// Delivery lets go of this connection however it ended (even a task
+    /// cancelled at shutdown): a clean session's row is forgotten, a
+    /// persistent one's kept. Before the claim is released (a field, dropped
+    /// after this), so a successor finds the row kept.
     fn drop(&mut self) {
-        if let Some(inbox) = &self.inbox {
-            for topic in self.subs.direct() {
-                self.gate.replies().unsubscribe(topic, inbox);
-            }
-        }
-        // A persistent session keeps its subscriptions in the router.
-        if self.who.clean_session {
-            for filter in self.subs.via_router() {
-                match self.who.principal {
-                    Principal::Handler(_) => self.gate.replies().handler_unsubscribed(filter),
-                    Principal::Device(_) => self.gate.replies().device_left_router(filter),
-                }
-            }
-        }
+        self.gate.delivery().close(self.claim.id(), &mut self.subs);
     }
 }
 

@@ -1,16 +1,15 @@
 //! Owns what happens to a SUBSCRIBE and an UNSUBSCRIBE in a session: the
-//! ACL and the cap per filter, which path serves each allowed filter (the
-//! gate's reply index or the router), and the SUBACK that merges the
-//! router's codes with the gate's denials in the client's order.
+//! ACL per filter, then `delivery` for the cap and the path serving each
+//! allowed filter (the session's inbox or the router), and the SUBACK that
+//! merges the router's codes with the gate's denials in the client's order.
 
 use super::state::{Actions, SessionState};
 use crate::acl::{self, Denial};
 use crate::answers;
-use crate::auth::Principal;
-use crate::reply_index::Served;
+use crate::delivery::{Path, Request, Served};
 use crate::router::protocol::{
-    Filter, Packet, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
+    Packet, RetainForwardRule, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
 use std::collections::HashMap;
 use tracing::info;
@@ -60,15 +59,23 @@ impl SessionState {
         let mut allowed = Vec::with_capacity(subscribe.filters.len());
         let mut over_quota = 0usize;
         for filter in subscribe.filters.drain(..) {
-            let (commands, limits) = (self.gate.commands(), &self.gate.limits().topics);
-            let verdict = acl::may_subscribe(&self.who.principal, &filter.path, commands, limits)
-                .and_then(|()| self.subs.admit(&filter.path));
+            let (delivery, limits) = (self.gate.delivery(), &self.gate.limits().topics);
+            let request = Request {
+                filter: &filter.path,
+                qos: filter.qos,
+                resend_retained: filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe,
+                served: Served {
+                    subscription_id,
+                    retain_as_published: filter.preserve_retain,
+                },
+            };
+            let verdict = acl::may_subscribe(&self.who.principal, &filter.path, delivery, limits)
+                .and_then(|()| delivery.subscribe(&mut self.subs, &request));
             match verdict {
-                Ok(()) if self.serve_directly(&filter, subscription_id) => {
+                Ok(Path::Inbox) => {
                     codes.push(Some(SubscribeReasonCode::QoS0));
                 }
-                Ok(()) => {
-                    self.subscribing_in_router(&filter.path);
+                Ok(Path::Router) => {
                     codes.push(None);
                     allowed.push(filter);
                 }
@@ -115,86 +122,12 @@ impl SessionState {
     ) {
         let count = unsubscribe.filters.len();
         for filter in &unsubscribe.filters {
-            self.stop_serving(filter);
-        }
-        if matches!(self.who.principal, Principal::Handler(_)) {
-            for filter in &unsubscribe.filters {
-                if self.subs.undeclare(filter) {
-                    self.gate.commands().withdraw(filter);
-                }
-                if self.subs.remove_via_router(filter) {
-                    self.gate.replies().handler_unsubscribed(filter);
-                }
-            }
-        }
-        for filter in &unsubscribe.filters {
-            self.subs.release(filter);
+            self.gate.delivery().unsubscribe(&mut self.subs, filter);
         }
         let pkid = unsubscribe.pkid;
         out.to_router(Packet::Unsubscribe(unsubscribe, properties));
         let reasons = vec![UnsubAckReason::Success; count];
         out.to_client(Packet::UnsubAck(UnsubAck { pkid, reasons }, None));
-    }
-
-    /// Takes `filter` into the reply index if the gate can serve it (see
-    /// `reply_index`): a QoS 0 subscription of a clean device session that
-    /// this connection has not already made through the router.
-    ///
-    /// A subscription keeps its path for as long as it exists: moving it
-    /// while messages are on their way would lose or repeat some (MQTT
-    /// 3.8.4: a resubscription must not interrupt the flow). So a QoS 1/2
-    /// resubscription of a topic the gate serves stays with the gate, at
-    /// granted QoS 0 (a server may grant less than asked); unsubscribing
-    /// first gets the higher QoS from the router. The exception: a topic
-    /// that has held a retained message since, which a resubscription must
-    /// send (Retain Handling 0) and only the router has; it moves there.
-    fn serve_directly(&mut self, filter: &Filter, subscription_id: Option<usize>) -> bool {
-        let Some(inbox) = self.inbox.clone() else {
-            return false;
-        };
-        let served = Served {
-            subscription_id,
-            retain_as_published: filter.preserve_retain,
-        };
-        if self.subs.is_direct(&filter.path) {
-            let resend_retained = filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe
-                && self.gate.replies().is_retained(&filter.path);
-            if resend_retained {
-                self.stop_serving(&filter.path);
-                return false;
-            }
-            return self.gate.replies().subscribe(&filter.path, &inbox, served);
-        }
-        if filter.qos != QoS::AtMostOnce || self.subs.is_via_router(&filter.path) {
-            return false;
-        }
-        if !self.gate.replies().subscribe(&filter.path, &inbox, served) {
-            return false;
-        }
-        self.subs.add_direct(&filter.path);
-        true
-    }
-
-    /// `filter` is about to be subscribed in the router: the reply index
-    /// learns that the router serves it, before any publish can miss it.
-    fn subscribing_in_router(&mut self, filter: &str) {
-        if !self.subs.add_via_router(filter) {
-            return;
-        }
-        match self.who.principal {
-            Principal::Device(_) => self.gate.replies().device_subscribed_in_router(filter),
-            Principal::Handler(_) => self.gate.replies().handler_subscribed(filter),
-        }
-    }
-
-    /// The gate stops serving `topic` to this session, if it did.
-    fn stop_serving(&mut self, topic: &str) {
-        let Some(inbox) = &self.inbox else {
-            return;
-        };
-        if self.subs.remove_direct(topic) {
-            self.gate.replies().unsubscribe(topic, inbox);
-        }
     }
 
     /// Puts the router's codes for the forwarded filters back among the
@@ -215,12 +148,8 @@ impl SessionState {
                 })
             })
             .collect::<Vec<_>>();
-        if matches!(self.who.principal, Principal::Handler(_)) {
-            for filter in pending.forwarded {
-                if self.subs.declare(&filter) {
-                    self.gate.commands().declare(&filter);
-                }
-            }
+        for filter in pending.forwarded {
+            self.gate.delivery().granted(&mut self.subs, &filter);
         }
         SubAck {
             pkid: suback.pkid,

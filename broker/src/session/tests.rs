@@ -1,5 +1,5 @@
 //! Owns the table tests of the session as pure state: events in, actions out, no
-//! sockets. The gate (router, reply index, ACL, caps) is the one the broker
+//! sockets. The gate (router, delivery, ACL, caps) is the one the broker
 //! builds; the session's actions are recorded instead of performed.
 
 use super::state::{Accepted, Actions, Deadlines, End, Event, SessionState, Who};
@@ -9,9 +9,9 @@ use crate::auth::testing::{device, handler};
 use crate::auth::{jwt::JwtSettings, Principal};
 use crate::codec::{CodecError, Version};
 use crate::config::{Config, Limits};
+use crate::delivery::{Kind, Opening};
 use crate::gate::Gate;
 use crate::inbound::InboundFlows;
-use crate::reply_index::ReplyInbox;
 use crate::router::protocol::{
     Disconnect, DisconnectProperties, DisconnectReasonCode, Error as ProtocolError, Filter, Packet,
     PingReq, PubAck, PubAckReason, PubCompReason, PubRecReason, PubRel, PubRelReason, Publish,
@@ -19,7 +19,6 @@ use crate::router::protocol::{
     SubscribeReasonCode, Unsubscribe,
 };
 use crate::sessions::{device_session_id, handler_session_id, EndRequest};
-use crate::subscriptions::Subscriptions;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,7 +139,17 @@ async fn open_with(
         Principal::Handler(_) => (handler_session_id(&client_id), None),
     };
     let claim = gate.sessions().claim(session_id, device).await;
-    let inbox = matches!(principal, Principal::Device(_)).then(|| Arc::new(ReplyInbox::default()));
+    let kind = match principal {
+        Principal::Device(_) => Kind::Device,
+        Principal::Handler(_) => Kind::Handler,
+    };
+    let opening = Opening {
+        kind,
+        persistent: false,
+        clean_start: true,
+        cap: max_subscriptions,
+    };
+    let subs = gate.delivery().open(claim.id(), opening);
     let accepted = Accepted {
         who: Who {
             principal,
@@ -150,8 +159,7 @@ async fn open_with(
             connect_expiry_zero: version == Version::V5,
         },
         claim,
-        subs: Subscriptions::new(max_subscriptions),
-        inbox,
+        subs,
         flows: InboundFlows::new(version, gate.limits().receive_maximum),
         deadlines: Deadlines {
             token: None,

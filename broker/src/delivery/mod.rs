@@ -1,0 +1,141 @@
+//! Owns delivery: which path serves each subscription (the gate's inbox of a
+//! session, or the router), where every publish goes, and which topics are
+//! commands. One owner, one table; the session asks, and never decides.
+//!
+//! The map:
+//! - [`Delivery`] (this file): what a session may ask, and the seam a second
+//!   implementation plugs into (see below).
+//! - `local.rs`: [`LocalDelivery`], the one-node implementation: the path
+//!   decision for a subscription, a session's row at its start and end, the
+//!   rows persistent sessions keep while their client is away.
+//! - `table.rs`: [`Table`], the one subscription table every session shares:
+//!   per topic, the inboxes the gate serves it to, the device sessions and
+//!   handler subscriptions the router serves it to, command declarations,
+//!   retained topics; the configured command topics.
+//! - `row.rs`: [`Subscriptions`], one session's row: filters held (the cap
+//!   counts them), the path of each, a handler's declared commands.
+//! - `route.rs`: [`Table::route`], the decision for one publish.
+//! - `inbox.rs`: [`ReplyInbox`], a clean device session's bounded inbox.
+//!
+//! The rules (README, "Replies skip the router"): the gate serves a
+//! subscription itself only if it is a QoS 0 subscription of a clean device
+//! session (nothing to keep after the connection, nothing to acknowledge) to
+//! a topic that has never held a retained message (a new subscriber must get
+//! it, and the router holds it). Everything else stays in the router. A
+//! session gets each topic from one path only, so the order of messages per
+//! topic is kept; a subscription keeps its path for as long as it exists.
+//!
+//! # The seam
+//! [`Delivery`] is everything the session knows of delivery; it holds its
+//! row ([`Subscriptions`]) and hands it back, but changes nothing in it.
+//! A multi-node implementation (Redis Cluster) implements [`Delivery`] and
+//! wraps [`LocalDelivery`], which stays as it is: the rows, the inboxes and
+//! the local table are per node. What it adds, per method:
+//! - `open`: while a node holds a session of a user, it listens for that
+//!   user's replies (`SSUBSCRIBE` on a `{uid}` channel) and reads a
+//!   persistent session's row and delivery cursor from the cluster, not
+//!   from the local `kept` rows.
+//! - `route`: a reply is also appended to the user's stream (and announced
+//!   on the `{uid}` channel); a command goes to its topic's stream, for the
+//!   consumer groups of handlers on any node. The local decision (inboxes
+//!   now, router or not) is unchanged.
+//! - `close` / `expire`: a persistent row and its cursor are written to the
+//!   cluster; the listening stops with the node's last session of the user.
+//! - `is_command` / `granted`: handlers' declarations are shared, so a
+//!   device on one node may publish to a command a handler on another
+//!   declared.
+//!
+//! `subscribe` and `unsubscribe` stay local decisions (the path is per
+//! connection); the cluster only learns the user's interest through `open`.
+
+mod inbox;
+mod local;
+mod route;
+mod row;
+mod table;
+
+pub use inbox::{Reply, ReplyInbox, Served, INBOX_LIMIT_BYTES};
+pub use local::LocalDelivery;
+pub use route::Routed;
+pub use row::{Kind, Subscriptions};
+pub use table::Table;
+
+use crate::acl::{CommandTopics, Denial};
+use crate::router::protocol::{Publish, PublishProperties, QoS};
+
+/// How a connection of a session starts, for [`Delivery::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opening {
+    pub kind: Kind,
+    /// Its subscriptions outlive the connection (the gate's sense: MQTT 5
+    /// with a Session Expiry Interval, or 3.1.1 without Clean Session).
+    pub persistent: bool,
+    /// The client asked for a clean start: what a persistent session of the
+    /// same id left is released, not resumed.
+    pub clean_start: bool,
+    /// Most filters the session may hold.
+    pub cap: usize,
+}
+
+/// One filter of a SUBSCRIBE (already authorized), for
+/// [`Delivery::subscribe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub filter: &'a str,
+    /// The QoS the client asked for.
+    pub qos: QoS,
+    /// Retain Handling 0: a retained message is sent on every subscribe,
+    /// which only the router can do.
+    pub resend_retained: bool,
+    /// The options a delivery from the inbox carries.
+    pub served: Served,
+}
+
+/// Which path serves one subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The gate delivers from the session's inbox, at granted QoS 0: the
+    /// session answers the SUBACK itself.
+    Inbox,
+    /// The router serves it: the session forwards the filter, and the
+    /// router's SUBACK grants the QoS.
+    Router,
+}
+
+/// Everything a session asks of delivery (see "The seam" above). Each
+/// method is a decision or a change of the table; none waits.
+pub trait Delivery: CommandTopics + Send + Sync {
+    /// A connection of session `id` starts (after its claim, so an earlier
+    /// connection of it has closed): its row, resumed from what a
+    /// persistent session left, or fresh.
+    fn open(&self, id: &str, opening: Opening) -> Subscriptions;
+
+    /// `row` subscribes to `request.filter`: admitted under the cap (a
+    /// resubscription always), and served by the path this decides.
+    fn subscribe(&self, row: &mut Subscriptions, request: &Request<'_>) -> Result<Path, Denial>;
+
+    /// The router granted `filter` to `row`: a handler's filter declares a
+    /// command topic (see [`Table::declare`]).
+    fn granted(&self, row: &mut Subscriptions, filter: &str);
+
+    /// `row` unsubscribes from `filter`.
+    fn unsubscribe(&self, row: &mut Subscriptions, filter: &str);
+
+    /// Routes one publish (already authorized): delivered to the inboxes
+    /// that serve its topic now; the answer says whether the router still
+    /// needs it.
+    fn route(
+        &self,
+        topic: &str,
+        publish: &Publish,
+        properties: &Option<PublishProperties>,
+    ) -> Routed;
+
+    /// The connection of session `id` ended, however it ended: a clean
+    /// session's row is forgotten, a persistent one's kept for its next
+    /// connection. Leaves `row` empty.
+    fn close(&self, id: &str, row: &mut Subscriptions);
+
+    /// Persistent session `id` expired: what it kept is released.
+    fn expire(&self, id: &str);
+}
