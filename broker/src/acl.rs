@@ -1,7 +1,7 @@
 //! Owns authorization: which topics a verified principal may publish to and
-//! subscribe to (DESIGN.md "Topics and who may use them"). Pure functions
-//! over `&Principal`, so no unverified path can reach them. Also the size
-//! caps on topics and filters, by kind of client.
+//! subscribe to (the README's table of who may publish and subscribe).
+//! Pure functions over `&Principal`, so no unverified path can reach them.
+//! Also the size caps on topics and filters, by kind of client.
 
 use crate::auth::Principal;
 use protocol::topics::{

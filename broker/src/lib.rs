@@ -38,7 +38,7 @@
 //!     past their connection and published through a router link of their own.
 //!
 //! Around it: [`config`] (environment and flags, development defaults from
-//! [`dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
+//! [`config::dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
 //! [`Broker::start`] / [`RunningBroker::shutdown`] for the whole lifecycle.
 
 pub mod acl;
@@ -48,7 +48,6 @@ pub mod codec;
 pub mod config;
 pub mod delivery;
 
-pub mod dev_certs;
 pub mod gate;
 pub mod http;
 pub mod identity;
@@ -64,6 +63,7 @@ pub mod sessions;
 pub mod tls;
 pub mod translate;
 pub mod validate;
+pub mod will_publisher;
 pub mod wills;
 
 use auth::jwt::{JwtConfigError, JwtVerifier};
@@ -197,7 +197,7 @@ impl Broker {
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
         tasks.spawn(gate.sessions().clone().end_all_at_shutdown());
-        tasks.spawn(wills::publish_delayed(gate.clone(), will_queue));
+        tasks.spawn(will_publisher::publish_delayed(gate.clone(), will_queue));
         if let Some(revocations) = gate.revocations() {
             tasks.spawn(revocations.watch(
                 gate.sessions().clone(),
@@ -323,7 +323,7 @@ pub fn gate_for_tests(
 ) -> Result<Arc<Gate>, StartError> {
     let (gate, _router_task, will_queue) = build_gate(config, Arc::new(Metrics::new()), shutdown)?;
     tokio::spawn(gate.sessions().clone().end_all_at_shutdown());
-    tokio::spawn(wills::publish_delayed(gate.clone(), will_queue));
+    tokio::spawn(will_publisher::publish_delayed(gate.clone(), will_queue));
     Ok(gate)
 }
 
@@ -337,7 +337,8 @@ fn build_gate(
     let leeway_secs = config.jwt.leeway_secs;
     let jwt = JwtVerifier::new(config.jwt)?;
     let limits = config.limits;
-    let (router, router_task) = EmbeddedRouter::start(&limits, &config.command_topics, &metrics);
+    let (router, router_task) =
+        EmbeddedRouter::start(limits.max_connections, &config.command_topics, &metrics);
     // One pending will per session at most; as many as connections allowed.
     let (wills, will_queue) = Wills::new(limits.max_connections, wills::MAX_PENDING_BYTES);
     let gate = Arc::new(Gate::new(GateParts {

@@ -4,7 +4,6 @@
 //! session sees [`RouterTx`], [`RouterRx`] and [`RouterEvent`], and the MQTT
 //! packet types through [`protocol`].
 
-use crate::config::Limits;
 use futures::FutureExt;
 use mqtt_router::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use mqtt_router::{Router, RouterConfig};
@@ -171,10 +170,11 @@ const COMMAND_SEGMENT_BYTES: usize = 1024 * 1024;
 const COMMAND_SEGMENT_COUNT: usize = 4;
 
 impl EmbeddedRouter {
-    /// Starts the router as a task on the current tokio runtime; `metrics`
-    /// reports the bytes its logs hold.
+    /// Starts the router as a task on the current tokio runtime, for at
+    /// most `max_connections` clients; `metrics` reports the bytes its logs
+    /// hold.
     pub fn start(
-        limits: &Limits,
+        max_connections: usize,
         command_topics: &[String],
         metrics: &crate::metrics::Metrics,
     ) -> (Self, RouterTask) {
@@ -192,7 +192,7 @@ impl EmbeddedRouter {
             .collect();
         let config = RouterConfig {
             // Every client holds one link; in-process handlers add a few.
-            max_connections: limits.max_connections + 64,
+            max_connections: max_connections + 64,
             max_outgoing_packet_count: 200,
             max_segment_size: REPLY_SEGMENT_BYTES,
             max_segment_count: REPLY_SEGMENT_COUNT,

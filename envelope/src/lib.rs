@@ -4,7 +4,7 @@
 //! server's persisted RSA key pair. The device side of each step is here too,
 //! for tests and example clients.
 //!
-//! Parameters (fixed by the wire contract in DESIGN.md):
+//! Parameters (fixed by the wire contract in handlers/README.md, "The built-in handlers"):
 //! - RSA keys of 2048 to 4096 bits, given as base64 SubjectPublicKeyInfo DER or
 //!   PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`).
 //! - OAEP with SHA-256 as both the hash and the MGF1 hash, empty label.

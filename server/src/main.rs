@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 // per-message allocations beside many live per-connection buffers). jemalloc
 // removes most of that at the same memory per connection; mimalloc did too
 // but held ~1 KiB more per connection (bench/ab.sh, issue 16's note).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -232,8 +232,8 @@ impl WithHandlers {
     async fn start(limits: broker::config::Limits) -> Self {
         e2e::init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs =
-            broker::dev_certs::make_certificate_files(dir.path()).expect("test certificate");
+        let certs = broker::config::dev_certs::make_certificate_files(dir.path())
+            .expect("test certificate");
         let acceptor =
             broker::tls::acceptor_from_files(&certs.cert_file, &certs.key_file).expect("acceptor");
         let localhost = SocketAddr::from(([127, 0, 0, 1], 0));

@@ -1,5 +1,6 @@
-//! Hostile clients, each answered as DESIGN.md says, with the broker still
-//! serving others afterwards: bad tokens of every kind, bad subjects, client
+//! Hostile clients, each answered as the README says ("What it is",
+//! "Threats and what bounds them"), with the broker still serving others
+//! afterwards: bad tokens of every kind, bad subjects, client
 //! id collisions, forbidden subscriptions and publishes, forged identity,
 //! malformed and oversized packets, silent sockets, expiring tokens.
 

@@ -142,7 +142,7 @@ async fn fire_will(session: &mut Session) {
     let publish = Publish::with_qos(will.topic, will.message, retain, will.qos, pkid);
     info!("publishing will");
     let gate = state.gate.clone();
-    let _ = wills::send_will(&gate, &mut session.tx, publish, properties).await;
+    let _ = crate::will_publisher::send_will(&gate, &mut session.tx, publish, properties).await;
 }
 
 /// Ends the persistent session connection `serial` left behind once `after`

@@ -3,7 +3,7 @@
 //! HMAC secret and handler key, all under one directory (`certs/dev` by
 //! default) so that printed tokens keep working across restarts.
 
-use crate::config::ConfigError;
+use super::ConfigError;
 use protocol::Secret;
 use rand::RngCore;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
