@@ -35,7 +35,8 @@
 //!     who acknowledges, QoS 2 exactly once, Receive Maximum), owned by the
 //!     session's state;
 //! 11. [`wills`]: wills waiting for their MQTT 5 Will Delay Interval, kept
-//!     past their connection and published through a router link of their own.
+//!     past their connection; [`will_publisher`] publishes a will now, or
+//!     the delayed ones through a router link of their own.
 //!
 //! Around it: [`config`] (environment and flags, development defaults from
 //! [`config::dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
