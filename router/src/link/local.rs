@@ -161,10 +161,20 @@ impl<'a> LinkBuilder<'a> {
         outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
         incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
     ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
-        let notification = outgoing_data_buffer
-            .lock()
-            .pop_front()
-            .ok_or(LinkError::NotConnectionAck)?;
+        // patched: the CONNACK is taken out of the router's outgoing buffer
+        // here, and the emptied buffer let go: otherwise it kept room for
+        // four notifications (~1 KiB) for the connection's life, since a
+        // link whose replies the embedding broker delivers itself may never
+        // take that buffer again.
+        let notification = {
+            let mut buffer = outgoing_data_buffer.lock();
+            let first = buffer.pop_front();
+            if buffer.is_empty() {
+                *buffer = VecDeque::new();
+            }
+            first
+        }
+        .ok_or(LinkError::NotConnectionAck)?;
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -416,6 +426,12 @@ impl LinkRx {
 
     pub fn id(&self) -> ConnectionId {
         self.connection_id
+    }
+
+    /// Capacity of the router's outgoing buffer for this link (tests).
+    #[cfg(test)]
+    pub(crate) fn router_buffer_capacity(&self) -> usize {
+        self.send_buffer.lock().capacity()
     }
 
     /// patched: the next cached notification; once the cache is drained its

@@ -921,3 +921,25 @@ fn measure_forwarding_cost() {
 // ours: QoS on delivery, span levels, buffers, link futures, meters.
 #[path = "behaviour_tests.rs"]
 mod behaviour_tests;
+
+/// A link built against the router holds no outgoing buffer once its
+/// CONNACK is taken: the buffer the CONNACK grew stayed allocated (~1 KiB
+/// per connection) for a link the router then had nothing more for.
+#[test]
+fn a_built_link_keeps_no_buffer_from_its_connack() {
+    use crate::local::LinkBuilder;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (router_tx, task) = Router::new(0, config()).spawn_on_runtime();
+        let (_tx, rx, _) = LinkBuilder::new("fresh", router_tx.clone())
+            .build_async()
+            .await
+            .unwrap();
+        assert_eq!(rx.router_buffer_capacity(), 0);
+        drop(router_tx);
+        task.abort();
+    });
+}
