@@ -428,6 +428,78 @@ pub async fn exercise_events(
     events
 }
 
+/// The identity service's sign-up sessions and rate counters.
+pub async fn sign_ups(state: &dyn SignUps) {
+    let id = "0123abcd-token-1";
+    assert_eq!(state.session(id).await.unwrap(), None);
+    state
+        .create_session(id, "+15551234567", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let s = state.session(id).await.unwrap().unwrap();
+    assert_eq!(s.msisdn, "+15551234567");
+    assert_eq!(
+        (s.code.clone(), s.attempts, s.resends, s.uid.clone()),
+        (None, 0, 0, None)
+    );
+    assert!(state.set_code(id, "123456", 99).await.unwrap());
+    assert_eq!(state.add_attempt(id).await.unwrap(), Some(1));
+    assert_eq!(state.add_attempt(id).await.unwrap(), Some(2));
+    assert_eq!(state.add_resend(id).await.unwrap(), Some(1));
+    let s = state.session(id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.code.as_deref(), s.code_expires, s.attempts, s.resends),
+        (Some("123456"), 99, 2, 1)
+    );
+    assert!(state.take_code(id).await.unwrap());
+    assert!(!state.take_code(id).await.unwrap(), "a code is taken once");
+    assert!(state.mark_verified(id, "uid1", 1234).await.unwrap());
+    assert_eq!(
+        state.session(id).await.unwrap().unwrap().uid.as_deref(),
+        Some("uid1")
+    );
+    assert_eq!(state.session(id).await.unwrap().unwrap().verified_at, 1234);
+    state.delete_session(id).await.unwrap();
+    assert_eq!(state.session(id).await.unwrap(), None);
+    // A gone session is not brought back by updates.
+    assert!(!state.set_code(id, "1", 1).await.unwrap());
+    assert_eq!(state.add_attempt(id).await.unwrap(), None);
+    assert!(!state.mark_verified(id, "u", 1).await.unwrap());
+    assert_eq!(state.session(id).await.unwrap(), None);
+    // Counters.
+    for n in 1..=3 {
+        assert_eq!(
+            state
+                .hit("a:1.2.3.4", Duration::from_secs(60))
+                .await
+                .unwrap(),
+            n
+        );
+    }
+    assert_eq!(
+        state
+            .hit("a:1.2.3.5", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(state.hit("w", Duration::from_millis(200)).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        state.hit("w", Duration::from_millis(200)).await.unwrap(),
+        1,
+        "a new window"
+    );
+    // Expiry.
+    let short = "short";
+    state
+        .create_session(short, "+15551234567", Duration::from_millis(200))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state.session(short).await.unwrap(), None);
+}
+
 #[test]
 fn revocation_rules() {
     let r = Revocation::IssuedBefore(100);

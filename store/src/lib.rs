@@ -7,6 +7,8 @@
 //! - [`Keys`] (sync keys, replay nonces), [`Contacts`], [`Revocations`]
 //!   (records, restore, the live feed), [`Registrations`],
 //!   [`PlatformTokens`], and [`Accounts`] (deleting a user across domains);
+//!   and the identity service's short-lived [`SignUps`] (sessions, codes,
+//!   rate counters: Redis, or [`MemorySignUps`] without it);
 //!   [`Store`] bundles them for composition (what [`open`] returns), and a
 //!   component takes only the domains it uses (`Arc<dyn Revocations>`).
 //!
@@ -33,6 +35,7 @@ mod redis_conn;
 mod redis_store;
 mod registrations;
 mod revocations;
+mod sign_ups;
 mod tokens;
 
 pub use accounts::Accounts;
@@ -44,6 +47,7 @@ pub use redis_conn::{RedisConnection, INVALID_REDIS_URL};
 pub use redis_store::{RedisStore, KEY_PREFIX};
 pub use registrations::Registrations;
 pub use revocations::{Revocation, RevocationEvent, Revocations, REVOCATION_EVENTS_CAPACITY};
+pub use sign_ups::{open_sign_ups, MemorySignUps, SignUpSession, SignUps, SIGN_UP_KEY_PREFIX};
 pub use tokens::{valid_platform_name, PlatformTokens, StoredToken, TokenPage, MAX_PLATFORM_LEN};
 
 use std::future::Future;
@@ -76,6 +80,10 @@ pub enum StoreError {
     /// The caller passed an argument the store cannot hold (a bad platform name).
     #[error("invalid store argument: {0}")]
     Invalid(String),
+    /// The in-memory sign-up state holds as many entries as it may
+    /// ([`MemorySignUps`]); the identity service answers 429.
+    #[error("too many registrations in progress; try again later")]
+    Full,
 }
 
 /// The whole store, every domain behind one object (what [`open`] returns):

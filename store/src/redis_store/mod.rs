@@ -30,6 +30,7 @@ mod contacts;
 mod keys;
 mod registrations;
 mod revocations;
+mod sign_ups;
 mod tokens;
 
 /// Prefix of every key this store writes.
@@ -148,6 +149,9 @@ pub struct RedisStore {
     replace: redis::Script,
     guarded_set: redis::Script,
     guarded_hset: redis::Script,
+    hset_if_exists: redis::Script,
+    incr_if_exists: redis::Script,
+    hit: redis::Script,
     events: broadcast::Sender<RevocationEvent>,
     /// Starts the revocation subscriber once.
     subscriber: Once,
@@ -187,6 +191,9 @@ impl RedisStore {
             replace: redis::Script::new(REPLACE_SCRIPT),
             guarded_set: redis::Script::new(&format!("{REVOCATION_GUARD}{GUARDED_SET}")),
             guarded_hset: redis::Script::new(&format!("{REVOCATION_GUARD}{GUARDED_HSET}")),
+            hset_if_exists: redis::Script::new(sign_ups::HSET_IF_EXISTS),
+            incr_if_exists: redis::Script::new(sign_ups::INCR_IF_EXISTS),
+            hit: redis::Script::new(sign_ups::HIT),
             events,
             subscriber: Once::new(),
             _stop_on_drop: stop.clone().drop_guard(),
@@ -342,6 +349,13 @@ mod tests {
         let server = RedisServer::start();
         let store = RedisStore::connect(&server.url()).await.unwrap();
         crate::conformance::exercise(&store).await;
+    }
+
+    #[tokio::test]
+    async fn sign_ups_conformance() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        crate::conformance::sign_ups(&store).await;
     }
 
     #[tokio::test]
