@@ -5,8 +5,7 @@ use super::*;
 impl Accounts for EmbeddedStore {
     fn delete_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             txn.open_table(KEYS)
                 .map_err(db_err)?
                 .remove(uid.as_str())
@@ -45,7 +44,7 @@ impl Accounts for EmbeddedStore {
                     .retain_in(from.as_str()..to.as_str(), |_, _| false)
                     .map_err(db_err)?;
             }
-            txn.commit().map_err(db_err)
+            Ok(())
         })
     }
 }

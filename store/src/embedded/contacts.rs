@@ -9,8 +9,7 @@ impl Contacts for EmbeddedStore {
         target: &'a UserId,
     ) -> StoreFuture<'a, ()> {
         let (requester, target) = (requester.as_str().to_owned(), target.as_str().to_owned());
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             txn.open_multimap_table(REQUESTS_IN)
                 .map_err(db_err)?
                 .insert(target.as_str(), requester.as_str())
@@ -19,14 +18,13 @@ impl Contacts for EmbeddedStore {
                 .map_err(db_err)?
                 .insert(requester.as_str(), target.as_str())
                 .map_err(db_err)?;
-            txn.commit().map_err(db_err)
+            Ok(())
         })
     }
 
     fn pending_requests<'a>(&'a self, target: &'a UserId) -> StoreFuture<'a, Vec<String>> {
         let target = target.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let table = txn.open_multimap_table(REQUESTS_IN).map_err(db_err)?;
             sorted_values(&table, &target)
         })
@@ -69,8 +67,7 @@ impl Contacts for EmbeddedStore {
 
     fn contacts<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let table = txn.open_multimap_table(CONTACTS).map_err(db_err)?;
             sorted_values(&table, &uid)
         })

@@ -6,13 +6,12 @@ impl Keys for EmbeddedStore {
     fn put_key<'a>(&'a self, uid: &'a UserId, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
         let uid = uid.as_str().to_owned();
         let bytes = record.encode();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             txn.open_table(KEYS)
                 .map_err(db_err)?
                 .insert(uid.as_str(), bytes.as_slice())
                 .map_err(db_err)?;
-            txn.commit().map_err(db_err)
+            Ok(())
         })
     }
 
@@ -40,8 +39,7 @@ impl Keys for EmbeddedStore {
 
     fn get_key<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<KeyRecord>> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let table = txn.open_table(KEYS).map_err(db_err)?;
             let raw = table.get(uid.as_str()).map_err(db_err)?;
             raw.map(|v| KeyRecord::decode(v.value())).transpose()

@@ -174,6 +174,30 @@ impl EmbeddedStore {
         })
     }
 
+    /// Runs `op` in one write transaction on the blocking pool and commits
+    /// it durably when `op` succeeds (an error drops, so aborts, it).
+    fn write<T, F>(&self, op: F) -> StoreFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let out = op(&txn)?;
+            txn.commit().map_err(db_err)?;
+            Ok(out)
+        })
+    }
+
+    /// Runs `op` in one read transaction on the blocking pool.
+    fn read<T, F>(&self, op: F) -> StoreFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.blocking(move |db| op(&db.begin_read().map_err(db_err)?))
+    }
+
     /// Runs `op` with the database on the blocking pool.
     fn blocking<T, F>(&self, op: F) -> StoreFuture<'static, T>
     where

@@ -5,20 +5,18 @@ use super::*;
 impl Registrations for EmbeddedStore {
     fn put_registration<'a>(&'a self, uid: &'a UserId, registered_at: u64) -> StoreFuture<'a, ()> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             txn.open_table(REGISTRATIONS)
                 .map_err(db_err)?
                 .insert(uid.as_str(), registered_at)
                 .map_err(db_err)?;
-            txn.commit().map_err(db_err)
+            Ok(())
         })
     }
 
     fn registration<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<u64>> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let table = txn.open_table(REGISTRATIONS).map_err(db_err)?;
             let at = table.get(uid.as_str()).map_err(db_err)?;
             Ok(at.map(|v| v.value()))

@@ -21,8 +21,7 @@ impl Revocations for EmbeddedStore {
         revocation: Revocation,
     ) -> StoreFuture<'a, Revocation> {
         let name = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             let merged = {
                 let mut all = txn.open_table(REVOKED).map_err(db_err)?;
                 let mut before = txn.open_table(REVOKED_BEFORE).map_err(db_err)?;
@@ -42,15 +41,13 @@ impl Revocations for EmbeddedStore {
                 }
                 merged
             };
-            txn.commit().map_err(db_err)?;
             Ok(merged)
         })
     }
 
     fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             txn.open_table(REVOKED)
                 .map_err(db_err)?
                 .remove(uid.as_str())
@@ -59,14 +56,13 @@ impl Revocations for EmbeddedStore {
                 .map_err(db_err)?
                 .remove(uid.as_str())
                 .map_err(db_err)?;
-            txn.commit().map_err(db_err)
+            Ok(())
         })
     }
 
     fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let all = txn.open_table(REVOKED).map_err(db_err)?;
             let before = txn.open_table(REVOKED_BEFORE).map_err(db_err)?;
             read_revocation(&all, &before, &uid)

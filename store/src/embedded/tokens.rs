@@ -14,13 +14,12 @@ impl PlatformTokens for EmbeddedStore {
         }
         let name = token_key(uid.as_str(), platform);
         let sealed = sealed.to_vec();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             txn.open_table(TOKENS)
                 .map_err(db_err)?
                 .insert(name.as_str(), sealed.as_slice())
                 .map_err(db_err)?;
-            txn.commit().map_err(db_err)
+            Ok(())
         })
     }
 
@@ -60,8 +59,7 @@ impl PlatformTokens for EmbeddedStore {
             return Box::pin(async { Ok(None) });
         }
         let name = token_key(uid.as_str(), platform);
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let table = txn.open_table(TOKENS).map_err(db_err)?;
             let sealed = table.get(name.as_str()).map_err(db_err)?;
             Ok(sealed.map(|v| v.value().to_vec()))
@@ -70,8 +68,7 @@ impl PlatformTokens for EmbeddedStore {
 
     fn platforms_with_tokens<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>> {
         let uid = uid.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let table = txn.open_table(TOKENS).map_err(db_err)?;
             let (from, to) = token_range(&uid);
             let mut out = Vec::new();
@@ -96,15 +93,13 @@ impl PlatformTokens for EmbeddedStore {
             return Box::pin(async { Ok(false) });
         }
         let name = token_key(uid.as_str(), platform);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             let had = txn
                 .open_table(TOKENS)
                 .map_err(db_err)?
                 .remove(name.as_str())
                 .map_err(db_err)?
                 .is_some();
-            txn.commit().map_err(db_err)?;
             Ok(had)
         })
     }
@@ -121,8 +116,7 @@ impl PlatformTokens for EmbeddedStore {
         }
         let name = token_key(uid.as_str(), platform);
         let (old, new) = (old.to_vec(), new.to_vec());
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(db_err)?;
+        self.write(move |txn| {
             let replaced = {
                 let mut table = txn.open_table(TOKENS).map_err(db_err)?;
                 let current = table
@@ -138,15 +132,13 @@ impl PlatformTokens for EmbeddedStore {
                     false
                 }
             };
-            txn.commit().map_err(db_err)?;
             Ok(replaced)
         })
     }
 
     fn platform_tokens_page<'a>(&'a self, cursor: Option<&'a str>) -> StoreFuture<'a, TokenPage> {
         let cursor = cursor.map(str::to_owned);
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
+        self.read(move |txn| {
             let table = txn.open_table(TOKENS).map_err(db_err)?;
             let start = match cursor.as_deref() {
                 Some(after) => Bound::Excluded(after),
