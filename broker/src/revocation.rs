@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{Revocation, RevocationEvent, Store};
+use store::{Revocation, RevocationEvent};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -44,23 +44,22 @@ const MAX_RECHECKS: usize = 10_000;
 
 /// Revocation checks against a store.
 pub struct Revocations {
-    store: Arc<dyn Store>,
+    store: Arc<dyn store::Revocations>,
     poll_interval: Duration,
 }
 
 impl fmt::Debug for Revocations {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Revocations")
-            .field("store", &self.store.kind())
             .field("poll_interval", &self.poll_interval)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Revocations {
     /// Checks against `store`; `poll_interval` is the fallback sweep (zero:
     /// none, only CONNECT checks and events).
-    pub fn new(store: Arc<dyn Store>, poll_interval: Duration) -> Self {
+    pub fn new(store: Arc<dyn store::Revocations>, poll_interval: Duration) -> Self {
         Revocations {
             store,
             poll_interval,
@@ -196,7 +195,7 @@ mod tests {
     use crate::auth::testing::device_issued;
     use store::EmbeddedStore;
 
-    async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+    async fn store() -> (tempfile::TempDir, Arc<dyn store::Revocations>) {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb"))
             .await

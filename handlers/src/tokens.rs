@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{Revocation, Store, StoreError};
+use store::{PlatformTokens, Revocation, Revocations, StoreError};
 
 /// Largest token accepted, as compact JSON bytes: OAuth tokens with a
 /// refresh token and scopes fit many times over.
@@ -492,7 +492,7 @@ where
 /// Records `revocation` for `uid` without announcing it, retrying a store
 /// outage briefly ([`RECORD_ATTEMPTS`]); the error of the last attempt.
 pub async fn record_with_retries(
-    store: &dyn Store,
+    store: &dyn Revocations,
     uid: &UserId,
     revocation: Revocation,
 ) -> Result<Revocation, StoreError> {
@@ -509,7 +509,7 @@ pub async fn record_with_retries(
 /// Announces `revocation` for `uid` (recording it again, merged), retrying a
 /// store outage for a while (8 attempts over about 20 s): the user's live
 /// sessions must be cut.
-pub async fn revoke_with_retries(store: &dyn Store, uid: &UserId, revocation: Revocation) {
+pub async fn revoke_with_retries(store: &dyn Revocations, uid: &UserId, revocation: Revocation) {
     let announced = with_retries(
         uid,
         "announcing a deleted account's revocation",
@@ -582,7 +582,7 @@ pub struct RotationReport {
 /// the user replaces or revokes meanwhile is left alone) and to run again
 /// (tokens already under the current key are skipped).
 pub async fn rotate_master_key(
-    store: &dyn Store,
+    store: &dyn PlatformTokens,
     keys: &MasterKeys,
 ) -> Result<RotationReport, StoreError> {
     let mut report = RotationReport::default();

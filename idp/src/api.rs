@@ -10,7 +10,7 @@
 
 use crate::keys::TokenClaims;
 use crate::msisdn::{check_network, Msisdn};
-use crate::state::{session_id, Session, StateError};
+use crate::session_id::session_id;
 use crate::Idp;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use store::Revocation;
+use store::{Revocation, SignUpSession as Session, StoreError};
 use subtle::ConstantTimeEq;
 
 /// Largest request body accepted.
@@ -65,11 +65,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<StateError> for ApiError {
-    fn from(e: StateError) -> Self {
+impl From<StoreError> for ApiError {
+    /// The sign-up state's errors: full maps are a 429, anything else a 503.
+    fn from(e: StoreError) -> Self {
         match e {
-            StateError::Full => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
-            StateError::Unavailable(_) => {
+            StoreError::Full => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+            _ => {
                 tracing::error!(error = %e, "identity state unavailable");
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -176,7 +177,10 @@ fn address_key(addr: IpAddr) -> String {
 
 impl Idp {
     async fn limit_address(&self, addr: SocketAddr) -> Result<(), ApiError> {
-        let count = self.state.hit(&address_key(addr.ip()), RATE_WINDOW).await?;
+        let count = self
+            .sign_ups
+            .hit(&address_key(addr.ip()), RATE_WINDOW)
+            .await?;
         if count > self.settings.rate_per_addr {
             tracing::info!(peer = %addr.ip(), "rate limited: too many requests from this address");
             return Err(error(
@@ -191,7 +195,7 @@ impl Idp {
         // Keyed by the number's uid: the counters never hold the number.
         let uid = self.uid_of(msisdn)?;
         let count = self
-            .state
+            .sign_ups
             .hit(&format!("n:{}", uid.as_str()), RATE_WINDOW)
             .await?;
         if count > self.settings.rate_per_number {
@@ -217,7 +221,7 @@ impl Idp {
     async fn session(&self, headers: &HeaderMap) -> Result<(String, Session, Msisdn), ApiError> {
         let token = bearer(headers)?;
         let id = session_id(token);
-        let session = self.state.session(&id).await?.ok_or_else(|| {
+        let session = self.sign_ups.session(&id).await?.ok_or_else(|| {
             error(
                 StatusCode::UNAUTHORIZED,
                 "unknown or expired session token: register again",
@@ -271,7 +275,7 @@ impl Idp {
     async fn send_code(&self, id: &str, msisdn: &Msisdn) -> ApiResult {
         let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
         let expires = protocol::claims::now_secs().saturating_add(self.settings.code_ttl.as_secs());
-        if !self.state.set_code(id, &code, expires).await? {
+        if !self.sign_ups.set_code(id, &code, expires).await? {
             return Err(error(
                 StatusCode::UNAUTHORIZED,
                 "unknown or expired session token: register again",
@@ -279,7 +283,7 @@ impl Idp {
         }
         if let Err(e) = self.sms.send(msisdn, &code).await {
             tracing::warn!(msisdn = %msisdn, error = %e, "one-time code not sent");
-            let _ = self.state.take_code(id).await;
+            let _ = self.sign_ups.take_code(id).await;
             return Err(error(
                 StatusCode::BAD_GATEWAY,
                 "the SMS could not be sent; try again later",
@@ -402,7 +406,7 @@ async fn register(
     let mut raw = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut raw);
     let token = URL_SAFE_NO_PAD.encode(raw);
-    idp.state
+    idp.sign_ups
         .create_session(
             &session_id(&token),
             msisdn.expose(),
@@ -451,7 +455,7 @@ async fn resend_code(
             "no code sent yet: call /sms/verify first",
         ));
     }
-    let resends = idp.state.add_resend(&id).await?.unwrap_or(u32::MAX);
+    let resends = idp.sign_ups.add_resend(&id).await?.unwrap_or(u32::MAX);
     if resends > idp.settings.max_resends {
         return Err(error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -495,7 +499,7 @@ async fn verify_code(
         ));
     }
     if !bool::from(body.code.as_bytes().ct_eq(expected.as_bytes())) {
-        let attempts = idp.state.add_attempt(&id).await?.unwrap_or(u32::MAX);
+        let attempts = idp.sign_ups.add_attempt(&id).await?.unwrap_or(u32::MAX);
         tracing::info!(msisdn = %msisdn, attempts, "wrong one-time code");
         let max = idp.settings.max_code_attempts;
         if attempts >= max {
@@ -510,7 +514,7 @@ async fn verify_code(
         ));
     }
     // Exactly one concurrent caller gets the code.
-    if !idp.state.take_code(&id).await? {
+    if !idp.sign_ups.take_code(&id).await? {
         return Err(error(StatusCode::CONFLICT, "this code was already used"));
     }
     let uid = idp.uid_of(&msisdn)?;
@@ -519,7 +523,7 @@ async fn verify_code(
         .put_registration(&uid, protocol::claims::now_secs())
         .await
         .map_err(store_failed)?;
-    idp.state.mark_verified(&id, uid.as_str(), iat).await?;
+    idp.sign_ups.mark_verified(&id, uid.as_str(), iat).await?;
     tracing::info!(msisdn = %msisdn, %uid, "number verified; device token issued");
     Ok(json_response(
         StatusCode::OK,
@@ -591,7 +595,7 @@ async fn unregister(
         tracing::info!(%uid, "user unregistered: earlier tokens revoked, data deleted");
     }
     if let Some(id) = session {
-        idp.state.delete_session(&id).await?;
+        idp.sign_ups.delete_session(&id).await?;
     }
     Ok(json_response(
         StatusCode::OK,

@@ -4,7 +4,7 @@
 //! The path of a sign-up, one module per step:
 //! 1. [`api`]: `POST /register {"msisdn"}` checks the number ([`msisdn`]),
 //!    counts it against the per-number and per-address rates, and opens a
-//!    session ([`state`]) whose token the client sends as a bearer from then on;
+//!    session ([`store::SignUps`], named by [`session_id`]) whose token the client sends as a bearer from then on;
 //! 2. `POST /sms/verify` (and `/sms/resend_code`) makes a 6-digit code from
 //!    the OS's CSPRNG and sends it ([`sms`]);
 //! 3. `POST /sms/verify_code` compares it in constant time (single-use,
@@ -27,16 +27,15 @@ pub mod descriptors;
 pub mod keys;
 pub mod msisdn;
 pub mod server;
+pub mod session_id;
 pub mod sms;
-pub mod state;
 
 use config::Settings;
 use keys::{KeyError, KeyRing};
 use sms::SmsSender;
-use state::State;
 use std::sync::Arc;
 use std::time::Duration;
-use store::Store;
+use store::{SignUps, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +49,7 @@ pub enum StartError {
     #[error("signing keys: {0}")]
     Keys(#[from] KeyError),
     #[error("state: {0}")]
-    State(#[from] state::StateError),
+    State(#[from] store::StoreError),
     #[error("SMS: {0}")]
     Sms(#[from] sms::SmsError),
     #[error("key loading task failed")]
@@ -61,7 +60,8 @@ pub enum StartError {
 pub struct Idp {
     pub settings: Settings,
     pub keys: Arc<KeyRing>,
-    state: State,
+    /// Sign-up sessions and rate counters (Redis, or memory without it).
+    sign_ups: Arc<dyn SignUps>,
     store: Arc<dyn Store>,
     sms: SmsSender,
     uid_secret: Vec<u8>,
@@ -93,7 +93,7 @@ impl Idp {
         })
         .await
         .map_err(|_| StartError::Join)??;
-        let state = State::open(
+        let sign_ups = store::open_sign_ups(
             settings.redis_url.as_ref().map(protocol::Secret::expose),
             settings.max_entries,
         )?;
@@ -104,7 +104,7 @@ impl Idp {
         Ok(Arc::new(Idp {
             settings,
             keys: Arc::new(keys),
-            state,
+            sign_ups,
             store,
             sms,
             uid_secret,

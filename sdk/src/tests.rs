@@ -425,10 +425,10 @@ async fn shutdown_while_never_connected_returns() {
 /// handler published for a user (no device stamps) still run.
 #[tokio::test]
 async fn revoked_senders_are_refused_before_the_handler_runs() {
-    use store::{EmbeddedStore, Revocation, Store};
+    use store::{EmbeddedStore, Revocation, Revocations};
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(
+    let store: Arc<dyn Revocations> = Arc::new(
         EmbeddedStore::open(&dir.path().join("s.redb"))
             .await
             .unwrap(),

@@ -37,7 +37,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use store::Store;
+use store::Revocations;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -108,7 +108,7 @@ pub struct Worker {
     name: String,
     routes: HashMap<String, Route>,
     /// Where each device command's sender is checked for revocation.
-    revocations: Option<Arc<dyn Store>>,
+    revocations: Option<Arc<dyn Revocations>>,
 }
 
 impl Worker {
@@ -131,7 +131,7 @@ impl Worker {
     /// the broker's `client_id` stamp), so a revocation refuses it; a
     /// command another handler published for a user (no `client_id`, no
     /// `token_iat`) is not a session of that user and is not checked.
-    pub fn checking_revocations(mut self, store: Arc<dyn Store>) -> Self {
+    pub fn checking_revocations(mut self, store: Arc<dyn Revocations>) -> Self {
         self.revocations = Some(store);
         self
     }
@@ -253,7 +253,7 @@ impl Worker {
 struct Runner {
     group: String,
     routes: Arc<HashMap<String, Route>>,
-    revocations: Option<Arc<dyn Store>>,
+    revocations: Option<Arc<dyn Revocations>>,
     client: AsyncClient,
     config: SdkConfig,
     permits: Arc<Semaphore>,
@@ -488,7 +488,7 @@ fn token_iat(user_properties: &[(String, String)]) -> Option<u64> {
 /// `iat`, may be acted on: `Err(401)` when the user's revocation refuses
 /// that token, `Err(503)` when the store does not answer within `within`.
 async fn check_revocation(
-    store: &dyn Store,
+    store: &dyn Revocations,
     uid: &UserId,
     iat: u64,
     within: Duration,
@@ -526,7 +526,7 @@ struct Job {
     client_id: Option<String>,
     /// The sender token's `iat` (see [`token_iat`]); `None`: not a device's.
     token_iat: Option<u64>,
-    revocations: Option<Arc<dyn Store>>,
+    revocations: Option<Arc<dyn Revocations>>,
     correlation_data: Option<Bytes>,
     payload: Bytes,
     error_reply: String,

@@ -2,7 +2,7 @@
 //! store it names; every binary flattens [`StoreArgs`] once and hands the
 //! opened store to the components that share it.
 
-use super::{Store, StoreError};
+use crate::{Store, StoreError};
 use protocol::secret::Secret;
 use std::path::PathBuf;
 use std::sync::Arc;

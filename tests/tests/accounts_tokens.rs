@@ -20,7 +20,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use store::{RedisStore, Revocation, Store};
+use store::{RedisStore, Revocation, Revocations, Store};
 use testkit::{Platform, RedisServer};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -7,11 +7,13 @@
 //! turns into local events, so that every process sharing the Redis hears
 //! them. Key schema: `SCHEMA.md`.
 
-use super::{
-    check_platform, KeyRecord, Revocation, RevocationEvent, Store, StoreError, StoreFuture,
-    StoredToken, TokenPage, REVOCATION_EVENTS_CAPACITY,
-};
+use crate::tokens::check_platform;
 use crate::RedisConnection;
+use crate::{
+    Accounts, Contacts, KeyRecord, Keys, PlatformTokens, Registrations, Revocation,
+    RevocationEvent, Revocations, Store, StoreError, StoreFuture, StoredToken, TokenPage,
+    REVOCATION_EVENTS_CAPACITY,
+};
 use envelope::b64_encode;
 use futures::StreamExt;
 use protocol::uid::UserId;
@@ -22,6 +24,14 @@ use std::sync::Once;
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
+
+mod accounts;
+mod contacts;
+mod keys;
+mod registrations;
+mod revocations;
+mod sign_ups;
+mod tokens;
 
 /// Prefix of every key this store writes.
 pub const KEY_PREFIX: &str = "mqgate:";
@@ -139,6 +149,9 @@ pub struct RedisStore {
     replace: redis::Script,
     guarded_set: redis::Script,
     guarded_hset: redis::Script,
+    hset_if_exists: redis::Script,
+    incr_if_exists: redis::Script,
+    hit: redis::Script,
     events: broadcast::Sender<RevocationEvent>,
     /// Starts the revocation subscriber once.
     subscriber: Once,
@@ -178,6 +191,9 @@ impl RedisStore {
             replace: redis::Script::new(REPLACE_SCRIPT),
             guarded_set: redis::Script::new(&format!("{REVOCATION_GUARD}{GUARDED_SET}")),
             guarded_hset: redis::Script::new(&format!("{REVOCATION_GUARD}{GUARDED_HSET}")),
+            hset_if_exists: redis::Script::new(sign_ups::HSET_IF_EXISTS),
+            incr_if_exists: redis::Script::new(sign_ups::INCR_IF_EXISTS),
+            hit: redis::Script::new(sign_ups::HIT),
             events,
             subscriber: Once::new(),
             _stop_on_drop: stop.clone().drop_guard(),
@@ -309,352 +325,6 @@ fn parse_announcement(payload: &[u8]) -> Option<RevocationEvent> {
 }
 
 impl Store for RedisStore {
-    fn put_key<'a>(&'a self, uid: &'a UserId, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
-        Box::pin(self.run(move |mut c| async move {
-            c.set::<_, _, ()>(key("key", uid.as_str()), record.encode())
-                .await
-        }))
-    }
-
-    fn put_key_unless_revoked<'a>(
-        &'a self,
-        uid: &'a UserId,
-        record: &'a KeyRecord,
-        iat: u64,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(self.run(move |mut c| async move {
-            self.guarded_set
-                .key(key("revoked", uid.as_str()))
-                .key(key("key", uid.as_str()))
-                .arg(iat.to_string())
-                .arg(record.encode())
-                .invoke_async::<i64>(&mut c)
-                .await
-                .map(|written| written == 1)
-        }))
-    }
-
-    fn get_key<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<KeyRecord>> {
-        Box::pin(async move {
-            let raw: Option<Vec<u8>> = self
-                .run(move |mut c| async move { c.get(key("key", uid.as_str())).await })
-                .await?;
-            raw.map(|bytes| KeyRecord::decode(&bytes)).transpose()
-        })
-    }
-
-    fn remember_nonce<'a>(
-        &'a self,
-        uid: &'a UserId,
-        key_id: &'a str,
-        nonce: &'a [u8],
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let name = format!(
-                "{KEY_PREFIX}nonce:{}:{key_id}:{}",
-                uid.as_str(),
-                b64_encode(nonce)
-            );
-            let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            let set: Option<String> = self
-                .run(move |mut c| async move {
-                    redis::cmd("SET")
-                        .arg(name)
-                        .arg(1)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(millis)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
-            Ok(set.is_some())
-        })
-    }
-
-    fn add_contact_request<'a>(
-        &'a self,
-        requester: &'a UserId,
-        target: &'a UserId,
-    ) -> StoreFuture<'a, ()> {
-        Box::pin(self.run(move |mut c| async move {
-            redis::pipe()
-                .atomic()
-                .sadd(key("requests:in", target.as_str()), requester.as_str())
-                .ignore()
-                .sadd(key("requests:out", requester.as_str()), target.as_str())
-                .ignore()
-                .query_async::<()>(&mut c)
-                .await
-        }))
-    }
-
-    fn pending_requests<'a>(&'a self, target: &'a UserId) -> StoreFuture<'a, Vec<String>> {
-        Box::pin(async move {
-            let mut list: Vec<String> =
-                self.run(move |mut c| async move {
-                    c.smembers(key("requests:in", target.as_str())).await
-                })
-                .await?;
-            list.sort();
-            Ok(list)
-        })
-    }
-
-    fn accept_contact<'a>(
-        &'a self,
-        requester: &'a UserId,
-        target: &'a UserId,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let done: i64 = self
-                .run(move |mut c| async move {
-                    self.accept
-                        .key(key("requests:in", target.as_str()))
-                        .key(key("requests:out", requester.as_str()))
-                        .key(key("contacts", requester.as_str()))
-                        .key(key("contacts", target.as_str()))
-                        .arg(requester.as_str())
-                        .arg(target.as_str())
-                        .invoke_async(&mut c)
-                        .await
-                })
-                .await?;
-            Ok(done == 1)
-        })
-    }
-
-    fn contacts<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>> {
-        Box::pin(async move {
-            let mut list: Vec<String> = self
-                .run(move |mut c| async move { c.smembers(key("contacts", uid.as_str())).await })
-                .await?;
-            list.sort();
-            Ok(list)
-        })
-    }
-
-    fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            self.merge_revocation(uid, revocation, REVOCATION_CHANNEL)
-                .await
-                .map(|_| ())
-        })
-    }
-
-    fn record_revocation<'a>(
-        &'a self,
-        uid: &'a UserId,
-        revocation: Revocation,
-    ) -> StoreFuture<'a, Revocation> {
-        Box::pin(self.merge_revocation(uid, revocation, ""))
-    }
-
-    fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
-        Box::pin(
-            self.run(
-                move |mut c| async move { c.del::<_, ()>(key("revoked", uid.as_str())).await },
-            ),
-        )
-    }
-
-    fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>> {
-        Box::pin(async move {
-            let raw: Option<String> = self
-                .run(move |mut c| async move { c.get(key("revoked", uid.as_str())).await })
-                .await?;
-            Ok(raw.as_deref().map(Revocation::decode))
-        })
-    }
-
-    fn revocation_events(&self) -> broadcast::Receiver<RevocationEvent> {
-        let receiver = self.events.subscribe();
-        self.subscriber.call_once(|| match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(relay_revocations(
-                    self.redis.client().clone(),
-                    self.events.clone(),
-                    self.stop.clone(),
-                ));
-            }
-            Err(_) => tracing::warn!(
-                "revocation events need a Tokio runtime; only the periodic poll will see revocations"
-            ),
-        });
-        receiver
-    }
-
-    fn put_registration<'a>(&'a self, uid: &'a UserId, registered_at: u64) -> StoreFuture<'a, ()> {
-        Box::pin(self.run(move |mut c| async move {
-            c.set::<_, _, ()>(key("reg", uid.as_str()), registered_at)
-                .await
-        }))
-    }
-
-    fn registration<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<u64>> {
-        Box::pin(self.run(move |mut c| async move { c.get(key("reg", uid.as_str())).await }))
-    }
-
-    fn put_platform_token<'a>(
-        &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        sealed: &'a [u8],
-    ) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            check_platform(platform)?;
-            self.run(move |mut c| async move {
-                c.hset::<_, _, _, ()>(key("tokens", uid.as_str()), platform, sealed)
-                    .await
-            })
-            .await
-        })
-    }
-
-    fn put_platform_token_unless_revoked<'a>(
-        &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        sealed: &'a [u8],
-        iat: u64,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            check_platform(platform)?;
-            self.run(move |mut c| async move {
-                self.guarded_hset
-                    .key(key("revoked", uid.as_str()))
-                    .key(key("tokens", uid.as_str()))
-                    .arg(iat.to_string())
-                    .arg(platform)
-                    .arg(sealed)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-                    .map(|written| written == 1)
-            })
-            .await
-        })
-    }
-
-    fn platform_token<'a>(
-        &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-    ) -> StoreFuture<'a, Option<Vec<u8>>> {
-        Box::pin(
-            self.run(
-                move |mut c| async move { c.hget(key("tokens", uid.as_str()), platform).await },
-            ),
-        )
-    }
-
-    fn platforms_with_tokens<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Vec<String>> {
-        Box::pin(async move {
-            let mut list: Vec<String> = self
-                .run(move |mut c| async move { c.hkeys(key("tokens", uid.as_str())).await })
-                .await?;
-            list.sort();
-            Ok(list)
-        })
-    }
-
-    fn delete_platform_token<'a>(
-        &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let removed: i64 = self
-                .run(
-                    move |mut c| async move { c.hdel(key("tokens", uid.as_str()), platform).await },
-                )
-                .await?;
-            Ok(removed > 0)
-        })
-    }
-
-    fn replace_platform_token<'a>(
-        &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        old: &'a [u8],
-        new: &'a [u8],
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let done: i64 = self
-                .run(move |mut c| async move {
-                    self.replace
-                        .key(key("tokens", uid.as_str()))
-                        .arg(platform)
-                        .arg(old)
-                        .arg(new)
-                        .invoke_async(&mut c)
-                        .await
-                })
-                .await?;
-            Ok(done == 1)
-        })
-    }
-
-    fn platform_tokens_page<'a>(&'a self, cursor: Option<&'a str>) -> StoreFuture<'a, TokenPage> {
-        Box::pin(async move {
-            let cursor: u64 = match cursor {
-                None => 0,
-                Some(text) => text
-                    .parse()
-                    .map_err(|_| StoreError::Invalid("not a token listing cursor".into()))?,
-            };
-            let pattern = format!("{KEY_PREFIX}tokens:*");
-            let (next, keys): (u64, Vec<String>) = self
-                .run(move |mut c| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
-            let mut page = TokenPage {
-                tokens: Vec::new(),
-                next: (next != 0).then(|| next.to_string()),
-            };
-            let tokens_prefix = format!("{KEY_PREFIX}tokens:");
-            for name in keys {
-                let Some(uid) = name
-                    .strip_prefix(tokens_prefix.as_str())
-                    .and_then(|u| UserId::parse(u).ok())
-                else {
-                    continue;
-                };
-                let fields: std::collections::HashMap<String, Vec<u8>> = self
-                    .run(move |mut c| async move { c.hgetall(name).await })
-                    .await?;
-                for (platform, sealed) in fields {
-                    page.tokens.push(StoredToken {
-                        uid: uid.clone(),
-                        platform,
-                        sealed,
-                    });
-                }
-            }
-            Ok(page)
-        })
-    }
-
-    fn delete_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
-        Box::pin(self.run(move |mut c| async move {
-            self.delete
-                .arg(KEY_PREFIX)
-                .arg(uid.as_str())
-                .invoke_async::<i64>(&mut c)
-                .await
-                .map(|_| ())
-        }))
-    }
-
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.run(|mut c| async move {
             redis::cmd("PING")
@@ -679,6 +349,13 @@ mod tests {
         let server = RedisServer::start();
         let store = RedisStore::connect(&server.url()).await.unwrap();
         crate::conformance::exercise(&store).await;
+    }
+
+    #[tokio::test]
+    async fn sign_ups_conformance() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        crate::conformance::sign_ups(&store).await;
     }
 
     #[tokio::test]

@@ -1,0 +1,69 @@
+//! Owns the [`crate::Keys`] domain: the sync key and replay nonces in Redis (key schema: `SCHEMA.md`).
+
+use super::*;
+
+impl Keys for RedisStore {
+    fn put_key<'a>(&'a self, uid: &'a UserId, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
+        Box::pin(self.run(move |mut c| async move {
+            c.set::<_, _, ()>(key("key", uid.as_str()), record.encode())
+                .await
+        }))
+    }
+
+    fn put_key_unless_revoked<'a>(
+        &'a self,
+        uid: &'a UserId,
+        record: &'a KeyRecord,
+        iat: u64,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(self.run(move |mut c| async move {
+            self.guarded_set
+                .key(key("revoked", uid.as_str()))
+                .key(key("key", uid.as_str()))
+                .arg(iat.to_string())
+                .arg(record.encode())
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|written| written == 1)
+        }))
+    }
+
+    fn get_key<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<KeyRecord>> {
+        Box::pin(async move {
+            let raw: Option<Vec<u8>> = self
+                .run(move |mut c| async move { c.get(key("key", uid.as_str())).await })
+                .await?;
+            raw.map(|bytes| KeyRecord::decode(&bytes)).transpose()
+        })
+    }
+
+    fn remember_nonce<'a>(
+        &'a self,
+        uid: &'a UserId,
+        key_id: &'a str,
+        nonce: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let name = format!(
+                "{KEY_PREFIX}nonce:{}:{key_id}:{}",
+                uid.as_str(),
+                b64_encode(nonce)
+            );
+            let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let set: Option<String> = self
+                .run(move |mut c| async move {
+                    redis::cmd("SET")
+                        .arg(name)
+                        .arg(1)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(set.is_some())
+        })
+    }
+}

@@ -1,0 +1,55 @@
+//! Owns the [`crate::Revocations`] domain: revocation records and their events in Redis (key schema: `SCHEMA.md`).
+
+use super::*;
+
+impl Revocations for RedisStore {
+    fn revoke_user<'a>(&'a self, uid: &'a UserId, revocation: Revocation) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.merge_revocation(uid, revocation, REVOCATION_CHANNEL)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn record_revocation<'a>(
+        &'a self,
+        uid: &'a UserId,
+        revocation: Revocation,
+    ) -> StoreFuture<'a, Revocation> {
+        Box::pin(self.merge_revocation(uid, revocation, ""))
+    }
+
+    fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
+        Box::pin(
+            self.run(
+                move |mut c| async move { c.del::<_, ()>(key("revoked", uid.as_str())).await },
+            ),
+        )
+    }
+
+    fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>> {
+        Box::pin(async move {
+            let raw: Option<String> = self
+                .run(move |mut c| async move { c.get(key("revoked", uid.as_str())).await })
+                .await?;
+            Ok(raw.as_deref().map(Revocation::decode))
+        })
+    }
+
+    fn revocation_events(&self) -> broadcast::Receiver<RevocationEvent> {
+        let receiver = self.events.subscribe();
+        self.subscriber.call_once(|| match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(relay_revocations(
+                    self.redis.client().clone(),
+                    self.events.clone(),
+                    self.stop.clone(),
+                ));
+            }
+            Err(_) => tracing::warn!(
+                "revocation events need a Tokio runtime; only the periodic poll will see revocations"
+            ),
+        });
+        receiver
+    }
+}
