@@ -19,7 +19,8 @@
 //! 5. [`sessions`]: client ids namespaced per user and takeover, client id
 //!    length and persistent sessions per user;
 //! 6. [`acl`]: who may publish and subscribe where, topic size caps;
-//!    revoked users are refused and disconnected ([`revocation`]);
+//!    revoked users are refused ([`revocation`]) and disconnected
+//!    ([`revocation_watch`]);
 //!    [`delivery`]: the one owner of delivery behind the [`delivery::Delivery`]
 //!    trait (the seam for more nodes): one subscription table, each
 //!    session's row of it and its cap, which path serves each subscription
@@ -58,6 +59,7 @@ pub mod metrics;
 pub mod property_caps;
 pub mod rate_limit;
 pub mod revocation;
+pub mod revocation_watch;
 pub mod router;
 pub mod session;
 pub mod sessions;

@@ -1,13 +1,9 @@
-//! Owns user revocation: a token the store's revocation of its user refuses
-//! (every token for `All`; one issued before the cut-off for `IssuedBefore`,
-//! a token without `iat` counting as issued at 0) is refused at CONNECT, and
-//! the live sessions it opened are ended within moments of the revocation:
-//! the store's revocation events (Redis pub/sub across processes, an
-//! in-process broadcast for the embedded store) end them at once (and once
-//! more a second later, for a connection whose CONNECT check ran just before
-//! the revocation was written), and a periodic sweep is the fallback for
-//! events lost in an outage. An event also drops the user's refused delayed
-//! wills (`wills`); every will is checked again before it is published.
+//! Owns the question "does this user's revocation refuse this token?": a
+//! token the store's revocation of its user refuses (every token for `All`;
+//! one issued before the cut-off for `IssuedBefore`, a token without `iat`
+//! counting as issued at 0) is refused at CONNECT, and every will is checked
+//! again before it is published. Ending the live sessions and dropping the
+//! delayed wills of a revoked user is `revocation_watch`.
 //!
 //! Re-registration rule: deleting an account (`delete_account`,
 //! `/unregister`) records `IssuedBefore(now + 1)` before deleting anything,
@@ -16,36 +12,18 @@
 //! same second as the deletion is refused: wait for the next second).
 
 use crate::auth::DeviceIdentity;
-use crate::sessions::{EndRequest, LiveDevice, SessionRegistry};
-use crate::wills::Wills;
-use futures::StreamExt;
 use protocol::UserId;
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{Revocation, RevocationEvent};
-use tokio::sync::broadcast::error::RecvError;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
-/// How many revocation look-ups run at once during a sweep.
-const SWEEP_CONCURRENCY: usize = 32;
-
-/// After an event, the user's sessions are checked once more this much
-/// later: a connection that passed its CONNECT check just before the
-/// revocation was written may register its session just after the event.
-const RECHECK_AFTER: Duration = Duration::from_secs(1);
-
-/// Most pending re-checks; beyond this the oldest are dropped (the periodic
-/// sweep still covers them).
-const MAX_RECHECKS: usize = 10_000;
+use store::Revocation;
+use tracing::warn;
 
 /// Revocation checks against a store.
 pub struct Revocations {
-    store: Arc<dyn store::Revocations>,
-    poll_interval: Duration,
+    pub(crate) store: Arc<dyn store::Revocations>,
+    /// The fallback sweep of `revocation_watch` (zero: none).
+    pub(crate) poll_interval: Duration,
 }
 
 impl fmt::Debug for Revocations {
@@ -68,7 +46,7 @@ impl Revocations {
 
     /// The user's revocation. A store that does not answer lets the user in
     /// (and says so in the log): an outage must not lock every user out.
-    async fn revocation_of(&self, uid: &UserId) -> Option<Revocation> {
+    pub(crate) async fn revocation_of(&self, uid: &UserId) -> Option<Revocation> {
         match self.store.revocation(uid).await {
             Ok(revocation) => revocation,
             Err(e) => {
@@ -84,118 +62,15 @@ impl Revocations {
             .await
             .is_some_and(|r| r.refuses(device.issued_at()))
     }
-
-    /// Ends the sessions of `uid` that `revocation` refuses; returns how many.
-    fn end_refused(uid: &UserId, revocation: Revocation, sessions: Vec<LiveDevice>) -> usize {
-        let mut ended = 0;
-        for session in sessions {
-            if revocation.refuses(session.issued_at) {
-                session.end.request(EndRequest::Revoked);
-                ended += 1;
-            }
-        }
-        if ended > 0 {
-            info!(%uid, sessions = ended, "user revoked: ending sessions");
-        }
-        ended
-    }
-
-    /// Re-checks every live device session against the store.
-    async fn sweep(&self, sessions: &SessionRegistry) {
-        let live = sessions.device_sessions();
-        let found: Vec<_> = futures::stream::iter(live)
-            .map(|(uid, devices)| async move {
-                self.revocation_of(&uid)
-                    .await
-                    .map(|revocation| (uid, revocation, devices))
-            })
-            .buffer_unordered(SWEEP_CONCURRENCY)
-            .filter_map(|found| async move { found })
-            .collect()
-            .await;
-        for (uid, revocation, devices) in found {
-            Self::end_refused(&uid, revocation, devices);
-        }
-    }
-
-    /// Ends refused sessions as revocation events arrive, and sweeps every
-    /// poll interval (and whenever events may have been missed) until
-    /// `shutdown`.
-    pub async fn watch(
-        self: Arc<Self>,
-        sessions: Arc<SessionRegistry>,
-        wills: Wills,
-        shutdown: CancellationToken,
-    ) {
-        let mut events = Some(self.store.revocation_events());
-        // A zero interval disables the sweep; the tick then never fires.
-        let poll = if self.poll_interval.is_zero() {
-            Duration::from_secs(365 * 24 * 3600)
-        } else {
-            self.poll_interval
-        };
-        let mut ticks = tokio::time::interval(poll);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate: skip it (CONNECT checks every newcomer).
-        ticks.tick().await;
-        let mut rechecks: VecDeque<(Instant, UserId, Revocation)> = VecDeque::new();
-        loop {
-            let event = async {
-                match events.as_mut() {
-                    Some(events) => events.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let next_recheck = rechecks.front().map(|(at, _, _)| *at);
-            let recheck_due = async {
-                match next_recheck {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = recheck_due => {
-                    if let Some((_, uid, revocation)) = rechecks.pop_front() {
-                        Self::end_refused(&uid, revocation, sessions.sessions_of(&uid));
-                    }
-                }
-                _ = ticks.tick() => {
-                    if !self.poll_interval.is_zero() {
-                        self.sweep(&sessions).await;
-                    }
-                }
-                received = event => match received {
-                    Ok(RevocationEvent::Revoked { uid, revocation }) => {
-                        Self::end_refused(&uid, revocation, sessions.sessions_of(&uid));
-                        // Checked again when due; dropped now to free them.
-                        wills.drop_revoked(&uid, revocation);
-                        if rechecks.len() >= MAX_RECHECKS {
-                            rechecks.pop_front();
-                        }
-                        rechecks.push_back((Instant::now() + RECHECK_AFTER, uid, revocation));
-                    }
-                    Ok(RevocationEvent::Resync) | Err(RecvError::Lagged(_)) => {
-                        info!("revocation events may have been missed; checking every session");
-                        self.sweep(&sessions).await;
-                    }
-                    Err(RecvError::Closed) => {
-                        warn!("revocation events ended; relying on the periodic check");
-                        events = None;
-                    }
-                },
-            }
-        }
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::auth::testing::device_issued;
     use store::EmbeddedStore;
 
-    async fn store() -> (tempfile::TempDir, Arc<dyn store::Revocations>) {
+    pub(crate) async fn store() -> (tempfile::TempDir, Arc<dyn store::Revocations>) {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb"))
             .await
@@ -224,58 +99,5 @@ mod tests {
         assert!(revocations.refuses(&new).await);
         store.restore_user(&uid).await.unwrap();
         assert!(!revocations.refuses(&old).await);
-    }
-
-    #[tokio::test]
-    async fn events_end_only_the_refused_sessions_at_once() {
-        let (_dir, store) = store().await;
-        // No sweep: only the event can end the session.
-        let revocations = Arc::new(Revocations::new(store.clone(), Duration::ZERO));
-        let shutdown = CancellationToken::new();
-        let registry = Arc::new(SessionRegistry::new(shutdown.clone()));
-        let old = registry
-            .claim("D:u1:a".into(), Some(&device_issued("u1", Some(10))))
-            .await;
-        let fresh = registry
-            .claim("D:u1:b".into(), Some(&device_issued("u1", Some(500))))
-            .await;
-        let other = registry
-            .claim("D:u2:a".into(), Some(&device_issued("u2", Some(10))))
-            .await;
-        let (wills, _queue) = Wills::new(10, 1 << 20);
-        let watcher = tokio::spawn(revocations.watch(registry.clone(), wills, shutdown.clone()));
-        // Let the watcher subscribe before revoking.
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let uid = UserId::parse("u1").unwrap();
-        store
-            .revoke_user(&uid, Revocation::IssuedBefore(100))
-            .await
-            .unwrap();
-        let ended = tokio::time::timeout(
-            Duration::from_secs(2),
-            std::future::poll_fn(|cx| old.end.poll_requested(cx)),
-        )
-        .await
-        .expect("ended within 2 s");
-        assert_eq!(ended, EndRequest::Revoked);
-        assert_eq!(fresh.end.requested(), None);
-        assert_eq!(other.end.requested(), None);
-
-        // A session that registers just after the event (its CONNECT check
-        // ran before the revocation was written) is caught by the re-check.
-        let late = registry
-            .claim("D:u1:c".into(), Some(&device_issued("u1", Some(20))))
-            .await;
-        let ended = tokio::time::timeout(
-            Duration::from_secs(3),
-            std::future::poll_fn(|cx| late.end.poll_requested(cx)),
-        )
-        .await
-        .expect("re-checked within 3 s");
-        assert_eq!(ended, EndRequest::Revoked);
-        assert_eq!(fresh.end.requested(), None);
-        shutdown.cancel();
-        watcher.await.unwrap();
     }
 }
