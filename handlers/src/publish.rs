@@ -109,7 +109,12 @@ pub async fn handle(shared: &Shared, cmd: Command<PublishIn>) -> Result<Reply, H
     }
     if !shared
         .store
-        .remember_nonce(uid, &record.key_id, &nonce, shared.settings.nonce_ttl)
+        .remember_nonce(store::NonceUse {
+            uid,
+            key_id: &record.key_id,
+            nonce: &nonce,
+            ttl: shared.settings.nonce_ttl,
+        })
         .await?
     {
         return Err(HandlerError::conflict("replayed nonce"));

@@ -392,7 +392,14 @@ pub async fn store_token(shared: &Shared, cmd: Command<StoreToken>) -> Result<Re
         Some(iat) => {
             shared
                 .store
-                .put_platform_token_unless_revoked(&cmd.user_id, platform, &sealed, iat)
+                .put_platform_token_unless_revoked(
+                    store::SealedToken {
+                        uid: &cmd.user_id,
+                        platform,
+                        sealed: &sealed,
+                    },
+                    iat,
+                )
                 .await?
         }
         None => {
@@ -606,7 +613,10 @@ pub async fn rotate_master_key(
                 }
             };
             if store
-                .replace_platform_token(&token.uid, &token.platform, &token.sealed, &resealed)
+                .replace_platform_token(
+                    store::SealedToken::new(&token.uid, &token.platform, &token.sealed),
+                    &resealed,
+                )
                 .await?
             {
                 report.resealed += 1;

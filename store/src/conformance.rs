@@ -48,14 +48,32 @@ async fn keys(store: &dyn Keys) -> KeyRecord {
 
     // Nonces: once per (user, key); expiry frees them.
     let ttl = Duration::from_secs(60);
-    assert!(store.remember_nonce(&a, "k2", b"n1", ttl).await.unwrap());
-    assert!(!store.remember_nonce(&a, "k2", b"n1", ttl).await.unwrap());
-    assert!(store.remember_nonce(&b, "k2", b"n1", ttl).await.unwrap());
-    assert!(store.remember_nonce(&a, "k3", b"n1", ttl).await.unwrap());
+    assert!(store
+        .remember_nonce(NonceUse::new(&a, "k2", b"n1", ttl))
+        .await
+        .unwrap());
+    assert!(!store
+        .remember_nonce(NonceUse::new(&a, "k2", b"n1", ttl))
+        .await
+        .unwrap());
+    assert!(store
+        .remember_nonce(NonceUse::new(&b, "k2", b"n1", ttl))
+        .await
+        .unwrap());
+    assert!(store
+        .remember_nonce(NonceUse::new(&a, "k3", b"n1", ttl))
+        .await
+        .unwrap());
     let short = Duration::from_millis(50);
-    assert!(store.remember_nonce(&a, "k2", b"n2", short).await.unwrap());
+    assert!(store
+        .remember_nonce(NonceUse::new(&a, "k2", b"n2", short))
+        .await
+        .unwrap());
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert!(store.remember_nonce(&a, "k2", b"n2", short).await.unwrap());
+    assert!(store
+        .remember_nonce(NonceUse::new(&a, "k2", b"n2", short))
+        .await
+        .unwrap());
     k2
 }
 
@@ -224,15 +242,15 @@ async fn platform_tokens(store: &dyn PlatformTokens) {
     );
     // Compare-and-swap for key rotation.
     assert!(!store
-        .replace_platform_token(&d, "gmail", b"g1", b"g3")
+        .replace_platform_token(SealedToken::new(&d, "gmail", b"g1"), b"g3")
         .await
         .unwrap());
     assert!(store
-        .replace_platform_token(&d, "gmail", b"g2", b"g3")
+        .replace_platform_token(SealedToken::new(&d, "gmail", b"g2"), b"g3")
         .await
         .unwrap());
     assert!(!store
-        .replace_platform_token(&d, "absent", b"g2", b"g3")
+        .replace_platform_token(SealedToken::new(&d, "absent", b"g2"), b"g3")
         .await
         .unwrap());
     assert_eq!(store.platform_token(&d, "absent").await.unwrap(), None);
@@ -310,14 +328,14 @@ async fn accounts(store: &dyn Store) {
         issued_at: 3,
     };
     assert!(!store
-        .put_platform_token_unless_revoked(&d, "gmail", b"old", 499)
+        .put_platform_token_unless_revoked(SealedToken::new(&d, "gmail", b"old"), 499)
         .await
         .unwrap());
     assert!(!store.put_key_unless_revoked(&d, &key, 0).await.unwrap());
     assert!(store.platforms_with_tokens(&d).await.unwrap().is_empty());
     assert_eq!(store.get_key(&d).await.unwrap(), None);
     assert!(store
-        .put_platform_token_unless_revoked(&d, "gmail", b"new", 500)
+        .put_platform_token_unless_revoked(SealedToken::new(&d, "gmail", b"new"), 500)
         .await
         .unwrap());
     assert!(store.put_key_unless_revoked(&d, &key, 500).await.unwrap());
@@ -327,18 +345,18 @@ async fn accounts(store: &dyn Store) {
     );
     assert_eq!(store.get_key(&d).await.unwrap(), Some(key.clone()));
     assert!(store
-        .put_platform_token_unless_revoked(&e, "chat", b"e2", 0)
+        .put_platform_token_unless_revoked(SealedToken::new(&e, "chat", b"e2"), 0)
         .await
         .unwrap());
     assert!(matches!(
         store
-            .put_platform_token_unless_revoked(&e, "bad name", b"x", 0)
+            .put_platform_token_unless_revoked(SealedToken::new(&e, "bad name", b"x"), 0)
             .await,
         Err(StoreError::Invalid(_))
     ));
     store.revoke_user(&d, Revocation::All).await.unwrap();
     assert!(!store
-        .put_platform_token_unless_revoked(&d, "gmail", b"x", u64::MAX)
+        .put_platform_token_unless_revoked(SealedToken::new(&d, "gmail", b"x"), u64::MAX)
         .await
         .unwrap());
     assert!(!store

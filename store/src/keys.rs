@@ -74,11 +74,25 @@ pub trait Keys: Send + Sync + 'static {
 
     /// Records that `nonce` was used with key `key_id` by `uid`, for `ttl`.
     /// Returns `true` the first time and `false` for a replay.
-    fn remember_nonce<'a>(
-        &'a self,
-        uid: &'a UserId,
-        key_id: &'a str,
-        nonce: &'a [u8],
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool>;
+    fn remember_nonce<'a>(&'a self, used: NonceUse<'a>) -> StoreFuture<'a, bool>;
+}
+
+/// One use of a nonce: by `uid`, with key `key_id`, remembered for `ttl`.
+#[derive(Debug, Clone, Copy)]
+pub struct NonceUse<'a> {
+    pub uid: &'a UserId,
+    pub key_id: &'a str,
+    pub nonce: &'a [u8],
+    pub ttl: Duration,
+}
+
+impl<'a> NonceUse<'a> {
+    pub fn new(uid: &'a UserId, key_id: &'a str, nonce: &'a [u8], ttl: Duration) -> Self {
+        NonceUse {
+            uid,
+            key_id,
+            nonce,
+            ttl,
+        }
+    }
 }

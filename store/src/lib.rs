@@ -42,13 +42,15 @@ pub use accounts::Accounts;
 pub use args::{StoreArgs, DEFAULT_DATA_DIR};
 pub use contacts::Contacts;
 pub use embedded::EmbeddedStore;
-pub use keys::{KeyRecord, Keys};
+pub use keys::{KeyRecord, Keys, NonceUse};
 pub use redis_conn::{RedisConnection, INVALID_REDIS_URL};
 pub use redis_store::{RedisStore, KEY_PREFIX};
 pub use registrations::Registrations;
 pub use revocations::{Revocation, RevocationEvent, Revocations, REVOCATION_EVENTS_CAPACITY};
 pub use sign_ups::{open_sign_ups, MemorySignUps, SignUpSession, SignUps, SIGN_UP_KEY_PREFIX};
-pub use tokens::{valid_platform_name, PlatformTokens, StoredToken, TokenPage, MAX_PLATFORM_LEN};
+pub use tokens::{
+    valid_platform_name, PlatformTokens, SealedToken, StoredToken, TokenPage, MAX_PLATFORM_LEN,
+};
 
 use std::future::Future;
 use std::path::Path;

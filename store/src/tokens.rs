@@ -66,9 +66,7 @@ pub trait PlatformTokens: Send + Sync + 'static {
     /// nothing written.
     fn put_platform_token_unless_revoked<'a>(
         &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        sealed: &'a [u8],
+        token: SealedToken<'a>,
         iat: u64,
     ) -> StoreFuture<'a, bool>;
 
@@ -89,18 +87,34 @@ pub trait PlatformTokens: Send + Sync + 'static {
         platform: &'a str,
     ) -> StoreFuture<'a, bool>;
 
-    /// Replaces the token only if it is still exactly `old` (for master-key
+    /// Replaces the token only if it is still exactly `old.sealed` (for master-key
     /// rotation: a token the user revoked or replaced meanwhile is left alone).
     /// Returns whether it was replaced.
     fn replace_platform_token<'a>(
         &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        old: &'a [u8],
+        old: SealedToken<'a>,
         new: &'a [u8],
     ) -> StoreFuture<'a, bool>;
 
     /// One page of every stored platform token of every user, for master-key
     /// rotation. Start with `None` and pass back [`TokenPage::next`].
     fn platform_tokens_page<'a>(&'a self, cursor: Option<&'a str>) -> StoreFuture<'a, TokenPage>;
+}
+
+/// A user's sealed token for one platform, as written.
+#[derive(Debug, Clone, Copy)]
+pub struct SealedToken<'a> {
+    pub uid: &'a UserId,
+    pub platform: &'a str,
+    pub sealed: &'a [u8],
+}
+
+impl<'a> SealedToken<'a> {
+    pub fn new(uid: &'a UserId, platform: &'a str, sealed: &'a [u8]) -> Self {
+        SealedToken {
+            uid,
+            platform,
+            sealed,
+        }
+    }
 }

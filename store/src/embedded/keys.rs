@@ -1,6 +1,7 @@
 //! Owns the [`crate::Keys`] domain: the sync key and replay nonces in the redb file (key schema: `SCHEMA.md`).
 
 use super::*;
+use crate::NonceUse;
 
 impl Keys for EmbeddedStore {
     fn put_key<'a>(&'a self, uid: &'a UserId, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
@@ -46,13 +47,8 @@ impl Keys for EmbeddedStore {
         })
     }
 
-    fn remember_nonce<'a>(
-        &'a self,
-        uid: &'a UserId,
-        key_id: &'a str,
-        nonce: &'a [u8],
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
+    fn remember_nonce<'a>(&'a self, used: NonceUse<'a>) -> StoreFuture<'a, bool> {
+        let (uid, key_id, nonce, ttl) = (used.uid, used.key_id, used.nonce, used.ttl);
         let name = format!("{}\x1f{key_id}\x1f{}", uid.as_str(), b64_encode(nonce));
         let sweep = self.nonce_calls.fetch_add(1, Ordering::Relaxed) & (SWEEP_EVERY - 1) == 0;
         self.blocking(move |db| {

@@ -19,7 +19,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
 mod accounts;
@@ -226,7 +226,9 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::NonceUse;
     use envelope::AesKey;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn conformance() {
@@ -282,12 +284,18 @@ mod tests {
             let store = EmbeddedStore::open(&path).await.unwrap();
             store.put_key(&uid, &record).await.unwrap();
             let ttl = Duration::from_secs(60);
-            assert!(store.remember_nonce(&uid, "k", b"n", ttl).await.unwrap());
+            assert!(store
+                .remember_nonce(NonceUse::new(&uid, "k", b"n", ttl))
+                .await
+                .unwrap());
         }
         let store = EmbeddedStore::open(&path).await.unwrap();
         assert_eq!(store.get_key(&uid).await.unwrap(), Some(record));
         let ttl = Duration::from_secs(60);
-        assert!(!store.remember_nonce(&uid, "k", b"n", ttl).await.unwrap());
+        assert!(!store
+            .remember_nonce(NonceUse::new(&uid, "k", b"n", ttl))
+            .await
+            .unwrap());
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Owns the [`crate::PlatformTokens`] domain: sealed platform tokens in the redb file (key schema: `SCHEMA.md`).
 
 use super::*;
+use crate::SealedToken;
 
 impl PlatformTokens for EmbeddedStore {
     fn put_platform_token<'a>(
@@ -25,11 +26,10 @@ impl PlatformTokens for EmbeddedStore {
 
     fn put_platform_token_unless_revoked<'a>(
         &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        sealed: &'a [u8],
+        token: SealedToken<'a>,
         iat: u64,
     ) -> StoreFuture<'a, bool> {
+        let (uid, platform, sealed) = (token.uid, token.platform, token.sealed);
         if let Err(e) = check_platform(platform) {
             return Box::pin(async move { Err(e) });
         }
@@ -106,11 +106,10 @@ impl PlatformTokens for EmbeddedStore {
 
     fn replace_platform_token<'a>(
         &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        old: &'a [u8],
+        old: SealedToken<'a>,
         new: &'a [u8],
     ) -> StoreFuture<'a, bool> {
+        let (uid, platform, old) = (old.uid, old.platform, old.sealed);
         if check_platform(platform).is_err() {
             return Box::pin(async { Ok(false) });
         }

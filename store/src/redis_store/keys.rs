@@ -1,6 +1,7 @@
 //! Owns the [`crate::Keys`] domain: the sync key and replay nonces in Redis (key schema: `SCHEMA.md`).
 
 use super::*;
+use crate::NonceUse;
 
 impl Keys for RedisStore {
     fn put_key<'a>(&'a self, uid: &'a UserId, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
@@ -37,13 +38,8 @@ impl Keys for RedisStore {
         })
     }
 
-    fn remember_nonce<'a>(
-        &'a self,
-        uid: &'a UserId,
-        key_id: &'a str,
-        nonce: &'a [u8],
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
+    fn remember_nonce<'a>(&'a self, used: NonceUse<'a>) -> StoreFuture<'a, bool> {
+        let (uid, key_id, nonce, ttl) = (used.uid, used.key_id, used.nonce, used.ttl);
         Box::pin(async move {
             let name = format!(
                 "{KEY_PREFIX}nonce:{}:{key_id}:{}",

@@ -1,6 +1,7 @@
 //! Owns the [`crate::PlatformTokens`] domain: sealed platform tokens in Redis (key schema: `SCHEMA.md`).
 
 use super::*;
+use crate::SealedToken;
 
 impl PlatformTokens for RedisStore {
     fn put_platform_token<'a>(
@@ -21,11 +22,10 @@ impl PlatformTokens for RedisStore {
 
     fn put_platform_token_unless_revoked<'a>(
         &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        sealed: &'a [u8],
+        token: SealedToken<'a>,
         iat: u64,
     ) -> StoreFuture<'a, bool> {
+        let (uid, platform, sealed) = (token.uid, token.platform, token.sealed);
         Box::pin(async move {
             check_platform(platform)?;
             self.run(move |mut c| async move {
@@ -82,11 +82,10 @@ impl PlatformTokens for RedisStore {
 
     fn replace_platform_token<'a>(
         &'a self,
-        uid: &'a UserId,
-        platform: &'a str,
-        old: &'a [u8],
+        old: SealedToken<'a>,
         new: &'a [u8],
     ) -> StoreFuture<'a, bool> {
+        let (uid, platform, old) = (old.uid, old.platform, old.sealed);
         Box::pin(async move {
             let done: i64 = self
                 .run(move |mut c| async move {
