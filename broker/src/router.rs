@@ -201,7 +201,7 @@ impl EmbeddedRouter {
             shared_subscriptions_strategy: Default::default(),
         };
         // On the broker's runtime, not a thread of its own: see
-        // `Router::spawn_on_runtime` (vendor/rumqttd/PATCHES.md).
+        // `Router::spawn_on_runtime` (router/DESIGN.md).
         let router = Router::new(0, config);
         metrics.watch_router_log_bytes(router.stored_bytes());
         let (router_tx, task) = router.spawn_on_runtime();

@@ -1419,7 +1419,7 @@ fn replies_reach_only_their_owner() {
 /// waiting for the CONNACK. A PINGREQ that arrives in the same read as the
 /// CONNECT is left in the gate's read buffer until more bytes come, so it
 /// is never answered. Found by this target; the fix belongs to
-/// `broker/src/connection.rs` (decode what is already buffered when the
+/// `broker/src/session/mod.rs` (decode what is already buffered when the
 /// session starts).
 #[test]
 fn pipelined_packets_after_connect_are_answered() {
@@ -1453,7 +1453,7 @@ fn pipelined_packets_after_connect_are_answered() {
 /// A handler session holding the same filter plainly and as a shared
 /// subscription (`sync` and `$share/g/sync`): the router's
 /// `debug_assert!(check_tracker_duplicates(..))` in `prepare_filter`
-/// (vendor/rumqttd/src/router/routing.rs) fails and the router task dies;
+/// (router/src/router/routing.rs) fails and the router task dies;
 /// in release builds the assertion is compiled out and the session holds two
 /// trackers for one filter. Found by this target; the fix belongs to the
 /// router.
@@ -1484,9 +1484,9 @@ fn handler_shared_and_plain_subscription_of_one_filter() {
 /// Issue 9: a validly signed token whose `exp` is enormous (10^19, u64::MAX)
 /// overflowed the session's deadline arithmetic (`exp + leeway`,
 /// `Instant + Duration`) and the session task panicked: on this branch at
-/// broker/src/connection.rs:313 (`exp + gate.leeway_secs`, attempt to add
+/// the session, then `broker/src/connection.rs` (`exp + gate.leeway_secs`, attempt to add
 /// with overflow) and std's `Instant + Duration` (overflow when adding
-/// duration to instant). The fix belongs to connection.rs (saturating
+/// duration to instant). The fix belonged to the session (saturating
 /// arithmetic, `Instant::checked_add`).
 #[test]
 fn enormous_token_expiry_does_not_panic_the_session() {

@@ -408,7 +408,7 @@ async fn persistent_sessions_end_at_their_expiry() {
 }
 
 /// The router empties a reply topic's log once its only reader has read it
-/// (vendor/rumqttd/PATCHES.md): that must never cost a message to a second
+/// (router/DESIGN.md): that must never cost a message to a second
 /// reader, online or away with a persistent session, nor reorder anything.
 #[tokio::test]
 async fn emptied_reply_logs_lose_nothing_for_other_readers() {
