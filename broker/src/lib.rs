@@ -5,7 +5,10 @@
 //! The path of a connection, one module per step:
 //! 1. [`listener`]: accept, admission per source address ([`rate_limit`]:
 //!    new connections per second, connections not yet answered), connection cap;
-//! 2. [`tls`]: handshake under a deadline, in the connection's own task;
+//! 2. [`proxy`]: from a load balancer in `BROKER_TRUSTED_PROXIES`, the PROXY
+//!    header (v1, v2) that names the client, who is then admitted; a PROXY
+//!    header from anyone else is refused;
+//!    [`tls`]: handshake under a deadline, in the connection's own task;
 //! 3. [`session`]: one task per connection. `session/connect.rs`: CONNECT
 //!    deadline, protocol version ([`codec`]), the MQTT 5 rules on CONNECT and
 //!    DISCONNECT values ([`validate`]), admission, takeover, the router link;
@@ -57,6 +60,7 @@ pub mod inbound;
 pub mod listener;
 pub mod metrics;
 pub mod property_caps;
+pub mod proxy;
 pub mod rate_limit;
 pub mod revocation;
 pub mod revocation_watch;
@@ -191,12 +195,15 @@ impl Broker {
             });
         }
         // The public listeners share one admission; the internal one has its own.
-        let admission = Arc::new(Admission::new(
-            "public",
-            limits.conn_rate_per_sec,
-            limits.conn_burst,
-            limits.max_pending_per_addr,
-        ));
+        let admission = Arc::new(
+            Admission::new(
+                "public",
+                limits.conn_rate_per_sec,
+                limits.conn_burst,
+                limits.max_pending_per_addr,
+            )
+            .with_trusted_proxies(limits.trusted_proxies.clone()),
+        );
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
         tasks.spawn(gate.sessions().clone().end_all_at_shutdown());
