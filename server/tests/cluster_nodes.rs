@@ -343,8 +343,10 @@ async fn replies_and_commands_cross_nodes_with_their_stamps() {
     // identity node A's gate stamped (the forged one dropped).
     let deadline = Instant::now() + START_WITHIN;
     let command = loop {
-        let mut forged = rumqttc::v5::mqttbytes::v5::PublishProperties::default();
-        forged.user_properties = vec![("user_id".into(), "someone-else".into())];
+        let forged = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            user_properties: vec![("user_id".into(), "someone-else".into())],
+            ..Default::default()
+        };
         routed
             .client
             .publish_with_properties("jobs", QoS::AtLeastOnce, false, "resize", forged)
