@@ -40,7 +40,10 @@
 //!     session's state;
 //! 11. [`wills`]: wills waiting for their MQTT 5 Will Delay Interval, kept
 //!     past their connection; [`will_publisher`] publishes a will now, or
-//!     the delayed ones through a router link of their own.
+//!     the delayed ones through a router link of their own;
+//! 12. [`inject`]: what another node received, published into this node's
+//!     router through links of their own ([`Broker::start_with`] wraps the
+//!     delivery; the `cluster` crate is such a wrapper).
 //!
 //! Around it: [`config`] (environment and flags, development defaults from
 //! [`config::dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
@@ -57,6 +60,7 @@ pub mod gate;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod inject;
 pub mod listener;
 pub mod metrics;
 pub mod property_caps;
@@ -76,7 +80,7 @@ pub mod wills;
 use auth::jwt::{JwtConfigError, JwtVerifier};
 use auth::Authenticator;
 use config::Config;
-use delivery::LocalDelivery;
+use delivery::{Delivery, LocalDelivery};
 use gate::{Gate, GateParts};
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
@@ -142,6 +146,11 @@ pub enum StartError {
 /// Starting point of the broker's lifecycle.
 pub struct Broker;
 
+/// Wraps this node's [`LocalDelivery`] in another [`Delivery`] (the seam:
+/// a delivery of several nodes, see `delivery/mod.rs`), given the broker's
+/// metrics. [`Broker::start`] uses the local one as it is.
+pub type WrapDelivery = Box<dyn FnOnce(LocalDelivery, &Arc<Metrics>) -> Box<dyn Delivery> + Send>;
+
 /// A broker that is serving.
 pub struct RunningBroker {
     pub tls_addr: Option<SocketAddr>,
@@ -155,6 +164,8 @@ pub struct RunningBroker {
     grace: Duration,
     /// Why the router stopped, if it did (it runs until the process ends).
     router_stopped: Arc<OnceLock<String>>,
+    /// Publishes into this node from outside any session (`inject`).
+    injector: inject::Injector,
 }
 
 /// The broker stopped because its embedded router did.
@@ -165,6 +176,15 @@ pub struct RouterStopped(pub String);
 impl Broker {
     /// Starts the router, the accept loops and the metrics endpoint.
     pub async fn start(config: Config, listeners: Listeners) -> Result<RunningBroker, StartError> {
+        Self::start_with(config, listeners, Box::new(|local, _| Box::new(local))).await
+    }
+
+    /// As [`Broker::start`], with delivery wrapped by `wrap` (several nodes).
+    pub async fn start_with(
+        config: Config,
+        listeners: Listeners,
+        wrap: WrapDelivery,
+    ) -> Result<RunningBroker, StartError> {
         // Only processes on this host reach a loopback port: the internal
         // listener's separate allowance is never offered to the network.
         if let Some(internal) = &listeners.internal {
@@ -177,7 +197,7 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let (gate, router_task, will_queue) =
-            build_gate(config, metrics.clone(), shutdown.clone())?;
+            build_gate(config, metrics.clone(), shutdown.clone(), wrap)?;
         let router_stopped = Arc::new(OnceLock::new());
         {
             // Without its router the broker cannot serve anyone: stop, so that
@@ -226,6 +246,7 @@ impl Broker {
             tasks: tasks.clone(),
             grace: limits.shutdown_grace,
             router_stopped,
+            injector: inject::Injector::new(gate.clone()),
         };
         let mut loops = Vec::new();
         if let Some((listener, acceptor)) = listeners.tls {
@@ -290,6 +311,12 @@ impl Broker {
 }
 
 impl RunningBroker {
+    /// Opens router links that publish into this node from outside any
+    /// session (what other nodes received, for this node's subscribers).
+    pub fn injector(&self) -> inject::Injector {
+        self.injector.clone()
+    }
+
     /// A token that, when cancelled, shuts the broker down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -331,7 +358,12 @@ pub fn gate_for_tests(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Arc<Gate>, StartError> {
-    let (gate, _router_task, will_queue) = build_gate(config, Arc::new(Metrics::new()), shutdown)?;
+    let (gate, _router_task, will_queue) = build_gate(
+        config,
+        Arc::new(Metrics::new()),
+        shutdown,
+        Box::new(|local, _| Box::new(local)),
+    )?;
     tokio::spawn(gate.sessions().clone().end_all_at_shutdown());
     tokio::spawn(will_publisher::publish_delayed(gate.clone(), will_queue));
     Ok(gate)
@@ -343,6 +375,7 @@ fn build_gate(
     config: Config,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    wrap: WrapDelivery,
 ) -> Result<(Arc<Gate>, router::RouterTask, wills::WillQueue), StartError> {
     let leeway_secs = config.jwt.leeway_secs;
     let jwt = JwtVerifier::new(config.jwt)?;
@@ -360,10 +393,10 @@ fn build_gate(
         ),
         router,
         sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
-        delivery: Box::new(LocalDelivery::new(
-            config.command_topics,
-            metrics.reply_index_topics(),
-        )),
+        delivery: wrap(
+            LocalDelivery::new(config.command_topics, metrics.reply_index_topics()),
+            &metrics,
+        ),
         wills,
         revocations: config.revocations.map(Arc::new),
         metrics,

@@ -77,6 +77,11 @@ pub struct BrokerArgs {
     /// Address of the HTTP endpoint with /metrics and /healthz; unset = off.
     #[arg(long, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// This node's name among the broker nodes sharing one Redis (REDIS_URL
+    /// set: cross-node delivery is on). Unset: a name unique to this
+    /// process. 1 to 64 letters, digits, '.', '-' or '_'.
+    #[arg(long, env = "BROKER_NODE_ID")]
+    pub node_id: Option<String>,
     /// Built-in handlers to run in-process.
     #[arg(long, env = "BROKER_HANDLERS", value_enum, default_value = "all")]
     pub handlers: BuiltinHandlers,
