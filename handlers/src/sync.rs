@@ -23,7 +23,6 @@ pub struct SyncIn {
     pub public_key: String,
 }
 
-/// The worker serving `sync`.
 /// The worker serving `sync`, and pairing (`sync_session`,
 /// `sync_session_confirm`: see [`crate::pairing`]).
 pub fn worker(shared: Arc<Shared>, server_key: ServerKey) -> Worker {

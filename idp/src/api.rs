@@ -196,6 +196,21 @@ impl Idp {
         Ok(())
     }
 
+    /// The pairing claims' own, tighter rate per address
+    /// (`IDP_PAIR_RATE_PER_ADDR`): each claim is a guess at a code.
+    pub(crate) async fn limit_pairing(&self, addr: SocketAddr) -> Result<(), ApiError> {
+        let key = format!("p:{}", address_key(addr.ip()));
+        let count = self.sign_ups.hit(&key, RATE_WINDOW).await?;
+        if count > self.settings.pair_rate_per_addr {
+            tracing::info!(peer = %addr.ip(), "rate limited: too many pairing claims from this address");
+            return Err(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many pairing attempts from this address; try again in a minute",
+            ));
+        }
+        Ok(())
+    }
+
     async fn limit_number(&self, msisdn: &Msisdn) -> Result<(), ApiError> {
         // Keyed by the number's uid: the counters never hold the number.
         let uid = self.uid_of(msisdn)?;

@@ -16,7 +16,9 @@
 //! malformed body or public key; 403 declined, refused, or the user
 //! revoked; 408 nobody decided in time; 410 an unknown, used, replaced or
 //! expired code; 429 the address's rate (`IDP_RATE_PER_ADDR`, counted as
-//! every POST is); 503 [`MAX_HELD`] requests already held, or the store down.
+//! every POST is, then `IDP_PAIR_RATE_PER_ADDR`, pairing claims only: each
+//! is a guess at a code); 503 [`MAX_HELD`] requests already held, or the
+//! store down.
 
 use crate::api::{error, json_response, parse_json, store_failed, ApiError, ApiResult};
 use crate::Idp;
@@ -63,6 +65,7 @@ pub(crate) async fn pair(
     body: Body,
 ) -> ApiResult {
     let bytes = idp.admit(peer, &headers, body).await?;
+    idp.limit_pairing(peer).await?;
     let body: PairBody = parse_json(&bytes, r#"{"code": "...", "public_key": "<PEM>"}"#)?;
     let code = PairingCode::parse(body.code.trim()).ok_or_else(gone)?;
     // A key the handler could not encrypt to is refused before the code is used.

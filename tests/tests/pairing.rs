@@ -50,6 +50,17 @@ impl Rig {
     /// `rotate` and `paused` as the handler's settings; `embedded`: one
     /// redb store shared in-process (the `broker` binary's default).
     async fn start(rotate: Duration, changes: u32, paused: Duration, embedded: bool) -> Rig {
+        Rig::start_with(rotate, changes, paused, embedded, |_| {}).await
+    }
+
+    /// As [`Rig::start`], with the identity service's settings adjusted.
+    async fn start_with(
+        rotate: Duration,
+        changes: u32,
+        paused: Duration,
+        embedded: bool,
+        adjust_idp: impl FnOnce(&mut idp::config::Settings),
+    ) -> Rig {
         e2e::init_logging();
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().unwrap();
@@ -62,7 +73,7 @@ impl Rig {
         } else {
             Arc::new(store::RedisStore::connect(&redis.url()).await.unwrap())
         };
-        let idp = Idp::start(store.clone(), &redis.url(), |_| {}).await;
+        let idp = Idp::start(store.clone(), &redis.url(), adjust_idp).await;
         let broker = TestBroker::start_with(options(&idp, store.clone())).await;
         let redis_url = (!embedded).then(|| redis.url());
         let mut settings =
@@ -315,8 +326,10 @@ async fn declined_or_undecided_phones_get_nothing() {
     assert_eq!(status, 408, "{body}");
     assert!(body.get("token").is_none(), "{body}");
     let waited = started.elapsed();
+    // Held for the pause, and answered once it has passed (the bound is
+    // generous: CI machines are loaded; a request held forever fails it).
     assert!(
-        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(15),
         "held for the pause: {waited:?}"
     );
     let expired = message(&mut browser, "open-t").await;
@@ -360,8 +373,10 @@ async fn a_session_expires_after_its_changes() {
     }
     assert_eq!(codes.len(), 3, "the first code and two replacements");
     let lasted = opened.elapsed();
+    // Three codes of a second each (then a poll): not ended early, and not
+    // left running (the upper bound is generous for loaded machines).
     assert!(
-        lasted >= Duration::from_millis(2900) && lasted < Duration::from_secs(6),
+        lasted >= Duration::from_millis(2900) && lasted < Duration::from_secs(15),
         "{lasted:?}"
     );
     for code in &codes {
@@ -421,10 +436,36 @@ async fn another_users_confirm_cannot_confirm() {
         .await;
     let refused = message(&mut mallory, "forged").await;
     assert_eq!(refused["status"], 409, "{refused}");
-    // Mallory's own session cannot be confirmed by a claim of alice's
-    // phone either: the phone is still waiting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The 409 comes after the store refused the decision: alice's session
+    // is still waiting for her, and her phone is still held.
+    let session = code.split('.').next().unwrap();
+    let record = rig.store.pairing(session).await.unwrap().unwrap();
+    assert_eq!(record.state, store::PairingState::Paused);
+    assert_eq!(record.uid.as_str(), alice.uid);
     assert!(!phone.is_finished(), "nothing decided by another user");
+    // A forged confirm in Mallory's own open session reaches only hers:
+    // she opens one, and her confirm finds nothing waiting there either.
+    let own = code_of(&open(&mut mallory, "open-m").await);
+    mallory
+        .send(
+            "sync_session_confirm",
+            json!({"accept": true, "request_id": "forged-2"}),
+        )
+        .await;
+    assert_eq!(message(&mut mallory, "forged-2").await["status"], 409);
+    let record = rig.store.pairing(session).await.unwrap().unwrap();
+    assert_eq!(
+        record.state,
+        store::PairingState::Paused,
+        "alice's untouched"
+    );
+    let mine = own.split('.').next().unwrap();
+    let record = rig.store.pairing(mine).await.unwrap().unwrap();
+    assert_eq!(
+        record.state,
+        store::PairingState::Code,
+        "mallory's unclaimed"
+    );
     alice
         .send(
             "sync_session_confirm",
@@ -522,5 +563,181 @@ async fn garbage_is_refused_and_pairing_still_works() {
     assert_eq!(message(&mut browser, "ok").await["state"], "ack");
     let (status, body) = phone.await.unwrap();
     check_paired(&rig, &browser.uid, status, &body).await;
+    rig.stop().await;
+}
+
+/// `POST /sync/pair` with the phone's key: (status, body), failing the test
+/// if the answer takes longer than `within` (a dead code is answered at
+/// once, never held for the pause).
+async fn pair_within(rig: &Rig, code: &str, within: Duration) -> (u16, Value) {
+    let body = json!({"code": code, "public_key": phone_pem()});
+    let response = reqwest::Client::new()
+        .post(format!("{}/sync/pair", rig.idp.base))
+        .json(&body)
+        .timeout(within)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer within {within:?} (held?): {e}"));
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Dead codes are answered 410 at once, not held for the pause (a minute
+/// here): an unknown one, one of a session the user replaced by opening a
+/// new one, a declined session's, a used one replayed while its phone is
+/// still held, and a timed-out session's. None of them is ever claimed.
+#[tokio::test]
+async fn dead_codes_are_gone_at_once() {
+    let rig = Rig::start(Duration::from_secs(60), 1, Duration::from_secs(60), false).await;
+    let mut browser = rig.browser("+15551230009").await;
+    let at_once = Duration::from_secs(8);
+
+    // Well-formed but unknown: a random session and secret.
+    let unknown = store::PairingCode::generate(&store::new_session_id()).expose();
+    let (status, body) = pair_within(&rig, &unknown, at_once).await;
+    assert_eq!(status, 410, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+
+    // A new session replaces the user's previous one: its code dies at once.
+    let old = code_of(&open(&mut browser, "open-1").await);
+    let new = code_of(&open(&mut browser, "open-2").await);
+    let (status, body) = pair_within(&rig, &old, at_once).await;
+    assert_eq!(status, 410, "the replaced session's code: {body}");
+    let old_session = old.split('.').next().unwrap();
+    let record = rig.store.pairing(old_session).await.unwrap().unwrap();
+    assert_eq!(record.state, store::PairingState::Replaced);
+
+    // The live code is claimed once; replayed while its phone is held: 410.
+    let phone = rig.pair_later(&new);
+    assert_eq!(message(&mut browser, "open-2").await["status"], 201);
+    let (status, body) = pair_within(&rig, &new, at_once).await;
+    assert_eq!(status, 410, "a replayed claim: {body}");
+    assert!(!phone.is_finished(), "the first claim is still held");
+    browser
+        .send(
+            "sync_session_confirm",
+            json!({"accept": false, "request_id": "no"}),
+        )
+        .await;
+    assert_eq!(message(&mut browser, "no").await["state"], "declined");
+    assert_eq!(phone.await.unwrap().0, 403);
+    // A declined session's code, replayed: 410 (not 403: it is simply gone).
+    let (status, body) = pair_within(&rig, &new, at_once).await;
+    assert_eq!(status, 410, "a declined session's code: {body}");
+
+    // No token was ever issued: the user has no key either.
+    let user = protocol::UserId::parse(&browser.uid).unwrap();
+    assert!(rig.store.get_key(&user).await.unwrap().is_none());
+    rig.stop().await;
+}
+
+/// A timed-out session's code cannot be replayed to try again: 410; and a
+/// confirm after the pause changes nothing.
+#[tokio::test]
+async fn a_timed_out_code_cannot_be_replayed() {
+    let rig = Rig::start(Duration::from_secs(30), 1, Duration::from_secs(2), false).await;
+    let mut browser = rig.browser("+15551230010").await;
+    let code = code_of(&open(&mut browser, "open-t").await);
+    let (status, body) = rig.pair(&code).await;
+    assert_eq!(status, 408, "{body}");
+    assert!(body.get("token").is_none(), "{body}");
+    // `pause` (unless the driver's poll came only after the timeout), then `expired`.
+    loop {
+        let next = message(&mut browser, "open-t").await;
+        if next["state"] == "expired" {
+            assert_eq!(next["status"], 408, "{next}");
+            break;
+        }
+        assert_eq!(next["state"], "pause", "{next}");
+    }
+    let (status, body) = pair_within(&rig, &code, Duration::from_secs(8)).await;
+    assert_eq!(status, 410, "{body}");
+    browser
+        .send(
+            "sync_session_confirm",
+            json!({"accept": true, "request_id": "late"}),
+        )
+        .await;
+    assert_eq!(message(&mut browser, "late").await["status"], 409);
+    let user = protocol::UserId::parse(&browser.uid).unwrap();
+    assert!(rig.store.get_key(&user).await.unwrap().is_none());
+    rig.stop().await;
+}
+
+/// Codes are rate-limited per source address (`IDP_PAIR_RATE_PER_ADDR`): a
+/// guesser gets 429 with `Retry-After` after a handful of tries, before
+/// any code is looked at, so even the live code is not claimed then.
+#[tokio::test]
+async fn guessing_codes_is_rate_limited_per_address() {
+    let rig = Rig::start_with(
+        Duration::from_secs(60),
+        1,
+        Duration::from_secs(10),
+        false,
+        |s| s.pair_rate_per_addr = 4,
+    )
+    .await;
+    let mut browser = rig.browser("+15551230011").await;
+    let code = code_of(&open(&mut browser, "open-g").await);
+    let session = code.split('.').next().unwrap().to_owned();
+    // Guesses: the right session with a wrong secret, and random codes.
+    for guess in 0..4 {
+        let text = if guess % 2 == 0 {
+            store::PairingCode::generate(&session).expose()
+        } else {
+            store::PairingCode::generate(&store::new_session_id()).expose()
+        };
+        let (status, body) = rig.pair(&text).await;
+        assert_eq!(status, 410, "guess {guess}: {body}");
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/sync/pair", rig.idp.base))
+        .json(&json!({"code": code, "public_key": phone_pem()}))
+        .timeout(Duration::from_secs(8))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    assert_eq!(response.headers()["retry-after"], "60");
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("pairing attempts"),
+        "{body}"
+    );
+    let record = rig.store.pairing(&session).await.unwrap().unwrap();
+    assert_eq!(
+        record.state,
+        store::PairingState::Code,
+        "the refused request claimed nothing"
+    );
+    // The other endpoints keep their own budget: sign-up still works from here.
+    let (status, body) = rig
+        .idp
+        .post("/register", None, Some(json!({"msisdn": "+15551230012"})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    rig.stop().await;
+}
+
+/// A user who deleted their account (the revocation "tokens issued before
+/// now") cannot pair a phone from the session opened before: the claim is
+/// refused (403) and the code is not used.
+#[tokio::test]
+async fn a_deleted_account_cannot_pair() {
+    let rig = Rig::start(Duration::from_secs(60), 1, Duration::from_secs(10), false).await;
+    let mut browser = rig.browser("+15551230013").await;
+    browser.subscribe(&["delete_account"]).await;
+    let code = code_of(&open(&mut browser, "open-x").await);
+    browser
+        .send("delete_account", json!({"request_id": "bye"}))
+        .await;
+    let deleted = browser.reply_on("delete_account").await;
+    assert_eq!(deleted["status"], 200, "{deleted}");
+    let (status, body) = rig.pair(&code).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.get("token").is_none(), "{body}");
+    let session = code.split('.').next().unwrap();
+    let record = rig.store.pairing(session).await.unwrap().unwrap();
+    assert_eq!(record.state, store::PairingState::Code, "not claimed");
     rig.stop().await;
 }
