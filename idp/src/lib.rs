@@ -15,6 +15,9 @@
 //! 5. `POST /unregister` deletes the user's data in the shared store and
 //!    revokes every token issued so far.
 //!
+//! [`web`] serves the page a person signs up with in a browser (`/app/`),
+//! which then talks to the broker with MQTT.js over WebSocket.
+//!
 //! [`config`] holds the settings; [`Idp::start`] builds the service and
 //! [`serve`] runs it on a bound listener until a shutdown token fires, under
 //! the connection caps and deadlines of [`server`]; [`descriptors`] checks at
@@ -29,6 +32,7 @@ pub mod msisdn;
 pub mod server;
 pub mod session_id;
 pub mod sms;
+pub mod web;
 
 use config::Settings;
 use keys::{KeyError, KeyRing};
@@ -54,6 +58,8 @@ pub enum StartError {
     Sms(#[from] sms::SmsError),
     #[error("key loading task failed")]
     Join,
+    #[error("IDP_WEB_MQTT_URL: {0}")]
+    Web(#[from] web::MqttUrlError),
 }
 
 /// The running service's parts, shared by every request.
@@ -65,6 +71,8 @@ pub struct Idp {
     store: Arc<dyn Store>,
     sms: SmsSender,
     uid_secret: Vec<u8>,
+    /// The sign-up page's settings.
+    page: web::Page,
 }
 
 impl std::fmt::Debug for Idp {
@@ -98,6 +106,7 @@ impl Idp {
             settings.max_entries,
         )?;
         let sms = SmsSender::new(settings.sms.clone())?;
+        let page = web::Page::new(settings.web_mqtt_url.as_deref())?;
         if sms.is_development() {
             tracing::warn!("DEVELOPMENT: SMS_PROVIDER_URL is unset; one-time codes are written to this log instead of being sent");
         }
@@ -108,7 +117,13 @@ impl Idp {
             store,
             sms,
             uid_secret,
+            page,
         }))
+    }
+
+    /// The sign-up page's settings.
+    pub fn page(&self) -> &web::Page {
+        &self.page
     }
 
     /// Whether codes are logged instead of sent.
