@@ -7,8 +7,8 @@
 //! joined to a directory, so no path (`..`, encoded or not) reaches a file
 //! that is not in the table. Every answer carries a Content-Security-Policy
 //! that allows scripts, styles and images from this origin only (images
-//! also as `data:`, the QR code), and connections to this origin and to the
-//! MQTT URL's origin only.
+//! also as `data:`, the QR code; workers as `blob:`, MQTT.js's timers), and
+//! connections to this origin and to the MQTT URL's origin only.
 
 use axum::extract::{Path, State};
 use axum::http::header::{
@@ -94,9 +94,13 @@ impl Page {
             Some(origin) => format!("'self' {origin}"),
             None => "'self'".to_owned(),
         };
+        // `worker-src blob:`: MQTT.js runs its keep-alive timers in a
+        // worker it makes from a blob, so that a tab in the background (whose
+        // timers browsers throttle) keeps its connection.
         let csp = format!(
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-             connect-src {connect}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+             connect-src {connect}; worker-src blob:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'"
         );
         let csp = HeaderValue::from_str(&csp).map_err(|_| MqttUrlError::NotAUrl)?;
         Ok(Page {

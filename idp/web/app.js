@@ -138,7 +138,13 @@
 
   // ---- MQTT ----------------------------------------------------------------
   // CONNACK and DISCONNECT reason codes a person can act on.
+  // (1-5 are MQTT 3.1.1's CONNACK codes.)
   const REASONS = {
+    0x01: 'the broker does not speak this MQTT version',
+    0x04: 'the broker refused the token',
+    0x05: 'the broker refused the token (not authorized)',
+    0x84: 'the broker does not speak this MQTT version',
+    0x85: 'the broker refused this client id',
     0x86: 'the broker refused the token (bad user name or password)',
     0x87: 'the broker refused the token (not authorized: expired, revoked or from another issuer)',
     0x88: 'the broker is unavailable',
@@ -192,7 +198,9 @@
       reconnectPeriod: 5000,
     });
     state.client = client;
+    let everConnected = false;
     client.on('connect', () => {
+      everConnected = true;
       clearError();
       setStatus('connected', true);
       const topics = ['contact_list', 'sync', 'sync_session', 'sync_session_confirm'].map(topic);
@@ -232,8 +240,12 @@
       setStatus('offline, retrying…', false);
     });
     client.on('close', () => {
-      if (client.connected === false && $('mqtt-status').textContent === 'connected') {
-        setStatus('connection closed, retrying…', false);
+      if ($('mqtt-status').textContent === 'refused') return;
+      if (!everConnected) {
+        showError('The broker cannot be reached at ' + state.mqttUrl +
+          ': is it running, and does this browser trust its certificate? Retrying every 5 s.');
+      } else if ($('error').hidden) {
+        showError('The connection to the broker was lost; retrying every 5 s.');
       }
     });
   }

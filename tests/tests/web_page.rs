@@ -187,6 +187,11 @@ async fn without_a_broker_url_the_page_signs_up_and_says_what_is_missing() {
         .await;
     assert!(error.contains("cannot reach MQTT"), "{error}");
     assert_eq!(browser.text("mqtt-status").await, "no broker URL");
+    let console = browser.console_log().await;
+    assert!(
+        console.iter().all(|m| m["level"] != "SEVERE"),
+        "no script error, refused load or CSP violation: {console:?}"
+    );
 
     browser.close().await;
     shutdown.cancel();

@@ -62,6 +62,8 @@ pub fn spki_hash_of_key(key_pem: &str) -> String {
 /// chromedriver and the Chromium it started.
 pub struct Browser {
     pub client: Client,
+    /// chromedriver's URL, for its `se/log` (not a WebDriver command).
+    driver_url: String,
     driver: Child,
     _profile: tempfile::TempDir,
 }
@@ -137,6 +139,7 @@ impl Browser {
         let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": chromium, "args": args },
+            "goog:loggingPrefs": { "browser": "ALL" },
         });
         let capabilities = match capabilities {
             Value::Object(map) => map,
@@ -161,6 +164,7 @@ impl Browser {
         };
         Browser {
             client,
+            driver_url: base,
             driver,
             _profile: profile,
         }
@@ -315,6 +319,26 @@ impl Browser {
             Ok(Ok(value)) => value.as_str().unwrap_or_default().to_owned(),
             other => format!("(unavailable: {other:?})"),
         }
+    }
+
+    /// The browser console's messages since the last call (chromedriver's
+    /// `se/log`): script errors, refused connections, CSP violations.
+    pub async fn console_log(&self) -> Vec<Value> {
+        let session = self.client.session_id().await.unwrap().expect("a session");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let answer: Value = http
+            .post(format!("{}/session/{session}/se/log", self.driver_url))
+            .json(&json!({ "type": "browser" }))
+            .send()
+            .await
+            .expect("chromedriver answers se/log")
+            .json()
+            .await
+            .expect("se/log answers JSON");
+        answer["value"].as_array().cloned().unwrap_or_default()
     }
 
     /// Ends the WebDriver session (Chromium exits), under a deadline; the
