@@ -15,6 +15,11 @@
 //! 5. `POST /unregister` deletes the user's data in the shared store and
 //!    revokes every token issued so far.
 //!
+//! Device pairing ([`pair`]): `POST /sync/pair` lets a phone without a token
+//! claim a one-time code a signed-in browser shows (opened by the sync
+//! handler's `sync_session`), waits for the person's decision, and answers
+//! with a device token for the same user beside the sync result.
+//!
 //! [`web`] serves the page a person signs up with in a browser (`/app/`),
 //! which then talks to the broker with MQTT.js over WebSocket.
 //!
@@ -29,6 +34,7 @@ pub mod config;
 pub mod descriptors;
 pub mod keys;
 pub mod msisdn;
+pub mod pair;
 pub mod server;
 pub mod session_id;
 pub mod sms;
@@ -73,6 +79,8 @@ pub struct Idp {
     uid_secret: Vec<u8>,
     /// The sign-up page's settings.
     page: web::Page,
+    /// Places for `POST /sync/pair` requests held open ([`pair::MAX_HELD`]).
+    pair_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Idp {
@@ -118,6 +126,7 @@ impl Idp {
             sms,
             uid_secret,
             page,
+            pair_slots: Arc::new(tokio::sync::Semaphore::new(pair::MAX_HELD)),
         }))
     }
 

@@ -220,6 +220,11 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
 
     let running = Broker::start(config, listeners).await?;
     let shutdown = running.shutdown_token();
+    // The QR codes of pairing sessions point at the in-process identity
+    // service unless SYNC_PAIR_URL says otherwise.
+    let pair_url = identity
+        .as_ref()
+        .map(|(_, service)| format!("{}/sync/pair", service.settings.public_url));
     let identity = identity.map(|(listener, service)| {
         let addr = listener.local_addr().ok();
         let development = service.is_development();
@@ -228,7 +233,10 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
     });
 
     let handlers = match (internal_addr, handler_key, store, handler_args) {
-        (Some(addr), Some(key), Some(store), Some(args)) => {
+        (Some(addr), Some(key), Some(store), Some(mut args)) => {
+            if args.sync_pair_url.is_none() {
+                args.sync_pair_url = pair_url;
+            }
             // In-process handlers reach the gate over its internal listener
             // with the broker's own key: they ask for no BROKER_URL.
             let sdk = sdk::SdkArgs {
@@ -446,7 +454,8 @@ mod tests {
             let worker = handlers::worker(kind, shared.clone(), None).unwrap();
             served.extend(worker.topics().map(str::to_owned));
         }
-        served.push("sync".to_owned()); // its worker needs an RSA key: slow to make here
+        // Its worker needs an RSA key: slow to make here.
+        served.extend(["sync", "sync_session", "sync_session_confirm"].map(str::to_owned));
         served.sort();
         let mut listed = BUILTIN_COMMAND_TOPICS.map(str::to_owned).to_vec();
         listed.sort();

@@ -38,6 +38,8 @@ impl Default for TestOptions {
         TestOptions {
             command_topics: vec![
                 "sync".into(),
+                "sync_session".into(),
+                "sync_session_confirm".into(),
                 "publish".into(),
                 "request_contact".into(),
                 "accept_contact".into(),

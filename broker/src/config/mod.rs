@@ -305,8 +305,10 @@ pub struct DevDefaults {
 /// run: several are reply-shaped (`get_contact_list` could be user `get`'s
 /// reply topic), and a handler subscribing to a reply-shaped topic never
 /// declares it (see `command_topics`), so these must be configured.
-pub const BUILTIN_COMMAND_TOPICS: [&str; 9] = [
+pub const BUILTIN_COMMAND_TOPICS: [&str; 11] = [
     "sync",
+    "sync_session",
+    "sync_session_confirm",
     "publish",
     "request_contact",
     "accept_contact",

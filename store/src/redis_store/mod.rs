@@ -28,6 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 mod accounts;
 mod contacts;
 mod keys;
+mod pairings;
 mod registrations;
 mod revocations;
 mod sign_ups;
@@ -152,6 +153,12 @@ pub struct RedisStore {
     hset_if_exists: redis::Script,
     incr_if_exists: redis::Script,
     hit: redis::Script,
+    pair_rotate: redis::Script,
+    pair_claim: redis::Script,
+    pair_decide: redis::Script,
+    pair_transition: redis::Script,
+    pair_replace: redis::Script,
+    pair_del_if: redis::Script,
     events: broadcast::Sender<RevocationEvent>,
     /// Starts the revocation subscriber once.
     subscriber: Once,
@@ -194,6 +201,12 @@ impl RedisStore {
             hset_if_exists: redis::Script::new(sign_ups::HSET_IF_EXISTS),
             incr_if_exists: redis::Script::new(sign_ups::INCR_IF_EXISTS),
             hit: redis::Script::new(sign_ups::HIT),
+            pair_rotate: redis::Script::new(pairings::ROTATE),
+            pair_claim: redis::Script::new(pairings::CLAIM),
+            pair_decide: redis::Script::new(pairings::DECIDE),
+            pair_transition: redis::Script::new(pairings::TRANSITION),
+            pair_replace: redis::Script::new(pairings::REPLACE),
+            pair_del_if: redis::Script::new(pairings::DEL_IF),
             events,
             subscriber: Once::new(),
             _stop_on_drop: stop.clone().drop_guard(),
@@ -349,6 +362,13 @@ mod tests {
         let server = RedisServer::start();
         let store = RedisStore::connect(&server.url()).await.unwrap();
         crate::conformance::exercise(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pairing_claims_race_to_one_winner() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        crate::pairings_conformance::racing_claims(std::sync::Arc::new(store)).await;
     }
 
     #[tokio::test]
