@@ -4,6 +4,7 @@
 //! their events to the test through a channel.
 
 pub mod clients;
+pub mod haproxy;
 pub mod raw;
 
 use broker::auth::jwt::JwtSettings;
