@@ -172,11 +172,21 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
     let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
         .context("TLS certificate (BROKER_TLS_CERT / BROKER_TLS_KEY)")?;
     let mut listeners = Listeners {
-        tls: Some((bind(plan.tls_listen, "BROKER_TLS_LISTEN").await?, acceptor)),
+        tls: Some((
+            bind(plan.tls_listen, "BROKER_TLS_LISTEN").await?,
+            acceptor.clone(),
+        )),
         ..Default::default()
     };
     if let Some(addr) = plan.tcp_listen {
         listeners.tcp.push(bind(addr, "BROKER_TCP_LISTEN").await?);
+    }
+    // MQTT over WebSocket: WSS with the TLS listener's certificate.
+    if let Some(addr) = plan.wss_listen {
+        listeners.wss = Some((bind(addr, "BROKER_WSS_LISTEN").await?, acceptor));
+    }
+    if let Some(addr) = plan.ws_listen {
+        listeners.ws = Some(bind(addr, "BROKER_WS_LISTEN").await?);
     }
     // In-process handlers reach the gate over a loopback listener of their own.
     let internal_addr = if plan.builtin_handlers {
@@ -421,6 +431,12 @@ fn print_banner(
     println!("MQTT broker listening: TLS on {tls}");
     if let Some(tcp) = running.tcp_addrs.first() {
         println!("                       plain TCP on {tcp}");
+    }
+    if let Some(wss) = running.wss_addr {
+        println!("                       MQTT over WebSocket on wss://{wss}/mqtt");
+    }
+    if let Some(ws) = running.ws_addr {
+        println!("                       MQTT over WebSocket on ws://{ws}/mqtt");
     }
     if let Some(metrics) = running.metrics_addr {
         println!("                       metrics on http://{metrics}/metrics");
