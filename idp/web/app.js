@@ -381,8 +381,9 @@
     qr.addData(body.url);
     qr.make();
     $('qr').src = qr.createDataURL(6, 4);
+    // What the QR code carries, for people and tests to read.
     $('qr').dataset.url = body.url;
-    $('pair-code').textContent = body.code;
+    $('qr').alt = 'Pairing QR code for ' + body.url;
     $('pair-qr').hidden = false;
     $('pair-confirm').hidden = true;
     $('pair-status').textContent = 'Scan this code with the phone app.';

@@ -347,3 +347,30 @@ impl Browser {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.client.clone().close()).await;
     }
 }
+
+/// Reads the QR code in a `data:image/gif;base64,...` URL (what the page
+/// renders) as a phone's camera app would: the text it carries.
+pub fn read_qr(data_url: &str) -> String {
+    let encoded = data_url
+        .strip_prefix("data:image/gif;base64,")
+        .unwrap_or_else(|| panic!("not a GIF data URL: {data_url:.40}"));
+    let gif = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("base64");
+    let mut options = gif::DecodeOptions::new();
+    options.set_color_output(gif::ColorOutput::RGBA);
+    let mut decoder = options.read_info(gif.as_slice()).expect("a GIF");
+    let frame = decoder
+        .read_next_frame()
+        .expect("a readable frame")
+        .expect("a frame");
+    let (width, height) = (usize::from(frame.width), usize::from(frame.height));
+    let pixels = frame.buffer.to_vec();
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| {
+        // RGBA: black modules on white; the red channel is enough.
+        pixels[(y * width + x) * 4]
+    });
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1, "one QR code in the image");
+    grids[0].decode().expect("the QR code decodes").1
+}
