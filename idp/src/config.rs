@@ -100,10 +100,10 @@ pub struct IdpArgs {
     pub sms_sender: String,
     /// The broker's MQTT-over-WebSocket URL the sign-up page (`/app/`)
     /// connects to, e.g. `wss://mqtt.example.com:8884/mqtt`. Unset: the
-    /// `broker` binary fills in its own WebSocket listener
-    /// (`BROKER_WSS_LISTEN`, else `BROKER_WS_LISTEN`) when it is on a
-    /// loopback or named address; the `idp` binary alone serves the page
-    /// without one, and the page says so.
+    /// `broker` binary fills in its own WebSocket listener when it is on
+    /// loopback (`BROKER_WS_LISTEN`, else `BROKER_WSS_LISTEN`; see
+    /// [`crate::web::local_mqtt_url`]); the `idp` binary alone serves the
+    /// page without one, and the page says so.
     #[arg(long, env = "IDP_WEB_MQTT_URL")]
     pub idp_web_mqtt_url: Option<String>,
     /// Whether the `broker` binary runs the identity service in-process

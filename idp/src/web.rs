@@ -73,6 +73,26 @@ pub enum MqttUrlError {
     Extra,
 }
 
+/// The page's MQTT URL when `IDP_WEB_MQTT_URL` is unset and the service
+/// runs inside the `broker` binary, from the broker's own WebSocket
+/// listeners as bound: plain `ws_addr` on loopback first (the page is
+/// served over plain HTTP on the same machine, and a browser needs no
+/// certificate for it), else `wss_addr` on loopback as `wss://localhost`
+/// (the name the development certificate carries; the browser must trust
+/// its CA). Anything else: `None`, since only the operator knows the name
+/// browsers reach the broker by.
+pub fn local_mqtt_url(
+    ws_addr: Option<std::net::SocketAddr>,
+    wss_addr: Option<std::net::SocketAddr>,
+) -> Option<String> {
+    if let Some(ws) = ws_addr.filter(|a| a.ip().is_loopback()) {
+        return Some(format!("ws://{ws}/mqtt"));
+    }
+    wss_addr
+        .filter(|a| a.ip().is_loopback())
+        .map(|wss| format!("wss://localhost:{}/mqtt", wss.port()))
+}
+
 /// The page's settings, read once at start.
 #[derive(Clone, Debug)]
 pub struct Page {
@@ -249,5 +269,31 @@ mod tests {
         );
         let none = Page::new(None).unwrap();
         assert!(none.csp.to_str().unwrap().contains("connect-src 'self';"));
+    }
+
+    #[test]
+    fn the_broker_binary_offers_its_own_loopback_websocket() {
+        let ws = "127.0.0.1:8083".parse().ok();
+        let wss = "127.0.0.1:8084".parse().ok();
+        let public = "0.0.0.0:8084".parse().ok();
+        assert_eq!(
+            local_mqtt_url(ws, wss).as_deref(),
+            Some("ws://127.0.0.1:8083/mqtt")
+        );
+        assert_eq!(
+            local_mqtt_url(None, wss).as_deref(),
+            Some("wss://localhost:8084/mqtt")
+        );
+        assert_eq!(
+            local_mqtt_url("[::1]:8083".parse().ok(), None).as_deref(),
+            Some("ws://[::1]:8083/mqtt")
+        );
+        assert_eq!(local_mqtt_url(None, public), None);
+        assert_eq!(local_mqtt_url(public, None), None);
+        assert_eq!(local_mqtt_url(None, None), None);
+        // What it gives, the page accepts.
+        for url in [local_mqtt_url(ws, None), local_mqtt_url(None, wss)] {
+            assert!(Page::new(url.as_deref()).is_ok(), "{url:?}");
+        }
     }
 }
