@@ -441,6 +441,52 @@ async fn a_person_signs_up_sees_contacts_over_wss_and_pairs_a_phone() {
     let contacts = phone_device.reply_on("contact_list").await;
     assert_eq!(contacts["contacts"], json!(["alice"]), "{contacts}");
 
+    // 8. The used code is spent; a second session, refused on the page:
+    // the other phone gets 403 and no token.
+    let reused = http
+        .post(format!("{base}/sync/pair"))
+        .json(&json!({"code": code_of(&url), "public_key": public_key}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reused.status(), 410, "a used code is dead");
+    browser.click("pair-start").await;
+    browser
+        .wait_until("a new pairing code", Duration::from_secs(10), || async {
+            browser.shown("pair-qr").await
+                && browser.attribute("qr", "data-url").await.as_deref() != Some(url.as_str())
+        })
+        .await;
+    let second = browser_common::read_qr(&browser.attribute("qr", "src").await.unwrap());
+    let intruder = tokio::spawn({
+        let request = http
+            .post(format!("{base}/sync/pair"))
+            .json(&json!({"code": code_of(&second), "public_key": public_key}));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    });
+    browser
+        .wait_shown("pair-confirm", Duration::from_secs(10))
+        .await;
+    browser.click("pair-decline").await;
+    browser
+        .wait_text("pair-status", Duration::from_secs(10), "refused", |t| {
+            t.starts_with("Pairing refused")
+        })
+        .await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), intruder)
+        .await
+        .expect("the refused phone is answered")
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.get("token").is_none(), "{body}");
+
     let console = browser.console_log().await;
     assert!(
         console.iter().all(|m| m["level"] != "SEVERE"),
