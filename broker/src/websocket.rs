@@ -28,9 +28,9 @@ use tokio_tungstenite::WebSocketStream;
 
 /// The one path MQTT is served on.
 pub const PATH: &str = "/mqtt";
-/// The subprotocols accepted (MQTT 5 and 3.1.1 use `mqtt`; some 3.1 era
-/// clients still offer `mqttv3.1`). The broker answers with the client's
-/// first offer among them.
+/// The subprotocols accepted, in the broker's order of preference (MQTT 5
+/// and 3.1.1 use `mqtt`, and the server must answer `mqtt`, MQTT-6.0.0-4;
+/// some 3.1 era clients offer only `mqttv3.1`, and get it back).
 pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 /// Longest upgrade request (request line and headers) read. Browsers send
 /// well under 2 KiB; cookies of the page's origin may add some.
@@ -184,20 +184,21 @@ fn decide(
     if request.uri().path() != PATH {
         return Err(UpgradeRefusal::NotFound);
     }
-    let offered = request
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+    let offers = || {
+        request
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    // `mqtt` whenever it is offered (MQTT-6.0.0-4); `mqttv3.1` only to a
+    // client that offers nothing else of ours (MQTT 3.1 era clients).
+    let chosen = SUBPROTOCOLS
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim);
-    let mut chosen = None;
-    for offer in offered {
-        if let Some(known) = SUBPROTOCOLS.iter().find(|p| **p == offer) {
-            chosen = Some(*known);
-            break;
-        }
-    }
+        .find(|known| offers().any(|offer| offer == **known))
+        .copied();
     let protocol = chosen.ok_or(UpgradeRefusal::NoSubprotocol)?;
     let client = match forwarded {
         None => None,
@@ -324,6 +325,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(buf.remaining());
                 buf.put_slice(&this.pending.split_to(n));
+                if this.pending.is_empty() {
+                    // An empty slice would still hold the message's buffer.
+                    this.pending = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             match ready!(this.ws.poll_next_unpin(cx)) {

@@ -7,6 +7,7 @@
 pub mod clients;
 pub mod haproxy;
 pub mod raw;
+pub mod ws;
 
 use broker::auth::jwt::JwtSettings;
 use broker::config::{Config, Limits};
