@@ -487,6 +487,34 @@ async fn a_person_signs_up_sees_contacts_over_wss_and_pairs_a_phone() {
     assert_eq!(status, 403, "{body}");
     assert!(body.get("token").is_none(), "{body}");
 
+    // 9. A session nobody claims: the code changes, then the session ends
+    // and the page says so, its QR code gone.
+    browser.click("pair-start").await;
+    let mut seen = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if browser.text("pair-status").await.contains("expired") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session did not expire; the page says {:?}",
+            browser.text("pair-status").await
+        );
+        if browser.shown("pair-qr").await {
+            if let Some(url) = browser.attribute("qr", "data-url").await {
+                seen.insert(url);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!browser.shown("pair-qr").await, "no code after the end");
+    assert!(!seen.contains(&second), "{seen:?}");
+    assert!(
+        seen.len() >= 2,
+        "the code changed before expiring: {seen:?}"
+    );
+
     let console = browser.console_log().await;
     assert!(
         console.iter().all(|m| m["level"] != "SEVERE"),
