@@ -9,6 +9,9 @@
 //!    header (v1, v2) that names the client, who is then admitted; a PROXY
 //!    header from anyone else is refused;
 //!    [`tls`]: handshake under a deadline, in the connection's own task;
+//!    [`websocket`]: the HTTP upgrade and the WebSocket as a byte stream
+//!    (`BROKER_WS_LISTEN`, `BROKER_WSS_LISTEN`); [`opening`] runs these
+//!    steps in order, under one deadline;
 //! 3. [`session`]: one task per connection. `session/connect.rs`: CONNECT
 //!    deadline, protocol version ([`codec`]), the MQTT 5 rules on CONNECT and
 //!    DISCONNECT values ([`validate`]), admission, takeover, the router link;
@@ -63,6 +66,7 @@ pub mod inbound;
 pub mod inject;
 pub mod listener;
 pub mod metrics;
+pub mod opening;
 pub mod property_caps;
 pub mod proxy;
 pub mod rate_limit;
@@ -74,6 +78,7 @@ pub mod sessions;
 pub mod tls;
 pub mod translate;
 pub mod validate;
+pub mod websocket;
 pub mod will_publisher;
 pub mod wills;
 
@@ -104,6 +109,10 @@ pub struct Listeners {
     pub tls: Option<(TcpListener, TlsAcceptor)>,
     /// Plain MQTT (loopback use, load tests).
     pub tcp: Vec<TcpListener>,
+    /// MQTT over WebSocket, plain (loopback, or behind a TLS-terminating proxy).
+    pub ws: Option<TcpListener>,
+    /// MQTT over WebSocket over TLS.
+    pub wss: Option<(TcpListener, TlsAcceptor)>,
     /// Plain MQTT for the in-process handlers only: must be bound to a
     /// loopback address. Its admission is its own (see [`INTERNAL_ADMISSION`]).
     pub internal: Option<TcpListener>,
@@ -155,6 +164,8 @@ pub type WrapDelivery = Box<dyn FnOnce(LocalDelivery, &Arc<Metrics>) -> Box<dyn 
 pub struct RunningBroker {
     pub tls_addr: Option<SocketAddr>,
     pub tcp_addrs: Vec<SocketAddr>,
+    pub ws_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
     /// Where the in-process handlers connect, if there is such a listener.
     pub internal_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -239,6 +250,8 @@ impl Broker {
         let mut running = RunningBroker {
             tls_addr: None,
             tcp_addrs: Vec::new(),
+            ws_addr: None,
+            wss_addr: None,
             internal_addr: None,
             metrics_addr: None,
             metrics: metrics.clone(),
@@ -261,6 +274,24 @@ impl Broker {
         for listener in listeners.tcp {
             running.tcp_addrs.push(listener.local_addr()?);
             loops.push((listener, Transport::Plain, &admission, &connection_slots));
+        }
+        if let Some(listener) = listeners.ws {
+            running.ws_addr = Some(listener.local_addr()?);
+            loops.push((
+                listener,
+                Transport::WebSocket,
+                &admission,
+                &connection_slots,
+            ));
+        }
+        if let Some((listener, acceptor)) = listeners.wss {
+            running.wss_addr = Some(listener.local_addr()?);
+            loops.push((
+                listener,
+                Transport::SecureWebSocket(acceptor),
+                &admission,
+                &connection_slots,
+            ));
         }
         let internal = INTERNAL_ADMISSION;
         let internal_admission = Arc::new(Admission::new(
@@ -302,6 +333,8 @@ impl Broker {
         tracing::info!(
             tls = ?running.tls_addr,
             tcp = ?running.tcp_addrs,
+            ws = ?running.ws_addr,
+            wss = ?running.wss_addr,
             internal = ?running.internal_addr,
             metrics = ?running.metrics_addr,
             "broker listening"

@@ -8,9 +8,8 @@
 //! `BROKER_TRUSTED_PROXIES`, the PROXY header that names the client (then
 //! the client is admitted as if it had connected directly); from anyone
 //! else, a look at the first bytes, and a PROXY header there is refused.
-//! Then the TLS handshake (TLS listener). The PROXY header, which a proxy
-//! sends before the client's first byte, and the TLS handshake share one
-//! deadline (`BROKER_TLS_HANDSHAKE_TIMEOUT_SECS`).
+//! Then the TLS handshake and the WebSocket upgrade, by listener; all of
+//! it in `opening.rs`, under one deadline (`BROKER_TLS_HANDSHAKE_TIMEOUT_SECS`).
 //!
 //! Each accept loop has its own [`Admission`]: the internal listener of the
 //! in-process handlers never shares buckets with the public listeners, so
@@ -18,14 +17,11 @@
 //! handlers out, and nothing reaching a public listener can use theirs.
 
 use crate::gate::Gate;
-use crate::proxy::{self, Header};
-use crate::rate_limit::{
-    Admission, AdmissionRefusal, Admitted, PendingGuard, UNTRUSTED_PROXY_HEADER,
-};
+use crate::opening::{self, Opening};
+use crate::rate_limit::{Admission, AdmissionRefusal, Admitted, PendingGuard};
 use crate::session;
 use crate::session::Admits;
-use futures::future::{Either, OptionFuture};
-use futures::FutureExt;
+use futures::future::Either;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,16 +30,19 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// Per-listener: how its sockets are wrapped.
 #[derive(Clone)]
 pub enum Transport {
     Tls(TlsAcceptor),
     Plain,
+    /// MQTT over WebSocket (`BROKER_WS_LISTEN`).
+    WebSocket,
+    /// MQTT over WebSocket over TLS (`BROKER_WSS_LISTEN`).
+    SecureWebSocket(TlsAcceptor),
     /// Plain, for the in-process handlers only: a device is refused here
     /// (this listener's admission is not the public one).
     InternalHandlers,
@@ -122,7 +121,8 @@ impl AcceptLoop {
 /// The connection's task. Not an `async fn`: its arguments would be stored
 /// twice in a future that is resident for the connection's whole life. The
 /// resident part is the session's own future (two pointers and a span);
-/// the opening (PROXY header, TLS handshake) is boxed apart until it is done.
+/// the opening (`opening.rs`: PROXY header, TLS handshake, WebSocket
+/// upgrade) is boxed apart until it is done.
 fn serve_socket(
     socket: TcpStream,
     peer: std::net::SocketAddr,
@@ -131,9 +131,18 @@ fn serve_socket(
     admitted: Admitted,
     admission: &Arc<Admission>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let admission = admission.clone();
+    let opening = Opening {
+        socket,
+        peer,
+        admitted,
+        admission: admission.clone(),
+        gate: gate.clone(),
+    };
     match transport {
         Transport::InternalHandlers => {
+            let Opening {
+                socket, admitted, ..
+            } = opening;
             let pending = match admitted {
                 Admitted::Direct(pending) | Admitted::ViaProxy(pending) => pending,
             };
@@ -144,155 +153,20 @@ fn serve_socket(
                 Admits::HandlersOnly,
             ))
         }
-        Transport::Plain => {
-            let opening_gate = gate.clone();
-            let opening = async move {
-                let gate = opening_gate;
-                let mut socket = socket;
-                let deadline = Instant::now() + gate.limits().tls_handshake_timeout;
-                let opened = tokio::select! {
-                    _ = gate.shutting_down() => None,
-                    opened = client_of(&mut socket, peer, admitted, &admission, &gate, deadline, "connect_timeout") => opened,
-                };
-                opened.map(|(client, pending)| (socket, client, pending))
-            };
-            Either::Right(Either::Left(open_then_serve(opening, gate)))
-        }
-        Transport::Tls(acceptor) => {
-            let acceptor = acceptor.clone();
-            let opening_gate = gate.clone();
-            let opening = async move {
-                let gate = opening_gate;
-                let mut socket = socket;
-                let deadline = Instant::now() + gate.limits().tls_handshake_timeout;
-                let (client, pending) = tokio::select! {
-                    _ = gate.shutting_down() => None,
-                    opened = client_of(&mut socket, peer, admitted, &admission, &gate, deadline, "tls_handshake") => opened,
-                }?;
-                let left = deadline.saturating_duration_since(Instant::now());
-                let handshake = tokio::select! {
-                    _ = gate.shutting_down() => return None,
-                    h = crate::tls::handshake(&acceptor, socket, left) => h,
-                };
-                match handshake {
-                    Ok(stream) => Some((stream, client, pending)),
-                    Err(e) => {
-                        debug!(peer = %client, error = %e, "TLS handshake failed");
-                        gate.metrics().socket_dropped("tls_handshake");
-                        None
-                    }
-                }
-            };
-            Either::Right(Either::Right(open_then_serve(opening, gate)))
-        }
-    }
-}
-
-/// The opening, boxed (it and the stream before the session takes it are
-/// needed only until the session starts; inline they would stay in every
-/// connection's resident future), then the session in its place (a
-/// combinator: an `async` block would keep the session's future twice).
-fn open_then_serve<S, F>(
-    opening: F,
-    gate: Arc<Gate>,
-) -> impl std::future::Future<Output = ()> + Send
-where
-    F: std::future::Future<Output = Option<(S, std::net::SocketAddr, PendingGuard)>>
-        + Send
-        + 'static,
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    Box::pin(opening)
-        .map(move |opened| {
-            opened.map(|(stream, client, pending)| {
-                session::serve(
-                    Answered::new(stream, pending),
-                    client,
-                    gate,
-                    Admits::Everyone,
-                )
-            })
-        })
-        .map(OptionFuture::from)
-        .flatten()
-        .map(|_: Option<()>| ())
-}
-
-/// Who the connection is from, once its opening says so: the client's
-/// address and its pending slot, or `None` when it was refused (counted in
-/// `broker_sockets_dropped_total`, and logged once per episode).
-///
-/// A trusted proxy must open with a PROXY header: it is configured to send
-/// one on every connection, so a connection without one is a proxy
-/// misconfigured (every client behind it would be admitted, limited and
-/// logged as the proxy) or another process on the proxy's host. A v2
-/// `LOCAL` header (health checks) or a v1 `UNKNOWN` is served as the
-/// proxy's own connection, admitted under the proxy's address.
-/// Anyone else must not open with one: it would be a client trying to
-/// choose its own address. `silent` is the reason counted when nothing at
-/// all arrives in time (as without this step).
-async fn client_of(
-    socket: &mut TcpStream,
-    peer: std::net::SocketAddr,
-    admitted: Admitted,
-    admission: &Admission,
-    gate: &Gate,
-    deadline: Instant,
-    silent: &'static str,
-) -> Option<(std::net::SocketAddr, PendingGuard)> {
-    let refuse = |reason: &'static str, why: &dyn std::fmt::Display| {
-        gate.metrics().socket_dropped(reason);
-        admission.log_opening_refusal(peer, reason, why);
-        None
-    };
-    match admitted {
-        Admitted::Direct(pending) => {
-            match tokio::time::timeout_at(deadline, proxy::opens_with_header(socket)).await {
-                Ok(Ok(false)) => Some((peer, pending)),
-                Ok(Ok(true)) => refuse(
-                    UNTRUSTED_PROXY_HEADER,
-                    &"a PROXY header from a peer not in BROKER_TRUSTED_PROXIES",
-                ),
-                // Closed before its first byte.
-                Ok(Err(_)) => None,
-                Err(_) => {
-                    gate.metrics().socket_dropped(silent);
-                    None
-                }
-            }
-        }
-        Admitted::ViaProxy(awaiting_header) => {
-            let header =
-                match tokio::time::timeout_at(deadline, proxy::read_header(socket)).await {
-                    Ok(Ok(header)) => header,
-                    // A health check that connects and closes is not worth a log line.
-                    Ok(Err(e @ (proxy::ReadError::Closed | proxy::ReadError::Io(_)))) => {
-                        gate.metrics().socket_dropped(e.reason());
-                        return None;
-                    }
-                    Ok(Err(e)) => {
-                        return refuse(e.reason(), &format_args!("from a trusted proxy, {e}"))
-                    }
-                    Err(_) => return refuse(
-                        "proxy_header_timeout",
-                        &"a trusted proxy sent no whole PROXY header before the handshake deadline",
-                    ),
-                };
-            drop(awaiting_header);
-            let client = match header {
-                Header::Proxied { source, .. } => source,
-                Header::Local => peer,
-            };
-            debug!(%client, proxy = %peer, "PROXY header");
-            match admission.admit(client.ip()) {
-                Ok(pending) => Some((client, pending)),
-                Err(why) => {
-                    gate.metrics().socket_dropped(why.reason());
-                    admission.log_refusal(client.ip(), why);
-                    None
-                }
-            }
-        }
+        Transport::Plain => Either::Right(Either::Left(Either::Left(opening::then_serve(
+            opening.plain(),
+            gate,
+        )))),
+        Transport::Tls(acceptor) => Either::Right(Either::Left(Either::Right(
+            opening::then_serve(opening.tls(acceptor.clone()), gate),
+        ))),
+        Transport::WebSocket => Either::Right(Either::Right(Either::Left(opening::then_serve(
+            opening.ws(),
+            gate,
+        )))),
+        Transport::SecureWebSocket(acceptor) => Either::Right(Either::Right(Either::Right(
+            opening::then_serve(opening.wss(acceptor.clone()), gate),
+        ))),
     }
 }
 
@@ -301,13 +175,13 @@ async fn client_of(
 /// or refusing), so the first write marks the end of the pending phase;
 /// ending before it (timeouts, garbage, a closed socket) drops the slot too.
 /// Under TLS this wraps the TLS stream: handshake bytes do not count.
-struct Answered<S> {
+pub(crate) struct Answered<S> {
     inner: S,
     pending: Option<PendingGuard>,
 }
 
 impl<S> Answered<S> {
-    fn new(inner: S, pending: PendingGuard) -> Self {
+    pub(crate) fn new(inner: S, pending: PendingGuard) -> Self {
         Answered {
             inner,
             pending: Some(pending),

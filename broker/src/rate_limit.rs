@@ -167,6 +167,11 @@ impl Admission {
         self
     }
 
+    /// The peers trusted to name another address.
+    pub fn trusted_proxies(&self) -> &TrustedProxies {
+        &self.trusted
+    }
+
     /// Whether `ip` is a trusted proxy.
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted.contains(ip)

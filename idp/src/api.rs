@@ -1,7 +1,8 @@
 //! Owns the HTTP API: the MSISDN gateway's flow (`/register`,
 //! `/sms/verify`, `/sms/verify_code`, `/sms/resend_code`, `/unregister`),
 //! device pairing (`/sync/pair`, in [`crate::pair`]),
-//! the JWKS, the admin endpoints, and turning every failure into
+//! the JWKS, the admin endpoints (the sign-up page's routes are
+//! [`crate::web`]'s), and turning every failure into
 //! `{"error": "..."}` with one status, in one place ([`ApiError`]).
 //!
 //! Every request body is read under [`MAX_BODY_BYTES`] (413 beyond), JSON is
@@ -116,6 +117,7 @@ pub fn router(idp: Arc<Idp>) -> Router {
         .route("/admin/users/:uid/revoke", post(admin_revoke))
         .route("/admin/users/:uid/restore", post(admin_restore))
         .route("/admin/keys/rotate", post(admin_rotate))
+        .merge(crate::web::routes(idp.page().clone()))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(

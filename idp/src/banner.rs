@@ -43,6 +43,22 @@ pub fn signup_lines(idp: SocketAddr, mqtt_port: u16, ca: &str, development: bool
     lines
 }
 
+/// Lines telling a newcomer where the sign-up page is (`/app/` on the
+/// service at `idp`) and which broker URL it will use, or which variable
+/// gives it one.
+pub fn page_lines(idp: SocketAddr, mqtt_url: Option<&str>) -> Vec<String> {
+    let page = format!("http://{idp}/app/");
+    match mqtt_url {
+        Some(url) => vec![format!(
+            "sign-up page (open in a browser): {page}  (MQTT.js over {url})"
+        )],
+        None => vec![
+            format!("sign-up page (open in a browser): {page}"),
+            "  it signs up but cannot reach MQTT: set BROKER_WS_LISTEN=127.0.0.1:8083 (or IDP_WEB_MQTT_URL=wss://<name>:<port>/mqtt)".into(),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +73,16 @@ mod tests {
         assert!(!signup_lines(idp, 8883, "ca.pem", false)
             .join("\n")
             .contains("NOT SENT"));
+    }
+
+    #[test]
+    fn the_page_line_names_its_url_and_what_it_lacks() {
+        let idp: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let with = page_lines(idp, Some("ws://127.0.0.1:8083/mqtt")).join("\n");
+        assert!(with.contains("http://127.0.0.1:8080/app/"), "{with}");
+        assert!(with.contains("ws://127.0.0.1:8083/mqtt"), "{with}");
+        let without = page_lines(idp, None).join("\n");
+        assert!(without.contains("http://127.0.0.1:8080/app/"), "{without}");
+        assert!(without.contains("BROKER_WS_LISTEN"), "{without}");
     }
 }

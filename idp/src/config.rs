@@ -102,6 +102,14 @@ pub struct IdpArgs {
     /// The number codes are sent from (answered by /sms/verify).
     #[arg(long, env = "SMS_SENDER", default_value = "+15550100000")]
     pub sms_sender: String,
+    /// The broker's MQTT-over-WebSocket URL the sign-up page (`/app/`)
+    /// connects to, e.g. `wss://mqtt.example.com:8884/mqtt`. Unset: the
+    /// `broker` binary fills in its own WebSocket listener when it is on
+    /// loopback (`BROKER_WS_LISTEN`, else `BROKER_WSS_LISTEN`; see
+    /// [`crate::web::local_mqtt_url`]); the `idp` binary alone serves the
+    /// page without one, and the page says so.
+    #[arg(long, env = "IDP_WEB_MQTT_URL")]
+    pub idp_web_mqtt_url: Option<String>,
     /// Whether the `broker` binary runs the identity service in-process
     /// (when it has a store: built-in handlers, or REDIS_URL).
     #[arg(long, env = "IDP_IN_PROCESS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -149,6 +157,9 @@ pub struct Settings {
     /// in memory otherwise.
     pub redis_url: Option<Secret>,
     pub in_process: bool,
+    /// The MQTT-over-WebSocket URL the sign-up page connects to (checked
+    /// by [`crate::web::Page::new`]).
+    pub web_mqtt_url: Option<String>,
 }
 
 /// What the HTTP listener admits and how long it waits (see `crate::server`).
@@ -342,6 +353,10 @@ impl IdpArgs {
                 return Err(invalid("SMS_PROVIDER_URL must be an http(s) URL"));
             }
         }
+        if let Some(url) = &self.idp_web_mqtt_url {
+            crate::web::Page::new(Some(url))
+                .map_err(|e| invalid(format!("IDP_WEB_MQTT_URL: {e}")))?;
+        }
         let public_url = match self.idp_public_url {
             Some(url) => {
                 if reqwest::Url::parse(&url).is_err() {
@@ -385,6 +400,7 @@ impl IdpArgs {
             },
             redis_url: store.redis_url.clone(),
             in_process: self.idp_in_process,
+            web_mqtt_url: self.idp_web_mqtt_url,
         })
     }
 }
@@ -425,6 +441,7 @@ impl Settings {
             },
             redis_url: None,
             in_process: true,
+            web_mqtt_url: None,
         }
     }
 }
@@ -537,6 +554,13 @@ mod tests {
         let mut a = args();
         a.sms_provider_url = Some("ftp://x".into());
         assert!(a.resolve(&StoreArgs::default()).is_err());
+        let mut a = args();
+        a.idp_web_mqtt_url = Some("https://mqtt.example.com/mqtt".into());
+        assert!(a
+            .resolve(&StoreArgs::default())
+            .unwrap_err()
+            .to_string()
+            .contains("IDP_WEB_MQTT_URL"));
         let mut a = args();
         a.idp_code_ttl_secs = 7200;
         assert!(a

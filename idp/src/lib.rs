@@ -20,6 +20,9 @@
 //! handler's `sync_session`), waits for the person's decision, and answers
 //! with a device token for the same user beside the sync result.
 //!
+//! [`web`] serves the page a person signs up with in a browser (`/app/`),
+//! which then talks to the broker with MQTT.js over WebSocket.
+//!
 //! [`config`] holds the settings; [`Idp::start`] builds the service and
 //! [`serve`] runs it on a bound listener until a shutdown token fires, under
 //! the connection caps and deadlines of [`server`]; [`descriptors`] checks at
@@ -35,6 +38,7 @@ pub mod pair;
 pub mod server;
 pub mod session_id;
 pub mod sms;
+pub mod web;
 
 use config::Settings;
 use keys::{KeyError, KeyRing};
@@ -60,6 +64,8 @@ pub enum StartError {
     Sms(#[from] sms::SmsError),
     #[error("key loading task failed")]
     Join,
+    #[error("IDP_WEB_MQTT_URL: {0}")]
+    Web(#[from] web::MqttUrlError),
 }
 
 /// The running service's parts, shared by every request.
@@ -71,6 +77,8 @@ pub struct Idp {
     store: Arc<dyn Store>,
     sms: SmsSender,
     uid_secret: Vec<u8>,
+    /// The sign-up page's settings.
+    page: web::Page,
     /// Places for `POST /sync/pair` requests held open ([`pair::MAX_HELD`]).
     pair_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -106,6 +114,7 @@ impl Idp {
             settings.max_entries,
         )?;
         let sms = SmsSender::new(settings.sms.clone())?;
+        let page = web::Page::new(settings.web_mqtt_url.as_deref())?;
         if sms.is_development() {
             tracing::warn!("DEVELOPMENT: SMS_PROVIDER_URL is unset; one-time codes are written to this log instead of being sent");
         }
@@ -116,8 +125,14 @@ impl Idp {
             store,
             sms,
             uid_secret,
+            page,
             pair_slots: Arc::new(tokio::sync::Semaphore::new(pair::MAX_HELD)),
         }))
+    }
+
+    /// The sign-up page's settings.
+    pub fn page(&self) -> &web::Page {
+        &self.page
     }
 
     /// Whether codes are logged instead of sent.

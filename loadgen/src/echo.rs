@@ -123,6 +123,10 @@ impl Echo {
                     let h = Handler::setup(cfg.clone(), s, &params).await?;
                     tasks.spawn(h.run(counters.clone(), cancel.clone()));
                 }
+                Connection::Ws(s) => {
+                    let h = Handler::setup(cfg.clone(), s, &params).await?;
+                    tasks.spawn(h.run(counters.clone(), cancel.clone()));
+                }
             }
         }
         Ok(Echo {

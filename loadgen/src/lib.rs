@@ -9,6 +9,7 @@
 //! - [`driver`]: a whole run, in one process or as a coordinator of child processes.
 //! - [`stats`]: counters, histograms and the end report.
 //! - [`procstat`]: CPU seconds and RSS of a process from `/proc`.
+//! - [`ws`]: MQTT over WebSocket (`--ws`), the client side.
 //! - [`bare`]: the vendored rumqttd router with its own listener, for the baseline.
 
 pub mod bare;
@@ -19,6 +20,7 @@ pub mod payload;
 pub mod procstat;
 pub mod run;
 pub mod stats;
+pub mod ws;
 
 pub use driver::{run_in_process, DriveOptions};
 pub use echo::{Echo, EchoConfig};

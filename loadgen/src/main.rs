@@ -50,6 +50,9 @@ struct Target {
     /// Server name to verify in the broker's certificate.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+    /// MQTT over WebSocket on path /mqtt: ws://, or wss:// with --ca.
+    #[arg(long)]
+    ws: bool,
     /// MQTT protocol version: 5 or 4 (3.1.1).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(4..=5))]
     protocol: u8,
@@ -57,11 +60,13 @@ struct Target {
 
 impl Target {
     fn endpoint(&self) -> Result<Endpoint> {
-        match (&self.ca, self.tls) {
-            (Some(ca), _) => Ok(Endpoint::tls(self.addr, ca, &self.server_name)?),
+        let mut endpoint = match (&self.ca, self.tls) {
+            (Some(ca), _) => Endpoint::tls(self.addr, ca, &self.server_name)?,
             (None, true) => bail!("--tls needs --ca"),
-            (None, false) => Ok(Endpoint::tcp(self.addr)),
-        }
+            (None, false) => Endpoint::tcp(self.addr),
+        };
+        endpoint.ws = self.ws;
+        Ok(endpoint)
     }
 
     fn version(&self) -> MqttVersion {

@@ -296,6 +296,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// TLS client configuration and the server name to verify; `None` is plain TCP.
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// MQTT over WebSocket on `/mqtt` (over the TLS above, if any).
+    pub ws: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -303,6 +305,7 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("addr", &self.addr)
             .field("tls", &self.tls.as_ref().map(|(_, n)| n))
+            .field("ws", &self.ws)
             .finish()
     }
 }
@@ -310,7 +313,11 @@ impl std::fmt::Debug for Endpoint {
 impl Endpoint {
     /// A plain TCP endpoint.
     pub fn tcp(addr: SocketAddr) -> Self {
-        Endpoint { addr, tls: None }
+        Endpoint {
+            addr,
+            tls: None,
+            ws: false,
+        }
     }
 
     /// A TLS endpoint trusting the CA certificates in `ca_file`, verifying `server_name`.
@@ -325,6 +332,7 @@ impl Endpoint {
         Ok(Endpoint {
             addr,
             tls: Some((config, name)),
+            ws: false,
         })
     }
 }
@@ -346,24 +354,36 @@ pub async fn open_tcp(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Resu
     Ok(stream)
 }
 
-/// A connected stream: plain TCP or TLS over TCP.
+/// A connected stream: plain TCP, TLS over TCP, or a WebSocket over either.
 pub enum Connection {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Ws(Box<crate::ws::WsBytes<Box<dyn Stream>>>),
 }
 
-/// Opens the endpoint's transport (TCP, then the TLS handshake if configured).
+/// Opens the endpoint's transport (TCP, then the TLS handshake if
+/// configured, then the WebSocket upgrade if configured).
 pub async fn open(ep: &Endpoint, source: Option<IpAddr>) -> std::io::Result<Connection> {
     let tcp = open_tcp(ep.addr, source).await?;
-    match &ep.tls {
-        None => Ok(Connection::Tcp(tcp)),
+    let connection = match &ep.tls {
+        None => Connection::Tcp(tcp),
         Some((config, name)) => {
             let tls = TlsConnector::from(config.clone())
                 .connect(name.clone(), tcp)
                 .await?;
-            Ok(Connection::Tls(Box::new(tls)))
+            Connection::Tls(Box::new(tls))
         }
+    };
+    if !ep.ws {
+        return Ok(connection);
     }
+    let stream: Box<dyn Stream> = match connection {
+        Connection::Tcp(s) => Box::new(s),
+        Connection::Tls(s) => s,
+        Connection::Ws(s) => return Ok(Connection::Ws(s)),
+    };
+    let ws = crate::ws::upgrade(stream, &ep.addr.to_string()).await?;
+    Ok(Connection::Ws(Box::new(ws)))
 }
 
 /// Why a connection could not be set up (CONNECT/CONNACK, SUBSCRIBE/SUBACK).

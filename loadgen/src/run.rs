@@ -561,6 +561,7 @@ async fn run_device(
     match conn {
         Connection::Tcp(s) => dev.session(s, &params, ready, permit).await,
         Connection::Tls(s) => dev.session(s, &params, ready, permit).await,
+        Connection::Ws(s) => dev.session(s, &params, ready, permit).await,
     }
 }
 

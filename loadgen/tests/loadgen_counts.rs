@@ -1,6 +1,7 @@
 //! Proves the load generator counts right through the real broker: a known
 //! number of messages, none lost, every counter exact (TLS with MQTT 5, and
-//! TCP with MQTT 3.1.1 devices answered by an MQTT 5 handler).
+//! TCP with MQTT 3.1.1 devices answered by an MQTT 5 handler, and MQTT over
+//! WebSocket over TLS).
 
 use e2e::{TestBroker, TestOptions, TEST_HANDLER_KEY, TEST_SECRET};
 use loadgen::driver::{run_in_process, DriveOptions};
@@ -79,6 +80,29 @@ async fn counts_are_exact_over_tcp_mqtt311() {
     let ep = Endpoint::tcp(broker.tcp_addr);
     let handler = echo(ep.clone()).await;
     let cfg = devices(ep, MqttVersion::V4, "lgp");
+    let report = run_in_process(cfg, &DriveOptions::default())
+        .await
+        .expect("run");
+    let stats = handler.stop().await;
+
+    assert_eq!(report.devices_ready, 20, "{}", report.table());
+    assert_eq!(report.subscriptions_acked, 40);
+    assert_eq!(report.sent, 200, "{}", report.table());
+    assert_eq!(report.received, 200);
+    assert_eq!(report.lost + report.duplicated + report.unexpected, 0);
+    assert!(report.clean());
+    assert_eq!((stats.received, stats.replied, stats.no_uid), (200, 200, 0));
+    broker.shutdown().await;
+}
+
+/// `--ws`: devices and handler over MQTT over WebSocket over TLS (wss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_are_exact_over_wss_mqtt5() {
+    let broker = broker().await;
+    let mut ep = Endpoint::tls(broker.wss_addr, &broker.ca_file, "localhost").expect("tls");
+    ep.ws = true;
+    let handler = echo(ep.clone()).await;
+    let cfg = devices(ep, MqttVersion::V5, "lgw");
     let report = run_in_process(cfg, &DriveOptions::default())
         .await
         .expect("run");

@@ -172,11 +172,37 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
     let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
         .context("TLS certificate (BROKER_TLS_CERT / BROKER_TLS_KEY)")?;
     let mut listeners = Listeners {
-        tls: Some((bind(plan.tls_listen, "BROKER_TLS_LISTEN").await?, acceptor)),
+        tls: Some((
+            bind(plan.tls_listen, "BROKER_TLS_LISTEN").await?,
+            acceptor.clone(),
+        )),
         ..Default::default()
     };
     if let Some(addr) = plan.tcp_listen {
         listeners.tcp.push(bind(addr, "BROKER_TCP_LISTEN").await?);
+    }
+    // MQTT over WebSocket: WSS with the TLS listener's certificate.
+    if let Some(addr) = plan.wss_listen {
+        listeners.wss = Some((bind(addr, "BROKER_WSS_LISTEN").await?, acceptor));
+    }
+    if let Some(addr) = plan.ws_listen {
+        listeners.ws = Some(bind(addr, "BROKER_WS_LISTEN").await?);
+    }
+    // The sign-up page's broker URL, unless IDP_WEB_MQTT_URL gives one: this
+    // broker's own WebSocket listener, when it is on loopback.
+    let mut idp_settings = idp_settings;
+    if idp_settings.web_mqtt_url.is_none() {
+        let ws = listeners.ws.as_ref().and_then(|l| l.local_addr().ok());
+        let wss = listeners
+            .wss
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok());
+        idp_settings.web_mqtt_url = idp::web::local_mqtt_url(ws, wss);
+        if idp_settings.web_mqtt_url.is_none() && (ws.is_some() || wss.is_some()) {
+            tracing::warn!(
+                "the sign-up page (/app/) has no broker URL: the WebSocket listener is not on loopback, so set IDP_WEB_MQTT_URL to the name browsers reach it by (e.g. wss://mqtt.example.com:8084/mqtt)"
+            );
+        }
     }
     // In-process handlers reach the gate over a loopback listener of their own.
     let internal_addr = if plan.builtin_handlers {
@@ -253,8 +279,9 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
     let identity = identity.map(|(listener, service)| {
         let addr = listener.local_addr().ok();
         let development = service.is_development();
+        let page_mqtt_url = service.settings.web_mqtt_url.clone();
         let task = tokio::spawn(idp::serve(listener, service, shutdown.child_token()));
-        (addr, development, task)
+        (addr, development, page_mqtt_url, task)
     });
 
     let handlers = match (internal_addr, handler_key, store, handler_args) {
@@ -286,12 +313,17 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         jwt_secret.as_ref().map(|s| s.expose().as_bytes()),
         handlers.is_some(),
     );
-    if let (Some((Some(addr), development, _)), Some(tls)) = (&identity, running.tls_addr) {
+    if let (Some((Some(addr), development, page_mqtt_url, _)), Some(tls)) =
+        (&identity, running.tls_addr)
+    {
         let ca = dev.ca_file.as_ref().map_or_else(
             || "<your CA file>".to_owned(),
             |ca| ca.display().to_string(),
         );
         for line in idp::banner::signup_lines(*addr, tls.port(), &ca, *development) {
+            println!("{line}");
+        }
+        for line in idp::banner::page_lines(*addr, page_mqtt_url.as_deref()) {
             println!("{line}");
         }
     }
@@ -311,7 +343,7 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
     if let Some(handlers) = handlers {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handlers).await;
     }
-    if let Some((_, _, task)) = identity {
+    if let Some((_, _, _, task)) = identity {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
     Ok(ended?)
@@ -421,6 +453,12 @@ fn print_banner(
     println!("MQTT broker listening: TLS on {tls}");
     if let Some(tcp) = running.tcp_addrs.first() {
         println!("                       plain TCP on {tcp}");
+    }
+    if let Some(wss) = running.wss_addr {
+        println!("                       MQTT over WebSocket on wss://{wss}/mqtt");
+    }
+    if let Some(ws) = running.ws_addr {
+        println!("                       MQTT over WebSocket on ws://{ws}/mqtt");
     }
     if let Some(metrics) = running.metrics_addr {
         println!("                       metrics on http://{metrics}/metrics");

@@ -3,7 +3,8 @@
 //! with the in-process identity service, and those commands, run by bash as
 //! printed (curl, then mosquitto_sub/pub with the issued token), work. The
 //! one line a human fills in, the code, is read from the broker's log as
-//! the banner says.
+//! the banner says. With `BROKER_WS_LISTEN` set, the banner names the
+//! sign-up page and the page is told this broker's WebSocket URL.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -34,6 +35,7 @@ fn the_printed_signup_commands_work_as_printed() {
         .env("BROKER_DEV_DIR", dir.path().join("dev"))
         .env("DATA_DIR", dir.path().join("data"))
         .env("IDP_LISTEN", "127.0.0.1:0")
+        .env("BROKER_WS_LISTEN", "127.0.0.1:0")
         .env("IDP_KEYS_DIR", dir.path().join("keys"))
         .env("BROKER_WORKER_THREADS", "1")
         .env("RUST_LOG", "info,mqtt_router=warn")
@@ -72,7 +74,7 @@ fn the_printed_signup_commands_work_as_printed() {
                 std::fs::read_to_string(&log_path).unwrap_or_default()
             )
         });
-        let done = line.starts_with("# the subscriber prints");
+        let done = line.starts_with("sign-up page");
         banner.push(line);
         if done {
             break;
@@ -83,12 +85,44 @@ fn the_printed_signup_commands_work_as_printed() {
         text.contains("DEVELOPMENT: SMS_PROVIDER_URL is unset"),
         "{text}"
     );
+    // The page: its URL, and the broker's own ws:// listener as its MQTT URL.
+    let ws_url = banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("MQTT over WebSocket on "))
+        .expect("the ws:// listener in the banner")
+        .to_owned();
+    let page_line = banner.last().unwrap();
+    let page = page_line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://") && w.ends_with("/app/"))
+        .unwrap_or_else(|| panic!("no page URL in {page_line:?}"));
+    assert!(page_line.contains(&ws_url), "{page_line}");
+    let curl = |url: &str| {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "10", url])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "curl {url}: {output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert!(
+        curl(page).contains("vendor/mqtt.min.js"),
+        "the page at {page}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&curl(&format!("{page}config.json"))).unwrap();
+    assert_eq!(config["mqtt_url"], ws_url.as_str(), "{config}");
+
     let start = banner
         .iter()
         .position(|l| l.starts_with("sign up by hand"))
         .expect("sign-up section");
+    let end = banner
+        .iter()
+        .position(|l| l.starts_with("# the subscriber prints"))
+        .expect("the end of the sign-up section");
     let mut script = String::from("set -u\n");
-    for line in &banner[start + 1..] {
+    for line in &banner[start + 1..end] {
         let command = line.trim();
         if command.starts_with('#') {
             continue;

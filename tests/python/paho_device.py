@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A paho-mqtt (2.x) client for the end-to-end tests.
 
-Connects over TLS, optionally subscribes to some topics in one SUBSCRIBE,
+Connects over TLS (or MQTT over WebSocket with --transport websockets, over
+TLS or, with --no-tls, plain), optionally subscribes to some topics in one SUBSCRIBE,
 optionally publishes one message, optionally waits for some messages, and
 prints one JSON object per line for everything it observes:
 
@@ -47,7 +48,12 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--cafile", required=True, help="CA certificate the server certificate is checked against")
+    parser.add_argument("--cafile", help="CA certificate the server certificate is checked against")
+    parser.add_argument("--no-tls", action="store_true", help="plain (ws://); only with --transport websockets")
+    parser.add_argument(
+        "--transport", choices=["tcp", "websockets"], default="tcp", help="websockets: MQTT over WebSocket"
+    )
+    parser.add_argument("--ws-path", default="/mqtt", help="the WebSocket path (with --transport websockets)")
     parser.add_argument("--username", required=True)
     parser.add_argument("--password", required=True)
     parser.add_argument("--client-id", default="", help="empty = let the library or broker choose")
@@ -81,9 +87,20 @@ def main():
         client_id=args.client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         reconnect_on_failure=False,
+        transport=args.transport,
     )
     client.username_pw_set(args.username, args.password)
-    client.tls_set(ca_certs=args.cafile)
+    if args.transport == "websockets":
+        client.ws_set_options(path=args.ws_path)
+    if args.no_tls:
+        if args.transport != "websockets":
+            emit(event="error", step="args", error="--no-tls is for --transport websockets only")
+            return 1
+    elif args.cafile is None:
+        emit(event="error", step="args", error="--cafile is required over TLS")
+        return 1
+    else:
+        client.tls_set(ca_certs=args.cafile)
 
     connected = threading.Event()
     closed = threading.Event()

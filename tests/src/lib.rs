@@ -1,11 +1,13 @@
 //! Test harness for end-to-end tests: starts the real broker in-process on
-//! port 0 with a fresh certificate authority, TLS and plain listeners, mints
+//! port 0 with a fresh certificate authority, TLS, plain and WebSocket (ws,
+//! wss) listeners, mints
 //! device tokens, and opens real rumqttc clients (MQTT 5 and 3.1.1) that hand
 //! their events to the test through a channel.
 
 pub mod clients;
 pub mod haproxy;
 pub mod raw;
+pub mod ws;
 
 use broker::auth::jwt::JwtSettings;
 use broker::config::{Config, Limits};
@@ -69,6 +71,10 @@ impl Default for TestOptions {
 pub struct TestBroker {
     pub tls_addr: SocketAddr,
     pub tcp_addr: SocketAddr,
+    /// MQTT over WebSocket (`ws://<ws_addr>/mqtt`).
+    pub ws_addr: SocketAddr,
+    /// MQTT over WebSocket over TLS (`wss://<wss_addr>/mqtt`, the test CA).
+    pub wss_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub ca_file: PathBuf,
     running: Option<RunningBroker>,
@@ -104,6 +110,8 @@ impl TestBroker {
         let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
         let tls = TcpListener::bind(localhost).await.expect("bind tls");
         let tcp = TcpListener::bind(localhost).await.expect("bind tcp");
+        let ws = TcpListener::bind(localhost).await.expect("bind ws");
+        let wss = TcpListener::bind(localhost).await.expect("bind wss");
         let metrics = if options.metrics {
             Some(TcpListener::bind(localhost).await.expect("bind metrics"))
         } else {
@@ -122,8 +130,10 @@ impl TestBroker {
         let running = Broker::start(
             config,
             Listeners {
-                tls: Some((tls, acceptor)),
+                tls: Some((tls, acceptor.clone())),
                 tcp: vec![tcp],
+                ws: Some(ws),
+                wss: Some((wss, acceptor)),
                 metrics,
                 internal: None,
             },
@@ -133,6 +143,8 @@ impl TestBroker {
         TestBroker {
             tls_addr: running.tls_addr.expect("tls addr"),
             tcp_addr: running.tcp_addrs[0],
+            ws_addr: running.ws_addr.expect("ws addr"),
+            wss_addr: running.wss_addr.expect("wss addr"),
             metrics_addr: running.metrics_addr,
             ca_file: certs.ca_file,
             shutdown: running.shutdown_token(),

@@ -258,6 +258,7 @@ impl WithHandlers {
                 tcp: Vec::new(),
                 internal: Some(internal),
                 metrics: Some(metrics),
+                ..Default::default()
             },
         )
         .await

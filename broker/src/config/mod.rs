@@ -41,6 +41,14 @@ pub struct BrokerArgs {
     /// Plain MQTT listen address; unset means no plain listener.
     #[arg(long, env = "BROKER_TCP_LISTEN")]
     pub tcp_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (path /mqtt, the TLS listener's
+    /// certificate) listen address; unset means none.
+    #[arg(long, env = "BROKER_WSS_LISTEN")]
+    pub wss_listen: Option<SocketAddr>,
+    /// MQTT over plain WebSocket (path /mqtt) listen address, for loopback
+    /// or behind a TLS-terminating proxy; unset means none.
+    #[arg(long, env = "BROKER_WS_LISTEN")]
+    pub ws_listen: Option<SocketAddr>,
     /// HMAC secret (raw text) for HS256/384/512 device tokens.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,
@@ -302,6 +310,8 @@ pub struct ListenPlan {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub tcp_listen: Option<SocketAddr>,
+    pub ws_listen: Option<SocketAddr>,
+    pub wss_listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub builtin_handlers: bool,
 }
@@ -365,8 +375,11 @@ impl BrokerArgs {
         let tls_listen = self
             .tls_listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8883)));
-        let loopback_only =
-            tls_listen.ip().is_loopback() && self.tcp_listen.is_none_or(|a| a.ip().is_loopback());
+        let loopback_only = tls_listen.ip().is_loopback()
+            && [self.tcp_listen, self.ws_listen, self.wss_listen]
+                .iter()
+                .flatten()
+                .all(|a| a.ip().is_loopback());
         let mut dev = DevDefaults::default();
 
         let (tls_cert, tls_key) = match (self.tls_cert, self.tls_key) {
@@ -577,6 +590,8 @@ impl BrokerArgs {
             tls_cert,
             tls_key,
             tcp_listen: self.tcp_listen,
+            ws_listen: self.ws_listen,
+            wss_listen: self.wss_listen,
             metrics_listen: self.metrics_listen,
             builtin_handlers: self.handlers == BuiltinHandlers::All,
         };
