@@ -208,19 +208,33 @@ impl RedisCluster {
         self.master_of_slot(self.slot_of(key))
     }
 
-    /// The index of a running replica of master `master`.
+    /// The index of a running replica of master `master`, waiting (30 s at
+    /// most) until the cluster shows one: right after a failover the old
+    /// master takes a moment to be listed as the new one's replica.
     pub fn replica_of(&self, master: usize) -> usize {
-        let view = self.view().expect("a running node answers CLUSTER NODES");
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if let Some(replica) = self.running_replica_of(master) {
+                return replica;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master {master} has no running replica"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn running_replica_of(&self, master: usize) -> Option<usize> {
+        let view = self.view().ok()?;
         let master_id = view
             .iter()
             .find(|(_, n)| n.port == self.port(master))
-            .map(|(id, _)| id.clone())
-            .expect("the master is in CLUSTER NODES");
+            .map(|(id, _)| id.clone())?;
         view.values()
-            .find(|n| n.replica_of.as_deref() == Some(master_id.as_str()) && !n.failed)
-            .and_then(|n| self.index_of_port(n.port))
-            .filter(|&i| self.is_running(i))
-            .unwrap_or_else(|| panic!("master {master} has no running replica"))
+            .filter(|n| n.replica_of.as_deref() == Some(master_id.as_str()) && !n.failed)
+            .filter_map(|n| self.index_of_port(n.port))
+            .find(|&i| self.is_running(i))
     }
 
     /// `kill -9` node `index` (it stays dead until [`RedisCluster::restart`]).

@@ -37,6 +37,9 @@ mod revocations;
 mod sign_ups;
 mod tokens;
 
+#[cfg(test)]
+mod cluster_faults;
+
 /// Prefix of every key this store writes.
 pub const KEY_PREFIX: &str = "mqgate:";
 
