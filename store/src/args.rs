@@ -17,7 +17,7 @@ pub struct StoreArgs {
     /// Redis for state shared by handler processes and broker nodes: one URL
     /// (redis://[:password@]host[:port][/db]) for one Redis, several
     /// comma-separated node URLs for Redis Cluster; unset = the embedded store in DATA_DIR.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse_redis_url)]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = RedisUrlParser)]
     pub redis_url: Option<Secret>,
     /// Where the embedded store and the server's RSA key pair (sync) live.
     #[arg(long, env = "DATA_DIR", default_value = DEFAULT_DATA_DIR)]
@@ -34,11 +34,34 @@ impl Default for StoreArgs {
 }
 
 /// Checks `REDIS_URL` at start ([`RedisTarget::parse`]) so that a bad list
-/// is refused with its fix before anything runs.
-fn parse_redis_url(url: &str) -> Result<Secret, String> {
-    RedisTarget::parse(url)
-        .map(|_| Secret::from(url))
-        .map_err(|e| e.to_string())
+/// is refused with its fix before anything runs. The refusal never quotes
+/// the value (clap's own "invalid value '...'" would print a password).
+#[derive(Clone)]
+struct RedisUrlParser;
+
+impl clap::builder::TypedValueParser for RedisUrlParser {
+    type Value = Secret;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Secret, clap::Error> {
+        let refuse = |message: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{message}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let url = value
+            .to_str()
+            .ok_or_else(|| refuse("REDIS_URL is not valid UTF-8".into()))?;
+        RedisTarget::parse(url)
+            .map(|_| Secret::from(url))
+            .map_err(|e| refuse(e.to_string()))
+    }
 }
 
 impl StoreArgs {
@@ -88,6 +111,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("entry 2") && err.contains("comma"), "{err}");
+        // A refusal never quotes the value: it may carry a password.
+        let err = parse("redis://:hunter2@127.0.0.1:7000,nope")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entry 2") && !err.contains("hunter2"), "{err}");
         let args = parse("redis://127.0.0.1:7000, redis://127.0.0.1:7001")
             .unwrap()
             .store;
