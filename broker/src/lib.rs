@@ -5,7 +5,10 @@
 //! The path of a connection, one module per step:
 //! 1. [`listener`]: accept, admission per source address ([`rate_limit`]:
 //!    new connections per second, connections not yet answered), connection cap;
-//! 2. [`tls`]: handshake under a deadline, in the connection's own task;
+//! 2. [`proxy`]: from a load balancer in `BROKER_TRUSTED_PROXIES`, the PROXY
+//!    header (v1, v2) that names the client, who is then admitted; a PROXY
+//!    header from anyone else is refused;
+//!    [`tls`]: handshake under a deadline, in the connection's own task;
 //! 3. [`session`]: one task per connection. `session/connect.rs`: CONNECT
 //!    deadline, protocol version ([`codec`]), the MQTT 5 rules on CONNECT and
 //!    DISCONNECT values ([`validate`]), admission, takeover, the router link;
@@ -37,7 +40,10 @@
 //!     session's state;
 //! 11. [`wills`]: wills waiting for their MQTT 5 Will Delay Interval, kept
 //!     past their connection; [`will_publisher`] publishes a will now, or
-//!     the delayed ones through a router link of their own.
+//!     the delayed ones through a router link of their own;
+//! 12. [`inject`]: what another node received, published into this node's
+//!     router through links of their own ([`Broker::start_with`] wraps the
+//!     delivery; the `cluster` crate is such a wrapper).
 //!
 //! Around it: [`config`] (environment and flags, development defaults from
 //! [`config::dev_certs`]), [`metrics`] and [`http`] (`/metrics`, `/healthz`), and
@@ -54,9 +60,11 @@ pub mod gate;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod inject;
 pub mod listener;
 pub mod metrics;
 pub mod property_caps;
+pub mod proxy;
 pub mod rate_limit;
 pub mod revocation;
 pub mod revocation_watch;
@@ -72,7 +80,7 @@ pub mod wills;
 use auth::jwt::{JwtConfigError, JwtVerifier};
 use auth::Authenticator;
 use config::Config;
-use delivery::LocalDelivery;
+use delivery::{Delivery, LocalDelivery};
 use gate::{Gate, GateParts};
 use listener::{AcceptLoop, Transport};
 use metrics::Metrics;
@@ -138,6 +146,11 @@ pub enum StartError {
 /// Starting point of the broker's lifecycle.
 pub struct Broker;
 
+/// Wraps this node's [`LocalDelivery`] in another [`Delivery`] (the seam:
+/// a delivery of several nodes, see `delivery/mod.rs`), given the broker's
+/// metrics. [`Broker::start`] uses the local one as it is.
+pub type WrapDelivery = Box<dyn FnOnce(LocalDelivery, &Arc<Metrics>) -> Box<dyn Delivery> + Send>;
+
 /// A broker that is serving.
 pub struct RunningBroker {
     pub tls_addr: Option<SocketAddr>,
@@ -151,6 +164,8 @@ pub struct RunningBroker {
     grace: Duration,
     /// Why the router stopped, if it did (it runs until the process ends).
     router_stopped: Arc<OnceLock<String>>,
+    /// Publishes into this node from outside any session (`inject`).
+    injector: inject::Injector,
 }
 
 /// The broker stopped because its embedded router did.
@@ -161,6 +176,15 @@ pub struct RouterStopped(pub String);
 impl Broker {
     /// Starts the router, the accept loops and the metrics endpoint.
     pub async fn start(config: Config, listeners: Listeners) -> Result<RunningBroker, StartError> {
+        Self::start_with(config, listeners, Box::new(|local, _| Box::new(local))).await
+    }
+
+    /// As [`Broker::start`], with delivery wrapped by `wrap` (several nodes).
+    pub async fn start_with(
+        config: Config,
+        listeners: Listeners,
+        wrap: WrapDelivery,
+    ) -> Result<RunningBroker, StartError> {
         // Only processes on this host reach a loopback port: the internal
         // listener's separate allowance is never offered to the network.
         if let Some(internal) = &listeners.internal {
@@ -173,7 +197,7 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let (gate, router_task, will_queue) =
-            build_gate(config, metrics.clone(), shutdown.clone())?;
+            build_gate(config, metrics.clone(), shutdown.clone(), wrap)?;
         let router_stopped = Arc::new(OnceLock::new());
         {
             // Without its router the broker cannot serve anyone: stop, so that
@@ -191,12 +215,15 @@ impl Broker {
             });
         }
         // The public listeners share one admission; the internal one has its own.
-        let admission = Arc::new(Admission::new(
-            "public",
-            limits.conn_rate_per_sec,
-            limits.conn_burst,
-            limits.max_pending_per_addr,
-        ));
+        let admission = Arc::new(
+            Admission::new(
+                "public",
+                limits.conn_rate_per_sec,
+                limits.conn_burst,
+                limits.max_pending_per_addr,
+            )
+            .with_trusted_proxies(limits.trusted_proxies.clone()),
+        );
         let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
         let tasks = TaskTracker::new();
         tasks.spawn(gate.sessions().clone().end_all_at_shutdown());
@@ -219,6 +246,7 @@ impl Broker {
             tasks: tasks.clone(),
             grace: limits.shutdown_grace,
             router_stopped,
+            injector: inject::Injector::new(gate.clone()),
         };
         let mut loops = Vec::new();
         if let Some((listener, acceptor)) = listeners.tls {
@@ -283,6 +311,12 @@ impl Broker {
 }
 
 impl RunningBroker {
+    /// Opens router links that publish into this node from outside any
+    /// session (what other nodes received, for this node's subscribers).
+    pub fn injector(&self) -> inject::Injector {
+        self.injector.clone()
+    }
+
     /// A token that, when cancelled, shuts the broker down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -324,7 +358,12 @@ pub fn gate_for_tests(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Arc<Gate>, StartError> {
-    let (gate, _router_task, will_queue) = build_gate(config, Arc::new(Metrics::new()), shutdown)?;
+    let (gate, _router_task, will_queue) = build_gate(
+        config,
+        Arc::new(Metrics::new()),
+        shutdown,
+        Box::new(|local, _| Box::new(local)),
+    )?;
     tokio::spawn(gate.sessions().clone().end_all_at_shutdown());
     tokio::spawn(will_publisher::publish_delayed(gate.clone(), will_queue));
     Ok(gate)
@@ -336,6 +375,7 @@ fn build_gate(
     config: Config,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    wrap: WrapDelivery,
 ) -> Result<(Arc<Gate>, router::RouterTask, wills::WillQueue), StartError> {
     let leeway_secs = config.jwt.leeway_secs;
     let jwt = JwtVerifier::new(config.jwt)?;
@@ -353,10 +393,10 @@ fn build_gate(
         ),
         router,
         sessions: Arc::new(SessionRegistry::new(shutdown.clone())),
-        delivery: Box::new(LocalDelivery::new(
-            config.command_topics,
-            metrics.reply_index_topics(),
-        )),
+        delivery: wrap(
+            LocalDelivery::new(config.command_topics, metrics.reply_index_topics()),
+            &metrics,
+        ),
         wills,
         revocations: config.revocations.map(Arc::new),
         metrics,

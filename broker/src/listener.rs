@@ -1,8 +1,16 @@
 //! Owns accepting sockets: admission per source address (rate and pending
 //! connections, see `rate_limit`) and the connection cap before any work,
-//! then one task per connection that does the TLS handshake under its
+//! then one task per connection that reads its opening under the handshake
 //! deadline (never in the accept loop) and hands the stream to
 //! `session::serve`. Accept errors back off instead of spinning.
+//!
+//! The opening, on the public listeners: from a peer in
+//! `BROKER_TRUSTED_PROXIES`, the PROXY header that names the client (then
+//! the client is admitted as if it had connected directly); from anyone
+//! else, a look at the first bytes, and a PROXY header there is refused.
+//! Then the TLS handshake (TLS listener). The PROXY header, which a proxy
+//! sends before the client's first byte, and the TLS handshake share one
+//! deadline (`BROKER_TLS_HANDSHAKE_TIMEOUT_SECS`).
 //!
 //! Each accept loop has its own [`Admission`]: the internal listener of the
 //! in-process handlers never shares buckets with the public listeners, so
@@ -10,7 +18,10 @@
 //! handlers out, and nothing reaching a public listener can use theirs.
 
 use crate::gate::Gate;
-use crate::rate_limit::{Admission, AdmissionRefusal, PendingGuard};
+use crate::proxy::{self, Header};
+use crate::rate_limit::{
+    Admission, AdmissionRefusal, Admitted, PendingGuard, UNTRUSTED_PROXY_HEADER,
+};
 use crate::session;
 use crate::session::Admits;
 use futures::future::{Either, OptionFuture};
@@ -23,6 +34,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -72,14 +84,17 @@ impl AcceptLoop {
                 }
             };
             // Refused sockets are dropped (closed) here, before any TLS work.
-            let admitted = self.admission.admit(peer.ip()).and_then(|pending| {
-                self.connection_slots
-                    .clone()
-                    .try_acquire_owned()
-                    .map(|slot| (pending, slot))
-                    .map_err(|_| AdmissionRefusal::TooManyConnections)
-            });
-            let (pending, slot) = match admitted {
+            let admitted = self
+                .admission
+                .admit_accepted(peer.ip())
+                .and_then(|admitted| {
+                    self.connection_slots
+                        .clone()
+                        .try_acquire_owned()
+                        .map(|slot| (admitted, slot))
+                        .map_err(|_| AdmissionRefusal::TooManyConnections)
+                });
+            let (admitted, slot) = match admitted {
                 Ok(admitted) => admitted,
                 Err(why) => {
                     self.gate.metrics().socket_dropped(why.reason());
@@ -88,8 +103,14 @@ impl AcceptLoop {
                 }
             };
             let _ = socket.set_nodelay(true);
-            let connection =
-                serve_socket(socket, peer, &self.transport, self.gate.clone(), pending);
+            let connection = serve_socket(
+                socket,
+                peer,
+                &self.transport,
+                self.gate.clone(),
+                admitted,
+                &self.admission,
+            );
             self.tasks.spawn(async move {
                 connection.await;
                 drop(slot);
@@ -99,71 +120,180 @@ impl AcceptLoop {
 }
 
 /// The connection's task. Not an `async fn`: its arguments would be stored
-/// twice in a future that is resident for the connection's whole life. A
-/// plain connection's future is the session's own (two pointers and a
-/// span); a TLS one holds its handshake boxed, apart, until it is done.
+/// twice in a future that is resident for the connection's whole life. The
+/// resident part is the session's own future (two pointers and a span);
+/// the opening (PROXY header, TLS handshake) is boxed apart until it is done.
 fn serve_socket(
     socket: TcpStream,
     peer: std::net::SocketAddr,
     transport: &Transport,
     gate: Arc<Gate>,
-    pending: PendingGuard,
+    admitted: Admitted,
+    admission: &Arc<Admission>,
 ) -> impl std::future::Future<Output = ()> + Send {
+    let admission = admission.clone();
     match transport {
-        Transport::Plain => Either::Left(session::serve(
-            Answered::new(socket, pending),
-            peer,
-            gate,
-            Admits::Everyone,
-        )),
-        Transport::InternalHandlers => Either::Left(session::serve(
-            Answered::new(socket, pending),
-            peer,
-            gate,
-            Admits::HandlersOnly,
-        )),
+        Transport::InternalHandlers => {
+            let pending = match admitted {
+                Admitted::Direct(pending) | Admitted::ViaProxy(pending) => pending,
+            };
+            Either::Left(session::serve(
+                Answered::new(socket, pending),
+                peer,
+                gate,
+                Admits::HandlersOnly,
+            ))
+        }
+        Transport::Plain => {
+            let opening_gate = gate.clone();
+            let opening = async move {
+                let gate = opening_gate;
+                let mut socket = socket;
+                let deadline = Instant::now() + gate.limits().tls_handshake_timeout;
+                let opened = tokio::select! {
+                    _ = gate.shutting_down() => None,
+                    opened = client_of(&mut socket, peer, admitted, &admission, &gate, deadline, "connect_timeout") => opened,
+                };
+                opened.map(|(client, pending)| (socket, client, pending))
+            };
+            Either::Right(Either::Left(open_then_serve(opening, gate)))
+        }
         Transport::Tls(acceptor) => {
-            Either::Right(serve_tls(socket, peer, acceptor.clone(), gate, pending))
+            let acceptor = acceptor.clone();
+            let opening_gate = gate.clone();
+            let opening = async move {
+                let gate = opening_gate;
+                let mut socket = socket;
+                let deadline = Instant::now() + gate.limits().tls_handshake_timeout;
+                let (client, pending) = tokio::select! {
+                    _ = gate.shutting_down() => None,
+                    opened = client_of(&mut socket, peer, admitted, &admission, &gate, deadline, "tls_handshake") => opened,
+                }?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                let handshake = tokio::select! {
+                    _ = gate.shutting_down() => return None,
+                    h = crate::tls::handshake(&acceptor, socket, left) => h,
+                };
+                match handshake {
+                    Ok(stream) => Some((stream, client, pending)),
+                    Err(e) => {
+                        debug!(peer = %client, error = %e, "TLS handshake failed");
+                        gate.metrics().socket_dropped("tls_handshake");
+                        None
+                    }
+                }
+            };
+            Either::Right(Either::Right(open_then_serve(opening, gate)))
         }
     }
 }
 
-/// A TLS connection: the handshake, then the session.
-fn serve_tls(
-    socket: TcpStream,
-    peer: std::net::SocketAddr,
-    acceptor: TlsAcceptor,
+/// The opening, boxed (it and the stream before the session takes it are
+/// needed only until the session starts; inline they would stay in every
+/// connection's resident future), then the session in its place (a
+/// combinator: an `async` block would keep the session's future twice).
+fn open_then_serve<S, F>(
+    opening: F,
     gate: Arc<Gate>,
-    pending: PendingGuard,
-) -> impl std::future::Future<Output = ()> + Send {
-    // Boxed: the handshake, and the TLS stream before the session splits
-    // it, are needed only until the session starts; inline they would stay
-    // in every connection's resident future.
-    let handshake = Box::pin(async move {
-        let handshake = tokio::select! {
-            _ = gate.shutting_down() => return None,
-            h = crate::tls::handshake(&acceptor, socket, gate.limits().tls_handshake_timeout) => h,
-        };
-        match handshake {
-            Ok(stream) => Some(session::serve(
-                Answered::new(stream, pending),
-                peer,
-                gate,
-                Admits::Everyone,
-            )),
-            Err(e) => {
-                debug!(%peer, error = %e, "TLS handshake failed");
-                gate.metrics().socket_dropped("tls_handshake");
-                None
-            }
-        }
-    });
-    // Then the session, in the handshake's place (a combinator: an `async`
-    // block would keep the session's future twice).
-    handshake
+) -> impl std::future::Future<Output = ()> + Send
+where
+    F: std::future::Future<Output = Option<(S, std::net::SocketAddr, PendingGuard)>>
+        + Send
+        + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(opening)
+        .map(move |opened| {
+            opened.map(|(stream, client, pending)| {
+                session::serve(
+                    Answered::new(stream, pending),
+                    client,
+                    gate,
+                    Admits::Everyone,
+                )
+            })
+        })
         .map(OptionFuture::from)
         .flatten()
         .map(|_: Option<()>| ())
+}
+
+/// Who the connection is from, once its opening says so: the client's
+/// address and its pending slot, or `None` when it was refused (counted in
+/// `broker_sockets_dropped_total`, and logged once per episode).
+///
+/// A trusted proxy must open with a PROXY header: it is configured to send
+/// one on every connection, so a connection without one is a proxy
+/// misconfigured (every client behind it would be admitted, limited and
+/// logged as the proxy) or another process on the proxy's host. A v2
+/// `LOCAL` header (health checks) or a v1 `UNKNOWN` is served as the
+/// proxy's own connection, admitted under the proxy's address.
+/// Anyone else must not open with one: it would be a client trying to
+/// choose its own address. `silent` is the reason counted when nothing at
+/// all arrives in time (as without this step).
+async fn client_of(
+    socket: &mut TcpStream,
+    peer: std::net::SocketAddr,
+    admitted: Admitted,
+    admission: &Admission,
+    gate: &Gate,
+    deadline: Instant,
+    silent: &'static str,
+) -> Option<(std::net::SocketAddr, PendingGuard)> {
+    let refuse = |reason: &'static str, why: &dyn std::fmt::Display| {
+        gate.metrics().socket_dropped(reason);
+        admission.log_opening_refusal(peer, reason, why);
+        None
+    };
+    match admitted {
+        Admitted::Direct(pending) => {
+            match tokio::time::timeout_at(deadline, proxy::opens_with_header(socket)).await {
+                Ok(Ok(false)) => Some((peer, pending)),
+                Ok(Ok(true)) => refuse(
+                    UNTRUSTED_PROXY_HEADER,
+                    &"a PROXY header from a peer not in BROKER_TRUSTED_PROXIES",
+                ),
+                // Closed before its first byte.
+                Ok(Err(_)) => None,
+                Err(_) => {
+                    gate.metrics().socket_dropped(silent);
+                    None
+                }
+            }
+        }
+        Admitted::ViaProxy(awaiting_header) => {
+            let header =
+                match tokio::time::timeout_at(deadline, proxy::read_header(socket)).await {
+                    Ok(Ok(header)) => header,
+                    // A health check that connects and closes is not worth a log line.
+                    Ok(Err(e @ (proxy::ReadError::Closed | proxy::ReadError::Io(_)))) => {
+                        gate.metrics().socket_dropped(e.reason());
+                        return None;
+                    }
+                    Ok(Err(e)) => {
+                        return refuse(e.reason(), &format_args!("from a trusted proxy, {e}"))
+                    }
+                    Err(_) => return refuse(
+                        "proxy_header_timeout",
+                        &"a trusted proxy sent no whole PROXY header before the handshake deadline",
+                    ),
+                };
+            drop(awaiting_header);
+            let client = match header {
+                Header::Proxied { source, .. } => source,
+                Header::Local => peer,
+            };
+            debug!(%client, proxy = %peer, "PROXY header");
+            match admission.admit(client.ip()) {
+                Ok(pending) => Some((client, pending)),
+                Err(why) => {
+                    gate.metrics().socket_dropped(why.reason());
+                    admission.log_refusal(client.ip(), why);
+                    None
+                }
+            }
+        }
+    }
 }
 
 /// A client stream that holds its source's pending slot until the broker
@@ -283,8 +413,16 @@ mod tests {
         let addr = listener.local_addr().expect("address");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (socket, peer) = listener.accept().await.expect("accept");
-        let pending = admission.admit(peer.ip()).expect("admitted");
-        let plain = serve_socket(socket, peer, &Transport::Plain, gate.clone(), pending);
+        let admission = Arc::new(admission);
+        let admitted = admission.admit_accepted(peer.ip()).expect("admitted");
+        let plain = serve_socket(
+            socket,
+            peer,
+            &Transport::Plain,
+            gate.clone(),
+            admitted,
+            &admission,
+        );
         let plain_size = std::mem::size_of_val(&plain);
         drop(plain);
         println!("a plain connection's task future: {plain_size} B");

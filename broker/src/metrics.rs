@@ -1,6 +1,6 @@
 //! Owns the broker's counters and gauges and their Prometheus text form:
 //! connections by kind, refused connects by reason, denials by kind, and
-//! messages in and out.
+//! messages in and out, and what cross-node delivery moved and dropped.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +18,11 @@ struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabel {
+    what: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +46,10 @@ pub struct Metrics {
     sessions_ended: Family<ReasonLabel, Counter>,
     reply_index_topics: Gauge,
     router_log_bytes: Gauge,
+    /// Cross-node delivery (a Redis delivery wrapping the local one): what
+    /// it moved, by plane and direction, and what it dropped, by reason.
+    cluster_messages: Family<WhatLabel, Counter>,
+    cluster_dropped: Family<ReasonLabel, Counter>,
     /// The router's own count, read into `router_log_bytes` at each render.
     router_log_source: OnceLock<Arc<AtomicU64>>,
 }
@@ -64,6 +73,18 @@ impl Metrics {
         let refusal_cache_hits = Counter::default();
         let session_panics = Counter::default();
         let sessions_ended = Family::<ReasonLabel, Counter>::default();
+        let cluster_messages = Family::<WhatLabel, Counter>::default();
+        let cluster_dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "cluster_messages",
+            "Messages moved through the cluster store (Redis), by what (reply_out, reply_in, command_out, command_in, replayed, reclaimed)",
+            cluster_messages.clone(),
+        );
+        registry.register(
+            "cluster_dropped",
+            "Messages the cross-node delivery dropped, by reason (a bounded queue full, Redis unreachable, an undecodable entry)",
+            cluster_dropped.clone(),
+        );
         registry.register(
             "session_panics",
             "Sessions ended by a bug (a panic in their task): each one contained, its will fired and its router link closed",
@@ -133,6 +154,8 @@ impl Metrics {
             reply_index_topics,
             router_log_bytes,
             router_log_source: OnceLock::new(),
+            cluster_messages,
+            cluster_dropped,
             registry,
             connections,
             refused,
@@ -187,6 +210,20 @@ impl Metrics {
 
     pub fn replies_dropped(&self, n: u64) {
         self.replies_dropped.inc_by(n);
+    }
+
+    /// `n` messages moved through the cluster store (`what`: see the help).
+    pub fn cluster_moved(&self, what: &'static str, n: u64) {
+        self.cluster_messages
+            .get_or_create(&WhatLabel { what })
+            .inc_by(n);
+    }
+
+    /// `n` messages the cross-node delivery dropped, and why.
+    pub fn cluster_dropped(&self, reason: &'static str, n: u64) {
+        self.cluster_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(n);
     }
 
     pub fn refusal_cache_hit(&self) {

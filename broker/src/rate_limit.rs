@@ -4,10 +4,18 @@
 //! address's connections that are not yet answered (accepted, no CONNACK
 //! written), and one log line per episode of refusals.
 //!
+//! A peer in `BROKER_TRUSTED_PROXIES` is not admitted as a client: it
+//! speaks for many. Its connections count against a pending cap of their
+//! own (per proxy, until their PROXY header arrives, so a proxy that opens
+//! connections and says nothing is bounded like any source), and the
+//! client the header names is then admitted as if it had connected
+//! directly (see [`Admission::admit_accepted`]).
+//!
 //! Addresses are keyed as [`AddrKey`]: IPv4 whole (IPv4-mapped IPv6 too, so
 //! a dual-stack listener cannot be used to double an IPv4 client's
 //! allowance), IPv6 by its /64, the smallest block one subscriber gets.
 
+use crate::proxy::TrustedProxies;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -111,6 +119,19 @@ impl AdmissionRefusal {
     }
 }
 
+/// What admission gave a freshly accepted socket.
+pub enum Admitted {
+    /// A client: its source's pending slot.
+    Direct(PendingGuard),
+    /// A trusted proxy: the slot its connection holds until the PROXY
+    /// header arrives; the client it names is admitted then
+    /// ([`Admission::admit`]).
+    ViaProxy(PendingGuard),
+}
+
+/// The `reason` of a PROXY header from a peer not in `BROKER_TRUSTED_PROXIES`.
+pub const UNTRUSTED_PROXY_HEADER: &str = "proxy_header_untrusted";
+
 /// Decides whether a freshly accepted socket may go on to its handshake.
 pub struct Admission {
     /// Names the listener in logs ("public", "internal").
@@ -118,6 +139,12 @@ pub struct Admission {
     rate: ConnectionRateLimit,
     pending: Arc<SourceLimit>,
     episodes: RefusalEpisodes<AdmissionRefusal>,
+    /// Peers that may open with a PROXY header (and must).
+    trusted: TrustedProxies,
+    /// Per trusted proxy: its connections whose header has not arrived.
+    awaiting_header: Arc<SourceLimit>,
+    /// Refused openings (PROXY header missing, malformed, untrusted...).
+    opening_episodes: RefusalEpisodes<&'static str>,
 }
 
 impl Admission {
@@ -128,6 +155,58 @@ impl Admission {
             rate: ConnectionRateLimit::new(rate, burst),
             pending: SourceLimit::new(max_pending),
             episodes: RefusalEpisodes::default(),
+            trusted: TrustedProxies::none(),
+            awaiting_header: SourceLimit::new(max_pending),
+            opening_episodes: RefusalEpisodes::default(),
+        }
+    }
+
+    /// Trusts `proxies` to open with a PROXY header naming the client.
+    pub fn with_trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.trusted = proxies;
+        self
+    }
+
+    /// Whether `ip` is a trusted proxy.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.contains(ip)
+    }
+
+    /// Admission at accept: a client is admitted by [`Admission::admit`];
+    /// a trusted proxy only against its cap of connections awaiting their
+    /// header (the per-source rate would otherwise throttle every client
+    /// behind it as one; the client is admitted once the header names it).
+    pub fn admit_accepted(&self, peer: IpAddr) -> Result<Admitted, AdmissionRefusal> {
+        if self.trusted.contains(peer) {
+            self.awaiting_header
+                .try_admit(AddrKey::of(peer))
+                .map(Admitted::ViaProxy)
+                .ok_or(AdmissionRefusal::TooManyPending)
+        } else {
+            self.admit(peer).map(Admitted::Direct)
+        }
+    }
+
+    /// Records a refused opening (`reason`, the metric's label) and logs it
+    /// if it begins an episode of its kind, as [`Admission::log_refusal`].
+    pub fn log_opening_refusal(
+        &self,
+        peer: std::net::SocketAddr,
+        reason: &'static str,
+        why: &dyn std::fmt::Display,
+    ) {
+        if let Some(previous_episode_refused) = self.opening_episodes.record(reason) {
+            let trusted = self.trusted.contains(peer.ip());
+            tracing::warn!(
+                listener = self.listener,
+                %peer,
+                trusted_proxy = trusted,
+                reason,
+                previous_episode_refused,
+                "refused a connection's opening: {why}{}; further ones are counted in broker_sockets_dropped_total until {}s pass without one",
+                if trusted { "" } else if reason == UNTRUSTED_PROXY_HEADER { " (add the proxy to BROKER_TRUSTED_PROXIES if it is yours)" } else { "" },
+                EPISODE_QUIET.as_secs()
+            );
         }
     }
 

@@ -8,6 +8,9 @@
 //!   `GATEWAYS`, `TOKENS_MASTER_KEY`, ...) composed with the SDK's and the
 //!   store's into [`Settings`], checked at start.
 //! - [`sync`]: RSA public key in, fresh AES-256 key stored, signed reply.
+//! - [`pairing`]: `sync_session` and `sync_session_confirm` on the sync
+//!   worker: rotating one-time codes, the person's decision, and the paired
+//!   phone's sync result (picked up by the identity service's `/sync/pair`).
 //! - [`publish`]: AES-GCM envelope opened, replay refused, message POSTed
 //!   to the platform with the user's stored platform token.
 //! - [`contacts`]: request, accept and list contacts.
@@ -23,12 +26,15 @@
 //! with the broker).
 
 pub mod contacts;
+pub mod pairing;
 pub mod publish;
 pub mod settings;
 pub mod sync;
 pub mod tokens;
 
-pub use settings::{ConfigError, HandlerArgs, HandlerCli, Platform, Settings, TokenUse};
+pub use settings::{
+    ConfigError, HandlerArgs, HandlerCli, PairingSettings, Platform, Settings, TokenUse,
+};
 
 use envelope::{EnvelopeError, ServerKey};
 use sdk::{HandlerError, SdkConfig, SdkError, Worker};

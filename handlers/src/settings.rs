@@ -67,6 +67,42 @@ pub struct HandlerArgs {
     /// During a rotation: the old master key, still accepted for reading.
     #[arg(long, env = "TOKENS_MASTER_KEY_PREVIOUS", hide_env_values = true)]
     pub tokens_master_key_previous: Option<Secret>,
+    /// Pairing (`sync_session`): seconds each one-time code lives before a
+    /// new one replaces it (1 to 600).
+    #[arg(long, env = "SYNC_SESSION_ROTATE_SECS", default_value_t = 15)]
+    pub sync_session_rotate_secs: u64,
+    /// Pairing: how many times a code is replaced before the session ends
+    /// unclaimed (0 to 100; the session shows this many codes plus one).
+    #[arg(long, env = "SYNC_SESSION_CHANGES", default_value_t = 3)]
+    pub sync_session_changes: u32,
+    /// Pairing: seconds the person has to confirm a phone that claimed the
+    /// code (1 to 3600); the phone's request is held that long at most.
+    #[arg(long, env = "SYNC_SESSION_PAUSED_SECS", default_value_t = 120)]
+    pub sync_session_paused_secs: u64,
+    /// Pairing: the identity service's public URL of `POST /sync/pair`; the
+    /// QR code carries it with `?code=<code>`. Default: the identity
+    /// service's default address (the `broker` binary uses its in-process
+    /// one's).
+    #[arg(long, env = "SYNC_PAIR_URL")]
+    pub sync_pair_url: Option<String>,
+}
+
+/// The pairing URL when `SYNC_PAIR_URL` is unset: the identity service's
+/// default public URL.
+pub const DEFAULT_SYNC_PAIR_URL: &str = "http://127.0.0.1:8080/sync/pair";
+
+/// Pairing sessions (`sync_session`): how codes rotate and how long a
+/// decision may take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairingSettings {
+    /// `SYNC_SESSION_ROTATE_SECS`: each code's life.
+    pub rotate: Duration,
+    /// `SYNC_SESSION_CHANGES`: replacements before the session expires.
+    pub changes: u32,
+    /// `SYNC_SESSION_PAUSED_SECS`: the time to decide once a phone claimed.
+    pub paused: Duration,
+    /// `SYNC_PAIR_URL`: what the QR code carries, before `?code=`.
+    pub pair_url: String,
 }
 
 /// Everything a handler binary reads: logging, the store, the way to the
@@ -144,6 +180,8 @@ pub struct Settings {
     /// `TOKENS_MASTER_KEY_PREVIOUS`: still opens tokens sealed before a
     /// master-key rotation.
     pub tokens_master_key_previous: Option<MasterKey>,
+    /// `SYNC_SESSION_*`, `SYNC_PAIR_URL`: device pairing.
+    pub pairing: PairingSettings,
 }
 
 /// File name of the server's RSA key inside `DATA_DIR`.
@@ -196,6 +234,39 @@ impl Settings {
             }
             _ => {}
         }
+        let pair_url = args
+            .sync_pair_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .unwrap_or(DEFAULT_SYNC_PAIR_URL);
+        let pair_url = reqwest::Url::parse(pair_url)
+            .ok()
+            .filter(|u| {
+                matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.query().is_none()
+            })
+            .ok_or_else(|| {
+                invalid(
+                    "SYNC_PAIR_URL",
+                    "expected the absolute http(s) URL of the identity service's POST /sync/pair, without a query (e.g. https://idp.example.com/sync/pair)",
+                )
+            })?;
+        let pairing = PairingSettings {
+            rotate: Duration::from_secs(check_num(
+                "SYNC_SESSION_ROTATE_SECS",
+                args.sync_session_rotate_secs,
+                1,
+                600,
+            )?),
+            changes: check_num("SYNC_SESSION_CHANGES", args.sync_session_changes, 0, 100)?,
+            paused: Duration::from_secs(check_num(
+                "SYNC_SESSION_PAUSED_SECS",
+                args.sync_session_paused_secs,
+                1,
+                3600,
+            )?),
+            pair_url: pair_url.to_string(),
+        };
         Ok(Settings {
             broker_url: sdk.broker_url,
             broker_ca: sdk.broker_ca,
@@ -226,6 +297,7 @@ impl Settings {
             publish_retries: check_num("PUBLISH_RETRIES", args.publish_retries, 0, 10)?,
             tokens_master_key,
             tokens_master_key_previous,
+            pairing,
         })
     }
 
@@ -422,6 +494,28 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn pairing_settings_default_and_refuse_bad_values() {
+        let s = from(&[]).unwrap();
+        assert_eq!(s.pairing.rotate, Duration::from_secs(15));
+        assert_eq!(s.pairing.changes, 3);
+        assert_eq!(s.pairing.paused, Duration::from_secs(120));
+        assert_eq!(s.pairing.pair_url, DEFAULT_SYNC_PAIR_URL);
+        let s = from(&[("SYNC_PAIR_URL", "https://idp.example.com/sync/pair")]).unwrap();
+        assert_eq!(s.pairing.pair_url, "https://idp.example.com/sync/pair");
+        for (var, value) in [
+            ("SYNC_SESSION_ROTATE_SECS", "0"),
+            ("SYNC_SESSION_CHANGES", "101"),
+            ("SYNC_SESSION_PAUSED_SECS", "0"),
+            ("SYNC_PAIR_URL", "idp.example.com/sync/pair"),
+            ("SYNC_PAIR_URL", "https://idp.example.com/sync/pair?x=1"),
+            ("SYNC_PAIR_URL", "ftp://idp.example.com/sync/pair"),
+        ] {
+            let err = from(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={value}: {err}");
+        }
     }
 
     #[test]

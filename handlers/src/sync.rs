@@ -3,10 +3,12 @@
 //! as the user's only key, and replies on `<uid>_sync` with the key encrypted
 //! to the device (RSA-OAEP-SHA256), the key id, the server's public key, an
 //! RSA-PSS-SHA256 signature over the encrypted key, and the configured
-//! platforms and gateways.
+//! platforms and gateways. Pairing a phone ([`crate::pairing`]) gives the
+//! phone the same result through [`issue_key`].
 
 use crate::Shared;
 use envelope::{self, AesKey, ServerKey};
+use protocol::UserId;
 use rand::RngCore;
 use sdk::{Command, HandlerError, Reply, Worker};
 use serde::Deserialize;
@@ -21,13 +23,18 @@ pub struct SyncIn {
     pub public_key: String,
 }
 
-/// The worker serving `sync`.
+/// The worker serving `sync`, and pairing (`sync_session`,
+/// `sync_session_confirm`: see [`crate::pairing`]).
 pub fn worker(shared: Arc<Shared>, server_key: ServerKey) -> Worker {
     let server_key = Arc::new(server_key);
-    Worker::new("sync").on("sync", move |cmd: Command<SyncIn>| {
+    let worker = Worker::new("sync").on("sync", {
         let (shared, server_key) = (Arc::clone(&shared), Arc::clone(&server_key));
-        async move { handle(&shared, &server_key, cmd).await }
-    })
+        move |cmd: Command<SyncIn>| {
+            let (shared, server_key) = (Arc::clone(&shared), Arc::clone(&server_key));
+            async move { handle(&shared, &server_key, cmd).await }
+        }
+    });
+    crate::pairing::serve(worker, shared, server_key)
 }
 
 /// A new random key id: 16 bytes as hex.
@@ -43,9 +50,31 @@ pub async fn handle(
     server_key: &ServerKey,
     cmd: Command<SyncIn>,
 ) -> Result<Reply, HandlerError> {
+    let body = issue_key(
+        shared,
+        server_key,
+        &cmd.user_id,
+        cmd.token_iat,
+        cmd.body.public_key,
+    )
+    .await?;
+    Ok(Reply::json("sync", body))
+}
+
+/// What `sync` does for `uid`, whose session's token was issued at
+/// `token_iat` (`None`: not a device's): a fresh AES-256 key, encrypted to
+/// `public_key` and signed, stored as the user's only key (unless the
+/// revocation refuses that token, checked with the write), and the reply
+/// body. Pairing (`sync_session_confirm`) gives the paired phone the same.
+pub async fn issue_key(
+    shared: &Shared,
+    server_key: &ServerKey,
+    uid: &UserId,
+    token_iat: Option<u64>,
+    public_key: String,
+) -> Result<serde_json::Value, HandlerError> {
     let key = AesKey::generate();
     let signer = server_key.clone();
-    let public_key = cmd.body.public_key;
     let secret = key.clone();
     // RSA work is CPU-bound: keep it off the async workers.
     let (encrypted, signature) = tokio::task::spawn_blocking(move || {
@@ -65,23 +94,23 @@ pub async fn handle(
     };
     // Written only while the sender's token is not revoked, checked with
     // the write (see `tokens::store_token`).
-    let stored = match cmd.token_iat {
+    let stored = match token_iat {
         Some(iat) => {
             shared
                 .store
-                .put_key_unless_revoked(&cmd.user_id, &record, iat)
+                .put_key_unless_revoked(uid, &record, iat)
                 .await?
         }
         None => {
-            shared.store.put_key(&cmd.user_id, &record).await?;
+            shared.store.put_key(uid, &record).await?;
             true
         }
     };
     if !stored {
-        tracing::info!(uid = %cmd.user_id, "key not issued: the token was revoked meanwhile");
+        tracing::info!(%uid, "key not issued: the token was revoked meanwhile");
         return Err(HandlerError::new(401, "token revoked"));
     }
-    tracing::info!(uid = %cmd.user_id, key_id = %record.key_id, "issued a new shared key");
+    tracing::info!(%uid, key_id = %record.key_id, "issued a new shared key");
     let issued_at = now
         .format(&time::format_description::well_known::Rfc3339)
         .map_err(|_| HandlerError::internal("internal error"))?;
@@ -91,17 +120,14 @@ pub async fn handle(
         .iter()
         .map(|p| p.name.as_str())
         .collect();
-    Ok(Reply::json(
-        "sync",
-        json!({
-            "status": 200,
-            "key_id": record.key_id,
-            "encrypted_key": envelope::b64_encode(&encrypted),
-            "server_public_key": server_key.public_b64(),
-            "signature": envelope::b64_encode(&signature),
-            "platforms": platforms,
-            "gateways": shared.settings.gateways,
-            "issued_at": issued_at,
-        }),
-    ))
+    Ok(json!({
+        "status": 200,
+        "key_id": record.key_id,
+        "encrypted_key": envelope::b64_encode(&encrypted),
+        "server_public_key": server_key.public_b64(),
+        "signature": envelope::b64_encode(&signature),
+        "platforms": platforms,
+        "gateways": shared.settings.gateways,
+        "issued_at": issued_at,
+    }))
 }

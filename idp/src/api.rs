@@ -1,5 +1,6 @@
 //! Owns the HTTP API: the MSISDN gateway's flow (`/register`,
 //! `/sms/verify`, `/sms/verify_code`, `/sms/resend_code`, `/unregister`),
+//! device pairing (`/sync/pair`, in [`crate::pair`]),
 //! the JWKS, the admin endpoints, and turning every failure into
 //! `{"error": "..."}` with one status, in one place ([`ApiError`]).
 //!
@@ -46,7 +47,7 @@ pub struct ApiError {
     pub message: String,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError {
         status,
         message: message.into(),
@@ -81,7 +82,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-fn store_failed(e: store::StoreError) -> ApiError {
+pub(crate) fn store_failed(e: store::StoreError) -> ApiError {
     tracing::error!(error = %e, "store failed");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -89,7 +90,7 @@ fn store_failed(e: store::StoreError) -> ApiError {
     )
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     (
         status,
@@ -99,7 +100,7 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// The routes, over the shared service.
 pub fn router(idp: Arc<Idp>) -> Router {
@@ -109,6 +110,7 @@ pub fn router(idp: Arc<Idp>) -> Router {
         .route("/sms/resend_code", post(resend_code))
         .route("/sms/verify_code", post(verify_code))
         .route("/unregister", post(unregister))
+        .route("/sync/pair", post(crate::pair::pair))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/admin/users/:uid/revoke", post(admin_revoke))
@@ -144,7 +146,10 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
         .map_err(|_| too_large())
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], expected: &str) -> Result<T, ApiError> {
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    expected: &str,
+) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|_| {
         error(
             StatusCode::BAD_REQUEST,
@@ -186,6 +191,21 @@ impl Idp {
             return Err(error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests from this address; try again in a minute",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pairing claims' own, tighter rate per address
+    /// (`IDP_PAIR_RATE_PER_ADDR`): each claim is a guess at a code.
+    pub(crate) async fn limit_pairing(&self, addr: SocketAddr) -> Result<(), ApiError> {
+        let key = format!("p:{}", address_key(addr.ip()));
+        let count = self.sign_ups.hit(&key, RATE_WINDOW).await?;
+        if count > self.settings.pair_rate_per_addr {
+            tracing::info!(peer = %addr.ip(), "rate limited: too many pairing claims from this address");
+            return Err(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many pairing attempts from this address; try again in a minute",
             ));
         }
         Ok(())
@@ -234,7 +254,7 @@ impl Idp {
 
     /// The preamble of every public endpoint: the client address's rate
     /// first (before any other work), then the body, bounded.
-    async fn admit(
+    pub(crate) async fn admit(
         &self,
         peer: SocketAddr,
         headers: &HeaderMap,
@@ -300,7 +320,7 @@ impl Idp {
     /// `delete_account`): the broker refuses tokens issued before it, so a
     /// user who registers again in the same second still gets a working one.
     /// Returns the token and its `iat`.
-    async fn issue(&self, uid: &UserId) -> Result<(String, u64), ApiError> {
+    pub(crate) async fn issue(&self, uid: &UserId) -> Result<(String, u64), ApiError> {
         let now = protocol::claims::now_secs();
         let iat = match self.store.revocation(uid).await.map_err(store_failed)? {
             None => now,

@@ -62,6 +62,10 @@ pub struct IdpArgs {
     /// Requests per minute from one client address.
     #[arg(long, env = "IDP_RATE_PER_ADDR", default_value_t = 60)]
     pub idp_rate_per_addr: u32,
+    /// Device pairing claims (`POST /sync/pair`) per minute from one client
+    /// address, on top of IDP_RATE_PER_ADDR: what a code guesser gets.
+    #[arg(long, env = "IDP_PAIR_RATE_PER_ADDR", default_value_t = 10)]
+    pub idp_pair_rate_per_addr: u32,
     /// Most connections the HTTP listener holds at once; beyond it a new
     /// connection is closed at accept. Each is a file descriptor taken from
     /// the process (the broker's, when in-process): checked at start against
@@ -134,6 +138,8 @@ pub struct Settings {
     pub max_resends: u32,
     pub rate_per_number: u32,
     pub rate_per_addr: u32,
+    /// Pairing claims per minute from one address (`IDP_PAIR_RATE_PER_ADDR`).
+    pub pair_rate_per_addr: u32,
     pub max_entries: usize,
     /// What the HTTP listener admits and how long it waits.
     pub connections: ConnectionLimits,
@@ -260,6 +266,13 @@ impl IdpArgs {
             "per minute",
         )?;
         check_range(
+            "IDP_PAIR_RATE_PER_ADDR",
+            self.idp_pair_rate_per_addr.into(),
+            1,
+            10_000,
+            "pairing claims per minute per address; a phone needs one or two",
+        )?;
+        check_range(
             "IDP_MAX_ENTRIES",
             self.idp_max_entries as u64,
             100,
@@ -356,6 +369,7 @@ impl IdpArgs {
             max_resends: self.idp_max_resends,
             rate_per_number: self.idp_rate_per_number,
             rate_per_addr: self.idp_rate_per_addr,
+            pair_rate_per_addr: self.idp_pair_rate_per_addr,
             max_entries: self.idp_max_entries,
             connections: ConnectionLimits {
                 max_connections: self.idp_max_connections,
@@ -395,6 +409,7 @@ impl Settings {
             max_resends: 3,
             rate_per_number: 100,
             rate_per_addr: 10_000,
+            pair_rate_per_addr: 10_000,
             max_entries: 10_000,
             // Generous like the rates: suites run many clients from 127.0.0.1.
             connections: ConnectionLimits {
@@ -529,6 +544,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("IDP_CODE_TTL_SECS"));
+        for bad in [0, 10_001] {
+            let mut a = args();
+            a.idp_pair_rate_per_addr = bad;
+            let err = a.resolve(&StoreArgs::default()).unwrap_err().to_string();
+            assert!(
+                err.contains("IDP_PAIR_RATE_PER_ADDR=") && err.contains("1..=10000"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            args()
+                .resolve(&StoreArgs::default())
+                .unwrap()
+                .pair_rate_per_addr,
+            10
+        );
     }
 
     #[test]

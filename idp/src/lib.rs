@@ -15,6 +15,11 @@
 //! 5. `POST /unregister` deletes the user's data in the shared store and
 //!    revokes every token issued so far.
 //!
+//! Device pairing ([`pair`]): `POST /sync/pair` lets a phone without a token
+//! claim a one-time code a signed-in browser shows (opened by the sync
+//! handler's `sync_session`), waits for the person's decision, and answers
+//! with a device token for the same user beside the sync result.
+//!
 //! [`config`] holds the settings; [`Idp::start`] builds the service and
 //! [`serve`] runs it on a bound listener until a shutdown token fires, under
 //! the connection caps and deadlines of [`server`]; [`descriptors`] checks at
@@ -26,6 +31,7 @@ pub mod config;
 pub mod descriptors;
 pub mod keys;
 pub mod msisdn;
+pub mod pair;
 pub mod server;
 pub mod session_id;
 pub mod sms;
@@ -65,6 +71,8 @@ pub struct Idp {
     store: Arc<dyn Store>,
     sms: SmsSender,
     uid_secret: Vec<u8>,
+    /// Places for `POST /sync/pair` requests held open ([`pair::MAX_HELD`]).
+    pair_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Idp {
@@ -108,6 +116,7 @@ impl Idp {
             store,
             sms,
             uid_secret,
+            pair_slots: Arc::new(tokio::sync::Semaphore::new(pair::MAX_HELD)),
         }))
     }
 

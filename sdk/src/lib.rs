@@ -28,6 +28,9 @@
 //!   sender's reply topic. Malformed JSON, a body that does not fit `T`, a
 //!   handler panic (500) or timeout (504), and overload (503) are answered
 //!   the same way: never a crash, never silence.
+//! - [`Publisher`] ([`Worker::publisher`]): messages on users' reply topics
+//!   outside a command's reply (a session that outlives its command), and
+//!   background tasks the worker's drain waits for.
 //! - [`Worker::checking_revocations`]: before handler code runs, the
 //!   broker's `token_iat` stamp is checked against the user's revocation in
 //!   the store; a revoked sender gets `{"status": 401, "error": "token
@@ -42,11 +45,13 @@
 
 mod command;
 mod config;
+mod publisher;
 pub mod tls;
 mod worker;
 
 pub use command::{Command, HandlerError, Message, Recipient, Reply};
 pub use config::{ConfigError, Endpoint, SdkArgs, SdkConfig, DEFAULT_BROKER_URL};
+pub use publisher::{PublishError, Publisher};
 pub use worker::{SdkError, Worker};
 
 use tokio_util::sync::CancellationToken;

@@ -18,6 +18,7 @@
 
 use super::command::{request_id_of, with_request_id, Command, HandlerError, Recipient, Reply};
 use super::config::{ConfigError, SdkConfig};
+use crate::publisher::Publisher;
 use crate::tls::TlsClientError;
 use bytes::Bytes;
 use protocol::topics::{
@@ -109,6 +110,8 @@ pub struct Worker {
     routes: HashMap<String, Route>,
     /// Where each device command's sender is checked for revocation.
     revocations: Option<Arc<dyn Revocations>>,
+    /// The connection's handle for handler code, and the worker's tasks.
+    publisher: Publisher,
 }
 
 impl Worker {
@@ -120,7 +123,15 @@ impl Worker {
             name: name.into(),
             routes: HashMap::new(),
             revocations: None,
+            publisher: Publisher::new(TaskTracker::new()),
         }
+    }
+
+    /// A handle to publish on users' reply topics outside a command's reply,
+    /// and to run background tasks that the worker's drain waits for
+    /// (see [`Publisher`]). It works once [`Worker::run`] has started.
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
     }
 
     /// Checks every device command against its user's revocation in `store`
@@ -234,6 +245,7 @@ impl Worker {
             options.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
         }
         let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
+        self.publisher.attach(client.clone());
         let span = tracing::info_span!("worker", worker = %self.name, client_id = %client_id);
         let runner = Runner {
             group: self.name,
@@ -243,7 +255,8 @@ impl Worker {
             permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
             waiting: Arc::new(AtomicUsize::new(0)),
-            tracker: TaskTracker::new(),
+            tracker: self.publisher.tracker().clone(),
+            publisher: self.publisher,
         };
         runner.serve(eventloop, shutdown).instrument(span).await
     }
@@ -259,7 +272,10 @@ struct Runner {
     permits: Arc<Semaphore>,
     /// Commands spawned and waiting for a permit.
     waiting: Arc<AtomicUsize>,
+    /// Commands in flight and the handler code's background tasks.
     tracker: TaskTracker,
+    /// Told when the drain starts, so background tasks end.
+    publisher: Publisher,
 }
 
 impl Runner {
@@ -279,6 +295,7 @@ impl Runner {
                     for topic in self.routes.keys() {
                         let _ = self.client.try_unsubscribe(self.filter(topic));
                     }
+                    self.publisher.stop();
                     self.tracker.close();
                     drain_until = Some(Instant::now() + self.config.drain_timeout);
                 }

@@ -54,6 +54,8 @@ struct Startup {
     store: StoreArgs,
     /// The in-process handlers' variables, when they run.
     handlers: Option<handlers::HandlerArgs>,
+    /// `BROKER_NODE_ID`, for cross-node delivery (with REDIS_URL).
+    node_id: Option<String>,
     idp: idp::config::Settings,
 }
 
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
 /// read only when they run in-process (`BROKER_HANDLERS=all`), so the broker
 /// alone needs no `TOKENS_MASTER_KEY`.
 fn compose(cli: Cli) -> anyhow::Result<Startup> {
+    let node_id = cli.broker.node_id.clone();
     let (config, plan, dev) = cli.broker.resolve()?;
     let handlers = plan.builtin_handlers.then_some(cli.handlers);
     let idp = cli
@@ -127,6 +130,7 @@ fn compose(cli: Cli) -> anyhow::Result<Startup> {
         dev,
         store: cli.store,
         handlers,
+        node_id,
         idp,
     })
 }
@@ -162,6 +166,7 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         dev,
         store: store_args,
         handlers: handler_args,
+        node_id,
         idp: idp_settings,
     } = startup;
     let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
@@ -218,8 +223,33 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         None => None,
     };
 
-    let running = Broker::start(config, listeners).await?;
+    // With Redis, this node serves as one of many: replies and commands
+    // cross nodes through it (the `cluster` crate, behind the delivery seam).
+    let cluster = match store_args.redis_url() {
+        Some(url) => {
+            let id = cluster::node_id(node_id.as_deref()).context("BROKER_NODE_ID")?;
+            Some(
+                cluster::Cluster::connect(url, id)
+                    .await
+                    .context("cross-node delivery over Redis (REDIS_URL)")?,
+            )
+        }
+        None => None,
+    };
+    let running = match &cluster {
+        Some(cluster) => Broker::start_with(config, listeners, cluster.wrap()).await?,
+        None => Broker::start(config, listeners).await?,
+    };
     let shutdown = running.shutdown_token();
+    // The QR codes of pairing sessions point at the in-process identity
+    // service unless SYNC_PAIR_URL says otherwise.
+    let pair_url = identity
+        .as_ref()
+        .map(|(_, service)| format!("{}/sync/pair", service.settings.public_url));
+    let cluster = cluster.and_then(|cluster| {
+        tracing::info!(node = cluster.id(), "cross-node delivery over Redis is on");
+        cluster.run(running.injector(), shutdown.child_token())
+    });
     let identity = identity.map(|(listener, service)| {
         let addr = listener.local_addr().ok();
         let development = service.is_development();
@@ -228,7 +258,10 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
     });
 
     let handlers = match (internal_addr, handler_key, store, handler_args) {
-        (Some(addr), Some(key), Some(store), Some(args)) => {
+        (Some(addr), Some(key), Some(store), Some(mut args)) => {
+            if args.sync_pair_url.is_none() {
+                args.sync_pair_url = pair_url;
+            }
             // In-process handlers reach the gate over its internal listener
             // with the broker's own key: they ask for no BROKER_URL.
             let sdk = sdk::SdkArgs {
@@ -272,6 +305,9 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         }
     });
     let ended = running.wait().await;
+    if let Some(cluster) = cluster {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.wait()).await;
+    }
     if let Some(handlers) = handlers {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handlers).await;
     }
@@ -446,7 +482,8 @@ mod tests {
             let worker = handlers::worker(kind, shared.clone(), None).unwrap();
             served.extend(worker.topics().map(str::to_owned));
         }
-        served.push("sync".to_owned()); // its worker needs an RSA key: slow to make here
+        // Its worker needs an RSA key: slow to make here.
+        served.extend(["sync", "sync_session", "sync_session_confirm"].map(str::to_owned));
         served.sort();
         let mut listed = BUILTIN_COMMAND_TOPICS.map(str::to_owned).to_vec();
         listed.sort();

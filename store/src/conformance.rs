@@ -22,6 +22,7 @@ pub async fn exercise(store: &dyn Store) {
     registrations(store).await;
     platform_tokens(store).await;
     accounts(store).await;
+    crate::pairings_conformance::pairings(store).await;
 }
 
 /// Keys: the newest replaces older ones; nonces are used once per (user, key).

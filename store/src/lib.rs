@@ -6,7 +6,8 @@
 //!
 //! - [`Keys`] (sync keys, replay nonces), [`Contacts`], [`Revocations`]
 //!   (records, restore, the live feed), [`Registrations`],
-//!   [`PlatformTokens`], and [`Accounts`] (deleting a user across domains);
+//!   [`PlatformTokens`], [`Accounts`] (deleting a user across domains), and
+//!   [`Pairings`] (device pairing sessions: codes, claims, decisions);
 //!   and the identity service's short-lived [`SignUps`] (sessions, codes,
 //!   rate counters: Redis, or [`MemorySignUps`] without it);
 //!   [`Store`] bundles them for composition (what [`open`] returns), and a
@@ -33,6 +34,7 @@ mod args;
 mod contacts;
 mod embedded;
 mod keys;
+mod pairings;
 mod redis_conn;
 mod redis_store;
 mod registrations;
@@ -45,6 +47,10 @@ pub use args::{StoreArgs, DEFAULT_DATA_DIR};
 pub use contacts::Contacts;
 pub use embedded::EmbeddedStore;
 pub use keys::{KeyRecord, Keys, NonceUse};
+pub use pairings::{
+    new_session_id, now_millis, Claim, PairingCode, PairingOutcome, PairingRecord, PairingState,
+    Pairings, Rotation, PAIRING_RECORD_GRACE,
+};
 pub use redis_conn::{RedisConn, RedisConnection, RedisTarget, RedisUrlError, REDIS_URL_FORMS};
 pub use redis_store::{RedisStore, KEY_PREFIX};
 pub use registrations::Registrations;
@@ -95,7 +101,9 @@ pub enum StoreError {
 /// Revocations>`, ...), to which an `Arc<dyn Store>` converts.
 ///
 /// Every method is atomic on its own; none holds a lock across calls.
-pub trait Store: Keys + Contacts + Revocations + Registrations + PlatformTokens + Accounts {
+pub trait Store:
+    Keys + Contacts + Revocations + Registrations + PlatformTokens + Accounts + Pairings
+{
     /// Checks that the store answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
 
@@ -130,3 +138,5 @@ pub fn open_blocking(
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+mod pairings_conformance;

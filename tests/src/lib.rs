@@ -4,6 +4,7 @@
 //! their events to the test through a channel.
 
 pub mod clients;
+pub mod haproxy;
 pub mod raw;
 
 use broker::auth::jwt::JwtSettings;
@@ -38,6 +39,8 @@ impl Default for TestOptions {
         TestOptions {
             command_topics: vec![
                 "sync".into(),
+                "sync_session".into(),
+                "sync_session_confirm".into(),
                 "publish".into(),
                 "request_contact".into(),
                 "accept_contact".into(),

@@ -13,6 +13,9 @@ pub struct Limits {
     pub conn_burst: u32,
     /// Most connections per source between accept and CONNACK (0 = no limit).
     pub max_pending_per_addr: usize,
+    /// Peers that may (and must) open with a PROXY header naming the
+    /// client (`BROKER_TRUSTED_PROXIES`).
+    pub trusted_proxies: crate::proxy::TrustedProxies,
     pub tls_handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
@@ -46,6 +49,7 @@ impl Default for Limits {
             conn_rate_per_sec: DEFAULT_CONN_RATE,
             conn_burst: DEFAULT_CONN_BURST,
             max_pending_per_addr: DEFAULT_MAX_PENDING_PER_ADDR,
+            trusted_proxies: crate::proxy::TrustedProxies::none(),
             tls_handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             max_packet_size: 256 * 1024,

@@ -77,6 +77,11 @@ pub struct BrokerArgs {
     /// Address of the HTTP endpoint with /metrics and /healthz; unset = off.
     #[arg(long, env = "METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// This node's name among the broker nodes sharing one Redis (REDIS_URL
+    /// set: cross-node delivery is on). Unset: a name unique to this
+    /// process. 1 to 64 letters, digits, '.', '-' or '_'.
+    #[arg(long, env = "BROKER_NODE_ID")]
+    pub node_id: Option<String>,
     /// Built-in handlers to run in-process.
     #[arg(long, env = "BROKER_HANDLERS", value_enum, default_value = "all")]
     pub handlers: BuiltinHandlers,
@@ -95,6 +100,12 @@ pub struct BrokerArgs {
     /// handshake and CONNECT in progress); more are closed before TLS. 0 = no limit.
     #[arg(long, env = "BROKER_MAX_PENDING_PER_ADDR", default_value_t = DEFAULT_MAX_PENDING_PER_ADDR)]
     pub max_pending_per_addr: usize,
+    /// Comma-separated CIDR blocks of the load balancers allowed to send a
+    /// PROXY protocol header (v1 or v2) naming the client's address, e.g.
+    /// `127.0.0.1/32,10.0.0.0/8`; they must send one. Empty: nobody (a
+    /// PROXY header is then refused from anyone).
+    #[arg(long, env = "BROKER_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
     /// Most simultaneous client connections.
     #[arg(long, env = "BROKER_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
@@ -240,6 +251,8 @@ pub enum ConfigError {
         max: usize,
         why: &'static str,
     },
+    #[error(transparent)]
+    BadTrustedProxy(#[from] crate::proxy::BadTrustedProxy),
     #[error("cannot prepare development files in {path}: {source}")]
     DevFiles {
         path: PathBuf,
@@ -305,8 +318,10 @@ pub struct DevDefaults {
 /// run: several are reply-shaped (`get_contact_list` could be user `get`'s
 /// reply topic), and a handler subscribing to a reply-shaped topic never
 /// declares it (see `command_topics`), so these must be configured.
-pub const BUILTIN_COMMAND_TOPICS: [&str; 9] = [
+pub const BUILTIN_COMMAND_TOPICS: [&str; 11] = [
     "sync",
+    "sync_session",
+    "sync_session_confirm",
     "publish",
     "request_contact",
     "accept_contact",
@@ -442,6 +457,7 @@ impl BrokerArgs {
         if self.conn_burst == 0 {
             return Err(ConfigError::NoConnBurst);
         }
+        let trusted_proxies: crate::proxy::TrustedProxies = self.trusted_proxies.parse()?;
         // Lower bounds keep the product working (MQTT servers must take 23-byte
         // client ids; a device needs room for `<64-byte uid>_<name>`); upper
         // bounds keep a cap a cap.
@@ -536,6 +552,7 @@ impl BrokerArgs {
                 conn_rate_per_sec: self.conn_rate,
                 conn_burst: self.conn_burst,
                 max_pending_per_addr: self.max_pending_per_addr,
+                trusted_proxies,
                 tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_secs),
                 connect_timeout: Duration::from_secs(self.connect_timeout_secs),
                 max_packet_size: self.max_packet_size,
@@ -676,6 +693,8 @@ mod tests {
             ("--jwt-secret=", "JWT_SECRET"),
             ("--conn-burst=0", "BROKER_CONN_BURST"),
             ("--conn-rate=-1", "BROKER_CONN_RATE"),
+            ("--trusted-proxies=10.0.0.1", "BROKER_TRUSTED_PROXIES"),
+            ("--trusted-proxies=10.0.0.0/8,nope", "127.0.0.1/32"),
             ("--jwt-secret=s3cret", "openssl rand -hex 32"),
             (
                 "--jwt-secret=0123456789abcdef0123456789abcde",

@@ -28,9 +28,11 @@
 //! # The seam
 //! [`Delivery`] is everything the session knows of delivery; it holds its
 //! row ([`Subscriptions`]) and hands it back, but changes nothing in it.
-//! A multi-node implementation (Redis Cluster) implements [`Delivery`] and
-//! wraps [`LocalDelivery`], which stays as it is: the rows, the inboxes and
-//! the local table are per node. What it adds, per method:
+//! The multi-node implementation (the `cluster` crate, over Redis)
+//! implements [`Delivery`] and wraps [`LocalDelivery`], which stays as it
+//! is: the rows, the inboxes and the local table are per node (what other
+//! nodes send comes in through `crate::inject`). What it adds, per method
+//! (ARCHITECTURE.md, "Many nodes", says which are done):
 //! - `open`: while a node holds a session of a user, it listens for that
 //!   user's replies (`SSUBSCRIBE` on a `{uid}` channel) and reads a
 //!   persistent session's row and delivery cursor from the cluster, not

@@ -159,8 +159,23 @@ impl Subscriptions {
         self.declared.remove(filter)
     }
 
-    /// Filters this session declared as command topics.
-    pub(super) fn declared(&self) -> impl Iterator<Item = &str> {
+    /// Whether this session is a device's or a handler's.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Whether its subscriptions outlive the connection.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Whether `filter` declares a command topic for this row.
+    pub fn is_declared(&self, filter: &str) -> bool {
+        self.declared.contains(filter)
+    }
+
+    /// The handler filters this row declared as command topics.
+    pub fn declared(&self) -> impl Iterator<Item = &str> {
         self.declared.iter().map(String::as_str)
     }
 

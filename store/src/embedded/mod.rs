@@ -25,6 +25,7 @@ use tokio::sync::broadcast;
 mod accounts;
 mod contacts;
 mod keys;
+mod pairings;
 mod registrations;
 mod revocations;
 mod tokens;
@@ -57,10 +58,16 @@ const TOKEN_PAGE: usize = 256;
 /// Expired nonces are swept once every this many `remember_nonce` calls (a power of two).
 const SWEEP_EVERY: u64 = 1024;
 
+/// Expired pairing records are swept once every this many opens (a power of two).
+const SWEEP_PAIRINGS_EVERY: u64 = 64;
+
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
     db: Arc<Database>,
     nonce_calls: AtomicU64,
+    /// Counts pairing opens: expired pairing records are swept every
+    /// [`SWEEP_PAIRINGS_EVERY`].
+    pairing_opens: AtomicU64,
     events: broadcast::Sender<RevocationEvent>,
 }
 
@@ -165,11 +172,14 @@ impl EmbeddedStore {
         txn.open_table(REVOKED_BEFORE).map_err(db_err)?;
         txn.open_table(REGISTRATIONS).map_err(db_err)?;
         txn.open_table(TOKENS).map_err(db_err)?;
+        txn.open_table(pairings::PAIRINGS).map_err(db_err)?;
+        txn.open_table(pairings::PAIRING_USERS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         let (events, _) = broadcast::channel(REVOCATION_EVENTS_CAPACITY);
         Ok(EmbeddedStore {
             db: Arc::new(db),
             nonce_calls: AtomicU64::new(0),
+            pairing_opens: AtomicU64::new(0),
             events,
         })
     }
@@ -239,6 +249,15 @@ mod tests {
         crate::conformance::exercise(&store).await;
         let events = store.revocation_events();
         crate::conformance::exercise_events(&store, events).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pairing_claims_race_to_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb"))
+            .await
+            .unwrap();
+        crate::pairings_conformance::racing_claims(Arc::new(store)).await;
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 mod accounts;
 mod contacts;
 mod keys;
+mod pairings;
 mod registrations;
 mod revocations;
 mod sign_ups;
@@ -148,6 +149,12 @@ pub struct RedisStore {
     hset_if_exists: redis::Script,
     incr_if_exists: redis::Script,
     hit: redis::Script,
+    pair_rotate: redis::Script,
+    pair_claim: redis::Script,
+    pair_decide: redis::Script,
+    pair_transition: redis::Script,
+    pair_replace: redis::Script,
+    pair_del_if: redis::Script,
     events: broadcast::Sender<RevocationEvent>,
     /// Starts the revocation subscriber once.
     subscriber: Once,
@@ -232,6 +239,12 @@ impl RedisStore {
             hset_if_exists: redis::Script::new(sign_ups::HSET_IF_EXISTS),
             incr_if_exists: redis::Script::new(sign_ups::INCR_IF_EXISTS),
             hit: redis::Script::new(sign_ups::HIT),
+            pair_rotate: redis::Script::new(pairings::ROTATE),
+            pair_claim: redis::Script::new(pairings::CLAIM),
+            pair_decide: redis::Script::new(pairings::DECIDE),
+            pair_transition: redis::Script::new(pairings::TRANSITION),
+            pair_replace: redis::Script::new(pairings::REPLACE),
+            pair_del_if: redis::Script::new(pairings::DEL_IF),
             events,
             subscriber: Once::new(),
             _stop_on_drop: stop.clone().drop_guard(),
@@ -410,25 +423,29 @@ mod tests {
     use testkit::{RedisCluster, RedisServer};
 
     /// The Redis suite: the conformance of every domain, the sign-up
-    /// state, and revocations heard by another instance. Run against one
-    /// Redis and against a Redis Cluster.
+    /// state, racing pairing claims, and revocations heard by another
+    /// instance. Run against one Redis and against a Redis Cluster.
     async fn suite(url: &str) {
         let store = RedisStore::connect(url).await.unwrap();
         crate::conformance::exercise(&store).await;
         crate::conformance::sign_ups(&store).await;
+        crate::pairings_conformance::racing_claims(std::sync::Arc::new(
+            RedisStore::connect(url).await.unwrap(),
+        ))
+        .await;
         let listener = RedisStore::connect(url).await.unwrap();
         let revoker = RedisStore::connect(url).await.unwrap();
         let events = listener.revocation_events();
         crate::conformance::exercise_events(&revoker, events).await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn suite_on_one_redis() {
         let server = RedisServer::start();
         suite(&server.url()).await;
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn suite_on_a_cluster() {
         let cluster = RedisCluster::start();
         let store = RedisStore::connect(&cluster.redis_url()).await.unwrap();

@@ -1,0 +1,131 @@
+//! Owns publishing into this node's router from outside any session: what a
+//! delivery of several nodes (the `cluster` crate) received from another
+//! node and must hand to this node's own subscribers. The local inboxes are
+//! the caller's to serve (it holds the [`crate::delivery::LocalDelivery`] it
+//! wraps); the router gets what the local decision says it needs, through a
+//! router link of its own, as the delayed wills do (`will_publisher`).
+//!
+//! Nothing here checks or stamps anything: what is injected was decided and
+//! stamped by the gate of the node that received it.
+
+use crate::gate::Gate;
+use crate::router::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS};
+use crate::router::{LinkClosed, RouterError, RouterEvent, RouterRx, RouterTx};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Opens injection links on a running broker (`RunningBroker::injector`).
+#[derive(Clone)]
+pub struct Injector {
+    gate: Arc<Gate>,
+}
+
+/// How long the router may take to acknowledge one injected publish before
+/// the link is reported closed (the router is stuck or gone).
+pub const ROUTER_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Injector {
+    pub(crate) fn new(gate: Arc<Gate>) -> Self {
+        Injector { gate }
+    }
+
+    /// A router link named `X:<name>` (clients' sessions are `D:` or `H:`,
+    /// so no client can take it). Each caller keeps its own: the order of
+    /// one link's publishes is the order its subscribers see.
+    pub async fn link(&self, name: &str) -> Result<InjectLink, RouterError> {
+        let link = self
+            .gate
+            .open_router_session(format!("X:{name}"), true, u16::MAX)
+            .await?;
+        Ok(InjectLink {
+            tx: link.tx,
+            rx: link.rx,
+            next_pkid: 1,
+        })
+    }
+
+    /// The broker's metrics, for what the cross-node delivery counts.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.gate.metrics()
+    }
+
+    /// Resolves when the broker shuts down.
+    pub async fn shutting_down(&self) {
+        self.gate.shutting_down().await;
+    }
+}
+
+/// One router link publishing on behalf of other nodes.
+pub struct InjectLink {
+    tx: RouterTx,
+    rx: RouterRx,
+    next_pkid: u16,
+}
+
+impl InjectLink {
+    /// Hands `publish` to the router and returns once the router has it
+    /// (its PUBACK, or PUBCOMP for QoS 2): at QoS 1 and 2 the router then
+    /// holds it in its logs for its subscribers. QoS 0 returns once queued.
+    pub async fn publish(
+        &mut self,
+        publish: Publish,
+        properties: Option<PublishProperties>,
+    ) -> Result<(), LinkClosed> {
+        let qos = publish.qos();
+        let pkid = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            pkid
+        };
+        let publish = Publish::with_qos(publish.topic, publish.payload, publish.retain, qos, pkid);
+        if qos == QoS::ExactlyOnce {
+            // Released at once, as a delayed will is: nobody else would.
+            self.tx.queue(Packet::Publish(publish, properties));
+            let release = PubRel {
+                pkid,
+                reason: PubRelReason::Success,
+            };
+            self.tx.send(Packet::PubRel(release, None)).await?;
+        } else {
+            self.tx.send(Packet::Publish(publish, properties)).await?;
+        }
+        if qos == QoS::AtMostOnce {
+            return self.drain_ready();
+        }
+        match tokio::time::timeout(ROUTER_ACK_TIMEOUT, self.acknowledged(pkid)).await {
+            Ok(acknowledged) => acknowledged,
+            Err(_) => Err(LinkClosed),
+        }
+    }
+
+    /// Reads the link until the router acknowledges `pkid`.
+    async fn acknowledged(&mut self, pkid: u16) -> Result<(), LinkClosed> {
+        loop {
+            match self.rx.next().await? {
+                Some(RouterEvent::Packet(Packet::PubAck(ack, _))) if ack.pkid == pkid => {
+                    return Ok(())
+                }
+                Some(RouterEvent::Packet(Packet::PubComp(comp, _))) if comp.pkid == pkid => {
+                    return Ok(())
+                }
+                Some(RouterEvent::Packet(_)) => {}
+                Some(RouterEvent::Paused) | None => self.rx.wake().await?,
+            }
+        }
+    }
+
+    /// Reads what the router has ready (acknowledgements of QoS 0
+    /// publishes there are none; a pause is answered), without waiting.
+    fn drain_ready(&mut self) -> Result<(), LinkClosed> {
+        while let Some(event) = self.rx.try_next()? {
+            if let RouterEvent::Paused = event {
+                // The wake is small and never blocks for long; a paused link
+                // is asked again on the next publish that waits.
+                break;
+            }
+        }
+        Ok(())
+    }
+}

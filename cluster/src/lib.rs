@@ -1,0 +1,436 @@
+//! Many broker nodes serving as one through Redis: [`ClusterDelivery`]
+//! implements the broker's delivery seam (`broker::delivery::Delivery`)
+//! around the node's own [`LocalDelivery`], which keeps deciding everything
+//! local (rows, paths, inboxes). The session never learns about other
+//! nodes; `broker` does not depend on Redis (the `broker` binary composes
+//! this crate when a Redis store is configured).
+//!
+//! The map:
+//! - `entry.rs`: keys, partitions, consumer groups, the bytes of an entry,
+//!   stream ids and a user's cursor (pure, table-tested);
+//! - `replies.rs`: the device plane (per-user streams, sharded pub/sub);
+//! - `commands.rs`: the handler plane (per-topic partitioned streams,
+//!   consumer groups, reclaim);
+//! - `resp.rs`: the sharded pub/sub connection;
+//! - `redis_conn.rs`: the other connections.
+//!
+//! The path of a reply received on node A for a user whose device is on
+//! node B: A's gate decides and stamps it, [`ClusterDelivery::route`]
+//! delivers it to A's own subscribers and queues it; A's appender runs the
+//! append script (stream + announcement); B, subscribed to the user's
+//! channel while it holds a session of the user, gets the announcement and
+//! delivers the entry through its local inboxes and router
+//! (`broker::inject`). A command takes the other plane: appended to its
+//! topic's stream, read by the consumer groups of the handlers that
+//! declared it, on whichever nodes they are.
+
+mod commands;
+pub mod entry;
+mod redis_conn;
+mod replies;
+pub mod resp;
+
+pub use redis_conn::RedisError;
+
+use broker::acl::{CommandTopics, Denial};
+use broker::delivery::{
+    Delivery, Kind, LocalDelivery, Opening, Path, Request, Routed, Subscriptions,
+};
+use broker::inject::Injector;
+use broker::metrics::Metrics;
+use broker::router::protocol::{Publish, PublishProperties};
+use bytes::Bytes;
+use commands::Groups;
+use entry::{command_key, partition, Entry, StreamId};
+use parking_lot::Mutex;
+use redis_conn::Redis;
+use replies::Interest;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Longest `BROKER_NODE_ID` (it names Redis consumers and entries).
+pub const MAX_NODE_ID_BYTES: usize = 64;
+
+/// Why the cluster cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error(
+        "BROKER_NODE_ID {0:?} is not a node name: use 1 to 64 letters, digits, '.', '-' or '_'"
+    )]
+    BadNodeId(String),
+}
+
+/// The node's name: `BROKER_NODE_ID`, or one unique to this process.
+pub fn node_id(configured: Option<&str>) -> Result<String, ClusterError> {
+    match configured {
+        Some(id) => {
+            let valid = !id.is_empty()
+                && id.len() <= MAX_NODE_ID_BYTES
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            if valid {
+                Ok(id.to_owned())
+            } else {
+                Err(ClusterError::BadNodeId(id.to_owned()))
+            }
+        }
+        None => Ok(format!(
+            "node-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )),
+    }
+}
+
+/// What every task of this node's cross-node delivery shares.
+pub(crate) struct Node {
+    pub(crate) id: Arc<str>,
+    pub(crate) redis: Redis,
+    pub(crate) shutdown: CancellationToken,
+    local: Arc<LocalDelivery>,
+    metrics: Arc<Metrics>,
+    injector: Injector,
+    links: AtomicU64,
+}
+
+impl Node {
+    pub(crate) fn local(&self) -> &LocalDelivery {
+        &self.local
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn injector(&self) -> &Injector {
+        &self.injector
+    }
+
+    /// A fresh router link name (router client ids must be unique).
+    pub(crate) fn next_link_name(&self) -> String {
+        format!("cluster-{}", self.links.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// An append waiting: (user id or stream key, entry).
+type Queued = (String, Bytes);
+/// Where appends wait (bounded: a full queue drops and counts).
+type Queue = mpsc::Sender<Queued>;
+
+/// A node's cross-node delivery, connected, before the broker starts.
+pub struct Cluster {
+    id: Arc<str>,
+    redis: Redis,
+    interest: Arc<Interest>,
+    groups: Arc<Groups>,
+    replies: (Queue, mpsc::Receiver<Queued>),
+    commands: (Queue, mpsc::Receiver<Queued>),
+    /// The local delivery and metrics, once the broker built them.
+    built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
+}
+
+impl Cluster {
+    /// Connects to `redis_url` as node `id` (see [`node_id`]).
+    pub async fn connect(redis_url: &str, id: String) -> Result<Cluster, ClusterError> {
+        let redis = Redis::connect(redis_url).await?;
+        Ok(Cluster {
+            id: id.into(),
+            redis,
+            interest: Arc::default(),
+            groups: Arc::default(),
+            replies: mpsc::channel(replies::APPEND_QUEUE),
+            commands: mpsc::channel(commands::APPEND_QUEUE),
+            built: Arc::default(),
+        })
+    }
+
+    /// This node's name.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The wrapper `broker::Broker::start_with` builds the delivery with.
+    pub fn wrap(&self) -> broker::WrapDelivery {
+        let (id, interest, groups, built) = (
+            self.id.clone(),
+            self.interest.clone(),
+            self.groups.clone(),
+            self.built.clone(),
+        );
+        let (replies, commands) = (self.replies.0.clone(), self.commands.0.clone());
+        Box::new(move |local, metrics| {
+            let local = Arc::new(local);
+            let _ = built.set((local.clone(), metrics.clone()));
+            Box::new(ClusterDelivery {
+                local,
+                id,
+                interest,
+                groups,
+                replies,
+                commands,
+                metrics: metrics.clone(),
+                held: Mutex::default(),
+            })
+        })
+    }
+
+    /// Starts the node's tasks on the running broker (after
+    /// `Broker::start_with(.., self.wrap())`); they end when `shutdown` is
+    /// cancelled. `None` if the broker was not built with [`Cluster::wrap`].
+    pub fn run(self, injector: Injector, shutdown: CancellationToken) -> Option<Running> {
+        let (local, metrics) = self.built.get()?.clone();
+        let node = Arc::new(Node {
+            id: self.id,
+            redis: self.redis,
+            shutdown,
+            local,
+            metrics,
+            injector,
+            links: AtomicU64::new(0),
+        });
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(replies::append(node.clone(), self.replies.1));
+        tasks.spawn(commands::append(node.clone(), self.commands.1));
+        tasks.spawn(replies::listen(node.clone(), self.interest));
+        tasks.spawn(commands::supervise(node, self.groups));
+        tasks.close();
+        Some(Running(tasks))
+    }
+}
+
+/// The node's cross-node tasks.
+pub struct Running(tokio_util::task::TaskTracker);
+
+impl Running {
+    /// Waits for the tasks to end (after shutdown).
+    pub async fn wait(self) {
+        self.0.wait().await;
+    }
+}
+
+/// Delivery across nodes: the local decision, plus Redis (see the crate's
+/// map). Every method stays synchronous and never waits on Redis: appends
+/// are queued, subscriptions are changed by the node's tasks.
+pub struct ClusterDelivery {
+    local: Arc<LocalDelivery>,
+    id: Arc<str>,
+    interest: Arc<Interest>,
+    groups: Arc<Groups>,
+    replies: Queue,
+    commands: Queue,
+    metrics: Arc<Metrics>,
+    /// Device sessions counted in `interest` (a persistent one until it
+    /// expires or a clean connection replaces it), by session id.
+    held: Mutex<HashSet<String>>,
+}
+
+/// The user id of a device session id (`D:<uid>:<client>`).
+fn device_uid(session_id: &str) -> Option<&str> {
+    session_id.strip_prefix("D:")?.split(':').next()
+}
+
+impl ClusterDelivery {
+    fn forget(&self, id: &str) {
+        if self.held.lock().remove(id) {
+            if let Some(uid) = device_uid(id) {
+                self.interest.remove(uid);
+            }
+        }
+    }
+
+    fn queue(&self, queue: &Queue, key: String, entry: Bytes) {
+        if queue.try_send((key, entry)).is_err() {
+            self.metrics.cluster_dropped("queue_full", 1);
+        }
+    }
+}
+
+impl CommandTopics for ClusterDelivery {
+    fn is_command(&self, topic: &str) -> bool {
+        self.local.is_command(topic)
+    }
+}
+
+impl Delivery for ClusterDelivery {
+    fn open(&self, id: &str, opening: Opening) -> Subscriptions {
+        let row = self.local.open(id, opening);
+        match row.kind() {
+            Kind::Device => {
+                if let Some(uid) = device_uid(id) {
+                    if self.held.lock().insert(id.to_owned()) {
+                        self.interest.add(uid);
+                    }
+                }
+            }
+            Kind::Handler => {
+                for filter in row.declared() {
+                    self.groups.add(filter, &self.id);
+                }
+            }
+        }
+        row
+    }
+
+    fn subscribe(&self, row: &mut Subscriptions, request: &Request<'_>) -> Result<Path, Denial> {
+        self.local.subscribe(row, request)
+    }
+
+    fn granted(&self, row: &mut Subscriptions, filter: &str) {
+        let before = row.is_declared(filter);
+        self.local.granted(row, filter);
+        if !before && row.is_declared(filter) {
+            self.groups.add(filter, &self.id);
+        }
+    }
+
+    fn unsubscribe(&self, row: &mut Subscriptions, filter: &str) {
+        if row.is_declared(filter) {
+            self.groups.remove(filter, &self.id);
+        }
+        self.local.unsubscribe(row, filter);
+    }
+
+    fn route(
+        &self,
+        topic: &str,
+        publish: &Publish,
+        properties: &Option<PublishProperties>,
+    ) -> Routed {
+        let mut routed = self.local.route(topic, publish, properties);
+        let command = !publish.retain && self.local.is_command(topic);
+        let key = if command {
+            // Handlers anywhere read it from the stream, local ones too.
+            routed.needs_router = false;
+            command_key(topic, partition(properties))
+        } else {
+            match topic.split_once('_') {
+                Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => uid.to_owned(),
+                _ => return routed,
+            }
+        };
+        match Entry::encode(&self.id, publish, properties) {
+            Ok(entry) if command => self.queue(&self.commands, key, entry),
+            Ok(entry) => self.queue(&self.replies, key, entry),
+            Err(_) => self.metrics.cluster_dropped("unencodable", 1),
+        }
+        routed
+    }
+
+    fn close(&self, id: &str, row: &mut Subscriptions) {
+        if row.kind() == Kind::Handler {
+            for filter in row.declared() {
+                self.groups.remove(filter, &self.id);
+            }
+        }
+        if !row.persistent() {
+            self.forget(id);
+        }
+        self.local.close(id, row);
+    }
+
+    fn expire(&self, id: &str) {
+        self.forget(id);
+        self.local.expire(id);
+    }
+}
+
+/// The entries of a stream reply (`XRANGE`, `XREADGROUP`, `XAUTOCLAIM`):
+/// each id with its `e` field, `None` for an entry trimmed since it was
+/// read (a pending entry whose data is gone).
+pub(crate) fn stream_entries(value: &redis::Value) -> Vec<(StreamId, Option<Vec<u8>>)> {
+    let redis::Value::Array(entries) = value else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let redis::Value::Array(parts) = entry else {
+                return None;
+            };
+            let id = match parts.first()? {
+                redis::Value::BulkString(id) => StreamId::parse(std::str::from_utf8(id).ok()?)?,
+                _ => return None,
+            };
+            let data = match parts.get(1) {
+                Some(redis::Value::Array(fields)) => fields
+                    .chunks(2)
+                    .find(|pair| matches!(pair.first(), Some(redis::Value::BulkString(n)) if n == b"e"))
+                    .and_then(|pair| match pair.get(1) {
+                        Some(redis::Value::BulkString(bytes)) => Some(bytes.clone()),
+                        _ => None,
+                    }),
+                _ => None,
+            };
+            Some((id, data))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids() {
+        // (BROKER_NODE_ID) -> accepted
+        let long = "n".repeat(MAX_NODE_ID_BYTES + 1);
+        let table = [
+            (Some("node-a"), true),
+            (Some("eu-1.broker_3"), true),
+            (Some(""), false),
+            (Some("a b"), false),
+            (Some("a:b"), false),
+            (Some(long.as_str()), false),
+            (None, true),
+        ];
+        for (configured, ok) in table {
+            assert_eq!(node_id(configured).is_ok(), ok, "{configured:?}");
+        }
+        assert_ne!(
+            node_id(None).unwrap(),
+            node_id(None).unwrap(),
+            "unique per call"
+        );
+    }
+
+    #[test]
+    fn device_uids_of_session_ids() {
+        let table = [
+            ("D:42:phone", Some("42")),
+            ("D:alice:a%3Ab", Some("alice")),
+            ("H:sync-1", None),
+            ("X:cluster-1", None),
+        ];
+        for (id, uid) in table {
+            assert_eq!(device_uid(id), uid, "{id}");
+        }
+    }
+
+    #[test]
+    fn stream_entries_with_and_without_data() {
+        use redis::Value::{Array, BulkString, Nil};
+        let reply = Array(vec![
+            Array(vec![
+                BulkString(b"1-0".to_vec()),
+                Array(vec![BulkString(b"e".to_vec()), BulkString(b"x".to_vec())]),
+            ]),
+            Array(vec![BulkString(b"2-0".to_vec()), Nil]),
+            Array(vec![BulkString(b"bad".to_vec()), Nil]),
+        ]);
+        let got = stream_entries(&reply);
+        assert_eq!(
+            got,
+            vec![
+                (StreamId { ms: 1, seq: 0 }, Some(b"x".to_vec())),
+                (StreamId { ms: 2, seq: 0 }, None),
+            ]
+        );
+        assert!(stream_entries(&Nil).is_empty());
+    }
+}
