@@ -15,8 +15,10 @@
 //!
 //! The backends:
 //!
-//! - [`RedisStore`]: Redis through a reconnecting `ConnectionManager`, shared by
-//!   handler processes and broker nodes. An outage turns into
+//! - [`RedisStore`]: Redis (one server, or a Redis Cluster when `REDIS_URL`
+//!   lists several nodes: [`RedisTarget`]) through one reconnecting
+//!   connection ([`RedisConn`]), shared by handler processes and broker
+//!   nodes. An outage turns into
 //!   [`StoreError::Unavailable`] (handlers answer 503) and service resumes by
 //!   itself when Redis is back.
 //! - [`EmbeddedStore`]: a redb file under `DATA_DIR` for the single-process
@@ -49,7 +51,7 @@ pub use pairings::{
     new_session_id, now_millis, Claim, PairingCode, PairingOutcome, PairingRecord, PairingState,
     Pairings, Rotation, PAIRING_RECORD_GRACE,
 };
-pub use redis_conn::{RedisConnection, INVALID_REDIS_URL};
+pub use redis_conn::{RedisConn, RedisConnection, RedisTarget, RedisUrlError, REDIS_URL_FORMS};
 pub use redis_store::{RedisStore, KEY_PREFIX};
 pub use registrations::Registrations;
 pub use revocations::{Revocation, RevocationEvent, Revocations, REVOCATION_EVENTS_CAPACITY};

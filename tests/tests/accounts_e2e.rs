@@ -26,7 +26,7 @@ use serde_json::json;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use store::Store;
-use testkit::{Platform, RedisServer};
+use testkit::{Platform, RedisCluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 const MASTER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -84,16 +84,29 @@ fn handler_settings(
 
 #[tokio::test]
 async fn sign_up_use_delete_and_sign_up_again() {
-    e2e::init_logging();
     let redis = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(store::RedisStore::connect(&redis.url()).await.unwrap());
-    let idp = Idp::start(store.clone(), &redis.url(), |_| {}).await;
+    sign_up_use_delete_and_sign_up_again_on(&redis.url()).await;
+}
+
+/// The same life of an account on a Redis Cluster (`REDIS_URL` = its six
+/// nodes): deleting it clears keys of the user's slot and the user's
+/// entries in other users' slots.
+#[tokio::test]
+async fn sign_up_use_delete_and_sign_up_again_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    sign_up_use_delete_and_sign_up_again_on(&cluster.redis_url()).await;
+}
+
+async fn sign_up_use_delete_and_sign_up_again_on(redis_url: &str) {
+    e2e::init_logging();
+    let store: Arc<dyn Store> = Arc::new(store::RedisStore::connect(redis_url).await.unwrap());
+    let idp = Idp::start(store.clone(), redis_url, |_| {}).await;
     let broker = TestBroker::start_with(options(&idp, store.clone())).await;
     let platform = Platform::start().await;
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let handlers_task = handlers::spawn_builtin(
-        handler_settings(&broker, dir.path(), &redis.url(), &platform),
+        handler_settings(&broker, dir.path(), redis_url, &platform),
         shutdown.clone(),
     )
     .expect("handlers start");

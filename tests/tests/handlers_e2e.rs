@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::Duration;
-use testkit::{Mode, Platform, RedisServer};
+use testkit::{Mode, Platform, RedisCluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 fn device_key() -> &'static RsaPrivateKey {
@@ -136,6 +136,12 @@ async fn sync_encrypt_publish_on_redis() {
     sync_encrypt_publish(Some(redis.url())).await;
 }
 
+#[tokio::test]
+async fn sync_encrypt_publish_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    sync_encrypt_publish(Some(cluster.redis_url())).await;
+}
+
 async fn contact_scenarios(redis_url: Option<String>) {
     let broker = TestBroker::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -200,6 +206,14 @@ async fn contact_scenarios_on_the_embedded_store() {
 async fn contact_scenarios_on_redis() {
     let redis = RedisServer::start();
     contact_scenarios(Some(redis.url())).await;
+}
+
+/// The handlers on a Redis Cluster (`REDIS_URL` = its six nodes): a contact
+/// pair spans two users' slots, which the store writes in single-slot steps.
+#[tokio::test]
+async fn contact_scenarios_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    contact_scenarios(Some(cluster.redis_url())).await;
 }
 
 #[tokio::test]

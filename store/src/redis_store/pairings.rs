@@ -69,12 +69,14 @@ end
 return 0
 ";
 
+// Each command and script touches one of these keys alone, so they need no
+// hash tag on a Redis Cluster and keep one name on either layout.
 fn session_key(session: &str) -> String {
-    key("pair", session)
+    format!("{KEY_PREFIX}pair:{session}")
 }
 
 fn user_key(uid: &str) -> String {
-    key("pairuser", uid)
+    format!("{KEY_PREFIX}pairuser:{uid}")
 }
 
 /// A record from `HGETALL`'s flat reply; `None` for an empty one.
