@@ -47,6 +47,9 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// Entries read at once.
 const READ_COUNT: usize = 100;
 const BATCH: usize = 256;
+/// Most (topic, group) pairs one node reads (each is [`PARTITIONS`]
+/// readers, each with a connection of its own).
+pub const MAX_GROUPS: usize = 64;
 
 /// The (topic, consumer group) pairs this node reads, with how many live
 /// handler subscriptions want each.
@@ -63,6 +66,11 @@ impl Groups {
             return;
         };
         let mut wanted = self.wanted.lock();
+        if wanted.len() >= MAX_GROUPS && !wanted.contains_key(&pair) {
+            // Each pair costs PARTITIONS connections to Redis.
+            warn!(topic = %pair.0, group = %pair.1, max = MAX_GROUPS, "too many command topics read on this node: this one is not");
+            return;
+        }
         let count = wanted.entry(pair).or_default();
         *count += 1;
         if *count == 1 {
@@ -87,6 +95,14 @@ impl Groups {
 
     fn snapshot(&self) -> Vec<(String, String)> {
         self.wanted.lock().keys().cloned().collect()
+    }
+
+    /// The topics read here (each once).
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.wanted.lock().keys().map(|(t, _)| t.clone()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        topics
     }
 }
 

@@ -11,6 +11,7 @@
 //! - `replies.rs`: the device plane (per-user streams, sharded pub/sub);
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
+//! - `declarations.rs`: command topics handlers declared, shared by nodes;
 //! - `resp.rs`: the sharded pub/sub connection;
 //! - `redis_conn.rs`: the other connections.
 //!
@@ -25,6 +26,7 @@
 //! declared it, on whichever nodes they are.
 
 mod commands;
+mod declarations;
 pub mod entry;
 mod redis_conn;
 mod replies;
@@ -41,6 +43,7 @@ use broker::metrics::Metrics;
 use broker::router::protocol::{Publish, PublishProperties};
 use bytes::Bytes;
 use commands::Groups;
+use declarations::Declared;
 use entry::{command_key, partition, Entry, StreamId};
 use parking_lot::Mutex;
 use redis_conn::Redis;
@@ -129,6 +132,7 @@ pub struct Cluster {
     redis: Redis,
     interest: Arc<Interest>,
     groups: Arc<Groups>,
+    declared: Arc<Declared>,
     replies: (Queue, mpsc::Receiver<Queued>),
     commands: (Queue, mpsc::Receiver<Queued>),
     /// The local delivery and metrics, once the broker built them.
@@ -144,6 +148,7 @@ impl Cluster {
             redis,
             interest: Arc::default(),
             groups: Arc::default(),
+            declared: Arc::default(),
             replies: mpsc::channel(replies::APPEND_QUEUE),
             commands: mpsc::channel(commands::APPEND_QUEUE),
             built: Arc::default(),
@@ -157,10 +162,11 @@ impl Cluster {
 
     /// The wrapper `broker::Broker::start_with` builds the delivery with.
     pub fn wrap(&self) -> broker::WrapDelivery {
-        let (id, interest, groups, built) = (
+        let (id, interest, groups, declared, built) = (
             self.id.clone(),
             self.interest.clone(),
             self.groups.clone(),
+            self.declared.clone(),
             self.built.clone(),
         );
         let (replies, commands) = (self.replies.0.clone(), self.commands.0.clone());
@@ -172,6 +178,7 @@ impl Cluster {
                 id,
                 interest,
                 groups,
+                declared,
                 replies,
                 commands,
                 metrics: metrics.clone(),
@@ -198,6 +205,11 @@ impl Cluster {
         tasks.spawn(replies::append(node.clone(), self.replies.1));
         tasks.spawn(commands::append(node.clone(), self.commands.1));
         tasks.spawn(replies::listen(node.clone(), self.interest));
+        tasks.spawn(declarations::share(
+            node.clone(),
+            self.groups.clone(),
+            self.declared,
+        ));
         tasks.spawn(commands::supervise(node, self.groups));
         tasks.close();
         Some(Running(tasks))
@@ -222,6 +234,8 @@ pub struct ClusterDelivery {
     id: Arc<str>,
     interest: Arc<Interest>,
     groups: Arc<Groups>,
+    /// Command topics handlers on other nodes declared.
+    declared: Arc<Declared>,
     replies: Queue,
     commands: Queue,
     metrics: Arc<Metrics>,
@@ -244,6 +258,16 @@ impl ClusterDelivery {
         }
     }
 
+    /// Whether `filter`, declared by a handler here, is read from the
+    /// command streams: it names a command topic (configured, or declared
+    /// by the local table's rules: never a reply topic or a wildcard).
+    fn reads(&self, row: &Subscriptions, filter: &str) -> bool {
+        row.is_declared(filter)
+            && self
+                .local
+                .is_command(protocol::topics::effective_filter(filter))
+    }
+
     fn queue(&self, queue: &Queue, key: String, entry: Bytes) {
         if queue.try_send((key, entry)).is_err() {
             self.metrics.cluster_dropped("queue_full", 1);
@@ -253,7 +277,7 @@ impl ClusterDelivery {
 
 impl CommandTopics for ClusterDelivery {
     fn is_command(&self, topic: &str) -> bool {
-        self.local.is_command(topic)
+        self.local.is_command(topic) || self.declared.contains(topic)
     }
 }
 
@@ -270,7 +294,9 @@ impl Delivery for ClusterDelivery {
             }
             Kind::Handler => {
                 for filter in row.declared() {
-                    self.groups.add(filter, &self.id);
+                    if self.reads(&row, filter) {
+                        self.groups.add(filter, &self.id);
+                    }
                 }
             }
         }
@@ -284,13 +310,13 @@ impl Delivery for ClusterDelivery {
     fn granted(&self, row: &mut Subscriptions, filter: &str) {
         let before = row.is_declared(filter);
         self.local.granted(row, filter);
-        if !before && row.is_declared(filter) {
+        if !before && self.reads(row, filter) {
             self.groups.add(filter, &self.id);
         }
     }
 
     fn unsubscribe(&self, row: &mut Subscriptions, filter: &str) {
-        if row.is_declared(filter) {
+        if self.reads(row, filter) {
             self.groups.remove(filter, &self.id);
         }
         self.local.unsubscribe(row, filter);
@@ -303,7 +329,7 @@ impl Delivery for ClusterDelivery {
         properties: &Option<PublishProperties>,
     ) -> Routed {
         let mut routed = self.local.route(topic, publish, properties);
-        let command = !publish.retain && self.local.is_command(topic);
+        let command = !publish.retain && self.is_command(topic);
         let key = if command {
             // Handlers anywhere read it from the stream, local ones too.
             routed.needs_router = false;
@@ -325,7 +351,9 @@ impl Delivery for ClusterDelivery {
     fn close(&self, id: &str, row: &mut Subscriptions) {
         if row.kind() == Kind::Handler {
             for filter in row.declared() {
-                self.groups.remove(filter, &self.id);
+                if self.reads(row, filter) {
+                    self.groups.remove(filter, &self.id);
+                }
             }
         }
         if !row.persistent() {

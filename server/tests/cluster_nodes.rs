@@ -3,8 +3,9 @@
 //! built-in handlers running on node B (sync, publish to a platform,
 //! contacts, tokens), a reply published on node B reaching the user's
 //! sessions on node A (through the gate's inbox at QoS 0, through the
-//! router at QoS 1), and the identity stamps of a device's command arriving
-//! intact at a handler on the other node (a forged `user_id` replaced).
+//! router at QoS 1), and a command topic declared by a handler on node B
+//! opened to devices on node A, their commands arriving with the identity
+//! stamps node A's gate set (a forged `user_id` replaced).
 
 use e2e::clients::{user_property, Seen, Target, V5Client};
 use protocol::claims::DeviceClaims;
@@ -18,9 +19,9 @@ use testkit::{Platform, RedisServer};
 
 const SECRET: &str = "cluster-test-secret-0123456789abcdef0123456789";
 const HANDLER_KEY: &str = "cluster-test-handler-key-0123456789";
-const COMMANDS: &str = "sync,publish,request_contact,accept_contact,get_contact_list,store_token,list_tokens,revoke_token,delete_account,jobs";
+const COMMANDS: &str = "sync,publish,request_contact,accept_contact,get_contact_list,store_token,list_tokens,revoke_token,delete_account";
 /// How long one node may take to start (a debug build, the handlers' RSA key).
-const START_WITHIN: Duration = Duration::from_secs(90);
+const START_WITHIN: Duration = Duration::from_secs(20);
 /// How long one answer across nodes may take.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
@@ -206,13 +207,19 @@ fn device_key() -> rsa::RsaPrivateKey {
     rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap()
 }
 
-/// Redis commands executed so far, by name (INFO commandstats).
-fn commandstats(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
+/// What `redis-cli` prints for `args`.
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
         .output()
         .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Redis commands executed so far, by name (INFO commandstats).
+fn commandstats(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
+    redis_cli(redis, &["INFO", "commandstats"])
         .lines()
         .filter_map(|line| {
             let rest = line.strip_prefix("cmdstat_")?;
@@ -328,16 +335,26 @@ async fn replies_and_commands_cross_nodes_with_their_stamps() {
     );
     let mut routed = device(&node_a, uid, &["note"]).await;
 
-    // A handler on node B, in group `jobs`, and its replies.
+    // A handler on node B, in group `jobs`, declaring the command topic
+    // `resize`, which no node configured.
     let mut handler =
         V5Client::connect(node_b.target(), "worker-b", "handler", HANDLER_KEY, |_| {});
     handler.connected().await;
     assert_eq!(
         handler
-            .subscribe("$share/jobs/jobs", QoS::AtLeastOnce)
+            .subscribe("$share/jobs/resize", QoS::AtLeastOnce)
             .await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
+
+    // Node B announces the declaration in Redis; node A reads it within
+    // its sharing period (until then a device's publish there is refused).
+    let deadline = Instant::now() + START_WITHIN;
+    while !redis_cli(&redis, &["HKEYS", "decl"]).contains("resize") {
+        assert!(Instant::now() < deadline, "node B never announced `resize`");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 
     // A device command on node A reaches the handler on node B with the
     // identity node A's gate stamped (the forged one dropped).
@@ -349,7 +366,7 @@ async fn replies_and_commands_cross_nodes_with_their_stamps() {
         };
         routed
             .client
-            .publish_with_properties("jobs", QoS::AtLeastOnce, false, "resize", forged)
+            .publish_with_properties("resize", QoS::AtLeastOnce, false, "img-1", forged)
             .await
             .unwrap();
         if let Some(Seen::Packet(Packet::Publish(p))) =
@@ -359,10 +376,12 @@ async fn replies_and_commands_cross_nodes_with_their_stamps() {
         }
         assert!(
             Instant::now() < deadline,
-            "the command never reached node B"
+            "the command never reached node B:\n{}\n{}",
+            node_a.log_text(),
+            node_b.log_text()
         );
     };
-    assert_eq!(&command.payload[..], b"resize");
+    assert_eq!(&command.payload[..], b"img-1");
     assert_eq!(user_property(&command, "user_id"), vec![uid]);
     assert_eq!(user_property(&command, "client_id").len(), 1);
     assert_eq!(user_property(&command, "token_iat").len(), 1);
