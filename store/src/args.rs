@@ -2,7 +2,7 @@
 //! store it names; every binary flattens [`StoreArgs`] once and hands the
 //! opened store to the components that share it.
 
-use crate::{Store, StoreError};
+use crate::{RedisTarget, Store, StoreError};
 use protocol::secret::Secret;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +14,9 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 /// nodes lives.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
-    /// Redis for state shared by handler processes and broker nodes
-    /// (redis://[:password@]host[:port][/db]); unset = the embedded store in DATA_DIR.
+    /// Redis for state shared by handler processes and broker nodes: one URL
+    /// (redis://[:password@]host[:port][/db]) for one Redis, several
+    /// comma-separated node URLs for Redis Cluster; unset = the embedded store in DATA_DIR.
     #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse_redis_url)]
     pub redis_url: Option<Secret>,
     /// Where the embedded store and the server's RSA key pair (sync) live.
@@ -32,21 +33,26 @@ impl Default for StoreArgs {
     }
 }
 
+/// Checks `REDIS_URL` at start ([`RedisTarget::parse`]) so that a bad list
+/// is refused with its fix before anything runs.
 fn parse_redis_url(url: &str) -> Result<Secret, String> {
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        Ok(Secret::from(url))
-    } else {
-        Err(
-            "expected redis://[:password@]host[:port][/db]; unset it to use the embedded store"
-                .into(),
-        )
-    }
+    RedisTarget::parse(url)
+        .map(|_| Secret::from(url))
+        .map_err(|e| e.to_string())
 }
 
 impl StoreArgs {
     /// The Redis URL, when one is configured.
     pub fn redis_url(&self) -> Option<&str> {
         self.redis_url.as_ref().map(Secret::expose)
+    }
+
+    /// What `REDIS_URL` names (one Redis or a cluster), for a component that
+    /// opens connections of its own (cross-node delivery); `None` without it.
+    pub fn redis_target(&self) -> Option<RedisTarget> {
+        // Checked when parsed: a value that fails here was never accepted.
+        self.redis_url()
+            .and_then(|url| RedisTarget::parse(url).ok())
     }
 
     /// Opens the store: Redis (waiting for its first answer) when
@@ -78,7 +84,16 @@ mod tests {
             err.contains("redis://") && err.contains("REDIS_URL"),
             "{err}"
         );
+        let err = parse("redis://127.0.0.1:7000,,redis://127.0.0.1:7001")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entry 2") && err.contains("comma"), "{err}");
+        let args = parse("redis://127.0.0.1:7000, redis://127.0.0.1:7001")
+            .unwrap()
+            .store;
+        assert!(args.redis_target().unwrap().is_cluster());
         let args = parse("redis://:hunter2@127.0.0.1:6379/0").unwrap().store;
+        assert!(!args.redis_target().unwrap().is_cluster());
         assert_eq!(args.redis_url(), Some("redis://:hunter2@127.0.0.1:6379/0"));
         assert!(!format!("{args:?}").contains("hunter2"));
         assert_eq!(args.data_dir, PathBuf::from(DEFAULT_DATA_DIR));

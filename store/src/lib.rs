@@ -14,8 +14,10 @@
 //!
 //! The backends:
 //!
-//! - [`RedisStore`]: Redis through a reconnecting `ConnectionManager`, shared by
-//!   handler processes and broker nodes. An outage turns into
+//! - [`RedisStore`]: Redis (one server, or a Redis Cluster when `REDIS_URL`
+//!   lists several nodes: [`RedisTarget`]) through one reconnecting
+//!   connection ([`RedisConn`]), shared by handler processes and broker
+//!   nodes. An outage turns into
 //!   [`StoreError::Unavailable`] (handlers answer 503) and service resumes by
 //!   itself when Redis is back.
 //! - [`EmbeddedStore`]: a redb file under `DATA_DIR` for the single-process
@@ -43,7 +45,7 @@ pub use args::{StoreArgs, DEFAULT_DATA_DIR};
 pub use contacts::Contacts;
 pub use embedded::EmbeddedStore;
 pub use keys::{KeyRecord, Keys, NonceUse};
-pub use redis_conn::{RedisConnection, INVALID_REDIS_URL};
+pub use redis_conn::{RedisConn, RedisConnection, RedisTarget, RedisUrlError, REDIS_URL_FORMS};
 pub use redis_store::{RedisStore, KEY_PREFIX};
 pub use registrations::Registrations;
 pub use revocations::{Revocation, RevocationEvent, Revocations, REVOCATION_EVENTS_CAPACITY};

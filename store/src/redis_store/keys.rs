@@ -6,7 +6,7 @@ use crate::NonceUse;
 impl Keys for RedisStore {
     fn put_key<'a>(&'a self, uid: &'a UserId, record: &'a KeyRecord) -> StoreFuture<'a, ()> {
         Box::pin(self.run(move |mut c| async move {
-            c.set::<_, _, ()>(key("key", uid.as_str()), record.encode())
+            c.set::<_, _, ()>(self.key("key", uid), record.encode())
                 .await
         }))
     }
@@ -19,8 +19,8 @@ impl Keys for RedisStore {
     ) -> StoreFuture<'a, bool> {
         Box::pin(self.run(move |mut c| async move {
             self.guarded_set
-                .key(key("revoked", uid.as_str()))
-                .key(key("key", uid.as_str()))
+                .key(self.key("revoked", uid))
+                .key(self.key("key", uid))
                 .arg(iat.to_string())
                 .arg(record.encode())
                 .invoke_async::<i64>(&mut c)
@@ -32,7 +32,7 @@ impl Keys for RedisStore {
     fn get_key<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<KeyRecord>> {
         Box::pin(async move {
             let raw: Option<Vec<u8>> = self
-                .run(move |mut c| async move { c.get(key("key", uid.as_str())).await })
+                .run(move |mut c| async move { c.get(self.key("key", uid)).await })
                 .await?;
             raw.map(|bytes| KeyRecord::decode(&bytes)).transpose()
         })
@@ -41,11 +41,7 @@ impl Keys for RedisStore {
     fn remember_nonce<'a>(&'a self, used: NonceUse<'a>) -> StoreFuture<'a, bool> {
         let (uid, key_id, nonce, ttl) = (used.uid, used.key_id, used.nonce, used.ttl);
         Box::pin(async move {
-            let name = format!(
-                "{KEY_PREFIX}nonce:{}:{key_id}:{}",
-                uid.as_str(),
-                b64_encode(nonce)
-            );
+            let name = format!("{}:{key_id}:{}", self.key("nonce", uid), b64_encode(nonce));
             let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let set: Option<String> = self
                 .run(move |mut c| async move {

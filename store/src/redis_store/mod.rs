@@ -1,23 +1,27 @@
-//! Owns the Redis implementation of [`Store`]: one multiplexed,
-//! self-reconnecting `ConnectionManager`, connected lazily so that a handler
-//! starts while Redis is down and serves 503s until it comes back. Every
-//! operation runs under a deadline. Revocations are also published on a
-//! pub/sub channel that a background subscriber (started by the first
-//! [`Store::revocation_events`] call, stopped when the store is dropped)
-//! turns into local events, so that every process sharing the Redis hears
-//! them. Key schema: `SCHEMA.md`.
+//! Owns the Redis implementation of [`Store`], on one Redis or a Redis
+//! Cluster ([`crate::RedisTarget`]): one multiplexed, self-reconnecting
+//! connection, connected lazily so that a handler starts while Redis is down
+//! and serves 503s until it comes back. Every operation runs under a
+//! deadline, and every command, transaction and script touches keys of one
+//! user only, which the cluster layout puts in one hash slot (`{uid}`);
+//! the operations that span users (accepting a contact, deleting a user)
+//! are ordered steps, each within one slot, that a retry completes.
+//! Revocations are also published on a pub/sub channel (which a cluster
+//! broadcasts to every node) that a background subscriber (started by the
+//! first [`Store::revocation_events`] call, stopped when the store is
+//! dropped) turns into local events, so that every process sharing the
+//! Redis hears them. Key schema: `SCHEMA.md`.
 
 use crate::tokens::check_platform;
-use crate::RedisConnection;
 use crate::{
     Accounts, Contacts, KeyRecord, Keys, PlatformTokens, Registrations, Revocation,
     RevocationEvent, Revocations, Store, StoreError, StoreFuture, StoredToken, TokenPage,
     REVOCATION_EVENTS_CAPACITY,
 };
+use crate::{RedisConn, RedisConnection, RedisTarget};
 use envelope::b64_encode;
 use futures::StreamExt;
 use protocol::uid::UserId;
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use std::future::Future;
 use std::sync::Once;
@@ -32,6 +36,9 @@ mod registrations;
 mod revocations;
 mod sign_ups;
 mod tokens;
+
+#[cfg(test)]
+mod cluster_faults;
 
 /// Prefix of every key this store writes.
 pub const KEY_PREFIX: &str = "mqgate:";
@@ -49,32 +56,20 @@ const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 /// Longest a single store operation may take before it counts as an outage.
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Atomically turns a pending request into a contact pair.
+/// The first step of accepting a contact, in the target's slot: removes the
+/// request (`KEYS[1]` = the target's incoming requests, `ARGV[1]` = the
+/// requester) and adds the requester to the target's contacts (`KEYS[2]`).
+/// 1: accepted now; 2: already accepted (the second step may not have run:
+/// the caller runs it again); 0: no such request.
 const ACCEPT_SCRIPT: &str = r"
 if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('SREM', KEYS[2], ARGV[2])
-  redis.call('SADD', KEYS[3], ARGV[2])
-  redis.call('SADD', KEYS[4], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
   return 1
 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
+  return 2
+end
 return 0
-";
-
-/// Deletes a user's data and their traces in other users' sets.
-const DELETE_SCRIPT: &str = r"
-local p, u = ARGV[1], ARGV[2]
-for _, c in ipairs(redis.call('SMEMBERS', p .. 'contacts:' .. u)) do
-  redis.call('SREM', p .. 'contacts:' .. c, u)
-end
-for _, r in ipairs(redis.call('SMEMBERS', p .. 'requests:in:' .. u)) do
-  redis.call('SREM', p .. 'requests:out:' .. r, u)
-end
-for _, t in ipairs(redis.call('SMEMBERS', p .. 'requests:out:' .. u)) do
-  redis.call('SREM', p .. 'requests:in:' .. t, u)
-end
-redis.call('DEL', p .. 'key:' .. u, p .. 'contacts:' .. u, p .. 'requests:in:' .. u, p .. 'requests:out:' .. u,
-  p .. 'reg:' .. u, p .. 'tokens:' .. u)
-return 1
 ";
 
 /// Records a revocation merged with the current one (`all` wins, otherwise
@@ -143,8 +138,9 @@ return 0
 /// The Redis store. Cheap to share behind an `Arc`.
 pub struct RedisStore {
     redis: RedisConnection,
+    /// Key names: today's on one Redis, hash-tagged on a cluster.
+    layout: Layout,
     accept: redis::Script,
-    delete: redis::Script,
     revoke: redis::Script,
     replace: redis::Script,
     guarded_set: redis::Script,
@@ -172,21 +168,63 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
-fn key(kind: &str, uid: &str) -> String {
-    format!("{KEY_PREFIX}{kind}:{uid}")
+/// How a user's key is named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `mqgate:<kind>:<uid>`, the names a single Redis has always held
+    /// (kept so that an upgrade finds its data).
+    Plain,
+    /// `mqgate:<kind>:{<uid>}`: every key of a user in one hash slot, so
+    /// that a script or transaction over them runs on one cluster node.
+    Tagged,
+}
+
+impl Layout {
+    fn of(target: &RedisTarget) -> Layout {
+        if target.is_cluster() {
+            Layout::Tagged
+        } else {
+            Layout::Plain
+        }
+    }
+
+    /// The name of `uid`'s key of `kind` (`mqgate:key:<uid>`, ...).
+    fn key(self, kind: &str, uid: &str) -> String {
+        match self {
+            Layout::Plain => format!("{KEY_PREFIX}{kind}:{uid}"),
+            Layout::Tagged => format!("{KEY_PREFIX}{kind}:{{{uid}}}"),
+        }
+    }
+
+    /// The uid in a key name `kind_prefix` + uid (as [`Layout::key`] writes it).
+    fn uid_in<'k>(self, name: &'k str, kind_prefix: &str) -> Option<&'k str> {
+        let rest = name.strip_prefix(kind_prefix)?;
+        match self {
+            Layout::Plain => Some(rest),
+            Layout::Tagged => rest.strip_prefix('{')?.strip_suffix('}'),
+        }
+    }
 }
 
 impl RedisStore {
-    /// Parses `url` (`redis://[:password@]host[:port][/db]`) without
-    /// connecting: the store connects on first use.
+    /// Parses `url` (one Redis, or several comma-separated cluster nodes:
+    /// [`RedisTarget::parse`]) without connecting: the store connects on
+    /// first use.
     pub fn new(url: &str) -> Result<Self, StoreError> {
-        let redis = RedisConnection::open(url).map_err(|e| StoreError::Config(e.into()))?;
+        let target = RedisTarget::parse(url).map_err(|e| StoreError::Config(e.to_string()))?;
+        Ok(Self::with_target(target))
+    }
+
+    /// Like [`RedisStore::new`], for a target already parsed.
+    pub fn with_target(target: RedisTarget) -> Self {
+        let layout = Layout::of(&target);
+        let redis = RedisConnection::new(target);
         let (events, _) = broadcast::channel(REVOCATION_EVENTS_CAPACITY);
         let stop = CancellationToken::new();
-        Ok(RedisStore {
+        RedisStore {
             redis,
+            layout,
             accept: redis::Script::new(ACCEPT_SCRIPT),
-            delete: redis::Script::new(DELETE_SCRIPT),
             revoke: redis::Script::new(REVOKE_SCRIPT),
             replace: redis::Script::new(REPLACE_SCRIPT),
             guarded_set: redis::Script::new(&format!("{REVOCATION_GUARD}{GUARDED_SET}")),
@@ -198,7 +236,17 @@ impl RedisStore {
             subscriber: Once::new(),
             _stop_on_drop: stop.clone().drop_guard(),
             stop,
-        })
+        }
+    }
+
+    /// The name of `uid`'s key of `kind` in this store's layout.
+    fn key(&self, kind: &str, uid: &UserId) -> String {
+        self.layout.key(kind, uid.as_str())
+    }
+
+    /// Whether the store is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.layout == Layout::Tagged
     }
 
     /// Like [`RedisStore::new`], then tries to connect once; a Redis that is
@@ -211,7 +259,7 @@ impl RedisStore {
         Ok(store)
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    async fn conn(&self) -> Result<RedisConn, StoreError> {
         self.redis.get().await.map_err(unavailable)
     }
 
@@ -226,7 +274,7 @@ impl RedisStore {
         let merged: String = self
             .run(move |mut c| async move {
                 self.revoke
-                    .key(key("revoked", uid.as_str()))
+                    .key(self.key("revoked", uid))
                     .arg(revocation.encode())
                     .arg(channel)
                     .arg(uid.as_str())
@@ -240,7 +288,7 @@ impl RedisStore {
     /// Runs `op` on a connection under [`OP_TIMEOUT`].
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(RedisConn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
@@ -256,13 +304,23 @@ impl RedisStore {
 /// Turns the revocation channel into local events until `stop`, subscribing
 /// again after every loss; after a gap it sends [`RevocationEvent::Resync`]
 /// because announcements made meanwhile are gone.
+///
+/// `nodes` are the configured Redis nodes: one for a single Redis; on a
+/// cluster, classic pub/sub reaches every node, so the subscription is held
+/// on one node and moves to the next one in the list when that node fails.
 async fn relay_revocations(
-    client: redis::Client,
+    nodes: Vec<redis::Client>,
     events: broadcast::Sender<RevocationEvent>,
     stop: CancellationToken,
 ) {
     let mut gap = false;
+    let mut next = 0usize;
     loop {
+        let Some(client) = nodes.get(next % nodes.len().max(1)) else {
+            tracing::warn!("no Redis node to subscribe to revocations on");
+            return;
+        };
+        next = next.wrapping_add(1);
         let subscribe = async {
             let mut pubsub = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub())
                 .await
@@ -280,6 +338,8 @@ async fn relay_revocations(
         };
         match subscribed {
             Ok(pubsub) => {
+                // Stay on this node while it holds.
+                next = next.wrapping_sub(1);
                 if gap {
                     tracing::info!("revocation channel subscribed again");
                     let _ = events.send(RevocationEvent::Resync);
@@ -299,6 +359,8 @@ async fn relay_revocations(
                     }
                 }
                 tracing::warn!("revocation channel lost; subscribing again");
+                // Try the next node first: this one may be gone.
+                next = next.wrapping_add(1);
             }
             Err(error) => {
                 if !gap {
@@ -307,9 +369,12 @@ async fn relay_revocations(
             }
         }
         gap = true;
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
+        // Every node tried once without success: pause before the next round.
+        if next.is_multiple_of(nodes.len().max(1)) || nodes.len() == 1 {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
+            }
         }
     }
 }
@@ -342,29 +407,33 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use testkit::RedisServer;
+    use testkit::{RedisCluster, RedisServer};
 
-    #[tokio::test]
-    async fn conformance() {
-        let server = RedisServer::start();
-        let store = RedisStore::connect(&server.url()).await.unwrap();
+    /// The Redis suite: the conformance of every domain, the sign-up
+    /// state, and revocations heard by another instance. Run against one
+    /// Redis and against a Redis Cluster.
+    async fn suite(url: &str) {
+        let store = RedisStore::connect(url).await.unwrap();
         crate::conformance::exercise(&store).await;
-    }
-
-    #[tokio::test]
-    async fn sign_ups_conformance() {
-        let server = RedisServer::start();
-        let store = RedisStore::connect(&server.url()).await.unwrap();
         crate::conformance::sign_ups(&store).await;
-    }
-
-    #[tokio::test]
-    async fn revocations_reach_other_instances() {
-        let server = RedisServer::start();
-        let listener = RedisStore::connect(&server.url()).await.unwrap();
-        let revoker = RedisStore::connect(&server.url()).await.unwrap();
+        let listener = RedisStore::connect(url).await.unwrap();
+        let revoker = RedisStore::connect(url).await.unwrap();
         let events = listener.revocation_events();
         crate::conformance::exercise_events(&revoker, events).await;
+    }
+
+    #[tokio::test]
+    async fn suite_on_one_redis() {
+        let server = RedisServer::start();
+        suite(&server.url()).await;
+    }
+
+    #[tokio::test]
+    async fn suite_on_a_cluster() {
+        let cluster = RedisCluster::start();
+        let store = RedisStore::connect(&cluster.redis_url()).await.unwrap();
+        assert!(store.is_cluster());
+        suite(&cluster.redis_url()).await;
     }
 
     #[tokio::test]

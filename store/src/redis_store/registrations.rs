@@ -5,12 +5,11 @@ use super::*;
 impl Registrations for RedisStore {
     fn put_registration<'a>(&'a self, uid: &'a UserId, registered_at: u64) -> StoreFuture<'a, ()> {
         Box::pin(self.run(move |mut c| async move {
-            c.set::<_, _, ()>(key("reg", uid.as_str()), registered_at)
-                .await
+            c.set::<_, _, ()>(self.key("reg", uid), registered_at).await
         }))
     }
 
     fn registration<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<u64>> {
-        Box::pin(self.run(move |mut c| async move { c.get(key("reg", uid.as_str())).await }))
+        Box::pin(self.run(move |mut c| async move { c.get(self.key("reg", uid)).await }))
     }
 }

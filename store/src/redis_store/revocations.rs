@@ -21,16 +21,14 @@ impl Revocations for RedisStore {
 
     fn restore_user<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, ()> {
         Box::pin(
-            self.run(
-                move |mut c| async move { c.del::<_, ()>(key("revoked", uid.as_str())).await },
-            ),
+            self.run(move |mut c| async move { c.del::<_, ()>(self.key("revoked", uid)).await }),
         )
     }
 
     fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>> {
         Box::pin(async move {
             let raw: Option<String> = self
-                .run(move |mut c| async move { c.get(key("revoked", uid.as_str())).await })
+                .run(move |mut c| async move { c.get(self.key("revoked", uid)).await })
                 .await?;
             Ok(raw.as_deref().map(Revocation::decode))
         })
@@ -38,17 +36,26 @@ impl Revocations for RedisStore {
 
     fn revocation_events(&self) -> broadcast::Receiver<RevocationEvent> {
         let receiver = self.events.subscribe();
-        self.subscriber.call_once(|| match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(relay_revocations(
-                    self.redis.client().clone(),
-                    self.events.clone(),
-                    self.stop.clone(),
-                ));
+        self.subscriber.call_once(|| {
+            let nodes = match self.redis.target().node_clients() {
+                Ok(nodes) => nodes,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot make a client for the revocation channel; only the periodic poll will see revocations");
+                    return;
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(relay_revocations(
+                        nodes,
+                        self.events.clone(),
+                        self.stop.clone(),
+                    ));
+                }
+                Err(_) => tracing::warn!(
+                    "revocation events need a Tokio runtime; only the periodic poll will see revocations"
+                ),
             }
-            Err(_) => tracing::warn!(
-                "revocation events need a Tokio runtime; only the periodic poll will see revocations"
-            ),
         });
         receiver
     }
