@@ -109,31 +109,37 @@ impl Groups {
 /// Appends what is queued (`(stream key, entry)`), one pipelined batch at
 /// a time, until the queue closes or the node shuts down.
 pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
-    let mut conn = node.redis.shared();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
-        let mut pipe = redis::pipe();
-        for (key, entry) in &batch {
-            pipe.cmd("XADD")
-                .arg(key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(COMMAND_STREAM_MAXLEN)
-                .arg("*")
-                .arg("e")
-                .arg(&entry[..])
-                .ignore();
-        }
-        let n = batch.len() as u64;
-        match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => node.metrics().cluster_moved("command_out", n),
-            Err(e) => {
-                node.metrics().cluster_dropped("redis_error", n);
-                warn!(error = %e, commands = n, "commands not appended to Redis: dropped");
+        // One pipeline per slot on a cluster, sent together.
+        let groups = node.redis.by_slot(&batch, |(key, _)| key);
+        let sent = groups.iter().map(|group| {
+            let mut conn = node.redis.shared();
+            let mut pipe = redis::pipe();
+            for (key, entry) in group {
+                pipe.cmd("XADD")
+                    .arg(key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(COMMAND_STREAM_MAXLEN)
+                    .arg("*")
+                    .arg("e")
+                    .arg(&entry[..])
+                    .ignore();
+            }
+            async move { (group.len() as u64, pipe.query_async::<()>(&mut conn).await) }
+        });
+        for (n, sent) in futures::future::join_all(sent).await {
+            match sent {
+                Ok(()) => node.metrics().cluster_moved("command_out", n),
+                Err(e) => {
+                    node.metrics().cluster_dropped("redis_error", n);
+                    warn!(error = %e, commands = n, "commands not appended to Redis: dropped");
+                }
             }
         }
         batch.clear();
@@ -194,6 +200,9 @@ impl Reader {
                 Ok(()) => return,
                 Err(e) => {
                     warn!(error = %e, key = %self.key, group = %self.group, retry_in = ?backoff, "reading commands from Redis failed");
+                    // A failover or a moved slot: the next connection goes
+                    // where the slot map now says.
+                    let _ = self.node.redis.refresh().await;
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -206,7 +215,7 @@ impl Reader {
 
     /// Reads on a connection of its own until stopped (`Ok`) or an error.
     async fn read_until_lost(&self) -> redis::RedisResult<()> {
-        let mut blocking = self.node.redis.own(BLOCK).await?;
+        let mut blocking = self.node.redis.own(&self.key, BLOCK).await?;
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.key)

@@ -8,12 +8,15 @@
 //! The map:
 //! - `entry.rs`: keys, partitions, consumer groups, the bytes of an entry,
 //!   stream ids and a user's cursor (pure, table-tested);
-//! - `replies.rs`: the device plane (per-user streams, sharded pub/sub);
+//! - `replies.rs`: the device plane (per-user streams, their appends,
+//!   replays and delivery here; takeover announcements);
+//! - `listener.rs`: its sharded pub/sub subscriptions, per master;
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
 //! - `declarations.rs`: command topics handlers declared, shared by nodes;
-//! - `resp.rs`: the sharded pub/sub connection;
-//! - `redis_conn.rs`: the other connections.
+//! - `redis_conn.rs`: the connections (the store's shared one, routed by
+//!   slot on a cluster; the slot map; blocking reads and sharded pub/sub
+//!   on connections of their own to the master holding the slot).
 //!
 //! The path of a reply received on node A for a user whose device is on
 //! node B: A's gate decides and stamps it, [`ClusterDelivery::route`]
@@ -28,9 +31,9 @@
 mod commands;
 mod declarations;
 pub mod entry;
+mod listener;
 mod redis_conn;
 mod replies;
-pub mod resp;
 
 pub use redis_conn::RedisError;
 
@@ -135,6 +138,7 @@ pub struct Cluster {
     declared: Arc<Declared>,
     replies: (Queue, mpsc::Receiver<Queued>),
     commands: (Queue, mpsc::Receiver<Queued>),
+    takeovers: (Queue, mpsc::Receiver<Queued>),
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -151,6 +155,7 @@ impl Cluster {
             declared: Arc::default(),
             replies: mpsc::channel(replies::APPEND_QUEUE),
             commands: mpsc::channel(commands::APPEND_QUEUE),
+            takeovers: mpsc::channel(replies::APPEND_QUEUE),
             built: Arc::default(),
         })
     }
@@ -169,7 +174,11 @@ impl Cluster {
             self.declared.clone(),
             self.built.clone(),
         );
-        let (replies, commands) = (self.replies.0.clone(), self.commands.0.clone());
+        let (replies, commands, takeovers) = (
+            self.replies.0.clone(),
+            self.commands.0.clone(),
+            self.takeovers.0.clone(),
+        );
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
@@ -181,6 +190,7 @@ impl Cluster {
                 declared,
                 replies,
                 commands,
+                takeovers,
                 metrics: metrics.clone(),
                 held: Mutex::default(),
             })
@@ -204,7 +214,8 @@ impl Cluster {
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(replies::append(node.clone(), self.replies.1));
         tasks.spawn(commands::append(node.clone(), self.commands.1));
-        tasks.spawn(replies::listen(node.clone(), self.interest));
+        tasks.spawn(replies::announce_takeovers(node.clone(), self.takeovers.1));
+        tasks.spawn(listener::listen(node.clone(), self.interest));
         tasks.spawn(declarations::share(
             node.clone(),
             self.groups.clone(),
@@ -238,6 +249,9 @@ pub struct ClusterDelivery {
     declared: Arc<Declared>,
     replies: Queue,
     commands: Queue,
+    /// Device sessions opened here, announced to the other nodes (one of
+    /// them may hold the same session: it ends it).
+    takeovers: Queue,
     metrics: Arc<Metrics>,
     /// Device sessions counted in `interest` (a persistent one until it
     /// expires or a clean connection replaces it), by session id.
@@ -289,6 +303,13 @@ impl Delivery for ClusterDelivery {
                 if let Some(uid) = device_uid(id) {
                     if self.held.lock().insert(id.to_owned()) {
                         self.interest.add(uid);
+                    }
+                    if self
+                        .takeovers
+                        .try_send((uid.to_owned(), Bytes::from(id.to_owned())))
+                        .is_err()
+                    {
+                        self.metrics.cluster_dropped("queue_full", 1);
                     }
                 }
             }
