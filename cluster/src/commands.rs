@@ -118,7 +118,6 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
         // One pipeline per slot on a cluster, sent together.
         let groups = node.redis.by_slot(&batch, |(key, _)| key);
         let sent = groups.iter().map(|group| {
-            let mut conn = node.redis.shared();
             let mut pipe = redis::pipe();
             for (key, entry) in group {
                 pipe.cmd("XADD")
@@ -131,7 +130,8 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
                     .arg(&entry[..])
                     .ignore();
             }
-            async move { (group.len() as u64, pipe.query_async::<()>(&mut conn).await) }
+            let redis = &node.redis;
+            async move { (group.len() as u64, redis.send_retrying(&pipe).await) }
         });
         for (n, sent) in futures::future::join_all(sent).await {
             match sent {

@@ -24,6 +24,8 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The slot map is read again at most this often.
 const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(250);
+/// How long a failed append is retried before it is dropped (counted).
+pub const APPEND_RETRY_FOR: Duration = Duration::from_secs(10);
 /// Slots of Redis Cluster.
 const SLOTS: u16 = 16384;
 
@@ -152,6 +154,30 @@ impl Redis {
             groups.entry(slot).or_default().push(item);
         }
         groups.into_values().collect()
+    }
+
+    /// Sends `pipe` on the shared connection; a failure (a master down,
+    /// a failover under way) is retried with backoff (0.1 to 1 s, the slot
+    /// map read again) for up to [`APPEND_RETRY_FOR`], so an outage of a
+    /// few seconds delays appends instead of losing them. A retried
+    /// pipeline may have partly run: entries may be appended twice.
+    pub async fn send_retrying(&self, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
+        let deadline = Instant::now() + APPEND_RETRY_FOR;
+        let mut wait = Duration::from_millis(100);
+        let mut conn = self.shared();
+        loop {
+            match pipe.query_async::<()>(&mut conn).await {
+                Err(e)
+                    if Instant::now() + wait < deadline
+                        && e.kind() != redis::ErrorKind::NoScriptError =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                    let _ = self.refresh().await;
+                }
+                sent => return sent,
+            }
+        }
     }
 
     async fn master_or_refresh(&self, key: &str) -> redis::RedisResult<NodeAddr> {

@@ -107,7 +107,7 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
             .collect();
         let groups = node.redis.by_slot(&keyed, |(key, _)| key);
         let sent = groups.iter().map(|group| {
-            let (script, ttl_ms) = (&script, &ttl_ms);
+            let (script, ttl_ms, redis) = (&script, &ttl_ms, &node.redis);
             let mut conn = node.redis.shared();
             async move {
                 let pipe = |full: bool| {
@@ -130,9 +130,14 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
                     pipe
                 };
                 let mut sent = pipe(false).query_async::<()>(&mut conn).await;
-                if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
-                    sent = pipe(true).query_async::<()>(&mut conn).await;
-                }
+                sent = match sent {
+                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                        redis.send_retrying(&pipe(true)).await
+                    }
+                    // Failed before or while running: again, bounded.
+                    Err(_) => redis.send_retrying(&pipe(false)).await,
+                    ok => ok,
+                };
                 (group.len() as u64, sent)
             }
         });
@@ -166,12 +171,12 @@ pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(Stri
             .collect();
         let groups = node.redis.by_slot(&keyed, |(key, _)| key);
         let sent = groups.iter().map(|group| {
-            let mut conn = node.redis.shared();
             let mut pipe = redis::pipe();
             for (key, message) in group {
                 pipe.cmd("SPUBLISH").arg(key).arg(message).ignore();
             }
-            async move { (group.len() as u64, pipe.query_async::<()>(&mut conn).await) }
+            let redis = &node.redis;
+            async move { (group.len() as u64, redis.send_retrying(&pipe).await) }
         });
         for (n, sent) in futures::future::join_all(sent).await {
             if let Err(e) = sent {

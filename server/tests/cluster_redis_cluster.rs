@@ -270,16 +270,9 @@ async fn commands_a_killed_handler_node_held_are_reclaimed_and_answered() {
     drop(handler_c);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replies_follow_a_moved_slot_and_a_failover() {
-    let cluster = blocking(RedisCluster::start);
-    let url = cluster.redis_url();
-    let none = "http://127.0.0.1:9/none";
-    let node_a = Node::start("node-a", &url, false, none);
-    let node_b = Node::start("node-b", &url, false, none);
-    let uid = "9301";
-    let key = format!("r:{{{uid}}}");
-
+/// A device of `uid` on node A listening (QoS 1) to `<uid>_note`, and a
+/// handler client on node B, once a probe crossed.
+async fn listening_pair(node_a: &Node, node_b: &Node, uid: &str) -> (V5Client, V5Client) {
     let mut phone = V5Client::connect(node_a.target(), "phone", "JWT", &nodes::token(uid), |_| {});
     phone.connected().await;
     assert_eq!(
@@ -291,7 +284,6 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
     let mut handler =
         V5Client::connect(node_b.target(), "worker-b", "handler", HANDLER_KEY, |_| {});
     handler.connected().await;
-
     // Until node A listens on the user's shard, replies are missed: probe.
     let deadline = Instant::now() + START_WITHIN;
     loop {
@@ -312,18 +304,23 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
         .await
         .is_some()
     {}
+    (phone, handler)
+}
 
-    // Replies stream from node B while the slot moves, then while its new
-    // master fails over to its replica.
-    let total = 600u32;
-    let phase = |i: u32| match i {
-        i if i < 200 => "before",
-        i if i < 400 => "moved",
-        _ => "failed over",
-    };
-    let mut received: Vec<u32> = Vec::new();
-    let mut moves = BTreeMap::new();
+/// Publishes replies `0..total` from the handler, 5 ms apart, calling
+/// `at(i)` before each (where the cluster is changed), and returns what the
+/// phone received, in arrival order, once the last one arrived or the
+/// answer deadline passed.
+async fn stream_replies(
+    phone: &mut V5Client,
+    handler: &V5Client,
+    uid: &str,
+    total: u32,
+    mut at: impl FnMut(u32),
+) -> Vec<u32> {
+    let mut received = Vec::new();
     for i in 0..total {
+        at(i);
         handler
             .client
             .publish(
@@ -334,6 +331,67 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
             )
             .await
             .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        while let Some(Seen::Packet(Packet::Publish(p))) =
+            phone.next_within(Duration::from_millis(1)).await
+        {
+            received.push(String::from_utf8_lossy(&p.payload).parse().unwrap());
+        }
+    }
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    while !received.contains(&(total - 1)) && Instant::now() < deadline {
+        if let Some((_, payload)) = next_publish(phone, Duration::from_millis(200)).await {
+            received.push(String::from_utf8_lossy(&payload).parse().unwrap());
+        }
+    }
+    while let Some((_, payload)) = next_publish(phone, Duration::from_millis(500)).await {
+        received.push(String::from_utf8_lossy(&payload).parse().unwrap());
+    }
+    received
+}
+
+/// Lost replies by phase, duplicates; asserts the order of first arrivals.
+fn account(
+    received: &[u32],
+    total: u32,
+    phase: impl Fn(u32) -> &'static str,
+) -> (BTreeMap<&'static str, u32>, usize) {
+    let got: HashSet<u32> = received.iter().copied().collect();
+    let mut lost = BTreeMap::new();
+    for i in 0..total {
+        if !got.contains(&i) {
+            *lost.entry(phase(i)).or_insert(0u32) += 1;
+        }
+    }
+    let mut seen = HashSet::new();
+    let first: Vec<u32> = received
+        .iter()
+        .copied()
+        .filter(|i| seen.insert(*i))
+        .collect();
+    assert!(
+        first.windows(2).all(|w| w[0] < w[1]),
+        "replies out of order: {first:?}"
+    );
+    (lost, received.len() - got.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_follow_a_moved_slot_and_a_failover() {
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &url, false, none);
+    let node_b = Node::start("node-b", &url, false, none);
+    let uid = "9301";
+    let key = format!("r:{{{uid}}}");
+    let (mut phone, handler) = listening_pair(&node_a, &node_b, uid).await;
+
+    // Replies stream from node B while the slot moves, then while its new
+    // master fails over to its replica (coordinated: CLUSTER FAILOVER).
+    let total = 600u32;
+    let mut moves = BTreeMap::new();
+    let received = stream_replies(&mut phone, &handler, uid, total, |i| {
         if i == 200 {
             let from = cluster.master_of_key(&key);
             let to = cluster.masters().into_iter().find(|m| *m != from).unwrap();
@@ -346,55 +404,78 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
             blocking(|| cluster.failover(replica));
             moves.insert("failed over", (master, replica));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        while let Some(Seen::Packet(Packet::Publish(p))) =
-            phone.next_within(Duration::from_millis(1)).await
-        {
-            received.push(String::from_utf8_lossy(&p.payload).parse().unwrap());
-        }
-    }
-    // The last replies, after both changes, arrive: no stall.
-    let deadline = Instant::now() + ANSWER_WITHIN;
-    while !received.contains(&(total - 1)) && Instant::now() < deadline {
-        if let Some((_, payload)) = next_publish(&mut phone, Duration::from_millis(200)).await {
-            received.push(String::from_utf8_lossy(&payload).parse().unwrap());
-        }
-    }
-    while let Some((_, payload)) = next_publish(&mut phone, Duration::from_millis(500)).await {
-        received.push(String::from_utf8_lossy(&payload).parse().unwrap());
-    }
-    let got: HashSet<u32> = received.iter().copied().collect();
-    let mut lost = BTreeMap::new();
-    for i in 0..total {
-        if !got.contains(&i) {
-            *lost.entry(phase(i)).or_insert(0u32) += 1;
-        }
-    }
-    let duplicates = received.len() - got.len();
+    })
+    .await;
+    let (lost, duplicates) = account(&received, total, |i| match i {
+        i if i < 200 => "before",
+        i if i < 400 => "moved",
+        _ => "failed over",
+    });
     println!(
-        "replies across a slot move and a failover: {total} sent, {} received, lost by phase {lost:?}, {duplicates} duplicates; moves {moves:?}",
-        got.len()
+        "replies across a slot move and a coordinated failover: {total} sent, {} received, lost by phase {lost:?}, {duplicates} duplicates; moves {moves:?}",
+        received.len() - duplicates
     );
     assert!(
-        got.contains(&(total - 1)),
+        received.contains(&(total - 1)),
         "replies stalled after the moves: lost {lost:?}\n{}",
         node_a.log_text()
-    );
-    // Order holds for what arrived (first arrivals; a duplicate is counted).
-    let mut seen = HashSet::new();
-    let first: Vec<u32> = received
-        .iter()
-        .copied()
-        .filter(|i| seen.insert(*i))
-        .collect();
-    assert!(
-        first.windows(2).all(|w| w[0] < w[1]),
-        "replies out of order: {first:?}"
     );
     assert!(
         node_a.log_text().contains("subscribing again"),
         "node A never followed the slot:\n{}",
         node_a.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_resume_after_their_master_is_killed() {
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &url, false, none);
+    let node_b = Node::start("node-b", &url, false, none);
+    let uid = "9302";
+    let key = format!("r:{{{uid}}}");
+    let (mut phone, handler) = listening_pair(&node_a, &node_b, uid).await;
+
+    // kill -9 of the master holding the user's stream mid-stream: its
+    // replica is promoted after the cluster's node timeout, while replies
+    // keep coming.
+    let total = 1000u32;
+    let master = cluster.master_of_key(&key);
+    let replica = cluster.replica_of(master);
+    let mut promoted = "by the cluster";
+    let received = stream_replies(&mut phone, &handler, uid, total, |i| {
+        if i == 200 {
+            cluster.kill(master);
+        }
+        if i == 700 && cluster.role(replica) != Some("master") {
+            // Not promoted by its peers yet (a loaded machine): promoted
+            // by hand, as an operator would.
+            blocking(|| cluster.failover_forced(replica, "TAKEOVER"));
+            promoted = "by TAKEOVER";
+        }
+    })
+    .await;
+    let (lost, duplicates) = account(&received, total, |i| {
+        if i < 200 {
+            "before"
+        } else {
+            "after the kill"
+        }
+    });
+    println!(
+        "replies across kill -9 of their master (replica promoted {promoted}): {total} sent, {} received, lost by phase {lost:?}, {duplicates} duplicates",
+        received.len() - duplicates
+    );
+    assert!(
+        received.contains(&(total - 1)),
+        "replies stalled after the master died: lost {lost:?}\n{}",
+        node_a.log_text()
+    );
+    assert!(
+        !lost.contains_key("before"),
+        "lost before the kill: {lost:?}"
     );
 }
 
