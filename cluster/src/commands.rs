@@ -196,7 +196,13 @@ impl Reader {
     async fn run(self) {
         let mut backoff = Duration::from_millis(100);
         while !self.stop.is_cancelled() {
-            match self.read_until_lost().await {
+            let started = Instant::now();
+            let read = self.read_until_lost().await;
+            if started.elapsed() > Duration::from_secs(30) {
+                // It ran for a while: this failure is a new one.
+                backoff = Duration::from_millis(100);
+            }
+            match read {
                 Ok(()) => return,
                 Err(e) => {
                     warn!(error = %e, key = %self.key, group = %self.group, retry_in = ?backoff, "reading commands from Redis failed");
