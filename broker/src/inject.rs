@@ -3,7 +3,8 @@
 //! node and must hand to this node's own subscribers. The local inboxes are
 //! the caller's to serve (it holds the [`crate::delivery::LocalDelivery`] it
 //! wraps); the router gets what the local decision says it needs, through a
-//! router link of its own, as the delayed wills do (`will_publisher`).
+//! router link of its own, as the delayed wills do (`will_publisher`);
+//! and ending a session here that a connection on another node took over.
 //!
 //! Nothing here checks or stamps anything: what is injected was decided and
 //! stamped by the gate of the node that received it.
@@ -42,6 +43,13 @@ impl Injector {
             rx: link.rx,
             next_pkid: 1,
         })
+    }
+
+    /// Ends the live session `id` here (DISCONNECT `0x8E`, its will as for
+    /// any takeover): a connection of the same session opened on another
+    /// node. False when no such session is live here.
+    pub fn take_over(&self, id: &str) -> bool {
+        self.gate.sessions().end_taken_over(id)
     }
 
     /// The broker's metrics, for what the cross-node delivery counts.

@@ -399,6 +399,18 @@ impl SessionRegistry {
             .collect()
     }
 
+    /// Asks the live session `id` to end because a connection elsewhere
+    /// (another node) took it over; false when it is not live here.
+    pub fn end_taken_over(&self, id: &str) -> bool {
+        match self.live.lock().get(id) {
+            Some(entry) => {
+                entry.end.request(EndRequest::TakenOver);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Asks every live session to end once the broker shuts down.
     pub async fn end_all_at_shutdown(self: Arc<Self>) {
         self.shutdown.cancelled().await;

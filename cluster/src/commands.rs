@@ -47,6 +47,9 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// Entries read at once.
 const READ_COUNT: usize = 100;
 const BATCH: usize = 256;
+/// Most (topic, group) pairs one node reads (each is [`PARTITIONS`]
+/// readers, each with a connection of its own).
+pub const MAX_GROUPS: usize = 64;
 
 /// The (topic, consumer group) pairs this node reads, with how many live
 /// handler subscriptions want each.
@@ -63,6 +66,11 @@ impl Groups {
             return;
         };
         let mut wanted = self.wanted.lock();
+        if wanted.len() >= MAX_GROUPS && !wanted.contains_key(&pair) {
+            // Each pair costs PARTITIONS connections to Redis.
+            warn!(topic = %pair.0, group = %pair.1, max = MAX_GROUPS, "too many command topics read on this node: this one is not");
+            return;
+        }
         let count = wanted.entry(pair).or_default();
         *count += 1;
         if *count == 1 {
@@ -88,36 +96,50 @@ impl Groups {
     fn snapshot(&self) -> Vec<(String, String)> {
         self.wanted.lock().keys().cloned().collect()
     }
+
+    /// The topics read here (each once).
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.wanted.lock().keys().map(|(t, _)| t.clone()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        topics
+    }
 }
 
 /// Appends what is queued (`(stream key, entry)`), one pipelined batch at
 /// a time, until the queue closes or the node shuts down.
 pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
-    let mut conn = node.redis.shared();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
-        let mut pipe = redis::pipe();
-        for (key, entry) in &batch {
-            pipe.cmd("XADD")
-                .arg(key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(COMMAND_STREAM_MAXLEN)
-                .arg("*")
-                .arg("e")
-                .arg(&entry[..])
-                .ignore();
-        }
-        let n = batch.len() as u64;
-        match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => node.metrics().cluster_moved("command_out", n),
-            Err(e) => {
-                node.metrics().cluster_dropped("redis_error", n);
-                warn!(error = %e, commands = n, "commands not appended to Redis: dropped");
+        // One pipeline per slot on a cluster, sent together.
+        let groups = node.redis.by_slot(&batch, |(key, _)| key);
+        let sent = groups.iter().map(|group| {
+            let mut pipe = redis::pipe();
+            for (key, entry) in group {
+                pipe.cmd("XADD")
+                    .arg(key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(COMMAND_STREAM_MAXLEN)
+                    .arg("*")
+                    .arg("e")
+                    .arg(&entry[..])
+                    .ignore();
+            }
+            let redis = &node.redis;
+            async move { (group.len() as u64, redis.send_retrying(&pipe).await) }
+        });
+        for (n, sent) in futures::future::join_all(sent).await {
+            match sent {
+                Ok(()) => node.metrics().cluster_moved("command_out", n),
+                Err(e) => {
+                    node.metrics().cluster_dropped("redis_error", n);
+                    warn!(error = %e, commands = n, "commands not appended to Redis: dropped");
+                }
             }
         }
         batch.clear();
@@ -174,10 +196,19 @@ impl Reader {
     async fn run(self) {
         let mut backoff = Duration::from_millis(100);
         while !self.stop.is_cancelled() {
-            match self.read_until_lost().await {
+            let started = Instant::now();
+            let read = self.read_until_lost().await;
+            if started.elapsed() > Duration::from_secs(30) {
+                // It ran for a while: this failure is a new one.
+                backoff = Duration::from_millis(100);
+            }
+            match read {
                 Ok(()) => return,
                 Err(e) => {
                     warn!(error = %e, key = %self.key, group = %self.group, retry_in = ?backoff, "reading commands from Redis failed");
+                    // A failover or a moved slot: the next connection goes
+                    // where the slot map now says.
+                    let _ = self.node.redis.refresh().await;
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -190,7 +221,7 @@ impl Reader {
 
     /// Reads on a connection of its own until stopped (`Ok`) or an error.
     async fn read_until_lost(&self) -> redis::RedisResult<()> {
-        let mut blocking = self.node.redis.own(BLOCK).await?;
+        let mut blocking = self.node.redis.own(&self.key, BLOCK).await?;
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.key)

@@ -8,11 +8,15 @@
 //! The map:
 //! - `entry.rs`: keys, partitions, consumer groups, the bytes of an entry,
 //!   stream ids and a user's cursor (pure, table-tested);
-//! - `replies.rs`: the device plane (per-user streams, sharded pub/sub);
+//! - `replies.rs`: the device plane (per-user streams, their appends,
+//!   replays and delivery here; takeover announcements);
+//! - `listener.rs`: its sharded pub/sub subscriptions, per master;
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
-//! - `resp.rs`: the sharded pub/sub connection;
-//! - `redis_conn.rs`: the other connections.
+//! - `declarations.rs`: command topics handlers declared, shared by nodes;
+//! - `redis_conn.rs`: the connections (the store's shared one, routed by
+//!   slot on a cluster; the slot map; blocking reads and sharded pub/sub
+//!   on connections of their own to the master holding the slot).
 //!
 //! The path of a reply received on node A for a user whose device is on
 //! node B: A's gate decides and stamps it, [`ClusterDelivery::route`]
@@ -25,10 +29,11 @@
 //! declared it, on whichever nodes they are.
 
 mod commands;
+mod declarations;
 pub mod entry;
+mod listener;
 mod redis_conn;
 mod replies;
-pub mod resp;
 
 pub use redis_conn::RedisError;
 
@@ -41,6 +46,7 @@ use broker::metrics::Metrics;
 use broker::router::protocol::{Publish, PublishProperties};
 use bytes::Bytes;
 use commands::Groups;
+use declarations::Declared;
 use entry::{command_key, partition, Entry, StreamId};
 use parking_lot::Mutex;
 use redis_conn::Redis;
@@ -129,8 +135,10 @@ pub struct Cluster {
     redis: Redis,
     interest: Arc<Interest>,
     groups: Arc<Groups>,
+    declared: Arc<Declared>,
     replies: (Queue, mpsc::Receiver<Queued>),
     commands: (Queue, mpsc::Receiver<Queued>),
+    takeovers: (Queue, mpsc::Receiver<Queued>),
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -144,8 +152,10 @@ impl Cluster {
             redis,
             interest: Arc::default(),
             groups: Arc::default(),
+            declared: Arc::default(),
             replies: mpsc::channel(replies::APPEND_QUEUE),
             commands: mpsc::channel(commands::APPEND_QUEUE),
+            takeovers: mpsc::channel(replies::APPEND_QUEUE),
             built: Arc::default(),
         })
     }
@@ -157,13 +167,18 @@ impl Cluster {
 
     /// The wrapper `broker::Broker::start_with` builds the delivery with.
     pub fn wrap(&self) -> broker::WrapDelivery {
-        let (id, interest, groups, built) = (
+        let (id, interest, groups, declared, built) = (
             self.id.clone(),
             self.interest.clone(),
             self.groups.clone(),
+            self.declared.clone(),
             self.built.clone(),
         );
-        let (replies, commands) = (self.replies.0.clone(), self.commands.0.clone());
+        let (replies, commands, takeovers) = (
+            self.replies.0.clone(),
+            self.commands.0.clone(),
+            self.takeovers.0.clone(),
+        );
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
@@ -172,8 +187,10 @@ impl Cluster {
                 id,
                 interest,
                 groups,
+                declared,
                 replies,
                 commands,
+                takeovers,
                 metrics: metrics.clone(),
                 held: Mutex::default(),
             })
@@ -197,7 +214,13 @@ impl Cluster {
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(replies::append(node.clone(), self.replies.1));
         tasks.spawn(commands::append(node.clone(), self.commands.1));
-        tasks.spawn(replies::listen(node.clone(), self.interest));
+        tasks.spawn(replies::announce_takeovers(node.clone(), self.takeovers.1));
+        tasks.spawn(listener::listen(node.clone(), self.interest));
+        tasks.spawn(declarations::share(
+            node.clone(),
+            self.groups.clone(),
+            self.declared,
+        ));
         tasks.spawn(commands::supervise(node, self.groups));
         tasks.close();
         Some(Running(tasks))
@@ -222,8 +245,13 @@ pub struct ClusterDelivery {
     id: Arc<str>,
     interest: Arc<Interest>,
     groups: Arc<Groups>,
+    /// Command topics handlers on other nodes declared.
+    declared: Arc<Declared>,
     replies: Queue,
     commands: Queue,
+    /// Device sessions opened here, announced to the other nodes (one of
+    /// them may hold the same session: it ends it).
+    takeovers: Queue,
     metrics: Arc<Metrics>,
     /// Device sessions counted in `interest` (a persistent one until it
     /// expires or a clean connection replaces it), by session id.
@@ -244,6 +272,16 @@ impl ClusterDelivery {
         }
     }
 
+    /// Whether `filter`, declared by a handler here, is read from the
+    /// command streams: it names a command topic (configured, or declared
+    /// by the local table's rules: never a reply topic or a wildcard).
+    fn reads(&self, row: &Subscriptions, filter: &str) -> bool {
+        row.is_declared(filter)
+            && self
+                .local
+                .is_command(protocol::topics::effective_filter(filter))
+    }
+
     fn queue(&self, queue: &Queue, key: String, entry: Bytes) {
         if queue.try_send((key, entry)).is_err() {
             self.metrics.cluster_dropped("queue_full", 1);
@@ -253,7 +291,7 @@ impl ClusterDelivery {
 
 impl CommandTopics for ClusterDelivery {
     fn is_command(&self, topic: &str) -> bool {
-        self.local.is_command(topic)
+        self.local.is_command(topic) || self.declared.contains(topic)
     }
 }
 
@@ -266,11 +304,20 @@ impl Delivery for ClusterDelivery {
                     if self.held.lock().insert(id.to_owned()) {
                         self.interest.add(uid);
                     }
+                    if self
+                        .takeovers
+                        .try_send((uid.to_owned(), Bytes::from(id.to_owned())))
+                        .is_err()
+                    {
+                        self.metrics.cluster_dropped("queue_full", 1);
+                    }
                 }
             }
             Kind::Handler => {
                 for filter in row.declared() {
-                    self.groups.add(filter, &self.id);
+                    if self.reads(&row, filter) {
+                        self.groups.add(filter, &self.id);
+                    }
                 }
             }
         }
@@ -284,13 +331,13 @@ impl Delivery for ClusterDelivery {
     fn granted(&self, row: &mut Subscriptions, filter: &str) {
         let before = row.is_declared(filter);
         self.local.granted(row, filter);
-        if !before && row.is_declared(filter) {
+        if !before && self.reads(row, filter) {
             self.groups.add(filter, &self.id);
         }
     }
 
     fn unsubscribe(&self, row: &mut Subscriptions, filter: &str) {
-        if row.is_declared(filter) {
+        if self.reads(row, filter) {
             self.groups.remove(filter, &self.id);
         }
         self.local.unsubscribe(row, filter);
@@ -303,7 +350,7 @@ impl Delivery for ClusterDelivery {
         properties: &Option<PublishProperties>,
     ) -> Routed {
         let mut routed = self.local.route(topic, publish, properties);
-        let command = !publish.retain && self.local.is_command(topic);
+        let command = !publish.retain && self.is_command(topic);
         let key = if command {
             // Handlers anywhere read it from the stream, local ones too.
             routed.needs_router = false;
@@ -325,7 +372,9 @@ impl Delivery for ClusterDelivery {
     fn close(&self, id: &str, row: &mut Subscriptions) {
         if row.kind() == Kind::Handler {
             for filter in row.declared() {
-                self.groups.remove(filter, &self.id);
+                if self.reads(row, filter) {
+                    self.groups.remove(filter, &self.id);
+                }
             }
         }
         if !row.persistent() {

@@ -1,88 +1,344 @@
-//! Owns the connections to Redis: one shared multiplexed connection for
-//! every short command (appends, replays, acknowledgements), reconnected by
-//! the `redis` crate's manager, a connection of its own for each blocking
-//! read (a `BLOCK` must never hold up other commands), and the address and
-//! credentials the sharded pub/sub connection (`resp`) dials.
+//! Owns this crate's view of Redis: the store's shared connection
+//! (`store::RedisTarget::connect`: one Redis, or a Redis Cluster whose
+//! connection routes each command by its key's slot and follows
+//! MOVED/ASK), the slot map ([`Topology`]: which master holds a key, read
+//! with `CLUSTER SLOTS`, refreshed when a connection says it moved), and
+//! the connections that must reach that master themselves: one per
+//! blocking read (a `BLOCK` must never hold up other commands) and one
+//! RESP3 connection per shard for sharded pub/sub, whose pushes
+//! (`smessage`, `ssubscribe`, `sunsubscribe`, a lost connection) go to a
+//! sender of the caller's.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, ConnectionAddr};
+use parking_lot::Mutex;
+use redis::aio::{AsyncPushSender, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, ProtocolVersion};
+use std::sync::Arc;
 use std::time::Duration;
+use store::{RedisConn, RedisTarget, RedisUrlError};
+use tokio::time::Instant;
 
 /// How long one short command may wait for its answer: a stalled Redis
 /// fails the command (counted as dropped), never a session.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The slot map is read again at most this often.
+const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(250);
+/// How long a failed append is retried before it is dropped (counted).
+pub const APPEND_RETRY_FOR: Duration = Duration::from_secs(10);
+/// Slots of Redis Cluster.
+const SLOTS: u16 = 16384;
 
 /// Why the cluster store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
-    #[error("REDIS_URL: {0}")]
-    Url(redis::RedisError),
+    #[error(transparent)]
+    Url(#[from] RedisUrlError),
     #[error("Redis does not answer: {0}")]
     Unreachable(redis::RedisError),
-    #[error("cross-node delivery needs a plain TCP Redis URL for sharded pub/sub (redis://host:port); TLS and Unix sockets are not supported yet")]
+    #[error("cross-node delivery reaches Redis over TCP (redis://host:port); Unix sockets are not supported")]
     Transport,
 }
 
-/// The connections of one node to one Redis.
+/// A master: `host:port`, as the cluster names it.
+pub type NodeAddr = Arc<str>;
+
+/// The connections of one node to Redis (one server or a cluster).
 #[derive(Clone)]
 pub struct Redis {
-    client: redis::Client,
-    shared: ConnectionManager,
-    /// `host:port` of the server, for the pub/sub connection.
-    pubsub_addr: String,
-    auth: Option<(Option<String>, String)>,
+    target: RedisTarget,
+    shared: RedisConn,
+    topology: Arc<Topology>,
 }
 
 impl Redis {
-    /// Connects to `url` and waits for its first answer.
+    /// Connects to `url` (`REDIS_URL`: one URL, or several for a cluster)
+    /// and waits for its first answer.
     pub async fn connect(url: &str) -> Result<Redis, RedisError> {
-        let client = redis::Client::open(url).map_err(RedisError::Url)?;
-        let info = client.get_connection_info();
-        let pubsub_addr = match &info.addr {
-            ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-            _ => return Err(RedisError::Transport),
+        let target = RedisTarget::parse(url)?;
+        let template = match &target {
+            RedisTarget::Single(info) => info.clone(),
+            RedisTarget::Cluster(nodes) => nodes.first().cloned().ok_or(RedisError::Transport)?,
         };
-        let auth = info
-            .redis
-            .password
-            .clone()
-            .map(|password| (info.redis.username.clone(), password));
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(RESPONSE_TIMEOUT)
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_number_of_retries(2)
-            .set_max_delay(1000);
-        let shared = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(RedisError::Unreachable)?;
-        Ok(Redis {
-            client,
+        if !matches!(template.addr, ConnectionAddr::Tcp(..)) {
+            return Err(RedisError::Transport);
+        }
+        let shared = target.connect().await.map_err(RedisError::Unreachable)?;
+        let topology = Arc::new(Topology::new(&target, template));
+        let redis = Redis {
+            target,
             shared,
-            pubsub_addr,
-            auth,
-        })
+            topology,
+        };
+        redis.refresh().await.map_err(RedisError::Unreachable)?;
+        Ok(redis)
     }
 
-    /// The shared connection for short commands.
-    pub fn shared(&self) -> ConnectionManager {
+    /// The shared connection for short commands (routed by slot on a
+    /// cluster: a pipeline must keep to one slot).
+    pub fn shared(&self) -> RedisConn {
         self.shared.clone()
     }
 
-    /// A connection of its own, for blocking reads (`XREADGROUP BLOCK`):
-    /// its answers may take up to `block` plus the response timeout.
-    pub async fn own(&self, block: Duration) -> redis::RedisResult<MultiplexedConnection> {
+    /// Whether Redis is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.target.is_cluster()
+    }
+
+    /// The master holding `key` (from the last slot map read).
+    pub fn master_of(&self, key: &str) -> Option<NodeAddr> {
+        self.topology.master_of(key)
+    }
+
+    /// Reads the slot map again (a failover, a moved slot), at most every
+    /// 250 ms; a single Redis has nothing to read.
+    pub async fn refresh(&self) -> redis::RedisResult<()> {
+        if !self.is_cluster() || !self.topology.due() {
+            return Ok(());
+        }
+        let mut conn = self.shared();
+        let value: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await?;
+        self.topology.set(parse_slots(&value));
+        Ok(())
+    }
+
+    /// A connection of its own to the master holding `key`, for blocking
+    /// reads (`XREADGROUP BLOCK`): its answers may take up to `block` plus
+    /// the response timeout. A moved slot answers `MOVED`: the caller
+    /// refreshes and asks again.
+    pub async fn own(
+        &self,
+        key: &str,
+        block: Duration,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        let addr = self.master_or_refresh(key).await?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(CONNECT_TIMEOUT)
             .set_response_timeout(block + RESPONSE_TIMEOUT);
-        self.client
+        redis::Client::open(self.topology.info(&addr, ProtocolVersion::RESP2))?
             .get_multiplexed_async_connection_with_config(&config)
             .await
     }
 
-    /// Where the pub/sub connection dials, and with which credentials.
-    pub fn pubsub_target(&self) -> (&str, Option<(Option<String>, String)>) {
-        (&self.pubsub_addr, self.auth.clone())
+    /// A RESP3 connection to the master `addr` for sharded pub/sub: what
+    /// the server pushes goes to `push` (which must not block), and a lost
+    /// connection pushes `Disconnection`.
+    pub async fn subscriber(
+        &self,
+        addr: &str,
+        push: impl AsyncPushSender,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT)
+            .set_push_sender(push);
+        redis::Client::open(self.topology.info(addr, ProtocolVersion::RESP3))?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// `items` in groups a pipeline may carry: one group on a single
+    /// Redis, one per slot of `key(item)` on a cluster (the cluster
+    /// connection refuses a pipeline across slots).
+    pub fn by_slot<'a, T>(&self, items: &'a [T], key: impl Fn(&T) -> &str) -> Vec<Vec<&'a T>> {
+        if !self.is_cluster() {
+            return vec![items.iter().collect()];
+        }
+        let mut groups: std::collections::HashMap<u16, Vec<&'a T>> =
+            std::collections::HashMap::new();
+        for item in items {
+            let slot = redis::cluster_routing::get_slot(key(item).as_bytes());
+            groups.entry(slot).or_default().push(item);
+        }
+        groups.into_values().collect()
+    }
+
+    /// Sends `pipe` on the shared connection; a failure (a master down,
+    /// a failover under way) is retried with backoff (0.1 to 1 s, the slot
+    /// map read again) for up to [`APPEND_RETRY_FOR`], so an outage of a
+    /// few seconds delays appends instead of losing them. A retried
+    /// pipeline may have partly run: entries may be appended twice.
+    pub async fn send_retrying(&self, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
+        let deadline = Instant::now() + APPEND_RETRY_FOR;
+        let mut wait = Duration::from_millis(100);
+        let mut conn = self.shared();
+        loop {
+            match pipe.query_async::<()>(&mut conn).await {
+                Err(e)
+                    if Instant::now() + wait < deadline
+                        && e.kind() != redis::ErrorKind::NoScriptError =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                    let _ = self.refresh().await;
+                }
+                sent => return sent,
+            }
+        }
+    }
+
+    async fn master_or_refresh(&self, key: &str) -> redis::RedisResult<NodeAddr> {
+        if let Some(addr) = self.master_of(key) {
+            return Ok(addr);
+        }
+        self.refresh().await?;
+        self.master_of(key).ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::ClusterDown, "no master holds this slot"))
+        })
+    }
+}
+
+/// The slot map: which master holds each slot. A single Redis holds all.
+pub struct Topology {
+    /// (first slot, last slot, master), sorted.
+    ranges: Mutex<Vec<(u16, u16, NodeAddr)>>,
+    /// The credentials and settings every node is reached with.
+    template: ConnectionInfo,
+    read_at: Mutex<Option<Instant>>,
+}
+
+impl Topology {
+    fn new(target: &RedisTarget, template: ConnectionInfo) -> Topology {
+        let ranges = match (&template.addr, target) {
+            (ConnectionAddr::Tcp(host, port), RedisTarget::Single(_)) => {
+                vec![(0, SLOTS - 1, format!("{host}:{port}").into())]
+            }
+            _ => Vec::new(),
+        };
+        Topology {
+            ranges: Mutex::new(ranges),
+            template,
+            read_at: Mutex::new(None),
+        }
+    }
+
+    fn due(&self) -> bool {
+        let mut read_at = self.read_at.lock();
+        let now = Instant::now();
+        if read_at.is_some_and(|at| now.duration_since(at) < REFRESH_AT_MOST_EVERY) {
+            return false;
+        }
+        *read_at = Some(now);
+        true
+    }
+
+    fn set(&self, mut ranges: Vec<(u16, u16, NodeAddr)>) {
+        if ranges.is_empty() {
+            return;
+        }
+        ranges.sort_unstable_by_key(|range| range.0);
+        *self.ranges.lock() = ranges;
+    }
+
+    fn master_of(&self, key: &str) -> Option<NodeAddr> {
+        let slot = redis::cluster_routing::get_slot(key.as_bytes());
+        master_of_slot(&self.ranges.lock(), slot)
+    }
+
+    /// How to reach `addr` (`host:port`) with the configured credentials.
+    fn info(&self, addr: &str, protocol: ProtocolVersion) -> ConnectionInfo {
+        let mut info = self.template.clone();
+        if let Some((host, port)) = addr.rsplit_once(':') {
+            if let Ok(port) = port.parse() {
+                info.addr = ConnectionAddr::Tcp(host.to_owned(), port);
+            }
+        }
+        info.redis.protocol = protocol;
+        info
+    }
+}
+
+fn master_of_slot(ranges: &[(u16, u16, NodeAddr)], slot: u16) -> Option<NodeAddr> {
+    ranges
+        .iter()
+        .find(|(first, last, _)| (*first..=*last).contains(&slot))
+        .map(|(_, _, addr)| addr.clone())
+}
+
+/// `CLUSTER SLOTS`: `[[first, last, [host, port, id, ..], replicas..], ..]`.
+fn parse_slots(value: &redis::Value) -> Vec<(u16, u16, NodeAddr)> {
+    use redis::Value::{Array, BulkString, Int, SimpleString};
+    let Array(ranges) = value else {
+        return Vec::new();
+    };
+    ranges
+        .iter()
+        .filter_map(|range| {
+            let Array(parts) = range else { return None };
+            let slot = |v: Option<&redis::Value>| match v {
+                Some(Int(n)) => u16::try_from(*n).ok().filter(|s| *s < SLOTS),
+                _ => None,
+            };
+            let (first, last) = (slot(parts.first())?, slot(parts.get(1))?);
+            let Some(Array(master)) = parts.get(2) else {
+                return None;
+            };
+            let host = match master.first()? {
+                BulkString(host) => String::from_utf8(host.clone()).ok()?,
+                SimpleString(host) => host.clone(),
+                _ => return None,
+            };
+            let port = match master.get(1)? {
+                Int(port) => u16::try_from(*port).ok()?,
+                _ => return None,
+            };
+            (!host.is_empty() && first <= last)
+                .then(|| (first, last, NodeAddr::from(format!("{host}:{port}"))))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value::{Array, BulkString, Int, Nil};
+
+    fn node(host: &str, port: i64) -> redis::Value {
+        Array(vec![
+            BulkString(host.as_bytes().to_vec()),
+            Int(port),
+            BulkString(b"id".to_vec()),
+        ])
+    }
+
+    #[test]
+    fn slot_maps_are_read_and_looked_up() {
+        let reply = Array(vec![
+            Array(vec![
+                Int(5461),
+                Int(10922),
+                node("127.0.0.1", 7001),
+                node("127.0.0.1", 7004),
+            ]),
+            Array(vec![Int(0), Int(5460), node("127.0.0.1", 7000)]),
+            Array(vec![Int(10923), Int(16383), node("127.0.0.1", 7002)]),
+            // Damaged ranges are skipped.
+            Array(vec![Int(1), Int(99999), node("127.0.0.1", 1)]),
+            Array(vec![Int(1), Int(2), node("", 1)]),
+            Array(vec![Int(1), Int(2), Nil]),
+            Nil,
+        ]);
+        let mut ranges = parse_slots(&reply);
+        ranges.sort_unstable_by_key(|range| range.0);
+        assert_eq!(ranges.len(), 3);
+        // (slot) -> master
+        let table = [
+            (0, Some("127.0.0.1:7000")),
+            (5460, Some("127.0.0.1:7000")),
+            (5461, Some("127.0.0.1:7001")),
+            (16383, Some("127.0.0.1:7002")),
+        ];
+        for (slot, master) in table {
+            assert_eq!(
+                master_of_slot(&ranges, slot).as_deref(),
+                master,
+                "slot {slot}"
+            );
+        }
+        assert_eq!(master_of_slot(&ranges[..1], 16000), None);
+        assert!(parse_slots(&Nil).is_empty());
     }
 }

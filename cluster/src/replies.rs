@@ -6,7 +6,8 @@
 //!   a bounded queue, pipelined per batch; a full queue or a failed batch
 //!   is counted (`broker_cluster_dropped_total`) and never waits a session.
 //! - In: while this node holds a session of a user (or keeps a persistent
-//!   one), it is `SSUBSCRIBE`d to the user's channel ([`Interest`]); each
+//!   one), it is `SSUBSCRIBE`d to the user's channel ([`Interest`];
+//!   the subscriptions are `listener.rs`'s); each
 //!   wake-up carries the entry and its stream id, and the entry goes to the
 //!   local inboxes and router as a local publish would. Entries this node
 //!   appended itself are skipped: it delivered them when it received them.
@@ -15,8 +16,7 @@
 //!   id this node saw ([`Cursor`]), so what was announced meanwhile is
 //!   delivered once.
 
-use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Entry, Seen};
-use crate::resp::{PubSubConn, Push};
+use crate::entry::{reply_key, Cursor, Entry, Seen};
 use crate::Node;
 use broker::delivery::Delivery;
 use broker::inject::InjectLink;
@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Entries kept per user's stream (approximately: `MAXLEN ~`), for a
 /// replay after a reconnection.
@@ -54,7 +54,7 @@ return id";
 #[derive(Default)]
 pub struct Interest {
     users: Mutex<HashMap<String, usize>>,
-    changed: Notify,
+    pub(crate) changed: Notify,
 }
 
 impl Interest {
@@ -80,20 +80,20 @@ impl Interest {
         }
     }
 
-    fn wants(&self, uid: &str) -> bool {
+    pub(crate) fn wants(&self, uid: &str) -> bool {
         self.users.lock().contains_key(uid)
     }
 
-    fn snapshot(&self) -> Vec<String> {
+    pub(crate) fn snapshot(&self) -> Vec<String> {
         self.users.lock().keys().cloned().collect()
     }
 }
 
-/// Appends what is queued, one pipelined batch at a time, until the queue
-/// closes or the node shuts down.
+/// Appends what is queued, one pipelined batch at a time (one pipeline
+/// per slot on a cluster, sent together), until the queue closes or the
+/// node shuts down.
 pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
     let script = redis::Script::new(APPEND_SCRIPT);
-    let mut conn = node.redis.shared();
     let mut batch = Vec::with_capacity(BATCH);
     let ttl_ms = REPLY_STREAM_TTL.as_millis().to_string();
     loop {
@@ -101,194 +101,112 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
-        let mut pipe = redis::pipe();
-        for (uid, entry) in &batch {
-            pipe.cmd("EVALSHA")
-                .arg(script.get_hash())
-                .arg(1)
-                .arg(reply_key(uid))
-                .arg(REPLY_STREAM_MAXLEN)
-                .arg(&entry[..])
-                .arg(&ttl_ms)
-                .ignore();
-        }
-        let n = batch.len() as u64;
-        let mut sent = pipe.query_async::<()>(&mut conn).await;
-        if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
-            // A new or failed-over server: load the script, send again
-            // (none of the batch ran).
-            let loaded = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(APPEND_SCRIPT)
-                .query_async::<String>(&mut conn)
-                .await;
-            sent = match loaded {
-                Ok(_) => pipe.query_async::<()>(&mut conn).await,
-                Err(e) => Err(e),
-            };
-        }
-        match sent {
-            Ok(()) => node.metrics().cluster_moved("reply_out", n),
-            Err(e) => {
-                node.metrics().cluster_dropped("redis_error", n);
-                warn!(error = %e, replies = n, "replies not appended to Redis: dropped");
+        let keyed: Vec<(String, &Bytes)> = batch
+            .iter()
+            .map(|(uid, entry)| (reply_key(uid), entry))
+            .collect();
+        let groups = node.redis.by_slot(&keyed, |(key, _)| key);
+        let sent = groups.iter().map(|group| {
+            let (script, ttl_ms, redis) = (&script, &ttl_ms, &node.redis);
+            let mut conn = node.redis.shared();
+            async move {
+                let pipe = |full: bool| {
+                    let mut pipe = redis::pipe();
+                    for (key, entry) in group {
+                        if full {
+                            // The server has not seen the script (new, or
+                            // failed over): EVAL loads it there.
+                            pipe.cmd("EVAL").arg(APPEND_SCRIPT);
+                        } else {
+                            pipe.cmd("EVALSHA").arg(script.get_hash());
+                        }
+                        pipe.arg(1)
+                            .arg(key)
+                            .arg(REPLY_STREAM_MAXLEN)
+                            .arg(&entry[..])
+                            .arg(ttl_ms)
+                            .ignore();
+                    }
+                    pipe
+                };
+                let mut sent = pipe(false).query_async::<()>(&mut conn).await;
+                sent = match sent {
+                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                        redis.send_retrying(&pipe(true)).await
+                    }
+                    // Failed before or while running: again, bounded.
+                    Err(_) => redis.send_retrying(&pipe(false)).await,
+                    ok => ok,
+                };
+                (group.len() as u64, sent)
+            }
+        });
+        for (n, sent) in futures::future::join_all(sent).await {
+            match sent {
+                Ok(()) => node.metrics().cluster_moved("reply_out", n),
+                Err(e) => {
+                    node.metrics().cluster_dropped("redis_error", n);
+                    warn!(error = %e, replies = n, "replies not appended to Redis: dropped");
+                }
             }
         }
         batch.clear();
     }
 }
 
-/// One user this node listens for.
-#[derive(Default)]
-struct Listening {
-    cursor: Cursor,
-    /// The server confirmed the subscription on the current connection.
-    confirmed: bool,
-}
-
-/// Listens for the replies of the users in `interest` and delivers them
-/// here, reconnecting with backoff, until the node shuts down.
-pub async fn listen(node: Arc<Node>, interest: Arc<Interest>) {
-    let mut users: HashMap<String, Listening> = HashMap::new();
-    let mut link: Option<InjectLink> = None;
-    let mut backoff = Duration::from_millis(100);
+/// Announces each device session opened here on its user's channel
+/// (`T <node> <session id>`, no stream entry): a node holding a live
+/// session of that id ends it (takeover across nodes). A batch per slot,
+/// sent together; a failure is counted and the old session lives on.
+pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let (addr, auth) = node.redis.pubsub_target();
-        let connected = tokio::select! {
+        tokio::select! {
             _ = node.shutdown.cancelled() => return,
-            connected = PubSubConn::connect(addr, auth) => connected,
-        };
-        let mut conn = match connected {
-            Ok(conn) => conn,
-            Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "no pub/sub connection to Redis");
-                tokio::select! {
-                    _ = node.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        // Everything wanted is (re)subscribed; the cursors stay, so each
-        // confirmation replays what was missed.
-        users.retain(|uid, _| interest.wants(uid));
-        for listening in users.values_mut() {
-            listening.confirmed = false;
+            n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
-        let ended = serve(&node, &interest, &mut users, &mut link, &mut conn).await;
-        match ended {
-            Ok(()) => return,
-            Err(why) => {
-                info!(%why, "pub/sub connection to Redis lost: reconnecting, then replaying from each user's cursor")
+        let keyed: Vec<(String, Vec<u8>)> = batch
+            .iter()
+            .map(|(uid, session)| (reply_key(uid), takeover_message(&node.id, session)))
+            .collect();
+        let groups = node.redis.by_slot(&keyed, |(key, _)| key);
+        let sent = groups.iter().map(|group| {
+            let mut pipe = redis::pipe();
+            for (key, message) in group {
+                pipe.cmd("SPUBLISH").arg(key).arg(message).ignore();
+            }
+            let redis = &node.redis;
+            async move { (group.len() as u64, redis.send_retrying(&pipe).await) }
+        });
+        for (n, sent) in futures::future::join_all(sent).await {
+            if let Err(e) = sent {
+                node.metrics().cluster_dropped("redis_error", n);
+                warn!(error = %e, sessions = n, "session openings not announced to other nodes");
             }
         }
+        batch.clear();
     }
 }
 
-/// Serves one pub/sub connection; `Ok` at shutdown, `Err` when it is lost.
-async fn serve(
-    node: &Node,
-    interest: &Interest,
-    users: &mut HashMap<String, Listening>,
-    link: &mut Option<InjectLink>,
-    conn: &mut PubSubConn,
-) -> Result<(), String> {
-    // Subscribes what is wanted and not subscribed; unsubscribes the rest.
-    let mut reconcile = true;
-    loop {
-        if reconcile {
-            reconcile = false;
-            let wanted = interest.snapshot();
-            let mut subscribe = Vec::new();
-            for uid in &wanted {
-                let listening = users.entry(uid.clone()).or_default();
-                if !listening.confirmed {
-                    subscribe.push(reply_key(uid));
-                }
-            }
-            let unsubscribe: Vec<String> = users
-                .keys()
-                .filter(|uid| !interest.wants(uid))
-                .map(|uid| reply_key(uid))
-                .collect();
-            users.retain(|uid, _| interest.wants(uid));
-            for chunk in subscribe.chunks(100) {
-                conn.send("SSUBSCRIBE", chunk)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            for chunk in unsubscribe.chunks(100) {
-                conn.send("SUNSUBSCRIBE", chunk)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        let value = tokio::select! {
-            _ = node.shutdown.cancelled() => return Ok(()),
-            () = interest.changed.notified() => {
-                reconcile = true;
-                continue;
-            }
-            value = conn.read() => value.map_err(|e| e.to_string())?,
-        };
-        match Push::from_value(value) {
-            Push::Message { channel, payload } => {
-                let Some(uid) = uid_of_channel(&channel) else {
-                    continue;
-                };
-                let Some(listening) = users.get_mut(uid) else {
-                    continue;
-                };
-                let Some((id, entry)) = split_wakeup(&payload) else {
-                    node.metrics().cluster_dropped("undecodable", 1);
-                    continue;
-                };
-                if listening.cursor.see(id) == Seen::New {
-                    deliver(node, link, entry, "reply_in").await;
-                }
-            }
-            Push::Subscribed(channel) => {
-                let Some(uid) = uid_of_channel(&channel).map(str::to_owned) else {
-                    continue;
-                };
-                if let Some(listening) = users.get_mut(&uid) {
-                    listening.confirmed = true;
-                    if let Some(from) = listening.cursor.replay_from() {
-                        replay(node, link, &uid, from, &mut listening.cursor).await;
-                    }
-                }
-            }
-            Push::Unsubscribed(channel) => {
-                // Asked for (the user left), or the server's doing: the
-                // slot moved. Still wanted: subscribe again and replay.
-                if let Some(uid) = uid_of_channel(&channel) {
-                    if let Some(listening) = users.get_mut(uid) {
-                        if listening.confirmed {
-                            info!(
-                                uid,
-                                "the server ended a subscription (slot moved?): subscribing again"
-                            );
-                            listening.confirmed = false;
-                            reconcile = true;
-                        }
-                    }
-                }
-            }
-            Push::Error(text) => {
-                // MOVED: the slot lives elsewhere now; a new connection
-                // (to the server that owns it) subscribes again.
-                return Err(format!("Redis refused a subscription: {text}"));
-            }
-            Push::Other => {}
-        }
-    }
+/// `T <node> <session id>`.
+fn takeover_message(node: &str, session: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(3 + node.len() + session.len());
+    message.extend_from_slice(b"T ");
+    message.extend_from_slice(node.as_bytes());
+    message.push(b' ');
+    message.extend_from_slice(session);
+    message
+}
+
+/// The (node, session id) of a takeover announcement.
+pub(crate) fn split_takeover(message: &[u8]) -> Option<(&str, &str)> {
+    let rest = std::str::from_utf8(message.strip_prefix(b"T ")?).ok()?;
+    rest.split_once(' ')
 }
 
 /// Reads `uid`'s stream after `from` and delivers what the cursor has not
 /// seen (entries of this node's own are only counted as seen).
-async fn replay(
+pub(crate) async fn replay(
     node: &Node,
     link: &mut Option<InjectLink>,
     uid: &str,
@@ -381,4 +299,19 @@ pub async fn inject(node: &Node, link: &mut Option<InjectLink>, entry: Entry) ->
     }
     node.metrics().cluster_dropped("router_link", 1);
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takeover_announcements() {
+        let message = takeover_message("node-a", b"D:42:phone");
+        assert_eq!(message, b"T node-a D:42:phone");
+        assert_eq!(split_takeover(&message), Some(("node-a", "D:42:phone")));
+        // A wake-up starts with a stream id, never `T `.
+        assert_eq!(split_takeover(b"1-0 entry"), None);
+        assert!(crate::entry::split_wakeup(&message).is_none());
+    }
 }

@@ -1,0 +1,347 @@
+//! Owns the listening half of the device plane: which users' channels
+//! this node is `SSUBSCRIBE`d to, on which master, and what the server
+//! pushes back. One RESP3 connection per master (the `redis` crate's
+//! multiplexed connection with a push sender); every push, tagged with its
+//! connection, goes through one bounded queue to one task, which delivers
+//! wake-ups (`replies::deliver`), ends sessions taken over on another node,
+//! and subscribes again, where the slot map now says, after a
+//! `sunsubscribe` from the server (the slot moved), a lost connection or a
+//! subscription left unconfirmed; each confirmation replays the user's
+//! stream after its cursor (`replies::replay`).
+
+use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen};
+use crate::redis_conn::NodeAddr;
+use crate::replies::{deliver, replay, split_takeover, Interest};
+use crate::Node;
+use broker::inject::InjectLink;
+use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Pushes waiting for the listener (each tagged with its connection);
+/// beyond it the listener starts over (every subscription again, each
+/// user replayed from its cursor).
+const PUSH_QUEUE: usize = 16 * 1024;
+/// A subscription not confirmed this long after it was asked for is asked
+/// for again (on the master the slot map now names).
+const CONFIRM_WITHIN: Duration = Duration::from_secs(3);
+/// How often the listener looks for subscriptions to retry.
+const TICK: Duration = Duration::from_millis(500);
+/// Subscriptions asked for at once.
+const SUBSCRIBE_CHUNK: usize = 256;
+
+/// One user this node listens for.
+#[derive(Default)]
+struct Listening {
+    cursor: Cursor,
+    /// The shard connection the subscription was asked on, and when.
+    asked: Option<(u64, Instant)>,
+    /// The server confirmed the subscription on that connection.
+    confirmed: bool,
+}
+
+/// One connection to one master, for the users whose slots it holds.
+struct Shard {
+    id: u64,
+    conn: MultiplexedConnection,
+}
+
+/// The listener's state: the users, the shard connections, the pushes.
+struct Listener {
+    node: Arc<Node>,
+    interest: Arc<Interest>,
+    users: HashMap<String, Listening>,
+    shards: HashMap<NodeAddr, Shard>,
+    next_shard: u64,
+    pushes: mpsc::Sender<(u64, PushInfo)>,
+    /// A push did not fit in the queue.
+    overflowed: Arc<AtomicBool>,
+    link: Option<InjectLink>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    /// Some wanted user is not (yet) confirmed: look again on each tick.
+    pending: bool,
+}
+
+/// Listens for the replies of the users in `interest` and delivers them
+/// here until the node shuts down: each user's channel is `SSUBSCRIBE`d on
+/// the master holding its slot (one RESP3 connection per master); a
+/// `sunsubscribe` the server sends (the slot moved), a lost connection or
+/// an unconfirmed subscription make it subscribe again where the slot map
+/// now says, and each confirmation replays the stream after the cursor.
+pub async fn listen(node: Arc<Node>, interest: Arc<Interest>) {
+    let (tx, mut rx) = mpsc::channel(PUSH_QUEUE);
+    let mut listener = Listener {
+        node: node.clone(),
+        interest: interest.clone(),
+        users: HashMap::new(),
+        shards: HashMap::new(),
+        next_shard: 0,
+        pushes: tx,
+        overflowed: Arc::default(),
+        link: None,
+        backoff: Duration::from_millis(100),
+        retry_at: None,
+        pending: false,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(256);
+    let mut changed = true;
+    loop {
+        if changed || listener.pending {
+            listener.reconcile().await;
+        }
+        changed = false;
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            () = interest.changed.notified() => changed = true,
+            _ = tick.tick() => {}
+            n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
+        }
+        for (shard, push) in batch.drain(..) {
+            listener.push(shard, push).await;
+        }
+        if listener.overflowed.swap(false, Ordering::Relaxed) {
+            warn!(
+                "pub/sub pushes overflowed: subscribing again, then replaying each user's stream"
+            );
+            listener.start_over();
+        }
+    }
+}
+
+impl Listener {
+    /// Subscribes what is wanted and not (or no longer) subscribed;
+    /// unsubscribes who is no longer wanted.
+    async fn reconcile(&mut self) {
+        let wanted = self.interest.snapshot();
+        let now = Instant::now();
+        let mut subscribe = Vec::new();
+        for uid in &wanted {
+            let listening = self.users.entry(uid.clone()).or_default();
+            let due = match listening.asked {
+                None => true,
+                Some((_, at)) => !listening.confirmed && now.duration_since(at) >= CONFIRM_WITHIN,
+            };
+            if due {
+                subscribe.push(uid.clone());
+            }
+        }
+        let gone: Vec<String> = self
+            .users
+            .keys()
+            .filter(|uid| !self.interest.wants(uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            if let Some(Listening {
+                asked: Some((id, _)),
+                ..
+            }) = self.users.remove(&uid)
+            {
+                if let Some(shard) = self.shards.values_mut().find(|s| s.id == id) {
+                    // The answer does not matter: a lost connection
+                    // unsubscribes too.
+                    let _ = redis::cmd("SUNSUBSCRIBE")
+                        .arg(reply_key(&uid))
+                        .query_async::<redis::Value>(&mut shard.conn)
+                        .await;
+                }
+            }
+        }
+        self.pending = wanted
+            .iter()
+            .any(|uid| self.users.get(uid).is_some_and(|l| !l.confirmed));
+        if subscribe.is_empty() || self.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        if subscribe
+            .iter()
+            .any(|uid| self.users.get(uid).is_some_and(|l| l.asked.is_some()))
+        {
+            // Something was not confirmed: the slot map may be stale.
+            let _ = self.node.redis.refresh().await;
+        }
+        let mut failed = false;
+        for chunk in subscribe.chunks(SUBSCRIBE_CHUNK) {
+            let mut asks = Vec::with_capacity(chunk.len());
+            for uid in chunk {
+                let key = reply_key(uid);
+                let Some(addr) = self.node.redis.master_of(&key) else {
+                    let _ = self.node.redis.refresh().await;
+                    failed = true;
+                    continue;
+                };
+                let Some((shard, mut conn)) =
+                    self.shard(&addr).await.map(|s| (s.id, s.conn.clone()))
+                else {
+                    failed = true;
+                    continue;
+                };
+                if let Some(listening) = self.users.get_mut(uid) {
+                    listening.asked = Some((shard, now));
+                    listening.confirmed = false;
+                }
+                asks.push(async move {
+                    redis::cmd("SSUBSCRIBE")
+                        .arg(key)
+                        .query_async::<redis::Value>(&mut conn)
+                        .await
+                });
+            }
+            // The confirmations arrive as pushes; an error (MOVED: the map
+            // was stale) leaves the subscription unconfirmed, asked again
+            // after CONFIRM_WITHIN.
+            for asked in futures::future::join_all(asks).await {
+                if let Err(e) = asked {
+                    debug!(error = %e, "a subscription was refused");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            self.retry_at = Some(Instant::now() + self.backoff);
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        } else {
+            self.retry_at = None;
+            self.backoff = Duration::from_millis(100);
+        }
+    }
+
+    /// The connection to `addr`, opened if needed.
+    async fn shard(&mut self, addr: &NodeAddr) -> Option<&Shard> {
+        if !self.shards.contains_key(addr) {
+            let id = self.next_shard;
+            self.next_shard += 1;
+            let (tx, overflowed) = (self.pushes.clone(), self.overflowed.clone());
+            let push = move |info: PushInfo| -> Result<(), ()> {
+                if tx.try_send((id, info)).is_err() {
+                    overflowed.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            };
+            let opened = tokio::select! {
+                _ = self.node.shutdown.cancelled() => return None,
+                opened = self.node.redis.subscriber(addr, push) => opened,
+            };
+            match opened {
+                Ok(conn) => {
+                    info!(%addr, "pub/sub connection to a Redis master open");
+                    self.shards.insert(addr.clone(), Shard { id, conn });
+                }
+                Err(e) => {
+                    warn!(error = %e, %addr, "no pub/sub connection to a Redis master");
+                    let _ = self.node.redis.refresh().await;
+                    return None;
+                }
+            }
+        }
+        self.shards.get(addr)
+    }
+
+    /// Everything again: every connection dropped, every user subscribed
+    /// anew and replayed from its cursor when confirmed.
+    fn start_over(&mut self) {
+        self.shards.clear();
+        for listening in self.users.values_mut() {
+            listening.asked = None;
+            listening.confirmed = false;
+        }
+        self.pending = true;
+    }
+
+    async fn push(&mut self, shard: u64, push: PushInfo) {
+        let channel = match push.data.first() {
+            Some(redis::Value::BulkString(channel)) => Some(channel.as_slice()),
+            _ => None,
+        };
+        let uid = channel.and_then(uid_of_channel);
+        match push.kind {
+            PushKind::SMessage => {
+                let (Some(uid), Some(redis::Value::BulkString(payload))) = (uid, push.data.get(1))
+                else {
+                    return;
+                };
+                if let Some((origin, session)) = split_takeover(payload) {
+                    if origin != &*self.node.id && self.node.injector().take_over(session) {
+                        info!(
+                            session,
+                            node = origin,
+                            "a session here was taken over on another node: ended"
+                        );
+                    }
+                    return;
+                }
+                let Some(listening) = self.users.get_mut(uid) else {
+                    return;
+                };
+                let Some((id, entry)) = split_wakeup(payload) else {
+                    self.node.metrics().cluster_dropped("undecodable", 1);
+                    return;
+                };
+                if listening.cursor.see(id) == Seen::New {
+                    deliver(&self.node, &mut self.link, entry, "reply_in").await;
+                }
+            }
+            PushKind::SSubscribe => {
+                let Some(uid) = uid.map(str::to_owned) else {
+                    return;
+                };
+                let Some(listening) = self.users.get_mut(&uid) else {
+                    return;
+                };
+                if listening.asked.is_some_and(|(id, _)| id == shard) && !listening.confirmed {
+                    listening.confirmed = true;
+                    if let Some(from) = listening.cursor.replay_from() {
+                        let mut cursor = listening.cursor;
+                        replay(&self.node, &mut self.link, &uid, from, &mut cursor).await;
+                        if let Some(listening) = self.users.get_mut(&uid) {
+                            listening.cursor = cursor;
+                        }
+                    }
+                }
+            }
+            PushKind::SUnsubscribe => {
+                // Asked for (the user left: no longer listed), or the
+                // server's doing: the slot moved. Still wanted: subscribe
+                // again where the slot map now says, then replay.
+                let Some(listening) = uid.and_then(|uid| self.users.get_mut(uid)) else {
+                    return;
+                };
+                if listening.asked.is_some_and(|(id, _)| id == shard) {
+                    info!(
+                        uid,
+                        "the server ended a subscription (slot moved?): subscribing again"
+                    );
+                    listening.asked = None;
+                    listening.confirmed = false;
+                    self.pending = true;
+                    let _ = self.node.redis.refresh().await;
+                }
+            }
+            PushKind::Disconnection => {
+                let before = self.shards.len();
+                self.shards.retain(|_, s| s.id != shard);
+                if self.shards.len() != before {
+                    info!("pub/sub connection to a Redis master lost: subscribing again, then replaying from each user's cursor");
+                }
+                for listening in self.users.values_mut() {
+                    if listening.asked.is_some_and(|(id, _)| id == shard) {
+                        listening.asked = None;
+                        listening.confirmed = false;
+                        self.pending = true;
+                    }
+                }
+                let _ = self.node.redis.refresh().await;
+            }
+            _ => {}
+        }
+    }
+}
