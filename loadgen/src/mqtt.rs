@@ -354,7 +354,17 @@ pub enum Connection {
 
 /// Opens the endpoint's transport (TCP, then the TLS handshake if configured).
 pub async fn open(ep: &Endpoint, source: Option<IpAddr>) -> std::io::Result<Connection> {
-    let tcp = open_tcp(ep.addr, source).await?;
+    open_at(ep, ep.addr, source).await
+}
+
+/// As [`open`], to `addr` instead of the endpoint's own address (one of
+/// several broker nodes sharing the endpoint's TLS settings).
+pub async fn open_at(
+    ep: &Endpoint,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<Connection> {
+    let tcp = open_tcp(addr, source).await?;
     match &ep.tls {
         None => Ok(Connection::Tcp(tcp)),
         Some((config, name)) => {
