@@ -2,7 +2,8 @@
 """Turns one bench/cluster.sh results directory into the "Many nodes" section
 (bench/cluster-results.md) and splices it into bench/RESULTS.md between
 markers (bench/report.py appends the same file when it regenerates
-RESULTS.md).
+RESULTS.md). bench/cluster-notes.md, when present, is appended to the section
+(the reading of the numbers, written by hand).
 
 usage: cluster_report.py RESULTS_DIR SECTION_MD RESULTS_MD
 """
@@ -255,6 +256,9 @@ def main():
     out.append(row(["3 nodes ≥ 75% of 1 node + Redis throughput", f"sustained {fmt(ms, 2)}×, best {fmt(mean(best_ratio), 2)}×, "
                     f"by CPU per round trip {fmt(1 / mean(cpu_3), 2) if mean(cpu_3) else '–'}×",
                     verdict(None if ms is None else ms >= 0.75)]))
+    notes = os.path.join(os.path.dirname(os.path.abspath(results)), "cluster-notes.md")
+    if os.path.exists(notes):
+        out += ["", open(notes).read().strip()]
     out += ["", END, ""]
     text = "\n".join(out)
     with open(section, "w") as fh:
