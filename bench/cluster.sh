@@ -17,9 +17,10 @@
 # Then, with CLUSTER_BIG=1, the big point once: 3 nodes x 15,000 TLS devices
 # (CLUSTER_BIG_PER_NODE), 2 subscriptions each, 5,000 round trips/s.
 #
-#   bench/cluster.sh                      # quick: 2 rounds, about 6 minutes
-#   CLUSTER_FULL=1 bench/cluster.sh       # 3 rounds, longer runs, about 15 minutes
-#   CLUSTER_BIG=1 bench/cluster.sh        # also the 45,000-device TLS point
+#   bench/cluster.sh                      # quick: 2 rounds, about 4 minutes
+#   CLUSTER_FULL=1 bench/cluster.sh       # 3 rounds, longer runs, about 10 minutes
+#   CLUSTER_BIG=1 bench/cluster.sh        # also the 45,000-device TLS point (about 2 more minutes)
+#   CLUSTER_SMOKE=1 CLUSTER_NO_BUILD=1 CLUSTER_BIN_DIR=target/debug bench/cluster.sh   # checks the script only
 #   CLUSTER_VARIANTS="redis three" bench/cluster.sh
 #
 # Loopback only; every step bounded by a timeout; everything started here is
