@@ -300,6 +300,10 @@ def main():
     ]
     if notes:
         parts += [notes, ""]
+    # The "Many nodes" section that bench/cluster.sh keeps (its own run).
+    cluster_path = os.path.join(os.path.dirname(md), "cluster-results.md")
+    if os.path.exists(cluster_path):
+        parts += [open(cluster_path).read().strip(), ""]
     with open(md, "w") as fh:
         fh.write("\n".join(parts))
 

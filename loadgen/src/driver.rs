@@ -1,7 +1,9 @@
 //! Owns a whole run: in one process, or as a coordinator of several child
 //! processes (each a shard of the devices, because one process holds at most
 //! about 19,990 sockets here), with live progress lines, broker CPU and
-//! memory sampled around the phases, and the merged end report.
+//! memory sampled around the phases (summed over several processes: broker
+//! nodes and their Redis), Redis command counts taken at the same moments,
+//! and the merged end report.
 //!
 //! Child protocol: a child prints JSON lines on stdout (`progress`, `ready`,
 //! then `report`), and waits for a `go` line on stdin between `ready` and
@@ -9,9 +11,10 @@
 
 use crate::procstat;
 use crate::run::{RunConfig, Shard};
-use crate::stats::{BrokerStats, CounterSnapshot, Report, ShardReport};
+use crate::stats::{BrokerStats, CounterSnapshot, ProcessCpu, RedisStats, Report, ShardReport};
 use crate::LoadError;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -25,8 +28,10 @@ use tokio::sync::mpsc;
 pub struct DriveOptions {
     /// Name of the run in the report.
     pub label: String,
-    /// Broker process to sample CPU and memory of.
-    pub broker_pid: Option<u32>,
+    /// Broker processes to sample CPU and memory of (reported summed, and each).
+    pub broker_pids: Vec<u32>,
+    /// Redis servers (`redis://` URLs) to read `INFO commandstats` from.
+    pub redis_stats: Vec<String>,
     /// Print a progress line to stderr this often.
     pub progress: Option<Duration>,
 }
@@ -40,8 +45,8 @@ pub enum ChildMsg {
     Report { report: Box<ShardReport> },
 }
 
-/// CPU and memory of the broker across the phases.
-struct Probe {
+/// CPU and memory of one process across the phases.
+struct ProcProbe {
     pid: u32,
     cpu_start: f64,
     rss_before: u64,
@@ -49,47 +54,179 @@ struct Probe {
     rss_connected: u64,
 }
 
+/// CPU and memory of the broker processes across the phases.
+struct Probe {
+    procs: Vec<ProcProbe>,
+}
+
 impl Probe {
-    fn start(pid: Option<u32>) -> Result<Option<Probe>, LoadError> {
-        let Some(pid) = pid else { return Ok(None) };
-        let (rss, _) = procstat::rss_kib(pid)?;
-        Ok(Some(Probe {
-            pid,
-            cpu_start: procstat::cpu_secs(pid)?,
-            rss_before: rss,
-            cpu_connected: 0.0,
-            rss_connected: 0,
-        }))
+    fn start(pids: &[u32]) -> Result<Option<Probe>, LoadError> {
+        if pids.is_empty() {
+            return Ok(None);
+        }
+        let mut procs = Vec::with_capacity(pids.len());
+        for &pid in pids {
+            let (rss, _) = procstat::rss_kib(pid)?;
+            procs.push(ProcProbe {
+                pid,
+                cpu_start: procstat::cpu_secs(pid)?,
+                rss_before: rss,
+                cpu_connected: 0.0,
+                rss_connected: 0,
+            });
+        }
+        Ok(Some(Probe { procs }))
     }
 
     fn connected(&mut self) -> Result<(), LoadError> {
-        // Let the broker settle what the last connections allocated.
-        self.cpu_connected = procstat::cpu_secs(self.pid)?;
-        self.rss_connected = procstat::rss_kib(self.pid)?.0;
+        for p in &mut self.procs {
+            p.cpu_connected = procstat::cpu_secs(p.pid)?;
+            p.rss_connected = procstat::rss_kib(p.pid)?.0;
+        }
         Ok(())
     }
 
     fn finish(&self, report: &Report) -> Result<BrokerStats, LoadError> {
-        let cpu_end = procstat::cpu_secs(self.pid)?;
-        let (rss_end, hwm) = procstat::rss_kib(self.pid)?;
-        let run_cpu = cpu_end - self.cpu_connected;
-        let connect_cpu = self.cpu_connected - self.cpu_start;
         let per = |x: f64, n: u64| if n > 0 { x / n as f64 } else { 0.0 };
-        Ok(BrokerStats {
-            pid: self.pid,
-            connect_cpu_secs: connect_cpu,
-            run_cpu_secs: run_cpu,
-            cpu_us_per_round_trip: per(run_cpu * 1e6, report.received),
-            cpu_us_per_connect: per(connect_cpu * 1e6, report.devices_connected),
-            rss_before_kib: self.rss_before,
-            rss_connected_kib: self.rss_connected,
-            rss_end_kib: rss_end,
-            peak_rss_kib: hwm,
-            kib_per_connection: per(
-                self.rss_connected.saturating_sub(self.rss_before) as f64,
-                report.devices_ready,
-            ),
+        let mut s = BrokerStats {
+            pid: self.procs.first().map(|p| p.pid).unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut each = Vec::with_capacity(self.procs.len());
+        for p in &self.procs {
+            let cpu_end = procstat::cpu_secs(p.pid)?;
+            let (rss_end, hwm) = procstat::rss_kib(p.pid)?;
+            let run_cpu = cpu_end - p.cpu_connected;
+            let connect_cpu = p.cpu_connected - p.cpu_start;
+            s.run_cpu_secs += run_cpu;
+            s.connect_cpu_secs += connect_cpu;
+            s.rss_before_kib += p.rss_before;
+            s.rss_connected_kib += p.rss_connected;
+            s.rss_end_kib += rss_end;
+            s.peak_rss_kib += hwm;
+            s.pids.push(p.pid);
+            each.push(ProcessCpu {
+                pid: p.pid,
+                connect_cpu_secs: connect_cpu,
+                run_cpu_secs: run_cpu,
+                cpu_us_per_round_trip: per(run_cpu * 1e6, report.received),
+                rss_end_kib: rss_end,
+            });
+        }
+        s.cpu_us_per_round_trip = per(s.run_cpu_secs * 1e6, report.received);
+        s.cpu_us_per_connect = per(s.connect_cpu_secs * 1e6, report.devices_connected);
+        s.kib_per_connection = per(
+            s.rss_connected_kib.saturating_sub(s.rss_before_kib) as f64,
+            report.devices_ready,
+        );
+        if each.len() > 1 {
+            s.per_process = each;
+        }
+        Ok(s)
+    }
+}
+
+/// How long one `INFO commandstats` may take.
+const REDIS_WITHIN: Duration = Duration::from_secs(5);
+
+/// Connections to the Redis servers measured, opened before the first
+/// count (so that their own setup commands are not counted).
+struct RedisProbe {
+    cons: Vec<(String, redis::aio::MultiplexedConnection)>,
+    start: BTreeMap<String, u64>,
+}
+
+impl RedisProbe {
+    async fn start(urls: &[String]) -> Result<Option<RedisProbe>, LoadError> {
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        let mut cons = Vec::with_capacity(urls.len());
+        for url in urls {
+            let open = async {
+                redis::Client::open(url.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await
+            };
+            let con = tokio::time::timeout(REDIS_WITHIN, open)
+                .await
+                .map_err(|_| LoadError::Redis(format!("{url}: connect timed out")))?
+                .map_err(|e| LoadError::Redis(format!("{url}: {e}")))?;
+            cons.push((url.clone(), con));
+        }
+        let mut probe = RedisProbe {
+            cons,
+            start: BTreeMap::new(),
+        };
+        probe.start = probe.calls().await?;
+        Ok(Some(probe))
+    }
+
+    /// `INFO commandstats` of every Redis, summed: calls per command.
+    async fn calls(&mut self) -> Result<BTreeMap<String, u64>, LoadError> {
+        let mut sum = BTreeMap::new();
+        for (url, con) in &mut self.cons {
+            let mut cmd = redis::cmd("INFO");
+            cmd.arg("commandstats");
+            let read = cmd.query_async::<String>(con);
+            let text = tokio::time::timeout(REDIS_WITHIN, read)
+                .await
+                .map_err(|_| LoadError::Redis(format!("{url}: INFO timed out")))?
+                .map_err(|e| LoadError::Redis(format!("{url}: {e}")))?;
+            for (name, calls) in parse_commandstats(&text) {
+                *sum.entry(name).or_insert(0) += calls;
+            }
+        }
+        Ok(sum)
+    }
+
+    async fn finish(mut self, report: &mut Report) -> Result<(), LoadError> {
+        let end = self.calls().await?;
+        report.redis = Some(redis_delta(&self.start, &end, report.received));
+        Ok(())
+    }
+}
+
+/// The `calls=` of each `cmdstat_<name>:` line, `info` left out (the
+/// measurement's own calls).
+pub fn parse_commandstats(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            (name != "info").then(|| (name.to_ascii_lowercase(), calls))
         })
+        .collect()
+}
+
+/// Calls during the run: `end − start` per command, and per round trip.
+fn redis_delta(
+    start: &BTreeMap<String, u64>,
+    end: &BTreeMap<String, u64>,
+    received: u64,
+) -> RedisStats {
+    let mut calls = BTreeMap::new();
+    for (name, &n) in end {
+        let d = n.saturating_sub(start.get(name).copied().unwrap_or(0));
+        if d > 0 {
+            calls.insert(name.clone(), d);
+        }
+    }
+    let total_calls: u64 = calls.values().sum();
+    let per_rt = if received > 0 {
+        total_calls as f64 / received as f64
+    } else {
+        0.0
+    };
+    RedisStats {
+        calls,
+        total_calls,
+        calls_per_round_trip: per_rt,
+        calls_per_message: per_rt / 2.0,
     }
 }
 
@@ -116,12 +253,13 @@ fn spawn_progress(
 /// Runs every device in this process and reports.
 pub async fn run_in_process(cfg: RunConfig, opts: &DriveOptions) -> Result<Report, LoadError> {
     let start = Instant::now();
-    let mut probe = Probe::start(opts.broker_pid)?;
+    let mut probe = Probe::start(&opts.broker_pids)?;
     let mut shard = Shard::new(cfg)?;
     let progress = opts
         .progress
         .map(|every| spawn_progress(shard.counters(), every, start));
     shard.connect().await?;
+    let redis = RedisProbe::start(&opts.redis_stats).await?;
     if let Some(p) = probe.as_mut() {
         p.connected()?;
     }
@@ -129,6 +267,9 @@ pub async fn run_in_process(cfg: RunConfig, opts: &DriveOptions) -> Result<Repor
     let mut report = Report::from_shards(&opts.label, 1, &shard_report);
     if let Some(p) = &probe {
         report.broker = Some(p.finish(&report)?);
+    }
+    if let Some(r) = redis {
+        r.finish(&mut report).await?;
     }
     shard.close().await;
     if let Some(p) = progress {
@@ -192,7 +333,8 @@ pub async fn run_children(
     opts: &DriveOptions,
 ) -> Result<Report, LoadError> {
     let start = Instant::now();
-    let mut probe = Probe::start(opts.broker_pid)?;
+    let mut probe = Probe::start(&opts.broker_pids)?;
+    let mut redis = None;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Option<ChildMsg>)>();
     let mut children = Vec::new();
     let mut stdins = Vec::new();
@@ -273,6 +415,7 @@ pub async fn run_children(
             Err(_) => {}
         }
         if !went && ready.iter().all(|r| *r) {
+            redis = RedisProbe::start(&opts.redis_stats).await?;
             if let Some(p) = probe.as_mut() {
                 p.connected()?;
             }
@@ -307,8 +450,32 @@ pub async fn run_children(
     if let Some(p) = &probe {
         report.broker = Some(p.finish(&report)?);
     }
+    if let Some(r) = redis {
+        r.finish(&mut report).await?;
+    }
     for mut c in children {
         let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commandstats_deltas_per_round_trip() {
+        let start = "# Commandstats\r\ncmdstat_xadd:calls=10,usec=50,usec_per_call=5.00,rejected_calls=0,failed_calls=0\r\ncmdstat_info:calls=3,usec=1,usec_per_call=0.3,rejected_calls=0,failed_calls=0\r\n";
+        let end = "# Commandstats\r\ncmdstat_xadd:calls=210,usec=50,usec_per_call=5.00,rejected_calls=0,failed_calls=0\r\ncmdstat_evalsha:calls=100,usec=9\r\ncmdstat_info:calls=9,usec=1\r\ngarbage line\r\ncmdstat_bad:calls=x\r\n";
+        let a: BTreeMap<_, _> = parse_commandstats(start).into_iter().collect();
+        let b: BTreeMap<_, _> = parse_commandstats(end).into_iter().collect();
+        assert!(!b.contains_key("info"));
+        assert!(!b.contains_key("bad"));
+        let r = redis_delta(&a, &b, 100);
+        assert_eq!(r.calls.get("xadd"), Some(&200));
+        assert_eq!(r.calls.get("evalsha"), Some(&100));
+        assert_eq!(r.total_calls, 300);
+        assert!((r.calls_per_round_trip - 3.0).abs() < 1e-9);
+        assert!((r.calls_per_message - 1.5).abs() < 1e-9);
+    }
 }

@@ -45,4 +45,6 @@ pub enum LoadError {
     Proc(#[from] procstat::ProcError),
     #[error("child process: {0}")]
     Child(String),
+    #[error("redis: {0}")]
+    Redis(String),
 }

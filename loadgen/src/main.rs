@@ -38,9 +38,15 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Target {
-    /// Broker address.
-    #[arg(long, default_value = "127.0.0.1:1883")]
-    addr: SocketAddr,
+    /// Broker address; for `run`, a comma-separated list spreads the devices
+    /// over several broker nodes, device n on the (n mod count)-th.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:1883",
+        value_delimiter = ',',
+        required = true
+    )]
+    addr: Vec<SocketAddr>,
     /// Use TLS (implied by --ca).
     #[arg(long)]
     tls: bool,
@@ -60,10 +66,13 @@ struct Target {
 
 impl Target {
     fn endpoint(&self) -> Result<Endpoint> {
+        let Some(&addr) = self.addr.first() else {
+            bail!("--addr needs at least one address");
+        };
         let mut endpoint = match (&self.ca, self.tls) {
-            (Some(ca), _) => Endpoint::tls(self.addr, ca, &self.server_name)?,
+            (Some(ca), _) => Endpoint::tls(addr, ca, &self.server_name)?,
             (None, true) => bail!("--tls needs --ca"),
-            (None, false) => Endpoint::tcp(self.addr),
+            (None, false) => Endpoint::tcp(addr),
         };
         endpoint.ws = self.ws;
         Ok(endpoint)
@@ -159,9 +168,16 @@ struct RunArgs {
     /// Split the devices over this many child processes (each holds < 20,000 sockets).
     #[arg(long, default_value_t = 1)]
     processes: u64,
-    /// Broker process id: report its CPU seconds and memory.
-    #[arg(long)]
-    broker_pid: Option<u32>,
+    /// Broker process id: report its CPU seconds and memory. A
+    /// comma-separated list (several nodes, their Redis) reports the sums,
+    /// and each process's share.
+    #[arg(long, value_delimiter = ',')]
+    broker_pid: Vec<u32>,
+    /// Redis (or each Redis Cluster master) to read `INFO commandstats` from
+    /// when every device is ready and at the end: Redis commands per round
+    /// trip. Comma-separated `redis://host:port` URLs; the counts are summed.
+    #[arg(long, value_delimiter = ',')]
+    redis_stats: Vec<String>,
     /// Run this many echo handler connections in this process (0: use an external handler).
     #[arg(long, default_value_t = 0)]
     echo: usize,
@@ -177,7 +193,7 @@ struct RunArgs {
     /// MQTT version of the in-process echo handler (default: --protocol).
     #[arg(long, value_parser = clap::value_parser!(u8).range(4..=5))]
     echo_protocol: Option<u8>,
-    /// Address of the in-process echo handler's broker listener (default: --addr).
+    /// Address of the in-process echo handler's broker listener (default: the first --addr).
     #[arg(long)]
     echo_addr: Option<SocketAddr>,
     /// Name of this run in the report.
@@ -232,6 +248,9 @@ impl RunArgs {
             (None, None, None) => DeviceAuth::Anonymous,
             _ => bail!("choose one of --jwt-secret, --jwt-key, --username"),
         };
+        if self.target.addr.len() > 1 {
+            cfg.node_addrs = self.target.addr.clone();
+        }
         cfg.devices = self.devices;
         cfg.uid_prefix = self.uid_prefix.clone();
         cfg.uid_offset = self.uid_offset;
@@ -357,7 +376,8 @@ async fn cmd_run(a: RunArgs) -> Result<i32> {
     };
     let opts = DriveOptions {
         label: a.label.clone(),
-        broker_pid: a.broker_pid,
+        broker_pids: a.broker_pid.clone(),
+        redis_stats: a.redis_stats.clone(),
         progress: (a.progress > 0.0).then(|| secs(a.progress)).transpose()?,
     };
     let report = if a.processes > 1 {
@@ -387,6 +407,9 @@ async fn cmd_run(a: RunArgs) -> Result<i32> {
 }
 
 async fn cmd_echo(a: EchoArgs) -> Result<i32> {
+    if a.target.addr.len() != 1 {
+        bail!("the echo handler connects to one broker: give one --addr");
+    }
     let mut e = echo_config(
         a.target.endpoint()?,
         a.target.version(),

@@ -364,7 +364,17 @@ pub enum Connection {
 /// Opens the endpoint's transport (TCP, then the TLS handshake if
 /// configured, then the WebSocket upgrade if configured).
 pub async fn open(ep: &Endpoint, source: Option<IpAddr>) -> std::io::Result<Connection> {
-    let tcp = open_tcp(ep.addr, source).await?;
+    open_at(ep, ep.addr, source).await
+}
+
+/// As [`open`], to `addr` instead of the endpoint's own address (one of
+/// several broker nodes sharing the endpoint's TLS and WebSocket settings).
+pub async fn open_at(
+    ep: &Endpoint,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<Connection> {
+    let tcp = open_tcp(addr, source).await?;
     let connection = match &ep.tls {
         None => Connection::Tcp(tcp),
         Some((config, name)) => {
@@ -382,7 +392,7 @@ pub async fn open(ep: &Endpoint, source: Option<IpAddr>) -> std::io::Result<Conn
         Connection::Tls(s) => s,
         Connection::Ws(s) => return Ok(Connection::Ws(s)),
     };
-    let ws = crate::ws::upgrade(stream, &ep.addr.to_string()).await?;
+    let ws = crate::ws::upgrade(stream, &addr.to_string()).await?;
     Ok(Connection::Ws(Box::new(ws)))
 }
 

@@ -11,7 +11,7 @@ use crate::LoadError;
 use bytes::BytesMut;
 use jsonwebtoken::Algorithm;
 use protocol::claims::DeviceClaims;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -60,6 +60,10 @@ pub enum JwtKey {
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub endpoint: Endpoint,
+    /// Broker nodes the devices spread over, device `n` on
+    /// `node_addrs[n % len]` (TLS settings from `endpoint`); empty: every
+    /// device on `endpoint.addr`.
+    pub node_addrs: Vec<SocketAddr>,
     pub version: MqttVersion,
     pub auth: DeviceAuth,
     /// Devices connected before sending starts (total over shards).
@@ -107,6 +111,7 @@ impl RunConfig {
     pub fn new(endpoint: Endpoint) -> Self {
         RunConfig {
             endpoint,
+            node_addrs: Vec::new(),
             version: MqttVersion::V5,
             auth: DeviceAuth::Anonymous,
             devices: 100,
@@ -167,6 +172,14 @@ impl RunConfig {
         let mut f = vec![format!("{uid}_{}", self.reply_name)];
         f.extend((1..self.subs).map(|i| format!("{uid}_s{i}")));
         f
+    }
+
+    /// The broker address device number `global` connects to.
+    pub fn node_addr(&self, global: u64) -> SocketAddr {
+        if self.node_addrs.is_empty() {
+            return self.endpoint.addr;
+        }
+        self.node_addrs[(global % self.node_addrs.len() as u64) as usize]
     }
 
     fn source(&self, global: u64) -> Option<IpAddr> {
@@ -536,7 +549,7 @@ async fn run_device(
     let cfg = &ctx.cfg;
     let (username, password) = mint(cfg, uid).map_err(DeviceEnd::Setup)?;
     let conn = tokio::select! {
-        r = tokio::time::timeout(cfg.connect_timeout, mqtt::open(&cfg.endpoint, cfg.source(global))) => match r {
+        r = tokio::time::timeout(cfg.connect_timeout, mqtt::open_at(&cfg.endpoint, cfg.node_addr(global), cfg.source(global))) => match r {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(DeviceEnd::Setup(format!("connect: {e}"))),
             Err(_) => return Err(DeviceEnd::Setup("connect: timed out".into())),
@@ -800,6 +813,19 @@ mod tests {
         assert_eq!(cfg.source(0), Some("127.0.0.1".parse().unwrap()));
         assert_eq!(cfg.source(255), Some("127.0.1.0".parse().unwrap()));
         assert_eq!(cfg.source(300), Some("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn devices_spread_over_nodes_round_robin() {
+        let mut cfg = RunConfig::new(Endpoint::tcp("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(cfg.node_addr(7), "127.0.0.1:1".parse().unwrap());
+        cfg.node_addrs = vec![
+            "127.0.0.1:10".parse().unwrap(),
+            "127.0.0.1:11".parse().unwrap(),
+            "127.0.0.1:12".parse().unwrap(),
+        ];
+        let ports: Vec<u16> = (0..6).map(|n| cfg.node_addr(n).port()).collect();
+        assert_eq!(ports, vec![10, 11, 12, 10, 11, 12]);
     }
 
     #[test]

@@ -302,6 +302,40 @@ pub struct BrokerStats {
     pub peak_rss_kib: u64,
     /// (RSS when every device was ready − RSS before connecting) / devices ready.
     pub kib_per_connection: f64,
+    /// Every process measured (the figures above are their sums; `pid` is the first).
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// Each process's own CPU, when more than one was measured.
+    #[serde(default)]
+    pub per_process: Vec<ProcessCpu>,
+}
+
+/// One measured process's CPU and memory.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessCpu {
+    pub pid: u32,
+    pub connect_cpu_secs: f64,
+    pub run_cpu_secs: f64,
+    pub cpu_us_per_round_trip: f64,
+    pub rss_end_kib: u64,
+}
+
+/// Redis commands executed while sending and draining, from the difference
+/// of `INFO commandstats` (summed over every Redis given) between the moment
+/// every device was ready and the end. The `INFO` calls of the measurement
+/// itself are left out. Commands run by a script count once for `evalsha`
+/// and once each for what the script calls.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RedisStats {
+    /// Calls per command name (lower case) during the run.
+    pub calls: std::collections::BTreeMap<String, u64>,
+    /// Their sum.
+    pub total_calls: u64,
+    /// Calls per round trip received (a round trip is two messages: the
+    /// command and its reply).
+    pub calls_per_round_trip: f64,
+    /// Calls per message (half of the above).
+    pub calls_per_message: f64,
 }
 
 /// The end-of-run report.
@@ -335,6 +369,8 @@ pub struct Report {
     pub new_users_first_reply: u64,
     pub first_reply_latency: LatencySummary,
     pub broker: Option<BrokerStats>,
+    #[serde(default)]
+    pub redis: Option<RedisStats>,
     pub errors: Vec<String>,
 }
 
@@ -380,6 +416,7 @@ impl Report {
             new_users_first_reply: s.new_first_reply,
             first_reply_latency: LatencySummary::of(&s.first_reply.to_histogram()),
             broker: None,
+            redis: None,
             errors: s.errors.clone(),
         }
     }
@@ -493,6 +530,34 @@ impl Report {
                 "broker memory per connection",
                 format!("{:.1} KiB", b.kib_per_connection),
             );
+        }
+        if let Some(b) = &self.broker {
+            for p in &b.per_process {
+                row(
+                    &format!("  pid {}", p.pid),
+                    format!(
+                        "CPU run {:.2} s ({:.1} µs/rt), connect {:.2} s, RSS end {} KiB",
+                        p.run_cpu_secs, p.cpu_us_per_round_trip, p.connect_cpu_secs, p.rss_end_kib
+                    ),
+                );
+            }
+        }
+        if let Some(r) = &self.redis {
+            row(
+                "Redis calls per round trip",
+                format!(
+                    "{:.2} ({:.2} per message; {} calls in the run)",
+                    r.calls_per_round_trip, r.calls_per_message, r.total_calls
+                ),
+            );
+            let mut top: Vec<_> = r.calls.iter().collect();
+            top.sort_by(|a, b| b.1.cmp(a.1));
+            let list: Vec<String> = top
+                .iter()
+                .take(8)
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            row("Redis calls by command", list.join(", "));
         }
         for e in self.errors.iter().take(5) {
             row("error", e.clone());

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Many nodes, side by side in one run: one node without Redis ("single"),
+# one node on Redis ("redis", one REDIS_URL) and three nodes on that one
+# Redis ("three"; devices spread round-robin over the nodes, the echo
+# handler on the first, so two devices in three are served across nodes).
+# The variants alternate within each round, so the machine's noise (other
+# builds on the same two cores) hits them alike; read the ratios.
+#
+# Each round, for each variant (fresh nodes and a fresh redis-server each):
+#   - latency and CPU: 1,000 TCP devices at 2,000 round trips/s. Round trip
+#     p50/p99, CPU per round trip of the nodes plus Redis (user + system from
+#     /proc/<pid>/stat over sending and draining), and Redis calls per
+#     message (INFO commandstats difference from "every device ready" to the
+#     end, divided by messages; a round trip is two messages).
+#   - throughput: 1,000 TCP devices at rising offered rates; the highest rate
+#     carried with nothing lost, at least 95% of it achieved, p99 <= 100 ms.
+# Then, with CLUSTER_BIG=1, the big point once: 3 nodes x 15,000 TLS devices
+# (CLUSTER_BIG_PER_NODE), 2 subscriptions each, 5,000 round trips/s.
+#
+#   bench/cluster.sh                      # quick: 2 rounds, about 4 minutes
+#   CLUSTER_FULL=1 bench/cluster.sh       # 3 rounds, longer runs, about 10 minutes
+#   CLUSTER_BIG=1 bench/cluster.sh        # also the 45,000-device TLS point (about 2 more minutes)
+#   CLUSTER_SMOKE=1 CLUSTER_NO_BUILD=1 CLUSTER_BIN_DIR=target/debug bench/cluster.sh   # checks the script only
+#   CLUSTER_VARIANTS="redis three" bench/cluster.sh
+#
+# Loopback only; every step bounded by a timeout; everything started here is
+# stopped by its pid. Needs redis-server 7 and python3; builds the release
+# binaries (server, loadgen). Results: bench/results/cluster-<stamp>/ and the
+# section "Many nodes" of bench/RESULTS.md (bench/cluster-results.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+FULL=${CLUSTER_FULL:-0}
+BIG=${CLUSTER_BIG:-0}
+VARIANTS=${CLUSTER_VARIANTS:-"single redis three"}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=${CLUSTER_OUT:-$ROOT/bench/results/cluster-$STAMP}
+mkdir -p "$OUT"
+BUDGET=${CLUSTER_BUDGET_SECS:-3000}
+START_TS=$(date +%s)
+
+if [ "${CLUSTER_SMOKE:-0}" = 1 ]; then
+  # Checks the script itself (any build, e.g. CLUSTER_BIN_DIR=target/debug): 1 round, tiny runs.
+  ROUNDS=1; LAT_SECS=2; SWEEP="500"; SWEEP_SECS=2
+elif [ "$FULL" = 1 ]; then
+  ROUNDS=${ROUNDS:-3}; LAT_SECS=15; SWEEP="5000 10000 15000 20000 25000"; SWEEP_SECS=6
+else
+  ROUNDS=${ROUNDS:-2}; LAT_SECS=8; SWEEP="5000 10000 15000 20000"; SWEEP_SECS=4
+fi
+BIG_PER_NODE=${CLUSTER_BIG_PER_NODE:-15000}
+
+# The nodes and the load generator hold tens of thousands of sockets.
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+command -v redis-server >/dev/null || { echo "needs redis-server (Debian: redis-server)" >&2; exit 1; }
+
+if [ "${CLUSTER_NO_BUILD:-0}" != 1 ]; then
+  echo "building release binaries..."
+  cargo build --release -q -p loadgen -p server
+fi
+BIN_DIR=${CLUSTER_BIN_DIR:-$ROOT/target/release}
+LG=$BIN_DIR/loadgen
+BROKER_BIN=$BIN_DIR/broker
+
+SECRET="bench-cluster-secret-$STAMP-0123456789abcdef"
+HKEY="bench-cluster-handler-key-$STAMP"
+DEV_DIR=$OUT/certs
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+  echo "cores: $(nproc)"
+  echo "memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')"
+  echo "open files limit: $(ulimit -n)"
+  echo "redis: $(redis-server --version)"
+  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "rounds: $ROUNDS, full: $FULL, big: $BIG"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} >"$OUT/machine.txt"
+
+# shellcheck source=bench/common.sh
+. bench/common.sh
+
+PIDS=()        # everything running now, stopped by pid
+NODE_PIDS=()
+NODE_TCP=()
+NODE_TLS=()
+REDIS_PID=""
+REDIS_PORT=""
+
+stop_all() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  PIDS=(); NODE_PIDS=(); NODE_TCP=(); NODE_TLS=(); REDIS_PID=""; REDIS_PORT=""
+}
+trap stop_all EXIT
+
+over_budget() { [ $(( $(date +%s) - START_TS )) -gt "$BUDGET" ]; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+start_redis() {
+  REDIS_PORT=$(free_port)
+  local dir=$OUT/redis-$REDIS_PORT
+  mkdir -p "$dir"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$dir" --maxclients 10000 --logfile "$dir/redis.log" &
+  REDIS_PID=$!; PIDS+=("$REDIS_PID")
+  wait_port "$REDIS_PORT"
+}
+
+# start_node NAME [REDIS_URL]: a broker node on fresh loopback ports.
+start_node() {
+  local name=$1 redis=${2:-} tcp tls
+  tcp=$(free_port); tls=$(free_port)
+  mkdir -p "$OUT/data-$name-$tcp"
+  env -i PATH="$PATH" HOME="${HOME:-/root}" RUST_LOG=warn \
+    ${redis:+REDIS_URL=$redis} BROKER_NODE_ID="$name" \
+    BROKER_TCP_LISTEN=127.0.0.1:$tcp BROKER_TLS_LISTEN=127.0.0.1:$tls \
+    BROKER_DEV_DIR="$DEV_DIR" DATA_DIR="$OUT/data-$name-$tcp" \
+    JWT_SECRET="$SECRET" HANDLER_KEYS="$HKEY" COMMAND_TOPICS=echo \
+    BROKER_HANDLERS=none IDP_IN_PROCESS=false BROKER_CONN_RATE=0 \
+    BROKER_MAX_PENDING_PER_ADDR=0 BROKER_SHUTDOWN_GRACE_SECS=1 \
+    "$BROKER_BIN" >>"$OUT/$name.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid"); NODE_PIDS+=("$pid")
+  wait_port "$tls"; wait_port "$tcp"
+  NODE_TCP+=("127.0.0.1:$tcp"); NODE_TLS+=("127.0.0.1:$tls")
+}
+
+start_variant() {
+  case $1 in
+    single) start_node n1 ;;
+    redis) start_redis; start_node n1 "redis://127.0.0.1:$REDIS_PORT" ;;
+    three)
+      start_redis
+      # The first node makes the development certificate; the others reuse it.
+      start_node n1 "redis://127.0.0.1:$REDIS_PORT"
+      start_node n2 "redis://127.0.0.1:$REDIS_PORT"
+      start_node n3 "redis://127.0.0.1:$REDIS_PORT" ;;
+    *) echo "unknown variant $1" >&2; exit 1 ;;
+  esac
+}
+
+join() { local IFS=,; echo "$*"; }
+
+# lg LABEL LIMIT tcp|tls ARGS...: one bounded load-generator run against the
+# nodes running now (devices round-robin, echo handler on the first node).
+lg() {
+  local label=$1 limit=$2 proto=$3; shift 3
+  if over_budget; then echo "budget spent: skipping $label"; return 0; fi
+  local addrs tls=() redis=() pids
+  if [ "$proto" = tls ]; then
+    addrs=$(join "${NODE_TLS[@]}"); tls=(--ca "$DEV_DIR/ca.pem")
+  else
+    addrs=$(join "${NODE_TCP[@]}")
+  fi
+  pids=$(join "${NODE_PIDS[@]}" ${REDIS_PID:+"$REDIS_PID"})
+  if [ -n "$REDIS_PORT" ]; then redis=(--redis-stats "redis://127.0.0.1:$REDIS_PORT"); fi
+  echo "=== $label (nodes ${#NODE_PIDS[@]}${REDIS_PORT:+, redis :$REDIS_PORT})"
+  timeout --kill-after=10 "$limit" "$LG" run --label "$label" --json "$OUT/$label.json" \
+    --addr "$addrs" "${tls[@]}" --jwt-secret "$SECRET" --echo 1 --handler-key "$HKEY" \
+    --broker-pid "$pids" "${redis[@]}" --progress 5 "$@" \
+    >"$OUT/$label.log" 2>&1 || echo "  (run $label ended with status $?)"
+  grep -E "devices ready|offered|lost|round trip p|CPU per round|Redis calls per" "$OUT/$label.log" | sed 's/^/  /' || true
+}
+
+for round in $(seq "$ROUNDS"); do
+  for v in $VARIANTS; do
+    start_variant "$v"
+    lg "lat-r${round}__$v" 120 tcp --devices 1000 --rate 2000 --duration "$LAT_SECS" --uid-prefix "l${round}x"
+    for r in $SWEEP; do
+      lg "tput-${r}-r${round}__$v" 90 tcp --devices 1000 --rate "$r" --duration "$SWEEP_SECS" --drain 3 \
+        --uid-prefix "t${r}x${round}x"
+    done
+    stop_all
+  done
+done
+
+if [ "$BIG" = 1 ]; then
+  start_variant three
+  total=$(( BIG_PER_NODE * 3 ))
+  procs=$(( (total + 14999) / 15000 ))
+  lg "big-${BIG_PER_NODE}x3__three" 600 tls --devices "$total" --subs 2 --rate 5000 --duration 20 \
+    --connect-rate 1500 --processes "$procs" --source-addrs 4 --connect-timeout 60 --uid-prefix b
+  stop_all
+fi
+
+# Keep the reports and logs; the development CA's key and the nodes' stores are not results.
+rm -rf "$OUT/certs" "$OUT"/data-*
+echo "results in $OUT (took $(( $(date +%s) - START_TS )) s)"
+if [ "${CLUSTER_SMOKE:-0}" = 1 ]; then
+  # A smoke run checks the script; it does not replace the published results.
+  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$OUT/cluster-results.md" "$OUT/RESULTS.md"
+else
+  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$ROOT/bench/cluster-results.md" "$ROOT/bench/RESULTS.md"
+fi
