@@ -284,6 +284,25 @@ impl RedisCluster {
         self.wait_until(deadline, &format!("node {index} becomes a master"), |c| {
             c.role(index) == Some("master")
         });
+        // The promoted node knows first; the others learn it by gossip. Until
+        // every running node lists it as a master serving slots, a view taken
+        // from one of them still names the old master.
+        let port = self.port(index);
+        self.wait_until(
+            deadline,
+            &format!("every running node sees node {index} serve slots"),
+            |c| {
+                (0..NODES).filter(|&i| c.is_running(i)).all(|i| {
+                    c.view_from(i)
+                        .map(|view| {
+                            view.values().any(|n| {
+                                n.port == port && n.master && !n.failed && !n.slots.is_empty()
+                            })
+                        })
+                        .unwrap_or(false)
+                })
+            },
+        );
         self.wait_settled();
     }
 
