@@ -25,6 +25,7 @@
 #   CLUSTER_BIG=1 bench/cluster.sh        # also the 45,000-device TLS point (about 2 more minutes)
 #   CLUSTER_SMOKE=1 CLUSTER_NO_BUILD=1 CLUSTER_BIN_DIR=target/debug bench/cluster.sh   # checks the script only
 #   CLUSTER_VARIANTS="redis three" bench/cluster.sh
+#   CLUSTER_BIG_FROM=bench/results/cluster-<stamp> bench/cluster.sh   # report shows that run's big point
 #
 # Loopback only; every step bounded by a timeout; everything started here is
 # stopped by its pid. Needs redis-server 7, redis-cli and python3; builds the release
@@ -253,5 +254,6 @@ if [ "${CLUSTER_SMOKE:-0}" = 1 ]; then
   # A smoke run checks the script; it does not replace the published results.
   python3 "$ROOT/bench/cluster_report.py" "$OUT" "$OUT/cluster-results.md" "$OUT/RESULTS.md"
 else
-  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$ROOT/bench/cluster-results.md" "$ROOT/bench/RESULTS.md"
+  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$ROOT/bench/cluster-results.md" "$ROOT/bench/RESULTS.md" \
+    ${CLUSTER_BIG_FROM:+"$CLUSTER_BIG_FROM"}
 fi

@@ -5,7 +5,11 @@ markers (bench/report.py appends the same file when it regenerates
 RESULTS.md). bench/cluster-notes.md, when present, is appended to the section
 (the reading of the numbers, written by hand).
 
-usage: cluster_report.py RESULTS_DIR SECTION_MD RESULTS_MD
+usage: cluster_report.py RESULTS_DIR SECTION_MD RESULTS_MD [EARLIER_DIR...]
+
+EARLIER_DIR: results directories of earlier runs whose big point (CLUSTER_BIG=1)
+is shown when RESULTS_DIR has none (bench/cluster.sh passes
+CLUSTER_BIG_FROM), each row naming its directory.
 """
 import json
 import os
@@ -116,7 +120,7 @@ def sustained(runs, rnd, v):
 
 
 def main():
-    d, section, results = sys.argv[1], sys.argv[2], sys.argv[3]
+    d, section, results, earlier = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     runs = load(d)
     machine = open(os.path.join(d, "machine.txt")).read().strip() if os.path.exists(os.path.join(d, "machine.txt")) else ""
     variants = [v for v in VARIANTS if any(vv == v for (_, vv) in runs)]
@@ -249,12 +253,22 @@ def main():
                         fmt(r["latency"]["p50_ms"], 2), fmt(r["latency"]["p99_ms"], 2), fmt(t), fmt(cpm, 2)]))
 
     bigs = [(k, r) for k, r in runs.items() if k[0].startswith("big-")]
+    big_from = ""
+    for e in earlier:
+        if bigs:
+            break
+        bigs = [(k, r) for k, r in load(e).items() if k[0].startswith("big-")]
+        if bigs:
+            big_from = (f"Not measured in this run: from the earlier run `bench/results/{os.path.basename(e.rstrip('/'))}/` "
+                        "(the same script, CLUSTER_BIG=1).")
     if bigs:
         out += ["", "### The big point: three nodes on one Redis, TLS devices, 2 subscriptions each, 5,000 round trips/s", "",
                 row(["run", "devices ready / target", "subs acked", "sent", "lost", "dup", "p50 ms", "p99 ms",
                      "p99.9 ms", "max ms", "CPU µs/rt nodes", "CPU µs/rt Redis", "Redis calls/message",
                      "node RSS end MiB (each)", "connect s"]),
                 row(["---"] * 15)]
+        if big_from:
+            out[-2:-2] = [big_from, ""]
         for (label, v), r in bigs:
             n, rc, _ = cpu_split(r, v)
             cpm, _ = calls(r)
