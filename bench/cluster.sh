@@ -20,7 +20,7 @@
 # Then, with CLUSTER_BIG=1, the big point once: 3 nodes x 15,000 TLS devices
 # (CLUSTER_BIG_PER_NODE), 2 subscriptions each, 5,000 round trips/s.
 #
-#   bench/cluster.sh                      # quick: 2 rounds, about 6 minutes
+#   bench/cluster.sh                      # quick: 2 rounds, about 4-5 minutes
 #   CLUSTER_FULL=1 bench/cluster.sh       # 3 rounds, longer runs, about 14 minutes
 #   CLUSTER_BIG=1 bench/cluster.sh        # also the 45,000-device TLS point (about 2 more minutes)
 #   CLUSTER_SMOKE=1 CLUSTER_NO_BUILD=1 CLUSTER_BIN_DIR=target/debug bench/cluster.sh   # checks the script only
@@ -248,7 +248,7 @@ if [ "$BIG" = 1 ]; then
 fi
 
 # Keep the reports and logs; the development CA's key and the nodes' stores are not results.
-rm -rf "$OUT/certs" "$OUT"/data-*
+rm -rf "$OUT/certs" "$OUT"/data-* "$OUT"/redis-*/dump.rdb "$OUT"/redis-*/nodes.conf
 echo "results in $OUT (took $(( $(date +%s) - START_TS )) s)"
 if [ "${CLUSTER_SMOKE:-0}" = 1 ]; then
   # A smoke run checks the script; it does not replace the published results.
