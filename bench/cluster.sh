@@ -2,29 +2,33 @@
 # Many nodes, side by side in one run: one node without Redis ("single"),
 # one node on Redis ("redis", one REDIS_URL) and three nodes on that one
 # Redis ("three"; devices spread round-robin over the nodes, the echo
-# handler on the first, so two devices in three are served across nodes).
+# handler on the first, so two devices in three are served across nodes) and
+# three nodes on a Redis Cluster of 3 masters + 3 replicas ("cluster";
+# REDIS_URL lists the six nodes).
 # The variants alternate within each round, so the machine's noise (other
 # builds on the same two cores) hits them alike; read the ratios.
 #
 # Each round, for each variant (fresh nodes and a fresh redis-server each):
 #   - latency and CPU: 1,000 TCP devices at 2,000 round trips/s. Round trip
 #     p50/p99, CPU per round trip of the nodes plus Redis (user + system from
-#     /proc/<pid>/stat over sending and draining), and Redis calls per
-#     message (INFO commandstats difference from "every device ready" to the
-#     end, divided by messages; a round trip is two messages).
+#     /proc/<pid>/stat over sending and draining; on the Cluster all six
+#     redis-servers summed), and Redis calls per message (INFO commandstats
+#     difference from "every device ready" to the end, summed over the
+#     Cluster's masters, divided by messages; a round trip is two messages).
 #   - throughput: 1,000 TCP devices at rising offered rates; the highest rate
 #     carried with nothing lost, at least 95% of it achieved, p99 <= 100 ms.
 # Then, with CLUSTER_BIG=1, the big point once: 3 nodes x 15,000 TLS devices
 # (CLUSTER_BIG_PER_NODE), 2 subscriptions each, 5,000 round trips/s.
 #
-#   bench/cluster.sh                      # quick: 2 rounds, about 4 minutes
-#   CLUSTER_FULL=1 bench/cluster.sh       # 3 rounds, longer runs, about 10 minutes
+#   bench/cluster.sh                      # quick: 2 rounds, about 4-5 minutes
+#   CLUSTER_FULL=1 bench/cluster.sh       # 3 rounds, longer runs, about 14 minutes
 #   CLUSTER_BIG=1 bench/cluster.sh        # also the 45,000-device TLS point (about 2 more minutes)
 #   CLUSTER_SMOKE=1 CLUSTER_NO_BUILD=1 CLUSTER_BIN_DIR=target/debug bench/cluster.sh   # checks the script only
 #   CLUSTER_VARIANTS="redis three" bench/cluster.sh
+#   CLUSTER_BIG_FROM=bench/results/cluster-<stamp> bench/cluster.sh   # report shows that run's big point
 #
 # Loopback only; every step bounded by a timeout; everything started here is
-# stopped by its pid. Needs redis-server 7 and python3; builds the release
+# stopped by its pid. Needs redis-server 7, redis-cli and python3; builds the release
 # binaries (server, loadgen). Results: bench/results/cluster-<stamp>/ and the
 # section "Many nodes" of bench/RESULTS.md (bench/cluster-results.md).
 set -euo pipefail
@@ -33,7 +37,7 @@ ROOT=$PWD
 
 FULL=${CLUSTER_FULL:-0}
 BIG=${CLUSTER_BIG:-0}
-VARIANTS=${CLUSTER_VARIANTS:-"single redis three"}
+VARIANTS=${CLUSTER_VARIANTS:-"single redis three cluster"}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${CLUSTER_OUT:-$ROOT/bench/results/cluster-$STAMP}
 mkdir -p "$OUT"
@@ -53,7 +57,9 @@ BIG_PER_NODE=${CLUSTER_BIG_PER_NODE:-15000}
 # The nodes and the load generator hold tens of thousands of sockets.
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-command -v redis-server >/dev/null || { echo "needs redis-server (Debian: redis-server)" >&2; exit 1; }
+for tool in redis-server redis-cli; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (Debian: redis-server, redis-tools)" >&2; exit 1; }
+done
 
 if [ "${CLUSTER_NO_BUILD:-0}" != 1 ]; then
   echo "building release binaries..."
@@ -86,8 +92,9 @@ PIDS=()        # everything running now, stopped by pid
 NODE_PIDS=()
 NODE_TCP=()
 NODE_TLS=()
-REDIS_PID=""
-REDIS_PORT=""
+REDIS_PIDS=()  # every redis-server of the variant: their CPU is summed
+REDIS_STATS=() # the Redis (or the Cluster's masters) whose INFO commandstats is summed
+REDIS_URL_NOW=""
 
 stop_all() {
   local p
@@ -97,7 +104,7 @@ stop_all() {
     kill -9 "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
   done
-  PIDS=(); NODE_PIDS=(); NODE_TCP=(); NODE_TLS=(); REDIS_PID=""; REDIS_PORT=""
+  PIDS=(); NODE_PIDS=(); NODE_TCP=(); NODE_TLS=(); REDIS_PIDS=(); REDIS_STATS=(); REDIS_URL_NOW=""
 }
 trap stop_all EXIT
 
@@ -108,13 +115,58 @@ free_port() {
 }
 
 start_redis() {
-  REDIS_PORT=$(free_port)
-  local dir=$OUT/redis-$REDIS_PORT
+  local port dir
+  port=$(free_port)
+  dir=$OUT/redis-$port
   mkdir -p "$dir"
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$dir" --maxclients 10000 --logfile "$dir/redis.log" &
-  REDIS_PID=$!; PIDS+=("$REDIS_PID")
-  wait_port "$REDIS_PORT"
+  REDIS_PIDS+=("$!"); PIDS+=("$!")
+  wait_port "$port"
+  REDIS_STATS=("redis://127.0.0.1:$port")
+  REDIS_URL_NOW="redis://127.0.0.1:$port"
+}
+
+cluster_ok() {
+  local port
+  for port in "$@"; do
+    redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+  done
+}
+
+# A Redis Cluster of six redis-servers (3 masters + 3 replicas) on free
+# loopback ports, each with its own free cluster-bus port.
+start_redis_cluster() {
+  local ports=() urls=() taken=" " port bus dir i
+  for i in 1 2 3 4 5 6; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      port=$(free_port); bus=$(free_port)
+      case $taken in *" $port "*|*" $bus "*) continue ;; esac
+      [ "$port" != "$bus" ] && break
+    done
+    taken="$taken$port $bus "
+    dir=$OUT/redis-$port
+    mkdir -p "$dir"
+    redis-server --port "$port" --cluster-port "$bus" --bind 127.0.0.1 --cluster-enabled yes \
+      --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 5000 --save '' \
+      --appendonly no --dir "$dir" --maxclients 10000 --logfile "$dir/redis.log" </dev/null &
+    REDIS_PIDS+=("$!"); PIDS+=("$!")
+    ports+=("$port"); urls+=("redis://127.0.0.1:$port")
+  done
+  for port in "${ports[@]}"; do wait_port "$port"; done
+  local addrs=()
+  for port in "${ports[@]}"; do addrs+=("127.0.0.1:$port"); done
+  timeout 60 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
+    </dev/null >"$OUT/redis-cluster-create-${ports[0]}.log" 2>&1 ||
+    { echo "redis-cli --cluster create failed: see $OUT/redis-cluster-create-${ports[0]}.log" >&2; exit 1; }
+  for _ in $(seq 1 300); do cluster_ok "${ports[@]}" && break; sleep 0.1; done
+  cluster_ok "${ports[@]}" || { echo "the Redis Cluster did not reach cluster_state:ok in 30 s" >&2; exit 1; }
+  REDIS_STATS=()
+  for port in "${ports[@]}"; do
+    if [ "$(redis-cli -p "$port" role | head -1)" = master ]; then REDIS_STATS+=("redis://127.0.0.1:$port"); fi
+  done
+  [ "${#REDIS_STATS[@]}" = 3 ] || { echo "expected 3 masters, found ${#REDIS_STATS[@]}" >&2; exit 1; }
+  REDIS_URL_NOW=$(join "${urls[@]}")
 }
 
 # start_node NAME [REDIS_URL]: a broker node on fresh loopback ports.
@@ -139,13 +191,13 @@ start_node() {
 start_variant() {
   case $1 in
     single) start_node n1 ;;
-    redis) start_redis; start_node n1 "redis://127.0.0.1:$REDIS_PORT" ;;
-    three)
-      start_redis
+    redis) start_redis; start_node n1 "$REDIS_URL_NOW" ;;
+    three|cluster)
+      if [ "$1" = three ]; then start_redis; else start_redis_cluster; fi
       # The first node makes the development certificate; the others reuse it.
-      start_node n1 "redis://127.0.0.1:$REDIS_PORT"
-      start_node n2 "redis://127.0.0.1:$REDIS_PORT"
-      start_node n3 "redis://127.0.0.1:$REDIS_PORT" ;;
+      start_node n1 "$REDIS_URL_NOW"
+      start_node n2 "$REDIS_URL_NOW"
+      start_node n3 "$REDIS_URL_NOW" ;;
     *) echo "unknown variant $1" >&2; exit 1 ;;
   esac
 }
@@ -163,9 +215,10 @@ lg() {
   else
     addrs=$(join "${NODE_TCP[@]}")
   fi
-  pids=$(join "${NODE_PIDS[@]}" ${REDIS_PID:+"$REDIS_PID"})
-  if [ -n "$REDIS_PORT" ]; then redis=(--redis-stats "redis://127.0.0.1:$REDIS_PORT"); fi
-  echo "=== $label (nodes ${#NODE_PIDS[@]}${REDIS_PORT:+, redis :$REDIS_PORT})"
+  # The nodes first, then every redis-server (cluster_report.py splits them by variant).
+  pids=$(join "${NODE_PIDS[@]}" "${REDIS_PIDS[@]}")
+  if [ "${#REDIS_STATS[@]}" -gt 0 ]; then redis=(--redis-stats "$(join "${REDIS_STATS[@]}")"); fi
+  echo "=== $label (nodes ${#NODE_PIDS[@]}, redis-servers ${#REDIS_PIDS[@]})"
   timeout --kill-after=10 "$limit" "$LG" run --label "$label" --json "$OUT/$label.json" \
     --addr "$addrs" "${tls[@]}" --jwt-secret "$SECRET" --echo 1 --handler-key "$HKEY" \
     --broker-pid "$pids" "${redis[@]}" --progress 5 "$@" \
@@ -195,11 +248,12 @@ if [ "$BIG" = 1 ]; then
 fi
 
 # Keep the reports and logs; the development CA's key and the nodes' stores are not results.
-rm -rf "$OUT/certs" "$OUT"/data-*
+rm -rf "$OUT/certs" "$OUT"/data-* "$OUT"/redis-*/dump.rdb "$OUT"/redis-*/nodes.conf
 echo "results in $OUT (took $(( $(date +%s) - START_TS )) s)"
 if [ "${CLUSTER_SMOKE:-0}" = 1 ]; then
   # A smoke run checks the script; it does not replace the published results.
   python3 "$ROOT/bench/cluster_report.py" "$OUT" "$OUT/cluster-results.md" "$OUT/RESULTS.md"
 else
-  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$ROOT/bench/cluster-results.md" "$ROOT/bench/RESULTS.md"
+  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$ROOT/bench/cluster-results.md" "$ROOT/bench/RESULTS.md" \
+    ${CLUSTER_BIG_FROM:+"$CLUSTER_BIG_FROM"}
 fi
