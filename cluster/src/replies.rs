@@ -130,14 +130,15 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
                     pipe
                 };
                 let mut sent = pipe(false).query_async::<()>(&mut conn).await;
-                sent = match sent {
-                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                        redis.send_retrying(&pipe(true)).await
-                    }
-                    // Failed before or while running: again, bounded.
-                    Err(_) => redis.send_retrying(&pipe(false)).await,
-                    ok => ok,
-                };
+                if sent.is_err() {
+                    // Not known there (`NOSCRIPT`), or failed before or
+                    // while running: again, bounded, with the script
+                    // itself. After a failover the promoted replica does
+                    // not have the script (Redis replicates its effects,
+                    // not the script), so an `EVALSHA` retried there would
+                    // be refused, and the batch dropped.
+                    sent = redis.send_retrying(&pipe(true)).await;
+                }
                 (group.len() as u64, sent)
             }
         });
