@@ -26,6 +26,14 @@
 #   CLUSTER_SMOKE=1 CLUSTER_NO_BUILD=1 CLUSTER_BIN_DIR=target/debug bench/cluster.sh   # checks the script only
 #   CLUSTER_VARIANTS="redis three" bench/cluster.sh
 #   CLUSTER_BIG_FROM=bench/results/cluster-<stamp> bench/cluster.sh   # report shows that run's big point
+#   CLUSTER_METRICS=1 CLUSTER_VARIANTS="cluster redis" CLUSTER_SWEEP="15000 20000" CLUSTER_LAT=0 ROUNDS=1 \
+#     bench/cluster.sh   # where replies are lost: each node gets METRICS_LISTEN; its /metrics is read
+#                        # before and after each point (<label>.metrics-{before,after}-<node>.txt) and
+#                        # the counters that grew printed (<label>.drops.txt), with the router's
+#                        # "Read cursor start jumped" lines the point added to the node logs
+#
+# CLUSTER_SWEEP or CLUSTER_LAT=0 make a partial run: its report is written in
+# the results directory only, not over bench/cluster-results.md and RESULTS.md.
 #
 # Loopback only; every step bounded by a timeout; everything started here is
 # stopped by its pid. Needs redis-server 7, redis-cli and python3; builds the release
@@ -52,6 +60,11 @@ elif [ "$FULL" = 1 ]; then
 else
   ROUNDS=${ROUNDS:-2}; LAT_SECS=8; SWEEP="5000 10000 15000 20000"; SWEEP_SECS=4
 fi
+SWEEP=${CLUSTER_SWEEP:-$SWEEP}
+LAT=${CLUSTER_LAT:-1}
+METRICS=${CLUSTER_METRICS:-0}
+PARTIAL=0
+if [ -n "${CLUSTER_SWEEP:-}" ] || [ "$LAT" = 0 ]; then PARTIAL=1; fi
 BIG_PER_NODE=${CLUSTER_BIG_PER_NODE:-15000}
 
 # The nodes and the load generator hold tens of thousands of sockets.
@@ -92,6 +105,7 @@ PIDS=()        # everything running now, stopped by pid
 NODE_PIDS=()
 NODE_TCP=()
 NODE_TLS=()
+NODE_METRICS=() # NAME=127.0.0.1:PORT of each node's METRICS_LISTEN (CLUSTER_METRICS=1)
 REDIS_PIDS=()  # every redis-server of the variant: their CPU is summed
 REDIS_STATS=() # the Redis (or the Cluster's masters) whose INFO commandstats is summed
 REDIS_URL_NOW=""
@@ -104,7 +118,7 @@ stop_all() {
     kill -9 "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
   done
-  PIDS=(); NODE_PIDS=(); NODE_TCP=(); NODE_TLS=(); REDIS_PIDS=(); REDIS_STATS=(); REDIS_URL_NOW=""
+  PIDS=(); NODE_PIDS=(); NODE_TCP=(); NODE_TLS=(); NODE_METRICS=(); REDIS_PIDS=(); REDIS_STATS=(); REDIS_URL_NOW=""
 }
 trap stop_all EXIT
 
@@ -171,11 +185,12 @@ start_redis_cluster() {
 
 # start_node NAME [REDIS_URL]: a broker node on fresh loopback ports.
 start_node() {
-  local name=$1 redis=${2:-} tcp tls
+  local name=$1 redis=${2:-} tcp tls metrics=""
   tcp=$(free_port); tls=$(free_port)
+  if [ "$METRICS" = 1 ]; then metrics=127.0.0.1:$(free_port); fi
   mkdir -p "$OUT/data-$name-$tcp"
   env -i PATH="$PATH" HOME="${HOME:-/root}" RUST_LOG=warn \
-    ${redis:+REDIS_URL=$redis} BROKER_NODE_ID="$name" \
+    ${redis:+REDIS_URL=$redis} ${metrics:+METRICS_LISTEN=$metrics} BROKER_NODE_ID="$name" \
     BROKER_TCP_LISTEN=127.0.0.1:$tcp BROKER_TLS_LISTEN=127.0.0.1:$tls \
     BROKER_DEV_DIR="$DEV_DIR" DATA_DIR="$OUT/data-$name-$tcp" \
     JWT_SECRET="$SECRET" HANDLER_KEYS="$HKEY" COMMAND_TOPICS=echo \
@@ -186,7 +201,14 @@ start_node() {
   PIDS+=("$pid"); NODE_PIDS+=("$pid")
   wait_port "$tls"; wait_port "$tcp"
   NODE_TCP+=("127.0.0.1:$tcp"); NODE_TLS+=("127.0.0.1:$tls")
+  if [ -n "$metrics" ]; then wait_port "${metrics##*:}"; NODE_METRICS+=("$name=$metrics"); fi
 }
+
+# The nodes' names (n1 n2 ...) of NODE_METRICS.
+metric_names() { local m; for m in "${NODE_METRICS[@]}"; do printf '%s ' "${m%%=*}"; done; }
+
+# jumped_lines: the router's "Read cursor start jumped" warnings in the node logs so far.
+jumped_lines() { cat "$OUT"/n*.log 2>/dev/null | grep -c 'Read cursor start jumped' || true; }
 
 start_variant() {
   case $1 in
@@ -219,17 +241,31 @@ lg() {
   pids=$(join "${NODE_PIDS[@]}" "${REDIS_PIDS[@]}")
   if [ "${#REDIS_STATS[@]}" -gt 0 ]; then redis=(--redis-stats "$(join "${REDIS_STATS[@]}")"); fi
   echo "=== $label (nodes ${#NODE_PIDS[@]}, redis-servers ${#REDIS_PIDS[@]})"
+  local jumped_before=0
+  if [ "${#NODE_METRICS[@]}" -gt 0 ]; then
+    python3 "$ROOT/bench/cluster_metrics.py" fetch "$OUT/$label.metrics-before" "${NODE_METRICS[@]}"
+    jumped_before=$(jumped_lines)
+  fi
   timeout --kill-after=10 "$limit" "$LG" run --label "$label" --json "$OUT/$label.json" \
     --addr "$addrs" "${tls[@]}" --jwt-secret "$SECRET" --echo 1 --handler-key "$HKEY" \
     --broker-pid "$pids" "${redis[@]}" --progress 5 "$@" \
     >"$OUT/$label.log" 2>&1 || echo "  (run $label ended with status $?)"
-  grep -E "devices ready|offered|lost|round trip p|CPU per round|Redis calls per" "$OUT/$label.log" | sed 's/^/  /' || true
+  grep -E "devices ready|offered|lost|round trip p|CPU per round|Redis calls per|echo handler:" "$OUT/$label.log" | sed 's/^/  /' || true
+  if [ "${#NODE_METRICS[@]}" -gt 0 ]; then
+    python3 "$ROOT/bench/cluster_metrics.py" fetch "$OUT/$label.metrics-after" "${NODE_METRICS[@]}"
+    # shellcheck disable=SC2046 # the names are single words
+    {
+      echo "counters that grew over $label (from the nodes' /metrics):"
+      python3 "$ROOT/bench/cluster_metrics.py" diff "$OUT/$label.metrics-before" "$OUT/$label.metrics-after" $(metric_names)
+      echo "  router \"Read cursor start jumped\" warnings added to the node logs: $(( $(jumped_lines) - jumped_before ))"
+    } | tee "$OUT/$label.drops.txt"
+  fi
 }
 
 for round in $(seq "$ROUNDS"); do
   for v in $VARIANTS; do
     start_variant "$v"
-    lg "lat-r${round}__$v" 120 tcp --devices 1000 --rate 2000 --duration "$LAT_SECS" --uid-prefix "l${round}x"
+    [ "$LAT" = 0 ] || lg "lat-r${round}__$v" 120 tcp --devices 1000 --rate 2000 --duration "$LAT_SECS" --uid-prefix "l${round}x"
     for r in $SWEEP; do
       lg "tput-${r}-r${round}__$v" 90 tcp --devices 1000 --rate "$r" --duration "$SWEEP_SECS" --drain 3 \
         --uid-prefix "t${r}x${round}x"
@@ -250,9 +286,10 @@ fi
 # Keep the reports and logs; the development CA's key and the nodes' stores are not results.
 rm -rf "$OUT/certs" "$OUT"/data-* "$OUT"/redis-*/dump.rdb "$OUT"/redis-*/nodes.conf
 echo "results in $OUT (took $(( $(date +%s) - START_TS )) s)"
-if [ "${CLUSTER_SMOKE:-0}" = 1 ]; then
-  # A smoke run checks the script; it does not replace the published results.
-  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$OUT/cluster-results.md" "$OUT/RESULTS.md"
+if [ "${CLUSTER_SMOKE:-0}" = 1 ] || [ "$PARTIAL" = 1 ]; then
+  # A smoke or partial run does not replace the published results.
+  python3 "$ROOT/bench/cluster_report.py" "$OUT" "$OUT/cluster-results.md" "$OUT/RESULTS.md" ||
+    echo "no report for this partial run (the points' logs and .drops.txt are in $OUT)"
 else
   python3 "$ROOT/bench/cluster_report.py" "$OUT" "$ROOT/bench/cluster-results.md" "$ROOT/bench/RESULTS.md" \
     ${CLUSTER_BIG_FROM:+"$CLUSTER_BIG_FROM"}
