@@ -34,7 +34,8 @@ pub fn binary() -> Option<PathBuf> {
 
 impl HaProxy {
     /// Starts HAProxy with `sections` (frontends and backends) after a
-    /// minimal `global`/`defaults` in TCP mode, and waits until every
+    /// minimal `global`/`defaults` in TCP mode (a section may say `mode
+    /// http`), and waits until every
     /// address in `listening` accepts connections (10 s at most). The probes
     /// come from [`PROBE_SOURCE`], so that the connections HAProxy relays
     /// for them spend no admission budget of the addresses a test watches.
