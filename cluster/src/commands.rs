@@ -115,9 +115,8 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
-        // One pipeline per slot on a cluster, sent together.
-        let groups = node.redis.by_slot(&batch, |(key, _)| key);
-        let sent = groups.iter().map(|group| {
+        // One pipeline per master on a cluster, sent together.
+        let pipe = |group: &[&(String, Bytes)], _full: bool| {
             let mut pipe = redis::pipe();
             for (key, entry) in group {
                 pipe.cmd("XADD")
@@ -130,10 +129,9 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
                     .arg(&entry[..])
                     .ignore();
             }
-            let redis = &node.redis;
-            async move { (group.len() as u64, redis.send_retrying(&pipe).await) }
-        });
-        for (n, sent) in futures::future::join_all(sent).await {
+            pipe
+        };
+        for (n, sent) in node.redis.send_grouped(&batch, |(key, _)| key, pipe).await {
             match sent {
                 Ok(()) => node.metrics().cluster_moved("command_out", n),
                 Err(e) => {

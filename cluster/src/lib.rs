@@ -15,8 +15,9 @@
 //!   consumer groups, reclaim);
 //! - `declarations.rs`: command topics handlers declared, shared by nodes;
 //! - `redis_conn.rs`: the connections (the store's shared one, routed by
-//!   slot on a cluster; the slot map; blocking reads and sharded pub/sub
-//!   on connections of their own to the master holding the slot).
+//!   slot on a cluster; the slot map; batched appends, one pipeline per
+//!   master, blocking reads and sharded pub/sub on connections of their
+//!   own to the master holding the slot).
 //!
 //! The path of a reply received on node A for a user whose device is on
 //! node B: A's gate decides and stamps it, [`ClusterDelivery::route`]

@@ -7,11 +7,13 @@
 //! blocking read (a `BLOCK` must never hold up other commands) and one
 //! RESP3 connection per shard for sharded pub/sub, whose pushes
 //! (`smessage`, `ssubscribe`, `sunsubscribe`, a lost connection) go to a
-//! sender of the caller's.
+//! sender of the caller's; and batched writes ([`Redis::send_grouped`]):
+//! on a cluster, one pipeline per master on a direct connection to it.
 
 use parking_lot::Mutex;
 use redis::aio::{AsyncPushSender, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, ProtocolVersion};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{RedisConn, RedisTarget, RedisUrlError};
@@ -49,6 +51,8 @@ pub struct Redis {
     target: RedisTarget,
     shared: RedisConn,
     topology: Arc<Topology>,
+    /// One multiplexed connection per master, for batched writes.
+    direct: Arc<Mutex<HashMap<NodeAddr, MultiplexedConnection>>>,
 }
 
 impl Redis {
@@ -69,6 +73,7 @@ impl Redis {
             target,
             shared,
             topology,
+            direct: Arc::default(),
         };
         redis.refresh().await.map_err(RedisError::Unreachable)?;
         Ok(redis)
@@ -102,6 +107,9 @@ impl Redis {
             .query_async(&mut conn)
             .await?;
         self.topology.set(parse_slots(&value));
+        // Connections to nodes that are no longer masters are let go.
+        let masters = self.topology.masters();
+        self.direct.lock().retain(|addr, _| masters.contains(addr));
         Ok(())
     }
 
@@ -154,6 +162,105 @@ impl Redis {
             groups.entry(slot).or_default().push(item);
         }
         groups.into_values().collect()
+    }
+
+    /// Sends `items` in pipelines made by `pipe(group, full)`, the
+    /// groups concurrently, and says how each group went (its size and
+    /// result). On one Redis: one pipeline on the shared connection. On a
+    /// cluster: one pipeline per master (from the slot map) on a direct
+    /// connection to it, so a batch costs one round trip per master, not
+    /// one per slot. `full` false first (`EVALSHA`); refused as
+    /// `NOSCRIPT`, a group is sent again at once with `full` true. A group
+    /// that fails otherwise (`MOVED`/`ASK`, a lost master), or whose slot
+    /// no known master holds, is sent again with `full` true one pipeline
+    /// per slot on the shared connection, which follows redirections,
+    /// through [`Redis::send_retrying`] (the slot map read again first).
+    /// A group that partly ran before failing may be appended twice.
+    pub async fn send_grouped<T>(
+        &self,
+        items: &[T],
+        key: impl Fn(&T) -> &str,
+        pipe: impl Fn(&[&T], bool) -> redis::Pipeline,
+    ) -> Vec<(u64, redis::RedisResult<()>)> {
+        let (pipe, key) = (&pipe, &key);
+        if !self.is_cluster() {
+            let group: Vec<&T> = items.iter().collect();
+            let mut conn = self.shared();
+            let mut sent = pipe(&group, false).query_async::<()>(&mut conn).await;
+            if sent.is_err() {
+                sent = self.send_retrying(&pipe(&group, true)).await;
+            }
+            return vec![(group.len() as u64, sent)];
+        }
+        let (groups, unmapped) = {
+            let ranges = self.topology.ranges.lock();
+            group_by_master(&ranges, items, key)
+        };
+        let direct = groups.into_iter().map(|(addr, group)| async move {
+            let sent = match self.direct(&addr).await {
+                Ok(mut conn) => {
+                    let mut sent = pipe(&group, false).query_async::<()>(&mut conn).await;
+                    if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
+                        sent = pipe(&group, true).query_async::<()>(&mut conn).await;
+                    }
+                    if sent.is_err() {
+                        // A lost or moved master: connect afresh next time.
+                        self.direct.lock().remove(&addr);
+                    }
+                    sent
+                }
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(()) => vec![(group.len() as u64, Ok(()))],
+                Err(_) => {
+                    let _ = self.refresh().await;
+                    self.send_per_slot(&group, key, pipe).await
+                }
+            }
+        });
+        let unmapped = async {
+            if unmapped.is_empty() {
+                return Vec::new();
+            }
+            let _ = self.refresh().await;
+            self.send_per_slot(&unmapped, key, pipe).await
+        };
+        let (direct, unmapped) = futures::join!(futures::future::join_all(direct), unmapped);
+        direct.into_iter().flatten().chain(unmapped).collect()
+    }
+
+    /// `items` again, with the script in full, one pipeline per slot on
+    /// the shared (redirection-following) connection, bounded retries.
+    async fn send_per_slot<T>(
+        &self,
+        items: &[&T],
+        key: &impl Fn(&T) -> &str,
+        pipe: &impl Fn(&[&T], bool) -> redis::Pipeline,
+    ) -> Vec<(u64, redis::RedisResult<()>)> {
+        let groups = self.by_slot(items, |item| key(item));
+        let sent = groups.iter().map(|group| async move {
+            let group: Vec<&T> = group.iter().map(|item| **item).collect();
+            let sent = self.send_retrying(&pipe(&group, true)).await;
+            (group.len() as u64, sent)
+        });
+        futures::future::join_all(sent).await
+    }
+
+    /// The multiplexed connection to the master `addr` (made on first
+    /// use).
+    async fn direct(&self, addr: &NodeAddr) -> redis::RedisResult<MultiplexedConnection> {
+        if let Some(conn) = self.direct.lock().get(addr) {
+            return Ok(conn.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT);
+        let conn = redis::Client::open(self.topology.info(addr, ProtocolVersion::RESP2))?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.direct.lock().insert(addr.clone(), conn.clone());
+        Ok(conn)
     }
 
     /// Sends `pipe` on the shared connection; a failure (a master down,
@@ -233,6 +340,15 @@ impl Topology {
         *self.ranges.lock() = ranges;
     }
 
+    /// The masters of the slot map.
+    fn masters(&self) -> Vec<NodeAddr> {
+        self.ranges
+            .lock()
+            .iter()
+            .map(|(_, _, addr)| addr.clone())
+            .collect()
+    }
+
     fn master_of(&self, key: &str) -> Option<NodeAddr> {
         let slot = redis::cluster_routing::get_slot(key.as_bytes());
         master_of_slot(&self.ranges.lock(), slot)
@@ -256,6 +372,30 @@ fn master_of_slot(ranges: &[(u16, u16, NodeAddr)], slot: u16) -> Option<NodeAddr
         .iter()
         .find(|(first, last, _)| (*first..=*last).contains(&slot))
         .map(|(_, _, addr)| addr.clone())
+}
+
+/// `items` grouped by the master holding `key(item)`'s slot in `ranges`,
+/// in their order within each group; those of a slot no master holds
+/// apart.
+#[allow(clippy::type_complexity)]
+fn group_by_master<'a, T>(
+    ranges: &[(u16, u16, NodeAddr)],
+    items: &'a [T],
+    key: impl Fn(&T) -> &str,
+) -> (Vec<(NodeAddr, Vec<&'a T>)>, Vec<&'a T>) {
+    let mut groups: Vec<(NodeAddr, Vec<&'a T>)> = Vec::new();
+    let mut unmapped = Vec::new();
+    for item in items {
+        let slot = redis::cluster_routing::get_slot(key(item).as_bytes());
+        match master_of_slot(ranges, slot) {
+            Some(addr) => match groups.iter_mut().find(|(a, _)| *a == addr) {
+                Some((_, group)) => group.push(item),
+                None => groups.push((addr, vec![item])),
+            },
+            None => unmapped.push(item),
+        }
+    }
+    (groups, unmapped)
 }
 
 /// `CLUSTER SLOTS`: `[[first, last, [host, port, id, ..], replicas..], ..]`.
@@ -340,5 +480,48 @@ mod tests {
         }
         assert_eq!(master_of_slot(&ranges[..1], 16000), None);
         assert!(parse_slots(&Nil).is_empty());
+    }
+
+    #[test]
+    fn batches_are_grouped_by_master() {
+        let (a, b): (NodeAddr, NodeAddr) = ("10.0.0.1:7000".into(), "10.0.0.2:7000".into());
+        // Slots 0-8191 on a, 8192-12287 on b, 12288-16383 held by no one.
+        let ranges = vec![(0, 8191, a.clone()), (8192, 12287, b.clone())];
+        let slot = |key: &str| redis::cluster_routing::get_slot(key.as_bytes());
+        // Keys whose slots fall on each side.
+        let keys: Vec<String> = (0..200).map(|n| format!("r:{{{n}}}")).collect();
+        let on_a: Vec<&String> = keys.iter().filter(|k| slot(k) <= 8191).collect();
+        let on_b: Vec<&String> = keys
+            .iter()
+            .filter(|k| (8192..=12287).contains(&slot(k)))
+            .collect();
+        let nowhere: Vec<&String> = keys.iter().filter(|k| slot(k) > 12287).collect();
+        assert!(!on_a.is_empty() && !on_b.is_empty() && !nowhere.is_empty());
+        let (groups, unmapped) = group_by_master(&ranges, &keys, |k| k);
+        // One group per master, each in the batch's order, nothing lost.
+        assert_eq!(groups.len(), 2);
+        let group_of = |addr: &NodeAddr| {
+            groups
+                .iter()
+                .find(|(master, _)| master == addr)
+                .map(|(_, group)| group.clone())
+        };
+        assert_eq!(group_of(&a), Some(on_a));
+        assert_eq!(group_of(&b), Some(on_b));
+        assert_eq!(unmapped, nowhere);
+        // Keys sharing a hash tag share a slot, so a master.
+        let same = [
+            "r:{42}".to_owned(),
+            "c:{42}".to_owned(),
+            "r:{42}".to_owned(),
+        ];
+        let (groups, unmapped) = group_by_master(&ranges, &same, |k| k);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].1.len(), 3);
+        assert!(unmapped.is_empty());
+        // An empty map holds nothing: every item is unmapped.
+        let (groups, unmapped) = group_by_master(&[], &same, |k| k);
+        assert!(groups.is_empty());
+        assert_eq!(unmapped.len(), 3);
     }
 }

@@ -3,7 +3,7 @@
 //! - Out: the node whose gate received a reply appends it to the user's
 //!   stream and announces it on the user's channel, in one script (one
 //!   round trip; key and channel share the `{uid}` slot). Appends queue in
-//!   a bounded queue, pipelined per batch; a full queue or a failed batch
+//!   a bounded queue, pipelined per batch (per master on a cluster); a full queue or a failed batch
 //!   is counted (`broker_cluster_dropped_total`) and never waits a session.
 //! - In: while this node holds a session of a user (or keeps a persistent
 //!   one), it is `SSUBSCRIBE`d to the user's channel ([`Interest`];
@@ -90,7 +90,7 @@ impl Interest {
 }
 
 /// Appends what is queued, one pipelined batch at a time (one pipeline
-/// per slot on a cluster, sent together), until the queue closes or the
+/// per master on a cluster, sent together), until the queue closes or the
 /// node shuts down.
 pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
     let script = redis::Script::new(APPEND_SCRIPT);
@@ -105,44 +105,28 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
             .iter()
             .map(|(uid, entry)| (reply_key(uid), entry))
             .collect();
-        let groups = node.redis.by_slot(&keyed, |(key, _)| key);
-        let sent = groups.iter().map(|group| {
-            let (script, ttl_ms, redis) = (&script, &ttl_ms, &node.redis);
-            let mut conn = node.redis.shared();
-            async move {
-                let pipe = |full: bool| {
-                    let mut pipe = redis::pipe();
-                    for (key, entry) in group {
-                        if full {
-                            // The server has not seen the script (new, or
-                            // failed over): EVAL loads it there.
-                            pipe.cmd("EVAL").arg(APPEND_SCRIPT);
-                        } else {
-                            pipe.cmd("EVALSHA").arg(script.get_hash());
-                        }
-                        pipe.arg(1)
-                            .arg(key)
-                            .arg(REPLY_STREAM_MAXLEN)
-                            .arg(&entry[..])
-                            .arg(ttl_ms)
-                            .ignore();
-                    }
-                    pipe
-                };
-                let mut sent = pipe(false).query_async::<()>(&mut conn).await;
-                if sent.is_err() {
-                    // Not known there (`NOSCRIPT`), or failed before or
-                    // while running: again, bounded, with the script
-                    // itself. After a failover the promoted replica does
-                    // not have the script (Redis replicates its effects,
-                    // not the script), so an `EVALSHA` retried there would
-                    // be refused, and the batch dropped.
-                    sent = redis.send_retrying(&pipe(true)).await;
+        let pipe = |group: &[&(String, &Bytes)], full: bool| {
+            let mut pipe = redis::pipe();
+            for (key, entry) in group {
+                if full {
+                    // The server has not seen the script (new, or failed
+                    // over: Redis replicates a script's effects, not the
+                    // script): EVAL loads it there.
+                    pipe.cmd("EVAL").arg(APPEND_SCRIPT);
+                } else {
+                    pipe.cmd("EVALSHA").arg(script.get_hash());
                 }
-                (group.len() as u64, sent)
+                pipe.arg(1)
+                    .arg(key)
+                    .arg(REPLY_STREAM_MAXLEN)
+                    .arg(&entry[..])
+                    .arg(&ttl_ms)
+                    .ignore();
             }
-        });
-        for (n, sent) in futures::future::join_all(sent).await {
+            pipe
+        };
+        let sent = node.redis.send_grouped(&keyed, |(key, _)| key, pipe).await;
+        for (n, sent) in sent {
             match sent {
                 Ok(()) => node.metrics().cluster_moved("reply_out", n),
                 Err(e) => {
@@ -157,7 +141,7 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
 
 /// Announces each device session opened here on its user's channel
 /// (`T <node> <session id>`, no stream entry): a node holding a live
-/// session of that id ends it (takeover across nodes). A batch per slot,
+/// session of that id ends it (takeover across nodes). A batch per master,
 /// sent together; a failure is counted and the old session lives on.
 pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -170,16 +154,14 @@ pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(Stri
             .iter()
             .map(|(uid, session)| (reply_key(uid), takeover_message(&node.id, session)))
             .collect();
-        let groups = node.redis.by_slot(&keyed, |(key, _)| key);
-        let sent = groups.iter().map(|group| {
+        let pipe = |group: &[&(String, Vec<u8>)], _full: bool| {
             let mut pipe = redis::pipe();
             for (key, message) in group {
                 pipe.cmd("SPUBLISH").arg(key).arg(message).ignore();
             }
-            let redis = &node.redis;
-            async move { (group.len() as u64, redis.send_retrying(&pipe).await) }
-        });
-        for (n, sent) in futures::future::join_all(sent).await {
+            pipe
+        };
+        for (n, sent) in node.redis.send_grouped(&keyed, |(key, _)| key, pipe).await {
             if let Err(e) = sent {
                 node.metrics().cluster_dropped("redis_error", n);
                 warn!(error = %e, sessions = n, "session openings not announced to other nodes");
