@@ -11,12 +11,11 @@ mod nodes;
 
 use e2e::clients::{user_property, Seen, V5Client};
 use nodes::{
-    ask, ask_until_served, device, device_key, next_publish, token, Node, ANSWER_WITHIN,
-    HANDLER_KEY, START_WITHIN,
+    device, next_publish, serve_every_builtin_command, token, Node, ANSWER_WITHIN, HANDLER_KEY,
+    START_WITHIN,
 };
 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use testkit::{Platform, RedisServer};
@@ -64,55 +63,8 @@ async fn handlers_on_node_b_serve_a_device_on_node_a() {
     )
     .await;
 
-    // Contacts and tokens: answered by node B's handlers.
-    let contacts = ask_until_served(
-        &mut phone,
-        uid,
-        "get_contact_list",
-        json!({}),
-        "contact_list",
-    )
-    .await;
-    assert_eq!(contacts, json!({"contacts": []}));
-    let tokens = ask_until_served(&mut phone, uid, "list_tokens", json!({}), "list_tokens").await;
-    assert_eq!(tokens, json!({"status": 200, "platforms": []}));
-
-    // Sync: the key exchange, verified by the device.
-    let key = device_key();
-    let public_key = envelope::device::public_key_b64(&key).unwrap();
-    let synced = ask_until_served(
-        &mut phone,
-        uid,
-        "sync",
-        json!({"public_key": public_key}),
-        "sync",
-    )
-    .await;
-    assert_eq!(synced["status"], 200, "{synced}");
-    let aes = envelope::device::open_sync_reply(
-        &key,
-        synced["server_public_key"].as_str().unwrap(),
-        synced["encrypted_key"].as_str().unwrap(),
-        synced["signature"].as_str().unwrap(),
-    )
-    .unwrap();
-    let key_id = synced["key_id"].as_str().unwrap();
-
-    // Publish: sealed on node A's device, opened by node B's handler (with
-    // the key sync stored), forwarded to the platform.
-    let (nonce, ciphertext) =
-        envelope::device::seal_message(&aes, uid, "hello across nodes").unwrap();
-    let body =
-        json!({"platform": "mail", "key_id": key_id, "nonce": nonce, "ciphertext": ciphertext});
-    let published = ask(&mut phone, uid, "publish", body, "publish").await;
-    assert_eq!(published["status"], 200, "{published}");
-    let received = platform.received();
-    assert!(
-        received
-            .iter()
-            .any(|r| r.body.to_string().contains("hello across nodes")),
-        "the platform got the message: {received:?}"
-    );
+    // Contacts, tokens, sync and publish: answered by node B's handlers.
+    serve_every_builtin_command(&mut phone, uid, &platform, "hello across nodes").await;
 
     // Each command crossed through Redis, not a local path: node A runs no
     // handler, and node B's log shows its readers.

@@ -16,8 +16,8 @@ mod nodes;
 
 use e2e::clients::{Seen, V5Client};
 use nodes::{
-    ask, ask_until_served, device, device_key, next_publish, send, start_handler, Node, Process,
-    ANSWER_WITHIN, HANDLER_KEY, START_WITHIN,
+    ask, ask_until_served, device, next_publish, send, serve_every_builtin_command, start_handler,
+    Node, Process, ANSWER_WITHIN, HANDLER_KEY, START_WITHIN,
 };
 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -93,55 +93,10 @@ async fn a_device_on_node_a_is_served_by_handlers_on_nodes_b_and_c() {
     )
     .await;
 
-    // Contacts and tokens: answered by node C's handlers.
-    let contacts = ask_until_served(
-        &mut phone,
-        uid,
-        "get_contact_list",
-        json!({}),
-        "contact_list",
-    )
-    .await;
-    assert_eq!(contacts, json!({"contacts": []}));
-    let tokens = ask_until_served(&mut phone, uid, "list_tokens", json!({}), "list_tokens").await;
-    assert_eq!(tokens, json!({"status": 200, "platforms": []}));
-
-    // Sync: the key exchange, verified by the device; node B's handler.
-    let key = device_key();
-    let public_key = envelope::device::public_key_b64(&key).unwrap();
-    let synced = ask_until_served(
-        &mut phone,
-        uid,
-        "sync",
-        json!({"public_key": public_key}),
-        "sync",
-    )
-    .await;
-    assert_eq!(synced["status"], 200, "{synced}");
-    let aes = envelope::device::open_sync_reply(
-        &key,
-        synced["server_public_key"].as_str().unwrap(),
-        synced["encrypted_key"].as_str().unwrap(),
-        synced["signature"].as_str().unwrap(),
-    )
-    .unwrap();
-    let key_id = synced["key_id"].as_str().unwrap();
-
-    // Publish: sealed on the device on node A, opened by node B's handler
-    // with the key node B's sync stored in the cluster, forwarded.
-    let (nonce, ciphertext) =
-        envelope::device::seal_message(&aes, uid, "hello across the cluster").unwrap();
-    let body =
-        json!({"platform": "mail", "key_id": key_id, "nonce": nonce, "ciphertext": ciphertext});
-    let published = ask_until_served(&mut phone, uid, "publish", body, "publish").await;
-    assert_eq!(published["status"], 200, "{published}");
-    assert!(
-        platform
-            .received()
-            .iter()
-            .any(|r| r.body.to_string().contains("hello across the cluster")),
-        "the platform got the message"
-    );
+    // Contacts and tokens answered by node C's handlers; sync and publish
+    // (sealed on the device on node A, opened by node B's handler with the
+    // key node B's sync stored in the cluster) by node B's.
+    serve_every_builtin_command(&mut phone, uid, &platform, "hello across the cluster").await;
 
     // A second user, whose replies live on another shard than the first's
     // (the test picks one), also served across nodes.

@@ -279,3 +279,65 @@ pub async fn ask(client: &mut V5Client, uid: &str, topic: &str, body: Value, rep
 pub fn device_key() -> rsa::RsaPrivateKey {
     rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap()
 }
+
+/// Runs each built-in command from `phone` (user `uid`) until a handler on
+/// another node answers: contacts and tokens (empty), sync (the key exchange
+/// verified by the device), and a publish sealed with the synced key, opened
+/// by the publish handler and forwarded to `platform` carrying `text`.
+pub async fn serve_every_builtin_command(
+    phone: &mut V5Client,
+    uid: &str,
+    platform: &testkit::Platform,
+    text: &str,
+) {
+    let contacts = ask_until_served(
+        phone,
+        uid,
+        "get_contact_list",
+        serde_json::json!({}),
+        "contact_list",
+    )
+    .await;
+    assert_eq!(contacts, serde_json::json!({"contacts": []}));
+    let tokens = ask_until_served(
+        phone,
+        uid,
+        "list_tokens",
+        serde_json::json!({}),
+        "list_tokens",
+    )
+    .await;
+    assert_eq!(tokens, serde_json::json!({"status": 200, "platforms": []}));
+
+    let key = device_key();
+    let public_key = envelope::device::public_key_b64(&key).unwrap();
+    let synced = ask_until_served(
+        phone,
+        uid,
+        "sync",
+        serde_json::json!({"public_key": public_key}),
+        "sync",
+    )
+    .await;
+    assert_eq!(synced["status"], 200, "{synced}");
+    let aes = envelope::device::open_sync_reply(
+        &key,
+        synced["server_public_key"].as_str().unwrap(),
+        synced["encrypted_key"].as_str().unwrap(),
+        synced["signature"].as_str().unwrap(),
+    )
+    .unwrap();
+    let key_id = synced["key_id"].as_str().unwrap();
+
+    let (nonce, ciphertext) = envelope::device::seal_message(&aes, uid, text).unwrap();
+    let body = serde_json::json!(
+        {"platform": "mail", "key_id": key_id, "nonce": nonce, "ciphertext": ciphertext}
+    );
+    let published = ask_until_served(phone, uid, "publish", body, "publish").await;
+    assert_eq!(published["status"], 200, "{published}");
+    let received = platform.received();
+    assert!(
+        received.iter().any(|r| r.body.to_string().contains(text)),
+        "the platform got the message: {received:?}"
+    );
+}
