@@ -61,6 +61,22 @@ use tokio_util::sync::CancellationToken;
 /// Longest `BROKER_NODE_ID` (it names Redis consumers and entries).
 pub const MAX_NODE_ID_BYTES: usize = 64;
 
+/// This crate's settings (with `REDIS_URL` set).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClusterArgs {
+    /// Replicas each batch of appends waits for (`WAIT n 100` after each
+    /// per-master pipeline): a batch counts as appended once n replicas
+    /// acknowledged it or 100 ms passed (logged at warn, not dropped).
+    /// 0 = off (default). 0 to 5.
+    #[arg(
+        long,
+        env = "BROKER_CLUSTER_WAIT_REPLICAS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u8).range(0..=5)
+    )]
+    pub wait_replicas: u8,
+}
+
 /// Why the cluster cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -146,8 +162,12 @@ pub struct Cluster {
 
 impl Cluster {
     /// Connects to `redis_url` as node `id` (see [`node_id`]).
-    pub async fn connect(redis_url: &str, id: String) -> Result<Cluster, ClusterError> {
-        let redis = Redis::connect(redis_url).await?;
+    pub async fn connect(
+        redis_url: &str,
+        id: String,
+        args: &ClusterArgs,
+    ) -> Result<Cluster, ClusterError> {
+        let redis = Redis::connect(redis_url, args.wait_replicas).await?;
         Ok(Cluster {
             id: id.into(),
             redis,
@@ -482,5 +502,25 @@ mod tests {
             ]
         );
         assert!(stream_entries(&Nil).is_empty());
+    }
+
+    #[test]
+    fn wait_replicas_is_0_to_5() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cluster: ClusterArgs,
+        }
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("broker").chain(args.iter().copied()))
+                .map(|cli| cli.cluster.wait_replicas)
+        };
+        assert_eq!(parse(&[]).unwrap(), 0);
+        assert_eq!(parse(&["--wait-replicas", "1"]).unwrap(), 1);
+        assert_eq!(parse(&["--wait-replicas", "5"]).unwrap(), 5);
+        let refused = parse(&["--wait-replicas", "6"]).unwrap_err().to_string();
+        assert!(refused.contains("0..=5"), "{refused}");
+        assert!(parse(&["--wait-replicas", "x"]).is_err());
     }
 }

@@ -30,6 +30,9 @@ const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(250);
 pub const APPEND_RETRY_FOR: Duration = Duration::from_secs(10);
 /// Slots of Redis Cluster.
 const SLOTS: u16 = 16384;
+/// How long a batch waits for its replicas (`WAIT n 100`) when
+/// `BROKER_CLUSTER_WAIT_REPLICAS` is set.
+pub const WAIT_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Why the cluster store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +56,16 @@ pub struct Redis {
     topology: Arc<Topology>,
     /// One multiplexed connection per master, for batched writes.
     direct: Arc<Mutex<HashMap<NodeAddr, MultiplexedConnection>>>,
+    /// Replicas each batched write waits for (`WAIT`); 0 = none.
+    wait_replicas: u8,
 }
 
 impl Redis {
     /// Connects to `url` (`REDIS_URL`: one URL, or several for a cluster)
     /// and waits for its first answer.
-    pub async fn connect(url: &str) -> Result<Redis, RedisError> {
+    /// `wait_replicas` > 0: each batch sent by [`Redis::send_grouped`]
+    /// ends with `WAIT wait_replicas 100` on its connection.
+    pub async fn connect(url: &str, wait_replicas: u8) -> Result<Redis, RedisError> {
         let target = RedisTarget::parse(url)?;
         let template = match &target {
             RedisTarget::Single(info) => info.clone(),
@@ -74,6 +81,7 @@ impl Redis {
             shared,
             topology,
             direct: Arc::default(),
+            wait_replicas,
         };
         redis.refresh().await.map_err(RedisError::Unreachable)?;
         Ok(redis)
@@ -186,7 +194,9 @@ impl Redis {
         if !self.is_cluster() {
             let group: Vec<&T> = items.iter().collect();
             let mut conn = self.shared();
-            let mut sent = pipe(&group, false).query_async::<()>(&mut conn).await;
+            let mut sent = self
+                .send_waiting(pipe(&group, false), &mut conn, group.len())
+                .await;
             if sent.is_err() {
                 sent = self.send_retrying(&pipe(&group, true)).await;
             }
@@ -199,9 +209,13 @@ impl Redis {
         let direct = groups.into_iter().map(|(addr, group)| async move {
             let sent = match self.direct(&addr).await {
                 Ok(mut conn) => {
-                    let mut sent = pipe(&group, false).query_async::<()>(&mut conn).await;
+                    let mut sent = self
+                        .send_waiting(pipe(&group, false), &mut conn, group.len())
+                        .await;
                     if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
-                        sent = pipe(&group, true).query_async::<()>(&mut conn).await;
+                        sent = self
+                            .send_waiting(pipe(&group, true), &mut conn, group.len())
+                            .await;
                     }
                     if sent.is_err() {
                         // A lost or moved master: connect afresh next time.
@@ -228,6 +242,38 @@ impl Redis {
         };
         let (direct, unmapped) = futures::join!(futures::future::join_all(direct), unmapped);
         direct.into_iter().flatten().chain(unmapped).collect()
+    }
+
+    /// Sends `pipe` on `conn`; with `BROKER_CLUSTER_WAIT_REPLICAS` n > 0
+    /// it ends with `WAIT n 100` on the same connection, so the batch
+    /// counts as appended once n replicas acknowledged it. Fewer within
+    /// the timeout: still appended (the master has it), logged at warn.
+    async fn send_waiting(
+        &self,
+        mut pipe: redis::Pipeline,
+        conn: &mut impl redis::aio::ConnectionLike,
+        items: usize,
+    ) -> redis::RedisResult<()> {
+        if self.wait_replicas == 0 {
+            return pipe.query_async::<()>(conn).await;
+        }
+        pipe.cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let values: Vec<redis::Value> = pipe.query_async(conn).await?;
+        let acked = match values.last() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        };
+        if acked < i64::from(self.wait_replicas) {
+            tracing::warn!(
+                acked,
+                wanted = self.wait_replicas,
+                items,
+                "cluster_wait_short: a batch was appended but fewer replicas than BROKER_CLUSTER_WAIT_REPLICAS acknowledged it within 100 ms"
+            );
+        }
+        Ok(())
     }
 
     /// `items` again, with the script in full, one pipeline per slot on
@@ -525,3 +571,7 @@ mod tests {
         assert_eq!(unmapped.len(), 3);
     }
 }
+
+#[cfg(test)]
+#[path = "redis_conn_wait_tests.rs"]
+mod wait_tests;

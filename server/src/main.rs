@@ -38,6 +38,8 @@ struct Cli {
     broker: BrokerArgs,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten, next_help_heading = "Cross-node delivery (with REDIS_URL)")]
+    cluster: cluster::ClusterArgs,
     #[command(flatten, next_help_heading = "Built-in handlers (BROKER_HANDLERS=all)")]
     handlers: handlers::HandlerArgs,
     #[command(flatten, next_help_heading = "Identity service (in-process)")]
@@ -56,6 +58,7 @@ struct Startup {
     handlers: Option<handlers::HandlerArgs>,
     /// `BROKER_NODE_ID`, for cross-node delivery (with REDIS_URL).
     node_id: Option<String>,
+    cluster: cluster::ClusterArgs,
     idp: idp::config::Settings,
 }
 
@@ -131,6 +134,7 @@ fn compose(cli: Cli) -> anyhow::Result<Startup> {
         store: cli.store,
         handlers,
         node_id,
+        cluster: cli.cluster,
         idp,
     })
 }
@@ -167,6 +171,7 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         store: store_args,
         handlers: handler_args,
         node_id,
+        cluster: cluster_args,
         idp: idp_settings,
     } = startup;
     let acceptor = broker::tls::acceptor_from_files(&plan.tls_cert, &plan.tls_key)
@@ -255,7 +260,7 @@ async fn run(startup: Startup) -> anyhow::Result<()> {
         Some(url) => {
             let id = cluster::node_id(node_id.as_deref()).context("BROKER_NODE_ID")?;
             Some(
-                cluster::Cluster::connect(url, id)
+                cluster::Cluster::connect(url, id, &cluster_args)
                     .await
                     .context("cross-node delivery over Redis (REDIS_URL)")?,
             )

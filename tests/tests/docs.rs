@@ -41,6 +41,8 @@ struct Everything {
     #[command(flatten)]
     store: store::StoreArgs,
     #[command(flatten)]
+    cluster: cluster::ClusterArgs,
+    #[command(flatten)]
     sdk: sdk::SdkArgs,
     #[command(flatten)]
     handlers: handlers::HandlerArgs,
@@ -66,6 +68,7 @@ fn env_example_lists_each_declared_variable_once() {
             setup::config::variables_of(&broker::config::BrokerOnly::command()),
         ),
         ("store", of::<store::StoreArgs>()),
+        ("cluster", of::<cluster::ClusterArgs>()),
         ("sdk", of::<sdk::SdkArgs>()),
         ("handlers", of::<handlers::HandlerArgs>()),
         ("idp", of::<idp::config::IdpArgs>()),
