@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 use store::StoreArgs;
 
+mod pairing;
+pub use pairing::{PairingSettings, DEFAULT_SYNC_PAIR_URL};
+
 /// Why the configuration is unusable. Each message names the variable and
 /// how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,24 +88,6 @@ pub struct HandlerArgs {
     /// one's).
     #[arg(long, env = "SYNC_PAIR_URL")]
     pub sync_pair_url: Option<String>,
-}
-
-/// The pairing URL when `SYNC_PAIR_URL` is unset: the identity service's
-/// default public URL.
-pub const DEFAULT_SYNC_PAIR_URL: &str = "http://127.0.0.1:8080/sync/pair";
-
-/// Pairing sessions (`sync_session`): how codes rotate and how long a
-/// decision may take.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PairingSettings {
-    /// `SYNC_SESSION_ROTATE_SECS`: each code's life.
-    pub rotate: Duration,
-    /// `SYNC_SESSION_CHANGES`: replacements before the session expires.
-    pub changes: u32,
-    /// `SYNC_SESSION_PAUSED_SECS`: the time to decide once a phone claimed.
-    pub paused: Duration,
-    /// `SYNC_PAIR_URL`: what the QR code carries, before `?code=`.
-    pub pair_url: String,
 }
 
 /// Everything a handler binary reads: logging, the store, the way to the
@@ -205,6 +190,7 @@ impl Settings {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
+        let pairing = pairing::from_args(&args)?;
         let platforms = match args.platforms.as_deref().map(str::trim) {
             Some(list) if !list.is_empty() => parse_platforms(list, &get)?,
             _ => Vec::new(),
@@ -234,39 +220,6 @@ impl Settings {
             }
             _ => {}
         }
-        let pair_url = args
-            .sync_pair_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .unwrap_or(DEFAULT_SYNC_PAIR_URL);
-        let pair_url = reqwest::Url::parse(pair_url)
-            .ok()
-            .filter(|u| {
-                matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.query().is_none()
-            })
-            .ok_or_else(|| {
-                invalid(
-                    "SYNC_PAIR_URL",
-                    "expected the absolute http(s) URL of the identity service's POST /sync/pair, without a query (e.g. https://idp.example.com/sync/pair)",
-                )
-            })?;
-        let pairing = PairingSettings {
-            rotate: Duration::from_secs(check_num(
-                "SYNC_SESSION_ROTATE_SECS",
-                args.sync_session_rotate_secs,
-                1,
-                600,
-            )?),
-            changes: check_num("SYNC_SESSION_CHANGES", args.sync_session_changes, 0, 100)?,
-            paused: Duration::from_secs(check_num(
-                "SYNC_SESSION_PAUSED_SECS",
-                args.sync_session_paused_secs,
-                1,
-                3600,
-            )?),
-            pair_url: pair_url.to_string(),
-        };
         Ok(Settings {
             broker_url: sdk.broker_url,
             broker_ca: sdk.broker_ca,
