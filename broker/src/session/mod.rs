@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::task::{ready, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tracing::{error, Instrument};
+use tracing::{debug, error, Instrument};
 use wire::{Apply, Wire};
 
 /// Who a listener admits.
@@ -135,6 +135,7 @@ where
         // A panic in the loop (a bug: no input should reach one) ends this
         // session like any other server-side end: the client is told, the
         // will fires, the router link is closed, and it is counted.
+        let gate = session.state.gate.clone();
         let relay = AssertUnwindSafe(session.relay(&mut wire)).catch_unwind();
         let end = match relay.await {
             Ok(end) => end,
@@ -148,8 +149,18 @@ where
             }
         };
         // Boxed: the goodbye's state (will, DISCONNECT, timeouts) would
-        // otherwise be part of every connection's resident future.
-        Box::pin(ending::finish(session, wire, end)).await;
+        // otherwise be part of every connection's resident future. A panic
+        // while ending is caught here too (the session's `Drop` still
+        // queues the router's DISCONNECT) so that it is told apart from a
+        // session dropped by a thread that unwinds for another reason.
+        let ending = AssertUnwindSafe(Box::pin(ending::finish(session, wire, end)));
+        if let Err(panic) = ending.catch_unwind().await {
+            gate.metrics().session_panicked();
+            error!(
+                panic = panic_text(&*panic),
+                "a session panicked while ending; its router link is closed"
+            );
+        }
     }
 }
 
@@ -182,18 +193,17 @@ struct Session {
 }
 
 impl Drop for Session {
-    /// Ended without `finish`: a panic outside the relay loop (the loop's
-    /// own are caught in `run`) or the task dropped at shutdown. The router
-    /// must not keep a session for a client nobody serves: queue its
-    /// DISCONNECT (the send's first attempt does not wait).
+    /// Ended without `finish`: a panic while ending (caught, logged and
+    /// counted in `run`), or the task dropped (the runtime shut down, or
+    /// its thread unwinds for a panic that is not the session's, as when a
+    /// test's assertion fails beside in-process sessions). The router must
+    /// not keep a session for a client nobody serves: queue its DISCONNECT
+    /// (the send's first attempt does not wait).
     fn drop(&mut self) {
         if self.finished {
             return;
         }
-        if std::thread::panicking() {
-            self.state.gate.metrics().session_panicked();
-            error!("a session panicked while ending; its router link is closed");
-        }
+        debug!("session dropped before its ending finished; its router link is closed");
         if !self.state.taken_over() {
             drop(self.tx.send(ending::normal_disconnect()));
         }
