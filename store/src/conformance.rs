@@ -19,6 +19,7 @@ pub async fn exercise(store: &dyn Store) {
     revocation_flag(store).await;
     deletion(store, k2).await;
     revocations(store).await;
+    revocations_in_batches(store).await;
     registrations(store).await;
     platform_tokens(store).await;
     accounts(store).await;
@@ -132,6 +133,32 @@ async fn deletion(store: &dyn Store, k2: KeyRecord) {
 }
 
 /// Revocations by time: merged to the stronger one; restore clears every kind.
+/// Many users' revocations in one read, in the order asked, unknown users
+/// included (the broker's sweep).
+async fn revocations_in_batches(store: &dyn Revocations) {
+    assert!(store.revocations(&[]).await.unwrap().is_empty());
+    let (a, b, c) = (uid("batch-a"), uid("batch-b"), uid("batch-c"));
+    store.revoke_user(&a, Revocation::All).await.unwrap();
+    store
+        .revoke_user(&c, Revocation::IssuedBefore(42))
+        .await
+        .unwrap();
+    let batch = [c.clone(), b.clone(), a.clone(), c.clone()];
+    assert_eq!(
+        store.revocations(&batch).await.unwrap(),
+        vec![
+            Some(Revocation::IssuedBefore(42)),
+            None,
+            Some(Revocation::All),
+            Some(Revocation::IssuedBefore(42)),
+        ]
+    );
+    for user in [&a, &c] {
+        store.restore_user(user).await.unwrap();
+    }
+    assert_eq!(store.revocations(&[a]).await.unwrap(), vec![None]);
+}
+
 async fn revocations(store: &dyn Revocations) {
     let d = uid("acct-1");
     // Revocations merge to the stronger one; restore clears every kind.

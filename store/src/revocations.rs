@@ -134,6 +134,20 @@ pub trait Revocations: Send + Sync + 'static {
     /// The user's revocation, if any.
     fn revocation<'a>(&'a self, uid: &'a UserId) -> StoreFuture<'a, Option<Revocation>>;
 
+    /// The revocations of many users, in their order: what the broker's
+    /// periodic sweep reads. Redis answers a batch with one `MGET` (split
+    /// per shard on a cluster) instead of one `GET` per user; keep batches
+    /// to a few hundred users.
+    fn revocations<'a>(&'a self, uids: &'a [UserId]) -> StoreFuture<'a, Vec<Option<Revocation>>> {
+        Box::pin(async move {
+            let mut found = Vec::with_capacity(uids.len());
+            for uid in uids {
+                found.push(self.revocation(uid).await?);
+            }
+            Ok(found)
+        })
+    }
+
     /// A live feed of revocations recorded through this store or (Redis) by
     /// any process sharing it. Receivers that lag get
     /// `RecvError::Lagged` and should re-check everything, as on

@@ -34,6 +34,22 @@ impl Revocations for RedisStore {
         })
     }
 
+    fn revocations<'a>(&'a self, uids: &'a [UserId]) -> StoreFuture<'a, Vec<Option<Revocation>>> {
+        Box::pin(async move {
+            if uids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let keys: Vec<String> = uids.iter().map(|uid| self.key("revoked", uid)).collect();
+            let raw: Vec<Option<String>> = self
+                .run(move |mut c| async move { c.mget(keys).await })
+                .await?;
+            Ok(raw
+                .iter()
+                .map(|raw| raw.as_deref().map(Revocation::decode))
+                .collect())
+        })
+    }
+
     fn revocation_events(&self) -> broadcast::Receiver<RevocationEvent> {
         let receiver = self.events.subscribe();
         self.subscriber.call_once(|| {
