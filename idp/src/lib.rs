@@ -28,6 +28,7 @@
 //! the connection caps and deadlines of [`server`]; [`descriptors`] checks at
 //! start that those caps fit the process's open-file limit.
 
+pub mod admin;
 pub mod api;
 pub mod banner;
 pub mod config;
@@ -37,6 +38,7 @@ pub mod msisdn;
 pub mod pair;
 pub mod server;
 pub mod session_id;
+pub mod sign_up;
 pub mod sms;
 pub mod web;
 
