@@ -13,6 +13,7 @@
 //! - [`bare`]: the vendored rumqttd router with its own listener, for the baseline.
 
 pub mod bare;
+mod device;
 pub mod driver;
 pub mod echo;
 pub mod mqtt;
