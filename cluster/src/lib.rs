@@ -13,6 +13,8 @@
 //! - `listener.rs`: its sharded pub/sub subscriptions, per master;
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
+//! - `acks.rs`: a command's delivery tag, and its `XACK` once a handler
+//!   acknowledged it;
 //! - `declarations.rs`: command topics handlers declared, shared by nodes;
 //! - `redis_conn.rs`: the connections (the store's shared one, routed by
 //!   slot on a cluster; the slot map; batched appends, one pipeline per
@@ -29,6 +31,7 @@
 //! topic's stream, read by the consumer groups of the handlers that
 //! declared it, on whichever nodes they are.
 
+mod acks;
 mod commands;
 mod declarations;
 pub mod entry;
@@ -156,6 +159,7 @@ pub struct Cluster {
     replies: (Queue, mpsc::Receiver<Queued>),
     commands: (Queue, mpsc::Receiver<Queued>),
     takeovers: (Queue, mpsc::Receiver<Queued>),
+    acks: (acks::AckQueue, mpsc::Receiver<acks::CommandTag>),
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -177,6 +181,7 @@ impl Cluster {
             replies: mpsc::channel(replies::APPEND_QUEUE),
             commands: mpsc::channel(commands::APPEND_QUEUE),
             takeovers: mpsc::channel(replies::APPEND_QUEUE),
+            acks: mpsc::channel(acks::ACK_QUEUE),
             built: Arc::default(),
         })
     }
@@ -195,10 +200,11 @@ impl Cluster {
             self.declared.clone(),
             self.built.clone(),
         );
-        let (replies, commands, takeovers) = (
+        let (replies, commands, takeovers, acks) = (
             self.replies.0.clone(),
             self.commands.0.clone(),
             self.takeovers.0.clone(),
+            self.acks.0.clone(),
         );
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
@@ -212,6 +218,7 @@ impl Cluster {
                 replies,
                 commands,
                 takeovers,
+                acks,
                 metrics: metrics.clone(),
                 held: Mutex::default(),
             })
@@ -236,6 +243,7 @@ impl Cluster {
         tasks.spawn(replies::append(node.clone(), self.replies.1));
         tasks.spawn(commands::append(node.clone(), self.commands.1));
         tasks.spawn(replies::announce_takeovers(node.clone(), self.takeovers.1));
+        tasks.spawn(acks::acknowledge(node.clone(), self.acks.1));
         tasks.spawn(listener::listen(node.clone(), self.interest));
         tasks.spawn(declarations::share(
             node.clone(),
@@ -273,6 +281,8 @@ pub struct ClusterDelivery {
     /// Device sessions opened here, announced to the other nodes (one of
     /// them may hold the same session: it ends it).
     takeovers: Queue,
+    /// Commands handlers here acknowledged, for their `XACK`.
+    acks: acks::AckQueue,
     metrics: Arc<Metrics>,
     /// Device sessions counted in `interest` (a persistent one until it
     /// expires or a clean connection replaces it), by session id.
@@ -407,6 +417,16 @@ impl Delivery for ClusterDelivery {
     fn expire(&self, id: &str) {
         self.forget(id);
         self.local.expire(id);
+    }
+
+    fn delivered(&self, _session_id: &str, tag: &str) {
+        // A command a handler here acknowledged: its XACK is queued.
+        if let Some(command) = acks::CommandTag::parse(tag) {
+            if self.acks.try_send(command).is_err() {
+                // Delivered again once idle: a duplicate, not a loss.
+                self.metrics.cluster_dropped("ack_queue_full", 1);
+            }
+        }
     }
 }
 
