@@ -3,7 +3,9 @@
 //! handler publishes on node A reaches, with the retain flag, a device
 //! subscribing on node B afterwards, and on node C started after the
 //! publish; an empty retained publish on node B deletes it on node A; a
-//! live subscriber gets a retained message once.
+//! live subscriber gets a retained message once; past the cluster's cap a
+//! retained topic is refused (logged), and a node started later loads the
+//! 10,000 stored.
 
 mod nodes;
 
@@ -205,4 +207,79 @@ async fn retained_messages_are_shared_by_every_node() {
     assert_eq!(stored, redis::Value::Int(0), "deleted in Redis too");
     assert!(START_WITHIN > SPREAD_WITHIN);
     drop(node_c);
+}
+
+/// The cluster's cap on retained topics (`cluster::retained::MAX_TOPICS`):
+/// one more is refused with a log line saying which cap; a node started
+/// afterwards loads every stored one. Prints how long storing and loading
+/// took, and the hash's memory in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_cap_a_retained_topic_is_refused_and_a_new_node_loads_the_rest() {
+    const MAX_TOPICS: usize = 10_000;
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &url, false, none);
+    let loader = handler(&node_a).await;
+    let started = Instant::now();
+    for i in 0..=MAX_TOPICS {
+        loader
+            .client
+            .publish(format!("load/{i}"), QoS::AtLeastOnce, true, vec![b'x'; 64])
+            .await
+            .unwrap();
+    }
+    let master = cluster.master_of_key("{retained}:topics");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stored = cluster
+            .query(master, &["HLEN", "{retained}:topics"])
+            .unwrap();
+        if stored == redis::Value::Int(MAX_TOPICS as i64)
+            && node_a.log_text().contains("cap on retained topics")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stored:?} stored:\n{}",
+            node_a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored_in = started.elapsed();
+    let memory = cluster
+        .query_text(master, &["MEMORY", "USAGE", "{retained}:topics"])
+        .unwrap();
+
+    let spawned = Instant::now();
+    let node_b = Node::start("node-b", &url, false, none);
+    let loaded = format!("retained messages loaded from Redis topics={MAX_TOPICS}");
+    while !node_b.log_text().contains(&loaded) {
+        assert!(
+            spawned.elapsed() < Duration::from_secs(120),
+            "node B did not load them:\n{}",
+            node_b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "{} retained publishes of 64 bytes stored in {stored_in:?} (one refused by the cap), the hash takes {} bytes in Redis; a node started afterwards had loaded all {MAX_TOPICS} {:?} after its process was spawned",
+        MAX_TOPICS + 1,
+        memory.trim(),
+        spawned.elapsed()
+    );
+    // (A handler: devices subscribe to their own topics only.)
+    let mut reader = handler(&node_b).await;
+    assert_eq!(
+        reader.subscribe("load/9999", QoS::AtLeastOnce).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let got = publishes_until(&mut reader, "load/9999", SPREAD_WITHIN)
+        .await
+        .expect("the retained message")
+        .pop()
+        .unwrap();
+    assert!(got.retain);
+    assert_eq!(&got.payload[..], &[b'x'; 64][..]);
 }
