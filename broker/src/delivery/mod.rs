@@ -47,6 +47,10 @@
 //!   device on one node may publish to a command a handler on another
 //!   declared.
 //!
+//! - `delivered`: a client acknowledged a publish that carried a
+//!   [`DELIVERY_TAG`]: a command is acknowledged in its stream (`XACK`)
+//!   once a handler acknowledged it.
+//!
 //! `subscribe` and `unsubscribe` stay local decisions (the path is per
 //! connection); the cluster only learns the user's interest through `open`.
 
@@ -64,6 +68,17 @@ pub use table::Table;
 
 use crate::acl::{CommandTopics, Denial};
 use crate::router::protocol::{Publish, PublishProperties, QoS};
+
+/// The one gate-internal user property an injected publish may carry: an
+/// opaque tag (at most [`DELIVERY_TAG_MAX`] bytes of UTF-8, made by the
+/// `cluster` crate) that [`Delivery::delivered`] hands back once the client
+/// acknowledged the publish. The session removes it before writing any
+/// publish to a client, and the gate removes it from every publish and will
+/// a client sends, so it cannot be forged.
+pub const DELIVERY_TAG: &str = "x-gate-tag";
+
+/// The longest [`DELIVERY_TAG`] value the cluster makes, in bytes.
+pub const DELIVERY_TAG_MAX: usize = 256;
 
 /// How a connection of a session starts, for [`Delivery::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,4 +155,14 @@ pub trait Delivery: CommandTopics + Send + Sync {
 
     /// Persistent session `id` expired: what it kept is released.
     fn expire(&self, id: &str);
+
+    /// The client of session `session_id` acknowledged a publish that
+    /// carried [`DELIVERY_TAG`] `tag`: QoS 0 once written, QoS 1 on its
+    /// PUBACK, QoS 2 on its PUBCOMP (or a PUBREC refusing it, which ends
+    /// the flow). A publish not written (too large for the client, expired,
+    /// the connection ended first) is not reported. Called from the
+    /// session: must not wait.
+    fn delivered(&self, session_id: &str, tag: &str) {
+        let _ = (session_id, tag);
+    }
 }
