@@ -217,6 +217,11 @@ impl Cursor {
         self.0.map(StreamId::after)
     }
 
+    /// The last entry seen.
+    pub fn last(self) -> Option<StreamId> {
+        self.0
+    }
+
     /// Records `id` if it is past the cursor.
     pub fn see(&mut self, id: StreamId) -> Seen {
         match self.0.map(|last| id.cmp(&last)) {

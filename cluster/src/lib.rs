@@ -10,7 +10,11 @@
 //!   stream ids and a user's cursor (pure, table-tested);
 //! - `replies.rs`: the device plane (per-user streams, their appends,
 //!   replays and delivery here; takeover announcements);
-//! - `listener.rs`: its sharded pub/sub subscriptions, per master;
+//! - `listener.rs`: its sharded pub/sub subscriptions, per master, and
+//!   the replay of a user's stream for a session that moved here;
+//! - `record.rs`: a persistent device session's record in Redis (pure);
+//! - `sessions.rs`: the persistent device sessions held here, their
+//!   records written to Redis and read back at CONNECT on another node;
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
 //! - `declarations.rs`: command topics handlers declared, shared by nodes;
@@ -33,14 +37,17 @@ mod commands;
 mod declarations;
 pub mod entry;
 mod listener;
+pub mod record;
 mod redis_conn;
 mod replies;
+mod sessions;
 
 pub use redis_conn::RedisError;
 
 use broker::acl::{CommandTopics, Denial};
 use broker::delivery::{
-    Delivery, Kind, LocalDelivery, Opening, Path, Request, Routed, Subscriptions,
+    Delivery, Kind, LocalDelivery, Opening, Path, Request, ResumeFuture, Resumed, Routed,
+    SessionSubscription, Subscriptions,
 };
 use broker::inject::Injector;
 use broker::metrics::Metrics;
@@ -49,9 +56,11 @@ use bytes::Bytes;
 use commands::Groups;
 use declarations::Declared;
 use entry::{command_key, partition, Entry, StreamId};
+use listener::Resume;
 use parking_lot::Mutex;
 use redis_conn::Redis;
 use replies::Interest;
+use sessions::Persistent;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -156,6 +165,8 @@ pub struct Cluster {
     replies: (Queue, mpsc::Receiver<Queued>),
     commands: (Queue, mpsc::Receiver<Queued>),
     takeovers: (Queue, mpsc::Receiver<Queued>),
+    persistent: Arc<Persistent>,
+    resumes: (mpsc::Sender<Resume>, mpsc::Receiver<Resume>),
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -177,6 +188,8 @@ impl Cluster {
             replies: mpsc::channel(replies::APPEND_QUEUE),
             commands: mpsc::channel(commands::APPEND_QUEUE),
             takeovers: mpsc::channel(replies::APPEND_QUEUE),
+            persistent: Arc::default(),
+            resumes: mpsc::channel(listener::RESUME_QUEUE),
             built: Arc::default(),
         })
     }
@@ -200,6 +213,11 @@ impl Cluster {
             self.commands.0.clone(),
             self.takeovers.0.clone(),
         );
+        let (persistent, resumes, redis) = (
+            self.persistent.clone(),
+            self.resumes.0.clone(),
+            self.redis.clone(),
+        );
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
@@ -214,6 +232,9 @@ impl Cluster {
                 takeovers,
                 metrics: metrics.clone(),
                 held: Mutex::default(),
+                persistent,
+                resumes,
+                redis,
             })
         })
     }
@@ -236,7 +257,13 @@ impl Cluster {
         tasks.spawn(replies::append(node.clone(), self.replies.1));
         tasks.spawn(commands::append(node.clone(), self.commands.1));
         tasks.spawn(replies::announce_takeovers(node.clone(), self.takeovers.1));
-        tasks.spawn(listener::listen(node.clone(), self.interest));
+        tasks.spawn(listener::listen(
+            node.clone(),
+            self.interest,
+            self.persistent.clone(),
+            self.resumes.1,
+        ));
+        tasks.spawn(sessions::write(node.clone(), self.persistent));
         tasks.spawn(declarations::share(
             node.clone(),
             self.groups.clone(),
@@ -277,10 +304,15 @@ pub struct ClusterDelivery {
     /// Device sessions counted in `interest` (a persistent one until it
     /// expires or a clean connection replaces it), by session id.
     held: Mutex<HashSet<String>>,
+    /// Persistent device sessions held here, with their records in Redis.
+    persistent: Arc<Persistent>,
+    /// Replays for sessions that moved here (the listener's).
+    resumes: mpsc::Sender<Resume>,
+    redis: Redis,
 }
 
 /// The user id of a device session id (`D:<uid>:<client>`).
-fn device_uid(session_id: &str) -> Option<&str> {
+pub(crate) fn device_uid(session_id: &str) -> Option<&str> {
     session_id.strip_prefix("D:")?.split(':').next()
 }
 
@@ -325,12 +357,21 @@ impl Delivery for ClusterDelivery {
                     if self.held.lock().insert(id.to_owned()) {
                         self.interest.add(uid);
                     }
-                    if self
-                        .takeovers
-                        .try_send((uid.to_owned(), Bytes::from(id.to_owned())))
-                        .is_err()
-                    {
+                    let opened = replies::opened(id, opening.clean_start);
+                    if self.takeovers.try_send((uid.to_owned(), opened)).is_err() {
                         self.metrics.cluster_dropped("queue_full", 1);
+                    }
+                    let moved = self
+                        .persistent
+                        .open(id, opening.persistent, opening.clean_start);
+                    if let Some(from) = moved {
+                        let replay = Resume::Replay {
+                            uid: uid.to_owned(),
+                            from,
+                        };
+                        if self.resumes.try_send(replay).is_err() {
+                            self.metrics.cluster_dropped("queue_full", 1);
+                        }
                     }
                 }
             }
@@ -378,7 +419,16 @@ impl Delivery for ClusterDelivery {
             command_key(topic, partition(properties))
         } else {
             match topic.split_once('_') {
-                Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => uid.to_owned(),
+                Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => {
+                    if !publish.retain && self.persistent.holds_user(uid) {
+                        // Through the stream, so that it reaches the
+                        // router here with its stream id (`replies::deliver`)
+                        // and a persistent session's acknowledgement moves
+                        // its cursor.
+                        routed.needs_router = false;
+                    }
+                    uid.to_owned()
+                }
                 _ => return routed,
             }
         };
@@ -400,13 +450,50 @@ impl Delivery for ClusterDelivery {
         }
         if !row.persistent() {
             self.forget(id);
+        } else if row.kind() == Kind::Device {
+            self.persistent.close(id);
         }
         self.local.close(id, row);
     }
 
     fn expire(&self, id: &str) {
         self.forget(id);
+        self.persistent.expire(id);
         self.local.expire(id);
+    }
+
+    fn delivered(&self, session_id: &str, tag: &str) {
+        self.persistent.delivered(session_id, tag);
+    }
+
+    fn resume(&self, id: &str) -> ResumeFuture {
+        let (persistent, redis, resumes) = (
+            self.persistent.clone(),
+            self.redis.clone(),
+            self.resumes.clone(),
+        );
+        let id = id.to_owned();
+        Box::pin(async move {
+            let uid = device_uid(&id).map(str::to_owned);
+            let resumed = persistent.resume(redis, id).await;
+            if let (Resumed::Moved(_), Some(uid)) = (&resumed, uid) {
+                // Its user's live replies wait for its replay.
+                let _ = resumes.try_send(Resume::Hold(uid));
+            }
+            resumed
+        })
+    }
+
+    fn session_expiry(&self, id: &str, expiry: std::time::Duration) {
+        self.persistent.expiry(id, expiry);
+    }
+
+    fn subscribed(&self, id: &str, subscriptions: &[SessionSubscription]) {
+        self.persistent.subscribed(id, subscriptions);
+    }
+
+    fn unsubscribed(&self, id: &str, filters: &[String]) {
+        self.persistent.unsubscribed(id, filters);
     }
 }
 

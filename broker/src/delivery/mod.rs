@@ -52,18 +52,25 @@
 
 mod inbox;
 mod local;
+mod resume;
 mod route;
 mod row;
 mod table;
 
 pub use inbox::{Reply, ReplyInbox, Served, INBOX_LIMIT_BYTES};
 pub use local::LocalDelivery;
+pub use resume::{ResumeFuture, Resumed, SessionSubscription};
 pub use route::Routed;
 pub use row::{Kind, Subscriptions};
 pub use table::Table;
 
 use crate::acl::{CommandTopics, Denial};
 use crate::router::protocol::{Publish, PublishProperties, QoS};
+
+/// The user property an injected publish may carry so that its node learns
+/// when the client acknowledged it ([`Delivery::delivered`]); the gate
+/// removes it from everything a client sends and everything it writes.
+pub const DELIVERY_TAG: &str = "x-gate-tag";
 
 /// How a connection of a session starts, for [`Delivery::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,4 +147,27 @@ pub trait Delivery: CommandTopics + Send + Sync {
 
     /// Persistent session `id` expired: what it kept is released.
     fn expire(&self, id: &str);
+
+    /// The client of session `session_id` acknowledged a publish that
+    /// carried [`DELIVERY_TAG`] with value `tag` (QoS 0 once written, QoS 1
+    /// on its PUBACK, QoS 2 on its PUBCOMP).
+    fn delivered(&self, _session_id: &str, _tag: &str) {}
+
+    /// At CONNECT with Clean Start 0 of persistent device session `id`,
+    /// before its router session opens: whether it lived on another node,
+    /// and with which subscriptions. Awaited under the caller's deadline.
+    fn resume(&self, _id: &str) -> ResumeFuture {
+        Box::pin(std::future::ready(Resumed::Here))
+    }
+
+    /// Persistent device session `id` lasts `expiry` after its connection
+    /// ends (told at each CONNECT, after [`Delivery::open`]).
+    fn session_expiry(&self, _id: &str, _expiry: std::time::Duration) {}
+
+    /// Persistent device session `id` now holds `subscriptions` (the
+    /// router serves them; a filter held already is replaced).
+    fn subscribed(&self, _id: &str, _subscriptions: &[SessionSubscription]) {}
+
+    /// Persistent device session `id` no longer holds `filters`.
+    fn unsubscribed(&self, _id: &str, _filters: &[String]) {}
 }
