@@ -67,10 +67,16 @@ pub use table::Table;
 use crate::acl::{CommandTopics, Denial};
 use crate::router::protocol::{Publish, PublishProperties, QoS};
 
-/// The user property an injected publish may carry so that its node learns
-/// when the client acknowledged it ([`Delivery::delivered`]); the gate
-/// removes it from everything a client sends and everything it writes.
+/// The one gate-internal user property an injected publish may carry: an
+/// opaque tag (at most [`DELIVERY_TAG_MAX`] bytes of UTF-8, made by the
+/// `cluster` crate) that [`Delivery::delivered`] hands back once the client
+/// acknowledged the publish. The session removes it before writing any
+/// publish to a client, and the gate removes it from every publish and will
+/// a client sends, so it cannot be forged.
 pub const DELIVERY_TAG: &str = "x-gate-tag";
+
+/// The longest [`DELIVERY_TAG`] value the cluster makes, in bytes.
+pub const DELIVERY_TAG_MAX: usize = 256;
 
 /// How a connection of a session starts, for [`Delivery::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,9 +155,14 @@ pub trait Delivery: CommandTopics + Send + Sync {
     fn expire(&self, id: &str);
 
     /// The client of session `session_id` acknowledged a publish that
-    /// carried [`DELIVERY_TAG`] with value `tag` (QoS 0 once written, QoS 1
-    /// on its PUBACK, QoS 2 on its PUBCOMP).
-    fn delivered(&self, _session_id: &str, _tag: &str) {}
+    /// carried [`DELIVERY_TAG`] `tag`: QoS 0 once written, QoS 1 on its
+    /// PUBACK, QoS 2 on its PUBCOMP (or a PUBREC refusing it, which ends
+    /// the flow). A publish not written (too large for the client, expired,
+    /// the connection ended first) is not reported. Called from the
+    /// session: must not wait.
+    fn delivered(&self, session_id: &str, tag: &str) {
+        let _ = (session_id, tag);
+    }
 
     /// At CONNECT with Clean Start 0 of persistent device session `id`,
     /// before its router session opens: whether it lived on another node,

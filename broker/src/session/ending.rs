@@ -110,10 +110,16 @@ async fn fire_will(session: &mut Session) {
                 info!("the user was revoked: the will is dropped");
                 return;
             }
+            let will_properties = super::tags::strip_forged_from(will_properties);
             let stamped = identity::stamp(will_properties, device, &state.who.client_id);
             (Some(stamped), false, Some(device.clone()))
         }
-        Principal::Handler(_) => (will_properties, will.retain, None),
+        // A delivery tag is the gate's own: never a will's.
+        Principal::Handler(_) => (
+            super::tags::strip_forged_from(will_properties),
+            will.retain,
+            None,
+        ),
     };
     // Only a session that outlives its connection, and so counts
     // against its user's persistent sessions, can park a will.

@@ -20,6 +20,9 @@ mod ending;
 mod publish;
 pub mod state;
 mod subscribe;
+mod tags;
+#[cfg(test)]
+mod tags_tests;
 #[cfg(test)]
 mod tests;
 mod wire;

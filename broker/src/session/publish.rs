@@ -4,6 +4,7 @@
 //! close their flows.
 
 use super::state::{Actions, End, SessionState};
+use super::tags;
 use crate::acl::{self, Denial};
 use crate::answers::{self, ServerDisconnect};
 use crate::identity;
@@ -123,6 +124,8 @@ impl SessionState {
                 return None;
             }
         };
+        // A delivery tag is the gate's own: never a client's.
+        let properties = tags::strip_forged_from(properties);
         let properties = match principal {
             crate::auth::Principal::Device(device) => {
                 // Devices never set retained messages; their identity is stamped.
@@ -198,18 +201,27 @@ impl SessionState {
         }
     }
 
-    /// A publish the router forwards to the client.
+    /// A publish the router forwards to the client, without its delivery
+    /// tag: reported once written (QoS 0) or kept until the client's
+    /// acknowledgement (`client_acknowledged`).
     pub(super) fn router_publish(
         &mut self,
         publish: Publish,
-        properties: Option<PublishProperties>,
+        mut properties: Option<PublishProperties>,
         out: &mut impl Actions,
     ) {
         // Replies the gate queued first are written first.
         self.drain_inbox(out);
         let (qos, pkid) = (publish.qos(), publish.pkid());
+        let tag = properties.as_mut().and_then(tags::take);
         if out.to_client(Packet::Publish(publish, properties)) {
             self.gate.metrics().messages_out(1);
+            if let Some(tag) = tag {
+                match qos {
+                    QoS::AtMostOnce => self.gate.delivery().delivered(self.claim.id(), &tag),
+                    QoS::AtLeastOnce | QoS::ExactlyOnce => self.tags.insert(pkid, tag),
+                }
+            }
         } else {
             // Too large for this client: not sent, and settled with the
             // router as if delivered, so its flow goes on.

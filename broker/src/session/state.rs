@@ -14,6 +14,7 @@
 
 use super::publish::UndeliverableQos2;
 use super::subscribe::PendingSubAcks;
+use super::tags::{self, Tags};
 use crate::answers::ServerDisconnect;
 use crate::auth::Principal;
 use crate::codec::{CodecError, Version};
@@ -21,7 +22,7 @@ use crate::delivery::Subscriptions;
 use crate::gate::Gate;
 use crate::inbound::{InboundFlows, Release};
 use crate::router::protocol::{
-    DisconnectReasonCode, LastWill, Packet, PingResp, PubComp, PublishProperties,
+    DisconnectReasonCode, LastWill, Packet, PingResp, PubComp, PubRecReason, PublishProperties,
     SubscribeProperties,
 };
 use crate::sessions::{EndRequest, SessionClaim};
@@ -100,8 +101,9 @@ pub struct Deadlines {
 }
 
 /// What a connected session knows and decides. Everything rarely used is
-/// boxed and allocated only when used: the will, pending SUBACK merges and
-/// undeliverable QoS 2 forwards.
+/// boxed and allocated only when used: the will, pending SUBACK merges,
+/// undeliverable QoS 2 forwards and the delivery tags awaiting the client's
+/// acknowledgement.
 pub struct SessionState {
     pub(super) gate: Arc<Gate>,
     pub(super) who: Box<Who>,
@@ -117,6 +119,9 @@ pub struct SessionState {
     pub(super) will: Option<Box<Will>>,
     pub(super) pending_subacks: PendingSubAcks,
     pub(super) undeliverable_qos2: UndeliverableQos2,
+    /// Delivery tags of publishes written to the client, by packet id,
+    /// until it acknowledges them (`tags`).
+    pub(super) tags: Tags,
 }
 
 /// What a CONNECT decided, for [`SessionState::new`].
@@ -143,6 +148,7 @@ impl SessionState {
             will: accepted.will.map(Box::new),
             pending_subacks: PendingSubAcks::default(),
             undeliverable_qos2: UndeliverableQos2::default(),
+            tags: Tags::default(),
         }
     }
 
@@ -234,6 +240,7 @@ impl SessionState {
                 None
             }
             packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                self.client_acknowledged(&packet);
                 out.to_router(packet);
                 None
             }
@@ -303,16 +310,41 @@ impl SessionState {
         None
     }
 
-    /// Queues every reply the gate has for this session.
+    /// The client acknowledged a publish written to it: the end of its
+    /// flow (PUBACK, PUBCOMP, or a PUBREC refusing it) reports its delivery
+    /// tag, if it carried one.
+    fn client_acknowledged(&mut self, packet: &Packet) {
+        let pkid = match packet {
+            Packet::PubAck(ack, _) => ack.pkid,
+            Packet::PubComp(comp, _) => comp.pkid,
+            Packet::PubRec(rec, _)
+                if !matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ) =>
+            {
+                rec.pkid
+            }
+            _ => return,
+        };
+        if let Some(tag) = self.tags.take(pkid) {
+            self.gate.delivery().delivered(self.claim.id(), &tag);
+        }
+    }
+
+    /// Queues every reply the gate has for this session (QoS 0: a delivery
+    /// tag is reported once the reply is written).
     pub(super) fn drain_inbox(&self, out: &mut impl Actions) {
         let Some(inbox) = self.subs.inbox() else {
             return;
         };
         let delivered = inbox.drain(|delivery| {
-            out.to_client(Packet::Publish(
-                delivery.publish,
-                delivery.properties.map(|p| *p),
-            ));
+            let mut properties = delivery.properties.map(|p| *p);
+            let tag = properties.as_mut().and_then(tags::take);
+            let written = out.to_client(Packet::Publish(delivery.publish, properties));
+            if let (true, Some(tag)) = (written, tag) {
+                self.gate.delivery().delivered(self.claim.id(), &tag);
+            }
         });
         if delivered > 0 {
             self.gate.metrics().messages_out(delivered);
