@@ -352,15 +352,22 @@ pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>) {
     let delete_script = redis::Script::new(DELETE_SCRIPT);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut more = false;
     loop {
-        tokio::select! {
-            _ = node.shutdown.cancelled() => return,
-            () = persistent.changed.notified() => {
-                tokio::time::sleep(COALESCE).await;
+        if !more {
+            tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                () = persistent.changed.notified() => {
+                    tokio::time::sleep(COALESCE).await;
+                }
+                _ = tick.tick() => {}
             }
-            _ = tick.tick() => {}
+        } else if node.shutdown.is_cancelled() {
+            return;
         }
         let (removals, writes) = persistent.due(&node.id, Instant::now());
+        // A full batch: more may be due at once.
+        more = writes.len() == BATCH;
         if !removals.is_empty() {
             let keyed: Vec<(String, bool)> = removals
                 .into_iter()
