@@ -323,6 +323,7 @@ impl Persistent {
             writes.push((
                 key,
                 Write {
+                    id: id.clone(),
                     record,
                     claim: held.claim,
                     ttl: record::ttl(held.live, held.expiry),
@@ -338,9 +339,24 @@ impl Persistent {
 
 /// One record to write.
 struct Write {
+    id: String,
     record: Record,
     claim: bool,
     ttl: Duration,
+}
+
+impl Persistent {
+    /// `writes` did not all reach Redis: the sessions still held are
+    /// written again (claiming again where they claimed).
+    fn retry(&self, writes: &[(String, Write)]) {
+        let mut held = self.held.lock();
+        for (_, write) in writes {
+            if let Some(session) = held.get_mut(&write.id) {
+                session.dirty = true;
+                session.claim |= write.claim;
+            }
+        }
+    }
 }
 
 /// Writes the records of the persistent sessions held here, and deletes
@@ -423,11 +439,19 @@ pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>) {
             }
             pipe
         };
+        let mut failed = false;
         for (n, sent) in node.redis.send_grouped(&writes, |(key, _)| key, pipe).await {
             if let Err(e) = sent {
+                failed = true;
                 node.metrics().cluster_dropped("session_record", n);
-                warn!(error = %e, records = n, "session records not written; written again on their next change or lease");
+                warn!(error = %e, records = n, "session records not written; written again with the next batch");
             }
+        }
+        if failed {
+            // Which group failed is not told: the whole batch again (the
+            // writes are idempotent), after the next tick.
+            persistent.retry(&writes);
+            more = false;
         }
     }
 }
