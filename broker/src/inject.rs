@@ -10,7 +10,9 @@
 //! stamped by the gate of the node that received it.
 
 use crate::gate::Gate;
-use crate::router::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS};
+use crate::router::protocol::{
+    Disconnect, DisconnectReasonCode, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
+};
 use crate::router::{LinkClosed, RouterError, RouterEvent, RouterRx, RouterTx};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +52,43 @@ impl Injector {
     /// node. False when no such session is live here.
     pub fn take_over(&self, id: &str) -> bool {
         self.gate.sessions().end_taken_over(id)
+    }
+
+    /// Releases persistent session `id`, kept here while its client is
+    /// away, because its client connected on another node: its router
+    /// session, kept row and QoS 2 state go as at its expiry, and a will
+    /// waiting for its delay is cancelled, or published now when the new
+    /// connection asked a clean start. False when it is not kept here.
+    pub async fn release(&self, id: &str, clean_start: bool) -> bool {
+        let sessions = self.gate.sessions();
+        let Some(serial) = sessions.away_serial(id) else {
+            return false;
+        };
+        let Some(_releasing) = sessions.claim_to_expire(id, serial) else {
+            return false;
+        };
+        sessions.release_qos2(id);
+        self.gate.delivery().expire(id);
+        self.gate.wills().session_reconnected(id, clean_start);
+        // A clean session of the same id that connects and leaves makes
+        // the router forget what it stored.
+        match self
+            .gate
+            .open_router_session(id.to_owned(), true, u16::MAX)
+            .await
+        {
+            Ok(mut link) => {
+                let goodbye = Packet::Disconnect(
+                    Disconnect {
+                        reason_code: DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                );
+                let _ = link.tx.send(goodbye).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not release a session's router state"),
+        }
+        true
     }
 
     /// The broker's metrics, for what the cross-node delivery counts.

@@ -339,6 +339,12 @@ impl SessionRegistry {
         self.away.lock().insert(claim.id.clone(), claim.serial);
     }
 
+    /// The serial of the connection that left persistent session `id`
+    /// behind, while its client is away.
+    pub fn away_serial(&self, id: &str) -> Option<u64> {
+        self.away.lock().get(id).copied()
+    }
+
     /// Takes `id` to end its session, if it is still the one `serial` left
     /// behind and no client has come back for it.
     pub fn claim_to_expire(self: &Arc<Self>, id: &str, serial: u64) -> Option<SessionClaim> {

@@ -217,6 +217,11 @@ impl Cursor {
         self.0.map(StreamId::after)
     }
 
+    /// The last entry seen.
+    pub fn last(self) -> Option<StreamId> {
+        self.0
+    }
+
     /// Records `id` if it is past the cursor.
     pub fn see(&mut self, id: StreamId) -> Seen {
         match self.0.map(|last| id.cmp(&last)) {
@@ -227,6 +232,38 @@ impl Cursor {
             }
         }
     }
+}
+
+/// The entries of a stream reply (`XRANGE`, `XREADGROUP`, `XAUTOCLAIM`):
+/// each id with its `e` field, `None` for an entry trimmed since it was
+/// read (a pending entry whose data is gone).
+pub(crate) fn stream_entries(value: &redis::Value) -> Vec<(StreamId, Option<Vec<u8>>)> {
+    let redis::Value::Array(entries) = value else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let redis::Value::Array(parts) = entry else {
+                return None;
+            };
+            let id = match parts.first()? {
+                redis::Value::BulkString(id) => StreamId::parse(std::str::from_utf8(id).ok()?)?,
+                _ => return None,
+            };
+            let data = match parts.get(1) {
+                Some(redis::Value::Array(fields)) => fields
+                    .chunks(2)
+                    .find(|pair| matches!(pair.first(), Some(redis::Value::BulkString(n)) if n == b"e"))
+                    .and_then(|pair| match pair.get(1) {
+                        Some(redis::Value::BulkString(bytes)) => Some(bytes.clone()),
+                        _ => None,
+                    }),
+                _ => None,
+            };
+            Some((id, data))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -396,5 +433,27 @@ mod tests {
             assert_eq!(cursor.see(id(text)), verdict, "{text}");
         }
         assert_eq!(cursor.replay_from().as_deref(), Some("(12-0"));
+    }
+
+    #[test]
+    fn stream_entries_with_and_without_data() {
+        use redis::Value::{Array, BulkString, Nil};
+        let reply = Array(vec![
+            Array(vec![
+                BulkString(b"1-0".to_vec()),
+                Array(vec![BulkString(b"e".to_vec()), BulkString(b"x".to_vec())]),
+            ]),
+            Array(vec![BulkString(b"2-0".to_vec()), Nil]),
+            Array(vec![BulkString(b"bad".to_vec()), Nil]),
+        ]);
+        let got = stream_entries(&reply);
+        assert_eq!(
+            got,
+            vec![
+                (StreamId { ms: 1, seq: 0 }, Some(b"x".to_vec())),
+                (StreamId { ms: 2, seq: 0 }, None),
+            ]
+        );
+        assert!(stream_entries(&Nil).is_empty());
     }
 }

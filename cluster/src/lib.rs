@@ -10,7 +10,11 @@
 //!   stream ids and a user's cursor (pure, table-tested);
 //! - `replies.rs`: the device plane (per-user streams, their appends,
 //!   replays and delivery here; takeover announcements);
-//! - `listener.rs`: its sharded pub/sub subscriptions, per master;
+//! - `listener.rs`: its sharded pub/sub subscriptions, per master, and
+//!   the replay of a user's stream for a session that moved here;
+//! - `record.rs`: a persistent device session's record in Redis (pure);
+//! - `sessions.rs`: the persistent device sessions held here, their
+//!   records written to Redis and read back at CONNECT on another node;
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
 //! - `acks.rs`: a command's delivery tag, and its `XACK` once a handler
@@ -38,15 +42,19 @@ mod commands;
 mod declarations;
 pub mod entry;
 mod listener;
+pub mod record;
 mod redis_conn;
 mod replies;
 mod retained;
+mod sessions;
 
+pub(crate) use entry::stream_entries;
 pub use redis_conn::RedisError;
 
 use broker::acl::{CommandTopics, Denial};
 use broker::delivery::{
-    Delivery, Kind, LocalDelivery, Opening, Path, Request, Routed, Subscriptions,
+    Delivery, Kind, LocalDelivery, Opening, Path, Request, ResumeFuture, Resumed, Routed,
+    SessionSubscription, Subscriptions,
 };
 use broker::inject::Injector;
 use broker::metrics::Metrics;
@@ -54,10 +62,12 @@ use broker::router::protocol::{Publish, PublishProperties};
 use bytes::Bytes;
 use commands::Groups;
 use declarations::Declared;
-use entry::{command_key, partition, Entry, StreamId};
+use entry::{command_key, partition, Entry};
+use listener::Resume;
 use parking_lot::Mutex;
 use redis_conn::Redis;
 use replies::Interest;
+use sessions::Persistent;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -166,6 +176,8 @@ pub struct Cluster {
     retained: (retained::StoreQueue, mpsc::Receiver<Queued>),
     /// What this node's router holds retained (by digest).
     held: Arc<retained::Held>,
+    persistent: Arc<Persistent>,
+    resumes: (mpsc::Sender<Resume>, mpsc::Receiver<Resume>),
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -190,6 +202,8 @@ impl Cluster {
             acks: mpsc::channel(acks::ACK_QUEUE),
             retained: mpsc::channel(retained::STORE_QUEUE),
             held: Arc::default(),
+            persistent: Arc::default(),
+            resumes: mpsc::channel(listener::RESUME_QUEUE),
             built: Arc::default(),
         })
     }
@@ -215,6 +229,11 @@ impl Cluster {
             self.acks.0.clone(),
         );
         let (retained, held) = (self.retained.0.clone(), self.held.clone());
+        let (persistent, resumes, redis) = (
+            self.persistent.clone(),
+            self.resumes.0.clone(),
+            self.redis.clone(),
+        );
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
@@ -232,6 +251,9 @@ impl Cluster {
                 retained_held: held,
                 metrics: metrics.clone(),
                 held: Mutex::default(),
+                persistent,
+                resumes,
+                redis,
             })
         })
     }
@@ -257,7 +279,13 @@ impl Cluster {
         tasks.spawn(acks::acknowledge(node.clone(), self.acks.1));
         tasks.spawn(retained::store(node.clone(), self.retained.1));
         tasks.spawn(retained::follow(node.clone(), self.held));
-        tasks.spawn(listener::listen(node.clone(), self.interest));
+        tasks.spawn(listener::listen(
+            node.clone(),
+            self.interest,
+            self.persistent.clone(),
+            self.resumes.1,
+        ));
+        tasks.spawn(sessions::write(node.clone(), self.persistent));
         tasks.spawn(declarations::share(
             node.clone(),
             self.groups.clone(),
@@ -303,10 +331,15 @@ pub struct ClusterDelivery {
     /// Device sessions counted in `interest` (a persistent one until it
     /// expires or a clean connection replaces it), by session id.
     held: Mutex<HashSet<String>>,
+    /// Persistent device sessions held here, with their records in Redis.
+    persistent: Arc<Persistent>,
+    /// Replays for sessions that moved here (the listener's).
+    resumes: mpsc::Sender<Resume>,
+    redis: Redis,
 }
 
 /// The user id of a device session id (`D:<uid>:<client>`).
-fn device_uid(session_id: &str) -> Option<&str> {
+pub(crate) fn device_uid(session_id: &str) -> Option<&str> {
     session_id.strip_prefix("D:")?.split(':').next()
 }
 
@@ -351,12 +384,21 @@ impl Delivery for ClusterDelivery {
                     if self.held.lock().insert(id.to_owned()) {
                         self.interest.add(uid);
                     }
-                    if self
-                        .takeovers
-                        .try_send((uid.to_owned(), Bytes::from(id.to_owned())))
-                        .is_err()
-                    {
+                    let opened = replies::opened(id, opening.clean_start);
+                    if self.takeovers.try_send((uid.to_owned(), opened)).is_err() {
                         self.metrics.cluster_dropped("queue_full", 1);
+                    }
+                    let moved = self
+                        .persistent
+                        .open(id, opening.persistent, opening.clean_start);
+                    if let Some(from) = moved {
+                        let replay = Resume::Replay {
+                            uid: uid.to_owned(),
+                            from,
+                        };
+                        if self.resumes.try_send(replay).is_err() {
+                            self.metrics.cluster_dropped("queue_full", 1);
+                        }
                     }
                 }
             }
@@ -418,7 +460,16 @@ impl Delivery for ClusterDelivery {
             command_key(topic, partition(properties))
         } else {
             match topic.split_once('_') {
-                Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => uid.to_owned(),
+                Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => {
+                    if !publish.retain && self.persistent.holds_user(uid) {
+                        // Through the stream, so that it reaches the
+                        // router here with its stream id (`replies::deliver`)
+                        // and a persistent session's acknowledgement moves
+                        // its cursor.
+                        routed.needs_router = false;
+                    }
+                    uid.to_owned()
+                }
                 _ => return routed,
             }
         };
@@ -440,56 +491,60 @@ impl Delivery for ClusterDelivery {
         }
         if !row.persistent() {
             self.forget(id);
+        } else if row.kind() == Kind::Device {
+            self.persistent.close(id);
         }
         self.local.close(id, row);
     }
 
     fn expire(&self, id: &str) {
         self.forget(id);
+        self.persistent.expire(id);
         self.local.expire(id);
     }
 
-    fn delivered(&self, _session_id: &str, tag: &str) {
+    fn delivered(&self, session_id: &str, tag: &str) {
         // A command a handler here acknowledged: its XACK is queued.
         if let Some(command) = acks::CommandTag::parse(tag) {
             if self.acks.try_send(command).is_err() {
                 // Delivered again once idle: a duplicate, not a loss.
                 self.metrics.cluster_dropped("ack_queue_full", 1);
             }
+            return;
         }
+        // A reply a persistent session's device acknowledged: its cursor.
+        self.persistent.delivered(session_id, tag);
     }
-}
 
-/// The entries of a stream reply (`XRANGE`, `XREADGROUP`, `XAUTOCLAIM`):
-/// each id with its `e` field, `None` for an entry trimmed since it was
-/// read (a pending entry whose data is gone).
-pub(crate) fn stream_entries(value: &redis::Value) -> Vec<(StreamId, Option<Vec<u8>>)> {
-    let redis::Value::Array(entries) = value else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|entry| {
-            let redis::Value::Array(parts) = entry else {
-                return None;
-            };
-            let id = match parts.first()? {
-                redis::Value::BulkString(id) => StreamId::parse(std::str::from_utf8(id).ok()?)?,
-                _ => return None,
-            };
-            let data = match parts.get(1) {
-                Some(redis::Value::Array(fields)) => fields
-                    .chunks(2)
-                    .find(|pair| matches!(pair.first(), Some(redis::Value::BulkString(n)) if n == b"e"))
-                    .and_then(|pair| match pair.get(1) {
-                        Some(redis::Value::BulkString(bytes)) => Some(bytes.clone()),
-                        _ => None,
-                    }),
-                _ => None,
-            };
-            Some((id, data))
+    fn resume(&self, id: &str) -> ResumeFuture {
+        let (persistent, redis, resumes) = (
+            self.persistent.clone(),
+            self.redis.clone(),
+            self.resumes.clone(),
+        );
+        let id = id.to_owned();
+        Box::pin(async move {
+            let uid = device_uid(&id).map(str::to_owned);
+            let resumed = persistent.resume(redis, id).await;
+            if let (Resumed::Moved(_), Some(uid)) = (&resumed, uid) {
+                // Its user's live replies wait for its replay.
+                let _ = resumes.try_send(Resume::Hold(uid));
+            }
+            resumed
         })
-        .collect()
+    }
+
+    fn session_expiry(&self, id: &str, expiry: std::time::Duration) {
+        self.persistent.expiry(id, expiry);
+    }
+
+    fn subscribed(&self, id: &str, subscriptions: &[SessionSubscription]) {
+        self.persistent.subscribed(id, subscriptions);
+    }
+
+    fn unsubscribed(&self, id: &str, filters: &[String]) {
+        self.persistent.unsubscribed(id, filters);
+    }
 }
 
 #[cfg(test)]
@@ -530,28 +585,6 @@ mod tests {
         for (id, uid) in table {
             assert_eq!(device_uid(id), uid, "{id}");
         }
-    }
-
-    #[test]
-    fn stream_entries_with_and_without_data() {
-        use redis::Value::{Array, BulkString, Nil};
-        let reply = Array(vec![
-            Array(vec![
-                BulkString(b"1-0".to_vec()),
-                Array(vec![BulkString(b"e".to_vec()), BulkString(b"x".to_vec())]),
-            ]),
-            Array(vec![BulkString(b"2-0".to_vec()), Nil]),
-            Array(vec![BulkString(b"bad".to_vec()), Nil]),
-        ]);
-        let got = stream_entries(&reply);
-        assert_eq!(
-            got,
-            vec![
-                (StreamId { ms: 1, seq: 0 }, Some(b"x".to_vec())),
-                (StreamId { ms: 2, seq: 0 }, None),
-            ]
-        );
-        assert!(stream_entries(&Nil).is_empty());
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! subscription left unconfirmed; each confirmation replays the user's
 //! stream after its cursor (`replies::replay`).
 
-use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen};
+use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, StreamId};
 use crate::redis_conn::NodeAddr;
-use crate::replies::{deliver, replay, split_takeover, Interest};
+use crate::replies::{deliver, replay, split_takeover, trimmed_after, Interest};
+use crate::sessions::Persistent;
 use crate::Node;
 use broker::inject::InjectLink;
 use redis::aio::MultiplexedConnection;
@@ -35,6 +36,22 @@ const CONFIRM_WITHIN: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 /// Subscriptions asked for at once.
 const SUBSCRIBE_CHUNK: usize = 256;
+/// How long a user's live replies wait for the replay of a session that
+/// is resuming here (the CONNECT's own deadlines are shorter).
+const HOLD_FOR: Duration = Duration::from_secs(5);
+/// Resumes waiting for the listener.
+pub const RESUME_QUEUE: usize = 4096;
+
+/// A persistent session moving to this node, for its user's replies.
+#[derive(Debug)]
+pub enum Resume {
+    /// Its record was read: hold the user's live replies (they are in the
+    /// stream) until its replay, so it gets everything in order.
+    Hold(String),
+    /// Its router session holds its subscriptions again: replay the user's
+    /// stream after the session's cursor.
+    Replay { uid: String, from: StreamId },
+}
 
 /// One user this node listens for.
 #[derive(Default)]
@@ -67,6 +84,9 @@ struct Listener {
     retry_at: Option<Instant>,
     /// Some wanted user is not (yet) confirmed: look again on each tick.
     pending: bool,
+    persistent: Arc<Persistent>,
+    /// Users whose live replies wait for a resuming session's replay, until.
+    holding: HashMap<String, Instant>,
 }
 
 /// Listens for the replies of the users in `interest` and delivers them
@@ -75,7 +95,12 @@ struct Listener {
 /// `sunsubscribe` the server sends (the slot moved), a lost connection or
 /// an unconfirmed subscription make it subscribe again where the slot map
 /// now says, and each confirmation replays the stream after the cursor.
-pub async fn listen(node: Arc<Node>, interest: Arc<Interest>) {
+pub async fn listen(
+    node: Arc<Node>,
+    interest: Arc<Interest>,
+    persistent: Arc<Persistent>,
+    mut resumes: mpsc::Receiver<Resume>,
+) {
     let (tx, mut rx) = mpsc::channel(PUSH_QUEUE);
     let mut listener = Listener {
         node: node.clone(),
@@ -89,6 +114,8 @@ pub async fn listen(node: Arc<Node>, interest: Arc<Interest>) {
         backoff: Duration::from_millis(100),
         retry_at: None,
         pending: false,
+        persistent,
+        holding: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -100,12 +127,22 @@ pub async fn listen(node: Arc<Node>, interest: Arc<Interest>) {
         }
         changed = false;
         tokio::select! {
+            biased;
             _ = node.shutdown.cancelled() => return,
+            Some(resume) = resumes.recv() => {
+                listener.resume(resume).await;
+                continue;
+            }
             () = interest.changed.notified() => changed = true,
-            _ = tick.tick() => {}
+            _ = tick.tick() => listener.release_holds().await,
             n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
         }
         for (shard, push) in batch.drain(..) {
+            // A resume asked meanwhile goes first: its hold must be in
+            // place before the user's next live reply.
+            while let Ok(resume) = resumes.try_recv() {
+                listener.resume(resume).await;
+            }
             listener.push(shard, push).await;
         }
         if listener.overflowed.swap(false, Ordering::Relaxed) {
@@ -118,6 +155,73 @@ pub async fn listen(node: Arc<Node>, interest: Arc<Interest>) {
 }
 
 impl Listener {
+    async fn resume(&mut self, resume: Resume) {
+        match resume {
+            Resume::Hold(uid) => {
+                if self.holding.len() < RESUME_QUEUE {
+                    self.holding.insert(uid, Instant::now() + HOLD_FOR);
+                }
+            }
+            Resume::Replay { uid, from } => {
+                self.holding.remove(&uid);
+                if trimmed_after(&self.node, &uid, from).await == Some(true) {
+                    self.node.metrics().cluster_dropped("replay_trimmed", 1);
+                    warn!(
+                        uid,
+                        "a resumed session was owed replies its stream no longer holds: lost"
+                    );
+                }
+                // Everything after the session's cursor, whatever this
+                // node delivered already (its router did not have the
+                // session's subscriptions then).
+                let mut cursor = Cursor::default();
+                cursor.see(from);
+                let read = replay(
+                    &self.node,
+                    &mut self.link,
+                    &uid,
+                    from.after(),
+                    &mut cursor,
+                    true,
+                )
+                .await;
+                if !read {
+                    self.node.metrics().cluster_dropped("replay_failed", 1);
+                }
+                let listening = self.users.entry(uid).or_default();
+                if let Some(last) = cursor.last() {
+                    listening.cursor.see(last);
+                }
+            }
+        }
+    }
+
+    /// Holds that lapsed (the session never opened): what they held back
+    /// is read from the stream.
+    async fn release_holds(&mut self) {
+        let now = Instant::now();
+        let lapsed: Vec<String> = self
+            .holding
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in lapsed {
+            self.holding.remove(&uid);
+            let Some(listening) = self.users.get(&uid) else {
+                continue;
+            };
+            if let Some(from) = listening.cursor.replay_from() {
+                let mut cursor = listening.cursor;
+                let tagged = self.persistent.holds_user(&uid);
+                replay(&self.node, &mut self.link, &uid, from, &mut cursor, tagged).await;
+                if let Some(listening) = self.users.get_mut(&uid) {
+                    listening.cursor = cursor;
+                }
+            }
+        }
+    }
+
     /// Subscribes what is wanted and not (or no longer) subscribed;
     /// unsubscribes who is no longer wanted.
     async fn reconcile(&mut self) {
@@ -269,16 +373,42 @@ impl Listener {
                 else {
                     return;
                 };
-                if let Some((origin, session)) = split_takeover(payload) {
-                    if origin != &*self.node.id && self.node.injector().take_over(session) {
+                if let Some(taken) = split_takeover(payload) {
+                    if taken.node == &*self.node.id {
+                        return;
+                    }
+                    // The session lives there now: its record is that
+                    // node's to write.
+                    self.persistent.moved(taken.session);
+                    if self.node.injector().take_over(taken.session) {
                         info!(
-                            session,
-                            node = origin,
+                            session = taken.session,
+                            node = taken.node,
                             "a session here was taken over on another node: ended"
+                        );
+                    } else if self
+                        .node
+                        .injector()
+                        .release(taken.session, taken.clean_start)
+                        .await
+                    {
+                        info!(
+                            session = taken.session,
+                            node = taken.node,
+                            "a session kept here reconnected on another node: released"
                         );
                     }
                     return;
                 }
+                if self
+                    .holding
+                    .get(uid)
+                    .is_some_and(|until| Instant::now() < *until)
+                {
+                    // A session resuming here replays the stream first.
+                    return;
+                }
+                let tagged = self.persistent.holds_user(uid);
                 let Some(listening) = self.users.get_mut(uid) else {
                     return;
                 };
@@ -287,7 +417,8 @@ impl Listener {
                     return;
                 };
                 if listening.cursor.see(id) == Seen::New {
-                    deliver(&self.node, &mut self.link, entry, "reply_in").await;
+                    let tag = tagged.then_some(id);
+                    deliver(&self.node, &mut self.link, entry, "reply_in", tag).await;
                 }
             }
             PushKind::SSubscribe => {
@@ -301,7 +432,8 @@ impl Listener {
                     listening.confirmed = true;
                     if let Some(from) = listening.cursor.replay_from() {
                         let mut cursor = listening.cursor;
-                        replay(&self.node, &mut self.link, &uid, from, &mut cursor).await;
+                        let tagged = self.persistent.holds_user(&uid);
+                        replay(&self.node, &mut self.link, &uid, from, &mut cursor, tagged).await;
                         if let Some(listening) = self.users.get_mut(&uid) {
                             listening.cursor = cursor;
                         }

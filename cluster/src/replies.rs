@@ -16,9 +16,10 @@
 //!   id this node saw ([`Cursor`]), so what was announced meanwhile is
 //!   delivered once.
 
-use crate::entry::{reply_key, Cursor, Entry, Seen};
+use crate::entry::{reply_key, Cursor, Entry, Seen, StreamId};
+use crate::record::reply_tag;
 use crate::Node;
-use broker::delivery::Delivery;
+use broker::delivery::{Delivery, DELIVERY_TAG};
 use broker::inject::InjectLink;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -140,9 +141,11 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
 }
 
 /// Announces each device session opened here on its user's channel
-/// (`T <node> <session id>`, no stream entry): a node holding a live
-/// session of that id ends it (takeover across nodes). A batch per master,
-/// sent together; a failure is counted and the old session lives on.
+/// (`T <node> <0|1> <session id>`, 1 for a clean start; no stream entry): a
+/// node holding a live session of that id ends it (takeover across nodes),
+/// one keeping it for a client that is away releases it. A batch per
+/// master, sent together; a failure is counted and the old session lives
+/// on. Each queued item is (uid, `<0|1> <session id>`).
 pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -152,7 +155,7 @@ pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(Stri
         }
         let keyed: Vec<(String, Vec<u8>)> = batch
             .iter()
-            .map(|(uid, session)| (reply_key(uid), takeover_message(&node.id, session)))
+            .map(|(uid, opened)| (reply_key(uid), takeover_message(&node.id, opened)))
             .collect();
         let pipe = |group: &[&(String, Vec<u8>)], _full: bool| {
             let mut pipe = redis::pipe();
@@ -171,31 +174,59 @@ pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(Stri
     }
 }
 
-/// `T <node> <session id>`.
-fn takeover_message(node: &str, session: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(3 + node.len() + session.len());
+/// What [`announce_takeovers`] queues for a session opened here.
+pub fn opened(session: &str, clean_start: bool) -> Bytes {
+    Bytes::from(format!("{} {session}", u8::from(clean_start)))
+}
+
+/// `T <node> <0|1> <session id>` from the queued `<0|1> <session id>`.
+fn takeover_message(node: &str, opened: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(3 + node.len() + opened.len());
     message.extend_from_slice(b"T ");
     message.extend_from_slice(node.as_bytes());
     message.push(b' ');
-    message.extend_from_slice(session);
+    message.extend_from_slice(opened);
     message
 }
 
-/// The (node, session id) of a takeover announcement.
-pub(crate) fn split_takeover(message: &[u8]) -> Option<(&str, &str)> {
+/// A takeover announcement, read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Takeover<'a> {
+    pub node: &'a str,
+    pub clean_start: bool,
+    pub session: &'a str,
+}
+
+/// The takeover a message announces, if it is one.
+pub(crate) fn split_takeover(message: &[u8]) -> Option<Takeover<'_>> {
     let rest = std::str::from_utf8(message.strip_prefix(b"T ")?).ok()?;
-    rest.split_once(' ')
+    let (node, rest) = rest.split_once(' ')?;
+    let (flag, session) = rest.split_once(' ')?;
+    let clean_start = match flag {
+        "0" => false,
+        "1" => true,
+        _ => return None,
+    };
+    Some(Takeover {
+        node,
+        clean_start,
+        session,
+    })
 }
 
 /// Reads `uid`'s stream after `from` and delivers what the cursor has not
-/// seen (entries of this node's own are only counted as seen).
+/// seen (entries of this node's own are only counted as seen, unless
+/// `tagged`). `tagged`: a persistent session of the user is held here, so
+/// every entry goes with its delivery tag, this node's own too (see
+/// [`deliver`]). Returns false when Redis could not be read.
 pub(crate) async fn replay(
     node: &Node,
     link: &mut Option<InjectLink>,
     uid: &str,
     from: String,
     cursor: &mut Cursor,
-) {
+    tagged: bool,
+) -> bool {
     let mut conn = node.redis.shared();
     let key = reply_key(uid);
     let mut start = from;
@@ -212,7 +243,7 @@ pub(crate) async fn replay(
             Ok(page) => crate::stream_entries(&page),
             Err(e) => {
                 warn!(error = %e, uid, "replay of a user's replies failed; they wait for the next one");
-                return;
+                return false;
             }
         };
         let count = entries.len();
@@ -220,21 +251,66 @@ pub(crate) async fn replay(
             start = id.after();
             if cursor.see(id) == Seen::New {
                 if let Some(entry) = entry {
-                    deliver(node, link, &entry, "replayed").await;
+                    deliver(node, link, &entry, "replayed", tagged.then_some(id)).await;
                 }
             }
         }
         if count < REPLAY_PAGE {
-            return;
+            return true;
         }
     }
     debug!(uid, "replay stopped after its page limit");
+    true
 }
 
-/// Delivers one entry here (unless this node received it itself): to the
-/// local inboxes, and to the router when the local decision needs it.
-pub async fn deliver(node: &Node, link: &mut Option<InjectLink>, bytes: &[u8], what: &'static str) {
-    let entry = match Entry::decode(bytes) {
+/// Whether `uid`'s stream lost entries after `cursor` to its trimming
+/// (`MAXLEN`): Redis 7 names the latest entry it deleted. `None` when
+/// Redis could not tell.
+pub(crate) async fn trimmed_after(node: &Node, uid: &str, cursor: StreamId) -> Option<bool> {
+    let mut conn = node.redis.shared();
+    let info: redis::Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(reply_key(uid))
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let pairs: Vec<(&redis::Value, &redis::Value)> = match &info {
+        redis::Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|pair| Some((pair.first()?, pair.get(1)?)))
+            .collect(),
+        _ => return None,
+    };
+    let deleted = pairs
+        .into_iter()
+        .find_map(|(name, value)| match (name, value) {
+            (redis::Value::BulkString(name), redis::Value::BulkString(id))
+                if name == b"max-deleted-entry-id" =>
+            {
+                StreamId::parse(std::str::from_utf8(id).ok()?)
+            }
+            _ => None,
+        })?;
+    Some(deleted > cursor)
+}
+
+/// Delivers one entry here: to the local inboxes, and to the router when
+/// the local decision needs it. Untagged, an entry this node received
+/// itself is skipped (it delivered it then). Tagged with its stream id
+/// (a persistent session of the user is held here), it goes to the router
+/// with the delivery tag, so the session's acknowledgement moves its
+/// cursor; this node's own entries too (the gate left them to the stream
+/// for that), to the router only (its inboxes had them; a retained one
+/// the router had too).
+pub async fn deliver(
+    node: &Node,
+    link: &mut Option<InjectLink>,
+    bytes: &[u8],
+    what: &'static str,
+    tag: Option<StreamId>,
+) {
+    let mut entry = match Entry::decode(bytes) {
         Ok(entry) => entry,
         Err(e) => {
             node.metrics().cluster_dropped("undecodable", 1);
@@ -242,17 +318,30 @@ pub async fn deliver(node: &Node, link: &mut Option<InjectLink>, bytes: &[u8], w
             return;
         }
     };
-    if *entry.origin == *node.id {
+    let own = *entry.origin == *node.id;
+    if own && (tag.is_none() || entry.publish.retain) {
         return;
     }
     let Ok(topic) = std::str::from_utf8(&entry.publish.topic) else {
         node.metrics().cluster_dropped("undecodable", 1);
         return;
     };
-    let routed = node.local().route(topic, &entry.publish, &entry.properties);
-    routed.record(node.metrics(), topic);
+    let needs_router = if own {
+        true
+    } else {
+        let routed = node.local().route(topic, &entry.publish, &entry.properties);
+        routed.record(node.metrics(), topic);
+        routed.needs_router
+    };
     node.metrics().cluster_moved(what, 1);
-    if routed.needs_router {
+    if needs_router {
+        if let Some(id) = tag {
+            entry
+                .properties
+                .get_or_insert_with(Default::default)
+                .user_properties
+                .push((DELIVERY_TAG.to_owned(), reply_tag(id)));
+        }
         inject(node, link, entry).await;
     }
 }
@@ -290,11 +379,28 @@ mod tests {
 
     #[test]
     fn takeover_announcements() {
-        let message = takeover_message("node-a", b"D:42:phone");
-        assert_eq!(message, b"T node-a D:42:phone");
-        assert_eq!(split_takeover(&message), Some(("node-a", "D:42:phone")));
-        // A wake-up starts with a stream id, never `T `.
+        // (queued for the session opened, clean start) -> message
+        let table = [
+            (false, b"T node-a 0 D:42:phone".as_slice()),
+            (true, b"T node-a 1 D:42:phone".as_slice()),
+        ];
+        for (clean_start, expected) in table {
+            let message = takeover_message("node-a", &opened("D:42:phone", clean_start));
+            assert_eq!(message, expected);
+            assert_eq!(
+                split_takeover(&message),
+                Some(Takeover {
+                    node: "node-a",
+                    clean_start,
+                    session: "D:42:phone"
+                })
+            );
+            assert!(crate::entry::split_wakeup(&message).is_none());
+        }
+        // A wake-up starts with a stream id, never `T `; the old form
+        // (no flag) and a bad flag are not takeovers.
         assert_eq!(split_takeover(b"1-0 entry"), None);
-        assert!(crate::entry::split_wakeup(&message).is_none());
+        assert_eq!(split_takeover(b"T node-a D:42:phone"), None);
+        assert_eq!(split_takeover(b"T node-a 2 D:42:phone"), None);
     }
 }

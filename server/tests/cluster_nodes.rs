@@ -5,13 +5,17 @@
 //! sessions on node A (through the gate's inbox at QoS 0, through the
 //! router at QoS 1), and a command topic declared by a handler on node B
 //! opened to devices on node A, their commands arriving with the identity
-//! stamps node A's gate set (a forged `user_id` replaced).
+//! stamps node A's gate set (a forged `user_id` replaced); and a
+//! persistent session whose node is killed resumed on the node its
+//! replies come from (they go through the stream there too, so the
+//! device's acknowledgements move its cursor), every reply in order.
 
 mod nodes;
 
 use e2e::clients::{user_property, Seen, V5Client};
 use nodes::{
-    device, next_publish, serve_every_builtin_command, token, Node, ANSWER_WITHIN, HANDLER_KEY,
+    device, handler, next, next_publish, persistent_phone, probe, reply,
+    serve_every_builtin_command, subscribe_with_id, token, Node, ANSWER_WITHIN, HANDLER_KEY,
     START_WITHIN,
 };
 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
@@ -186,5 +190,74 @@ async fn replies_and_commands_cross_nodes_with_their_stamps() {
             .contains("cross-node delivery over Redis is on"),
         "{}",
         node_a.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_resumes_on_the_node_its_replies_come_from() {
+    let redis = RedisServer::start();
+    let none = "http://127.0.0.1:9/none";
+    let mut node_a = Node::start("node-a", &redis.url(), false, none);
+    let node_b = Node::start("node-b", &redis.url(), false, none);
+    let uid = "7301";
+    let topic = format!("{uid}_note");
+    let mut on_a = persistent_phone(&node_a, uid, "phone-7301", false, 600);
+    assert!(!on_a.connected().await.session_present);
+    subscribe_with_id(&mut on_a, &topic, 3).await;
+    on_a.suback().await;
+    let worker = handler(&node_b, "worker-b");
+    probe(&mut on_a, &worker, &topic).await;
+
+    // 60 replies; node A dies after the first 30 were sent, and the
+    // device resumes on node B, where the replies are published.
+    let mut received = Vec::new();
+    let take = |p: rumqttc::v5::mqttbytes::v5::Publish, received: &mut Vec<u32>| {
+        let ids = p.properties.map(|p| p.subscription_identifiers);
+        assert_eq!(ids, Some(vec![3]), "the subscription identifier");
+        if let Ok(n) = String::from_utf8_lossy(&p.payload).parse::<u32>() {
+            received.push(n);
+        }
+    };
+    for i in 0..30 {
+        reply(&worker, &topic, i.to_string()).await;
+    }
+    while let Some(p) = next(&mut on_a, Duration::from_millis(300)).await {
+        take(p, &mut received);
+    }
+    node_a.process.kill9();
+    let mut on_b = persistent_phone(&node_b, uid, "phone-7301", false, 600);
+    assert!(
+        on_b.connected().await.session_present,
+        "{}",
+        node_b.log_text()
+    );
+    for i in 30..60 {
+        reply(&worker, &topic, i.to_string()).await;
+    }
+    while let Some(p) = next(&mut on_b, ANSWER_WITHIN).await {
+        take(p, &mut received);
+        if received.contains(&59) {
+            break;
+        }
+    }
+    while let Some(p) = next(&mut on_b, Duration::from_millis(500)).await {
+        take(p, &mut received);
+    }
+    let mut first = Vec::new();
+    for n in &received {
+        if !first.contains(n) {
+            first.push(*n);
+        }
+    }
+    println!(
+        "one Redis, resumed on the replies' node: {} received, {} duplicates",
+        received.len(),
+        received.len() - first.len()
+    );
+    assert_eq!(
+        first,
+        (0..60).collect::<Vec<u32>>(),
+        "{}",
+        node_b.log_text()
     );
 }

@@ -16,6 +16,7 @@
 //!   counts them), the path of each, a handler's declared commands.
 //! - `route.rs`: [`Table::route`], the decision for one publish.
 //! - `inbox.rs`: [`ReplyInbox`], a clean device session's bounded inbox.
+//! - `resume.rs`: what a persistent session carries to another node.
 //!
 //! The rules (README, "Replies skip the router"): the gate serves a
 //! subscription itself only if it is a QoS 0 subscription of a clean device
@@ -34,15 +35,18 @@
 //! nodes send comes in through `crate::inject`). What it adds, per method
 //! (ARCHITECTURE.md, "Many nodes", says which are done):
 //! - `open`: while a node holds a session of a user, it listens for that
-//!   user's replies (`SSUBSCRIBE` on a `{uid}` channel) and reads a
-//!   persistent session's row and delivery cursor from the cluster, not
-//!   from the local `kept` rows.
+//!   user's replies (`SSUBSCRIBE` on a `{uid}` channel); a persistent
+//!   device session's record (subscriptions, cursor) is kept in the
+//!   cluster, read back by `resume` at CONNECT on the node the device
+//!   reconnects to (`resume.rs`), kept current by `subscribed`,
+//!   `unsubscribed`, `session_expiry` and `delivered`.
 //! - `route`: a reply is also appended to the user's stream (and announced
 //!   on the `{uid}` channel); a command goes to its topic's stream, for the
 //!   consumer groups of handlers on any node. The local decision (inboxes
 //!   now, router or not) is unchanged.
-//! - `close` / `expire`: a persistent row and its cursor are written to the
-//!   cluster; the listening stops with the node's last session of the user.
+//! - `close` / `expire`: a persistent session's record lives for its
+//!   expiry, then goes; the listening stops with the node's last session of
+//!   the user.
 //! - `is_command` / `granted`: handlers' declarations are shared, so a
 //!   device on one node may publish to a command a handler on another
 //!   declared.
@@ -56,12 +60,14 @@
 
 mod inbox;
 mod local;
+mod resume;
 mod route;
 mod row;
 mod table;
 
 pub use inbox::{Reply, ReplyInbox, Served, INBOX_LIMIT_BYTES};
 pub use local::LocalDelivery;
+pub use resume::{ResumeFuture, Resumed, SessionSubscription};
 pub use route::Routed;
 pub use row::{Kind, Subscriptions};
 pub use table::Table;
@@ -165,4 +171,22 @@ pub trait Delivery: CommandTopics + Send + Sync {
     fn delivered(&self, session_id: &str, tag: &str) {
         let _ = (session_id, tag);
     }
+
+    /// At CONNECT with Clean Start 0 of persistent device session `id`,
+    /// before its router session opens: whether it lived on another node,
+    /// and with which subscriptions. Awaited under the caller's deadline.
+    fn resume(&self, _id: &str) -> ResumeFuture {
+        Box::pin(std::future::ready(Resumed::Here))
+    }
+
+    /// Persistent device session `id` lasts `expiry` after its connection
+    /// ends (told at each CONNECT, after [`Delivery::open`]).
+    fn session_expiry(&self, _id: &str, _expiry: std::time::Duration) {}
+
+    /// Persistent device session `id` now holds `subscriptions` (the
+    /// router serves them; a filter held already is replaced).
+    fn subscribed(&self, _id: &str, _subscriptions: &[SessionSubscription]) {}
+
+    /// Persistent device session `id` no longer holds `filters`.
+    fn unsubscribed(&self, _id: &str, _filters: &[String]) {}
 }

@@ -11,12 +11,15 @@ use crate::acl::{self, Denial};
 use crate::answers::{self, ConnectRefusal};
 use crate::auth::{Principal, Refusal};
 use crate::codec::{Codec, CodecError, Version};
-use crate::delivery::{Kind, Opening};
+use crate::delivery::{Kind, Opening, Request, Resumed, Served, SessionSubscription};
 use crate::gate::Gate;
 use crate::inbound::InboundFlows;
 use crate::property_caps;
-use crate::router::protocol::{ConnAck, ConnAckProperties, ConnectReturnCode, Packet};
-use crate::router::RouterLink;
+use crate::router::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Packet, RetainForwardRule, Subscribe,
+    SubscribeProperties,
+};
+use crate::router::{RouterEvent, RouterLink};
 use crate::sessions::{device_session_id, handler_session_id};
 use crate::translate;
 use crate::validate;
@@ -217,6 +220,23 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             warn!(error = %e, "could not discard a stored session");
         }
     }
+    // A persistent device session this node does not hold may have lived
+    // on another node (a delivery of several nodes knows): it resumes here.
+    let moved = if device.is_some() && !clean_session && !connect.clean_session {
+        match tokio::time::timeout(RESUME_WAIT, gate.delivery().resume(claim.id())).await {
+            Ok(Resumed::Here) => None,
+            Ok(Resumed::Moved(subscriptions)) => Some(subscriptions),
+            Ok(Resumed::Unavailable) | Err(_) => {
+                warn!("the session's record could not be read in time: refused");
+                let refusal =
+                    ConnectRefusal::Auth(Refusal::Unavailable("the session cannot be resumed now"));
+                let _ = wire.send_now(refuse(refusal)).await;
+                return None;
+            }
+        }
+    } else {
+        None
+    };
     let receive_maximum = properties
         .as_ref()
         .and_then(|p| p.receive_maximum)
@@ -233,6 +253,25 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             return None;
         }
     };
+
+    if let Some(subscriptions) = &moved {
+        if let Err(why) = resubscribe(&mut link, subscriptions).await {
+            warn!(
+                reason = why,
+                "the moved session's subscriptions were not re-established"
+            );
+            let _ = link.tx.send(normal_disconnect()).await;
+            let refusal =
+                ConnectRefusal::Auth(Refusal::Unavailable("the session cannot be resumed now"));
+            let _ = wire.send_now(refuse(refusal)).await;
+            return None;
+        }
+        link.session_present = true;
+        info!(
+            subscriptions = subscriptions.len(),
+            "persistent session resumed from another node"
+        );
+    }
 
     // A new connection to this session: a will still waiting for its delay
     // is cancelled (the session is resumed) or, if it starts clean (the old
@@ -284,7 +323,30 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         clean_start: connect.clean_session,
         cap,
     };
-    let subs = gate.delivery().open(claim.id(), opening);
+    let mut subs = gate.delivery().open(claim.id(), opening);
+    let expiry = session_expiry(version, asked_expiry, gate.limits().max_session_expiry);
+    if !clean_session && kind == Kind::Device {
+        gate.delivery().session_expiry(claim.id(), expiry);
+    }
+    if let Some(subscriptions) = &moved {
+        // The router serves them again (`resubscribe`); the table learns
+        // them as from the client's SUBSCRIBE, and so does the cluster.
+        for subscription in subscriptions {
+            let request = Request {
+                filter: &subscription.filter,
+                qos: subscription.qos,
+                resend_retained: false,
+                served: Served {
+                    subscription_id: subscription.subscription_id,
+                    retain_as_published: subscription.retain_as_published,
+                },
+            };
+            if let Err(denial) = gate.delivery().subscribe(&mut subs, &request) {
+                warn!(filter = %subscription.filter, reason = denial.label(), "a moved subscription was not kept");
+            }
+        }
+        gate.delivery().subscribed(claim.id(), subscriptions);
+    }
     // A router that kept no session (Session Present 0) holds none of them.
     let held_qos2 = gate
         .sessions()
@@ -308,7 +370,7 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             silence_limit: keep_alive.mul_f32(1.5),
             last_heard: Instant::now(),
         },
-        session_expiry: session_expiry(version, asked_expiry, gate.limits().max_session_expiry),
+        session_expiry: expiry,
         will: will.map(|will| Will {
             // Out of the CONNECT's read buffer, which it would keep alive.
             will: wills::owned_will(will),
@@ -317,4 +379,60 @@ async fn accept<S: AsyncRead + AsyncWrite>(
         }),
     };
     Some((SessionState::new(gate.clone(), accepted), link))
+}
+
+/// How long a CONNECT waits for delivery to say whether its persistent
+/// session lived on another node, and for the router to take its
+/// subscriptions back; beyond it the client is told to come back later.
+pub const RESUME_WAIT: Duration = Duration::from_secs(2);
+
+/// Subscribes a moved session's router session to what it held, one
+/// SUBSCRIBE per subscription identifier, and swallows the SUBACKs: the
+/// client made these subscriptions on another node. Retain Handling
+/// becomes "never": resuming is not subscribing again.
+async fn resubscribe(
+    link: &mut RouterLink,
+    subscriptions: &[SessionSubscription],
+) -> Result<(), &'static str> {
+    let mut by_id: Vec<(Option<usize>, Vec<_>)> = Vec::new();
+    for subscription in subscriptions {
+        let mut filter = subscription.filter();
+        filter.retain_forward_rule = RetainForwardRule::Never;
+        match by_id
+            .iter_mut()
+            .find(|(id, _)| *id == subscription.subscription_id)
+        {
+            Some((_, filters)) => filters.push(filter),
+            None => by_id.push((subscription.subscription_id, vec![filter])),
+        }
+    }
+    let wait = async {
+        for (n, (id, filters)) in by_id.into_iter().enumerate() {
+            let pkid = u16::try_from(n + 1).unwrap_or(u16::MAX);
+            let properties = id.map(|id| SubscribeProperties {
+                id: Some(id),
+                user_properties: Vec::new(),
+            });
+            let subscribe = Packet::Subscribe(Subscribe { pkid, filters }, properties);
+            link.tx
+                .send(subscribe)
+                .await
+                .map_err(|_| "router link closed")?;
+            loop {
+                match link.rx.next().await.map_err(|_| "router link closed")? {
+                    Some(RouterEvent::Packet(Packet::SubAck(ack, _))) if ack.pkid == pkid => break,
+                    Some(RouterEvent::Packet(other)) => {
+                        debug!(packet = ?other, "router packet before the resumed SUBACK: dropped");
+                    }
+                    Some(RouterEvent::Paused) | None => {
+                        link.rx.wake().await.map_err(|_| "router link closed")?
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(RESUME_WAIT, wait)
+        .await
+        .unwrap_or(Err("the router did not answer in time"))
 }

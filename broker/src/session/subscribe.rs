@@ -6,7 +6,8 @@
 use super::state::{Actions, SessionState};
 use crate::acl::{self, Denial};
 use crate::answers;
-use crate::delivery::{Path, Request, Served};
+use crate::auth::Principal;
+use crate::delivery::{Path, Request, Served, SessionSubscription};
 use crate::router::protocol::{
     Packet, RetainForwardRule, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode,
     UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
@@ -104,6 +105,13 @@ impl SessionState {
             out.to_client(Packet::SubAck(SubAck { pkid, return_codes }, None));
             return;
         }
+        if self.carries_subscriptions() {
+            let kept: Vec<SessionSubscription> = allowed
+                .iter()
+                .map(|filter| SessionSubscription::of(filter, subscription_id))
+                .collect();
+            self.gate.delivery().subscribed(self.claim.id(), &kept);
+        }
         let forwarded = allowed.iter().map(|f| f.path.clone()).collect();
         self.pending_subacks
             .insert(pkid, PendingSubAck { codes, forwarded });
@@ -124,10 +132,20 @@ impl SessionState {
         for filter in &unsubscribe.filters {
             self.gate.delivery().unsubscribe(&mut self.subs, filter);
         }
+        if self.carries_subscriptions() {
+            let delivery = self.gate.delivery();
+            delivery.unsubscribed(self.claim.id(), &unsubscribe.filters);
+        }
         let pkid = unsubscribe.pkid;
         out.to_router(Packet::Unsubscribe(unsubscribe, properties));
         let reasons = vec![UnsubAckReason::Success; count];
         out.to_client(Packet::UnsubAck(UnsubAck { pkid, reasons }, None));
+    }
+
+    /// A persistent device session: delivery keeps its subscriptions with
+    /// their options (they follow it to another node).
+    fn carries_subscriptions(&self) -> bool {
+        !self.who.clean_session && matches!(self.who.principal, Principal::Device(_))
     }
 
     /// Puts the router's codes for the forwarded filters back among the

@@ -7,7 +7,9 @@
 
 use e2e::clients::{Seen, Target, V5Client};
 use protocol::claims::DeviceClaims;
-use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, Packet, Publish, RetainForwardRule, SubscribeProperties, SubscribeReasonCode,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -340,4 +342,83 @@ pub async fn serve_every_builtin_command(
         received.iter().any(|r| r.body.to_string().contains(text)),
         "the platform got the message: {received:?}"
     );
+}
+
+/// A device of `uid` with client id `client` on `node`, its session
+/// persistent (`expiry` seconds) unless `clean_start` alone is asked.
+pub fn persistent_phone(
+    node: &Node,
+    uid: &str,
+    client: &str,
+    clean_start: bool,
+    expiry: u32,
+) -> V5Client {
+    V5Client::connect(node.target(), client, "JWT", &token(uid), |options| {
+        options.set_clean_start(clean_start);
+        options.set_session_expiry_interval(Some(expiry));
+    })
+}
+
+pub fn handler(node: &Node, name: &str) -> V5Client {
+    V5Client::connect(node.target(), name, "handler", HANDLER_KEY, |_| {})
+}
+
+/// The next PUBLISH within `within`.
+pub async fn next(client: &mut V5Client, within: Duration) -> Option<Publish> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match client
+            .next_within(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Some(Seen::Packet(Packet::Publish(p))) => return Some(p),
+            Some(Seen::Packet(_)) => {}
+            Some(Seen::Error(e)) => panic!("connection failed: {e}"),
+            None => return None,
+        }
+    }
+    None
+}
+
+pub async fn reply(handler: &V5Client, topic: &str, payload: String) {
+    handler
+        .client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap();
+}
+
+/// Publishes probes until one reaches `phone` (its node listens on the
+/// user's shard), then drains what else arrives.
+pub async fn probe(phone: &mut V5Client, handler: &V5Client, topic: &str) {
+    let deadline = Instant::now() + START_WITHIN;
+    loop {
+        reply(handler, topic, "probe".into()).await;
+        if next(phone, Duration::from_millis(500)).await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the phone's node never listened");
+    }
+    while next(phone, Duration::from_millis(300)).await.is_some() {}
+}
+
+/// Subscribes `phone` to `topic` at QoS 1 with subscription identifier
+/// `id` and Retain As Published.
+pub async fn subscribe_with_id(phone: &mut V5Client, topic: &str, id: usize) {
+    let filter = Filter {
+        path: topic.to_owned(),
+        qos: QoS::AtLeastOnce,
+        nolocal: true,
+        preserve_retain: true,
+        retain_forward_rule: RetainForwardRule::Never,
+    };
+    let properties = SubscribeProperties {
+        id: Some(id),
+        user_properties: Vec::new(),
+    };
+    phone
+        .client
+        .subscribe_many_with_properties([filter], properties)
+        .await
+        .unwrap();
 }

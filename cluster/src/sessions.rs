@@ -1,0 +1,457 @@
+//! Owns the persistent device sessions this node holds, as the cluster
+//! sees them: each one's record (`record.rs`) kept here and written to
+//! Redis by one task (queued, coalesced, never awaited by a session; a
+//! lease refreshed while the session is live here), read back at CONNECT
+//! on the node a device reconnects to (`ClusterDelivery::resume`), and
+//! released when another node took the session.
+//!
+//! Writes are conditional: a node writes a record only while Redis names
+//! it the owner (or there is none); the node a session resumed on claims
+//! it with a full write. So a node that lost its session (the device went
+//! to another node) cannot overwrite the new owner's record.
+
+use crate::entry::StreamId;
+use crate::record::{self, record_key, Record};
+use crate::redis_conn::Redis;
+use crate::Node;
+use broker::delivery::{Resumed, SessionSubscription};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// Writes a record if this node owns it (or it is new, or the write is a
+/// claim), with its time to live.
+const WRITE_SCRIPT: &str = "\
+local owner = redis.call('HGET', KEYS[1], 'node')
+if ARGV[2] == '0' and owner and owner ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'expiry', ARGV[3], 'subs', ARGV[4], 'cursor', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return 1";
+/// Deletes a record this node owns.
+const DELETE_SCRIPT: &str = "\
+if redis.call('HGET', KEYS[1], 'node') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+/// How long a CONNECT's read of its record may take (under the session's
+/// own 2 s): beyond it the client is refused, never left waiting.
+const READ_WITHIN: Duration = Duration::from_millis(1800);
+/// Writes gathered before a batch goes (acknowledgements coalesce).
+const COALESCE: Duration = Duration::from_millis(50);
+/// How often leases are looked at.
+const TICK: Duration = Duration::from_secs(1);
+/// Records read at CONNECT and not yet opened (the connection went away
+/// in between) beyond this many are forgotten.
+const MAX_PENDING: usize = 10_000;
+/// Records written per batch.
+const BATCH: usize = 512;
+
+/// One persistent device session held here.
+struct Held {
+    expiry: Duration,
+    subscriptions: Vec<SessionSubscription>,
+    cursor: StreamId,
+    /// Its client is connected here.
+    live: bool,
+    /// Changed since written.
+    dirty: bool,
+    /// Resumed from another node: the next write claims the record.
+    claim: bool,
+    written: Option<Instant>,
+}
+
+/// A change Redis must learn that is not a held record's.
+enum Removal {
+    /// The session expired or started clean here: deleted if this node
+    /// owns it (`owned`) or whoever does.
+    Delete { key: String, owned: bool },
+}
+
+/// The sessions held here, and how many per user.
+#[derive(Default)]
+struct Sessions {
+    by_id: HashMap<String, Held>,
+    users: HashMap<String, usize>,
+}
+
+impl Sessions {
+    fn insert(&mut self, id: &str, held: Held) {
+        if self.by_id.insert(id.to_owned(), held).is_none() {
+            if let Some(uid) = crate::device_uid(id) {
+                *self.users.entry(uid.to_owned()).or_default() += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Held> {
+        let held = self.by_id.remove(id)?;
+        if let Some(uid) = crate::device_uid(id) {
+            if let Some(count) = self.users.get_mut(uid) {
+                *count -= 1;
+                if *count == 0 {
+                    self.users.remove(uid);
+                }
+            }
+        }
+        Some(held)
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Held> {
+        self.by_id.get_mut(id)
+    }
+}
+
+/// The persistent device sessions held here, by session id.
+#[derive(Default)]
+pub struct Persistent {
+    held: Mutex<Sessions>,
+    /// Records read at CONNECT, by session id: the cursor to replay from.
+    resumed: Mutex<HashMap<String, StreamId>>,
+    removals: Mutex<Vec<Removal>>,
+    changed: Notify,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Persistent {
+    /// Whether session `id` is held here (live or kept).
+    pub fn holds(&self, id: &str) -> bool {
+        self.held.lock().by_id.contains_key(id)
+    }
+
+    /// Whether a persistent session of `uid` is held here: its replies go
+    /// through the stream, so each carries its id to the client.
+    pub fn holds_user(&self, uid: &str) -> bool {
+        self.held.lock().users.contains_key(uid)
+    }
+
+    /// A connection of device session `id` opened here. A clean start
+    /// deletes what Redis held of it; a persistent session is held (again)
+    /// with its client live. Returns the cursor to replay the user's
+    /// stream from when the session came from another node.
+    pub fn open(&self, id: &str, persistent: bool, clean_start: bool) -> Option<StreamId> {
+        let resumed = self.resumed.lock().remove(id);
+        let mut held = self.held.lock();
+        if clean_start {
+            held.remove(id);
+            if !persistent {
+                if let Some(key) = record_key(id) {
+                    self.removals
+                        .lock()
+                        .push(Removal::Delete { key, owned: false });
+                }
+            }
+        }
+        if !persistent {
+            self.changed.notify_one();
+            return None;
+        }
+        let replay = match (held.get_mut(id), resumed) {
+            (Some(kept), _) => {
+                kept.live = true;
+                kept.dirty = true;
+                None
+            }
+            (None, resumed) => {
+                held.insert(
+                    id,
+                    Held {
+                        expiry: Duration::ZERO,
+                        subscriptions: Vec::new(),
+                        cursor: resumed.unwrap_or_else(|| record::fresh_cursor(now_ms())),
+                        live: true,
+                        dirty: true,
+                        // A clean start replaces whatever another node left.
+                        claim: true,
+                        written: None,
+                    },
+                );
+                resumed
+            }
+        };
+        self.changed.notify_one();
+        replay
+    }
+
+    fn change(&self, id: &str, change: impl FnOnce(&mut Held) -> bool) {
+        if let Some(held) = self.held.lock().get_mut(id) {
+            if change(held) {
+                held.dirty = true;
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    pub fn expiry(&self, id: &str, expiry: Duration) {
+        self.change(id, |held| {
+            let changed = held.expiry != expiry;
+            held.expiry = expiry;
+            changed
+        });
+    }
+
+    pub fn subscribed(&self, id: &str, subscriptions: &[SessionSubscription]) {
+        self.change(id, |held| {
+            for new in subscriptions {
+                held.subscriptions.retain(|s| s.filter != new.filter);
+                if held.subscriptions.len() < record::MAX_SUBSCRIPTIONS {
+                    held.subscriptions.push(new.clone());
+                }
+            }
+            true
+        });
+    }
+
+    pub fn unsubscribed(&self, id: &str, filters: &[String]) {
+        self.change(id, |held| {
+            let before = held.subscriptions.len();
+            held.subscriptions.retain(|s| !filters.contains(&s.filter));
+            held.subscriptions.len() != before
+        });
+    }
+
+    /// The client of `id` acknowledged the reply `tag` names.
+    pub fn delivered(&self, id: &str, tag: &str) {
+        self.change(id, |held| record::advance(&mut held.cursor, tag));
+    }
+
+    /// The connection of `id` ended; the record lives for its expiry.
+    pub fn close(&self, id: &str) {
+        self.change(id, |held| {
+            held.live = false;
+            true
+        });
+    }
+
+    /// Session `id` expired here: its record goes, if still this node's.
+    pub fn expire(&self, id: &str) {
+        if self.held.lock().remove(id).is_some() {
+            if let Some(key) = record_key(id) {
+                self.removals
+                    .lock()
+                    .push(Removal::Delete { key, owned: true });
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// Session `id` now lives on another node: forgotten here, its record
+    /// left to that node.
+    pub fn moved(&self, id: &str) -> bool {
+        self.held.lock().remove(id).is_some()
+    }
+
+    /// Reads session `id`'s record at CONNECT: `Moved` (its subscriptions;
+    /// its cursor kept for [`Persistent::open`]) when it lived elsewhere.
+    pub async fn resume(self: Arc<Self>, redis: Redis, id: String) -> Resumed {
+        if self.holds(&id) {
+            return Resumed::Here;
+        }
+        let Some(key) = record_key(&id) else {
+            return Resumed::Here;
+        };
+        let mut conn = redis.shared();
+        let read = tokio::time::timeout(
+            READ_WITHIN,
+            redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async::<Vec<(Vec<u8>, Vec<u8>)>>(&mut conn),
+        )
+        .await;
+        let pairs = match read {
+            Ok(Ok(pairs)) => pairs,
+            Ok(Err(e)) => {
+                warn!(error = %e, "a session's record could not be read");
+                return Resumed::Unavailable;
+            }
+            Err(_) => {
+                warn!("a session's record was not read in time");
+                return Resumed::Unavailable;
+            }
+        };
+        match Record::from_fields(&pairs) {
+            Ok(None) => Resumed::Here,
+            Ok(Some(record)) => {
+                info!(
+                    session = id,
+                    from = record.node,
+                    subscriptions = record.subscriptions.len(),
+                    "a persistent session resumes here"
+                );
+                let mut resumed = self.resumed.lock();
+                if resumed.len() >= MAX_PENDING {
+                    resumed.clear();
+                }
+                resumed.insert(id, record.cursor);
+                Resumed::Moved(record.subscriptions)
+            }
+            Err(e) => {
+                // Unreadable: started afresh rather than refused forever.
+                warn!(error = %e, "a session's record is unreadable: the session starts afresh");
+                Resumed::Here
+            }
+        }
+    }
+
+    /// What is due: the removals, and the records changed or whose lease
+    /// needs refreshing (marked written).
+    fn due(&self, node: &str, now: Instant) -> (Vec<Removal>, Vec<(String, Write)>) {
+        let removals = std::mem::take(&mut *self.removals.lock());
+        let mut writes = Vec::new();
+        for (id, held) in self.held.lock().by_id.iter_mut() {
+            let refresh = held.live
+                && held
+                    .written
+                    .is_none_or(|at| now.duration_since(at) >= record::LEASE / 3);
+            if !(held.dirty || refresh) || writes.len() == BATCH {
+                continue;
+            }
+            let Some(key) = record_key(id) else { continue };
+            let record = Record {
+                node: node.to_owned(),
+                expiry_secs: held.expiry.as_secs(),
+                subscriptions: held.subscriptions.clone(),
+                cursor: held.cursor,
+            };
+            writes.push((
+                key,
+                Write {
+                    id: id.clone(),
+                    record,
+                    claim: held.claim,
+                    ttl: record::ttl(held.live, held.expiry),
+                },
+            ));
+            held.dirty = false;
+            held.claim = false;
+            held.written = Some(now);
+        }
+        (removals, writes)
+    }
+}
+
+/// One record to write.
+struct Write {
+    id: String,
+    record: Record,
+    claim: bool,
+    ttl: Duration,
+}
+
+impl Persistent {
+    /// `writes` did not all reach Redis: the sessions still held are
+    /// written again (claiming again where they claimed).
+    fn retry(&self, writes: &[(String, Write)]) {
+        let mut held = self.held.lock();
+        for (_, write) in writes {
+            if let Some(session) = held.get_mut(&write.id) {
+                session.dirty = true;
+                session.claim |= write.claim;
+            }
+        }
+    }
+}
+
+/// Writes the records of the persistent sessions held here, and deletes
+/// the ones that ended, until the node shuts down: a batch (coalesced for
+/// a moment) when something changed, and the leases of live sessions
+/// refreshed.
+pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>) {
+    let write_script = redis::Script::new(WRITE_SCRIPT);
+    let delete_script = redis::Script::new(DELETE_SCRIPT);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut more = false;
+    loop {
+        if !more {
+            tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                () = persistent.changed.notified() => {
+                    tokio::time::sleep(COALESCE).await;
+                }
+                _ = tick.tick() => {}
+            }
+        } else if node.shutdown.is_cancelled() {
+            return;
+        }
+        let (removals, writes) = persistent.due(&node.id, Instant::now());
+        // A full batch: more may be due at once.
+        more = writes.len() == BATCH;
+        if !removals.is_empty() {
+            let keyed: Vec<(String, bool)> = removals
+                .into_iter()
+                .map(|Removal::Delete { key, owned }| (key, owned))
+                .collect();
+            let pipe = |group: &[&(String, bool)], full: bool| {
+                let mut pipe = redis::pipe();
+                for (key, owned) in group {
+                    if *owned {
+                        if full {
+                            pipe.cmd("EVAL").arg(DELETE_SCRIPT);
+                        } else {
+                            pipe.cmd("EVALSHA").arg(delete_script.get_hash());
+                        }
+                        pipe.arg(1).arg(key).arg(&*node.id).ignore();
+                    } else {
+                        pipe.cmd("DEL").arg(key).ignore();
+                    }
+                }
+                pipe
+            };
+            for (n, sent) in node.redis.send_grouped(&keyed, |(key, _)| key, pipe).await {
+                if let Err(e) = sent {
+                    node.metrics().cluster_dropped("session_record", n);
+                    warn!(error = %e, records = n, "session records not deleted (they lapse by their TTL)");
+                }
+            }
+        }
+        if writes.is_empty() {
+            continue;
+        }
+        let pipe = |group: &[&(String, Write)], full: bool| {
+            let mut pipe = redis::pipe();
+            for (key, write) in group {
+                if full {
+                    pipe.cmd("EVAL").arg(WRITE_SCRIPT);
+                } else {
+                    pipe.cmd("EVALSHA").arg(write_script.get_hash());
+                }
+                let [_, expiry, subs, cursor] = write.record.fields();
+                let ttl_ms = u64::try_from(write.ttl.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .clamp(1, i64::MAX as u64);
+                pipe.arg(1)
+                    .arg(key)
+                    .arg(&write.record.node)
+                    .arg(if write.claim { "1" } else { "0" })
+                    .arg(expiry.1)
+                    .arg(subs.1)
+                    .arg(cursor.1)
+                    .arg(ttl_ms)
+                    .ignore();
+            }
+            pipe
+        };
+        let mut failed = false;
+        for (n, sent) in node.redis.send_grouped(&writes, |(key, _)| key, pipe).await {
+            if let Err(e) = sent {
+                failed = true;
+                node.metrics().cluster_dropped("session_record", n);
+                warn!(error = %e, records = n, "session records not written; written again with the next batch");
+            }
+        }
+        if failed {
+            // Which group failed is not told: the whole batch again (the
+            // writes are idempotent), after the next tick.
+            persistent.retry(&writes);
+            more = false;
+        }
+    }
+}
