@@ -391,12 +391,19 @@ pub fn gate_for_tests(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Arc<Gate>, StartError> {
-    let (gate, _router_task, will_queue) = build_gate(
-        config,
-        Arc::new(Metrics::new()),
-        shutdown,
-        Box::new(|local, _| Box::new(local)),
-    )?;
+    gate_for_tests_with(config, shutdown, Box::new(|local, _| Box::new(local)))
+}
+
+/// [`gate_for_tests`] with the delivery `wrap` builds (as
+/// `Broker::start_with`).
+#[doc(hidden)]
+pub fn gate_for_tests_with(
+    config: Config,
+    shutdown: CancellationToken,
+    wrap: WrapDelivery,
+) -> Result<Arc<Gate>, StartError> {
+    let (gate, _router_task, will_queue) =
+        build_gate(config, Arc::new(Metrics::new()), shutdown, wrap)?;
     tokio::spawn(gate.sessions().clone().end_all_at_shutdown());
     tokio::spawn(will_publisher::publish_delayed(gate.clone(), will_queue));
     Ok(gate)
