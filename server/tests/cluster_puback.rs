@@ -1,6 +1,7 @@
 //! A device's QoS 1 command on a node with `REDIS_URL` (the built `broker`
 //! binary and a real `redis-server`): its PUBACK comes only once the
-//! command is in its topic's stream (Redis frozen: no PUBACK; thawed: the
+//! command is in its topic's stream (a handler's QoS 1 reply's once it is in
+//! the user's stream; Redis frozen: no PUBACK; thawed: the
 //! PUBACK, and the entry is there); with Redis killed, an MQTT 5 device
 //! gets PUBACK `0x80` within the wait's deadline, an MQTT 3.1.1 device's
 //! connection ends without a PUBACK, and the node keeps serving.
@@ -8,7 +9,7 @@
 mod nodes;
 
 use e2e::clients::{Seen, V4Client, V5Client};
-use nodes::{device, token, Node};
+use nodes::{device, token, Node, HANDLER_KEY};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use std::process::Command;
@@ -86,6 +87,21 @@ async fn a_commands_puback_comes_after_its_append_and_says_when_redis_failed() {
             "{body} acknowledged but not in the stream"
         );
     }
+
+    // A handler's QoS 1 reply too: acknowledged once in the user's stream.
+    let mut handler = V5Client::connect(node.target(), "worker", "handler", HANDLER_KEY, |_| {});
+    handler.connected().await;
+    handler
+        .client
+        .publish(format!("{uid}_note"), QoS::AtLeastOnce, false, "reply-1")
+        .await
+        .unwrap();
+    let (_, reason) = puback_within(&mut handler, Duration::from_secs(10))
+        .await
+        .expect("the handler's PUBACK");
+    assert_eq!(reason, PubAckReason::Success);
+    let replies = redis_cli(&redis, &["XRANGE", &format!("r:{{{uid}}}"), "-", "+"]);
+    assert!(replies.contains("reply-1"), "{replies}");
 
     // Redis frozen: the append cannot finish, so no PUBACK; thawed, the
     // PUBACK comes and the entry is there.

@@ -411,6 +411,9 @@ fn the_reason_codes_are_the_ones_the_readme_lists() {
         (Version::V5, ack(Ack::NotAuthorized), 0x87),
         (Version::V5, ack(Ack::TopicNameInvalid), 0x90),
         (Version::V5, ack(Ack::ImplementationSpecificError), 0x83),
+        // Not stored for delivery (Redis), and its queue full.
+        (Version::V5, ack(Ack::UnspecifiedError), 0x80),
+        (Version::V5, ack(Ack::QuotaExceeded), 0x97),
         (Version::V5, rec(Rec::NotAuthorized), 0x87),
         (Version::V5, rec(Rec::TopicNameInvalid), 0x90),
         (Version::V5, rec(Rec::ImplementationSpecificError), 0x83),
