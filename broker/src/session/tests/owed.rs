@@ -326,3 +326,41 @@ async fn owed_pubacks_count_against_the_receive_maximum() {
     );
     assert_eq!(end, None);
 }
+
+#[tokio::test]
+async fn router_pubacks_due_before_an_owed_one_go_first_denials_included() {
+    use Did::*;
+    let (gate, tickets) = storing_gate();
+    let _handler = serving_handler(&gate).await;
+    let mut dev = open(&gate, device("u1"), Version::V5).await;
+    // 1 to the router, 2 refused while 1 is due (sent through the router
+    // to the sink), then 3 is owed by the delivery: the queue begins with
+    // the two the router owes.
+    let mut did = Vec::new();
+    for packet in [
+        publish(SERVED, QoS::AtLeastOnce, 1),
+        publish("u9_x", QoS::AtLeastOnce, 2),
+        publish(STORED, QoS::AtLeastOnce, 3),
+    ] {
+        did.extend(step(&mut dev, Event::Client(packet)).0);
+    }
+    assert_eq!(
+        did,
+        vec![
+            RouterPublish(SERVED.into(), QoS::AtLeastOnce, 1),
+            RouterPublish("$gate/denied".into(), QoS::AtLeastOnce, 2),
+        ]
+    );
+    settle(&tickets, 0, Some(Outcome::Stored));
+    assert!(step(&mut dev, Event::Acknowledged).0.is_empty());
+    let (did, _) = step(&mut dev, Event::Router(router_puback(1)));
+    assert_eq!(did, vec![ClientPubAck(1, PubAckReason::Success)]);
+    let (did, _) = step(&mut dev, Event::Router(router_puback(2)));
+    assert_eq!(
+        did,
+        vec![
+            ClientPubAck(2, PubAckReason::NotAuthorized),
+            ClientPubAck(3, PubAckReason::Success),
+        ]
+    );
+}
