@@ -4,7 +4,10 @@
 # Redis ("three"; devices spread round-robin over the nodes, the echo
 # handler on the first, so two devices in three are served across nodes) and
 # three nodes on a Redis Cluster of 3 masters + 3 replicas ("cluster";
-# REDIS_URL lists the six nodes).
+# REDIS_URL lists the six nodes). Also: "cluster1" (one node on that Redis
+# Cluster), and any Redis variant with the suffix "_wait<n>" (e.g.
+# "cluster_wait1"): its nodes run with BROKER_CLUSTER_WAIT_REPLICAS=<n>, so
+# WAIT's cost is measured beside the same variant without it.
 # The variants alternate within each round, so the machine's noise (other
 # builds on the same two cores) hits them alike; read the ratios.
 #
@@ -25,6 +28,12 @@
 #   CLUSTER_BIG=1 bench/cluster.sh        # also the 45,000-device TLS point (about 2 more minutes)
 #   CLUSTER_SMOKE=1 CLUSTER_NO_BUILD=1 CLUSTER_BIN_DIR=target/debug bench/cluster.sh   # checks the script only
 #   CLUSTER_VARIANTS="redis three" bench/cluster.sh
+#   CLUSTER_NODE_ENV="BROKER_CLUSTER_WAIT_REPLICAS=1" bench/cluster.sh   # extra env for every node
+#                        # (space-separated VAR=VALUE words, no spaces inside a value)
+#   CLUSTER_NO_BUILD=1 CLUSTER_SWEEP=none ROUNDS=3 \
+#     CLUSTER_VARIANTS="cluster1 cluster1_wait1 cluster cluster_wait1" bench/cluster.sh
+#                        # what WAIT 1 costs: latency and CPU only (about 5 minutes), then
+#                        # python3 bench/cluster_wait.py bench/results/cluster-<stamp>
 #   CLUSTER_BIG_FROM=bench/results/cluster-<stamp> bench/cluster.sh   # report shows that run's big point
 #   CLUSTER_METRICS=1 CLUSTER_VARIANTS="cluster redis" CLUSTER_SWEEP="15000 20000" CLUSTER_LAT=0 ROUNDS=1 \
 #     bench/cluster.sh   # where replies are lost: each node gets METRICS_LISTEN; its /metrics is read
@@ -32,6 +41,7 @@
 #                        # the counters that grew printed (<label>.drops.txt), with the router's
 #                        # "Read cursor start jumped" lines the point added to the node logs
 #
+# CLUSTER_SWEEP=none skips the throughput points.
 # CLUSTER_SWEEP or CLUSTER_LAT=0 make a partial run: its report is written in
 # the results directory only, not over bench/cluster-results.md and RESULTS.md.
 #
@@ -61,6 +71,15 @@ else
   ROUNDS=${ROUNDS:-2}; LAT_SECS=8; SWEEP="5000 10000 15000 20000"; SWEEP_SECS=4
 fi
 SWEEP=${CLUSTER_SWEEP:-$SWEEP}
+if [ "$SWEEP" = none ]; then SWEEP=""; fi
+NODE_ENV=${CLUSTER_NODE_ENV:-}
+NODE_ENV_NOW=$NODE_ENV # the running variant's: NODE_ENV plus its _wait<n>
+for word in $NODE_ENV; do
+  case $word in
+    [A-Z_]*=*) ;;
+    *) echo "CLUSTER_NODE_ENV: '$word' is not VAR=VALUE (space-separated words, no spaces in a value)" >&2; exit 1 ;;
+  esac
+done
 LAT=${CLUSTER_LAT:-1}
 METRICS=${CLUSTER_METRICS:-0}
 PARTIAL=0
@@ -95,6 +114,8 @@ DEV_DIR=$OUT/certs
   echo "redis: $(redis-server --version)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "rounds: $ROUNDS, full: $FULL, big: $BIG"
+  echo "variants: $VARIANTS"
+  echo "node env: ${NODE_ENV:-(none)}"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } >"$OUT/machine.txt"
 
@@ -189,7 +210,8 @@ start_node() {
   tcp=$(free_port); tls=$(free_port)
   if [ "$METRICS" = 1 ]; then metrics=127.0.0.1:$(free_port); fi
   mkdir -p "$OUT/data-$name-$tcp"
-  env -i PATH="$PATH" HOME="${HOME:-/root}" RUST_LOG=warn \
+  # shellcheck disable=SC2086 # NODE_ENV_NOW is VAR=VALUE words
+  env -i PATH="$PATH" HOME="${HOME:-/root}" RUST_LOG=warn $NODE_ENV_NOW \
     ${redis:+REDIS_URL=$redis} ${metrics:+METRICS_LISTEN=$metrics} BROKER_NODE_ID="$name" \
     BROKER_TCP_LISTEN=127.0.0.1:$tcp BROKER_TLS_LISTEN=127.0.0.1:$tls \
     BROKER_DEV_DIR="$DEV_DIR" DATA_DIR="$OUT/data-$name-$tcp" \
@@ -211,11 +233,19 @@ metric_names() { local m; for m in "${NODE_METRICS[@]}"; do printf '%s ' "${m%%=
 jumped_lines() { cat "$OUT"/n*.log 2>/dev/null | grep -c 'Read cursor start jumped' || true; }
 
 start_variant() {
+  local base=${1%%_wait*}
+  NODE_ENV_NOW=$NODE_ENV
   case $1 in
+    *_wait*)
+      [ "$base" != single ] || { echo "variant $1: WAIT needs Redis" >&2; exit 1; }
+      NODE_ENV_NOW="$NODE_ENV BROKER_CLUSTER_WAIT_REPLICAS=${1##*_wait}" ;;
+  esac
+  case $base in
     single) start_node n1 ;;
     redis) start_redis; start_node n1 "$REDIS_URL_NOW" ;;
+    cluster1) start_redis_cluster; start_node n1 "$REDIS_URL_NOW" ;;
     three|cluster)
-      if [ "$1" = three ]; then start_redis; else start_redis_cluster; fi
+      if [ "$base" = three ]; then start_redis; else start_redis_cluster; fi
       # The first node makes the development certificate; the others reuse it.
       start_node n1 "$REDIS_URL_NOW"
       start_node n2 "$REDIS_URL_NOW"

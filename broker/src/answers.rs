@@ -5,6 +5,7 @@
 use crate::acl::Denial;
 use crate::auth::Refusal;
 use crate::codec::Version;
+use crate::delivery::ack::Outcome;
 use crate::router::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, Packet, PubAck, PubAckProperties, PubAckReason, PubRec, PubRecProperties,
@@ -204,6 +205,10 @@ pub enum ServerDisconnect {
     WriteTimeout,
     /// A bug in the broker ended this session (a contained panic).
     InternalError,
+    /// A QoS 1 publish of an MQTT 3.1.1 client was not stored for delivery
+    /// (its PUBACK cannot say so: the connection ends without it, and the
+    /// client sends it again on its next connection).
+    NotStored,
 }
 
 impl ServerDisconnect {
@@ -220,8 +225,36 @@ impl ServerDisconnect {
             ServerDisconnect::ReceiveMaximumExceeded => "receive maximum exceeded",
             ServerDisconnect::WriteTimeout => "write timeout",
             ServerDisconnect::InternalError => "internal error",
+            ServerDisconnect::NotStored => "a publish could not be stored for delivery",
         }
     }
+}
+
+/// The PUBACK for a QoS 1 publish the delivery did not store (Redis
+/// refused it, its retries ran out, or the wait's deadline passed: `0x80`;
+/// the queue in front of Redis was full: `0x97`). `None` for MQTT 3.1.1,
+/// whose PUBACK has no reason: the session ends without it instead.
+pub fn puback_not_stored(version: Version, pkid: u16, outcome: Outcome) -> Option<Packet> {
+    if version == Version::V4 {
+        return None;
+    }
+    let (reason, text) = match outcome {
+        Outcome::QueueFull => (
+            PubAckReason::QuotaExceeded,
+            "not stored: the delivery queue is full",
+        ),
+        Outcome::Failed | Outcome::Stored => (
+            PubAckReason::UnspecifiedError,
+            "not stored: the delivery store did not take it",
+        ),
+    };
+    Some(Packet::PubAck(
+        PubAck { pkid, reason },
+        Some(PubAckProperties {
+            reason_string: Some(text.to_owned()),
+            user_properties: Vec::new(),
+        }),
+    ))
 }
 
 /// The DISCONNECT to send, if the protocol has one (MQTT 5 only).
@@ -242,6 +275,7 @@ pub fn server_disconnect(version: Version, why: ServerDisconnect) -> Option<Pack
         // Nothing would read it.
         ServerDisconnect::WriteTimeout => return None,
         ServerDisconnect::InternalError => DisconnectReasonCode::ImplementationSpecificError,
+        ServerDisconnect::NotStored => DisconnectReasonCode::UnspecifiedError,
     };
     Some(Packet::Disconnect(
         Disconnect { reason_code },

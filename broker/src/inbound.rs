@@ -1,13 +1,25 @@
 //! Owns the protocol state of a client's QoS 1/2 publishes, as pure code (no
 //! I/O): which packet ids are in flight, who acknowledges each publish (the
-//! gate or the router) so that PUBACKs keep the order of the publishes, QoS 2
-//! exactly once by packet id, the Receive Maximum, and the packet ids of wills.
-//! The session loop (`connection`) asks it what to do and does it.
+//! gate, the router, or the delivery later) so that PUBACKs keep the order
+//! of the publishes, QoS 2 exactly once by packet id, the Receive Maximum,
+//! and the packet ids of wills. The session loop (`connection`) asks it what
+//! to do and does it.
+//!
+//! PUBACK order (MQTT-4.6.0-2): while only the gate and the router answer,
+//! the gate answers none itself while the router owes one (it sends those
+//! through the router instead). Once a delivery owes one later (a command
+//! appended to Redis: `delivery::ack`), every QoS 1 acknowledgement joins
+//! one queue in the order of the publishes ([`Owed`]), each answered when
+//! it is first and nothing it waits for (the router's PUBACK, the
+//! delivery's outcome) is missing; the queue is let go once empty.
 
 use crate::acl::Denial;
 use crate::codec::Version;
+use crate::delivery::ack::{Outcome, Pending};
 use crate::router::protocol::{PubCompReason, QoS};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::task::{Context, Poll};
+use tokio::time::Instant;
 
 /// What to do with a PUBLISH before anything else looks at it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +44,9 @@ pub enum Allowed {
     AckHere,
     /// The router gets it and answers (PUBACK, PUBREC) in order.
     ToRouter,
+    /// Nothing now: its PUBACK waits its turn among those owed (the
+    /// delivery answers it later, or one before it is still due).
+    Owed,
 }
 
 /// How a refused publish is answered.
@@ -46,6 +61,53 @@ pub enum Refused {
     PubAckThroughRouter,
     /// PUBREC with the denial now.
     PubRecHere,
+    /// Nothing now: the denial waits its turn among the PUBACKs owed.
+    Owed,
+}
+
+/// What a PUBACK from the router becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterAck {
+    /// Sent to the client now: the router's own, or (`Some`) the denial of a
+    /// refused publish sent through the router.
+    Now(Option<Denial>),
+    /// It answered an acknowledgement owed in order: see [`InboundFlows::pop_owed`].
+    Owed,
+}
+
+/// What the client's PUBACK for an owed acknowledgement says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Success,
+    Denied(Denial),
+    /// The delivery did not store it (or did not say so by its deadline).
+    NotStored(Outcome),
+}
+
+/// One QoS 1 acknowledgement owed to the client, in the order of the
+/// publishes.
+#[derive(Debug)]
+struct Owed {
+    pkid: u16,
+    /// Waits for the router's PUBACK (which names the packet id of one due
+    /// before the queue began).
+    router: bool,
+    /// Waits for the delivery's outcome.
+    delivery: Option<Pending>,
+    answer: Answer,
+}
+
+impl Owed {
+    fn ready(&self) -> bool {
+        !self.router && self.delivery.is_none()
+    }
+
+    fn settle(&mut self, outcome: Outcome) {
+        self.delivery = None;
+        if outcome != Outcome::Stored {
+            self.answer = Answer::NotStored(outcome);
+        }
+    }
 }
 
 /// How a PUBREL is answered.
@@ -116,6 +178,8 @@ struct FlowIds {
     denied_qos2: HashSet<u16>,
     /// QoS 2 publishes the router holds until their PUBREL.
     awaiting_release: HashSet<u16>,
+    /// QoS 1 acknowledgements owed in order while a delivery owes one.
+    owed: VecDeque<Owed>,
 }
 
 impl FlowIds {
@@ -123,6 +187,7 @@ impl FlowIds {
         self.denied_qos1.is_empty()
             && self.denied_qos2.is_empty()
             && self.awaiting_release.is_empty()
+            && self.owed.is_empty()
     }
 }
 
@@ -164,6 +229,27 @@ impl InboundFlows {
         }
     }
 
+    /// Whether acknowledgements are owed in order (see the module's doc).
+    fn owing(&self) -> bool {
+        self.ids.as_ref().is_some_and(|ids| !ids.owed.is_empty())
+    }
+
+    /// The queue of owed acknowledgements; begun with the router's PUBACKs
+    /// due now, which come first.
+    fn owed_mut(&mut self) -> &mut VecDeque<Owed> {
+        let due = self.router_acks_pending;
+        let owed = &mut self.ids_mut().owed;
+        if owed.is_empty() {
+            owed.extend((0..due).map(|_| Owed {
+                pkid: 0,
+                router: true,
+                delivery: None,
+                answer: Answer::Success,
+            }));
+        }
+        owed
+    }
+
     fn awaiting_release(&self, pkid: u16) -> bool {
         self.ids
             .as_ref()
@@ -186,10 +272,12 @@ impl InboundFlows {
     /// QoS 1/2 publishes not yet acknowledged or released: what the
     /// Receive Maximum bounds (and with it, every map here).
     pub fn unacknowledged(&self) -> usize {
-        let held = self
-            .ids
-            .as_ref()
-            .map_or(0, |ids| ids.awaiting_release.len() + ids.denied_qos2.len());
+        // An owed acknowledgement waiting for the router is counted there.
+        let held = self.ids.as_ref().map_or(0, |ids| {
+            ids.awaiting_release.len()
+                + ids.denied_qos2.len()
+                + ids.owed.iter().filter(|owed| !owed.router).count()
+        });
         self.router_acks_pending + held
     }
 
@@ -204,11 +292,34 @@ impl InboundFlows {
     }
 
     /// An allowed publish; `needs_router` when the router must see it
-    /// (someone there wants it, it is retained, or it is QoS 2).
-    pub fn allowed(&mut self, qos: QoS, pkid: u16, needs_router: bool) -> Allowed {
+    /// (someone there wants it, it is retained, or it is QoS 2); `later`
+    /// when the delivery acknowledges it later (QoS 1 only: QoS 0 owes
+    /// nothing, and QoS 2 is acknowledged by the router's PUBREC, so a
+    /// `later` for them is let go).
+    pub fn allowed(
+        &mut self,
+        qos: QoS,
+        pkid: u16,
+        needs_router: bool,
+        later: Option<Pending>,
+    ) -> Allowed {
         match qos {
             QoS::AtMostOnce if !needs_router => Allowed::Done,
             QoS::AtMostOnce => Allowed::ToRouter,
+            QoS::AtLeastOnce if later.is_some() || self.owing() => {
+                self.owed_mut().push_back(Owed {
+                    pkid,
+                    router: needs_router,
+                    delivery: later,
+                    answer: Answer::Success,
+                });
+                if needs_router {
+                    self.router_acks_pending += 1;
+                    Allowed::ToRouter
+                } else {
+                    Allowed::Owed
+                }
+            }
             // PUBACKs keep the order of the publishes (MQTT 4.6).
             QoS::AtLeastOnce if !needs_router && self.router_acks_pending == 0 => Allowed::AckHere,
             QoS::AtLeastOnce => {
@@ -226,6 +337,15 @@ impl InboundFlows {
     pub fn refused(&mut self, qos: QoS, pkid: u16, denial: Denial) -> Refused {
         match qos {
             QoS::AtMostOnce => Refused::Silent,
+            QoS::AtLeastOnce if self.owing() => {
+                self.owed_mut().push_back(Owed {
+                    pkid,
+                    router: false,
+                    delivery: None,
+                    answer: Answer::Denied(denial),
+                });
+                Refused::Owed
+            }
             QoS::AtLeastOnce if self.router_acks_pending == 0 => Refused::PubAckHere,
             QoS::AtLeastOnce => {
                 self.ids_mut().denied_qos1.insert(pkid, denial);
@@ -259,13 +379,84 @@ impl InboundFlows {
         release
     }
 
-    /// A PUBACK from the router: `Some` when it answers a refused publish
-    /// and must be sent as that denial.
-    pub fn router_puback(&mut self, pkid: u16) -> Option<Denial> {
+    /// A PUBACK from the router: sent now (as the denial of a refused
+    /// publish sent through the router, if it was one), or it answered the
+    /// first owed acknowledgement waiting for the router.
+    pub fn router_puback(&mut self, pkid: u16) -> RouterAck {
         self.router_acks_pending = self.router_acks_pending.saturating_sub(1);
-        let denial = self.ids.as_mut()?.denied_qos1.remove(&pkid);
+        let Some(ids) = self.ids.as_mut() else {
+            return RouterAck::Now(None);
+        };
+        let denial = ids.denied_qos1.remove(&pkid);
+        // The router answers in the order it was sent publishes.
+        let Some(owed) = ids.owed.iter_mut().find(|owed| owed.router) else {
+            self.release_ids_if_idle();
+            return RouterAck::Now(denial);
+        };
+        owed.router = false;
+        owed.pkid = pkid;
+        if let Some(denial) = denial {
+            owed.answer = Answer::Denied(denial);
+        }
+        RouterAck::Owed
+    }
+
+    /// Waits for the first delivery outcome still missing (the only one
+    /// that can let an acknowledgement go): `Ready` once it came (then
+    /// [`InboundFlows::collect_owed`] and [`InboundFlows::pop_owed`]).
+    pub fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(ids) = self.ids.as_mut() else {
+            return Poll::Pending;
+        };
+        let Some(owed) = ids.owed.iter_mut().find(|owed| owed.delivery.is_some()) else {
+            return Poll::Pending;
+        };
+        let Some(pending) = owed.delivery.as_mut() else {
+            return Poll::Pending;
+        };
+        let outcome = std::task::ready!(pending.poll_outcome(cx));
+        owed.settle(outcome);
+        Poll::Ready(())
+    }
+
+    /// Takes every delivery outcome already settled, and answers as failed
+    /// those past their deadline at `now` (the session never waits forever).
+    pub fn collect_owed(&mut self, now: Option<Instant>) {
+        let Some(ids) = self.ids.as_mut() else {
+            return;
+        };
+        for owed in ids.owed.iter_mut() {
+            let Some(pending) = owed.delivery.as_mut() else {
+                continue;
+            };
+            if let Some(outcome) = pending.try_outcome() {
+                owed.settle(outcome);
+            } else if now.is_some_and(|now| now >= pending.deadline()) {
+                owed.settle(Outcome::Failed);
+            }
+        }
+    }
+
+    /// The next owed acknowledgement that can be answered now, in order.
+    pub fn pop_owed(&mut self) -> Option<(u16, Answer)> {
+        let ids = self.ids.as_mut()?;
+        if !ids.owed.front()?.ready() {
+            return None;
+        }
+        let owed = ids.owed.pop_front()?;
         self.release_ids_if_idle();
-        denial
+        Some((owed.pkid, owed.answer))
+    }
+
+    /// The earliest deadline of a delivery outcome still missing.
+    pub fn owed_deadline(&self) -> Option<Instant> {
+        self.ids
+            .as_ref()?
+            .owed
+            .iter()
+            .filter_map(|owed| owed.delivery.as_ref())
+            .map(Pending::deadline)
+            .min()
     }
 
     /// A packet id for a QoS 1/2 will that no QoS 2 publish of this client
@@ -282,204 +473,5 @@ impl InboundFlows {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn flows() -> InboundFlows {
-        InboundFlows::new(Version::V5, 3)
-    }
-
-    #[test]
-    fn who_acknowledges_an_allowed_publish() {
-        // (qos, needs_router, router PUBACKs already due) -> answer
-        let table = [
-            (QoS::AtMostOnce, false, 0, Allowed::Done),
-            (QoS::AtMostOnce, true, 0, Allowed::ToRouter),
-            (QoS::AtLeastOnce, false, 0, Allowed::AckHere),
-            (QoS::AtLeastOnce, true, 0, Allowed::ToRouter),
-            // An earlier PUBACK is due from the router: this one waits its turn.
-            (QoS::AtLeastOnce, false, 1, Allowed::ToRouter),
-            (QoS::ExactlyOnce, false, 0, Allowed::ToRouter),
-        ];
-        for (qos, needs_router, due, expected) in table {
-            let mut f = flows();
-            for pkid in 0..due {
-                f.allowed(QoS::AtLeastOnce, 100 + pkid, true);
-            }
-            assert_eq!(
-                f.allowed(qos, 1, needs_router),
-                expected,
-                "{qos:?} {needs_router} {due}"
-            );
-        }
-    }
-
-    #[test]
-    fn how_a_refusal_is_answered() {
-        let table = [
-            (Version::V5, QoS::AtMostOnce, 0, Refused::Silent),
-            (Version::V5, QoS::AtLeastOnce, 0, Refused::PubAckHere),
-            (
-                Version::V5,
-                QoS::AtLeastOnce,
-                1,
-                Refused::PubAckThroughRouter,
-            ),
-            (Version::V5, QoS::ExactlyOnce, 0, Refused::PubRecHere),
-            (Version::V4, QoS::ExactlyOnce, 0, Refused::PubRecHere),
-        ];
-        for (version, qos, due, expected) in table {
-            let mut f = InboundFlows::new(version, 10);
-            for pkid in 0..due {
-                f.allowed(QoS::AtLeastOnce, 100 + pkid, true);
-            }
-            assert_eq!(f.refused(qos, 1, Denial::NotAuthorized), expected);
-        }
-    }
-
-    #[test]
-    fn a_denial_through_the_router_rewrites_its_puback_in_order() {
-        let mut f = flows();
-        assert_eq!(f.allowed(QoS::AtLeastOnce, 1, true), Allowed::ToRouter);
-        assert_eq!(
-            f.refused(QoS::AtLeastOnce, 2, Denial::NotAuthorized),
-            Refused::PubAckThroughRouter
-        );
-        assert_eq!(f.router_puback(1), None);
-        assert_eq!(f.router_puback(2), Some(Denial::NotAuthorized));
-        // Nothing due any more: the gate answers again itself.
-        assert_eq!(f.allowed(QoS::AtLeastOnce, 3, false), Allowed::AckHere);
-    }
-
-    #[test]
-    fn qos2_is_exactly_once_by_packet_id() {
-        let mut f = flows();
-        assert_eq!(f.arrival(QoS::ExactlyOnce, 7), Arrival::New);
-        assert_eq!(f.allowed(QoS::ExactlyOnce, 7, true), Allowed::ToRouter);
-        // The retransmission before PUBREL is not delivered again.
-        assert_eq!(f.arrival(QoS::ExactlyOnce, 7), Arrival::Retransmitted);
-        assert_eq!(f.release(7), Release::ToRouter);
-        // After the release, the id is free for a new message.
-        assert_eq!(f.arrival(QoS::ExactlyOnce, 7), Arrival::New);
-        // A PUBREL for nothing (or for a resumed session's publish) is the
-        // router's to answer.
-        assert_eq!(f.release(8), Release::ToRouter);
-    }
-
-    #[test]
-    fn a_refused_3_1_1_qos2_publish_is_completed_here() {
-        let mut f = InboundFlows::new(Version::V4, 3);
-        f.refused(QoS::ExactlyOnce, 5, Denial::NotAuthorized);
-        assert_eq!(f.release(5), Release::CompleteHere(PubCompReason::Success));
-        // MQTT 5: the refusal ended the exchange; a stray PUBREL goes to
-        // the router, which answers 0x92.
-        let mut f = flows();
-        f.refused(QoS::ExactlyOnce, 5, Denial::NotAuthorized);
-        assert_eq!(f.release(5), Release::ToRouter);
-    }
-
-    #[test]
-    fn the_receive_maximum_counts_every_unfinished_flow() {
-        let mut f = flows(); // Receive Maximum 3
-        f.allowed(QoS::AtLeastOnce, 1, true);
-        f.allowed(QoS::ExactlyOnce, 2, true);
-        assert_eq!(f.arrival(QoS::AtLeastOnce, 3), Arrival::New);
-        f.refused(QoS::AtLeastOnce, 3, Denial::NotAuthorized);
-        assert_eq!(f.unacknowledged(), 3);
-        assert_eq!(f.arrival(QoS::AtLeastOnce, 4), Arrival::OverReceiveMaximum);
-        assert_eq!(f.arrival(QoS::ExactlyOnce, 4), Arrival::OverReceiveMaximum);
-        // QoS 0 is never limited; a retransmission is not a new flow.
-        assert_eq!(f.arrival(QoS::AtMostOnce, 0), Arrival::New);
-        assert_eq!(f.arrival(QoS::ExactlyOnce, 2), Arrival::Retransmitted);
-        f.router_puback(1);
-        assert_eq!(f.arrival(QoS::AtLeastOnce, 4), Arrival::New);
-    }
-
-    #[test]
-    fn a_resumed_session_counts_what_its_earlier_connections_held() {
-        // Three connections of one session, Receive Maximum 3: the first
-        // holds 1 and 2 in the router, the second (3.1.1) also one refused.
-        let mut first = InboundFlows::new(Version::V4, 3);
-        first.allowed(QoS::ExactlyOnce, 1, true);
-        first.allowed(QoS::ExactlyOnce, 2, true);
-        // A QoS 1 flow in progress ends with its connection.
-        first.allowed(QoS::AtLeastOnce, 9, true);
-        let held = first.take_held();
-        assert_eq!(held.len(), 2);
-        assert_eq!(first.unacknowledged(), 1, "only the QoS 1 flow is left");
-
-        let mut second = InboundFlows::resumed(Version::V4, 3, held);
-        // (arrival, packet id) -> what the resumed connection does
-        let table = [
-            // A retransmission of a held publish: PUBREC again, not stored again.
-            (QoS::ExactlyOnce, 1, Arrival::Retransmitted),
-            (QoS::ExactlyOnce, 2, Arrival::Retransmitted),
-            // New flows: one more fits, then the session is over its quota.
-            (QoS::ExactlyOnce, 3, Arrival::New),
-            (QoS::AtLeastOnce, 4, Arrival::New),
-        ];
-        for (qos, pkid, expected) in table {
-            assert_eq!(second.arrival(qos, pkid), expected, "{qos:?} {pkid}");
-        }
-        assert_eq!(
-            second.refused(QoS::ExactlyOnce, 3, Denial::NotAuthorized),
-            Refused::PubRecHere
-        );
-        assert_eq!(second.unacknowledged(), 3);
-        assert_eq!(
-            second.arrival(QoS::ExactlyOnce, 5),
-            Arrival::OverReceiveMaximum
-        );
-        assert_eq!(
-            second.arrival(QoS::AtLeastOnce, 5),
-            Arrival::OverReceiveMaximum
-        );
-
-        let mut third = InboundFlows::resumed(Version::V4, 3, second.take_held());
-        assert_eq!(third.unacknowledged(), 3);
-        assert_eq!(
-            third.arrival(QoS::ExactlyOnce, 6),
-            Arrival::OverReceiveMaximum
-        );
-        // The PUBRELs release them: the router's to the router, the gate's here.
-        assert_eq!(third.release(1), Release::ToRouter);
-        assert_eq!(
-            third.release(3),
-            Release::CompleteHere(PubCompReason::Success)
-        );
-        assert_eq!(third.arrival(QoS::ExactlyOnce, 1), Arrival::New, "released");
-        assert_eq!(third.unacknowledged(), 1);
-        // A will's packet id avoids what the router still holds.
-        assert_eq!(third.will_pkid(), 1);
-        assert_eq!(third.will_pkid(), 3);
-
-        // A clean start (or an expiry) keeps nothing: a fresh count.
-        let fresh = InboundFlows::resumed(Version::V5, 3, HeldQos2::default());
-        assert_eq!(fresh.unacknowledged(), 0);
-    }
-
-    #[test]
-    fn held_state_of_two_connections_is_merged() {
-        let mut a = InboundFlows::new(Version::V5, 10);
-        a.allowed(QoS::ExactlyOnce, 1, true);
-        let mut b = InboundFlows::new(Version::V5, 10);
-        b.allowed(QoS::ExactlyOnce, 1, true);
-        b.allowed(QoS::ExactlyOnce, 2, true);
-        let mut held = a.take_held();
-        held.absorb(b.take_held());
-        assert_eq!(held.len(), 2, "one packet id is one flow");
-        assert!(!held.is_empty());
-        assert!(a.take_held().is_empty());
-    }
-
-    #[test]
-    fn will_packet_ids_avoid_held_qos2_ids_and_never_are_zero() {
-        let mut f = flows();
-        f.allowed(QoS::ExactlyOnce, 1, true);
-        f.allowed(QoS::ExactlyOnce, 2, true);
-        assert_eq!(f.will_pkid(), 3);
-        f.next_will_pkid = u16::MAX;
-        assert_eq!(f.will_pkid(), u16::MAX);
-        assert_eq!(f.will_pkid(), 3, "wraps past 0 and the held ids");
-    }
-}
+#[path = "inbound_tests.rs"]
+mod tests;

@@ -547,7 +547,7 @@ mod tests {
         let held = |pkids: &[u16]| {
             let mut flows = InboundFlows::new(Version::V5, 100);
             for &pkid in pkids {
-                flows.allowed(QoS::ExactlyOnce, pkid, true);
+                flows.allowed(QoS::ExactlyOnce, pkid, true, None);
             }
             flows.take_held()
         };

@@ -23,9 +23,8 @@
 use crate::acks::{CommandTag, MAX_DELIVERIES};
 use crate::entry::{command_key, consumer_group, Entry, StreamId, PARTITIONS};
 use crate::replies::inject;
-use crate::Node;
+use crate::{Append, Node};
 use broker::delivery::DELIVERY_TAG;
-use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -109,32 +108,46 @@ impl Groups {
     }
 }
 
-/// Appends what is queued (`(stream key, entry)`), one pipelined batch at
-/// a time, until the queue closes or the node shuts down.
-pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
+/// Appends what is queued (to its stream key), one pipelined batch at a
+/// time, until the queue closes or the node shuts down; each command's
+/// waiting session (a QoS 1 publish) is told how its append went once its
+/// pipeline returned (after `WAIT` when `BROKER_CLUSTER_WAIT_REPLICAS` is
+/// set; after the retries of [`crate::redis_conn::APPEND_RETRY_FOR`] when
+/// it failed).
+pub(crate) async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
+        let mut tickets: Vec<_> = batch.iter_mut().map(|a| a.ticket.take()).collect();
+        let indexed: Vec<(usize, &Append)> = batch.iter().enumerate().collect();
         // One pipeline per master on a cluster, sent together.
-        let pipe = |group: &[&(String, Bytes)], _full: bool| {
+        let pipe = |group: &[&(usize, &Append)], _full: bool| {
             let mut pipe = redis::pipe();
-            for (key, entry) in group {
+            for (_, append) in group {
                 pipe.cmd("XADD")
-                    .arg(key)
+                    .arg(&append.key)
                     .arg("MAXLEN")
                     .arg("~")
                     .arg(COMMAND_STREAM_MAXLEN)
                     .arg("*")
                     .arg("e")
-                    .arg(&entry[..])
+                    .arg(&append.entry[..])
                     .ignore();
             }
             pipe
         };
-        for (n, sent) in node.redis.send_grouped(&batch, |(key, _)| key, pipe).await {
+        let sent = node
+            .redis
+            .send_grouped_items(&indexed, |(_, a)| &a.key, pipe)
+            .await;
+        for (group, sent) in sent {
+            let n = group.len() as u64;
+            for (i, _) in group {
+                Append::settle(tickets.get_mut(*i).and_then(Option::take), sent.is_ok());
+            }
             match sent {
                 Ok(()) => node.metrics().cluster_moved("command_out", n),
                 Err(e) => {

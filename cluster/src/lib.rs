@@ -52,13 +52,14 @@ pub(crate) use entry::stream_entries;
 pub use redis_conn::RedisError;
 
 use broker::acl::{CommandTopics, Denial};
+use broker::delivery::ack::{self, Outcome, Ticket};
 use broker::delivery::{
     Delivery, Kind, LocalDelivery, Opening, Path, Request, ResumeFuture, Resumed, Routed,
     SessionSubscription, Subscriptions,
 };
 use broker::inject::Injector;
 use broker::metrics::Metrics;
-use broker::router::protocol::{Publish, PublishProperties};
+use broker::router::protocol::{Publish, PublishProperties, QoS};
 use bytes::Bytes;
 use commands::Groups;
 use declarations::Declared;
@@ -71,7 +72,9 @@ use sessions::Persistent;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Longest `BROKER_NODE_ID` (it names Redis consumers and entries).
@@ -157,10 +160,41 @@ impl Node {
     }
 }
 
-/// An append waiting: (user id or stream key, entry).
+/// An announcement waiting: (user id, session id).
 type Queued = (String, Bytes);
-/// Where appends wait (bounded: a full queue drops and counts).
+/// Where announcements wait (bounded: a full queue drops and counts).
 type Queue = mpsc::Sender<Queued>;
+
+/// How long a session waits for the append of a QoS 1 publish before it
+/// answers it as not stored: the appender's retry window
+/// ([`redis_conn::APPEND_RETRY_FOR`]) and a margin for the batch in front.
+pub const ACK_WITHIN: Duration = Duration::from_secs(15);
+
+/// A reply or command waiting to be appended.
+pub(crate) struct Append {
+    /// The user id (a reply) or the stream key (a command).
+    pub(crate) key: String,
+    pub(crate) entry: Bytes,
+    /// A QoS 1 publish's: the session's PUBACK waits for it.
+    pub(crate) ticket: Option<Ticket>,
+}
+
+impl Append {
+    /// Answers the session waiting for this append, if one is.
+    pub(crate) fn settle(ticket: Option<Ticket>, appended: bool) {
+        if let Some(ticket) = ticket {
+            ticket.settle(if appended {
+                Outcome::Stored
+            } else {
+                Outcome::Failed
+            });
+        }
+    }
+}
+
+/// Where appends wait (bounded: a full queue drops, counts, and answers
+/// the waiting session `Outcome::QueueFull`).
+type Appends = mpsc::Sender<Append>;
 
 /// A node's cross-node delivery, connected, before the broker starts.
 pub struct Cluster {
@@ -169,8 +203,8 @@ pub struct Cluster {
     interest: Arc<Interest>,
     groups: Arc<Groups>,
     declared: Arc<Declared>,
-    replies: (Queue, mpsc::Receiver<Queued>),
-    commands: (Queue, mpsc::Receiver<Queued>),
+    replies: (Appends, mpsc::Receiver<Append>),
+    commands: (Appends, mpsc::Receiver<Append>),
     takeovers: (Queue, mpsc::Receiver<Queued>),
     acks: (acks::AckQueue, mpsc::Receiver<acks::CommandTag>),
     retained: (retained::StoreQueue, mpsc::Receiver<Queued>),
@@ -317,8 +351,8 @@ pub struct ClusterDelivery {
     groups: Arc<Groups>,
     /// Command topics handlers on other nodes declared.
     declared: Arc<Declared>,
-    replies: Queue,
-    commands: Queue,
+    replies: Appends,
+    commands: Appends,
     /// Device sessions opened here, announced to the other nodes (one of
     /// them may hold the same session: it ends it).
     takeovers: Queue,
@@ -362,9 +396,15 @@ impl ClusterDelivery {
                 .is_command(protocol::topics::effective_filter(filter))
     }
 
-    fn queue(&self, queue: &Queue, key: String, entry: Bytes) {
-        if queue.try_send((key, entry)).is_err() {
-            self.metrics.cluster_dropped("queue_full", 1);
+    fn queue(&self, queue: &Appends, append: Append) {
+        let (outcome, append) = match queue.try_send(append) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(append)) => (Outcome::QueueFull, append),
+            Err(mpsc::error::TrySendError::Closed(append)) => (Outcome::Failed, append),
+        };
+        self.metrics.cluster_dropped("queue_full", 1);
+        if let Some(ticket) = append.ticket {
+            ticket.settle(outcome);
         }
     }
 }
@@ -447,7 +487,9 @@ impl Delivery for ClusterDelivery {
                 Ok(entry) => {
                     self.retained_held
                         .received(topic, &entry, publish.payload.is_empty());
-                    self.queue(&self.retained, topic.to_owned(), entry);
+                    if self.retained.try_send((topic.to_owned(), entry)).is_err() {
+                        self.metrics.cluster_dropped("queue_full", 1);
+                    }
                 }
                 Err(_) => self.metrics.cluster_dropped("unencodable", 1),
             }
@@ -473,11 +515,29 @@ impl Delivery for ClusterDelivery {
                 _ => return routed,
             }
         };
-        match Entry::encode(&self.id, publish, properties) {
-            Ok(entry) if command => self.queue(&self.commands, key, entry),
-            Ok(entry) => self.queue(&self.replies, key, entry),
-            Err(_) => self.metrics.cluster_dropped("unencodable", 1),
-        }
+        let entry = match Entry::encode(&self.id, publish, properties) {
+            Ok(entry) => entry,
+            Err(_) => {
+                self.metrics.cluster_dropped("unencodable", 1);
+                return routed;
+            }
+        };
+        // A QoS 1 publish's PUBACK waits for its append (QoS 0 is fire and
+        // forget; QoS 2 is answered by the router's PUBREC).
+        let ticket = (publish.qos() == QoS::AtLeastOnce).then(|| {
+            let (ticket, pending) = ack::ticket(Instant::now() + ACK_WITHIN);
+            routed.later = Some(pending);
+            ticket
+        });
+        let append = Append { key, entry, ticket };
+        self.queue(
+            if command {
+                &self.commands
+            } else {
+                &self.replies
+            },
+            append,
+        );
         routed
     }
 

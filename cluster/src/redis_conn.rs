@@ -190,6 +190,21 @@ impl Redis {
         key: impl Fn(&T) -> &str,
         pipe: impl Fn(&[&T], bool) -> redis::Pipeline,
     ) -> Vec<(u64, redis::RedisResult<()>)> {
+        self.send_grouped_items(items, key, pipe)
+            .await
+            .into_iter()
+            .map(|(group, sent)| (group.len() as u64, sent))
+            .collect()
+    }
+
+    /// [`Redis::send_grouped`], saying which items each result is for
+    /// (every item in exactly one group), so that each may be answered.
+    pub async fn send_grouped_items<'a, T>(
+        &self,
+        items: &'a [T],
+        key: impl Fn(&T) -> &str,
+        pipe: impl Fn(&[&T], bool) -> redis::Pipeline,
+    ) -> Vec<(Vec<&'a T>, redis::RedisResult<()>)> {
         let (pipe, key) = (&pipe, &key);
         if !self.is_cluster() {
             let group: Vec<&T> = items.iter().collect();
@@ -200,7 +215,7 @@ impl Redis {
             if sent.is_err() {
                 sent = self.send_retrying(&pipe(&group, true)).await;
             }
-            return vec![(group.len() as u64, sent)];
+            return vec![(group, sent)];
         }
         let (groups, unmapped) = {
             let ranges = self.topology.ranges.lock();
@@ -226,7 +241,7 @@ impl Redis {
                 Err(e) => Err(e),
             };
             match sent {
-                Ok(()) => vec![(group.len() as u64, Ok(()))],
+                Ok(()) => vec![(group, Ok(()))],
                 Err(_) => {
                     let _ = self.refresh().await;
                     self.send_per_slot(&group, key, pipe).await
@@ -278,17 +293,17 @@ impl Redis {
 
     /// `items` again, with the script in full, one pipeline per slot on
     /// the shared (redirection-following) connection, bounded retries.
-    async fn send_per_slot<T>(
+    async fn send_per_slot<'a, T>(
         &self,
-        items: &[&T],
+        items: &[&'a T],
         key: &impl Fn(&T) -> &str,
         pipe: &impl Fn(&[&T], bool) -> redis::Pipeline,
-    ) -> Vec<(u64, redis::RedisResult<()>)> {
+    ) -> Vec<(Vec<&'a T>, redis::RedisResult<()>)> {
         let groups = self.by_slot(items, |item| key(item));
-        let sent = groups.iter().map(|group| async move {
-            let group: Vec<&T> = group.iter().map(|item| **item).collect();
+        let sent = groups.into_iter().map(|group| async move {
+            let group: Vec<&'a T> = group.into_iter().copied().collect();
             let sent = self.send_retrying(&pipe(&group, true)).await;
-            (group.len() as u64, sent)
+            (group, sent)
         });
         futures::future::join_all(sent).await
     }

@@ -18,7 +18,7 @@
 
 use crate::entry::{reply_key, Cursor, Entry, Seen, StreamId};
 use crate::record::reply_tag;
-use crate::Node;
+use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG};
 use broker::inject::InjectLink;
 use bytes::Bytes;
@@ -92,8 +92,9 @@ impl Interest {
 
 /// Appends what is queued, one pipelined batch at a time (one pipeline
 /// per master on a cluster, sent together), until the queue closes or the
-/// node shuts down.
-pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
+/// node shuts down; a handler's QoS 1 reply's session is told how its
+/// append went once its pipeline returned.
+pub(crate) async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
     let script = redis::Script::new(APPEND_SCRIPT);
     let mut batch = Vec::with_capacity(BATCH);
     let ttl_ms = REPLY_STREAM_TTL.as_millis().to_string();
@@ -102,13 +103,15 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
-        let keyed: Vec<(String, &Bytes)> = batch
+        let mut tickets: Vec<_> = batch.iter_mut().map(|a| a.ticket.take()).collect();
+        let keyed: Vec<(usize, String, &Bytes)> = batch
             .iter()
-            .map(|(uid, entry)| (reply_key(uid), entry))
+            .enumerate()
+            .map(|(i, append)| (i, reply_key(&append.key), &append.entry))
             .collect();
-        let pipe = |group: &[&(String, &Bytes)], full: bool| {
+        let pipe = |group: &[&(usize, String, &Bytes)], full: bool| {
             let mut pipe = redis::pipe();
-            for (key, entry) in group {
+            for (_, key, entry) in group {
                 if full {
                     // The server has not seen the script (new, or failed
                     // over: Redis replicates a script's effects, not the
@@ -126,8 +129,15 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
             }
             pipe
         };
-        let sent = node.redis.send_grouped(&keyed, |(key, _)| key, pipe).await;
-        for (n, sent) in sent {
+        let sent = node
+            .redis
+            .send_grouped_items(&keyed, |(_, key, _)| key, pipe)
+            .await;
+        for (group, sent) in sent {
+            let n = group.len() as u64;
+            for (i, _, _) in group {
+                Append::settle(tickets.get_mut(*i).and_then(Option::take), sent.is_ok());
+            }
             match sent {
                 Ok(()) => node.metrics().cluster_moved("reply_out", n),
                 Err(e) => {

@@ -17,6 +17,8 @@
 //! - `route.rs`: [`Table::route`], the decision for one publish.
 //! - `inbox.rs`: [`ReplyInbox`], a clean device session's bounded inbox.
 //! - `resume.rs`: what a persistent session carries to another node.
+//! - `ack.rs`: an acknowledgement the delivery owes a publish later
+//!   ([`ack::Pending`] in [`Routed`], settled through its [`ack::Ticket`]).
 //!
 //! The rules (README, "Replies skip the router"): the gate serves a
 //! subscription itself only if it is a QoS 0 subscription of a clean device
@@ -43,7 +45,8 @@
 //! - `route`: a reply is also appended to the user's stream (and announced
 //!   on the `{uid}` channel); a command goes to its topic's stream, for the
 //!   consumer groups of handlers on any node. The local decision (inboxes
-//!   now, router or not) is unchanged.
+//!   now, router or not) is unchanged. A QoS 1 publish appended this way
+//!   carries an [`ack::Pending`]: the client's PUBACK waits for the append.
 //! - `close` / `expire`: a persistent session's record lives for its
 //!   expiry, then goes; the listening stops with the node's last session of
 //!   the user.
@@ -58,6 +61,7 @@
 //! `subscribe` and `unsubscribe` stay local decisions (the path is per
 //! connection); the cluster only learns the user's interest through `open`.
 
+pub mod ack;
 mod inbox;
 mod local;
 mod resume;
@@ -146,7 +150,8 @@ pub trait Delivery: CommandTopics + Send + Sync {
 
     /// Routes one publish (already authorized): delivered to the inboxes
     /// that serve its topic now; the answer says whether the router still
-    /// needs it.
+    /// needs it, and (`Routed::later`) whether the client's acknowledgement
+    /// of a QoS 1 publish must wait for the delivery to store it.
     fn route(
         &self,
         topic: &str,

@@ -15,7 +15,7 @@ use protocol::topics::matches;
 use tokio::time::Instant;
 
 /// What the index did with one publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Routed {
     /// Older replies dropped from slow sessions' inboxes to make room.
     pub dropped: u64,
@@ -24,12 +24,16 @@ pub struct Routed {
     /// Whether the router must see it too: someone it serves may want it,
     /// or it is retained.
     pub needs_router: bool,
+    /// The delivery acknowledges this publish later (it queued it to be
+    /// stored elsewhere): the client's PUBACK waits for it. Only for QoS 1;
+    /// never from the local table.
+    pub later: Option<super::ack::Pending>,
 }
 
 impl Routed {
     /// Counts the replies dropped for slow sessions, and says which topic
     /// made a session start dropping.
-    pub fn record(self, metrics: &crate::metrics::Metrics, topic: &str) {
+    pub fn record(&self, metrics: &crate::metrics::Metrics, topic: &str) {
         if self.dropped > 0 {
             metrics.replies_dropped(self.dropped);
         }
@@ -68,6 +72,7 @@ impl Table {
         let routes = self.routes.read();
         let found = routes.topics.get(topic.as_bytes());
         let mut routed = Routed {
+            later: None,
             dropped: 0,
             newly_slow: 0,
             needs_router: publish.retain
@@ -160,13 +165,10 @@ mod tests {
 
         let routed = index.route("42_sync", &publish("42_sync", "a", false), &None);
         assert_eq!(
-            routed,
-            Routed {
-                dropped: 0,
-                newly_slow: 0,
-                needs_router: false
-            }
+            (routed.dropped, routed.newly_slow, routed.needs_router),
+            (0, 0, false)
         );
+        assert!(routed.later.is_none(), "the local table owes nothing later");
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(inbox.poll_ready(&mut cx).is_ready());
         let mut got = Vec::new();

@@ -10,7 +10,8 @@
 //!
 //! The loop waits on five things at once: an end request (takeover,
 //! revocation, shutdown), one timer (the state's next deadline), socket
-//! reads, the reply inbox, and router events. Each becomes one [`Event`] for
+//! reads, the reply inbox, and router events (with the acknowledgements a
+//! delivery owes, which also change the state as they are polled). Each becomes one [`Event`] for
 //! [`SessionState::handle`]; what the state hands the router from one read
 //! wakes it once, and what it queues for the client is written at the end of
 //! the turn.
@@ -182,6 +183,8 @@ enum RouterStep {
     /// The router paused the link after a burst and waits to be asked again.
     Wake,
     End(End),
+    /// A delivery settled an acknowledgement it owed.
+    Acknowledged,
 }
 
 /// A connected session: its state and its router link.
@@ -271,7 +274,6 @@ impl Session {
                         return end;
                     }
                     timer.as_mut().reset(self.state.next_deadline());
-                    continue;
                 }
                 read = tokio::io::AsyncReadExt::read_buf(&mut wire.input.reader, &mut wire.input.read_buf) => {
                     match read {
@@ -293,8 +295,13 @@ impl Session {
                     }
                 }
                 // Handled as it is polled: a router event (a whole packet)
-                // never becomes part of this future's state.
+                // never becomes part of this future's state. An
+                // acknowledgement a delivery owes is waited for here too
+                // (both change the state as they are polled).
                 (step, unsent) = std::future::poll_fn(|cx| {
+                    if self.state.poll_acknowledged(cx).is_ready() {
+                        return Poll::Ready((RouterStep::Acknowledged, None));
+                    }
                     let first = ready!(self.rx.poll_next(cx));
                     Poll::Ready(Self::drain_router(
                         &mut self.state,
@@ -320,11 +327,23 @@ impl Session {
                             }
                         }
                         RouterStep::End(end) => return end,
+                        RouterStep::Acknowledged => {
+                            if let Some(end) = self.handle(wire, Event::Acknowledged).await {
+                                // PUBACKs already queued still go out.
+                                return self.write_out(wire).await.err().unwrap_or(end);
+                            }
+                        }
                     }
                 }
             }
             if let Err(end) = self.write_out(wire).await {
                 return end;
+            }
+            // A publish may have brought a deadline nearer (an
+            // acknowledgement a delivery owes).
+            let next = self.state.next_deadline();
+            if next < timer.deadline() {
+                timer.as_mut().reset(next);
             }
         }
     }

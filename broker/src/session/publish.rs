@@ -7,8 +7,9 @@ use super::state::{Actions, End, SessionState};
 use super::tags;
 use crate::acl::{self, Denial};
 use crate::answers::{self, ServerDisconnect};
+use crate::delivery::ack::Outcome;
 use crate::identity;
-use crate::inbound::{Allowed, Arrival, Refused};
+use crate::inbound::{Allowed, Answer, Arrival, Refused, RouterAck};
 use crate::property_caps;
 use crate::router::protocol::{
     Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
@@ -135,11 +136,16 @@ impl SessionState {
             crate::auth::Principal::Handler(_) => properties,
         };
         self.gate.metrics().message_in();
-        let routed = self.gate.delivery().route(topic, &publish, &properties);
+        let mut routed = self.gate.delivery().route(topic, &publish, &properties);
         routed.record(self.gate.metrics(), topic);
-        match self.flows.allowed(publish.qos(), pkid, routed.needs_router) {
-            // Served by the gate alone (or wanted by nobody).
-            Allowed::Done => {}
+        let later = routed.later.take();
+        match self
+            .flows
+            .allowed(publish.qos(), pkid, routed.needs_router, later)
+        {
+            // Served by the gate alone (or wanted by nobody), or its PUBACK
+            // waits its turn (the delivery stores it first).
+            Allowed::Done | Allowed::Owed => {}
             Allowed::AckHere => {
                 let ack = PubAck {
                     pkid,
@@ -159,7 +165,7 @@ impl SessionState {
         let pkid = publish.pkid();
         let version = self.who.version;
         match self.flows.refused(publish.qos(), pkid, denial) {
-            Refused::Silent => {}
+            Refused::Silent | Refused::Owed => {}
             Refused::PubAckHere => {
                 out.to_client(answers::puback_denial(version, pkid, denial));
             }
@@ -184,21 +190,57 @@ impl SessionState {
     }
 
     /// A PUBACK from the router: the client's publish's, or a refused one's
-    /// sent through the router to keep the order, which becomes the denial.
+    /// sent through the router to keep the order, which becomes the denial;
+    /// or one of the acknowledgements owed in order. `Some` ends the session.
     pub(super) fn router_puback(
         &mut self,
         ack: PubAck,
         properties: Option<crate::router::protocol::PubAckProperties>,
         out: &mut impl Actions,
-    ) {
+    ) -> Option<End> {
         match self.flows.router_puback(ack.pkid) {
-            Some(denial) => {
+            RouterAck::Now(Some(denial)) => {
                 out.to_client(answers::puback_denial(self.who.version, ack.pkid, denial));
             }
-            None => {
+            RouterAck::Now(None) => {
                 out.to_client(Packet::PubAck(ack, properties));
             }
+            RouterAck::Owed => return self.answer_owed(out),
         }
+        None
+    }
+
+    /// Sends the owed PUBACKs that can go now, in the order of the
+    /// publishes. A publish the delivery did not store is answered `0x80`
+    /// (`0x97` when its queue was full) to an MQTT 5 client; an MQTT 3.1.1
+    /// client cannot be told, so its connection ends without that PUBACK
+    /// (`Some`), and it sends the publish again (DUP) when it reconnects.
+    pub(super) fn answer_owed(&mut self, out: &mut impl Actions) -> Option<End> {
+        let version = self.who.version;
+        while let Some((pkid, answer)) = self.flows.pop_owed() {
+            let packet = match answer {
+                Answer::Success => Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ),
+                Answer::Denied(denial) => answers::puback_denial(version, pkid, denial),
+                Answer::NotStored(outcome) => {
+                    self.gate
+                        .metrics()
+                        .denied("publish", not_stored_label(outcome));
+                    info!(pkid, ?outcome, "a publish was not stored for delivery");
+                    match answers::puback_not_stored(version, pkid, outcome) {
+                        Some(packet) => packet,
+                        None => return Some(End::Server(ServerDisconnect::NotStored)),
+                    }
+                }
+            };
+            out.to_client(packet);
+        }
+        None
     }
 
     /// A publish the router forwards to the client, without its delivery
@@ -250,6 +292,14 @@ impl SessionState {
                 self.undeliverable_qos2.insert(pkid);
             }
         }
+    }
+}
+
+/// The metric label of a publish the delivery did not store.
+fn not_stored_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::QueueFull => "not_stored_queue_full",
+        Outcome::Failed | Outcome::Stored => "not_stored",
     }
 }
 

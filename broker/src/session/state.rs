@@ -45,6 +45,9 @@ pub enum Event {
     Router(Packet),
     /// Replies the gate delivers itself wait in the session's inbox.
     InboxReady,
+    /// A delivery settled an acknowledgement it owed (see
+    /// [`SessionState::poll_acknowledged`]).
+    Acknowledged,
     /// The session's timer fired (see [`SessionState::next_deadline`]).
     Tick(Instant),
     /// Takeover, revocation or shutdown asks the session to end.
@@ -168,19 +171,39 @@ impl SessionState {
                 self.drain_inbox(out);
                 None
             }
-            Event::Tick(now) => self.tick(now),
+            Event::Acknowledged => {
+                self.flows.collect_owed(None);
+                self.answer_owed(out)
+            }
+            Event::Tick(now) => {
+                if let Some(end) = self.tick(now) {
+                    return Some(end);
+                }
+                // An acknowledgement a delivery owes past its deadline is
+                // answered as failed.
+                self.flows.collect_owed(Some(now));
+                self.answer_owed(out)
+            }
             Event::EndRequested(why) => Some(End::Server(server_end(why))),
         }
     }
 
-    /// When the session's timer must fire next: the token's expiry or the
-    /// end of the keep-alive's allowance of silence, whichever comes first.
+    /// When the session's timer must fire next: the token's expiry, the
+    /// end of the keep-alive's allowance of silence, or the deadline of an
+    /// acknowledgement a delivery owes, whichever comes first.
     pub fn next_deadline(&self) -> Instant {
         let silence = self.deadlines.last_heard + self.deadlines.silence_limit;
-        match self.deadlines.token {
-            Some(token) => token.min(silence),
-            None => silence,
-        }
+        [self.deadlines.token, self.flows.owed_deadline()]
+            .into_iter()
+            .flatten()
+            .fold(silence, Instant::min)
+    }
+
+    /// Waits for an acknowledgement a delivery owes (`Ready`: hand the
+    /// state [`Event::Acknowledged`]). Polled by the loop with the router's
+    /// events (both change the state as they are polled).
+    pub fn poll_acknowledged(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.flows.poll_owed(cx)
     }
 
     /// When the session's token expires, if it does.
@@ -302,7 +325,7 @@ impl SessionState {
                     out.to_client(Packet::PubRel(release, properties));
                 }
             }
-            Packet::PubAck(ack, properties) => self.router_puback(ack, properties, out),
+            Packet::PubAck(ack, properties) => return self.router_puback(ack, properties, out),
             packet => {
                 out.to_client(packet);
             }

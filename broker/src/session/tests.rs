@@ -25,6 +25,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod owed;
+
 /// A command topic a handler serves through the router, and one nobody serves.
 const SERVED: &str = "echo";
 const UNSERVED: &str = "quiet";
@@ -104,7 +106,12 @@ impl Actions for Recorder {
 }
 
 fn test_gate() -> Arc<Gate> {
-    let config = Config {
+    crate::gate_for_tests(test_config(), CancellationToken::new()).expect("gate")
+}
+
+/// The configuration of [`test_gate`].
+fn test_config() -> Config {
+    Config {
         jwt: JwtSettings {
             hmac_secret: Some(protocol::Secret::new(
                 "session-state-tests-secret-0123456789",
@@ -118,8 +125,7 @@ fn test_gate() -> Arc<Gate> {
             ..Limits::default()
         },
         revocations: None,
-    };
-    crate::gate_for_tests(config, CancellationToken::new()).expect("gate")
+    }
 }
 
 /// A session as `connect` would open it, for `principal` speaking `version`.
@@ -405,6 +411,9 @@ fn the_reason_codes_are_the_ones_the_readme_lists() {
         (Version::V5, ack(Ack::NotAuthorized), 0x87),
         (Version::V5, ack(Ack::TopicNameInvalid), 0x90),
         (Version::V5, ack(Ack::ImplementationSpecificError), 0x83),
+        // Not stored for delivery (Redis), and its queue full.
+        (Version::V5, ack(Ack::UnspecifiedError), 0x80),
+        (Version::V5, ack(Ack::QuotaExceeded), 0x97),
         (Version::V5, rec(Rec::NotAuthorized), 0x87),
         (Version::V5, rec(Rec::TopicNameInvalid), 0x90),
         (Version::V5, rec(Rec::ImplementationSpecificError), 0x83),
