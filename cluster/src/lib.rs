@@ -14,6 +14,9 @@
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
 //! - `declarations.rs`: command topics handlers declared, shared by nodes;
+//! - `liveness.rs`, `wills.rs`, `will_record.rs`: each node's liveness,
+//!   its devices' wills kept in Redis, and the sweeper that publishes the
+//!   wills of a node that died;
 //! - `redis_conn.rs`: the connections (the store's shared one, routed by
 //!   slot on a cluster; the slot map; batched appends, one pipeline per
 //!   master, blocking reads and sharded pub/sub on connections of their
@@ -33,8 +36,11 @@ mod commands;
 mod declarations;
 pub mod entry;
 mod listener;
+mod liveness;
 mod redis_conn;
 mod replies;
+pub mod will_record;
+mod wills;
 
 pub use redis_conn::RedisError;
 
@@ -45,6 +51,7 @@ use broker::delivery::{
 use broker::inject::Injector;
 use broker::metrics::Metrics;
 use broker::router::protocol::{Publish, PublishProperties};
+use broker::wills::{ReadyWill, WillClock};
 use bytes::Bytes;
 use commands::Groups;
 use declarations::Declared;
@@ -156,6 +163,9 @@ pub struct Cluster {
     replies: (Queue, mpsc::Receiver<Queued>),
     commands: (Queue, mpsc::Receiver<Queued>),
     takeovers: (Queue, mpsc::Receiver<Queued>),
+    /// This run of the node (`liveness`), and its will record changes.
+    incarnation: Arc<str>,
+    will_ops: (mpsc::Sender<wills::Op>, mpsc::Receiver<wills::Op>),
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -177,6 +187,8 @@ impl Cluster {
             replies: mpsc::channel(replies::APPEND_QUEUE),
             commands: mpsc::channel(commands::APPEND_QUEUE),
             takeovers: mpsc::channel(replies::APPEND_QUEUE),
+            incarnation: liveness::new_incarnation().into(),
+            will_ops: mpsc::channel(wills::QUEUE),
             built: Arc::default(),
         })
     }
@@ -200,10 +212,13 @@ impl Cluster {
             self.commands.0.clone(),
             self.takeovers.0.clone(),
         );
+        let (incarnation, will_ops) = (self.incarnation.clone(), self.will_ops.0.clone());
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
+            let wills = wills::Copies::new(id.clone(), incarnation, will_ops, metrics.clone());
             Box::new(ClusterDelivery {
+                wills,
                 local,
                 id,
                 interest,
@@ -242,6 +257,12 @@ impl Cluster {
             self.groups.clone(),
             self.declared,
         ));
+        tasks.spawn(wills::keep(
+            node.clone(),
+            self.incarnation.clone(),
+            self.will_ops.1,
+        ));
+        tasks.spawn(wills::sweep(node.clone(), self.incarnation));
         tasks.spawn(commands::supervise(node, self.groups));
         tasks.close();
         Some(Running(tasks))
@@ -277,6 +298,8 @@ pub struct ClusterDelivery {
     /// Device sessions counted in `interest` (a persistent one until it
     /// expires or a clean connection replaces it), by session id.
     held: Mutex<HashSet<String>>,
+    /// Devices' wills kept in Redis for when this node dies.
+    wills: wills::Copies,
 }
 
 /// The user id of a device session id (`D:<uid>:<client>`).
@@ -407,6 +430,18 @@ impl Delivery for ClusterDelivery {
     fn expire(&self, id: &str) {
         self.forget(id);
         self.local.expire(id);
+    }
+
+    fn will_armed(&self, id: &str, connection: u64, will: &ReadyWill, clock: WillClock) {
+        self.wills.armed(id, connection, will, clock);
+    }
+
+    fn will_done(&self, id: &str, connection: u64) {
+        self.wills.done(id, connection);
+    }
+
+    fn will_reconnected(&self, id: &str, clean_start: bool) {
+        self.wills.reconnected(id, clean_start);
     }
 }
 

@@ -64,6 +64,7 @@ pub use table::Table;
 
 use crate::acl::{CommandTopics, Denial};
 use crate::router::protocol::{Publish, PublishProperties, QoS};
+use crate::wills::{ReadyWill, WillClock};
 
 /// How a connection of a session starts, for [`Delivery::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,4 +141,20 @@ pub trait Delivery: CommandTopics + Send + Sync {
 
     /// Persistent session `id` expired: what it kept is released.
     fn expire(&self, id: &str);
+
+    /// Connection `connection` (its claim serial) of device session `id`
+    /// has `will`, due as `clock` says: with several nodes, a copy is kept
+    /// where another node can publish it if this one dies. Called again
+    /// when the connection ends and the will waits for its delay.
+    fn will_armed(&self, _id: &str, _connection: u64, _will: &ReadyWill, _clock: WillClock) {}
+
+    /// The will connection `connection` of session `id` armed is published,
+    /// cancelled or dropped here: the copy goes (a later connection's stays).
+    fn will_done(&self, _id: &str, _connection: u64) {}
+
+    /// A connection of device session `id` opens (before its own will is
+    /// armed): a will another node armed for it and can no longer publish
+    /// (that node died) is published now (`clean_start`) or dropped (the
+    /// session resumes: MQTT-3.1.3-9).
+    fn will_reconnected(&self, _id: &str, _clean_start: bool) {}
 }
