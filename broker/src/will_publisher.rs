@@ -124,8 +124,8 @@ async fn publish(
 }
 
 /// Sends a will (its packet id already set) through `tx`: to the sessions
-/// the gate serves, and to the router, which still gets it for its own
-/// subscribers, a retained will and the acknowledgement. A QoS 2 will is
+/// the gate serves, and, when delivery says it needs it, to the router,
+/// for its own subscribers, a retained will and the acknowledgement. A QoS 2 will is
 /// released at once: the router keeps a QoS 2 publish until its PUBREL, and
 /// nobody else would send one.
 pub async fn send_will(
@@ -136,9 +136,14 @@ pub async fn send_will(
 ) -> Result<(), crate::router::LinkClosed> {
     gate.metrics().message_in();
     if let Ok(topic) = std::str::from_utf8(&publish.topic) {
-        gate.delivery()
-            .route(topic, &publish, &properties)
-            .record(gate.metrics(), topic);
+        let routed = gate.delivery().route(topic, &publish, &properties);
+        routed.record(gate.metrics(), topic);
+        // Served by delivery alone (a command read from its stream by
+        // handlers on every node, this one's too), as a client's publish
+        // is: through the router as well, its handlers here got it twice.
+        if !routed.needs_router {
+            return Ok(());
+        }
     }
     let pkid = publish.pkid();
     if publish.qos() == QoS::ExactlyOnce {
