@@ -47,6 +47,11 @@
 //!   device on one node may publish to a command a handler on another
 //!   declared.
 //!
+//! - `will_armed` / `will_done` / `will_reconnected` (default: nothing): a
+//!   device's will is kept in the cluster while it is owed, so another
+//!   node publishes it if this one dies, and a reconnect on another node
+//!   publishes or drops a dead node's.
+//!
 //! `subscribe` and `unsubscribe` stay local decisions (the path is per
 //! connection); the cluster only learns the user's interest through `open`.
 
