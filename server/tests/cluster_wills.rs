@@ -8,7 +8,10 @@
 //!   that reconnects to another node once its node is known dead has its
 //!   will published now (Clean Start) or dropped (resumed session);
 //! - a normal DISCONNECT, and a will published by its own node, leave no
-//!   will record behind in Redis.
+//!   will record behind in Redis; nor does a clean shutdown (`SIGTERM`),
+//!   which ends its sessions without their wills, as one node does;
+//! - a node killed and restarted under the same `BROKER_NODE_ID`: its
+//!   previous run's will is published at once, once.
 
 mod nodes;
 
@@ -376,4 +379,69 @@ async fn a_normal_disconnect_or_a_published_will_leaves_no_record() {
             .is_none(),
         "the quiet one's will was never published, the lost one's once"
     );
+
+    // A clean shutdown ends its sessions without their wills, as one node
+    // does: it removes its records and its liveness, so no node publishes them.
+    let mut node_c = Node::start("node-c", &url, false, none);
+    let mut stopped = device_with_will(
+        &node_c,
+        "9603",
+        "stopped",
+        Some(("gone-stopped", 0)),
+        0,
+        true,
+    );
+    stopped.connected().await;
+    until_read(&stopped, &mut reader, "9603").await;
+    until(
+        "the will record is written",
+        Duration::from_secs(10),
+        || exists(&cluster, "will:{9603}:stopped"),
+    )
+    .await;
+    node_c.process.signal("TERM");
+    until("node C stops", Duration::from_secs(20), || {
+        matches!(node_c.process.child.try_wait(), Ok(Some(_)))
+    })
+    .await;
+    assert!(
+        !exists(&cluster, "will:{9603}:stopped"),
+        "{}",
+        node_c.log_text()
+    );
+    assert!(!exists(&cluster, "node:{node-c}"));
+
+    // A node killed and restarted under the same name: the wills of its
+    // previous run are a dead node's at once (its new run wrote another
+    // incarnation), published once, by it or by node B.
+    let mut node_d = Node::start("node-d", &url, false, none);
+    let mut restarted = device_with_will(
+        &node_d,
+        "9604",
+        "restarted",
+        Some(("gone-restarted", 0)),
+        0,
+        true,
+    );
+    restarted.connected().await;
+    until_read(&restarted, &mut reader, "9604").await;
+    until(
+        "the will record is written",
+        Duration::from_secs(10),
+        || exists(&cluster, "will:{9604}:restarted"),
+    )
+    .await;
+    node_d.process.kill9();
+    let node_d = Node::start("node-d", &url, false, none);
+    let mut wills = Vec::new();
+    while let Some((_, payload)) = next_publish(&mut reader, Duration::from_secs(8)).await {
+        wills.push(String::from_utf8_lossy(&payload).into_owned());
+    }
+    assert_eq!(
+        wills,
+        vec!["gone-restarted".to_owned()],
+        "the restarted node's old will, once; never the stopped node's:\n{}",
+        node_d.log_text()
+    );
+    drop((stopped, restarted));
 }
