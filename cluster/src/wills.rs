@@ -25,6 +25,8 @@ use tracing::{debug, info, warn};
 
 /// Record changes waiting to be applied (a full queue drops and counts).
 pub const QUEUE: usize = 65_536;
+/// Most record changes applied at once (each session's in order).
+const BATCH: usize = 256;
 /// How often every node looks for dead incarnations' wills that are due.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// Most incarnations read from `nodes` per sweep.
@@ -64,6 +66,14 @@ pub(crate) enum Op {
     Armed { id: String, record: Bytes },
     Done { id: String, owner_line: String },
     Reconnected { id: String, clean_start: bool },
+}
+
+impl Op {
+    fn id(&self) -> &str {
+        match self {
+            Op::Armed { id, .. } | Op::Done { id, .. } | Op::Reconnected { id, .. } => id,
+        }
+    }
 }
 
 /// The delivery seam's side: queues record changes for [`keep`].
@@ -161,9 +171,25 @@ pub(crate) async fn keep(node: Arc<Node>, incarnation: Arc<str>, mut ops: mpsc::
             op = ops.recv() => op,
         };
         let Some(op) = op else { break };
-        if let Err(e) = apply(&node, &incarnation, op).await {
-            warn!(error = %e, "a will record change not applied in Redis");
+        let mut batch = vec![op];
+        while batch.len() < BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
         }
+        // Each session's changes in order; sessions side by side.
+        let runs = by_session(batch).into_iter().map(|run| {
+            let (node, incarnation) = (&node, &incarnation);
+            async move {
+                for op in run {
+                    if let Err(e) = apply(node, incarnation, op).await {
+                        warn!(error = %e, "a will record change not applied in Redis");
+                    }
+                }
+            }
+        });
+        futures::future::join_all(runs).await;
     }
     let left = tokio::time::timeout(LEAVE_WITHIN, leave(&node, &incarnation)).await;
     match left {
@@ -171,6 +197,26 @@ pub(crate) async fn keep(node: Arc<Node>, incarnation: Arc<str>, mut ops: mpsc::
         Ok(Err(e)) => warn!(error = %e, "will records of this node not removed"),
         Err(_) => warn!("will records of this node not all removed in time"),
     }
+}
+
+/// `ops` split by session, each session's in the order they came.
+fn by_session(ops: Vec<Op>) -> Vec<Vec<Op>> {
+    let mut runs: Vec<Vec<Op>> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for op in ops {
+        match index.get(op.id()) {
+            Some(&at) => {
+                if let Some(run) = runs.get_mut(at) {
+                    run.push(op);
+                }
+            }
+            None => {
+                index.insert(op.id().to_owned(), runs.len());
+                runs.push(vec![op]);
+            }
+        }
+    }
+    runs
 }
 
 async fn apply(node: &Node, incarnation: &str, op: Op) -> redis::RedisResult<()> {
@@ -452,4 +498,52 @@ async fn sweep_incarnation(
         }
     }
     Ok(waiting)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(id: &str, connection: u64) -> Op {
+        Op::Done {
+            id: id.into(),
+            owner_line: format!("n/i/{connection}\n"),
+        }
+    }
+
+    #[test]
+    fn each_sessions_changes_stay_in_order() {
+        let ops = vec![
+            Op::Reconnected {
+                id: "D:1:a".into(),
+                clean_start: true,
+            },
+            done("D:1:b", 1),
+            Op::Armed {
+                id: "D:1:a".into(),
+                record: Bytes::from_static(b"r"),
+            },
+            done("D:1:a", 2),
+            done("D:1:b", 3),
+        ];
+        let runs: Vec<Vec<String>> = by_session(ops)
+            .iter()
+            .map(|run| {
+                run.iter()
+                    .map(|op| match op {
+                        Op::Reconnected { id, .. } => format!("reconnected {id}"),
+                        Op::Armed { id, .. } => format!("armed {id}"),
+                        Op::Done { id, owner_line } => format!("done {id} {}", owner_line.trim()),
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                vec!["reconnected D:1:a", "armed D:1:a", "done D:1:a n/i/2"],
+                vec!["done D:1:b n/i/1", "done D:1:b n/i/3"],
+            ]
+        );
+    }
 }
