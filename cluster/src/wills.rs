@@ -184,6 +184,7 @@ pub(crate) async fn keep(node: Arc<Node>, incarnation: Arc<str>, mut ops: mpsc::
             async move {
                 for op in run {
                     if let Err(e) = apply(node, incarnation, op).await {
+                        node.metrics().cluster_dropped("redis_error", 1);
                         warn!(error = %e, "a will record change not applied in Redis");
                     }
                 }
@@ -320,6 +321,7 @@ async fn claim_record(
 /// Publishes a claimed will through this node's will publisher (which
 /// checks the user's revocation first).
 fn publish_will(node: &Node, record: Record) {
+    node.metrics().cluster_moved("will_of_dead_node", 1);
     let Ok(uid) = UserId::parse(&record.uid) else {
         warn!("a claimed will names no user: dropped");
         return;
