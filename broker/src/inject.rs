@@ -4,7 +4,8 @@
 //! the caller's to serve (it holds the [`crate::delivery::LocalDelivery`] it
 //! wraps); the router gets what the local decision says it needs, through a
 //! router link of its own, as the delayed wills do (`will_publisher`);
-//! and ending a session here that a connection on another node took over.
+//! and ending a session here that a connection on another node took over;
+//! and publishing the will of a device whose node died.
 //!
 //! Nothing here checks or stamps anything: what is injected was decided and
 //! stamped by the gate of the node that received it.
@@ -89,6 +90,26 @@ impl Injector {
             Err(e) => tracing::warn!(error = %e, "could not release a session's router state"),
         }
         true
+    }
+
+    /// Publishes the will of device session of `uid` (its token issued at
+    /// `issued_at`) that another node armed and can no longer publish (it
+    /// died): as a delayed will is, through the gate's will publisher,
+    /// which checks the user's revocation first, then routes it through
+    /// delivery (`Delivery::route`) and the router.
+    pub fn publish_will(
+        &self,
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        uid: protocol::UserId,
+        issued_at: Option<u64>,
+    ) {
+        let owner = crate::auth::DeviceIdentity::will_owner(uid, issued_at);
+        self.gate.wills().publish_now(crate::wills::ReadyWill {
+            publish,
+            properties,
+            owner: Some(owner),
+        });
     }
 
     /// The broker's metrics, for what the cross-node delivery counts.

@@ -2,11 +2,12 @@
 //! (`session::ending`), and the delayed wills (`wills`) through a router
 //! link of the gate's own, by one task for the broker's life; each stamped
 //! will goes to the sessions the gate serves and to the router, unless its
-//! user's revocation refuses it by then.
+//! user's revocation refuses it by then. Each arming that ends here is told
+//! to delivery (`Delivery::will_done`).
 
 use crate::gate::Gate;
 use crate::router::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS};
-use crate::wills::{ReadyWill, WillQueue};
+use crate::wills::{Leaving, ReadyWill, WillQueue};
 use std::sync::Arc;
 use tracing::{info, warn};
 
@@ -35,8 +36,20 @@ pub async fn publish_delayed(gate: Arc<Gate>, queue: WillQueue) {
         tokio::select! {
             biased;
             _ = gate.shutting_down() => break,
-            will = queue.recv() => {
-                let Some(will) = will else { break };
+            left = queue.recv() => {
+                let will = match left {
+                    None => break,
+                    Some(Leaving::Forget(armed)) => {
+                        gate.delivery().will_done(&armed.session_id, armed.connection);
+                        continue;
+                    }
+                    Some(Leaving::Publish(will, armed)) => {
+                        if let Some(armed) = armed {
+                            gate.delivery().will_done(&armed.session_id, armed.connection);
+                        }
+                        *will
+                    }
+                };
                 if publish(&gate, &mut tx, will, &mut next_pkid).await.is_err() {
                     warn!("the router closed the delayed-wills link");
                     return;
@@ -60,6 +73,10 @@ pub async fn publish_delayed(gate: Arc<Gate>, queue: WillQueue) {
     }
     let wills = gate.wills().flush();
     let remaining: Vec<ReadyWill> = std::iter::from_fn(|| queue.try_recv().ok())
+        .filter_map(|left| match left {
+            Leaving::Publish(will, _) => Some(*will),
+            Leaving::Forget(_) => None,
+        })
         .chain(wills)
         .collect();
     if !remaining.is_empty() {
@@ -107,8 +124,8 @@ async fn publish(
 }
 
 /// Sends a will (its packet id already set) through `tx`: to the sessions
-/// the gate serves, and to the router, which still gets it for its own
-/// subscribers, a retained will and the acknowledgement. A QoS 2 will is
+/// the gate serves, and, when delivery says it needs it, to the router,
+/// for its own subscribers, a retained will and the acknowledgement. A QoS 2 will is
 /// released at once: the router keeps a QoS 2 publish until its PUBREL, and
 /// nobody else would send one.
 pub async fn send_will(
@@ -119,9 +136,14 @@ pub async fn send_will(
 ) -> Result<(), crate::router::LinkClosed> {
     gate.metrics().message_in();
     if let Ok(topic) = std::str::from_utf8(&publish.topic) {
-        gate.delivery()
-            .route(topic, &publish, &properties)
-            .record(gate.metrics(), topic);
+        let routed = gate.delivery().route(topic, &publish, &properties);
+        routed.record(gate.metrics(), topic);
+        // Served by delivery alone (a command read from its stream by
+        // handlers on every node, this one's too), as a client's publish
+        // is: through the router as well, its handlers here got it twice.
+        if !routed.needs_router {
+            return Ok(());
+        }
     }
     let pkid = publish.pkid();
     if publish.qos() == QoS::ExactlyOnce {

@@ -8,6 +8,11 @@
 //! (Session Expiry Interval 0, or MQTT 3.1.1), is still published by the
 //! closing session itself on its own link (`session::ending`).
 //!
+//! Every will a device session arms, and its end (published, cancelled,
+//! dropped), is told to delivery (`Delivery::will_armed`, `will_done`):
+//! with several nodes, a copy kept in Redis lets another node publish it
+//! if this one dies (ARCHITECTURE.md, "Many nodes").
+//!
 //! A revoked or deleted user's will is dropped, immediate or delayed: a
 //! device's will carries its owner (uid and token `iat`), and is checked
 //! against the store's revocation when it falls due (and at the shutdown
@@ -34,6 +39,31 @@ use tracing::{debug, info, warn};
 /// a will beyond it (or beyond the count cap) is published at once instead
 /// of being dropped: publishing early is the lesser deviation.
 pub const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
+
+/// The connection of a device session that armed a will (its claim
+/// serial): what `Delivery::will_done` names once the will is published or
+/// dropped, so that a later connection's will is never taken for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Armed {
+    pub session_id: String,
+    pub connection: u64,
+}
+
+/// When an armed will falls due, for `Delivery::will_armed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WillClock {
+    /// The connection is open: due this long after it ends (zero: at once).
+    AfterEnd(Duration),
+    /// The connection ended: due this long from now (`Wills::schedule`).
+    DueIn(Duration),
+}
+
+/// What leaves the pending set for the publisher task: a will to publish
+/// (and the arming it ends, if any), or an arming that ends unpublished.
+pub(crate) enum Leaving {
+    Publish(Box<ReadyWill>, Option<Armed>),
+    Forget(Armed),
+}
 
 /// A will ready to publish: stamped, with its properties.
 #[derive(Debug, Clone)]
@@ -109,7 +139,7 @@ struct Inner {
     max_pending: usize,
     max_bytes: usize,
     serial: AtomicU64,
-    to_publisher: mpsc::UnboundedSender<ReadyWill>,
+    to_publisher: mpsc::UnboundedSender<Leaving>,
 }
 
 #[derive(Default)]
@@ -120,6 +150,8 @@ struct Pending {
 
 struct Waiting {
     serial: u64,
+    /// The connection that armed it (`Armed`).
+    connection: u64,
     will: ReadyWill,
     timer: AbortHandle,
 }
@@ -134,7 +166,7 @@ impl Pending {
 }
 
 /// What `Wills::new` hands to the publisher task (`publish_delayed`).
-pub struct WillQueue(pub(crate) mpsc::UnboundedReceiver<ReadyWill>);
+pub struct WillQueue(pub(crate) mpsc::UnboundedReceiver<Leaving>);
 
 impl Wills {
     /// At most `max_pending` wills (and `max_bytes`) wait at once.
@@ -151,14 +183,23 @@ impl Wills {
         (Wills { inner }, WillQueue(queue))
     }
 
-    /// Publishes `will` of session `session_id` after `after`, unless the
-    /// session is resumed first (`resumed`). Call inside a tokio runtime.
-    pub fn schedule(&self, session_id: &str, will: ReadyWill, after: Duration) {
+    /// Publishes `will` of session `session_id`, armed by its connection
+    /// `connection`, after `after`, unless the session is resumed first
+    /// (`session_reconnected`). Call inside a tokio runtime.
+    pub fn schedule(&self, session_id: &str, connection: u64, will: ReadyWill, after: Duration) {
+        let armed = Armed {
+            session_id: session_id.to_owned(),
+            connection,
+        };
         let mut pending = self.inner.pending.lock();
         // A will left by an earlier connection of this session was cancelled
         // or published when this one connected; one still here is published.
         if let Some(earlier) = pending.take(session_id) {
-            self.inner.publish(earlier.will);
+            let earlier_armed = Armed {
+                session_id: session_id.to_owned(),
+                connection: earlier.connection,
+            };
+            self.inner.publish(earlier.will, Some(earlier_armed));
         }
         let size = will.size();
         if pending.by_session.len() >= self.inner.max_pending
@@ -169,7 +210,7 @@ impl Wills {
                 max_pending = self.inner.max_pending,
                 "too many delayed wills pending: this one is published now"
             );
-            self.inner.publish(will);
+            self.inner.publish(will, Some(armed));
             return;
         }
         let serial = self.inner.serial.fetch_add(1, Ordering::Relaxed);
@@ -184,6 +225,7 @@ impl Wills {
             session_id.to_owned(),
             Waiting {
                 serial,
+                connection,
                 will,
                 timer,
             },
@@ -198,11 +240,16 @@ impl Wills {
         let Some(waiting) = self.inner.pending.lock().take(session_id) else {
             return;
         };
+        let armed = Armed {
+            session_id: session_id.to_owned(),
+            connection: waiting.connection,
+        };
         if clean_start {
             info!("a new clean session ended the old one: its delayed will is published");
-            self.inner.publish(waiting.will);
+            self.inner.publish(waiting.will, Some(armed));
         } else {
             info!("session resumed before its will delay elapsed: the will is not published");
+            self.inner.forget(armed);
         }
     }
 
@@ -222,12 +269,24 @@ impl Wills {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &refused {
-            pending.take(id);
+            if let Some(waiting) = pending.take(id) {
+                self.inner.forget(Armed {
+                    session_id: id.clone(),
+                    connection: waiting.connection,
+                });
+            }
         }
         if !refused.is_empty() {
             info!(%uid, wills = refused.len(), "user revoked: pending wills dropped");
         }
         refused.len()
+    }
+
+    /// Publishes `will` now through the publisher task (its revocation
+    /// checked first): a will another node armed and can no longer publish
+    /// (`crate::inject`).
+    pub(crate) fn publish_now(&self, will: ReadyWill) {
+        self.inner.publish(will, None);
     }
 
     /// How many wills are waiting.
@@ -263,15 +322,28 @@ impl Inner {
             if let Some(waiting) = pending.take(session_id) {
                 drop(pending);
                 info!("will delay elapsed: publishing the will");
-                self.publish(waiting.will);
+                let armed = Armed {
+                    session_id: session_id.to_owned(),
+                    connection: waiting.connection,
+                };
+                self.publish(waiting.will, Some(armed));
             }
         }
     }
 
-    fn publish(&self, will: ReadyWill) {
-        if self.to_publisher.send(will).is_err() {
+    fn publish(&self, will: ReadyWill, armed: Option<Armed>) {
+        if self
+            .to_publisher
+            .send(Leaving::Publish(Box::new(will), armed))
+            .is_err()
+        {
             warn!("the will publisher has stopped: a delayed will is lost");
         }
+    }
+
+    fn forget(&self, armed: Armed) {
+        // Only at shutdown is nobody listening: then nothing is owed.
+        let _ = self.to_publisher.send(Leaving::Forget(armed));
     }
 }
 
@@ -295,9 +367,20 @@ mod tests {
     }
 
     fn received(queue: &mut WillQueue) -> Vec<Bytes> {
-        std::iter::from_fn(|| queue.0.try_recv().ok())
-            .map(|w| w.publish.payload)
-            .collect()
+        leaving(queue).0
+    }
+
+    /// What left the pending set: the wills published, and the armings
+    /// that ended unpublished.
+    fn leaving(queue: &mut WillQueue) -> (Vec<Bytes>, Vec<Armed>) {
+        let (mut published, mut forgotten) = (Vec::new(), Vec::new());
+        while let Ok(left) = queue.0.try_recv() {
+            match left {
+                Leaving::Publish(will, _) => published.push(will.publish.payload),
+                Leaving::Forget(armed) => forgotten.push(armed),
+            }
+        }
+        (published, forgotten)
     }
 
     #[test]
@@ -382,7 +465,7 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            wills.schedule("D:1:w", ready, Duration::from_secs(3600));
+            wills.schedule("D:1:w", 1, ready, Duration::from_secs(3600));
         });
         assert_eq!(wills.inner.pending.lock().bytes, size);
     }
@@ -391,14 +474,20 @@ mod tests {
     async fn a_will_is_published_when_due_unless_its_session_is_resumed() {
         let hour = Duration::from_secs(3600);
         let (wills, mut queue) = Wills::new(10, 1 << 20);
-        wills.schedule("D:1:a", will("a"), hour);
-        wills.schedule("D:1:b", will("b"), hour);
-        wills.schedule("D:1:c", will("c"), hour);
+        wills.schedule("D:1:a", 7, will("a"), hour);
+        wills.schedule("D:1:b", 8, will("b"), hour);
+        wills.schedule("D:1:c", 9, will("c"), hour);
         assert_eq!(wills.pending(), 3);
         assert!(received(&mut queue).is_empty(), "not before the delay");
         wills.session_reconnected("D:1:a", false);
         wills.session_reconnected("D:1:b", true);
-        assert_eq!(received(&mut queue), vec!["b"], "a clean start ends it");
+        let (published, forgotten) = leaving(&mut queue);
+        assert_eq!(published, vec!["b"], "a clean start ends it");
+        let resumed = Armed {
+            session_id: "D:1:a".into(),
+            connection: 7,
+        };
+        assert_eq!(forgotten, vec![resumed], "the resumed one's arming ends");
         let serial = wills.inner.pending.lock().by_session["D:1:c"].serial;
         wills.inner.due("D:1:c", serial + 1);
         assert!(
@@ -413,10 +502,13 @@ mod tests {
         assert!(received(&mut queue).is_empty(), "the resumed one never");
 
         // The timer itself (a bounded wait, not a measurement).
-        wills.schedule("D:1:d", will("d"), Duration::from_millis(20));
+        wills.schedule("D:1:d", 10, will("d"), Duration::from_millis(20));
         let fired = tokio::time::timeout(Duration::from_secs(10), queue.0.recv()).await;
-        let fired = fired.ok().flatten().map(|w| w.publish.payload);
-        assert_eq!(fired.as_deref(), Some(&b"d"[..]));
+        let Ok(Some(Leaving::Publish(fired, Some(armed)))) = fired else {
+            panic!("the timer published nothing");
+        };
+        assert_eq!(&fired.publish.payload[..], b"d");
+        assert_eq!(armed.connection, 10, "and names its arming");
         assert_eq!(wills.pending(), 0);
     }
 
@@ -429,15 +521,19 @@ mod tests {
             owner: Some(device_issued(uid, iat)),
             ..will(payload)
         };
-        wills.schedule("D:u1:old", owned("old", "u1", Some(10)), hour);
-        wills.schedule("D:u1:none", owned("none", "u1", None), hour);
-        wills.schedule("D:u1:new", owned("new", "u1", Some(500)), hour);
-        wills.schedule("D:u2:old", owned("other", "u2", Some(10)), hour);
-        wills.schedule("H:h", will("handler"), hour);
+        wills.schedule("D:u1:old", 1, owned("old", "u1", Some(10)), hour);
+        wills.schedule("D:u1:none", 2, owned("none", "u1", None), hour);
+        wills.schedule("D:u1:new", 3, owned("new", "u1", Some(500)), hour);
+        wills.schedule("D:u2:old", 4, owned("other", "u2", Some(10)), hour);
+        wills.schedule("H:h", 5, will("handler"), hour);
         let uid = UserId::parse("u1").unwrap();
         assert_eq!(wills.drop_revoked(&uid, Revocation::IssuedBefore(100)), 2);
         assert_eq!(wills.pending(), 3);
-        assert!(received(&mut queue).is_empty(), "dropped, not published");
+        let (published, mut forgotten) = leaving(&mut queue);
+        assert!(published.is_empty(), "dropped, not published");
+        forgotten.sort_by_key(|armed| armed.connection);
+        let ended: Vec<u64> = forgotten.iter().map(|armed| armed.connection).collect();
+        assert_eq!(ended, vec![1, 2], "their armings end");
         let mut left: Vec<Bytes> = wills
             .flush()
             .into_iter()
@@ -445,7 +541,7 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, vec!["handler", "new", "other"]);
-        wills.schedule("D:u1:new", owned("new", "u1", Some(500)), hour);
+        wills.schedule("D:u1:new", 6, owned("new", "u1", Some(500)), hour);
         assert_eq!(wills.drop_revoked(&uid, Revocation::All), 1);
         assert_eq!(wills.pending(), 0);
         assert_eq!(wills.inner.pending.lock().bytes, 0);
@@ -455,15 +551,15 @@ mod tests {
     async fn beyond_the_caps_a_will_is_published_at_once() {
         let hour = Duration::from_secs(3600);
         let (wills, mut queue) = Wills::new(2, 1 << 20);
-        for id in ["1", "2", "3"] {
-            wills.schedule(id, will(id.to_owned().leak()), hour);
+        for (n, id) in ["1", "2", "3"].into_iter().enumerate() {
+            wills.schedule(id, n as u64, will(id.to_owned().leak()), hour);
         }
         assert_eq!(received(&mut queue), vec!["3"]);
         assert_eq!(wills.pending(), 2);
         // Room for one will's bytes (record included), not two.
         let (small, mut small_queue) = Wills::new(10, will("ab").size() + 1);
-        small.schedule("x", will("ab"), hour);
-        small.schedule("y", will("cd"), hour);
+        small.schedule("x", 1, will("ab"), hour);
+        small.schedule("y", 2, will("cd"), hour);
         assert_eq!(received(&mut small_queue), vec!["cd"], "over the bytes");
         let mut flushed: Vec<Bytes> = wills
             .flush()

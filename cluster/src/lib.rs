@@ -22,6 +22,9 @@
 //! - `declarations.rs`: command topics handlers declared, shared by nodes;
 //! - `retained.rs`: retained messages, stored in Redis and followed by
 //!   every node's router;
+//! - `liveness.rs`, `wills.rs`, `will_record.rs`: each node's liveness,
+//!   its devices' wills kept in Redis, and the sweeper that publishes the
+//!   wills of a node that died;
 //! - `redis_conn.rs`: the connections (the store's shared one, routed by
 //!   slot on a cluster; the slot map; batched appends, one pipeline per
 //!   master, blocking reads and sharded pub/sub on connections of their
@@ -42,11 +45,14 @@ mod commands;
 mod declarations;
 pub mod entry;
 mod listener;
+mod liveness;
 pub mod record;
 mod redis_conn;
 mod replies;
 mod retained;
 mod sessions;
+pub mod will_record;
+mod wills;
 
 pub(crate) use entry::stream_entries;
 pub use redis_conn::RedisError;
@@ -60,6 +66,7 @@ use broker::delivery::{
 use broker::inject::Injector;
 use broker::metrics::Metrics;
 use broker::router::protocol::{Publish, PublishProperties, QoS};
+use broker::wills::{ReadyWill, WillClock};
 use bytes::Bytes;
 use commands::Groups;
 use declarations::Declared;
@@ -212,6 +219,9 @@ pub struct Cluster {
     held: Arc<retained::Held>,
     persistent: Arc<Persistent>,
     resumes: (mpsc::Sender<Resume>, mpsc::Receiver<Resume>),
+    /// This run of the node (`liveness`), and its will record changes.
+    incarnation: Arc<str>,
+    will_ops: (mpsc::Sender<wills::Op>, mpsc::Receiver<wills::Op>),
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -238,6 +248,8 @@ impl Cluster {
             held: Arc::default(),
             persistent: Arc::default(),
             resumes: mpsc::channel(listener::RESUME_QUEUE),
+            incarnation: liveness::new_incarnation().into(),
+            will_ops: mpsc::channel(wills::QUEUE),
             built: Arc::default(),
         })
     }
@@ -268,10 +280,13 @@ impl Cluster {
             self.resumes.0.clone(),
             self.redis.clone(),
         );
+        let (incarnation, will_ops) = (self.incarnation.clone(), self.will_ops.0.clone());
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
+            let wills = wills::Copies::new(id.clone(), incarnation, will_ops, metrics.clone());
             Box::new(ClusterDelivery {
+                wills,
                 local,
                 id,
                 interest,
@@ -325,6 +340,12 @@ impl Cluster {
             self.groups.clone(),
             self.declared,
         ));
+        tasks.spawn(wills::keep(
+            node.clone(),
+            self.incarnation.clone(),
+            self.will_ops.1,
+        ));
+        tasks.spawn(wills::sweep(node.clone(), self.incarnation));
         tasks.spawn(commands::supervise(node, self.groups));
         tasks.close();
         Some(Running(tasks))
@@ -370,6 +391,8 @@ pub struct ClusterDelivery {
     /// Replays for sessions that moved here (the listener's).
     resumes: mpsc::Sender<Resume>,
     redis: Redis,
+    /// Devices' wills kept in Redis for when this node dies.
+    wills: wills::Copies,
 }
 
 /// The user id of a device session id (`D:<uid>:<client>`).
@@ -561,6 +584,18 @@ impl Delivery for ClusterDelivery {
         self.forget(id);
         self.persistent.expire(id);
         self.local.expire(id);
+    }
+
+    fn will_armed(&self, id: &str, connection: u64, will: &ReadyWill, clock: WillClock) {
+        self.wills.armed(id, connection, will, clock);
+    }
+
+    fn will_done(&self, id: &str, connection: u64) {
+        self.wills.done(id, connection);
+    }
+
+    fn will_reconnected(&self, id: &str, clean_start: bool) {
+        self.wills.reconnected(id, clean_start);
     }
 
     fn delivered(&self, session_id: &str, tag: &str) {

@@ -41,6 +41,17 @@ pub struct DeviceIdentity {
 }
 
 impl DeviceIdentity {
+    /// The owner of a will another node armed and kept in the cluster
+    /// (`crate::inject::Injector::publish_will`): only ever checked against
+    /// its user's revocation, never admitted as a connection.
+    pub(crate) fn will_owner(uid: UserId, issued_at: Option<u64>) -> DeviceIdentity {
+        DeviceIdentity {
+            uid,
+            expires_at: None,
+            issued_at,
+        }
+    }
+
     pub fn uid(&self) -> &UserId {
         &self.uid
     }

@@ -57,6 +57,10 @@
 //! - `delivered`: a client acknowledged a publish that carried a
 //!   [`DELIVERY_TAG`]: a command is acknowledged in its stream (`XACK`)
 //!   once a handler acknowledged it.
+//! - `will_armed` / `will_done` / `will_reconnected` (default: nothing): a
+//!   device's will is kept in the cluster while it is owed, so another
+//!   node publishes it if this one dies, and a reconnect on another node
+//!   publishes or drops a dead node's.
 //!
 //! `subscribe` and `unsubscribe` stay local decisions (the path is per
 //! connection); the cluster only learns the user's interest through `open`.
@@ -78,6 +82,7 @@ pub use table::Table;
 
 use crate::acl::{CommandTopics, Denial};
 use crate::router::protocol::{Publish, PublishProperties, QoS};
+use crate::wills::{ReadyWill, WillClock};
 
 /// The one gate-internal user property an injected publish may carry: an
 /// opaque tag (at most [`DELIVERY_TAG_MAX`] bytes of UTF-8, made by the
@@ -194,4 +199,19 @@ pub trait Delivery: CommandTopics + Send + Sync {
 
     /// Persistent device session `id` no longer holds `filters`.
     fn unsubscribed(&self, _id: &str, _filters: &[String]) {}
+    /// Connection `connection` (its claim serial) of device session `id`
+    /// has `will`, due as `clock` says: with several nodes, a copy is kept
+    /// where another node can publish it if this one dies. Called again
+    /// when the connection ends and the will waits for its delay.
+    fn will_armed(&self, _id: &str, _connection: u64, _will: &ReadyWill, _clock: WillClock) {}
+
+    /// The will connection `connection` of session `id` armed is published,
+    /// cancelled or dropped here: the copy goes (a later connection's stays).
+    fn will_done(&self, _id: &str, _connection: u64) {}
+
+    /// A connection of device session `id` opens (before its own will is
+    /// armed): a will another node armed for it and can no longer publish
+    /// (that node died) is published now (`clean_start`) or dropped (the
+    /// session resumes: MQTT-3.1.3-9).
+    fn will_reconnected(&self, _id: &str, _clean_start: bool) {}
 }

@@ -278,6 +278,11 @@ async fn accept<S: AsyncRead + AsyncWrite>(
     // session ends), published now (MQTT 5 §3.1.3.2.2, MQTT-3.1.3-9).
     gate.wills()
         .session_reconnected(claim.id(), connect.clean_session);
+    // And one another node armed for it, if that node died.
+    if device.is_some() {
+        gate.delivery()
+            .will_reconnected(claim.id(), connect.clean_session);
+    }
 
     let connack_properties = match version {
         Version::V4 => None,
@@ -378,7 +383,9 @@ async fn accept<S: AsyncRead + AsyncWrite>(
             properties: wills::publish_properties(will_properties.as_ref()),
         }),
     };
-    Some((SessionState::new(gate.clone(), accepted), link))
+    let state = SessionState::new(gate.clone(), accepted);
+    super::ending::arm_will(&state);
+    Some((state, link))
 }
 
 /// How long a CONNECT waits for delivery to say whether its persistent

@@ -2,9 +2,11 @@
 //! the server's reason), the will (now, delayed in `wills`, or dropped for
 //! a revoked user), closing or handing over the router session, keeping a
 //! persistent session's subscriptions and QoS 2 state for its next
-//! connection, and its expiry.
+//! connection, and its expiry. A device's will is armed with delivery
+//! when its session opens (`arm_will`) and ended there once published,
+//! parked or dropped (`Delivery::will_armed`, `will_done`).
 
-use super::state::End;
+use super::state::{End, SessionState};
 use super::wire::Wire;
 use super::Session;
 use crate::answers::{self, ServerDisconnect};
@@ -13,7 +15,7 @@ use crate::gate::Gate;
 use crate::identity;
 use crate::router::protocol::{Disconnect, DisconnectReasonCode, Packet, Publish, QoS};
 use crate::router::RouterError;
-use crate::wills::{self, ReadyWill};
+use crate::wills::{self, ReadyWill, WillClock};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -60,6 +62,11 @@ pub(super) async fn finish<S: AsyncRead + AsyncWrite>(
                 let _ = session.tx.send(normal_disconnect()).await;
             }
         }
+    }
+    // A will not fired (a normal DISCONNECT, a revoked user, shutdown)
+    // ends its arming here.
+    if session.state.will.take().is_some() {
+        will_done(&session.state);
     }
     if !session.write_stalled {
         wire.output.shutdown().await;
@@ -108,6 +115,7 @@ async fn fire_will(session: &mut Session) {
         Principal::Device(device) => {
             if state.gate.is_revoked(device).await {
                 info!("the user was revoked: the will is dropped");
+                will_done(state);
                 return;
             }
             let will_properties = super::tags::strip_forged_from(will_properties);
@@ -134,9 +142,16 @@ async fn fire_will(session: &mut Session) {
             properties,
             owner,
         };
-        state.gate.wills().schedule(state.claim.id(), will, after);
+        let connection = state.claim.serial();
+        let delivery = state.gate.delivery();
+        delivery.will_armed(state.claim.id(), connection, &will, WillClock::DueIn(after));
+        state
+            .gate
+            .wills()
+            .schedule(state.claim.id(), connection, will, after);
         return;
     }
+    will_done(state);
     // The router delivers at each subscription's QoS; a QoS 1/2 will
     // also gets a packet id the router acknowledges to this (closing)
     // link, one that no QoS 2 publish of this client holds.
@@ -149,6 +164,47 @@ async fn fire_will(session: &mut Session) {
     info!("publishing will");
     let gate = state.gate.clone();
     let _ = crate::will_publisher::send_will(&gate, &mut session.tx, publish, properties).await;
+}
+
+/// Arms the will of a device session that opens (see the module's doc): as
+/// it would be published, due once the connection ends, after its delay if
+/// the session outlives the connection.
+pub(super) fn arm_will(state: &SessionState) {
+    let (Some(will), Principal::Device(device)) = (&state.will, &state.who.principal) else {
+        return;
+    };
+    let stamped = identity::stamp(will.properties.clone(), device, &state.who.client_id);
+    let ready = ReadyWill {
+        publish: Publish::with_qos(
+            will.will.topic.clone(),
+            will.will.message.clone(),
+            false,
+            will.will.qos,
+            0,
+        ),
+        properties: Some(stamped),
+        owner: Some(device.clone()),
+    };
+    let delay = (!state.who.clean_session)
+        .then(|| wills::delay(will.delay_secs, state.session_expiry))
+        .flatten()
+        .unwrap_or_default();
+    state.gate.delivery().will_armed(
+        state.claim.id(),
+        state.claim.serial(),
+        &ready,
+        WillClock::AfterEnd(delay),
+    );
+}
+
+/// The will a device connection armed is published or dropped here.
+fn will_done(state: &SessionState) {
+    if matches!(state.who.principal, Principal::Device(_)) {
+        state
+            .gate
+            .delivery()
+            .will_done(state.claim.id(), state.claim.serial());
+    }
 }
 
 /// Ends the persistent session connection `serial` left behind once `after`
