@@ -164,6 +164,11 @@ impl Copies {
 /// removes every record this incarnation armed (a clean shutdown drops the
 /// wills of the sessions it ends, as one node does) and its liveness.
 pub(crate) async fn keep(node: Arc<Node>, incarnation: Arc<str>, mut ops: mpsc::Receiver<Op>) {
+    // Listed in `nodes` before any record of this incarnation is written:
+    // a sweeper finds the records of the incarnations it lists.
+    if let Err(e) = liveness::refresh(&node, &incarnation).await {
+        warn!(error = %e, "node liveness not written to Redis");
+    }
     loop {
         let op = tokio::select! {
             biased;
@@ -378,6 +383,7 @@ async fn members(node: &Node, key: &str) -> redis::RedisResult<Vec<String>> {
 /// shuts down. The first sweep runs at once: a node restarted under the
 /// same name publishes its previous run's wills first.
 pub(crate) async fn sweep(node: Arc<Node>, incarnation: Arc<str>) {
+    // This run's incarnation first, so the previous run's is seen dead.
     if let Err(e) = liveness::refresh(&node, &incarnation).await {
         warn!(error = %e, "node liveness not written to Redis");
     }
