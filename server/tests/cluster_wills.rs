@@ -186,6 +186,28 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
 
     node_a.process.kill9();
     let killed = Instant::now();
+    // Everything the reader gets, timed as it arrives, until the delayed
+    // will and a while after (a duplicate would come within a few sweeps).
+    let collector = tokio::spawn(async move {
+        let mut received: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+        let mut settle_until = killed + Duration::from_secs(25) + PUBLISHED_WITHIN;
+        while Instant::now() < settle_until {
+            let left = settle_until.saturating_duration_since(Instant::now());
+            let Some((topic, payload)) = next_publish(&mut reader, left).await else {
+                break;
+            };
+            assert_eq!(topic, WILL_TOPIC);
+            let payload = String::from_utf8_lossy(&payload).into_owned();
+            received
+                .entry(payload.clone())
+                .or_default()
+                .push(killed.elapsed());
+            if payload == "gone-later" {
+                settle_until = Instant::now() + Duration::from_secs(6);
+            }
+        }
+        received
+    });
     // The user of 9503 is revoked after its node died, before its will is due.
     let data = tempfile::tempdir().unwrap();
     let store = store::open(Some(&url), data.path()).await.unwrap();
@@ -215,26 +237,7 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
     )
     .await;
 
-    // Everything the reader gets until the delayed will and a while after.
-    let mut received: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
-    let watch_until = killed + Duration::from_secs(25) + PUBLISHED_WITHIN;
-    let mut settle_until = watch_until;
-    while Instant::now() < settle_until {
-        let left = settle_until.saturating_duration_since(Instant::now());
-        let Some((topic, payload)) = next_publish(&mut reader, left).await else {
-            break;
-        };
-        assert_eq!(topic, WILL_TOPIC);
-        let payload = String::from_utf8_lossy(&payload).into_owned();
-        received
-            .entry(payload.clone())
-            .or_default()
-            .push(killed.elapsed());
-        if payload == "gone-later" {
-            // A duplicate would come within a few sweeps.
-            settle_until = Instant::now() + Duration::from_secs(6);
-        }
-    }
+    let received = collector.await.expect("the reader's collector");
     println!("wills received after the kill of node A: {received:?}");
     let arrivals = |payload: &str| received.get(payload).cloned().unwrap_or_default();
     let logs = format!("{}\n{}", node_b.log_text(), node_c.log_text());
