@@ -164,6 +164,7 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
         ("9503", "revoked", "gone-revoked", 0, 0),
         ("9504", "clean", "gone-clean", 60, 120),
         ("9505", "resumed", "gone-resumed", 60, 120),
+        ("9506", "early", "gone-early", 20, 120),
     ];
     let mut held = Vec::new();
     for (uid, client, payload, delay, expiry) in devices {
@@ -219,6 +220,11 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
         .await
         .unwrap();
 
+    // 9506 resumes on node C at once, while node A still looks alive: node
+    // C looks again once A's liveness lapsed, and drops its will.
+    let mut early = device_with_will(&node_c, "9506", "early", None, 120, false);
+    early.connected().await;
+
     // Once node A is known dead, 9504 starts clean on node C (its will is
     // published now, long before its 60 s delay) and 9505 resumes there
     // (its will is dropped).
@@ -270,6 +276,10 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
         "a clean start publishes it: {received:?}"
     );
     assert!(
+        arrivals("gone-early").is_empty(),
+        "resumed before node A was seen dead, dropped: {received:?}\n{logs}"
+    );
+    assert!(
         arrivals("gone-resumed").is_empty(),
         "a resumed session drops it: {received:?}"
     );
@@ -316,7 +326,7 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
     })
     .await;
     assert!(!exists(&cluster, "wills:{node-a}"));
-    drop((clean, resumed, held));
+    drop((clean, resumed, early, held));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
