@@ -25,6 +25,9 @@ use tracing::{debug, info, warn};
 
 /// Record changes waiting to be applied (a full queue drops and counts).
 pub const QUEUE: usize = 65_536;
+/// When a reconnected session's record, whose owner was alive, is looked
+/// at again: by then a dead owner's liveness has lapsed.
+const RECHECK_AFTER: Duration = Duration::from_secs(liveness::TTL.as_secs() + 1);
 /// Most record changes applied at once (each session's in order).
 const BATCH: usize = 256;
 /// How often every node looks for dead incarnations' wills that are due.
@@ -164,6 +167,11 @@ impl Copies {
 /// removes every record this incarnation armed (a clean shutdown drops the
 /// wills of the sessions it ends, as one node does) and its liveness.
 pub(crate) async fn keep(node: Arc<Node>, incarnation: Arc<str>, mut ops: mpsc::Receiver<Op>) {
+    // Listed in `nodes` before any record of this incarnation is written:
+    // a sweeper finds the records of the incarnations it lists.
+    if let Err(e) = liveness::refresh(&node, &incarnation).await {
+        warn!(error = %e, "node liveness not written to Redis");
+    }
     loop {
         let op = tokio::select! {
             biased;
@@ -220,7 +228,7 @@ fn by_session(ops: Vec<Op>) -> Vec<Vec<Op>> {
     runs
 }
 
-async fn apply(node: &Node, incarnation: &str, op: Op) -> redis::RedisResult<()> {
+async fn apply(node: &Arc<Node>, incarnation: &Arc<str>, op: Op) -> redis::RedisResult<()> {
     let mut conn = node.redis.shared();
     match op {
         Op::Armed { id, record } => {
@@ -251,36 +259,60 @@ async fn apply(node: &Node, incarnation: &str, op: Op) -> redis::RedisResult<()>
             }
             Ok(())
         }
-        Op::Reconnected { id, clean_start } => reopen(node, incarnation, &id, clean_start).await,
+        Op::Reconnected { id, clean_start } => {
+            if reopen(node, incarnation, &id, clean_start).await? {
+                recheck(node.clone(), incarnation.clone(), id, clean_start);
+            }
+            Ok(())
+        }
     }
 }
 
+/// Looks again at session `id`'s record once [`RECHECK_AFTER`] has passed:
+/// its owner, alive when the session opened here, may have been dead
+/// already with its liveness not yet lapsed (a device reconnects faster
+/// than the TTL); a live owner has ended or released the session by then.
+fn recheck(node: Arc<Node>, incarnation: Arc<str>, id: String, clean_start: bool) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RECHECK_AFTER) => {}
+        }
+        if let Err(e) = reopen(&node, &incarnation, &id, clean_start).await {
+            warn!(error = %e, "a will record of a reconnected session not checked again");
+        }
+    });
+}
+
 /// A connection of session `id` opens here: a record a dead incarnation
-/// armed for it is claimed, then published or dropped.
+/// armed for it is claimed, then published or dropped. True when the
+/// record's owner is another node that is still alive.
 async fn reopen(
     node: &Node,
     incarnation: &str,
     id: &str,
     clean_start: bool,
-) -> redis::RedisResult<()> {
+) -> redis::RedisResult<bool> {
     let Some(key) = record_key(id) else {
-        return Ok(());
+        return Ok(false);
     };
     let mut conn = node.redis.shared();
     let found: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
     let Some(owner) = found.and_then(|bytes| will_record::owner_of(&bytes).ok()) else {
-        return Ok(());
+        return Ok(false);
     };
     let live: Option<String> = redis::cmd("GET")
         .arg(liveness_key(&owner.node))
         .query_async(&mut conn)
         .await?;
     let decision = will_record::reopen(&owner, &node.id, incarnation, live.as_deref(), clean_start);
-    let Reopen::Claim { publish } = decision else {
-        return Ok(());
+    let publish = match decision {
+        Reopen::Ours => return Ok(false),
+        Reopen::OwnerAlive => return Ok(true),
+        Reopen::Claim { publish } => publish,
     };
     let Some(record) = claim_record(node, &owner, id, &key).await? else {
-        return Ok(());
+        return Ok(false);
     };
     if publish {
         info!(owner = %owner.node, "a clean start on this node ends a session whose node died: its will is published");
@@ -288,7 +320,7 @@ async fn reopen(
     } else {
         info!(owner = %owner.node, "a session whose node died resumes here: its will is not published");
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Claims the record at `key` armed by `owner`'s incarnation; removes it
@@ -378,6 +410,7 @@ async fn members(node: &Node, key: &str) -> redis::RedisResult<Vec<String>> {
 /// shuts down. The first sweep runs at once: a node restarted under the
 /// same name publishes its previous run's wills first.
 pub(crate) async fn sweep(node: Arc<Node>, incarnation: Arc<str>) {
+    // This run's incarnation first, so the previous run's is seen dead.
     if let Err(e) = liveness::refresh(&node, &incarnation).await {
         warn!(error = %e, "node liveness not written to Redis");
     }

@@ -164,6 +164,7 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
         ("9503", "revoked", "gone-revoked", 0, 0),
         ("9504", "clean", "gone-clean", 60, 120),
         ("9505", "resumed", "gone-resumed", 60, 120),
+        ("9506", "early", "gone-early", 20, 120),
     ];
     let mut held = Vec::new();
     for (uid, client, payload, delay, expiry) in devices {
@@ -186,6 +187,28 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
 
     node_a.process.kill9();
     let killed = Instant::now();
+    // Everything the reader gets, timed as it arrives, until the delayed
+    // will and a while after (a duplicate would come within a few sweeps).
+    let collector = tokio::spawn(async move {
+        let mut received: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+        let mut settle_until = killed + Duration::from_secs(25) + PUBLISHED_WITHIN;
+        while Instant::now() < settle_until {
+            let left = settle_until.saturating_duration_since(Instant::now());
+            let Some((topic, payload)) = next_publish(&mut reader, left).await else {
+                break;
+            };
+            assert_eq!(topic, WILL_TOPIC);
+            let payload = String::from_utf8_lossy(&payload).into_owned();
+            received
+                .entry(payload.clone())
+                .or_default()
+                .push(killed.elapsed());
+            if payload == "gone-later" {
+                settle_until = Instant::now() + Duration::from_secs(6);
+            }
+        }
+        received
+    });
     // The user of 9503 is revoked after its node died, before its will is due.
     let data = tempfile::tempdir().unwrap();
     let store = store::open(Some(&url), data.path()).await.unwrap();
@@ -196,6 +219,11 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
         )
         .await
         .unwrap();
+
+    // 9506 resumes on node C at once, while node A still looks alive: node
+    // C looks again once A's liveness lapsed, and drops its will.
+    let mut early = device_with_will(&node_c, "9506", "early", None, 120, false);
+    early.connected().await;
 
     // Once node A is known dead, 9504 starts clean on node C (its will is
     // published now, long before its 60 s delay) and 9505 resumes there
@@ -215,26 +243,7 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
     )
     .await;
 
-    // Everything the reader gets until the delayed will and a while after.
-    let mut received: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
-    let watch_until = killed + Duration::from_secs(25) + PUBLISHED_WITHIN;
-    let mut settle_until = watch_until;
-    while Instant::now() < settle_until {
-        let left = settle_until.saturating_duration_since(Instant::now());
-        let Some((topic, payload)) = next_publish(&mut reader, left).await else {
-            break;
-        };
-        assert_eq!(topic, WILL_TOPIC);
-        let payload = String::from_utf8_lossy(&payload).into_owned();
-        received
-            .entry(payload.clone())
-            .or_default()
-            .push(killed.elapsed());
-        if payload == "gone-later" {
-            // A duplicate would come within a few sweeps.
-            settle_until = Instant::now() + Duration::from_secs(6);
-        }
-    }
+    let received = collector.await.expect("the reader's collector");
     println!("wills received after the kill of node A: {received:?}");
     let arrivals = |payload: &str| received.get(payload).cloned().unwrap_or_default();
     let logs = format!("{}\n{}", node_b.log_text(), node_c.log_text());
@@ -265,6 +274,10 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
         arrivals("gone-clean").len(),
         1,
         "a clean start publishes it: {received:?}"
+    );
+    assert!(
+        arrivals("gone-early").is_empty(),
+        "resumed before node A was seen dead, dropped: {received:?}\n{logs}"
     );
     assert!(
         arrivals("gone-resumed").is_empty(),
@@ -313,7 +326,7 @@ async fn the_wills_of_a_killed_node_are_published_once_by_another() {
     })
     .await;
     assert!(!exists(&cluster, "wills:{node-a}"));
-    drop((clean, resumed, held));
+    drop((clean, resumed, early, held));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
