@@ -201,6 +201,19 @@ start_redis_cluster() {
     if [ "$(redis-cli -p "$port" role | head -1)" = master ]; then REDIS_STATS+=("redis://127.0.0.1:$port"); fi
   done
   [ "${#REDIS_STATS[@]}" = 3 ] || { echo "expected 3 masters, found ${#REDIS_STATS[@]}" >&2; exit 1; }
+  # Each replica's first sync (diskless: it starts repl-diskless-sync-delay,
+  # 5 s, after the replica asked) must be done before the nodes start:
+  # until then WAIT n times out on every batch (bench/cluster-notes.md).
+  local online=0 url
+  for _ in $(seq 1 300); do
+    online=0
+    for url in "${REDIS_STATS[@]}"; do
+      if redis-cli -p "${url##*:}" info replication | grep -q 'state=online'; then online=$((online + 1)); fi
+    done
+    [ "$online" = 3 ] && break
+    sleep 0.1
+  done
+  [ "$online" = 3 ] || { echo "the Cluster's replicas were not in sync within 30 s" >&2; exit 1; }
   REDIS_URL_NOW=$(join "${urls[@]}")
 }
 

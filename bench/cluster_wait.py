@@ -50,7 +50,8 @@ def point(r, variant):
         redis = sum(p["cpu_us_per_round_trip"] for p in per[-k:])
         nodes = sum(p["cpu_us_per_round_trip"] for p in per[:-k])
     lat = r.get("latency") or {}
-    return (lat.get("p50_ms"), lat.get("p99_ms"), nodes, redis, total, r.get("sent"), r.get("lost"))
+    calls = (r.get("redis") or {}).get("calls_per_message")
+    return (lat.get("p50_ms"), lat.get("p99_ms"), nodes, redis, total, r.get("sent"), r.get("lost"), calls)
 
 
 def fmt(x, nd=2):
@@ -71,17 +72,18 @@ def main():
         "1,000 TCP devices, 2,000 round trips/s). CPU per round trip is user + system of the "
         "nodes and of every redis-server of the variant (on the Cluster: 3 masters and 3 replicas).",
         "",
-        "| round | variant | sent | lost | p50 ms | p99 ms | CPU µs/rt nodes | CPU µs/rt Redis | CPU µs/rt total |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| round | variant | sent | lost | p50 ms | p99 ms | CPU µs/rt nodes | CPU µs/rt Redis | CPU µs/rt total "
+        "| Redis calls/msg (INFO, masters) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rnd in rounds:
         for v in variants:
             r = runs.get((rnd, v))
             if r is None:
                 continue
-            p50, p99, nodes, redis, total, sent, lost = point(r, v)
+            p50, p99, nodes, redis, total, sent, lost, calls = point(r, v)
             out.append(f"| {rnd} | {v} | {sent:,} | {lost:,} | {fmt(p50)} | {fmt(p99)} | "
-                       f"{fmt(nodes, 1)} | {fmt(redis, 1)} | {fmt(total, 1)} |")
+                       f"{fmt(nodes, 1)} | {fmt(redis, 1)} | {fmt(total, 1)} | {fmt(calls)} |")
     out += ["", "Ratio of each `_wait` variant to its base in the same round (then the mean):", "",
             "| variant / base | round | p50 | p99 | CPU nodes | CPU Redis | CPU total |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
