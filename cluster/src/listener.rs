@@ -380,7 +380,7 @@ impl Listener {
                     // The session lives there now: its record is that
                     // node's to write.
                     self.persistent.moved(taken.session);
-                    if self.node.injector().take_over(taken.session) {
+                    if self.node.injector().take_over_and_release(taken.session) {
                         info!(
                             session = taken.session,
                             node = taken.node,

@@ -184,6 +184,32 @@ async fn persistent_sessions_move_between_live_nodes_with_their_subscriptions() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // A live session taken over from another node: the old connection
+    // ends (0x8E), the new one resumes the session.
+    let uid = "7204";
+    let topic = format!("{uid}_note");
+    let mut on_a = phone(&node_a, uid, "phone-7204", false, 600);
+    on_a.connected().await;
+    subscribe_with_id(&mut on_a, &topic, 9).await;
+    on_a.suback().await;
+    probe(&mut on_a, &worker, &topic).await;
+    let mut on_c = phone(&node_c, uid, "phone-7204", false, 600);
+    assert!(on_c.connected().await.session_present);
+    let ended = on_a.closed().await;
+    assert!(ended.contains("SessionTakenOver"), "{ended}");
+    reply(&worker, &topic, "taken over".into()).await;
+    let live = next(&mut on_c, ANSWER_WITHIN).await.expect("a reply");
+    assert_eq!(&live.payload[..], b"taken over");
+    assert_eq!(ids(&live), Some(vec![9]));
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    while !node_a
+        .log_text()
+        .contains("a session taken over on another node: released here")
+    {
+        assert!(Instant::now() < deadline, "{}", node_a.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Clean Start 1 on another node: nothing from before.
     let uid = "7202";
     let topic = format!("{uid}_note");
