@@ -77,12 +77,12 @@ impl Metrics {
         let cluster_dropped = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "cluster_messages",
-            "Messages moved through the cluster store (Redis), by what (reply_out, reply_in, command_out, command_in, replayed, reclaimed)",
+            "Messages moved through the cluster store (Redis), by what (reply_out, reply_in, command_out, command_in, replayed, reclaimed, command_acked, retained_out, retained_in, retained_loaded)",
             cluster_messages.clone(),
         );
         registry.register(
             "cluster_dropped",
-            "Messages the cross-node delivery dropped, by reason (a bounded queue full, Redis unreachable, an undecodable entry)",
+            "Messages the cross-node delivery dropped, by reason (a bounded queue full, Redis unreachable, an undecodable entry, a command delivered too often, a lost acknowledgement, the retained cap)",
             cluster_dropped.clone(),
         );
         registry.register(

@@ -10,21 +10,24 @@
 //!   partition, each on a Redis connection of its own (its `XREADGROUP
 //!   BLOCK` holds nothing else up), in the consumer group of the filter
 //!   (`entry::consumer_group`). An entry is injected into the local router
-//!   and acknowledged (`XACK`) once the router has taken it (its PUBACK to
-//!   the injecting link): the handler's own PUBACK is not visible here, so
-//!   a node that dies between the two loses what its router held (see
-//!   ARCHITECTURE.md).
+//!   with a delivery tag naming it (`acks::CommandTag`), and acknowledged
+//!   (`XACK`, `acks.rs`) once a handler here acknowledged it: its PUBACK
+//!   (QoS 1), PUBCOMP (QoS 2), or its write (QoS 0).
 //! - Reclaim: every [`CLAIM_EVERY`], each reader takes over (`XAUTOCLAIM`)
 //!   entries of its group idle for more than [`CLAIM_IDLE`]: what a dead
-//!   node read and never acknowledged is answered within about
-//!   `CLAIM_IDLE + CLAIM_EVERY`.
+//!   node or a dead handler held, or a router dropped, is delivered again
+//!   within about `CLAIM_IDLE + CLAIM_EVERY` of its last delivery, at most
+//!   `acks::MAX_DELIVERIES` times in all (then acknowledged, dropped,
+//!   counted and logged).
 
+use crate::acks::{CommandTag, MAX_DELIVERIES};
 use crate::entry::{command_key, consumer_group, Entry, StreamId, PARTITIONS};
 use crate::replies::inject;
 use crate::Node;
+use broker::delivery::DELIVERY_TAG;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -148,6 +151,10 @@ pub async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>)
 /// command filters, until the node shuts down.
 pub async fn supervise(node: Arc<Node>, groups: Arc<Groups>) {
     let mut running: HashMap<(String, String), CancellationToken> = HashMap::new();
+    // Pairs whose readers already read this consumer's pending entries
+    // once in this process (what an earlier process under the same node
+    // name left); bounded by the pairs ever read here.
+    let mut replayed: HashSet<(String, String)> = HashSet::new();
     loop {
         let wanted = groups.snapshot();
         for pair in &wanted {
@@ -156,12 +163,14 @@ pub async fn supervise(node: Arc<Node>, groups: Arc<Groups>) {
             }
             let stop = node.shutdown.child_token();
             info!(topic = %pair.0, group = %pair.1, "reading a command topic from Redis");
+            let replay = replayed.len() < 4 * MAX_GROUPS && replayed.insert(pair.clone());
             for partition in 0..PARTITIONS {
                 let reader = Reader {
                     node: node.clone(),
                     key: command_key(&pair.0, partition),
                     group: pair.1.clone(),
                     stop: stop.clone(),
+                    replay,
                 };
                 tokio::spawn(reader.run());
             }
@@ -188,14 +197,17 @@ struct Reader {
     key: String,
     group: String,
     stop: CancellationToken,
+    /// Read this consumer's pending entries first (see `supervise`).
+    replay: bool,
 }
 
 impl Reader {
     async fn run(self) {
         let mut backoff = Duration::from_millis(100);
+        let mut replay = self.replay;
         while !self.stop.is_cancelled() {
             let started = Instant::now();
-            let read = self.read_until_lost().await;
+            let read = self.read_until_lost(&mut replay).await;
             if started.elapsed() > Duration::from_secs(30) {
                 // It ran for a while: this failure is a new one.
                 backoff = Duration::from_millis(100);
@@ -218,7 +230,11 @@ impl Reader {
     }
 
     /// Reads on a connection of its own until stopped (`Ok`) or an error.
-    async fn read_until_lost(&self) -> redis::RedisResult<()> {
+    /// `replay`: first read what this consumer (this node's name) read
+    /// before and nobody acknowledged, once (then false). Not on a later
+    /// connection: this node's pending entries may be in a handler's hands
+    /// here, and what is not acknowledged is taken over once idle anyway.
+    async fn read_until_lost(&self, replay: &mut bool) -> redis::RedisResult<()> {
         let mut blocking = self.node.redis.own(&self.key, BLOCK).await?;
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -233,14 +249,17 @@ impl Reader {
             _ => {}
         }
         let mut link = None;
-        // What this consumer (this node id) read before and did not
-        // acknowledge (a restart under the same BROKER_NODE_ID): first.
-        loop {
-            let pending = self.read(&mut blocking, "0", None).await?;
-            if pending.is_empty() {
-                break;
+        if *replay {
+            let mut from = "0".to_owned();
+            loop {
+                let pending = self.read(&mut blocking, &from, None).await?;
+                let Some((last, _)) = pending.last() else {
+                    break;
+                };
+                from = last.to_string();
+                self.handle(&mut link, pending, "command_in").await?;
             }
-            self.handle(&mut link, pending, "command_in").await?;
+            *replay = false;
         }
         let mut last_claim = Instant::now();
         loop {
@@ -249,6 +268,7 @@ impl Reader {
                 let claimed = self.claim(&mut blocking).await?;
                 if !claimed.is_empty() {
                     info!(key = %self.key, group = %self.group, entries = claimed.len(), "took over commands another consumer left unacknowledged");
+                    let claimed = self.under_the_cap(&mut blocking, claimed).await?;
                     self.handle(&mut link, claimed, "reclaimed").await?;
                 }
             }
@@ -316,10 +336,52 @@ impl Reader {
         })
     }
 
-    /// Injects each entry into the local router, then acknowledges them
-    /// (trimmed entries, read back empty, are acknowledged as they are).
-    /// Stops at the first the router does not take: it and the rest stay
-    /// pending, read again from `0` on the next connection.
+    /// Of entries just taken over, those delivered fewer than
+    /// [`MAX_DELIVERIES`] times before (the count `XAUTOCLAIM` raised,
+    /// read with `XPENDING`); the others are acknowledged, dropped, counted
+    /// and logged: no handler ever acknowledged them.
+    async fn under_the_cap(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        claimed: Vec<(StreamId, Option<Vec<u8>>)>,
+    ) -> redis::RedisResult<Vec<(StreamId, Option<Vec<u8>>)>> {
+        let (Some((first, _)), Some((last, _))) = (claimed.first(), claimed.last()) else {
+            return Ok(claimed);
+        };
+        let value: redis::Value = redis::cmd("XPENDING")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(first.to_string())
+            .arg(last.to_string())
+            .arg(claimed.len())
+            .arg(&*self.node.id)
+            .query_async(conn)
+            .await?;
+        let counts = delivery_counts(&value);
+        let (kept, over): (Vec<_>, Vec<_>) = claimed.into_iter().partition(|(id, _)| {
+            counts
+                .get(id)
+                .is_none_or(|&deliveries| deliveries <= MAX_DELIVERIES)
+        });
+        if over.is_empty() {
+            return Ok(kept);
+        }
+        let ids: Vec<String> = over.iter().map(|(id, _)| id.to_string()).collect();
+        self.node
+            .metrics()
+            .cluster_dropped("redelivery_cap", ids.len() as u64);
+        warn!(key = %self.key, group = %self.group, ids = ?ids, max = MAX_DELIVERIES, "commands delivered to handlers this many times and never acknowledged: dropped");
+        self.xack(&ids).await?;
+        Ok(kept)
+    }
+
+    /// Injects each entry into the local router with its delivery tag: it
+    /// is acknowledged when a handler here acknowledges it (`acks.rs`).
+    /// Entries trimmed since they were read (read back empty), unreadable
+    /// ones, and ones whose tag would be too long (acknowledged once the
+    /// router took them, as before tags) are acknowledged here. Stops at
+    /// the first the router does not take: it and the rest stay pending,
+    /// taken over once idle.
     async fn handle(
         &self,
         link: &mut Option<broker::inject::InjectLink>,
@@ -329,34 +391,47 @@ impl Reader {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut done = Vec::with_capacity(entries.len());
+        let mut done = Vec::new();
         let mut failed = false;
         for (id, bytes) in entries {
-            if let Some(bytes) = bytes {
-                match Entry::decode(&bytes) {
-                    Ok(entry) => {
-                        if !inject(&self.node, link, entry).await {
-                            failed = true;
-                            break;
-                        }
-                        self.node.metrics().cluster_moved(what, 1);
-                    }
-                    Err(e) => {
-                        self.node.metrics().cluster_dropped("undecodable", 1);
-                        warn!(error = %e, key = %self.key, "an unreadable command entry: acknowledged and dropped");
-                    }
+            let Some(bytes) = bytes else {
+                done.push(id.to_string());
+                continue;
+            };
+            let mut entry = match Entry::decode(&bytes) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    self.node.metrics().cluster_dropped("undecodable", 1);
+                    warn!(error = %e, key = %self.key, "an unreadable command entry: acknowledged and dropped");
+                    done.push(id.to_string());
+                    continue;
                 }
+            };
+            let tag = CommandTag {
+                key: self.key.clone(),
+                group: self.group.clone(),
+                id,
             }
-            done.push(id.to_string());
+            .encode();
+            let tagged = tag.is_some();
+            if let Some(tag) = tag {
+                entry
+                    .properties
+                    .get_or_insert_with(Default::default)
+                    .user_properties
+                    .push((DELIVERY_TAG.to_owned(), tag));
+            }
+            if !inject(&self.node, link, entry).await {
+                failed = true;
+                break;
+            }
+            self.node.metrics().cluster_moved(what, 1);
+            if !tagged {
+                done.push(id.to_string());
+            }
         }
         if !done.is_empty() {
-            let mut conn = self.node.redis.shared();
-            redis::cmd("XACK")
-                .arg(&self.key)
-                .arg(&self.group)
-                .arg(&done)
-                .query_async::<()>(&mut conn)
-                .await?;
+            self.xack(&done).await?;
         }
         if failed {
             return Err(redis::RedisError::from((
@@ -365,5 +440,70 @@ impl Reader {
             )));
         }
         Ok(())
+    }
+
+    async fn xack(&self, ids: &[String]) -> redis::RedisResult<()> {
+        let mut conn = self.node.redis.shared();
+        redis::cmd("XACK")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(ids)
+            .query_async::<()>(&mut conn)
+            .await
+    }
+}
+
+/// The delivery count of each entry of an `XPENDING` answer in its
+/// extended form (`[[id, consumer, idle ms, deliveries], ...]`).
+fn delivery_counts(value: &redis::Value) -> HashMap<StreamId, u64> {
+    let redis::Value::Array(rows) = value else {
+        return HashMap::new();
+    };
+    rows.iter()
+        .filter_map(|row| {
+            let redis::Value::Array(fields) = row else {
+                return None;
+            };
+            let id = match fields.first()? {
+                redis::Value::BulkString(id) => StreamId::parse(std::str::from_utf8(id).ok()?)?,
+                _ => return None,
+            };
+            let deliveries = match fields.get(3)? {
+                redis::Value::Int(n) => u64::try_from(*n).ok()?,
+                _ => return None,
+            };
+            Some((id, deliveries))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_counts_of_an_xpending_answer() {
+        use redis::Value::{Array, BulkString, Int, Nil};
+        let row = |id: &str, n: i64| {
+            Array(vec![
+                BulkString(id.as_bytes().to_vec()),
+                BulkString(b"node-a".to_vec()),
+                Int(15_000),
+                Int(n),
+            ])
+        };
+        let answer = Array(vec![
+            row("1-0", 1),
+            row("2-5", 6),
+            Array(vec![BulkString(b"3-0".to_vec())]),
+            row("bad", 2),
+            row("4-0", -1),
+            Nil,
+        ]);
+        let counts = delivery_counts(&answer);
+        assert_eq!(counts.len(), 2);
+        assert_eq!(counts[&StreamId { ms: 1, seq: 0 }], 1);
+        assert_eq!(counts[&StreamId { ms: 2, seq: 5 }], 6);
+        assert!(delivery_counts(&Nil).is_empty());
     }
 }

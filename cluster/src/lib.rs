@@ -17,7 +17,11 @@
 //!   records written to Redis and read back at CONNECT on another node;
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
 //!   consumer groups, reclaim);
+//! - `acks.rs`: a command's delivery tag, and its `XACK` once a handler
+//!   acknowledged it;
 //! - `declarations.rs`: command topics handlers declared, shared by nodes;
+//! - `retained.rs`: retained messages, stored in Redis and followed by
+//!   every node's router;
 //! - `redis_conn.rs`: the connections (the store's shared one, routed by
 //!   slot on a cluster; the slot map; batched appends, one pipeline per
 //!   master, blocking reads and sharded pub/sub on connections of their
@@ -33,6 +37,7 @@
 //! topic's stream, read by the consumer groups of the handlers that
 //! declared it, on whichever nodes they are.
 
+mod acks;
 mod commands;
 mod declarations;
 pub mod entry;
@@ -40,6 +45,7 @@ mod listener;
 pub mod record;
 mod redis_conn;
 mod replies;
+mod retained;
 mod sessions;
 
 pub(crate) use entry::stream_entries;
@@ -168,6 +174,10 @@ pub struct Cluster {
     takeovers: (Queue, mpsc::Receiver<Queued>),
     persistent: Arc<Persistent>,
     resumes: (mpsc::Sender<Resume>, mpsc::Receiver<Resume>),
+    acks: (acks::AckQueue, mpsc::Receiver<acks::CommandTag>),
+    retained: (retained::StoreQueue, mpsc::Receiver<Queued>),
+    /// What this node's router holds retained (by digest).
+    held: Arc<retained::Held>,
     /// The local delivery and metrics, once the broker built them.
     built: Arc<OnceLock<(Arc<LocalDelivery>, Arc<Metrics>)>>,
 }
@@ -191,6 +201,9 @@ impl Cluster {
             takeovers: mpsc::channel(replies::APPEND_QUEUE),
             persistent: Arc::default(),
             resumes: mpsc::channel(listener::RESUME_QUEUE),
+            acks: mpsc::channel(acks::ACK_QUEUE),
+            retained: mpsc::channel(retained::STORE_QUEUE),
+            held: Arc::default(),
             built: Arc::default(),
         })
     }
@@ -209,16 +222,18 @@ impl Cluster {
             self.declared.clone(),
             self.built.clone(),
         );
-        let (replies, commands, takeovers) = (
+        let (replies, commands, takeovers, acks) = (
             self.replies.0.clone(),
             self.commands.0.clone(),
             self.takeovers.0.clone(),
+            self.acks.0.clone(),
         );
         let (persistent, resumes, redis) = (
             self.persistent.clone(),
             self.resumes.0.clone(),
             self.redis.clone(),
         );
+        let (retained, held) = (self.retained.0.clone(), self.held.clone());
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
@@ -231,6 +246,9 @@ impl Cluster {
                 replies,
                 commands,
                 takeovers,
+                acks,
+                retained,
+                retained_held: held,
                 metrics: metrics.clone(),
                 held: Mutex::default(),
                 persistent,
@@ -258,6 +276,9 @@ impl Cluster {
         tasks.spawn(replies::append(node.clone(), self.replies.1));
         tasks.spawn(commands::append(node.clone(), self.commands.1));
         tasks.spawn(replies::announce_takeovers(node.clone(), self.takeovers.1));
+        tasks.spawn(acks::acknowledge(node.clone(), self.acks.1));
+        tasks.spawn(retained::store(node.clone(), self.retained.1));
+        tasks.spawn(retained::follow(node.clone(), self.held));
         tasks.spawn(listener::listen(
             node.clone(),
             self.interest,
@@ -301,6 +322,11 @@ pub struct ClusterDelivery {
     /// Device sessions opened here, announced to the other nodes (one of
     /// them may hold the same session: it ends it).
     takeovers: Queue,
+    /// Commands handlers here acknowledged, for their `XACK`.
+    acks: acks::AckQueue,
+    /// Retained publishes received here, for the cluster's store.
+    retained: retained::StoreQueue,
+    retained_held: Arc<retained::Held>,
     metrics: Arc<Metrics>,
     /// Device sessions counted in `interest` (a persistent one until it
     /// expires or a clean connection replaces it), by session id.
@@ -413,7 +439,21 @@ impl Delivery for ClusterDelivery {
         properties: &Option<PublishProperties>,
     ) -> Routed {
         let mut routed = self.local.route(topic, publish, properties);
-        let command = !publish.retain && self.is_command(topic);
+        if publish.retain {
+            // Retained messages go to every node through the retained log
+            // (`retained.rs`), never a user's reply stream: delivered once
+            // per node, and to nodes with no session of the user.
+            match Entry::encode(&self.id, publish, properties) {
+                Ok(entry) => {
+                    self.retained_held
+                        .received(topic, &entry, publish.payload.is_empty());
+                    self.queue(&self.retained, topic.to_owned(), entry);
+                }
+                Err(_) => self.metrics.cluster_dropped("unencodable", 1),
+            }
+            return routed;
+        }
+        let command = self.is_command(topic);
         let key = if command {
             // Handlers anywhere read it from the stream, local ones too.
             routed.needs_router = false;
@@ -464,6 +504,15 @@ impl Delivery for ClusterDelivery {
     }
 
     fn delivered(&self, session_id: &str, tag: &str) {
+        // A command a handler here acknowledged: its XACK is queued.
+        if let Some(command) = acks::CommandTag::parse(tag) {
+            if self.acks.try_send(command).is_err() {
+                // Delivered again once idle: a duplicate, not a loss.
+                self.metrics.cluster_dropped("ack_queue_full", 1);
+            }
+            return;
+        }
+        // A reply a persistent device session here acknowledged.
         self.persistent.delivered(session_id, tag);
     }
 

@@ -51,6 +51,10 @@
 //!   device on one node may publish to a command a handler on another
 //!   declared.
 //!
+//! - `delivered`: a client acknowledged a publish that carried a
+//!   [`DELIVERY_TAG`]: a command is acknowledged in its stream (`XACK`)
+//!   once a handler acknowledged it.
+//!
 //! `subscribe` and `unsubscribe` stay local decisions (the path is per
 //! connection); the cluster only learns the user's interest through `open`.
 
