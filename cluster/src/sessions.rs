@@ -337,6 +337,20 @@ impl Persistent {
     }
 }
 
+/// `read` (a CONNECT's read of its record); a session that moved here
+/// has the listener hold its user's live replies until its replay.
+pub async fn holding_replies(
+    read: impl std::future::Future<Output = Resumed>,
+    resumes: tokio::sync::mpsc::Sender<crate::listener::Resume>,
+    uid: Option<String>,
+) -> Resumed {
+    let resumed = read.await;
+    if let (Resumed::Moved(_), Some(uid)) = (&resumed, uid) {
+        let _ = resumes.try_send(crate::listener::Resume::Hold(uid));
+    }
+    resumed
+}
+
 /// One record to write.
 struct Write {
     id: String,
