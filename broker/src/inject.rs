@@ -55,6 +55,35 @@ impl Injector {
         self.gate.sessions().end_taken_over(id)
     }
 
+    /// Ends the live session `id` here (as [`Injector::take_over`]) and,
+    /// once its connection closed, releases what it kept here (a
+    /// persistent session's row, router session and QoS 2 state): it
+    /// continues on another node. False when no such session is live here.
+    pub fn take_over_and_release(&self, id: &str) -> bool {
+        if !self.take_over(id) {
+            return false;
+        }
+        let (gate, id) = (self.gate.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while gate.sessions().is_held(&id) {
+                if tokio::time::Instant::now() >= deadline {
+                    // Still here (it came back, or is slow to end): kept.
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            gate.sessions().release_qos2(&id);
+            gate.delivery().expire(&id);
+            forget_router_session(&gate, &id).await;
+            tracing::info!(
+                session = id,
+                "a session taken over on another node: released here"
+            );
+        });
+        true
+    }
+
     /// Releases persistent session `id`, kept here while its client is
     /// away, because its client connected on another node: its router
     /// session, kept row and QoS 2 state go as at its expiry, and a will
@@ -71,24 +100,7 @@ impl Injector {
         sessions.release_qos2(id);
         self.gate.delivery().expire(id);
         self.gate.wills().session_reconnected(id, clean_start);
-        // A clean session of the same id that connects and leaves makes
-        // the router forget what it stored.
-        match self
-            .gate
-            .open_router_session(id.to_owned(), true, u16::MAX)
-            .await
-        {
-            Ok(mut link) => {
-                let goodbye = Packet::Disconnect(
-                    Disconnect {
-                        reason_code: DisconnectReasonCode::NormalDisconnection,
-                    },
-                    None,
-                );
-                let _ = link.tx.send(goodbye).await;
-            }
-            Err(e) => tracing::warn!(error = %e, "could not release a session's router state"),
-        }
+        forget_router_session(&self.gate, id).await;
         true
     }
 
@@ -120,6 +132,26 @@ impl Injector {
     /// Resolves when the broker shuts down.
     pub async fn shutting_down(&self) {
         self.gate.shutting_down().await;
+    }
+}
+
+/// Makes the router forget what it stored for session `id`: a clean
+/// session of the same id connects and leaves.
+async fn forget_router_session(gate: &Gate, id: &str) {
+    match gate
+        .open_router_session(id.to_owned(), true, u16::MAX)
+        .await
+    {
+        Ok(mut link) => {
+            let goodbye = Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            );
+            let _ = link.tx.send(goodbye).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "could not release a session's router state"),
     }
 }
 

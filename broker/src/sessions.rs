@@ -339,6 +339,12 @@ impl SessionRegistry {
         self.away.lock().insert(claim.id.clone(), claim.serial);
     }
 
+    /// Whether a connection of session `id` is live here, or a client of
+    /// it is away (a persistent session kept).
+    pub fn is_held(&self, id: &str) -> bool {
+        self.live.lock().contains_key(id) || self.away.lock().contains_key(id)
+    }
+
     /// The serial of the connection that left persistent session `id`
     /// behind, while its client is away.
     pub fn away_serial(&self, id: &str) -> Option<u64> {

@@ -60,7 +60,7 @@ pub use redis_conn::RedisError;
 use broker::acl::{CommandTopics, Denial};
 use broker::delivery::ack::{self, Outcome, Ticket};
 use broker::delivery::{
-    Delivery, Kind, LocalDelivery, Opening, Path, Request, ResumeFuture, Resumed, Routed,
+    Delivery, Kind, LocalDelivery, Opening, Path, Request, ResumeFuture, Routed,
     SessionSubscription, Subscriptions,
 };
 use broker::inject::Injector;
@@ -612,21 +612,13 @@ impl Delivery for ClusterDelivery {
     }
 
     fn resume(&self, id: &str) -> ResumeFuture {
-        let (persistent, redis, resumes) = (
-            self.persistent.clone(),
-            self.redis.clone(),
-            self.resumes.clone(),
-        );
-        let id = id.to_owned();
-        Box::pin(async move {
-            let uid = device_uid(&id).map(str::to_owned);
-            let resumed = persistent.resume(redis, id).await;
-            if let (Resumed::Moved(_), Some(uid)) = (&resumed, uid) {
-                // Its user's live replies wait for its replay.
-                let _ = resumes.try_send(Resume::Hold(uid));
-            }
-            resumed
-        })
+        let resumes = self.resumes.clone();
+        let read = self
+            .persistent
+            .clone()
+            .resume(self.redis.clone(), id.to_owned());
+        let uid = device_uid(id).map(str::to_owned);
+        Box::pin(sessions::holding_replies(read, resumes, uid))
     }
 
     fn session_expiry(&self, id: &str, expiry: std::time::Duration) {

@@ -380,7 +380,7 @@ impl Listener {
                     // The session lives there now: its record is that
                     // node's to write.
                     self.persistent.moved(taken.session);
-                    if self.node.injector().take_over(taken.session) {
+                    if self.node.injector().take_over_and_release(taken.session) {
                         info!(
                             session = taken.session,
                             node = taken.node,
@@ -430,6 +430,11 @@ impl Listener {
                 };
                 if listening.asked.is_some_and(|(id, _)| id == shard) && !listening.confirmed {
                     listening.confirmed = true;
+                    if self.holding.contains_key(&uid) {
+                        // The resuming session's replay reads the stream
+                        // (in order, for it); a lapsed hold reads it too.
+                        return;
+                    }
                     if let Some(from) = listening.cursor.replay_from() {
                         let mut cursor = listening.cursor;
                         let tagged = self.persistent.holds_user(&uid);

@@ -51,11 +51,16 @@ pub fn advance(cursor: &mut StreamId, tag: &str) -> bool {
     }
 }
 
-/// The cursor of a session new at `now_ms` (Unix milliseconds): entries
-/// appended from then on are owed to it.
+/// How far before a new session's start (by the node's clock) its cursor
+/// starts: stream ids are Redis's clock, and a node's may run ahead.
+pub const CLOCK_MARGIN_MS: u64 = 1000;
+
+/// The cursor of a session new at `now_ms` (Unix milliseconds, the node's
+/// clock): entries appended from then on (less [`CLOCK_MARGIN_MS`]) are
+/// owed to it.
 pub fn fresh_cursor(now_ms: u64) -> StreamId {
     StreamId {
-        ms: now_ms.saturating_sub(1),
+        ms: now_ms.saturating_sub(CLOCK_MARGIN_MS + 1),
         seq: u64::MAX,
     }
 }
@@ -356,9 +361,17 @@ mod tests {
 
     #[test]
     fn a_fresh_cursor_precedes_what_is_appended_from_then_on() {
-        let cursor = fresh_cursor(1_000);
-        assert!(cursor < StreamId { ms: 1_000, seq: 0 });
-        assert!(cursor > StreamId { ms: 999, seq: 5 });
+        let now = 5_000;
+        let cursor = fresh_cursor(now);
+        let start = now - CLOCK_MARGIN_MS;
+        assert!(cursor < StreamId { ms: start, seq: 0 });
+        assert!(
+            cursor
+                > StreamId {
+                    ms: start - 1,
+                    seq: 5
+                }
+        );
         assert_eq!(
             fresh_cursor(0),
             StreamId {

@@ -21,6 +21,7 @@ use crate::record::reply_tag;
 use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG};
 use broker::inject::InjectLink;
+use broker::router::protocol::QoS;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -329,7 +330,10 @@ pub async fn deliver(
         }
     };
     let own = *entry.origin == *node.id;
-    if own && (tag.is_none() || entry.publish.retain) {
+    // A retained or QoS 2 publish reached the router here from its sender
+    // already (the router keeps the one, acknowledges the other).
+    let in_router = entry.publish.retain || entry.publish.qos() == QoS::ExactlyOnce;
+    if own && (tag.is_none() || in_router) {
         return;
     }
     let Ok(topic) = std::str::from_utf8(&entry.publish.topic) else {

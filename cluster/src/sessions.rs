@@ -46,6 +46,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// Records read at CONNECT and not yet opened (the connection went away
 /// in between) beyond this many are forgotten.
 const MAX_PENDING: usize = 10_000;
+/// Deletions waiting for the writer, at most.
+const MAX_REMOVALS: usize = 64 * 1024;
 /// Records written per batch.
 const BATCH: usize = 512;
 
@@ -121,6 +123,15 @@ fn now_ms() -> u64 {
 }
 
 impl Persistent {
+    /// Queues `removal`; beyond [`MAX_REMOVALS`] waiting (Redis is slow
+    /// or away) it is left to the record's lifetime.
+    fn remove(&self, removal: Removal) {
+        let mut removals = self.removals.lock();
+        if removals.len() < MAX_REMOVALS {
+            removals.push(removal);
+        }
+    }
+
     /// Whether session `id` is held here (live or kept).
     pub fn holds(&self, id: &str) -> bool {
         self.held.lock().by_id.contains_key(id)
@@ -143,9 +154,7 @@ impl Persistent {
             held.remove(id);
             if !persistent {
                 if let Some(key) = record_key(id) {
-                    self.removals
-                        .lock()
-                        .push(Removal::Delete { key, owned: false });
+                    self.remove(Removal::Delete { key, owned: false });
                 }
             }
         }
@@ -234,9 +243,7 @@ impl Persistent {
     pub fn expire(&self, id: &str) {
         if self.held.lock().remove(id).is_some() {
             if let Some(key) = record_key(id) {
-                self.removals
-                    .lock()
-                    .push(Removal::Delete { key, owned: true });
+                self.remove(Removal::Delete { key, owned: true });
                 self.changed.notify_one();
             }
         }
@@ -335,6 +342,20 @@ impl Persistent {
         }
         (removals, writes)
     }
+}
+
+/// `read` (a CONNECT's read of its record); a session that moved here
+/// has the listener hold its user's live replies until its replay.
+pub async fn holding_replies(
+    read: impl std::future::Future<Output = Resumed>,
+    resumes: tokio::sync::mpsc::Sender<crate::listener::Resume>,
+    uid: Option<String>,
+) -> Resumed {
+    let resumed = read.await;
+    if let (Resumed::Moved(_), Some(uid)) = (&resumed, uid) {
+        let _ = resumes.try_send(crate::listener::Resume::Hold(uid));
+    }
+    resumed
 }
 
 /// One record to write.

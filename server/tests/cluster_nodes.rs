@@ -261,3 +261,19 @@ async fn a_persistent_session_resumes_on_the_node_its_replies_come_from() {
         node_b.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_is_refused_while_redis_cannot_say_where_it_lives() {
+    let mut redis = RedisServer::start();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &redis.url(), false, none);
+    redis.stop();
+    // Whether the session lives on another node cannot be read: Server
+    // unavailable, not a session resumed empty, and not a hang.
+    let mut phone = persistent_phone(&node_a, "7401", "phone-7401", false, 600);
+    let refused = phone.connack().await.expect_err("refused");
+    assert!(refused.contains("ServerUnavailable"), "{refused}");
+    // A clean start reads nothing: admitted.
+    let mut clean = persistent_phone(&node_a, "7401", "phone-7402", true, 0);
+    clean.connected().await;
+}

@@ -50,9 +50,11 @@ async fn a_device_whose_node_is_killed_gets_every_reply_it_was_owed_on_another_n
     probe(&mut on_a, &worker, &topic).await;
 
     // Numbered replies from node B, 5 ms apart; node A dies at reply 150,
-    // and the device reconnects to node C at once.
+    // and the device reconnects to node C 100 replies later: they are
+    // owed, with whatever node A had not had acknowledged.
     let total = 400u32;
     let kill_at = 150u32;
+    let back_at = 250u32;
     let mut received = Vec::new();
     let mut on_c = None;
     let take = |p: Publish, received: &mut Vec<u32>| {
@@ -68,6 +70,8 @@ async fn a_device_whose_node_is_killed_gets_every_reply_it_was_owed_on_another_n
                 take(p, &mut received);
             }
             node_a.process.kill9();
+        }
+        if i == back_at {
             let mut moved = phone(&node_c, uid, "phone-7101", false, 600);
             let ack = moved.connected().await;
             assert!(
@@ -79,11 +83,13 @@ async fn a_device_whose_node_is_killed_gets_every_reply_it_was_owed_on_another_n
         }
         reply(&worker, &topic, i.to_string()).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let client = on_c.as_mut().unwrap_or(&mut on_a);
-        while let Some(Seen::Packet(Packet::Publish(p))) =
-            client.next_within(Duration::from_millis(1)).await
-        {
-            take(p, &mut received);
+        if i < kill_at || i >= back_at {
+            let client = on_c.as_mut().unwrap_or(&mut on_a);
+            while let Some(Seen::Packet(Packet::Publish(p))) =
+                client.next_within(Duration::from_millis(1)).await
+            {
+                take(p, &mut received);
+            }
         }
     }
     let on_c = on_c.as_mut().unwrap();
@@ -107,7 +113,7 @@ async fn a_device_whose_node_is_killed_gets_every_reply_it_was_owed_on_another_n
         .filter(|n| seen.insert(*n))
         .collect();
     println!(
-        "kill -9 of the device's node at reply {kill_at} of {total}: {} received, {} missing, {duplicates} duplicates",
+        "kill -9 of the device's node at reply {kill_at} of {total}, back on another node at {back_at}: {} received, {} missing, {duplicates} duplicates",
         got.len(),
         missing.len()
     );
@@ -181,6 +187,32 @@ async fn persistent_sessions_move_between_live_nodes_with_their_subscriptions() 
             "node A kept the session:\n{}",
             node_a.log_text()
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A live session taken over from another node: the old connection
+    // ends (0x8E), the new one resumes the session.
+    let uid = "7204";
+    let topic = format!("{uid}_note");
+    let mut on_a = phone(&node_a, uid, "phone-7204", false, 600);
+    on_a.connected().await;
+    subscribe_with_id(&mut on_a, &topic, 9).await;
+    on_a.suback().await;
+    probe(&mut on_a, &worker, &topic).await;
+    let mut on_c = phone(&node_c, uid, "phone-7204", false, 600);
+    assert!(on_c.connected().await.session_present);
+    let ended = on_a.closed().await;
+    assert!(ended.contains("SessionTakenOver"), "{ended}");
+    reply(&worker, &topic, "taken over".into()).await;
+    let live = next(&mut on_c, ANSWER_WITHIN).await.expect("a reply");
+    assert_eq!(&live.payload[..], b"taken over");
+    assert_eq!(ids(&live), Some(vec![9]));
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    while !node_a
+        .log_text()
+        .contains("a session taken over on another node: released here")
+    {
+        assert!(Instant::now() < deadline, "{}", node_a.log_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

@@ -189,8 +189,10 @@ pub trait Delivery: CommandTopics + Send + Sync {
         Box::pin(std::future::ready(Resumed::Here))
     }
 
-    /// Persistent device session `id` lasts `expiry` after its connection
-    /// ends (told at each CONNECT, after [`Delivery::open`]).
+    /// Persistent session `id` lasts `expiry` after its connection ends
+    /// (told at each CONNECT of a device, after [`Delivery::open`], and
+    /// when a connection ends with the expiry its DISCONNECT may have
+    /// changed).
     fn session_expiry(&self, _id: &str, _expiry: std::time::Duration) {}
 
     /// Persistent device session `id` now holds `subscriptions` (the

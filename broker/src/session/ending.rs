@@ -91,6 +91,9 @@ pub(super) async fn finish<S: AsyncRead + AsyncWrite>(
         gate.sessions().left_away(&state.claim);
         let (id, serial) = (state.claim.id().to_owned(), state.claim.serial());
         let after = state.session_expiry;
+        // The expiry its DISCONNECT may have changed: what delivery keeps
+        // of the session (on several nodes, its record) lasts as long.
+        gate.delivery().session_expiry(&id, after);
         drop(session);
         expire_session_later(gate, id, serial, after);
     }
