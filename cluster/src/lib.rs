@@ -6,6 +6,10 @@
 //! this crate when a Redis store is configured).
 //!
 //! The map:
+//! - `lib.rs` (this file): the node's settings, its name, and starting its
+//!   tasks on a running broker ([`Cluster`]);
+//! - `delivery.rs`: [`ClusterDelivery`], the seam's methods: each keeps the
+//!   local decision and queues what Redis must learn;
 //! - `entry.rs`: keys, partitions, consumer groups, the bytes of an entry,
 //!   stream ids and a user's cursor (pure, table-tested);
 //! - `replies.rs`: the device plane (per-user streams, their appends,
@@ -43,6 +47,7 @@
 mod acks;
 mod commands;
 mod declarations;
+mod delivery;
 pub mod entry;
 mod listener;
 mod liveness;
@@ -54,6 +59,8 @@ mod sessions;
 pub mod will_record;
 mod wills;
 
+pub(crate) use delivery::device_uid;
+pub use delivery::ClusterDelivery;
 pub(crate) use entry::stream_entries;
 pub use redis_conn::RedisError;
 
@@ -362,278 +369,6 @@ impl Running {
     }
 }
 
-/// Delivery across nodes: the local decision, plus Redis (see the crate's
-/// map). Every method stays synchronous and never waits on Redis: appends
-/// are queued, subscriptions are changed by the node's tasks.
-pub struct ClusterDelivery {
-    local: Arc<LocalDelivery>,
-    id: Arc<str>,
-    interest: Arc<Interest>,
-    groups: Arc<Groups>,
-    /// Command topics handlers on other nodes declared.
-    declared: Arc<Declared>,
-    replies: Appends,
-    commands: Appends,
-    /// Device sessions opened here, announced to the other nodes (one of
-    /// them may hold the same session: it ends it).
-    takeovers: Queue,
-    /// Commands handlers here acknowledged, for their `XACK`.
-    acks: acks::AckQueue,
-    /// Retained publishes received here, for the cluster's store.
-    retained: retained::StoreQueue,
-    retained_held: Arc<retained::Held>,
-    metrics: Arc<Metrics>,
-    /// Device sessions counted in `interest` (a persistent one until it
-    /// expires or a clean connection replaces it), by session id.
-    held: Mutex<HashSet<String>>,
-    /// Persistent device sessions held here, with their records in Redis.
-    persistent: Arc<Persistent>,
-    /// Replays for sessions that moved here (the listener's).
-    resumes: mpsc::Sender<Resume>,
-    redis: Redis,
-    /// Devices' wills kept in Redis for when this node dies.
-    wills: wills::Copies,
-}
-
-/// The user id of a device session id (`D:<uid>:<client>`).
-pub(crate) fn device_uid(session_id: &str) -> Option<&str> {
-    session_id.strip_prefix("D:")?.split(':').next()
-}
-
-impl ClusterDelivery {
-    fn forget(&self, id: &str) {
-        if self.held.lock().remove(id) {
-            if let Some(uid) = device_uid(id) {
-                self.interest.remove(uid);
-            }
-        }
-    }
-
-    /// Whether `filter`, declared by a handler here, is read from the
-    /// command streams: it names a command topic (configured, or declared
-    /// by the local table's rules: never a reply topic or a wildcard).
-    fn reads(&self, row: &Subscriptions, filter: &str) -> bool {
-        row.is_declared(filter)
-            && self
-                .local
-                .is_command(protocol::topics::effective_filter(filter))
-    }
-
-    fn queue(&self, queue: &Appends, append: Append) {
-        let (outcome, append) = match queue.try_send(append) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(append)) => (Outcome::QueueFull, append),
-            Err(mpsc::error::TrySendError::Closed(append)) => (Outcome::Failed, append),
-        };
-        self.metrics.cluster_dropped("queue_full", 1);
-        if let Some(ticket) = append.ticket {
-            ticket.settle(outcome);
-        }
-    }
-}
-
-impl CommandTopics for ClusterDelivery {
-    fn is_command(&self, topic: &str) -> bool {
-        self.local.is_command(topic) || self.declared.contains(topic)
-    }
-}
-
-impl Delivery for ClusterDelivery {
-    fn open(&self, id: &str, opening: Opening) -> Subscriptions {
-        let row = self.local.open(id, opening);
-        match row.kind() {
-            Kind::Device => {
-                if let Some(uid) = device_uid(id) {
-                    if self.held.lock().insert(id.to_owned()) {
-                        self.interest.add(uid);
-                    }
-                    let opened = replies::opened(id, opening.clean_start);
-                    if self.takeovers.try_send((uid.to_owned(), opened)).is_err() {
-                        self.metrics.cluster_dropped("queue_full", 1);
-                    }
-                    let moved = self
-                        .persistent
-                        .open(id, opening.persistent, opening.clean_start);
-                    if let Some(from) = moved {
-                        let replay = Resume::Replay {
-                            uid: uid.to_owned(),
-                            from,
-                        };
-                        if self.resumes.try_send(replay).is_err() {
-                            self.metrics.cluster_dropped("queue_full", 1);
-                        }
-                    }
-                }
-            }
-            Kind::Handler => {
-                for filter in row.declared() {
-                    if self.reads(&row, filter) {
-                        self.groups.add(filter, &self.id);
-                    }
-                }
-            }
-        }
-        row
-    }
-
-    fn subscribe(&self, row: &mut Subscriptions, request: &Request<'_>) -> Result<Path, Denial> {
-        self.local.subscribe(row, request)
-    }
-
-    fn granted(&self, row: &mut Subscriptions, filter: &str) {
-        let before = row.is_declared(filter);
-        self.local.granted(row, filter);
-        if !before && self.reads(row, filter) {
-            self.groups.add(filter, &self.id);
-        }
-    }
-
-    fn unsubscribe(&self, row: &mut Subscriptions, filter: &str) {
-        if self.reads(row, filter) {
-            self.groups.remove(filter, &self.id);
-        }
-        self.local.unsubscribe(row, filter);
-    }
-
-    fn route(
-        &self,
-        topic: &str,
-        publish: &Publish,
-        properties: &Option<PublishProperties>,
-    ) -> Routed {
-        let mut routed = self.local.route(topic, publish, properties);
-        if publish.retain {
-            // Retained messages go to every node through the retained log
-            // (`retained.rs`), never a user's reply stream: delivered once
-            // per node, and to nodes with no session of the user.
-            match Entry::encode(&self.id, publish, properties) {
-                Ok(entry) => {
-                    self.retained_held
-                        .received(topic, &entry, publish.payload.is_empty());
-                    if self.retained.try_send((topic.to_owned(), entry)).is_err() {
-                        self.metrics.cluster_dropped("queue_full", 1);
-                    }
-                }
-                Err(_) => self.metrics.cluster_dropped("unencodable", 1),
-            }
-            return routed;
-        }
-        let command = self.is_command(topic);
-        let key = if command {
-            // Handlers anywhere read it from the stream, local ones too.
-            routed.needs_router = false;
-            command_key(topic, partition(properties))
-        } else {
-            match topic.split_once('_') {
-                Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => {
-                    if !publish.retain && self.persistent.holds_user(uid) {
-                        // Through the stream, so that it reaches the
-                        // router here with its stream id (`replies::deliver`)
-                        // and a persistent session's acknowledgement moves
-                        // its cursor.
-                        routed.needs_router = false;
-                    }
-                    uid.to_owned()
-                }
-                _ => return routed,
-            }
-        };
-        let entry = match Entry::encode(&self.id, publish, properties) {
-            Ok(entry) => entry,
-            Err(_) => {
-                self.metrics.cluster_dropped("unencodable", 1);
-                return routed;
-            }
-        };
-        // A QoS 1 publish's PUBACK waits for its append (QoS 0 is fire and
-        // forget; QoS 2 is answered by the router's PUBREC).
-        let ticket = (publish.qos() == QoS::AtLeastOnce).then(|| {
-            let (ticket, pending) = ack::ticket(Instant::now() + ACK_WITHIN);
-            routed.later = Some(pending);
-            ticket
-        });
-        let append = Append { key, entry, ticket };
-        self.queue(
-            if command {
-                &self.commands
-            } else {
-                &self.replies
-            },
-            append,
-        );
-        routed
-    }
-
-    fn close(&self, id: &str, row: &mut Subscriptions) {
-        if row.kind() == Kind::Handler {
-            for filter in row.declared() {
-                if self.reads(row, filter) {
-                    self.groups.remove(filter, &self.id);
-                }
-            }
-        }
-        if !row.persistent() {
-            self.forget(id);
-        } else if row.kind() == Kind::Device {
-            self.persistent.close(id);
-        }
-        self.local.close(id, row);
-    }
-
-    fn expire(&self, id: &str) {
-        self.forget(id);
-        self.persistent.expire(id);
-        self.local.expire(id);
-    }
-
-    fn will_armed(&self, id: &str, connection: u64, will: &ReadyWill, clock: WillClock) {
-        self.wills.armed(id, connection, will, clock);
-    }
-
-    fn will_done(&self, id: &str, connection: u64) {
-        self.wills.done(id, connection);
-    }
-
-    fn will_reconnected(&self, id: &str, clean_start: bool) {
-        self.wills.reconnected(id, clean_start);
-    }
-
-    fn delivered(&self, session_id: &str, tag: &str) {
-        // A command a handler here acknowledged: its XACK is queued.
-        if let Some(command) = acks::CommandTag::parse(tag) {
-            if self.acks.try_send(command).is_err() {
-                // Delivered again once idle: a duplicate, not a loss.
-                self.metrics.cluster_dropped("ack_queue_full", 1);
-            }
-            return;
-        }
-        // A reply a persistent session's device acknowledged: its cursor.
-        self.persistent.delivered(session_id, tag);
-    }
-
-    fn resume(&self, id: &str) -> ResumeFuture {
-        let resumes = self.resumes.clone();
-        let read = self
-            .persistent
-            .clone()
-            .resume(self.redis.clone(), id.to_owned());
-        let uid = device_uid(id).map(str::to_owned);
-        Box::pin(sessions::holding_replies(read, resumes, uid))
-    }
-
-    fn session_expiry(&self, id: &str, expiry: std::time::Duration) {
-        self.persistent.expiry(id, expiry);
-    }
-
-    fn subscribed(&self, id: &str, subscriptions: &[SessionSubscription]) {
-        self.persistent.subscribed(id, subscriptions);
-    }
-
-    fn unsubscribed(&self, id: &str, filters: &[String]) {
-        self.persistent.unsubscribed(id, filters);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,19 +394,6 @@ mod tests {
             node_id(None).unwrap(),
             "unique per call"
         );
-    }
-
-    #[test]
-    fn device_uids_of_session_ids() {
-        let table = [
-            ("D:42:phone", Some("42")),
-            ("D:alice:a%3Ab", Some("alice")),
-            ("H:sync-1", None),
-            ("X:cluster-1", None),
-        ];
-        for (id, uid) in table {
-            assert_eq!(device_uid(id), uid, "{id}");
-        }
     }
 
     #[test]
