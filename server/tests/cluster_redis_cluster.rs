@@ -397,7 +397,7 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_resume_after_their_master_is_killed() {
-    let cluster = blocking(RedisCluster::start);
+    let cluster = std::sync::Arc::new(blocking(RedisCluster::start));
     let url = cluster.redis_url();
     let none = "http://127.0.0.1:9/none";
     let node_a = Node::start("node-a", &url, false, none);
@@ -408,24 +408,33 @@ async fn replies_resume_after_their_master_is_killed() {
 
     // kill -9 of the master holding the user's stream mid-stream: its
     // replica is promoted after the cluster's node timeout, while replies
-    // keep coming.
+    // keep coming. The handler's PUBACK waits for each reply's append, so
+    // the handler stalls (its in-flight window full) while no master holds
+    // the slot: the promotion is watched apart from the stream.
     let total = 1000u32;
     let master = cluster.master_of_key(&key);
     let replica = cluster.replica_of(master);
-    let mut promoted = "by the cluster";
+    let mut watch = None;
     let received = stream_replies(&mut phone, &handler, uid, total, |i| {
         if i == 200 {
             cluster.kill(master);
-        }
-
-        if i == 700 && cluster.role(replica) != Some("master") {
-            // Not promoted by its peers yet (a loaded machine): promoted
-            // by hand, as an operator would.
-            blocking(|| cluster.failover_forced(replica, "TAKEOVER"));
-            promoted = "by TAKEOVER";
+            let cluster = cluster.clone();
+            watch = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                if cluster.role(replica) == Some("master") {
+                    return "by the cluster";
+                }
+                // Not promoted by its peers yet (a loaded machine):
+                // promoted by hand, as an operator would.
+                cluster.failover_forced(replica, "TAKEOVER");
+                "by TAKEOVER"
+            }));
         }
     })
     .await;
+    let promoted = watch
+        .map(|watch| watch.join().expect("the promotion watch"))
+        .unwrap_or("never");
     let (lost, duplicates) = account(&received, total, |i| {
         if i < 200 {
             "before"
