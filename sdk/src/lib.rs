@@ -43,8 +43,10 @@
 //! Each command runs on its own task, so slow handler code never stalls the
 //! MQTT connection.
 
+mod acks;
 mod command;
 mod config;
+mod job;
 mod publisher;
 pub mod tls;
 mod worker;
