@@ -3,9 +3,11 @@
 //! (`MqttOptions::set_manual_acks`): the broker gets a command's PUBACK
 //! only once its handling ended (its reply or error reply handed to the
 //! client, or the SDK's own checks refused or dropped it), so a handler
-//! process that dies mid-command leaves the command unacknowledged and the
-//! broker delivers it again (on a node of a cluster: to another handler of
-//! the group, after `XAUTOCLAIM`).
+//! process that dies mid-command leaves the command unacknowledged: with
+//! Redis (the command streams), it stays pending and another handler of
+//! the group gets it after `XAUTOCLAIM`. (One node without Redis: the
+//! router re-delivers what a dead connection held only for persistent
+//! sessions, and the worker's are clean, so there it is still lost.)
 //!
 //! Order: MQTT 5 (4.6, [MQTT-4.6.0-2]) says a client MUST send its PUBACKs
 //! in the order it received the PUBLISH packets, and the broker's router
@@ -20,11 +22,9 @@
 //!
 //! Connections: packet ids belong to one connection. When the connection
 //! drops (or a new CONNACK arrives), everything not yet acknowledged is
-//! forgotten (a new epoch): the broker re-delivers those commands (the
-//! worker starts clean sessions, so on a single node the router hands them
-//! to the group again; across nodes they stay pending in Redis and are taken
-//! over), so a handling that was still running when the connection dropped
-//! gives a duplicate, never a loss. A PUBACK is never sent on a later
+//! forgotten (a new epoch): with Redis those commands stay pending and are
+//! taken over (a handling that was still running when the connection
+//! dropped gives a duplicate, never a loss). A PUBACK is never sent on a later
 //! connection: rumqttc drops the acknowledgements still in its request
 //! channel when a connection fails, and [`Acks`] queues none of an earlier
 //! epoch.
