@@ -111,3 +111,54 @@ async fn every_outcome_is_acknowledged() {
         .unwrap()
         .unwrap();
 }
+
+/// A command still running when the connection drops is never acknowledged
+/// on the next connection (its packet id belonged to the old one), and
+/// does not hold back the new connection's PUBACKs: with one
+/// unacknowledged message allowed, commands on the new connection are
+/// served one after another while the old one still runs; its reply, once
+/// it ends, goes out on the new connection.
+#[tokio::test]
+async fn a_new_connection_forgets_what_the_old_one_held() {
+    let mut broker = Mosquitto::start_with("max_inflight_messages 1\n");
+    let shutdown = CancellationToken::new();
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let worker = tokio::spawn(
+        holding_worker(started_tx, Arc::clone(&release)).run(broker.config(), shutdown.clone()),
+    );
+    let mut dev = Device::connect(broker.port, &["42_echo"]).await;
+    wait_ready(&mut dev, "42").await;
+    while started.try_recv().is_ok() {}
+    dev.send("echo", Some("42"), br#"{"text":"hold"}"#, None)
+        .await;
+    assert_eq!(started.recv().await.unwrap(), "hold");
+
+    broker.restart();
+    let mut dev = Device::connect(broker.port, &["42_echo"]).await;
+    wait_ready(&mut dev, "42").await;
+    for text in ["one", "two", "three"] {
+        dev.send(
+            "echo",
+            Some("42"),
+            format!(r#"{{"text":"{text}"}}"#).as_bytes(),
+            None,
+        )
+        .await;
+    }
+    for text in ["one", "two", "three"] {
+        assert_eq!(dev.next().await.1, json!({ "text": text }));
+    }
+    release.notify_one();
+    assert_eq!(dev.next().await.1, json!({"text": "hold"}));
+    dev.send("echo", Some("42"), br#"{"text":"after"}"#, None)
+        .await;
+    assert_eq!(dev.next().await.1, json!({"text": "after"}));
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
