@@ -28,6 +28,11 @@
 //!   sender's reply topic. Malformed JSON, a body that does not fit `T`, a
 //!   handler panic (500) or timeout (504), and overload (503) are answered
 //!   the same way: never a crash, never silence.
+//! - Acknowledgement (`acks.rs`): a QoS 1 command's PUBACK goes to the
+//!   broker only once its handling ended (reply or error reply handed to
+//!   the connection, or refused/dropped by the SDK's checks), in the order
+//!   the commands arrived, never on a later connection; so a command may be
+//!   delivered twice (handlers are idempotent; `request_id` names a repeat).
 //! - [`Publisher`] ([`Worker::publisher`]): messages on users' reply topics
 //!   outside a command's reply (a session that outlives its command), and
 //!   background tasks the worker's drain waits for.
@@ -43,8 +48,10 @@
 //! Each command runs on its own task, so slow handler code never stalls the
 //! MQTT connection.
 
+mod acks;
 mod command;
 mod config;
+mod job;
 mod publisher;
 pub mod tls;
 mod worker;

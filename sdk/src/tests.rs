@@ -20,12 +20,18 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
 struct Mosquitto {
     port: u16,
+    /// More lines for its configuration.
+    extra: &'static str,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Mosquitto {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    fn start_with(extra: &'static str) -> Self {
         assert!(
             std::path::Path::new(MOSQUITTO).exists(),
             "{MOSQUITTO} not found: install Debian's mosquitto (`.ci/run` does)"
@@ -37,6 +43,7 @@ impl Mosquitto {
             .port();
         let mut m = Mosquitto {
             port,
+            extra,
             dir: tempfile::tempdir().unwrap(),
             child: None,
         };
@@ -50,8 +57,8 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                self.port
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n{}",
+                self.port, self.extra
             ),
         )
         .unwrap();
@@ -498,3 +505,5 @@ async fn revoked_senders_are_refused_before_the_handler_runs() {
         .unwrap()
         .unwrap();
 }
+
+mod acknowledgements;

@@ -4,37 +4,28 @@
 //! replies, and graceful shutdown.
 //!
 //! The poll loop never awaits handler code or a full channel: a command is
-//! checked (route, `user_id` property), then spawned; replies are published
-//! from the command's task through the client's request channel, which the
-//! poll loop drains.
-//!
-//! With a revocation source ([`Worker::checking_revocations`]), each
-//! device command's task first compares the broker's `token_iat` stamp with
-//! the user's revocation in the store, before the handler code runs: a
-//! command sent by a session whose token was revoked meanwhile (the account
-//! deleted, the user suspended) gets `{"status": 401, "error": "token
-//! revoked"}` and is not acted on; a store that does not answer gets 503
-//! (fail closed).
+//! checked (route, `user_id` property), then spawned as a [`Job`]
+//! (`job.rs`); replies are published from the command's task through the
+//! client's request channel, which the poll loop drains. Commands are
+//! acknowledged by hand (`acks.rs`): the poll loop sends a command's PUBACK
+//! once its handling ended, in the order the commands arrived.
 
-use super::command::{request_id_of, with_request_id, Command, HandlerError, Recipient, Reply};
+use super::command::{Command, HandlerError, Reply};
 use super::config::{ConfigError, SdkConfig};
+use crate::acks::{Acks, Sent};
+use crate::job::{token_iat, Erased, Job, Raw};
 use crate::publisher::Publisher;
 use crate::tls::TlsClientError;
-use bytes::Bytes;
-use protocol::topics::{
-    CLIENT_ID_PROPERTY, HANDLER_USERNAME, TOKEN_IAT_PROPERTY, USER_ID_PROPERTY,
-};
+use protocol::topics::{CLIENT_ID_PROPERTY, HANDLER_USERNAME, USER_ID_PROPERTY};
 use protocol::uid::UserId;
 use rand::Rng;
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,21 +58,6 @@ pub enum SdkError {
     #[error("worker {0:?} has no command topics: add one with .on(...)")]
     NoRoutes(String),
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// A command before its body is typed.
-struct Raw {
-    user_id: UserId,
-    client_id: Option<String>,
-    token_iat: Option<u64>,
-    topic: String,
-    request_id: Option<String>,
-    payload: Value,
-    correlation_data: Option<Bytes>,
-}
-
-type Erased = Arc<dyn Fn(Raw) -> BoxFuture<Result<Reply, HandlerError>> + Send + Sync>;
 
 struct Route {
     /// Where the sender gets error replies: `<uid>_<error_reply>`.
@@ -229,6 +205,8 @@ impl Worker {
             .set_credentials(HANDLER_USERNAME, config.handler_key.expose())
             .set_keep_alive(config.keep_alive)
             .set_clean_start(true)
+            // A command's PUBACK is sent once its handling ended (acks.rs).
+            .set_manual_acks(true)
             .set_max_packet_size(Some(MAX_INCOMING_PACKET))
             .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
         let mut network = options.network_options();
@@ -287,6 +265,7 @@ impl Runner {
         let mut delay = BACKOFF_MIN;
         let mut connected_once = false;
         let mut drain_until: Option<Instant> = None;
+        let mut acks = Acks::new();
         loop {
             tokio::select! {
                 biased;
@@ -301,19 +280,21 @@ impl Runner {
                 }
                 _ = self.tracker.wait(), if drain_until.is_some() => break,
                 _ = sleep_until_opt(drain_until) => {
-                    tracing::warn!(in_flight = self.tracker.len(), "drain timeout: abandoning in-flight commands");
+                    tracing::warn!(in_flight = self.tracker.len(), unacknowledged = acks.len(), "drain timeout: abandoning in-flight commands (the broker delivers them again)");
                     break;
                 }
+                done = acks.next_done() => acks.finished(done),
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         tracing::info!("connected to the broker");
+                        acks.new_connection();
                         connected_once = true;
                         delay = BACKOFF_MIN;
                         if drain_until.is_none() {
                             self.subscribe_all();
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => self.dispatch(publish),
+                    Ok(Event::Incoming(Packet::Publish(publish))) => self.dispatch(publish, &mut acks),
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         for code in &ack.return_codes {
                             if !matches!(code, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)) {
@@ -326,6 +307,7 @@ impl Runner {
                     }
                     Ok(_) => {}
                     Err(ConnectionError::ConnectionRefused(code)) => {
+                        acks.new_connection();
                         let auth = matches!(code, ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized);
                         if auth && !connected_once {
                             tracing::error!(?code, "the broker refused the handler key");
@@ -335,17 +317,22 @@ impl Runner {
                         delay = self.back_off(delay, &shutdown, drain_until).await;
                     }
                     Err(error) => {
+                        acks.new_connection();
                         tracing::warn!(%error, retry_in = ?delay, "connection lost");
                         delay = self.back_off(delay, &shutdown, drain_until).await;
                     }
                 },
             }
+            // Every iteration: the PUBACKs that became due (a command
+            // ended, or room in the request channel after a poll).
+            acks.collect_finished();
+            acks.send_ready(&self.client);
             if drain_until.is_some() && shutdown.is_cancelled() && !connected_once {
                 // Never connected: nothing in flight, nothing to flush.
                 return Ok(());
             }
         }
-        self.flush(&mut eventloop).await;
+        self.flush(&mut eventloop, &mut acks).await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -391,7 +378,10 @@ impl Runner {
     }
 
     /// Checks one incoming publish and spawns its handling. Never awaits.
-    fn dispatch(&self, publish: rumqttc::v5::mqttbytes::v5::Publish) {
+    /// Its acknowledgement is due when the returned-early checks drop it
+    /// (no route, no valid `user_id`) or when its job ends.
+    fn dispatch(&self, publish: rumqttc::v5::mqttbytes::v5::Publish, acks: &mut Acks) {
+        let ack = acks.received(&publish);
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         let Some(route) = self.routes.get(&topic) else {
             tracing::debug!(%topic, "publish on a topic we do not serve");
@@ -438,13 +428,12 @@ impl Runner {
             handler: Arc::clone(&route.handler),
             client: self.client.clone(),
             timeout: self.config.command_timeout,
+            ack,
         };
         if self.waiting.load(Ordering::Relaxed) >= self.config.queue_limit {
             tracing::warn!(topic = %job.topic, uid = %job.user_id, "overloaded: refusing a command");
-            self.tracker.spawn(async move {
-                let err = HandlerError::unavailable("busy, try again later");
-                job.send_error(None, &err).await;
-            });
+            self.tracker
+                .spawn(job.refuse(HandlerError::unavailable("busy, try again later")));
             return;
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -465,12 +454,26 @@ impl Runner {
         );
     }
 
-    /// After the drain: disconnect once every queued reply is written.
-    async fn flush(&self, eventloop: &mut EventLoop) {
+    /// After the drain: acknowledge what ended, then disconnect once every
+    /// queued reply and PUBACK is written (the request channel is FIFO). A
+    /// command abandoned at the drain timeout stays unacknowledged: the
+    /// broker delivers it again.
+    async fn flush(&self, eventloop: &mut EventLoop, acks: &mut Acks) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            acks.collect_finished();
+            if acks.send_ready(&self.client) == Sent::All {
+                break;
+            }
+            // The request channel is full: let the event loop write some.
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
         if self.client.try_disconnect().is_err() {
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
                 Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => return,
@@ -480,270 +483,9 @@ impl Runner {
     }
 }
 
-/// When the token of the session that sent a command was issued, as the
-/// broker stamps it: `Some(iat)` from one decimal `token_iat` property;
-/// `Some(0)` for a device's command whose stamp is missing, repeated or not
-/// a number (fail closed: every revocation by time refuses it); `None` for
-/// a command with neither `token_iat` nor the broker's `client_id` stamp,
-/// which no device session sent (another handler published it).
-fn token_iat(user_properties: &[(String, String)]) -> Option<u64> {
-    let mut stamps = user_properties
-        .iter()
-        .filter(|(k, _)| k == TOKEN_IAT_PROPERTY)
-        .map(|(_, v)| v);
-    match (stamps.next(), stamps.next()) {
-        (Some(iat), None) => Some(iat.parse::<u64>().unwrap_or(0)),
-        (Some(_), Some(_)) => Some(0),
-        (None, _) => user_properties
-            .iter()
-            .any(|(k, _)| k == CLIENT_ID_PROPERTY)
-            .then_some(0),
-    }
-}
-
-/// Whether `uid`'s command, sent by a session whose token was issued at
-/// `iat`, may be acted on: `Err(401)` when the user's revocation refuses
-/// that token, `Err(503)` when the store does not answer within `within`.
-async fn check_revocation(
-    store: &dyn Revocations,
-    uid: &UserId,
-    iat: u64,
-    within: Duration,
-) -> Result<(), HandlerError> {
-    match tokio::time::timeout(within, store.revocation(uid)).await {
-        Ok(Ok(Some(revocation))) if revocation.refuses(Some(iat)) => {
-            tracing::info!(%uid, "command from a revoked token refused");
-            Err(HandlerError::new(401, "token revoked"))
-        }
-        Ok(Ok(_)) => Ok(()),
-        failed => {
-            let error = match failed {
-                Ok(Err(error)) => error.to_string(),
-                _ => format!("no answer within {within:?}"),
-            };
-            tracing::warn!(%uid, %error, "revocation check failed: command refused");
-            Err(HandlerError::unavailable(
-                "cannot check the token now, try again later",
-            ))
-        }
-    }
-}
-
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// One command being handled.
-struct Job {
-    topic: String,
-    user_id: UserId,
-    client_id: Option<String>,
-    /// The sender token's `iat` (see [`token_iat`]); `None`: not a device's.
-    token_iat: Option<u64>,
-    revocations: Option<Arc<dyn Revocations>>,
-    correlation_data: Option<Bytes>,
-    payload: Bytes,
-    error_reply: String,
-    handler: Erased,
-    client: AsyncClient,
-    timeout: Duration,
-}
-
-impl Job {
-    async fn execute(self) {
-        let payload = if self.payload.iter().all(u8::is_ascii_whitespace) {
-            Ok(Value::Object(Default::default()))
-        } else {
-            serde_json::from_slice::<Value>(&self.payload)
-        };
-        let payload = match payload {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => {
-                let err = HandlerError::bad_request("the command must be a JSON object");
-                return self.send_error(None, &err).await;
-            }
-            Err(e) => {
-                let err = HandlerError::bad_request(format!("malformed JSON: {e}"));
-                return self.send_error(None, &err).await;
-            }
-        };
-        let request_id = request_id_of(&payload);
-        // Before any handler code: a revoked session's command is not acted on.
-        if let (Some(store), Some(iat)) = (&self.revocations, self.token_iat) {
-            if let Err(err) =
-                check_revocation(store.as_ref(), &self.user_id, iat, self.timeout).await
-            {
-                return self.send_error(request_id.as_deref(), &err).await;
-            }
-        }
-        let raw = Raw {
-            user_id: self.user_id.clone(),
-            client_id: self.client_id.clone(),
-            token_iat: self.token_iat,
-            topic: self.topic.clone(),
-            request_id: request_id.clone(),
-            payload,
-            correlation_data: self.correlation_data.clone(),
-        };
-        // Its own task, so that a panic in handler code is an error reply.
-        let work =
-            tokio::spawn(tokio::time::timeout(self.timeout, (self.handler)(raw)).in_current_span());
-        let outcome = match work.await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_elapsed)) => Err(HandlerError::new(504, "the command timed out")),
-            Err(join) => {
-                tracing::error!(error = %join, "handler panicked");
-                Err(HandlerError::internal("internal error"))
-            }
-        };
-        match outcome {
-            Ok(reply) => self.send_reply(request_id.as_deref(), reply).await,
-            Err(err) => {
-                if err.status >= 500 {
-                    tracing::warn!(status = err.status, error = %err.message, "command failed");
-                } else {
-                    tracing::info!(status = err.status, error = %err.message, "command refused");
-                }
-                self.send_error(request_id.as_deref(), &err).await;
-            }
-        }
-    }
-
-    async fn send_error(&self, request_id: Option<&str>, err: &HandlerError) {
-        let reply = Reply::json(self.error_reply.clone(), err.body());
-        self.send_reply(request_id, reply).await;
-    }
-
-    async fn send_reply(&self, request_id: Option<&str>, reply: Reply) {
-        for message in reply.messages {
-            let (topic, body, props) = match message.to {
-                Recipient::Sender => (
-                    self.user_id.reply_topic(&message.name),
-                    with_request_id(message.body, request_id),
-                    PublishProperties {
-                        correlation_data: self.correlation_data.clone(),
-                        content_type: Some("application/json".into()),
-                        ..Default::default()
-                    },
-                ),
-                Recipient::User(uid) => (
-                    uid.reply_topic(&message.name),
-                    message.body,
-                    PublishProperties {
-                        content_type: Some("application/json".into()),
-                        ..Default::default()
-                    },
-                ),
-            };
-            let bytes = match serde_json::to_vec(&body) {
-                Ok(b) => b,
-                Err(error) => {
-                    tracing::error!(%error, "reply could not be encoded");
-                    continue;
-                }
-            };
-            if let Err(error) = self
-                .client
-                .publish_with_properties(topic.clone(), QoS::AtLeastOnce, false, bytes, props)
-                .await
-            {
-                tracing::warn!(%topic, %error, "could not publish a reply");
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod revocation_tests {
-    use super::*;
-    use store::{EmbeddedStore, Revocation};
-
-    fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn the_iat_stamp_is_read_fail_closed() {
-        let device = |iat: &str| props(&[("user_id", "u"), ("client_id", "c"), ("token_iat", iat)]);
-        assert_eq!(token_iat(&device("1700000000")), Some(1_700_000_000));
-        assert_eq!(token_iat(&device("0")), Some(0));
-        assert_eq!(token_iat(&device("soon")), Some(0), "not a number");
-        assert_eq!(token_iat(&device("-1")), Some(0));
-        let mut twice = device("5");
-        twice.push(("token_iat".into(), "6".into()));
-        assert_eq!(token_iat(&twice), Some(0), "repeated");
-        assert_eq!(
-            token_iat(&props(&[("user_id", "u"), ("client_id", "c")])),
-            Some(0),
-            "a device's command without the stamp"
-        );
-        assert_eq!(
-            token_iat(&props(&[("user_id", "u")])),
-            None,
-            "published by a handler for the user"
-        );
-        // Only the exact name counts (the broker drops look-alikes).
-        assert_eq!(
-            token_iat(&props(&[("user_id", "u"), ("TOKEN_IAT", "9")])),
-            None
-        );
-    }
-
-    #[tokio::test]
-    async fn revoked_tokens_are_refused_and_an_outage_fails_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&dir.path().join("s.redb"))
-            .await
-            .unwrap();
-        let uid = UserId::parse("u1").unwrap();
-        let within = Duration::from_secs(5);
-        assert!(check_revocation(&store, &uid, 5, within).await.is_ok());
-        store
-            .record_revocation(&uid, Revocation::IssuedBefore(100))
-            .await
-            .unwrap();
-        let refused = check_revocation(&store, &uid, 99, within)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            refused.body(),
-            serde_json::json!({"status": 401, "error": "token revoked"})
-        );
-        assert_eq!(
-            check_revocation(&store, &uid, 0, within)
-                .await
-                .unwrap_err()
-                .status,
-            401
-        );
-        assert!(check_revocation(&store, &uid, 100, within).await.is_ok());
-        let other = UserId::parse("u2").unwrap();
-        assert!(check_revocation(&store, &other, 0, within).await.is_ok());
-        store.revoke_user(&uid, Revocation::All).await.unwrap();
-        assert_eq!(
-            check_revocation(&store, &uid, u64::MAX, within)
-                .await
-                .unwrap_err()
-                .status,
-            401
-        );
-
-        // A Redis that is not there: 503, never a pass.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let down = store::RedisStore::new(&format!("redis://127.0.0.1:{port}")).unwrap();
-        let err = check_revocation(&down, &other, 1, within)
-            .await
-            .unwrap_err();
-        assert_eq!(err.status, 503);
     }
 }

@@ -6,10 +6,20 @@
 //! commands stay pending in the group, and a handler of the same `$share`
 //! group on another node answers every one once they are idle
 //! (`XAUTOCLAIM`), after which nothing is pending.
+//!
+//! The same with a handler built on the SDK (`sdk::Worker`), which
+//! acknowledges a command only once its handler code returned: a slow
+//! SDK handler (this test binary run again as a child process, see
+//! [`slow_sdk_handler_process`]) first answers commands that end out of
+//! order (its PUBACKs still go in order: its node keeps the connection and
+//! nothing stays pending), then is killed with `kill -9` while its handler
+//! code runs 12 commands; the built-in contacts handler on another node
+//! answers every one.
 
 mod nodes;
 
-use nodes::{device, next_publish, send, start_handler, Node, Process, HANDLER_KEY};
+use nodes::{device, next_publish, send, start_handler, Node, Process, ANSWER_WITHIN, HANDLER_KEY};
+use sdk::{Command as SdkCommand, Reply, SdkConfig, Worker};
 use serde_json::json;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -195,5 +205,205 @@ async fn commands_a_killed_handler_never_acknowledged_are_answered_by_its_group(
         assert!(Instant::now() < deadline, "{left} still pending");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    drop(node_b);
+}
+
+/// Not a test of its own: the slow SDK handler process that
+/// [`commands_a_killed_sdk_handler_was_running_are_answered_by_its_group`]
+/// runs as a child (this binary with `--ignored --exact`), configured by
+/// `SLOW_HANDLER_BROKER_URL`: a `sdk::Worker` of the `contacts` group
+/// serving `get_contact_list`, which prints `started <probe>`, works
+/// `sleep_ms`, prints `answered <probe>` and replies
+/// `{"contacts": [], "by": "slow"}`. Test-only: no shipped handler sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of another test; runs only under SLOW_HANDLER_BROKER_URL"]
+async fn slow_sdk_handler_process() {
+    let Ok(url) = std::env::var("SLOW_HANDLER_BROKER_URL") else {
+        return;
+    };
+    Worker::new("contacts")
+        .on_with_errors_to(
+            "get_contact_list",
+            "contact_list",
+            |cmd: SdkCommand<serde_json::Value>| async move {
+                let probe = cmd.body["probe"].as_str().unwrap_or_default().to_owned();
+                let sleep_ms = cmd.body["sleep_ms"].as_u64().unwrap_or(0);
+                println!("started {probe}");
+                tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                println!("answered {probe}");
+                Ok(Reply::json(
+                    "contact_list",
+                    json!({"contacts": [], "by": "slow"}),
+                ))
+            },
+        )
+        .run(SdkConfig::new(url, HANDLER_KEY), sdk::shutdown_on_signals())
+        .await
+        .expect("the slow handler ran");
+}
+
+/// Runs [`slow_sdk_handler_process`] as a child process on `node`.
+fn slow_sdk_handler(node: &Node, dir: &std::path::Path) -> Process {
+    let log = dir.join("slow-sdk-handler.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "slow_sdk_handler_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SLOW_HANDLER_BROKER_URL", format!("mqtt://{}", node.tcp))
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("run this test binary again");
+    Process { child, log }
+}
+
+/// The next reply `phone` gets on `<uid>_contact_list`, parsed.
+async fn contact_list_reply(
+    phone: &mut e2e::clients::V5Client,
+    uid: &str,
+    within: Duration,
+) -> serde_json::Value {
+    let (topic, payload) = next_publish(phone, within)
+        .await
+        .unwrap_or_else(|| panic!("{uid} got no answer within {within:?}"));
+    assert_eq!(topic, format!("{uid}_contact_list"));
+    serde_json::from_slice(&payload).unwrap()
+}
+
+/// Waits until nothing is pending in the `contacts` group of `get_contact_list`.
+async fn nothing_pending(cluster: &RedisCluster, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = pending(cluster, "get_contact_list", "s:contacts");
+        if left == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{left} still pending");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_a_killed_sdk_handler_was_running_are_answered_by_its_group() {
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &url, false, none);
+    let node_b = Node::start("node-b", &url, false, none);
+    let node_c = Node::start("node-c", &url, false, none);
+    let data = tempfile::tempdir().unwrap();
+    let mut slow = slow_sdk_handler(&node_b, data.path());
+
+    // Once node B's readers are in the group, a probe reaches the handler.
+    let uids: Vec<String> = (0..12).map(|n| format!("93{n:02}")).collect();
+    let mut phones = Vec::new();
+    for uid in &uids {
+        phones.push(device(&node_a, uid, &["contact_list"]).await);
+    }
+    let deadline = Instant::now() + nodes::START_WITHIN;
+    while !slow.log_text().contains("answered warmup") {
+        assert!(
+            Instant::now() < deadline,
+            "no command reached the slow handler:\n{}\n{}",
+            slow.log_text(),
+            node_b.log_text()
+        );
+        send(&phones[0], "get_contact_list", json!({"probe": "warmup"})).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    while next_publish(&mut phones[0], Duration::from_millis(500))
+        .await
+        .is_some()
+    {}
+    nothing_pending(&cluster, ANSWER_WITHIN).await;
+
+    // Commands that end in the reverse order they came in: each is
+    // answered as it ends, its PUBACK waits for the earlier ones (the
+    // router closes a connection that acknowledges out of order), and
+    // every one is acknowledged in Redis; none is delivered twice.
+    let phone = &mut phones[1];
+    for (n, sleep_ms) in [1200u64, 900, 600, 300].into_iter().enumerate() {
+        send(
+            phone,
+            "get_contact_list",
+            json!({"probe": format!("order{n}"), "sleep_ms": sleep_ms}),
+        )
+        .await;
+    }
+    for _ in 0..4 {
+        let body = contact_list_reply(phone, &uids[1], ANSWER_WITHIN).await;
+        assert_eq!(body, json!({"contacts": [], "by": "slow"}));
+    }
+    nothing_pending(&cluster, ANSWER_WITHIN).await;
+    let log = slow.log_text();
+    let mut started: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("started order"))
+        .collect();
+    started.sort_unstable();
+    assert_eq!(started, ["0", "1", "2", "3"], "each once:\n{log}");
+    let (first, last) = (
+        log.find("answered order0").unwrap(),
+        log.find("answered order3").unwrap(),
+    );
+    assert!(last < first, "the last one ended first:\n{log}");
+    assert!(
+        !node_b.log_text().contains("out of order ack"),
+        "{}",
+        node_b.log_text()
+    );
+
+    // Each device sends one command the handler works on for ten minutes:
+    // it starts every one, acknowledges none, and they stay pending.
+    for (uid, phone) in uids.iter().zip(&phones) {
+        send(
+            phone,
+            "get_contact_list",
+            json!({"probe": uid, "sleep_ms": 600_000}),
+        )
+        .await;
+    }
+    wait_for(
+        &slow,
+        "the slow handler started every command",
+        Duration::from_secs(15),
+        |log| {
+            uids.iter()
+                .all(|uid| log.contains(&format!("started {uid}")))
+        },
+    )
+    .await;
+    let held = pending(&cluster, "get_contact_list", "s:contacts");
+    assert!(
+        held >= uids.len() as i64,
+        "{held} pending for {} commands the handler is still running",
+        uids.len()
+    );
+
+    // The handler process dies mid-command; its node lives on. The
+    // built-in contacts handler (same group) on node C answers every one.
+    slow.kill9();
+    let killed = Instant::now();
+    let _contacts = start_handler("contacts-handler", &node_c, &url, data.path(), none);
+    for (uid, phone) in uids.iter().zip(phones.iter_mut()) {
+        let left = RECLAIMED_WITHIN.saturating_sub(killed.elapsed());
+        let body = contact_list_reply(phone, uid, left).await;
+        assert_eq!(
+            body,
+            json!({"contacts": []}),
+            "answered by the contacts handler"
+        );
+    }
+    println!(
+        "{} commands a killed SDK handler was running were answered {:?} after the kill",
+        uids.len(),
+        killed.elapsed()
+    );
+    nothing_pending(&cluster, ANSWER_WITHIN).await;
     drop(node_b);
 }
