@@ -15,9 +15,11 @@
 //!   own, from the last id it applied, reconnecting with backoff) and hands
 //!   each change to its own router as a retained publish (through the
 //!   local decision first, so a topic that held a retained message leaves
-//!   the gate's inboxes). At start, and when the log was trimmed past what
-//!   it applied, it loads the whole hash instead (topics it holds and the
-//!   hash no longer does are deleted).
+//!   the gate's inboxes). At start, and whenever it reconnects to a log
+//!   that no longer holds the last change it applied (trimmed past it, or
+//!   a failover to a replica that never copied it), it loads the whole
+//!   hash instead (topics it holds and the hash no longer does are
+//!   deleted) and reads on from the log's newest change.
 //! - Once per node: the node remembers a digest of what its router holds
 //!   per topic (what it received itself, or applied), and a change equal
 //!   to it is not applied again, so a live subscriber gets a retained
@@ -54,6 +56,8 @@ const BATCH: usize = 128;
 const BLOCK: Duration = Duration::from_secs(2);
 const READ_COUNT: usize = 100;
 const LOAD_PAGE: usize = 500;
+/// Before every change of the log (`XREAD` from it reads them all).
+const LOG_START: StreamId = StreamId { ms: 0, seq: 0 };
 /// How long a store is retried (a failover) before it is dropped.
 const STORE_RETRY_FOR: Duration = Duration::from_secs(10);
 
@@ -268,20 +272,35 @@ struct Follower {
 impl Follower {
     async fn follow_until_lost(&mut self) -> redis::RedisResult<()> {
         let mut conn = self.node.redis.own(LOG_KEY, BLOCK).await?;
-        let oldest = first_id(&mut conn, "XRANGE", "-", "+").await?;
-        // Changes after `last` may have been trimmed: load everything.
-        let gap = match (self.last, oldest) {
-            (None, _) => true,
-            (Some(last), Some(oldest)) => oldest > last,
-            (Some(_), None) => false,
+        // Reading on after `last` is right only while the log still holds
+        // `last`. It does not once trimmed past it, nor after a failover
+        // to a replica that never copied it: the promoted master numbers
+        // its new changes after its own newest, which may be below `last`
+        // (its clock behind the dead master's), so reading after `last`
+        // would skip them. Then everything is loaded again (what the hash
+        // lost is deleted here too) and the log read from its newest.
+        let rewound = match self.last {
+            None => true,
+            // Loaded from an empty log: every change is after it.
+            Some(last) if last == LOG_START => false,
+            Some(last) => {
+                let id = last.to_string();
+                first_id(&mut conn, "XRANGE", &id, &id).await? != Some(last)
+            }
         };
-        if gap {
+        if rewound {
+            if self.last.is_some() {
+                warn!(
+                    last = %self.last.unwrap_or(LOG_START),
+                    "the retained log no longer holds the last change applied here (trimmed, or lost by a failover): loading every retained message again"
+                );
+            }
             let newest = first_id(&mut conn, "XREVRANGE", "+", "-").await?;
             self.load(&mut conn).await?;
-            self.last = Some(newest.unwrap_or(StreamId { ms: 0, seq: 0 }));
+            self.last = Some(newest.unwrap_or(LOG_START));
         }
         loop {
-            let from = self.last.unwrap_or(StreamId { ms: 0, seq: 0 });
+            let from = self.last.unwrap_or(LOG_START);
             let value: redis::Value = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(READ_COUNT)
