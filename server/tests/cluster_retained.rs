@@ -5,7 +5,9 @@
 //! publish; an empty retained publish on node B deletes it on node A; a
 //! live subscriber gets a retained message once; past the cluster's cap a
 //! retained topic is refused (logged), and a node started later loads the
-//! 10,000 stored.
+//! 10,000 stored; a failover of the `{retained}` master keeps what its
+//! replica had applied, and a node whose last applied change the log no
+//! longer holds (lost by a failover) loads everything again.
 
 mod nodes;
 
@@ -336,4 +338,77 @@ async fn retained_messages_follow_a_failover_of_their_master() {
         let got = retained_on(&node_c, uid, topic).await;
         assert_eq!(&got.payload[..], payload);
     }
+}
+
+/// What the promoted replica of a failover may hold: a log rewound below
+/// the last change a node applied (the replica never copied it) whose new
+/// changes Redis numbered after the replica's own newest (its clock
+/// behind the dead master's). Made by hand on the `{retained}` master,
+/// the node's connections then cut as a `kill -9` cuts them: the node
+/// loads the hash again (the lost change deleted, the new one retained)
+/// instead of reading on after its own last id, which would skip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reloads_a_log_rewound_below_its_last_change() {
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &url, false, none);
+    let node_b = Node::start("node-b", &url, false, none);
+    let uid = "7304";
+    let (lost, new) = (format!("{uid}_lost"), format!("{uid}_new"));
+    let mut handler_a = handler(&node_a).await;
+    retain(&mut handler_a, &lost, b"1").await;
+    assert_eq!(&retained_on(&node_b, uid, &lost).await.payload[..], b"1");
+
+    let master = cluster.master_of_key("{retained}:topics");
+    let entry = cluster::entry::Entry::encode(
+        "node-x",
+        &broker::router::protocol::Publish::new(new.as_bytes().to_vec(), b"2".to_vec(), true),
+        &None,
+    )
+    .unwrap();
+    let stored_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut value = stored_ms.to_be_bytes().to_vec();
+    value.extend_from_slice(&entry);
+    // (Binary values: a connection of the test's own to that master.)
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.port(master)))
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    let mut pipe = redis::pipe();
+    pipe.cmd("DEL").arg("{retained}:log");
+    pipe.cmd("HDEL").arg("{retained}:topics").arg(&lost);
+    pipe.cmd("HSET")
+        .arg("{retained}:topics")
+        .arg(&new)
+        .arg(&value);
+    pipe.cmd("XADD")
+        .arg("{retained}:log")
+        .arg("1-1")
+        .arg("t")
+        .arg(&new)
+        .arg("v")
+        .arg(&value);
+    pipe.cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal");
+    pipe.query::<()>(&mut conn).unwrap();
+
+    let got = retained_on(&node_b, uid, &new).await;
+    assert_eq!(&got.payload[..], b"2");
+    assert!(
+        node_b
+            .log_text()
+            .contains("the retained log no longer holds the last change applied here"),
+        "{}",
+        node_b.log_text()
+    );
+    // The reload deleted the lost change before it applied the new one.
+    let mut phone = device(&node_b, uid).await;
+    assert_eq!(
+        phone.subscribe(&lost, QoS::AtLeastOnce).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    phone.assert_no_publish(Duration::from_millis(500)).await;
 }
