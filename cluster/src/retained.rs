@@ -28,7 +28,7 @@
 
 use crate::entry::{Entry, StreamId};
 use crate::replies::inject;
-use crate::Node;
+use crate::{Append, Node};
 use broker::delivery::Delivery;
 use broker::inject::InjectLink;
 use bytes::Bytes;
@@ -50,7 +50,9 @@ pub const MAX_BYTES: u64 = 32 * 1024 * 1024;
 /// Changes kept in the log (approximately): a node that missed more while
 /// disconnected loads the hash again.
 pub const LOG_MAXLEN: usize = 10_000;
-/// Retained publishes waiting to be stored; beyond it dropped and counted.
+/// Retained publishes waiting to be stored; beyond it dropped, counted,
+/// and a QoS 1 publish answered `Quota exceeded` (its PUBACK waits for the
+/// store, so a handler's in-flight window paces it).
 pub const STORE_QUEUE: usize = 4096;
 const BATCH: usize = 128;
 const BLOCK: Duration = Duration::from_secs(2);
@@ -162,12 +164,14 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A retained publish to store: (topic, entry).
-pub type StoreQueue = mpsc::Sender<(String, Bytes)>;
+/// A retained publish to store: its topic (`key`), entry, and a QoS 1
+/// publish's ticket, settled once stored (or refused, or given up).
+pub type StoreQueue = mpsc::Sender<Append>;
 
 /// Stores what is queued, one pipelined batch at a time on the `{retained}`
-/// slot, until the queue closes or the node shuts down.
-pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
+/// slot, until the queue closes or the node shuts down; settles each
+/// ticket: stored, or failed (refused by a cap, Redis gave up).
+pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
@@ -176,7 +180,10 @@ pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) 
         }
         let stored = now_ms();
         let mut pipe = redis::pipe();
-        for (topic, entry) in &batch {
+        for Append {
+            key: topic, entry, ..
+        } in &batch
+        {
             let deleted = Entry::decode(entry).is_ok_and(|e| e.publish.payload.is_empty());
             pipe.cmd("EVAL")
                 .arg(STORE_SCRIPT)
@@ -193,19 +200,29 @@ pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) 
         }
         match send(&node, &pipe).await {
             Ok(answers) => {
-                for ((topic, _), answer) in batch.iter().zip(answers) {
+                let mut answers = answers.into_iter();
+                for Append {
+                    key: topic, ticket, ..
+                } in batch.drain(..)
+                {
+                    let topic = &topic;
+                    let answer = answers.next().unwrap_or_default();
                     if answer == "ok" {
                         node.metrics().cluster_moved("retained_out", 1);
                     } else {
                         node.metrics().cluster_dropped("retained_cap", 1);
                         warn!(topic, cap = %answer, max_topics = MAX_TOPICS, max_bytes = MAX_BYTES, "a retained message is refused by the cluster's cap on retained {answer}: it stays retained on this node only");
                     }
+                    Append::settle(ticket, answer == "ok");
                 }
             }
             Err(e) => {
                 node.metrics()
                     .cluster_dropped("redis_error", batch.len() as u64);
                 warn!(error = %e, messages = batch.len(), "retained messages not stored in Redis: retained on this node only");
+                for append in batch.drain(..) {
+                    Append::settle(append.ticket, false);
+                }
             }
         }
         batch.clear();
