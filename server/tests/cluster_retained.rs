@@ -33,13 +33,15 @@ async fn handler(node: &Node) -> V5Client {
     client
 }
 
+/// Publishes a retained message and waits for its PUBACK: `Success` once
+/// the cluster stored it.
 async fn retain(handler: &mut V5Client, topic: &str, payload: &[u8]) {
     handler
         .client
         .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
         .await
         .unwrap();
-    handler.puback().await;
+    assert_eq!(handler.puback().await.reason, PubAckReason::Success);
 }
 
 /// A device of `uid` on `node`, connected, subscribed to nothing.
@@ -326,12 +328,27 @@ async fn retained_messages_follow_a_failover_of_their_master() {
     let replica = blocking(|| cluster.wait_replicated(master));
     cluster.kill(master);
     let killed = Instant::now();
-    retain(&mut handler_a, &after, b"2").await;
+    // Its PUBACK waits for the store, which retries for 10 s: meanwhile,
+    // unless its peers promoted it already, the replica is promoted by
+    // hand, as an operator would.
+    handler_a
+        .client
+        .publish(&after, QoS::AtLeastOnce, true, b"2".to_vec())
+        .await
+        .unwrap();
     if cluster.role(replica) != Some("master") {
-        // Not promoted by its peers yet: promoted by hand, as an operator
-        // would.
         blocking(|| cluster.failover_forced(replica, "TAKEOVER"));
     }
+    assert_eq!(
+        handler_a.puback().await.reason,
+        PubAckReason::Success,
+        "stored by the promoted master:\n{}",
+        node_a.log_text()
+    );
+    println!(
+        "its PUBACK came {:?} after the kill (stored on the promoted master)",
+        killed.elapsed()
+    );
     // The store retries for 10 s; a follower reconnects within 5 s of
     // backoff once the slot map names the new master.
     let got = retained_within(&node_b, uid, &after, Duration::from_secs(30)).await;
