@@ -150,13 +150,24 @@ impl Delivery for ClusterDelivery {
             // Retained messages go to every node through the retained log
             // (`retained.rs`), never a user's reply stream: delivered once
             // per node, and to nodes with no session of the user.
+            // A QoS 1 publish's PUBACK waits for the store, as for an
+            // append: a handler's in-flight window paces its retained
+            // publishes, and one refused (a cap) or lost is answered so.
             match Entry::encode(&self.id, publish, properties) {
                 Ok(entry) => {
                     self.retained_held
                         .received(topic, &entry, publish.payload.is_empty());
-                    if self.retained.try_send((topic.to_owned(), entry)).is_err() {
-                        self.metrics.cluster_dropped("queue_full", 1);
-                    }
+                    let ticket = (publish.qos() == QoS::AtLeastOnce).then(|| {
+                        let (ticket, pending) = ack::ticket(Instant::now() + ACK_WITHIN);
+                        routed.later = Some(pending);
+                        ticket
+                    });
+                    let append = Append {
+                        key: topic.to_owned(),
+                        entry,
+                        ticket,
+                    };
+                    self.queue(&self.retained, append);
                 }
                 Err(_) => self.metrics.cluster_dropped("unencodable", 1),
             }

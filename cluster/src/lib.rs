@@ -221,7 +221,7 @@ pub struct Cluster {
     commands: (Appends, mpsc::Receiver<Append>),
     takeovers: (Queue, mpsc::Receiver<Queued>),
     acks: (acks::AckQueue, mpsc::Receiver<acks::CommandTag>),
-    retained: (retained::StoreQueue, mpsc::Receiver<Queued>),
+    retained: (retained::StoreQueue, mpsc::Receiver<Append>),
     /// What this node's router holds retained (by digest).
     held: Arc<retained::Held>,
     persistent: Arc<Persistent>,

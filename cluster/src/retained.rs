@@ -15,9 +15,11 @@
 //!   own, from the last id it applied, reconnecting with backoff) and hands
 //!   each change to its own router as a retained publish (through the
 //!   local decision first, so a topic that held a retained message leaves
-//!   the gate's inboxes). At start, and when the log was trimmed past what
-//!   it applied, it loads the whole hash instead (topics it holds and the
-//!   hash no longer does are deleted).
+//!   the gate's inboxes). At start, and whenever it reconnects to a log
+//!   that no longer holds the last change it applied (trimmed past it, or
+//!   a failover to a replica that never copied it), it loads the whole
+//!   hash instead (topics it holds and the hash no longer does are
+//!   deleted) and reads on from the log's newest change.
 //! - Once per node: the node remembers a digest of what its router holds
 //!   per topic (what it received itself, or applied), and a change equal
 //!   to it is not applied again, so a live subscriber gets a retained
@@ -26,7 +28,7 @@
 
 use crate::entry::{Entry, StreamId};
 use crate::replies::inject;
-use crate::Node;
+use crate::{Append, Node};
 use broker::delivery::Delivery;
 use broker::inject::InjectLink;
 use bytes::Bytes;
@@ -48,12 +50,16 @@ pub const MAX_BYTES: u64 = 32 * 1024 * 1024;
 /// Changes kept in the log (approximately): a node that missed more while
 /// disconnected loads the hash again.
 pub const LOG_MAXLEN: usize = 10_000;
-/// Retained publishes waiting to be stored; beyond it dropped and counted.
+/// Retained publishes waiting to be stored; beyond it dropped, counted,
+/// and a QoS 1 publish answered `Quota exceeded` (its PUBACK waits for the
+/// store, so a handler's in-flight window paces it).
 pub const STORE_QUEUE: usize = 4096;
 const BATCH: usize = 128;
 const BLOCK: Duration = Duration::from_secs(2);
 const READ_COUNT: usize = 100;
 const LOAD_PAGE: usize = 500;
+/// Before every change of the log (`XREAD` from it reads them all).
+const LOG_START: StreamId = StreamId { ms: 0, seq: 0 };
 /// How long a store is retried (a failover) before it is dropped.
 const STORE_RETRY_FOR: Duration = Duration::from_secs(10);
 
@@ -158,12 +164,14 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A retained publish to store: (topic, entry).
-pub type StoreQueue = mpsc::Sender<(String, Bytes)>;
+/// A retained publish to store: its topic (`key`), entry, and a QoS 1
+/// publish's ticket, settled once stored (or refused, or given up).
+pub type StoreQueue = mpsc::Sender<Append>;
 
 /// Stores what is queued, one pipelined batch at a time on the `{retained}`
-/// slot, until the queue closes or the node shuts down.
-pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) {
+/// slot, until the queue closes or the node shuts down; settles each
+/// ticket: stored, or failed (refused by a cap, Redis gave up).
+pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
@@ -172,7 +180,10 @@ pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) 
         }
         let stored = now_ms();
         let mut pipe = redis::pipe();
-        for (topic, entry) in &batch {
+        for Append {
+            key: topic, entry, ..
+        } in &batch
+        {
             let deleted = Entry::decode(entry).is_ok_and(|e| e.publish.payload.is_empty());
             pipe.cmd("EVAL")
                 .arg(STORE_SCRIPT)
@@ -189,19 +200,29 @@ pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<(String, Bytes)>) 
         }
         match send(&node, &pipe).await {
             Ok(answers) => {
-                for ((topic, _), answer) in batch.iter().zip(answers) {
+                let mut answers = answers.into_iter();
+                for Append {
+                    key: topic, ticket, ..
+                } in batch.drain(..)
+                {
+                    let topic = &topic;
+                    let answer = answers.next().unwrap_or_default();
                     if answer == "ok" {
                         node.metrics().cluster_moved("retained_out", 1);
                     } else {
                         node.metrics().cluster_dropped("retained_cap", 1);
                         warn!(topic, cap = %answer, max_topics = MAX_TOPICS, max_bytes = MAX_BYTES, "a retained message is refused by the cluster's cap on retained {answer}: it stays retained on this node only");
                     }
+                    Append::settle(ticket, answer == "ok");
                 }
             }
             Err(e) => {
                 node.metrics()
                     .cluster_dropped("redis_error", batch.len() as u64);
                 warn!(error = %e, messages = batch.len(), "retained messages not stored in Redis: retained on this node only");
+                for append in batch.drain(..) {
+                    Append::settle(append.ticket, false);
+                }
             }
         }
         batch.clear();
@@ -268,20 +289,35 @@ struct Follower {
 impl Follower {
     async fn follow_until_lost(&mut self) -> redis::RedisResult<()> {
         let mut conn = self.node.redis.own(LOG_KEY, BLOCK).await?;
-        let oldest = first_id(&mut conn, "XRANGE", "-", "+").await?;
-        // Changes after `last` may have been trimmed: load everything.
-        let gap = match (self.last, oldest) {
-            (None, _) => true,
-            (Some(last), Some(oldest)) => oldest > last,
-            (Some(_), None) => false,
+        // Reading on after `last` is right only while the log still holds
+        // `last`. It does not once trimmed past it, nor after a failover
+        // to a replica that never copied it: the promoted master numbers
+        // its new changes after its own newest, which may be below `last`
+        // (its clock behind the dead master's), so reading after `last`
+        // would skip them. Then everything is loaded again (what the hash
+        // lost is deleted here too) and the log read from its newest.
+        let rewound = match self.last {
+            None => true,
+            // Loaded from an empty log: every change is after it.
+            Some(last) if last == LOG_START => false,
+            Some(last) => {
+                let id = last.to_string();
+                first_id(&mut conn, "XRANGE", &id, &id).await? != Some(last)
+            }
         };
-        if gap {
+        if rewound {
+            if self.last.is_some() {
+                warn!(
+                    last = %self.last.unwrap_or(LOG_START),
+                    "the retained log no longer holds the last change applied here (trimmed, or lost by a failover): loading every retained message again"
+                );
+            }
             let newest = first_id(&mut conn, "XREVRANGE", "+", "-").await?;
             self.load(&mut conn).await?;
-            self.last = Some(newest.unwrap_or(StreamId { ms: 0, seq: 0 }));
+            self.last = Some(newest.unwrap_or(LOG_START));
         }
         loop {
-            let from = self.last.unwrap_or(StreamId { ms: 0, seq: 0 });
+            let from = self.last.unwrap_or(LOG_START);
             let value: redis::Value = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(READ_COUNT)

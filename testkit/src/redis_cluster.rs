@@ -111,6 +111,21 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stderr)
         );
         cluster.wait_settled();
+        // A replica still in its first full sync has nothing yet: a
+        // failover then would lose every write. Linked first.
+        cluster.wait_until(
+            Instant::now() + SETTLE,
+            "every replica is linked to its master",
+            |c| {
+                (0..NODES).all(|i| {
+                    c.query_text(i, &["INFO", "replication"])
+                        .map(|info| {
+                            info.contains("role:master") || info.contains("master_link_status:up")
+                        })
+                        .unwrap_or(false)
+                })
+            },
+        );
         cluster
     }
 
@@ -223,6 +238,38 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits (30 s at most) until the running replica of `master` has
+    /// applied every write the master had made when this was called (its
+    /// `slave_repl_offset` reaches the master's `master_repl_offset`, both
+    /// from `INFO replication`), and returns it. A `WAIT 1` sent from a
+    /// connection of its own proves nothing: that connection wrote nothing,
+    /// so Redis counts a replica that is merely online, whatever it has
+    /// not applied yet (right after [`RedisCluster::start`], writes
+    /// buffered during its first full sync).
+    pub fn wait_replicated(&self, master: usize) -> usize {
+        let replica = self.replica_of(master);
+        let target = self
+            .repl_offset(master, "master_repl_offset")
+            .expect("the master's INFO replication");
+        self.wait_until(
+            Instant::now() + SETTLE,
+            &format!("replica {replica} applies master {master}'s writes up to offset {target}"),
+            |c| {
+                c.repl_offset(replica, "slave_repl_offset")
+                    .is_some_and(|applied| applied >= target)
+            },
+        );
+        replica
+    }
+
+    /// A field of node `index`'s `INFO replication` that is an offset.
+    fn repl_offset(&self, index: usize, field: &str) -> Option<u64> {
+        let info = self.query_text(index, &["INFO", "replication"]).ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|value| value.trim().parse().ok())
     }
 
     fn running_replica_of(&self, master: usize) -> Option<usize> {
