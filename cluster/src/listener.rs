@@ -10,8 +10,9 @@
 //! stream after its cursor (`replies::replay`).
 
 use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, StreamId};
+use crate::pacing::Burst;
 use crate::redis_conn::NodeAddr;
-use crate::replies::{deliver, replay, split_takeover, trimmed_after, Interest};
+use crate::replies::{deliver, replay, split_takeover, trimmed_after, How, Interest};
 use crate::sessions::Persistent;
 use crate::Node;
 use broker::inject::InjectLink;
@@ -41,6 +42,9 @@ const SUBSCRIBE_CHUNK: usize = 256;
 const HOLD_FOR: Duration = Duration::from_secs(5);
 /// Resumes waiting for the listener.
 pub const RESUME_QUEUE: usize = 4096;
+/// Wake-ups of one user in one batch of pushes that make it a burst,
+/// injected paced (`pacing.rs`).
+const BURST: usize = 16;
 
 /// A persistent session moving to this node, for its user's replies.
 #[derive(Debug)]
@@ -87,6 +91,9 @@ struct Listener {
     persistent: Arc<Persistent>,
     /// Users whose live replies wait for a resuming session's replay, until.
     holding: HashMap<String, Instant>,
+    /// Users with many wake-ups in the batch of pushes being delivered:
+    /// paced (kept for that batch only).
+    bursts: HashMap<String, Burst>,
 }
 
 /// Listens for the replies of the users in `interest` and delivers them
@@ -116,6 +123,7 @@ pub async fn listen(
         pending: false,
         persistent,
         holding: HashMap::new(),
+        bursts: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -137,6 +145,9 @@ pub async fn listen(
             _ = tick.tick() => listener.release_holds().await,
             n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
         }
+        if batch.len() >= BURST {
+            listener.bursts = bursts(&node, &batch);
+        }
         for (shard, push) in batch.drain(..) {
             // A resume asked meanwhile goes first: its hold must be in
             // place before the user's next live reply.
@@ -145,6 +156,7 @@ pub async fn listen(
             }
             listener.push(shard, push).await;
         }
+        listener.bursts.clear();
         if listener.overflowed.swap(false, Ordering::Relaxed) {
             warn!(
                 "pub/sub pushes overflowed: subscribing again, then replaying each user's stream"
@@ -152,6 +164,28 @@ pub async fn listen(
             listener.start_over();
         }
     }
+}
+
+/// The users with at least [`BURST`] wake-ups in `batch`, each with its
+/// paced burst (looked at only for a batch that long: none on the live
+/// path of a few replies at a time).
+fn bursts(node: &Node, batch: &[(u64, PushInfo)]) -> HashMap<String, Burst> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (_, push) in batch {
+        if push.kind != PushKind::SMessage {
+            continue;
+        }
+        if let Some(redis::Value::BulkString(channel)) = push.data.first() {
+            if let Some(uid) = uid_of_channel(channel) {
+                *counts.entry(uid).or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .filter(|(_, count)| *count >= BURST)
+        .filter_map(|(uid, _)| Some((uid.to_owned(), Burst::new(node.paced.clone(), uid)?)))
+        .collect()
 }
 
 impl Listener {
@@ -417,8 +451,12 @@ impl Listener {
                     return;
                 };
                 if listening.cursor.see(id) == Seen::New {
-                    let tag = tagged.then_some(id);
-                    deliver(&self.node, &mut self.link, entry, "reply_in", tag).await;
+                    let how = How {
+                        id,
+                        tagged,
+                        burst: self.bursts.get_mut(uid),
+                    };
+                    deliver(&self.node, &mut self.link, entry, "reply_in", how).await;
                 }
             }
             PushKind::SSubscribe => {
