@@ -42,9 +42,9 @@ const SUBSCRIBE_CHUNK: usize = 256;
 const HOLD_FOR: Duration = Duration::from_secs(5);
 /// Resumes waiting for the listener.
 pub const RESUME_QUEUE: usize = 4096;
-/// Wake-ups of one user in one batch of pushes that make it a burst,
-/// injected paced (`pacing.rs`).
-const BURST: usize = 16;
+/// Live wake-ups of one user within one [`TICK`] that make it a burst:
+/// its replies are injected paced (`pacing.rs`) until a tick counts fewer.
+const BURST: u32 = 32;
 
 /// A persistent session moving to this node, for its user's replies.
 #[derive(Debug)]
@@ -65,6 +65,8 @@ struct Listening {
     asked: Option<(u64, Instant)>,
     /// The server confirmed the subscription on that connection.
     confirmed: bool,
+    /// Live wake-ups delivered since the last [`TICK`].
+    recent: u32,
 }
 
 /// One connection to one master, for the users whose slots it holds.
@@ -91,8 +93,8 @@ struct Listener {
     persistent: Arc<Persistent>,
     /// Users whose live replies wait for a resuming session's replay, until.
     holding: HashMap<String, Instant>,
-    /// Users with many wake-ups in the batch of pushes being delivered:
-    /// paced (kept for that batch only).
+    /// Users with [`BURST`] live wake-ups or more since the last tick:
+    /// paced, until a tick counts fewer.
     bursts: HashMap<String, Burst>,
 }
 
@@ -142,11 +144,11 @@ pub async fn listen(
                 continue;
             }
             () = interest.changed.notified() => changed = true,
-            _ = tick.tick() => listener.release_holds().await,
+            _ = tick.tick() => {
+                listener.release_holds().await;
+                listener.release_bursts();
+            }
             n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
-        }
-        if batch.len() >= BURST {
-            listener.bursts = bursts(&node, &batch);
         }
         for (shard, push) in batch.drain(..) {
             // A resume asked meanwhile goes first: its hold must be in
@@ -156,7 +158,6 @@ pub async fn listen(
             }
             listener.push(shard, push).await;
         }
-        listener.bursts.clear();
         if listener.overflowed.swap(false, Ordering::Relaxed) {
             warn!(
                 "pub/sub pushes overflowed: subscribing again, then replaying each user's stream"
@@ -164,28 +165,6 @@ pub async fn listen(
             listener.start_over();
         }
     }
-}
-
-/// The users with at least [`BURST`] wake-ups in `batch`, each with its
-/// paced burst (looked at only for a batch that long: none on the live
-/// path of a few replies at a time).
-fn bursts(node: &Node, batch: &[(u64, PushInfo)]) -> HashMap<String, Burst> {
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for (_, push) in batch {
-        if push.kind != PushKind::SMessage {
-            continue;
-        }
-        if let Some(redis::Value::BulkString(channel)) = push.data.first() {
-            if let Some(uid) = uid_of_channel(channel) {
-                *counts.entry(uid).or_default() += 1;
-            }
-        }
-    }
-    counts
-        .into_iter()
-        .filter(|(_, count)| *count >= BURST)
-        .filter_map(|(uid, _)| Some((uid.to_owned(), Burst::new(node.paced.clone(), uid)?)))
-        .collect()
 }
 
 impl Listener {
@@ -227,6 +206,20 @@ impl Listener {
                     listening.cursor.see(last);
                 }
             }
+        }
+    }
+
+    /// Users no longer in a burst (fewer than [`BURST`] wake-ups since the
+    /// last tick) are no longer paced; the count starts again.
+    fn release_bursts(&mut self) {
+        let users = &self.users;
+        self.bursts.retain(|uid, _| {
+            users
+                .get(uid)
+                .is_some_and(|listening| listening.recent >= BURST)
+        });
+        for listening in self.users.values_mut() {
+            listening.recent = 0;
         }
     }
 
@@ -451,6 +444,12 @@ impl Listener {
                     return;
                 };
                 if listening.cursor.see(id) == Seen::New {
+                    listening.recent = listening.recent.saturating_add(1);
+                    if listening.recent >= BURST && !self.bursts.contains_key(uid) {
+                        if let Some(burst) = Burst::new(self.node.paced.clone(), uid) {
+                            self.bursts.insert(uid.to_owned(), burst);
+                        }
+                    }
                     let how = How {
                         id,
                         tagged,

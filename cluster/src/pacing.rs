@@ -181,6 +181,9 @@ pub struct Burst {
     pacer: Pacer,
     /// Still paced (no stall yet).
     pacing: bool,
+    /// Replies injected, and how many of them waited for their turn.
+    injected: usize,
+    waited: usize,
 }
 
 impl Burst {
@@ -191,6 +194,8 @@ impl Burst {
             uid: uid.to_owned(),
             pacer: Pacer::default(),
             pacing: true,
+            injected: 0,
+            waited: 0,
         })
     }
 
@@ -199,12 +204,17 @@ impl Burst {
     /// [`STALL`] without an acknowledgement (or the node shutting down)
     /// ends the pacing of this burst. False when it ended here.
     pub async fn before(&mut self, cost: usize, shutdown: &CancellationToken) -> bool {
+        let mut waiting = false;
         while self.pacing {
             if let Some(acked) = self.acks.acked(&self.uid) {
                 self.pacer.acknowledged(acked);
             }
             if self.pacer.step(cost) == Step::Inject {
                 return true;
+            }
+            if !waiting {
+                waiting = true;
+                self.waited += 1;
             }
             let changed = self.acks.changed.notified();
             tokio::select! {
@@ -231,6 +241,7 @@ impl Burst {
 
     /// Reply `id` costing `cost` was injected.
     pub fn injected(&mut self, id: StreamId, cost: usize) {
+        self.injected += 1;
         if self.pacing {
             self.pacer.injected(id, cost);
         }
@@ -244,6 +255,14 @@ impl Burst {
 
 impl Drop for Burst {
     fn drop(&mut self) {
+        if self.waited > 0 {
+            tracing::info!(
+                uid = %self.uid,
+                replies = self.injected,
+                waited = self.waited,
+                "a burst of replies was paced"
+            );
+        }
         self.acks.unwatch(&self.uid);
     }
 }
@@ -356,6 +375,7 @@ mod tests {
         });
         assert!(burst.before(RECORD, &shutdown).await);
         assert!(burst.pacing());
+        assert_eq!(burst.waited, 1);
         took.await.unwrap();
         assert_eq!(burst.pacer.in_flight(), WINDOW - 1);
         // Shutting down ends the pacing.

@@ -466,8 +466,12 @@ async fn replies_resume_after_their_master_is_killed() {
         }
     });
     let jumped = jumped_over(&node_a.log_text(), &format!("{uid}_note"));
+    let paced = node_a
+        .log_text()
+        .matches("a burst of replies was paced")
+        .count();
     println!(
-        "replies across kill -9 of their master (replica promoted {promoted}): {total} sent, {} received, lost by phase {lost:?} (replies {:?}), {duplicates} duplicates; node A's router log of the topic overflowed by {jumped} in the burst after the outage",
+        "replies across kill -9 of their master (replica promoted {promoted}): {total} sent, {} received, lost by phase {lost:?} (replies {:?}), {duplicates} duplicates; node A's router log of the topic overflowed by {jumped} in the burst after the outage; {paced} bursts paced",
         received.len() - duplicates,
         lost_ranges(&received, total)
     );
