@@ -7,7 +7,8 @@
 //! and subscribes again, where the slot map now says, after a
 //! `sunsubscribe` from the server (the slot moved), a lost connection or a
 //! subscription left unconfirmed; each confirmation replays the user's
-//! stream after its cursor (`replies::replay`).
+//! stream after its cursor (`replies::replay`). A replay, and a user's
+//! live replies while they come in a burst, are paced (`pacing.rs`).
 
 use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, StreamId};
 use crate::pacing::Burst;
