@@ -205,9 +205,13 @@ impl Burst {
     /// ends the pacing of this burst. False when it ended here.
     pub async fn before(&mut self, cost: usize, shutdown: &CancellationToken) -> bool {
         let mut waiting = false;
+        // Moved on by this user's acknowledgements only (another user's
+        // wake the wait too).
+        let mut deadline = tokio::time::Instant::now() + STALL;
         while self.pacing {
-            if let Some(acked) = self.acks.acked(&self.uid) {
-                self.pacer.acknowledged(acked);
+            let acked = self.acks.acked(&self.uid);
+            if acked.is_some_and(|acked| self.pacer.acknowledged(acked)) {
+                deadline = tokio::time::Instant::now() + STALL;
             }
             if self.pacer.step(cost) == Step::Inject {
                 return true;
@@ -219,19 +223,13 @@ impl Burst {
             let changed = self.acks.changed.notified();
             tokio::select! {
                 () = changed => {}
-                () = tokio::time::sleep(STALL) => {
-                    let progress = self
-                        .acks
-                        .acked(&self.uid)
-                        .is_some_and(|acked| self.pacer.acknowledged(acked));
-                    if !progress {
-                        tracing::warn!(
-                            uid = %self.uid,
-                            in_flight = self.pacer.in_flight(),
-                            "a burst of replies stalled (no acknowledgement): no longer paced"
-                        );
-                        self.pacing = false;
-                    }
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        uid = %self.uid,
+                        in_flight = self.pacer.in_flight(),
+                        "a burst of replies stalled (no acknowledgement): no longer paced"
+                    );
+                    self.pacing = false;
                 }
                 () = shutdown.cancelled() => self.pacing = false,
             }
