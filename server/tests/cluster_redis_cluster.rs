@@ -411,8 +411,14 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
     let jumped = jumped_over(&node_a.log_text(), &format!("{uid}_note"));
     if !lost.is_empty() {
         println!(
-            "lost {lost:?} (replies {:?}), none jumped over by the router ({jumped}); node B:\n{}",
+            "lost {lost:?} (replies {:?}), none jumped over by the router ({jumped}); node A:\n{}\nnode B:\n{}",
             lost_ranges(&received, total),
+            node_a
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("cluster"))
+                .collect::<Vec<_>>()
+                .join("\n"),
             node_b
                 .log_text()
                 .lines()
