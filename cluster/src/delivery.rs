@@ -32,6 +32,8 @@ pub struct ClusterDelivery {
     pub(crate) held: Mutex<HashSet<String>>,
     /// Persistent device sessions held here, with their records in Redis.
     pub(crate) persistent: Arc<Persistent>,
+    /// Acknowledgements a paced burst of replies waits for.
+    pub(crate) paced: Arc<crate::pacing::Acks>,
     /// Replays for sessions that moved here (the listener's).
     pub(crate) resumes: mpsc::Sender<Resume>,
     pub(crate) redis: Redis,
@@ -262,7 +264,9 @@ impl Delivery for ClusterDelivery {
             }
             return;
         }
-        // A reply a persistent session's device acknowledged: its cursor.
+        // A reply a paced burst waits for, and a persistent session's
+        // cursor.
+        self.paced.delivered(session_id, tag);
         self.persistent.delivered(session_id, tag);
     }
 

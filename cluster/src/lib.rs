@@ -16,6 +16,8 @@
 //!   replays and delivery here; takeover announcements);
 //! - `listener.rs`: its sharded pub/sub subscriptions, per master, and
 //!   the replay of a user's stream for a session that moved here;
+//! - `pacing.rs`: a burst of one user's replies (a replay, many wake-ups
+//!   at once) injected no faster than the user's sessions take them;
 //! - `record.rs`: a persistent device session's record in Redis (pure);
 //! - `sessions.rs`: the persistent device sessions held here, their
 //!   records written to Redis and read back at CONNECT on another node;
@@ -51,6 +53,7 @@ mod delivery;
 pub mod entry;
 mod listener;
 mod liveness;
+mod pacing;
 pub mod record;
 mod redis_conn;
 mod replies;
@@ -153,6 +156,8 @@ pub(crate) struct Node {
     metrics: Arc<Metrics>,
     injector: Injector,
     links: AtomicU64,
+    /// Acknowledgements of replies a paced burst of a user waits for.
+    pub(crate) paced: Arc<pacing::Acks>,
 }
 
 impl Node {
@@ -225,6 +230,7 @@ pub struct Cluster {
     /// What this node's router holds retained (by digest).
     held: Arc<retained::Held>,
     persistent: Arc<Persistent>,
+    paced: Arc<pacing::Acks>,
     resumes: (mpsc::Sender<Resume>, mpsc::Receiver<Resume>),
     /// This run of the node (`liveness`), and its will record changes.
     incarnation: Arc<str>,
@@ -254,6 +260,7 @@ impl Cluster {
             retained: mpsc::channel(retained::STORE_QUEUE),
             held: Arc::default(),
             persistent: Arc::default(),
+            paced: Arc::default(),
             resumes: mpsc::channel(listener::RESUME_QUEUE),
             incarnation: liveness::new_incarnation().into(),
             will_ops: mpsc::channel(wills::QUEUE),
@@ -288,6 +295,7 @@ impl Cluster {
             self.redis.clone(),
         );
         let (incarnation, will_ops) = (self.incarnation.clone(), self.will_ops.0.clone());
+        let paced = self.paced.clone();
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
@@ -308,6 +316,7 @@ impl Cluster {
                 metrics: metrics.clone(),
                 held: Mutex::default(),
                 persistent,
+                paced,
                 resumes,
                 redis,
             })
@@ -327,6 +336,7 @@ impl Cluster {
             metrics,
             injector,
             links: AtomicU64::new(0),
+            paced: self.paced,
         });
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(replies::append(node.clone(), self.replies.1));

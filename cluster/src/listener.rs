@@ -7,11 +7,13 @@
 //! and subscribes again, where the slot map now says, after a
 //! `sunsubscribe` from the server (the slot moved), a lost connection or a
 //! subscription left unconfirmed; each confirmation replays the user's
-//! stream after its cursor (`replies::replay`).
+//! stream after its cursor (`replies::replay`). A replay, and a user's
+//! live replies while they come in a burst, are paced (`pacing.rs`).
 
 use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, StreamId};
+use crate::pacing::Burst;
 use crate::redis_conn::NodeAddr;
-use crate::replies::{deliver, replay, split_takeover, trimmed_after, Interest};
+use crate::replies::{deliver, replay, split_takeover, trimmed_after, How, Interest};
 use crate::sessions::Persistent;
 use crate::Node;
 use broker::inject::InjectLink;
@@ -41,6 +43,9 @@ const SUBSCRIBE_CHUNK: usize = 256;
 const HOLD_FOR: Duration = Duration::from_secs(5);
 /// Resumes waiting for the listener.
 pub const RESUME_QUEUE: usize = 4096;
+/// Live wake-ups of one user within one [`TICK`] that make it a burst:
+/// its replies are injected paced (`pacing.rs`) until a tick counts fewer.
+const BURST: u32 = 32;
 
 /// A persistent session moving to this node, for its user's replies.
 #[derive(Debug)]
@@ -61,6 +66,8 @@ struct Listening {
     asked: Option<(u64, Instant)>,
     /// The server confirmed the subscription on that connection.
     confirmed: bool,
+    /// Live wake-ups delivered since the last [`TICK`].
+    recent: u32,
 }
 
 /// One connection to one master, for the users whose slots it holds.
@@ -87,6 +94,9 @@ struct Listener {
     persistent: Arc<Persistent>,
     /// Users whose live replies wait for a resuming session's replay, until.
     holding: HashMap<String, Instant>,
+    /// Users with [`BURST`] live wake-ups or more since the last tick:
+    /// paced, until a tick counts fewer.
+    bursts: HashMap<String, Burst>,
 }
 
 /// Listens for the replies of the users in `interest` and delivers them
@@ -116,6 +126,7 @@ pub async fn listen(
         pending: false,
         persistent,
         holding: HashMap::new(),
+        bursts: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,7 +145,10 @@ pub async fn listen(
                 continue;
             }
             () = interest.changed.notified() => changed = true,
-            _ = tick.tick() => listener.release_holds().await,
+            _ = tick.tick() => {
+                listener.release_holds().await;
+                listener.release_bursts();
+            }
             n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
         }
         for (shard, push) in batch.drain(..) {
@@ -193,6 +207,20 @@ impl Listener {
                     listening.cursor.see(last);
                 }
             }
+        }
+    }
+
+    /// Users no longer in a burst (fewer than [`BURST`] wake-ups since the
+    /// last tick) are no longer paced; the count starts again.
+    fn release_bursts(&mut self) {
+        let users = &self.users;
+        self.bursts.retain(|uid, _| {
+            users
+                .get(uid)
+                .is_some_and(|listening| listening.recent >= BURST)
+        });
+        for listening in self.users.values_mut() {
+            listening.recent = 0;
         }
     }
 
@@ -417,8 +445,18 @@ impl Listener {
                     return;
                 };
                 if listening.cursor.see(id) == Seen::New {
-                    let tag = tagged.then_some(id);
-                    deliver(&self.node, &mut self.link, entry, "reply_in", tag).await;
+                    listening.recent = listening.recent.saturating_add(1);
+                    if listening.recent >= BURST && !self.bursts.contains_key(uid) {
+                        if let Some(burst) = Burst::new(self.node.paced.clone(), uid) {
+                            self.bursts.insert(uid.to_owned(), burst);
+                        }
+                    }
+                    let how = How {
+                        id,
+                        tagged,
+                        burst: self.bursts.get_mut(uid),
+                    };
+                    deliver(&self.node, &mut self.link, entry, "reply_in", how).await;
                 }
             }
             PushKind::SSubscribe => {

@@ -17,6 +17,7 @@
 //!   delivered once.
 
 use crate::entry::{reply_key, Cursor, Entry, Seen, StreamId};
+use crate::pacing::{self, Burst};
 use crate::record::reply_tag;
 use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG};
@@ -227,7 +228,7 @@ pub(crate) fn split_takeover(message: &[u8]) -> Option<Takeover<'_>> {
 
 /// Reads `uid`'s stream after `from` and delivers what the cursor has not
 /// seen (entries of this node's own are only counted as seen, unless
-/// `tagged`). `tagged`: a persistent session of the user is held here, so
+/// `tagged`), paced ([`Burst`]). `tagged`: a persistent session of the user is held here, so
 /// every entry goes with its delivery tag, this node's own too (see
 /// [`deliver`]). Returns false when Redis could not be read.
 pub(crate) async fn replay(
@@ -241,6 +242,8 @@ pub(crate) async fn replay(
     let mut conn = node.redis.shared();
     let key = reply_key(uid);
     let mut start = from;
+    // Injected no faster than the user's sessions take the replies.
+    let mut burst = Burst::new(node.paced.clone(), uid);
     for _ in 0..REPLAY_PAGES {
         let page: redis::RedisResult<redis::Value> = redis::cmd("XRANGE")
             .arg(&key)
@@ -262,7 +265,12 @@ pub(crate) async fn replay(
             start = id.after();
             if cursor.see(id) == Seen::New {
                 if let Some(entry) = entry {
-                    deliver(node, link, &entry, "replayed", tagged.then_some(id)).await;
+                    let how = How {
+                        id,
+                        tagged,
+                        burst: burst.as_mut(),
+                    };
+                    deliver(node, link, &entry, "replayed", how).await;
                 }
             }
         }
@@ -306,6 +314,14 @@ pub(crate) async fn trimmed_after(node: &Node, uid: &str, cursor: StreamId) -> O
     Some(deleted > cursor)
 }
 
+/// How one entry is delivered: its stream id; `tagged`: a persistent
+/// session of the user is held here; `burst`: it is one of a paced burst.
+pub(crate) struct How<'a> {
+    pub id: StreamId,
+    pub tagged: bool,
+    pub burst: Option<&'a mut Burst>,
+}
+
 /// Delivers one entry here: to the local inboxes, and to the router when
 /// the local decision needs it. Untagged, an entry this node received
 /// itself is skipped (it delivered it then). Tagged with its stream id
@@ -313,13 +329,14 @@ pub(crate) async fn trimmed_after(node: &Node, uid: &str, cursor: StreamId) -> O
 /// with the delivery tag, so the session's acknowledgement moves its
 /// cursor; this node's own entries too (the gate left them to the stream
 /// for that), to the router only (its inboxes had them; a retained one
-/// the router had too).
-pub async fn deliver(
+/// the router had too). One of a paced burst carries the tag too, and
+/// waits for its turn ([`Burst::before`]).
+pub(crate) async fn deliver(
     node: &Node,
     link: &mut Option<InjectLink>,
     bytes: &[u8],
     what: &'static str,
-    tag: Option<StreamId>,
+    how: How<'_>,
 ) {
     let mut entry = match Entry::decode(bytes) {
         Ok(entry) => entry,
@@ -333,7 +350,7 @@ pub async fn deliver(
     // A retained or QoS 2 publish reached the router here from its sender
     // already (the router keeps the one, acknowledges the other).
     let in_router = entry.publish.retain || entry.publish.qos() == QoS::ExactlyOnce;
-    if own && (tag.is_none() || in_router) {
+    if own && (!how.tagged || in_router) {
         return;
     }
     let Ok(topic) = std::str::from_utf8(&entry.publish.topic) else {
@@ -348,15 +365,35 @@ pub async fn deliver(
         routed.needs_router
     };
     node.metrics().cluster_moved(what, 1);
-    if needs_router {
-        if let Some(id) = tag {
-            entry
-                .properties
-                .get_or_insert_with(Default::default)
-                .user_properties
-                .push((DELIVERY_TAG.to_owned(), reply_tag(id)));
-        }
+    if !needs_router {
+        return;
+    }
+    let mut burst = how.burst.filter(|burst| burst.pacing());
+    if how.tagged || burst.is_some() {
+        entry
+            .properties
+            .get_or_insert_with(Default::default)
+            .user_properties
+            .push((DELIVERY_TAG.to_owned(), reply_tag(how.id)));
+    }
+    let Some(burst) = burst.as_mut() else {
         inject(node, link, entry).await;
+        return;
+    };
+    let properties = entry.properties.as_ref().map_or(0, |p| {
+        p.user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+            + p.content_type.as_ref().map_or(0, String::len)
+            + p.response_topic.as_ref().map_or(0, String::len)
+            + p.correlation_data.as_ref().map_or(0, |d| d.len())
+            + 16
+    });
+    let cost = pacing::cost(topic.len(), entry.publish.payload.len(), properties);
+    burst.before(cost, &node.shutdown).await;
+    if inject(node, link, entry).await {
+        burst.injected(how.id, cost);
     }
 }
 

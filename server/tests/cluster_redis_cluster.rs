@@ -262,15 +262,23 @@ async fn listening_pair(node_a: &Node, node_b: &Node, uid: &str) -> (V5Client, V
     (phone, handler)
 }
 
-/// Publishes replies `0..total` from the handler, 5 ms apart, calling
-/// `at(i)` before each (where the cluster is changed), and returns what the
-/// phone received, in arrival order, once the last one arrived or the
-/// answer deadline passed.
+/// The reply number a payload starts with.
+fn number(payload: &[u8]) -> u32 {
+    let text = String::from_utf8_lossy(payload);
+    text.split(' ').next().unwrap_or_default().parse().unwrap()
+}
+
+/// Publishes replies `0..total` (each padded to `pad` bytes more) from the
+/// handler, 5 ms apart (from `rush_from` on, as fast as the handler's
+/// in-flight window allows),
+/// calling `at(i)` before each (where the cluster is changed), and returns
+/// what the phone received, in arrival order, once the last one arrived or
+/// the answer deadline passed.
 async fn stream_replies(
     phone: &mut V5Client,
     handler: &V5Client,
     uid: &str,
-    total: u32,
+    (total, rush_from, pad): (u32, u32, u32),
     mut at: impl FnMut(u32),
 ) -> Vec<u32> {
     let mut received = Vec::new();
@@ -282,25 +290,27 @@ async fn stream_replies(
                 format!("{uid}_note"),
                 QoS::AtLeastOnce,
                 false,
-                i.to_string(),
+                format!("{i} {:pad$}", "", pad = pad as usize),
             )
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        if i < rush_from {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         while let Some(Seen::Packet(Packet::Publish(p))) =
             phone.next_within(Duration::from_millis(1)).await
         {
-            received.push(String::from_utf8_lossy(&p.payload).parse().unwrap());
+            received.push(number(&p.payload));
         }
     }
     let deadline = Instant::now() + ANSWER_WITHIN;
     while !received.contains(&(total - 1)) && Instant::now() < deadline {
         if let Some((_, payload)) = next_publish(phone, Duration::from_millis(200)).await {
-            received.push(String::from_utf8_lossy(&payload).parse().unwrap());
+            received.push(number(&payload));
         }
     }
     while let Some((_, payload)) = next_publish(phone, Duration::from_millis(500)).await {
-        received.push(String::from_utf8_lossy(&payload).parse().unwrap());
+        received.push(number(&payload));
     }
     received
 }
@@ -359,7 +369,7 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
     // master fails over to its replica (coordinated: CLUSTER FAILOVER).
     let total = 600u32;
     let mut moves = BTreeMap::new();
-    let received = stream_replies(&mut phone, &handler, uid, total, |i| {
+    let received = stream_replies(&mut phone, &handler, uid, (total, total, 0), |i| {
         if i == 200 {
             let from = cluster.master_of_key(&key);
             let to = cluster.masters().into_iter().find(|m| *m != from).unwrap();
@@ -393,6 +403,40 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
         "node A never followed the slot:\n{}",
         node_a.log_text()
     );
+    // The replay after each move is paced against what the device took:
+    // the router's log of the topic never dropped a segment under the
+    // device's reader. (A few replies right after the coordinated
+    // failover are lost in some runs, none to the router: ARCHITECTURE.md
+    // "What a failover can lose".)
+    let jumped = jumped_over(&node_a.log_text(), &format!("{uid}_note"));
+    if !lost.is_empty() {
+        println!(
+            "lost {lost:?} (replies {:?}), none jumped over by the router ({jumped}); node A:\n{}\nnode B:\n{}",
+            lost_ranges(&received, total),
+            node_a
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("cluster"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            node_b
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains(" INFO "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert_eq!(
+        jumped,
+        0,
+        "the router jumped over {jumped} replies:\n{}",
+        node_a.log_text()
+    );
+    assert!(
+        !lost.contains_key("before") && !lost.contains_key("moved"),
+        "replies lost before the failover: {lost:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,12 +454,17 @@ async fn replies_resume_after_their_master_is_killed() {
     // replica is promoted after the cluster's node timeout, while replies
     // keep coming. The handler's PUBACK waits for each reply's append, so
     // the handler stalls (its in-flight window full) while no master holds
-    // the slot: the promotion is watched apart from the stream.
+    // the slot: the promotion is watched apart from the stream. From the
+    // kill on, the handler sends as fast as its window allows, each reply
+    // padded to 1 KB: what the outage held back (the handler's window,
+    // what node A missed until it subscribed again on the promoted master)
+    // arrives in one burst of more than the router's log of the topic
+    // holds (2 x 32 KiB).
     let total = 1000u32;
     let master = cluster.master_of_key(&key);
     let replica = cluster.replica_of(master);
     let mut watch = None;
-    let received = stream_replies(&mut phone, &handler, uid, total, |i| {
+    let received = stream_replies(&mut phone, &handler, uid, (total, 200, 1000), |i| {
         if i == 200 {
             cluster.kill(master);
             let cluster = cluster.clone();
@@ -443,8 +492,12 @@ async fn replies_resume_after_their_master_is_killed() {
         }
     });
     let jumped = jumped_over(&node_a.log_text(), &format!("{uid}_note"));
+    let paced = node_a
+        .log_text()
+        .matches("a burst of replies was paced")
+        .count();
     println!(
-        "replies across kill -9 of their master (replica promoted {promoted}): {total} sent, {} received, lost by phase {lost:?} (replies {:?}), {duplicates} duplicates; node A's router log of the topic overflowed by {jumped} in the burst after the outage",
+        "replies across kill -9 of their master (replica promoted {promoted}): {total} sent, {} received, lost by phase {lost:?} (replies {:?}), {duplicates} duplicates; node A's router log of the topic overflowed by {jumped} in the burst after the outage; {paced} bursts paced",
         received.len() - duplicates,
         lost_ranges(&received, total)
     );
@@ -471,15 +524,15 @@ async fn replies_resume_after_their_master_is_killed() {
     );
     // What the outage held back arrives in one burst (the appender's
     // queue flushed on the promoted master, or node A's replay after it
-    // subscribed again); node A injects it into its router faster than
-    // the router writes it to the device, and the router's reply log of
-    // the topic (2 x 32 KiB, oldest segment dropped first) may overflow.
-    // Every reply lost is one the router jumped over, none other.
-    let lost_after = lost.get("after the kill").copied().unwrap_or(0);
-    assert_eq!(
-        u64::from(lost_after),
-        jumped,
-        "lost {lost_after} after the kill, the router jumped over {jumped}:\n{}",
+    // subscribed again); node A injects it into its router no faster than
+    // the device takes it (a burst is paced on the replies' delivery
+    // tags), so the router's reply log of the topic (2 x 32 KiB, oldest
+    // segment dropped first) never drops a segment the device's reader is
+    // in: nothing lost, nothing jumped over.
+    assert!(
+        lost.is_empty() && jumped == 0,
+        "lost {lost:?} (replies {:?}), the router jumped over {jumped}:\n{}",
+        lost_ranges(&received, total),
         node_a.log_text()
     );
 }
