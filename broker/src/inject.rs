@@ -124,6 +124,13 @@ impl Injector {
         });
     }
 
+    /// Whether a device of user `uid` is connected here now: only a
+    /// connected client acknowledges what is injected for it (a persistent
+    /// session whose client is away does not).
+    pub fn device_connected(&self, uid: &str) -> bool {
+        protocol::UserId::parse(uid).is_ok_and(|uid| self.gate.sessions().has_live_device(&uid))
+    }
+
     /// The broker's metrics, for what the cross-node delivery counts.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         self.gate.metrics()

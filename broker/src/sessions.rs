@@ -398,6 +398,15 @@ impl SessionRegistry {
         by_user.into_iter().collect()
     }
 
+    /// Whether a device of `uid` is connected here now (a persistent
+    /// session whose client is away is not).
+    pub fn has_live_device(&self, uid: &UserId) -> bool {
+        self.live
+            .lock()
+            .values()
+            .any(|entry| entry.uid.as_ref() == Some(uid))
+    }
+
     /// The live device sessions of one user.
     pub fn sessions_of(&self, uid: &UserId) -> Vec<LiveDevice> {
         self.live

@@ -446,7 +446,10 @@ impl Listener {
                 };
                 if listening.cursor.see(id) == Seen::New {
                     listening.recent = listening.recent.saturating_add(1);
-                    if listening.recent >= BURST && !self.bursts.contains_key(uid) {
+                    if listening.recent >= BURST
+                        && !self.bursts.contains_key(uid)
+                        && self.node.injector().device_connected(uid)
+                    {
                         if let Some(burst) = Burst::new(self.node.paced.clone(), uid) {
                             self.bursts.insert(uid.to_owned(), burst);
                         }

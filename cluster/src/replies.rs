@@ -242,8 +242,15 @@ pub(crate) async fn replay(
     let mut conn = node.redis.shared();
     let key = reply_key(uid);
     let mut start = from;
-    // Injected no faster than the user's sessions take the replies.
-    let mut burst = Burst::new(node.paced.clone(), uid);
+    // Injected no faster than the user's sessions take the replies; not
+    // paced when no client of the user is connected here (a persistent
+    // session whose client is away acknowledges nothing: pacing it would
+    // only stall the listener, 2 s per burst, for every other user).
+    let mut burst = if node.injector().device_connected(uid) {
+        Burst::new(node.paced.clone(), uid)
+    } else {
+        None
+    };
     for _ in 0..REPLAY_PAGES {
         let page: redis::RedisResult<redis::Value> = redis::cmd("XRANGE")
             .arg(&key)
