@@ -177,6 +177,9 @@ pub struct SessionRegistry {
     shutdown: CancellationToken,
     next_serial: AtomicU64,
     live: Mutex<HashMap<String, Entry>>,
+    /// How many of `live` are devices of each user (changed under the
+    /// `live` lock): whether a user is connected here, without a scan.
+    live_devices: Mutex<HashMap<UserId, usize>>,
     /// Persistent sessions whose client is away, with the serial of the
     /// connection that left them: only that one's expiry may end them.
     away: Mutex<HashMap<String, u64>>,
@@ -207,6 +210,7 @@ impl SessionRegistry {
             shutdown,
             next_serial: AtomicU64::new(0),
             live: Mutex::default(),
+            live_devices: Mutex::default(),
             away: Mutex::default(),
             persistent: Mutex::default(),
             kept_qos2: Mutex::default(),
@@ -300,16 +304,27 @@ impl SessionRegistry {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let end = EndSignal::default();
         let (closed_tx, closed_rx) = oneshot::channel();
-        let previous = self.live.lock().insert(
-            id.clone(),
-            Entry {
-                serial,
-                uid: device.map(|d| d.uid().clone()),
-                issued_at: device.and_then(DeviceIdentity::issued_at),
-                end: end.clone(),
-                closed: closed_rx,
-            },
-        );
+        let uid = device.map(|d| d.uid().clone());
+        let previous = {
+            let mut live = self.live.lock();
+            if let Some(uid) = &uid {
+                self.count_device(uid, true);
+            }
+            let previous = live.insert(
+                id.clone(),
+                Entry {
+                    serial,
+                    uid,
+                    issued_at: device.and_then(DeviceIdentity::issued_at),
+                    end: end.clone(),
+                    closed: closed_rx,
+                },
+            );
+            if let Some(uid) = previous.as_ref().and_then(|p| p.uid.as_ref()) {
+                self.count_device(uid, false);
+            }
+            previous
+        };
         // After the insert: either `end_all_at_shutdown` saw this session,
         // or this sees the shutdown.
         if self.shutdown.is_cancelled() {
@@ -401,10 +416,21 @@ impl SessionRegistry {
     /// Whether a device of `uid` is connected here now (a persistent
     /// session whose client is away is not).
     pub fn has_live_device(&self, uid: &UserId) -> bool {
-        self.live
-            .lock()
-            .values()
-            .any(|entry| entry.uid.as_ref() == Some(uid))
+        self.live_devices.lock().contains_key(uid)
+    }
+
+    /// One more (or one less) live device session of `uid`; called with
+    /// the `live` lock held.
+    fn count_device(&self, uid: &UserId, added: bool) {
+        let mut counts = self.live_devices.lock();
+        if added {
+            *counts.entry(uid.clone()).or_default() += 1;
+        } else if let Some(count) = counts.get_mut(uid) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(uid);
+            }
+        }
     }
 
     /// The live device sessions of one user.
@@ -466,7 +492,9 @@ impl Drop for SessionClaim {
     fn drop(&mut self) {
         let mut live = self.registry.live.lock();
         if live.get(&self.id).is_some_and(|e| e.serial == self.serial) {
-            live.remove(&self.id);
+            if let Some(uid) = live.remove(&self.id).and_then(|entry| entry.uid) {
+                self.registry.count_device(&uid, false);
+            }
         }
     }
 }
@@ -605,6 +633,7 @@ mod tests {
         let registry = Arc::new(SessionRegistry::new(shutdown.clone()));
         let uid = crate::auth::testing::device_issued("1", Some(42));
         let first = registry.claim("D:1:c".into(), Some(&uid)).await;
+        assert!(registry.has_live_device(uid.uid()));
         let kicked = first.end.clone();
         let waiter = tokio::spawn({
             let registry = registry.clone();
@@ -616,6 +645,9 @@ mod tests {
         drop(first);
         let second = waiter.await.unwrap();
         assert_eq!(second.end.requested(), None);
+        // The takeover replaced one live device by another: still one.
+        assert!(registry.has_live_device(uid.uid()));
+        assert!(!registry.has_live_device(&UserId::parse("2").unwrap()));
         // Revoked after that: the first reason stays.
         let devices = registry.device_sessions();
         assert_eq!(devices[0].1[0].issued_at, Some(42));
@@ -634,15 +666,24 @@ mod tests {
         let serial = second.serial();
         drop(second);
         assert!(registry.is_empty());
+        assert!(
+            !registry.has_live_device(uid.uid()),
+            "away is not connected"
+        );
 
         // The session left behind can be expired once, by that serial only.
         assert!(registry.claim_to_expire("D:1:c", serial + 1).is_none());
         let expiring = registry.claim_to_expire("D:1:c", serial).expect("idle");
         assert!(registry.claim_to_expire("D:1:c", serial).is_none());
+        assert!(
+            !registry.has_live_device(uid.uid()),
+            "an expiry is no device"
+        );
         drop(expiring);
 
         // A client coming back cancels a pending expiry.
         let back = registry.claim("D:1:c".into(), Some(&uid)).await;
+        assert!(registry.has_live_device(uid.uid()));
         registry.left_away(&back);
         let serial = back.serial();
         drop(back);
