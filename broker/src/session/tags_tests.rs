@@ -5,14 +5,12 @@
 //! wrapped (as a cluster wraps it) to record what is reported.
 
 use super::state::{Accepted, Actions, Deadlines, Event, SessionState, Who};
-use crate::acl::{CommandTopics, Denial};
+use super::tests::hooked::Hooked;
 use crate::auth::testing::{device, handler};
 use crate::auth::{jwt::JwtSettings, Principal};
 use crate::codec::Version;
 use crate::config::{Config, Limits};
-use crate::delivery::{
-    Delivery, Kind, LocalDelivery, Opening, Path, Request, Routed, Subscriptions, DELIVERY_TAG,
-};
+use crate::delivery::{Kind, Opening, DELIVERY_TAG};
 use crate::gate::Gate;
 use crate::inbound::InboundFlows;
 use crate::router::protocol::{
@@ -32,52 +30,6 @@ const SERVED: &str = "echo";
 /// What delivery was told: (session id, tag), in order.
 type Reported = Arc<Mutex<Vec<(String, String)>>>;
 
-/// The one-node delivery, recording `delivered`.
-struct Recording {
-    local: LocalDelivery,
-    reported: Reported,
-}
-
-impl CommandTopics for Recording {
-    fn is_command(&self, topic: &str) -> bool {
-        self.local.is_command(topic)
-    }
-}
-
-impl Delivery for Recording {
-    fn open(&self, id: &str, opening: Opening) -> Subscriptions {
-        self.local.open(id, opening)
-    }
-    fn subscribe(&self, row: &mut Subscriptions, request: &Request<'_>) -> Result<Path, Denial> {
-        self.local.subscribe(row, request)
-    }
-    fn granted(&self, row: &mut Subscriptions, filter: &str) {
-        self.local.granted(row, filter);
-    }
-    fn unsubscribe(&self, row: &mut Subscriptions, filter: &str) {
-        self.local.unsubscribe(row, filter);
-    }
-    fn route(
-        &self,
-        topic: &str,
-        publish: &Publish,
-        properties: &Option<PublishProperties>,
-    ) -> Routed {
-        self.local.route(topic, publish, properties)
-    }
-    fn close(&self, id: &str, row: &mut Subscriptions) {
-        self.local.close(id, row);
-    }
-    fn expire(&self, id: &str) {
-        self.local.expire(id);
-    }
-    fn delivered(&self, session_id: &str, tag: &str) {
-        self.reported
-            .lock()
-            .push((session_id.to_owned(), tag.to_owned()));
-    }
-}
-
 fn recording_gate() -> (Arc<Gate>, Reported) {
     let config = Config {
         jwt: JwtSettings {
@@ -94,7 +46,13 @@ fn recording_gate() -> (Arc<Gate>, Reported) {
     let gate = crate::gate_for_tests_wrapped(
         config,
         CancellationToken::new(),
-        Box::new(move |local, _| Box::new(Recording { local, reported })),
+        Box::new(move |local, _| {
+            Box::new(Hooked::new(local).on_delivered(move |session_id, tag| {
+                reported
+                    .lock()
+                    .push((session_id.to_owned(), tag.to_owned()));
+            }))
+        }),
     )
     .expect("gate");
     (gate, kept)

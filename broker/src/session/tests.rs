@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub(super) mod hooked;
 mod owed;
 
 /// A command topic a handler serves through the router, and one nobody serves.

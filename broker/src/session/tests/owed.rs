@@ -5,64 +5,15 @@
 //! the publishes among the router's and the gate's own, with the reason
 //! codes per version, the deadline, and the Receive Maximum.
 
+use super::hooked::Hooked;
 use super::*;
-use crate::acl::CommandTopics;
 use crate::delivery::ack::{self, Outcome, Ticket};
-use crate::delivery::{Delivery, LocalDelivery, Path, Request, Routed, Subscriptions};
 use parking_lot::Mutex;
 
 /// The command topic the delivery below stores before acknowledging.
 const STORED: &str = "stored";
 /// How long the session waits for the store.
 const WAIT: Duration = Duration::from_secs(15);
-
-/// The local delivery, plus: a QoS 1 publish to [`STORED`] is acknowledged
-/// later, through a ticket the test settles.
-struct Storing {
-    local: LocalDelivery,
-    tickets: Arc<Mutex<Vec<Ticket>>>,
-}
-
-impl CommandTopics for Storing {
-    fn is_command(&self, topic: &str) -> bool {
-        self.local.is_command(topic)
-    }
-}
-
-impl Delivery for Storing {
-    fn open(&self, id: &str, opening: Opening) -> Subscriptions {
-        self.local.open(id, opening)
-    }
-    fn subscribe(&self, row: &mut Subscriptions, request: &Request<'_>) -> Result<Path, Denial> {
-        self.local.subscribe(row, request)
-    }
-    fn granted(&self, row: &mut Subscriptions, filter: &str) {
-        self.local.granted(row, filter)
-    }
-    fn unsubscribe(&self, row: &mut Subscriptions, filter: &str) {
-        self.local.unsubscribe(row, filter)
-    }
-    fn route(
-        &self,
-        topic: &str,
-        publish: &Publish,
-        properties: &Option<PublishProperties>,
-    ) -> Routed {
-        let mut routed = self.local.route(topic, publish, properties);
-        if topic == STORED && publish.qos() == QoS::AtLeastOnce {
-            let (ticket, pending) = ack::ticket(Instant::now() + WAIT);
-            self.tickets.lock().push(ticket);
-            routed.later = Some(pending);
-        }
-        routed
-    }
-    fn close(&self, id: &str, row: &mut Subscriptions) {
-        self.local.close(id, row)
-    }
-    fn expire(&self, id: &str) {
-        self.local.expire(id)
-    }
-}
 
 /// A gate whose delivery stores [`STORED`]; the tickets it hands out, in
 /// the order of the publishes.
@@ -74,7 +25,17 @@ fn storing_gate() -> (Arc<Gate>, Arc<Mutex<Vec<Ticket>>>) {
     let gate = crate::gate_for_tests_wrapped(
         config,
         CancellationToken::new(),
-        Box::new(move |local, _| Box::new(Storing { local, tickets })),
+        Box::new(move |local, _| {
+            // A QoS 1 publish to [`STORED`] is acknowledged later, through
+            // a ticket the test settles.
+            Box::new(Hooked::new(local).on_route(move |topic, publish, routed| {
+                if topic == STORED && publish.qos() == QoS::AtLeastOnce {
+                    let (ticket, pending) = ack::ticket(Instant::now() + WAIT);
+                    tickets.lock().push(ticket);
+                    routed.later = Some(pending);
+                }
+            }))
+        }),
     )
     .expect("gate");
     (gate, held)
