@@ -104,9 +104,12 @@ impl Delivery for ClusterDelivery {
                         let replay = Resume::Replay {
                             uid: uid.to_owned(),
                             from,
+                            session: id.to_owned(),
                         };
                         if self.resumes.try_send(replay).is_err() {
                             self.metrics.cluster_dropped("queue_full", 1);
+                            // Its cursor stays; a resync replays it.
+                            self.persistent.replayed(id, false);
                         }
                     }
                 }
@@ -268,6 +271,13 @@ impl Delivery for ClusterDelivery {
         // cursor.
         self.paced.delivered(session_id, tag);
         self.persistent.delivered(session_id, tag);
+    }
+
+    fn skipped(&self, session_id: &str, tag: &str) {
+        // A reply too large for the client: a persistent session's cursor
+        // does not wait for it (a command's tag: delivered again once
+        // idle, to a handler that may take it).
+        self.persistent.skipped(session_id, tag);
     }
 
     fn resume(&self, id: &str) -> ResumeFuture {

@@ -19,6 +19,8 @@
 //! - `pacing.rs`: a burst of one user's replies (a replay, many wake-ups
 //!   at once) injected no faster than the user's sessions take them;
 //! - `record.rs`: a persistent device session's record in Redis (pure);
+//! - `cursor.rs`: its cursor, the end of the replies its client
+//!   acknowledged without a gap (pure);
 //! - `sessions.rs`: the persistent device sessions held here, their
 //!   records written to Redis and read back at CONNECT on another node;
 //! - `commands.rs`: the handler plane (per-topic partitioned streams,
@@ -48,6 +50,7 @@
 
 mod acks;
 mod commands;
+pub mod cursor;
 mod declarations;
 mod delivery;
 pub mod entry;
@@ -158,6 +161,9 @@ pub(crate) struct Node {
     links: AtomicU64,
     /// Acknowledgements of replies a paced burst of a user waits for.
     pub(crate) paced: Arc<pacing::Acks>,
+    /// The persistent device sessions held here (their cursors track the
+    /// replies injected for them).
+    pub(crate) persistent: Arc<Persistent>,
 }
 
 impl Node {
@@ -337,6 +343,7 @@ impl Cluster {
             injector,
             links: AtomicU64::new(0),
             paced: self.paced,
+            persistent: self.persistent.clone(),
         });
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(replies::append(node.clone(), self.replies.1));
@@ -351,7 +358,11 @@ impl Cluster {
             self.persistent.clone(),
             self.resumes.1,
         ));
-        tasks.spawn(sessions::write(node.clone(), self.persistent));
+        tasks.spawn(sessions::write(
+            node.clone(),
+            self.persistent,
+            self.resumes.0.clone(),
+        ));
         tasks.spawn(declarations::share(
             node.clone(),
             self.groups.clone(),

@@ -13,7 +13,7 @@
 use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, StreamId};
 use crate::pacing::Burst;
 use crate::redis_conn::NodeAddr;
-use crate::replies::{deliver, replay, split_takeover, trimmed_after, How, Interest};
+use crate::replies::{deliver, replay, split_takeover, trimmed_after, Aim, How, Interest};
 use crate::sessions::Persistent;
 use crate::Node;
 use broker::inject::InjectLink;
@@ -53,9 +53,15 @@ pub enum Resume {
     /// Its record was read: hold the user's live replies (they are in the
     /// stream) until its replay, so it gets everything in order.
     Hold(String),
-    /// Its router session holds its subscriptions again: replay the user's
-    /// stream after the session's cursor.
-    Replay { uid: String, from: StreamId },
+    /// Its router session holds its subscriptions again (or its cursor
+    /// must resync, `cursor.rs`): replay the user's stream after the
+    /// session's cursor, to that session alone where the user's other
+    /// sessions here had the replies already.
+    Replay {
+        uid: String,
+        from: StreamId,
+        session: String,
+    },
 }
 
 /// One user this node listens for.
@@ -92,8 +98,9 @@ struct Listener {
     /// Some wanted user is not (yet) confirmed: look again on each tick.
     pending: bool,
     persistent: Arc<Persistent>,
-    /// Users whose live replies wait for a resuming session's replay, until.
-    holding: HashMap<String, Instant>,
+    /// Users whose live replies wait for a resuming session's replay,
+    /// until when, and the first wake-up held back.
+    holding: HashMap<String, (Instant, Option<StreamId>)>,
     /// Users with [`BURST`] live wake-ups or more since the last tick:
     /// paced, until a tick counts fewer.
     bursts: HashMap<String, Burst>,
@@ -173,11 +180,11 @@ impl Listener {
         match resume {
             Resume::Hold(uid) => {
                 if self.holding.len() < RESUME_QUEUE {
-                    self.holding.insert(uid, Instant::now() + HOLD_FOR);
+                    self.holding.insert(uid, (Instant::now() + HOLD_FOR, None));
                 }
             }
-            Resume::Replay { uid, from } => {
-                self.holding.remove(&uid);
+            Resume::Replay { uid, from, session } => {
+                let held_from = self.holding.remove(&uid).and_then(|(_, first)| first);
                 if trimmed_after(&self.node, &uid, from).await == Some(true) {
                     self.node.metrics().cluster_dropped("replay_trimmed", 1);
                     warn!(
@@ -187,9 +194,15 @@ impl Listener {
                 }
                 // Everything after the session's cursor, whatever this
                 // node delivered already (its router did not have the
-                // session's subscriptions then).
+                // session's subscriptions then): what the user's other
+                // sessions here had already, to this session alone.
                 let mut cursor = Cursor::default();
                 cursor.see(from);
+                let mut aim = Aim {
+                    session: &session,
+                    live: self.users.get(&uid).map(|l| l.cursor).unwrap_or_default(),
+                    held_from,
+                };
                 let read = replay(
                     &self.node,
                     &mut self.link,
@@ -197,13 +210,16 @@ impl Listener {
                     from.after(),
                     &mut cursor,
                     true,
+                    Some(&mut aim),
                 )
                 .await;
+                self.persistent.replayed(&session, read);
                 if !read {
                     self.node.metrics().cluster_dropped("replay_failed", 1);
                 }
+                let live = aim.live;
                 let listening = self.users.entry(uid).or_default();
-                if let Some(last) = cursor.last() {
+                if let Some(last) = live.last() {
                     listening.cursor.see(last);
                 }
             }
@@ -231,7 +247,7 @@ impl Listener {
         let lapsed: Vec<String> = self
             .holding
             .iter()
-            .filter(|(_, until)| **until <= now)
+            .filter(|(_, (until, _))| *until <= now)
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in lapsed {
@@ -242,7 +258,16 @@ impl Listener {
             if let Some(from) = listening.cursor.replay_from() {
                 let mut cursor = listening.cursor;
                 let tagged = self.persistent.holds_user(&uid);
-                replay(&self.node, &mut self.link, &uid, from, &mut cursor, tagged).await;
+                replay(
+                    &self.node,
+                    &mut self.link,
+                    &uid,
+                    from,
+                    &mut cursor,
+                    tagged,
+                    None,
+                )
+                .await;
                 if let Some(listening) = self.users.get_mut(&uid) {
                     listening.cursor = cursor;
                 }
@@ -428,13 +453,15 @@ impl Listener {
                     }
                     return;
                 }
-                if self
-                    .holding
-                    .get(uid)
-                    .is_some_and(|until| Instant::now() < *until)
-                {
-                    // A session resuming here replays the stream first.
-                    return;
+                if let Some((until, first)) = self.holding.get_mut(uid) {
+                    if Instant::now() < *until {
+                        // A session resuming here replays the stream
+                        // first; from this one on, for every session.
+                        if let Some((id, _)) = split_wakeup(payload) {
+                            *first = Some(first.map_or(id, |first| first.min(id)));
+                        }
+                        return;
+                    }
                 }
                 let tagged = self.persistent.holds_user(uid);
                 let Some(listening) = self.users.get_mut(uid) else {
@@ -458,6 +485,7 @@ impl Listener {
                         id,
                         tagged,
                         burst: self.bursts.get_mut(uid),
+                        target: None,
                     };
                     deliver(&self.node, &mut self.link, entry, "reply_in", how).await;
                 }
@@ -479,7 +507,16 @@ impl Listener {
                     if let Some(from) = listening.cursor.replay_from() {
                         let mut cursor = listening.cursor;
                         let tagged = self.persistent.holds_user(&uid);
-                        replay(&self.node, &mut self.link, &uid, from, &mut cursor, tagged).await;
+                        replay(
+                            &self.node,
+                            &mut self.link,
+                            &uid,
+                            from,
+                            &mut cursor,
+                            tagged,
+                            None,
+                        )
+                        .await;
                         if let Some(listening) = self.users.get_mut(&uid) {
                             listening.cursor = cursor;
                         }

@@ -2,8 +2,8 @@
 //! functions: its key (`p:{uid}:<client>`, in the slot of the user's reply
 //! stream), its fields (owner node, Session Expiry, subscriptions with
 //! their options and identifiers, cursor), their bytes and bounds, the
-//! delivery tag that carries a reply's stream id to the client and back,
-//! and how an acknowledgement moves the cursor.
+//! delivery tag that carries a reply's stream id to the client and back
+//! (how acknowledgements move the cursor is `cursor.rs`).
 
 use crate::entry::StreamId;
 use broker::delivery::SessionSubscription;
@@ -36,19 +36,6 @@ pub fn reply_tag(id: StreamId) -> String {
 /// The stream id a delivery tag carries, if it is a reply's.
 pub fn tagged_id(tag: &str) -> Option<StreamId> {
     StreamId::parse(tag.strip_prefix("r ")?)
-}
-
-/// Moves `cursor` to the reply `tag` names, if that is later: true when it
-/// moved (acknowledgements may arrive out of order; the cursor never goes
-/// back).
-pub fn advance(cursor: &mut StreamId, tag: &str) -> bool {
-    match tagged_id(tag) {
-        Some(id) if id > *cursor => {
-            *cursor = id;
-            true
-        }
-        _ => false,
-    }
 }
 
 /// How far before a new session's start (by the node's clock) its cursor
@@ -339,21 +326,16 @@ mod tests {
     }
 
     #[test]
-    fn acknowledgements_move_the_cursor_forward_only() {
-        let mut cursor = StreamId { ms: 10, seq: 1 };
-        // (tag) -> moved, cursor after
+    fn reply_tags_carry_their_stream_id() {
+        // (tag) -> id
         let table = [
-            ("r 10-2", true, (10, 2)),
-            ("r 10-2", false, (10, 2)),
-            ("r 9-9", false, (10, 2)),
-            ("r 11-0", true, (11, 0)),
-            ("x 12-0", false, (11, 0)),
-            ("r nonsense", false, (11, 0)),
-            ("", false, (11, 0)),
+            ("r 10-2", Some(StreamId { ms: 10, seq: 2 })),
+            ("x 12-0", None),
+            ("r nonsense", None),
+            ("", None),
         ];
-        for (tag, moved, (ms, seq)) in table {
-            assert_eq!(advance(&mut cursor, tag), moved, "{tag}");
-            assert_eq!(cursor, StreamId { ms, seq }, "{tag}");
+        for (tag, id) in table {
+            assert_eq!(tagged_id(tag), id, "{tag}");
         }
         let id = StreamId { ms: 5, seq: 7 };
         assert_eq!(tagged_id(&reply_tag(id)), Some(id));

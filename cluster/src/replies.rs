@@ -20,7 +20,7 @@ use crate::entry::{reply_key, Cursor, Entry, Seen, StreamId};
 use crate::pacing::{self, Burst};
 use crate::record::reply_tag;
 use crate::{Append, Node};
-use broker::delivery::{Delivery, DELIVERY_TAG};
+use broker::delivery::{Delivery, DELIVERY_TAG, DELIVERY_TARGET};
 use broker::inject::InjectLink;
 use broker::router::protocol::QoS;
 use bytes::Bytes;
@@ -226,11 +226,43 @@ pub(crate) fn split_takeover(message: &[u8]) -> Option<Takeover<'_>> {
     })
 }
 
+/// A replay for one session (it resumed here, or its cursor resyncs):
+/// what this node delivered already to the user's other sessions here
+/// (up to `live`, the user's cursor here, and before `held_from`, the
+/// first live wake-up held back for the replay) goes to it alone; the
+/// rest is new for every session of the user.
+pub(crate) struct Aim<'a> {
+    pub session: &'a str,
+    pub live: Cursor,
+    pub held_from: Option<StreamId>,
+}
+
+impl Aim<'_> {
+    /// The session entry `id` is aimed at (None: every session), the
+    /// user's cursor here moved past what goes to everyone.
+    fn target(&mut self, id: StreamId) -> Option<&str> {
+        let seen = self.live.last().is_some_and(|last| id <= last);
+        let held = self.held_from.is_some_and(|first| id >= first);
+        if seen && !held {
+            return Some(self.session);
+        }
+        if self.live.last().is_some() || held {
+            self.live.see(id);
+            None
+        } else {
+            // The node saw nothing of the stream: no other session here
+            // was owed it.
+            Some(self.session)
+        }
+    }
+}
+
 /// Reads `uid`'s stream after `from` and delivers what the cursor has not
 /// seen (entries of this node's own are only counted as seen, unless
 /// `tagged`), paced ([`Burst`]). `tagged`: a persistent session of the user is held here, so
 /// every entry goes with its delivery tag, this node's own too (see
-/// [`deliver`]). Returns false when Redis could not be read.
+/// [`deliver`]). `aim`: a replay for one session ([`Aim`]). Returns false
+/// when Redis could not be read.
 pub(crate) async fn replay(
     node: &Node,
     link: &mut Option<InjectLink>,
@@ -238,6 +270,7 @@ pub(crate) async fn replay(
     from: String,
     cursor: &mut Cursor,
     tagged: bool,
+    mut aim: Option<&mut Aim<'_>>,
 ) -> bool {
     let mut conn = node.redis.shared();
     let key = reply_key(uid);
@@ -271,11 +304,13 @@ pub(crate) async fn replay(
         for (id, entry) in entries {
             start = id.after();
             if cursor.see(id) == Seen::New {
+                let target = aim.as_mut().and_then(|aim| aim.target(id));
                 if let Some(entry) = entry {
                     let how = How {
                         id,
                         tagged,
                         burst: burst.as_mut(),
+                        target,
                     };
                     deliver(node, link, &entry, "replayed", how).await;
                 }
@@ -322,11 +357,13 @@ pub(crate) async fn trimmed_after(node: &Node, uid: &str, cursor: StreamId) -> O
 }
 
 /// How one entry is delivered: its stream id; `tagged`: a persistent
-/// session of the user is held here; `burst`: it is one of a paced burst.
+/// session of the user is held here; `burst`: it is one of a paced burst;
+/// `target`: the one session it is for (a replay, [`Aim`]).
 pub(crate) struct How<'a> {
     pub id: StreamId,
     pub tagged: bool,
     pub burst: Option<&'a mut Burst>,
+    pub target: Option<&'a str>,
 }
 
 /// Delivers one entry here: to the local inboxes, and to the router when
@@ -337,7 +374,12 @@ pub(crate) struct How<'a> {
 /// cursor; this node's own entries too (the gate left them to the stream
 /// for that), to the router only (its inboxes had them; a retained one
 /// the router had too). One of a paced burst carries the tag too, and
-/// waits for its turn ([`Burst::before`]).
+/// waits for its turn ([`Burst::before`]). One aimed at a session
+/// (`how.target`) goes to the router only, with the target: that session
+/// alone writes it. Each persistent session held here that the router
+/// serves a tagged entry to waits for its acknowledgement (`cursor.rs`).
+/// Tracked before it is injected: a QoS 0 one may be written (and
+/// acknowledged) before the injection returns.
 pub(crate) async fn deliver(
     node: &Node,
     link: &mut Option<InjectLink>,
@@ -364,7 +406,7 @@ pub(crate) async fn deliver(
         node.metrics().cluster_dropped("undecodable", 1);
         return;
     };
-    let needs_router = if own {
+    let needs_router = if own || how.target.is_some() {
         true
     } else {
         let routed = node.local().route(topic, &entry.publish, &entry.properties);
@@ -376,12 +418,27 @@ pub(crate) async fn deliver(
         return;
     }
     let mut burst = how.burst.filter(|burst| burst.pacing());
-    if how.tagged || burst.is_some() {
-        entry
-            .properties
-            .get_or_insert_with(Default::default)
+    if how.tagged || burst.is_some() || how.target.is_some() {
+        let properties = entry.properties.get_or_insert_with(Default::default);
+        properties
             .user_properties
             .push((DELIVERY_TAG.to_owned(), reply_tag(how.id)));
+        if let Some(target) = how.target {
+            properties
+                .user_properties
+                .push((DELIVERY_TARGET.to_owned(), target.to_owned()));
+        }
+    }
+    if how.tagged {
+        if let Some((uid, _)) = topic.split_once('_') {
+            let expiry = entry
+                .properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval)
+                .map(|secs| Duration::from_secs(u64::from(secs)));
+            node.persistent
+                .injected(uid, topic, how.id, expiry, how.target);
+        }
     }
     let Some(burst) = burst.as_mut() else {
         inject(node, link, entry).await;

@@ -3,15 +3,21 @@
 //! Redis by one task (queued, coalesced, never awaited by a session; a
 //! lease refreshed while the session is live here), read back at CONNECT
 //! on the node a device reconnects to (`ClusterDelivery::resume`), and
-//! released when another node took the session.
+//! released when another node took the session. Each one's cursor is
+//! the end of the prefix of the replies injected for it that its client
+//! acknowledged (`cursor.rs`): the replies are tracked here as they are
+//! injected (`replies::deliver`), and a session whose cursor stalls is
+//! resynced by a replay aimed at it alone (`listener.rs`).
 //!
 //! Writes are conditional: a node writes a record only while Redis names
 //! it the owner (or there is none); the node a session resumed on claims
 //! it with a full write. So a node that lost its session (the device went
 //! to another node) cannot overwrite the new owner's record.
 
+use crate::cursor::Window;
 use crate::entry::StreamId;
-use crate::record::{self, record_key, Record};
+use crate::listener::Resume;
+use crate::record::{self, record_key, tagged_id, Record};
 use crate::redis_conn::Redis;
 use crate::Node;
 use broker::delivery::{Resumed, SessionSubscription};
@@ -19,7 +25,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -55,7 +61,8 @@ const BATCH: usize = 512;
 struct Held {
     expiry: Duration,
     subscriptions: Vec<SessionSubscription>,
-    cursor: StreamId,
+    /// Its cursor, and the replies injected for it after it.
+    window: Window,
     /// Its client is connected here.
     live: bool,
     /// Changed since written.
@@ -72,18 +79,21 @@ enum Removal {
     Delete { key: String, owned: bool },
 }
 
-/// The sessions held here, and how many per user.
+/// The sessions held here, and which per user.
 #[derive(Default)]
 struct Sessions {
     by_id: HashMap<String, Held>,
-    users: HashMap<String, usize>,
+    users: HashMap<String, Vec<String>>,
 }
 
 impl Sessions {
     fn insert(&mut self, id: &str, held: Held) {
         if self.by_id.insert(id.to_owned(), held).is_none() {
             if let Some(uid) = crate::device_uid(id) {
-                *self.users.entry(uid.to_owned()).or_default() += 1;
+                self.users
+                    .entry(uid.to_owned())
+                    .or_default()
+                    .push(id.to_owned());
             }
         }
     }
@@ -91,9 +101,9 @@ impl Sessions {
     fn remove(&mut self, id: &str) -> Option<Held> {
         let held = self.by_id.remove(id)?;
         if let Some(uid) = crate::device_uid(id) {
-            if let Some(count) = self.users.get_mut(uid) {
-                *count -= 1;
-                if *count == 0 {
+            if let Some(ids) = self.users.get_mut(uid) {
+                ids.retain(|held| held != id);
+                if ids.is_empty() {
                     self.users.remove(uid);
                 }
             }
@@ -115,6 +125,16 @@ pub struct Persistent {
     removals: Mutex<Vec<Removal>>,
     changed: Notify,
 }
+
+/// Milliseconds of a monotonic clock (the cursors' expiries and stalls).
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A session to resync: its user, its id, and the cursor to replay after.
+type Resync = (String, String, StreamId);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -174,7 +194,9 @@ impl Persistent {
                     Held {
                         expiry: Duration::ZERO,
                         subscriptions: Vec::new(),
-                        cursor: resumed.unwrap_or_else(|| record::fresh_cursor(now_ms())),
+                        window: Window::new(
+                            resumed.unwrap_or_else(|| record::fresh_cursor(now_ms())),
+                        ),
                         live: true,
                         dirty: true,
                         // A clean start replaces whatever another node left.
@@ -228,7 +250,73 @@ impl Persistent {
 
     /// The client of `id` acknowledged the reply `tag` names.
     pub fn delivered(&self, id: &str, tag: &str) {
-        self.change(id, |held| record::advance(&mut held.cursor, tag));
+        if let Some(reply) = tagged_id(tag) {
+            self.change(id, |held| held.window.acked(reply, mono_ms()));
+        }
+    }
+
+    /// The reply `tag` names will not be written to the client of `id`
+    /// (too large for it): not waited for.
+    pub fn skipped(&self, id: &str, tag: &str) {
+        if let Some(reply) = tagged_id(tag) {
+            self.change(id, |held| held.window.skipped(reply, mono_ms()));
+        }
+    }
+
+    /// Reply `reply` on `topic` was injected into the router here with its
+    /// delivery tag, for every session of `uid` (`target` None) or for
+    /// session `target` alone: each persistent one held here that the
+    /// router serves it to (one of its subscriptions matches) waits for
+    /// its acknowledgement. `expiry`: its Message Expiry Interval.
+    pub fn injected(
+        &self,
+        uid: &str,
+        topic: &str,
+        reply: StreamId,
+        expiry: Option<Duration>,
+        target: Option<&str>,
+    ) {
+        let now = mono_ms();
+        let expires =
+            expiry.map(|e| now.saturating_add(u64::try_from(e.as_millis()).unwrap_or(u64::MAX)));
+        let mut sessions = self.held.lock();
+        let Sessions { by_id, users } = &mut *sessions;
+        let Some(ids) = users.get(uid) else {
+            return;
+        };
+        for id in ids {
+            if target.is_some_and(|target| target != id) {
+                continue;
+            }
+            let Some(held) = by_id.get_mut(id) else {
+                continue;
+            };
+            let served = held.subscriptions.iter().any(|s| {
+                protocol::topics::split_shared(&s.filter).is_none()
+                    && protocol::topics::matches(topic, &s.filter)
+            });
+            if served {
+                held.window.injected(reply, now, expires);
+            }
+        }
+    }
+
+    /// The replay for session `id` (its resume here, or a resync) was
+    /// injected whole (`read`), or not: then its cursor stays until a
+    /// resync.
+    pub fn replayed(&self, id: &str, read: bool) {
+        self.change(id, |held| {
+            if read {
+                held.window.resynced(mono_ms())
+            } else {
+                held.window.resync_lost();
+                false
+            }
+        });
+    }
+
+    fn resync_lost(&self, id: &str) {
+        self.replayed(id, false);
     }
 
     /// The connection of `id` ended; the record lives for its expiry.
@@ -307,12 +395,23 @@ impl Persistent {
         }
     }
 
-    /// What is due: the removals, and the records changed or whose lease
-    /// needs refreshing (marked written).
-    fn due(&self, node: &str, now: Instant) -> (Vec<Removal>, Vec<(String, Write)>) {
+    /// What is due: the removals, the records changed or whose lease
+    /// needs refreshing (marked written), and the sessions whose cursor
+    /// must resync (`cursor.rs`).
+    fn due(&self, node: &str, now: Instant) -> (Vec<Removal>, Vec<(String, Write)>, Vec<Resync>) {
         let removals = std::mem::take(&mut *self.removals.lock());
         let mut writes = Vec::new();
+        let mut resyncs = Vec::new();
+        let ms = mono_ms();
         for (id, held) in self.held.lock().by_id.iter_mut() {
+            if held.window.advance(ms) {
+                held.dirty = true;
+            }
+            if let (Some(uid), Some(from)) =
+                (crate::device_uid(id), held.window.resync(ms, held.live))
+            {
+                resyncs.push((uid.to_owned(), id.clone(), from));
+            }
             let refresh = held.live
                 && held
                     .written
@@ -325,7 +424,7 @@ impl Persistent {
                 node: node.to_owned(),
                 expiry_secs: held.expiry.as_secs(),
                 subscriptions: held.subscriptions.clone(),
-                cursor: held.cursor,
+                cursor: held.window.cursor(),
             };
             writes.push((
                 key,
@@ -340,7 +439,7 @@ impl Persistent {
             held.claim = false;
             held.written = Some(now);
         }
-        (removals, writes)
+        (removals, writes, resyncs)
     }
 }
 
@@ -383,8 +482,9 @@ impl Persistent {
 /// Writes the records of the persistent sessions held here, and deletes
 /// the ones that ended, until the node shuts down: a batch (coalesced for
 /// a moment) when something changed, and the leases of live sessions
-/// refreshed.
-pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>) {
+/// refreshed. Sessions whose cursor must resync are handed to the
+/// listener (`resumes`) for a replay aimed at each.
+pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>, resumes: mpsc::Sender<Resume>) {
     let write_script = redis::Script::new(WRITE_SCRIPT);
     let delete_script = redis::Script::new(DELETE_SCRIPT);
     let mut tick = tokio::time::interval(TICK);
@@ -402,7 +502,22 @@ pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>) {
         } else if node.shutdown.is_cancelled() {
             return;
         }
-        let (removals, writes) = persistent.due(&node.id, Instant::now());
+        let (removals, writes, resyncs) = persistent.due(&node.id, Instant::now());
+        for (uid, session, from) in resyncs {
+            info!(
+                session,
+                "a session's cursor stalled or fell behind: its replies after it are replayed to it"
+            );
+            let replay = Resume::Replay { uid, from, session };
+            if let Err(
+                mpsc::error::TrySendError::Full(Resume::Replay { session, .. })
+                | mpsc::error::TrySendError::Closed(Resume::Replay { session, .. }),
+            ) = resumes.try_send(replay)
+            {
+                // Asked again on the next tick.
+                persistent.resync_lost(&session);
+            }
+        }
         // A full batch: more may be due at once.
         more = writes.len() == BATCH;
         if !removals.is_empty() {

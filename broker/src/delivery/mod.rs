@@ -56,7 +56,8 @@
 //!
 //! - `delivered`: a client acknowledged a publish that carried a
 //!   [`DELIVERY_TAG`]: a command is acknowledged in its stream (`XACK`)
-//!   once a handler acknowledged it.
+//!   once a handler acknowledged it; a reply moves a persistent session's
+//!   cursor; `skipped`: one not written (too large) is not waited for.
 //! - `will_armed` / `will_done` / `will_reconnected` (default: nothing): a
 //!   device's will is kept in the cluster while it is owed, so another
 //!   node publishes it if this one dies, and a reconnect on another node
@@ -94,6 +95,15 @@ pub const DELIVERY_TAG: &str = "x-gate-tag";
 
 /// The longest [`DELIVERY_TAG`] value the cluster makes, in bytes.
 pub const DELIVERY_TAG_MAX: usize = 256;
+
+/// The other gate-internal user property, only with a [`DELIVERY_TAG`]:
+/// the id of the one session an injected publish is for (the cluster's
+/// replay of a user's replies to the one session that resumed on this
+/// node). Every other session the router hands it to settles it with the
+/// router unwritten (as a publish too large for its client) and reports
+/// nothing. Removed before writing, and from what clients send, as the
+/// tag is.
+pub const DELIVERY_TARGET: &str = "x-gate-for";
 
 /// How a connection of a session starts, for [`Delivery::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +189,15 @@ pub trait Delivery: CommandTopics + Send + Sync {
     /// the connection ended first) is not reported. Called from the
     /// session: must not wait.
     fn delivered(&self, session_id: &str, tag: &str) {
+        let _ = (session_id, tag);
+    }
+
+    /// Session `session_id` will not write the publish that carried
+    /// [`DELIVERY_TAG`] `tag` to its client: too large for it (settled
+    /// with the router unwritten). Never for a publish aimed at another
+    /// session ([`DELIVERY_TARGET`]). Called from the session: must not
+    /// wait.
+    fn skipped(&self, session_id: &str, tag: &str) {
         let _ = (session_id, tag);
     }
 

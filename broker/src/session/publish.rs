@@ -256,6 +256,16 @@ impl SessionState {
         self.drain_inbox(out);
         let (qos, pkid) = (publish.qos(), publish.pkid());
         let tag = properties.as_mut().and_then(tags::take);
+        if tag.is_some()
+            && properties
+                .as_mut()
+                .is_some_and(|p| tags::aimed_elsewhere(p, self.claim.id()))
+        {
+            // Another session's (a replay for the session that resumed
+            // here): settled with the router, not written.
+            self.settle_undeliverable(qos, pkid, out);
+            return;
+        }
         if out.to_client(Packet::Publish(publish, properties)) {
             self.gate.metrics().messages_out(1);
             if let Some(tag) = tag {
@@ -267,6 +277,9 @@ impl SessionState {
         } else {
             // Too large for this client: not sent, and settled with the
             // router as if delivered, so its flow goes on.
+            if let Some(tag) = tag {
+                self.gate.delivery().skipped(self.claim.id(), &tag);
+            }
             self.settle_undeliverable(qos, pkid, out);
         }
     }

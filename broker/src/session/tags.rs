@@ -2,10 +2,12 @@
 //! (`delivery::DELIVERY_TAG`): the property is taken off every publish
 //! before it is written, and the tag of a QoS 1/2 publish is kept by packet
 //! id until the client's acknowledgement, when the session reports it
-//! (`Delivery::delivered`). Also removes a tag a client put on its own
-//! publish or will, so that none can be forged.
+//! (`Delivery::delivered`); a publish aimed at another session
+//! (`delivery::DELIVERY_TARGET`) is told apart. Also removes a tag or
+//! target a client put on its own publish or will, so that none can be
+//! forged.
 
-use crate::delivery::DELIVERY_TAG;
+use crate::delivery::{DELIVERY_TAG, DELIVERY_TARGET};
 use crate::router::protocol::PublishProperties;
 use std::collections::HashMap;
 
@@ -59,9 +61,24 @@ pub fn take(properties: &mut PublishProperties) -> Option<Box<str>> {
     Some(tag)
 }
 
+/// Removes every [`DELIVERY_TARGET`] property from `properties`: true
+/// when one names a session other than `session` (the publish is not for
+/// it). Only a tagged publish carries one.
+pub fn aimed_elsewhere(properties: &mut PublishProperties, session: &str) -> bool {
+    let user = &mut properties.user_properties;
+    if !user.iter().any(|(name, _)| name == DELIVERY_TARGET) {
+        return false;
+    }
+    let elsewhere = user
+        .iter()
+        .any(|(name, value)| name == DELIVERY_TARGET && value != session);
+    user.retain(|(name, _)| name != DELIVERY_TARGET);
+    elsewhere
+}
+
 /// Removes from a client's publish or will anything that could be read as
-/// a delivery tag (its name ignoring ASCII case and surrounding space, as
-/// the identity stamps do).
+/// a delivery tag or target (its name ignoring ASCII case and surrounding
+/// space, as the identity stamps do).
 pub fn strip_forged(properties: &mut PublishProperties) {
     properties
         .user_properties
@@ -77,7 +94,8 @@ pub fn strip_forged_from(mut properties: Option<PublishProperties>) -> Option<Pu
 }
 
 fn is_tag_name(name: &str) -> bool {
-    name.trim().eq_ignore_ascii_case(DELIVERY_TAG)
+    let name = name.trim();
+    name.eq_ignore_ascii_case(DELIVERY_TAG) || name.eq_ignore_ascii_case(DELIVERY_TARGET)
 }
 
 #[cfg(test)]
@@ -117,12 +135,42 @@ mod tests {
             (" x-gate-tag\t", "f"),
             ("x-gate-tag", "f"),
             ("x-gate-tags", "kept"),
+            ("X-Gate-For", "D:1:a"),
+            (" x-gate-for", "D:1:a"),
         ]);
         strip_forged(&mut p);
         assert_eq!(
             p.user_properties,
             with(&[("x-gate-tags", "kept")]).user_properties
         );
+    }
+
+    #[test]
+    fn a_target_is_removed_and_tells_whether_the_publish_is_for_another() {
+        // (properties, session) -> elsewhere
+        type Props<'a> = &'a [(&'a str, &'a str)];
+        let table: [(Props, &str, bool); 4] = [
+            (&[("a", "1")], "D:1:a", false),
+            (&[(DELIVERY_TARGET, "D:1:a")], "D:1:a", false),
+            (&[(DELIVERY_TARGET, "D:1:a")], "D:1:b", true),
+            (
+                &[(DELIVERY_TAG, "r 1-0"), (DELIVERY_TARGET, "D:1:a")],
+                "H:h",
+                true,
+            ),
+        ];
+        for (props, session, elsewhere) in table {
+            let mut p = with(props);
+            assert_eq!(
+                aimed_elsewhere(&mut p, session),
+                elsewhere,
+                "{props:?} {session}"
+            );
+            assert!(
+                p.user_properties.iter().all(|(n, _)| n != DELIVERY_TARGET),
+                "{props:?}"
+            );
+        }
     }
 
     #[test]
