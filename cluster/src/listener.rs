@@ -217,9 +217,11 @@ impl Listener {
                 if !read {
                     self.node.metrics().cluster_dropped("replay_failed", 1);
                 }
-                let live = aim.live;
+                // What the replay read is seen here (the user's other
+                // sessions had it, or were owed nothing from before they
+                // subscribed).
                 let listening = self.users.entry(uid).or_default();
-                if let Some(last) = live.last() {
+                if let Some(last) = cursor.last() {
                     listening.cursor.see(last);
                 }
             }
