@@ -93,6 +93,12 @@ impl Redis {
         self.shared.clone()
     }
 
+    /// Replicas a batched write waits for (`BROKER_CLUSTER_WAIT_REPLICAS`;
+    /// 0 = none), for writers that build their own pipeline.
+    pub fn wait_replicas(&self) -> u8 {
+        self.wait_replicas
+    }
+
     /// Whether Redis is a cluster.
     pub fn is_cluster(&self) -> bool {
         self.target.is_cluster()

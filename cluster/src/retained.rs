@@ -11,6 +11,9 @@
 //!   which logs every change. Beyond [`MAX_TOPICS`] topics or
 //!   [`MAX_BYTES`] bytes a new message is refused (logged, counted as
 //!   `retained_cap`): it stays retained on the node that received it only.
+//!   With `BROKER_CLUSTER_WAIT_REPLICAS` n, each batch ends with `WAIT n
+//!   100` on its connection, as the appends do: a QoS 1 retained publish's
+//!   PUBACK comes once n replicas have it (or the wait ran out, logged).
 //! - In: each node reads the log (blocking `XREAD` on a connection of its
 //!   own, from the last id it applied, reconnecting with backoff) and hands
 //!   each change to its own router as a retained publish (through the
@@ -27,6 +30,7 @@
 //!   Retained publishes take only this path, never the user's reply stream.
 
 use crate::entry::{Entry, StreamId};
+use crate::redis_conn::{Redis, WAIT_TIMEOUT};
 use crate::replies::inject;
 use crate::{Append, Node};
 use broker::delivery::Delivery;
@@ -178,27 +182,8 @@ pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
-        let stored = now_ms();
-        let mut pipe = redis::pipe();
-        for Append {
-            key: topic, entry, ..
-        } in &batch
-        {
-            let deleted = Entry::decode(entry).is_ok_and(|e| e.publish.payload.is_empty());
-            pipe.cmd("EVAL")
-                .arg(STORE_SCRIPT)
-                .arg(3)
-                .arg(TOPICS_KEY)
-                .arg(LOG_KEY)
-                .arg(BYTES_KEY)
-                .arg(topic)
-                .arg(value(stored, entry))
-                .arg(if deleted { "1" } else { "0" })
-                .arg(MAX_TOPICS)
-                .arg(MAX_BYTES)
-                .arg(LOG_MAXLEN);
-        }
-        match send(&node, &pipe).await {
+        let pipe = store_pipe(batch.iter().map(|a| (a.key.as_str(), &a.entry)), now_ms());
+        match store_batch(&node.redis, pipe, batch.len()).await {
             Ok(answers) => {
                 let mut answers = answers.into_iter();
                 for Append {
@@ -229,18 +214,85 @@ pub async fn store(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
     }
 }
 
+/// The store script of each (topic, entry), stored at `stored` (ms).
+fn store_pipe<'a>(
+    items: impl Iterator<Item = (&'a str, &'a Bytes)>,
+    stored: u64,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for (topic, entry) in items {
+        let deleted = Entry::decode(entry).is_ok_and(|e| e.publish.payload.is_empty());
+        pipe.cmd("EVAL")
+            .arg(STORE_SCRIPT)
+            .arg(3)
+            .arg(TOPICS_KEY)
+            .arg(LOG_KEY)
+            .arg(BYTES_KEY)
+            .arg(topic)
+            .arg(value(stored, entry))
+            .arg(if deleted { "1" } else { "0" })
+            .arg(MAX_TOPICS)
+            .arg(MAX_BYTES)
+            .arg(LOG_MAXLEN);
+    }
+    pipe
+}
+
+/// Runs `pipe`, the store scripts of a batch of `scripts` (one slot):
+/// their answers. With `BROKER_CLUSTER_WAIT_REPLICAS` n it ends with
+/// `WAIT n 100` on the same connection (a keyless command: the cluster
+/// connection sends the pipeline to the master of the scripts' slot), so
+/// the batch counts as stored once n replicas acknowledged it; fewer
+/// within the timeout: still stored (the master has it), logged at warn.
+async fn store_batch(
+    redis: &Redis,
+    mut pipe: redis::Pipeline,
+    scripts: usize,
+) -> redis::RedisResult<Vec<String>> {
+    let replicas = redis.wait_replicas();
+    if replicas > 0 {
+        pipe.cmd("WAIT")
+            .arg(replicas)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+    }
+    let values = send(redis, &pipe).await?;
+    if replicas > 0 {
+        let acked = match values.get(scripts) {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        };
+        if acked < i64::from(replicas) {
+            warn!(
+                acked,
+                wanted = replicas,
+                messages = scripts,
+                "cluster_wait_short: retained messages were stored but fewer replicas than BROKER_CLUSTER_WAIT_REPLICAS acknowledged them within 100 ms"
+            );
+        }
+    }
+    Ok(values
+        .iter()
+        .take(scripts)
+        .map(|value| match value {
+            redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+            redis::Value::SimpleString(text) => text.clone(),
+            _ => String::new(),
+        })
+        .collect())
+}
+
 /// Sends `pipe` (one slot), retrying with backoff through a failover.
-async fn send(node: &Node, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<String>> {
+async fn send(redis: &Redis, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<redis::Value>> {
     let deadline = Instant::now() + STORE_RETRY_FOR;
     let mut wait = Duration::from_millis(100);
     loop {
-        let mut conn = node.redis.shared();
-        match pipe.query_async::<Vec<String>>(&mut conn).await {
+        let mut conn = redis.shared();
+        match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
             Err(e) if Instant::now() + wait < deadline => {
                 warn!(error = %e, retry_in = ?wait, "storing retained messages failed");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
-                let _ = node.redis.refresh().await;
+                let _ = redis.refresh().await;
             }
             other => return other,
         }
@@ -500,96 +552,5 @@ fn log_entries(entries: &redis::Value) -> Vec<(StreamId, String, Vec<u8>)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use broker::router::protocol::{Publish, PublishProperties, QoS};
-
-    fn entry(expiry: Option<u32>) -> Entry {
-        Entry {
-            origin: "node-a".into(),
-            publish: Publish::with_qos(
-                Bytes::from_static(b"42_status"),
-                Bytes::from_static(b"on"),
-                true,
-                QoS::AtLeastOnce,
-                1,
-            ),
-            properties: Some(PublishProperties {
-                message_expiry_interval: expiry,
-                ..Default::default()
-            }),
-        }
-    }
-
-    #[test]
-    fn values_read_back_with_their_time() {
-        let stored = value(1_700_000_000_123, b"entry");
-        assert_eq!(
-            split_value(&stored),
-            Some((1_700_000_000_123, &b"entry"[..]))
-        );
-        assert_eq!(split_value(b"short"), None);
-    }
-
-    #[test]
-    fn expiry_counts_the_time_since_it_was_stored() {
-        // (interval, seconds since stored) -> interval handed over
-        let table = [
-            (None, 10_000, Some(None)),
-            (Some(60), 0, Some(Some(60))),
-            (Some(60), 59, Some(Some(1))),
-            (Some(60), 60, None),
-            (Some(60), 61, None),
-        ];
-        for (interval, waited, expected) in table {
-            let got = as_of(entry(interval), 1_000_000, 1_000_000 + waited * 1000)
-                .map(|e| e.properties.and_then(|p| p.message_expiry_interval));
-            assert_eq!(got, expected, "{interval:?} after {waited} s");
-        }
-    }
-
-    #[test]
-    fn a_router_gets_each_retained_message_once() {
-        let held = Held::default();
-        held.received("t", b"v1", false);
-        assert!(!held.set("t", b"v1", false), "its own change comes back");
-        assert!(held.set("t", b"v2", false));
-        assert!(!held.set("t", b"v2", false));
-        assert!(held.set("t", b"", true), "deleted");
-        assert!(!held.set("t", b"", true), "nothing left to delete");
-        assert!(held.set("t", b"v1", false));
-    }
-
-    #[test]
-    fn log_entries_of_xread_and_xrange_answers() {
-        use redis::Value::{Array, BulkString, Nil};
-        let entry = |id: &str, topic: &str| {
-            Array(vec![
-                BulkString(id.as_bytes().to_vec()),
-                Array(vec![
-                    BulkString(b"t".to_vec()),
-                    BulkString(topic.as_bytes().to_vec()),
-                    BulkString(b"v".to_vec()),
-                    BulkString(b"x".to_vec()),
-                ]),
-            ])
-        };
-        let range = Array(vec![entry("1-0", "a"), entry("2-1", "b")]);
-        let read = Array(vec![Array(vec![
-            BulkString(LOG_KEY.as_bytes().to_vec()),
-            range.clone(),
-        ])]);
-        for got in [log_entries(&range), log_entries(xread_entries(&read))] {
-            assert_eq!(
-                got,
-                vec![
-                    (StreamId { ms: 1, seq: 0 }, "a".to_owned(), b"x".to_vec()),
-                    (StreamId { ms: 2, seq: 1 }, "b".to_owned(), b"x".to_vec()),
-                ]
-            );
-        }
-        assert!(log_entries(&Nil).is_empty());
-        assert!(log_entries(xread_entries(&Nil)).is_empty());
-        assert!(log_entries(&Array(vec![])).is_empty());
-    }
-}
+#[path = "retained_tests.rs"]
+mod tests;
