@@ -56,6 +56,10 @@ const MAX_PENDING: usize = 10_000;
 const MAX_REMOVALS: usize = 64 * 1024;
 /// Records written per batch.
 const BATCH: usize = 512;
+/// A tracked reply's Message Expiry passes it this long after its
+/// interval (see [`Persistent::injected`]): more than a paced wait (2 s)
+/// and the router's acknowledgement of an injection (10 s).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(15);
 
 /// One persistent device session held here.
 struct Held {
@@ -277,8 +281,13 @@ impl Persistent {
         target: Option<&str>,
     ) {
         let now = mono_ms();
-        let expires =
-            expiry.map(|e| now.saturating_add(u64::try_from(e.as_millis()).unwrap_or(u64::MAX)));
+        // The router counts the expiry from when it took the reply, which
+        // may be after a paced wait or a slow router: never passed early.
+        let expires = expiry.map(|e| {
+            now.saturating_add(
+                u64::try_from(e.saturating_add(EXPIRY_MARGIN).as_millis()).unwrap_or(u64::MAX),
+            )
+        });
         let mut sessions = self.held.lock();
         let Sessions { by_id, users } = &mut *sessions;
         let Some(ids) = users.get(uid) else {
