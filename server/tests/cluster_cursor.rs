@@ -9,10 +9,13 @@
 //!   persistent, served by the router; one clean, served by the gate's
 //!   inbox) while a third device of the user resumes on node B from node
 //!   A: the replay is for the resuming session alone, the other two get
-//!   each reply once.
+//!   each reply once;
+//! - a reply too large for the device's Maximum Packet Size is not
+//!   written and does not hold its cursor back.
 
 mod nodes;
 
+use e2e::clients::V5Client;
 use nodes::{
     handler, next, persistent_phone as phone, probe, reply, token, Node, Process, ANSWER_WITHIN,
 };
@@ -294,5 +297,65 @@ async fn a_replay_reaches_the_resuming_session_alone() {
                 );
             }
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_too_large_for_the_device_does_not_hold_its_cursor() {
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &url, false, none);
+    let node_b = Node::start("node-b", &url, false, none);
+    let uid = "7303";
+    let topic = format!("{uid}_note");
+    let worker = handler(&node_b, "worker-b");
+
+    // A persistent device that takes no packet over 512 bytes.
+    let mut on_a = V5Client::connect(node_a.target(), "phone-7303", "JWT", &token(uid), |o| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(600));
+        o.set_max_packet_size(Some(512));
+    });
+    on_a.connected().await;
+    assert_eq!(
+        on_a.subscribe(&topic, QoS::AtLeastOnce).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    probe(&mut on_a, &worker, &topic).await;
+    reply(&worker, &topic, "x".repeat(2000)).await;
+    reply(&worker, &topic, "after".into()).await;
+    let got = next(&mut on_a, ANSWER_WITHIN).await.expect("a reply");
+    assert_eq!(&got.payload[..], b"after", "the large one is not written");
+
+    // The record's cursor reaches the last reply: the one not written
+    // (reported skipped) does not hold it back.
+    let stream = format!("r:{{{uid}}}");
+    let record = format!("p:{{{uid}}}:phone-7303");
+    let master = cluster.master_of_key(&stream);
+    let last = match cluster.query(master, &["XREVRANGE", &stream, "+", "-", "COUNT", "1"]) {
+        Ok(redis::Value::Array(entries)) => match entries.first() {
+            Some(redis::Value::Array(entry)) => match entry.first() {
+                Some(redis::Value::BulkString(id)) => String::from_utf8_lossy(id).into_owned(),
+                other => panic!("an entry id: {other:?}"),
+            },
+            other => panic!("an entry: {other:?}"),
+        },
+        other => panic!("the user's stream: {other:?}"),
+    };
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    loop {
+        let cursor = cluster
+            .query_text(master, &["HGET", &record, "cursor"])
+            .unwrap_or_default();
+        if cursor == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the record's cursor {cursor} never reached the last reply {last}\nnode A:\n{}",
+            node_a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
