@@ -458,9 +458,13 @@ impl Listener {
                 if let Some((until, first)) = self.holding.get_mut(uid) {
                     if Instant::now() < *until {
                         // A session resuming here replays the stream
-                        // first; from this one on, for every session.
+                        // first; from this one on (new here), for every
+                        // session.
+                        let seen = self.users.get(uid).and_then(|l| l.cursor.last());
                         if let Some((id, _)) = split_wakeup(payload) {
-                            *first = Some(first.map_or(id, |first| first.min(id)));
+                            if seen.is_none_or(|seen| id > seen) {
+                                *first = Some(first.map_or(id, |first| first.min(id)));
+                            }
                         }
                         return;
                     }

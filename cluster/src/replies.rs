@@ -493,6 +493,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_replay_aims_at_its_session_what_the_others_had() {
+        let id = |ms| StreamId { ms, seq: 0 };
+        let cursor = |last: Option<u64>| {
+            let mut c = Cursor::default();
+            if let Some(ms) = last {
+                c.see(id(ms));
+            }
+            c
+        };
+        // (the user's cursor here, first wake-up held back, ids replayed)
+        // -> aimed at the session (true) or for everyone, per id
+        type Row<'a> = (Option<u64>, Option<u64>, &'a [u64], &'a [bool]);
+        let table: [Row; 5] = [
+            (Some(5), None, &[3, 5, 6, 7], &[true, true, false, false]),
+            (Some(5), Some(6), &[4, 6, 7], &[true, false, false]),
+            // The node saw nothing of the stream: no other session was
+            // owed any of it, unless it came while held back.
+            (None, None, &[1, 2], &[true, true]),
+            (None, Some(2), &[1, 2, 3], &[true, false, false]),
+            (Some(9), None, &[], &[]),
+        ];
+        for (live, held_from, ids, aimed) in table {
+            let mut aim = Aim {
+                session: "D:1:a",
+                live: cursor(live),
+                held_from: held_from.map(id),
+            };
+            let got: Vec<bool> = ids
+                .iter()
+                .map(|ms| aim.target(id(*ms)) == Some("D:1:a"))
+                .collect();
+            assert_eq!(got, aimed, "{live:?} {held_from:?} {ids:?}");
+        }
+    }
+
+    #[test]
     fn takeover_announcements() {
         // (queued for the session opened, clean start) -> message
         let table = [
