@@ -1,7 +1,9 @@
 //! Owns the table tests of delivery tags (`tags`) on the session as pure
 //! state: a tag never reaches a client, its delivery is reported once per
-//! acknowledgement at each QoS and never for a publish not written, and a
-//! client cannot forge one. The gate is the broker's, with its delivery
+//! acknowledgement at each QoS and never for a publish not written (one
+//! too large is reported skipped), a publish aimed at another session
+//! (`DELIVERY_TARGET`) is settled unwritten, and a client cannot forge a
+//! tag or a target. The gate is the broker's, with its delivery
 //! wrapped (as a cluster wraps it) to record what is reported.
 
 use super::state::{Accepted, Actions, Deadlines, Event, SessionState, Who};
@@ -10,7 +12,7 @@ use crate::auth::testing::{device, handler};
 use crate::auth::{jwt::JwtSettings, Principal};
 use crate::codec::Version;
 use crate::config::{Config, Limits};
-use crate::delivery::{Kind, Opening, DELIVERY_TAG};
+use crate::delivery::{Kind, Opening, DELIVERY_TAG, DELIVERY_TARGET};
 use crate::gate::Gate;
 use crate::inbound::InboundFlows;
 use crate::router::protocol::{
@@ -27,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 const SERVED: &str = "echo";
 
-/// What delivery was told: (session id, tag), in order.
+/// What delivery was told: (session id, tag), in order; a skipped tag as
+/// `skipped <tag>`.
 type Reported = Arc<Mutex<Vec<(String, String)>>>;
 
 fn recording_gate() -> (Arc<Gate>, Reported) {
@@ -47,11 +50,20 @@ fn recording_gate() -> (Arc<Gate>, Reported) {
         config,
         CancellationToken::new(),
         Box::new(move |local, _| {
-            Box::new(Hooked::new(local).on_delivered(move |session_id, tag| {
-                reported
-                    .lock()
-                    .push((session_id.to_owned(), tag.to_owned()));
-            }))
+            let skipped = reported.clone();
+            Box::new(
+                Hooked::new(local)
+                    .on_delivered(move |session_id, tag| {
+                        reported
+                            .lock()
+                            .push((session_id.to_owned(), tag.to_owned()));
+                    })
+                    .on_skipped(move |session_id, tag| {
+                        skipped
+                            .lock()
+                            .push((session_id.to_owned(), format!("skipped {tag}")));
+                    }),
+            )
         }),
     )
     .expect("gate");
@@ -170,9 +182,10 @@ fn user_properties(packets: &[Packet]) -> Vec<(String, String)> {
 }
 
 fn has_tag_name(packets: &[Packet]) -> bool {
-    user_properties(packets)
-        .iter()
-        .any(|(name, _)| name.trim().eq_ignore_ascii_case(DELIVERY_TAG))
+    user_properties(packets).iter().any(|(name, _)| {
+        let name = name.trim();
+        name.eq_ignore_ascii_case(DELIVERY_TAG) || name.eq_ignore_ascii_case(DELIVERY_TARGET)
+    })
 }
 
 fn puback(pkid: u16) -> Event {
@@ -265,7 +278,8 @@ async fn untagged_unwritten_and_refused_publishes() {
     assert!(reported.lock().is_empty());
 
     // Too large for the client: not written, settled with the router, not
-    // reported (its owner delivers it again later).
+    // reported delivered (a command's owner delivers it again later), but
+    // reported skipped (a reply's cursor does not wait for it).
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
         let mut out = Keep {
             max_payload: Some(10),
@@ -278,7 +292,11 @@ async fn untagged_unwritten_and_refused_publishes() {
         assert!(out.client.is_empty(), "{qos:?}");
         feed(&mut session, puback(2));
         feed(&mut session, pubcomp(2));
-        assert!(reported.lock().is_empty(), "{qos:?}");
+        assert_eq!(
+            std::mem::take(&mut *reported.lock()),
+            vec![(id.clone(), "skipped big".to_owned())],
+            "{qos:?}"
+        );
     }
     assert_eq!(session.tags.len(), 0);
 
@@ -348,11 +366,62 @@ async fn inbox_replies_lose_the_tag_and_report_it_once_written() {
 }
 
 #[tokio::test]
+async fn a_publish_aimed_at_another_session_is_settled_unwritten() {
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        let (gate, reported) = recording_gate();
+        let mut session = open(&gate, device("u3"), Version::V5).await;
+        let id = session.claim.id().to_owned();
+        // (target, packet id) -> written to this client
+        for (target, pkid, written) in [("D:u3:other", 4, false), (id.as_str(), 5, true)] {
+            let Packet::Publish(publish, Some(mut props)) =
+                tagged("u3_reply", qos, pkid, 4, Some("r 7-0"))
+            else {
+                panic!("a publish");
+            };
+            props
+                .user_properties
+                .push((DELIVERY_TARGET.to_owned(), target.to_owned()));
+            let out = feed(
+                &mut session,
+                Event::Router(Packet::Publish(publish, Some(props))),
+            );
+            let case = format!("{qos:?} aimed at {target}");
+            assert_eq!(out.client.len(), usize::from(written), "{case}");
+            assert!(
+                user_properties(&out.client)
+                    .iter()
+                    .all(|(n, _)| n != DELIVERY_TARGET && n != DELIVERY_TAG),
+                "{case}: nothing gate-internal written"
+            );
+            if written {
+                feed(&mut session, puback(pkid));
+                feed(&mut session, pubcomp(pkid));
+                assert_eq!(
+                    std::mem::take(&mut *reported.lock()),
+                    vec![(id.clone(), "r 7-0".to_owned())],
+                    "{case}"
+                );
+            } else {
+                // Settled with the router as the client would have.
+                let settled = match qos {
+                    QoS::AtMostOnce => 0,
+                    QoS::AtLeastOnce | QoS::ExactlyOnce => 1,
+                };
+                assert_eq!(out.router.len(), settled, "{case}");
+                assert!(reported.lock().is_empty(), "{case}: nothing reported");
+            }
+        }
+        assert_eq!(session.tags.len(), 0, "{qos:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_clients_forged_tag_is_removed() {
     let forged = [
         (DELIVERY_TAG, "c:{sync:0}|g|1-0"),
         ("X-Gate-Tag", "f"),
         (" x-gate-tag ", "f"),
+        (" X-Gate-For", "D:u1:other"),
         ("x-gate-tags", "kept"),
     ];
     for sender in [device("u1"), handler()] {

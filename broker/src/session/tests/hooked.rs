@@ -1,6 +1,6 @@
 //! Owns the test delivery the session's table tests wrap around the
 //! one-node [`LocalDelivery`]: every method forwards to it, and a test
-//! hooks only what it watches (`route`'s answer, `delivered`), instead of
+//! hooks only what it watches (`route`'s answer, `delivered`, `skipped`), instead of
 //! each test forwarding the whole trait by hand.
 
 use crate::acl::{CommandTopics, Denial};
@@ -17,6 +17,7 @@ pub(crate) struct Hooked {
     local: LocalDelivery,
     route: Option<RouteHook>,
     delivered: Option<DeliveredHook>,
+    skipped: Option<DeliveredHook>,
 }
 
 impl Hooked {
@@ -25,7 +26,14 @@ impl Hooked {
             local,
             route: None,
             delivered: None,
+            skipped: None,
         }
+    }
+
+    /// `hook` hears every `skipped`.
+    pub(crate) fn on_skipped(mut self, hook: impl Fn(&str, &str) + Send + Sync + 'static) -> Self {
+        self.skipped = Some(Box::new(hook));
+        self
     }
 
     /// `hook` sees (and may change) every `route` answer.
@@ -86,6 +94,11 @@ impl Delivery for Hooked {
     }
     fn delivered(&self, session_id: &str, tag: &str) {
         if let Some(hook) = &self.delivered {
+            hook(session_id, tag);
+        }
+    }
+    fn skipped(&self, session_id: &str, tag: &str) {
+        if let Some(hook) = &self.skipped {
             hook(session_id, tag);
         }
     }
