@@ -162,7 +162,10 @@ impl Window {
         let stalled = self.slots.front().is_some_and(|first| {
             self.later_acked && now_ms.saturating_sub(first.injected_ms) >= STALL_MS
         });
-        let caught_up = self.untracked.is_some() && self.slots.is_empty();
+        // Everything tracked before the first untracked id is passed.
+        let caught_up = self
+            .untracked
+            .is_some_and(|untracked| self.slots.front().is_none_or(|first| first.id >= untracked));
         if !(stalled || caught_up) {
             return None;
         }
@@ -357,6 +360,22 @@ mod tests {
         w.acked(id(last - 1), 1);
         w.acked(id(last), 1);
         assert_eq!((w.cursor(), w.tracked()), (id(last), 0));
+    }
+
+    #[test]
+    fn a_full_window_resyncs_once_what_precedes_the_untracked_id_passed() {
+        let mut w = Window::new(id(0));
+        // Injected out of order into a full window: 1 is not tracked, the
+        // later ones are.
+        for n in 2..=MAX_TRACKED as u64 + 1 {
+            w.injected(id(n), 0, None);
+        }
+        w.injected(id(1), 0, None);
+        for n in 2..=MAX_TRACKED as u64 + 1 {
+            w.acked(id(n), 0);
+        }
+        assert_eq!(w.cursor(), id(0), "1 was never tracked");
+        assert_eq!(w.resync(0, true), Some(id(0)));
     }
 
     #[test]
