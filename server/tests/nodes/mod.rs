@@ -78,6 +78,8 @@ impl Node {
         let child = Command::new(env!("CARGO_BIN_EXE_broker"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            // NODE_RUST_LOG (e.g. `info,cluster::listener=debug`) logs a
+            // node's decisions for a run being investigated; info otherwise.
             .env(
                 "RUST_LOG",
                 std::env::var("NODE_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
