@@ -9,8 +9,8 @@
 //!   takes them over (`XAUTOCLAIM`) and every one is answered;
 //! - the slot of a user's replies moved to another master, then that
 //!   master failed over, while replies stream: subscriptions follow
-//!   (`sunsubscribe`, lost connections), nothing stalls, and what was lost
-//!   is counted and printed.
+//!   (`sunsubscribe`, lost connections), nothing stalls and nothing is
+//!   lost (duplicates are allowed, counted and printed).
 
 mod nodes;
 
