@@ -7,8 +7,11 @@
 //! and subscribes again, where the slot map now says, after a
 //! `sunsubscribe` from the server (the slot moved), a lost connection or a
 //! subscription left unconfirmed; each confirmation replays the user's
-//! stream after its cursor (`replies::replay`). A replay, and a user's
-//! live replies while they come in a burst, are paced (`pacing.rs`).
+//! stream after its cursor on the subscription's own connection, and
+//! counts only once that node served the read (`listener_confirm.rs`);
+//! only the confirmed connection's wake-ups are delivered. A replay, and
+//! a user's live replies while they come in a burst, are paced
+//! (`pacing.rs`).
 
 use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, StreamId};
 use crate::pacing::Burst;
@@ -70,10 +73,26 @@ struct Listening {
     cursor: Cursor,
     /// The shard connection the subscription was asked on, and when.
     asked: Option<(u64, Instant)>,
-    /// The server confirmed the subscription on that connection.
+    /// The server confirmed the subscription on that connection, and that
+    /// node was seen to serve the user's slot ([`Listener::confirm`]).
     confirmed: bool,
+    /// Where the node a subscription was asked on said the slot is
+    /// (`MOVED`): the next subscription goes there, whatever the slot map.
+    redirect: Option<NodeAddr>,
     /// Live wake-ups delivered since the last [`TICK`].
     recent: u32,
+}
+
+impl Listening {
+    /// Whether a wake-up that came on connection `shard` is this user's to
+    /// deliver: only on the connection its subscription was asked and
+    /// confirmed on. Any other (a subscription left on a node that no
+    /// longer serves the slot, or not confirmed yet) may hear wake-ups
+    /// out of turn; the entries are in the stream, read by the replay
+    /// that confirms the subscription.
+    fn hears(&self, shard: u64) -> bool {
+        self.confirmed && self.asked.is_some_and(|(id, _)| id == shard)
+    }
 }
 
 /// One connection to one master, for the users whose slots it holds.
@@ -333,7 +352,8 @@ impl Listener {
             let mut asks = Vec::with_capacity(chunk.len());
             for uid in chunk {
                 let key = reply_key(uid);
-                let Some(addr) = self.node.redis.master_of(&key) else {
+                let redirect = self.users.get_mut(uid).and_then(|l| l.redirect.take());
+                let Some(addr) = redirect.or_else(|| self.node.redis.master_of(&key)) else {
                     let _ = self.node.redis.refresh().await;
                     failed = true;
                     continue;
@@ -348,6 +368,7 @@ impl Listener {
                     listening.asked = Some((shard, now));
                     listening.confirmed = false;
                 }
+                debug!(uid, %addr, shard, "asking for a subscription");
                 asks.push(async move {
                     redis::cmd("SSUBSCRIBE")
                         .arg(key)
@@ -392,7 +413,7 @@ impl Listener {
             };
             match opened {
                 Ok(conn) => {
-                    info!(%addr, "pub/sub connection to a Redis master open");
+                    info!(%addr, shard = id, "pub/sub connection to a Redis master open");
                     self.shards.insert(addr.clone(), Shard { id, conn });
                 }
                 Err(e) => {
@@ -477,7 +498,20 @@ impl Listener {
                     self.node.metrics().cluster_dropped("undecodable", 1);
                     return;
                 };
-                if listening.cursor.see(id) == Seen::New {
+                if !listening.hears(shard) {
+                    debug!(
+                        uid,
+                        shard,
+                        %id,
+                        asked = ?listening.asked.map(|(s, _)| s),
+                        confirmed = listening.confirmed,
+                        "a wake-up on a connection the subscription is not confirmed on: left to the replay"
+                    );
+                    return;
+                }
+                let seen = listening.cursor.see(id);
+                debug!(uid, shard, %id, new = (seen == Seen::New), "wake-up");
+                if seen == Seen::New {
                     listening.recent = listening.recent.saturating_add(1);
                     if listening.recent >= BURST
                         && !self.bursts.contains_key(uid)
@@ -497,36 +531,8 @@ impl Listener {
                 }
             }
             PushKind::SSubscribe => {
-                let Some(uid) = uid.map(str::to_owned) else {
-                    return;
-                };
-                let Some(listening) = self.users.get_mut(&uid) else {
-                    return;
-                };
-                if listening.asked.is_some_and(|(id, _)| id == shard) && !listening.confirmed {
-                    listening.confirmed = true;
-                    if self.holding.contains_key(&uid) {
-                        // The resuming session's replay reads the stream
-                        // (in order, for it); a lapsed hold reads it too.
-                        return;
-                    }
-                    if let Some(from) = listening.cursor.replay_from() {
-                        let mut cursor = listening.cursor;
-                        let tagged = self.persistent.holds_user(&uid);
-                        replay(
-                            &self.node,
-                            &mut self.link,
-                            &uid,
-                            from,
-                            &mut cursor,
-                            tagged,
-                            None,
-                        )
-                        .await;
-                        if let Some(listening) = self.users.get_mut(&uid) {
-                            listening.cursor = cursor;
-                        }
-                    }
+                if let Some(uid) = uid.map(str::to_owned) {
+                    self.confirm(uid, shard).await;
                 }
             }
             PushKind::SUnsubscribe => {
@@ -539,12 +545,14 @@ impl Listener {
                 if listening.asked.is_some_and(|(id, _)| id == shard) {
                     info!(
                         uid,
-                        "the server ended a subscription (slot moved?): subscribing again"
+                        shard, "the server ended a subscription (slot moved?): subscribing again"
                     );
                     listening.asked = None;
                     listening.confirmed = false;
                     self.pending = true;
                     let _ = self.node.redis.refresh().await;
+                    let now = uid.and_then(|uid| self.node.redis.master_of(&reply_key(uid)));
+                    debug!(uid, shard, now = ?now, "the slot map after the server ended a subscription");
                 }
             }
             PushKind::Disconnection => {
@@ -566,3 +574,10 @@ impl Listener {
         }
     }
 }
+
+#[path = "listener_confirm.rs"]
+mod confirm;
+
+#[cfg(test)]
+#[path = "listener_tests.rs"]
+mod tests;

@@ -270,9 +270,34 @@ pub(crate) async fn replay(
     from: String,
     cursor: &mut Cursor,
     tagged: bool,
-    mut aim: Option<&mut Aim<'_>>,
+    aim: Option<&mut Aim<'_>>,
 ) -> bool {
     let mut conn = node.redis.shared();
+    match replay_on(&mut conn, node, link, uid, from, cursor, tagged, aim).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, uid, "replay of a user's replies failed; they wait for the next one");
+            false
+        }
+    }
+}
+
+/// [`replay`], reading on `conn`: the listener reads on the connection
+/// its subscription was confirmed on, so that every entry is either in
+/// what it read or announced to it afterwards (`listener.rs`). An error
+/// (`MOVED`: that node does not serve the slot) ends it; `cursor` is past
+/// what was delivered before.
+#[allow(clippy::too_many_arguments)] // `replay`'s arguments and the connection to read on
+pub(crate) async fn replay_on(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    node: &Node,
+    link: &mut Option<InjectLink>,
+    uid: &str,
+    from: String,
+    cursor: &mut Cursor,
+    tagged: bool,
+    mut aim: Option<&mut Aim<'_>>,
+) -> redis::RedisResult<()> {
     let key = reply_key(uid);
     let mut start = from;
     // Injected no faster than the user's sessions take the replies; not
@@ -291,15 +316,9 @@ pub(crate) async fn replay(
             .arg("+")
             .arg("COUNT")
             .arg(REPLAY_PAGE)
-            .query_async(&mut conn)
+            .query_async(conn)
             .await;
-        let entries = match page {
-            Ok(page) => crate::stream_entries(&page),
-            Err(e) => {
-                warn!(error = %e, uid, "replay of a user's replies failed; they wait for the next one");
-                return false;
-            }
-        };
+        let entries = crate::stream_entries(&page?);
         let count = entries.len();
         for (id, entry) in entries {
             start = id.after();
@@ -317,11 +336,11 @@ pub(crate) async fn replay(
             }
         }
         if count < REPLAY_PAGE {
-            return true;
+            return Ok(());
         }
     }
     debug!(uid, "replay stopped after its page limit");
-    true
+    Ok(())
 }
 
 /// Whether `uid`'s stream lost entries after `cursor` to its trimming

@@ -9,8 +9,8 @@
 //!   takes them over (`XAUTOCLAIM`) and every one is answered;
 //! - the slot of a user's replies moved to another master, then that
 //!   master failed over, while replies stream: subscriptions follow
-//!   (`sunsubscribe`, lost connections), nothing stalls, and what was lost
-//!   is counted and printed.
+//!   (`sunsubscribe`, lost connections), nothing stalls and nothing is
+//!   lost (duplicates are allowed, counted and printed).
 
 mod nodes;
 
@@ -389,8 +389,14 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
         i if i < 400 => "moved",
         _ => "failed over",
     });
+    // How often node A's subscription landed on a node that did not serve
+    // the slot (the promoted master's old master, named by a stale map).
+    let refused = node_a
+        .log_text()
+        .matches("a subscription is on a node that does not serve")
+        .count();
     println!(
-        "replies across a slot move and a coordinated failover: {total} sent, {} received, lost by phase {lost:?}, {duplicates} duplicates; moves {moves:?}",
+        "replies across a slot move and a coordinated failover: {total} sent, {} received, lost by phase {lost:?}, {duplicates} duplicates; moves {moves:?}; node A subscribed again after a refused confirmation {refused} times",
         received.len() - duplicates
     );
     assert!(
@@ -405,9 +411,14 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
     );
     // The replay after each move is paced against what the device took:
     // the router's log of the topic never dropped a segment under the
-    // device's reader. (A few replies right after the coordinated
-    // failover are lost in some runs, none to the router: ARCHITECTURE.md
-    // "What a failover can lose".)
+    // device's reader. After the coordinated failover the old master's
+    // `sunsubscribe` may come while the slot map still names it (now a
+    // replica, which accepts `SSUBSCRIBE` but hears the promoted master's
+    // wake-ups only once that master counts it as its replica): node A's
+    // subscription counts only once the replay read on its own connection
+    // succeeded, which a replica refuses (`MOVED`), so it subscribes on the
+    // promoted master instead and nothing is skipped (before, 1 to 44
+    // replies after the failover were lost in about 1 run of 6).
     let jumped = jumped_over(&node_a.log_text(), &format!("{uid}_note"));
     if !lost.is_empty() {
         println!(
@@ -433,9 +444,12 @@ async fn replies_follow_a_moved_slot_and_a_failover() {
         "the router jumped over {jumped} replies:\n{}",
         node_a.log_text()
     );
+    // At least once: duplicates are allowed (counted and printed above),
+    // a lost reply is not, in any phase.
     assert!(
-        !lost.contains_key("before") && !lost.contains_key("moved"),
-        "replies lost before the failover: {lost:?}"
+        lost.is_empty(),
+        "replies lost: {lost:?} (replies {:?})",
+        lost_ranges(&received, total)
     );
 }
 

@@ -78,7 +78,12 @@ impl Node {
         let child = Command::new(env!("CARGO_BIN_EXE_broker"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
+            // NODE_RUST_LOG (e.g. `info,cluster::listener=debug`) logs a
+            // node's decisions for a run being investigated; info otherwise.
+            .env(
+                "RUST_LOG",
+                std::env::var("NODE_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .env("REDIS_URL", redis)
             .env("BROKER_NODE_ID", name)
             .env("BROKER_HANDLERS", if handlers { "all" } else { "none" })
