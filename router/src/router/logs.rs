@@ -6,6 +6,7 @@ use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel,
     Publish, PublishProperties, SubAck, UnsubAck,
 };
+use crate::router::shared_subs::Audience;
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
@@ -27,6 +28,8 @@ pub struct PublishData {
     pub timestamp: Instant,
     /// patched: the client id of the connection that published it, for No
     /// Local (MQTT 5 3.8.3.1); `None` for the router's own publishes (wills).
+    /// One beginning with `$` is no client id but the only subscriptions
+    /// that may read it (`Audience`).
     pub origin: Option<Arc<str>>,
 }
 
@@ -409,13 +412,16 @@ impl DataLog {
     /// Reads up to `len` publishes of `filter_idx` from `offset`.
     /// patched: expired messages are left out and the others carry what is
     /// left of their expiry interval (as upstream), and so are messages
-    /// published by `skip_origin` (No Local, MQTT 5 3.8.3.1).
+    /// published by `skip_origin` (No Local, MQTT 5 3.8.3.1) and those meant
+    /// for other subscriptions than `shared` (the reader's `$share/...`
+    /// path, `None` for a plain subscription; see `Audience`).
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
         skip_origin: Option<&str>,
+        shared: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // patched: an error, not a panic, for a filter that is gone.
         let data = self.native.get(filter_idx).ok_or_else(|| {
@@ -426,13 +432,16 @@ impl DataLog {
         // reflect that. Consequently, this method is also infallible.
         // Encoding this information is important so that calling function
         // has more information on how this method behaves.
-        let next = data.log.readv(offset, len, &mut o)?;
+        // patched: publishes meant for other subscriptions (`Audience`) and,
+        // under No Local, this reader's own are skipped without a copy.
+        let next = data.log.readv_where(offset, len, &mut o, |pubdata| {
+            Audience::admits(pubdata.origin.as_deref(), shared)
+                && !skip_origin.is_some_and(|id| pubdata.published_by(id))
+        })?;
 
         let now = Instant::now();
         // `readv` returns copies: aging them leaves the log unchanged.
-        o.retain_mut(|(pubdata, _)| {
-            pubdata.age(now) && !skip_origin.is_some_and(|id| pubdata.published_by(id))
-        });
+        o.retain_mut(|(pubdata, _)| pubdata.age(now));
 
         // no need to include timestamp when returning
         let o = o

@@ -1812,11 +1812,13 @@ fn forward_device_data(
     let (start, next, caughtup) = if retained_pending {
         (request.cursor, request.cursor, false)
     } else {
+        let shared = request.group.is_some().then_some(request.filter.as_str());
         let (next, publishes_from_datalog) = match datalog.native_readv(
             request.filter_idx,
             request.cursor,
             inflight_slots,
             skip_origin,
+            shared,
         ) {
             Ok(v) => v,
             Err(e) => {
@@ -1877,7 +1879,20 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // patched: everything read was skipped (expired, No Local, or meant
+        // for other subscriptions: `Audience`). The group moves past it
+        // (upstream left the group's cursor before it, so the group read
+        // the same skipped message forever and stalled behind it), and a
+        // reader that is not at the end reads on instead of waiting for the
+        // next publish.
+        if let Some(share) = shared_group {
+            share.cursor = request.cursor;
+        }
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
@@ -2019,3 +2034,7 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 #[cfg(test)]
 #[path = "routing_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "shared_tests.rs"]
+mod shared_tests;

@@ -226,9 +226,21 @@ where
     /// be a valid index if the start given is not valid either.
     pub fn readv(
         &self,
+        start: (u64, u64),
+        len: u64,
+        out: &mut Vec<(T, Offset)>,
+    ) -> io::Result<Position> {
+        self.readv_where(start, len, out, |_| true)
+    }
+
+    /// patched: `readv` that copies out only the entries `keep` accepts;
+    /// the others count towards `len` and the returned position as read.
+    pub fn readv_where(
+        &self,
         mut start: (u64, u64),
         mut len: u64,
         out: &mut Vec<(T, Offset)>,
+        keep: impl Fn(&T) -> bool,
     ) -> io::Result<Position> {
         let mut cursor = start;
         let _orig_cursor = cursor;
@@ -266,7 +278,7 @@ where
             // `Segment::readv` handles the conversion from absolute index to relative
             // index and it returns the absolute offset.
             // absolute cursor not to be confused with absolute offset
-            match curr_segment.readv(cursor, len, out)? {
+            match curr_segment.readv(cursor, len, out, &keep)? {
                 // an offset returned -> we didn't read till end -> len fulfilled -> return
                 SegmentPosition::Next(offset) => {
                     return Ok(Position::Next {
@@ -309,7 +321,7 @@ where
         // segment's `readv`, then we should return `None` as well as it is not possible to read
         // further, whereas for older segments we simply jump on to the new one to read more.
 
-        match curr_segment.readv(cursor, len, out)? {
+        match curr_segment.readv(cursor, len, out, &keep)? {
             SegmentPosition::Next(v) => {
                 // debug!("start: {:?}, end: ({}, {})", orig_cursor, cursor.0, cursor.1 + v - 1);
                 Ok(Position::Next {
