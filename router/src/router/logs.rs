@@ -409,6 +409,39 @@ impl DataLog {
         Some(next)
     }
 
+    /// patched: `trim_read` that keeps the publishes at `in_flight`
+    /// offsets (sorted): returns where the reader continues and those
+    /// publishes, moved out of the emptied log, with their offsets.
+    pub fn trim_read_keeping(
+        &mut self,
+        filter_idx: FilterIdx,
+        cursor: Offset,
+        in_flight: &[Offset],
+    ) -> Option<(Offset, Vec<(PublishData, Offset)>)> {
+        let data = self.native.get_mut(filter_idx)?;
+        if data.log.next_offset() != cursor {
+            return None;
+        }
+        let freed = data.log.size();
+        let (next, kept) = data.log.clear_keeping(in_flight);
+        data.stored_bytes.fetch_sub(freed, Ordering::Relaxed);
+        Some((next, kept))
+    }
+
+    /// patched: a copy of the publish stored at `offset` in `filter_idx`'s
+    /// log, if it is still there.
+    pub fn stored_at(&self, filter_idx: FilterIdx, offset: Offset) -> Option<PublishData> {
+        let data = self.native.get(filter_idx)?;
+        let mut out = Vec::new();
+        data.log.readv(offset, 1, &mut out).ok()?;
+        out.pop().filter(|(_, at)| *at == offset).map(|(p, _)| p)
+    }
+
+    /// patched: the log index of `filter`, if it has a log.
+    pub fn filter_index(&self, filter: &str) -> Option<FilterIdx> {
+        self.filter_indexes.get(filter).copied()
+    }
+
     /// Reads up to `len` publishes of `filter_idx` from `offset`.
     /// patched: expired messages are left out and the others carry what is
     /// left of their expiry interval (as upstream), and so are messages

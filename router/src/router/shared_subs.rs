@@ -37,6 +37,11 @@ impl Audience {
         Audience(Some(Arc::from(format!("$share/{group}/{filter}"))))
     }
 
+    /// Only the shared subscription of path `$share/<group>/<filter>`.
+    pub(crate) fn shared_subscription_path(path: &str) -> Self {
+        Audience(Some(Arc::from(path)))
+    }
+
     /// The origin that stands for it in stored publishes, if it is not
     /// everyone.
     pub(crate) fn origin(&self) -> Option<Arc<str>> {
@@ -65,6 +70,16 @@ pub struct SharedGroup {
     current_client_index: usize,
     pub cursor: (u64, u64),
     pub strategy: Strategy,
+    /// patched: publishes moved out of the group's log when it was emptied
+    /// (`Router::trim_read_by_group`) while clean members still had them
+    /// unacknowledged, with their offsets (sorted): delivered again to the
+    /// group if such a member leaves. At most the members' in-flight
+    /// windows; what was acknowledged since goes at the next emptying.
+    pub(crate) held: Vec<(super::logs::PublishData, (u64, u64))>,
+    /// patched: kept with no member for what its last member left
+    /// unacknowledged (`shared_redelivery.rs`): it holds its filter's log
+    /// (one reader) until a member joins.
+    pub(crate) kept: bool,
 }
 
 impl SharedGroup {
@@ -74,6 +89,8 @@ impl SharedGroup {
             current_client_index: 0,
             cursor,
             strategy,
+            held: Vec::new(),
+            kept: false,
         }
     }
 
@@ -157,6 +174,8 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            held: Vec::new(),
+            kept: false,
         };
         group.update_next_client();
         assert_eq!(group.current_client_index, 1);
@@ -178,6 +197,8 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            held: Vec::new(),
+            kept: false,
         };
         group.remove_client(&"A".into());
         assert_eq!(group.current_client_index, 0);
@@ -197,6 +218,8 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            held: Vec::new(),
+            kept: false,
         };
         group.update_next_client();
         assert_eq!(group.current_client_index, 1);

@@ -10,6 +10,7 @@
 
 use super::tests::{config, connect, settle, Client};
 use super::*;
+use crate::protocol::{PubAck, PubAckReason};
 use crate::router::shared_subs::Audience;
 
 fn router() -> Router {
@@ -130,4 +131,162 @@ fn a_group_reads_past_publishes_for_another_group() {
     assert_eq!(sorted(group_a), sorted(expected_a));
     let expected_b: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
     assert_eq!(b1.publishes(), expected_b);
+}
+
+/// The publishes among `client.take()`: (payload, packet id).
+fn forwards(client: &Client) -> Vec<(String, u16)> {
+    client
+        .take()
+        .into_iter()
+        .filter_map(|n| match n {
+            Notification::Forward(f) => Some((
+                String::from_utf8_lossy(&f.publish.payload).into_owned(),
+                f.publish.pkid,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn puback(client: &Client, router: &mut Router, pkid: u16) {
+    let ack = PubAck {
+        pkid,
+        reason: PubAckReason::Success,
+    };
+    client.send(router, Packet::PubAck(ack, None));
+}
+
+/// A clean member of a group leaves with QoS 1 deliveries unacknowledged
+/// (the log was emptied under them meanwhile: the group read it all): the
+/// other member gets them. Upstream dropped them with the clean session.
+#[test]
+fn a_clean_member_leaving_gives_its_unacked_publishes_to_the_group() {
+    let mut router = router();
+    let a = connect(&mut router, "a", true);
+    let b = connect(&mut router, "b", true);
+    a.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    b.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    a.take();
+    b.take();
+    let device = connect(&mut router, "device", true);
+    for i in 0..6u16 {
+        device.publish(
+            &mut router,
+            "cmd",
+            &format!("c{i}"),
+            QoS::AtLeastOnce,
+            i + 1,
+        );
+    }
+    let held_by_a: Vec<String> = forwards(&a).into_iter().map(|(p, _)| p).collect();
+    let mut got_b = Vec::new();
+    for (payload, pkid) in forwards(&b) {
+        got_b.push(payload);
+        puback(&b, &mut router, pkid);
+    }
+    assert!(!held_by_a.is_empty() && !got_b.is_empty(), "both members");
+    // The log was emptied; what was in flight then was kept apart (what
+    // `b` acknowledged since goes at the next emptying).
+    assert_eq!(
+        stored(&router, "cmd"),
+        0,
+        "the group read its log to the end"
+    );
+    let held: Vec<String> = router.shared_subscriptions["g/cmd"]
+        .held
+        .iter()
+        .map(|(p, _)| String::from_utf8_lossy(&p.publish.payload).into_owned())
+        .collect();
+    assert!(held_by_a.iter().all(|p| held.contains(p)), "{held:?}");
+
+    a.disconnect(&mut router);
+    let again: Vec<String> = forwards(&b).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(again, held_by_a, "b gets what a left unacknowledged");
+    got_b.extend(again);
+    let every: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+    assert_eq!(sorted(got_b), every);
+}
+
+/// The only member leaves with QoS 1 deliveries unacknowledged: the group
+/// is kept, holding its log, and the next member gets them, then what was
+/// published meanwhile. Once it acknowledged everything and left, nothing
+/// is kept.
+#[test]
+fn a_sole_clean_member_leaving_keeps_its_unacked_for_the_next_member() {
+    let mut router = router();
+    let a = connect(&mut router, "a", true);
+    a.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    a.take();
+    let device = connect(&mut router, "device", true);
+    for i in 0..3u16 {
+        device.publish(
+            &mut router,
+            "cmd",
+            &format!("c{i}"),
+            QoS::AtLeastOnce,
+            i + 1,
+        );
+    }
+    assert_eq!(forwards(&a).len(), 3);
+    a.disconnect(&mut router);
+    assert!(router.shared_subscriptions["g/cmd"].kept);
+    device.publish(&mut router, "cmd", "c3", QoS::AtLeastOnce, 4);
+
+    let c = connect(&mut router, "c", true);
+    c.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    let got = forwards(&c);
+    let payloads: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(payloads, vec!["c0", "c1", "c2", "c3"]);
+    assert!(!router.shared_subscriptions["g/cmd"].kept);
+    for (_, pkid) in got {
+        puback(&c, &mut router, pkid);
+    }
+    c.disconnect(&mut router);
+    assert!(router.shared_subscriptions.is_empty());
+    assert!(router.datalog.filter_index("cmd").is_none(), "log freed");
+}
+
+/// What a clean member left goes back to its own group only: a second
+/// group and a plain subscriber of the same topic get nothing again.
+#[test]
+fn unacked_publishes_go_back_to_their_group_only() {
+    let mut router = router();
+    let a = connect(&mut router, "a", true);
+    let b = connect(&mut router, "b", true);
+    let other = connect(&mut router, "other", true);
+    let plain = connect(&mut router, "plain", true);
+    a.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    b.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    other.subscribe(&mut router, "$share/h/cmd", QoS::AtLeastOnce);
+    plain.subscribe(&mut router, "cmd", QoS::AtMostOnce);
+    for client in [&a, &b, &other, &plain] {
+        client.take();
+    }
+    let device = connect(&mut router, "device", true);
+    device.publish(&mut router, "cmd", "one", QoS::AtLeastOnce, 1);
+    device.publish(&mut router, "cmd", "two", QoS::AtLeastOnce, 2);
+    let held_by_a: Vec<String> = forwards(&a).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(held_by_a.len(), 1);
+    for (_, pkid) in forwards(&b) {
+        puback(&b, &mut router, pkid);
+    }
+    assert_eq!(forwards(&other).len(), 2);
+    assert_eq!(plain.publishes().len(), 2);
+
+    a.disconnect(&mut router);
+    let again: Vec<String> = forwards(&b).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(again, held_by_a);
+    assert!(forwards(&other).is_empty());
+    assert!(plain.publishes().is_empty());
+}
+
+/// Publishes stored in the log of `filter`.
+fn stored(router: &Router, filter: &str) -> usize {
+    let idx = router.datalog.filter_index(filter).expect("a log");
+    let mut out = Vec::new();
+    router.datalog.native[idx]
+        .log
+        .readv((0, 0), u64::MAX / 2, &mut out)
+        .unwrap();
+    out.len()
 }

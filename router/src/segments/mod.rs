@@ -187,6 +187,32 @@ where
         (self.tail, next)
     }
 
+    /// patched: `clear`, moving out first the entries at `wanted` offsets
+    /// (sorted), with their offsets: what a reader still needs of a log
+    /// that is emptied.
+    pub fn clear_keeping(&mut self, wanted: &[(u64, u64)]) -> ((u64, u64), Vec<(T, (u64, u64))>) {
+        if wanted.is_empty() || (self.segments.len() == 1 && self.active_segment().len() == 0) {
+            return (self.clear(), Vec::new());
+        }
+        let next = self.active_segment().next_offset();
+        let head = self.head;
+        let mut kept = Vec::new();
+        for (i, segment) in std::mem::take(&mut self.segments).into_iter().enumerate() {
+            let index = head + i as u64;
+            let base = segment.absolute_offset;
+            for (j, item) in segment.data.into_iter().enumerate() {
+                let offset = (index, base + j as u64);
+                if wanted.binary_search(&offset).is_ok() {
+                    kept.push((item, offset));
+                }
+            }
+        }
+        self.tail += 1;
+        self.head = self.tail;
+        self.segments.push_back(Segment::with_offset(next));
+        ((self.tail, next), kept)
+    }
+
     /// Append a new [`T`] to the active segment.
     #[inline]
     pub fn append(&mut self, message: T) -> (u64, u64) {
