@@ -1,3 +1,6 @@
+//! Owns `$share` groups (their members, turn and shared cursor) and the
+//! audience of a publish (`Audience`: which subscriptions may read it).
+
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
