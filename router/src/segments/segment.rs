@@ -91,6 +91,8 @@ where
             // patched: entries `keep` refuses count as read but are not
             // copied (No Local, a publish meant for other subscriptions).
             if let Some(data) = self.data.get(idx as usize..limit as usize) {
+                // One allocation, as the unfiltered copy made.
+                out.reserve(data.len());
                 out.extend(
                     data.iter()
                         .zip(offsets)
