@@ -290,3 +290,40 @@ fn stored(router: &Router, filter: &str) -> usize {
         .unwrap();
     out.len()
 }
+
+/// What a group holds apart for its clean members is at most what they
+/// have in flight: what they acknowledged goes at the next emptying.
+#[test]
+fn held_publishes_are_only_those_still_in_flight() {
+    let mut router = router();
+    let a = connect(&mut router, "a", true);
+    let b = connect(&mut router, "b", true);
+    a.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    b.subscribe(&mut router, "$share/g/cmd", QoS::AtLeastOnce);
+    a.take();
+    b.take();
+    let device = connect(&mut router, "device", true);
+    for i in 0..8u16 {
+        device.publish(
+            &mut router,
+            "cmd",
+            &format!("c{i}"),
+            QoS::AtLeastOnce,
+            i + 1,
+        );
+    }
+    assert!(!router.shared_subscriptions["g/cmd"].held.is_empty());
+    for client in [&a, &b] {
+        for (_, pkid) in forwards(client) {
+            puback(client, &mut router, pkid);
+        }
+    }
+    device.publish(&mut router, "cmd", "last", QoS::AtLeastOnce, 9);
+    let held: Vec<String> = router.shared_subscriptions["g/cmd"]
+        .held
+        .iter()
+        .map(|(p, _)| String::from_utf8_lossy(&p.publish.payload).into_owned())
+        .collect();
+    assert_eq!(held, vec!["last"]);
+    assert_eq!(stored(&router, "cmd"), 0);
+}
