@@ -102,6 +102,18 @@ impl Gate {
             .await
     }
 
+    /// A clean router session of the broker's own whose publishes reach
+    /// only `audience`'s subscriptions (`inject.rs`).
+    pub async fn open_injection_session(
+        &self,
+        router_client_id: String,
+        audience: crate::router::Audience,
+    ) -> Result<RouterLink, RouterError> {
+        self.router
+            .connect_for(router_client_id, true, u16::MAX, audience)
+            .await
+    }
+
     /// Live and persistent sessions: claims, takeover, caps.
     pub fn sessions(&self) -> &Arc<SessionRegistry> {
         &self.sessions

@@ -14,7 +14,7 @@ use crate::gate::Gate;
 use crate::router::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
 };
-use crate::router::{LinkClosed, RouterError, RouterEvent, RouterRx, RouterTx};
+use crate::router::{Audience, LinkClosed, RouterError, RouterEvent, RouterRx, RouterTx};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,9 +37,21 @@ impl Injector {
     /// so no client can take it). Each caller keeps its own: the order of
     /// one link's publishes is the order its subscribers see.
     pub async fn link(&self, name: &str) -> Result<InjectLink, RouterError> {
+        self.link_for(name, Audience::everyone()).await
+    }
+
+    /// [`Injector::link`] whose publishes reach only `audience`'s
+    /// subscriptions: a command read by one Redis consumer group goes to
+    /// the one `$share` subscription (or the plain subscriptions) of that
+    /// group, not to every group here (`mqtt_router::Audience`).
+    pub async fn link_for(
+        &self,
+        name: &str,
+        audience: Audience,
+    ) -> Result<InjectLink, RouterError> {
         let link = self
             .gate
-            .open_router_session(format!("X:{name}"), true, u16::MAX)
+            .open_injection_session(format!("X:{name}"), audience)
             .await?;
         Ok(InjectLink {
             tx: link.tx,

@@ -15,6 +15,8 @@ use std::task::{Context, Poll};
 /// The MQTT packet types and codecs (the router's, which the gate frames with).
 pub use mqtt_router::protocol;
 use mqtt_router::protocol::Packet;
+/// Which subscriptions an injection link's publishes reach (`inject.rs`).
+pub use mqtt_router::Audience;
 
 /// Copies a publish out of the read buffer it borrows, so keeping it does
 /// not keep the whole buffer alive.
@@ -220,9 +222,29 @@ impl EmbeddedRouter {
         clean_session: bool,
         receive_maximum: u16,
     ) -> Result<RouterLink, RouterError> {
+        self.connect_for(
+            router_client_id,
+            clean_session,
+            receive_maximum,
+            Audience::everyone(),
+        )
+        .await
+    }
+
+    /// [`EmbeddedRouter::connect`] for a link of the broker's own whose
+    /// publishes reach only `audience`'s subscriptions (never a client's
+    /// link: a client's publish reaches every matching subscription).
+    pub async fn connect_for(
+        &self,
+        router_client_id: String,
+        clean_session: bool,
+        receive_maximum: u16,
+        audience: Audience,
+    ) -> Result<RouterLink, RouterError> {
         let (tx, rx, ack) = (self.start_link)(&router_client_id)
             .clean_session(clean_session)
             .receive_maximum(receive_maximum)
+            .audience(audience)
             .build_async()
             .await
             .map_err(|e: LinkError| RouterError::Link(e.to_string()))?;

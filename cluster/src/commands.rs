@@ -22,9 +22,10 @@
 
 use crate::acks::{CommandTag, MAX_DELIVERIES};
 use crate::entry::{command_key, consumer_group, Entry, StreamId, PARTITIONS};
-use crate::replies::inject;
+use crate::replies::inject_for;
 use crate::{Append, Node};
 use broker::delivery::DELIVERY_TAG;
+use broker::router::Audience;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -182,6 +183,7 @@ pub async fn supervise(node: Arc<Node>, groups: Arc<Groups>) {
                     node: node.clone(),
                     key: command_key(&pair.0, partition),
                     group: pair.1.clone(),
+                    audience: audience(&pair.0, &pair.1),
                     stop: stop.clone(),
                     replay,
                 };
@@ -204,11 +206,26 @@ pub async fn supervise(node: Arc<Node>, groups: Arc<Groups>) {
     }
 }
 
+/// The router subscriptions here that the entries consumer group `group`
+/// of `topic` reads are for (`entry::consumer_group` the other way):
+/// `s:<g>` is `$share/<g>/<topic>` alone, `n:<node>` the plain
+/// subscriptions. Each (topic, group) read here gets each command once,
+/// whatever other groups of the topic this node reads.
+fn audience(topic: &str, group: &str) -> Audience {
+    match group.strip_prefix("s:") {
+        Some(shared) => Audience::shared_subscription(shared, topic),
+        None => Audience::plain_subscriptions(),
+    }
+}
+
 /// One partition of one command topic, read for one consumer group.
 struct Reader {
     node: Arc<Node>,
     key: String,
     group: String,
+    /// The subscriptions here its entries are for: those of its consumer
+    /// group only (two groups here each read their own).
+    audience: Audience,
     stop: CancellationToken,
     /// Read this consumer's pending entries first (see `supervise`).
     replay: bool,
@@ -434,7 +451,7 @@ impl Reader {
                     .user_properties
                     .push((DELIVERY_TAG.to_owned(), tag));
             }
-            if !inject(&self.node, link, entry).await {
+            if !inject_for(&self.node, link, entry, &self.audience).await {
                 failed = true;
                 break;
             }
@@ -493,6 +510,25 @@ fn delivery_counts(value: &redis::Value) -> HashMap<StreamId, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_consumer_group_injects_for_its_own_subscriptions() {
+        // (filter a handler here declared, node) -> who the entries of its
+        // consumer group are injected for
+        let table = [
+            ("$share/a/sync", Audience::shared_subscription("a", "sync")),
+            ("$share/b/sync", Audience::shared_subscription("b", "sync")),
+            (
+                "$share/g/jobs/resize",
+                Audience::shared_subscription("g", "jobs/resize"),
+            ),
+            ("sync", Audience::plain_subscriptions()),
+        ];
+        for (filter, expected) in table {
+            let (topic, group) = consumer_group(filter, "n1").unwrap();
+            assert_eq!(audience(&topic, &group), expected, "{filter}");
+        }
+    }
 
     #[test]
     fn delivery_counts_of_an_xpending_answer() {

@@ -23,6 +23,7 @@ use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG, DELIVERY_TARGET};
 use broker::inject::InjectLink;
 use broker::router::protocol::QoS;
+use broker::router::Audience;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -483,9 +484,24 @@ pub(crate) async fn deliver(
 /// Hands `entry` to the router through `link`, opened (again) if needed;
 /// false when the router did not take it.
 pub async fn inject(node: &Node, link: &mut Option<InjectLink>, entry: Entry) -> bool {
+    inject_for(node, link, entry, &Audience::everyone()).await
+}
+
+/// [`inject`] through a link whose publishes reach only `audience`'s
+/// subscriptions here (a command read by one consumer group: `commands.rs`).
+pub async fn inject_for(
+    node: &Node,
+    link: &mut Option<InjectLink>,
+    entry: Entry,
+    audience: &Audience,
+) -> bool {
     for _ in 0..2 {
         if link.is_none() {
-            match node.injector().link(&node.next_link_name()).await {
+            match node
+                .injector()
+                .link_for(&node.next_link_name(), audience.clone())
+                .await
+            {
                 Ok(opened) => *link = Some(opened),
                 Err(e) => {
                     warn!(error = %e, "no router link to deliver what other nodes sent");

@@ -50,7 +50,7 @@ pub use router::{
 };
 pub use server::Broker;
 
-pub use self::router::shared_subs::Strategy;
+pub use self::router::shared_subs::{Audience, Strategy};
 
 mod link;
 // The codecs are hardened (and linted) on their own, in protocol/.

@@ -51,6 +51,8 @@ pub struct LinkBuilder<'a> {
     topic_alias_max: u16,
     // patched: the client's Receive Maximum (65,535 when it sent none)
     receive_maximum: u16,
+    // patched: who may read what the link publishes (everyone by default)
+    audience: crate::Audience,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -64,7 +66,16 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             receive_maximum: u16::MAX,
+            audience: crate::Audience::everyone(),
         }
+    }
+
+    /// patched: only `audience`'s subscriptions get what this link
+    /// publishes (see `Audience`). For links the embedding program opens
+    /// for itself; a client's link keeps the default, everyone.
+    pub fn audience(mut self, audience: crate::Audience) -> Self {
+        self.audience = audience;
+        self
     }
 
     pub fn last_will(mut self, last_will: Option<LastWill>) -> Self {
@@ -141,6 +152,10 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will.take(), self.last_will_properties.take())
             .topic_alias_max(self.topic_alias_max);
+        // The stored publishes' origin says who may read them.
+        if let Some(origin) = self.audience.origin() {
+            connection.origin = origin;
+        }
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         outgoing.set_receive_maximum(self.receive_maximum);

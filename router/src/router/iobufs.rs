@@ -81,6 +81,18 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// patched: the log offsets of the deliveries from `filter_idx` that
+    /// await their acknowledgement (PUBACK or PUBREC), oldest first.
+    pub(crate) fn inflight_cursors(
+        &self,
+        filter_idx: FilterIdx,
+    ) -> impl Iterator<Item = Cursor> + '_ {
+        self.inflight_buffer
+            .iter()
+            .filter(move |(_, idx, _)| *idx == filter_idx)
+            .filter_map(|(_, _, cursor)| *cursor)
+    }
+
     /// patched: whether any delivery awaits its acknowledgement.
     pub(crate) fn inflight_is_empty(&self) -> bool {
         self.inflight_buffer.is_empty()

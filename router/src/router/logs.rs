@@ -6,6 +6,7 @@ use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel,
     Publish, PublishProperties, SubAck, UnsubAck,
 };
+use crate::router::shared_subs::Audience;
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
@@ -27,6 +28,8 @@ pub struct PublishData {
     pub timestamp: Instant,
     /// patched: the client id of the connection that published it, for No
     /// Local (MQTT 5 3.8.3.1); `None` for the router's own publishes (wills).
+    /// One beginning with `$` is no client id but the only subscriptions
+    /// that may read it (`Audience`).
     pub origin: Option<Arc<str>>,
 }
 
@@ -406,16 +409,52 @@ impl DataLog {
         Some(next)
     }
 
+    /// patched: `trim_read` that keeps the publishes at `in_flight`
+    /// offsets (sorted): returns where the reader continues and those
+    /// publishes, moved out of the emptied log, with their offsets.
+    pub fn trim_read_keeping(
+        &mut self,
+        filter_idx: FilterIdx,
+        cursor: Offset,
+        in_flight: &[Offset],
+    ) -> Option<(Offset, Vec<(PublishData, Offset)>)> {
+        let data = self.native.get_mut(filter_idx)?;
+        if data.log.next_offset() != cursor {
+            return None;
+        }
+        let freed = data.log.size();
+        let (next, kept) = data.log.clear_keeping(in_flight);
+        data.stored_bytes.fetch_sub(freed, Ordering::Relaxed);
+        Some((next, kept))
+    }
+
+    /// patched: a copy of the publish stored at `offset` in `filter_idx`'s
+    /// log, if it is still there.
+    pub fn stored_at(&self, filter_idx: FilterIdx, offset: Offset) -> Option<PublishData> {
+        let data = self.native.get(filter_idx)?;
+        let mut out = Vec::new();
+        data.log.readv(offset, 1, &mut out).ok()?;
+        out.pop().filter(|(_, at)| *at == offset).map(|(p, _)| p)
+    }
+
+    /// patched: the log index of `filter`, if it has a log.
+    pub fn filter_index(&self, filter: &str) -> Option<FilterIdx> {
+        self.filter_indexes.get(filter).copied()
+    }
+
     /// Reads up to `len` publishes of `filter_idx` from `offset`.
     /// patched: expired messages are left out and the others carry what is
     /// left of their expiry interval (as upstream), and so are messages
-    /// published by `skip_origin` (No Local, MQTT 5 3.8.3.1).
+    /// published by `skip_origin` (No Local, MQTT 5 3.8.3.1) and those meant
+    /// for other subscriptions than `shared` (the reader's `$share/...`
+    /// path, `None` for a plain subscription; see `Audience`).
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
         skip_origin: Option<&str>,
+        shared: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // patched: an error, not a panic, for a filter that is gone.
         let data = self.native.get(filter_idx).ok_or_else(|| {
@@ -426,13 +465,16 @@ impl DataLog {
         // reflect that. Consequently, this method is also infallible.
         // Encoding this information is important so that calling function
         // has more information on how this method behaves.
-        let next = data.log.readv(offset, len, &mut o)?;
+        // patched: publishes meant for other subscriptions (`Audience`) and,
+        // under No Local, this reader's own are skipped without a copy.
+        let next = data.log.readv_where(offset, len, &mut o, |pubdata| {
+            Audience::admits(pubdata.origin.as_deref(), shared)
+                && !skip_origin.is_some_and(|id| pubdata.published_by(id))
+        })?;
 
         let now = Instant::now();
         // `readv` returns copies: aging them leaves the log unchanged.
-        o.retain_mut(|(pubdata, _)| {
-            pubdata.age(now) && !skip_origin.is_some_and(|id| pubdata.published_by(id))
-        });
+        o.retain_mut(|(pubdata, _)| pubdata.age(now));
 
         // no need to include timestamp when returning
         let o = o

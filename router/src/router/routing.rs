@@ -468,6 +468,7 @@ impl Router {
             if !group.contains(client_id) {
                 group.add_client(client_id.to_owned());
             }
+            self.member_joined(group_name, &request.filter);
         }
     }
 
@@ -562,12 +563,21 @@ impl Router {
         let inflight_data_requests = self.datalog.clean(id);
         let retransmissions = outgoing.retransmission_map();
 
+        // patched: what a clean session leaves unacknowledged in its
+        // groups goes back to them (`shared_redelivery.rs`); upstream
+        // dropped it.
+        let unacked = if connection.clean {
+            self.unacked_shared(&connection, &outgoing)
+        } else {
+            Vec::new()
+        };
+
         // Remove connections from all groups and
         // discard empty group ( group with no client )
         // note: can we do this in better way?
         self.shared_subscriptions.retain(|_, group| {
             group.remove_client(&client_id);
-            !group.is_empty()
+            !group.is_empty() || group.kept
         });
 
         // Remove this connection from subscriptions
@@ -580,6 +590,7 @@ impl Router {
                 }
             }
         }
+        self.give_back_to_groups(unacked);
 
         // Add disconnection event to metrics
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
@@ -900,7 +911,7 @@ impl Router {
                                     .get_mut(&group_key)
                                     .map(|group| {
                                         group.remove_client(&client_id);
-                                        group.is_empty()
+                                        group.is_empty() && !group.kept
                                     })
                                     .unwrap_or(false);
                                 if now_empty {
@@ -1114,6 +1125,7 @@ impl Router {
         subscription_id: Option<usize>,
     ) {
         let filter_path = &filter.path;
+        let joined = group.clone();
 
         // Add connection id to subscription list
         match self.subscription_map.get_mut(filter_path) {
@@ -1178,6 +1190,9 @@ impl Router {
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none());
             self.hold_filter(filter_path);
+            if let Some(key) = &joined {
+                self.member_joined(key, filter_path);
+            }
             return;
         }
 
@@ -1199,6 +1214,9 @@ impl Router {
             request.subscription_id = subscription_id;
             request.forward_retained |= resend;
         });
+        if let Some(key) = &joined {
+            self.member_joined(key, filter_path);
+        }
     }
 
     /// patched: applies `apply` to connection `id`'s request for
@@ -1411,9 +1429,37 @@ impl Router {
         if !alone {
             return;
         }
-        if let Some(cursor) = self.datalog.trim_read(request.filter_idx, group.cursor) {
-            group.cursor = cursor;
-            request.cursor = cursor;
+        // patched: what clean members still have unacknowledged is kept
+        // apart (`SharedGroup::held`): delivered again to the group if such
+        // a member leaves (`shared_redelivery.rs`). Upstream, and patch 31,
+        // emptied the log under them and the publishes were lost.
+        let mut in_flight: Vec<Offset> = Vec::new();
+        for client in group.clients() {
+            if let Some(outgoing) = self
+                .connection_map
+                .get(client)
+                .and_then(|&cid| self.obufs.get(cid))
+            {
+                in_flight.extend(outgoing.inflight_cursors(request.filter_idx));
+            }
+        }
+        in_flight.sort_unstable();
+        in_flight.dedup();
+        let Some((cursor, moved)) =
+            self.datalog
+                .trim_read_keeping(request.filter_idx, group.cursor, &in_flight)
+        else {
+            return;
+        };
+        group.cursor = cursor;
+        request.cursor = cursor;
+        if !group.held.is_empty() || !moved.is_empty() {
+            group
+                .held
+                .retain(|(_, offset)| in_flight.binary_search(offset).is_ok());
+            // Every moved offset is past every held one (the log was
+            // emptied after those were moved): still sorted.
+            group.held.extend(moved);
         }
     }
 
@@ -1812,11 +1858,13 @@ fn forward_device_data(
     let (start, next, caughtup) = if retained_pending {
         (request.cursor, request.cursor, false)
     } else {
+        let shared = request.group.is_some().then_some(request.filter.as_str());
         let (next, publishes_from_datalog) = match datalog.native_readv(
             request.filter_idx,
             request.cursor,
             inflight_slots,
             skip_origin,
+            shared,
         ) {
             Ok(v) => v,
             Err(e) => {
@@ -1877,7 +1925,20 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // patched: everything read was skipped (expired, No Local, or meant
+        // for other subscriptions: `Audience`). The group moves past it
+        // (upstream left the group's cursor before it, so the group read
+        // the same skipped message forever and stalled behind it), and a
+        // reader that is not at the end reads on instead of waiting for the
+        // next publish.
+        if let Some(share) = shared_group {
+            share.cursor = request.cursor;
+        }
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
@@ -2019,3 +2080,10 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 #[cfg(test)]
 #[path = "routing_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "shared_tests.rs"]
+mod shared_tests;
+
+#[path = "shared_redelivery.rs"]
+mod shared_redelivery;

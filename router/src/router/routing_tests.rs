@@ -71,6 +71,11 @@ pub(super) fn settle(router: &mut Router) {
 }
 
 impl Client {
+    /// Queues `packet` without telling the router (see `Router::events`).
+    pub fn queue(&self, packet: Packet) {
+        self.incoming.lock().push_back(packet);
+    }
+
     pub fn send(&self, router: &mut Router, packet: Packet) {
         self.incoming.lock().push_back(packet);
         router.events(self.id, Event::DeviceData);

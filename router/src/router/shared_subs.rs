@@ -1,5 +1,70 @@
+//! Owns `$share` groups (their members, turn and shared cursor) and the
+//! audience of a publish (`Audience`: which subscriptions may read it).
+
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// patched: which subscriptions may read what a link publishes. A client's
+/// link publishes to every matching subscription (MQTT); a link the
+/// embedding program opens for itself may publish to one audience only: the
+/// broker's cluster injects a command read by one Redis consumer group
+/// through a link whose publishes reach only that group's shared
+/// subscription (or only the plain subscriptions), so that two groups on one
+/// node no longer each get the other's copy.
+///
+/// Kept as the stored publish's origin (`PublishData::origin`, the field No
+/// Local compares with client ids): an origin that begins with `$` is an
+/// audience, never a client id (the router refuses client ids holding `$`).
+/// No memory per connection or per stored publish is added, and nothing a
+/// client sends can set it: only `LinkBuilder::audience` does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audience(Option<Arc<str>>);
+
+/// The origin of a publish meant for plain subscriptions only.
+const PLAIN_ONLY: &str = "$plain";
+
+impl Audience {
+    /// Every matching subscription (a client's publish).
+    pub fn everyone() -> Self {
+        Audience(None)
+    }
+
+    /// Only plain (not `$share/...`) subscriptions.
+    pub fn plain_subscriptions() -> Self {
+        Audience(Some(Arc::from(PLAIN_ONLY)))
+    }
+
+    /// Only the shared subscription `$share/<group>/<filter>`.
+    pub fn shared_subscription(group: &str, filter: &str) -> Self {
+        Audience(Some(Arc::from(format!("$share/{group}/{filter}"))))
+    }
+
+    /// Only the shared subscription of path `$share/<group>/<filter>`.
+    pub(crate) fn shared_subscription_path(path: &str) -> Self {
+        Audience(Some(Arc::from(path)))
+    }
+
+    /// The origin that stands for it in stored publishes, if it is not
+    /// everyone.
+    pub(crate) fn origin(&self) -> Option<Arc<str>> {
+        self.0.clone()
+    }
+
+    /// Whether a stored publish of `origin` may be read by a subscription:
+    /// `shared` is the subscription's `$share/<group>/<filter>` path, `None`
+    /// for a plain one.
+    #[inline]
+    pub(crate) fn admits(origin: Option<&str>, shared: Option<&str>) -> bool {
+        match origin {
+            Some(audience) if audience.starts_with('$') => match shared {
+                Some(path) => audience == path,
+                None => audience == PLAIN_ONLY,
+            },
+            _ => true,
+        }
+    }
+}
 
 pub struct SharedGroup {
     // using Vec over HashSet for maintaining order of iter
@@ -8,6 +73,16 @@ pub struct SharedGroup {
     current_client_index: usize,
     pub cursor: (u64, u64),
     pub strategy: Strategy,
+    /// patched: publishes moved out of the group's log when it was emptied
+    /// (`Router::trim_read_by_group`) while clean members still had them
+    /// unacknowledged, with their offsets (sorted): delivered again to the
+    /// group if such a member leaves. At most the members' in-flight
+    /// windows; what was acknowledged since goes at the next emptying.
+    pub(crate) held: Vec<(super::logs::PublishData, (u64, u64))>,
+    /// patched: kept with no member for what its last member left
+    /// unacknowledged (`shared_redelivery.rs`): it holds its filter's log
+    /// (one reader) until a member joins.
+    pub(crate) kept: bool,
 }
 
 impl SharedGroup {
@@ -17,6 +92,8 @@ impl SharedGroup {
             current_client_index: 0,
             cursor,
             strategy,
+            held: Vec::new(),
+            kept: false,
         }
     }
 
@@ -100,6 +177,8 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            held: Vec::new(),
+            kept: false,
         };
         group.update_next_client();
         assert_eq!(group.current_client_index, 1);
@@ -121,6 +200,8 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            held: Vec::new(),
+            kept: false,
         };
         group.remove_client(&"A".into());
         assert_eq!(group.current_client_index, 0);
@@ -140,6 +221,8 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            held: Vec::new(),
+            kept: false,
         };
         group.update_next_client();
         assert_eq!(group.current_client_index, 1);

@@ -187,6 +187,32 @@ where
         (self.tail, next)
     }
 
+    /// patched: `clear`, moving out first the entries at `wanted` offsets
+    /// (sorted), with their offsets: what a reader still needs of a log
+    /// that is emptied.
+    pub fn clear_keeping(&mut self, wanted: &[(u64, u64)]) -> ((u64, u64), Vec<(T, (u64, u64))>) {
+        if wanted.is_empty() || (self.segments.len() == 1 && self.active_segment().len() == 0) {
+            return (self.clear(), Vec::new());
+        }
+        let next = self.active_segment().next_offset();
+        let head = self.head;
+        let mut kept = Vec::new();
+        for (i, segment) in std::mem::take(&mut self.segments).into_iter().enumerate() {
+            let index = head + i as u64;
+            let base = segment.absolute_offset;
+            for (j, item) in segment.data.into_iter().enumerate() {
+                let offset = (index, base + j as u64);
+                if wanted.binary_search(&offset).is_ok() {
+                    kept.push((item, offset));
+                }
+            }
+        }
+        self.tail += 1;
+        self.head = self.tail;
+        self.segments.push_back(Segment::with_offset(next));
+        ((self.tail, next), kept)
+    }
+
     /// Append a new [`T`] to the active segment.
     #[inline]
     pub fn append(&mut self, message: T) -> (u64, u64) {
@@ -226,9 +252,21 @@ where
     /// be a valid index if the start given is not valid either.
     pub fn readv(
         &self,
+        start: (u64, u64),
+        len: u64,
+        out: &mut Vec<(T, Offset)>,
+    ) -> io::Result<Position> {
+        self.readv_where(start, len, out, |_| true)
+    }
+
+    /// patched: `readv` that copies out only the entries `keep` accepts;
+    /// the others count towards `len` and the returned position as read.
+    pub fn readv_where(
+        &self,
         mut start: (u64, u64),
         mut len: u64,
         out: &mut Vec<(T, Offset)>,
+        keep: impl Fn(&T) -> bool,
     ) -> io::Result<Position> {
         let mut cursor = start;
         let _orig_cursor = cursor;
@@ -266,7 +304,7 @@ where
             // `Segment::readv` handles the conversion from absolute index to relative
             // index and it returns the absolute offset.
             // absolute cursor not to be confused with absolute offset
-            match curr_segment.readv(cursor, len, out)? {
+            match curr_segment.readv(cursor, len, out, &keep)? {
                 // an offset returned -> we didn't read till end -> len fulfilled -> return
                 SegmentPosition::Next(offset) => {
                     return Ok(Position::Next {
@@ -309,7 +347,7 @@ where
         // segment's `readv`, then we should return `None` as well as it is not possible to read
         // further, whereas for older segments we simply jump on to the new one to read more.
 
-        match curr_segment.readv(cursor, len, out)? {
+        match curr_segment.readv(cursor, len, out, &keep)? {
             SegmentPosition::Next(v) => {
                 // debug!("start: {:?}, end: ({}, {})", orig_cursor, cursor.0, cursor.1 + v - 1);
                 Ok(Position::Next {

@@ -65,6 +65,7 @@ where
         cursor: Cursor,
         len: u64,
         out: &mut Vec<(T, Offset)>,
+        keep: &impl Fn(&T) -> bool,
     ) -> io::Result<SegmentPosition> {
         // This substraction can never overflow as checking of offset happens at
         // `CommitLog::readv`.
@@ -87,8 +88,17 @@ where
             let offsets = std::iter::repeat(cursor.0).zip(cursor.1..cursor.1 + limit);
             // patched: checked slicing (idx < limit <= len here, but the
             // cursor comes from saved session state).
+            // patched: entries `keep` refuses count as read but are not
+            // copied (No Local, a publish meant for other subscriptions).
             if let Some(data) = self.data.get(idx as usize..limit as usize) {
-                out.extend(data.iter().cloned().zip(offsets));
+                // One allocation, as the unfiltered copy made.
+                out.reserve(data.len());
+                out.extend(
+                    data.iter()
+                        .zip(offsets)
+                        .filter(|(item, _)| keep(item))
+                        .map(|(item, offset)| (item.clone(), offset)),
+                );
             }
         }
 
@@ -147,7 +157,7 @@ mod tests {
         assert_eq!(segment.len(), 9);
 
         let mut out: Vec<(Bytes, Offset)> = Vec::new();
-        let _ = segment.readv((0, 0), 2, &mut out).unwrap();
+        let _ = segment.readv((0, 0), 2, &mut out, &|_| true).unwrap();
         assert_eq!(
             out,
             vec![
@@ -172,7 +182,7 @@ mod tests {
         assert_eq!(segment.len(), 9);
 
         let mut out: Vec<(Vec<u8>, Offset)> = Vec::new();
-        let _ = segment.readv((0, 0), 2, &mut out).unwrap();
+        let _ = segment.readv((0, 0), 2, &mut out, &|_| true).unwrap();
         assert_eq!(out, vec![(vec![1u8], (0, 0)), (vec![2u8], (0, 1))]);
     }
 }

@@ -427,3 +427,59 @@ pub async fn subscribe_with_id(phone: &mut V5Client, topic: &str, id: usize) {
         .await
         .unwrap();
 }
+
+impl Node {
+    /// Starts `broker` as one node without Redis (no `REDIS_URL`: the
+    /// router alone, the embedded store in its data directory), without
+    /// the built-in handlers.
+    pub fn start_alone(name: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("broker.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("BROKER_NODE_ID", name)
+            .env("BROKER_HANDLERS", "none")
+            .env("BROKER_TLS_LISTEN", "127.0.0.1:0")
+            .env("BROKER_TCP_LISTEN", "127.0.0.1:0")
+            .env("BROKER_DEV_DIR", dir.path().join("dev"))
+            .env("DATA_DIR", dir.path().join("data"))
+            .env("JWT_SECRET", SECRET)
+            .env("HANDLER_KEYS", HANDLER_KEY)
+            .env("COMMAND_TOPICS", COMMANDS)
+            .env("IDP_IN_PROCESS", "false")
+            .env("TOKENS_MASTER_KEY", "5e".repeat(32))
+            .env("BROKER_SHUTDOWN_GRACE_SECS", "1")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("spawn the broker binary");
+        let mut process = Process { child, log };
+        let deadline = Instant::now() + START_WITHIN;
+        loop {
+            let text = process.log_text();
+            let found = text
+                .lines()
+                .find_map(|line| line.trim().strip_prefix("plain TCP on "))
+                .and_then(|addr| addr.trim().parse().ok());
+            if let Some(tcp) = found {
+                return Node {
+                    process,
+                    name: name.to_owned(),
+                    tcp,
+                    _dir: dir,
+                };
+            }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("node {name} exited ({status}):\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {name} did not start:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
