@@ -59,6 +59,7 @@ mod redis_conn;
 mod replies;
 mod retained;
 mod sessions;
+mod stream_ttl;
 pub mod will_record;
 mod wills;
 
