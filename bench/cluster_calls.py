@@ -10,8 +10,9 @@ Calls are INFO commandstats differences over the point (on a Cluster, the
 three masters summed), per message (a round trip is two messages). "sent"
 counts each reply's script once: it subtracts the calls the script makes
 itself, an XADD and an SPUBLISH per EVALSHA/EVAL, and each PEXPIRE (only the
-reply script sends one in this bench); the commands' XADD, XREADGROUP and
-XACK are sent as they are."""
+reply script sends one in this bench), and the replicas' REPLCONF (ACK, the
+answer to a WAIT's GETACK: no node sends it); the commands' XADD, XREADGROUP
+and XACK, and WAIT, are sent as they are."""
 
 import glob
 import json
@@ -36,7 +37,7 @@ def per_message(r, red):
     msgs = 2 * r["received"]
     by = red["calls"]
     scripts = by.get("evalsha", 0) + by.get("eval", 0)
-    sent = red["total_calls"] - 2 * scripts - by.get("pexpire", 0)
+    sent = red["total_calls"] - 2 * scripts - by.get("pexpire", 0) - by.get("replconf", 0)
     return msgs, {k: v / msgs for k, v in by.items()}, red["total_calls"] / msgs, sent / msgs
 
 
