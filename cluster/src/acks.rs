@@ -16,6 +16,7 @@ use crate::Node;
 use broker::delivery::DELIVERY_TAG_MAX;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -24,6 +25,12 @@ use tracing::warn;
 pub const ACK_QUEUE: usize = 16 * 1024;
 /// Acknowledgements sent in one batch.
 const BATCH: usize = 1024;
+/// How long a batch gathers acknowledgements after its first: one `XACK`
+/// per stream and group then carries what arrived meanwhile (at 2,000
+/// commands/s, about 5 per stream instead of 1). Nothing waits for an
+/// `XACK`: it only keeps the command from being delivered again once idle
+/// (`commands.rs`, after 15 s).
+const GATHER: Duration = Duration::from_millis(10);
 /// Deliveries of one entry (its first read and each take-over) before it
 /// is acknowledged and dropped unanswered: a command that ends every
 /// handler that takes it cannot go round for ever.
@@ -84,8 +91,8 @@ impl CommandTag {
 pub type AckQueue = mpsc::Sender<CommandTag>;
 
 /// Sends the queued acknowledgements, one `XACK` per stream and group per
-/// batch (pipelined, one pipeline per master), until the queue closes or
-/// the node shuts down. A failed batch is logged and counted: those
+/// batch (gathered for up to [`GATHER`]; pipelined, one pipeline per
+/// master), until the queue closes or the node shuts down. A failed batch is logged and counted: those
 /// commands are delivered again once idle.
 pub async fn acknowledge(node: Arc<Node>, mut queue: mpsc::Receiver<CommandTag>) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -93,6 +100,18 @@ pub async fn acknowledge(node: Arc<Node>, mut queue: mpsc::Receiver<CommandTag>)
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
+        }
+        let until = tokio::time::Instant::now() + GATHER;
+        let mut more = Vec::new();
+        while batch.len() < BATCH {
+            tokio::select! {
+                _ = node.shutdown.cancelled() => break,
+                () = tokio::time::sleep_until(until) => break,
+                n = queue.recv_many(&mut more, BATCH - batch.len()) => {
+                    batch.append(&mut more);
+                    if n == 0 { break }
+                }
+            }
         }
         let grouped = by_stream(&batch);
         let pipe = |group: &[&((String, String), Vec<String>)], _full: bool| {

@@ -62,6 +62,7 @@ mod redis_conn;
 mod replies;
 mod retained;
 mod sessions;
+mod stream_ttl;
 pub mod will_record;
 mod wills;
 

@@ -5,6 +5,8 @@
 //!   round trip; key and channel share the `{uid}` slot). Appends queue in
 //!   a bounded queue, pipelined per batch (per master on a cluster); a full queue or a failed batch
 //!   is counted (`broker_cluster_dropped_total`) and never waits a session.
+//!   The stream's expiry is set by the same script only when due
+//!   (`stream_ttl.rs`: at least 24 h after the user's last reply).
 //! - In: while this node holds a session of a user (or keeps a persistent
 //!   one), it is `SSUBSCRIBE`d to the user's channel ([`Interest`];
 //!   the subscriptions are `listener.rs`'s); each
@@ -19,6 +21,8 @@
 use crate::entry::{reply_key, Cursor, Entry, Seen, StreamId};
 use crate::pacing::{self, Burst};
 use crate::record::reply_tag;
+use crate::redis_conn::Redis;
+use crate::stream_ttl::{Expiries, EXPIRY_SET};
 use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG, DELIVERY_TARGET};
 use broker::inject::InjectLink;
@@ -26,17 +30,15 @@ use broker::router::protocol::QoS;
 use broker::router::Audience;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, warn};
 
 /// Entries kept per user's stream (approximately: `MAXLEN ~`), for a
 /// replay after a reconnection.
 pub const REPLY_STREAM_MAXLEN: usize = 1000;
-/// A user's stream expires this long after its last reply.
-pub const REPLY_STREAM_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Replies waiting to be appended; beyond it they are dropped and counted.
 pub const APPEND_QUEUE: usize = 16 * 1024;
 /// Appends pipelined in one round trip.
@@ -46,11 +48,20 @@ const BATCH: usize = 256;
 const REPLAY_PAGE: usize = 500;
 const REPLAY_PAGES: usize = 4;
 
-/// Appends to the stream, trims it, keeps it for its age, and announces
-/// the entry with its id, atomically and in one command.
+/// Appends to the stream, trims it, and announces the entry with its id,
+/// atomically and in one command. `ARGV[3]` `1`: also set the stream's
+/// expiry to `ARGV[4]` ms ([`crate::stream_ttl`] says when). Otherwise
+/// `NOMKSTREAM` first: a stream that is gone is made again with its expiry
+/// set (so every stream has one), at the cost of that one more `XADD`.
 const APPEND_SCRIPT: &str = "\
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local id = false
+if ARGV[3] ~= '1' then
+  id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+end
+if not id then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 redis.call('SPUBLISH', KEYS[1], id .. ' ' .. ARGV[2])
 return id";
 
@@ -99,47 +110,30 @@ impl Interest {
 /// append went once its pipeline returned.
 pub(crate) async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
     let script = redis::Script::new(APPEND_SCRIPT);
+    let mut expiries = Expiries::default();
     let mut batch = Vec::with_capacity(BATCH);
-    let ttl_ms = REPLY_STREAM_TTL.as_millis().to_string();
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
         let mut tickets: Vec<_> = batch.iter_mut().map(|a| a.ticket.take()).collect();
-        let keyed: Vec<(usize, String, &Bytes)> = batch
+        let replies: Vec<(&str, &[u8])> = batch
             .iter()
-            .enumerate()
-            .map(|(i, append)| (i, reply_key(&append.key), &append.entry))
+            .map(|append| (append.key.as_str(), &append.entry[..]))
             .collect();
-        let pipe = |group: &[&(usize, String, &Bytes)], full: bool| {
-            let mut pipe = redis::pipe();
-            for (_, key, entry) in group {
-                if full {
-                    // The server has not seen the script (new, or failed
-                    // over: Redis replicates a script's effects, not the
-                    // script): EVAL loads it there.
-                    pipe.cmd("EVAL").arg(APPEND_SCRIPT);
-                } else {
-                    pipe.cmd("EVALSHA").arg(script.get_hash());
-                }
-                pipe.arg(1)
-                    .arg(key)
-                    .arg(REPLY_STREAM_MAXLEN)
-                    .arg(&entry[..])
-                    .arg(&ttl_ms)
-                    .ignore();
-            }
-            pipe
-        };
-        let sent = node
-            .redis
-            .send_grouped_items(&keyed, |(_, key, _)| key, pipe)
-            .await;
+        let sent = append_batch(
+            &node.redis,
+            &script,
+            &mut expiries,
+            &replies,
+            Instant::now(),
+        )
+        .await;
         for (group, sent) in sent {
             let n = group.len() as u64;
-            for (i, _, _) in group {
-                Append::settle(tickets.get_mut(*i).and_then(Option::take), sent.is_ok());
+            for i in group {
+                Append::settle(tickets.get_mut(i).and_then(Option::take), sent.is_ok());
             }
             match sent {
                 Ok(()) => node.metrics().cluster_moved("reply_out", n),
@@ -151,6 +145,77 @@ pub(crate) async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
         }
         batch.clear();
     }
+}
+
+/// One reply of a batch, as the pipeline sends it.
+struct Item<'a> {
+    index: usize,
+    uid: &'a str,
+    key: String,
+    entry: &'a [u8],
+    /// Set the stream's expiry ([`Expiries::due`]).
+    expire: bool,
+}
+
+/// Appends one batch of replies (user id, entry) that started at `now`:
+/// the first reply of each user in it sets the stream's expiry when
+/// `expiries` says it is due. Returns which replies (their indexes) each
+/// pipeline held, with its result; `expiries` learns what was set, or
+/// forgets everything when a pipeline failed.
+pub(crate) async fn append_batch(
+    redis: &Redis,
+    script: &redis::Script,
+    expiries: &mut Expiries,
+    replies: &[(&str, &[u8])],
+    now: Instant,
+) -> Vec<(Vec<usize>, redis::RedisResult<()>)> {
+    let mut asked = HashSet::new();
+    let items: Vec<Item> = replies
+        .iter()
+        .enumerate()
+        .map(|(index, (uid, entry))| Item {
+            index,
+            uid,
+            key: reply_key(uid),
+            entry,
+            expire: expiries.due(uid, now) && asked.insert(*uid),
+        })
+        .collect();
+    let expiry_ms = EXPIRY_SET.as_millis().to_string();
+    let pipe = |group: &[&Item], full: bool| {
+        let mut pipe = redis::pipe();
+        for item in group {
+            if full {
+                // The server has not seen the script (new, or failed
+                // over: Redis replicates a script's effects, not the
+                // script): EVAL loads it there.
+                pipe.cmd("EVAL").arg(APPEND_SCRIPT);
+            } else {
+                pipe.cmd("EVALSHA").arg(script.get_hash());
+            }
+            pipe.arg(1)
+                .arg(&item.key)
+                .arg(REPLY_STREAM_MAXLEN)
+                .arg(item.entry)
+                .arg(if item.expire { "1" } else { "0" })
+                .arg(&expiry_ms)
+                .ignore();
+        }
+        pipe
+    };
+    let sent = redis
+        .send_grouped_items(&items, |item| &item.key, pipe)
+        .await;
+    if sent.iter().any(|(_, sent)| sent.is_err()) {
+        expiries.forget_all();
+    } else {
+        for item in items.iter().filter(|item| item.expire) {
+            expiries.set(item.uid, now);
+        }
+    }
+    sent.into_iter()
+        .map(|(group, sent)| (group.iter().map(|item| item.index).collect(), sent))
+        .collect()
 }
 
 /// Announces each device session opened here on its user's channel
@@ -522,6 +587,10 @@ pub async fn inject_for(
     node.metrics().cluster_dropped("router_link", 1);
     false
 }
+
+#[cfg(test)]
+#[path = "replies_append_tests.rs"]
+mod append_tests;
 
 #[cfg(test)]
 mod tests {

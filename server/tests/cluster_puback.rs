@@ -102,6 +102,11 @@ async fn a_commands_puback_comes_after_its_append_and_says_when_redis_failed() {
     assert_eq!(reason, PubAckReason::Success);
     let replies = redis_cli(&redis, &["XRANGE", &format!("r:{{{uid}}}"), "-", "+"]);
     assert!(replies.contains("reply-1"), "{replies}");
+    // Its first reply gave the user's stream its expiry: 24 h + 1 h
+    // (`cluster/src/stream_ttl.rs`), so more than 24 h are left.
+    let pttl = redis_cli(&redis, &["PTTL", &format!("r:{{{uid}}}")]);
+    let pttl: i64 = pttl.trim().parse().expect("PTTL is a number");
+    assert!(pttl > 24 * 3_600_000 && pttl <= 25 * 3_600_000, "{pttl}");
 
     // Redis frozen: the append cannot finish, so no PUBACK; thawed, the
     // PUBACK comes and the entry is there.
