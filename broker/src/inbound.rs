@@ -346,14 +346,20 @@ impl InboundFlows {
     /// Receive Maximum bounds (and with it, every map here).
     pub fn unacknowledged(&self) -> usize {
         // An owed PUBACK waiting for the router is counted there; an owed
-        // PUBREC, by its packet id (held by the router or the gate).
+        // PUBREC by its packet id, held by the router or the gate (a
+        // refusal's, MQTT 5, by itself).
         let held = self.ids.as_ref().map_or(0, |ids| {
             ids.awaiting_release.len()
                 + ids.qos2_here.len()
                 + ids
                     .owed
                     .iter()
-                    .filter(|owed| !owed.router && owed.kind == AckKind::PubAck)
+                    .filter(|owed| {
+                        !owed.router
+                            && (owed.kind == AckKind::PubAck
+                                || !(ids.awaiting_release.contains(&owed.pkid)
+                                    || ids.qos2_here.contains(&owed.pkid)))
+                    })
                     .count()
         });
         self.router_acks_pending + held
@@ -492,6 +498,11 @@ impl InboundFlows {
         let Some(ids) = self.ids.as_mut() else {
             return Release::ToRouter;
         };
+        if ids.pubrec_owed(pkid) {
+            // Released before its PUBREC (the client may not): nothing
+            // was received under that id yet, as far as it may know.
+            return Release::CompleteHere(PubCompReason::PacketIdentifierNotFound);
+        }
         let release = if ids.qos2_here.remove(&pkid) {
             Release::CompleteHere(PubCompReason::Success)
         } else {
@@ -553,7 +564,7 @@ impl InboundFlows {
         let Some(ids) = self.ids.as_mut() else {
             return true;
         };
-        if !ids.released_in_router.remove(&pkid) {
+        if ids.released_in_router.is_empty() || !ids.released_in_router.remove(&pkid) {
             return true;
         }
         self.release_ids_if_idle();

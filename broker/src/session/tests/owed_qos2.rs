@@ -385,3 +385,37 @@ async fn an_owed_pubrec_has_a_deadline() {
     assert!(step(&mut dev, Event::Acknowledged).0.is_empty());
     assert_eq!(dev.flows.unacknowledged(), 0);
 }
+
+#[tokio::test]
+async fn what_waits_for_a_pubrec_counts_against_the_receive_maximum() {
+    use Did::*;
+    let (gate, tickets) = storing_gate();
+    let mut dev = open(&gate, device("u1"), Version::V5).await;
+    // Receive Maximum 4 (`test_config`): one stored later, one to the
+    // router, two refused while they wait (MQTT 5: nothing kept for them
+    // but their place in the queue).
+    for packet in [
+        publish(STORED, QoS::ExactlyOnce, 1),
+        publish(UNSERVED, QoS::ExactlyOnce, 2),
+        publish("u9_x", QoS::ExactlyOnce, 3),
+        publish("u9_x", QoS::ExactlyOnce, 4),
+    ] {
+        assert_eq!(step(&mut dev, Event::Client(packet)).1, None);
+    }
+    assert_eq!(dev.flows.unacknowledged(), 4);
+    // A PUBREL before its PUBREC frees nothing: 0x92, still held.
+    let (did, _) = step(&mut dev, Event::Client(pubrel(1)));
+    assert_eq!(
+        did,
+        vec![ClientPubComp(1, PubCompReason::PacketIdentifierNotFound)]
+    );
+    let (_, end) = step(
+        &mut dev,
+        Event::Client(publish(STORED, QoS::ExactlyOnce, 5)),
+    );
+    assert_eq!(
+        end,
+        Some(End::Server(ServerDisconnect::ReceiveMaximumExceeded))
+    );
+    assert_eq!(tickets.lock().len(), 1, "5 was not stored");
+}
