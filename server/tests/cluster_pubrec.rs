@@ -209,6 +209,43 @@ async fn commands_within(handler: &mut V5Client, within: Duration) -> Vec<String
     got
 }
 
+/// The handler's QoS 2 reply `body`: its PUBREC (success) once it is in
+/// `stream`, once, then its PUBCOMP.
+async fn handler_pubrec_once_stored(
+    handler: &mut V5Client,
+    redis: &RedisServer,
+    stream: &str,
+    body: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut recs = 0;
+    loop {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .expect("the handler's PUBREC and PUBCOMP");
+        match handler.next_within(left).await {
+            Some(Seen::Packet(rumqttc::v5::mqttbytes::v5::Packet::PubRec(rec))) => {
+                assert_eq!(rec.reason, PubRecReason::Success);
+                let replies = redis_cli(redis, &["XRANGE", stream, "-", "+"]);
+                assert_eq!(
+                    replies.matches(body).count(),
+                    1,
+                    "{body} at its PUBREC: {replies}"
+                );
+                recs += 1;
+            }
+            Some(Seen::Packet(rumqttc::v5::mqttbytes::v5::Packet::PubComp(comp))) => {
+                assert_eq!(comp.reason, PubCompReason::Success);
+                break;
+            }
+            Some(Seen::Packet(_)) => {}
+            Some(Seen::Error(e)) => panic!("the handler's connection failed: {e}"),
+            None => panic!("no PUBCOMP for the handler's reply {body}"),
+        }
+    }
+    assert_eq!(recs, 1, "one PUBREC for {body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qos2_commands_pubrec_comes_after_its_append_once_per_packet_id() {
     let mut redis = RedisServer::start();
@@ -259,27 +296,28 @@ async fn a_qos2_commands_pubrec_comes_after_its_append_once_per_packet_id() {
         .publish(format!("{uid}_note"), QoS::ExactlyOnce, false, "q2-reply")
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
     let user_stream = format!("r:{{{uid}}}");
-    loop {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .expect("the handler's PUBREC");
-        match handler.next_within(left).await {
-            Some(Seen::Packet(rumqttc::v5::mqttbytes::v5::Packet::PubRec(rec))) => {
-                assert_eq!(rec.reason, PubRecReason::Success);
-                let replies = redis_cli(&redis, &["XRANGE", &user_stream, "-", "+"]);
-                assert_eq!(replies.matches("q2-reply").count(), 1, "{replies}");
-            }
-            Some(Seen::Packet(rumqttc::v5::mqttbytes::v5::Packet::PubComp(comp))) => {
-                assert_eq!(comp.reason, PubCompReason::Success);
-                break;
-            }
-            Some(Seen::Packet(_)) => {}
-            Some(Seen::Error(e)) => panic!("the handler's connection failed: {e}"),
-            None => panic!("no PUBCOMP for the handler's reply"),
-        }
+    handler_pubrec_once_stored(&mut handler, &redis, &user_stream, "q2-reply").await;
+
+    // A QoS 2 reply a device here reads through the router (a QoS 1
+    // subscription): the router delivers it and owns its exactly once;
+    // its PUBREC still waits for the append, and the device gets it once.
+    let mut reader = nodes::device(&node, uid, &["note2"]).await;
+    handler
+        .client
+        .publish(format!("{uid}_note2"), QoS::ExactlyOnce, false, "q2-routed")
+        .await
+        .unwrap();
+    handler_pubrec_once_stored(&mut handler, &redis, &user_stream, "q2-routed").await;
+    let mut delivered = 0;
+    while let Some((topic, payload)) =
+        nodes::next_publish(&mut reader, Duration::from_secs(2)).await
+    {
+        assert_eq!(topic, format!("{uid}_note2"));
+        assert_eq!(payload, b"q2-routed");
+        delivered += 1;
     }
+    assert_eq!(delivered, 1, "the routed QoS 2 reply delivered once");
 
     // Redis frozen: the append cannot finish, so no PUBREC, and the
     // retransmission meanwhile is not appended again; thawed, one PUBREC,
