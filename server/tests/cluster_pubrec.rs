@@ -7,13 +7,16 @@
 //! handler gets the command once, and its own QoS 2 reply is PUBREC'd once
 //! in the user's stream. Redis frozen: no PUBREC until it thaws. Redis
 //! killed: PUBREC `0x80` for MQTT 5, an MQTT 3.1.1 connection closed
-//! without a PUBREC.
+//! without a PUBREC. An MQTT 3.1.1 persistent session's QoS 2 command
+//! PUBREC'd before its connection dropped is sent again (DUP) on the next
+//! connection: PUBREC, not appended again.
 
 mod nodes;
 
 use bytes::BytesMut;
 use e2e::clients::{Seen, V4Client, V5Client};
 use nodes::{token, Node, ANSWER_WITHIN, HANDLER_KEY};
+use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5::{
     Packet, PubCompReason, PubRecReason, PubRel, PubRelReason, Publish,
 };
@@ -380,4 +383,113 @@ async fn a_qos2_commands_pubrec_comes_after_its_append_once_per_packet_id() {
         node.process.child.try_wait().unwrap().is_none(),
         "node exited"
     );
+}
+
+/// An MQTT 3.1.1 device that writes its packets itself, with a persistent
+/// session (Clean Session 0).
+struct RawV4 {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawV4 {
+    async fn connect(node: &Node, client_id: &str, uid: &str) -> RawV4 {
+        let stream = TcpStream::connect(node.tcp).await.expect("connect");
+        let mut device = RawV4 {
+            stream,
+            buf: BytesMut::new(),
+        };
+        let mut connect = v4::Connect::new(client_id);
+        connect.keep_alive = 60;
+        connect.clean_session = false;
+        connect.set_login("JWT", token(uid));
+        device.send(v4::Packet::Connect(connect)).await;
+        match device.next_within(Duration::from_secs(10)).await {
+            Some(v4::Packet::ConnAck(ack)) => {
+                assert_eq!(ack.code, v4::ConnectReturnCode::Success);
+                device
+            }
+            other => panic!("expected a CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, packet: v4::Packet) {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, 1 << 20).expect("encodes");
+        self.stream.write_all(&out).await.expect("write");
+    }
+
+    async fn command(&mut self, body: &str, pkid: u16, dup: bool) {
+        let mut publish = v4::Publish::new("sync", rumqttc::QoS::ExactlyOnce, body);
+        publish.pkid = pkid;
+        publish.dup = dup;
+        self.send(v4::Packet::Publish(publish)).await;
+    }
+
+    async fn next_within(&mut self, within: Duration) -> Option<v4::Packet> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match v4::Packet::read(&mut self.buf, 1 << 20) {
+                Ok(packet) => return Some(packet),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("the broker sent a malformed packet: {e:?}"),
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The packet id of the next PUBREC (or PUBCOMP: `comp`) within 10 s.
+    async fn next_ack(&mut self, comp: bool) -> Option<u16> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.next_within(left).await? {
+                v4::Packet::PubRec(rec) if !comp => return Some(rec.pkid),
+                v4::Packet::PubComp(done) if comp => return Some(done.pkid),
+                _ => continue,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3_1_1_persistent_sessions_qos2_command_is_appended_once_across_a_reconnect() {
+    let redis = RedisServer::start();
+    let node = Node::start("node-a", &redis.url(), false, "http://127.0.0.1:9/none");
+    let (uid, id) = ("7202", "v4-persistent");
+
+    // PUBREC'd once in the stream; the connection drops before the PUBREL.
+    let mut old = RawV4::connect(&node, id, uid).await;
+    old.command("v4-held", 1, false).await;
+    assert_eq!(old.next_ack(false).await, Some(1));
+    assert_eq!(in_sync_streams(&redis, "v4-held"), 1);
+    drop(old);
+
+    // The next connection of the session sends it again (DUP): PUBREC,
+    // not appended again; its PUBREL completes it.
+    let mut again = RawV4::connect(&node, id, uid).await;
+    again.command("v4-held", 1, true).await;
+    assert_eq!(again.next_ack(false).await, Some(1));
+    let release = v4::Packet::PubRel(v4::PubRel { pkid: 1 });
+    again.send(release).await;
+    assert_eq!(again.next_ack(true).await, Some(1));
+    assert_eq!(in_sync_streams(&redis, "v4-held"), 1, "appended once");
+
+    // One whose append had not finished when the connection dropped
+    // (Redis frozen) is not held: sent again, it is appended again (at
+    // least once) and PUBREC'd once it is in the stream.
+    let pid = redis_pid(&redis);
+    signal(&pid, "STOP");
+    again.command("v4-frozen", 2, false).await;
+    drop(again);
+    signal(&pid, "CONT");
+    let mut third = RawV4::connect(&node, id, uid).await;
+    third.command("v4-frozen", 2, true).await;
+    assert_eq!(third.next_ack(false).await, Some(2));
+    assert!(in_sync_streams(&redis, "v4-frozen") >= 1);
+    third.send(v4::Packet::PubRel(v4::PubRel { pkid: 2 })).await;
+    assert_eq!(third.next_ack(true).await, Some(2));
 }
