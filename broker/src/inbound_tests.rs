@@ -216,7 +216,7 @@ fn will_packet_ids_avoid_held_qos2_ids_and_never_are_zero() {
 #[test]
 fn a_stored_qos2_publish_is_kept_for_the_session_only_once_stored() {
     use crate::delivery::ack::{self, Outcome};
-    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
     // (outcome before the connection ends) -> kept for the next one
     let table = [
         (None, false),
