@@ -238,15 +238,11 @@ pub fn puback_not_stored(version: Version, pkid: u16, outcome: Outcome) -> Optio
     if version == Version::V4 {
         return None;
     }
-    let (reason, text) = match outcome {
-        Outcome::QueueFull => (
-            PubAckReason::QuotaExceeded,
-            "not stored: the delivery queue is full",
-        ),
-        Outcome::Failed | Outcome::Stored => (
-            PubAckReason::UnspecifiedError,
-            "not stored: the delivery store did not take it",
-        ),
+    let (full, text) = not_stored(outcome);
+    let reason = if full {
+        PubAckReason::QuotaExceeded
+    } else {
+        PubAckReason::UnspecifiedError
     };
     Some(Packet::PubAck(
         PubAck { pkid, reason },
@@ -255,6 +251,38 @@ pub fn puback_not_stored(version: Version, pkid: u16, outcome: Outcome) -> Optio
             user_properties: Vec::new(),
         }),
     ))
+}
+
+/// The PUBREC for a QoS 2 publish the delivery did not store, as
+/// [`puback_not_stored`] (`0x80`, `0x97`; `None` for MQTT 3.1.1, whose
+/// connection ends without it so that the client sends it again).
+pub fn pubrec_not_stored(version: Version, pkid: u16, outcome: Outcome) -> Option<Packet> {
+    if version == Version::V4 {
+        return None;
+    }
+    let (full, text) = not_stored(outcome);
+    let reason = if full {
+        PubRecReason::QuotaExceeded
+    } else {
+        PubRecReason::UnspecifiedError
+    };
+    Some(Packet::PubRec(
+        PubRec { pkid, reason },
+        Some(PubRecProperties {
+            reason_string: Some(text.to_owned()),
+            user_properties: Vec::new(),
+        }),
+    ))
+}
+
+/// Whether a publish not stored met a full queue, and the reason string.
+fn not_stored(outcome: Outcome) -> (bool, &'static str) {
+    match outcome {
+        Outcome::QueueFull => (true, "not stored: the delivery queue is full"),
+        Outcome::Failed | Outcome::Stored => {
+            (false, "not stored: the delivery store did not take it")
+        }
+    }
 }
 
 /// The DISCONNECT to send, if the protocol has one (MQTT 5 only).

@@ -8,27 +8,42 @@
 //! PUBACK order (MQTT-4.6.0-2): while only the gate and the router answer,
 //! the gate answers none itself while the router owes one (it sends those
 //! through the router instead). Once a delivery owes one later (a command
-//! appended to Redis: `delivery::ack`), every QoS 1 acknowledgement joins
-//! one queue in the order of the publishes ([`Owed`]), each answered when
-//! it is first and nothing it waits for (the router's PUBACK, the
-//! delivery's outcome) is missing; the queue is let go once empty.
+//! appended to Redis: `delivery::ack`), every QoS 1 and QoS 2
+//! acknowledgement (PUBACK, PUBREC: MQTT-4.6.0-2/3) joins one queue in the
+//! order of the publishes ([`Owed`]), each answered when it is first and
+//! nothing it waits for (the router's PUBACK or PUBREC, the delivery's
+//! outcome) is missing; the queue is let go once empty.
+//!
+//! QoS 2 exactly once (MQTT-4.3.3) has one owner per path: the router for
+//! every QoS 2 publish it gets (it holds it by packet id until the PUBREL,
+//! answers PUBCOMP, `0x92` for an id it does not hold); the gate for those
+//! it does not hand the router: refused ones, and those a delivery stores
+//! elsewhere that nobody in the router wants (a command appended to
+//! Redis). Either way the gate remembers the packet id until the PUBREL,
+//! so a retransmission is answered PUBREC again and routed (stored) once.
 
 use crate::acl::Denial;
 use crate::codec::Version;
 use crate::delivery::ack::{Outcome, Pending};
-use crate::router::protocol::{PubCompReason, QoS};
+use crate::router::protocol::{PubCompReason, PubRecReason, QoS};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::task::{Context, Poll};
-use tokio::time::Instant;
+
+#[path = "inbound_owed.rs"]
+mod owed;
+use owed::Owed;
 
 /// What to do with a PUBLISH before anything else looks at it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arrival {
     /// A new publish (or QoS 0): decide it.
     New,
-    /// A retransmission of a QoS 2 publish the router holds: answer PUBREC
-    /// again, deliver nothing (MQTT 5 4.3.3).
+    /// A retransmission of a QoS 2 publish already acknowledged (PUBREC)
+    /// and not yet released: answer PUBREC again, deliver nothing (MQTT 5
+    /// 4.3.3).
     Retransmitted,
+    /// A retransmission of a QoS 2 publish whose PUBREC is still owed (its
+    /// store has not answered): nothing now, its PUBREC comes in turn.
+    AwaitingStore,
     /// One more unacknowledged QoS 1/2 publish than the Receive Maximum:
     /// end the session (MQTT 5 DISCONNECT 0x93).
     OverReceiveMaximum,
@@ -44,8 +59,8 @@ pub enum Allowed {
     AckHere,
     /// The router gets it and answers (PUBACK, PUBREC) in order.
     ToRouter,
-    /// Nothing now: its PUBACK waits its turn among those owed (the
-    /// delivery answers it later, or one before it is still due).
+    /// Nothing now: its PUBACK (PUBREC) waits its turn among those owed
+    /// (the delivery answers it later, or one before it is still due).
     Owed,
 }
 
@@ -61,11 +76,12 @@ pub enum Refused {
     PubAckThroughRouter,
     /// PUBREC with the denial now.
     PubRecHere,
-    /// Nothing now: the denial waits its turn among the PUBACKs owed.
+    /// Nothing now: the denial waits its turn among the acknowledgements
+    /// owed.
     Owed,
 }
 
-/// What a PUBACK from the router becomes.
+/// What a PUBACK (or PUBREC) from the router becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterAck {
     /// Sent to the client now: the router's own, or (`Some`) the denial of a
@@ -75,39 +91,36 @@ pub enum RouterAck {
     Owed,
 }
 
-/// What the client's PUBACK for an owed acknowledgement says.
+/// What the client's PUBACK (PUBREC) for an owed acknowledgement says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
     Success,
+    /// The router's PUBREC said this (not `Success`: `0x10`, say).
+    Router(PubRecReason),
     Denied(Denial),
     /// The delivery did not store it (or did not say so by its deadline).
     NotStored(Outcome),
 }
 
-/// One QoS 1 acknowledgement owed to the client, in the order of the
-/// publishes.
-#[derive(Debug)]
-struct Owed {
-    pkid: u16,
-    /// Waits for the router's PUBACK (which names the packet id of one due
-    /// before the queue began).
-    router: bool,
-    /// Waits for the delivery's outcome.
-    delivery: Option<Pending>,
-    answer: Answer,
+/// Which acknowledgement is owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// QoS 1.
+    PubAck,
+    /// QoS 2.
+    PubRec,
 }
 
-impl Owed {
-    fn ready(&self) -> bool {
-        !self.router && self.delivery.is_none()
-    }
-
-    fn settle(&mut self, outcome: Outcome) {
-        self.delivery = None;
-        if outcome != Outcome::Stored {
-            self.answer = Answer::NotStored(outcome);
-        }
-    }
+/// An owed acknowledgement whose turn came ([`InboundFlows::pop_owed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub pkid: u16,
+    pub kind: AckKind,
+    pub answer: Answer,
+    /// A QoS 2 publish the router holds was not stored, and the client is
+    /// told (MQTT 5 PUBREC `0x80`): the gate sends the router its PUBREL
+    /// (the client will not), and drops the router's PUBCOMP.
+    pub release_in_router: bool,
 }
 
 /// How a PUBREL is answered.
@@ -128,18 +141,19 @@ pub enum Release {
 pub struct HeldQos2 {
     /// Held by the router until their PUBREL.
     in_router: HashSet<u16>,
-    /// Refused publishes of MQTT 3.1.1 clients, completed by the gate.
-    refused: HashSet<u16>,
+    /// Completed by the gate: refused publishes of MQTT 3.1.1 clients, and
+    /// publishes a delivery stored that the router never had.
+    here: HashSet<u16>,
 }
 
 impl HeldQos2 {
     pub fn is_empty(&self) -> bool {
-        self.in_router.is_empty() && self.refused.is_empty()
+        self.in_router.is_empty() && self.here.is_empty()
     }
 
     /// How many publishes it holds.
     pub fn len(&self) -> usize {
-        self.in_router.len() + self.refused.len()
+        self.in_router.len() + self.here.len()
     }
 
     /// Adds what `other` holds: two connections of one session both left
@@ -147,7 +161,7 @@ impl HeldQos2 {
     /// router may hold either's.
     pub fn absorb(&mut self, other: HeldQos2) {
         self.in_router.extend(other.in_router);
-        self.refused.extend(other.refused);
+        self.here.extend(other.here);
     }
 }
 
@@ -160,6 +174,9 @@ pub struct InboundFlows {
     /// QoS 1 publishes handed to the router whose PUBACK has not come back:
     /// while there are any, the gate acknowledges none itself.
     router_acks_pending: usize,
+    /// QoS 2 publishes handed to the router whose PUBREC has not come back
+    /// (they come first when a queue of owed acknowledgements begins).
+    router_recs_pending: u16,
     /// Packet ids of the flows that need one: allocated with the first,
     /// let go with the last (most sessions publish QoS 0 or nothing the
     /// router acknowledges out of turn, and this is resident per connection).
@@ -173,21 +190,36 @@ struct FlowIds {
     /// Refused QoS 1 publishes sent through the router: their PUBACK becomes
     /// the denial.
     denied_qos1: HashMap<u16, Denial>,
-    /// Refused QoS 2 publishes of MQTT 3.1.1 clients (which cannot be told
-    /// with a reason code, so they send PUBREL): answered here.
-    denied_qos2: HashSet<u16>,
+    /// QoS 2 publishes the gate completes (PUBREL answered here):
+    /// refused ones of MQTT 3.1.1 clients (which cannot be told with a
+    /// reason code, so they send PUBREL), and those a delivery stores that
+    /// the router never gets.
+    qos2_here: HashSet<u16>,
     /// QoS 2 publishes the router holds until their PUBREL.
     awaiting_release: HashSet<u16>,
-    /// QoS 1 acknowledgements owed in order while a delivery owes one.
+    /// QoS 1/2 acknowledgements owed in order while a delivery owes one.
     owed: VecDeque<Owed>,
+    /// Packet ids the gate released in the router (a QoS 2 publish not
+    /// stored, refused to the client): the router's PUBCOMP is dropped.
+    /// Rare and short-lived (until the router answers): a list, which
+    /// costs nothing to make with the others on every QoS 2 flow.
+    released_in_router: Vec<u16>,
 }
 
 impl FlowIds {
     fn is_empty(&self) -> bool {
         self.denied_qos1.is_empty()
-            && self.denied_qos2.is_empty()
+            && self.qos2_here.is_empty()
             && self.awaiting_release.is_empty()
             && self.owed.is_empty()
+            && self.released_in_router.is_empty()
+    }
+
+    /// Whether the PUBREC of QoS 2 publish `pkid` is still owed.
+    fn pubrec_owed(&self, pkid: u16) -> bool {
+        self.owed
+            .iter()
+            .any(|owed| owed.kind == AckKind::PubRec && owed.pkid == pkid)
     }
 }
 
@@ -197,6 +229,7 @@ impl InboundFlows {
             version,
             receive_maximum: usize::from(receive_maximum),
             router_acks_pending: 0,
+            router_recs_pending: 0,
             ids: None,
             next_will_pkid: 1,
         }
@@ -210,7 +243,7 @@ impl InboundFlows {
         if !held.is_empty() {
             flows.ids = Some(Box::new(FlowIds {
                 awaiting_release: held.in_router,
-                denied_qos2: held.refused,
+                qos2_here: held.here,
                 ..FlowIds::default()
             }));
         }
@@ -235,17 +268,21 @@ impl InboundFlows {
     }
 
     /// The queue of owed acknowledgements; begun with the router's PUBACKs
-    /// due now, which come first.
+    /// and PUBRECs due now, which come first.
     fn owed_mut(&mut self) -> &mut VecDeque<Owed> {
-        let due = self.router_acks_pending;
+        let acks = self.router_acks_pending;
+        let recs = usize::from(self.router_recs_pending);
         let owed = &mut self.ids_mut().owed;
         if owed.is_empty() {
-            owed.extend((0..due).map(|_| Owed {
+            let due = |kind| Owed {
                 pkid: 0,
+                kind,
                 router: true,
                 delivery: None,
                 answer: Answer::Success,
-            }));
+            };
+            owed.extend((0..acks).map(|_| due(AckKind::PubAck)));
+            owed.extend((0..recs).map(|_| due(AckKind::PubRec)));
         }
         owed
     }
@@ -258,25 +295,49 @@ impl InboundFlows {
 
     /// The unreleased QoS 2 publishes, for the session to keep when its
     /// connection ends (QoS 1 flows end with the connection: the client
-    /// sends them again, as new flows).
+    /// sends them again, as new flows). One whose PUBREC was still owed
+    /// and not known stored is not kept: the client sends it again, and it
+    /// is stored again (the router, if it holds it, acknowledges it
+    /// without delivering it again).
     pub fn take_held(&mut self) -> HeldQos2 {
-        match self.ids.take() {
-            Some(ids) => HeldQos2 {
-                in_router: ids.awaiting_release,
-                refused: ids.denied_qos2,
-            },
-            None => HeldQos2::default(),
+        self.collect_owed(None);
+        let Some(mut ids) = self.ids.take() else {
+            return HeldQos2::default();
+        };
+        for owed in &ids.owed {
+            let stored = owed.delivery.is_none()
+                && !owed.router
+                && matches!(owed.answer, Answer::Success | Answer::Router(_));
+            if owed.kind == AckKind::PubRec && !stored {
+                ids.awaiting_release.remove(&owed.pkid);
+                ids.qos2_here.remove(&owed.pkid);
+            }
+        }
+        HeldQos2 {
+            in_router: ids.awaiting_release,
+            here: ids.qos2_here,
         }
     }
 
     /// QoS 1/2 publishes not yet acknowledged or released: what the
     /// Receive Maximum bounds (and with it, every map here).
     pub fn unacknowledged(&self) -> usize {
-        // An owed acknowledgement waiting for the router is counted there.
+        // An owed PUBACK waiting for the router is counted there; an owed
+        // PUBREC by its packet id, held by the router or the gate (a
+        // refusal's, MQTT 5, by itself).
         let held = self.ids.as_ref().map_or(0, |ids| {
             ids.awaiting_release.len()
-                + ids.denied_qos2.len()
-                + ids.owed.iter().filter(|owed| !owed.router).count()
+                + ids.qos2_here.len()
+                + ids
+                    .owed
+                    .iter()
+                    .filter(|owed| {
+                        !owed.router
+                            && (owed.kind == AckKind::PubAck
+                                || !(ids.awaiting_release.contains(&owed.pkid)
+                                    || ids.qos2_here.contains(&owed.pkid)))
+                    })
+                    .count()
         });
         self.router_acks_pending + held
     }
@@ -285,17 +346,30 @@ impl InboundFlows {
     pub fn arrival(&self, qos: QoS, pkid: u16) -> Arrival {
         match qos {
             QoS::AtMostOnce => Arrival::New,
-            QoS::ExactlyOnce if self.awaiting_release(pkid) => Arrival::Retransmitted,
+            QoS::ExactlyOnce => match self.ids.as_deref() {
+                Some(ids)
+                    if ids.awaiting_release.contains(&pkid) || ids.qos2_here.contains(&pkid) =>
+                {
+                    if ids.pubrec_owed(pkid) {
+                        Arrival::AwaitingStore
+                    } else {
+                        Arrival::Retransmitted
+                    }
+                }
+                _ if self.unacknowledged() >= self.receive_maximum => Arrival::OverReceiveMaximum,
+                _ => Arrival::New,
+            },
             _ if self.unacknowledged() >= self.receive_maximum => Arrival::OverReceiveMaximum,
             _ => Arrival::New,
         }
     }
 
-    /// An allowed publish; `needs_router` when the router must see it
-    /// (someone there wants it, it is retained, or it is QoS 2); `later`
-    /// when the delivery acknowledges it later (QoS 1 only: QoS 0 owes
-    /// nothing, and QoS 2 is acknowledged by the router's PUBREC, so a
-    /// `later` for them is let go).
+    /// An allowed publish; `needs_router` when someone in the router may
+    /// want it or it is retained; `later` when the delivery acknowledges it
+    /// later (QoS 0 owes nothing: a `later` for it is let go). A QoS 2
+    /// publish goes to the router (which owns its exactly once) unless a
+    /// delivery stores it and nobody in the router wants it: then the gate
+    /// owns it.
     pub fn allowed(
         &mut self,
         qos: QoS,
@@ -309,6 +383,7 @@ impl InboundFlows {
             QoS::AtLeastOnce if later.is_some() || self.owing() => {
                 self.owed_mut().push_back(Owed {
                     pkid,
+                    kind: AckKind::PubAck,
                     router: needs_router,
                     delivery: later,
                     answer: Answer::Success,
@@ -326,9 +401,28 @@ impl InboundFlows {
                 self.router_acks_pending += 1;
                 Allowed::ToRouter
             }
-            QoS::ExactlyOnce => {
+            QoS::ExactlyOnce if later.is_none() && !self.owing() => {
                 self.ids_mut().awaiting_release.insert(pkid);
+                self.router_recs_pending = self.router_recs_pending.saturating_add(1);
                 Allowed::ToRouter
+            }
+            QoS::ExactlyOnce => {
+                let to_router = needs_router || later.is_none();
+                self.owed_mut().push_back(Owed {
+                    pkid,
+                    kind: AckKind::PubRec,
+                    router: to_router,
+                    delivery: later,
+                    answer: Answer::Success,
+                });
+                if to_router {
+                    self.ids_mut().awaiting_release.insert(pkid);
+                    self.router_recs_pending = self.router_recs_pending.saturating_add(1);
+                    Allowed::ToRouter
+                } else {
+                    self.ids_mut().qos2_here.insert(pkid);
+                    Allowed::Owed
+                }
             }
         }
     }
@@ -340,6 +434,7 @@ impl InboundFlows {
             QoS::AtLeastOnce if self.owing() => {
                 self.owed_mut().push_back(Owed {
                     pkid,
+                    kind: AckKind::PubAck,
                     router: false,
                     delivery: None,
                     answer: Answer::Denied(denial),
@@ -355,21 +450,37 @@ impl InboundFlows {
             QoS::ExactlyOnce => {
                 // MQTT 5: a PUBREC reason >= 0x80 ends the exchange.
                 if self.version == Version::V4 {
-                    self.ids_mut().denied_qos2.insert(pkid);
+                    self.ids_mut().qos2_here.insert(pkid);
                 }
-                Refused::PubRecHere
+                if !self.owing() {
+                    return Refused::PubRecHere;
+                }
+                self.owed_mut().push_back(Owed {
+                    pkid,
+                    kind: AckKind::PubRec,
+                    router: false,
+                    delivery: None,
+                    answer: Answer::Denied(denial),
+                });
+                Refused::Owed
             }
         }
     }
 
     /// A PUBREL from the client. The router owns what it holds, a resumed
     /// session's included, and answers a PUBREL for nothing with 0x92
-    /// (MQTT 5 4.3.3); only the gate's own refusals are completed here.
+    /// (MQTT 5 4.3.3); only the gate's own (refused, or stored by a
+    /// delivery without the router) are completed here.
     pub fn release(&mut self, pkid: u16) -> Release {
         let Some(ids) = self.ids.as_mut() else {
             return Release::ToRouter;
         };
-        let release = if ids.denied_qos2.remove(&pkid) {
+        if ids.pubrec_owed(pkid) {
+            // Released before its PUBREC (the client may not): nothing
+            // was received under that id yet, as far as it may know.
+            return Release::CompleteHere(PubCompReason::PacketIdentifierNotFound);
+        }
+        let release = if ids.qos2_here.remove(&pkid) {
             Release::CompleteHere(PubCompReason::Success)
         } else {
             ids.awaiting_release.remove(&pkid);
@@ -377,86 +488,6 @@ impl InboundFlows {
         };
         self.release_ids_if_idle();
         release
-    }
-
-    /// A PUBACK from the router: sent now (as the denial of a refused
-    /// publish sent through the router, if it was one), or it answered the
-    /// first owed acknowledgement waiting for the router.
-    pub fn router_puback(&mut self, pkid: u16) -> RouterAck {
-        self.router_acks_pending = self.router_acks_pending.saturating_sub(1);
-        let Some(ids) = self.ids.as_mut() else {
-            return RouterAck::Now(None);
-        };
-        let denial = ids.denied_qos1.remove(&pkid);
-        // The router answers in the order it was sent publishes.
-        let Some(owed) = ids.owed.iter_mut().find(|owed| owed.router) else {
-            self.release_ids_if_idle();
-            return RouterAck::Now(denial);
-        };
-        owed.router = false;
-        owed.pkid = pkid;
-        if let Some(denial) = denial {
-            owed.answer = Answer::Denied(denial);
-        }
-        RouterAck::Owed
-    }
-
-    /// Waits for the first delivery outcome still missing (the only one
-    /// that can let an acknowledgement go): `Ready` once it came (then
-    /// [`InboundFlows::collect_owed`] and [`InboundFlows::pop_owed`]).
-    pub fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(ids) = self.ids.as_mut() else {
-            return Poll::Pending;
-        };
-        let Some(owed) = ids.owed.iter_mut().find(|owed| owed.delivery.is_some()) else {
-            return Poll::Pending;
-        };
-        let Some(pending) = owed.delivery.as_mut() else {
-            return Poll::Pending;
-        };
-        let outcome = std::task::ready!(pending.poll_outcome(cx));
-        owed.settle(outcome);
-        Poll::Ready(())
-    }
-
-    /// Takes every delivery outcome already settled, and answers as failed
-    /// those past their deadline at `now` (the session never waits forever).
-    pub fn collect_owed(&mut self, now: Option<Instant>) {
-        let Some(ids) = self.ids.as_mut() else {
-            return;
-        };
-        for owed in ids.owed.iter_mut() {
-            let Some(pending) = owed.delivery.as_mut() else {
-                continue;
-            };
-            if let Some(outcome) = pending.try_outcome() {
-                owed.settle(outcome);
-            } else if now.is_some_and(|now| now >= pending.deadline()) {
-                owed.settle(Outcome::Failed);
-            }
-        }
-    }
-
-    /// The next owed acknowledgement that can be answered now, in order.
-    pub fn pop_owed(&mut self) -> Option<(u16, Answer)> {
-        let ids = self.ids.as_mut()?;
-        if !ids.owed.front()?.ready() {
-            return None;
-        }
-        let owed = ids.owed.pop_front()?;
-        self.release_ids_if_idle();
-        Some((owed.pkid, owed.answer))
-    }
-
-    /// The earliest deadline of a delivery outcome still missing.
-    pub fn owed_deadline(&self) -> Option<Instant> {
-        self.ids
-            .as_ref()?
-            .owed
-            .iter()
-            .filter_map(|owed| owed.delivery.as_ref())
-            .map(Pending::deadline)
-            .min()
     }
 
     /// A packet id for a QoS 1/2 will that no QoS 2 publish of this client

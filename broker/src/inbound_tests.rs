@@ -212,3 +212,42 @@ fn will_packet_ids_avoid_held_qos2_ids_and_never_are_zero() {
     assert_eq!(f.will_pkid(), u16::MAX);
     assert_eq!(f.will_pkid(), 3, "wraps past 0 and the held ids");
 }
+
+#[test]
+fn a_stored_qos2_publish_is_kept_for_the_session_only_once_stored() {
+    use crate::delivery::ack::{self, Outcome};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    // (outcome before the connection ends) -> kept for the next one
+    let table = [
+        (None, false),
+        (Some(Outcome::Failed), false),
+        (Some(Outcome::Stored), true),
+    ];
+    for (outcome, kept) in table {
+        let mut f = flows();
+        let (ticket, pending) = ack::ticket(deadline);
+        // Stored, and nobody in the router wants it: the gate's.
+        assert_eq!(
+            f.allowed(QoS::ExactlyOnce, 1, false, Some(pending)),
+            Allowed::Owed
+        );
+        assert_eq!(f.arrival(QoS::ExactlyOnce, 1), Arrival::AwaitingStore);
+        if let Some(outcome) = outcome {
+            ticket.settle(outcome);
+        }
+        let held = f.take_held();
+        assert_eq!(held.len(), usize::from(kept), "{outcome:?}");
+        let mut next = InboundFlows::resumed(Version::V5, 3, held);
+        if kept {
+            // Sent again after a reconnect: PUBREC again, not stored again;
+            // its PUBREL is completed by the gate.
+            assert_eq!(next.arrival(QoS::ExactlyOnce, 1), Arrival::Retransmitted);
+            assert_eq!(
+                next.release(1),
+                Release::CompleteHere(PubCompReason::Success)
+            );
+        }
+        assert_eq!(next.arrival(QoS::ExactlyOnce, 1), Arrival::New);
+        assert_eq!(next.unacknowledged(), 0);
+    }
+}

@@ -155,14 +155,15 @@ impl Delivery for ClusterDelivery {
             // Retained messages go to every node through the retained log
             // (`retained.rs`), never a user's reply stream: delivered once
             // per node, and to nodes with no session of the user.
-            // A QoS 1 publish's PUBACK waits for the store, as for an
-            // append: a handler's in-flight window paces its retained
-            // publishes, and one refused (a cap) or lost is answered so.
+            // A QoS 1 publish's PUBACK (QoS 2: PUBREC) waits for the
+            // store, as for an append: a handler's in-flight window paces
+            // its retained publishes, and one refused (a cap) or lost is
+            // answered so.
             match Entry::encode(&self.id, publish, properties) {
                 Ok(entry) => {
                     self.retained_held
                         .received(topic, &entry, publish.payload.is_empty());
-                    let ticket = (publish.qos() == QoS::AtLeastOnce).then(|| {
+                    let ticket = (publish.qos() != QoS::AtMostOnce).then(|| {
                         let (ticket, pending) = ack::ticket(Instant::now() + ACK_WITHIN);
                         routed.later = Some(pending);
                         ticket
@@ -186,11 +187,16 @@ impl Delivery for ClusterDelivery {
         } else {
             match topic.split_once('_') {
                 Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => {
-                    if !publish.retain && self.persistent.holds_user(uid) {
+                    if !publish.retain
+                        && publish.qos() != QoS::ExactlyOnce
+                        && self.persistent.holds_user(uid)
+                    {
                         // Through the stream, so that it reaches the
                         // router here with its stream id (`replies::deliver`)
                         // and a persistent session's acknowledgement moves
-                        // its cursor.
+                        // its cursor. A QoS 2 reply goes to the router
+                        // from its sender (which then owns its exactly
+                        // once): `replies::deliver` skips this node's own.
                         routed.needs_router = false;
                     }
                     uid.to_owned()
@@ -205,9 +211,11 @@ impl Delivery for ClusterDelivery {
                 return routed;
             }
         };
-        // A QoS 1 publish's PUBACK waits for its append (QoS 0 is fire and
-        // forget; QoS 2 is answered by the router's PUBREC).
-        let ticket = (publish.qos() == QoS::AtLeastOnce).then(|| {
+        // A QoS 1 publish's PUBACK, and a QoS 2 one's PUBREC, waits for
+        // its append (QoS 0 is fire and forget). A QoS 2 command never
+        // reaches the router (`needs_router` is false): the session owns
+        // its exactly once.
+        let ticket = (publish.qos() != QoS::AtMostOnce).then(|| {
             let (ticket, pending) = ack::ticket(Instant::now() + ACK_WITHIN);
             routed.later = Some(pending);
             ticket

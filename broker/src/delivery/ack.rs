@@ -3,8 +3,9 @@
 //! `cluster` crate's append to a Redis stream), its [`Routed`] carries a
 //! [`Pending`] and the delivery keeps the matching [`Ticket`], which it
 //! settles with the [`Outcome`] once it knows. The session waits for it
-//! (its loop wakes on it), as it waits for the router's PUBACK, and answers
-//! the client's PUBACK in the order of the publishes (`inbound`).
+//! (its loop wakes on it), as it waits for the router's PUBACK (PUBREC),
+//! and answers the client's PUBACK (QoS 1) or PUBREC (QoS 2) in the order
+//! of the publishes (`inbound`).
 //!
 //! A `Pending` has a deadline the delivery chose: past it, the session
 //! answers as if the store had failed, so it never waits forever. A ticket

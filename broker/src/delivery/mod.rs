@@ -45,8 +45,9 @@
 //! - `route`: a reply is also appended to the user's stream (and announced
 //!   on the `{uid}` channel); a command goes to its topic's stream, for the
 //!   consumer groups of handlers on any node. The local decision (inboxes
-//!   now, router or not) is unchanged. A QoS 1 publish appended this way
-//!   carries an [`ack::Pending`]: the client's PUBACK waits for the append.
+//!   now, router or not) is unchanged. A QoS 1 or 2 publish appended this
+//!   way carries an [`ack::Pending`]: the client's PUBACK or PUBREC waits
+//!   for the append.
 //! - `close` / `expire`: a persistent session's record lives for its
 //!   expiry, then goes; the listening stops with the node's last session of
 //!   the user.

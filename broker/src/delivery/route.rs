@@ -25,8 +25,8 @@ pub struct Routed {
     /// or it is retained.
     pub needs_router: bool,
     /// The delivery acknowledges this publish later (it queued it to be
-    /// stored elsewhere): the client's PUBACK waits for it. Only for QoS 1;
-    /// never from the local table.
+    /// stored elsewhere): the client's PUBACK (QoS 1) or PUBREC (QoS 2)
+    /// waits for it. Never from the local table.
     pub later: Option<super::ack::Pending>,
 }
 

@@ -9,11 +9,11 @@ use crate::acl::{self, Denial};
 use crate::answers::{self, ServerDisconnect};
 use crate::delivery::ack::Outcome;
 use crate::identity;
-use crate::inbound::{Allowed, Answer, Arrival, Refused, RouterAck};
+use crate::inbound::{AckKind, Allowed, Answer, Arrival, Refused, RouterAck};
 use crate::property_caps;
 use crate::router::protocol::{
-    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
-    PublishProperties, QoS,
+    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel,
+    PubRelReason, Publish, PublishProperties, QoS,
 };
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -94,6 +94,8 @@ impl SessionState {
                 out.to_client(Packet::PubRec(rec, None));
                 return None;
             }
+            // Its PUBREC comes once it is stored; nothing is stored twice.
+            Arrival::AwaitingStore => return None,
             Arrival::OverReceiveMaximum => {
                 info!(
                     receive_maximum = self.gate.limits().receive_maximum,
@@ -144,7 +146,7 @@ impl SessionState {
             .allowed(publish.qos(), pkid, routed.needs_router, later)
         {
             // Served by the gate alone (or wanted by nobody), or its PUBACK
-            // waits its turn (the delivery stores it first).
+            // (PUBREC) waits its turn (the delivery stores it first).
             Allowed::Done | Allowed::Owed => {}
             Allowed::AckHere => {
                 let ack = PubAck {
@@ -189,6 +191,24 @@ impl SessionState {
         }
     }
 
+    /// A PUBREC from the router for the client's QoS 2 publish: sent now,
+    /// or it answered one of the acknowledgements owed in order. `Some`
+    /// ends the session.
+    pub(super) fn router_pubrec(
+        &mut self,
+        rec: PubRec,
+        properties: Option<crate::router::protocol::PubRecProperties>,
+        out: &mut impl Actions,
+    ) -> Option<End> {
+        match self.flows.router_pubrec(rec.pkid, rec.reason) {
+            RouterAck::Owed => return self.answer_owed(out),
+            RouterAck::Now(_) => {
+                out.to_client(Packet::PubRec(rec, properties));
+            }
+        }
+        None
+    }
+
     /// A PUBACK from the router: the client's publish's, or a refused one's
     /// sent through the router to keep the order, which becomes the denial;
     /// or one of the acknowledgements owed in order. `Some` ends the session.
@@ -210,32 +230,67 @@ impl SessionState {
         None
     }
 
-    /// Sends the owed PUBACKs that can go now, in the order of the
-    /// publishes. A publish the delivery did not store is answered `0x80`
-    /// (`0x97` when its queue was full) to an MQTT 5 client; an MQTT 3.1.1
-    /// client cannot be told, so its connection ends without that PUBACK
-    /// (`Some`), and it sends the publish again (DUP) when it reconnects.
+    /// Sends the owed PUBACKs and PUBRECs that can go now, in the order of
+    /// the publishes. A publish the delivery did not store is answered
+    /// `0x80` (`0x97` when its queue was full) to an MQTT 5 client; an MQTT
+    /// 3.1.1 client cannot be told, so its connection ends without that
+    /// PUBACK or PUBREC (`Some`), and it sends the publish again (DUP) when
+    /// it reconnects.
     pub(super) fn answer_owed(&mut self, out: &mut impl Actions) -> Option<End> {
         let version = self.who.version;
-        while let Some((pkid, answer)) = self.flows.pop_owed() {
-            let packet = match answer {
-                Answer::Success => Packet::PubAck(
+        while let Some(due) = self.flows.pop_owed() {
+            let pkid = due.pkid;
+            let packet = match (due.kind, due.answer) {
+                (AckKind::PubAck, Answer::Success | Answer::Router(_)) => Packet::PubAck(
                     PubAck {
                         pkid,
                         reason: PubAckReason::Success,
                     },
                     None,
                 ),
-                Answer::Denied(denial) => answers::puback_denial(version, pkid, denial),
-                Answer::NotStored(outcome) => {
+                (AckKind::PubRec, Answer::Success) => Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ),
+                (AckKind::PubRec, Answer::Router(reason)) => {
+                    Packet::PubRec(PubRec { pkid, reason }, None)
+                }
+                (AckKind::PubAck, Answer::Denied(denial)) => {
+                    answers::puback_denial(version, pkid, denial)
+                }
+                (AckKind::PubRec, Answer::Denied(denial)) => {
+                    answers::pubrec_denial(version, pkid, denial)
+                }
+                (kind, Answer::NotStored(outcome)) => {
                     self.gate
                         .metrics()
                         .denied("publish", not_stored_label(outcome));
-                    info!(pkid, ?outcome, "a publish was not stored for delivery");
-                    match answers::puback_not_stored(version, pkid, outcome) {
-                        Some(packet) => packet,
-                        None => return Some(End::Server(ServerDisconnect::NotStored)),
+                    info!(
+                        pkid,
+                        ?kind,
+                        ?outcome,
+                        "a publish was not stored for delivery"
+                    );
+                    let answer = match kind {
+                        AckKind::PubAck => answers::puback_not_stored(version, pkid, outcome),
+                        AckKind::PubRec => answers::pubrec_not_stored(version, pkid, outcome),
+                    };
+                    let Some(packet) = answer else {
+                        return Some(End::Server(ServerDisconnect::NotStored));
+                    };
+                    if due.release_in_router {
+                        // The client ends the exchange on this PUBREC: the
+                        // router must not keep the packet id held.
+                        let release = PubRel {
+                            pkid,
+                            reason: PubRelReason::Success,
+                        };
+                        out.to_router(Packet::PubRel(release, None));
                     }
+                    packet
                 }
             };
             out.to_client(packet);

@@ -326,6 +326,13 @@ impl SessionState {
                 }
             }
             Packet::PubAck(ack, properties) => return self.router_puback(ack, properties, out),
+            Packet::PubRec(rec, properties) => return self.router_pubrec(rec, properties, out),
+            Packet::PubComp(comp, properties) => {
+                // Not the one answering a PUBREL the gate sent itself.
+                if self.flows.router_pubcomp(comp.pkid) {
+                    out.to_client(Packet::PubComp(comp, properties));
+                }
+            }
             packet => {
                 out.to_client(packet);
             }

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(super) mod hooked;
 mod owed;
+mod owed_qos2;
 
 /// A command topic a handler serves through the router, and one nobody serves.
 const SERVED: &str = "echo";
