@@ -12,6 +12,7 @@
 //! at most [`MAX_DELIVERIES`] times.
 
 use crate::entry::StreamId;
+use crate::redis_conn::Replication;
 use crate::Node;
 use broker::delivery::DELIVERY_TAG_MAX;
 use std::collections::HashMap;
@@ -123,7 +124,7 @@ pub async fn acknowledge(node: Arc<Node>, mut queue: mpsc::Receiver<CommandTag>)
         };
         let sent = node
             .redis
-            .send_grouped(&grouped, |((key, _), _)| key, pipe)
+            .send_grouped(&grouped, |((key, _), _)| key, pipe, Replication::Unawaited)
             .await;
         for (streams, sent) in sent {
             if let Err(e) = sent {

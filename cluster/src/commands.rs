@@ -22,6 +22,7 @@
 
 use crate::acks::{CommandTag, MAX_DELIVERIES};
 use crate::entry::{command_key, consumer_group, Entry, StreamId, PARTITIONS};
+use crate::redis_conn::Replication;
 use crate::replies::inject_for;
 use crate::{Append, Node};
 use broker::delivery::DELIVERY_TAG;
@@ -142,7 +143,7 @@ pub(crate) async fn append(node: Arc<Node>, mut queue: mpsc::Receiver<Append>) {
         };
         let sent = node
             .redis
-            .send_grouped_items(&indexed, |(_, a)| &a.key, pipe)
+            .send_grouped_items(&indexed, |(_, a)| &a.key, pipe, Replication::Awaited)
             .await;
         for (group, sent) in sent {
             let n = group.len() as u64;

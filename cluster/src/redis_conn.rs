@@ -34,6 +34,19 @@ const SLOTS: u16 = 16384;
 /// `BROKER_CLUSTER_WAIT_REPLICAS` is set.
 pub const WAIT_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Whether a batch waits for replicas under `BROKER_CLUSTER_WAIT_REPLICAS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replication {
+    /// What a client was told is stored, or a record a resume relies on
+    /// (appends, session records, retained messages): ends with `WAIT`.
+    Awaited,
+    /// What a failover may lose at the cost of a duplicate at most (a
+    /// handler's `XACK`: the command is delivered again once idle; a
+    /// takeover announcement): no `WAIT`, which would cost a round trip
+    /// and a replica acknowledgement per batch for nothing.
+    Unawaited,
+}
+
 /// Why the cluster store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
@@ -195,8 +208,9 @@ impl Redis {
         items: &[T],
         key: impl Fn(&T) -> &str,
         pipe: impl Fn(&[&T], bool) -> redis::Pipeline,
+        replication: Replication,
     ) -> Vec<(u64, redis::RedisResult<()>)> {
-        self.send_grouped_items(items, key, pipe)
+        self.send_grouped_items(items, key, pipe, replication)
             .await
             .into_iter()
             .map(|(group, sent)| (group.len() as u64, sent))
@@ -210,13 +224,14 @@ impl Redis {
         items: &'a [T],
         key: impl Fn(&T) -> &str,
         pipe: impl Fn(&[&T], bool) -> redis::Pipeline,
+        replication: Replication,
     ) -> Vec<(Vec<&'a T>, redis::RedisResult<()>)> {
         let (pipe, key) = (&pipe, &key);
         if !self.is_cluster() {
             let group: Vec<&T> = items.iter().collect();
             let mut conn = self.shared();
             let mut sent = self
-                .send_waiting(pipe(&group, false), &mut conn, group.len())
+                .send_waiting(pipe(&group, false), &mut conn, group.len(), replication)
                 .await;
             if sent.is_err() {
                 sent = self.send_retrying(&pipe(&group, true)).await;
@@ -231,11 +246,11 @@ impl Redis {
             let sent = match self.direct(&addr).await {
                 Ok(mut conn) => {
                     let mut sent = self
-                        .send_waiting(pipe(&group, false), &mut conn, group.len())
+                        .send_waiting(pipe(&group, false), &mut conn, group.len(), replication)
                         .await;
                     if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
                         sent = self
-                            .send_waiting(pipe(&group, true), &mut conn, group.len())
+                            .send_waiting(pipe(&group, true), &mut conn, group.len(), replication)
                             .await;
                     }
                     if sent.is_err() {
@@ -266,7 +281,7 @@ impl Redis {
     }
 
     /// Sends `pipe` on `conn`; with `BROKER_CLUSTER_WAIT_REPLICAS` n > 0
-    /// it ends with `WAIT n 100` on the same connection, so the batch
+    /// and [`Replication::Awaited`] it ends with `WAIT n 100` on the same connection, so the batch
     /// counts as appended once n replicas acknowledged it. Fewer within
     /// the timeout: still appended (the master has it), logged at warn.
     async fn send_waiting(
@@ -274,8 +289,9 @@ impl Redis {
         mut pipe: redis::Pipeline,
         conn: &mut impl redis::aio::ConnectionLike,
         items: usize,
+        replication: Replication,
     ) -> redis::RedisResult<()> {
-        if self.wait_replicas == 0 {
+        if self.wait_replicas == 0 || replication == Replication::Unawaited {
             return pipe.query_async::<()>(conn).await;
         }
         pipe.cmd("WAIT")

@@ -34,7 +34,9 @@ async fn batches_wait_for_replicas_and_are_appended() {
         }
         pipe
     };
-    let sent = redis.send_grouped(&keys, |k| k, pipe).await;
+    let sent = redis
+        .send_grouped(&keys, |k| k, pipe, Replication::Awaited)
+        .await;
     let total: u64 = sent.iter().map(|(n, _)| n).sum();
     assert_eq!(total, 30);
     assert!(sent.iter().all(|(_, r)| r.is_ok()), "{sent:?}");
@@ -50,4 +52,22 @@ async fn batches_wait_for_replicas_and_are_appended() {
         .sum();
     // One WAIT per master that got a group (30 keys reach all three).
     assert_eq!(waits, 3);
+
+    // What a failover may lose at the cost of a duplicate (a handler's
+    // XACK) is sent without one.
+    let sent = redis
+        .send_grouped(&keys, |k| k, pipe, Replication::Unawaited)
+        .await;
+    assert!(sent.iter().all(|(_, r)| r.is_ok()), "{sent:?}");
+    for key in &keys {
+        let master = cluster.master_of_key(key);
+        let len = cluster.query_text(master, &["XLEN", key]).expect("XLEN");
+        assert_eq!(len, "2", "{key}");
+    }
+    let after: u64 = cluster
+        .masters()
+        .into_iter()
+        .map(|m| waits_on(&cluster, m))
+        .sum();
+    assert_eq!(after, waits, "no WAIT for an unawaited batch");
 }

@@ -21,7 +21,7 @@
 use crate::entry::{reply_key, Cursor, Entry, Seen, StreamId};
 use crate::pacing::{self, Burst};
 use crate::record::reply_tag;
-use crate::redis_conn::Redis;
+use crate::redis_conn::{Redis, Replication};
 use crate::stream_ttl::{Expiries, EXPIRY_SET};
 use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG, DELIVERY_TARGET};
@@ -204,7 +204,7 @@ pub(crate) async fn append_batch(
         pipe
     };
     let sent = redis
-        .send_grouped_items(&items, |item| &item.key, pipe)
+        .send_grouped_items(&items, |item| &item.key, pipe, Replication::Awaited)
         .await;
     if sent.iter().any(|(_, sent)| sent.is_err()) {
         expiries.forget_all();
@@ -242,7 +242,11 @@ pub async fn announce_takeovers(node: Arc<Node>, mut queue: mpsc::Receiver<(Stri
             }
             pipe
         };
-        for (n, sent) in node.redis.send_grouped(&keyed, |(key, _)| key, pipe).await {
+        for (n, sent) in node
+            .redis
+            .send_grouped(&keyed, |(key, _)| key, pipe, Replication::Unawaited)
+            .await
+        {
             if let Err(e) = sent {
                 node.metrics().cluster_dropped("redis_error", n);
                 warn!(error = %e, sessions = n, "session openings not announced to other nodes");

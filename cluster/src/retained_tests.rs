@@ -110,6 +110,24 @@ async fn retained_stores_wait_for_replicas() {
     let cluster = testkit::RedisCluster::start();
     let master = cluster.master_of_key(TOPICS_KEY);
     let replica = cluster.replica_of(master);
+    // The replica past its first sync (a cluster just started may still be
+    // in it, and every WAIT would then run out its 100 ms): one write on
+    // the master, and a WAIT long enough for a loaded machine.
+    let synced: (String, i64) = {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.port(master)))
+            .expect("the master's address");
+        let mut conn = client.get_connection().expect("connects to the master");
+        redis::pipe()
+            .cmd("SET")
+            .arg("{retained}:sync")
+            .arg(1)
+            .cmd("WAIT")
+            .arg(1)
+            .arg(10_000)
+            .query(&mut conn)
+            .expect("SET and WAIT on the {retained} master")
+    };
+    assert_eq!(synced.1, 1, "the replica acknowledged a write");
     // (replicas waited for) -> WAITs the {retained} master ran
     for replicas in [0u8, 1] {
         let redis = Redis::connect(&cluster.redis_url(), replicas)

@@ -18,7 +18,7 @@ use crate::cursor::Window;
 use crate::entry::StreamId;
 use crate::listener::Resume;
 use crate::record::{self, record_key, tagged_id, Record};
-use crate::redis_conn::Redis;
+use crate::redis_conn::{Redis, Replication};
 use crate::Node;
 use broker::delivery::{Resumed, SessionSubscription};
 use parking_lot::Mutex;
@@ -550,7 +550,11 @@ pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>, resumes: mpsc::
                 }
                 pipe
             };
-            for (n, sent) in node.redis.send_grouped(&keyed, |(key, _)| key, pipe).await {
+            for (n, sent) in node
+                .redis
+                .send_grouped(&keyed, |(key, _)| key, pipe, Replication::Awaited)
+                .await
+            {
                 if let Err(e) = sent {
                     node.metrics().cluster_dropped("session_record", n);
                     warn!(error = %e, records = n, "session records not deleted (they lapse by their TTL)");
@@ -585,7 +589,11 @@ pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>, resumes: mpsc::
             pipe
         };
         let mut failed = false;
-        for (n, sent) in node.redis.send_grouped(&writes, |(key, _)| key, pipe).await {
+        for (n, sent) in node
+            .redis
+            .send_grouped(&writes, |(key, _)| key, pipe, Replication::Awaited)
+            .await
+        {
             if let Err(e) = sent {
                 failed = true;
                 node.metrics().cluster_dropped("session_record", n);
