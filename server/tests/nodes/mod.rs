@@ -72,10 +72,23 @@ impl Node {
     /// handlers in its process when `handlers`, forwarding `publish` to
     /// `platform`.
     pub fn start(name: &str, redis: &str, handlers: bool, platform: &str) -> Node {
+        Node::launch(name, Some(redis), handlers, Some(platform))
+    }
+
+    /// Starts `broker` as one node without Redis (no `REDIS_URL`: the
+    /// router alone, the embedded store in its data directory), without
+    /// the built-in handlers.
+    pub fn start_alone(name: &str) -> Node {
+        Node::launch(name, None, false, None)
+    }
+
+    /// Starts the `broker` binary and waits until it says where it listens.
+    fn launch(name: &str, redis: Option<&str>, handlers: bool, platform: Option<&str>) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("broker.log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
+        command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             // NODE_RUST_LOG (e.g. `info,cluster::listener=debug`) logs a
@@ -84,7 +97,6 @@ impl Node {
                 "RUST_LOG",
                 std::env::var("NODE_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
-            .env("REDIS_URL", redis)
             .env("BROKER_NODE_ID", name)
             .env("BROKER_HANDLERS", if handlers { "all" } else { "none" })
             .env("BROKER_TLS_LISTEN", "127.0.0.1:0")
@@ -96,32 +108,35 @@ impl Node {
             .env("COMMAND_TOPICS", COMMANDS)
             .env("IDP_IN_PROCESS", "false")
             .env("TOKENS_MASTER_KEY", "5e".repeat(32))
-            .env("PLATFORMS", format!("mail={platform}"))
-            .env("PLATFORM_MAIL_TOKEN", "optional")
             .env("BROKER_SHUTDOWN_GRACE_SECS", "1")
             .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("spawn the broker binary");
-        let process = Process { child, log };
+            .stderr(Stdio::from(out));
+        if let Some(redis) = redis {
+            command.env("REDIS_URL", redis);
+        }
+        if let Some(platform) = platform {
+            command
+                .env("PLATFORMS", format!("mail={platform}"))
+                .env("PLATFORM_MAIL_TOKEN", "optional");
+        }
+        let child = command.spawn().expect("spawn the broker binary");
+        let mut process = Process { child, log };
         let deadline = Instant::now() + START_WITHIN;
-        let mut process = Some(process);
         loop {
-            let running = process.as_mut().unwrap();
-            let text = running.log_text();
+            let text = process.log_text();
             let found = text
                 .lines()
                 .find_map(|line| line.trim().strip_prefix("plain TCP on "))
                 .and_then(|addr| addr.trim().parse().ok());
             if let Some(tcp) = found {
                 return Node {
-                    process: process.take().unwrap(),
+                    process,
                     name: name.to_owned(),
                     tcp,
                     _dir: dir,
                 };
             }
-            if let Ok(Some(status)) = running.child.try_wait() {
+            if let Ok(Some(status)) = process.child.try_wait() {
                 panic!("node {name} exited ({status}):\n{text}");
             }
             assert!(
@@ -426,60 +441,4 @@ pub async fn subscribe_with_id(phone: &mut V5Client, topic: &str, id: usize) {
         .subscribe_many_with_properties([filter], properties)
         .await
         .unwrap();
-}
-
-impl Node {
-    /// Starts `broker` as one node without Redis (no `REDIS_URL`: the
-    /// router alone, the embedded store in its data directory), without
-    /// the built-in handlers.
-    pub fn start_alone(name: &str) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("broker.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("BROKER_NODE_ID", name)
-            .env("BROKER_HANDLERS", "none")
-            .env("BROKER_TLS_LISTEN", "127.0.0.1:0")
-            .env("BROKER_TCP_LISTEN", "127.0.0.1:0")
-            .env("BROKER_DEV_DIR", dir.path().join("dev"))
-            .env("DATA_DIR", dir.path().join("data"))
-            .env("JWT_SECRET", SECRET)
-            .env("HANDLER_KEYS", HANDLER_KEY)
-            .env("COMMAND_TOPICS", COMMANDS)
-            .env("IDP_IN_PROCESS", "false")
-            .env("TOKENS_MASTER_KEY", "5e".repeat(32))
-            .env("BROKER_SHUTDOWN_GRACE_SECS", "1")
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("spawn the broker binary");
-        let mut process = Process { child, log };
-        let deadline = Instant::now() + START_WITHIN;
-        loop {
-            let text = process.log_text();
-            let found = text
-                .lines()
-                .find_map(|line| line.trim().strip_prefix("plain TCP on "))
-                .and_then(|addr| addr.trim().parse().ok());
-            if let Some(tcp) = found {
-                return Node {
-                    process,
-                    name: name.to_owned(),
-                    tcp,
-                    _dir: dir,
-                };
-            }
-            if let Ok(Some(status)) = process.child.try_wait() {
-                panic!("node {name} exited ({status}):\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {name} did not start:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
