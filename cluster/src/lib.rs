@@ -12,8 +12,9 @@
 //!   local decision and queues what Redis must learn;
 //! - `entry.rs`: keys, partitions, consumer groups, the bytes of an entry,
 //!   stream ids and a user's cursor (pure, table-tested);
-//! - `replies.rs`: the device plane (per-user streams, their appends,
-//!   replays and delivery here; takeover announcements);
+//! - `replies.rs`: the device plane (per-user streams, their appends
+//!   and delivery here; takeover announcements); `replay.rs`: reading a
+//!   user's stream after a cursor into this node;
 //! - `listener.rs`: its sharded pub/sub subscriptions, per master, and
 //!   the replay of a user's stream for a session that moved here;
 //! - `pacing.rs`: a burst of one user's replies (a replay, many wake-ups
@@ -59,6 +60,7 @@ mod liveness;
 mod pacing;
 pub mod record;
 mod redis_conn;
+mod replay;
 mod replies;
 mod retained;
 mod sessions;
