@@ -77,7 +77,7 @@ impl Metrics {
         let cluster_dropped = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "cluster_messages",
-            "Messages moved through the cluster store (Redis), by what (reply_out, reply_in, command_out, command_in, replayed, reclaimed, command_acked, retained_out, retained_in, retained_loaded)",
+            "Messages moved through the cluster store (Redis), by what (reply_out, reply_in, command_out, command_in, replayed, reclaimed, command_acked, command_kept, retained_out, retained_in, retained_loaded)",
             cluster_messages.clone(),
         );
         registry.register(

@@ -18,12 +18,17 @@
 //!   node or a dead handler held, or a router dropped, is delivered again
 //!   within about `CLAIM_IDLE + CLAIM_EVERY` of its last delivery, at most
 //!   `acks::MAX_DELIVERIES` times in all (then acknowledged, dropped,
-//!   counted and logged).
+//!   counted and logged). First it keeps what handlers here are still
+//!   working on from looking idle (`XCLAIM` to itself, `JUSTID`: the
+//!   delivery count stays), for up to `holds::HOLD_MAX_MS` (`holds.rs`):
+//!   a handler whose code runs longer than `CLAIM_IDLE` is not raced by
+//!   another node's.
 
 use crate::acks::{CommandTag, MAX_DELIVERIES};
 use crate::entry::{command_key, consumer_group, Entry, StreamId, PARTITIONS};
 use crate::redis_conn::Replication;
 use crate::replies::inject_for;
+use crate::sessions::mono_ms;
 use crate::{Append, Node};
 use broker::delivery::DELIVERY_TAG;
 use broker::router::Audience;
@@ -234,6 +239,13 @@ struct Reader {
 
 impl Reader {
     async fn run(self) {
+        self.read_until_stopped().await;
+        // No handler here reads it any more: what they held is no longer
+        // kept from the other nodes.
+        self.node.holds.lock().forget(&self.key, &self.group);
+    }
+
+    async fn read_until_stopped(&self) {
         let mut backoff = Duration::from_millis(100);
         let mut replay = self.replay;
         while !self.stop.is_cancelled() {
@@ -296,6 +308,7 @@ impl Reader {
         loop {
             if last_claim.elapsed() >= CLAIM_EVERY {
                 last_claim = Instant::now();
+                self.keep_held(&mut blocking).await?;
                 let claimed = self.claim(&mut blocking).await?;
                 if !claimed.is_empty() {
                     info!(key = %self.key, group = %self.group, entries = claimed.len(), "took over commands another consumer left unacknowledged");
@@ -341,6 +354,38 @@ impl Reader {
             })
             .map(crate::stream_entries)
             .unwrap_or_default())
+    }
+
+    /// Keeps the entries handlers here are still working on from looking
+    /// idle (`holds.rs`): `XCLAIM` to this consumer with `JUSTID`, which
+    /// resets their idle time and leaves their delivery count. An entry no
+    /// longer pending (acknowledged meanwhile) is left alone by Redis.
+    async fn keep_held(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let due = self
+            .node
+            .holds
+            .lock()
+            .due(&self.key, &self.group, mono_ms());
+        if due.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = due.iter().map(StreamId::to_string).collect();
+        redis::cmd("XCLAIM")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&*self.node.id)
+            .arg(0)
+            .arg(&ids)
+            .arg("JUSTID")
+            .query_async::<redis::Value>(conn)
+            .await?;
+        self.node
+            .metrics()
+            .cluster_moved("command_kept", ids.len() as u64);
+        Ok(())
     }
 
     /// `XAUTOCLAIM`: entries of the group idle past [`CLAIM_IDLE`].
@@ -438,12 +483,12 @@ impl Reader {
                     continue;
                 }
             };
-            let tag = CommandTag {
+            let command = CommandTag {
                 key: self.key.clone(),
                 group: self.group.clone(),
                 id,
-            }
-            .encode();
+            };
+            let tag = command.encode();
             let tagged = tag.is_some();
             if let Some(tag) = tag {
                 entry
@@ -451,8 +496,12 @@ impl Reader {
                     .get_or_insert_with(Default::default)
                     .user_properties
                     .push((DELIVERY_TAG.to_owned(), tag));
+                // Before the injection: a QoS 0 command is acknowledged
+                // once written, maybe before the injection returns.
+                self.node.holds.lock().injected(&command, mono_ms());
             }
             if !inject_for(&self.node, link, entry, &self.audience).await {
+                self.node.holds.lock().released(&command);
                 failed = true;
                 break;
             }

@@ -34,6 +34,8 @@ pub struct ClusterDelivery {
     pub(crate) persistent: Arc<Persistent>,
     /// Acknowledgements a paced burst of replies waits for.
     pub(crate) paced: Arc<crate::pacing::Acks>,
+    /// Commands handlers here are working on (`holds.rs`).
+    pub(crate) holds: Arc<Mutex<crate::holds::Holds>>,
     /// Replays for sessions that moved here (the listener's).
     pub(crate) resumes: mpsc::Sender<Resume>,
     pub(crate) redis: Redis,
@@ -180,6 +182,7 @@ impl Delivery for ClusterDelivery {
             return routed;
         }
         let command = self.is_command(topic);
+        let mut left_to_stream = false;
         let key = if command {
             // Handlers anywhere read it from the stream, local ones too.
             routed.needs_router = false;
@@ -187,24 +190,29 @@ impl Delivery for ClusterDelivery {
         } else {
             match topic.split_once('_') {
                 Some((uid, _)) if protocol::uid::is_reply_shaped(topic) => {
-                    if !publish.retain
-                        && publish.qos() != QoS::ExactlyOnce
-                        && self.persistent.holds_user(uid)
-                    {
+                    if self.persistent.holds_user(uid) {
                         // Through the stream, so that it reaches the
                         // router here with its stream id (`replies::deliver`)
                         // and a persistent session's acknowledgement moves
-                        // its cursor. A QoS 2 reply goes to the router
-                        // from its sender (which then owns its exactly
-                        // once): `replies::deliver` skips this node's own.
+                        // its cursor, at every QoS. The entry records the
+                        // choice, so that this node delivers it from the
+                        // stream even if the session has left by then. The
+                        // gate owns a QoS 2 sender's exactly once (the
+                        // router never gets this publish from it).
                         routed.needs_router = false;
+                        left_to_stream = true;
                     }
                     uid.to_owned()
                 }
                 _ => return routed,
             }
         };
-        let entry = match Entry::encode(&self.id, publish, properties) {
+        let encoded = if left_to_stream {
+            Entry::encode_left_to_stream(&self.id, publish, properties)
+        } else {
+            Entry::encode(&self.id, publish, properties)
+        };
+        let entry = match encoded {
             Ok(entry) => entry,
             Err(_) => {
                 self.metrics.cluster_dropped("unencodable", 1);
@@ -269,6 +277,7 @@ impl Delivery for ClusterDelivery {
     fn delivered(&self, session_id: &str, tag: &str) {
         // A command a handler here acknowledged: its XACK is queued.
         if let Some(command) = acks::CommandTag::parse(tag) {
+            self.holds.lock().released(&command);
             if self.acks.try_send(command).is_err() {
                 // Delivered again once idle: a duplicate, not a loss.
                 self.metrics.cluster_dropped("ack_queue_full", 1);
@@ -283,8 +292,13 @@ impl Delivery for ClusterDelivery {
 
     fn skipped(&self, session_id: &str, tag: &str) {
         // A reply too large for the client: a persistent session's cursor
-        // does not wait for it (a command's tag: delivered again once
-        // idle, to a handler that may take it).
+        // does not wait for it. A command's: no longer kept from looking
+        // idle, so it is delivered again once idle, to a handler that may
+        // take it.
+        if let Some(command) = acks::CommandTag::parse(tag) {
+            self.holds.lock().released(&command);
+            return;
+        }
         self.persistent.skipped(session_id, tag);
     }
 

@@ -20,8 +20,14 @@ pub const PARTITIONS: u32 = 4;
 const MAX_ENTRY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Layout version of an entry: the first byte, so a later layout can be
-/// read beside this one during a rolling upgrade.
-const LAYOUT: u8 = 1;
+/// read beside this one during a rolling upgrade. Layout 2 added the flags
+/// byte; layout 1 (no flags) is still read.
+const LAYOUT: u8 = 2;
+const LAYOUT_WITHOUT_FLAGS: u8 = 1;
+
+/// Flag: the origin's router did not get the publish when the gate
+/// received it ([`Entry::left_to_stream`]).
+const FLAG_LEFT_TO_STREAM: u8 = 0b1;
 
 /// The stream of `uid`'s replies, and the channel that announces them
 /// (keys and channels are separate namespaces; one slot for both).
@@ -94,15 +100,42 @@ pub enum EntryError {
 pub struct Entry {
     /// The node whose gate received it (it delivered it locally itself).
     pub origin: String,
+    /// The origin's gate left the router's delivery of this reply to the
+    /// stream (a persistent session of its user was held there), so the
+    /// origin delivers it from the stream like any other node. Recorded
+    /// with the entry, not decided again when it comes back: the session
+    /// may have come or gone in between, and then a reply would reach the
+    /// router twice or never (`replies::deliver`).
+    pub left_to_stream: bool,
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
 }
 
 impl Entry {
-    /// Its bytes: layout, origin (length-prefixed), then the publish as an
-    /// MQTT 5 packet (every property kept, the identity stamps included).
+    /// Its bytes: layout, flags, origin (length-prefixed), then the
+    /// publish as an MQTT 5 packet (every property kept, the identity
+    /// stamps included).
     pub fn encode(
         origin: &str,
+        publish: &Publish,
+        properties: &Option<PublishProperties>,
+    ) -> Result<Bytes, EntryError> {
+        Self::encode_with(origin, 0, publish, properties)
+    }
+
+    /// [`Entry::encode`] of a reply whose delivery through the origin's
+    /// router was left to the stream ([`Entry::left_to_stream`]).
+    pub fn encode_left_to_stream(
+        origin: &str,
+        publish: &Publish,
+        properties: &Option<PublishProperties>,
+    ) -> Result<Bytes, EntryError> {
+        Self::encode_with(origin, FLAG_LEFT_TO_STREAM, publish, properties)
+    }
+
+    fn encode_with(
+        origin: &str,
+        flags: u8,
         publish: &Publish,
         properties: &Option<PublishProperties>,
     ) -> Result<Bytes, EntryError> {
@@ -118,9 +151,10 @@ impl Entry {
             pkid,
         );
         let mut out = BytesMut::with_capacity(
-            2 + origin.len() + publish.topic.len() + publish.payload.len() + 16,
+            3 + origin.len() + publish.topic.len() + publish.payload.len() + 16,
         );
         out.put_u8(LAYOUT);
+        out.put_u8(flags);
         out.put_u8(origin_len);
         out.put_slice(origin.as_bytes());
         Codec::new(Version::V5, MAX_ENTRY_BYTES)
@@ -132,9 +166,14 @@ impl Entry {
     /// Reads back what [`Entry::encode`] wrote.
     pub fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
         let (&layout, rest) = bytes.split_first().ok_or(EntryError::Layout)?;
-        if layout != LAYOUT {
-            return Err(EntryError::Layout);
-        }
+        let (flags, rest) = match layout {
+            LAYOUT => {
+                let (&flags, rest) = rest.split_first().ok_or(EntryError::Truncated)?;
+                (flags, rest)
+            }
+            LAYOUT_WITHOUT_FLAGS => (0, rest),
+            _ => return Err(EntryError::Layout),
+        };
         let (&origin_len, rest) = rest.split_first().ok_or(EntryError::Truncated)?;
         let origin_len = usize::from(origin_len);
         if rest.len() < origin_len {
@@ -148,6 +187,7 @@ impl Entry {
         match Codec::new(Version::V5, MAX_ENTRY_BYTES).decode(&mut buffer) {
             Ok(Some(Packet::Publish(publish, properties))) if buffer.is_empty() => Ok(Entry {
                 origin,
+                left_to_stream: flags & FLAG_LEFT_TO_STREAM != 0,
                 publish,
                 properties,
             }),
@@ -370,6 +410,27 @@ mod tests {
     }
 
     #[test]
+    fn whether_the_origin_left_a_reply_to_the_stream_travels_with_it() {
+        let publish = Publish::with_qos(
+            Bytes::from_static(b"42_sync"),
+            Bytes::from_static(b"p"),
+            false,
+            QoS::ExactlyOnce,
+            9,
+        );
+        let left = Entry::encode_left_to_stream("node-a", &publish, &None).unwrap();
+        let routed = Entry::encode("node-a", &publish, &None).unwrap();
+        assert!(Entry::decode(&left).unwrap().left_to_stream);
+        assert!(!Entry::decode(&routed).unwrap().left_to_stream);
+        // Layout 1 (before the flags byte) still reads, as routed.
+        let mut layout1 = vec![1];
+        layout1.extend_from_slice(&routed[2..]);
+        let old = Entry::decode(&layout1).unwrap();
+        assert_eq!((old.origin.as_str(), old.left_to_stream), ("node-a", false));
+        assert_eq!(old.publish.payload, publish.payload);
+    }
+
+    #[test]
     fn damaged_entries_are_refused() {
         let publish = Publish::with_qos(
             Bytes::from_static(b"t"),
@@ -379,9 +440,11 @@ mod tests {
             0,
         );
         let good = Entry::encode("n", &publish, &None).unwrap();
-        let table: [(&[u8], EntryError); 4] = [
+        let table: [(&[u8], EntryError); 6] = [
             (b"", EntryError::Layout),
-            (b"\x02\x01n", EntryError::Layout),
+            (b"\x03\x00\x01n", EntryError::Layout),
+            (b"\x02", EntryError::Truncated),
+            (b"\x02\x00\x09n", EntryError::Truncated),
             (b"\x01\x09n", EntryError::Truncated),
             (&good[..good.len() - 1], EntryError::Truncated),
         ];

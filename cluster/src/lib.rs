@@ -55,6 +55,7 @@ pub mod cursor;
 mod declarations;
 mod delivery;
 pub mod entry;
+mod holds;
 mod listener;
 mod liveness;
 mod pacing;
@@ -167,6 +168,8 @@ pub(crate) struct Node {
     /// The persistent device sessions held here (their cursors track the
     /// replies injected for them).
     pub(crate) persistent: Arc<Persistent>,
+    /// The commands handlers here are working on (kept from looking idle).
+    pub(crate) holds: Arc<Mutex<holds::Holds>>,
 }
 
 impl Node {
@@ -240,6 +243,7 @@ pub struct Cluster {
     held: Arc<retained::Held>,
     persistent: Arc<Persistent>,
     paced: Arc<pacing::Acks>,
+    holds: Arc<Mutex<holds::Holds>>,
     resumes: (mpsc::Sender<Resume>, mpsc::Receiver<Resume>),
     /// This run of the node (`liveness`), and its will record changes.
     incarnation: Arc<str>,
@@ -270,6 +274,7 @@ impl Cluster {
             held: Arc::default(),
             persistent: Arc::default(),
             paced: Arc::default(),
+            holds: Arc::default(),
             resumes: mpsc::channel(listener::RESUME_QUEUE),
             incarnation: liveness::new_incarnation().into(),
             will_ops: mpsc::channel(wills::QUEUE),
@@ -304,7 +309,7 @@ impl Cluster {
             self.redis.clone(),
         );
         let (incarnation, will_ops) = (self.incarnation.clone(), self.will_ops.0.clone());
-        let paced = self.paced.clone();
+        let (paced, holds) = (self.paced.clone(), self.holds.clone());
         Box::new(move |local, metrics| {
             let local = Arc::new(local);
             let _ = built.set((local.clone(), metrics.clone()));
@@ -326,6 +331,7 @@ impl Cluster {
                 held: Mutex::default(),
                 persistent,
                 paced,
+                holds,
                 resumes,
                 redis,
             })
@@ -347,6 +353,7 @@ impl Cluster {
             links: AtomicU64::new(0),
             paced: self.paced,
             persistent: self.persistent.clone(),
+            holds: self.holds,
         });
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(replies::append(node.clone(), self.replies.1));

@@ -27,7 +27,6 @@ use crate::stream_ttl::{Expiries, EXPIRY_SET};
 use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG, DELIVERY_TARGET};
 use broker::inject::InjectLink;
-use broker::router::protocol::QoS;
 use broker::router::Audience;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -304,13 +303,13 @@ pub(crate) struct How<'a> {
 }
 
 /// Delivers one entry here: to the local inboxes, and to the router when
-/// the local decision needs it. Untagged, an entry this node received
-/// itself is skipped (it delivered it then). Tagged with its stream id
-/// (a persistent session of the user is held here), it goes to the router
-/// with the delivery tag, so the session's acknowledgement moves its
-/// cursor; this node's own entries too (the gate left them to the stream
-/// for that), to the router only (its inboxes had them; a retained one
-/// the router had too). One of a paced burst carries the tag too, and
+/// the local decision needs it. An entry this node received itself goes
+/// to the router only when its gate left it to the stream then
+/// ([`Entry::left_to_stream`]; its inboxes had it), or aimed at a resuming
+/// session; otherwise it is skipped (the router had it then). Tagged with
+/// its stream id (a persistent session of the user is held here), it goes
+/// to the router with the delivery tag, so the session's acknowledgement
+/// moves its cursor. One of a paced burst carries the tag too, and
 /// waits for its turn ([`Burst::before`]). One aimed at a session
 /// (`how.target`) goes to the router only, with the target: that session
 /// alone writes it. Each persistent session held here that the router
@@ -324,7 +323,7 @@ pub(crate) async fn deliver(
     what: &'static str,
     how: How<'_>,
 ) {
-    let mut entry = match Entry::decode(bytes) {
+    let entry = match Entry::decode(bytes) {
         Ok(entry) => entry,
         Err(e) => {
             node.metrics().cluster_dropped("undecodable", 1);
@@ -333,12 +332,62 @@ pub(crate) async fn deliver(
         }
     };
     let own = *entry.origin == *node.id;
-    // A retained or QoS 2 publish reached the router here from its sender
-    // already (the router keeps the one, acknowledges the other).
-    let in_router = entry.publish.retain || entry.publish.qos() == QoS::ExactlyOnce;
-    if own && (!how.tagged || in_router) {
-        return;
+    match own_entry(own, entry.left_to_stream, how.target.is_some(), how.tagged) {
+        OwnEntry::Deliver => hand_over(node, link, entry, what, own, how).await,
+        OwnEntry::Skip => {}
+        OwnEntry::ToLateSessions => {
+            let uid = std::str::from_utf8(&entry.publish.topic)
+                .ok()
+                .and_then(|topic| topic.split_once('_'))
+                .map(|(uid, _)| uid);
+            let sessions = uid.map(|uid| node.persistent.sessions_of(uid));
+            for session in sessions.unwrap_or_default() {
+                let how = How {
+                    id: how.id,
+                    tagged: true,
+                    burst: None,
+                    target: Some(&session),
+                };
+                hand_over(node, link, entry.clone(), what, own, how).await;
+            }
+        }
     }
+}
+
+/// What becomes of an entry read back from the stream, by whether this
+/// node received it (`own`), whether its gate then left the router's
+/// delivery to the stream, whether it is aimed at one session, and
+/// whether a persistent session of its user is held here now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnEntry {
+    /// Delivered here (another node's entry; or one the gate left to the
+    /// stream; or one aimed at a session that resumed here since).
+    Deliver,
+    /// The router here had it when it was received.
+    Skip,
+    /// The router had it when no persistent session of the user was held
+    /// here; the ones held now came since, so each gets it aimed at it
+    /// alone (the other sessions had it).
+    ToLateSessions,
+}
+
+fn own_entry(own: bool, left_to_stream: bool, targeted: bool, tagged: bool) -> OwnEntry {
+    match (own, left_to_stream, targeted, tagged) {
+        (false, ..) | (true, true, ..) | (true, false, true, _) => OwnEntry::Deliver,
+        (true, false, false, true) => OwnEntry::ToLateSessions,
+        (true, false, false, false) => OwnEntry::Skip,
+    }
+}
+
+/// [`deliver`] of an entry that is delivered here.
+async fn hand_over(
+    node: &Node,
+    link: &mut Option<InjectLink>,
+    mut entry: Entry,
+    what: &'static str,
+    own: bool,
+    how: How<'_>,
+) {
     let Ok(topic) = std::str::from_utf8(&entry.publish.topic) else {
         node.metrics().cluster_dropped("undecodable", 1);
         return;
@@ -473,5 +522,35 @@ mod tests {
         assert_eq!(split_takeover(b"1-0 entry"), None);
         assert_eq!(split_takeover(b"T node-a D:42:phone"), None);
         assert_eq!(split_takeover(b"T node-a 2 D:42:phone"), None);
+    }
+
+    #[test]
+    fn what_becomes_of_an_entry_read_back() {
+        use OwnEntry::{Deliver, Skip, ToLateSessions};
+        // (own, left to the stream, aimed at a session, a persistent
+        // session of the user held here now) -> what happens
+        let table = [
+            ((false, false, false, false), Deliver),
+            ((false, true, false, true), Deliver),
+            ((false, false, true, true), Deliver),
+            // The gate left it to the stream: the router here never had
+            // it, whether the persistent session is still here or not.
+            ((true, true, false, true), Deliver),
+            ((true, true, false, false), Deliver),
+            // The router had it; a replay aimed at a session that resumed
+            // here since is that session's.
+            ((true, false, false, false), Skip),
+            ((true, false, true, true), Deliver),
+            // The router had it before any persistent session of the user
+            // was here: the ones here now came since.
+            ((true, false, false, true), ToLateSessions),
+        ];
+        for ((own, left, targeted, tagged), expected) in table {
+            assert_eq!(
+                own_entry(own, left, targeted, tagged),
+                expected,
+                "own {own}, left {left}, targeted {targeted}, tagged {tagged}"
+            );
+        }
     }
 }

@@ -472,6 +472,7 @@ impl Follower {
         );
         let entry = Entry {
             origin: String::new(),
+            left_to_stream: false,
             publish,
             properties: None,
         };

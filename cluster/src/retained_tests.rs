@@ -8,6 +8,7 @@ use broker::router::protocol::{Publish, PublishProperties, QoS};
 fn entry(expiry: Option<u32>) -> Entry {
     Entry {
         origin: "node-a".into(),
+        left_to_stream: false,
         publish: Publish::with_qos(
             Bytes::from_static(b"42_status"),
             Bytes::from_static(b"on"),

@@ -131,7 +131,7 @@ pub struct Persistent {
 }
 
 /// Milliseconds of a monotonic clock (the cursors' expiries and stalls).
-fn mono_ms() -> u64 {
+pub(crate) fn mono_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let start = *START.get_or_init(std::time::Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -165,6 +165,11 @@ impl Persistent {
     /// through the stream, so each carries its id to the client.
     pub fn holds_user(&self, uid: &str) -> bool {
         self.held.lock().users.contains_key(uid)
+    }
+
+    /// The persistent sessions of `uid` held here, by id.
+    pub fn sessions_of(&self, uid: &str) -> Vec<String> {
+        self.held.lock().users.get(uid).cloned().unwrap_or_default()
     }
 
     /// A connection of device session `id` opened here. A clean start

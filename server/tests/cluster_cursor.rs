@@ -11,7 +11,10 @@
 //!   A: the replay is for the resuming session alone, the other two get
 //!   each reply once;
 //! - a reply too large for the device's Maximum Packet Size is not
-//!   written and does not hold its cursor back.
+//!   written and does not hold its cursor back;
+//! - a QoS 2 reply from a handler on the device's own node is tracked
+//!   like any other: never completed (no PUBCOMP) while a later reply was
+//!   acknowledged, it is owed on node B after node A is killed.
 
 mod nodes;
 
@@ -31,8 +34,9 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// A persistent MQTT 5 device (paho-mqtt 2, manual acknowledgements):
-/// subscribes to its topic at QoS 1, prints each publish it gets, and
-/// acknowledges only the payloads listed in `ack`. Clean Start on its
+/// subscribes to its topic at QoS `qos`, prints each publish it gets, and
+/// acknowledges only the payloads listed in `ack` (QoS 2: paho sends the
+/// PUBREC itself, and the PUBCOMP only when acknowledged). Clean Start on its
 /// first connection only (paho's default): the router closes a connection
 /// whose PUBACK is not for its oldest publish in flight, and paho
 /// reconnects to the session.
@@ -43,9 +47,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 host, port, client_id, token, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 ack = set(sys.argv[6].split(","))
+qos = int(sys.argv[7])
 def on_connect(client, userdata, flags, reason, properties):
     print("connected", int(reason.value), flush=True)
-    client.subscribe(topic, qos=1)
+    client.subscribe(topic, qos=qos)
 def on_subscribe(client, userdata, mid, reasons, properties):
     print("subscribed", [int(r.value) for r in reasons], flush=True)
 def on_message(client, userdata, message):
@@ -73,6 +78,7 @@ fn choosy_device(
     uid: &str,
     topic: &str,
     ack: &str,
+    qos: u8,
 ) -> Process {
     let log = dir.join(format!("{client}.log"));
     let out = std::fs::File::create(&log).unwrap();
@@ -84,6 +90,7 @@ fn choosy_device(
         .arg(token(uid))
         .arg(topic)
         .arg(ack)
+        .arg(qos.to_string())
         .stdout(Stdio::from(out.try_clone().unwrap()))
         .stderr(Stdio::from(out))
         .spawn()
@@ -115,7 +122,7 @@ async fn a_reply_acknowledged_out_of_order_is_owed_after_the_node_dies() {
     let topic = format!("{uid}_note");
     let dir = tempfile::tempdir().unwrap();
 
-    let device = choosy_device(&node_a, dir.path(), "phone-7301", uid, &topic, "probe,2");
+    let device = choosy_device(&node_a, dir.path(), "phone-7301", uid, &topic, "probe,2", 1);
     wait_for(&device, "the device subscribed", ANSWER_WITHIN, |log| {
         log.contains("subscribed [1]")
     })
@@ -358,4 +365,86 @@ async fn a_reply_too_large_for_the_device_does_not_hold_its_cursor() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A QoS 2 reply from a handler on the device's own node goes through the
+/// stream like a QoS 1 one, so the device's cursor waits for its PUBCOMP:
+/// reply 1 (QoS 2) never completed, reply 2 (QoS 1) acknowledged, node A
+/// killed; the device resumes on node B and gets reply 1. Before, the
+/// router had the QoS 2 reply from its sender untracked, and the cursor
+/// passed it when reply 2 was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_node_qos2_reply_never_completed_is_owed_after_the_node_dies() {
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let mut node_a = Node::start("node-a", &url, false, none);
+    let node_b = Node::start("node-b", &url, false, none);
+    let uid = "7304";
+    let topic = format!("{uid}_note");
+    let dir = tempfile::tempdir().unwrap();
+
+    let device = choosy_device(&node_a, dir.path(), "phone-7304", uid, &topic, "probe,2", 2);
+    wait_for(&device, "the device subscribed", ANSWER_WITHIN, |log| {
+        log.contains("subscribed [2]")
+    })
+    .await;
+    // On the device's own node.
+    let worker = handler(&node_a, "worker-a");
+    let deadline = Instant::now() + ANSWER_WITHIN * 3;
+    while !device.log_text().contains("acked probe") {
+        assert!(
+            Instant::now() < deadline,
+            "no probe arrived:\n{}",
+            device.log_text()
+        );
+        reply(&worker, &topic, "probe".into()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    worker
+        .client
+        .publish(&topic, QoS::ExactlyOnce, false, "1")
+        .await
+        .unwrap();
+    wait_for(&device, "reply 1 released", ANSWER_WITHIN, |log| {
+        log.contains("got 1")
+    })
+    .await;
+    reply(&worker, &topic, "2".into()).await;
+    wait_for(&device, "reply 2 acknowledged", ANSWER_WITHIN, |log| {
+        log.contains("acked 2")
+    })
+    .await;
+    // Node A writes a session's record within 50 ms of a change.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    node_a.process.kill9();
+    drop(device);
+
+    let mut on_b = phone(&node_b, uid, "phone-7304", false, 600);
+    let ack = on_b.connected().await;
+    assert!(
+        ack.session_present,
+        "Session Present 1:\n{}",
+        node_b.log_text()
+    );
+    let mut got = Vec::new();
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    while !got.iter().any(|p: &String| p == "1") && Instant::now() < deadline {
+        if let Some(p) = next(&mut on_b, Duration::from_millis(200)).await {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    println!(
+        "resumed on node B after the QoS 2 reply 1 was never completed on node A: got {got:?}"
+    );
+    assert!(
+        got.iter().any(|p| p == "1"),
+        "reply 1, never completed, is owed: got {got:?}\nnode B:\n{}",
+        node_b.log_text()
+    );
+    assert!(
+        !got.iter().any(|p| p == "probe"),
+        "the probe was acknowledged: {got:?}"
+    );
 }

@@ -15,6 +15,10 @@
 //! nothing stays pending), then is killed with `kill -9` while its handler
 //! code runs 12 commands; the built-in contacts handler on another node
 //! answers every one.
+//!
+//! And a handler whose code runs longer than the take-over idle time (15
+//! s) while its node lives: its node keeps the command from looking idle,
+//! so a handler of the same group on another node never gets it too.
 
 mod nodes;
 
@@ -406,4 +410,77 @@ async fn commands_a_killed_sdk_handler_was_running_are_answered_by_its_group() {
     );
     nothing_pending(&cluster, ANSWER_WITHIN).await;
     drop(node_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_a_live_handler_runs_longer_than_the_idle_time_is_not_taken_over() {
+    let cluster = blocking(RedisCluster::start);
+    let url = cluster.redis_url();
+    let none = "http://127.0.0.1:9/none";
+    let node_a = Node::start("node-a", &url, false, none);
+    let node_b = Node::start("node-b", &url, false, none);
+    let node_c = Node::start("node-c", &url, false, none);
+    let data = tempfile::tempdir().unwrap();
+    let slow = slow_sdk_handler(&node_b, data.path());
+
+    let uid = "9400";
+    let mut phone = device(&node_a, uid, &["contact_list"]).await;
+    let deadline = Instant::now() + nodes::START_WITHIN;
+    while !slow.log_text().contains("answered warmup") {
+        assert!(
+            Instant::now() < deadline,
+            "no command reached the slow handler:\n{}\n{}",
+            slow.log_text(),
+            node_b.log_text()
+        );
+        send(&phone, "get_contact_list", json!({"probe": "warmup"})).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    while next_publish(&mut phone, Duration::from_millis(500))
+        .await
+        .is_some()
+    {}
+    nothing_pending(&cluster, ANSWER_WITHIN).await;
+
+    // 22 s of work: past the 15 s idle time, within the SDK's 30 s
+    // deadline. Another handler of the group joins on node C meanwhile.
+    send(
+        &phone,
+        "get_contact_list",
+        json!({"probe": "long", "sleep_ms": 22_000}),
+    )
+    .await;
+    wait_for(&slow, "the slow handler started", ANSWER_WITHIN, |log| {
+        log.contains("started long")
+    })
+    .await;
+    let started = Instant::now();
+    let _contacts = start_handler("contacts-handler", &node_c, &url, data.path(), none);
+
+    let mut replies = Vec::new();
+    while started.elapsed() < Duration::from_secs(32) {
+        let left = Duration::from_secs(32).saturating_sub(started.elapsed());
+        if let Some((topic, payload)) = next_publish(&mut phone, left).await {
+            assert_eq!(topic, format!("{uid}_contact_list"));
+            replies.push(serde_json::from_slice::<serde_json::Value>(&payload).unwrap());
+        }
+    }
+    let log = slow.log_text();
+    println!("one 22 s command, node C's handler in its group: replies {replies:?}");
+    assert_eq!(
+        replies,
+        vec![json!({"contacts": [], "by": "slow"})],
+        "answered once, by the handler running it\nslow handler:\n{log}\nnode C:\n{}",
+        node_c.log_text()
+    );
+    assert_eq!(log.matches("started long").count(), 1, "{log}");
+    assert!(
+        !node_c
+            .log_text()
+            .contains("took over commands another consumer left unacknowledged"),
+        "{}",
+        node_c.log_text()
+    );
+    nothing_pending(&cluster, ANSWER_WITHIN).await;
+    drop(node_a);
 }
