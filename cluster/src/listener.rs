@@ -16,7 +16,7 @@
 use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, StreamId};
 use crate::pacing::Burst;
 use crate::redis_conn::NodeAddr;
-use crate::replies::{deliver, replay, split_takeover, trimmed_after, Aim, How, Interest};
+use crate::replies::{deliver, replay, split_takeover, trimmed_after, Aim, How, Interest, Replay};
 use crate::sessions::Persistent;
 use crate::Node;
 use broker::inject::InjectLink;
@@ -222,16 +222,14 @@ impl Listener {
                     live: self.users.get(&uid).map(|l| l.cursor).unwrap_or_default(),
                     held_from,
                 };
-                let read = replay(
-                    &self.node,
-                    &mut self.link,
-                    &uid,
-                    from.after(),
-                    &mut cursor,
-                    true,
-                    Some(&mut aim),
-                )
-                .await;
+                let what = Replay {
+                    uid: &uid,
+                    from: from.after(),
+                    cursor: &mut cursor,
+                    tagged: true,
+                    aim: Some(&mut aim),
+                };
+                let read = replay(&self.node, &mut self.link, what).await;
                 self.persistent.replayed(&session, read);
                 if !read {
                     self.node.metrics().cluster_dropped("replay_failed", 1);
@@ -279,16 +277,14 @@ impl Listener {
             if let Some(from) = listening.cursor.replay_from() {
                 let mut cursor = listening.cursor;
                 let tagged = self.persistent.holds_user(&uid);
-                replay(
-                    &self.node,
-                    &mut self.link,
-                    &uid,
+                let what = Replay {
+                    uid: &uid,
                     from,
-                    &mut cursor,
+                    cursor: &mut cursor,
                     tagged,
-                    None,
-                )
-                .await;
+                    aim: None,
+                };
+                replay(&self.node, &mut self.link, what).await;
                 if let Some(listening) = self.users.get_mut(&uid) {
                     listening.cursor = cursor;
                 }

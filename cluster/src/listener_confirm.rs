@@ -4,7 +4,7 @@
 
 use super::{Listener, NodeAddr};
 use crate::entry::reply_key;
-use crate::replies::replay_on;
+use crate::replies::{replay_on, Replay};
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -51,17 +51,14 @@ impl Listener {
         let served = match &from {
             Some(from) => {
                 let tagged = self.persistent.holds_user(&uid);
-                replay_on(
-                    &mut conn,
-                    &self.node,
-                    &mut self.link,
-                    &uid,
-                    from.clone(),
-                    &mut cursor,
+                let what = Replay {
+                    uid: &uid,
+                    from: from.clone(),
+                    cursor: &mut cursor,
                     tagged,
-                    None,
-                )
-                .await
+                    aim: None,
+                };
+                replay_on(&mut conn, &self.node, &mut self.link, what).await
             }
             None => redis::cmd("EXISTS")
                 .arg(reply_key(&uid))

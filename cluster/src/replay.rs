@@ -48,23 +48,29 @@ impl Aim<'_> {
     }
 }
 
-/// Reads `uid`'s stream after `from` and delivers what the cursor has not
-/// seen (entries of this node's own are only counted as seen, unless
-/// `tagged`), paced ([`Burst`]). `tagged`: a persistent session of the user is held here, so
-/// every entry goes with its delivery tag, this node's own too (see
-/// [`deliver`]). `aim`: a replay for one session ([`Aim`]). Returns false
-/// when Redis could not be read.
+/// One replay: `uid`'s stream after `from` (an `XRANGE` start), what
+/// `cursor` has not seen; `tagged`: a persistent session of the user is
+/// held here, so every entry goes with its delivery tag; `aim`: a replay
+/// for one session ([`Aim`]).
+pub(crate) struct Replay<'r, 's> {
+    pub uid: &'r str,
+    pub from: String,
+    pub cursor: &'r mut Cursor,
+    pub tagged: bool,
+    pub aim: Option<&'r mut Aim<'s>>,
+}
+
+/// Reads the stream `what` names and delivers each entry its cursor has
+/// not seen ([`deliver`] decides what becomes of this node's own), paced
+/// ([`Burst`]). Returns false when Redis could not be read.
 pub(crate) async fn replay(
     node: &Node,
     link: &mut Option<InjectLink>,
-    uid: &str,
-    from: String,
-    cursor: &mut Cursor,
-    tagged: bool,
-    aim: Option<&mut Aim<'_>>,
+    what: Replay<'_, '_>,
 ) -> bool {
     let mut conn = node.redis.shared();
-    match replay_on(&mut conn, node, link, uid, from, cursor, tagged, aim).await {
+    let uid = what.uid;
+    match replay_on(&mut conn, node, link, what).await {
         Ok(()) => true,
         Err(e) => {
             warn!(error = %e, uid, "replay of a user's replies failed; they wait for the next one");
@@ -78,17 +84,19 @@ pub(crate) async fn replay(
 /// what it read or announced to it afterwards (`listener.rs`). An error
 /// (`MOVED`: that node does not serve the slot) ends it; `cursor` is past
 /// what was delivered before.
-#[allow(clippy::too_many_arguments)] // `replay`'s arguments and the connection to read on
 pub(crate) async fn replay_on(
     conn: &mut (impl redis::aio::ConnectionLike + Send),
     node: &Node,
     link: &mut Option<InjectLink>,
-    uid: &str,
-    from: String,
-    cursor: &mut Cursor,
-    tagged: bool,
-    mut aim: Option<&mut Aim<'_>>,
+    what: Replay<'_, '_>,
 ) -> redis::RedisResult<()> {
+    let Replay {
+        uid,
+        from,
+        cursor,
+        tagged,
+        mut aim,
+    } = what;
     let key = reply_key(uid);
     let mut start = from;
     // Injected no faster than the user's sessions take the replies; not

@@ -22,7 +22,7 @@ use crate::entry::{reply_key, Entry, StreamId};
 use crate::pacing::{self, Burst};
 use crate::record::reply_tag;
 use crate::redis_conn::{Redis, Replication};
-pub(crate) use crate::replay::{replay, replay_on, trimmed_after, Aim};
+pub(crate) use crate::replay::{replay, replay_on, trimmed_after, Aim, Replay};
 use crate::stream_ttl::{Expiries, EXPIRY_SET};
 use crate::{Append, Node};
 use broker::delivery::{Delivery, DELIVERY_TAG, DELIVERY_TARGET};
