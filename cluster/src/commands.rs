@@ -25,18 +25,18 @@
 //!   another node's.
 
 use crate::acks::{CommandTag, MAX_DELIVERIES};
-use crate::entry::{command_key, consumer_group, Entry, StreamId, PARTITIONS};
+use crate::command_groups::{Groups, MAX_GROUPS};
+use crate::entry::{command_key, Entry, StreamId, PARTITIONS};
 use crate::redis_conn::Replication;
 use crate::replies::inject_for;
 use crate::sessions::mono_ms;
 use crate::{Append, Node};
 use broker::delivery::DELIVERY_TAG;
 use broker::router::Audience;
-use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -56,65 +56,6 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// Entries read at once.
 const READ_COUNT: usize = 100;
 const BATCH: usize = 256;
-/// Most (topic, group) pairs one node reads (each is [`PARTITIONS`]
-/// readers, each with a connection of its own).
-pub const MAX_GROUPS: usize = 64;
-
-/// The (topic, consumer group) pairs this node reads, with how many live
-/// handler subscriptions want each.
-#[derive(Default)]
-pub struct Groups {
-    wanted: Mutex<HashMap<(String, String), usize>>,
-    changed: Notify,
-}
-
-impl Groups {
-    /// A handler here declared `filter`.
-    pub fn add(&self, filter: &str, node: &str) {
-        let Some(pair) = consumer_group(filter, node) else {
-            return;
-        };
-        let mut wanted = self.wanted.lock();
-        if wanted.len() >= MAX_GROUPS && !wanted.contains_key(&pair) {
-            // Each pair costs PARTITIONS connections to Redis.
-            warn!(topic = %pair.0, group = %pair.1, max = MAX_GROUPS, "too many command topics read on this node: this one is not");
-            return;
-        }
-        let count = wanted.entry(pair).or_default();
-        *count += 1;
-        if *count == 1 {
-            self.changed.notify_one();
-        }
-    }
-
-    /// A handler here withdrew `filter`.
-    pub fn remove(&self, filter: &str, node: &str) {
-        let Some(pair) = consumer_group(filter, node) else {
-            return;
-        };
-        let mut wanted = self.wanted.lock();
-        if let Some(count) = wanted.get_mut(&pair) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                wanted.remove(&pair);
-                self.changed.notify_one();
-            }
-        }
-    }
-
-    fn snapshot(&self) -> Vec<(String, String)> {
-        self.wanted.lock().keys().cloned().collect()
-    }
-
-    /// The topics read here (each once).
-    pub fn topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self.wanted.lock().keys().map(|(t, _)| t.clone()).collect();
-        topics.sort_unstable();
-        topics.dedup();
-        topics
-    }
-}
-
 /// Appends what is queued (to its stream key), one pipelined batch at a
 /// time, until the queue closes or the node shuts down; each command's
 /// waiting session (a QoS 1 publish) is told how its append went once its

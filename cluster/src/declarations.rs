@@ -6,7 +6,7 @@
 //! [`SHARE_EVERY`], and lapses [`LAPSE_AFTER`] after its node stopped
 //! announcing it (a node that died, a handler that left).
 
-use crate::commands::Groups;
+use crate::command_groups::Groups;
 use crate::Node;
 use parking_lot::RwLock;
 use protocol::uid::is_reply_shaped;

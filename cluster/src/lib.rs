@@ -50,6 +50,7 @@
 //! declared it, on whichever nodes they are.
 
 mod acks;
+mod command_groups;
 mod commands;
 pub mod cursor;
 mod declarations;
@@ -85,7 +86,7 @@ use broker::metrics::Metrics;
 use broker::router::protocol::{Publish, PublishProperties, QoS};
 use broker::wills::{ReadyWill, WillClock};
 use bytes::Bytes;
-use commands::Groups;
+use command_groups::Groups;
 use declarations::Declared;
 use entry::{command_key, partition, Entry};
 use listener::Resume;
