@@ -501,6 +501,7 @@ fn delivery_counts(value: &redis::Value) -> HashMap<StreamId, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entry::consumer_group;
 
     #[test]
     fn each_consumer_group_injects_for_its_own_subscriptions() {
