@@ -36,11 +36,12 @@ struct Held {
     refreshed_ms: u64,
 }
 
-/// The commands injected here and not yet acknowledged, per (stream,
-/// consumer group).
+/// The commands injected here and not yet acknowledged, per stream, then
+/// per consumer group (looked up by `&str`: no allocation per command once
+/// a (stream, group) pair is known).
 #[derive(Debug, Default)]
 pub struct Holds {
-    streams: HashMap<(String, String), BTreeMap<StreamId, Held>>,
+    streams: HashMap<String, HashMap<String, BTreeMap<StreamId, Held>>>,
     count: usize,
 }
 
@@ -54,10 +55,18 @@ impl Holds {
             since_ms: now_ms,
             refreshed_ms: now_ms,
         };
-        let ids = self
-            .streams
-            .entry((tag.key.clone(), tag.group.clone()))
-            .or_default();
+        if !self.streams.contains_key(&tag.key) {
+            self.streams.insert(tag.key.clone(), HashMap::new());
+        }
+        let Some(groups) = self.streams.get_mut(&tag.key) else {
+            return;
+        };
+        if !groups.contains_key(&tag.group) {
+            groups.insert(tag.group.clone(), BTreeMap::new());
+        }
+        let Some(ids) = groups.get_mut(&tag.group) else {
+            return;
+        };
         if ids.insert(tag.id, held).is_none() {
             self.count += 1;
         }
@@ -66,15 +75,20 @@ impl Holds {
     /// Command `tag` is done here: acknowledged by its handler, or a
     /// handler here will not take it (another node's may).
     pub fn released(&mut self, tag: &CommandTag) {
-        let pair = (tag.key.clone(), tag.group.clone());
-        let Some(ids) = self.streams.get_mut(&pair) else {
+        let Some(groups) = self.streams.get_mut(&tag.key) else {
+            return;
+        };
+        let Some(ids) = groups.get_mut(&tag.group) else {
             return;
         };
         if ids.remove(&tag.id).is_some() {
             self.count -= 1;
         }
         if ids.is_empty() {
-            self.streams.remove(&pair);
+            groups.remove(&tag.group);
+            if groups.is_empty() {
+                self.streams.remove(&tag.key);
+            }
         }
     }
 
@@ -82,8 +96,10 @@ impl Holds {
     /// then counts as refreshed); those held past [`HOLD_MAX_MS`] are let
     /// go.
     pub fn due(&mut self, key: &str, group: &str, now_ms: u64) -> Vec<StreamId> {
-        let pair = (key.to_owned(), group.to_owned());
-        let Some(ids) = self.streams.get_mut(&pair) else {
+        let Some(groups) = self.streams.get_mut(key) else {
+            return Vec::new();
+        };
+        let Some(ids) = groups.get_mut(group) else {
             return Vec::new();
         };
         let before = ids.len();
@@ -97,7 +113,10 @@ impl Holds {
             }
         }
         if ids.is_empty() {
-            self.streams.remove(&pair);
+            groups.remove(group);
+            if groups.is_empty() {
+                self.streams.remove(key);
+            }
         }
         due
     }
@@ -105,8 +124,14 @@ impl Holds {
     /// No handler here reads `key` for `group` any more: nothing of it is
     /// kept.
     pub fn forget(&mut self, key: &str, group: &str) {
-        if let Some(ids) = self.streams.remove(&(key.to_owned(), group.to_owned())) {
+        let Some(groups) = self.streams.get_mut(key) else {
+            return;
+        };
+        if let Some(ids) = groups.remove(group) {
             self.count -= ids.len();
+        }
+        if groups.is_empty() {
+            self.streams.remove(key);
         }
     }
 
