@@ -111,6 +111,41 @@ async fn wait_for(process: &Process, what: &str, within: Duration, done: impl Fn
     }
 }
 
+/// Until node A listens on the user's shard: `worker` sends probes until
+/// the device acknowledged one.
+async fn probe_until_acknowledged(device: &Process, worker: &V5Client, topic: &str) {
+    let deadline = Instant::now() + ANSWER_WITHIN * 3;
+    while !device.log_text().contains("acked probe") {
+        assert!(
+            Instant::now() < deadline,
+            "no probe arrived:\n{}",
+            device.log_text()
+        );
+        reply(worker, topic, "probe".into()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Device session `client` of `uid` resumes on `node` (Session Present
+/// 1): the payloads it gets until reply `1` (or the deadline).
+async fn resume_until_reply_1(node: &Node, uid: &str, client: &str) -> Vec<String> {
+    let mut resumed = phone(node, uid, client, false, 600);
+    let ack = resumed.connected().await;
+    assert!(
+        ack.session_present,
+        "Session Present 1:\n{}",
+        node.log_text()
+    );
+    let mut got = Vec::new();
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    while !got.iter().any(|p: &String| p == "1") && Instant::now() < deadline {
+        if let Some(p) = next(&mut resumed, Duration::from_millis(200)).await {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_acknowledged_out_of_order_is_owed_after_the_node_dies() {
     let cluster = blocking(RedisCluster::start);
@@ -128,17 +163,7 @@ async fn a_reply_acknowledged_out_of_order_is_owed_after_the_node_dies() {
     })
     .await;
     let worker = handler(&node_b, "worker-b");
-    // Until node A listens on the user's shard (a probe reaches the device).
-    let deadline = Instant::now() + ANSWER_WITHIN * 3;
-    while !device.log_text().contains("acked probe") {
-        assert!(
-            Instant::now() < deadline,
-            "no probe arrived:\n{}",
-            device.log_text()
-        );
-        reply(&worker, &topic, "probe".into()).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    probe_until_acknowledged(&device, &worker, &topic).await;
 
     reply(&worker, &topic, "1".into()).await;
     reply(&worker, &topic, "2".into()).await;
@@ -152,20 +177,7 @@ async fn a_reply_acknowledged_out_of_order_is_owed_after_the_node_dies() {
     node_a.process.kill9();
     drop(device);
 
-    let mut on_b = phone(&node_b, uid, "phone-7301", false, 600);
-    let ack = on_b.connected().await;
-    assert!(
-        ack.session_present,
-        "Session Present 1:\n{}",
-        node_b.log_text()
-    );
-    let mut got = Vec::new();
-    let deadline = Instant::now() + ANSWER_WITHIN;
-    while !got.iter().any(|p: &String| p == "1") && Instant::now() < deadline {
-        if let Some(p) = next(&mut on_b, Duration::from_millis(200)).await {
-            got.push(String::from_utf8_lossy(&p.payload).into_owned());
-        }
-    }
+    let got = resume_until_reply_1(&node_b, uid, "phone-7301").await;
     println!("resumed on node B after reply 2 alone was acknowledged on node A: got {got:?}");
     assert!(
         got.iter().any(|p| p == "1"),
@@ -391,16 +403,7 @@ async fn a_same_node_qos2_reply_never_completed_is_owed_after_the_node_dies() {
     .await;
     // On the device's own node.
     let worker = handler(&node_a, "worker-a");
-    let deadline = Instant::now() + ANSWER_WITHIN * 3;
-    while !device.log_text().contains("acked probe") {
-        assert!(
-            Instant::now() < deadline,
-            "no probe arrived:\n{}",
-            device.log_text()
-        );
-        reply(&worker, &topic, "probe".into()).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    probe_until_acknowledged(&device, &worker, &topic).await;
 
     worker
         .client
@@ -428,20 +431,7 @@ async fn a_same_node_qos2_reply_never_completed_is_owed_after_the_node_dies() {
     node_a.process.kill9();
     drop(device);
 
-    let mut on_b = phone(&node_b, uid, "phone-7304", false, 600);
-    let ack = on_b.connected().await;
-    assert!(
-        ack.session_present,
-        "Session Present 1:\n{}",
-        node_b.log_text()
-    );
-    let mut got = Vec::new();
-    let deadline = Instant::now() + ANSWER_WITHIN;
-    while !got.iter().any(|p: &String| p == "1") && Instant::now() < deadline {
-        if let Some(p) = next(&mut on_b, Duration::from_millis(200)).await {
-            got.push(String::from_utf8_lossy(&p.payload).into_owned());
-        }
-    }
+    let got = resume_until_reply_1(&node_b, uid, "phone-7304").await;
     println!(
         "resumed on node B after the QoS 2 reply 1 was never completed on node A: got {got:?}"
     );

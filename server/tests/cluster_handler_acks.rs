@@ -106,15 +106,72 @@ fn pending(cluster: &RedisCluster, topic: &str, group: &str) -> i64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_a_killed_handler_never_acknowledged_are_answered_by_its_group() {
+/// A 3+3 Redis Cluster and three broker nodes on it, without built-in
+/// handlers; `none`: a platform URL nothing answers; `data`: the handlers'
+/// shared directory.
+struct Nodes {
+    cluster: RedisCluster,
+    url: String,
+    none: &'static str,
+    node_a: Node,
+    node_b: Node,
+    node_c: Node,
+    data: tempfile::TempDir,
+}
+
+fn three_nodes() -> Nodes {
     let cluster = blocking(RedisCluster::start);
     let url = cluster.redis_url();
     let none = "http://127.0.0.1:9/none";
-    let node_a = Node::start("node-a", &url, false, none);
-    let node_b = Node::start("node-b", &url, false, none);
-    let node_c = Node::start("node-c", &url, false, none);
-    let data = tempfile::tempdir().unwrap();
+    Nodes {
+        node_a: Node::start("node-a", &url, false, none),
+        node_b: Node::start("node-b", &url, false, none),
+        node_c: Node::start("node-c", &url, false, none),
+        data: tempfile::tempdir().unwrap(),
+        cluster,
+        url,
+        none,
+    }
+}
+
+/// Once node B's readers are in the group (asynchronously after the
+/// SUBSCRIBE), a warm-up command from `phone` reaches the `slow` handler;
+/// its replies drained, nothing left pending.
+async fn warm_up(
+    slow: &Process,
+    phone: &mut e2e::clients::V5Client,
+    node_b: &Node,
+    cluster: &RedisCluster,
+) {
+    let deadline = Instant::now() + nodes::START_WITHIN;
+    while !slow.log_text().contains("answered warmup") {
+        assert!(
+            Instant::now() < deadline,
+            "no command reached the slow handler:\n{}\n{}",
+            slow.log_text(),
+            node_b.log_text()
+        );
+        send(phone, "get_contact_list", json!({"probe": "warmup"})).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    while next_publish(phone, Duration::from_millis(500))
+        .await
+        .is_some()
+    {}
+    nothing_pending(cluster, ANSWER_WITHIN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_a_killed_handler_never_acknowledged_are_answered_by_its_group() {
+    let Nodes {
+        cluster,
+        url,
+        none,
+        node_a,
+        node_b,
+        node_c,
+        data,
+    } = three_nodes();
 
     let stuck = stuck_handler(&node_b, "$share/contacts/get_contact_list", data.path());
     wait_for(
@@ -294,13 +351,15 @@ async fn nothing_pending(cluster: &RedisCluster, within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_a_killed_sdk_handler_was_running_are_answered_by_its_group() {
-    let cluster = blocking(RedisCluster::start);
-    let url = cluster.redis_url();
-    let none = "http://127.0.0.1:9/none";
-    let node_a = Node::start("node-a", &url, false, none);
-    let node_b = Node::start("node-b", &url, false, none);
-    let node_c = Node::start("node-c", &url, false, none);
-    let data = tempfile::tempdir().unwrap();
+    let Nodes {
+        cluster,
+        url,
+        none,
+        node_a,
+        node_b,
+        node_c,
+        data,
+    } = three_nodes();
     let mut slow = slow_sdk_handler(&node_b, data.path());
 
     // Once node B's readers are in the group, a probe reaches the handler.
@@ -309,22 +368,7 @@ async fn commands_a_killed_sdk_handler_was_running_are_answered_by_its_group() {
     for uid in &uids {
         phones.push(device(&node_a, uid, &["contact_list"]).await);
     }
-    let deadline = Instant::now() + nodes::START_WITHIN;
-    while !slow.log_text().contains("answered warmup") {
-        assert!(
-            Instant::now() < deadline,
-            "no command reached the slow handler:\n{}\n{}",
-            slow.log_text(),
-            node_b.log_text()
-        );
-        send(&phones[0], "get_contact_list", json!({"probe": "warmup"})).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    while next_publish(&mut phones[0], Duration::from_millis(500))
-        .await
-        .is_some()
-    {}
-    nothing_pending(&cluster, ANSWER_WITHIN).await;
+    warm_up(&slow, &mut phones[0], &node_b, &cluster).await;
 
     // Commands that end in the reverse order they came in: each is
     // answered as it ends, its PUBACK waits for the earlier ones (the
@@ -414,33 +458,20 @@ async fn commands_a_killed_sdk_handler_was_running_are_answered_by_its_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_a_live_handler_runs_longer_than_the_idle_time_is_not_taken_over() {
-    let cluster = blocking(RedisCluster::start);
-    let url = cluster.redis_url();
-    let none = "http://127.0.0.1:9/none";
-    let node_a = Node::start("node-a", &url, false, none);
-    let node_b = Node::start("node-b", &url, false, none);
-    let node_c = Node::start("node-c", &url, false, none);
-    let data = tempfile::tempdir().unwrap();
+    let Nodes {
+        cluster,
+        url,
+        none,
+        node_a,
+        node_b,
+        node_c,
+        data,
+    } = three_nodes();
     let slow = slow_sdk_handler(&node_b, data.path());
 
     let uid = "9400";
     let mut phone = device(&node_a, uid, &["contact_list"]).await;
-    let deadline = Instant::now() + nodes::START_WITHIN;
-    while !slow.log_text().contains("answered warmup") {
-        assert!(
-            Instant::now() < deadline,
-            "no command reached the slow handler:\n{}\n{}",
-            slow.log_text(),
-            node_b.log_text()
-        );
-        send(&phone, "get_contact_list", json!({"probe": "warmup"})).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    while next_publish(&mut phone, Duration::from_millis(500))
-        .await
-        .is_some()
-    {}
-    nothing_pending(&cluster, ANSWER_WITHIN).await;
+    warm_up(&slow, &mut phone, &node_b, &cluster).await;
 
     // 22 s of work: past the 15 s idle time, within the SDK's 30 s
     // deadline. Another handler of the group joins on node C meanwhile.
