@@ -399,14 +399,16 @@ impl DataLog {
     /// patched: empties the log of `filter_idx` if `cursor` has read all of
     /// it, and returns where that reader continues (see `CommitLog::clear`).
     pub fn trim_read(&mut self, filter_idx: FilterIdx, cursor: Offset) -> Option<Offset> {
-        let data = self.native.get_mut(filter_idx)?;
-        if data.log.next_offset() != cursor {
-            return None;
-        }
-        let freed = data.log.size();
-        let next = data.log.clear();
-        data.stored_bytes.fetch_sub(freed, Ordering::Relaxed);
-        Some(next)
+        self.trim_read_keeping(filter_idx, cursor, &[])
+            .map(|(next, _)| next)
+    }
+
+    /// patched: whether `cursor` has read all of the log of `filter_idx`
+    /// (what `trim_read` needs before it empties it).
+    pub fn read_to_end(&self, filter_idx: FilterIdx, cursor: Offset) -> bool {
+        self.native
+            .get(filter_idx)
+            .is_some_and(|data| data.log.next_offset() == cursor)
     }
 
     /// patched: `trim_read` that keeps the publishes at `in_flight`

@@ -1098,11 +1098,7 @@ impl Router {
         // subscription, data request is added to data waiter. With out this
         // if condition, connection will be woken up even during subscription
         if new_data {
-            // Prepare all the consumers which are waiting for new data
-            while let Some((id, request)) = self.notifications.pop_front() {
-                self.scheduler.track(id, request);
-                self.scheduler.reschedule(id, ScheduleReason::FreshData);
-            }
+            self.wake_notified();
         }
 
         // Incase BytesMut represents 10 packets, publish error/diconnect event
@@ -1408,6 +1404,15 @@ impl Router {
     /// offline member: all counted in `filter_readers`, while the group
     /// holds only its connected members), nor while a persistent member has
     /// unacknowledged deliveries, which its disconnect rewinds the group to.
+    /// Prepares every consumer that was waiting for new data (the
+    /// appends queued them in `notifications`).
+    pub(super) fn wake_notified(&mut self) {
+        while let Some((id, request)) = self.notifications.pop_front() {
+            self.scheduler.track(id, request);
+            self.scheduler.reschedule(id, ScheduleReason::FreshData);
+        }
+    }
+
     fn trim_read_by_group(&mut self, request: &mut DataRequest) {
         let Some(name) = request.group.as_ref() else {
             return;
@@ -1418,6 +1423,11 @@ impl Router {
         let Some(group) = self.shared_subscriptions.get_mut(name) else {
             return;
         };
+        // Most caught-up reads are of a log not read to its end (another
+        // member's turn): nothing to look at then.
+        if !self.datalog.read_to_end(request.filter_idx, group.cursor) {
+            return;
+        }
         let alone = self.filter_readers.get(&filter) == Some(&group.len())
             && !self.persistent_readers.contains_key(&request.filter)
             && group.clients().all(|client| {
@@ -1501,11 +1511,7 @@ impl Router {
             &mut self.notifications,
         ) {
             Ok(_offset) => {
-                // Prepare all the consumers which are waiting for new data
-                while let Some((id, request)) = self.notifications.pop_front() {
-                    self.scheduler.track(id, request);
-                    self.scheduler.reschedule(id, ScheduleReason::FreshData);
-                }
+                self.wake_notified();
             }
             Err(e) => {
                 // Disconnect on bad publishes

@@ -141,10 +141,7 @@ impl Router {
                 data.append(publish, &mut self.notifications);
             }
         }
-        while let Some((id, request)) = self.notifications.pop_front() {
-            self.scheduler.track(id, request);
-            self.scheduler.reschedule(id, ScheduleReason::FreshData);
-        }
+        self.wake_notified();
     }
 
     /// A member joined group `key` (subscription `path`, whose filter the
