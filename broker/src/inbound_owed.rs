@@ -67,9 +67,6 @@ impl InboundFlows {
     /// PUBREC waiting for the router.
     pub fn router_pubrec(&mut self, pkid: u16, reason: PubRecReason) -> RouterAck {
         self.router_recs_pending = self.router_recs_pending.saturating_sub(1);
-        if !self.owing() {
-            return RouterAck::Now(None);
-        }
         let Some(owed) = self.ids.as_mut().and_then(|ids| {
             ids.owed
                 .iter_mut()

@@ -34,16 +34,12 @@ impl Injector {
     }
 
     /// A router link named `X:<name>` (clients' sessions are `D:` or `H:`,
-    /// so no client can take it). Each caller keeps its own: the order of
+    /// so no client can take it) whose publishes reach only `audience`'s
+    /// subscriptions (`Audience::everyone()`: all of them): a command read
+    /// by one Redis consumer group goes to the one `$share` subscription
+    /// (or the plain subscriptions) of that group, not to every group here
+    /// (`mqtt_router::Audience`). Each caller keeps its own: the order of
     /// one link's publishes is the order its subscribers see.
-    pub async fn link(&self, name: &str) -> Result<InjectLink, RouterError> {
-        self.link_for(name, Audience::everyone()).await
-    }
-
-    /// [`Injector::link`] whose publishes reach only `audience`'s
-    /// subscriptions: a command read by one Redis consumer group goes to
-    /// the one `$share` subscription (or the plain subscriptions) of that
-    /// group, not to every group here (`mqtt_router::Audience`).
     pub async fn link_for(
         &self,
         name: &str,
