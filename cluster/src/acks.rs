@@ -103,15 +103,12 @@ pub async fn acknowledge(node: Arc<Node>, mut queue: mpsc::Receiver<CommandTag>)
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
         let until = tokio::time::Instant::now() + GATHER;
-        let mut more = Vec::new();
         while batch.len() < BATCH {
+            let room = BATCH - batch.len();
             tokio::select! {
                 _ = node.shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(until) => break,
-                n = queue.recv_many(&mut more, BATCH - batch.len()) => {
-                    batch.append(&mut more);
-                    if n == 0 { break }
-                }
+                n = queue.recv_many(&mut batch, room) => if n == 0 { break },
             }
         }
         let grouped = by_stream(&batch);

@@ -27,9 +27,9 @@
 use crate::acks::{CommandTag, MAX_DELIVERIES};
 use crate::command_groups::{Groups, MAX_GROUPS};
 use crate::entry::{command_key, Entry, StreamId, PARTITIONS};
+use crate::mono_ms;
 use crate::redis_conn::Replication;
 use crate::replies::inject_for;
-use crate::sessions::mono_ms;
 use crate::{Append, Node};
 use broker::delivery::DELIVERY_TAG;
 use broker::router::Audience;

@@ -68,6 +68,7 @@ impl Window {
     }
 
     /// Ids tracked (for tests and the resident size).
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.slots.len()
     }

@@ -207,12 +207,7 @@ impl Delivery for ClusterDelivery {
                 _ => return routed,
             }
         };
-        let encoded = if left_to_stream {
-            Entry::encode_left_to_stream(&self.id, publish, properties)
-        } else {
-            Entry::encode(&self.id, publish, properties)
-        };
-        let entry = match encoded {
+        let entry = match Entry::encode_with(&self.id, left_to_stream, publish, properties) {
             Ok(entry) => entry,
             Err(_) => {
                 self.metrics.cluster_dropped("unencodable", 1);

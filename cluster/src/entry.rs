@@ -120,25 +120,23 @@ impl Entry {
         publish: &Publish,
         properties: &Option<PublishProperties>,
     ) -> Result<Bytes, EntryError> {
-        Self::encode_with(origin, 0, publish, properties)
+        Self::encode_with(origin, false, publish, properties)
     }
 
-    /// [`Entry::encode`] of a reply whose delivery through the origin's
-    /// router was left to the stream ([`Entry::left_to_stream`]).
-    pub fn encode_left_to_stream(
+    /// [`Entry::encode`], saying whether the origin's gate left the
+    /// router's delivery of this reply to the stream
+    /// ([`Entry::left_to_stream`]).
+    pub fn encode_with(
         origin: &str,
+        left_to_stream: bool,
         publish: &Publish,
         properties: &Option<PublishProperties>,
     ) -> Result<Bytes, EntryError> {
-        Self::encode_with(origin, FLAG_LEFT_TO_STREAM, publish, properties)
-    }
-
-    fn encode_with(
-        origin: &str,
-        flags: u8,
-        publish: &Publish,
-        properties: &Option<PublishProperties>,
-    ) -> Result<Bytes, EntryError> {
+        let flags = if left_to_stream {
+            FLAG_LEFT_TO_STREAM
+        } else {
+            0
+        };
         let origin_len = u8::try_from(origin.len()).map_err(|_| EntryError::Layout)?;
         let qos = publish.qos();
         // A packet id is only a wire detail of one connection: any non-zero.
@@ -418,7 +416,7 @@ mod tests {
             QoS::ExactlyOnce,
             9,
         );
-        let left = Entry::encode_left_to_stream("node-a", &publish, &None).unwrap();
+        let left = Entry::encode_with("node-a", true, &publish, &None).unwrap();
         let routed = Entry::encode("node-a", &publish, &None).unwrap();
         assert!(Entry::decode(&left).unwrap().left_to_stream);
         assert!(!Entry::decode(&routed).unwrap().left_to_stream);

@@ -52,7 +52,7 @@
 mod acks;
 mod command_groups;
 mod commands;
-pub mod cursor;
+mod cursor;
 mod declarations;
 mod delivery;
 pub mod entry;
@@ -190,6 +190,14 @@ impl Node {
     pub(crate) fn next_link_name(&self) -> String {
         format!("cluster-{}", self.links.fetch_add(1, Ordering::Relaxed))
     }
+}
+
+/// Milliseconds of a monotonic clock (the cursors' expiries and stalls,
+/// how long a handler here has held a command).
+pub(crate) fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// An announcement waiting: (user id, session id).
@@ -353,7 +361,7 @@ impl Cluster {
             injector,
             links: AtomicU64::new(0),
             paced: self.paced,
-            persistent: self.persistent.clone(),
+            persistent: self.persistent,
             holds: self.holds,
         });
         let tasks = tokio_util::task::TaskTracker::new();
@@ -366,14 +374,9 @@ impl Cluster {
         tasks.spawn(listener::listen(
             node.clone(),
             self.interest,
-            self.persistent.clone(),
             self.resumes.1,
         ));
-        tasks.spawn(sessions::write(
-            node.clone(),
-            self.persistent,
-            self.resumes.0.clone(),
-        ));
+        tasks.spawn(sessions::write(node.clone(), self.resumes.0.clone()));
         tasks.spawn(declarations::share(
             node.clone(),
             self.groups.clone(),

@@ -17,7 +17,6 @@ use crate::entry::{reply_key, split_wakeup, uid_of_channel, Cursor, Seen, Stream
 use crate::pacing::Burst;
 use crate::redis_conn::NodeAddr;
 use crate::replies::{deliver, replay, split_takeover, trimmed_after, Aim, How, Interest, Replay};
-use crate::sessions::Persistent;
 use crate::Node;
 use broker::inject::InjectLink;
 use redis::aio::MultiplexedConnection;
@@ -116,7 +115,6 @@ struct Listener {
     retry_at: Option<Instant>,
     /// Some wanted user is not (yet) confirmed: look again on each tick.
     pending: bool,
-    persistent: Arc<Persistent>,
     /// Users whose live replies wait for a resuming session's replay,
     /// until when, and the first wake-up held back.
     holding: HashMap<String, (Instant, Option<StreamId>)>,
@@ -131,12 +129,7 @@ struct Listener {
 /// `sunsubscribe` the server sends (the slot moved), a lost connection or
 /// an unconfirmed subscription make it subscribe again where the slot map
 /// now says, and each confirmation replays the stream after the cursor.
-pub async fn listen(
-    node: Arc<Node>,
-    interest: Arc<Interest>,
-    persistent: Arc<Persistent>,
-    mut resumes: mpsc::Receiver<Resume>,
-) {
+pub async fn listen(node: Arc<Node>, interest: Arc<Interest>, mut resumes: mpsc::Receiver<Resume>) {
     let (tx, mut rx) = mpsc::channel(PUSH_QUEUE);
     let mut listener = Listener {
         node: node.clone(),
@@ -150,7 +143,6 @@ pub async fn listen(
         backoff: Duration::from_millis(100),
         retry_at: None,
         pending: false,
-        persistent,
         holding: HashMap::new(),
         bursts: HashMap::new(),
     };
@@ -224,13 +216,12 @@ impl Listener {
                 };
                 let what = Replay {
                     uid: &uid,
-                    from: from.after(),
                     cursor: &mut cursor,
                     tagged: true,
                     aim: Some(&mut aim),
                 };
                 let read = replay(&self.node, &mut self.link, what).await;
-                self.persistent.replayed(&session, read);
+                self.node.persistent.replayed(&session, read);
                 if !read {
                     self.node.metrics().cluster_dropped("replay_failed", 1);
                 }
@@ -274,12 +265,11 @@ impl Listener {
             let Some(listening) = self.users.get(&uid) else {
                 continue;
             };
-            if let Some(from) = listening.cursor.replay_from() {
+            if listening.cursor.last().is_some() {
                 let mut cursor = listening.cursor;
-                let tagged = self.persistent.holds_user(&uid);
+                let tagged = self.node.persistent.holds_user(&uid);
                 let what = Replay {
                     uid: &uid,
-                    from,
                     cursor: &mut cursor,
                     tagged,
                     aim: None,
@@ -451,7 +441,7 @@ impl Listener {
                     }
                     // The session lives there now: its record is that
                     // node's to write.
-                    self.persistent.moved(taken.session);
+                    self.node.persistent.moved(taken.session);
                     if self.node.injector().take_over_and_release(taken.session) {
                         info!(
                             session = taken.session,
@@ -486,7 +476,7 @@ impl Listener {
                         return;
                     }
                 }
-                let tagged = self.persistent.holds_user(uid);
+                let tagged = self.node.persistent.holds_user(uid);
                 let Some(listening) = self.users.get_mut(uid) else {
                     return;
                 };
@@ -547,8 +537,12 @@ impl Listener {
                     listening.confirmed = false;
                     self.pending = true;
                     let _ = self.node.redis.refresh().await;
-                    let now = uid.and_then(|uid| self.node.redis.master_of(&reply_key(uid)));
-                    debug!(uid, shard, now = ?now, "the slot map after the server ended a subscription");
+                    debug!(
+                        uid,
+                        shard,
+                        now = ?uid.and_then(|uid| self.node.redis.master_of(&reply_key(uid))),
+                        "the slot map after the server ended a subscription"
+                    );
                 }
             }
             PushKind::Disconnection => {

@@ -45,26 +45,22 @@ impl Listener {
         // A resuming session's replay reads the stream (in order, for it;
         // a lapsed hold reads it too): only whether the node serves the
         // slot is asked here.
-        let from = cursor
-            .replay_from()
-            .filter(|_| !self.holding.contains_key(&uid));
-        let served = match &from {
-            Some(from) => {
-                let tagged = self.persistent.holds_user(&uid);
-                let what = Replay {
-                    uid: &uid,
-                    from: from.clone(),
-                    cursor: &mut cursor,
-                    tagged,
-                    aim: None,
-                };
-                replay_on(&mut conn, &self.node, &mut self.link, what).await
-            }
-            None => redis::cmd("EXISTS")
+        let from = cursor.last();
+        let served = if from.is_some() && !self.holding.contains_key(&uid) {
+            let tagged = self.node.persistent.holds_user(&uid);
+            let what = Replay {
+                uid: &uid,
+                cursor: &mut cursor,
+                tagged,
+                aim: None,
+            };
+            replay_on(&mut conn, &self.node, &mut self.link, what).await
+        } else {
+            redis::cmd("EXISTS")
                 .arg(reply_key(&uid))
                 .query_async::<redis::Value>(&mut conn)
                 .await
-                .map(drop),
+                .map(drop)
         };
         let Some(listening) = self.users.get_mut(&uid) else {
             return;
@@ -75,7 +71,7 @@ impl Listener {
         match served {
             Ok(()) => {
                 listening.confirmed = true;
-                debug!(uid, shard, from, to = ?cursor.last(), "subscription confirmed; replayed on its connection");
+                debug!(uid, shard, from = ?from, to = ?cursor.last(), "subscription confirmed; replayed on its connection");
             }
             Err(e) => {
                 let redirect = redirect_of(&e);

@@ -48,13 +48,12 @@ impl Aim<'_> {
     }
 }
 
-/// One replay: `uid`'s stream after `from` (an `XRANGE` start), what
-/// `cursor` has not seen; `tagged`: a persistent session of the user is
+/// One replay: `uid`'s stream after what `cursor` has seen (nothing to
+/// replay while it has seen nothing); `tagged`: a persistent session of the user is
 /// held here, so every entry goes with its delivery tag; `aim`: a replay
 /// for one session ([`Aim`]).
 pub(crate) struct Replay<'r, 's> {
     pub uid: &'r str,
-    pub from: String,
     pub cursor: &'r mut Cursor,
     pub tagged: bool,
     pub aim: Option<&'r mut Aim<'s>>,
@@ -92,13 +91,14 @@ pub(crate) async fn replay_on(
 ) -> redis::RedisResult<()> {
     let Replay {
         uid,
-        from,
         cursor,
         tagged,
         mut aim,
     } = what;
+    let Some(mut start) = cursor.replay_from() else {
+        return Ok(());
+    };
     let key = reply_key(uid);
-    let mut start = from;
     // Injected no faster than the user's sessions take the replies; not
     // paced when no client of the user is connected here (a persistent
     // session whose client is away acknowledges nothing: pacing it would
@@ -119,8 +119,10 @@ pub(crate) async fn replay_on(
             .await;
         let entries = crate::stream_entries(&page?);
         let count = entries.len();
+        if let Some((last, _)) = entries.last() {
+            start = last.after();
+        }
         for (id, entry) in entries {
-            start = id.after();
             if cursor.see(id) == Seen::New {
                 let target = aim.as_mut().and_then(|aim| aim.target(id));
                 if let Some(entry) = entry {

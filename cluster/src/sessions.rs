@@ -19,7 +19,7 @@ use crate::entry::StreamId;
 use crate::listener::Resume;
 use crate::record::{self, record_key, tagged_id, Record};
 use crate::redis_conn::{Redis, Replication};
-use crate::Node;
+use crate::{mono_ms, Node};
 use broker::delivery::{Resumed, SessionSubscription};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -128,13 +128,6 @@ pub struct Persistent {
     resumed: Mutex<HashMap<String, StreamId>>,
     removals: Mutex<Vec<Removal>>,
     changed: Notify,
-}
-
-/// Milliseconds of a monotonic clock (the cursors' expiries and stalls).
-pub(crate) fn mono_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(std::time::Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A session to resync: its user, its id, and the cursor to replay after.
@@ -329,10 +322,6 @@ impl Persistent {
         });
     }
 
-    fn resync_lost(&self, id: &str) {
-        self.replayed(id, false);
-    }
-
     /// The connection of `id` ended; the record lives for its expiry.
     pub fn close(&self, id: &str) {
         self.change(id, |held| {
@@ -498,7 +487,8 @@ impl Persistent {
 /// a moment) when something changed, and the leases of live sessions
 /// refreshed. Sessions whose cursor must resync are handed to the
 /// listener (`resumes`) for a replay aimed at each.
-pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>, resumes: mpsc::Sender<Resume>) {
+pub async fn write(node: Arc<Node>, resumes: mpsc::Sender<Resume>) {
+    let persistent = node.persistent.clone();
     let write_script = redis::Script::new(WRITE_SCRIPT);
     let delete_script = redis::Script::new(DELETE_SCRIPT);
     let mut tick = tokio::time::interval(TICK);
@@ -522,14 +512,14 @@ pub async fn write(node: Arc<Node>, persistent: Arc<Persistent>, resumes: mpsc::
                 session,
                 "a session's cursor stalled or fell behind: its replies after it are replayed to it"
             );
-            let replay = Resume::Replay { uid, from, session };
-            if let Err(
-                mpsc::error::TrySendError::Full(Resume::Replay { session, .. })
-                | mpsc::error::TrySendError::Closed(Resume::Replay { session, .. }),
-            ) = resumes.try_send(replay)
-            {
+            let replay = Resume::Replay {
+                uid,
+                from,
+                session: session.clone(),
+            };
+            if resumes.try_send(replay).is_err() {
                 // Asked again on the next tick.
-                persistent.resync_lost(&session);
+                persistent.replayed(&session, false);
             }
         }
         // A full batch: more may be due at once.
